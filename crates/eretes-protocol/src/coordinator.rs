@@ -1,0 +1,404 @@
+//! The protocol operations, each one store transaction written once against
+//! [`Store`], so every backend gets the same guarantees.
+
+use std::sync::Arc;
+
+use eretes_store::{
+    Compare, DeleteRequest, GetRequest, KeyRange, KeyValue, LeaseId, PutRequest, Revision, Store,
+    StoreExt, Txn, TxnOp, TxnOpResponse,
+};
+use serde_json::Value;
+
+use crate::commands::NodeCommand;
+use crate::error::ProtocolError;
+use crate::ids::{NodeName, TaskId};
+use crate::keys::Namespace;
+use crate::records::{
+    decode, encode, encode_task, now_ms, NodeRecord, OwnerRecord, Outcome, ResultRecord, RunRecord,
+    TaskRecord, TaskSpec,
+};
+
+/// How many takeovers (claims after an owner that never released) a task
+/// survives before it is parked as failed.
+pub const DEFAULT_TAKEOVER_LIMIT: u32 = 5;
+
+/// What a claimant saw of a task when it decided to claim it. The claim
+/// transaction checks that nothing changed since.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClaimBasis {
+    /// The task record as seen, and its mod revision.
+    pub task: Arc<TaskRecord>,
+    /// `mod_revision` of `tasks/<id>`.
+    pub task_revision: Revision,
+    /// `runs/<id>` as seen: its mod revision (0 = absent) and value.
+    pub run_revision: Revision,
+    /// The run record seen (default when absent).
+    pub run: RunRecord,
+}
+
+/// A successful claim: this node owns the task at `epoch`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Claim {
+    /// The task.
+    pub task: TaskId,
+    /// The fencing epoch: the store revision of the claim. Strictly larger than
+    /// every earlier claim of any task.
+    pub epoch: Revision,
+    /// The owner.
+    pub node: NodeName,
+    /// The task record.
+    pub record: Arc<TaskRecord>,
+    /// The run record written by the claim.
+    pub run: RunRecord,
+}
+
+/// The current state of a task's keys, read back when a claim lost.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct TaskKeys {
+    /// `tasks/<id>`, if present.
+    pub task: Option<KeyValue>,
+    /// `owners/<id>`, if present.
+    pub owner: Option<KeyValue>,
+    /// `runs/<id>`, if present.
+    pub run: Option<KeyValue>,
+}
+
+/// What a claim attempt came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ClaimOutcome {
+    /// This node owns the task now.
+    Claimed(Claim),
+    /// The task had been taken over too often; it was retired as failed instead.
+    Parked {
+        /// The takeover count that crossed the limit.
+        takeovers: u32,
+    },
+    /// Someone else changed the task first (claimed, deleted, resubmitted, or
+    /// its run record moved on); here is what the keys hold now.
+    Lost(TaskKeys),
+}
+
+/// The protocol bound to one store and namespace.
+#[derive(Clone)]
+pub struct Coordinator {
+    store: Arc<dyn Store>,
+    ns: Namespace,
+    takeover_limit: u32,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("namespace", &self.ns.root())
+            .field("takeover_limit", &self.takeover_limit)
+            .finish()
+    }
+}
+
+fn put(key: String, value: Vec<u8>) -> TxnOp {
+    TxnOp::Put(PutRequest::new(key, value))
+}
+
+fn delete(key: String) -> TxnOp {
+    TxnOp::Delete(DeleteRequest::new(KeyRange::Key(key)))
+}
+
+fn get(key: String) -> TxnOp {
+    TxnOp::Get(GetRequest::new(KeyRange::Key(key)))
+}
+
+/// The single key-value of a Get response in a transaction, if any.
+fn got(response: Option<&TxnOpResponse>) -> Option<KeyValue> {
+    match response {
+        Some(TxnOpResponse::Get(get)) => get.kvs.first().cloned(),
+        _ => None,
+    }
+}
+
+impl Coordinator {
+    /// Bind the protocol to `store` under `ns`.
+    pub fn new(store: Arc<dyn Store>, ns: Namespace) -> Self {
+        Coordinator {
+            store,
+            ns,
+            takeover_limit: DEFAULT_TAKEOVER_LIMIT,
+        }
+    }
+
+    /// Park tasks after `limit` takeovers instead of [`DEFAULT_TAKEOVER_LIMIT`].
+    pub fn with_takeover_limit(mut self, limit: u32) -> Self {
+        self.takeover_limit = limit;
+        self
+    }
+
+    /// The namespace.
+    pub fn namespace(&self) -> &Namespace {
+        &self.ns
+    }
+
+    /// The store.
+    pub fn store(&self) -> &Arc<dyn Store> {
+        &self.store
+    }
+
+    /// Submit a task. Fails with [`ProtocolError::AlreadyExists`] if the id is
+    /// pending, running or retired with a result, and then writes nothing.
+    /// Returns the revision of the submission.
+    pub async fn submit(&self, id: &TaskId, spec: &TaskSpec) -> Result<Revision, ProtocolError> {
+        let value = encode_task(id, spec)?;
+        let task_key = self.ns.task(id);
+        let txn = Txn::new()
+            .when(Compare::absent(task_key.clone()))
+            .when(Compare::absent(self.ns.result(id)))
+            .and_then(put(task_key, value));
+        let response = self.store.txn(txn).await?;
+        if response.succeeded {
+            Ok(response.revision)
+        } else {
+            Err(ProtocolError::AlreadyExists(id.to_string()))
+        }
+    }
+
+    /// Delete a task in whatever state it is, with its owner record, run
+    /// record and result, in one revision. The owner's runtime sees the delete
+    /// and stops the running instance. [`ProtocolError::NotFound`] if there was
+    /// nothing to delete.
+    pub async fn delete(&self, id: &TaskId) -> Result<(), ProtocolError> {
+        let txn = Txn::new()
+            .and_then(delete(self.ns.task(id)))
+            .and_then(delete(self.ns.owner(id)))
+            .and_then(delete(self.ns.run(id)))
+            .and_then(delete(self.ns.result(id)));
+        let response = self.store.txn(txn).await?;
+        let deleted: i64 = response
+            .responses
+            .iter()
+            .map(|r| match r {
+                TxnOpResponse::Delete(d) => d.deleted,
+                _ => 0,
+            })
+            .sum();
+        if deleted == 0 {
+            return Err(ProtocolError::NotFound(id.to_string()));
+        }
+        Ok(())
+    }
+
+    /// Register a live node under `lease`. A second live node with the same
+    /// name is refused with [`ProtocolError::NameTaken`].
+    pub async fn register_node(
+        &self,
+        name: &NodeName,
+        record: &NodeRecord,
+        lease: LeaseId,
+    ) -> Result<(), ProtocolError> {
+        let key = self.ns.node(name);
+        let txn = Txn::new()
+            .when(Compare::absent(key.clone()))
+            .and_then(TxnOp::Put(
+                PutRequest::new(key.clone(), encode(record)).with_lease(lease),
+            ))
+            .or_else(get(key));
+        let response = self.store.txn(txn).await?;
+        if response.succeeded {
+            return Ok(());
+        }
+        let holder = got(response.responses.first());
+        Err(ProtocolError::NameTaken {
+            name: name.to_string(),
+            lease: holder.map(|kv| kv.lease).unwrap_or(0),
+        })
+    }
+
+    /// Claim a task for `node` under its `lease`: one transaction that checks
+    /// the task still exists as seen, has no owner and its run record is as
+    /// seen, then writes the owner record (under the lease) and the run record.
+    /// If the previous owner never released the task, this claim is a takeover;
+    /// past the takeover limit the task is retired as failed instead.
+    pub async fn claim(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        id: &TaskId,
+        basis: &ClaimBasis,
+    ) -> Result<ClaimOutcome, ProtocolError> {
+        let (task_key, owner_key, run_key) = (self.ns.task(id), self.ns.owner(id), self.ns.run(id));
+        let takeovers = basis.run.takeovers + u32::from(basis.run.open);
+        let run = RunRecord {
+            claims: basis.run.claims + 1,
+            takeovers,
+            open: true,
+            node: Some(node.clone()),
+        };
+        let parking = takeovers > self.takeover_limit;
+        let mut txn = Txn::new()
+            .when(Compare::mod_revision_is(task_key.clone(), basis.task_revision))
+            .when(Compare::absent(owner_key.clone()))
+            .when(Compare::mod_revision_is(run_key.clone(), basis.run_revision));
+        if parking {
+            let result = ResultRecord {
+                outcome: Outcome::Failed,
+                result: Value::Null,
+                error: Some(format!(
+                    "parked: its owners died or lost their lease {takeovers} times while running it \
+                     (limit {}); suspected poison task",
+                    self.takeover_limit
+                )),
+                spec: basis.task.spec.clone(),
+                epoch: 0,
+                node: node.clone(),
+                runs: run.clone(),
+                finished_at_ms: now_ms(),
+            };
+            txn = txn
+                .and_then(delete(task_key.clone()))
+                .and_then(delete(run_key.clone()))
+                .and_then(put(self.ns.result(id), encode(&result)));
+        } else {
+            txn = txn
+                .and_then(TxnOp::Put(
+                    PutRequest::new(
+                        owner_key.clone(),
+                        encode(&OwnerRecord {
+                            node: node.clone(),
+                            group: basis.task.spec.group.clone(),
+                        }),
+                    )
+                    .with_lease(lease),
+                ))
+                .and_then(put(run_key.clone(), encode(&run)));
+        }
+        let txn = txn
+            .or_else(get(task_key))
+            .or_else(get(owner_key))
+            .or_else(get(run_key));
+        let response = self.store.txn(txn).await?;
+        if !response.succeeded {
+            let mut responses = response.responses.iter();
+            return Ok(ClaimOutcome::Lost(TaskKeys {
+                task: got(responses.next()),
+                owner: got(responses.next()),
+                run: got(responses.next()),
+            }));
+        }
+        if parking {
+            return Ok(ClaimOutcome::Parked { takeovers });
+        }
+        Ok(ClaimOutcome::Claimed(Claim {
+            task: id.clone(),
+            epoch: response.revision,
+            node: node.clone(),
+            record: basis.task.clone(),
+            run,
+        }))
+    }
+
+    /// The compare every fenced write uses: the owner record is the one this
+    /// claim created. A stale owner (its lease expired, the task re-claimed or
+    /// deleted) fails it.
+    pub fn fence(&self, claim: &Claim) -> Compare {
+        Compare::create_revision_is(self.ns.owner(&claim.task), claim.epoch)
+    }
+
+    async fn fenced(&self, claim: &Claim, txn: Txn) -> Result<(), ProtocolError> {
+        let response = self.store.txn(txn.when(self.fence(claim))).await?;
+        if response.succeeded {
+            Ok(())
+        } else {
+            Err(ProtocolError::NotOwner {
+                task: claim.task.to_string(),
+                epoch: claim.epoch,
+            })
+        }
+    }
+
+    /// Give a task back cleanly so any node may claim it.
+    pub async fn release(&self, claim: &Claim) -> Result<(), ProtocolError> {
+        let run = RunRecord {
+            open: false,
+            ..claim.run.clone()
+        };
+        let txn = Txn::new()
+            .and_then(delete(self.ns.owner(&claim.task)))
+            .and_then(put(self.ns.run(&claim.task), encode(&run)));
+        self.fenced(claim, txn).await
+    }
+
+    /// Retire a task: write its result and remove it, in one transaction
+    /// fenced by the claim's epoch.
+    pub async fn complete(&self, claim: &Claim, result: Value) -> Result<(), ProtocolError> {
+        self.retire(claim, Outcome::Done, result, None).await
+    }
+
+    /// Retire a task as failed with `reason`, fenced by the claim's epoch.
+    pub async fn fail(&self, claim: &Claim, reason: String) -> Result<(), ProtocolError> {
+        self.retire(claim, Outcome::Failed, Value::Null, Some(reason))
+            .await
+    }
+
+    async fn retire(
+        &self,
+        claim: &Claim,
+        outcome: Outcome,
+        result: Value,
+        error: Option<String>,
+    ) -> Result<(), ProtocolError> {
+        let record = ResultRecord {
+            outcome,
+            result,
+            error,
+            spec: claim.record.spec.clone(),
+            epoch: claim.epoch,
+            node: claim.node.clone(),
+            runs: RunRecord {
+                open: false,
+                ..claim.run.clone()
+            },
+            finished_at_ms: now_ms(),
+        };
+        let id = &claim.task;
+        let txn = Txn::new()
+            .and_then(delete(self.ns.task(id)))
+            .and_then(delete(self.ns.owner(id)))
+            .and_then(delete(self.ns.run(id)))
+            .and_then(put(self.ns.result(id), encode(&record)));
+        self.fenced(claim, txn).await
+    }
+
+    /// Queue a command for `node`. Commands are applied in the order they were
+    /// queued, each once.
+    pub async fn send_node_command(
+        &self,
+        node: &NodeName,
+        command: &NodeCommand,
+    ) -> Result<(), ProtocolError> {
+        // The key's suffix only needs to be unique; order comes from the store revision.
+        let key = format!("{}{:016x}", self.ns.node_commands(node), rand::random::<u64>());
+        self.store.put(PutRequest::new(key, command.encode())).await?;
+        Ok(())
+    }
+
+    /// Take a queued command: delete its key if it is still the one seen at
+    /// `mod_revision`. Returns whether this caller took it (and so must apply it).
+    pub async fn take_node_command(
+        &self,
+        key: &str,
+        mod_revision: Revision,
+    ) -> Result<bool, ProtocolError> {
+        let txn = Txn::new()
+            .when(Compare::mod_revision_is(key, mod_revision))
+            .and_then(delete(key.to_string()));
+        Ok(self.store.txn(txn).await?.succeeded)
+    }
+
+    /// Read a task's terminal record, if it has one.
+    pub async fn result(&self, id: &TaskId) -> Result<Option<ResultRecord>, ProtocolError> {
+        let key = self.ns.result(id);
+        match self.store.get_key(&key).await? {
+            None => Ok(None),
+            Some(kv) => decode("result", &key, &kv.value)
+                .map(Some)
+                .map_err(|e| ProtocolError::InvalidSpec(e.to_string())),
+        }
+    }
+}

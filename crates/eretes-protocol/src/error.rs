@@ -1,0 +1,50 @@
+//! Errors of the coordination protocol.
+
+use eretes_store::StoreError;
+
+/// Everything a protocol call can fail with.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum ProtocolError {
+    /// An identifier failed validation.
+    #[error("invalid {kind} {value:?}: {reason}")]
+    InvalidId {
+        /// "task id", "node name" or "group name".
+        kind: &'static str,
+        /// The offending value (truncated).
+        value: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A task spec is malformed or too large.
+    #[error("invalid task spec: {0}")]
+    InvalidSpec(String),
+    /// A task with this id already exists (pending, running or retired with a result).
+    #[error("task {0} already exists")]
+    AlreadyExists(String),
+    /// No task with this id.
+    #[error("task {0} not found")]
+    NotFound(String),
+    /// Another live node already uses this name.
+    #[error("node name {name} is already taken by a live node (lease {lease:#x}); pick another --name or wait for that node's lease to expire")]
+    NameTaken {
+        /// The contested name.
+        name: String,
+        /// The lease of the node holding it.
+        lease: i64,
+    },
+    /// The caller is not (or no longer) the task's owner at this epoch: a newer
+    /// claim exists, or the owner record is gone.
+    #[error("task {task}: not the owner at epoch {epoch} (fenced)")]
+    NotOwner {
+        /// The task.
+        task: String,
+        /// The epoch the caller held.
+        epoch: i64,
+    },
+    /// A command is malformed or unknown.
+    #[error("invalid command: {0}")]
+    InvalidCommand(String),
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}

@@ -1,0 +1,233 @@
+//! The key layout of a namespace. Documented in `docs/protocol.md`.
+//!
+//! ```text
+//! <ns>/tasks/<id>                 task record (group + properties); exists while pending or running
+//! <ns>/owners/<id>                owner record, under the owner node's lease; epoch = its create revision
+//! <ns>/runs/<id>                  claim bookkeeping: claims, takeovers, whether the last run ended cleanly
+//! <ns>/results/<id>               terminal record: done (with result) or failed (with reason), plus the spec
+//! <ns>/nodes/<name>               node record, under the node's lease
+//! <ns>/node-commands/<name>/<uid> one pending command for a node; deleted when taken
+//! ```
+//!
+//! Every prefix ends with `/`, and identifiers cannot contain `/`, so a prefix
+//! read or delete for one id or node can never reach another's keys.
+
+use std::fmt;
+
+use crate::error::ProtocolError;
+use crate::ids::{NodeName, TaskId};
+
+/// The kinds of keys below a namespace, each a fixed path segment.
+const TASKS: &str = "tasks/";
+const OWNERS: &str = "owners/";
+const RUNS: &str = "runs/";
+const RESULTS: &str = "results/";
+const NODES: &str = "nodes/";
+const NODE_COMMANDS: &str = "node-commands/";
+
+/// A namespace: the isolated key prefix one eretes cluster lives under.
+/// Nothing eretes does touches keys outside it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Namespace {
+    /// The prefix with its trailing `/`.
+    root: String,
+}
+
+impl Namespace {
+    /// Validate a namespace name: 1–64 characters of `[A-Za-z0-9._-]`.
+    pub fn new(name: &str) -> Result<Self, ProtocolError> {
+        let valid = !name.is_empty()
+            && name.len() <= 64
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'));
+        if !valid {
+            return Err(ProtocolError::InvalidId {
+                kind: "namespace",
+                value: name.chars().take(72).collect(),
+                reason: "must be 1-64 characters of A-Z a-z 0-9 . _ -".into(),
+            });
+        }
+        Ok(Namespace {
+            root: format!("{name}/"),
+        })
+    }
+
+    /// The namespace's own prefix, `<ns>/`.
+    pub fn root(&self) -> &str {
+        &self.root
+    }
+
+    fn join(&self, kind: &str, rest: &str) -> String {
+        let mut key = String::with_capacity(self.root.len() + kind.len() + rest.len());
+        key.push_str(&self.root);
+        key.push_str(kind);
+        key.push_str(rest);
+        key
+    }
+
+    /// `<ns>/tasks/<id>`
+    pub fn task(&self, id: &TaskId) -> String {
+        self.join(TASKS, id.as_str())
+    }
+    /// `<ns>/owners/<id>`
+    pub fn owner(&self, id: &TaskId) -> String {
+        self.join(OWNERS, id.as_str())
+    }
+    /// `<ns>/runs/<id>`
+    pub fn run(&self, id: &TaskId) -> String {
+        self.join(RUNS, id.as_str())
+    }
+    /// `<ns>/results/<id>`
+    pub fn result(&self, id: &TaskId) -> String {
+        self.join(RESULTS, id.as_str())
+    }
+    /// `<ns>/nodes/<name>`
+    pub fn node(&self, name: &NodeName) -> String {
+        self.join(NODES, name.as_str())
+    }
+    /// `<ns>/node-commands/<name>/` — the prefix of one node's command queue.
+    pub fn node_commands(&self, name: &NodeName) -> String {
+        let mut key = self.join(NODE_COMMANDS, name.as_str());
+        key.push('/');
+        key
+    }
+    /// `<ns>/tasks/`
+    pub fn tasks_prefix(&self) -> String {
+        self.join(TASKS, "")
+    }
+    /// `<ns>/owners/`
+    pub fn owners_prefix(&self) -> String {
+        self.join(OWNERS, "")
+    }
+    /// `<ns>/results/`
+    pub fn results_prefix(&self) -> String {
+        self.join(RESULTS, "")
+    }
+    /// `<ns>/nodes/`
+    pub fn nodes_prefix(&self) -> String {
+        self.join(NODES, "")
+    }
+
+    /// Classify a key of this namespace. `Err` names what is wrong with a key
+    /// that is inside the namespace but does not fit the layout (for example a
+    /// task id with characters ids cannot have); such keys are skipped and
+    /// counted by the runtime, never fatal.
+    pub fn parse(&self, key: &str) -> Result<KeyKind, MalformedKey> {
+        let malformed = |why: &str| MalformedKey {
+            key: key.chars().take(200).collect(),
+            reason: why.to_string(),
+        };
+        let rest = key
+            .strip_prefix(self.root.as_str())
+            .ok_or_else(|| malformed("outside the namespace"))?;
+        let task = |id: &str| TaskId::new(id).map_err(|e| malformed(&e.to_string()));
+        let node = |name: &str| NodeName::new(name).map_err(|e| malformed(&e.to_string()));
+        if let Some(id) = rest.strip_prefix(TASKS) {
+            Ok(KeyKind::Task(task(id)?))
+        } else if let Some(id) = rest.strip_prefix(OWNERS) {
+            Ok(KeyKind::Owner(task(id)?))
+        } else if let Some(id) = rest.strip_prefix(RUNS) {
+            Ok(KeyKind::Run(task(id)?))
+        } else if let Some(id) = rest.strip_prefix(RESULTS) {
+            Ok(KeyKind::Result(task(id)?))
+        } else if let Some(name) = rest.strip_prefix(NODES) {
+            Ok(KeyKind::Node(node(name)?))
+        } else if let Some(rest) = rest.strip_prefix(NODE_COMMANDS) {
+            let (name, uid) = rest
+                .split_once('/')
+                .ok_or_else(|| malformed("node command key without a command id"))?;
+            if uid.is_empty() || uid.contains('/') {
+                return Err(malformed("node command id must be one non-empty segment"));
+            }
+            Ok(KeyKind::NodeCommand(node(name)?))
+        } else {
+            Err(malformed("unknown key kind"))
+        }
+    }
+}
+
+/// What a namespace key denotes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyKind {
+    /// `tasks/<id>`
+    Task(TaskId),
+    /// `owners/<id>`
+    Owner(TaskId),
+    /// `runs/<id>`
+    Run(TaskId),
+    /// `results/<id>`
+    Result(TaskId),
+    /// `nodes/<name>`
+    Node(NodeName),
+    /// `node-commands/<name>/<uid>`
+    NodeCommand(NodeName),
+}
+
+/// A key inside a namespace that does not fit the layout.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MalformedKey {
+    /// The key (truncated).
+    pub key: String,
+    /// Why it does not fit.
+    pub reason: String,
+}
+
+impl fmt::Display for MalformedKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "malformed key {:?}: {}", self.key, self.reason)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_round_trips() {
+        let ns = Namespace::new("prod").unwrap();
+        let id = TaskId::new("a").unwrap();
+        let node = NodeName::new("n1").unwrap();
+        assert_eq!(ns.task(&id), "prod/tasks/a");
+        assert_eq!(ns.parse(&ns.task(&id)), Ok(KeyKind::Task(id.clone())));
+        assert_eq!(ns.parse(&ns.owner(&id)), Ok(KeyKind::Owner(id.clone())));
+        assert_eq!(ns.parse(&ns.run(&id)), Ok(KeyKind::Run(id.clone())));
+        assert_eq!(ns.parse(&ns.result(&id)), Ok(KeyKind::Result(id)));
+        assert_eq!(ns.parse(&ns.node(&node)), Ok(KeyKind::Node(node.clone())));
+        let command = format!("{}x1", ns.node_commands(&node));
+        assert_eq!(ns.parse(&command), Ok(KeyKind::NodeCommand(node)));
+    }
+
+    #[test]
+    fn every_prefix_ends_with_a_slash() {
+        let ns = Namespace::new("p").unwrap();
+        let node = NodeName::new("n").unwrap();
+        for prefix in [
+            ns.root().to_string(),
+            ns.tasks_prefix(),
+            ns.owners_prefix(),
+            ns.results_prefix(),
+            ns.nodes_prefix(),
+            ns.node_commands(&node),
+        ] {
+            assert!(prefix.ends_with('/'), "{prefix}");
+        }
+    }
+
+    #[test]
+    fn malformed_keys_are_named() {
+        let ns = Namespace::new("p").unwrap();
+        for bad in ["p/tasks/", "p/tasks/a/b", "p/whatever/x", "p/node-commands/n", "q/tasks/a"] {
+            let err = ns.parse(bad).unwrap_err();
+            assert!(!err.reason.is_empty(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn namespace_is_validated() {
+        assert!(Namespace::new("").is_err());
+        assert!(Namespace::new("a/b").is_err());
+        assert!(Namespace::new(&"x".repeat(65)).is_err());
+        assert!(Namespace::new("eretes-test_1.0").is_ok());
+    }
+}

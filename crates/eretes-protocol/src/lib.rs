@@ -1,0 +1,53 @@
+//! # eretes-protocol — the coordination protocol
+//!
+//! Layer 2 of eretes: the key layout of a namespace and every coordination
+//! operation, each a single transaction written once against the
+//! [`eretes_store::Store`] interface, so the embedded store and etcd behave
+//! identically.
+//!
+//! * **Submit** validates the id (1–128 of `[A-Za-z0-9._:-]`) and the spec
+//!   (≤ 64 KiB) and never overwrites: an existing id is
+//!   [`ProtocolError::AlreadyExists`].
+//! * **Claim** is one transaction — the task exists as seen, has no owner, its
+//!   run record is as seen — that writes the owner record under the node's
+//!   lease. The claim's store revision is the task's **fencing epoch**.
+//! * **Release**, **complete** and **fail** are transactions guarded by the
+//!   epoch ([`Coordinator::fence`]): a stale owner cannot change anything.
+//! * **Takeovers** (claims after an owner that never released) are counted per
+//!   task; past the limit the task is parked as failed.
+//! * **Node commands** are queued per node and each applied once.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use eretes_protocol::*;
+//! use eretes_store::{embedded::EmbeddedStore, Store};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let store: Arc<dyn Store> = EmbeddedStore::new();
+//! let coordinator = Coordinator::new(store, Namespace::new("demo").unwrap());
+//! let id = TaskId::new("resize-42").unwrap();
+//! let spec = TaskSpec::new(GroupName::default(), serde_json::json!({"size": 42}));
+//! coordinator.submit(&id, &spec).await.unwrap();
+//! let again = coordinator.submit(&id, &spec).await.unwrap_err();
+//! assert!(matches!(again, ProtocolError::AlreadyExists(_)));
+//! # });
+//! ```
+
+mod commands;
+mod coordinator;
+mod error;
+mod ids;
+mod keys;
+mod records;
+
+pub use commands::NodeCommand;
+pub use coordinator::{
+    Claim, ClaimBasis, ClaimOutcome, Coordinator, TaskKeys, DEFAULT_TAKEOVER_LIMIT,
+};
+pub use error::ProtocolError;
+pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
+pub use keys::{KeyKind, MalformedKey, Namespace};
+pub use records::{
+    decode, encode, now_ms, MalformedValue, NodeRecord, OwnerRecord, Outcome, ResultRecord,
+    RunRecord, TaskRecord, TaskSpec, MAX_SPEC_BYTES,
+};

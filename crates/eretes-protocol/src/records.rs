@@ -1,0 +1,166 @@
+//! The JSON records stored under the namespace's keys.
+//!
+//! Records are parsed defensively: a value that is not valid JSON or misses a
+//! required field is reported as [`MalformedValue`], and the runtime skips and
+//! counts it instead of failing.
+
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::error::ProtocolError;
+use crate::ids::{GroupName, NodeName, TaskId};
+
+/// The largest accepted task spec, serialized, in bytes.
+pub const MAX_SPEC_BYTES: usize = 64 * 1024;
+
+/// What a submitter says about a task: its group and free-form properties.
+/// Immutable once submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    /// The consumer group; only nodes serving it claim the task.
+    #[serde(default)]
+    pub group: GroupName,
+    /// Anything the handler needs (JSON). `null` when absent.
+    #[serde(default)]
+    pub properties: Value,
+}
+
+impl TaskSpec {
+    /// A spec in `group` with `properties`.
+    pub fn new(group: GroupName, properties: Value) -> Self {
+        TaskSpec { group, properties }
+    }
+}
+
+/// The stored form of a pending or running task (`tasks/<id>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    /// The spec as submitted.
+    #[serde(flatten)]
+    pub spec: TaskSpec,
+    /// Wall-clock submission time, milliseconds since the Unix epoch (informational).
+    #[serde(default)]
+    pub submitted_at_ms: u64,
+}
+
+/// Who runs a task (`owners/<id>`, under the owner's lease). The fencing epoch
+/// is the key's create revision, so it is not repeated in the value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct OwnerRecord {
+    /// The owning node.
+    pub node: NodeName,
+    /// The task's group, so that load per group can be counted from owners alone.
+    pub group: GroupName,
+}
+
+/// Claim bookkeeping of a task (`runs/<id>`), written by each claim and by a
+/// clean release. A claim that finds `open == true` knows the previous owner
+/// never released: it died or lost its lease, and that counts as a takeover.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunRecord {
+    /// How many times the task has been claimed.
+    pub claims: u32,
+    /// How many claims followed an owner that never released it.
+    pub takeovers: u32,
+    /// Whether the latest claim is still running or ended without a release.
+    pub open: bool,
+    /// The latest claimant.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+}
+
+/// How a task ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// The handler finished and returned a result.
+    Done,
+    /// The handler failed, or the task was parked after too many takeovers.
+    Failed,
+}
+
+/// The terminal record of a task (`results/<id>`). It keeps the spec, so a
+/// retired task is never lost: it can be read back or resubmitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    /// Done or failed.
+    pub outcome: Outcome,
+    /// The handler's result (`null` when failed).
+    #[serde(default)]
+    pub result: Value,
+    /// Why it failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The spec as submitted.
+    pub spec: TaskSpec,
+    /// The epoch of the run that ended it (0 when parked before running).
+    pub epoch: i64,
+    /// The node that ended it.
+    pub node: NodeName,
+    /// Claims and takeovers up to the end.
+    pub runs: RunRecord,
+    /// Wall-clock end time, milliseconds since the Unix epoch.
+    pub finished_at_ms: u64,
+}
+
+/// A live node (`nodes/<name>`, under its lease).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    /// The groups it serves.
+    pub groups: Vec<GroupName>,
+    /// Wall-clock start time, milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+}
+
+/// A stored value that could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {kind} record at {key:?}: {reason}")]
+pub struct MalformedValue {
+    /// What record was expected.
+    pub kind: &'static str,
+    /// The key it was found under (truncated).
+    pub key: String,
+    /// The decoder's complaint.
+    pub reason: String,
+}
+
+/// Decode a record, naming the key and the problem on failure.
+pub fn decode<T: DeserializeOwned>(
+    kind: &'static str,
+    key: &str,
+    value: &[u8],
+) -> Result<T, MalformedValue> {
+    serde_json::from_slice(value).map_err(|e| MalformedValue {
+        kind,
+        key: key.chars().take(200).collect(),
+        reason: e.to_string(),
+    })
+}
+
+/// Encode a record. Records are plain data, so this cannot fail.
+pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
+    serde_json::to_vec(record).expect("records always serialize")
+}
+
+/// Wall-clock milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Validate a spec for submission and encode the task record.
+pub fn encode_task(id: &TaskId, spec: &TaskSpec) -> Result<Vec<u8>, ProtocolError> {
+    let bytes = encode(&TaskRecord {
+        spec: spec.clone(),
+        submitted_at_ms: now_ms(),
+    });
+    if bytes.len() > MAX_SPEC_BYTES {
+        return Err(ProtocolError::InvalidSpec(format!(
+            "task {id}: spec is {} bytes; the limit is {MAX_SPEC_BYTES} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,112 @@
+//! Balancers: the local policy that decides whether this node may claim a task
+//! now, and which of its tasks it should give back.
+//!
+//! eretes is masterless: every node runs its own balancer over the same shared
+//! counts (which node owns how many tasks of each group, and how many wait
+//! unowned), kept current by the runtime from the store's watch. Decisions are
+//! local; hysteresis and pacing keep them from fighting each other.
+//!
+//! * [`DumbBalancer`] — always claim, never release.
+//! * [`FairBalancer`] — per group, converge to within one task of the fair
+//!   share with the fewest moves.
+//! * [`ResourceBalancer`] — stop claiming and shed tasks while the machine's
+//!   memory or CPU use is above a limit.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use eretes_protocol::{GroupName, NodeName, TaskId};
+use tokio::time::Instant;
+
+mod dumb;
+mod fair;
+mod resource;
+
+pub use dumb::DumbBalancer;
+pub use fair::{fair_targets, min_moves, FairBalancer, FairConfig};
+pub use resource::{ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler};
+
+/// The load of one group across the cluster, as this node currently sees it.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupLoad {
+    /// Live nodes that serve this group (including this node, if it does).
+    pub serving: BTreeSet<NodeName>,
+    /// Tasks of this group owned by each node. A node may appear here without
+    /// being in `serving` for a moment (its record vanished first); nodes in
+    /// `serving` that own nothing may be absent (count 0).
+    pub owned: BTreeMap<NodeName, usize>,
+    /// Tasks of this group that exist and have no owner.
+    pub unowned: usize,
+}
+
+impl GroupLoad {
+    /// Tasks owned by `node`.
+    pub fn owned_by(&self, node: &NodeName) -> usize {
+        self.owned.get(node).copied().unwrap_or(0)
+    }
+
+    /// Every task of the group, owned or not.
+    pub fn total(&self) -> usize {
+        self.owned.values().sum::<usize>() + self.unowned
+    }
+}
+
+/// One task this node runs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunningTask {
+    /// Its group.
+    pub group: GroupName,
+    /// Its fencing epoch (the claim's store revision; larger = claimed later).
+    pub epoch: i64,
+    /// When this node claimed it (tokio clock).
+    pub claimed_at: Instant,
+}
+
+/// What a balancer sees: this node, the per-group loads, and this node's tasks.
+/// The runtime maintains it incrementally; balancers only read it.
+#[derive(Debug, Clone)]
+pub struct ClusterView {
+    /// This node.
+    pub me: NodeName,
+    /// Load per group (only groups with tasks or serving nodes appear).
+    pub groups: HashMap<GroupName, GroupLoad>,
+    /// The tasks this node runs now.
+    pub running: HashMap<TaskId, RunningTask>,
+}
+
+impl ClusterView {
+    /// An empty view for node `me`.
+    pub fn new(me: NodeName) -> Self {
+        ClusterView {
+            me,
+            groups: HashMap::new(),
+            running: HashMap::new(),
+        }
+    }
+
+    /// The load of `group` (empty if unknown).
+    pub fn group(&self, group: &GroupName) -> GroupLoad {
+        self.groups.get(group).cloned().unwrap_or_default()
+    }
+}
+
+/// A balancer's answer to "may I claim this task now?".
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClaimDecision {
+    /// Claim it.
+    Claim,
+    /// Do not claim it; ask again after this long (the task goes on the
+    /// runtime's ignore list until then).
+    RetryAfter(Duration),
+}
+
+/// A claim and release policy. Called only from the node's main loop, never
+/// concurrently; must not block.
+pub trait Balancer: Send + 'static {
+    /// Whether this node may claim `task` (of `group`) now.
+    fn can_claim(&mut self, task: &TaskId, group: &GroupName, view: &ClusterView) -> ClaimDecision;
+
+    /// Tasks this node should release now (the runtime stops their handlers
+    /// and releases them). Called every balance interval and on demand.
+    fn balance(&mut self, view: &ClusterView) -> Vec<TaskId>;
+}

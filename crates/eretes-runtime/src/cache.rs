@@ -1,0 +1,436 @@
+//! The node's view of its namespace, kept current from the store's watch.
+//!
+//! It answers the runtime's two hot questions cheaply: "which tasks of my
+//! groups are unowned, oldest first?" and "how loaded is each group?" (the
+//! [`ClusterView`] the balancer reads). Every update is O(log n).
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::Arc;
+
+use eretes_protocol::{
+    decode, ClaimBasis, GroupName, KeyKind, Namespace, NodeName, NodeRecord, OwnerRecord,
+    RunRecord, TaskId, TaskRecord,
+};
+use eretes_store::{KeyValue, Revision};
+
+use crate::balancer::ClusterView;
+
+/// A pending or running task as cached.
+#[derive(Debug, Clone)]
+pub(crate) struct CachedTask {
+    pub record: Arc<TaskRecord>,
+    /// `mod_revision` of `tasks/<id>`; the claim checks it is unchanged.
+    pub revision: Revision,
+    /// `create_revision`: claims go oldest first.
+    pub order: Revision,
+}
+
+/// An owner record as cached. `epoch == 0` marks this node's own claim still
+/// in flight, counted as owned so the balancer does not overshoot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct CachedOwner {
+    pub node: NodeName,
+    pub group: GroupName,
+    pub epoch: Revision,
+}
+
+/// What applying one key change did that the runtime must react to.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Change {
+    /// Nothing beyond the cache.
+    None,
+    /// A task disappeared (completed or deleted).
+    TaskGone(TaskId),
+    /// A task's owner record changed or vanished; `owner` is the new owner.
+    OwnerChanged {
+        task: TaskId,
+        owner: Option<CachedOwner>,
+    },
+    /// A node joined or left (or changed its groups).
+    Membership { node: NodeName, joined: bool },
+    /// A command for this node was queued or withdrawn.
+    Command {
+        key: String,
+        revision: Revision,
+        present: bool,
+    },
+    /// The key or value was malformed and skipped.
+    Malformed(String),
+}
+
+/// The cached namespace.
+#[derive(Debug)]
+pub(crate) struct Cache {
+    ns: Namespace,
+    me: NodeName,
+    tasks: HashMap<TaskId, CachedTask>,
+    owners: HashMap<TaskId, CachedOwner>,
+    runs: HashMap<TaskId, (Revision, RunRecord)>,
+    nodes: HashMap<NodeName, NodeRecord>,
+    /// Unowned tasks per group, oldest first.
+    unowned: HashMap<GroupName, BTreeSet<(Revision, TaskId)>>,
+    /// The balancer's view: loads per group and this node's running tasks.
+    pub view: ClusterView,
+}
+
+impl Cache {
+    pub fn new(ns: Namespace, me: NodeName) -> Self {
+        Cache {
+            ns,
+            view: ClusterView::new(me.clone()),
+            me,
+            tasks: HashMap::new(),
+            owners: HashMap::new(),
+            runs: HashMap::new(),
+            nodes: HashMap::new(),
+            unowned: HashMap::new(),
+        }
+    }
+
+    /// Rebuild from a full listing, keeping the running-task part of the view.
+    pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
+        let mut fresh = Cache::new(self.ns.clone(), self.me.clone());
+        fresh.view.running = self.view.running.clone();
+        let changes = kvs.iter().map(|kv| fresh.apply_put(kv)).collect();
+        (fresh, changes)
+    }
+
+    pub fn task(&self, id: &TaskId) -> Option<&CachedTask> {
+        self.tasks.get(id)
+    }
+
+    pub fn owner(&self, id: &TaskId) -> Option<&CachedOwner> {
+        self.owners.get(id)
+    }
+
+    pub fn live_nodes(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// What a claim of `id` must check, if it looks claimable.
+    pub fn claim_basis(&self, id: &TaskId) -> Option<ClaimBasis> {
+        let task = self.tasks.get(id)?;
+        if self.owners.contains_key(id) {
+            return None;
+        }
+        let (run_revision, run) = self.runs.get(id).cloned().unwrap_or_default();
+        Some(ClaimBasis {
+            task: task.record.clone(),
+            task_revision: task.revision,
+            run_revision,
+            run,
+        })
+    }
+
+    /// Unowned tasks of `group`, oldest first.
+    pub fn unowned(&self, group: &GroupName) -> impl Iterator<Item = &TaskId> {
+        self.unowned
+            .get(group)
+            .into_iter()
+            .flat_map(|set| set.iter().map(|(_, id)| id))
+    }
+
+    /// Apply a put of `kv`.
+    pub fn apply_put(&mut self, kv: &KeyValue) -> Change {
+        let kind = match self.ns.parse(&kv.key) {
+            Ok(kind) => kind,
+            Err(malformed) => return Change::Malformed(malformed.to_string()),
+        };
+        match kind {
+            KeyKind::Task(id) => match decode::<TaskRecord>("task", &kv.key, &kv.value) {
+                Ok(record) => {
+                    self.put_task(
+                        id,
+                        CachedTask {
+                            record: Arc::new(record),
+                            revision: kv.mod_revision,
+                            order: kv.create_revision,
+                        },
+                    );
+                    Change::None
+                }
+                Err(e) => {
+                    // Garbage over a task key makes it unclaimable, not fatal.
+                    self.remove_task(&id);
+                    Change::Malformed(e.to_string())
+                }
+            },
+            KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                Ok(record) => {
+                    let owner = CachedOwner {
+                        node: record.node,
+                        group: record.group,
+                        epoch: kv.create_revision,
+                    };
+                    self.set_owner(&id, Some(owner.clone()));
+                    Change::OwnerChanged {
+                        task: id,
+                        owner: Some(owner),
+                    }
+                }
+                Err(e) => Change::Malformed(e.to_string()),
+            },
+            KeyKind::Run(id) => match decode::<RunRecord>("run", &kv.key, &kv.value) {
+                Ok(record) => {
+                    self.runs.insert(id, (kv.mod_revision, record));
+                    Change::None
+                }
+                Err(e) => {
+                    // Claims compare the run record's revision, so keep it even
+                    // when the value is garbage: the claim then starts from zero.
+                    self.runs.insert(id, (kv.mod_revision, RunRecord::default()));
+                    Change::Malformed(e.to_string())
+                }
+            },
+            KeyKind::Result(_) => Change::None,
+            KeyKind::Node(name) => match decode::<NodeRecord>("node", &kv.key, &kv.value) {
+                Ok(record) => {
+                    let joined = self.put_node(name.clone(), record);
+                    if joined {
+                        Change::Membership { node: name, joined }
+                    } else {
+                        Change::None
+                    }
+                }
+                Err(e) => Change::Malformed(e.to_string()),
+            },
+            KeyKind::NodeCommand(name) if name == self.me => Change::Command {
+                key: kv.key.clone(),
+                revision: kv.mod_revision,
+                present: true,
+            },
+            KeyKind::NodeCommand(_) => Change::None,
+        }
+    }
+
+    /// Apply a delete of `key` (its previous value does not matter).
+    pub fn apply_delete(&mut self, key: &str, revision: Revision) -> Change {
+        let Ok(kind) = self.ns.parse(key) else {
+            return Change::None; // deleting garbage is no news
+        };
+        match kind {
+            KeyKind::Task(id) => {
+                self.remove_task(&id);
+                Change::TaskGone(id)
+            }
+            KeyKind::Owner(id) => {
+                if self.owners.contains_key(&id) {
+                    self.set_owner(&id, None);
+                }
+                Change::OwnerChanged {
+                    task: id,
+                    owner: None,
+                }
+            }
+            KeyKind::Run(id) => {
+                self.runs.remove(&id);
+                Change::None
+            }
+            KeyKind::Result(_) => Change::None,
+            KeyKind::Node(name) => match self.remove_node(&name) {
+                true => Change::Membership {
+                    node: name,
+                    joined: false,
+                },
+                false => Change::None,
+            },
+            KeyKind::NodeCommand(name) if name == self.me => Change::Command {
+                key: key.to_string(),
+                revision,
+                present: false,
+            },
+            KeyKind::NodeCommand(_) => Change::None,
+        }
+    }
+
+    /// Record this node's claim of `id` as in flight (or, with an epoch, done).
+    pub fn set_mine(&mut self, id: &TaskId, group: &GroupName, epoch: Revision) {
+        self.set_owner(
+            id,
+            Some(CachedOwner {
+                node: self.me.clone(),
+                group: group.clone(),
+                epoch,
+            }),
+        );
+    }
+
+    /// Drop this node's in-flight claim marker of `id`, if it is still there.
+    pub fn clear_tentative(&mut self, id: &TaskId) {
+        if self
+            .owners
+            .get(id)
+            .is_some_and(|o| o.epoch == 0 && o.node == self.me)
+        {
+            self.set_owner(id, None);
+        }
+    }
+
+    fn put_task(&mut self, id: TaskId, task: CachedTask) {
+        self.remove_task(&id);
+        let group = task.record.spec.group.clone();
+        if !self.owners.contains_key(&id) {
+            self.mark_unowned(&group, task.order, &id, true);
+        }
+        self.tasks.insert(id, task);
+    }
+
+    fn remove_task(&mut self, id: &TaskId) {
+        if let Some(old) = self.tasks.remove(id) {
+            if !self.owners.contains_key(id) {
+                self.mark_unowned(&old.record.spec.group, old.order, id, false);
+            }
+        }
+    }
+
+    fn set_owner(&mut self, id: &TaskId, owner: Option<CachedOwner>) {
+        let previous = match owner {
+            Some(owner) => self.owners.insert(id.clone(), owner),
+            None => self.owners.remove(id),
+        };
+        if let Some(previous) = &previous {
+            self.adjust_owned(&previous.group, &previous.node, false);
+        }
+        let current = self.owners.get(id).cloned();
+        if let Some(current) = &current {
+            self.adjust_owned(&current.group, &current.node, true);
+        }
+        // The task moves between the unowned index and owned only when the
+        // owner appears or disappears.
+        if previous.is_some() != current.is_some() {
+            if let Some(task) = self.tasks.get(id) {
+                let (group, order) = (task.record.spec.group.clone(), task.order);
+                self.mark_unowned(&group, order, id, current.is_none());
+            }
+        }
+    }
+
+    fn adjust_owned(&mut self, group: &GroupName, node: &NodeName, add: bool) {
+        let load = self.view.groups.entry(group.clone()).or_default();
+        if add {
+            *load.owned.entry(node.clone()).or_default() += 1;
+        } else if let Some(count) = load.owned.get_mut(node) {
+            *count -= 1;
+            if *count == 0 {
+                load.owned.remove(node);
+            }
+        }
+    }
+
+    fn mark_unowned(&mut self, group: &GroupName, order: Revision, id: &TaskId, unowned: bool) {
+        let set = self.unowned.entry(group.clone()).or_default();
+        let changed = if unowned {
+            set.insert((order, id.clone()))
+        } else {
+            set.remove(&(order, id.clone()))
+        };
+        if changed {
+            let load = self.view.groups.entry(group.clone()).or_default();
+            if unowned {
+                load.unowned += 1;
+            } else {
+                load.unowned -= 1;
+            }
+        }
+    }
+
+    /// Returns whether the node is new (or serves other groups now).
+    fn put_node(&mut self, name: NodeName, record: NodeRecord) -> bool {
+        let changed = self.nodes.get(&name) != Some(&record);
+        if changed {
+            self.remove_node(&name);
+            for group in &record.groups {
+                let load = self.view.groups.entry(group.clone()).or_default();
+                load.serving.insert(name.clone());
+            }
+            self.nodes.insert(name, record);
+        }
+        changed
+    }
+
+    fn remove_node(&mut self, name: &NodeName) -> bool {
+        let Some(record) = self.nodes.remove(name) else {
+            return false;
+        };
+        for group in &record.groups {
+            if let Some(load) = self.view.groups.get_mut(group) {
+                load.serving.remove(name);
+            }
+        }
+        true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eretes_protocol::{encode, TaskSpec};
+
+    fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
+        KeyValue {
+            key: key.into(),
+            value,
+            create_revision: create,
+            mod_revision: modr,
+            version: 1,
+            lease: 0,
+        }
+    }
+
+    fn task_value(group: &str) -> Vec<u8> {
+        encode(&TaskRecord {
+            spec: TaskSpec::new(GroupName::new(group).unwrap(), serde_json::Value::Null),
+            submitted_at_ms: 0,
+        })
+    }
+
+    #[test]
+    fn counts_follow_owners_and_tasks() {
+        let ns = Namespace::new("t").unwrap();
+        let me = NodeName::new("me").unwrap();
+        let other = NodeName::new("other").unwrap();
+        let mut cache = Cache::new(ns.clone(), me.clone());
+        let g = GroupName::default();
+        for (i, id) in ["a", "b", "c"].iter().enumerate() {
+            let id = TaskId::new(*id).unwrap();
+            let rev = i as Revision + 2;
+            cache.apply_put(&kv(&ns.task(&id), task_value("default"), rev, rev));
+        }
+        assert_eq!(cache.view.group(&g).unowned, 3);
+        let a = TaskId::new("a").unwrap();
+        let owner = encode(&OwnerRecord {
+            node: other.clone(),
+            group: g.clone(),
+        });
+        cache.apply_put(&kv(&ns.owner(&a), owner, 10, 10));
+        assert_eq!(cache.view.group(&g).unowned, 2);
+        assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+        assert_eq!(cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        cache.set_mine(&TaskId::new("b").unwrap(), &g, 0);
+        assert_eq!(cache.view.group(&g).owned_by(&me), 1);
+        cache.clear_tentative(&TaskId::new("b").unwrap());
+        assert_eq!(cache.view.group(&g).owned_by(&me), 0);
+        cache.apply_delete(&ns.owner(&a), 11);
+        assert_eq!(cache.view.group(&g).unowned, 3);
+        cache.apply_delete(&ns.task(&a), 12);
+        assert_eq!(cache.view.group(&g).unowned, 2);
+        assert_eq!(cache.view.group(&g).total(), 2);
+    }
+
+    #[test]
+    fn garbage_is_reported_not_fatal() {
+        let ns = Namespace::new("t").unwrap();
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        for (key, value) in [
+            ("t/tasks/x", b"{not json".to_vec()),
+            ("t/tasks/bad id", task_value("default")),
+            ("t/owners/x", b"[]".to_vec()),
+            ("t/nodes/n", b"{}".to_vec()),
+            ("t/unknown/x", b"1".to_vec()),
+        ] {
+            let change = cache.apply_put(&kv(key, value, 5, 5));
+            assert!(matches!(change, Change::Malformed(_)), "{key}: {change:?}");
+        }
+        assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+    }
+}

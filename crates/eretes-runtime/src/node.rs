@@ -1,0 +1,1088 @@
+//! One node: registration, the main loop, claims, handlers, fencing, commands,
+//! balancing and shutdown.
+//!
+//! The main loop owns all state and never sleeps: it waits on the watch, on
+//! finished store calls and handlers, and on timers (fence deadline, balance,
+//! resync, ignore-list deadlines). Store calls run as futures the loop polls,
+//! so a slow store never delays the fence deadline.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::future::Future;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use eretes_protocol::{
+    now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeName, NodeRecord,
+    ProtocolError, TaskId,
+};
+use eretes_store::{EventKind, KeyRange, LeaseId, Revision, Store, StoreError, WatchStream};
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
+use futures::{FutureExt, StreamExt};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::{AbortHandle, JoinSet};
+use tokio::time::{sleep_until, Instant};
+use tokio_util::sync::CancellationToken;
+use tokio_util::time::DelayQueue;
+use tracing::{debug, info, warn};
+
+use crate::balancer::{Balancer, ClaimDecision, RunningTask};
+use crate::cache::{Cache, CachedOwner, Change};
+use crate::config::NodeConfig;
+use crate::handler::{Handler, HandlerOutcome, TaskContext};
+use crate::lease::{keep_alive, LeaseEvent};
+use crate::stats::NodeStats;
+
+/// Why a node could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The configuration is inconsistent.
+    #[error("invalid node configuration: {0}")]
+    Config(String),
+    /// Registration failed (for example the name is taken).
+    #[error(transparent)]
+    Protocol(#[from] ProtocolError),
+}
+
+/// What a node reports about itself, updated as it changes.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeStatus {
+    /// Whether the node holds a live lease and is registered.
+    pub registered: bool,
+    /// Whether claiming is frozen (freeze or drain).
+    pub frozen: bool,
+    /// Tasks whose handlers run here now.
+    pub running: usize,
+    /// Live nodes this node sees, itself included.
+    pub live_nodes: usize,
+}
+
+/// Requests from the embedding program to the main loop.
+enum Control {
+    Shutdown(oneshot::Sender<()>),
+    Command(NodeCommand),
+}
+
+/// A running node. Dropping the handle does not stop the node; call
+/// [`NodeHandle::shutdown`] (graceful) or [`NodeHandle::kill`] (abrupt).
+#[derive(Debug)]
+pub struct NodeHandle {
+    name: NodeName,
+    control: mpsc::UnboundedSender<Control>,
+    status: watch::Receiver<NodeStatus>,
+    stats: Arc<NodeStats>,
+    main_loop: AbortHandle,
+}
+
+impl NodeHandle {
+    /// The node's name.
+    pub fn name(&self) -> &NodeName {
+        &self.name
+    }
+
+    /// The node's counters.
+    pub fn stats(&self) -> &Arc<NodeStats> {
+        &self.stats
+    }
+
+    /// The latest status; `.changed().await` on a clone to follow it.
+    pub fn status(&self) -> watch::Receiver<NodeStatus> {
+        self.status.clone()
+    }
+
+    /// Apply a node command locally, as if it had come through the store.
+    pub fn command(&self, command: NodeCommand) {
+        let _ = self.control.send(Control::Command(command));
+    }
+
+    /// Drain and stop: stop claiming, stop every handler, release their
+    /// tasks, deregister. Bounded by the configured shutdown timeout.
+    pub async fn shutdown(self) {
+        let (done, wait) = oneshot::channel();
+        if self.control.send(Control::Shutdown(done)).is_ok() {
+            let _ = wait.await;
+        }
+    }
+
+    /// Stop abruptly, as if the process died: the main loop, the keepalive and
+    /// every handler are dropped; nothing is released or deregistered, so the
+    /// node's tasks move only when its lease expires.
+    pub fn kill(&self) {
+        self.main_loop.abort();
+    }
+
+    /// Whether the node has stopped (shut down or killed).
+    pub fn is_stopped(&self) -> bool {
+        self.main_loop.is_finished()
+    }
+}
+
+/// A node's entry point.
+pub struct Node;
+
+impl Node {
+    /// Register a node and start its main loop. Fails if the configuration is
+    /// invalid or another live node has the same name.
+    pub async fn start(
+        store: Arc<dyn Store>,
+        config: NodeConfig,
+        handler: Arc<dyn Handler>,
+        balancer: Box<dyn Balancer>,
+    ) -> Result<NodeHandle, StartError> {
+        config.validate().map_err(StartError::Config)?;
+        let coordinator = Coordinator::new(store.clone(), config.namespace.clone())
+            .with_takeover_limit(config.takeover_limit);
+        let record = NodeRecord {
+            groups: config.groups.clone(),
+            started_at_ms: now_ms(),
+        };
+        let lease = register(&coordinator, &config, &record).await?;
+        info!(node = %config.name, lease = format!("{lease:#x}"), "node registered");
+        let stats = Arc::new(NodeStats::default());
+        let (control_tx, control_rx) = mpsc::unbounded_channel();
+        let (status_tx, status_rx) = watch::channel(NodeStatus::default());
+        let name = config.name.clone();
+        let main = MainLoop::new(
+            coordinator,
+            config,
+            record,
+            handler,
+            balancer,
+            stats.clone(),
+            status_tx,
+            lease,
+        );
+        let task = tokio::spawn(main.run(control_rx));
+        Ok(NodeHandle {
+            name,
+            control: control_tx,
+            status: status_rx,
+            stats,
+            main_loop: task.abort_handle(),
+        })
+    }
+}
+
+/// Grant a lease and register the node under it; revoke the lease again if
+/// the registration is refused.
+async fn register(
+    coordinator: &Coordinator,
+    config: &NodeConfig,
+    record: &NodeRecord,
+) -> Result<LeaseId, ProtocolError> {
+    let store = coordinator.store();
+    let lease = store.lease_grant(config.lease_ttl).await?.id;
+    if let Err(error) = coordinator.register_node(&config.name, record, lease).await {
+        let _ = store.lease_revoke(lease).await;
+        return Err(error);
+    }
+    Ok(lease)
+}
+
+/// Why the runtime stopped a handler; decides what is written afterwards.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    /// Give the task back (balance, stop_task, drain, shutdown).
+    Release,
+    /// The task was deleted or is owned elsewhere now: write nothing.
+    Gone,
+    /// This node lost (or may have lost) its lease: write nothing.
+    Fenced,
+}
+
+/// A task whose handler runs here.
+struct Running {
+    claim: Claim,
+    cancel: CancellationToken,
+    stop: Option<StopReason>,
+}
+
+/// How a handler task ended, from the runtime's side.
+enum Exit {
+    Returned(HandlerOutcome),
+    Panicked(String),
+    /// Cancelled and still running after the grace period: dropped.
+    Abandoned,
+}
+
+/// A store write that ends a run: complete, fail or release.
+enum Finish {
+    Complete(serde_json::Value),
+    Fail(String),
+    Release,
+}
+
+/// What a finished claim future reports.
+struct ClaimResult {
+    id: TaskId,
+    group: GroupName,
+    outcome: Result<ClaimOutcome, ProtocolError>,
+}
+
+/// A full listing plus the watch that continues it.
+struct Sync {
+    kvs: Vec<eretes_store::KeyValue>,
+    watch: WatchStream,
+}
+
+/// Re-registration after fencing.
+type Reregistration = Pin<Box<dyn Future<Output = Result<LeaseId, ProtocolError>> + Send>>;
+
+/// Lease bookkeeping while registered.
+struct LeaseState {
+    id: LeaseId,
+    /// Dropping it stops the keepalive loop.
+    _keepalive: tokio::task::JoinHandle<()>,
+    events: mpsc::UnboundedReceiver<LeaseEvent>,
+    /// Cancel every handler at this instant unless a renewal moves it.
+    fence_at: Instant,
+}
+
+impl Drop for LeaseState {
+    fn drop(&mut self) {
+        self._keepalive.abort();
+    }
+}
+
+struct MainLoop {
+    coordinator: Coordinator,
+    config: NodeConfig,
+    record: NodeRecord,
+    handler: Arc<dyn Handler>,
+    balancer: Box<dyn Balancer>,
+    stats: Arc<NodeStats>,
+    status: watch::Sender<NodeStatus>,
+    my_groups: Vec<GroupName>,
+
+    cache: Cache,
+    lease: Option<LeaseState>,
+    reregistering: Option<Reregistration>,
+    reregister_at: Option<Instant>,
+    reregister_backoff: Duration,
+    /// The lease to revoke before registering again after fencing.
+    reregister_old: Option<LeaseId>,
+    watch: Option<WatchStream>,
+    syncing: Option<BoxFuture<'static, Result<Sync, StoreError>>>,
+    sync_at: Option<Instant>,
+    /// Count malformed keys of the next listing (the first one, and after a
+    /// watch restart); periodic resyncs re-read the same keys and do not.
+    count_listing_malformed: bool,
+
+    running: HashMap<TaskId, Running>,
+    handlers: JoinSet<(TaskId, Exit)>,
+    claims: FuturesUnordered<BoxFuture<'static, ClaimResult>>,
+    claiming: HashSet<TaskId>,
+    finishing: FuturesUnordered<BoxFuture<'static, GroupName>>,
+    /// Tasks claiming, running or finishing, per group: what slots limit.
+    busy: HashMap<GroupName, usize>,
+    ignore: DelayQueue<TaskId>,
+    ignored: HashMap<TaskId, tokio_util::time::delay_queue::Key>,
+
+    /// Commands queued for this node, in store order.
+    commands: BTreeMap<Revision, String>,
+    taking_command: Option<BoxFuture<'static, (String, Result<Option<Vec<u8>>, ProtocolError>)>>,
+
+    frozen: bool,
+    shutting_down: Option<(oneshot::Sender<()>, Instant)>,
+    next_balance: Instant,
+    next_resync: Instant,
+}
+
+impl MainLoop {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        coordinator: Coordinator,
+        config: NodeConfig,
+        record: NodeRecord,
+        handler: Arc<dyn Handler>,
+        balancer: Box<dyn Balancer>,
+        stats: Arc<NodeStats>,
+        status: watch::Sender<NodeStatus>,
+        lease: LeaseId,
+    ) -> Self {
+        let now = Instant::now();
+        let mut main = MainLoop {
+            cache: Cache::new(config.namespace.clone(), config.name.clone()),
+            my_groups: config.groups.clone(),
+            next_balance: now + config.balance_interval,
+            next_resync: now + config.resync_interval,
+            coordinator,
+            record,
+            handler,
+            balancer,
+            stats,
+            status,
+            lease: None,
+            reregistering: None,
+            reregister_at: None,
+            reregister_backoff: Duration::from_millis(100),
+            reregister_old: None,
+            watch: None,
+            syncing: None,
+            sync_at: Some(now),
+            count_listing_malformed: true,
+            running: HashMap::new(),
+            handlers: JoinSet::new(),
+            claims: FuturesUnordered::new(),
+            claiming: HashSet::new(),
+            finishing: FuturesUnordered::new(),
+            busy: HashMap::new(),
+            ignore: DelayQueue::new(),
+            ignored: HashMap::new(),
+            commands: BTreeMap::new(),
+            taking_command: None,
+            frozen: false,
+            shutting_down: None,
+            config,
+        };
+        main.start_lease(lease);
+        main
+    }
+
+    fn start_lease(&mut self, id: LeaseId) {
+        let (tx, events) = mpsc::unbounded_channel();
+        let keepalive = tokio::spawn(keep_alive(
+            self.coordinator.store().clone(),
+            id,
+            self.config.keepalive_interval,
+            tx,
+        ));
+        // The lease was granted (or last renewed) no earlier than now minus the
+        // grant's round trip; counting from now would be optimistic by that
+        // much, which the margin covers.
+        let fence_at = Instant::now() + self.config.lease_ttl - self.config.fence_margin;
+        self.lease = Some(LeaseState {
+            id,
+            _keepalive: keepalive,
+            events,
+            fence_at,
+        });
+    }
+
+    async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
+        let mut control_open = true;
+        loop {
+            self.publish_status();
+            if self.shutdown_finished() {
+                return;
+            }
+            let wake = self.next_deadline();
+            tokio::select! {
+                biased;
+                _ = sleep_until(wake) => self.on_timers(),
+                event = async { self.lease.as_mut().unwrap().events.recv().await }, if self.lease.is_some() => {
+                    self.on_lease_event(event)
+                }
+                message = control.recv(), if control_open => match message {
+                    Some(Control::Shutdown(done)) => self.begin_shutdown(done),
+                    Some(Control::Command(command)) => self.apply_command(command),
+                    // Every handle is gone: nobody can stop the node any more,
+                    // so it keeps running until its process ends.
+                    None => control_open = false,
+                },
+                batch = async { self.watch.as_mut().unwrap().next().await }, if self.watch.is_some() => {
+                    self.on_watch(batch)
+                }
+                Some(joined) = self.handlers.join_next(), if !self.handlers.is_empty() => {
+                    // An Err is a handler task aborted by a timed-out shutdown.
+                    if let Ok((id, exit)) = joined {
+                        self.on_handler_exit(id, exit);
+                    }
+                }
+                Some(result) = self.claims.next(), if !self.claims.is_empty() => self.on_claim(result),
+                Some(group) = self.finishing.next(), if !self.finishing.is_empty() => {
+                    self.release_slot(&group);
+                }
+                Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
+                    self.ignored.remove(expired.get_ref());
+                }
+                result = async { self.syncing.as_mut().unwrap().await }, if self.syncing.is_some() => {
+                    self.syncing = None;
+                    self.on_sync(result);
+                }
+                result = async { self.reregistering.as_mut().unwrap().await }, if self.reregistering.is_some() => {
+                    self.reregistering = None;
+                    self.on_reregistered(result);
+                }
+                result = async { self.taking_command.as_mut().unwrap().await }, if self.taking_command.is_some() => {
+                    self.taking_command = None;
+                    self.on_command_taken(result);
+                }
+            }
+            self.next_command();
+            self.try_claims();
+        }
+    }
+
+    /// The earliest of the loop's timers. One sleep per iteration instead of
+    /// one per timer keeps the hot path cheap.
+    fn next_deadline(&self) -> Instant {
+        [
+            self.lease.as_ref().map(|l| l.fence_at),
+            Some(self.next_balance),
+            Some(self.next_resync),
+            self.sync_at,
+            self.reregister_at,
+            self.shutting_down.as_ref().map(|(_, at)| *at),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+        .expect("balance and resync deadlines always exist")
+    }
+
+    /// Fire every timer that is due, the fence deadline first.
+    fn on_timers(&mut self) {
+        let now = Instant::now();
+        if self.lease.as_ref().is_some_and(|l| l.fence_at <= now) {
+            self.fence("lease could not be renewed in time");
+        }
+        if self.shutting_down.as_ref().is_some_and(|(_, at)| *at <= now) {
+            self.abandon_shutdown();
+        }
+        if self.sync_at.is_some_and(|at| at <= now) {
+            self.start_sync();
+        }
+        if self.reregister_at.is_some_and(|at| at <= now) {
+            self.start_reregistration();
+        }
+        if self.next_balance <= now {
+            self.next_balance = now + self.config.balance_interval;
+            self.balance();
+        }
+        if self.next_resync <= now {
+            self.next_resync = now + self.config.resync_interval;
+            if self.syncing.is_none() && self.lease.is_some() {
+                self.start_sync();
+            }
+        }
+    }
+
+    fn publish_status(&self) {
+        let status = NodeStatus {
+            registered: self.lease.is_some(),
+            frozen: self.frozen,
+            running: self.running.len(),
+            live_nodes: self.cache.live_nodes(),
+        };
+        self.status.send_if_modified(|current| {
+            let changed = *current != status;
+            *current = status;
+            changed
+        });
+    }
+
+    // ----- lease and fencing -------------------------------------------------
+
+    fn on_lease_event(&mut self, event: Option<LeaseEvent>) {
+        match event {
+            Some(LeaseEvent::Renewed { sent_at }) => {
+                if let Some(lease) = &mut self.lease {
+                    // The store extended the lease no earlier than when the
+                    // request left, so the lease lives at least until then + TTL.
+                    lease.fence_at = sent_at + self.config.lease_ttl - self.config.fence_margin;
+                }
+            }
+            Some(LeaseEvent::Failed(error)) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, %error, "lease renewal failed");
+            }
+            Some(LeaseEvent::Lost) | None => self.fence("the store no longer has the node's lease"),
+        }
+    }
+
+    /// Self-fencing: stop every handler and drop every claim before the lease
+    /// can expire at the store, then register again.
+    fn fence(&mut self, why: &str) {
+        let Some(lease) = self.lease.take() else {
+            return;
+        };
+        NodeStats::bump(&self.stats.fences);
+        warn!(node = %self.config.name, why, running = self.running.len(), "fencing: cancelling every handler");
+        for running in self.running.values_mut() {
+            running.stop = Some(StopReason::Fenced);
+            running.cancel.cancel();
+        }
+        // Writes in flight were made under the old lease; their outcome no
+        // longer matters (the epoch fences them), so forget them.
+        self.claims.clear();
+        for id in self.claiming.drain() {
+            self.cache.clear_tentative(&id);
+        }
+        self.finishing.clear();
+        self.busy.clear();
+        for running in self.running.values() {
+            *self.busy.entry(running.claim.record.spec.group.clone()).or_default() += 1;
+        }
+        self.watch = None;
+        self.syncing = None;
+        self.sync_at = None;
+        self.taking_command = None;
+        self.commands.clear();
+        self.reregister_backoff = Duration::from_millis(100);
+        self.reregister_old = Some(lease.id);
+        drop(lease);
+        if self.shutting_down.is_none() {
+            self.start_reregistration();
+        }
+    }
+
+    fn start_reregistration(&mut self) {
+        self.reregister_at = None;
+        if self.lease.is_some() || self.reregistering.is_some() || self.shutting_down.is_some() {
+            return;
+        }
+        let coordinator = self.coordinator.clone();
+        let config = self.config.clone();
+        let record = self.record.clone();
+        let old = self.reregister_old;
+        self.reregistering = Some(Box::pin(async move {
+            if let Some(old) = old {
+                // Revoking frees the name and drops stale owner records at once
+                // instead of after the TTL; an expired lease is already gone.
+                match coordinator.store().lease_revoke(old).await {
+                    Ok(()) | Err(StoreError::LeaseNotFound(_)) => {}
+                    Err(error) => return Err(error.into()),
+                }
+            }
+            register(&coordinator, &config, &record).await
+        }));
+    }
+
+    fn on_reregistered(&mut self, result: Result<LeaseId, ProtocolError>) {
+        match result {
+            Ok(lease) => {
+                info!(node = %self.config.name, "registered again after fencing");
+                self.reregister_old = None;
+                self.start_lease(lease);
+                self.start_sync();
+            }
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, %error, retry_in = ?self.reregister_backoff, "re-registration failed");
+                self.reregister_at = Some(Instant::now() + self.reregister_backoff);
+                self.reregister_backoff = (self.reregister_backoff * 2).min(self.config.lease_ttl);
+            }
+        }
+    }
+
+    // ----- listing and watching ----------------------------------------------
+
+    fn start_sync(&mut self) {
+        self.sync_at = None;
+        if self.lease.is_none() {
+            return;
+        }
+        let store = self.coordinator.store().clone();
+        let root = self.config.namespace.root().to_string();
+        self.syncing = Some(Box::pin(async move {
+            let listing = store.get(eretes_store::GetRequest::new(KeyRange::prefix(root.clone()))).await?;
+            let watch = store
+                .watch(KeyRange::prefix(root), listing.revision + 1)
+                .await?;
+            Ok(Sync {
+                kvs: listing.kvs,
+                watch,
+            })
+        }));
+    }
+
+    fn on_sync(&mut self, result: Result<Sync, StoreError>) {
+        match result {
+            Ok(sync) => {
+                let (cache, changes) = self.cache.rebuild(&sync.kvs);
+                self.cache = cache;
+                self.watch = Some(sync.watch);
+                let count = std::mem::replace(&mut self.count_listing_malformed, false);
+                self.commands.clear();
+                for change in changes {
+                    if !count && matches!(change, Change::Malformed(_)) {
+                        continue;
+                    }
+                    self.on_change(change);
+                }
+                // Anything running here whose owner record is not ours any more
+                // was lost while the watch was down.
+                let lost: Vec<TaskId> = self
+                    .running
+                    .iter()
+                    .filter(|(id, r)| {
+                        self.cache.owner(id).map(|o| o.epoch) != Some(r.claim.epoch)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in lost {
+                    self.stop_task(&id, StopReason::Gone);
+                }
+                for id in &self.claiming {
+                    if let Some(task) = self.cache.task(id) {
+                        let group = task.record.spec.group.clone();
+                        self.cache.set_mine(id, &group, 0);
+                    }
+                }
+            }
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, %error, "listing the namespace failed; retrying");
+                self.sync_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+
+    fn on_watch(&mut self, batch: Option<Result<eretes_store::WatchBatch, StoreError>>) {
+        match batch {
+            Some(Ok(events)) => {
+                for event in events {
+                    let change = match event.kind {
+                        EventKind::Put => self.cache.apply_put(&event.kv),
+                        EventKind::Delete => self
+                            .cache
+                            .apply_delete(&event.kv.key, event.kv.mod_revision),
+                    };
+                    self.on_change(change);
+                }
+            }
+            other => {
+                // Compaction, a stream error or the end of the stream: list
+                // again and watch from the listing's revision. Nothing is
+                // missed because the listing is the state after every event.
+                let why = match other {
+                    Some(Err(error)) => error.to_string(),
+                    _ => "watch stream ended".to_string(),
+                };
+                NodeStats::bump(&self.stats.relists);
+                warn!(node = %self.config.name, why, "watch interrupted; re-listing");
+                self.watch = None;
+                self.count_listing_malformed = true;
+                if self.syncing.is_none() {
+                    self.start_sync();
+                }
+            }
+        }
+    }
+
+    fn on_change(&mut self, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Malformed(what) => {
+                NodeStats::bump(&self.stats.malformed_skipped);
+                warn!(node = %self.config.name, what, "skipping malformed entry");
+            }
+            Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
+            Change::OwnerChanged { task, owner } => {
+                let Some(running) = self.running.get(&task) else {
+                    return;
+                };
+                let ours = matches!(&owner, Some(CachedOwner { epoch, .. }) if *epoch == running.claim.epoch);
+                if !ours && running.stop.is_none() {
+                    // Our owner record vanished without our doing: the task was
+                    // deleted or our lease is gone. Stop without writing.
+                    self.stop_task(&task, StopReason::Gone);
+                }
+            }
+            Change::Membership { node, joined } => {
+                if node == self.config.name && !joined && self.lease.is_some() {
+                    self.fence("this node's registration disappeared from the store");
+                    return;
+                }
+                debug!(node = %self.config.name, peer = %node, joined, "membership changed");
+                let soon = Instant::now() + self.config.membership_balance_delay;
+                self.next_balance = self.next_balance.min(soon);
+            }
+            Change::Command {
+                key,
+                revision,
+                present,
+            } => {
+                if present {
+                    self.commands.insert(revision, key);
+                } else {
+                    self.commands.retain(|_, k| *k != key);
+                }
+            }
+        }
+    }
+
+    // ----- node commands -----------------------------------------------------
+
+    /// Take the oldest queued command, one at a time so order is kept.
+    fn next_command(&mut self) {
+        if self.taking_command.is_some() || self.lease.is_none() {
+            return;
+        }
+        let Some((revision, key)) = self.commands.pop_first() else {
+            return;
+        };
+        let coordinator = self.coordinator.clone();
+        self.taking_command = Some(Box::pin(async move {
+            let value = coordinator.store().get(eretes_store::GetRequest::new(KeyRange::key(key.clone()))).await;
+            let result = match value {
+                Err(error) => Err(error.into()),
+                Ok(response) => match response.kvs.into_iter().next() {
+                    Some(kv) if kv.mod_revision == revision => {
+                        match coordinator.take_node_command(&key, revision).await {
+                            Ok(true) => Ok(Some(kv.value)),
+                            Ok(false) => Ok(None),
+                            Err(error) => Err(error),
+                        }
+                    }
+                    _ => Ok(None),
+                },
+            };
+            (key, result)
+        }));
+    }
+
+    fn on_command_taken(&mut self, (key, result): (String, Result<Option<Vec<u8>>, ProtocolError>)) {
+        match result {
+            Ok(Some(bytes)) => match NodeCommand::decode(&bytes) {
+                Ok(command) => {
+                    info!(node = %self.config.name, command = command.name(), "applying node command");
+                    self.apply_command(command);
+                }
+                Err(error) => {
+                    NodeStats::bump(&self.stats.commands_rejected);
+                    warn!(node = %self.config.name, key, %error, "discarding node command");
+                }
+            },
+            Ok(None) => {}
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, key, %error, "could not take node command; the next listing retries it");
+            }
+        }
+    }
+
+    fn apply_command(&mut self, command: NodeCommand) {
+        NodeStats::bump(&self.stats.commands_applied);
+        match command {
+            NodeCommand::Freeze => self.frozen = true,
+            NodeCommand::Unfreeze => {
+                if self.shutting_down.is_none() {
+                    self.frozen = false;
+                }
+            }
+            NodeCommand::Balance => self.balance(),
+            NodeCommand::Drain => {
+                self.frozen = true;
+                let ids: Vec<TaskId> = self.running.keys().cloned().collect();
+                for id in ids {
+                    self.stop_task(&id, StopReason::Release);
+                }
+            }
+            NodeCommand::StopTask(id) => self.stop_task(&id, StopReason::Release),
+        }
+    }
+
+    // ----- claiming ----------------------------------------------------------
+
+    fn try_claims(&mut self) {
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return;
+        };
+        if self.frozen || self.shutting_down.is_some() || self.watch.is_none() {
+            return;
+        }
+        for group in self.my_groups.clone() {
+            let mut free = self
+                .config
+                .slots_for(&group)
+                .saturating_sub(self.busy.get(&group).copied().unwrap_or(0));
+            while free > 0 && self.claims.len() < self.config.max_claims_in_flight {
+                let candidate = self
+                    .cache
+                    .unowned(&group)
+                    .find(|id| !self.ignored.contains_key(*id) && !self.claiming.contains(*id))
+                    .cloned();
+                let Some(id) = candidate else { break };
+                match self.balancer.can_claim(&id, &group, &self.cache.view) {
+                    ClaimDecision::Claim => {
+                        self.launch_claim(lease, id, group.clone());
+                        free -= 1;
+                    }
+                    ClaimDecision::RetryAfter(delay) => {
+                        self.ignore_for(&id, delay);
+                        break;
+                    }
+                }
+            }
+        }
+    }
+
+    fn launch_claim(&mut self, lease: LeaseId, id: TaskId, group: GroupName) {
+        let Some(basis) = self.cache.claim_basis(&id) else {
+            return;
+        };
+        self.cache.set_mine(&id, &group, 0);
+        self.claiming.insert(id.clone());
+        *self.busy.entry(group.clone()).or_default() += 1;
+        let coordinator = self.coordinator.clone();
+        let node = self.config.name.clone();
+        self.claims.push(Box::pin(async move {
+            let outcome = coordinator.claim(&node, lease, &id, &basis).await;
+            ClaimResult { id, group, outcome }
+        }));
+    }
+
+    fn on_claim(&mut self, result: ClaimResult) {
+        let ClaimResult { id, group, outcome } = result;
+        self.claiming.remove(&id);
+        match outcome {
+            Ok(ClaimOutcome::Claimed(claim)) => {
+                NodeStats::bump(&self.stats.claims);
+                self.cache.set_mine(&id, &group, claim.epoch);
+                self.start_handler(claim);
+            }
+            Ok(ClaimOutcome::Parked { takeovers }) => {
+                NodeStats::bump(&self.stats.parked);
+                warn!(node = %self.config.name, task = %id, takeovers, "task parked as failed after too many takeovers");
+                self.cache.clear_tentative(&id);
+                self.release_slot(&group);
+            }
+            Ok(ClaimOutcome::Lost(keys)) => {
+                NodeStats::bump(&self.stats.claim_conflicts);
+                self.cache.clear_tentative(&id);
+                // Bring the cache up to what the store said, so the next
+                // attempt (if any) starts from the truth instead of waiting
+                // for the watch to catch up.
+                let ns = self.config.namespace.clone();
+                let updates = [
+                    (ns.task(&id), keys.task),
+                    (ns.owner(&id), keys.owner),
+                    (ns.run(&id), keys.run),
+                ];
+                for (key, kv) in updates {
+                    let change = match kv {
+                        Some(kv) => self.cache.apply_put(&kv),
+                        None => self.cache.apply_delete(&key, 0),
+                    };
+                    if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
+                        self.on_change(change);
+                    }
+                }
+                self.release_slot(&group);
+            }
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, task = %id, %error, "claim failed; will retry");
+                self.cache.clear_tentative(&id);
+                self.ignore_for(&id, Duration::from_secs(1));
+                self.release_slot(&group);
+            }
+        }
+    }
+
+    fn ignore_for(&mut self, id: &TaskId, delay: Duration) {
+        if let Some(key) = self.ignored.get(id) {
+            self.ignore.reset(key, delay);
+        } else {
+            let key = self.ignore.insert(id.clone(), delay);
+            self.ignored.insert(id.clone(), key);
+        }
+    }
+
+    fn release_slot(&mut self, group: &GroupName) {
+        if let Some(count) = self.busy.get_mut(group) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    // ----- handlers ----------------------------------------------------------
+
+    fn start_handler(&mut self, claim: Claim) {
+        let cancel = CancellationToken::new();
+        let ctx = TaskContext {
+            id: claim.task.clone(),
+            task: claim.record.clone(),
+            epoch: claim.epoch,
+            node: self.config.name.clone(),
+            claims: claim.run.claims,
+            cancel: cancel.clone(),
+        };
+        self.cache.view.running.insert(
+            claim.task.clone(),
+            RunningTask {
+                group: claim.record.spec.group.clone(),
+                epoch: claim.epoch,
+                claimed_at: Instant::now(),
+            },
+        );
+        let handler = self.handler.clone();
+        let grace = self.config.handler_grace;
+        let id = claim.task.clone();
+        let watchdog = cancel.clone();
+        self.handlers.spawn(async move {
+            let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
+            let exit = tokio::select! {
+                biased;
+                result = run => match result {
+                    Ok(outcome) => Exit::Returned(outcome),
+                    Err(panic) => Exit::Panicked(panic_message(panic)),
+                },
+                _ = async { watchdog.cancelled().await; tokio::time::sleep(grace).await } => Exit::Abandoned,
+            };
+            (id, exit)
+        });
+        self.running.insert(
+            claim.task.clone(),
+            Running {
+                claim,
+                cancel,
+                stop: None,
+            },
+        );
+    }
+
+    fn stop_task(&mut self, id: &TaskId, reason: StopReason) {
+        if let Some(running) = self.running.get_mut(id) {
+            // A stronger reason (nothing may be written) wins over a release.
+            if running.stop.is_none() || reason != StopReason::Release {
+                running.stop = Some(reason);
+            }
+            running.cancel.cancel();
+            if reason == StopReason::Release {
+                let delay = self.config.release_ignore;
+                self.ignore_for(id, delay);
+            }
+        }
+    }
+
+    fn on_handler_exit(&mut self, id: TaskId, exit: Exit) {
+        let Some(running) = self.running.remove(&id) else {
+            return;
+        };
+        self.cache.view.running.remove(&id);
+        let group = running.claim.record.spec.group.clone();
+        let finish = match (running.stop, exit) {
+            (Some(StopReason::Gone | StopReason::Fenced), _) => None,
+            (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(Finish::Complete(result)),
+            // Asked to stop: an error or panic on the way out is not the
+            // task's failure, so give it back.
+            (Some(StopReason::Release), _) | (_, Exit::Returned(HandlerOutcome::Release)) | (_, Exit::Abandoned) => {
+                Some(Finish::Release)
+            }
+            (None, Exit::Returned(HandlerOutcome::Failed(reason))) => Some(Finish::Fail(reason)),
+            (None, Exit::Panicked(message)) => Some(Finish::Fail(format!("handler panicked: {message}"))),
+        };
+        let Some(finish) = finish else {
+            self.release_slot(&group);
+            return;
+        };
+        match &finish {
+            Finish::Complete(_) => NodeStats::bump(&self.stats.completions),
+            Finish::Fail(_) => NodeStats::bump(&self.stats.failures),
+            Finish::Release => NodeStats::bump(&self.stats.releases),
+        }
+        let coordinator = self.coordinator.clone();
+        let claim = running.claim;
+        self.finishing.push(Box::pin(async move {
+            finish_with_retries(&coordinator, &claim, finish).await;
+            group
+        }));
+    }
+
+    // ----- balancing -----------------------------------------------------------
+
+    fn balance(&mut self) {
+        if self.lease.is_none() || self.shutting_down.is_some() {
+            return;
+        }
+        let releases = self.balancer.balance(&self.cache.view);
+        if !releases.is_empty() {
+            info!(node = %self.config.name, count = releases.len(), "balancer releases tasks");
+        }
+        for id in releases {
+            self.stop_task(&id, StopReason::Release);
+        }
+    }
+
+    // ----- shutdown ------------------------------------------------------------
+
+    fn begin_shutdown(&mut self, done: oneshot::Sender<()>) {
+        info!(node = %self.config.name, running = self.running.len(), "draining for shutdown");
+        self.frozen = true;
+        self.shutting_down = Some((done, Instant::now() + self.config.shutdown_timeout));
+        let ids: Vec<TaskId> = self.running.keys().cloned().collect();
+        for id in ids {
+            self.stop_task(&id, StopReason::Release);
+        }
+    }
+
+    fn shutdown_finished(&mut self) -> bool {
+        if self.shutting_down.is_none()
+            || !self.running.is_empty()
+            || !self.finishing.is_empty()
+            || !self.claims.is_empty()
+        {
+            return false;
+        }
+        self.deregister_and_notify();
+        true
+    }
+
+    /// The shutdown timeout passed: drop whatever still runs and leave.
+    fn abandon_shutdown(&mut self) {
+        warn!(node = %self.config.name, running = self.running.len(), "shutdown timed out; abandoning remaining tasks");
+        self.handlers.abort_all();
+        self.running.clear();
+        self.finishing.clear();
+        self.claims.clear();
+    }
+
+    fn deregister_and_notify(&mut self) {
+        let Some((done, _)) = self.shutting_down.take() else {
+            return;
+        };
+        let lease = self.lease.take().map(|l| l.id);
+        let store = self.coordinator.store().clone();
+        let name = self.config.name.clone();
+        // Revoking the lease removes the node record (and any owner record a
+        // timed-out handler left) in one revision.
+        tokio::spawn(async move {
+            if let Some(lease) = lease {
+                if let Err(error) = store.lease_revoke(lease).await {
+                    warn!(node = %name, %error, "could not revoke the lease; it will expire");
+                }
+            }
+            info!(node = %name, "node stopped");
+            let _ = done.send(());
+        });
+    }
+}
+
+/// Write how a run ended, retrying transient store errors with backoff. A
+/// fenced write (someone else owns the task now) is final and harmless.
+async fn finish_with_retries(coordinator: &Coordinator, claim: &Claim, finish: Finish) {
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1..=20 {
+        let result = match &finish {
+            Finish::Complete(value) => coordinator.complete(claim, value.clone()).await,
+            Finish::Fail(reason) => coordinator.fail(claim, reason.clone()).await,
+            Finish::Release => coordinator.release(claim).await,
+        };
+        match result {
+            Ok(()) => return,
+            Err(ProtocolError::NotOwner { .. }) => {
+                debug!(task = %claim.task, epoch = claim.epoch, "finish refused: no longer the owner");
+                return;
+            }
+            Err(error) => {
+                warn!(task = %claim.task, attempt, %error, "could not record the end of a run; retrying");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    if let Some(s) = panic.downcast_ref::<&str>() {
+        s.to_string()
+    } else if let Some(s) = panic.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "non-string panic payload".to_string()
+    }
+}

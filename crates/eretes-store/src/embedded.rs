@@ -1,0 +1,832 @@
+//! The embedded backend: an in-process store with etcd v3's exact semantics.
+//!
+//! This is a real backend (the single-node agent runs on it), not a test stub.
+//! Everything lives behind one mutex: the keys in a `BTreeMap` (so prefix reads
+//! are ordered range scans), the watch history in a `VecDeque` of per-revision
+//! event batches, the leases and the watchers. Every operation takes the lock
+//! once, does its work synchronously and releases it; nothing awaits while
+//! holding it.
+//!
+//! Time is tokio's clock ([`tokio::time::Instant`]), so tests that run with
+//! `#[tokio::test(start_paused = true)]` expire leases deterministically: a
+//! background task sleeps until the earliest lease deadline (letting paused
+//! time auto-advance) and every operation also expires overdue leases first,
+//! so no caller can observe a lease after its deadline even if the background
+//! task has not run yet.
+//!
+//! Watch fan-out is cheap: the events of one revision are built once into an
+//! `Arc`, stored in the history and sent (as an `Arc` clone) over an unbounded
+//! channel to every watcher whose range they touch. Each watch stream filters
+//! and clones the events of its range on its own task, outside the lock.
+
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::fmt;
+use std::ops::Bound;
+use std::pin::Pin;
+use std::sync::{Arc, Weak};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures::Stream;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, Notify};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+
+use crate::error::{StoreError, StoreResult};
+use crate::store::{Store, WatchStream};
+use crate::types::*;
+
+/// Default number of revisions of watch history the store keeps.
+pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
+
+/// Upper bound on the events one watch stream item carries when several
+/// revisions are ready at once; keeps a long replay from becoming one huge
+/// allocation while still amortising per-item overhead for busy watchers.
+const MAX_BATCH_EVENTS: usize = 1024;
+
+/// Tuning knobs of an [`EmbeddedStore`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbeddedOptions {
+    /// How many past revisions of watch history to keep. Older history is
+    /// compacted automatically after every write, exactly as if
+    /// [`Store::compact`] had been called with `current - history_limit + 1`;
+    /// watches from before that point fail with [`StoreError::Compacted`].
+    /// Values below 1 are treated as 1. Default: [`DEFAULT_HISTORY_LIMIT`].
+    pub history_limit: usize,
+}
+
+impl Default for EmbeddedOptions {
+    fn default() -> Self {
+        EmbeddedOptions {
+            history_limit: DEFAULT_HISTORY_LIMIT,
+        }
+    }
+}
+
+impl EmbeddedOptions {
+    /// Keep `limit` revisions of watch history.
+    pub fn with_history_limit(mut self, limit: usize) -> Self {
+        self.history_limit = limit;
+        self
+    }
+}
+
+/// The in-process store backend.
+///
+/// Constructed as an `Arc` ([`EmbeddedStore::new`]) so that it coerces
+/// directly into `Arc<dyn Store>`:
+///
+/// ```
+/// use std::sync::Arc;
+/// use eretes_store::{embedded::EmbeddedStore, Store};
+/// let store: Arc<dyn Store> = EmbeddedStore::new();
+/// ```
+///
+/// Lease expiry runs on a background tokio task spawned by the first
+/// [`Store::lease_grant`] (so constructing the store needs no runtime). The
+/// task holds only a weak reference: dropping the last `Arc` stops it and
+/// ends every open watch stream with [`StoreError::Closed`]. Without a tokio
+/// runtime, leases still expire, but only when the next operation runs.
+pub struct EmbeddedStore {
+    state: Mutex<State>,
+    /// Wakes the expiry task when a lease with an earlier deadline appears or
+    /// the store is dropped.
+    wake_expiry: Arc<Notify>,
+    /// A weak handle to ourselves, given to the expiry task.
+    me: Weak<EmbeddedStore>,
+}
+
+/// One live key.
+struct Entry {
+    value: Vec<u8>,
+    create_revision: Revision,
+    mod_revision: Revision,
+    version: i64,
+    lease: LeaseId,
+}
+
+/// One live lease.
+struct Lease {
+    ttl: Duration,
+    deadline: Instant,
+    /// Attached keys, ordered so that revocation deletes them in key order
+    /// (etcd sorts them too).
+    keys: BTreeSet<String>,
+}
+
+/// The events of one revision, shared between the history and every watcher.
+struct RevisionEvents {
+    revision: Revision,
+    events: Vec<WatchEvent>,
+}
+
+impl RevisionEvents {
+    fn touches(&self, range: &KeyRange) -> bool {
+        self.events.iter().any(|e| range.contains(&e.kv.key))
+    }
+}
+
+/// A registered watch.
+struct Watcher {
+    range: KeyRange,
+    /// Events of earlier revisions are not for this watcher (only differs
+    /// from "everything from now on" when the watch started in the future).
+    min_revision: Revision,
+    tx: mpsc::UnboundedSender<Arc<RevisionEvents>>,
+}
+
+struct State {
+    revision: Revision,
+    /// The oldest revision watches may still start from; 0 until the first
+    /// compaction (as etcd, a fresh store may be compacted to revision 1).
+    compact_revision: Revision,
+    history_limit: Revision,
+    kvs: BTreeMap<String, Entry>,
+    /// One entry per revision above `compact_revision - 1`, in order. Every
+    /// revision wrote at least one event, so the deque is contiguous.
+    history: VecDeque<Arc<RevisionEvents>>,
+    watchers: Vec<Watcher>,
+    leases: HashMap<LeaseId, Lease>,
+    /// Lease deadlines, earliest first. Entries go stale when a lease is
+    /// renewed (its real deadline is later: re-queued on pop) or revoked
+    /// (skipped on pop); each live lease has exactly one entry, which keeps
+    /// keepalive O(1).
+    deadlines: BinaryHeap<Reverse<(Instant, LeaseId)>>,
+    next_lease_id: LeaseId,
+    expiry_task: Option<JoinHandle<()>>,
+}
+
+impl EmbeddedStore {
+    /// An empty store (revision 1) with default options.
+    pub fn new() -> Arc<EmbeddedStore> {
+        Self::with_options(EmbeddedOptions::default())
+    }
+
+    /// An empty store (revision 1) with the given options.
+    pub fn with_options(options: EmbeddedOptions) -> Arc<EmbeddedStore> {
+        let history_limit = i64::try_from(options.history_limit.max(1)).unwrap_or(i64::MAX);
+        Arc::new_cyclic(|me| EmbeddedStore {
+            state: Mutex::new(State {
+                revision: 1,
+                compact_revision: 0,
+                history_limit,
+                kvs: BTreeMap::new(),
+                history: VecDeque::new(),
+                watchers: Vec::new(),
+                leases: HashMap::new(),
+                deadlines: BinaryHeap::new(),
+                next_lease_id: 1,
+                expiry_task: None,
+            }),
+            wake_expiry: Arc::new(Notify::new()),
+            me: me.clone(),
+        })
+    }
+
+    /// The current revision, synchronously. (Not named `current_revision` so
+    /// that it does not shadow the async [`crate::StoreExt::current_revision`].)
+    pub fn revision(&self) -> Revision {
+        self.lock().revision
+    }
+
+    /// The oldest revision a watch may start from (0 if never compacted).
+    pub fn compact_revision(&self) -> Revision {
+        self.lock().compact_revision
+    }
+
+    /// How many watchers are registered. A dropped watch stream is noticed
+    /// (and unregistered) at the next write, so this may briefly count it.
+    pub fn watcher_count(&self) -> usize {
+        self.lock().watchers.len()
+    }
+
+    /// How many leases are alive.
+    pub fn lease_count(&self) -> usize {
+        self.lock().leases.len()
+    }
+
+    /// How many keys are stored.
+    pub fn key_count(&self) -> usize {
+        self.lock().kvs.len()
+    }
+
+    /// Take the lock and expire every lease whose deadline has passed, so that
+    /// each operation sees leases exactly as the clock says, whether or not the
+    /// background task has run yet.
+    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+        let mut state = self.state.lock();
+        state.expire_due();
+        state
+    }
+
+    /// Make sure the lease expiry task runs (it is spawned lazily, and again
+    /// if the runtime it ran on has gone away).
+    fn ensure_expiry_task(&self, state: &mut State) {
+        if state.expiry_task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            state.expiry_task = Some(handle.spawn(expiry_loop(
+                self.me.clone(),
+                Arc::clone(&self.wake_expiry),
+            )));
+        }
+    }
+}
+
+impl Drop for EmbeddedStore {
+    fn drop(&mut self) {
+        // The expiry task may be parked on the notify with no deadline; wake it
+        // so that it notices the store is gone and exits.
+        self.wake_expiry.notify_one();
+    }
+}
+
+impl fmt::Debug for EmbeddedStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let state = self.state.lock();
+        f.debug_struct("EmbeddedStore")
+            .field("revision", &state.revision)
+            .field("compact_revision", &state.compact_revision)
+            .field("keys", &state.kvs.len())
+            .field("leases", &state.leases.len())
+            .field("watchers", &state.watchers.len())
+            .field("history", &state.history.len())
+            .finish()
+    }
+}
+
+/// Sleeps until the earliest lease deadline and expires due leases. Holds
+/// only a weak reference so that dropping the store ends it.
+async fn expiry_loop(store: Weak<EmbeddedStore>, wake: Arc<Notify>) {
+    loop {
+        let next_deadline = {
+            let Some(store) = store.upgrade() else { return };
+            // `lock()` expires everything due.
+            let state = store.lock();
+            state.deadlines.peek().map(|Reverse((deadline, _))| *deadline)
+        };
+        match next_deadline {
+            Some(deadline) => {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(deadline) => {}
+                    _ = wake.notified() => {}
+                }
+            }
+            None => wake.notified().await,
+        }
+    }
+}
+
+/// Now + `ttl`; a TTL too large for the clock means "practically never".
+fn deadline_after(ttl: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(ttl)
+        .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
+}
+
+fn invalid(message: impl Into<String>) -> StoreError {
+    StoreError::InvalidArgument(message.into())
+}
+
+fn check_key(key: &str) -> StoreResult<()> {
+    if key.is_empty() {
+        Err(invalid("key is not provided (empty key)"))
+    } else {
+        Ok(())
+    }
+}
+
+fn check_range(range: &KeyRange) -> StoreResult<()> {
+    match range {
+        KeyRange::Key(key) => check_key(key),
+        // An empty prefix is the whole key space, as etcd's "\0" range end.
+        KeyRange::Prefix(_) => Ok(()),
+    }
+}
+
+/// etcd's `checkIntervals`: within one branch, no key may be put twice and
+/// no put may fall inside a delete's range (deletes may overlap each other).
+/// Checked for both branches before anything runs, as etcd does.
+fn check_branch(ops: &[TxnOp]) -> StoreResult<()> {
+    let mut puts: Vec<&str> = Vec::new();
+    let mut has_delete = false;
+    for op in ops {
+        match op {
+            TxnOp::Get(get) => check_range(&get.range)?,
+            TxnOp::Put(put) => {
+                check_key(&put.key)?;
+                puts.push(&put.key);
+            }
+            TxnOp::Delete(delete) => {
+                check_range(&delete.range)?;
+                has_delete = true;
+            }
+        }
+    }
+    if puts.len() <= 1 && !has_delete {
+        return Ok(());
+    }
+    let duplicate = |key: &str| invalid(format!("duplicate key given in txn request: {key:?}"));
+    puts.sort_unstable();
+    if let Some(pair) = puts.windows(2).find(|pair| pair[0] == pair[1]) {
+        return Err(duplicate(pair[0]));
+    }
+    for op in ops {
+        if let TxnOp::Delete(delete) = op {
+            match &delete.range {
+                KeyRange::Key(key) => {
+                    if puts.binary_search(&key.as_str()).is_ok() {
+                        return Err(duplicate(key));
+                    }
+                }
+                KeyRange::Prefix(prefix) => {
+                    let first = puts.partition_point(|put| *put < prefix.as_str());
+                    if let Some(put) = puts.get(first).filter(|put| put.starts_with(prefix.as_str())) {
+                        return Err(duplicate(put));
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn key_value(key: String, entry: &Entry) -> KeyValue {
+    KeyValue {
+        key,
+        value: entry.value.clone(),
+        create_revision: entry.create_revision,
+        mod_revision: entry.mod_revision,
+        version: entry.version,
+        lease: entry.lease,
+    }
+}
+
+/// The watch event of deleting `key` (whose last state was `entry`) at `revision`.
+fn delete_event(key: String, entry: Entry, revision: Revision) -> WatchEvent {
+    WatchEvent {
+        kind: EventKind::Delete,
+        kv: KeyValue {
+            key: key.clone(),
+            value: Vec::new(),
+            create_revision: 0,
+            mod_revision: revision,
+            version: 0,
+            lease: 0,
+        },
+        prev_kv: Some(KeyValue {
+            key,
+            value: entry.value,
+            create_revision: entry.create_revision,
+            mod_revision: entry.mod_revision,
+            version: entry.version,
+            lease: entry.lease,
+        }),
+    }
+}
+
+impl State {
+    /// Keys of `range` in key order.
+    fn scan<'a>(&'a self, range: &'a KeyRange) -> impl Iterator<Item = (&'a String, &'a Entry)> + 'a {
+        let start = match range {
+            KeyRange::Key(key) => key.as_str(),
+            KeyRange::Prefix(prefix) => prefix.as_str(),
+        };
+        self.kvs
+            .range::<str, _>((Bound::Included(start), Bound::Unbounded))
+            .take_while(move |(key, _)| range.contains(key))
+    }
+
+    fn expire_due(&mut self) {
+        let Some(Reverse((earliest, _))) = self.deadlines.peek() else {
+            return;
+        };
+        let now = Instant::now();
+        if *earliest > now {
+            return;
+        }
+        while let Some(&Reverse((deadline, id))) = self.deadlines.peek() {
+            if deadline > now {
+                break;
+            }
+            self.deadlines.pop();
+            let Some(lease) = self.leases.get(&id) else {
+                continue; // revoked earlier
+            };
+            if lease.deadline > now {
+                // Renewed since this entry was queued.
+                self.deadlines.push(Reverse((lease.deadline, id)));
+            } else {
+                self.revoke_lease(id);
+            }
+        }
+    }
+
+    /// Remove a lease and delete its keys in one revision. False if unknown.
+    fn revoke_lease(&mut self, id: LeaseId) -> bool {
+        let Some(lease) = self.leases.remove(&id) else {
+            return false;
+        };
+        if lease.keys.is_empty() {
+            return true;
+        }
+        let revision = self.revision + 1;
+        let mut events = Vec::with_capacity(lease.keys.len());
+        for key in lease.keys {
+            if let Some(entry) = self.kvs.remove(&key) {
+                debug_assert_eq!(entry.lease, id, "lease key index out of sync");
+                events.push(delete_event(key, entry, revision));
+            }
+        }
+        self.commit(revision, events);
+        true
+    }
+
+    /// Make `revision` (= current + 1) with `events` the new current revision:
+    /// record it, fan it out to watchers and trim old history.
+    fn commit(&mut self, revision: Revision, events: Vec<WatchEvent>) -> Revision {
+        if events.is_empty() {
+            return self.revision;
+        }
+        debug_assert_eq!(revision, self.revision + 1);
+        self.revision = revision;
+        let batch = Arc::new(RevisionEvents { revision, events });
+        self.watchers.retain(|watcher| {
+            if revision >= watcher.min_revision && batch.touches(&watcher.range) {
+                watcher.tx.send(Arc::clone(&batch)).is_ok()
+            } else {
+                // Also drop watchers whose stream is gone but that this write
+                // does not concern, so idle ranges don't pile up.
+                !watcher.tx.is_closed()
+            }
+        });
+        self.history.push_back(batch);
+        let floor = revision.saturating_sub(self.history_limit) + 1;
+        if floor > self.compact_revision {
+            self.compact_to(floor);
+        }
+        revision
+    }
+
+    fn compact_to(&mut self, revision: Revision) {
+        self.compact_revision = revision;
+        while self.history.front().is_some_and(|b| b.revision < revision) {
+            self.history.pop_front();
+        }
+    }
+
+    fn get(&self, request: &GetRequest, revision: Revision) -> GetResponse {
+        if request.count_only {
+            return GetResponse {
+                kvs: Vec::new(),
+                count: self.scan(&request.range).count(),
+                more: false,
+                revision,
+            };
+        }
+        // As etcd, a limit of 0 means no limit.
+        let limit = request.limit.filter(|&l| l > 0).unwrap_or(usize::MAX);
+        let mut keys = self.scan(&request.range);
+        let kvs: Vec<KeyValue> = keys
+            .by_ref()
+            .take(limit)
+            .map(|(key, entry)| key_value(key.clone(), entry))
+            .collect();
+        let rest = keys.count();
+        GetResponse {
+            count: kvs.len() + rest,
+            kvs,
+            more: rest > 0,
+            revision,
+        }
+    }
+
+    /// Apply a put at `revision`. The lease (if any) must exist.
+    fn put(&mut self, request: PutRequest, revision: Revision, events: &mut Vec<WatchEvent>) -> PutResponse {
+        let PutRequest {
+            key,
+            value,
+            lease,
+            prev_kv: want_prev,
+        } = request;
+        let (kv, prev) = match self.kvs.get_mut(&key) {
+            Some(entry) => {
+                if entry.lease != lease {
+                    if let Some(old) = self.leases.get_mut(&entry.lease) {
+                        old.keys.remove(&key);
+                    }
+                    if let Some(new) = self.leases.get_mut(&lease) {
+                        new.keys.insert(key.clone());
+                    }
+                }
+                let prev = KeyValue {
+                    key: key.clone(),
+                    value: std::mem::replace(&mut entry.value, value),
+                    create_revision: entry.create_revision,
+                    mod_revision: entry.mod_revision,
+                    version: entry.version,
+                    lease: entry.lease,
+                };
+                entry.mod_revision = revision;
+                entry.version += 1;
+                entry.lease = lease;
+                (key_value(key, entry), Some(prev))
+            }
+            None => {
+                if let Some(new) = self.leases.get_mut(&lease) {
+                    new.keys.insert(key.clone());
+                }
+                let entry = Entry {
+                    value,
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                    lease,
+                };
+                let kv = key_value(key.clone(), &entry);
+                self.kvs.insert(key, entry);
+                (kv, None)
+            }
+        };
+        let response = PutResponse {
+            revision,
+            prev_kv: if want_prev { prev.clone() } else { None },
+        };
+        events.push(WatchEvent {
+            kind: EventKind::Put,
+            kv,
+            prev_kv: prev,
+        });
+        response
+    }
+
+    /// Apply a delete at `revision`; `events` holds the branch's earlier writes.
+    fn delete(&mut self, range: &KeyRange, want_prev: bool, revision: Revision, events: &mut Vec<WatchEvent>) -> DeleteResponse {
+        let removed: Vec<(String, Entry)> = match range {
+            KeyRange::Key(key) => self.kvs.remove_entry(key).into_iter().collect(),
+            KeyRange::Prefix(_) => {
+                let keys: Vec<String> = self.scan(range).map(|(key, _)| key.clone()).collect();
+                keys.into_iter()
+                    .filter_map(|key| self.kvs.remove(&key).map(|entry| (key, entry)))
+                    .collect()
+            }
+        };
+        let deleted = removed.len() as i64;
+        let mut prev_kvs = Vec::new();
+        for (key, entry) in removed {
+            if entry.lease != 0 {
+                if let Some(lease) = self.leases.get_mut(&entry.lease) {
+                    lease.keys.remove(&key);
+                }
+            }
+            let event = delete_event(key, entry, revision);
+            if want_prev {
+                prev_kvs.extend(event.prev_kv.clone());
+            }
+            events.push(event);
+        }
+        DeleteResponse {
+            revision: if events.is_empty() { self.revision } else { revision },
+            deleted,
+            prev_kvs,
+        }
+    }
+
+    fn compare(&self, compare: &Compare) -> bool {
+        let entry = self.kvs.get(&compare.key);
+        let ordering = match (&compare.target, entry) {
+            // etcd: a value compare on a missing key always fails.
+            (CompareTarget::Value(_), None) => return false,
+            (CompareTarget::Value(value), Some(entry)) => entry.value.as_slice().cmp(value.as_slice()),
+            (CompareTarget::Version(v), _) => entry.map_or(0, |e| e.version).cmp(v),
+            (CompareTarget::CreateRevision(r), _) => entry.map_or(0, |e| e.create_revision).cmp(r),
+            (CompareTarget::ModRevision(r), _) => entry.map_or(0, |e| e.mod_revision).cmp(r),
+            (CompareTarget::Lease(l), _) => entry.map_or(0, |e| e.lease).cmp(l),
+        };
+        compare.op.holds(ordering)
+    }
+
+    fn check_lease(&self, lease: LeaseId) -> StoreResult<()> {
+        if lease == 0 || self.leases.contains_key(&lease) {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseNotFound(lease))
+        }
+    }
+}
+
+#[async_trait]
+impl Store for EmbeddedStore {
+    async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
+        check_range(&request.range)?;
+        let state = self.lock();
+        Ok(state.get(&request, state.revision))
+    }
+
+    async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
+        check_key(&request.key)?;
+        let mut state = self.lock();
+        state.check_lease(request.lease)?;
+        let revision = state.revision + 1;
+        let mut events = Vec::with_capacity(1);
+        let response = state.put(request, revision, &mut events);
+        state.commit(revision, events);
+        Ok(response)
+    }
+
+    async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
+        check_range(&request.range)?;
+        let mut state = self.lock();
+        let revision = state.revision + 1;
+        let mut events = Vec::new();
+        let response = state.delete(&request.range, request.prev_kv, revision, &mut events);
+        state.commit(revision, events);
+        Ok(response)
+    }
+
+    async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
+        check_branch(&txn.success)?;
+        check_branch(&txn.failure)?;
+        let mut state = self.lock();
+        let succeeded = txn.compares.iter().all(|c| state.compare(c));
+        let ops = if succeeded { txn.success } else { txn.failure };
+        // Validate everything that can fail before the first write, so that
+        // the transaction is all-or-nothing (etcd checks leases of the chosen
+        // branch only).
+        for op in &ops {
+            if let TxnOp::Put(put) = op {
+                state.check_lease(put.lease)?;
+            }
+        }
+        let revision = state.revision + 1;
+        let mut events = Vec::new();
+        let mut responses = Vec::with_capacity(ops.len());
+        for op in ops {
+            responses.push(match op {
+                TxnOp::Get(get) => {
+                    // A read after a write of this branch sees the new revision.
+                    let seen = if events.is_empty() { state.revision } else { revision };
+                    TxnOpResponse::Get(state.get(&get, seen))
+                }
+                TxnOp::Put(put) => TxnOpResponse::Put(state.put(put, revision, &mut events)),
+                TxnOp::Delete(delete) => {
+                    TxnOpResponse::Delete(state.delete(&delete.range, delete.prev_kv, revision, &mut events))
+                }
+            });
+        }
+        let revision = state.commit(revision, events);
+        Ok(TxnResponse {
+            succeeded,
+            revision,
+            responses,
+        })
+    }
+
+    async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseGrant> {
+        if ttl.is_zero() {
+            return Err(invalid("lease TTL must be positive"));
+        }
+        let deadline = deadline_after(ttl);
+        let mut state = self.lock();
+        let id = state.next_lease_id;
+        state.next_lease_id += 1;
+        state.leases.insert(
+            id,
+            Lease {
+                ttl,
+                deadline,
+                keys: BTreeSet::new(),
+            },
+        );
+        let earliest = state
+            .deadlines
+            .peek()
+            .is_none_or(|Reverse((first, _))| deadline < *first);
+        state.deadlines.push(Reverse((deadline, id)));
+        self.ensure_expiry_task(&mut state);
+        drop(state);
+        if earliest {
+            self.wake_expiry.notify_one();
+        }
+        Ok(LeaseGrant { id, ttl })
+    }
+
+    async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
+        let mut state = self.lock();
+        let entry = state.leases.get_mut(&lease).ok_or(StoreError::LeaseNotFound(lease))?;
+        // Extending a deadline never needs to wake the expiry task: its stale
+        // heap entry is re-queued when it comes due.
+        entry.deadline = deadline_after(entry.ttl);
+        Ok(entry.ttl)
+    }
+
+    async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
+        let mut state = self.lock();
+        if state.revoke_lease(lease) {
+            Ok(())
+        } else {
+            Err(StoreError::LeaseNotFound(lease))
+        }
+    }
+
+    async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
+        check_range(&range)?;
+        let (tx, rx) = mpsc::unbounded_channel();
+        let mut state = self.lock();
+        let next = state.revision + 1;
+        let mut replay = VecDeque::new();
+        if start_revision > 0 {
+            if start_revision < state.compact_revision {
+                return Err(StoreError::Compacted {
+                    requested: start_revision,
+                    compact_revision: state.compact_revision,
+                });
+            }
+            // Under the same lock that registers the watcher below, so the
+            // replay and the live events meet without gap or duplicate.
+            let first = state.history.partition_point(|b| b.revision < start_revision);
+            replay.extend(state.history.range(first..).filter(|b| b.touches(&range)).cloned());
+        }
+        state.watchers.push(Watcher {
+            range: range.clone(),
+            min_revision: start_revision.max(next),
+            tx,
+        });
+        drop(state);
+        Ok(Box::pin(EmbeddedWatch {
+            range,
+            replay,
+            live: rx,
+            done: false,
+        }))
+    }
+
+    async fn compact(&self, revision: Revision) -> StoreResult<()> {
+        let mut state = self.lock();
+        if revision > state.revision {
+            return Err(StoreError::FutureRevision {
+                requested: revision,
+                current: state.revision,
+            });
+        }
+        if revision <= state.compact_revision {
+            return Err(StoreError::Compacted {
+                requested: revision,
+                compact_revision: state.compact_revision,
+            });
+        }
+        state.compact_to(revision);
+        Ok(())
+    }
+}
+
+/// The stream of one watch: the replayed history first, then live batches.
+struct EmbeddedWatch {
+    range: KeyRange,
+    replay: VecDeque<Arc<RevisionEvents>>,
+    live: mpsc::UnboundedReceiver<Arc<RevisionEvents>>,
+    done: bool,
+}
+
+impl Stream for EmbeddedWatch {
+    type Item = StoreResult<WatchBatch>;
+
+    fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = self.get_mut();
+        if this.done {
+            return Poll::Ready(None);
+        }
+        let mut batch = Vec::new();
+        loop {
+            let next = if let Some(revision) = this.replay.pop_front() {
+                revision
+            } else if batch.is_empty() {
+                match this.live.poll_recv(cx) {
+                    Poll::Ready(Some(revision)) => revision,
+                    Poll::Ready(None) => {
+                        // The store was dropped: the watch cannot continue.
+                        this.done = true;
+                        return Poll::Ready(Some(Err(StoreError::Closed)));
+                    }
+                    Poll::Pending => return Poll::Pending,
+                }
+            } else {
+                // Coalesce whatever else is already queued into this item.
+                match this.live.try_recv() {
+                    Ok(revision) => revision,
+                    Err(_) => break,
+                }
+            };
+            let range = &this.range;
+            batch.extend(next.events.iter().filter(|e| range.contains(&e.kv.key)).cloned());
+            if batch.len() >= MAX_BATCH_EVENTS {
+                break;
+            }
+        }
+        Poll::Ready(Some(Ok(batch)))
+    }
+}

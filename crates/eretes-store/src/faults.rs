@@ -1,0 +1,105 @@
+//! Fault injection around a real store, for tests of failure handling.
+//!
+//! [`FaultyStore`] wraps any [`Store`] and passes every call through until a
+//! fault is switched on; then the affected calls fail with
+//! [`StoreError::Unavailable`] *without reaching the inner store*, exactly as
+//! an unreachable etcd would look to its client. The inner store keeps running
+//! (its leases keep expiring on its own clock), which is what makes lease-loss
+//! and outage scenarios realistic.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+
+use crate::error::{StoreError, StoreResult};
+use crate::store::{Store, WatchStream};
+use crate::types::*;
+
+/// A store wrapper whose calls can be made to fail on demand.
+#[derive(Debug)]
+pub struct FaultyStore<S: ?Sized> {
+    inner: Arc<S>,
+    keepalives_blocked: AtomicBool,
+    outage: AtomicBool,
+}
+
+impl<S: Store + ?Sized> FaultyStore<S> {
+    /// Wrap `inner` with no fault switched on.
+    pub fn new(inner: Arc<S>) -> Arc<Self> {
+        Arc::new(FaultyStore {
+            inner,
+            keepalives_blocked: AtomicBool::new(false),
+            outage: AtomicBool::new(false),
+        })
+    }
+
+    /// Make lease keepalives fail (every other call still works), as when the
+    /// keepalive path to the store is broken.
+    pub fn block_keepalives(&self, blocked: bool) {
+        self.keepalives_blocked.store(blocked, Ordering::SeqCst);
+    }
+
+    /// Make every call fail, as when the store is unreachable. Open watch
+    /// streams are not cut by this; new ones cannot be opened.
+    pub fn set_outage(&self, outage: bool) {
+        self.outage.store(outage, Ordering::SeqCst);
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &Arc<S> {
+        &self.inner
+    }
+
+    fn check(&self) -> StoreResult<()> {
+        if self.outage.load(Ordering::SeqCst) {
+            Err(StoreError::Unavailable("injected outage".into()))
+        } else {
+            Ok(())
+        }
+    }
+}
+
+#[async_trait]
+impl<S: Store + ?Sized> Store for FaultyStore<S> {
+    async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
+        self.check()?;
+        self.inner.get(request).await
+    }
+    async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
+        self.check()?;
+        self.inner.put(request).await
+    }
+    async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
+        self.check()?;
+        self.inner.delete(request).await
+    }
+    async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
+        self.check()?;
+        self.inner.txn(txn).await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseGrant> {
+        self.check()?;
+        self.inner.lease_grant(ttl).await
+    }
+    async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
+        self.check()?;
+        if self.keepalives_blocked.load(Ordering::SeqCst) {
+            return Err(StoreError::Unavailable("injected keepalive failure".into()));
+        }
+        self.inner.lease_keepalive(lease).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
+        self.check()?;
+        self.inner.lease_revoke(lease).await
+    }
+    async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
+        self.check()?;
+        self.inner.watch(range, start_revision).await
+    }
+    async fn compact(&self, revision: Revision) -> StoreResult<()> {
+        self.check()?;
+        self.inner.compact(revision).await
+    }
+}
