@@ -263,6 +263,8 @@ struct MainLoop {
     reregister_backoff: Duration,
     /// The lease to revoke before registering again after fencing.
     reregister_old: Option<LeaseId>,
+    /// Fenced; register again once no handler runs any more.
+    awaiting_reregistration: bool,
     watch: Option<WatchStream>,
     syncing: Option<BoxFuture<'static, Result<Sync, StoreError>>>,
     sync_at: Option<Instant>,
@@ -319,6 +321,7 @@ impl MainLoop {
             reregister_at: None,
             reregister_backoff: Duration::from_millis(100),
             reregister_old: None,
+            awaiting_reregistration: false,
             watch: None,
             syncing: None,
             sync_at: Some(now),
@@ -411,6 +414,7 @@ impl MainLoop {
                     self.on_command_taken(result);
                 }
             }
+            self.resume_after_fencing();
             self.next_command();
             self.try_claims();
         }
@@ -524,7 +528,16 @@ impl MainLoop {
         self.reregister_backoff = Duration::from_millis(100);
         self.reregister_old = Some(lease.id);
         drop(lease);
-        if self.shutting_down.is_none() {
+        // Registering again revokes the old lease, which frees our tasks for
+        // other nodes; that must wait until every cancelled handler has
+        // stopped (see `resume_after_fencing`).
+        self.awaiting_reregistration = true;
+    }
+
+    /// Register again once every fenced handler has exited.
+    fn resume_after_fencing(&mut self) {
+        if self.awaiting_reregistration && self.running.is_empty() && self.shutting_down.is_none() {
+            self.awaiting_reregistration = false;
             self.start_reregistration();
         }
     }

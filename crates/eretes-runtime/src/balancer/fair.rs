@@ -56,10 +56,21 @@ impl Default for FairConfig {
 /// Converges every group to within one task of its fair share, per node,
 /// moving no more tasks than necessary.
 ///
-/// See the [module documentation](self) for the rules. With every node of a
-/// cluster running it, a group ends with each serving node at its
-/// [`fair_targets`] share, and the number of tasks released equals
-/// [`min_moves`] of the starting load.
+/// Every node computes the same shares from the same counts
+/// ([`fair_targets`]), so no coordination is needed:
+///
+/// * **claim** only while this node owns fewer tasks of the group than its
+///   share; at its share it defers, so a less loaded node takes the task;
+/// * **release** the excess over its share, the most recently claimed tasks
+///   first (they have done the least work), but only when the serving nodes'
+///   counts differ by two or more (hysteresis: within one is balanced), and,
+///   while the group has unowned tasks, only after [`FairConfig::pace`] since
+///   this node's last release of that group (pacing: let the released tasks
+///   find owners before judging again).
+///
+/// With every node of a cluster running it, a group ends with each serving
+/// node at its share, and the number of tasks released equals [`min_moves`] of
+/// the starting load.
 #[derive(Debug, Clone, Default)]
 pub struct FairBalancer {
     config: FairConfig,

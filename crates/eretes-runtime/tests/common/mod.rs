@@ -1,0 +1,263 @@
+//! Test harness: an observer that records every handler run, a handler whose
+//! behaviour each task's properties choose, and a small cluster builder on
+//! the embedded store.
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
+use eretes_runtime::balancer::{Balancer, DumbBalancer, FairBalancer};
+use eretes_runtime::{Handler, HandlerOutcome, Node, NodeConfig, NodeHandle, TaskContext};
+use eretes_store::Store;
+use serde_json::json;
+use tokio::time::Instant;
+
+/// One handler run as seen by the observer.
+#[derive(Debug, Clone)]
+pub struct RunRecord {
+    pub task: String,
+    pub node: String,
+    pub epoch: i64,
+    pub started: Instant,
+    pub ended: Option<Instant>,
+}
+
+/// Records starts and ends of handler runs, and counts overlaps: a start of a
+/// task while another instance of it is still running.
+#[derive(Debug, Default)]
+pub struct Observer {
+    inner: Mutex<ObserverState>,
+}
+
+#[derive(Debug, Default)]
+struct ObserverState {
+    runs: Vec<RunRecord>,
+    live: HashMap<String, usize>,
+    overlaps: usize,
+}
+
+impl Observer {
+    pub fn start(&self, task: &str, node: &str, epoch: i64) -> usize {
+        let mut state = self.inner.lock().unwrap();
+        let live = state.live.entry(task.to_string()).or_default();
+        if *live > 0 {
+            state.overlaps += 1;
+        }
+        *state.live.get_mut(task).unwrap() += 1;
+        state.runs.push(RunRecord {
+            task: task.into(),
+            node: node.into(),
+            epoch,
+            started: Instant::now(),
+            ended: None,
+        });
+        state.runs.len() - 1
+    }
+
+    pub fn end(&self, run: usize) {
+        let mut state = self.inner.lock().unwrap();
+        let task = state.runs[run].task.clone();
+        state.runs[run].ended = Some(Instant::now());
+        *state.live.get_mut(&task).unwrap() -= 1;
+    }
+
+    pub fn runs(&self) -> Vec<RunRecord> {
+        self.inner.lock().unwrap().runs.clone()
+    }
+
+    pub fn overlaps(&self) -> usize {
+        self.inner.lock().unwrap().overlaps
+    }
+
+    /// Tasks running now, per node.
+    pub fn running_per_node(&self) -> HashMap<String, usize> {
+        let mut per_node = HashMap::new();
+        for run in self.runs().iter().filter(|r| r.ended.is_none()) {
+            *per_node.entry(run.node.clone()).or_default() += 1;
+        }
+        per_node
+    }
+
+    /// Distinct tasks running now.
+    pub fn running_tasks(&self) -> usize {
+        let state = self.inner.lock().unwrap();
+        state.live.values().filter(|n| **n > 0).count()
+    }
+
+    /// Starts after `since` of tasks whose previous run was on another node.
+    pub fn moves_since(&self, since: Instant) -> usize {
+        let runs = self.runs();
+        let mut last_node: HashMap<&str, &str> = HashMap::new();
+        let mut moves = 0;
+        for run in &runs {
+            if let Some(previous) = last_node.insert(&run.task, &run.node) {
+                if run.started >= since && previous != run.node {
+                    moves += 1;
+                }
+            }
+        }
+        moves
+    }
+}
+
+/// Marks the end of a run when dropped, so aborted handlers are recorded too.
+struct RunGuard {
+    observer: Arc<Observer>,
+    run: usize,
+}
+
+impl Drop for RunGuard {
+    fn drop(&mut self) {
+        self.observer.end(self.run);
+    }
+}
+
+/// A handler steered by the task's `mode` property:
+/// `idle` (default) waits for cancellation and releases; `done` returns a
+/// result; `fail` fails; `panic` panics; `work_ms` N completes after N ms.
+pub struct ScriptedHandler {
+    pub observer: Arc<Observer>,
+    /// Receives the node name whenever a `kill-me` task starts.
+    pub kill_requests: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+#[async_trait::async_trait]
+impl Handler for ScriptedHandler {
+    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+        let run = self
+            .observer
+            .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
+        let _guard = RunGuard {
+            observer: self.observer.clone(),
+            run,
+        };
+        let props = &ctx.task.spec.properties;
+        match props.get("mode").and_then(|m| m.as_str()).unwrap_or("idle") {
+            "done" => HandlerOutcome::Done(json!({"node": ctx.node.as_str(), "epoch": ctx.epoch})),
+            "fail" => HandlerOutcome::Failed("scripted failure".into()),
+            "panic" => panic!("scripted panic"),
+            "work" => {
+                let ms = props.get("ms").and_then(|m| m.as_u64()).unwrap_or(100);
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(ms)) => HandlerOutcome::Done(json!("worked")),
+                    _ = ctx.cancel.cancelled() => HandlerOutcome::Release,
+                }
+            }
+            "kill-me" => {
+                if let Some(tx) = &self.kill_requests {
+                    let _ = tx.send(ctx.node.to_string());
+                }
+                ctx.cancel.cancelled().await;
+                HandlerOutcome::Release
+            }
+            _ => {
+                ctx.cancel.cancelled().await;
+                HandlerOutcome::Release
+            }
+        }
+    }
+}
+
+pub const TTL: Duration = Duration::from_secs(2);
+
+/// A test cluster on one store.
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+    pub ns: Namespace,
+    pub coordinator: Coordinator,
+    pub observer: Arc<Observer>,
+    pub nodes: HashMap<String, NodeHandle>,
+    pub kill_requests: Option<tokio::sync::mpsc::UnboundedSender<String>>,
+}
+
+impl Cluster {
+    pub fn new(store: Arc<dyn Store>) -> Self {
+        let ns = Namespace::new("test").unwrap();
+        Cluster {
+            coordinator: Coordinator::new(store.clone(), ns.clone()),
+            store,
+            ns,
+            observer: Arc::new(Observer::default()),
+            nodes: HashMap::new(),
+            kill_requests: None,
+        }
+    }
+
+    pub fn config(&self, name: &str) -> NodeConfig {
+        let mut config = NodeConfig::new(NodeName::new(name).unwrap(), self.ns.clone())
+            .with_lease_ttl(TTL);
+        config.balance_interval = Duration::from_secs(5);
+        config.membership_balance_delay = Duration::from_millis(500);
+        config.release_ignore = Duration::from_secs(3);
+        config
+    }
+
+    pub async fn start_with(
+        &mut self,
+        store: Arc<dyn Store>,
+        config: NodeConfig,
+        balancer: Box<dyn Balancer>,
+    ) {
+        let handler = Arc::new(ScriptedHandler {
+            observer: self.observer.clone(),
+            kill_requests: self.kill_requests.clone(),
+        });
+        let name = config.name.to_string();
+        let node = Node::start(store, config, handler, balancer).await.unwrap();
+        self.nodes.insert(name, node);
+    }
+
+    pub async fn start_fair(&mut self, name: &str) {
+        let config = self.config(name);
+        self.start_with(self.store.clone(), config, Box::new(FairBalancer::default()))
+            .await;
+    }
+
+    pub async fn start_dumb(&mut self, name: &str) {
+        let config = self.config(name);
+        self.start_with(self.store.clone(), config, Box::new(DumbBalancer))
+            .await;
+    }
+
+    pub async fn submit(&self, id: &str, properties: serde_json::Value) {
+        self.coordinator
+            .submit(
+                &TaskId::new(id).unwrap(),
+                &TaskSpec::new(GroupName::default(), properties),
+            )
+            .await
+            .unwrap();
+    }
+
+    pub async fn submit_idle(&self, count: usize) {
+        for i in 0..count {
+            self.submit(&format!("t{i:04}"), json!({})).await;
+        }
+    }
+
+    pub fn node(&self, name: &str) -> &NodeHandle {
+        &self.nodes[name]
+    }
+}
+
+/// Let (virtual) time pass until `condition` holds; panic naming `what` after
+/// `limit` of virtual time.
+pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// Spread (max − min) of running tasks over `nodes`.
+pub fn spread(observer: &Observer, nodes: &[&str]) -> usize {
+    let per_node = observer.running_per_node();
+    let counts: Vec<usize> = nodes
+        .iter()
+        .map(|n| per_node.get(*n).copied().unwrap_or(0))
+        .collect();
+    counts.iter().max().unwrap() - counts.iter().min().unwrap()
+}
