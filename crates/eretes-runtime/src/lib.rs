@@ -47,6 +47,7 @@ mod config;
 mod handler;
 mod lease;
 mod node;
+pub mod observer;
 mod stats;
 
 pub use config::NodeConfig;

@@ -281,6 +281,10 @@ struct MainLoop {
     busy: HashMap<GroupName, usize>,
     ignore: DelayQueue<TaskId>,
     ignored: HashMap<TaskId, tokio_util::time::delay_queue::Key>,
+    /// The task the balancer last deferred, per group. Counts change when a
+    /// claim is lost or a task loses its owner; the deferral is then lifted at
+    /// once instead of waiting for its deadline.
+    deferred: HashMap<GroupName, TaskId>,
 
     /// Commands queued for this node, in store order.
     commands: BTreeMap<Revision, String>,
@@ -334,6 +338,7 @@ impl MainLoop {
             busy: HashMap::new(),
             ignore: DelayQueue::new(),
             ignored: HashMap::new(),
+            deferred: HashMap::new(),
             commands: BTreeMap::new(),
             taking_command: None,
             frozen: false,
@@ -399,7 +404,9 @@ impl MainLoop {
                     self.release_slot(&group);
                 }
                 Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
-                    self.ignored.remove(expired.get_ref());
+                    let id = expired.into_inner();
+                    self.ignored.remove(&id);
+                    self.deferred.retain(|_, deferred| *deferred != id);
                 }
                 result = async { self.syncing.as_mut().unwrap().await }, if self.syncing.is_some() => {
                     self.syncing = None;
@@ -685,6 +692,11 @@ impl MainLoop {
             }
             Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
             Change::OwnerChanged { task, owner } => {
+                if owner.is_none() {
+                    if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone()) {
+                        self.lift_deferral(&group);
+                    }
+                }
                 let Some(running) = self.running.get(&task) else {
                     return;
                 };
@@ -817,6 +829,7 @@ impl MainLoop {
                     }
                     ClaimDecision::RetryAfter(delay) => {
                         self.ignore_for(&id, delay);
+                        self.deferred.insert(group.clone(), id);
                         break;
                     }
                 }
@@ -857,6 +870,7 @@ impl MainLoop {
             Ok(ClaimOutcome::Lost(keys)) => {
                 NodeStats::bump(&self.stats.claim_conflicts);
                 self.cache.clear_tentative(&id);
+                self.lift_deferral(&group);
                 // Bring the cache up to what the store said, so the next
                 // attempt (if any) starts from the truth instead of waiting
                 // for the watch to catch up.
@@ -893,6 +907,15 @@ impl MainLoop {
         } else {
             let key = self.ignore.insert(id.clone(), delay);
             self.ignored.insert(id.clone(), key);
+        }
+    }
+
+    /// The group's counts changed: let the balancer judge its deferred task again.
+    fn lift_deferral(&mut self, group: &GroupName) {
+        if let Some(id) = self.deferred.remove(group) {
+            if let Some(key) = self.ignored.remove(&id) {
+                self.ignore.remove(&key);
+            }
         }
     }
 

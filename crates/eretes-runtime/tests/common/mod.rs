@@ -4,7 +4,7 @@
 #![allow(dead_code)]
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
@@ -14,105 +14,7 @@ use eretes_store::Store;
 use serde_json::json;
 use tokio::time::Instant;
 
-/// One handler run as seen by the observer.
-#[derive(Debug, Clone)]
-pub struct RunRecord {
-    pub task: String,
-    pub node: String,
-    pub epoch: i64,
-    pub started: Instant,
-    pub ended: Option<Instant>,
-}
-
-/// Records starts and ends of handler runs, and counts overlaps: a start of a
-/// task while another instance of it is still running.
-#[derive(Debug, Default)]
-pub struct Observer {
-    inner: Mutex<ObserverState>,
-}
-
-#[derive(Debug, Default)]
-struct ObserverState {
-    runs: Vec<RunRecord>,
-    live: HashMap<String, usize>,
-    overlaps: usize,
-}
-
-impl Observer {
-    pub fn start(&self, task: &str, node: &str, epoch: i64) -> usize {
-        let mut state = self.inner.lock().unwrap();
-        let live = state.live.entry(task.to_string()).or_default();
-        if *live > 0 {
-            state.overlaps += 1;
-        }
-        *state.live.get_mut(task).unwrap() += 1;
-        state.runs.push(RunRecord {
-            task: task.into(),
-            node: node.into(),
-            epoch,
-            started: Instant::now(),
-            ended: None,
-        });
-        state.runs.len() - 1
-    }
-
-    pub fn end(&self, run: usize) {
-        let mut state = self.inner.lock().unwrap();
-        let task = state.runs[run].task.clone();
-        state.runs[run].ended = Some(Instant::now());
-        *state.live.get_mut(&task).unwrap() -= 1;
-    }
-
-    pub fn runs(&self) -> Vec<RunRecord> {
-        self.inner.lock().unwrap().runs.clone()
-    }
-
-    pub fn overlaps(&self) -> usize {
-        self.inner.lock().unwrap().overlaps
-    }
-
-    /// Tasks running now, per node.
-    pub fn running_per_node(&self) -> HashMap<String, usize> {
-        let mut per_node = HashMap::new();
-        for run in self.runs().iter().filter(|r| r.ended.is_none()) {
-            *per_node.entry(run.node.clone()).or_default() += 1;
-        }
-        per_node
-    }
-
-    /// Distinct tasks running now.
-    pub fn running_tasks(&self) -> usize {
-        let state = self.inner.lock().unwrap();
-        state.live.values().filter(|n| **n > 0).count()
-    }
-
-    /// Starts after `since` of tasks whose previous run was on another node.
-    pub fn moves_since(&self, since: Instant) -> usize {
-        let runs = self.runs();
-        let mut last_node: HashMap<&str, &str> = HashMap::new();
-        let mut moves = 0;
-        for run in &runs {
-            if let Some(previous) = last_node.insert(&run.task, &run.node) {
-                if run.started >= since && previous != run.node {
-                    moves += 1;
-                }
-            }
-        }
-        moves
-    }
-}
-
-/// Marks the end of a run when dropped, so aborted handlers are recorded too.
-struct RunGuard {
-    observer: Arc<Observer>,
-    run: usize,
-}
-
-impl Drop for RunGuard {
-    fn drop(&mut self) {
-        self.observer.end(self.run);
-    }
-}
+pub use eretes_runtime::observer::Observer;
 
 /// A handler steered by the task's `mode` property:
 /// `idle` (default) waits for cancellation and releases; `done` returns a
@@ -126,13 +28,9 @@ pub struct ScriptedHandler {
 #[async_trait::async_trait]
 impl Handler for ScriptedHandler {
     async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
-        let run = self
+        let _run = self
             .observer
             .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
-        let _guard = RunGuard {
-            observer: self.observer.clone(),
-            run,
-        };
         let props = &ctx.task.spec.properties;
         match props.get("mode").and_then(|m| m.as_str()).unwrap_or("idle") {
             "done" => HandlerOutcome::Done(json!({"node": ctx.node.as_str(), "epoch": ctx.epoch})),
@@ -179,7 +77,7 @@ impl Cluster {
             coordinator: Coordinator::new(store.clone(), ns.clone()),
             store,
             ns,
-            observer: Arc::new(Observer::default()),
+            observer: Observer::new(),
             nodes: HashMap::new(),
             kill_requests: None,
         }

@@ -1,0 +1,209 @@
+//! `eretes bench`: the figures in BENCHMARKS.md. Each scenario prints a human
+//! line and, with `--json`, one JSON object as the last line.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, ValueEnum};
+use eretes_store::embedded::EmbeddedStore;
+use eretes_store::{KeyRange, Store, StoreExt};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, Work};
+
+/// The benchmark scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// No-op tasks end to end on the embedded store: submit → claim → complete.
+    Throughput,
+    /// Resident memory per running idle in-process task.
+    Memory,
+    /// A 3-node in-process cluster claims tasks submitted beforehand.
+    ClusterClaim,
+}
+
+/// Options of `eretes bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Tasks to use (default: 100,000 for throughput and cluster-claim, 50,000 for memory).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+    tasks: Option<u32>,
+    /// Nodes to run (default: 1 for throughput and memory, 3 for cluster-claim).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: Option<u16>,
+    /// Run against etcd at this URL instead of the embedded store.
+    #[arg(long)]
+    etcd: Option<String>,
+    /// End with one JSON object on the last line of standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The longest a benchmark may run before it gives up.
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// Run a benchmark.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    if let Some(url) = &args.etcd {
+        bail!("--etcd {url}: the etcd backend is not part of this build yet; run the benchmarks on the embedded store (omit --etcd)");
+    }
+    let report = match args.scenario {
+        Scenario::Throughput => throughput(&args).await?,
+        Scenario::Memory => memory(&args).await?,
+        Scenario::ClusterClaim => cluster_claim(&args).await?,
+    };
+    if args.json {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+fn nodes(cluster_names: u16) -> Vec<String> {
+    (1..=cluster_names).map(|i| format!("node-{i}")).collect()
+}
+
+/// Submit N no-op tasks while the nodes run them; the clock stops when the
+/// store holds N results (counted from a watch, so only durable completions count).
+async fn throughput(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(100_000) as usize;
+    let store = EmbeddedStore::new();
+    let mut cluster = Cluster::new(store.clone(), "bench", Work::Noop, Duration::from_secs(10))?;
+    for name in nodes(args.nodes.unwrap_or(1)) {
+        cluster.add_node(&name).await?;
+    }
+    let results = cluster.ns.results_prefix();
+    let mut watch = store.watch(KeyRange::prefix(results), 0).await?;
+    let started = Instant::now();
+    let submitting = cluster.submit("noop", tasks);
+    let counting = async {
+        let mut done = 0usize;
+        while done < tasks {
+            let batch = watch.next().await.context("watch ended")??;
+            done += batch.len();
+        }
+        anyhow::Ok(())
+    };
+    let (submitted, counted) = tokio::time::timeout(LIMIT, futures::future::join(submitting, counting))
+        .await
+        .context("throughput benchmark timed out")?;
+    submitted?;
+    counted?;
+    let elapsed = started.elapsed();
+    let rate = tasks as f64 / elapsed.as_secs_f64();
+    println!(
+        "throughput: {tasks} no-op tasks submitted, claimed and completed in {:.3} s = {:.0} tasks/s ({} node(s))",
+        elapsed.as_secs_f64(),
+        rate,
+        cluster.nodes.len()
+    );
+    let nodes = cluster.nodes.len();
+    cluster.shutdown().await;
+    Ok(json!({
+        "scenario": "throughput",
+        "tasks": tasks,
+        "nodes": nodes,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "tasks_per_s": rate.round(),
+    }))
+}
+
+/// Resident set size of this process, in bytes, from /proc/self/statm.
+fn resident_bytes() -> Result<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
+    let pages: u64 = statm
+        .split_whitespace()
+        .nth(1)
+        .context("/proc/self/statm has no resident field")?
+        .parse()
+        .context("/proc/self/statm resident field is not a number")?;
+    // The page size is 4 KiB on every Linux target this runs on.
+    Ok(pages * 4096)
+}
+
+/// Wait until `count` tasks of the cluster's namespace have an owner.
+async fn wait_owned(store: &dyn Store, prefix: &str, count: usize) -> Result<()> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let owned = store
+            .get(eretes_store::GetRequest::new(KeyRange::prefix(prefix)).count_only())
+            .await?
+            .count;
+        if owned >= count {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {owned} of {count} tasks were claimed within {LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// RSS growth per running idle task: everything one more task costs the
+/// process (its store keys, the node's cache entries, the handler task).
+async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(50_000) as usize;
+    let store = EmbeddedStore::new();
+    let mut cluster = Cluster::new(store.clone(), "bench", Work::Idle, Duration::from_secs(10))?;
+    for name in nodes(args.nodes.unwrap_or(1)) {
+        cluster.add_node(&name).await?;
+    }
+    // Warm up allocator pools with a first batch, so the measured growth is
+    // the steady cost per task rather than one-off arena set-up.
+    let warmup = tasks / 10;
+    cluster.submit("warm", warmup).await?;
+    wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), warmup).await?;
+    let before = resident_bytes()?;
+    cluster.submit("idle", tasks).await?;
+    wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), warmup + tasks).await?;
+    let after = resident_bytes()?;
+    let per_task = after.saturating_sub(before) as f64 / tasks as f64;
+    let running = store.get_prefix(&cluster.ns.owners_prefix()).await?.kvs.len();
+    println!(
+        "memory: {running} idle tasks running; RSS grew {:.1} MiB for {tasks} tasks = {:.0} bytes per task",
+        after.saturating_sub(before) as f64 / 1048576.0,
+        per_task
+    );
+    cluster.shutdown().await;
+    Ok(json!({
+        "scenario": "memory",
+        "tasks": tasks,
+        "rss_before_bytes": before,
+        "rss_after_bytes": after,
+        "bytes_per_task": per_task.round(),
+    }))
+}
+
+/// Submit N tasks first, then start the cluster and time until all are claimed.
+async fn cluster_claim(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(100_000) as usize;
+    let store = EmbeddedStore::new();
+    let mut cluster = Cluster::new(store.clone(), "bench", Work::Idle, Duration::from_secs(10))?;
+    cluster.submit("claim", tasks).await?;
+    let started = Instant::now();
+    let names = nodes(args.nodes.unwrap_or(3));
+    for name in &names {
+        cluster.add_node(name).await?;
+    }
+    wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), tasks).await?;
+    let elapsed = started.elapsed();
+    let rate = tasks as f64 / elapsed.as_secs_f64();
+    println!(
+        "cluster-claim: {} nodes claimed {tasks} submitted tasks in {:.3} s = {:.0} claims/s",
+        names.len(),
+        elapsed.as_secs_f64(),
+        rate
+    );
+    cluster.shutdown().await;
+    Ok(json!({
+        "scenario": "cluster-claim",
+        "tasks": tasks,
+        "nodes": names.len(),
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "claims_per_s": rate.round(),
+    }))
+}

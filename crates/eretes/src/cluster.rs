@@ -1,0 +1,131 @@
+//! An in-process cluster on one store, shared by the demo and the benchmarks.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
+use eretes_runtime::balancer::FairBalancer;
+use eretes_runtime::observer::Observer;
+use eretes_runtime::{Handler, HandlerOutcome, Node, NodeConfig, NodeHandle, TaskContext};
+use eretes_store::Store;
+
+/// What the cluster's handlers do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Work {
+    /// Run until cancelled, reporting start and stop to the observer.
+    Observed,
+    /// Complete at once with no result (throughput benchmarks).
+    Noop,
+    /// Run until cancelled, recording nothing (memory benchmark).
+    Idle,
+}
+
+/// The handler every node of the cluster runs.
+pub struct ClusterHandler {
+    work: Work,
+    observer: Arc<Observer>,
+}
+
+#[async_trait::async_trait]
+impl Handler for ClusterHandler {
+    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+        match self.work {
+            Work::Noop => HandlerOutcome::Done(serde_json::Value::Null),
+            Work::Idle => {
+                ctx.cancel.cancelled().await;
+                HandlerOutcome::Release
+            }
+            Work::Observed => {
+                let _run = self.observer.start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
+                ctx.cancel.cancelled().await;
+                HandlerOutcome::Release
+            }
+        }
+    }
+}
+
+/// Nodes on one store, all running [`ClusterHandler`] with the fair balancer.
+pub struct Cluster {
+    pub store: Arc<dyn Store>,
+    pub ns: Namespace,
+    pub coordinator: Coordinator,
+    pub observer: Arc<Observer>,
+    pub nodes: HashMap<String, NodeHandle>,
+    handler: Arc<ClusterHandler>,
+    lease_ttl: Duration,
+}
+
+impl Cluster {
+    /// An empty cluster in namespace `ns` whose nodes use `lease_ttl`.
+    pub fn new(store: Arc<dyn Store>, ns: &str, work: Work, lease_ttl: Duration) -> Result<Self> {
+        let ns = Namespace::new(ns)?;
+        let observer = Observer::new();
+        Ok(Cluster {
+            coordinator: Coordinator::new(store.clone(), ns.clone()),
+            handler: Arc::new(ClusterHandler {
+                work,
+                observer: observer.clone(),
+            }),
+            store,
+            ns,
+            observer,
+            nodes: HashMap::new(),
+            lease_ttl,
+        })
+    }
+
+    /// Start node `name`.
+    pub async fn add_node(&mut self, name: &str) -> Result<()> {
+        let mut config = NodeConfig::new(NodeName::new(name)?, self.ns.clone())
+            .with_lease_ttl(self.lease_ttl);
+        // The demo wants quick reactions: balance soon after membership
+        // changes and keep released tasks away from their old node briefly.
+        config.balance_interval = Duration::from_secs(5);
+        config.membership_balance_delay = Duration::from_millis(300);
+        config.release_ignore = Duration::from_secs(3);
+        config.max_claims_in_flight = 64;
+        let node = Node::start(
+            self.store.clone(),
+            config,
+            self.handler.clone(),
+            Box::new(FairBalancer::default()),
+        )
+        .await
+        .with_context(|| format!("starting node {name}"))?;
+        self.nodes.insert(name.to_string(), node);
+        Ok(())
+    }
+
+    /// Submit `count` tasks named `<prefix>-<n>`, a few submitters at a time.
+    pub async fn submit(&self, prefix: &str, count: usize) -> Result<()> {
+        const SUBMITTERS: usize = 8;
+        let mut submitters = tokio::task::JoinSet::new();
+        for submitter in 0..SUBMITTERS {
+            let coordinator = self.coordinator.clone();
+            let prefix = prefix.to_string();
+            submitters.spawn(async move {
+                let spec = TaskSpec::new(GroupName::default(), serde_json::Value::Null);
+                for n in (submitter..count).step_by(SUBMITTERS) {
+                    let id = TaskId::new(format!("{prefix}-{n:07}"))?;
+                    coordinator.submit(&id, &spec).await?;
+                }
+                anyhow::Ok(())
+            });
+        }
+        while let Some(result) = submitters.join_next().await {
+            result??;
+        }
+        Ok(())
+    }
+
+    /// Stop every node gracefully.
+    pub async fn shutdown(self) {
+        for (_, node) in self.nodes {
+            if !node.is_stopped() {
+                node.shutdown().await;
+            }
+        }
+    }
+}
