@@ -73,9 +73,15 @@ impl NodeCommand {
             "balance" => NodeCommand::Balance,
             "drain" => NodeCommand::Drain,
             "stop_task" => {
-                let task = wire.parameters.get("task").and_then(Value::as_str).ok_or_else(|| {
-                    ProtocolError::InvalidCommand("stop_task needs parameters.task (a task id)".into())
-                })?;
+                let task = wire
+                    .parameters
+                    .get("task")
+                    .and_then(Value::as_str)
+                    .ok_or_else(|| {
+                        ProtocolError::InvalidCommand(
+                            "stop_task needs parameters.task (a task id)".into(),
+                        )
+                    })?;
                 NodeCommand::StopTask(TaskId::new(task)?)
             }
             other => {
@@ -112,7 +118,10 @@ mod tests {
             (br#"{"parameters":{}}"#, "not a command object"),
             (br#"{"command":"explode"}"#, "unknown command \"explode\""),
             (br#"{"command":"stop_task"}"#, "needs parameters.task"),
-            (br#"{"command":"stop_task","parameters":{"task":"a/b"}}"#, "invalid task id"),
+            (
+                br#"{"command":"stop_task","parameters":{"task":"a/b"}}"#,
+                "invalid task id",
+            ),
         ];
         for (bytes, expected) in cases {
             let err = NodeCommand::decode(bytes).unwrap_err().to_string();

@@ -14,8 +14,8 @@ use crate::error::ProtocolError;
 use crate::ids::{NodeName, TaskId};
 use crate::keys::Namespace;
 use crate::records::{
-    decode, encode, encode_task, now_ms, NodeRecord, OwnerRecord, Outcome, ResultRecord, RunRecord,
-    TaskRecord, TaskSpec,
+    decode, encode, encode_task, now_ms, NodeRecord, Outcome, OwnerRecord, ResultRecord, RunRecord,
+    TaskRecord, TaskSpec, MAX_RESULT_BYTES,
 };
 
 /// How many takeovers (claims after an owner that never released) a task
@@ -231,10 +231,22 @@ impl Coordinator {
             node: Some(node.clone()),
         };
         let parking = takeovers > self.takeover_limit;
+        // A parked task never ran under this claim: record the takeovers, not a run.
+        let parked_run = RunRecord {
+            claims: basis.run.claims,
+            open: false,
+            ..run.clone()
+        };
         let mut txn = Txn::new()
-            .when(Compare::mod_revision_is(task_key.clone(), basis.task_revision))
+            .when(Compare::mod_revision_is(
+                task_key.clone(),
+                basis.task_revision,
+            ))
             .when(Compare::absent(owner_key.clone()))
-            .when(Compare::mod_revision_is(run_key.clone(), basis.run_revision));
+            .when(Compare::mod_revision_is(
+                run_key.clone(),
+                basis.run_revision,
+            ));
         if parking {
             let result = ResultRecord {
                 outcome: Outcome::Failed,
@@ -247,7 +259,7 @@ impl Coordinator {
                 spec: basis.task.spec.clone(),
                 epoch: 0,
                 node: node.clone(),
-                runs: run.clone(),
+                runs: parked_run,
                 finished_at_ms: now_ms(),
             };
             txn = txn
@@ -326,7 +338,18 @@ impl Coordinator {
 
     /// Retire a task: write its result and remove it, in one transaction
     /// fenced by the claim's epoch.
+    /// A result larger than [`MAX_RESULT_BYTES`] retires the task as failed
+    /// with a reason naming the size, since no store would accept it.
     pub async fn complete(&self, claim: &Claim, result: Value) -> Result<(), ProtocolError> {
+        let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
+        if size > MAX_RESULT_BYTES {
+            let reason = format!(
+                "the handler's result is {size} bytes; the limit is {MAX_RESULT_BYTES} bytes"
+            );
+            return self
+                .retire(claim, Outcome::Failed, Value::Null, Some(reason))
+                .await;
+        }
         self.retire(claim, Outcome::Done, result, None).await
     }
 
@@ -373,8 +396,14 @@ impl Coordinator {
         command: &NodeCommand,
     ) -> Result<(), ProtocolError> {
         // The key's suffix only needs to be unique; order comes from the store revision.
-        let key = format!("{}{:016x}", self.ns.node_commands(node), rand::random::<u64>());
-        self.store.put(PutRequest::new(key, command.encode())).await?;
+        let key = format!(
+            "{}{:016x}",
+            self.ns.node_commands(node),
+            rand::random::<u64>()
+        );
+        self.store
+            .put(PutRequest::new(key, command.encode()))
+            .await?;
         Ok(())
     }
 
@@ -398,7 +427,7 @@ impl Coordinator {
             None => Ok(None),
             Some(kv) => decode("result", &key, &kv.value)
                 .map(Some)
-                .map_err(|e| ProtocolError::InvalidSpec(e.to_string())),
+                .map_err(ProtocolError::Malformed),
         }
     }
 }

@@ -44,6 +44,9 @@ pub enum ProtocolError {
     /// A command is malformed or unknown.
     #[error("invalid command: {0}")]
     InvalidCommand(String),
+    /// A record read from the store could not be decoded.
+    #[error(transparent)]
+    Malformed(#[from] crate::records::MalformedValue),
     /// The store failed.
     #[error(transparent)]
     Store(#[from] StoreError),

@@ -217,7 +217,13 @@ mod tests {
     #[test]
     fn malformed_keys_are_named() {
         let ns = Namespace::new("p").unwrap();
-        for bad in ["p/tasks/", "p/tasks/a/b", "p/whatever/x", "p/node-commands/n", "q/tasks/a"] {
+        for bad in [
+            "p/tasks/",
+            "p/tasks/a/b",
+            "p/whatever/x",
+            "p/node-commands/n",
+            "q/tasks/a",
+        ] {
             let err = ns.parse(bad).unwrap_err();
             assert!(!err.reason.is_empty(), "{bad}");
         }

@@ -48,6 +48,6 @@ pub use error::ProtocolError;
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
 pub use records::{
-    decode, encode, now_ms, MalformedValue, NodeRecord, OwnerRecord, Outcome, ResultRecord,
-    RunRecord, TaskRecord, TaskSpec, MAX_SPEC_BYTES,
+    decode, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord, ResultRecord,
+    RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };

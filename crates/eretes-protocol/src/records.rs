@@ -13,6 +13,9 @@ use crate::ids::{GroupName, NodeName, TaskId};
 /// The largest accepted task spec, serialized, in bytes.
 pub const MAX_SPEC_BYTES: usize = 64 * 1024;
 
+/// The largest accepted handler result, serialized, in bytes.
+pub const MAX_RESULT_BYTES: usize = 64 * 1024;
+
 /// What a submitter says about a task: its group and free-form properties.
 /// Immutable once submitted.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

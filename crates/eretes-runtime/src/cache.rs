@@ -103,6 +103,11 @@ impl Cache {
         self.owners.get(id)
     }
 
+    /// The live nodes' names, sorted.
+    pub fn node_names(&self) -> std::collections::BTreeSet<&NodeName> {
+        self.nodes.keys().collect()
+    }
+
     pub fn live_nodes(&self) -> usize {
         self.nodes.len()
     }
@@ -178,7 +183,8 @@ impl Cache {
                 Err(e) => {
                     // Claims compare the run record's revision, so keep it even
                     // when the value is garbage: the claim then starts from zero.
-                    self.runs.insert(id, (kv.mod_revision, RunRecord::default()));
+                    self.runs
+                        .insert(id, (kv.mod_revision, RunRecord::default()));
                     Change::Malformed(e.to_string())
                 }
             },
@@ -405,7 +411,10 @@ mod tests {
         cache.apply_put(&kv(&ns.owner(&a), owner, 10, 10));
         assert_eq!(cache.view.group(&g).unowned, 2);
         assert_eq!(cache.view.group(&g).owned_by(&other), 1);
-        assert_eq!(cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(), ["b", "c"]);
+        assert_eq!(
+            cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
+            ["b", "c"]
+        );
         cache.set_mine(&TaskId::new("b").unwrap(), &g, 0);
         assert_eq!(cache.view.group(&g).owned_by(&me), 1);
         cache.clear_tentative(&TaskId::new("b").unwrap());

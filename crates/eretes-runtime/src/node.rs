@@ -196,6 +196,8 @@ enum StopReason {
 struct Running {
     claim: Claim,
     cancel: CancellationToken,
+    /// Aborts the handler task when it does not stop by itself in time.
+    abort: AbortHandle,
     stop: Option<StopReason>,
 }
 
@@ -224,8 +226,12 @@ struct ClaimResult {
 /// A full listing plus the watch that continues it.
 struct Sync {
     kvs: Vec<eretes_store::KeyValue>,
+    revision: Revision,
     watch: WatchStream,
 }
+
+/// A node command's key and, if this node took it, its value.
+type TakenCommand = (String, Revision, Result<Option<Vec<u8>>, ProtocolError>);
 
 /// Re-registration after fencing.
 type Reregistration = Pin<Box<dyn Future<Output = Result<LeaseId, ProtocolError>> + Send>>;
@@ -265,6 +271,8 @@ struct MainLoop {
     reregister_old: Option<LeaseId>,
     /// Fenced; register again once no handler runs any more.
     awaiting_reregistration: bool,
+    /// Abort fenced handlers that are still running at this instant.
+    fence_abort_at: Option<Instant>,
     watch: Option<WatchStream>,
     syncing: Option<BoxFuture<'static, Result<Sync, StoreError>>>,
     sync_at: Option<Instant>,
@@ -288,7 +296,9 @@ struct MainLoop {
 
     /// Commands queued for this node, in store order.
     commands: BTreeMap<Revision, String>,
-    taking_command: Option<BoxFuture<'static, (String, Result<Option<Vec<u8>>, ProtocolError>)>>,
+    /// After a failed take, wait until then before taking the next command.
+    command_retry_at: Option<Instant>,
+    taking_command: Option<BoxFuture<'static, TakenCommand>>,
 
     frozen: bool,
     shutting_down: Option<(oneshot::Sender<()>, Instant)>,
@@ -326,6 +336,7 @@ impl MainLoop {
             reregister_backoff: Duration::from_millis(100),
             reregister_old: None,
             awaiting_reregistration: false,
+            fence_abort_at: None,
             watch: None,
             syncing: None,
             sync_at: Some(now),
@@ -340,6 +351,7 @@ impl MainLoop {
             ignored: HashMap::new(),
             deferred: HashMap::new(),
             commands: BTreeMap::new(),
+            command_retry_at: None,
             taking_command: None,
             frozen: false,
             shutting_down: None,
@@ -393,10 +405,15 @@ impl MainLoop {
                 batch = async { self.watch.as_mut().unwrap().next().await }, if self.watch.is_some() => {
                     self.on_watch(batch)
                 }
-                Some(joined) = self.handlers.join_next(), if !self.handlers.is_empty() => {
-                    // An Err is a handler task aborted by a timed-out shutdown.
-                    if let Ok((id, exit)) = joined {
-                        self.on_handler_exit(id, exit);
+                Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
+                    match joined {
+                        Ok((_, (id, exit))) => self.on_handler_exit(id, exit),
+                        // Aborted: it ignored cancellation past a deadline.
+                        Err(error) => {
+                            if let Some(id) = self.task_of_handler(error.id()) {
+                                self.on_handler_exit(id, Exit::Abandoned);
+                            }
+                        }
                     }
                 }
                 Some(result) = self.claims.next(), if !self.claims.is_empty() => self.on_claim(result),
@@ -436,6 +453,8 @@ impl MainLoop {
             Some(self.next_resync),
             self.sync_at,
             self.reregister_at,
+            self.command_retry_at,
+            self.fence_abort_at,
             self.shutting_down.as_ref().map(|(_, at)| *at),
         ]
         .into_iter()
@@ -450,7 +469,20 @@ impl MainLoop {
         if self.lease.as_ref().is_some_and(|l| l.fence_at <= now) {
             self.fence("lease could not be renewed in time");
         }
-        if self.shutting_down.as_ref().is_some_and(|(_, at)| *at <= now) {
+        if self.fence_abort_at.is_some_and(|at| at <= now) {
+            self.fence_abort_at = None;
+            for running in self.running.values() {
+                if running.stop == Some(StopReason::Fenced) {
+                    warn!(node = %self.config.name, task = %running.claim.task, "handler ignored cancellation after fencing; aborting it");
+                    running.abort.abort();
+                }
+            }
+        }
+        if self
+            .shutting_down
+            .as_ref()
+            .is_some_and(|(_, at)| *at <= now)
+        {
             self.abandon_shutdown();
         }
         if self.sync_at.is_some_and(|at| at <= now) {
@@ -525,7 +557,10 @@ impl MainLoop {
         self.finishing.clear();
         self.busy.clear();
         for running in self.running.values() {
-            *self.busy.entry(running.claim.record.spec.group.clone()).or_default() += 1;
+            *self
+                .busy
+                .entry(running.claim.record.spec.group.clone())
+                .or_default() += 1;
         }
         self.watch = None;
         self.syncing = None;
@@ -534,6 +569,9 @@ impl MainLoop {
         self.commands.clear();
         self.reregister_backoff = Duration::from_millis(100);
         self.reregister_old = Some(lease.id);
+        // The lease cannot expire before the fence deadline + margin; a
+        // handler still running by the middle of that window is aborted.
+        self.fence_abort_at = Some(Instant::now() + self.config.fence_margin / 2);
         drop(lease);
         // Registering again revokes the old lease, which frees our tasks for
         // other nodes; that must wait until every cancelled handler has
@@ -598,12 +636,17 @@ impl MainLoop {
         let store = self.coordinator.store().clone();
         let root = self.config.namespace.root().to_string();
         self.syncing = Some(Box::pin(async move {
-            let listing = store.get(eretes_store::GetRequest::new(KeyRange::prefix(root.clone()))).await?;
+            let listing = store
+                .get(eretes_store::GetRequest::new(KeyRange::prefix(
+                    root.clone(),
+                )))
+                .await?;
             let watch = store
                 .watch(KeyRange::prefix(root), listing.revision + 1)
                 .await?;
             Ok(Sync {
                 kvs: listing.kvs,
+                revision: listing.revision,
                 watch,
             })
         }));
@@ -613,23 +656,32 @@ impl MainLoop {
         match result {
             Ok(sync) => {
                 let (cache, changes) = self.cache.rebuild(&sync.kvs);
+                let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
+                if membership_changed {
+                    self.balance_soon();
+                }
                 self.watch = Some(sync.watch);
                 let count = std::mem::replace(&mut self.count_listing_malformed, false);
                 self.commands.clear();
                 for change in changes {
-                    if !count && matches!(change, Change::Malformed(_)) {
-                        continue;
+                    match change {
+                        // Handled above by comparing the node sets.
+                        Change::Membership { .. } => {}
+                        Change::Malformed(_) if !count => {}
+                        change => self.on_change(change),
                     }
-                    self.on_change(change);
                 }
                 // Anything running here whose owner record is not ours any more
                 // was lost while the watch was down.
                 let lost: Vec<TaskId> = self
                     .running
                     .iter()
+                    // A claim newer than the listing is not in it; only older
+                    // ones can have been lost.
                     .filter(|(id, r)| {
-                        self.cache.owner(id).map(|o| o.epoch) != Some(r.claim.epoch)
+                        r.claim.epoch <= sync.revision
+                            && self.cache.owner(id).map(|o| o.epoch) != Some(r.claim.epoch)
                     })
                     .map(|(id, _)| id.clone())
                     .collect();
@@ -693,7 +745,8 @@ impl MainLoop {
             Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
             Change::OwnerChanged { task, owner } => {
                 if owner.is_none() {
-                    if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone()) {
+                    if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone())
+                    {
                         self.lift_deferral(&group);
                     }
                 }
@@ -713,8 +766,7 @@ impl MainLoop {
                     return;
                 }
                 debug!(node = %self.config.name, peer = %node, joined, "membership changed");
-                let soon = Instant::now() + self.config.membership_balance_delay;
-                self.next_balance = self.next_balance.min(soon);
+                self.balance_soon();
             }
             Change::Command {
                 key,
@@ -734,15 +786,22 @@ impl MainLoop {
 
     /// Take the oldest queued command, one at a time so order is kept.
     fn next_command(&mut self) {
-        if self.taking_command.is_some() || self.lease.is_none() {
+        if self.taking_command.is_some()
+            || self.lease.is_none()
+            || self.command_retry_at.is_some_and(|at| at > Instant::now())
+        {
             return;
         }
+        self.command_retry_at = None;
         let Some((revision, key)) = self.commands.pop_first() else {
             return;
         };
         let coordinator = self.coordinator.clone();
         self.taking_command = Some(Box::pin(async move {
-            let value = coordinator.store().get(eretes_store::GetRequest::new(KeyRange::key(key.clone()))).await;
+            let value = coordinator
+                .store()
+                .get(eretes_store::GetRequest::new(KeyRange::key(key.clone())))
+                .await;
             let result = match value {
                 Err(error) => Err(error.into()),
                 Ok(response) => match response.kvs.into_iter().next() {
@@ -756,11 +815,11 @@ impl MainLoop {
                     _ => Ok(None),
                 },
             };
-            (key, result)
+            (key, revision, result)
         }));
     }
 
-    fn on_command_taken(&mut self, (key, result): (String, Result<Option<Vec<u8>>, ProtocolError>)) {
+    fn on_command_taken(&mut self, (key, revision, result): TakenCommand) {
         match result {
             Ok(Some(bytes)) => match NodeCommand::decode(&bytes) {
                 Ok(command) => {
@@ -775,7 +834,10 @@ impl MainLoop {
             Ok(None) => {}
             Err(error) => {
                 NodeStats::bump(&self.stats.store_errors);
-                warn!(node = %self.config.name, key, %error, "could not take node command; the next listing retries it");
+                warn!(node = %self.config.name, key, %error, "could not take node command; retrying");
+                // Keep its place at the head of the queue so order holds.
+                self.commands.insert(revision, key);
+                self.command_retry_at = Some(Instant::now() + Duration::from_millis(500));
             }
         }
     }
@@ -859,7 +921,13 @@ impl MainLoop {
             Ok(ClaimOutcome::Claimed(claim)) => {
                 NodeStats::bump(&self.stats.claims);
                 self.cache.set_mine(&id, &group, claim.epoch);
-                self.start_handler(claim);
+                if self.frozen || self.shutting_down.is_some() {
+                    // Frozen, drained or draining since the claim left: give
+                    // the task straight back instead of starting it.
+                    self.finish(claim, Finish::Release);
+                } else {
+                    self.start_handler(claim);
+                }
             }
             Ok(ClaimOutcome::Parked { takeovers }) => {
                 NodeStats::bump(&self.stats.parked);
@@ -889,6 +957,11 @@ impl MainLoop {
                         self.on_change(change);
                     }
                 }
+                if self.cache.claim_basis(&id).is_some() {
+                    // Still looks claimable (say its owner record is garbage
+                    // the cache cannot read): back off rather than spin.
+                    self.ignore_for(&id, self.config.release_ignore);
+                }
                 self.release_slot(&group);
             }
             Err(error) => {
@@ -908,6 +981,12 @@ impl MainLoop {
             let key = self.ignore.insert(id.clone(), delay);
             self.ignored.insert(id.clone(), key);
         }
+    }
+
+    /// Run the balancer shortly: a node joined or left.
+    fn balance_soon(&mut self) {
+        let soon = Instant::now() + self.config.membership_balance_delay;
+        self.next_balance = self.next_balance.min(soon);
     }
 
     /// The group's counts changed: let the balancer judge its deferred task again.
@@ -949,7 +1028,7 @@ impl MainLoop {
         let grace = self.config.handler_grace;
         let id = claim.task.clone();
         let watchdog = cancel.clone();
-        self.handlers.spawn(async move {
+        let abort = self.handlers.spawn(async move {
             let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
             let exit = tokio::select! {
                 biased;
@@ -966,9 +1045,17 @@ impl MainLoop {
             Running {
                 claim,
                 cancel,
+                abort,
                 stop: None,
             },
         );
+    }
+
+    fn task_of_handler(&self, handler: tokio::task::Id) -> Option<TaskId> {
+        self.running
+            .iter()
+            .find(|(_, r)| r.abort.id() == handler)
+            .map(|(id, _)| id.clone())
     }
 
     fn stop_task(&mut self, id: &TaskId, reason: StopReason) {
@@ -978,10 +1065,6 @@ impl MainLoop {
                 running.stop = Some(reason);
             }
             running.cancel.cancel();
-            if reason == StopReason::Release {
-                let delay = self.config.release_ignore;
-                self.ignore_for(id, delay);
-            }
         }
     }
 
@@ -996,23 +1079,34 @@ impl MainLoop {
             (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(Finish::Complete(result)),
             // Asked to stop: an error or panic on the way out is not the
             // task's failure, so give it back.
-            (Some(StopReason::Release), _) | (_, Exit::Returned(HandlerOutcome::Release)) | (_, Exit::Abandoned) => {
-                Some(Finish::Release)
-            }
+            (Some(StopReason::Release), _)
+            | (_, Exit::Returned(HandlerOutcome::Release))
+            | (_, Exit::Abandoned) => Some(Finish::Release),
             (None, Exit::Returned(HandlerOutcome::Failed(reason))) => Some(Finish::Fail(reason)),
-            (None, Exit::Panicked(message)) => Some(Finish::Fail(format!("handler panicked: {message}"))),
+            (None, Exit::Panicked(message)) => {
+                Some(Finish::Fail(format!("handler panicked: {message}")))
+            }
         };
-        let Some(finish) = finish else {
-            self.release_slot(&group);
-            return;
-        };
+        match finish {
+            Some(finish) => self.finish(running.claim, finish),
+            None => self.release_slot(&group),
+        }
+    }
+
+    /// Record how a run ended in the store (fenced by its epoch), then free its slot.
+    fn finish(&mut self, claim: Claim, finish: Finish) {
         match &finish {
             Finish::Complete(_) => NodeStats::bump(&self.stats.completions),
             Finish::Fail(_) => NodeStats::bump(&self.stats.failures),
-            Finish::Release => NodeStats::bump(&self.stats.releases),
+            Finish::Release => {
+                NodeStats::bump(&self.stats.releases);
+                // Whoever asked for the release, let another node have it.
+                let delay = self.config.release_ignore;
+                self.ignore_for(&claim.task, delay);
+            }
         }
         let coordinator = self.coordinator.clone();
-        let claim = running.claim;
+        let group = claim.record.spec.group.clone();
         self.finishing.push(Box::pin(async move {
             finish_with_retries(&coordinator, &claim, finish).await;
             group
@@ -1074,12 +1168,17 @@ impl MainLoop {
         let lease = self.lease.take().map(|l| l.id);
         let store = self.coordinator.store().clone();
         let name = self.config.name.clone();
+        let ttl = self.config.lease_ttl;
         // Revoking the lease removes the node record (and any owner record a
         // timed-out handler left) in one revision.
         tokio::spawn(async move {
             if let Some(lease) = lease {
-                if let Err(error) = store.lease_revoke(lease).await {
-                    warn!(node = %name, %error, "could not revoke the lease; it will expire");
+                match tokio::time::timeout(ttl, store.lease_revoke(lease)).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(error)) => {
+                        warn!(node = %name, %error, "could not revoke the lease; it will expire")
+                    }
+                    Err(_) => warn!(node = %name, "revoking the lease timed out; it will expire"),
                 }
             }
             info!(node = %name, "node stopped");
@@ -1088,11 +1187,13 @@ impl MainLoop {
     }
 }
 
-/// Write how a run ended, retrying transient store errors with backoff. A
-/// fenced write (someone else owns the task now) is final and harmless.
+/// Write how a run ended, retrying store errors with capped backoff for as
+/// long as the node holds the task: giving up would leave the owner record
+/// under a live lease and strand the task. Fencing, shutdown or a kill drop
+/// this future. A fenced write (someone else owns the task now) is final.
 async fn finish_with_retries(coordinator: &Coordinator, claim: &Claim, finish: Finish) {
     let mut backoff = Duration::from_millis(50);
-    for attempt in 1..=20 {
+    for attempt in 1u64.. {
         let result = match &finish {
             Finish::Complete(value) => coordinator.complete(claim, value.clone()).await,
             Finish::Fail(reason) => coordinator.fail(claim, reason.clone()).await,

@@ -172,7 +172,11 @@ mod tests {
         drop(second);
         let _third = observer.start("t", "b", 3);
         assert_eq!(observer.overlaps(), 1, "sequential runs do not overlap");
-        assert_eq!(observer.moves_since(since), 1, "a → b once; b → b is no move");
+        assert_eq!(
+            observer.moves_since(since),
+            1,
+            "a → b once; b → b is no move"
+        );
         assert_eq!(observer.running_on("b"), vec!["t".to_string()]);
     }
 }

@@ -106,7 +106,10 @@ async fn a_late_claim_does_not_resurrect_a_deleted_task() {
     let lease = store.lease_grant(TTL).await.unwrap().id;
     let node = NodeName::new("late").unwrap();
     let outcome = coordinator.claim(&node, lease, &id, &basis).await.unwrap();
-    assert!(matches!(outcome, ClaimOutcome::Lost(ref keys) if keys.task.is_none()), "{outcome:?}");
+    assert!(
+        matches!(outcome, ClaimOutcome::Lost(ref keys) if keys.task.is_none()),
+        "{outcome:?}"
+    );
     let left = store.get_prefix("late/").await.unwrap();
     assert!(left.kvs.is_empty(), "nothing written: {:?}", left.kvs);
 }
@@ -131,7 +134,13 @@ async fn deleting_a_running_task_stops_it_everywhere() {
     .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(cluster.observer.runs().len(), 1, "never started again");
-    assert!(cluster.store.get_prefix("test/owners/").await.unwrap().kvs.is_empty());
+    assert!(cluster
+        .store
+        .get_prefix("test/owners/")
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -154,7 +163,10 @@ async fn a_dead_nodes_tasks_move_after_its_lease_expires_and_not_before() {
     let killed_at = Instant::now();
     cluster.node("a").kill();
     let expired_at = next_delete(&mut nodes).await;
-    assert!(expired_at <= killed_at + TTL, "the lease expired within one TTL of the kill");
+    assert!(
+        expired_at <= killed_at + TTL,
+        "the lease expired within one TTL of the kill"
+    );
     eventually("b runs all 20", TTL * 2, || {
         cluster.observer.running_per_node().get("b") == Some(&20)
     })
@@ -171,7 +183,10 @@ async fn a_dead_nodes_tasks_move_after_its_lease_expires_and_not_before() {
         "no task moved before a's lease expired"
     );
     let failover = *b_starts.iter().max().unwrap() - killed_at;
-    assert!(failover <= TTL + Duration::from_secs(1), "failover took {failover:?}");
+    assert!(
+        failover <= TTL + Duration::from_secs(1),
+        "failover took {failover:?}"
+    );
     assert_eq!(cluster.observer.overlaps(), 0);
 }
 
@@ -184,7 +199,10 @@ async fn next_delete(stream: &mut eretes_store::WatchStream) -> Instant {
             .expect("a delete within 30 s")
             .unwrap()
             .unwrap();
-        if batch.iter().any(|e| e.kind == eretes_store::EventKind::Delete) {
+        if batch
+            .iter()
+            .any(|e| e.kind == eretes_store::EventKind::Delete)
+        {
             return Instant::now();
         }
     }
@@ -210,20 +228,35 @@ async fn a_node_that_cannot_renew_fences_itself_before_its_lease_expires() {
     .await;
     cluster.start_dumb("b").await;
     // Watch a's node record: its deletion is the moment the lease expired.
-    let mut nodes = inner.watch(eretes_store::KeyRange::key("test/nodes/a"), 0).await.unwrap();
+    let mut nodes = inner
+        .watch(eretes_store::KeyRange::key("test/nodes/a"), 0)
+        .await
+        .unwrap();
     faulty.block_keepalives(true);
     let blocked_at = Instant::now();
     // The record goes when the lease expires, or earlier when the fenced
     // node revokes it, which it may do only after its handlers stopped.
     let released_at = next_delete(&mut nodes).await;
-    assert!(released_at <= blocked_at + TTL, "the lease ended within one TTL");
+    assert!(
+        released_at <= blocked_at + TTL,
+        "the lease ended within one TTL"
+    );
     eventually("every task runs again", TTL * 2, || {
         cluster.observer.running_tasks() == 10
-            && cluster.observer.runs().iter().filter(|r| r.started >= released_at).count() == 10
+            && cluster
+                .observer
+                .runs()
+                .iter()
+                .filter(|r| r.started >= released_at)
+                .count()
+                == 10
     })
     .await;
     let runs = cluster.observer.runs();
-    for run in runs.iter().filter(|r| r.node == "a" && r.started < blocked_at) {
+    for run in runs
+        .iter()
+        .filter(|r| r.node == "a" && r.started < blocked_at)
+    {
         let ended = run.ended.expect("a's handlers were cancelled");
         {
             assert!(
@@ -256,7 +289,11 @@ async fn a_store_outage_longer_than_the_ttl_loses_nothing() {
     let mut cluster = Cluster::new(inner.clone());
     let config = cluster.config("a");
     cluster
-        .start_with(faulty.clone(), config, Box::new(eretes_runtime::balancer::DumbBalancer))
+        .start_with(
+            faulty.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
         .await;
     cluster.submit_idle(10).await;
     eventually("a runs all 10", Duration::from_secs(5), || {
@@ -265,7 +302,11 @@ async fn a_store_outage_longer_than_the_ttl_loses_nothing() {
     .await;
     faulty.set_outage(true);
     tokio::time::sleep(TTL * 3).await;
-    assert_eq!(cluster.observer.running_tasks(), 0, "fenced during the outage");
+    assert_eq!(
+        cluster.observer.running_tasks(),
+        0,
+        "fenced during the outage"
+    );
     faulty.set_outage(false);
     eventually("every task runs again", Duration::from_secs(30), || {
         cluster.observer.running_tasks() == 10
@@ -273,7 +314,12 @@ async fn a_store_outage_longer_than_the_ttl_loses_nothing() {
     .await;
     assert_eq!(cluster.observer.overlaps(), 0);
     assert_eq!(inner.get_prefix("test/tasks/").await.unwrap().kvs.len(), 10);
-    assert!(inner.get_prefix("test/results/").await.unwrap().kvs.is_empty());
+    assert!(inner
+        .get_prefix("test/results/")
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
 }
 
 #[tokio::test(start_paused = true)]
@@ -289,10 +335,17 @@ async fn freeze_unfreeze_stop_task_and_drain_through_the_store() {
     };
     send(NodeCommand::Freeze).await;
     let mut status = cluster.node("a").status();
-    eventually("a is frozen", Duration::from_secs(5), || status.borrow_and_update().frozen).await;
+    eventually("a is frozen", Duration::from_secs(5), || {
+        status.borrow_and_update().frozen
+    })
+    .await;
     cluster.submit_idle(4).await;
     tokio::time::sleep(Duration::from_secs(40)).await;
-    assert_eq!(cluster.observer.running_tasks(), 0, "a frozen node claims nothing");
+    assert_eq!(
+        cluster.observer.running_tasks(),
+        0,
+        "a frozen node claims nothing"
+    );
     send(NodeCommand::Unfreeze).await;
     eventually("a claims after unfreeze", Duration::from_secs(5), || {
         cluster.observer.running_tasks() == 4
@@ -302,7 +355,11 @@ async fn freeze_unfreeze_stop_task_and_drain_through_the_store() {
     cluster.start_dumb("b").await;
     send(NodeCommand::StopTask(TaskId::new("t0000").unwrap())).await;
     eventually("t0000 moved to b", Duration::from_secs(10), || {
-        cluster.observer.runs().iter().any(|r| r.task == "t0000" && r.node == "b" && r.ended.is_none())
+        cluster
+            .observer
+            .runs()
+            .iter()
+            .any(|r| r.task == "t0000" && r.node == "b" && r.ended.is_none())
     })
     .await;
 
@@ -311,11 +368,23 @@ async fn freeze_unfreeze_stop_task_and_drain_through_the_store() {
         cluster.observer.running_per_node().get("b") == Some(&4)
     })
     .await;
-    assert!(status.borrow_and_update().frozen, "a drained node stays frozen");
+    assert!(
+        status.borrow_and_update().frozen,
+        "a drained node stays frozen"
+    );
     assert_eq!(cluster.observer.overlaps(), 0);
     // Commands are consumed: the queue is empty.
-    assert!(cluster.store.get_prefix("test/node-commands/").await.unwrap().kvs.is_empty());
-    assert_eq!(NodeStats::get(&cluster.node("a").stats().commands_applied), 4);
+    assert!(cluster
+        .store
+        .get_prefix("test/node-commands/")
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
+    assert_eq!(
+        NodeStats::get(&cluster.node("a").stats().commands_applied),
+        4
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -325,22 +394,39 @@ async fn commands_apply_in_order_and_garbage_commands_are_discarded() {
     let a = NodeName::new("a").unwrap();
     cluster
         .store
-        .put(PutRequest::new("test/node-commands/a/zz-garbage", "{\"command\":\"explode\"}"))
+        .put(PutRequest::new(
+            "test/node-commands/a/zz-garbage",
+            "{\"command\":\"explode\"}",
+        ))
         .await
         .unwrap();
     cluster
         .store
-        .put(PutRequest::new("test/node-commands/a/aa-garbage", "not json"))
+        .put(PutRequest::new(
+            "test/node-commands/a/aa-garbage",
+            "not json",
+        ))
         .await
         .unwrap();
-    for command in [NodeCommand::Freeze, NodeCommand::Unfreeze, NodeCommand::Freeze] {
-        cluster.coordinator.send_node_command(&a, &command).await.unwrap();
+    for command in [
+        NodeCommand::Freeze,
+        NodeCommand::Unfreeze,
+        NodeCommand::Freeze,
+    ] {
+        cluster
+            .coordinator
+            .send_node_command(&a, &command)
+            .await
+            .unwrap();
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let stats = cluster.node("a").stats();
     assert_eq!(NodeStats::get(&stats.commands_rejected), 2);
     assert_eq!(NodeStats::get(&stats.commands_applied), 3);
-    assert!(cluster.node("a").status().borrow().frozen, "the last command wins because order is kept");
+    assert!(
+        cluster.node("a").status().borrow().frozen,
+        "the last command wins because order is kept"
+    );
     assert!(!cluster.node("a").is_stopped());
 }
 
@@ -362,7 +448,11 @@ async fn fair_balancing_spreads_an_uneven_cluster_with_minimal_moves() {
     .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert!(spread(&cluster.observer, &["a", "b", "c"]) <= 1);
-    assert_eq!(cluster.observer.moves_since(joined_at), 20, "30 on one node of three: 20 must move");
+    assert_eq!(
+        cluster.observer.moves_since(joined_at),
+        20,
+        "30 on one node of three: 20 must move"
+    );
     assert_eq!(cluster.observer.overlaps(), 0);
 }
 
@@ -390,7 +480,8 @@ async fn a_node_joining_a_loaded_cluster_takes_its_share_with_minimal_moves() {
     let joined_at = Instant::now();
     cluster.start_fair("d").await;
     eventually("balanced over four", Duration::from_secs(60), || {
-        cluster.observer.running_tasks() == 30 && spread(&cluster.observer, &["a", "b", "c", "d"]) <= 1
+        cluster.observer.running_tasks() == 30
+            && spread(&cluster.observer, &["a", "b", "c", "d"]) <= 1
     })
     .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
@@ -408,7 +499,11 @@ async fn a_poison_task_is_parked_after_the_takeover_limit() {
     let mut generation = 0;
     cluster.start_dumb(&format!("n{generation}")).await;
     let result = loop {
-        let result = cluster.coordinator.result(&TaskId::new("poison").unwrap()).await.unwrap();
+        let result = cluster
+            .coordinator
+            .result(&TaskId::new("poison").unwrap())
+            .await
+            .unwrap();
         if let Some(result) = result {
             break result;
         }
@@ -423,10 +518,23 @@ async fn a_poison_task_is_parked_after_the_takeover_limit() {
         tokio::time::sleep(TTL * 2).await;
     };
     assert_eq!(result.outcome, Outcome::Failed);
-    assert!(result.error.as_deref().unwrap().contains("parked"), "{:?}", result.error);
+    assert!(
+        result.error.as_deref().unwrap().contains("parked"),
+        "{:?}",
+        result.error
+    );
     assert_eq!(result.runs.takeovers, 6);
-    assert_eq!(cluster.observer.runs().len(), 6, "one first run and five takeovers");
-    assert!(cluster.store.get_key("test/tasks/poison").await.unwrap().is_none());
+    assert_eq!(
+        cluster.observer.runs().len(),
+        6,
+        "one first run and five takeovers"
+    );
+    assert!(cluster
+        .store
+        .get_key("test/tasks/poison")
+        .await
+        .unwrap()
+        .is_none());
 }
 
 #[tokio::test(start_paused = true)]
@@ -439,15 +547,26 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
         ("test/unknown/what", "1"),
     ];
     for (key, value) in &garbage[..2] {
-        cluster.store.put(PutRequest::new(*key, *value)).await.unwrap();
+        cluster
+            .store
+            .put(PutRequest::new(*key, *value))
+            .await
+            .unwrap();
     }
     cluster.start_dumb("a").await;
     for (key, value) in &garbage[2..] {
-        cluster.store.put(PutRequest::new(*key, *value)).await.unwrap();
+        cluster
+            .store
+            .put(PutRequest::new(*key, *value))
+            .await
+            .unwrap();
     }
     cluster
         .store
-        .put(PutRequest::new("test/tasks/bad id", "{\"group\":\"default\"}"))
+        .put(PutRequest::new(
+            "test/tasks/bad id",
+            "{\"group\":\"default\"}",
+        ))
         .await
         .unwrap();
     cluster.submit("good", json!({"mode": "done"})).await;
@@ -457,10 +576,18 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
     .await;
     // Several resyncs later the count has not grown: each entry counts once.
     tokio::time::sleep(Duration::from_secs(100)).await;
-    assert_eq!(NodeStats::get(&cluster.node("a").stats().malformed_skipped), 5);
+    assert_eq!(
+        NodeStats::get(&cluster.node("a").stats().malformed_skipped),
+        5
+    );
     assert!(!cluster.node("a").is_stopped());
     // Nothing stored was lost or rewritten.
-    let x = cluster.store.get_key("test/tasks/x").await.unwrap().unwrap();
+    let x = cluster
+        .store
+        .get_key("test/tasks/x")
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(x.value, b"{not json");
 }
 
@@ -471,7 +598,9 @@ async fn handler_outcomes_become_results() {
     cluster.submit("ok", json!({"mode": "done"})).await;
     cluster.submit("bad", json!({"mode": "fail"})).await;
     cluster.submit("boom", json!({"mode": "panic"})).await;
-    cluster.submit("slow", json!({"mode": "work", "ms": 5000})).await;
+    cluster
+        .submit("slow", json!({"mode": "work", "ms": 5000}))
+        .await;
     tokio::time::sleep(Duration::from_secs(10)).await;
     let result = |id: &str| {
         let coordinator = cluster.coordinator.clone();
@@ -483,15 +612,30 @@ async fn handler_outcomes_become_results() {
     assert_eq!(ok.result["node"], "a");
     assert!(ok.epoch > 0);
     let bad = result("bad").await;
-    assert_eq!((bad.outcome, bad.error.as_deref()), (Outcome::Failed, Some("scripted failure")));
+    assert_eq!(
+        (bad.outcome, bad.error.as_deref()),
+        (Outcome::Failed, Some("scripted failure"))
+    );
     let boom = result("boom").await;
-    assert!(boom.error.unwrap().contains("handler panicked: scripted panic"));
+    assert!(boom
+        .error
+        .unwrap()
+        .contains("handler panicked: scripted panic"));
     assert_eq!(result("slow").await.result, json!("worked"));
-    assert!(cluster.store.get_prefix("test/tasks/").await.unwrap().kvs.is_empty());
+    assert!(cluster
+        .store
+        .get_prefix("test/tasks/")
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
     // A result keeps its id taken: resubmitting is refused and overwrites nothing.
     let again = cluster
         .coordinator
-        .submit(&TaskId::new("ok").unwrap(), &TaskSpec::new(GroupName::default(), json!({})))
+        .submit(
+            &TaskId::new("ok").unwrap(),
+            &TaskSpec::new(GroupName::default(), json!({})),
+        )
         .await;
     assert!(again.is_err());
     assert_eq!(result("ok").await.result, ok.result);
@@ -502,17 +646,28 @@ async fn shutdown_releases_tasks_at_once_and_deregisters() {
     let mut cluster = Cluster::new(embedded());
     cluster.start_dumb("a").await;
     cluster.submit_idle(5).await;
-    eventually("a runs 5", Duration::from_secs(5), || cluster.observer.running_tasks() == 5).await;
+    eventually("a runs 5", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 5
+    })
+    .await;
     cluster.start_dumb("b").await;
     let a = cluster.nodes.remove("a").unwrap();
     let started = Instant::now();
     a.shutdown().await;
-    assert!(cluster.store.get_key("test/nodes/a").await.unwrap().is_none());
+    assert!(cluster
+        .store
+        .get_key("test/nodes/a")
+        .await
+        .unwrap()
+        .is_none());
     eventually("b runs 5", Duration::from_secs(5), || {
         cluster.observer.running_per_node().get("b") == Some(&5)
     })
     .await;
-    assert!(Instant::now() - started < TTL, "moved by release, not by lease expiry");
+    assert!(
+        Instant::now() - started < TTL,
+        "moved by release, not by lease expiry"
+    );
     assert_eq!(cluster.observer.overlaps(), 0);
 }
 
@@ -522,7 +677,11 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
     let mut config = cluster.config("a");
     config.slots = 2;
     cluster
-        .start_with(cluster.store.clone(), config, Box::new(eretes_runtime::balancer::DumbBalancer))
+        .start_with(
+            cluster.store.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
         .await;
     cluster.submit_idle(5).await;
     tokio::time::sleep(Duration::from_secs(40)).await;
@@ -538,5 +697,81 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
     )
     .await
     .unwrap_err();
-    assert!(duplicate.to_string().contains("already taken"), "{duplicate}");
+    assert!(
+        duplicate.to_string().contains("already taken"),
+        "{duplicate}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_handler_that_ignores_cancellation_is_aborted_before_the_lease_expires() {
+    let inner = EmbeddedStore::new();
+    let faulty = FaultyStore::new(inner.clone());
+    let mut cluster = Cluster::new(inner.clone());
+    let config = cluster.config("a");
+    cluster
+        .start_with(
+            faulty.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
+        .await;
+    cluster
+        .submit("stubborn", json!({"mode": "stubborn"}))
+        .await;
+    eventually("it runs", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 1
+    })
+    .await;
+    let mut nodes = inner
+        .watch(eretes_store::KeyRange::key("test/nodes/a"), 0)
+        .await
+        .unwrap();
+    faulty.block_keepalives(true);
+    let released_at = next_delete(&mut nodes).await;
+    let run = &cluster.observer.runs()[0];
+    let ended = run.ended.expect("the stubborn handler was aborted");
+    assert!(
+        ended <= released_at,
+        "aborted at {ended:?}, lease ended at {released_at:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_garbage_owner_record_blocks_its_task_without_a_claim_storm() {
+    let mut cluster = Cluster::new(embedded());
+    cluster.submit("x", json!({})).await;
+    cluster
+        .store
+        .put(PutRequest::new("test/owners/x", "garbage"))
+        .await
+        .unwrap();
+    cluster.start_dumb("a").await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let conflicts = NodeStats::get(&cluster.node("a").stats().claim_conflicts);
+    assert!(conflicts <= 12, "{conflicts} claim attempts in 30 s");
+    assert_eq!(cluster.observer.runs().len(), 0, "an owned task is not run");
+    assert!(!cluster.node("a").is_stopped());
+}
+
+#[tokio::test(start_paused = true)]
+async fn claims_that_land_during_a_drain_are_given_back() {
+    let mut cluster = Cluster::new(embedded());
+    cluster.start_dumb("a").await;
+    cluster.submit_idle(200).await;
+    // Drain while the first claims are still in flight.
+    cluster.node("a").command(NodeCommand::Drain);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(
+        cluster.observer.running_tasks(),
+        0,
+        "a drained node runs nothing"
+    );
+    assert!(cluster
+        .store
+        .get_prefix("test/owners/")
+        .await
+        .unwrap()
+        .kvs
+        .is_empty());
 }

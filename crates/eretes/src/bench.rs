@@ -88,9 +88,10 @@ async fn throughput(args: &BenchArgs) -> Result<serde_json::Value> {
         }
         anyhow::Ok(())
     };
-    let (submitted, counted) = tokio::time::timeout(LIMIT, futures::future::join(submitting, counting))
-        .await
-        .context("throughput benchmark timed out")?;
+    let (submitted, counted) =
+        tokio::time::timeout(LIMIT, futures::future::join(submitting, counting))
+            .await
+            .context("throughput benchmark timed out")?;
     submitted?;
     counted?;
     let elapsed = started.elapsed();
@@ -162,7 +163,11 @@ async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
     wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), warmup + tasks).await?;
     let after = resident_bytes()?;
     let per_task = after.saturating_sub(before) as f64 / tasks as f64;
-    let running = store.get_prefix(&cluster.ns.owners_prefix()).await?.kvs.len();
+    let running = store
+        .get_prefix(&cluster.ns.owners_prefix())
+        .await?
+        .kvs
+        .len();
     println!(
         "memory: {running} idle tasks running; RSS grew {:.1} MiB for {tasks} tasks = {:.0} bytes per task",
         after.saturating_sub(before) as f64 / 1048576.0,

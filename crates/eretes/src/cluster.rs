@@ -38,7 +38,9 @@ impl Handler for ClusterHandler {
                 HandlerOutcome::Release
             }
             Work::Observed => {
-                let _run = self.observer.start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
+                let _run = self
+                    .observer
+                    .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
                 ctx.cancel.cancelled().await;
                 HandlerOutcome::Release
             }
@@ -78,8 +80,8 @@ impl Cluster {
 
     /// Start node `name`.
     pub async fn add_node(&mut self, name: &str) -> Result<()> {
-        let mut config = NodeConfig::new(NodeName::new(name)?, self.ns.clone())
-            .with_lease_ttl(self.lease_ttl);
+        let mut config =
+            NodeConfig::new(NodeName::new(name)?, self.ns.clone()).with_lease_ttl(self.lease_ttl);
         // The demo wants quick reactions: balance soon after membership
         // changes and keep released tasks away from their old node briefly.
         config.balance_interval = Duration::from_secs(5);

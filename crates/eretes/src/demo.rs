@@ -52,7 +52,11 @@ struct Summary {
 const PHASE_LIMIT: Duration = Duration::from_secs(120);
 
 /// Poll `done` until it holds, updating the bar; fail naming `what` after the limit.
-async fn wait_for(bar: &ProgressBar, what: &str, mut done: impl FnMut(&ProgressBar) -> bool) -> Result<()> {
+async fn wait_for(
+    bar: &ProgressBar,
+    what: &str,
+    mut done: impl FnMut(&ProgressBar) -> bool,
+) -> Result<()> {
     bar.set_message(what.to_string());
     let deadline = Instant::now() + PHASE_LIMIT;
     while !done(bar) {
@@ -67,7 +71,10 @@ async fn wait_for(bar: &ProgressBar, what: &str, mut done: impl FnMut(&ProgressB
 /// Max − min of running tasks over `nodes`.
 fn spread(cluster: &Cluster, nodes: &[String]) -> usize {
     let per_node = cluster.observer.running_per_node();
-    let counts: Vec<usize> = nodes.iter().map(|n| per_node.get(n).copied().unwrap_or(0)).collect();
+    let counts: Vec<usize> = nodes
+        .iter()
+        .map(|n| per_node.get(n).copied().unwrap_or(0))
+        .collect();
     counts.iter().max().unwrap_or(&0) - counts.iter().min().unwrap_or(&0)
 }
 
@@ -105,11 +112,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let orphans = cluster.observer.running_on(&victim);
     let killed_at = Instant::now();
     cluster.nodes[&victim].kill();
-    wait_for(&bar, &format!("killed {victim}; waiting for its orphans"), |bar| {
-        running(bar, &cluster) == task_count
-            && cluster.observer.last_restart(&orphans, killed_at).is_some()
-            && orphans.iter().all(|t| !cluster.observer.running_on(&victim).contains(t))
-    })
+    wait_for(
+        &bar,
+        &format!("killed {victim}; waiting for its orphans"),
+        |bar| {
+            running(bar, &cluster) == task_count
+                && cluster.observer.last_restart(&orphans, killed_at).is_some()
+                && orphans
+                    .iter()
+                    .all(|t| !cluster.observer.running_on(&victim).contains(t))
+        },
+    )
     .await?;
     let failover = cluster
         .observer
@@ -123,7 +136,10 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let per_node = cluster.observer.running_per_node();
     for name in live.iter().chain(std::iter::once(&fresh)) {
         let name = NodeName::new(name.clone())?;
-        load.owned.insert(name.clone(), per_node.get(name.as_str()).copied().unwrap_or(0));
+        load.owned.insert(
+            name.clone(),
+            per_node.get(name.as_str()).copied().unwrap_or(0),
+        );
         load.serving.insert(name);
     }
     let min_moved = min_moves(&load);
@@ -131,11 +147,18 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     cluster.add_node(&fresh).await?;
     live.push(fresh.clone());
     let quiet = Duration::from_millis(1500);
-    wait_for(&bar, &format!("added {fresh}; waiting for balance"), |bar| {
-        running(bar, &cluster) == task_count
-            && spread(&cluster, &live) <= 1
-            && cluster.observer.last_start().is_some_and(|at| at.elapsed() >= quiet)
-    })
+    wait_for(
+        &bar,
+        &format!("added {fresh}; waiting for balance"),
+        |bar| {
+            running(bar, &cluster) == task_count
+                && spread(&cluster, &live) <= 1
+                && cluster
+                    .observer
+                    .last_start()
+                    .is_some_and(|at| at.elapsed() >= quiet)
+        },
+    )
     .await?;
     bar.finish_and_clear();
 
@@ -173,7 +196,11 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     }
     if summary.overlaps > 0 || summary.lost > 0 {
-        bail!("the demo saw {} overlaps and {} lost tasks", summary.overlaps, summary.lost);
+        bail!(
+            "the demo saw {} overlaps and {} lost tasks",
+            summary.overlaps,
+            summary.lost
+        );
     }
     Ok(())
 }

@@ -24,7 +24,9 @@ mod resource;
 
 pub use dumb::DumbBalancer;
 pub use fair::{fair_targets, min_moves, FairBalancer, FairConfig};
-pub use resource::{ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler};
+pub use resource::{
+    ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler,
+};
 
 /// The load of one group across the cluster, as this node currently sees it.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

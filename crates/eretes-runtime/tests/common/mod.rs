@@ -18,7 +18,8 @@ pub use eretes_runtime::observer::Observer;
 
 /// A handler steered by the task's `mode` property:
 /// `idle` (default) waits for cancellation and releases; `done` returns a
-/// result; `fail` fails; `panic` panics; `work_ms` N completes after N ms.
+/// result; `fail` fails; `panic` panics; `work` completes after `ms`;
+/// `stubborn` never returns; `kill-me` asks the test to kill its node.
 pub struct ScriptedHandler {
     pub observer: Arc<Observer>,
     /// Receives the node name whenever a `kill-me` task starts.
@@ -43,6 +44,10 @@ impl Handler for ScriptedHandler {
                     _ = ctx.cancel.cancelled() => HandlerOutcome::Release,
                 }
             }
+            "stubborn" => loop {
+                // Ignores cancellation entirely.
+                tokio::time::sleep(Duration::from_secs(3600)).await;
+            },
             "kill-me" => {
                 if let Some(tx) = &self.kill_requests {
                     let _ = tx.send(ctx.node.to_string());
@@ -84,8 +89,8 @@ impl Cluster {
     }
 
     pub fn config(&self, name: &str) -> NodeConfig {
-        let mut config = NodeConfig::new(NodeName::new(name).unwrap(), self.ns.clone())
-            .with_lease_ttl(TTL);
+        let mut config =
+            NodeConfig::new(NodeName::new(name).unwrap(), self.ns.clone()).with_lease_ttl(TTL);
         config.balance_interval = Duration::from_secs(5);
         config.membership_balance_delay = Duration::from_millis(500);
         config.release_ignore = Duration::from_secs(3);
@@ -109,8 +114,12 @@ impl Cluster {
 
     pub async fn start_fair(&mut self, name: &str) {
         let config = self.config(name);
-        self.start_with(self.store.clone(), config, Box::new(FairBalancer::default()))
-            .await;
+        self.start_with(
+            self.store.clone(),
+            config,
+            Box::new(FairBalancer::default()),
+        )
+        .await;
     }
 
     pub async fn start_dumb(&mut self, name: &str) {
