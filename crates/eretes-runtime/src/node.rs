@@ -383,15 +383,24 @@ impl MainLoop {
 
     async fn run(mut self, mut control: mpsc::UnboundedReceiver<Control>) {
         let mut control_open = true;
+        // One timer for every deadline, re-armed only when the earliest one
+        // moves: cheaper than a fresh timer registration per iteration.
+        let mut wake_at = self.next_deadline();
+        let wake = sleep_until(wake_at);
+        tokio::pin!(wake);
         loop {
             self.publish_status();
             if self.shutdown_finished() {
                 return;
             }
-            let wake = self.next_deadline();
+            let next = self.next_deadline();
+            if next != wake_at {
+                wake_at = next;
+                wake.as_mut().reset(next);
+            }
             tokio::select! {
                 biased;
-                _ = sleep_until(wake) => self.on_timers(),
+                _ = &mut wake => self.on_timers(),
                 event = async { self.lease.as_mut().unwrap().events.recv().await }, if self.lease.is_some() => {
                     self.on_lease_event(event)
                 }
@@ -487,6 +496,11 @@ impl MainLoop {
         }
         if self.sync_at.is_some_and(|at| at <= now) {
             self.start_sync();
+        }
+        // Every due deadline is cleared or moved here, so the loop's single
+        // timer never stays armed in the past.
+        if self.command_retry_at.is_some_and(|at| at <= now) {
+            self.command_retry_at = None;
         }
         if self.reregister_at.is_some_and(|at| at <= now) {
             self.start_reregistration();
@@ -786,13 +800,10 @@ impl MainLoop {
 
     /// Take the oldest queued command, one at a time so order is kept.
     fn next_command(&mut self) {
-        if self.taking_command.is_some()
-            || self.lease.is_none()
-            || self.command_retry_at.is_some_and(|at| at > Instant::now())
+        if self.taking_command.is_some() || self.lease.is_none() || self.command_retry_at.is_some()
         {
             return;
         }
-        self.command_retry_at = None;
         let Some((revision, key)) = self.commands.pop_first() else {
             return;
         };
@@ -872,7 +883,8 @@ impl MainLoop {
         if self.frozen || self.shutting_down.is_some() || self.watch.is_none() {
             return;
         }
-        for group in self.my_groups.clone() {
+        for index in 0..self.my_groups.len() {
+            let group = self.my_groups[index].clone();
             let mut free = self
                 .config
                 .slots_for(&group)
