@@ -229,10 +229,8 @@ impl EmbeddedStore {
             return;
         }
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
-            state.expiry_task = Some(handle.spawn(expiry_loop(
-                self.me.clone(),
-                Arc::clone(&self.wake_expiry),
-            )));
+            state.expiry_task =
+                Some(handle.spawn(expiry_loop(self.me.clone(), Arc::clone(&self.wake_expiry))));
         }
     }
 }
@@ -267,7 +265,10 @@ async fn expiry_loop(store: Weak<EmbeddedStore>, wake: Arc<Notify>) {
             let Some(store) = store.upgrade() else { return };
             // `lock()` expires everything due.
             let state = store.lock();
-            state.deadlines.peek().map(|Reverse((deadline, _))| *deadline)
+            state
+                .deadlines
+                .peek()
+                .map(|Reverse((deadline, _))| *deadline)
         };
         match next_deadline {
             Some(deadline) => {
@@ -345,7 +346,10 @@ fn check_branch(ops: &[TxnOp]) -> StoreResult<()> {
                 }
                 KeyRange::Prefix(prefix) => {
                     let first = puts.partition_point(|put| *put < prefix.as_str());
-                    if let Some(put) = puts.get(first).filter(|put| put.starts_with(prefix.as_str())) {
+                    if let Some(put) = puts
+                        .get(first)
+                        .filter(|put| put.starts_with(prefix.as_str()))
+                    {
                         return Err(duplicate(put));
                     }
                 }
@@ -391,7 +395,10 @@ fn delete_event(key: String, entry: Entry, revision: Revision) -> WatchEvent {
 
 impl State {
     /// Keys of `range` in key order.
-    fn scan<'a>(&'a self, range: &'a KeyRange) -> impl Iterator<Item = (&'a String, &'a Entry)> + 'a {
+    fn scan<'a>(
+        &'a self,
+        range: &'a KeyRange,
+    ) -> impl Iterator<Item = (&'a String, &'a Entry)> + 'a {
         let start = match range {
             KeyRange::Key(key) => key.as_str(),
             KeyRange::Prefix(prefix) => prefix.as_str(),
@@ -506,7 +513,12 @@ impl State {
     }
 
     /// Apply a put at `revision`. The lease (if any) must exist.
-    fn put(&mut self, request: PutRequest, revision: Revision, events: &mut Vec<WatchEvent>) -> PutResponse {
+    fn put(
+        &mut self,
+        request: PutRequest,
+        revision: Revision,
+        events: &mut Vec<WatchEvent>,
+    ) -> PutResponse {
         let PutRequest {
             key,
             value,
@@ -565,7 +577,13 @@ impl State {
     }
 
     /// Apply a delete at `revision`; `events` holds the branch's earlier writes.
-    fn delete(&mut self, range: &KeyRange, want_prev: bool, revision: Revision, events: &mut Vec<WatchEvent>) -> DeleteResponse {
+    fn delete(
+        &mut self,
+        range: &KeyRange,
+        want_prev: bool,
+        revision: Revision,
+        events: &mut Vec<WatchEvent>,
+    ) -> DeleteResponse {
         let removed: Vec<(String, Entry)> = match range {
             KeyRange::Key(key) => self.kvs.remove_entry(key).into_iter().collect(),
             KeyRange::Prefix(_) => {
@@ -590,7 +608,11 @@ impl State {
             events.push(event);
         }
         DeleteResponse {
-            revision: if events.is_empty() { self.revision } else { revision },
+            revision: if events.is_empty() {
+                self.revision
+            } else {
+                revision
+            },
             deleted,
             prev_kvs,
         }
@@ -601,7 +623,9 @@ impl State {
         let ordering = match (&compare.target, entry) {
             // etcd: a value compare on a missing key always fails.
             (CompareTarget::Value(_), None) => return false,
-            (CompareTarget::Value(value), Some(entry)) => entry.value.as_slice().cmp(value.as_slice()),
+            (CompareTarget::Value(value), Some(entry)) => {
+                entry.value.as_slice().cmp(value.as_slice())
+            }
             (CompareTarget::Version(v), _) => entry.map_or(0, |e| e.version).cmp(v),
             (CompareTarget::CreateRevision(r), _) => entry.map_or(0, |e| e.create_revision).cmp(r),
             (CompareTarget::ModRevision(r), _) => entry.map_or(0, |e| e.mod_revision).cmp(r),
@@ -669,13 +693,20 @@ impl Store for EmbeddedStore {
             responses.push(match op {
                 TxnOp::Get(get) => {
                     // A read after a write of this branch sees the new revision.
-                    let seen = if events.is_empty() { state.revision } else { revision };
+                    let seen = if events.is_empty() {
+                        state.revision
+                    } else {
+                        revision
+                    };
                     TxnOpResponse::Get(state.get(&get, seen))
                 }
                 TxnOp::Put(put) => TxnOpResponse::Put(state.put(put, revision, &mut events)),
-                TxnOp::Delete(delete) => {
-                    TxnOpResponse::Delete(state.delete(&delete.range, delete.prev_kv, revision, &mut events))
-                }
+                TxnOp::Delete(delete) => TxnOpResponse::Delete(state.delete(
+                    &delete.range,
+                    delete.prev_kv,
+                    revision,
+                    &mut events,
+                )),
             });
         }
         let revision = state.commit(revision, events);
@@ -717,7 +748,10 @@ impl Store for EmbeddedStore {
 
     async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
         let mut state = self.lock();
-        let entry = state.leases.get_mut(&lease).ok_or(StoreError::LeaseNotFound(lease))?;
+        let entry = state
+            .leases
+            .get_mut(&lease)
+            .ok_or(StoreError::LeaseNotFound(lease))?;
         // Extending a deadline never needs to wake the expiry task: its stale
         // heap entry is re-queued when it comes due.
         entry.deadline = deadline_after(entry.ttl);
@@ -748,8 +782,16 @@ impl Store for EmbeddedStore {
             }
             // Under the same lock that registers the watcher below, so the
             // replay and the live events meet without gap or duplicate.
-            let first = state.history.partition_point(|b| b.revision < start_revision);
-            replay.extend(state.history.range(first..).filter(|b| b.touches(&range)).cloned());
+            let first = state
+                .history
+                .partition_point(|b| b.revision < start_revision);
+            replay.extend(
+                state
+                    .history
+                    .range(first..)
+                    .filter(|b| b.touches(&range))
+                    .cloned(),
+            );
         }
         state.watchers.push(Watcher {
             range: range.clone(),
@@ -822,7 +864,12 @@ impl Stream for EmbeddedWatch {
                 }
             };
             let range = &this.range;
-            batch.extend(next.events.iter().filter(|e| range.contains(&e.kv.key)).cloned());
+            batch.extend(
+                next.events
+                    .iter()
+                    .filter(|e| range.contains(&e.kv.key))
+                    .cloned(),
+            );
             if batch.len() >= MAX_BATCH_EVENTS {
                 break;
             }
