@@ -29,7 +29,7 @@ use super::{Balancer, ClaimDecision, ClusterView, GroupLoad, RunningTask};
 pub struct FairConfig {
     /// How long a task this node declined (because it already holds its fair
     /// share) stays on the runtime's ignore list before it is offered again.
-    /// Default: 1 s. Short, so a share that grows (a node left, tasks were
+    /// Default: 250 ms. Short, so a share that grows (a node left, tasks were
     /// submitted) is noticed quickly.
     pub claim_retry: Duration,
     /// While a group still has unowned tasks, this node releases more tasks of
@@ -46,7 +46,7 @@ pub struct FairConfig {
 impl Default for FairConfig {
     fn default() -> Self {
         FairConfig {
-            claim_retry: Duration::from_secs(1),
+            claim_retry: Duration::from_millis(250),
             pace: Duration::from_secs(10),
             max_release_per_round: usize::MAX,
         }
@@ -314,7 +314,7 @@ mod tests {
     #[test]
     fn defaults_are_documented_values() {
         let config = FairConfig::default();
-        assert_eq!(config.claim_retry, Duration::from_secs(1));
+        assert_eq!(config.claim_retry, Duration::from_millis(250));
         assert_eq!(config.pace, Duration::from_secs(10));
         assert_eq!(config.max_release_per_round, usize::MAX);
     }
