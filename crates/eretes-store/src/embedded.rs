@@ -20,18 +20,21 @@
 //! and clones the events of its range on its own task, outside the lock.
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{btree_map, BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
-use std::ops::Bound;
+use std::ops::{Bound, Deref, DerefMut};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
+use std::task::Waker;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::task::AtomicWaker;
 use futures::Stream;
-use parking_lot::Mutex;
-use tokio::sync::{mpsc, Notify};
+use parking_lot::{Mutex, MutexGuard};
+use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
@@ -39,8 +42,15 @@ use crate::error::{StoreError, StoreResult};
 use crate::store::{Store, WatchStream};
 use crate::types::*;
 
-/// Default number of revisions of watch history the store keeps.
-pub const DEFAULT_HISTORY_LIMIT: usize = 100_000;
+/// Default number of revisions of watch history the store keeps. Every
+/// watcher of an embedded store lives in the same process and keeps up, so a
+/// short history suffices; one that falls further behind gets
+/// [`StoreError::Compacted`] and re-lists. 10,000 revisions cost about 1.6 KiB
+/// less per running task than 100,000 in `eretes bench memory`.
+pub const DEFAULT_HISTORY_LIMIT: usize = 10_000;
+
+/// etcd's default limit on compares / operations per branch of a transaction.
+pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 
 /// Upper bound on the events one watch stream item carries when several
 /// revisions are ready at once; keeps a long replay from becoming one huge
@@ -56,12 +66,18 @@ pub struct EmbeddedOptions {
     /// watches from before that point fail with [`StoreError::Compacted`].
     /// Values below 1 are treated as 1. Default: [`DEFAULT_HISTORY_LIMIT`].
     pub history_limit: usize,
+    /// The most compares, or operations per branch, one transaction may have
+    /// (etcd's `--max-txn-ops`, default [`DEFAULT_MAX_TXN_OPS`]); larger
+    /// transactions fail with [`StoreError::InvalidArgument`], so code that
+    /// passes on the embedded store does not fail on etcd.
+    pub max_txn_ops: usize,
 }
 
 impl Default for EmbeddedOptions {
     fn default() -> Self {
         EmbeddedOptions {
             history_limit: DEFAULT_HISTORY_LIMIT,
+            max_txn_ops: DEFAULT_MAX_TXN_OPS,
         }
     }
 }
@@ -70,6 +86,12 @@ impl EmbeddedOptions {
     /// Keep `limit` revisions of watch history.
     pub fn with_history_limit(mut self, limit: usize) -> Self {
         self.history_limit = limit;
+        self
+    }
+
+    /// Allow at most `limit` compares and operations per branch in one txn.
+    pub fn with_max_txn_ops(mut self, limit: usize) -> Self {
+        self.max_txn_ops = limit;
         self
     }
 }
@@ -92,6 +114,7 @@ impl EmbeddedOptions {
 /// runtime, leases still expire, but only when the next operation runs.
 pub struct EmbeddedStore {
     state: Mutex<State>,
+    max_txn_ops: usize,
     /// Wakes the expiry task when a lease with an earlier deadline appears or
     /// the store is dropped.
     wake_expiry: Arc<Notify>,
@@ -135,7 +158,37 @@ struct Watcher {
     /// Events of earlier revisions are not for this watcher (only differs
     /// from "everything from now on" when the watch started in the future).
     min_revision: Revision,
-    tx: mpsc::UnboundedSender<Arc<RevisionEvents>>,
+    shared: Arc<WatchShared>,
+}
+
+impl Drop for Watcher {
+    /// Unregistered (its stream is gone) or the store is dropped: tell the
+    /// stream, which ends with [`StoreError::Closed`] once it has drained.
+    fn drop(&mut self) {
+        self.shared.queue.lock().store_gone = true;
+        self.shared.waker.wake();
+    }
+}
+
+/// What a writer and one watch stream share: an unbounded queue of revisions
+/// and the stream's waker.
+///
+/// Not a tokio channel because a channel wakes the receiver inside `send`,
+/// i.e. under the store lock, and on a multi-thread runtime a wake may be a
+/// futex syscall. Here writers enqueue under the store lock (which keeps
+/// revisions in order) and take the waker, and the wake happens after the
+/// store lock is released. A stream that has not polled since its last wake
+/// has no waker registered, so a burst of writes wakes it once.
+struct WatchShared {
+    queue: Mutex<WatchQueue>,
+    waker: AtomicWaker,
+    /// Set when the stream is dropped; the writer unregisters it lazily.
+    stream_gone: AtomicBool,
+}
+
+struct WatchQueue {
+    revisions: VecDeque<Arc<RevisionEvents>>,
+    store_gone: bool,
 }
 
 struct State {
@@ -149,6 +202,11 @@ struct State {
     /// revision wrote at least one event, so the deque is contiguous.
     history: VecDeque<Arc<RevisionEvents>>,
     watchers: Vec<Watcher>,
+    /// History trimmed by the last operation, freed by the caller after the
+    /// lock is released (freeing old events is the costly part of trimming).
+    retired: Vec<Arc<RevisionEvents>>,
+    /// Watch streams to wake once the lock is released.
+    to_wake: Vec<Waker>,
     leases: HashMap<LeaseId, Lease>,
     /// Lease deadlines, earliest first. Entries go stale when a lease is
     /// renewed (its real deadline is later: re-queued on pop) or revoked
@@ -176,6 +234,8 @@ impl EmbeddedStore {
                 kvs: BTreeMap::new(),
                 history: VecDeque::new(),
                 watchers: Vec::new(),
+                retired: Vec::new(),
+                to_wake: Vec::new(),
                 leases: HashMap::new(),
                 deadlines: BinaryHeap::new(),
                 next_lease_id: 1,
@@ -183,6 +243,7 @@ impl EmbeddedStore {
             }),
             wake_expiry: Arc::new(Notify::new()),
             me: me.clone(),
+            max_txn_ops: options.max_txn_ops,
         })
     }
 
@@ -216,10 +277,10 @@ impl EmbeddedStore {
     /// Take the lock and expire every lease whose deadline has passed, so that
     /// each operation sees leases exactly as the clock says, whether or not the
     /// background task has run yet.
-    fn lock(&self) -> parking_lot::MutexGuard<'_, State> {
+    fn lock(&self) -> Locked<'_> {
         let mut state = self.state.lock();
         state.expire_due();
-        state
+        Locked(Some(state))
     }
 
     /// Make sure the lease expiry task runs (it is spawned lazily, and again
@@ -231,6 +292,34 @@ impl EmbeddedStore {
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             state.expiry_task =
                 Some(handle.spawn(expiry_loop(self.me.clone(), Arc::clone(&self.wake_expiry))));
+        }
+    }
+}
+
+/// The state lock, which frees trimmed history only after unlocking.
+struct Locked<'a>(Option<MutexGuard<'a, State>>);
+
+impl Deref for Locked<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        self.0.as_ref().expect("guard present until drop")
+    }
+}
+
+impl DerefMut for Locked<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        self.0.as_mut().expect("guard present until drop")
+    }
+}
+
+impl Drop for Locked<'_> {
+    fn drop(&mut self) {
+        if let Some(mut state) = self.0.take() {
+            let retired = std::mem::take(&mut state.retired);
+            let to_wake = std::mem::take(&mut state.to_wake);
+            drop(state);
+            to_wake.into_iter().for_each(Waker::wake);
+            drop(retired);
         }
     }
 }
@@ -462,14 +551,23 @@ impl State {
         debug_assert_eq!(revision, self.revision + 1);
         self.revision = revision;
         let batch = Arc::new(RevisionEvents { revision, events });
+        let to_wake = &mut self.to_wake;
         self.watchers.retain(|watcher| {
-            if revision >= watcher.min_revision && batch.touches(&watcher.range) {
-                watcher.tx.send(Arc::clone(&batch)).is_ok()
-            } else {
-                // Also drop watchers whose stream is gone but that this write
-                // does not concern, so idle ranges don't pile up.
-                !watcher.tx.is_closed()
+            // Checked for every watcher, touched or not, so that dropped
+            // watches of idle ranges do not pile up.
+            if watcher.shared.stream_gone.load(Ordering::Acquire) {
+                return false;
             }
+            if revision >= watcher.min_revision && batch.touches(&watcher.range) {
+                watcher
+                    .shared
+                    .queue
+                    .lock()
+                    .revisions
+                    .push_back(Arc::clone(&batch));
+                to_wake.extend(watcher.shared.waker.take());
+            }
+            true
         });
         self.history.push_back(batch);
         let floor = revision.saturating_sub(self.history_limit) + 1;
@@ -482,7 +580,7 @@ impl State {
     fn compact_to(&mut self, revision: Revision) {
         self.compact_revision = revision;
         while self.history.front().is_some_and(|b| b.revision < revision) {
-            self.history.pop_front();
+            self.retired.extend(self.history.pop_front());
         }
     }
 
@@ -525,8 +623,11 @@ impl State {
             lease,
             prev_kv: want_prev,
         } = request;
-        let (kv, prev) = match self.kvs.get_mut(&key) {
-            Some(entry) => {
+        // One tree search whether the key exists or not.
+        let (kv, prev) = match self.kvs.entry(key) {
+            btree_map::Entry::Occupied(mut slot) => {
+                let key = slot.key().clone();
+                let entry = slot.get_mut();
                 if entry.lease != lease {
                     if let Some(old) = self.leases.get_mut(&entry.lease) {
                         old.keys.remove(&key);
@@ -548,9 +649,9 @@ impl State {
                 entry.lease = lease;
                 (key_value(key, entry), Some(prev))
             }
-            None => {
+            btree_map::Entry::Vacant(slot) => {
                 if let Some(new) = self.leases.get_mut(&lease) {
-                    new.keys.insert(key.clone());
+                    new.keys.insert(slot.key().clone());
                 }
                 let entry = Entry {
                     value,
@@ -559,8 +660,8 @@ impl State {
                     version: 1,
                     lease,
                 };
-                let kv = key_value(key.clone(), &entry);
-                self.kvs.insert(key, entry);
+                let kv = key_value(slot.key().clone(), &entry);
+                slot.insert(entry);
                 (kv, None)
             }
         };
@@ -673,6 +774,21 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
+        // The order of etcd's checks: size, empty keys, then duplicates.
+        let ops = txn
+            .compares
+            .len()
+            .max(txn.success.len())
+            .max(txn.failure.len());
+        if ops > self.max_txn_ops {
+            return Err(invalid(format!(
+                "too many operations in txn request ({ops} > {})",
+                self.max_txn_ops
+            )));
+        }
+        for compare in &txn.compares {
+            check_key(&compare.key)?;
+        }
         check_branch(&txn.success)?;
         check_branch(&txn.failure)?;
         let mut state = self.lock();
@@ -769,7 +885,6 @@ impl Store for EmbeddedStore {
 
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         check_range(&range)?;
-        let (tx, rx) = mpsc::unbounded_channel();
         let mut state = self.lock();
         let next = state.revision + 1;
         let mut replay = VecDeque::new();
@@ -793,16 +908,24 @@ impl Store for EmbeddedStore {
                     .cloned(),
             );
         }
+        let shared = Arc::new(WatchShared {
+            queue: Mutex::new(WatchQueue {
+                revisions: VecDeque::new(),
+                store_gone: false,
+            }),
+            waker: AtomicWaker::new(),
+            stream_gone: AtomicBool::new(false),
+        });
         state.watchers.push(Watcher {
             range: range.clone(),
             min_revision: start_revision.max(next),
-            tx,
+            shared: Arc::clone(&shared),
         });
         drop(state);
         Ok(Box::pin(EmbeddedWatch {
             range,
-            replay,
-            live: rx,
+            pending: replay,
+            shared,
             done: false,
         }))
     }
@@ -829,9 +952,31 @@ impl Store for EmbeddedStore {
 /// The stream of one watch: the replayed history first, then live batches.
 struct EmbeddedWatch {
     range: KeyRange,
-    replay: VecDeque<Arc<RevisionEvents>>,
-    live: mpsc::UnboundedReceiver<Arc<RevisionEvents>>,
+    /// Revisions taken from the shared queue (initially: the replay), not yet
+    /// turned into items. Swapped with the shared queue wholesale so that
+    /// both keep their capacity and the queue lock is held only for a swap.
+    pending: VecDeque<Arc<RevisionEvents>>,
+    shared: Arc<WatchShared>,
     done: bool,
+}
+
+impl EmbeddedWatch {
+    /// Move whatever is queued into `pending`; `Err(())` if nothing is and
+    /// the store is gone.
+    fn refill(&mut self) -> Result<(), ()> {
+        let mut queue = self.shared.queue.lock();
+        if queue.revisions.is_empty() {
+            return if queue.store_gone { Err(()) } else { Ok(()) };
+        }
+        std::mem::swap(&mut queue.revisions, &mut self.pending);
+        Ok(())
+    }
+}
+
+impl Drop for EmbeddedWatch {
+    fn drop(&mut self) {
+        self.shared.stream_gone.store(true, Ordering::Release);
+    }
 }
 
 impl Stream for EmbeddedWatch {
@@ -839,41 +984,54 @@ impl Stream for EmbeddedWatch {
 
     fn poll_next(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
         let this = self.get_mut();
-        if this.done {
-            return Poll::Ready(None);
-        }
-        let mut batch = Vec::new();
         loop {
-            let next = if let Some(revision) = this.replay.pop_front() {
-                revision
-            } else if batch.is_empty() {
-                match this.live.poll_recv(cx) {
-                    Poll::Ready(Some(revision)) => revision,
-                    Poll::Ready(None) => {
-                        // The store was dropped: the watch cannot continue.
-                        this.done = true;
-                        return Poll::Ready(Some(Err(StoreError::Closed)));
-                    }
-                    Poll::Pending => return Poll::Pending,
+            if this.done {
+                return Poll::Ready(None);
+            }
+            if this.pending.is_empty() {
+                let mut refilled = this.refill();
+                if refilled.is_ok() && this.pending.is_empty() {
+                    // Register, then look again: a writer enqueues before it
+                    // takes the waker, so nothing can slip in between.
+                    this.shared.waker.register(cx.waker());
+                    refilled = this.refill();
                 }
-            } else {
-                // Coalesce whatever else is already queued into this item.
-                match this.live.try_recv() {
-                    Ok(revision) => revision,
-                    Err(_) => break,
+                if refilled.is_err() {
+                    // The store was dropped: the watch cannot continue.
+                    this.done = true;
+                    return Poll::Ready(Some(Err(StoreError::Closed)));
                 }
-            };
-            let range = &this.range;
-            batch.extend(
-                next.events
-                    .iter()
-                    .filter(|e| range.contains(&e.kv.key))
-                    .cloned(),
-            );
-            if batch.len() >= MAX_BATCH_EVENTS {
-                break;
+                if this.pending.is_empty() {
+                    return Poll::Pending;
+                }
+            }
+            // Coalesce the pending revisions into one item, up to the cap.
+            let mut capacity = 0;
+            for revision in &this.pending {
+                capacity += revision.events.len();
+                if capacity >= MAX_BATCH_EVENTS {
+                    break;
+                }
+            }
+            let mut batch = Vec::with_capacity(capacity);
+            while batch.len() < MAX_BATCH_EVENTS {
+                let Some(revision) = this.pending.pop_front() else {
+                    break;
+                };
+                let range = &this.range;
+                batch.extend(
+                    revision
+                        .events
+                        .iter()
+                        .filter(|e| range.contains(&e.kv.key))
+                        .cloned(),
+                );
+            }
+            // Only revisions touching the range are queued, so this is
+            // non-empty; the loop is a guard against an empty item.
+            if !batch.is_empty() {
+                return Poll::Ready(Some(Ok(batch)));
             }
         }
-        Poll::Ready(Some(Ok(batch)))
     }
 }
