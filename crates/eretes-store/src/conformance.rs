@@ -652,6 +652,16 @@ pub async fn empty_key_rejected(store: Arc<dyn Store>, prefix: &str) {
             .await,
         "txn putting an empty key",
     );
+    expect_invalid(
+        store
+            .txn(
+                Txn::new()
+                    .when(Compare::absent(""))
+                    .and_then(put_op(&marker, "x")),
+            )
+            .await,
+        "txn comparing an empty key",
+    );
     assert_absent(store, &marker, "a rejected txn writes nothing").await;
 }
 
