@@ -190,6 +190,24 @@ async fn a_dead_nodes_tasks_move_after_its_lease_expires_and_not_before() {
     assert_eq!(cluster.observer.overlaps(), 0);
 }
 
+/// A cluster on an embedded store whose node `a` reaches the store through a
+/// fault injector (so its renewals or every call can be made to fail).
+async fn cluster_with_faulty_node_a(
+) -> (Arc<EmbeddedStore>, Arc<FaultyStore<EmbeddedStore>>, Cluster) {
+    let inner = EmbeddedStore::new();
+    let faulty = FaultyStore::new(inner.clone());
+    let mut cluster = Cluster::new(inner.clone());
+    let config = cluster.config("a");
+    cluster
+        .start_with(
+            faulty.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
+        .await;
+    (inner, faulty, cluster)
+}
+
 /// Wait for the next delete event on `stream` and return when it came.
 async fn next_delete(stream: &mut eretes_store::WatchStream) -> Instant {
     use futures::StreamExt;
@@ -210,17 +228,7 @@ async fn next_delete(stream: &mut eretes_store::WatchStream) -> Instant {
 
 #[tokio::test(start_paused = true)]
 async fn a_node_that_cannot_renew_fences_itself_before_its_lease_expires() {
-    let inner = EmbeddedStore::new();
-    let faulty = FaultyStore::new(inner.clone());
-    let mut cluster = Cluster::new(inner.clone());
-    let config = cluster.config("a");
-    cluster
-        .start_with(
-            faulty.clone(),
-            config,
-            Box::new(eretes_runtime::balancer::DumbBalancer),
-        )
-        .await;
+    let (inner, faulty, mut cluster) = cluster_with_faulty_node_a().await;
     cluster.submit_idle(10).await;
     eventually("a runs all 10", Duration::from_secs(5), || {
         cluster.observer.running_per_node().get("a") == Some(&10)
@@ -284,17 +292,7 @@ async fn a_node_that_cannot_renew_fences_itself_before_its_lease_expires() {
 
 #[tokio::test(start_paused = true)]
 async fn a_store_outage_longer_than_the_ttl_loses_nothing() {
-    let inner = EmbeddedStore::new();
-    let faulty = FaultyStore::new(inner.clone());
-    let mut cluster = Cluster::new(inner.clone());
-    let config = cluster.config("a");
-    cluster
-        .start_with(
-            faulty.clone(),
-            config,
-            Box::new(eretes_runtime::balancer::DumbBalancer),
-        )
-        .await;
+    let (inner, faulty, cluster) = cluster_with_faulty_node_a().await;
     cluster.submit_idle(10).await;
     eventually("a runs all 10", Duration::from_secs(5), || {
         cluster.observer.running_tasks() == 10
@@ -705,17 +703,7 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
 
 #[tokio::test(start_paused = true)]
 async fn a_fenced_handler_that_ignores_cancellation_is_aborted_before_the_lease_expires() {
-    let inner = EmbeddedStore::new();
-    let faulty = FaultyStore::new(inner.clone());
-    let mut cluster = Cluster::new(inner.clone());
-    let config = cluster.config("a");
-    cluster
-        .start_with(
-            faulty.clone(),
-            config,
-            Box::new(eretes_runtime::balancer::DumbBalancer),
-        )
-        .await;
+    let (inner, faulty, cluster) = cluster_with_faulty_node_a().await;
     cluster
         .submit("stubborn", json!({"mode": "stubborn"}))
         .await;
