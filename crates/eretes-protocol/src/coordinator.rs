@@ -4,8 +4,8 @@
 use std::sync::Arc;
 
 use eretes_store::{
-    Compare, DeleteRequest, GetRequest, KeyRange, KeyValue, LeaseId, PutRequest, Revision, Store,
-    StoreExt, Txn, TxnOp, TxnOpResponse,
+    Compare, DeleteRequest, GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, PutRequest,
+    Revision, Store, StoreExt, Txn, TxnOp, TxnOpResponse, WatchStream,
 };
 use serde_json::Value;
 
@@ -407,17 +407,36 @@ impl Coordinator {
         Ok(())
     }
 
-    /// Take a queued command: delete its key if it is still the one seen at
-    /// `mod_revision`. Returns whether this caller took it (and so must apply it).
+    /// Take a queued command: read and delete its key in one transaction if
+    /// it is still the one seen at `mod_revision`. Returns its value if this
+    /// caller took it (and so must apply it), `None` if it was gone.
     pub async fn take_node_command(
         &self,
         key: &str,
         mod_revision: Revision,
-    ) -> Result<bool, ProtocolError> {
+    ) -> Result<Option<Vec<u8>>, ProtocolError> {
         let txn = Txn::new()
             .when(Compare::mod_revision_is(key, mod_revision))
+            .and_then(get(key.to_string()))
             .and_then(delete(key.to_string()));
-        Ok(self.store.txn(txn).await?.succeeded)
+        let response = self.store.txn(txn).await?;
+        if !response.succeeded {
+            return Ok(None);
+        }
+        Ok(got(response.responses.first()).map(|kv| kv.value))
+    }
+
+    /// Everything in the namespace, with the revision of the read.
+    pub async fn list_namespace(&self) -> Result<GetResponse, ProtocolError> {
+        Ok(self.store.get_prefix(self.ns.root()).await?)
+    }
+
+    /// Watch the whole namespace from `revision` on.
+    pub async fn watch_namespace(&self, revision: Revision) -> Result<WatchStream, ProtocolError> {
+        Ok(self
+            .store
+            .watch(KeyRange::prefix(self.ns.root()), revision)
+            .await?)
     }
 
     /// Read a task's terminal record, if it has one.

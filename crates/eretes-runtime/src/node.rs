@@ -17,7 +17,7 @@ use eretes_protocol::{
     now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeName, NodeRecord,
     ProtocolError, TaskId,
 };
-use eretes_store::{EventKind, KeyRange, LeaseId, Revision, Store, StoreError, WatchStream};
+use eretes_store::{EventKind, LeaseId, Revision, Store, StoreError, WatchStream};
 use futures::future::BoxFuture;
 use futures::stream::FuturesUnordered;
 use futures::{FutureExt, StreamExt};
@@ -274,7 +274,7 @@ struct MainLoop {
     /// Abort fenced handlers that are still running at this instant.
     fence_abort_at: Option<Instant>,
     watch: Option<WatchStream>,
-    syncing: Option<BoxFuture<'static, Result<Sync, StoreError>>>,
+    syncing: Option<BoxFuture<'static, Result<Sync, ProtocolError>>>,
     sync_at: Option<Instant>,
     /// Count malformed keys of the next listing (the first one, and after a
     /// watch restart); periodic resyncs re-read the same keys and do not.
@@ -647,17 +647,10 @@ impl MainLoop {
         if self.lease.is_none() {
             return;
         }
-        let store = self.coordinator.store().clone();
-        let root = self.config.namespace.root().to_string();
+        let coordinator = self.coordinator.clone();
         self.syncing = Some(Box::pin(async move {
-            let listing = store
-                .get(eretes_store::GetRequest::new(KeyRange::prefix(
-                    root.clone(),
-                )))
-                .await?;
-            let watch = store
-                .watch(KeyRange::prefix(root), listing.revision + 1)
-                .await?;
+            let listing = coordinator.list_namespace().await?;
+            let watch = coordinator.watch_namespace(listing.revision + 1).await?;
             Ok(Sync {
                 kvs: listing.kvs,
                 revision: listing.revision,
@@ -666,7 +659,7 @@ impl MainLoop {
         }));
     }
 
-    fn on_sync(&mut self, result: Result<Sync, StoreError>) {
+    fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
         match result {
             Ok(sync) => {
                 let (cache, changes) = self.cache.rebuild(&sync.kvs);
@@ -809,23 +802,7 @@ impl MainLoop {
         };
         let coordinator = self.coordinator.clone();
         self.taking_command = Some(Box::pin(async move {
-            let value = coordinator
-                .store()
-                .get(eretes_store::GetRequest::new(KeyRange::key(key.clone())))
-                .await;
-            let result = match value {
-                Err(error) => Err(error.into()),
-                Ok(response) => match response.kvs.into_iter().next() {
-                    Some(kv) if kv.mod_revision == revision => {
-                        match coordinator.take_node_command(&key, revision).await {
-                            Ok(true) => Ok(Some(kv.value)),
-                            Ok(false) => Ok(None),
-                            Err(error) => Err(error),
-                        }
-                    }
-                    _ => Ok(None),
-                },
-            };
+            let result = coordinator.take_node_command(&key, revision).await;
             (key, revision, result)
         }));
     }

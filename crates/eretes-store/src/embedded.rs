@@ -15,9 +15,12 @@
 //! task has not run yet.
 //!
 //! Watch fan-out is cheap: the events of one revision are built once into an
-//! `Arc`, stored in the history and sent (as an `Arc` clone) over an unbounded
-//! channel to every watcher whose range they touch. Each watch stream filters
-//! and clones the events of its range on its own task, outside the lock.
+//! `Arc`, stored in the history and queued (as an `Arc` clone) for every
+//! watcher whose range they touch; watchers are woken after the lock is
+//! released. Each watch stream filters and clones the events of its range on
+//! its own task, outside the lock, coalescing whatever revisions are queued
+//! into one item. Queues are unbounded: a watcher that never polls holds on
+//! to every revision queued for it (as etcd buffers for a slow watcher).
 
 use std::cmp::Reverse;
 use std::collections::{btree_map, BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};

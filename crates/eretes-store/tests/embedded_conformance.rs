@@ -18,6 +18,14 @@ eretes_store::conformance_tests! {
     attr: #[tokio::test(start_paused = true)]
 }
 
+// The suite in real time on a multi-thread runtime, as it runs against etcd:
+// catches cases that only pass thanks to paused time.
+eretes_store::conformance_tests! {
+    mod: real_time,
+    store: EmbeddedStore::new(),
+    attr: #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+}
+
 #[test]
 fn every_case_is_listed() {
     // The macro and `CASES` are two lists; keep them in step.
