@@ -695,6 +695,15 @@ impl MainLoop {
                 for id in lost {
                     self.stop_task(&id, StopReason::Gone);
                 }
+                // Claims newer than the listing stay counted as ours until the
+                // watch delivers their owner records.
+                for running in self.running.values() {
+                    if running.claim.epoch > sync.revision {
+                        let group = &running.claim.record.spec.group;
+                        self.cache
+                            .set_mine(&running.claim.task, group, running.claim.epoch);
+                    }
+                }
                 for id in &self.claiming {
                     if let Some(task) = self.cache.task(id) {
                         let group = task.record.spec.group.clone();
