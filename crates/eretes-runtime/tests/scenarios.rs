@@ -50,14 +50,11 @@ async fn ten_nodes_race_for_one_task_and_exactly_one_wins() {
     }
 }
 
-#[tokio::test(start_paused = true)]
-async fn concurrent_claim_transactions_have_one_winner() {
-    let store = embedded();
-    let ns = Namespace::new("race").unwrap();
-    let coordinator = Coordinator::new(store.clone(), ns.clone());
-    let id = TaskId::new("t").unwrap();
+/// Submit task `id` and return the revision of the submission with what a
+/// claimant who saw it would claim against.
+async fn submit_with_basis(coordinator: &Coordinator, id: &TaskId) -> (i64, ClaimBasis) {
     let spec = TaskSpec::new(GroupName::default(), json!({}));
-    let revision = coordinator.submit(&id, &spec).await.unwrap();
+    let revision = coordinator.submit(id, &spec).await.unwrap();
     let basis = ClaimBasis {
         task: Arc::new(TaskRecord {
             spec,
@@ -67,6 +64,16 @@ async fn concurrent_claim_transactions_have_one_winner() {
         run_revision: 0,
         run: Default::default(),
     };
+    (revision, basis)
+}
+
+#[tokio::test(start_paused = true)]
+async fn concurrent_claim_transactions_have_one_winner() {
+    let store = embedded();
+    let ns = Namespace::new("race").unwrap();
+    let coordinator = Coordinator::new(store.clone(), ns.clone());
+    let id = TaskId::new("t").unwrap();
+    let (revision, basis) = submit_with_basis(&coordinator, &id).await;
     let mut attempts = Vec::new();
     for i in 0..10 {
         let lease = store.lease_grant(TTL).await.unwrap().id;
@@ -91,17 +98,7 @@ async fn a_late_claim_does_not_resurrect_a_deleted_task() {
     let store = embedded();
     let coordinator = Coordinator::new(store.clone(), Namespace::new("late").unwrap());
     let id = TaskId::new("t").unwrap();
-    let spec = TaskSpec::new(GroupName::default(), json!({}));
-    let revision = coordinator.submit(&id, &spec).await.unwrap();
-    let basis = ClaimBasis {
-        task: Arc::new(TaskRecord {
-            spec,
-            submitted_at_ms: 0,
-        }),
-        task_revision: revision,
-        run_revision: 0,
-        run: Default::default(),
-    };
+    let (_, basis) = submit_with_basis(&coordinator, &id).await;
     coordinator.delete(&id).await.unwrap();
     let lease = store.lease_grant(TTL).await.unwrap().id;
     let node = NodeName::new("late").unwrap();

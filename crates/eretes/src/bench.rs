@@ -63,8 +63,9 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn nodes(cluster_names: u16) -> Vec<String> {
-    (1..=cluster_names).map(|i| format!("node-{i}")).collect()
+/// Names of `count` nodes: node-1, node-2, …
+fn nodes(count: u16) -> Vec<String> {
+    (1..=count).map(|i| format!("node-{i}")).collect()
 }
 
 /// Submit N no-op tasks while the nodes run them; the clock stops when the
