@@ -36,13 +36,51 @@ pub struct ClaimBasis {
     pub run: RunRecord,
 }
 
+/// The most tasks one claim transaction carries. Each task adds three
+/// compares and two writes, so a full batch stays within etcd's default
+/// limit of 128 compares and 128 operations per transaction.
+pub const MAX_CLAIM_BATCH: usize = 32;
+
+/// The most runs one transaction ends. A completion adds one compare and four
+/// writes, so a full batch stays within etcd's default limit of 128.
+pub const MAX_FINISH_BATCH: usize = 32;
+
+/// How a run ends, as [`Coordinator::end_run`] records it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunEnd {
+    /// The task is done with this result (retired; a result over
+    /// [`MAX_RESULT_BYTES`] retires it as failed instead).
+    Done(Value),
+    /// The task failed for this reason (retired).
+    Failed(String),
+    /// The task goes back to the pool for any node to claim.
+    Released,
+}
+
+/// One claim's checks and writes.
+struct ClaimPlan {
+    compares: Vec<Compare>,
+    writes: Vec<TxnOp>,
+    /// The run record the claim writes.
+    run: RunRecord,
+    /// `Some(takeovers)` when the claim parks the task instead of running it.
+    parked: Option<u32>,
+}
+
+fn not_owner(claim: &Claim) -> ProtocolError {
+    ProtocolError::NotOwner {
+        task: claim.task.to_string(),
+        epoch: claim.epoch,
+    }
+}
+
 /// A successful claim: this node owns the task at `epoch`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Claim {
     /// The task.
     pub task: TaskId,
     /// The fencing epoch: the store revision of the claim. Strictly larger than
-    /// every earlier claim of any task.
+    /// every earlier claim of this task; tasks claimed in one batch share it.
     pub epoch: Revision,
     /// The owner.
     pub node: NodeName,
@@ -210,6 +248,77 @@ impl Coordinator {
         })
     }
 
+    /// What claiming `id` for `node` checks and writes. Shared by the single
+    /// and the batched claim so both write exactly the same records.
+    fn plan_claim(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        id: &TaskId,
+        basis: &ClaimBasis,
+    ) -> ClaimPlan {
+        let (task_key, owner_key, run_key) = (self.ns.task(id), self.ns.owner(id), self.ns.run(id));
+        let takeovers = basis.run.takeovers + u32::from(basis.run.open);
+        let run = RunRecord {
+            claims: basis.run.claims + 1,
+            takeovers,
+            open: true,
+            node: Some(node.clone()),
+        };
+        let compares = vec![
+            Compare::mod_revision_is(task_key.clone(), basis.task_revision),
+            Compare::absent(owner_key.clone()),
+            Compare::mod_revision_is(run_key.clone(), basis.run_revision),
+        ];
+        if takeovers <= self.takeover_limit {
+            let owner = OwnerRecord {
+                node: node.clone(),
+                group: basis.task.spec.group.clone(),
+            };
+            let writes = vec![
+                TxnOp::Put(PutRequest::new(owner_key, encode(&owner)).with_lease(lease)),
+                put(run_key, encode(&run)),
+            ];
+            return ClaimPlan {
+                compares,
+                writes,
+                run,
+                parked: None,
+            };
+        }
+        // A parked task never ran under this claim: record the takeovers, not a run.
+        let parked_run = RunRecord {
+            claims: basis.run.claims,
+            open: false,
+            ..run.clone()
+        };
+        let result = ResultRecord {
+            outcome: Outcome::Failed,
+            result: Value::Null,
+            error: Some(format!(
+                "parked: its owners died or lost their lease {takeovers} times while running it \
+                 (limit {}); suspected poison task",
+                self.takeover_limit
+            )),
+            spec: basis.task.spec.clone(),
+            epoch: 0,
+            node: node.clone(),
+            runs: parked_run,
+            finished_at_ms: now_ms(),
+        };
+        let writes = vec![
+            delete(task_key),
+            delete(run_key),
+            put(self.ns.result(id), encode(&result)),
+        ];
+        ClaimPlan {
+            compares,
+            writes,
+            run,
+            parked: Some(takeovers),
+        }
+    }
+
     /// Claim a task for `node` under its `lease`: one transaction that checks
     /// the task still exists as seen, has no owner and its run record is as
     /// seen, then writes the owner record (under the lease) and the run record.
@@ -222,68 +331,16 @@ impl Coordinator {
         id: &TaskId,
         basis: &ClaimBasis,
     ) -> Result<ClaimOutcome, ProtocolError> {
-        let (task_key, owner_key, run_key) = (self.ns.task(id), self.ns.owner(id), self.ns.run(id));
-        let takeovers = basis.run.takeovers + u32::from(basis.run.open);
-        let run = RunRecord {
-            claims: basis.run.claims + 1,
-            takeovers,
-            open: true,
-            node: Some(node.clone()),
+        let plan = self.plan_claim(node, lease, id, basis);
+        let txn = Txn {
+            compares: plan.compares,
+            success: plan.writes,
+            failure: vec![
+                get(self.ns.task(id)),
+                get(self.ns.owner(id)),
+                get(self.ns.run(id)),
+            ],
         };
-        let parking = takeovers > self.takeover_limit;
-        // A parked task never ran under this claim: record the takeovers, not a run.
-        let parked_run = RunRecord {
-            claims: basis.run.claims,
-            open: false,
-            ..run.clone()
-        };
-        let mut txn = Txn::new()
-            .when(Compare::mod_revision_is(
-                task_key.clone(),
-                basis.task_revision,
-            ))
-            .when(Compare::absent(owner_key.clone()))
-            .when(Compare::mod_revision_is(
-                run_key.clone(),
-                basis.run_revision,
-            ));
-        if parking {
-            let result = ResultRecord {
-                outcome: Outcome::Failed,
-                result: Value::Null,
-                error: Some(format!(
-                    "parked: its owners died or lost their lease {takeovers} times while running it \
-                     (limit {}); suspected poison task",
-                    self.takeover_limit
-                )),
-                spec: basis.task.spec.clone(),
-                epoch: 0,
-                node: node.clone(),
-                runs: parked_run,
-                finished_at_ms: now_ms(),
-            };
-            txn = txn
-                .and_then(delete(task_key.clone()))
-                .and_then(delete(run_key.clone()))
-                .and_then(put(self.ns.result(id), encode(&result)));
-        } else {
-            txn = txn
-                .and_then(TxnOp::Put(
-                    PutRequest::new(
-                        owner_key.clone(),
-                        encode(&OwnerRecord {
-                            node: node.clone(),
-                            group: basis.task.spec.group.clone(),
-                        }),
-                    )
-                    .with_lease(lease),
-                ))
-                .and_then(put(run_key.clone(), encode(&run)));
-        }
-        let txn = txn
-            .or_else(get(task_key))
-            .or_else(get(owner_key))
-            .or_else(get(run_key));
         let response = self.store.txn(txn).await?;
         if !response.succeeded {
             let mut responses = response.responses.iter();
@@ -293,7 +350,7 @@ impl Coordinator {
                 run: got(responses.next()),
             }));
         }
-        if parking {
+        if let Some(takeovers) = plan.parked {
             return Ok(ClaimOutcome::Parked { takeovers });
         }
         Ok(ClaimOutcome::Claimed(Claim {
@@ -301,8 +358,80 @@ impl Coordinator {
             epoch: response.revision,
             node: node.clone(),
             record: basis.task.clone(),
-            run,
+            run: plan.run,
         }))
+    }
+
+    /// Claim several tasks in one transaction: every task's checks must hold,
+    /// and then every task is claimed at the same revision (which is each
+    /// one's epoch). When the transaction fails because some other node got
+    /// to one of the tasks first, or when a task is due to be parked, each
+    /// task is claimed on its own instead, so one contested task never costs
+    /// the others their claim. At most [`MAX_CLAIM_BATCH`] tasks go into one
+    /// transaction; larger batches are split. Outcomes are in input order.
+    pub async fn claim_batch(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        tasks: &[(TaskId, ClaimBasis)],
+    ) -> Vec<Result<ClaimOutcome, ProtocolError>> {
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(MAX_CLAIM_BATCH) {
+            outcomes.extend(self.claim_chunk(node, lease, chunk).await);
+        }
+        outcomes
+    }
+
+    async fn claim_chunk(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        tasks: &[(TaskId, ClaimBasis)],
+    ) -> Vec<Result<ClaimOutcome, ProtocolError>> {
+        let one_by_one = || {
+            futures::future::join_all(
+                tasks
+                    .iter()
+                    .map(|(id, basis)| self.claim(node, lease, id, basis)),
+            )
+        };
+        if tasks.len() < 2 {
+            return one_by_one().await;
+        }
+        let plans: Vec<ClaimPlan> = tasks
+            .iter()
+            .map(|(id, basis)| self.plan_claim(node, lease, id, basis))
+            .collect();
+        if plans.iter().any(|plan| plan.parked.is_some()) {
+            return one_by_one().await;
+        }
+        let mut txn = Txn::new();
+        let mut runs = Vec::with_capacity(plans.len());
+        for plan in plans {
+            txn.compares.extend(plan.compares);
+            txn.success.extend(plan.writes);
+            runs.push(plan.run);
+        }
+        match self.store.txn(txn).await {
+            Ok(response) if response.succeeded => tasks
+                .iter()
+                .zip(runs)
+                .map(|((id, basis), run)| {
+                    Ok(ClaimOutcome::Claimed(Claim {
+                        task: id.clone(),
+                        epoch: response.revision,
+                        node: node.clone(),
+                        record: basis.task.clone(),
+                        run,
+                    }))
+                })
+                .collect(),
+            Ok(_) => one_by_one().await,
+            Err(error) => tasks
+                .iter()
+                .map(|_| Err(ProtocolError::Store(error.clone())))
+                .collect(),
+        }
     }
 
     /// The compare every fenced write uses: the owner record is the one this
@@ -312,28 +441,9 @@ impl Coordinator {
         Compare::create_revision_is(self.ns.owner(&claim.task), claim.epoch)
     }
 
-    async fn fenced(&self, claim: &Claim, txn: Txn) -> Result<(), ProtocolError> {
-        let response = self.store.txn(txn.when(self.fence(claim))).await?;
-        if response.succeeded {
-            Ok(())
-        } else {
-            Err(ProtocolError::NotOwner {
-                task: claim.task.to_string(),
-                epoch: claim.epoch,
-            })
-        }
-    }
-
     /// Give a task back cleanly so any node may claim it.
     pub async fn release(&self, claim: &Claim) -> Result<(), ProtocolError> {
-        let run = RunRecord {
-            open: false,
-            ..claim.run.clone()
-        };
-        let txn = Txn::new()
-            .and_then(delete(self.ns.owner(&claim.task)))
-            .and_then(put(self.ns.run(&claim.task), encode(&run)));
-        self.fenced(claim, txn).await
+        self.end_run(claim, RunEnd::Released).await
     }
 
     /// Retire a task: write its result and remove it, in one transaction
@@ -341,31 +451,94 @@ impl Coordinator {
     /// A result larger than [`MAX_RESULT_BYTES`] retires the task as failed
     /// with a reason naming the size, since no store would accept it.
     pub async fn complete(&self, claim: &Claim, result: Value) -> Result<(), ProtocolError> {
-        let size = serde_json::to_vec(&result).map(|v| v.len()).unwrap_or(0);
-        if size > MAX_RESULT_BYTES {
-            let reason = format!(
-                "the handler's result is {size} bytes; the limit is {MAX_RESULT_BYTES} bytes"
-            );
-            return self
-                .retire(claim, Outcome::Failed, Value::Null, Some(reason))
-                .await;
-        }
-        self.retire(claim, Outcome::Done, result, None).await
+        self.end_run(claim, RunEnd::Done(result)).await
     }
 
     /// Retire a task as failed with `reason`, fenced by the claim's epoch.
     pub async fn fail(&self, claim: &Claim, reason: String) -> Result<(), ProtocolError> {
-        self.retire(claim, Outcome::Failed, Value::Null, Some(reason))
-            .await
+        self.end_run(claim, RunEnd::Failed(reason)).await
     }
 
-    async fn retire(
-        &self,
-        claim: &Claim,
-        outcome: Outcome,
-        result: Value,
-        error: Option<String>,
-    ) -> Result<(), ProtocolError> {
+    /// Record how a run ended, in one transaction fenced by the claim's epoch.
+    pub async fn end_run(&self, claim: &Claim, end: RunEnd) -> Result<(), ProtocolError> {
+        let txn = Txn {
+            compares: vec![self.fence(claim)],
+            success: self.end_writes(claim, &end),
+            failure: Vec::new(),
+        };
+        let response = self.store.txn(txn).await?;
+        if response.succeeded {
+            Ok(())
+        } else {
+            Err(not_owner(claim))
+        }
+    }
+
+    /// End several runs in one transaction, every write fenced by its own
+    /// claim's epoch. If any one of them is no longer owned, each run is
+    /// ended on its own instead, so a stale claim never blocks the others.
+    /// At most [`MAX_FINISH_BATCH`] runs go into one transaction; larger
+    /// batches are split. Results are in input order.
+    pub async fn end_runs(&self, runs: &[(Claim, RunEnd)]) -> Vec<Result<(), ProtocolError>> {
+        let mut results = Vec::with_capacity(runs.len());
+        for chunk in runs.chunks(MAX_FINISH_BATCH) {
+            results.extend(self.end_chunk(chunk).await);
+        }
+        results
+    }
+
+    async fn end_chunk(&self, runs: &[(Claim, RunEnd)]) -> Vec<Result<(), ProtocolError>> {
+        let one_by_one = || {
+            futures::future::join_all(
+                runs.iter()
+                    .map(|(claim, end)| self.end_run(claim, end.clone())),
+            )
+        };
+        if runs.len() < 2 {
+            return one_by_one().await;
+        }
+        let mut txn = Txn::new();
+        for (claim, end) in runs {
+            txn.compares.push(self.fence(claim));
+            txn.success.extend(self.end_writes(claim, end));
+        }
+        match self.store.txn(txn).await {
+            Ok(response) if response.succeeded => runs.iter().map(|_| Ok(())).collect(),
+            Ok(_) => one_by_one().await,
+            Err(error) => runs
+                .iter()
+                .map(|_| Err(ProtocolError::Store(error.clone())))
+                .collect(),
+        }
+    }
+
+    /// The writes that end a run (without the fence).
+    fn end_writes(&self, claim: &Claim, end: &RunEnd) -> Vec<TxnOp> {
+        let id = &claim.task;
+        let (outcome, result, error) = match end {
+            RunEnd::Released => {
+                let run = RunRecord {
+                    open: false,
+                    ..claim.run.clone()
+                };
+                return vec![
+                    delete(self.ns.owner(id)),
+                    put(self.ns.run(id), encode(&run)),
+                ];
+            }
+            RunEnd::Done(result) => {
+                let size = serde_json::to_vec(result).map(|v| v.len()).unwrap_or(0);
+                if size > MAX_RESULT_BYTES {
+                    let reason = format!(
+                        "the handler's result is {size} bytes; the limit is {MAX_RESULT_BYTES} bytes"
+                    );
+                    (Outcome::Failed, Value::Null, Some(reason))
+                } else {
+                    (Outcome::Done, result.clone(), None)
+                }
+            }
+            RunEnd::Failed(reason) => (Outcome::Failed, Value::Null, Some(reason.clone())),
+        };
         let record = ResultRecord {
             outcome,
             result,
@@ -379,13 +552,12 @@ impl Coordinator {
             },
             finished_at_ms: now_ms(),
         };
-        let id = &claim.task;
-        let txn = Txn::new()
-            .and_then(delete(self.ns.task(id)))
-            .and_then(delete(self.ns.owner(id)))
-            .and_then(delete(self.ns.run(id)))
-            .and_then(put(self.ns.result(id), encode(&record)));
-        self.fenced(claim, txn).await
+        vec![
+            delete(self.ns.task(id)),
+            delete(self.ns.owner(id)),
+            delete(self.ns.run(id)),
+            put(self.ns.result(id), encode(&record)),
+        ]
     }
 
     /// Queue a command for `node`. Commands are applied in the order they were

@@ -42,7 +42,8 @@ mod records;
 
 pub use commands::NodeCommand;
 pub use coordinator::{
-    Claim, ClaimBasis, ClaimOutcome, Coordinator, TaskKeys, DEFAULT_TAKEOVER_LIMIT,
+    Claim, ClaimBasis, ClaimOutcome, Coordinator, RunEnd, TaskKeys, DEFAULT_TAKEOVER_LIMIT,
+    MAX_CLAIM_BATCH, MAX_FINISH_BATCH,
 };
 pub use error::ProtocolError;
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};

@@ -19,13 +19,8 @@ fn spec(properties: serde_json::Value) -> TaskSpec {
     TaskSpec::new(GroupName::default(), properties)
 }
 
-async fn claim(
-    coordinator: &Coordinator,
-    store: &Arc<dyn Store>,
-    id: &TaskId,
-    node: &str,
-) -> Claim {
-    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+/// What a claimant would see of `id` right now.
+async fn basis(coordinator: &Coordinator, store: &Arc<dyn Store>, id: &TaskId) -> ClaimBasis {
     let kv = store
         .get_key(&coordinator.namespace().task(id))
         .await
@@ -35,14 +30,24 @@ async fn claim(
         .get_key(&coordinator.namespace().run(id))
         .await
         .unwrap();
-    let basis = ClaimBasis {
+    ClaimBasis {
         task: Arc::new(decode("task", &kv.key, &kv.value).unwrap()),
         task_revision: kv.mod_revision,
         run_revision: run.as_ref().map_or(0, |r| r.mod_revision),
         run: run
             .map(|r| decode("run", &r.key, &r.value).unwrap())
             .unwrap_or_default(),
-    };
+    }
+}
+
+async fn claim(
+    coordinator: &Coordinator,
+    store: &Arc<dyn Store>,
+    id: &TaskId,
+    node: &str,
+) -> Claim {
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let basis = basis(coordinator, store, id).await;
     match coordinator
         .claim(&NodeName::new(node).unwrap(), lease, id, &basis)
         .await
@@ -231,4 +236,191 @@ async fn a_garbage_result_is_reported_as_malformed() {
         .unwrap_err();
     assert!(matches!(error, ProtocolError::Malformed(_)), "{error}");
     assert!(error.to_string().contains("p/results/g"), "{error}");
+}
+
+/// Submit `count` tasks named `<prefix>-<n>` and return their ids with what a
+/// claimant sees of them.
+async fn submitted(
+    coordinator: &Coordinator,
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    count: usize,
+) -> Vec<(TaskId, ClaimBasis)> {
+    let mut tasks = Vec::new();
+    for n in 0..count {
+        let id = TaskId::new(format!("{prefix}-{n:03}")).unwrap();
+        coordinator.submit(&id, &spec(json!(n))).await.unwrap();
+        tasks.push(id);
+    }
+    let mut with_basis = Vec::new();
+    for id in tasks {
+        let basis = basis(coordinator, store, &id).await;
+        with_basis.push((id, basis));
+    }
+    with_basis
+}
+
+fn claimed(outcome: &Result<ClaimOutcome, ProtocolError>) -> &Claim {
+    match outcome {
+        Ok(ClaimOutcome::Claimed(claim)) => claim,
+        other => panic!("expected a claim, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn a_batch_claims_every_task_in_one_revision_and_splits_past_the_limit() {
+    let (store, coordinator) = setup();
+    let tasks = submitted(&coordinator, &store, "b", MAX_CLAIM_BATCH + 3).await;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let node = NodeName::new("a").unwrap();
+    let before = store.current_revision().await.unwrap();
+    let outcomes = coordinator.claim_batch(&node, lease, &tasks).await;
+    assert_eq!(outcomes.len(), tasks.len());
+    // One transaction for the first MAX_CLAIM_BATCH, one for the rest.
+    let first = claimed(&outcomes[0]).epoch;
+    let last = claimed(&outcomes[MAX_CLAIM_BATCH]).epoch;
+    assert_eq!((first, last), (before + 1, before + 2));
+    for (n, ((id, _), outcome)) in tasks.iter().zip(&outcomes).enumerate() {
+        let claim = claimed(outcome);
+        assert_eq!(&claim.task, id, "outcomes are in input order");
+        assert_eq!(claim.epoch, if n < MAX_CLAIM_BATCH { first } else { last });
+        let owner = store
+            .get_key(&coordinator.namespace().owner(id))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((owner.create_revision, owner.lease), (claim.epoch, lease));
+    }
+}
+
+#[tokio::test]
+async fn a_contested_task_in_a_batch_does_not_cost_the_others_their_claim() {
+    let (store, coordinator) = setup();
+    let tasks = submitted(&coordinator, &store, "c", 5).await;
+    // Node b claims the third task first.
+    let theirs = claim(&coordinator, &store, &tasks[2].0, "b").await;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let outcomes = coordinator
+        .claim_batch(&NodeName::new("a").unwrap(), lease, &tasks)
+        .await;
+    for (n, outcome) in outcomes.iter().enumerate() {
+        if n == 2 {
+            match outcome {
+                Ok(ClaimOutcome::Lost(keys)) => {
+                    let owner = keys.owner.as_ref().expect("the owner record is read back");
+                    assert_eq!(owner.create_revision, theirs.epoch);
+                }
+                other => panic!("the contested task must be lost, got {other:?}"),
+            }
+        } else {
+            assert_eq!(claimed(outcome).node.as_str(), "a");
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_batch_with_a_task_past_the_takeover_limit_parks_it_and_claims_the_rest() {
+    let (store, coordinator) = setup();
+    let coordinator = coordinator.with_takeover_limit(0);
+    let tasks = submitted(&coordinator, &store, "p", 3).await;
+    // Task 0 was running when its owner died: the next claim is a takeover.
+    let doomed = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let first = coordinator
+        .claim(
+            &NodeName::new("x").unwrap(),
+            doomed,
+            &tasks[0].0,
+            &tasks[0].1,
+        )
+        .await
+        .unwrap();
+    assert!(matches!(first, ClaimOutcome::Claimed(_)));
+    store.lease_revoke(doomed).await.unwrap();
+    let fresh = basis(&coordinator, &store, &tasks[0].0).await;
+    let mut batch = tasks.clone();
+    batch[0].1 = fresh;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let outcomes = coordinator
+        .claim_batch(&NodeName::new("a").unwrap(), lease, &batch)
+        .await;
+    assert_eq!(
+        outcomes[0],
+        Ok(ClaimOutcome::Parked { takeovers: 1 }),
+        "over the limit of 0"
+    );
+    claimed(&outcomes[1]);
+    claimed(&outcomes[2]);
+    let result = coordinator.result(&tasks[0].0).await.unwrap().unwrap();
+    assert_eq!(result.outcome, Outcome::Failed);
+}
+
+#[tokio::test]
+async fn ending_runs_in_a_batch_fences_each_run_by_its_own_epoch() {
+    let (store, coordinator) = setup();
+    let tasks = submitted(&coordinator, &store, "e", 4).await;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let node = NodeName::new("a").unwrap();
+    let claims: Vec<Claim> = coordinator
+        .claim_batch(&node, lease, &tasks)
+        .await
+        .iter()
+        .map(|outcome| claimed(outcome).clone())
+        .collect();
+    // Task 1 is deleted and resubmitted: this node's claim on it is stale.
+    coordinator.delete(&tasks[1].0).await.unwrap();
+    coordinator
+        .submit(&tasks[1].0, &spec(json!("again")))
+        .await
+        .unwrap();
+    let ends = vec![
+        (claims[0].clone(), RunEnd::Done(json!("zero"))),
+        (claims[1].clone(), RunEnd::Done(json!("stale"))),
+        (claims[2].clone(), RunEnd::Failed("broke".into())),
+        (claims[3].clone(), RunEnd::Released),
+    ];
+    let results = coordinator.end_runs(&ends).await;
+    assert_eq!(results[0], Ok(()));
+    assert!(matches!(results[1], Err(ProtocolError::NotOwner { .. })));
+    assert_eq!((results[2].clone(), results[3].clone()), (Ok(()), Ok(())));
+    let done = coordinator.result(&tasks[0].0).await.unwrap().unwrap();
+    assert_eq!((done.outcome, done.result), (Outcome::Done, json!("zero")));
+    let failed = coordinator.result(&tasks[2].0).await.unwrap().unwrap();
+    assert_eq!(failed.error.as_deref(), Some("broke"));
+    // The stale run wrote nothing: the resubmitted task is untouched.
+    assert_eq!(coordinator.result(&tasks[1].0).await.unwrap(), None);
+    let ns = coordinator.namespace();
+    assert!(store
+        .get_key(&ns.task(&tasks[1].0))
+        .await
+        .unwrap()
+        .is_some());
+    // The released task is pending again, with no owner.
+    assert!(store
+        .get_key(&ns.task(&tasks[3].0))
+        .await
+        .unwrap()
+        .is_some());
+    assert!(store
+        .get_key(&ns.owner(&tasks[3].0))
+        .await
+        .unwrap()
+        .is_none());
+}
+
+#[tokio::test]
+async fn a_successful_batch_end_is_one_revision() {
+    let (store, coordinator) = setup();
+    let tasks = submitted(&coordinator, &store, "r", 6).await;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let ends: Vec<(Claim, RunEnd)> = coordinator
+        .claim_batch(&NodeName::new("a").unwrap(), lease, &tasks)
+        .await
+        .iter()
+        .map(|outcome| (claimed(outcome).clone(), RunEnd::Done(json!(null))))
+        .collect();
+    let before = store.current_revision().await.unwrap();
+    assert!(coordinator.end_runs(&ends).await.iter().all(Result::is_ok));
+    assert_eq!(store.current_revision().await.unwrap(), before + 1);
+    assert_eq!(store.get_prefix("p/tasks/").await.unwrap().kvs.len(), 0);
+    assert_eq!(store.get_prefix("p/results/").await.unwrap().kvs.len(), 6);
 }

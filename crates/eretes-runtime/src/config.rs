@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use eretes_protocol::{GroupName, Namespace, NodeName, DEFAULT_TAKEOVER_LIMIT};
+use eretes_protocol::{GroupName, Namespace, NodeName, DEFAULT_TAKEOVER_LIMIT, MAX_CLAIM_BATCH};
 
 /// How one node behaves. Build it with [`NodeConfig::new`] and adjust fields.
 #[derive(Debug, Clone)]
@@ -37,8 +37,13 @@ pub struct NodeConfig {
     pub handler_grace: Duration,
     /// Upper bound on a graceful shutdown. Default 30 s.
     pub shutdown_timeout: Duration,
-    /// Claim transactions in flight at once. Default 32.
+    /// Tasks being claimed at once, over every claim transaction in flight.
+    /// Default 128.
     pub max_claims_in_flight: usize,
+    /// Most tasks one claim transaction carries when several are claimable
+    /// at once; 1 claims them one by one. Default and upper bound:
+    /// [`MAX_CLAIM_BATCH`] (32).
+    pub claim_batch: usize,
     /// After releasing a task, this node does not claim it again for this
     /// long, so another node gets it. Default 5 s.
     pub release_ignore: Duration,
@@ -64,7 +69,8 @@ impl NodeConfig {
             membership_balance_delay: Duration::from_secs(2),
             handler_grace: Duration::from_secs(10),
             shutdown_timeout: Duration::from_secs(30),
-            max_claims_in_flight: 32,
+            max_claims_in_flight: 128,
+            claim_batch: MAX_CLAIM_BATCH,
             release_ignore: Duration::from_secs(5),
             takeover_limit: DEFAULT_TAKEOVER_LIMIT,
         }
@@ -107,6 +113,12 @@ impl NodeConfig {
         }
         if self.max_claims_in_flight == 0 {
             return Err("max_claims_in_flight must be at least 1".into());
+        }
+        if !(1..=MAX_CLAIM_BATCH).contains(&self.claim_batch) {
+            return Err(format!(
+                "claim_batch {} must be between 1 and {MAX_CLAIM_BATCH}",
+                self.claim_batch
+            ));
         }
         for (name, value) in [
             ("resync_interval", self.resync_interval),

@@ -14,8 +14,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eretes_protocol::{
-    now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeName, NodeRecord,
-    ProtocolError, TaskId,
+    now_ms, Claim, ClaimBasis, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeName,
+    NodeRecord, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
 };
 use eretes_store::{EventKind, LeaseId, Revision, Store, StoreError, WatchStream};
 use futures::future::BoxFuture;
@@ -209,13 +209,6 @@ enum Exit {
     Abandoned,
 }
 
-/// A store write that ends a run: complete, fail or release.
-enum Finish {
-    Complete(serde_json::Value),
-    Fail(String),
-    Release,
-}
-
 /// What a finished claim future reports.
 struct ClaimResult {
     id: TaskId,
@@ -282,9 +275,14 @@ struct MainLoop {
 
     running: HashMap<TaskId, Running>,
     handlers: JoinSet<(TaskId, Exit)>,
-    claims: FuturesUnordered<BoxFuture<'static, ClaimResult>>,
+    /// Claim transactions in flight, each for one or more tasks.
+    claims: FuturesUnordered<BoxFuture<'static, Vec<ClaimResult>>>,
     claiming: HashSet<TaskId>,
-    finishing: FuturesUnordered<BoxFuture<'static, GroupName>>,
+    /// Runs that ended and whose end is not yet being written; written in
+    /// batches at the end of each loop iteration.
+    unfinished: Vec<(Claim, RunEnd)>,
+    /// Writes of run ends in flight; each yields the groups whose slots it frees.
+    finishing: FuturesUnordered<BoxFuture<'static, Vec<GroupName>>>,
     /// Tasks claiming, running or finishing, per group: what slots limit.
     busy: HashMap<GroupName, usize>,
     ignore: DelayQueue<TaskId>,
@@ -345,6 +343,7 @@ impl MainLoop {
             handlers: JoinSet::new(),
             claims: FuturesUnordered::new(),
             claiming: HashSet::new(),
+            unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
             busy: HashMap::new(),
             ignore: DelayQueue::new(),
@@ -415,19 +414,23 @@ impl MainLoop {
                     self.on_watch(batch)
                 }
                 Some(joined) = self.handlers.join_next_with_id(), if !self.handlers.is_empty() => {
-                    match joined {
-                        Ok((_, (id, exit))) => self.on_handler_exit(id, exit),
-                        // Aborted: it ignored cancellation past a deadline.
-                        Err(error) => {
-                            if let Some(id) = self.task_of_handler(error.id()) {
-                                self.on_handler_exit(id, Exit::Abandoned);
-                            }
-                        }
+                    self.on_joined(joined);
+                    // Take every other handler that has finished too, so their
+                    // ends are written in one batch.
+                    for _ in 0..MAX_FINISH_BATCH * 4 {
+                        let Some(joined) = self.handlers.try_join_next_with_id() else { break };
+                        self.on_joined(joined);
                     }
                 }
-                Some(result) = self.claims.next(), if !self.claims.is_empty() => self.on_claim(result),
-                Some(group) = self.finishing.next(), if !self.finishing.is_empty() => {
-                    self.release_slot(&group);
+                Some(results) = self.claims.next(), if !self.claims.is_empty() => {
+                    for result in results {
+                        self.on_claim(result);
+                    }
+                }
+                Some(groups) = self.finishing.next(), if !self.finishing.is_empty() => {
+                    for group in &groups {
+                        self.release_slot(group);
+                    }
                 }
                 Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
                     let id = expired.into_inner();
@@ -450,6 +453,22 @@ impl MainLoop {
             self.resume_after_fencing();
             self.next_command();
             self.try_claims();
+            self.write_run_ends();
+        }
+    }
+
+    fn on_joined(
+        &mut self,
+        joined: Result<(tokio::task::Id, (TaskId, Exit)), tokio::task::JoinError>,
+    ) {
+        match joined {
+            Ok((_, (id, exit))) => self.on_handler_exit(id, exit),
+            // Aborted: it ignored cancellation past a deadline.
+            Err(error) => {
+                if let Some(id) = self.task_of_handler(error.id()) {
+                    self.on_handler_exit(id, Exit::Abandoned);
+                }
+            }
         }
     }
 
@@ -568,6 +587,7 @@ impl MainLoop {
         for id in self.claiming.drain() {
             self.cache.clear_tentative(&id);
         }
+        self.unfinished.clear();
         self.finishing.clear();
         self.busy.clear();
         for running in self.running.values() {
@@ -875,7 +895,8 @@ impl MainLoop {
                 .config
                 .slots_for(&group)
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0));
-            while free > 0 && self.claims.len() < self.config.max_claims_in_flight {
+            let mut batch = Vec::new();
+            while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {
                 let candidate = self
                     .cache
                     .unowned(&group)
@@ -884,8 +905,18 @@ impl MainLoop {
                 let Some(id) = candidate else { break };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
                     ClaimDecision::Claim => {
-                        self.launch_claim(lease, id, group.clone());
-                        free -= 1;
+                        if let Some(basis) = self.cache.claim_basis(&id) {
+                            // Counted as this node's at once, so the balancer's
+                            // next decision sees it.
+                            self.cache.set_mine(&id, &group, 0);
+                            self.claiming.insert(id.clone());
+                            *self.busy.entry(group.clone()).or_default() += 1;
+                            batch.push((id, basis));
+                            free -= 1;
+                        }
+                        if batch.len() >= self.config.claim_batch {
+                            self.launch_claims(lease, group.clone(), std::mem::take(&mut batch));
+                        }
                     }
                     ClaimDecision::RetryAfter(delay) => {
                         self.ignore_for(&id, delay);
@@ -894,21 +925,32 @@ impl MainLoop {
                     }
                 }
             }
+            if !batch.is_empty() {
+                self.launch_claims(lease, group, batch);
+            }
         }
     }
 
-    fn launch_claim(&mut self, lease: LeaseId, id: TaskId, group: GroupName) {
-        let Some(basis) = self.cache.claim_basis(&id) else {
-            return;
-        };
-        self.cache.set_mine(&id, &group, 0);
-        self.claiming.insert(id.clone());
-        *self.busy.entry(group.clone()).or_default() += 1;
+    /// Claim `batch` (tasks of `group`) in one transaction where possible.
+    fn launch_claims(
+        &mut self,
+        lease: LeaseId,
+        group: GroupName,
+        batch: Vec<(TaskId, ClaimBasis)>,
+    ) {
         let coordinator = self.coordinator.clone();
         let node = self.config.name.clone();
-        self.claims.push(Box::pin(async move {
-            let outcome = coordinator.claim(&node, lease, &id, &basis).await;
-            ClaimResult { id, group, outcome }
+        self.claims.push(off_loop(async move {
+            let outcomes = coordinator.claim_batch(&node, lease, &batch).await;
+            batch
+                .into_iter()
+                .zip(outcomes)
+                .map(|((id, _), outcome)| ClaimResult {
+                    id,
+                    group: group.clone(),
+                    outcome,
+                })
+                .collect()
         }));
     }
 
@@ -922,7 +964,7 @@ impl MainLoop {
                 if self.frozen || self.shutting_down.is_some() {
                     // Frozen, drained or draining since the claim left: give
                     // the task straight back instead of starting it.
-                    self.finish(claim, Finish::Release);
+                    self.finish(claim, RunEnd::Released);
                 } else {
                     self.start_handler(claim);
                 }
@@ -1074,15 +1116,15 @@ impl MainLoop {
         let group = running.claim.record.spec.group.clone();
         let finish = match (running.stop, exit) {
             (Some(StopReason::Gone | StopReason::Fenced), _) => None,
-            (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(Finish::Complete(result)),
+            (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(RunEnd::Done(result)),
             // Asked to stop: an error or panic on the way out is not the
             // task's failure, so give it back.
             (Some(StopReason::Release), _)
             | (_, Exit::Returned(HandlerOutcome::Release))
-            | (_, Exit::Abandoned) => Some(Finish::Release),
-            (None, Exit::Returned(HandlerOutcome::Failed(reason))) => Some(Finish::Fail(reason)),
+            | (_, Exit::Abandoned) => Some(RunEnd::Released),
+            (None, Exit::Returned(HandlerOutcome::Failed(reason))) => Some(RunEnd::Failed(reason)),
             (None, Exit::Panicked(message)) => {
-                Some(Finish::Fail(format!("handler panicked: {message}")))
+                Some(RunEnd::Failed(format!("handler panicked: {message}")))
             }
         };
         match finish {
@@ -1091,24 +1133,49 @@ impl MainLoop {
         }
     }
 
-    /// Record how a run ended in the store (fenced by its epoch), then free its slot.
-    fn finish(&mut self, claim: Claim, finish: Finish) {
-        match &finish {
-            Finish::Complete(_) => NodeStats::bump(&self.stats.completions),
-            Finish::Fail(_) => NodeStats::bump(&self.stats.failures),
-            Finish::Release => {
+    /// Queue the write of how a run ended (fenced by its epoch); its slot is
+    /// freed once the write is done.
+    fn finish(&mut self, claim: Claim, end: RunEnd) {
+        match &end {
+            RunEnd::Done(_) => NodeStats::bump(&self.stats.completions),
+            RunEnd::Failed(_) => NodeStats::bump(&self.stats.failures),
+            RunEnd::Released => {
                 NodeStats::bump(&self.stats.releases);
                 // Whoever asked for the release, let another node have it.
                 let delay = self.config.release_ignore;
                 self.ignore_for(&claim.task, delay);
             }
         }
-        let coordinator = self.coordinator.clone();
-        let group = claim.record.spec.group.clone();
-        self.finishing.push(Box::pin(async move {
-            finish_with_retries(&coordinator, &claim, finish).await;
-            group
-        }));
+        self.unfinished.push((claim, end));
+    }
+
+    /// Write the queued run ends, many per transaction.
+    fn write_run_ends(&mut self) {
+        while !self.unfinished.is_empty() {
+            let take = self.unfinished.len().min(MAX_FINISH_BATCH);
+            let batch: Vec<(Claim, RunEnd)> = self.unfinished.drain(..take).collect();
+            let coordinator = self.coordinator.clone();
+            self.finishing.push(off_loop(async move {
+                let groups = batch
+                    .iter()
+                    .map(|(claim, _)| claim.record.spec.group.clone())
+                    .collect();
+                let results = coordinator.end_runs(&batch).await;
+                // Store errors are retried one by one; the rest are final.
+                let retries = batch.into_iter().zip(results).filter_map(|((claim, end), result)| {
+                    match result {
+                        Ok(()) | Err(ProtocolError::NotOwner { .. }) => None,
+                        Err(error) => {
+                            warn!(task = %claim.task, %error, "could not record the end of a run; retrying");
+                            let coordinator = &coordinator;
+                            Some(async move { end_with_retries(coordinator, &claim, end).await })
+                        }
+                    }
+                });
+                futures::future::join_all(retries).await;
+                groups
+            }));
+        }
     }
 
     // ----- balancing -----------------------------------------------------------
@@ -1142,6 +1209,7 @@ impl MainLoop {
         if self.shutting_down.is_none()
             || !self.running.is_empty()
             || !self.finishing.is_empty()
+            || !self.unfinished.is_empty()
             || !self.claims.is_empty()
         {
             return false;
@@ -1155,6 +1223,7 @@ impl MainLoop {
         warn!(node = %self.config.name, running = self.running.len(), "shutdown timed out; abandoning remaining tasks");
         self.handlers.abort_all();
         self.running.clear();
+        self.unfinished.clear();
         self.finishing.clear();
         self.claims.clear();
     }
@@ -1189,27 +1258,40 @@ impl MainLoop {
 /// long as the node holds the task: giving up would leave the owner record
 /// under a live lease and strand the task. Fencing, shutdown or a kill drop
 /// this future. A fenced write (someone else owns the task now) is final.
-async fn finish_with_retries(coordinator: &Coordinator, claim: &Claim, finish: Finish) {
+async fn end_with_retries(coordinator: &Coordinator, claim: &Claim, end: RunEnd) {
     let mut backoff = Duration::from_millis(50);
     for attempt in 1u64.. {
-        let result = match &finish {
-            Finish::Complete(value) => coordinator.complete(claim, value.clone()).await,
-            Finish::Fail(reason) => coordinator.fail(claim, reason.clone()).await,
-            Finish::Release => coordinator.release(claim).await,
-        };
-        match result {
+        tokio::time::sleep(backoff).await;
+        match coordinator.end_run(claim, end.clone()).await {
             Ok(()) => return,
             Err(ProtocolError::NotOwner { .. }) => {
-                debug!(task = %claim.task, epoch = claim.epoch, "finish refused: no longer the owner");
+                debug!(task = %claim.task, epoch = claim.epoch, "run end refused: no longer the owner");
                 return;
             }
             Err(error) => {
                 warn!(task = %claim.task, attempt, %error, "could not record the end of a run; retrying");
-                tokio::time::sleep(backoff).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }
+}
+
+/// Run a store call as its own task, so that the main loop keeps going while
+/// the store works on it (on another worker thread when one is free). The
+/// task is aborted when the returned future is dropped: fencing, shutdown and
+/// a kill forget store calls in flight by dropping them.
+fn off_loop<T: Send + 'static>(
+    call: impl Future<Output = T> + Send + 'static,
+) -> BoxFuture<'static, T> {
+    let task = tokio_util::task::AbortOnDropHandle::new(tokio::spawn(call));
+    Box::pin(async move {
+        match task.await {
+            Ok(value) => value,
+            // Only a panic in a store call gets here (aborting needs the
+            // handle, which is this future); carry it on to the main loop.
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    })
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
