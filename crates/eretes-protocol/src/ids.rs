@@ -5,6 +5,7 @@
 //! bounded (keys stay small).
 
 use std::fmt;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,14 +44,16 @@ macro_rules! identifier {
         $(#[$doc])*
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
-        pub struct $name(String);
+        // Shared text: a node holds each id in several maps at once, and a
+        // clone is a reference count instead of an allocation.
+        pub struct $name(Arc<str>);
 
         impl $name {
             /// Validate and wrap `value` (1–128 characters of `[A-Za-z0-9._:-]`).
             pub fn new(value: impl Into<String>) -> Result<Self, ProtocolError> {
                 let value = value.into();
                 validate($kind, &value)?;
-                Ok($name(value))
+                Ok($name(value.into()))
             }
 
             /// The identifier as text.
@@ -74,7 +77,7 @@ macro_rules! identifier {
 
         impl From<$name> for String {
             fn from(value: $name) -> String {
-                value.0
+                value.0.to_string()
             }
         }
 
@@ -112,7 +115,7 @@ identifier!(
 impl GroupName {
     /// The group of tasks submitted without one.
     pub fn default_group() -> Self {
-        GroupName("default".to_string())
+        GroupName("default".into())
     }
 }
 

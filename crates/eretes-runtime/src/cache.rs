@@ -143,7 +143,9 @@ impl Cache {
         };
         match kind {
             KeyKind::Task(id) => match decode::<TaskRecord>("task", &kv.key, &kv.value) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    let id = self.shared_task_id(id);
+                    record.spec.group = self.shared_group(record.spec.group);
                     self.put_task(
                         id,
                         CachedTask {
@@ -162,9 +164,10 @@ impl Cache {
             },
             KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
                 Ok(record) => {
+                    let id = self.shared_task_id(id);
                     let owner = CachedOwner {
-                        node: record.node,
-                        group: record.group,
+                        node: self.shared_node(record.node),
+                        group: self.shared_group(record.group),
                         epoch: kv.create_revision,
                     };
                     self.set_owner(&id, Some(owner.clone()));
@@ -176,7 +179,9 @@ impl Cache {
                 Err(e) => Change::Malformed(e.to_string()),
             },
             KeyKind::Run(id) => match decode::<RunRecord>("run", &kv.key, &kv.value) {
-                Ok(record) => {
+                Ok(mut record) => {
+                    let id = self.shared_task_id(id);
+                    record.node = record.node.map(|node| self.shared_node(node));
                     self.runs.insert(id, (kv.mod_revision, record));
                     Change::None
                 }
@@ -207,6 +212,49 @@ impl Cache {
             },
             KeyKind::NodeCommand(_) => Change::None,
         }
+    }
+
+    /// The copy of `id` the cache already holds, if any. A task's id, group
+    /// and node names arrive in several keys and values; sharing one
+    /// allocation of each keeps a running task's cache entries small.
+    fn shared_task_id(&self, id: TaskId) -> TaskId {
+        let known = self
+            .tasks
+            .get_key_value(id.as_str())
+            .map(|(known, _)| known)
+            .or_else(|| {
+                self.owners
+                    .get_key_value(id.as_str())
+                    .map(|(known, _)| known)
+            })
+            .or_else(|| self.runs.get_key_value(id.as_str()).map(|(known, _)| known));
+        known.cloned().unwrap_or(id)
+    }
+
+    /// The copy of node name `name` the cache already holds, if any.
+    fn shared_node(&self, name: NodeName) -> NodeName {
+        if name == self.me {
+            return self.me.clone();
+        }
+        match self.nodes.get_key_value(name.as_str()) {
+            Some((known, _)) => known.clone(),
+            None => name,
+        }
+    }
+
+    /// The copy of group name `group` the cache already holds, if any.
+    fn shared_group(&self, group: GroupName) -> GroupName {
+        let known = self
+            .unowned
+            .get_key_value(group.as_str())
+            .map(|(known, _)| known)
+            .or_else(|| {
+                self.view
+                    .groups
+                    .get_key_value(group.as_str())
+                    .map(|(known, _)| known)
+            });
+        known.cloned().unwrap_or(group)
     }
 
     /// Apply a delete of `key` (its previous value does not matter).

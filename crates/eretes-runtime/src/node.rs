@@ -266,6 +266,12 @@ struct MainLoop {
     awaiting_reregistration: bool,
     /// Abort fenced handlers that are still running at this instant.
     fence_abort_at: Option<Instant>,
+    /// Cancelled handlers (task and epoch) to abort if they are still running
+    /// when their grace period ends. Kept here rather than as a timer inside
+    /// every handler task, which would cost each running task a timer's memory.
+    overdue: DelayQueue<(TaskId, Revision)>,
+    /// Handlers this node aborted, by tokio task id, until their exit is seen.
+    aborted: HashMap<tokio::task::Id, TaskId>,
     watch: Option<WatchStream>,
     syncing: Option<BoxFuture<'static, Result<Sync, ProtocolError>>>,
     sync_at: Option<Instant>,
@@ -335,6 +341,8 @@ impl MainLoop {
             reregister_old: None,
             awaiting_reregistration: false,
             fence_abort_at: None,
+            overdue: DelayQueue::new(),
+            aborted: HashMap::new(),
             watch: None,
             syncing: None,
             sync_at: Some(now),
@@ -432,6 +440,10 @@ impl MainLoop {
                         self.release_slot(group);
                     }
                 }
+                Some(expired) = self.overdue.next(), if !self.overdue.is_empty() => {
+                    let (id, epoch) = expired.into_inner();
+                    self.on_grace_over(id, epoch);
+                }
                 Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
                     let id = expired.into_inner();
                     self.ignored.remove(&id);
@@ -462,13 +474,37 @@ impl MainLoop {
         joined: Result<(tokio::task::Id, (TaskId, Exit)), tokio::task::JoinError>,
     ) {
         match joined {
-            Ok((_, (id, exit))) => self.on_handler_exit(id, exit),
+            Ok((handler, (id, exit))) => {
+                // It may have returned just as it was aborted.
+                self.aborted.remove(&handler);
+                self.on_handler_exit(id, exit)
+            }
             // Aborted: it ignored cancellation past a deadline.
             Err(error) => {
-                if let Some(id) = self.task_of_handler(error.id()) {
+                if let Some(id) = self.aborted.remove(&error.id()) {
                     self.on_handler_exit(id, Exit::Abandoned);
                 }
             }
+        }
+    }
+
+    /// A cancelled handler's grace period is over: abort it if that run
+    /// still has not returned.
+    fn on_grace_over(&mut self, id: TaskId, epoch: Revision) {
+        let overdue = self
+            .running
+            .get(&id)
+            .is_some_and(|r| r.claim.epoch == epoch && r.stop.is_some());
+        if overdue {
+            warn!(node = %self.config.name, task = %id, grace = ?self.config.handler_grace, "handler ignored cancellation past its grace period; aborting it");
+            self.abort_handler(id);
+        }
+    }
+
+    fn abort_handler(&mut self, id: TaskId) {
+        if let Some(running) = self.running.get(&id) {
+            running.abort.abort();
+            self.aborted.insert(running.abort.id(), id);
         }
     }
 
@@ -499,11 +535,15 @@ impl MainLoop {
         }
         if self.fence_abort_at.is_some_and(|at| at <= now) {
             self.fence_abort_at = None;
-            for running in self.running.values() {
-                if running.stop == Some(StopReason::Fenced) {
-                    warn!(node = %self.config.name, task = %running.claim.task, "handler ignored cancellation after fencing; aborting it");
-                    running.abort.abort();
-                }
+            let fenced: Vec<TaskId> = self
+                .running
+                .iter()
+                .filter(|(_, running)| running.stop == Some(StopReason::Fenced))
+                .map(|(id, _)| id.clone())
+                .collect();
+            for id in fenced {
+                warn!(node = %self.config.name, task = %id, "handler ignored cancellation after fencing; aborting it");
+                self.abort_handler(id);
             }
         }
         if self
@@ -1065,18 +1105,11 @@ impl MainLoop {
             },
         );
         let handler = self.handler.clone();
-        let grace = self.config.handler_grace;
         let id = claim.task.clone();
-        let watchdog = cancel.clone();
         let abort = self.handlers.spawn(async move {
-            let run = AssertUnwindSafe(handler.run(ctx)).catch_unwind();
-            let exit = tokio::select! {
-                biased;
-                result = run => match result {
-                    Ok(outcome) => Exit::Returned(outcome),
-                    Err(panic) => Exit::Panicked(panic_message(panic)),
-                },
-                _ = async { watchdog.cancelled().await; tokio::time::sleep(grace).await } => Exit::Abandoned,
+            let exit = match AssertUnwindSafe(handler.run(ctx)).catch_unwind().await {
+                Ok(outcome) => Exit::Returned(outcome),
+                Err(panic) => Exit::Panicked(panic_message(panic)),
             };
             (id, exit)
         });
@@ -1091,15 +1124,12 @@ impl MainLoop {
         );
     }
 
-    fn task_of_handler(&self, handler: tokio::task::Id) -> Option<TaskId> {
-        self.running
-            .iter()
-            .find(|(_, r)| r.abort.id() == handler)
-            .map(|(id, _)| id.clone())
-    }
-
     fn stop_task(&mut self, id: &TaskId, reason: StopReason) {
         if let Some(running) = self.running.get_mut(id) {
+            if running.stop.is_none() {
+                self.overdue
+                    .insert((id.clone(), running.claim.epoch), self.config.handler_grace);
+            }
             // A stronger reason (nothing may be written) wins over a release.
             if running.stop.is_none() || reason != StopReason::Release {
                 running.stop = Some(reason);

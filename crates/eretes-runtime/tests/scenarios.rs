@@ -760,3 +760,51 @@ async fn claims_that_land_during_a_drain_are_given_back() {
         .kvs
         .is_empty());
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_stopped_handler_that_ignores_cancellation_is_aborted_after_its_grace_and_released() {
+    let mut cluster = Cluster::new(embedded());
+    let mut config = cluster.config("a");
+    config.handler_grace = Duration::from_secs(4);
+    let store = cluster.store.clone();
+    cluster
+        .start_with(
+            store,
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
+        .await;
+    cluster
+        .submit("stubborn", json!({"mode": "stubborn"}))
+        .await;
+    eventually("it runs", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 1
+    })
+    .await;
+    let asked = tokio::time::Instant::now();
+    cluster
+        .node("a")
+        .command(NodeCommand::StopTask(TaskId::new("stubborn").unwrap()));
+    eventually("the handler is aborted", Duration::from_secs(10), || {
+        cluster.observer.running_tasks() == 0
+    })
+    .await;
+    let ended = cluster.observer.runs()[0].ended.expect("the run ended");
+    let waited = ended - asked;
+    assert!(
+        waited >= Duration::from_secs(4) && waited < Duration::from_secs(5),
+        "aborted {waited:?} after the stop; the grace is 4 s"
+    );
+    // Aborted is given back, not failed: the owner record goes, the task stays.
+    eventually("the task is released", Duration::from_secs(5), || {
+        NodeStats::get(&cluster.node("a").stats().releases) == 1
+    })
+    .await;
+    assert!(cluster
+        .store
+        .get_key("test/tasks/stubborn")
+        .await
+        .unwrap()
+        .is_some());
+    assert_eq!(NodeStats::get(&cluster.node("a").stats().failures), 0);
+}

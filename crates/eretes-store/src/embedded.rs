@@ -23,7 +23,7 @@
 //! to every revision queued for it (as etcd buffers for a slow watcher).
 
 use std::cmp::Reverse;
-use std::collections::{btree_map, BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::ops::{Bound, Deref, DerefMut};
 use std::pin::Pin;
@@ -125,9 +125,12 @@ pub struct EmbeddedStore {
     me: Weak<EmbeddedStore>,
 }
 
-/// One live key.
+/// One version of a key. Its value is shared, not copied, between the live
+/// map and every history event that mentions it; a watch stream copies it
+/// into a [`KeyValue`] only when it delivers the event.
+#[derive(Clone)]
 struct Entry {
-    value: Vec<u8>,
+    value: Arc<[u8]>,
     create_revision: Revision,
     mod_revision: Revision,
     version: i64,
@@ -140,18 +143,53 @@ struct Lease {
     deadline: Instant,
     /// Attached keys, ordered so that revocation deletes them in key order
     /// (etcd sorts them too).
-    keys: BTreeSet<String>,
+    keys: BTreeSet<Arc<str>>,
+}
+
+/// One event as the history keeps it: the key and the versions before and
+/// after, all shared with the live map.
+struct StoredEvent {
+    key: Arc<str>,
+    /// The new version; `None` for a delete.
+    current: Option<Entry>,
+    previous: Option<Entry>,
 }
 
 /// The events of one revision, shared between the history and every watcher.
 struct RevisionEvents {
     revision: Revision,
-    events: Vec<WatchEvent>,
+    /// Exactly as long as needed: history holds thousands of these, and a
+    /// growing `Vec` would keep up to four events' room for one event.
+    events: Box<[StoredEvent]>,
 }
 
 impl RevisionEvents {
     fn touches(&self, range: &KeyRange) -> bool {
-        self.events.iter().any(|e| range.contains(&e.kv.key))
+        self.events.iter().any(|e| range.contains(&e.key))
+    }
+
+    /// The public form of one of this revision's events.
+    fn watch_event(&self, event: &StoredEvent) -> WatchEvent {
+        let (kind, kv) = match &event.current {
+            Some(entry) => (EventKind::Put, key_value(&event.key, entry)),
+            // etcd's delete event: only the key and the deleting revision.
+            None => (
+                EventKind::Delete,
+                KeyValue {
+                    key: event.key.to_string(),
+                    value: Vec::new(),
+                    create_revision: 0,
+                    mod_revision: self.revision,
+                    version: 0,
+                    lease: 0,
+                },
+            ),
+        };
+        WatchEvent {
+            kind,
+            kv,
+            prev_kv: event.previous.as_ref().map(|e| key_value(&event.key, e)),
+        }
     }
 }
 
@@ -200,7 +238,7 @@ struct State {
     /// compaction (as etcd, a fresh store may be compacted to revision 1).
     compact_revision: Revision,
     history_limit: Revision,
-    kvs: BTreeMap<String, Entry>,
+    kvs: BTreeMap<Arc<str>, Entry>,
     /// One entry per revision above `compact_revision - 1`, in order. Every
     /// revision wrote at least one event, so the deque is contiguous.
     history: VecDeque<Arc<RevisionEvents>>,
@@ -451,37 +489,14 @@ fn check_branch(ops: &[TxnOp]) -> StoreResult<()> {
     Ok(())
 }
 
-fn key_value(key: String, entry: &Entry) -> KeyValue {
+fn key_value(key: &str, entry: &Entry) -> KeyValue {
     KeyValue {
-        key,
-        value: entry.value.clone(),
+        key: key.to_string(),
+        value: entry.value.to_vec(),
         create_revision: entry.create_revision,
         mod_revision: entry.mod_revision,
         version: entry.version,
         lease: entry.lease,
-    }
-}
-
-/// The watch event of deleting `key` (whose last state was `entry`) at `revision`.
-fn delete_event(key: String, entry: Entry, revision: Revision) -> WatchEvent {
-    WatchEvent {
-        kind: EventKind::Delete,
-        kv: KeyValue {
-            key: key.clone(),
-            value: Vec::new(),
-            create_revision: 0,
-            mod_revision: revision,
-            version: 0,
-            lease: 0,
-        },
-        prev_kv: Some(KeyValue {
-            key,
-            value: entry.value,
-            create_revision: entry.create_revision,
-            mod_revision: entry.mod_revision,
-            version: entry.version,
-            lease: entry.lease,
-        }),
     }
 }
 
@@ -490,7 +505,7 @@ impl State {
     fn scan<'a>(
         &'a self,
         range: &'a KeyRange,
-    ) -> impl Iterator<Item = (&'a String, &'a Entry)> + 'a {
+    ) -> impl Iterator<Item = (&'a Arc<str>, &'a Entry)> + 'a {
         let start = match range {
             KeyRange::Key(key) => key.as_str(),
             KeyRange::Prefix(prefix) => prefix.as_str(),
@@ -538,7 +553,11 @@ impl State {
         for key in lease.keys {
             if let Some(entry) = self.kvs.remove(&key) {
                 debug_assert_eq!(entry.lease, id, "lease key index out of sync");
-                events.push(delete_event(key, entry, revision));
+                events.push(StoredEvent {
+                    key,
+                    current: None,
+                    previous: Some(entry),
+                });
             }
         }
         self.commit(revision, events);
@@ -547,13 +566,16 @@ impl State {
 
     /// Make `revision` (= current + 1) with `events` the new current revision:
     /// record it, fan it out to watchers and trim old history.
-    fn commit(&mut self, revision: Revision, events: Vec<WatchEvent>) -> Revision {
+    fn commit(&mut self, revision: Revision, events: Vec<StoredEvent>) -> Revision {
         if events.is_empty() {
             return self.revision;
         }
         debug_assert_eq!(revision, self.revision + 1);
         self.revision = revision;
-        let batch = Arc::new(RevisionEvents { revision, events });
+        let batch = Arc::new(RevisionEvents {
+            revision,
+            events: events.into_boxed_slice(),
+        });
         let to_wake = &mut self.to_wake;
         self.watchers.retain(|watcher| {
             // Checked for every watcher, touched or not, so that dropped
@@ -602,7 +624,7 @@ impl State {
         let kvs: Vec<KeyValue> = keys
             .by_ref()
             .take(limit)
-            .map(|(key, entry)| key_value(key.clone(), entry))
+            .map(|(key, entry)| key_value(key, entry))
             .collect();
         let rest = keys.count();
         GetResponse {
@@ -618,7 +640,7 @@ impl State {
         &mut self,
         request: PutRequest,
         revision: Revision,
-        events: &mut Vec<WatchEvent>,
+        events: &mut Vec<StoredEvent>,
     ) -> PutResponse {
         let PutRequest {
             key,
@@ -626,56 +648,40 @@ impl State {
             lease,
             prev_kv: want_prev,
         } = request;
-        // One tree search whether the key exists or not.
-        let (kv, prev) = match self.kvs.entry(key) {
-            btree_map::Entry::Occupied(mut slot) => {
-                let key = slot.key().clone();
-                let entry = slot.get_mut();
-                if entry.lease != lease {
-                    if let Some(old) = self.leases.get_mut(&entry.lease) {
-                        old.keys.remove(&key);
-                    }
-                    if let Some(new) = self.leases.get_mut(&lease) {
-                        new.keys.insert(key.clone());
-                    }
-                }
-                let prev = KeyValue {
-                    key: key.clone(),
-                    value: std::mem::replace(&mut entry.value, value),
-                    create_revision: entry.create_revision,
-                    mod_revision: entry.mod_revision,
-                    version: entry.version,
-                    lease: entry.lease,
-                };
-                entry.mod_revision = revision;
-                entry.version += 1;
-                entry.lease = lease;
-                (key_value(key, entry), Some(prev))
-            }
-            btree_map::Entry::Vacant(slot) => {
-                if let Some(new) = self.leases.get_mut(&lease) {
-                    new.keys.insert(slot.key().clone());
-                }
-                let entry = Entry {
-                    value,
-                    create_revision: revision,
-                    mod_revision: revision,
-                    version: 1,
-                    lease,
-                };
-                let kv = key_value(slot.key().clone(), &entry);
-                slot.insert(entry);
-                (kv, None)
-            }
+        // Exactly the value's size: it is kept for as long as the key lives.
+        let value: Arc<[u8]> = value.into();
+        let (key, previous) = match self.kvs.get_key_value(key.as_str()) {
+            Some((known, previous)) => (Arc::clone(known), Some(previous.clone())),
+            None => (Arc::<str>::from(key), None),
         };
+        let old_lease = previous.as_ref().map_or(0, |p| p.lease);
+        if old_lease != lease {
+            if let Some(old) = self.leases.get_mut(&old_lease) {
+                old.keys.remove(&key);
+            }
+            if let Some(new) = self.leases.get_mut(&lease) {
+                new.keys.insert(Arc::clone(&key));
+            }
+        }
+        let current = Entry {
+            value,
+            create_revision: previous.as_ref().map_or(revision, |p| p.create_revision),
+            mod_revision: revision,
+            version: previous.as_ref().map_or(1, |p| p.version + 1),
+            lease,
+        };
+        self.kvs.insert(Arc::clone(&key), current.clone());
         let response = PutResponse {
             revision,
-            prev_kv: if want_prev { prev.clone() } else { None },
+            prev_kv: previous
+                .as_ref()
+                .filter(|_| want_prev)
+                .map(|p| key_value(&key, p)),
         };
-        events.push(WatchEvent {
-            kind: EventKind::Put,
-            kv,
-            prev_kv: prev,
+        events.push(StoredEvent {
+            key,
+            current: Some(current),
+            previous,
         });
         response
     }
@@ -686,12 +692,13 @@ impl State {
         range: &KeyRange,
         want_prev: bool,
         revision: Revision,
-        events: &mut Vec<WatchEvent>,
+        events: &mut Vec<StoredEvent>,
     ) -> DeleteResponse {
-        let removed: Vec<(String, Entry)> = match range {
-            KeyRange::Key(key) => self.kvs.remove_entry(key).into_iter().collect(),
+        let removed: Vec<(Arc<str>, Entry)> = match range {
+            KeyRange::Key(key) => self.kvs.remove_entry(key.as_str()).into_iter().collect(),
             KeyRange::Prefix(_) => {
-                let keys: Vec<String> = self.scan(range).map(|(key, _)| key.clone()).collect();
+                let keys: Vec<Arc<str>> =
+                    self.scan(range).map(|(key, _)| Arc::clone(key)).collect();
                 keys.into_iter()
                     .filter_map(|key| self.kvs.remove(&key).map(|entry| (key, entry)))
                     .collect()
@@ -705,11 +712,14 @@ impl State {
                     lease.keys.remove(&key);
                 }
             }
-            let event = delete_event(key, entry, revision);
             if want_prev {
-                prev_kvs.extend(event.prev_kv.clone());
+                prev_kvs.push(key_value(&key, &entry));
             }
-            events.push(event);
+            events.push(StoredEvent {
+                key,
+                current: None,
+                previous: Some(entry),
+            });
         }
         DeleteResponse {
             revision: if events.is_empty() {
@@ -723,13 +733,11 @@ impl State {
     }
 
     fn compare(&self, compare: &Compare) -> bool {
-        let entry = self.kvs.get(&compare.key);
+        let entry = self.kvs.get(compare.key.as_str());
         let ordering = match (&compare.target, entry) {
             // etcd: a value compare on a missing key always fails.
             (CompareTarget::Value(_), None) => return false,
-            (CompareTarget::Value(value), Some(entry)) => {
-                entry.value.as_slice().cmp(value.as_slice())
-            }
+            (CompareTarget::Value(value), Some(entry)) => entry.value[..].cmp(value.as_slice()),
             (CompareTarget::Version(v), _) => entry.map_or(0, |e| e.version).cmp(v),
             (CompareTarget::CreateRevision(r), _) => entry.map_or(0, |e| e.create_revision).cmp(r),
             (CompareTarget::ModRevision(r), _) => entry.map_or(0, |e| e.mod_revision).cmp(r),
@@ -1026,8 +1034,8 @@ impl Stream for EmbeddedWatch {
                     revision
                         .events
                         .iter()
-                        .filter(|e| range.contains(&e.kv.key))
-                        .cloned(),
+                        .filter(|e| range.contains(&e.key))
+                        .map(|e| revision.watch_event(e)),
                 );
             }
             // Only revisions touching the range are queued, so this is

@@ -127,6 +127,31 @@ fn resident_bytes() -> Result<u64> {
     Ok(pages * 4096)
 }
 
+/// How long the memory benchmark lets the cluster settle before reading the
+/// resident set: the node may still be applying the last claims' watch events.
+const SETTLE: Duration = Duration::from_secs(1);
+
+/// Wait until the cluster's nodes run `count` handlers between them, then
+/// let it settle.
+async fn wait_running(cluster: &Cluster, count: usize) -> Result<()> {
+    let deadline = Instant::now() + LIMIT;
+    loop {
+        let running: usize = cluster
+            .nodes
+            .values()
+            .map(|node| node.status().borrow().running)
+            .sum();
+        if running >= count {
+            tokio::time::sleep(SETTLE).await;
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {running} of {count} tasks were running within {LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+}
+
 /// Wait until `count` tasks of the cluster's namespace have an owner.
 async fn wait_owned(store: &dyn Store, prefix: &str, count: usize) -> Result<()> {
     let deadline = Instant::now() + LIMIT;
@@ -158,10 +183,10 @@ async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
     // the steady cost per task rather than one-off arena set-up.
     let warmup = tasks / 10;
     cluster.submit("warm", warmup).await?;
-    wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), warmup).await?;
+    wait_running(&cluster, warmup).await?;
     let before = resident_bytes()?;
     cluster.submit("idle", tasks).await?;
-    wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), warmup + tasks).await?;
+    wait_running(&cluster, warmup + tasks).await?;
     let after = resident_bytes()?;
     let per_task = after.saturating_sub(before) as f64 / tasks as f64;
     let running = store

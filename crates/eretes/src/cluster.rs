@@ -22,40 +22,52 @@ pub enum Work {
     Idle,
 }
 
-/// The handler every node of the cluster runs.
-pub struct ClusterHandler {
-    work: Work,
+/// Runs until cancelled, reporting start and stop to the observer.
+struct ObservedHandler {
     observer: Arc<Observer>,
 }
 
 #[async_trait::async_trait]
-impl Handler for ClusterHandler {
+impl Handler for ObservedHandler {
     async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
-        match self.work {
-            Work::Noop => HandlerOutcome::Done(serde_json::Value::Null),
-            Work::Idle => {
-                ctx.cancel.cancelled().await;
-                HandlerOutcome::Release
-            }
-            Work::Observed => {
-                let _run = self
-                    .observer
-                    .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
-                ctx.cancel.cancelled().await;
-                HandlerOutcome::Release
-            }
-        }
+        let _run = self
+            .observer
+            .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
+        ctx.cancel.cancelled().await;
+        HandlerOutcome::Release
     }
 }
 
-/// Nodes on one store, all running [`ClusterHandler`] with the fair balancer.
+/// Completes at once.
+struct NoopHandler;
+
+#[async_trait::async_trait]
+impl Handler for NoopHandler {
+    async fn run(&self, _ctx: TaskContext) -> HandlerOutcome {
+        HandlerOutcome::Done(serde_json::Value::Null)
+    }
+}
+
+/// Runs until cancelled and records nothing: the smallest running task, so
+/// the memory benchmark measures the runtime's cost rather than a handler's.
+struct IdleHandler;
+
+#[async_trait::async_trait]
+impl Handler for IdleHandler {
+    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+        ctx.cancel.cancelled().await;
+        HandlerOutcome::Release
+    }
+}
+
+/// Nodes on one store, all running the handler of one [`Work`] with the fair balancer.
 pub struct Cluster {
     pub store: Arc<dyn Store>,
     pub ns: Namespace,
     pub coordinator: Coordinator,
     pub observer: Arc<Observer>,
     pub nodes: HashMap<String, NodeHandle>,
-    handler: Arc<ClusterHandler>,
+    handler: Arc<dyn Handler>,
     lease_ttl: Duration,
 }
 
@@ -66,10 +78,13 @@ impl Cluster {
         let observer = Observer::new();
         Ok(Cluster {
             coordinator: Coordinator::new(store.clone(), ns.clone()),
-            handler: Arc::new(ClusterHandler {
-                work,
-                observer: observer.clone(),
-            }),
+            handler: match work {
+                Work::Observed => Arc::new(ObservedHandler {
+                    observer: observer.clone(),
+                }),
+                Work::Noop => Arc::new(NoopHandler),
+                Work::Idle => Arc::new(IdleHandler),
+            },
             store,
             ns,
             observer,
