@@ -698,9 +698,8 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn a_fenced_handler_that_ignores_cancellation_is_aborted_before_the_lease_expires() {
-    let (inner, faulty, cluster) = cluster_with_faulty_node_a().await;
+/// Submit a task whose handler ignores cancellation, and wait until it runs.
+async fn run_stubborn_task(cluster: &Cluster) {
     cluster
         .submit("stubborn", json!({"mode": "stubborn"}))
         .await;
@@ -708,6 +707,12 @@ async fn a_fenced_handler_that_ignores_cancellation_is_aborted_before_the_lease_
         cluster.observer.running_tasks() == 1
     })
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_fenced_handler_that_ignores_cancellation_is_aborted_before_the_lease_expires() {
+    let (inner, faulty, cluster) = cluster_with_faulty_node_a().await;
+    run_stubborn_task(&cluster).await;
     let mut nodes = inner
         .watch(eretes_store::KeyRange::key("test/nodes/a"), 0)
         .await
@@ -774,13 +779,7 @@ async fn a_stopped_handler_that_ignores_cancellation_is_aborted_after_its_grace_
             Box::new(eretes_runtime::balancer::DumbBalancer),
         )
         .await;
-    cluster
-        .submit("stubborn", json!({"mode": "stubborn"}))
-        .await;
-    eventually("it runs", Duration::from_secs(5), || {
-        cluster.observer.running_tasks() == 1
-    })
-    .await;
+    run_stubborn_task(&cluster).await;
     let asked = tokio::time::Instant::now();
     cluster
         .node("a")
