@@ -13,6 +13,10 @@
 //!   lease. The claim's store revision is the task's **fencing epoch**.
 //! * **Release**, **complete** and **fail** are transactions guarded by the
 //!   epoch ([`Coordinator::fence`]): a stale owner cannot change anything.
+//! * **Batches**: [`Coordinator::claim_batch`] and [`Coordinator::end_runs`]
+//!   put up to 32 claims or run ends into one transaction, and fall back to
+//!   one transaction per task when any of them would fail, so each task gets
+//!   exactly the answer its own transaction would have given.
 //! * **Takeovers** (claims after an owner that never released) are counted per
 //!   task; past the limit the task is parked as failed.
 //! * **Node commands** are queued per node and each applied once.
