@@ -218,17 +218,12 @@ impl Cache {
     /// and node names arrive in several keys and values; sharing one
     /// allocation of each keeps a running task's cache entries small.
     fn shared_task_id(&self, id: TaskId) -> TaskId {
-        let known = self
-            .tasks
-            .get_key_value(id.as_str())
-            .map(|(known, _)| known)
-            .or_else(|| {
-                self.owners
-                    .get_key_value(id.as_str())
-                    .map(|(known, _)| known)
-            })
-            .or_else(|| self.runs.get_key_value(id.as_str()).map(|(known, _)| known));
-        known.cloned().unwrap_or(id)
+        // A task's own key arrives first, so one lookup finds nearly every
+        // copy worth sharing; this runs on the main loop for every event.
+        match self.tasks.get_key_value(id.as_str()) {
+            Some((known, _)) => known.clone(),
+            None => id,
+        }
     }
 
     /// The copy of node name `name` the cache already holds, if any.

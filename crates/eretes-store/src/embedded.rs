@@ -652,9 +652,33 @@ impl State {
         } = request;
         // Exactly the value's size: it is kept for as long as the key lives.
         let value: Arc<[u8]> = value.into();
-        let (key, previous) = match self.kvs.get_key_value(key.as_str()) {
-            Some((known, previous)) => (Arc::clone(known), Some(previous.clone())),
-            None => (Arc::<str>::from(key), None),
+        // One tree search for a key that exists (the common case of a write
+        // to a known task), two for a new one.
+        let only_key = (Bound::Included(key.as_str()), Bound::Included(key.as_str()));
+        let (key, previous, current) = match self.kvs.range_mut::<str, _>(only_key).next() {
+            Some((known, slot)) => {
+                let current = Entry {
+                    value,
+                    create_revision: slot.create_revision,
+                    mod_revision: revision,
+                    version: slot.version + 1,
+                    lease,
+                };
+                let previous = std::mem::replace(slot, current.clone());
+                (Arc::clone(known), Some(previous), current)
+            }
+            None => {
+                let key = Arc::<str>::from(key);
+                let current = Entry {
+                    value,
+                    create_revision: revision,
+                    mod_revision: revision,
+                    version: 1,
+                    lease,
+                };
+                self.kvs.insert(Arc::clone(&key), current.clone());
+                (key, None, current)
+            }
         };
         let old_lease = previous.as_ref().map_or(0, |p| p.lease);
         if old_lease != lease {
@@ -665,14 +689,6 @@ impl State {
                 new.keys.insert(Arc::clone(&key));
             }
         }
-        let current = Entry {
-            value,
-            create_revision: previous.as_ref().map_or(revision, |p| p.create_revision),
-            mod_revision: revision,
-            version: previous.as_ref().map_or(1, |p| p.version + 1),
-            lease,
-        };
-        self.kvs.insert(Arc::clone(&key), current.clone());
         let response = PutResponse {
             revision,
             prev_kv: previous
