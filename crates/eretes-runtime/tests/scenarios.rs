@@ -131,13 +131,7 @@ async fn deleting_a_running_task_stops_it_everywhere() {
     .await;
     tokio::time::sleep(Duration::from_secs(60)).await;
     assert_eq!(cluster.observer.runs().len(), 1, "never started again");
-    assert!(cluster
-        .store
-        .get_prefix("test/owners/")
-        .await
-        .unwrap()
-        .kvs
-        .is_empty());
+    assert_eq!(keys_under(cluster.store.as_ref(), "test/owners/").await, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -308,13 +302,8 @@ async fn a_store_outage_longer_than_the_ttl_loses_nothing() {
     })
     .await;
     assert_eq!(cluster.observer.overlaps(), 0);
-    assert_eq!(inner.get_prefix("test/tasks/").await.unwrap().kvs.len(), 10);
-    assert!(inner
-        .get_prefix("test/results/")
-        .await
-        .unwrap()
-        .kvs
-        .is_empty());
+    assert_eq!(keys_under(inner.as_ref(), "test/tasks/").await, 10);
+    assert_eq!(keys_under(inner.as_ref(), "test/results/").await, 0);
 }
 
 #[tokio::test(start_paused = true)]
@@ -369,13 +358,10 @@ async fn freeze_unfreeze_stop_task_and_drain_through_the_store() {
     );
     assert_eq!(cluster.observer.overlaps(), 0);
     // Commands are consumed: the queue is empty.
-    assert!(cluster
-        .store
-        .get_prefix("test/node-commands/")
-        .await
-        .unwrap()
-        .kvs
-        .is_empty());
+    assert_eq!(
+        keys_under(cluster.store.as_ref(), "test/node-commands/").await,
+        0
+    );
     assert_eq!(
         NodeStats::get(&cluster.node("a").stats().commands_applied),
         4
@@ -617,13 +603,7 @@ async fn handler_outcomes_become_results() {
         .unwrap()
         .contains("handler panicked: scripted panic"));
     assert_eq!(result("slow").await.result, json!("worked"));
-    assert!(cluster
-        .store
-        .get_prefix("test/tasks/")
-        .await
-        .unwrap()
-        .kvs
-        .is_empty());
+    assert_eq!(keys_under(cluster.store.as_ref(), "test/tasks/").await, 0);
     // A result keeps its id taken: resubmitting is refused and overwrites nothing.
     let again = cluster
         .coordinator
@@ -757,13 +737,7 @@ async fn claims_that_land_during_a_drain_are_given_back() {
         0,
         "a drained node runs nothing"
     );
-    assert!(cluster
-        .store
-        .get_prefix("test/owners/")
-        .await
-        .unwrap()
-        .kvs
-        .is_empty());
+    assert_eq!(keys_under(cluster.store.as_ref(), "test/owners/").await, 0);
 }
 
 #[tokio::test(start_paused = true)]

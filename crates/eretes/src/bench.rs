@@ -1,12 +1,13 @@
 //! `eretes bench`: the figures in BENCHMARKS.md. Each scenario prints a human
 //! line and, with `--json`, one JSON object as the last line.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use eretes_store::embedded::EmbeddedStore;
-use eretes_store::{KeyRange, Store, StoreExt};
+use eretes_store::{GetRequest, KeyRange, Store};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
@@ -68,15 +69,27 @@ fn nodes(count: u16) -> Vec<String> {
     (1..=count).map(|i| format!("node-{i}")).collect()
 }
 
+/// A cluster with no nodes yet on a fresh embedded store, whose handlers do `work`.
+fn bench_cluster(work: Work) -> Result<(Arc<EmbeddedStore>, Cluster)> {
+    let store = EmbeddedStore::new();
+    let cluster = Cluster::new(store.clone(), "bench", work, Duration::from_secs(10))?;
+    Ok((store, cluster))
+}
+
+/// Start `count` nodes in `cluster`.
+async fn add_nodes(cluster: &mut Cluster, count: u16) -> Result<()> {
+    for name in nodes(count) {
+        cluster.add_node(&name).await?;
+    }
+    Ok(())
+}
+
 /// Submit N no-op tasks while the nodes run them; the clock stops when the
 /// store holds N results (counted from a watch, so only durable completions count).
 async fn throughput(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(100_000) as usize;
-    let store = EmbeddedStore::new();
-    let mut cluster = Cluster::new(store.clone(), "bench", Work::Noop, Duration::from_secs(10))?;
-    for name in nodes(args.nodes.unwrap_or(1)) {
-        cluster.add_node(&name).await?;
-    }
+    let (store, mut cluster) = bench_cluster(Work::Noop)?;
+    add_nodes(&mut cluster, args.nodes.unwrap_or(1)).await?;
     let results = cluster.ns.results_prefix();
     let mut watch = store.watch(KeyRange::prefix(results), 0).await?;
     let started = Instant::now();
@@ -152,14 +165,17 @@ async fn wait_running(cluster: &Cluster, count: usize) -> Result<()> {
     }
 }
 
+/// How many keys start with `prefix`, counted by the store without copying them.
+async fn count_keys(store: &dyn Store, prefix: &str) -> Result<usize> {
+    let request = GetRequest::new(KeyRange::prefix(prefix)).count_only();
+    Ok(store.get(request).await?.count)
+}
+
 /// Wait until `count` tasks of the cluster's namespace have an owner.
 async fn wait_owned(store: &dyn Store, prefix: &str, count: usize) -> Result<()> {
     let deadline = Instant::now() + LIMIT;
     loop {
-        let owned = store
-            .get(eretes_store::GetRequest::new(KeyRange::prefix(prefix)).count_only())
-            .await?
-            .count;
+        let owned = count_keys(store, prefix).await?;
         if owned >= count {
             return Ok(());
         }
@@ -174,11 +190,8 @@ async fn wait_owned(store: &dyn Store, prefix: &str, count: usize) -> Result<()>
 /// process (its store keys, the node's cache entries, the handler task).
 async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(50_000) as usize;
-    let store = EmbeddedStore::new();
-    let mut cluster = Cluster::new(store.clone(), "bench", Work::Idle, Duration::from_secs(10))?;
-    for name in nodes(args.nodes.unwrap_or(1)) {
-        cluster.add_node(&name).await?;
-    }
+    let (store, mut cluster) = bench_cluster(Work::Idle)?;
+    add_nodes(&mut cluster, args.nodes.unwrap_or(1)).await?;
     // Warm up allocator pools with a first batch, so the measured growth is
     // the steady cost per task rather than one-off arena set-up.
     let warmup = tasks / 10;
@@ -189,11 +202,7 @@ async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
     wait_running(&cluster, warmup + tasks).await?;
     let after = resident_bytes()?;
     let per_task = after.saturating_sub(before) as f64 / tasks as f64;
-    let running = store
-        .get_prefix(&cluster.ns.owners_prefix())
-        .await?
-        .kvs
-        .len();
+    let running = count_keys(store.as_ref(), &cluster.ns.owners_prefix()).await?;
     println!(
         "memory: {running} idle tasks running; RSS grew {:.1} MiB for {tasks} tasks = {:.0} bytes per task",
         after.saturating_sub(before) as f64 / 1048576.0,
@@ -212,20 +221,16 @@ async fn memory(args: &BenchArgs) -> Result<serde_json::Value> {
 /// Submit N tasks first, then start the cluster and time until all are claimed.
 async fn cluster_claim(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(100_000) as usize;
-    let store = EmbeddedStore::new();
-    let mut cluster = Cluster::new(store.clone(), "bench", Work::Idle, Duration::from_secs(10))?;
+    let (store, mut cluster) = bench_cluster(Work::Idle)?;
     cluster.submit("claim", tasks).await?;
     let started = Instant::now();
-    let names = nodes(args.nodes.unwrap_or(3));
-    for name in &names {
-        cluster.add_node(name).await?;
-    }
+    let node_count = args.nodes.unwrap_or(3);
+    add_nodes(&mut cluster, node_count).await?;
     wait_owned(store.as_ref(), &cluster.ns.owners_prefix(), tasks).await?;
     let elapsed = started.elapsed();
     let rate = tasks as f64 / elapsed.as_secs_f64();
     println!(
-        "cluster-claim: {} nodes claimed {tasks} submitted tasks in {:.3} s = {:.0} claims/s",
-        names.len(),
+        "cluster-claim: {node_count} nodes claimed {tasks} submitted tasks in {:.3} s = {:.0} claims/s",
         elapsed.as_secs_f64(),
         rate
     );
@@ -233,7 +238,7 @@ async fn cluster_claim(args: &BenchArgs) -> Result<serde_json::Value> {
     Ok(json!({
         "scenario": "cluster-claim",
         "tasks": tasks,
-        "nodes": names.len(),
+        "nodes": node_count,
         "elapsed_ms": elapsed.as_millis() as u64,
         "claims_per_s": rate.round(),
     }))

@@ -159,6 +159,15 @@ pub async fn eventually(what: &str, limit: Duration, mut condition: impl FnMut()
     }
 }
 
+/// How many keys the store holds under `prefix`.
+pub async fn keys_under(store: &dyn Store, prefix: &str) -> usize {
+    eretes_store::StoreExt::get_prefix(store, prefix)
+        .await
+        .unwrap()
+        .kvs
+        .len()
+}
+
 /// Spread (max − min) of running tasks over `nodes`.
 pub fn spread(observer: &Observer, nodes: &[&str]) -> usize {
     let per_node = observer.running_per_node();
