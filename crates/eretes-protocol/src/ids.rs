@@ -4,10 +4,9 @@
 //! (a task id can never reach into another task's keys) and the length is
 //! bounded (keys stay small).
 
-use std::fmt;
-use std::sync::Arc;
-
+use arcstr::ArcStr;
 use serde::{Deserialize, Serialize};
+use std::fmt;
 
 use crate::error::ProtocolError;
 
@@ -45,15 +44,17 @@ macro_rules! identifier {
         #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
         #[serde(try_from = "String", into = "String")]
         // Shared text: a node holds each id in several maps at once, and a
-        // clone is a reference count instead of an allocation.
-        pub struct $name(Arc<str>);
+        // clone is a reference count instead of an allocation. `ArcStr` is
+        // one word (its length lives with the text), half of an `Arc<str>`,
+        // which matters in maps holding an entry per running task.
+        pub struct $name(ArcStr);
 
         impl $name {
             /// Validate and wrap `value` (1–128 characters of `[A-Za-z0-9._:-]`).
             pub fn new(value: impl Into<String>) -> Result<Self, ProtocolError> {
                 let value = value.into();
                 validate($kind, &value)?;
-                Ok($name(value.into()))
+                Ok($name(ArcStr::from(value)))
             }
 
             /// The identifier as text.
@@ -115,7 +116,8 @@ identifier!(
 impl GroupName {
     /// The group of tasks submitted without one.
     pub fn default_group() -> Self {
-        GroupName("default".into())
+        // A static literal: no allocation, however many tasks use it.
+        GroupName(arcstr::literal!("default"))
     }
 }
 

@@ -34,6 +34,23 @@ pub(crate) struct CachedOwner {
     pub epoch: Revision,
 }
 
+/// Everything cached about one task id. One entry per task (rather than one
+/// map per key kind) keeps a running task's footprint small: the id is held
+/// once and hashed once per event.
+#[derive(Debug, Default)]
+struct TaskEntry {
+    task: Option<CachedTask>,
+    owner: Option<CachedOwner>,
+    /// The run record and its `mod_revision`.
+    run: Option<(Revision, RunRecord)>,
+}
+
+impl TaskEntry {
+    fn is_empty(&self) -> bool {
+        self.task.is_none() && self.owner.is_none() && self.run.is_none()
+    }
+}
+
 /// What applying one key change did that the runtime must react to.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Change {
@@ -63,9 +80,7 @@ pub(crate) enum Change {
 pub(crate) struct Cache {
     ns: Namespace,
     me: NodeName,
-    tasks: HashMap<TaskId, CachedTask>,
-    owners: HashMap<TaskId, CachedOwner>,
-    runs: HashMap<TaskId, (Revision, RunRecord)>,
+    entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
     /// Unowned tasks per group, oldest first.
     unowned: HashMap<GroupName, BTreeSet<(Revision, TaskId)>>,
@@ -79,9 +94,7 @@ impl Cache {
             ns,
             view: ClusterView::new(me.clone()),
             me,
-            tasks: HashMap::new(),
-            owners: HashMap::new(),
-            runs: HashMap::new(),
+            entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
         }
@@ -96,11 +109,27 @@ impl Cache {
     }
 
     pub fn task(&self, id: &TaskId) -> Option<&CachedTask> {
-        self.tasks.get(id)
+        self.entries.get(id)?.task.as_ref()
     }
 
     pub fn owner(&self, id: &TaskId) -> Option<&CachedOwner> {
-        self.owners.get(id)
+        self.entries.get(id)?.owner.as_ref()
+    }
+
+    /// The entry of `id`, created empty if absent.
+    fn entry(&mut self, id: &TaskId) -> &mut TaskEntry {
+        // `entry()` would take the key by value and clone `id` on every hit.
+        if !self.entries.contains_key(id) {
+            self.entries.insert(id.clone(), TaskEntry::default());
+        }
+        self.entries.get_mut(id).expect("just inserted")
+    }
+
+    /// Drop the entry of `id` once nothing is cached for it.
+    fn forget_if_empty(&mut self, id: &TaskId) {
+        if self.entries.get(id).is_some_and(TaskEntry::is_empty) {
+            self.entries.remove(id);
+        }
     }
 
     /// The live nodes' names, sorted.
@@ -114,11 +143,12 @@ impl Cache {
 
     /// What a claim of `id` must check, if it looks claimable.
     pub fn claim_basis(&self, id: &TaskId) -> Option<ClaimBasis> {
-        let task = self.tasks.get(id)?;
-        if self.owners.contains_key(id) {
+        let entry = self.entries.get(id)?;
+        let task = entry.task.as_ref()?;
+        if entry.owner.is_some() {
             return None;
         }
-        let (run_revision, run) = self.runs.get(id).cloned().unwrap_or_default();
+        let (run_revision, run) = entry.run.clone().unwrap_or_default();
         Some(ClaimBasis {
             task: task.record.clone(),
             task_revision: task.revision,
@@ -182,14 +212,13 @@ impl Cache {
                 Ok(mut record) => {
                     let id = self.shared_task_id(id);
                     record.node = record.node.map(|node| self.shared_node(node));
-                    self.runs.insert(id, (kv.mod_revision, record));
+                    self.entry(&id).run = Some((kv.mod_revision, record));
                     Change::None
                 }
                 Err(e) => {
                     // Claims compare the run record's revision, so keep it even
                     // when the value is garbage: the claim then starts from zero.
-                    self.runs
-                        .insert(id, (kv.mod_revision, RunRecord::default()));
+                    self.entry(&id).run = Some((kv.mod_revision, RunRecord::default()));
                     Change::Malformed(e.to_string())
                 }
             },
@@ -220,7 +249,7 @@ impl Cache {
     fn shared_task_id(&self, id: TaskId) -> TaskId {
         // A task's own key arrives first, so one lookup finds nearly every
         // copy worth sharing; this runs on the main loop for every event.
-        match self.tasks.get_key_value(id.as_str()) {
+        match self.entries.get_key_value(id.as_str()) {
             Some((known, _)) => known.clone(),
             None => id,
         }
@@ -263,7 +292,7 @@ impl Cache {
                 Change::TaskGone(id)
             }
             KeyKind::Owner(id) => {
-                if self.owners.contains_key(&id) {
+                if self.owner(&id).is_some() {
                     self.set_owner(&id, None);
                 }
                 Change::OwnerChanged {
@@ -272,7 +301,10 @@ impl Cache {
                 }
             }
             KeyKind::Run(id) => {
-                self.runs.remove(&id);
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.run = None;
+                    self.forget_if_empty(&id);
+                }
                 Change::None
             }
             KeyKind::Result(_) => Change::None,
@@ -307,8 +339,7 @@ impl Cache {
     /// Drop this node's in-flight claim marker of `id`, if it is still there.
     pub fn clear_tentative(&mut self, id: &TaskId) {
         if self
-            .owners
-            .get(id)
+            .owner(id)
             .is_some_and(|o| o.epoch == 0 && o.node == self.me)
         {
             self.set_owner(id, None);
@@ -317,41 +348,49 @@ impl Cache {
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
         self.remove_task(&id);
-        let group = task.record.spec.group.clone();
-        if !self.owners.contains_key(&id) {
-            self.mark_unowned(&group, task.order, &id, true);
+        let (group, order) = (task.record.spec.group.clone(), task.order);
+        let entry = self.entry(&id);
+        entry.task = Some(task);
+        if entry.owner.is_none() {
+            self.mark_unowned(&group, order, &id, true);
         }
-        self.tasks.insert(id, task);
     }
 
     fn remove_task(&mut self, id: &TaskId) {
-        if let Some(old) = self.tasks.remove(id) {
-            if !self.owners.contains_key(id) {
+        let Some(entry) = self.entries.get_mut(id) else {
+            return;
+        };
+        let owned = entry.owner.is_some();
+        if let Some(old) = entry.task.take() {
+            if !owned {
                 self.mark_unowned(&old.record.spec.group, old.order, id, false);
             }
         }
+        self.forget_if_empty(id);
     }
 
     fn set_owner(&mut self, id: &TaskId, owner: Option<CachedOwner>) {
-        let previous = match owner {
-            Some(owner) => self.owners.insert(id.clone(), owner),
-            None => self.owners.remove(id),
+        let entry = self.entry(id);
+        let previous = std::mem::replace(&mut entry.owner, owner);
+        let current = entry.owner.clone();
+        // The task moves between the unowned index and owned only when the
+        // owner appears or disappears.
+        let moved = match &entry.task {
+            Some(task) if previous.is_some() != current.is_some() => {
+                Some((task.record.spec.group.clone(), task.order))
+            }
+            _ => None,
         };
         if let Some(previous) = &previous {
             self.adjust_owned(&previous.group, &previous.node, false);
         }
-        let current = self.owners.get(id).cloned();
         if let Some(current) = &current {
             self.adjust_owned(&current.group, &current.node, true);
         }
-        // The task moves between the unowned index and owned only when the
-        // owner appears or disappears.
-        if previous.is_some() != current.is_some() {
-            if let Some(task) = self.tasks.get(id) {
-                let (group, order) = (task.record.spec.group.clone(), task.order);
-                self.mark_unowned(&group, order, id, current.is_none());
-            }
+        if let Some((group, order)) = moved {
+            self.mark_unowned(&group, order, id, current.is_none());
         }
+        self.forget_if_empty(id);
     }
 
     fn adjust_owned(&mut self, group: &GroupName, node: &NodeName, add: bool) {
@@ -467,6 +506,39 @@ mod tests {
         cache.apply_delete(&ns.task(&a), 12);
         assert_eq!(cache.view.group(&g).unowned, 2);
         assert_eq!(cache.view.group(&g).total(), 2);
+    }
+
+    #[test]
+    fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
+        let ns = Namespace::new("t").unwrap();
+        let me = NodeName::new("me").unwrap();
+        let mut cache = Cache::new(ns.clone(), me.clone());
+        let id = TaskId::new("a").unwrap();
+        let run = encode(&RunRecord {
+            claims: 1,
+            takeovers: 0,
+            open: true,
+            node: Some(me.clone()),
+        });
+        let owner = encode(&OwnerRecord {
+            node: me.clone(),
+            group: GroupName::default(),
+        });
+        cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+        cache.apply_put(&kv(&ns.owner(&id), owner, 3, 3));
+        cache.apply_put(&kv(&ns.run(&id), run, 3, 3));
+        let basis_when_owned = cache.claim_basis(&id);
+        assert!(basis_when_owned.is_none(), "an owned task is not claimable");
+        cache.apply_delete(&ns.owner(&id), 4);
+        let basis = cache.claim_basis(&id).expect("claimable once the owner is gone");
+        assert_eq!((basis.run_revision, basis.run.claims), (3, 1));
+        // Completion deletes the three keys in any order; the entry must go
+        // with the last of them, or a long-lived node would leak one per task.
+        cache.apply_delete(&ns.task(&id), 5);
+        assert!(cache.entries.contains_key(&id), "the run record is still cached");
+        cache.apply_delete(&ns.run(&id), 5);
+        assert!(cache.entries.is_empty());
+        assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
     }
 
     #[test]

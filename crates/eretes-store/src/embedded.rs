@@ -25,6 +25,7 @@
 //! into one item. Queues are unbounded: a watcher that never polls holds on
 //! to every revision queued for it (as etcd buffers for a slow watcher).
 
+use arcstr::ArcStr;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
@@ -145,13 +146,13 @@ struct Lease {
     deadline: Instant,
     /// Attached keys, ordered so that revocation deletes them in key order
     /// (etcd sorts them too).
-    keys: BTreeSet<Arc<str>>,
+    keys: BTreeSet<ArcStr>,
 }
 
 /// One event as the history keeps it: the key and the versions before and
 /// after, all shared with the live map.
 struct StoredEvent {
-    key: Arc<str>,
+    key: ArcStr,
     /// The new version; `None` for a delete.
     current: Option<Entry>,
     previous: Option<Entry>,
@@ -240,7 +241,7 @@ struct State {
     /// compaction (as etcd, a fresh store may be compacted to revision 1).
     compact_revision: Revision,
     history_limit: Revision,
-    kvs: BTreeMap<Arc<str>, Entry>,
+    kvs: BTreeMap<ArcStr, Entry>,
     /// One entry per revision above `compact_revision - 1`, in order. Every
     /// revision wrote at least one event, so the deque is contiguous.
     history: VecDeque<Arc<RevisionEvents>>,
@@ -507,7 +508,7 @@ impl State {
     fn scan<'a>(
         &'a self,
         range: &'a KeyRange,
-    ) -> impl Iterator<Item = (&'a Arc<str>, &'a Entry)> + 'a {
+    ) -> impl Iterator<Item = (&'a ArcStr, &'a Entry)> + 'a {
         let start = match range {
             KeyRange::Key(key) => key.as_str(),
             KeyRange::Prefix(prefix) => prefix.as_str(),
@@ -665,10 +666,10 @@ impl State {
                     lease,
                 };
                 let previous = std::mem::replace(slot, current.clone());
-                (Arc::clone(known), Some(previous), current)
+                (known.clone(), Some(previous), current)
             }
             None => {
-                let key = Arc::<str>::from(key);
+                let key = ArcStr::from(key);
                 let current = Entry {
                     value,
                     create_revision: revision,
@@ -676,17 +677,17 @@ impl State {
                     version: 1,
                     lease,
                 };
-                self.kvs.insert(Arc::clone(&key), current.clone());
+                self.kvs.insert(key.clone(), current.clone());
                 (key, None, current)
             }
         };
         let old_lease = previous.as_ref().map_or(0, |p| p.lease);
         if old_lease != lease {
             if let Some(old) = self.leases.get_mut(&old_lease) {
-                old.keys.remove(&key);
+                old.keys.remove(key.as_str());
             }
             if let Some(new) = self.leases.get_mut(&lease) {
-                new.keys.insert(Arc::clone(&key));
+                new.keys.insert(key.clone());
             }
         }
         let response = PutResponse {
@@ -712,11 +713,10 @@ impl State {
         revision: Revision,
         events: &mut Vec<StoredEvent>,
     ) -> DeleteResponse {
-        let removed: Vec<(Arc<str>, Entry)> = match range {
+        let removed: Vec<(ArcStr, Entry)> = match range {
             KeyRange::Key(key) => self.kvs.remove_entry(key.as_str()).into_iter().collect(),
             KeyRange::Prefix(_) => {
-                let keys: Vec<Arc<str>> =
-                    self.scan(range).map(|(key, _)| Arc::clone(key)).collect();
+                let keys: Vec<ArcStr> = self.scan(range).map(|(key, _)| key.clone()).collect();
                 keys.into_iter()
                     .filter_map(|key| self.kvs.remove(&key).map(|entry| (key, entry)))
                     .collect()
