@@ -530,12 +530,17 @@ mod tests {
         let basis_when_owned = cache.claim_basis(&id);
         assert!(basis_when_owned.is_none(), "an owned task is not claimable");
         cache.apply_delete(&ns.owner(&id), 4);
-        let basis = cache.claim_basis(&id).expect("claimable once the owner is gone");
+        let basis = cache
+            .claim_basis(&id)
+            .expect("claimable once the owner is gone");
         assert_eq!((basis.run_revision, basis.run.claims), (3, 1));
         // Completion deletes the three keys in any order; the entry must go
         // with the last of them, or a long-lived node would leak one per task.
         cache.apply_delete(&ns.task(&id), 5);
-        assert!(cache.entries.contains_key(&id), "the run record is still cached");
+        assert!(
+            cache.entries.contains_key(&id),
+            "the run record is still cached"
+        );
         cache.apply_delete(&ns.run(&id), 5);
         assert!(cache.entries.is_empty());
         assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
