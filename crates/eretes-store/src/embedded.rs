@@ -48,6 +48,7 @@ use tokio::time::Instant;
 use crate::error::{StoreError, StoreResult};
 use crate::store::{Store, WatchStream};
 use crate::types::*;
+use crate::validate::{check_key, check_range, check_txn, invalid};
 
 /// Default number of revisions of watch history the store keeps. Every
 /// watcher of an embedded store lives in the same process and keeps up, so a
@@ -422,76 +423,6 @@ fn deadline_after(ttl: Duration) -> Instant {
         .unwrap_or_else(|| now + Duration::from_secs(100 * 365 * 24 * 3600))
 }
 
-fn invalid(message: impl Into<String>) -> StoreError {
-    StoreError::InvalidArgument(message.into())
-}
-
-fn check_key(key: &str) -> StoreResult<()> {
-    if key.is_empty() {
-        Err(invalid("key is not provided (empty key)"))
-    } else {
-        Ok(())
-    }
-}
-
-fn check_range(range: &KeyRange) -> StoreResult<()> {
-    match range {
-        KeyRange::Key(key) => check_key(key),
-        // An empty prefix is the whole key space, as etcd's "\0" range end.
-        KeyRange::Prefix(_) => Ok(()),
-    }
-}
-
-/// etcd's `checkIntervals`: within one branch, no key may be put twice and
-/// no put may fall inside a delete's range (deletes may overlap each other).
-/// Checked for both branches before anything runs, as etcd does.
-fn check_branch(ops: &[TxnOp]) -> StoreResult<()> {
-    let mut puts: Vec<&str> = Vec::new();
-    let mut has_delete = false;
-    for op in ops {
-        match op {
-            TxnOp::Get(get) => check_range(&get.range)?,
-            TxnOp::Put(put) => {
-                check_key(&put.key)?;
-                puts.push(&put.key);
-            }
-            TxnOp::Delete(delete) => {
-                check_range(&delete.range)?;
-                has_delete = true;
-            }
-        }
-    }
-    if puts.len() <= 1 && !has_delete {
-        return Ok(());
-    }
-    let duplicate = |key: &str| invalid(format!("duplicate key given in txn request: {key:?}"));
-    puts.sort_unstable();
-    if let Some(pair) = puts.windows(2).find(|pair| pair[0] == pair[1]) {
-        return Err(duplicate(pair[0]));
-    }
-    for op in ops {
-        if let TxnOp::Delete(delete) = op {
-            match &delete.range {
-                KeyRange::Key(key) => {
-                    if puts.binary_search(&key.as_str()).is_ok() {
-                        return Err(duplicate(key));
-                    }
-                }
-                KeyRange::Prefix(prefix) => {
-                    let first = puts.partition_point(|put| *put < prefix.as_str());
-                    if let Some(put) = puts
-                        .get(first)
-                        .filter(|put| put.starts_with(prefix.as_str()))
-                    {
-                        return Err(duplicate(put));
-                    }
-                }
-            }
-        }
-    }
-    Ok(())
-}
-
 fn key_value(key: &str, entry: &Entry) -> KeyValue {
     KeyValue {
         key: key.to_string(),
@@ -803,23 +734,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
-        // The order of etcd's checks: size, empty keys, then duplicates.
-        let ops = txn
-            .compares
-            .len()
-            .max(txn.success.len())
-            .max(txn.failure.len());
-        if ops > self.max_txn_ops {
-            return Err(invalid(format!(
-                "too many operations in txn request ({ops} > {})",
-                self.max_txn_ops
-            )));
-        }
-        for compare in &txn.compares {
-            check_key(&compare.key)?;
-        }
-        check_branch(&txn.success)?;
-        check_branch(&txn.failure)?;
+        check_txn(&txn, self.max_txn_ops)?;
         let mut state = self.lock();
         let succeeded = txn.compares.iter().all(|c| state.compare(c));
         let ops = if succeeded { txn.success } else { txn.failure };

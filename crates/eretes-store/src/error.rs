@@ -34,6 +34,10 @@ pub enum StoreError {
     /// may or may not have been applied.
     #[error("store unavailable: {0}")]
     Unavailable(String),
+    /// The store refused the credentials, or the user lacks a permission
+    /// (etcd auth). Retrying does not help.
+    #[error("store refused access: {0}")]
+    Denied(String),
     /// The store has been closed.
     #[error("store closed")]
     Closed,

@@ -39,6 +39,7 @@ mod error;
 pub mod faults;
 mod store;
 mod types;
+pub mod validate;
 
 pub use error::{StoreError, StoreResult};
 pub use store::{Store, StoreExt, WatchStream};

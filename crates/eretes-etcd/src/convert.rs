@@ -1,0 +1,212 @@
+//! One-to-one conversions between the store interface's types and
+//! etcd-client's, and etcd's errors mapped onto [`StoreError`].
+
+use eretes_store::{
+    Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
+    KeyRange, KeyValue, PutRequest, PutResponse, StoreError, TxnOp, TxnOpResponse,
+};
+use etcd_client as etcd;
+
+/// A key or value as etcd stores it. Keys are UTF-8 by construction (the
+/// interface's keys are `String`s); a non-UTF-8 key written by someone else
+/// is shown lossily rather than failing the whole read.
+pub(crate) fn key_value(kv: &etcd::KeyValue) -> KeyValue {
+    KeyValue {
+        key: String::from_utf8_lossy(kv.key()).into_owned(),
+        value: kv.value().to_vec(),
+        create_revision: kv.create_revision(),
+        mod_revision: kv.mod_revision(),
+        version: kv.version(),
+        lease: kv.lease(),
+    }
+}
+
+/// The revision a response was served at (0 if etcd sent no header).
+pub(crate) fn header_revision(header: Option<&etcd::ResponseHeader>) -> i64 {
+    header.map_or(0, |h| h.revision())
+}
+
+pub(crate) fn get_options(request: &GetRequest) -> (String, etcd::GetOptions) {
+    let mut options = etcd::GetOptions::new();
+    let key = match &request.range {
+        KeyRange::Key(key) => key.clone(),
+        KeyRange::Prefix(prefix) => {
+            options = options.with_prefix();
+            prefix.clone()
+        }
+    };
+    if let Some(limit) = request.limit {
+        options = options.with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+    if request.count_only {
+        options = options.with_count_only();
+    }
+    (key, options)
+}
+
+pub(crate) fn get_response(response: &etcd::GetResponse) -> GetResponse {
+    GetResponse {
+        kvs: response.kvs().iter().map(key_value).collect(),
+        count: usize::try_from(response.count()).unwrap_or(0),
+        more: response.more(),
+        revision: header_revision(response.header()),
+    }
+}
+
+pub(crate) fn put_options(request: &PutRequest) -> etcd::PutOptions {
+    let mut options = etcd::PutOptions::new();
+    if request.lease != 0 {
+        options = options.with_lease(request.lease);
+    }
+    if request.prev_kv {
+        options = options.with_prev_key();
+    }
+    options
+}
+
+pub(crate) fn put_response(response: &etcd::PutResponse) -> PutResponse {
+    PutResponse {
+        revision: header_revision(response.header()),
+        prev_kv: response.prev_key().map(key_value),
+    }
+}
+
+pub(crate) fn delete_options(request: &DeleteRequest) -> (String, etcd::DeleteOptions) {
+    let mut options = etcd::DeleteOptions::new();
+    let key = match &request.range {
+        KeyRange::Key(key) => key.clone(),
+        KeyRange::Prefix(prefix) => {
+            options = options.with_prefix();
+            prefix.clone()
+        }
+    };
+    if request.prev_kv {
+        options = options.with_prev_key();
+    }
+    (key, options)
+}
+
+pub(crate) fn delete_response(response: &etcd::DeleteResponse) -> DeleteResponse {
+    DeleteResponse {
+        revision: header_revision(response.header()),
+        deleted: response.deleted(),
+        prev_kvs: response.prev_kvs().iter().map(key_value).collect(),
+    }
+}
+
+pub(crate) fn compare(compare: &Compare) -> etcd::Compare {
+    let op = match compare.op {
+        CompareOp::Equal => etcd::CompareOp::Equal,
+        CompareOp::NotEqual => etcd::CompareOp::NotEqual,
+        CompareOp::Less => etcd::CompareOp::Less,
+        CompareOp::Greater => etcd::CompareOp::Greater,
+    };
+    let key = compare.key.clone();
+    match &compare.target {
+        CompareTarget::Value(value) => etcd::Compare::value(key, op, value.clone()),
+        CompareTarget::Version(version) => etcd::Compare::version(key, op, *version),
+        CompareTarget::CreateRevision(rev) => etcd::Compare::create_revision(key, op, *rev),
+        CompareTarget::ModRevision(rev) => etcd::Compare::mod_revision(key, op, *rev),
+        CompareTarget::Lease(lease) => etcd::Compare::lease(key, op, *lease),
+    }
+}
+
+pub(crate) fn txn_op(op: &TxnOp) -> etcd::TxnOp {
+    match op {
+        TxnOp::Get(get) => {
+            let (key, options) = get_options(get);
+            etcd::TxnOp::get(key, Some(options))
+        }
+        TxnOp::Put(put) => {
+            etcd::TxnOp::put(put.key.clone(), put.value.clone(), Some(put_options(put)))
+        }
+        TxnOp::Delete(delete) => {
+            let (key, options) = delete_options(delete);
+            etcd::TxnOp::delete(key, Some(options))
+        }
+    }
+}
+
+/// A response inside a transaction. etcd gives the inner responses no header
+/// of their own; they all happened at the transaction's revision.
+pub(crate) fn txn_op_response(response: &etcd::TxnOpResponse, revision: i64) -> TxnOpResponse {
+    match response {
+        etcd::TxnOpResponse::Get(get) => TxnOpResponse::Get(GetResponse {
+            revision,
+            ..get_response(get)
+        }),
+        etcd::TxnOpResponse::Put(put) => TxnOpResponse::Put(PutResponse {
+            revision,
+            ..put_response(put)
+        }),
+        etcd::TxnOpResponse::Delete(delete) => TxnOpResponse::Delete(DeleteResponse {
+            revision,
+            ..delete_response(delete)
+        }),
+        // The interface has no nested transactions, so etcd never sends one.
+        etcd::TxnOpResponse::Txn(_) => TxnOpResponse::Get(GetResponse {
+            kvs: Vec::new(),
+            count: 0,
+            more: false,
+            revision,
+        }),
+    }
+}
+
+/// etcd's messages for the errors the interface distinguishes.
+const MSG_COMPACTED: &str = "required revision has been compacted";
+const MSG_FUTURE: &str = "required revision is a future revision";
+const MSG_LEASE_NOT_FOUND: &str = "requested lease not found";
+
+/// What kind of failure an etcd error is, before the details the caller
+/// knows (the lease, the revision) are filled in.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Failure {
+    Compacted,
+    FutureRevision,
+    LeaseNotFound,
+    Other(StoreError),
+}
+
+/// Classify an etcd-client error.
+pub(crate) fn classify(error: etcd::Error) -> Failure {
+    use tonic_code::*;
+    match error {
+        etcd::Error::GRpcStatus(status) => {
+            let message = status.message();
+            if message.contains(MSG_COMPACTED) {
+                return Failure::Compacted;
+            }
+            if message.contains(MSG_FUTURE) {
+                return Failure::FutureRevision;
+            }
+            if message.contains(MSG_LEASE_NOT_FOUND) {
+                return Failure::LeaseNotFound;
+            }
+            let text = format!("etcd: {message}");
+            Failure::Other(match status.code() as i32 {
+                INVALID_ARGUMENT | FAILED_PRECONDITION | OUT_OF_RANGE => {
+                    StoreError::InvalidArgument(text)
+                }
+                UNAUTHENTICATED | PERMISSION_DENIED => StoreError::Denied(text),
+                _ => StoreError::Unavailable(text),
+            })
+        }
+        // etcd-client's own report of a keepalive answered with TTL 0.
+        etcd::Error::LeaseKeepAliveError(message) if message.contains("lease not found") => {
+            Failure::LeaseNotFound
+        }
+        etcd::Error::InvalidArgs(message) => Failure::Other(StoreError::InvalidArgument(message)),
+        other => Failure::Other(StoreError::Unavailable(format!("etcd: {other}"))),
+    }
+}
+
+/// gRPC status codes as numbers, so this crate needs no direct tonic
+/// dependency for a `match`.
+mod tonic_code {
+    pub const INVALID_ARGUMENT: i32 = 3;
+    pub const PERMISSION_DENIED: i32 = 7;
+    pub const FAILED_PRECONDITION: i32 = 9;
+    pub const OUT_OF_RANGE: i32 = 11;
+    pub const UNAUTHENTICATED: i32 = 16;
+}
