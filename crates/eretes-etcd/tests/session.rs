@@ -1,0 +1,118 @@
+//! The session layer against an etcd of the test's own, which it kills and
+//! restarts on the same data directory: watches resume without losing or
+//! repeating an event, and leases that outlive the outage keep renewing.
+
+use std::time::Duration;
+
+use eretes_etcd::testing::LocalEtcd;
+use eretes_etcd::{EtcdOptions, EtcdStore};
+use eretes_store::{KeyRange, PutRequest, Store, StoreError, WatchEvent};
+use futures::StreamExt;
+
+const WAIT: Duration = Duration::from_secs(20);
+
+async fn next_events(stream: &mut eretes_store::WatchStream, what: &str) -> Vec<WatchEvent> {
+    match tokio::time::timeout(WAIT, stream.next()).await {
+        Ok(Some(Ok(batch))) => batch,
+        other => panic!("{what}: expected a batch, got {other:?}"),
+    }
+}
+
+async fn connect(etcd: &LocalEtcd) -> EtcdStore {
+    let options = EtcdOptions::from_urls(&etcd.url())
+        .unwrap()
+        .with_request_timeout(Duration::from_secs(2));
+    EtcdStore::connect(options).await.expect("connect")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_resumes_after_an_etcd_restart_without_loss_or_repeats() {
+    let mut etcd = LocalEtcd::start().await;
+    let store = connect(&etcd).await;
+    let mut watch = store.watch(KeyRange::prefix("w/"), 0).await.expect("watch");
+    let first = store.put(PutRequest::new("w/1", "a")).await.unwrap();
+    let seen = next_events(&mut watch, "before the restart").await;
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].kv.mod_revision, first.revision);
+
+    etcd.stop();
+    // Calls during the outage fail within the request timeout, as
+    // Unavailable, rather than hanging.
+    let during = store.put(PutRequest::new("w/lost", "x")).await;
+    assert!(
+        matches!(during, Err(StoreError::Unavailable(_))),
+        "a put while etcd is down: {during:?}"
+    );
+    etcd.resume().await;
+
+    // The same store (and the same watch stream) carry on.
+    let mut second = None;
+    for _ in 0..50 {
+        match store.put(PutRequest::new("w/2", "b")).await {
+            Ok(put) => {
+                second = Some(put);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("put after the restart: {e}"),
+        }
+    }
+    let second = second.expect("etcd accepts writes again within 10 s");
+    let seen = next_events(&mut watch, "after the restart").await;
+    let revisions: Vec<_> = seen.iter().map(|e| e.kv.mod_revision).collect();
+    assert_eq!(
+        revisions,
+        vec![second.revision],
+        "exactly the write made after the restart, once"
+    );
+    assert_eq!(seen[0].kv.key, "w/2");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_keeps_renewing_across_a_short_outage_and_ttl_zero_is_lease_loss() {
+    let mut etcd = LocalEtcd::start().await;
+    let store = connect(&etcd).await;
+    let lease = store.lease_grant(Duration::from_secs(10)).await.unwrap();
+    assert!(store.lease_keepalive(lease.id).await.unwrap() > Duration::ZERO);
+
+    etcd.stop();
+    let during = store.lease_keepalive(lease.id).await;
+    assert!(
+        matches!(during, Err(StoreError::Unavailable(_))),
+        "a keepalive while etcd is down: {during:?}"
+    );
+    etcd.resume().await;
+    let mut renewed = None;
+    for _ in 0..50 {
+        match store.lease_keepalive(lease.id).await {
+            Ok(ttl) => {
+                renewed = Some(ttl);
+                break;
+            }
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("keepalive after the restart: {e}"),
+        }
+    }
+    assert!(
+        renewed.expect("renewed within 10 s") > Duration::ZERO,
+        "the broken keepalive stream was reopened"
+    );
+
+    store.lease_revoke(lease.id).await.unwrap();
+    // etcd answers a keepalive of a revoked lease with TTL 0: lease loss.
+    assert_eq!(
+        store.lease_keepalive(lease.id).await,
+        Err(StoreError::LeaseNotFound(lease.id))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_etcd_fails_connect_with_the_address() {
+    let port = eretes_etcd::testing::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let options = EtcdOptions::from_urls(&url)
+        .unwrap()
+        .with_request_timeout(Duration::from_secs(1));
+    let error = EtcdStore::connect(options).await.unwrap_err().to_string();
+    assert!(error.contains(&url), "{error}");
+}
