@@ -936,12 +936,9 @@ impl MainLoop {
                 .slots_for(&group)
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0));
             let mut batch = Vec::new();
+            let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {
-                let candidate = self
-                    .cache
-                    .unowned(&group)
-                    .find(|id| !self.ignored.contains_key(*id) && !self.claiming.contains(*id))
-                    .cloned();
+                let candidate = self.next_candidate(&group, share);
                 let Some(id) = candidate else { break };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
                     ClaimDecision::Claim => {
@@ -969,6 +966,37 @@ impl MainLoop {
                 self.launch_claims(lease, group, batch);
             }
         }
+    }
+
+    /// This node's share of `group`'s unowned tasks: its rank among the
+    /// group's serving nodes and their number, if it is one of them.
+    fn claim_share(&self, group: &GroupName) -> Option<(u64, u64)> {
+        let serving = &self.cache.view.groups.get(group)?.serving;
+        let rank = serving.iter().position(|n| *n == self.config.name)?;
+        Some((rank as u64, serving.len() as u64))
+    }
+
+    /// The next task of `group` to claim: the oldest eligible one among this
+    /// node's share, looking a bounded way ahead, else the oldest eligible
+    /// one of all. Without shares every node would try the same oldest tasks
+    /// at once, and a batch that loses one compare falls back to one
+    /// transaction per task; with them, nodes contend only for leftovers.
+    fn next_candidate(&self, group: &GroupName, share: Option<(u64, u64)>) -> Option<TaskId> {
+        let eligible =
+            |id: &&TaskId| !self.ignored.contains_key(*id) && !self.claiming.contains(*id);
+        if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
+            let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
+            let mine = self
+                .cache
+                .unowned(group)
+                .take(look_ahead)
+                .filter(eligible)
+                .find(|id| share_of(id, nodes) == rank);
+            if let Some(id) = mine {
+                return Some(id.clone());
+            }
+        }
+        self.cache.unowned(group).find(eligible).cloned()
     }
 
     /// Claim `batch` (tasks of `group`) in one transaction where possible.
@@ -1322,6 +1350,15 @@ fn off_loop<T: Send + 'static>(
             Err(error) => std::panic::resume_unwind(error.into_panic()),
         }
     })
+}
+
+/// Which of `nodes` shares task `id` falls in. A fixed hash, so every node
+/// of one build computes the same split.
+fn share_of(id: &TaskId, nodes: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    id.as_str().hash(&mut hasher);
+    hasher.finish() % nodes
 }
 
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {

@@ -6,13 +6,17 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
+use eretes_protocol::MAX_CLAIM_BATCH;
 use eretes_store::embedded::EmbeddedStore;
-use eretes_store::{GetRequest, KeyRange, Store};
+use eretes_store::{
+    Compare, DeleteRequest, EventKind, GetRequest, KeyRange, PutRequest, Store, Txn, TxnOp,
+};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::cluster::{Cluster, Work};
+use crate::cluster::{Cluster, Work, CLAIMS_IN_FLIGHT};
+use crate::store_args::StoreArgs;
 
 /// The benchmark scenarios.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -23,6 +27,12 @@ enum Scenario {
     Memory,
     /// A 3-node in-process cluster claims tasks submitted beforehand.
     ClusterClaim,
+    /// Three nodes claim 10,000 submitted tasks, against plain
+    /// create-if-absent transactions at the same concurrency (embedded or etcd).
+    Claim,
+    /// A node owning 1,000 tasks is killed; time until all run elsewhere
+    /// (embedded or etcd).
+    Failover,
 }
 
 /// Options of `eretes bench`.
@@ -31,15 +41,16 @@ pub struct BenchArgs {
     /// Which benchmark.
     #[arg(value_enum)]
     scenario: Scenario,
-    /// Tasks to use (default: 100,000 for throughput and cluster-claim, 50,000 for memory).
+    /// Tasks to use (default: 100,000 for throughput and cluster-claim,
+    /// 50,000 for memory, 10,000 for claim, 1,000 for failover).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
     tasks: Option<u32>,
-    /// Nodes to run (default: 1 for throughput and memory, 3 for cluster-claim).
+    /// Nodes to run (default: 1 for throughput and memory, 3 otherwise).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: Option<u16>,
-    /// Run against etcd at this URL instead of the embedded store.
-    #[arg(long)]
-    etcd: Option<String>,
+    /// The store (claim and failover only): embedded unless --etcd is given.
+    #[command(flatten)]
+    store: StoreArgs,
     /// End with one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
@@ -50,13 +61,22 @@ const LIMIT: Duration = Duration::from_secs(600);
 
 /// Run a benchmark.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    if let Some(url) = &args.etcd {
-        bail!("--etcd {url}: the etcd backend is not part of this build yet; run the benchmarks on the embedded store (omit --etcd)");
+    let embedded_only = matches!(
+        args.scenario,
+        Scenario::Throughput | Scenario::Memory | Scenario::ClusterClaim
+    );
+    if embedded_only && args.store.is_etcd() {
+        bail!(
+            "--etcd: the {:?} benchmark measures the embedded store only; \
+             on etcd, run `eretes bench claim` or `eretes bench failover`",
+            args.scenario
+        );
     }
     let report = match args.scenario {
         Scenario::Throughput => throughput(&args).await?,
         Scenario::Memory => memory(&args).await?,
         Scenario::ClusterClaim => cluster_claim(&args).await?,
+        Scenario::Claim | Scenario::Failover => on_any_store(&args).await?,
     };
     if args.json {
         println!("{report}");
@@ -242,4 +262,201 @@ async fn cluster_claim(args: &BenchArgs) -> Result<serde_json::Value> {
         "elapsed_ms": elapsed.as_millis() as u64,
         "claims_per_s": rate.round(),
     }))
+}
+
+/// Run the claim or failover benchmark on the store the arguments name, in a
+/// namespace of its own that is removed afterwards.
+async fn on_any_store(args: &BenchArgs) -> Result<serde_json::Value> {
+    let store = args.store.open().await?;
+    let (namespace, backend) = match &args.store.etcd {
+        Some(_) => (format!("bench-{:08x}", rand::random::<u32>()), "etcd"),
+        None => ("bench".to_string(), "embedded"),
+    };
+    let report = match args.scenario {
+        Scenario::Failover => failover(args, store.clone(), &namespace).await,
+        _ => claim(args, store.clone(), &namespace).await,
+    };
+    store
+        .delete(DeleteRequest::new(KeyRange::prefix(format!(
+            "{namespace}/"
+        ))))
+        .await?;
+    let mut report = report?;
+    report["backend"] = json!(backend);
+    Ok(report)
+}
+
+/// Plain create-if-absent transactions on `count` fresh keys under `prefix`,
+/// `concurrency` at a time: the store's raw claim-shaped rate, per second.
+async fn raw_create_rate(
+    store: &Arc<dyn Store>,
+    prefix: &str,
+    count: usize,
+    concurrency: usize,
+) -> Result<f64> {
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..concurrency {
+        let (store, next, prefix) = (store.clone(), next.clone(), prefix.to_string());
+        workers.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= count {
+                    return anyhow::Ok(());
+                }
+                let key = format!("{prefix}{n:07}");
+                let value = br#"{"node":"node-1","group":"default"}"#.to_vec();
+                let txn = Txn::new()
+                    .when(Compare::absent(&key))
+                    .and_then(TxnOp::Put(PutRequest::new(&key, value)));
+                if !store.txn(txn).await?.succeeded {
+                    bail!("raw create of fresh key {key} failed its compare");
+                }
+            }
+        });
+    }
+    while let Some(worker) = workers.join_next().await {
+        worker??;
+    }
+    Ok(count as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Three nodes claim N tasks submitted beforehand; in the same run, the rate
+/// of plain create-if-absent transactions at the concurrency the nodes' claim
+/// pipelines can reach (each node has `CLAIMS_IN_FLIGHT / MAX_CLAIM_BATCH`
+/// claim transactions in flight at most).
+async fn claim(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(10_000) as usize;
+    let node_count = args.nodes.unwrap_or(3);
+    let concurrency = node_count as usize * CLAIMS_IN_FLIGHT.div_ceil(MAX_CLAIM_BATCH);
+    let raw_prefix = format!("{ns}/raw/");
+    let raw_rate = raw_create_rate(&store, &raw_prefix, tasks, concurrency).await?;
+    store
+        .delete(DeleteRequest::new(KeyRange::prefix(&raw_prefix)))
+        .await?;
+
+    let mut cluster = Cluster::new(store.clone(), ns, Work::Idle, Duration::from_secs(10))?;
+    cluster.submit("claim", tasks).await?;
+    // Count owner records from a watch: precise, and no polling load on the store.
+    let mut owners = store
+        .watch(KeyRange::prefix(cluster.ns.owners_prefix()), 0)
+        .await?;
+    let started = Instant::now();
+    add_nodes(&mut cluster, node_count).await?;
+    let counting = async {
+        let mut owned = std::collections::HashSet::new();
+        while owned.len() < tasks {
+            for event in owners.next().await.context("watch ended")?? {
+                match event.kind {
+                    EventKind::Put => owned.insert(event.kv.key),
+                    EventKind::Delete => owned.remove(&event.kv.key),
+                };
+            }
+        }
+        anyhow::Ok(())
+    };
+    tokio::time::timeout(LIMIT, counting)
+        .await
+        .context("claim benchmark timed out")??;
+    let elapsed = started.elapsed();
+    cluster.shutdown().await;
+    let rate = tasks as f64 / elapsed.as_secs_f64();
+    let ratio = rate / raw_rate;
+    println!(
+        "claim: {node_count} nodes claimed {tasks} tasks in {:.3} s = {rate:.0} claims/s; \
+         raw create-if-absent transactions ({concurrency} at a time): {raw_rate:.0}/s; ratio {ratio:.2}",
+        elapsed.as_secs_f64()
+    );
+    Ok(json!({
+        "scenario": "claim",
+        "tasks": tasks,
+        "nodes": node_count,
+        "elapsed_ms": elapsed.as_millis() as u64,
+        "claims_per_s": rate.round(),
+        "raw_txn_per_s": raw_rate.round(),
+        "raw_concurrency": concurrency,
+        "ratio": (ratio * 100.0).round() / 100.0,
+    }))
+}
+
+/// A node owning N tasks is killed abruptly (no release, its lease lapses);
+/// the clock runs until the last of its tasks runs on a survivor. Nodes keep
+/// what they claim (no rebalancing), so the victim owns every task.
+async fn failover(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(1_000) as usize;
+    let node_count = args.nodes.unwrap_or(3).max(2);
+    let ttl = Duration::from_secs(2);
+    let mut cluster = Cluster::new(store, ns, Work::Observed, ttl)?;
+    cluster.rebalance = false;
+    let victim = "node-1";
+    cluster.add_node(victim).await?;
+    cluster.submit("failover", tasks).await?;
+    wait_until(&format!("{tasks} tasks run on {victim}"), || {
+        cluster.observer.running_on(victim).len() == tasks
+    })
+    .await?;
+    for name in nodes(node_count).iter().skip(1) {
+        cluster.add_node(name).await?;
+    }
+    let orphans = cluster.observer.running_on(victim);
+    // When etcd (or the embedded store) expires the victim's lease: the
+    // first deletion of an owner record. Splits the failover into the
+    // store's expiry and the survivors' claims.
+    let mut owners = cluster
+        .store
+        .watch(KeyRange::prefix(cluster.ns.owners_prefix()), 0)
+        .await?;
+    let killed_at = Instant::now();
+    cluster.nodes[victim].kill();
+    let expired = tokio::spawn(async move {
+        while let Some(Ok(batch)) = owners.next().await {
+            if batch.iter().any(|e| e.kind == EventKind::Delete) {
+                return Some(Instant::now());
+            }
+        }
+        None
+    });
+    wait_until("every orphan runs on a survivor", || {
+        cluster.observer.running_tasks() == tasks && cluster.observer.running_on(victim).is_empty()
+    })
+    .await?;
+    let failover = cluster
+        .observer
+        .last_restart(&orphans, killed_at)
+        .context("no orphan restarted")?
+        - killed_at;
+    let overlaps = cluster.observer.overlaps();
+    let expiry = expired.await?.map(|at| at - killed_at).unwrap_or_default();
+    cluster.shutdown().await;
+    let ratio = failover.as_secs_f64() / ttl.as_secs_f64();
+    println!(
+        "failover: killed a node owning {tasks} tasks; its lease expired after {} ms; \
+         all ran elsewhere after {} ms (lease TTL {} ms, ratio {ratio:.2}); overlapping runs {overlaps}",
+        expiry.as_millis(),
+        failover.as_millis(),
+        ttl.as_millis()
+    );
+    Ok(json!({
+        "scenario": "failover",
+        "tasks": tasks,
+        "nodes": node_count,
+        "failover_ms": failover.as_millis() as u64,
+        "expiry_ms": expiry.as_millis() as u64,
+        "ttl_ms": ttl.as_millis() as u64,
+        "ratio": (ratio * 100.0).round() / 100.0,
+        "overlaps": overlaps,
+    }))
+}
+
+/// Poll `done` every 10 ms until it holds; fail naming `what` after [`LIMIT`].
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + LIMIT;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {LIMIT:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
-use eretes_runtime::balancer::FairBalancer;
+use eretes_runtime::balancer::{Balancer, DumbBalancer, FairBalancer};
 use eretes_runtime::observer::Observer;
 use eretes_runtime::{Handler, HandlerOutcome, Node, NodeConfig, NodeHandle, TaskContext};
 use eretes_store::Store;
@@ -69,7 +69,12 @@ pub struct Cluster {
     pub nodes: HashMap<String, NodeHandle>,
     handler: Arc<dyn Handler>,
     lease_ttl: Duration,
+    /// Nodes started from now on rebalance (fair) or keep what they claim (dumb).
+    pub rebalance: bool,
 }
+
+/// How many tasks a cluster node claims at once, at most.
+pub const CLAIMS_IN_FLIGHT: usize = 64;
 
 impl Cluster {
     /// An empty cluster in namespace `ns` whose nodes use `lease_ttl`.
@@ -90,6 +95,7 @@ impl Cluster {
             observer,
             nodes: HashMap::new(),
             lease_ttl,
+            rebalance: true,
         })
     }
 
@@ -102,15 +108,15 @@ impl Cluster {
         config.balance_interval = Duration::from_secs(5);
         config.membership_balance_delay = Duration::from_millis(300);
         config.release_ignore = Duration::from_secs(3);
-        config.max_claims_in_flight = 64;
-        let node = Node::start(
-            self.store.clone(),
-            config,
-            self.handler.clone(),
-            Box::new(FairBalancer::default()),
-        )
-        .await
-        .with_context(|| format!("starting node {name}"))?;
+        config.max_claims_in_flight = CLAIMS_IN_FLIGHT;
+        let balancer: Box<dyn Balancer> = if self.rebalance {
+            Box::new(FairBalancer::default())
+        } else {
+            Box::new(DumbBalancer::new())
+        };
+        let node = Node::start(self.store.clone(), config, self.handler.clone(), balancer)
+            .await
+            .with_context(|| format!("starting node {name}"))?;
         self.nodes.insert(name.to_string(), node);
         Ok(())
     }

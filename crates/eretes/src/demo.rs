@@ -1,5 +1,6 @@
-//! `eretes demo`: a cluster on the embedded store loses a node abruptly and
-//! gains a fresh one; an observer measures what really happened.
+//! `eretes demo`: a cluster on the embedded store (or, with `--etcd`, on a
+//! real etcd) loses a node abruptly and gains a fresh one; an observer
+//! measures what really happened.
 
 use std::time::Duration;
 
@@ -7,12 +8,12 @@ use anyhow::{bail, Result};
 use clap::Args;
 use eretes_protocol::NodeName;
 use eretes_runtime::balancer::{min_moves, GroupLoad};
-use eretes_store::embedded::EmbeddedStore;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde::Serialize;
 use tokio::time::Instant;
 
 use crate::cluster::{Cluster, Work};
+use crate::store_args::StoreArgs;
 
 /// Options of `eretes demo`.
 #[derive(Debug, Args)]
@@ -29,6 +30,9 @@ pub struct DemoArgs {
     /// End with one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
+    /// The store: embedded unless --etcd is given.
+    #[command(flatten)]
+    store: StoreArgs,
 }
 
 /// The demo's figures, all measured by the observer.
@@ -83,7 +87,17 @@ pub async fn run(args: DemoArgs) -> Result<()> {
     let started = Instant::now();
     let (node_count, task_count) = (args.nodes as usize, args.tasks as usize);
     let ttl = Duration::from_millis(args.lease_ttl_ms);
-    let mut cluster = Cluster::new(EmbeddedStore::new(), "demo", Work::Observed, ttl)?;
+    let store = args.store.open().await?;
+    // On etcd the demo gets a namespace of its own, so runs never meet each
+    // other's tasks, and removes it at the end.
+    let (namespace, backend) = match &args.store.etcd {
+        Some(urls) => (
+            format!("demo-{:08x}", rand::random::<u32>()),
+            format!("etcd at {urls}"),
+        ),
+        None => ("demo".to_string(), "embedded store".to_string()),
+    };
+    let mut cluster = Cluster::new(store, &namespace, Work::Observed, ttl)?;
     let mut live: Vec<String> = (1..=node_count).map(|i| format!("node-{i}")).collect();
     for name in &live {
         cluster.add_node(name).await?;
@@ -176,9 +190,19 @@ pub async fn run(args: DemoArgs) -> Result<()> {
         spread: spread(&cluster, &live),
         elapsed_ms: started.elapsed().as_millis() as u64,
     };
+    let (store, root) = (cluster.store.clone(), cluster.ns.root().to_string());
     cluster.shutdown().await;
+    if args.store.is_etcd() {
+        store
+            .delete(eretes_store::DeleteRequest::new(
+                eretes_store::KeyRange::prefix(root),
+            ))
+            .await?;
+    }
 
-    println!("eretes demo: {node_count} nodes, {task_count} tasks, embedded store");
+    println!(
+        "eretes demo: {node_count} nodes, {task_count} tasks, {backend} (namespace {namespace})"
+    );
     println!("  every task running after {all_running_ms} ms");
     println!(
         "  killed {victim} with {} tasks: the last orphan ran again after {} ms (lease TTL {} ms)",

@@ -25,6 +25,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod bench;
 mod cluster;
 mod demo;
+mod store_args;
 
 /// Run long-lived tasks on a cluster: exactly one owner per task, moved when
 /// nodes join, leave or die.

@@ -49,13 +49,87 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         (&["bench", "warp-speed"][..], "invalid value 'warp-speed'"),
         (
             &["bench", "throughput", "--etcd", "http://127.0.0.1:1"][..],
-            "etcd backend is not part of this build",
+            "measures the embedded store only",
+        ),
+        (
+            &["demo", "--etcd", "127.0.0.1:2379"][..],
+            "must start with http:// or https://",
+        ),
+        (&["demo", "--etcd", "http://localhost"][..], "has no port"),
+        (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
+        (
+            &[
+                "demo",
+                "--etcd",
+                "http://127.0.0.1:1",
+                "--etcd-cert",
+                "c.pem",
+            ][..],
+            "--etcd-key",
         ),
     ] {
         let output = eretes(args);
         assert!(!output.status.success(), "{args:?} should fail");
         let stderr = String::from_utf8_lossy(&output.stderr);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
+    }
+}
+
+#[test]
+fn an_unreachable_etcd_is_named_in_the_error() {
+    let url = format!("http://127.0.0.1:{}", eretes_etcd::testing::free_port());
+    let output = eretes(&["demo", "--etcd", &url]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains(&url) && stderr.contains("etcd"), "{stderr}");
+}
+
+/// The demo as a real process on a real etcd (the one scripts/test.sh runs).
+#[test]
+fn demo_on_etcd_reports_a_clean_failover() {
+    let url = eretes_etcd::testing::test_etcd_url();
+    let output = eretes(&["demo", "--etcd", &url, "--tasks", "60", "--json"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "demo on etcd failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let summary: serde_json::Value =
+        serde_json::from_str(stdout.lines().last().expect("output")).expect("last line is JSON");
+    assert_eq!(summary["running"], 60);
+    assert_eq!(summary["lost"], 0);
+    assert_eq!(summary["overlaps"], 0);
+    assert_eq!(summary["moved"], summary["min_moved"]);
+    assert!(stdout.contains(&format!("etcd at {url}")), "{stdout}");
+}
+
+#[test]
+fn claim_and_failover_benches_run_on_etcd() {
+    let url = eretes_etcd::testing::test_etcd_url();
+    for (scenario, tasks, field) in [
+        ("claim", "300", "ratio"),
+        ("failover", "100", "failover_ms"),
+    ] {
+        let output = eretes(&[
+            "bench", scenario, "--etcd", &url, "--tasks", tasks, "--json",
+        ]);
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        assert!(
+            output.status.success(),
+            "{scenario}: {stdout}\n{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let report: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+        assert_eq!(report["backend"], "etcd", "{scenario}");
+        assert!(
+            report[field].as_f64().unwrap() > 0.0,
+            "{scenario}: {report}"
+        );
+        if scenario == "failover" {
+            assert_eq!(report["overlaps"], 0);
+        }
     }
 }
 
