@@ -26,15 +26,21 @@ pub(crate) fn header_revision(header: Option<&etcd::ResponseHeader>) -> i64 {
     header.map_or(0, |h| h.revision())
 }
 
+/// The key etcd is sent for `range`, and whether it is a prefix (etcd's
+/// range end is then derived by the client's `with_prefix`).
+pub(crate) fn range_key(range: &KeyRange) -> (String, bool) {
+    match range {
+        KeyRange::Key(key) => (key.clone(), false),
+        KeyRange::Prefix(prefix) => (prefix.clone(), true),
+    }
+}
+
 pub(crate) fn get_options(request: &GetRequest) -> (String, etcd::GetOptions) {
+    let (key, prefix) = range_key(&request.range);
     let mut options = etcd::GetOptions::new();
-    let key = match &request.range {
-        KeyRange::Key(key) => key.clone(),
-        KeyRange::Prefix(prefix) => {
-            options = options.with_prefix();
-            prefix.clone()
-        }
-    };
+    if prefix {
+        options = options.with_prefix();
+    }
     if let Some(limit) = request.limit {
         options = options.with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
     }
@@ -72,14 +78,11 @@ pub(crate) fn put_response(response: &etcd::PutResponse) -> PutResponse {
 }
 
 pub(crate) fn delete_options(request: &DeleteRequest) -> (String, etcd::DeleteOptions) {
+    let (key, prefix) = range_key(&request.range);
     let mut options = etcd::DeleteOptions::new();
-    let key = match &request.range {
-        KeyRange::Key(key) => key.clone(),
-        KeyRange::Prefix(prefix) => {
-            options = options.with_prefix();
-            prefix.clone()
-        }
-    };
+    if prefix {
+        options = options.with_prefix();
+    }
     if request.prev_kv {
         options = options.with_prev_key();
     }
@@ -209,4 +212,20 @@ mod tonic_code {
     pub const FAILED_PRECONDITION: i32 = 9;
     pub const OUT_OF_RANGE: i32 = 11;
     pub const UNAUTHENTICATED: i32 = 16;
+}
+
+/// A failure of a call whose caller has no lease or revision to name; the
+/// calls that do (put, txn, keepalive, revoke, compact) match the specific
+/// kinds first.
+impl From<Failure> for StoreError {
+    fn from(failure: Failure) -> StoreError {
+        match failure {
+            Failure::Other(error) => error,
+            Failure::Compacted => StoreError::InvalidArgument(format!("etcd: {MSG_COMPACTED}")),
+            Failure::FutureRevision => StoreError::InvalidArgument(format!("etcd: {MSG_FUTURE}")),
+            Failure::LeaseNotFound => {
+                StoreError::InvalidArgument(format!("etcd: {MSG_LEASE_NOT_FOUND}"))
+            }
+        }
+    }
 }

@@ -83,7 +83,12 @@ impl EtcdStore {
             etcd::Client::connect(&options.endpoints, Some(connect)),
         )
         .await
-        .map_err(|failure| failure_error(failure, &what))?;
+        .map_err(|failure| match StoreError::from(failure) {
+            StoreError::Unavailable(reason) if !reason.starts_with(&what) => {
+                StoreError::Unavailable(format!("{what}: {reason}"))
+            }
+            error => error,
+        })?;
         let store = EtcdStore {
             client,
             timeout,
@@ -193,26 +198,6 @@ async fn bounded<T>(
     }
 }
 
-/// A failure of a call that names no lease and no revision.
-fn failure_error(failure: Failure, what: &str) -> StoreError {
-    match failure {
-        Failure::Other(StoreError::Unavailable(reason)) if !reason.starts_with(what) => {
-            StoreError::Unavailable(format!("{what}: {reason}"))
-        }
-        Failure::Other(error) => error,
-        other => store_error_of(other),
-    }
-}
-
-fn store_error_of(failure: Failure) -> StoreError {
-    match failure {
-        Failure::Other(error) => error,
-        Failure::Compacted => StoreError::InvalidArgument("etcd: revision compacted".into()),
-        Failure::FutureRevision => StoreError::InvalidArgument("etcd: future revision".into()),
-        Failure::LeaseNotFound => StoreError::InvalidArgument("etcd: lease not found".into()),
-    }
-}
-
 /// The first lease a write of `ops` names, for etcd's "lease not found",
 /// which does not say which one.
 fn first_lease(ops: &[TxnOp]) -> LeaseId {
@@ -230,10 +215,7 @@ impl Store for EtcdStore {
         check_range(&request.range)?;
         let (key, options) = convert::get_options(&request);
         let mut kv = self.client.kv_client();
-        let response = self
-            .call("get", kv.get(key, Some(options)))
-            .await
-            .map_err(store_error_of)?;
+        let response = self.call("get", kv.get(key, Some(options))).await?;
         Ok(convert::get_response(&response))
     }
 
@@ -247,7 +229,7 @@ impl Store for EtcdStore {
         {
             Ok(response) => Ok(convert::put_response(&response)),
             Err(Failure::LeaseNotFound) => Err(StoreError::LeaseNotFound(request.lease)),
-            Err(failure) => Err(store_error_of(failure)),
+            Err(failure) => Err(failure.into()),
         }
     }
 
@@ -255,10 +237,7 @@ impl Store for EtcdStore {
         check_range(&request.range)?;
         let (key, options) = convert::delete_options(&request);
         let mut kv = self.client.kv_client();
-        let response = self
-            .call("delete", kv.delete(key, Some(options)))
-            .await
-            .map_err(store_error_of)?;
+        let response = self.call("delete", kv.delete(key, Some(options))).await?;
         Ok(convert::delete_response(&response))
     }
 
@@ -294,7 +273,7 @@ impl Store for EtcdStore {
                 };
                 Err(StoreError::LeaseNotFound(lease))
             }
-            Err(failure) => Err(store_error_of(failure)),
+            Err(failure) => Err(failure.into()),
         }
     }
 
@@ -312,8 +291,7 @@ impl Store for EtcdStore {
         let mut leases = self.client.lease_client();
         let response = self
             .call("lease grant", leases.grant(seconds, None))
-            .await
-            .map_err(store_error_of)?;
+            .await?;
         if !response.error().is_empty() {
             return Err(StoreError::Unavailable(format!(
                 "etcd refused the lease: {}",
@@ -341,7 +319,7 @@ impl Store for EtcdStore {
             Err(failure) => {
                 // A broken stream is reopened by the next renewal.
                 *stream = None;
-                Err(store_error_of(failure))
+                Err(failure.into())
             }
         }
     }
@@ -352,7 +330,7 @@ impl Store for EtcdStore {
         match self.call("lease revoke", leases.revoke(lease)).await {
             Ok(_) => Ok(()),
             Err(Failure::LeaseNotFound) => Err(StoreError::LeaseNotFound(lease)),
-            Err(failure) => Err(store_error_of(failure)),
+            Err(failure) => Err(failure.into()),
         }
     }
 
@@ -383,7 +361,7 @@ impl Store for EtcdStore {
                 requested: revision,
                 current: self.current_revision().await?,
             }),
-            Err(failure) => Err(store_error_of(failure)),
+            Err(failure) => Err(failure.into()),
         }
     }
 }

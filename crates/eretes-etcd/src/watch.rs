@@ -11,7 +11,7 @@ use etcd_client as etcd;
 use futures::StreamExt;
 use tracing::{debug, warn};
 
-use crate::convert::{classify, key_value, Failure};
+use crate::convert::{classify, key_value, range_key};
 
 /// How long a broken watch keeps trying to resume before it gives up and
 /// reports `Unavailable` (the runtime then lists again). Longer than a
@@ -61,14 +61,11 @@ impl Watch {
     /// Create the etcd watch from `next_revision` and wait for its
     /// confirmation.
     async fn create(&mut self) -> StoreResult<()> {
+        let (key, prefix) = range_key(&self.range);
         let mut options = etcd::WatchOptions::new().with_prev_key();
-        let key = match &self.range {
-            KeyRange::Key(key) => key.clone(),
-            KeyRange::Prefix(prefix) => {
-                options = options.with_prefix();
-                prefix.clone()
-            }
-        };
+        if prefix {
+            options = options.with_prefix();
+        }
         if self.next_revision > 0 {
             options = options.with_start_revision(self.next_revision);
         }
@@ -81,12 +78,7 @@ impl Watch {
         };
         let (stream, first) = match tokio::time::timeout(timeout, created).await {
             Ok(Ok(opened)) => opened,
-            Ok(Err(error)) => {
-                return Err(match classify(error) {
-                    Failure::Other(error) => error,
-                    failure => StoreError::Unavailable(format!("etcd watch: {failure:?}")),
-                })
-            }
+            Ok(Err(error)) => return Err(classify(error).into()),
             Err(_) => {
                 return Err(StoreError::Unavailable(format!(
                     "creating a watch: etcd did not answer within {timeout:?}"

@@ -18,6 +18,22 @@ async fn next_events(stream: &mut eretes_store::WatchStream, what: &str) -> Vec<
     }
 }
 
+/// Retry `call` while etcd is still coming back (`Unavailable`), for up to
+/// 10 s; any other error fails the test.
+async fn once_available<T, F>(what: &str, mut call: impl FnMut() -> F) -> T
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    for _ in 0..50 {
+        match call().await {
+            Ok(value) => return value,
+            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
+            Err(e) => panic!("{what}: {e}"),
+        }
+    }
+    panic!("{what}: etcd still unavailable after 10 s")
+}
+
 async fn connect(etcd: &LocalEtcd) -> EtcdStore {
     let options = EtcdOptions::from_urls(&etcd.url())
         .unwrap()
@@ -46,18 +62,10 @@ async fn a_watch_resumes_after_an_etcd_restart_without_loss_or_repeats() {
     etcd.resume().await;
 
     // The same store (and the same watch stream) carry on.
-    let mut second = None;
-    for _ in 0..50 {
-        match store.put(PutRequest::new("w/2", "b")).await {
-            Ok(put) => {
-                second = Some(put);
-                break;
-            }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => panic!("put after the restart: {e}"),
-        }
-    }
-    let second = second.expect("etcd accepts writes again within 10 s");
+    let second = once_available("put after the restart", || {
+        store.put(PutRequest::new("w/2", "b"))
+    })
+    .await;
     let seen = next_events(&mut watch, "after the restart").await;
     let revisions: Vec<_> = seen.iter().map(|e| e.kv.mod_revision).collect();
     assert_eq!(
@@ -82,19 +90,12 @@ async fn a_lease_keeps_renewing_across_a_short_outage_and_ttl_zero_is_lease_loss
         "a keepalive while etcd is down: {during:?}"
     );
     etcd.resume().await;
-    let mut renewed = None;
-    for _ in 0..50 {
-        match store.lease_keepalive(lease.id).await {
-            Ok(ttl) => {
-                renewed = Some(ttl);
-                break;
-            }
-            Err(StoreError::Unavailable(_)) => tokio::time::sleep(Duration::from_millis(200)).await,
-            Err(e) => panic!("keepalive after the restart: {e}"),
-        }
-    }
+    let renewed = once_available("keepalive after the restart", || {
+        store.lease_keepalive(lease.id)
+    })
+    .await;
     assert!(
-        renewed.expect("renewed within 10 s") > Duration::ZERO,
+        renewed > Duration::ZERO,
         "the broken keepalive stream was reopened"
     );
 

@@ -167,22 +167,17 @@ const SETTLE: Duration = Duration::from_secs(1);
 /// Wait until the cluster's nodes run `count` handlers between them, then
 /// let it settle.
 async fn wait_running(cluster: &Cluster, count: usize) -> Result<()> {
-    let deadline = Instant::now() + LIMIT;
-    loop {
+    wait_until(&format!("{count} tasks run"), || {
         let running: usize = cluster
             .nodes
             .values()
             .map(|node| node.status().borrow().running)
             .sum();
-        if running >= count {
-            tokio::time::sleep(SETTLE).await;
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("only {running} of {count} tasks were running within {LIMIT:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+        running >= count
+    })
+    .await?;
+    tokio::time::sleep(SETTLE).await;
+    Ok(())
 }
 
 /// How many keys start with `prefix`, counted by the store without copying them.
