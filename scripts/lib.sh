@@ -28,6 +28,17 @@ free_port() {
     return 1
 }
 
+# The EXIT trap of start_test_etcd. etcd re-raises SIGTERM after its clean-up,
+# so `wait` reports 143; that must not become the script's exit status (under
+# `set -e` it would), so the status the script was exiting with is kept.
+stop_test_etcd() {
+    local status=$?
+    kill "$ETCD_PID" 2>/dev/null || true
+    wait "$ETCD_PID" 2>/dev/null || true
+    rm -rf "$ETCD_DIR"
+    exit "$status"
+}
+
 # Start etcd on free loopback ports in a temporary directory; export its URL
 # as ERETES_TEST_ETCD; stop it and remove the directory on exit.
 start_test_etcd() {
@@ -43,7 +54,7 @@ start_test_etcd() {
         --initial-cluster "eretes-test=http://127.0.0.1:$peer" \
         --log-level warn >"$ETCD_DIR/etcd.log" 2>&1 &
     ETCD_PID=$!
-    trap 'kill "$ETCD_PID" 2>/dev/null; wait "$ETCD_PID" 2>/dev/null; rm -rf "$ETCD_DIR"' EXIT
+    trap stop_test_etcd EXIT
     export ERETES_TEST_ETCD="http://127.0.0.1:$client"
     for _ in $(seq 1 100); do
         if ETCDCTL_API=3 etcdctl --endpoints "$ERETES_TEST_ETCD" endpoint health >/dev/null 2>&1; then
