@@ -53,6 +53,6 @@ pub use error::ProtocolError;
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
 pub use records::{
-    decode, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord, ResultRecord,
-    RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
+    decode, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord,
+    ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };

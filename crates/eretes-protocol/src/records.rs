@@ -140,6 +140,21 @@ pub fn decode<T: DeserializeOwned>(
     })
 }
 
+/// Decode a task record found in the store. A record over the submission
+/// limit ([`MAX_SPEC_BYTES`]) is malformed even if it parses: only a writer
+/// that bypassed [`encode_task`] (etcdctl, say) can have put it there, and a
+/// node must not carry megabytes per task because someone did.
+pub fn decode_task(key: &str, value: &[u8]) -> Result<TaskRecord, MalformedValue> {
+    if value.len() > MAX_SPEC_BYTES {
+        return Err(MalformedValue {
+            kind: "task",
+            key: key.chars().take(200).collect(),
+            reason: format!("{} bytes; the limit is {MAX_SPEC_BYTES} bytes", value.len()),
+        });
+    }
+    decode("task", key, value)
+}
+
 /// Encode a record. Records are plain data, so this cannot fail.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("records always serialize")

@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use eretes_protocol::{
-    decode, ClaimBasis, GroupName, KeyKind, Namespace, NodeName, NodeRecord, OwnerRecord,
-    RunRecord, TaskId, TaskRecord,
+    decode, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName, NodeRecord,
+    OwnerRecord, RunRecord, TaskId, TaskRecord,
 };
 use eretes_store::{KeyValue, Revision};
 
@@ -172,7 +172,7 @@ impl Cache {
             Err(malformed) => return Change::Malformed(malformed.to_string()),
         };
         match kind {
-            KeyKind::Task(id) => match decode::<TaskRecord>("task", &kv.key, &kv.value) {
+            KeyKind::Task(id) => match decode_task(&kv.key, &kv.value) {
                 Ok(mut record) => {
                     let id = self.shared_task_id(id);
                     record.spec.group = self.shared_group(record.spec.group);
@@ -561,5 +561,30 @@ mod tests {
             assert!(matches!(change, Change::Malformed(_)), "{key}: {change:?}");
         }
         assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+    }
+
+    #[test]
+    fn a_task_record_over_the_spec_limit_is_malformed_and_unclaimable() {
+        let ns = Namespace::new("t").unwrap();
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        let huge = serde_json::json!({
+            "spec": { "group": "default", "properties": "x".repeat(eretes_protocol::MAX_SPEC_BYTES) },
+            "submitted_at_ms": 1,
+        });
+        let change = cache.apply_put(&kv(
+            "t/tasks/huge",
+            serde_json::to_vec(&huge).unwrap(),
+            5,
+            5,
+        ));
+        match change {
+            Change::Malformed(why) => assert!(why.contains("the limit is 65536 bytes"), "{why}"),
+            other => panic!("a huge task record was accepted: {other:?}"),
+        }
+        assert_eq!(cache.unowned(&GroupName::default()).count(), 0);
+        // The same record at a legal size is accepted.
+        let change = cache.apply_put(&kv("t/tasks/huge", task_value("default"), 6, 5));
+        assert!(!matches!(change, Change::Malformed(_)), "{change:?}");
+        assert_eq!(cache.unowned(&GroupName::default()).count(), 1);
     }
 }

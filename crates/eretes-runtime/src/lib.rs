@@ -53,4 +53,4 @@ mod stats;
 pub use config::NodeConfig;
 pub use handler::{Handler, HandlerOutcome, TaskContext};
 pub use node::{Node, NodeHandle, NodeStatus, StartError};
-pub use stats::NodeStats;
+pub use stats::{NodeStats, NodeStatsSnapshot};

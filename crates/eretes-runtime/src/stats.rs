@@ -41,4 +41,53 @@ impl NodeStats {
     pub fn get(counter: &AtomicU64) -> u64 {
         counter.load(Ordering::Relaxed)
     }
+
+    /// Every counter read at once, as plain numbers (for reports and JSON).
+    pub fn snapshot(&self) -> NodeStatsSnapshot {
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        NodeStatsSnapshot {
+            claims: read(&self.claims),
+            claim_conflicts: read(&self.claim_conflicts),
+            releases: read(&self.releases),
+            completions: read(&self.completions),
+            failures: read(&self.failures),
+            parked: read(&self.parked),
+            fences: read(&self.fences),
+            commands_applied: read(&self.commands_applied),
+            commands_rejected: read(&self.commands_rejected),
+            malformed_skipped: read(&self.malformed_skipped),
+            store_errors: read(&self.store_errors),
+            relists: read(&self.relists),
+        }
+    }
+}
+
+/// The counters of [`NodeStats`] at one moment; each field means the same as
+/// the counter of the same name.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct NodeStatsSnapshot {
+    /// See [`NodeStats::claims`].
+    pub claims: u64,
+    /// See [`NodeStats::claim_conflicts`].
+    pub claim_conflicts: u64,
+    /// See [`NodeStats::releases`].
+    pub releases: u64,
+    /// See [`NodeStats::completions`].
+    pub completions: u64,
+    /// See [`NodeStats::failures`].
+    pub failures: u64,
+    /// See [`NodeStats::parked`].
+    pub parked: u64,
+    /// See [`NodeStats::fences`].
+    pub fences: u64,
+    /// See [`NodeStats::commands_applied`].
+    pub commands_applied: u64,
+    /// See [`NodeStats::commands_rejected`].
+    pub commands_rejected: u64,
+    /// See [`NodeStats::malformed_skipped`].
+    pub malformed_skipped: u64,
+    /// See [`NodeStats::store_errors`].
+    pub store_errors: u64,
+    /// See [`NodeStats::relists`].
+    pub relists: u64,
 }

@@ -76,6 +76,19 @@ pub struct Cluster {
 /// How many tasks a cluster node claims at once, at most.
 pub const CLAIMS_IN_FLIGHT: usize = 64;
 
+/// The configuration of the demo's and the benchmarks' nodes (and of the
+/// multi-process tests' witness nodes): the runtime's defaults, except that
+/// they react quickly, balancing soon after membership changes and keeping
+/// released tasks away from their old node only briefly.
+pub fn quick_node_config(name: NodeName, ns: Namespace, lease_ttl: Duration) -> NodeConfig {
+    let mut config = NodeConfig::new(name, ns).with_lease_ttl(lease_ttl);
+    config.balance_interval = Duration::from_secs(5);
+    config.membership_balance_delay = Duration::from_millis(300);
+    config.release_ignore = Duration::from_secs(3);
+    config.max_claims_in_flight = CLAIMS_IN_FLIGHT;
+    config
+}
+
 impl Cluster {
     /// An empty cluster in namespace `ns` whose nodes use `lease_ttl`.
     pub fn new(store: Arc<dyn Store>, ns: &str, work: Work, lease_ttl: Duration) -> Result<Self> {
@@ -101,14 +114,7 @@ impl Cluster {
 
     /// Start node `name`.
     pub async fn add_node(&mut self, name: &str) -> Result<()> {
-        let mut config =
-            NodeConfig::new(NodeName::new(name)?, self.ns.clone()).with_lease_ttl(self.lease_ttl);
-        // The demo wants quick reactions: balance soon after membership
-        // changes and keep released tasks away from their old node briefly.
-        config.balance_interval = Duration::from_secs(5);
-        config.membership_balance_delay = Duration::from_millis(300);
-        config.release_ignore = Duration::from_secs(3);
-        config.max_claims_in_flight = CLAIMS_IN_FLIGHT;
+        let config = quick_node_config(NodeName::new(name)?, self.ns.clone(), self.lease_ttl);
         let balancer: Box<dyn Balancer> = if self.rebalance {
             Box::new(FairBalancer::default())
         } else {

@@ -26,6 +26,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod store_args;
+mod witness_node;
 
 /// Run long-lived tasks on a cluster: exactly one owner per task, moved when
 /// nodes join, leave or die.
@@ -43,6 +44,10 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a benchmark scenario and report its figures.
     Bench(bench::BenchArgs),
+    /// One node whose tasks run until stopped, recording every run in a
+    /// witness file: the node process of the multi-process tests.
+    #[command(hide = true)]
+    WitnessNode(witness_node::WitnessNodeArgs),
 }
 
 fn main() -> Result<()> {
@@ -59,6 +64,7 @@ fn main() -> Result<()> {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::WitnessNode(args) => witness_node::run(args).await,
         }
     })
 }
