@@ -8,6 +8,8 @@
 //!   leases deterministically.
 //! * The etcd v3 backend lives in its own crate and passes the same
 //!   [`conformance`] suite unchanged.
+//! * Wrappers: [`faults::FaultyStore`] injects failures for tests, and
+//!   [`counting::CountingStore`] counts the requests a node makes.
 //!
 //! The model, as in etcd v3: every write advances one global revision; each key
 //! carries `create_revision`, `mod_revision`, `version` and an optional lease;
@@ -34,6 +36,7 @@
 //! ```
 
 pub mod conformance;
+pub mod counting;
 pub mod embedded;
 mod error;
 pub mod faults;

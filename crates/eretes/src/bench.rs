@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Args, ValueEnum};
 use eretes_protocol::MAX_CLAIM_BATCH;
+use eretes_store::counting::CountingStore;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::{
     Compare, DeleteRequest, EventKind, GetRequest, KeyRange, PutRequest, Store, Txn, TxnOp,
@@ -33,6 +34,9 @@ enum Scenario {
     /// A node owning 1,000 tasks is killed; time until all run elsewhere
     /// (embedded or etcd).
     Failover,
+    /// Requests per second one node sends to the store in steady state,
+    /// running 100, 1,000 and 10,000 idle tasks in turn (embedded or etcd).
+    Steady,
 }
 
 /// Options of `eretes bench`.
@@ -48,7 +52,11 @@ pub struct BenchArgs {
     /// Nodes to run (default: 1 for throughput and memory, 3 otherwise).
     #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: Option<u16>,
-    /// The store (claim and failover only): embedded unless --etcd is given.
+    /// How long the steady scenario counts requests, in seconds (the default
+    /// spans one periodic resync).
+    #[arg(long, default_value_t = 35, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    window_s: u64,
+    /// The store (claim, failover and steady only): embedded unless --etcd is given.
     #[command(flatten)]
     store: StoreArgs,
     /// End with one JSON object on the last line of standard output.
@@ -68,7 +76,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
     if embedded_only && args.store.is_etcd() {
         bail!(
             "--etcd: the {:?} benchmark measures the embedded store only; \
-             on etcd, run `eretes bench claim` or `eretes bench failover`",
+             on etcd, run `eretes bench claim`, `failover` or `steady`",
             args.scenario
         );
     }
@@ -76,7 +84,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Throughput => throughput(&args).await?,
         Scenario::Memory => memory(&args).await?,
         Scenario::ClusterClaim => cluster_claim(&args).await?,
-        Scenario::Claim | Scenario::Failover => on_any_store(&args).await?,
+        Scenario::Claim | Scenario::Failover | Scenario::Steady => on_any_store(&args).await?,
     };
     if args.json {
         println!("{report}");
@@ -269,6 +277,7 @@ async fn on_any_store(args: &BenchArgs) -> Result<serde_json::Value> {
     };
     let report = match args.scenario {
         Scenario::Failover => failover(args, store.clone(), &namespace).await,
+        Scenario::Steady => steady(args, store.clone(), &namespace).await,
         _ => claim(args, store.clone(), &namespace).await,
     };
     store
@@ -441,6 +450,71 @@ async fn failover(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<s
         "ttl_ms": ttl.as_millis() as u64,
         "ratio": (ratio * 100.0).round() / 100.0,
         "overlaps": overlaps,
+    }))
+}
+
+/// One node runs N idle tasks with the runtime's default timings (lease
+/// 10 s, resync 30 s); once all of them run, every request it sends to the
+/// store is counted for a window. O(1) means the rate does not grow with N.
+async fn steady(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serde_json::Value> {
+    let sizes = match args.tasks {
+        Some(tasks) => vec![tasks as usize],
+        None => vec![100, 1_000, 10_000],
+    };
+    let window = Duration::from_secs(args.window_s);
+    let counting = Arc::new(CountingStore::new(store));
+    let mut runs = Vec::new();
+    for (index, &tasks) in sizes.iter().enumerate() {
+        // A namespace per size, removed afterwards.
+        let size_ns = format!("{ns}-{index}");
+        let mut cluster = Cluster::new(
+            counting.clone(),
+            &size_ns,
+            Work::Idle,
+            Duration::from_secs(10),
+        )?;
+        cluster.add_node("node-1").await?;
+        cluster.submit("steady", tasks).await?;
+        let status = cluster.nodes["node-1"].status();
+        wait_until(&format!("{tasks} tasks run"), || {
+            status.borrow().running == tasks
+        })
+        .await?;
+        let before = counting.counts();
+        tokio::time::sleep(window).await;
+        let counts = counting.counts().since(&before);
+        cluster.shutdown().await;
+        counting
+            .delete(DeleteRequest::new(KeyRange::prefix(format!("{size_ns}/"))))
+            .await?;
+        let rate = counts.total() as f64 / window.as_secs_f64();
+        println!(
+            "steady: one node running {tasks} tasks sent {} requests in {} s = {rate:.2}/s \
+             ({} keepalives, {} reads, {} transactions, {} watches opened)",
+            counts.total(),
+            window.as_secs(),
+            counts.lease_keepalive,
+            counts.get,
+            counts.txn,
+            counts.watch
+        );
+        runs.push(json!({
+            "tasks": tasks,
+            "requests": counts.total(),
+            "requests_per_s": (rate * 100.0).round() / 100.0,
+            "by_kind": counts,
+        }));
+    }
+    let rates: Vec<f64> = runs
+        .iter()
+        .map(|run| run["requests_per_s"].as_f64().unwrap_or(0.0))
+        .collect();
+    let max_rate = rates.iter().cloned().fold(0.0, f64::max);
+    Ok(json!({
+        "scenario": "steady",
+        "window_s": window.as_secs(),
+        "runs": runs,
+        "max_requests_per_s": max_rate,
     }))
 }
 

@@ -134,6 +134,41 @@ fn claim_and_failover_benches_run_on_etcd() {
 }
 
 #[test]
+fn steady_bench_counts_a_nodes_requests_on_etcd() {
+    let url = eretes_etcd::testing::test_etcd_url();
+    let output = eretes(&[
+        "bench",
+        "steady",
+        "--etcd",
+        &url,
+        "--tasks",
+        "50",
+        "--window-s",
+        "5",
+        "--json",
+    ]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let run = &report["runs"][0];
+    assert_eq!(run["tasks"], 50);
+    // Idle tasks cost nothing per task: within 5 s a node renews its 10 s
+    // lease once or twice and sends nothing else (no claims, no per-task
+    // refresh); the resync (every 30 s) may fall in the window once.
+    let kinds = &run["by_kind"];
+    assert!(
+        (1..=2).contains(&kinds["lease_keepalive"].as_u64().unwrap()),
+        "{run}"
+    );
+    assert_eq!(kinds["txn"], 0, "{run}");
+    assert!(run["requests"].as_u64().unwrap() <= 3, "{run}");
+}
+
+#[test]
 fn throughput_bench_ends_with_one_json_object() {
     let output = eretes(&["bench", "throughput", "--tasks", "500", "--json"]);
     assert!(output.status.success());
