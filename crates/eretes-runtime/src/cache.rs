@@ -75,6 +75,17 @@ pub(crate) enum Change {
     Malformed(String),
 }
 
+/// A hash of a task id that spreads tasks evenly over nodes: a node of rank
+/// r among n claims first the tasks whose hash is r modulo n. Nodes built
+/// with different Rust versions may disagree on it (std keeps the right to
+/// change the algorithm); that only costs them more claim conflicts.
+pub(crate) fn spread_hash(id: &TaskId) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    id.as_str().hash(&mut hasher);
+    hasher.finish()
+}
+
 /// The cached namespace.
 #[derive(Debug)]
 pub(crate) struct Cache {
@@ -82,8 +93,9 @@ pub(crate) struct Cache {
     me: NodeName,
     entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
-    /// Unowned tasks per group, oldest first.
-    unowned: HashMap<GroupName, BTreeSet<(Revision, TaskId)>>,
+    /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
+    /// so that picking a node's share of them costs no hashing.
+    unowned: HashMap<GroupName, BTreeSet<(Revision, u64, TaskId)>>,
     /// The balancer's view: loads per group and this node's running tasks.
     pub view: ClusterView,
 }
@@ -159,10 +171,15 @@ impl Cache {
 
     /// Unowned tasks of `group`, oldest first.
     pub fn unowned(&self, group: &GroupName) -> impl Iterator<Item = &TaskId> {
+        self.unowned_spread(group).map(|(_, id)| id)
+    }
+
+    /// Unowned tasks of `group`, oldest first, with their [`spread_hash`].
+    pub fn unowned_spread(&self, group: &GroupName) -> impl Iterator<Item = (u64, &TaskId)> {
         self.unowned
             .get(group)
             .into_iter()
-            .flat_map(|set| set.iter().map(|(_, id)| id))
+            .flat_map(|set| set.iter().map(|(_, spread, id)| (*spread, id)))
     }
 
     /// Apply a put of `kv`.
@@ -407,10 +424,11 @@ impl Cache {
 
     fn mark_unowned(&mut self, group: &GroupName, order: Revision, id: &TaskId, unowned: bool) {
         let set = self.unowned.entry(group.clone()).or_default();
+        let entry = (order, spread_hash(id), id.clone());
         let changed = if unowned {
-            set.insert((order, id.clone()))
+            set.insert(entry)
         } else {
-            set.remove(&(order, id.clone()))
+            set.remove(&entry)
         };
         if changed {
             let load = self.view.groups.entry(group.clone()).or_default();

@@ -986,12 +986,15 @@ impl MainLoop {
             |id: &&TaskId| !self.ignored.contains_key(*id) && !self.claiming.contains(*id);
         if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
             let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
+            // The share test first: it is a modulo, the eligibility test two
+            // map lookups.
             let mine = self
                 .cache
-                .unowned(group)
+                .unowned_spread(group)
                 .take(look_ahead)
-                .filter(eligible)
-                .find(|id| share_of(id, nodes) == rank);
+                .filter(|(spread, _)| spread % nodes == rank)
+                .map(|(_, id)| id)
+                .find(eligible);
             if let Some(id) = mine {
                 return Some(id.clone());
             }
@@ -1354,13 +1357,6 @@ fn off_loop<T: Send + 'static>(
 
 /// Which of `nodes` shares task `id` falls in. A fixed hash, so every node
 /// of one build computes the same split.
-fn share_of(id: &TaskId, nodes: u64) -> u64 {
-    use std::hash::{Hash, Hasher};
-    let mut hasher = std::hash::DefaultHasher::new();
-    id.as_str().hash(&mut hasher);
-    hasher.finish() % nodes
-}
-
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()

@@ -10,7 +10,7 @@ use eretes_protocol::{
     ClaimBasis, ClaimOutcome, Coordinator, GroupName, Namespace, NodeCommand, NodeName, Outcome,
     TaskId, TaskRecord, TaskSpec,
 };
-use eretes_runtime::balancer::min_moves;
+use eretes_runtime::balancer::{min_moves, DumbBalancer};
 use eretes_runtime::NodeStats;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
@@ -780,4 +780,40 @@ async fn a_stopped_handler_that_ignores_cancellation_is_aborted_after_its_grace_
         .unwrap()
         .is_some());
     assert_eq!(NodeStats::get(&cluster.node("a").stats().failures), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn nodes_claiming_together_take_their_own_shares_and_rarely_collide() {
+    // A round trip per transaction, as on etcd, so that the three nodes'
+    // claims overlap in time; without shares they would all go for the same
+    // oldest tasks and most batches would lose a compare.
+    let faulty = FaultyStore::new(EmbeddedStore::new());
+    faulty.set_txn_latency(Duration::from_millis(5));
+    let mut cluster = Cluster::new(faulty.clone());
+    cluster.submit_idle(3000).await;
+    for name in ["a", "b", "c"] {
+        let mut config = cluster.config(name);
+        config.max_claims_in_flight = 64;
+        cluster
+            .start_with(faulty.clone(), config, Box::new(DumbBalancer))
+            .await;
+    }
+    eventually("all 3000 tasks run", Duration::from_secs(60), || {
+        cluster.observer.running_tasks() == 3000
+    })
+    .await;
+    let total = |counter: fn(&NodeStats) -> &std::sync::atomic::AtomicU64| -> u64 {
+        ["a", "b", "c"]
+            .iter()
+            .map(|name| NodeStats::get(counter(cluster.node(name).stats())))
+            .sum()
+    };
+    let claims = total(|s| &s.claims);
+    let conflicts = total(|s| &s.claim_conflicts);
+    assert_eq!(claims, 3000);
+    assert!(
+        conflicts * 20 <= claims,
+        "{conflicts} claim conflicts for {claims} claims (more than 5%)"
+    );
+    assert_eq!(cluster.observer.overlaps(), 0);
 }

@@ -7,7 +7,7 @@
 //! (its leases keep expiring on its own clock), which is what makes lease-loss
 //! and outage scenarios realistic.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ pub struct FaultyStore<S: ?Sized> {
     inner: Arc<S>,
     keepalives_blocked: AtomicBool,
     outage: AtomicBool,
+    txn_latency_us: AtomicU64,
 }
 
 impl<S: Store + ?Sized> FaultyStore<S> {
@@ -32,6 +33,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             inner,
             keepalives_blocked: AtomicBool::new(false),
             outage: AtomicBool::new(false),
+            txn_latency_us: AtomicU64::new(0),
         })
     }
 
@@ -45,6 +47,15 @@ impl<S: Store + ?Sized> FaultyStore<S> {
     /// streams are not cut by this; new ones cannot be opened.
     pub fn set_outage(&self, outage: bool) {
         self.outage.store(outage, Ordering::SeqCst);
+    }
+
+    /// Delay every transaction by `latency` (on tokio's clock) before it
+    /// reaches the inner store, as a network round trip to etcd would: with
+    /// it, concurrent claims overlap in time the way they do on a real
+    /// cluster, which an in-process store answering at once hides.
+    pub fn set_txn_latency(&self, latency: Duration) {
+        self.txn_latency_us
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
     }
 
     /// The wrapped store.
@@ -77,6 +88,10 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
     }
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
         self.check()?;
+        let latency = self.txn_latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
         self.inner.txn(txn).await
     }
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseGrant> {
