@@ -160,6 +160,50 @@ pub(crate) fn txn_op_response(response: &etcd::TxnOpResponse, revision: i64) -> 
 const MSG_COMPACTED: &str = "required revision has been compacted";
 const MSG_FUTURE: &str = "required revision is a future revision";
 const MSG_LEASE_NOT_FOUND: &str = "requested lease not found";
+/// etcd's auth refusals that it sends with code InvalidArgument rather than
+/// Unauthenticated or PermissionDenied: a wrong password or unknown user
+/// ("authentication failed, invalid user ID or password"), and a request
+/// without credentials to a cluster with auth enabled ("user name is
+/// empty"). They are refusals of the caller, not malformed requests.
+const MSG_AUTH_REFUSALS: [&str; 2] = ["authentication failed", "user name is empty"];
+/// etcd's message when an authenticated user's roles do not cover a key.
+const MSG_PERMISSION_DENIED: &str = "etcdserver: permission denied";
+
+/// Whether a [`StoreError::Denied`] reason is etcd refusing a key to a user
+/// it did authenticate (rather than refusing the user).
+pub(crate) fn is_permission_denied(reason: &str) -> bool {
+    reason.contains(MSG_PERMISSION_DENIED)
+}
+
+/// The error for a watch etcd cancelled at creation with `reason`. A key
+/// the user's roles do not cover is `Denied`, so that no one retries it as
+/// if etcd were unavailable; anything else may pass.
+pub(crate) fn watch_refusal(reason: &str) -> StoreError {
+    let text = format!("etcd refused the watch: {reason}");
+    if is_permission_denied(reason) || MSG_AUTH_REFUSALS.iter().any(|r| reason.contains(r)) {
+        StoreError::Denied(text)
+    } else {
+        StoreError::Unavailable(text)
+    }
+}
+
+/// A gRPC status's message, followed by what its causes add. A transport
+/// failure's status says only "operation was canceled" or "tcp connect
+/// error"; the cause says why ("connection closed", "Connection refused").
+fn status_text(status: &dyn std::error::Error, message: &str) -> String {
+    let mut text = format!("etcd: {message}");
+    let mut cause = status.source();
+    while let Some(error) = cause {
+        let said = error.to_string();
+        // Wrappers repeat their cause's words or say only "transport error".
+        if !said.is_empty() && said != "transport error" && !text.contains(&said) {
+            text.push_str(": ");
+            text.push_str(&said);
+        }
+        cause = error.source();
+    }
+    text
+}
 
 /// What kind of failure an etcd error is, before the details the caller
 /// knows (the lease, the revision) are filled in.
@@ -186,7 +230,13 @@ pub(crate) fn classify(error: etcd::Error) -> Failure {
             if message.contains(MSG_LEASE_NOT_FOUND) {
                 return Failure::LeaseNotFound;
             }
-            let text = format!("etcd: {message}");
+            let text = status_text(&status, message);
+            if MSG_AUTH_REFUSALS
+                .iter()
+                .any(|refusal| message.contains(refusal))
+            {
+                return Failure::Other(StoreError::Denied(text));
+            }
             Failure::Other(match status.code() as i32 {
                 INVALID_ARGUMENT | FAILED_PRECONDITION | OUT_OF_RANGE => {
                     StoreError::InvalidArgument(text)

@@ -60,7 +60,13 @@ impl EtcdStore {
             .with_keep_alive(Duration::from_secs(2), options.request_timeout)
             .with_keep_alive_while_idle(true);
         if let Some((user, password)) = &options.credentials {
-            connect = connect.with_user(user.clone(), password.clone());
+            // etcd's auth tokens expire (simple tokens after --auth-token-ttl
+            // idle, 300 s by default; JWTs after their TTL whatever the use),
+            // and etcd-client does not re-authenticate unless told to: without
+            // this a long-lived node's calls fail with "invalid auth token".
+            connect = connect
+                .with_user(user.clone(), password.clone())
+                .with_auto_token_refresh(true);
         }
         if let Some(tls) = &options.tls {
             let mut config = etcd::TlsOptions::new();
@@ -76,7 +82,14 @@ impl EtcdStore {
             connect = connect.with_tls(config);
         }
         let timeout = options.request_timeout;
-        let what = format!("connecting to etcd at {}", options.endpoints.join(","));
+        let urls = options.endpoints.join(",");
+        let what = format!("connecting to etcd at {urls}");
+        // A refusal names the user it refused, so an operator sees which
+        // credentials to fix (never the password).
+        let refused = |reason: String| match &options.credentials {
+            Some((user, _)) => StoreError::Denied(format!("{what} as user {user:?}: {reason}")),
+            None => StoreError::Denied(format!("{what} without credentials: {reason}")),
+        };
         let client = bounded(
             &what,
             timeout,
@@ -85,8 +98,9 @@ impl EtcdStore {
         .await
         .map_err(|failure| match StoreError::from(failure) {
             StoreError::Unavailable(reason) if !reason.starts_with(&what) => {
-                StoreError::Unavailable(format!("{what}: {reason}"))
+                StoreError::Unavailable(tls_hint(&options, format!("{what}: {reason}")))
             }
+            StoreError::Denied(reason) => refused(reason),
             error => error,
         })?;
         let store = EtcdStore {
@@ -94,13 +108,22 @@ impl EtcdStore {
             timeout,
             keepalives: Mutex::new(HashMap::new()),
         };
-        store.current_revision().await.map_err(|e| match e {
-            StoreError::Unavailable(reason) => StoreError::Unavailable(format!(
-                "cannot reach etcd at {}: {reason}",
-                options.endpoints.join(",")
-            )),
-            other => other,
-        })?;
+        match store.current_revision().await {
+            Ok(_) => {}
+            // The probe's key lies outside any namespace, so a user whose
+            // role grants only its own prefix (the least-privilege setup) is
+            // refused it. That refusal still proves etcd answered and
+            // accepted the credentials, so it is not a connection failure.
+            Err(StoreError::Denied(reason)) if convert::is_permission_denied(&reason) => {}
+            Err(StoreError::Unavailable(reason)) => {
+                return Err(StoreError::Unavailable(tls_hint(
+                    &options,
+                    format!("cannot reach etcd at {urls}: {reason}"),
+                )))
+            }
+            Err(StoreError::Denied(reason)) => return Err(refused(reason)),
+            Err(other) => return Err(other),
+        }
         Ok(store)
     }
 
@@ -181,6 +204,44 @@ impl EtcdStore {
             .await
             .unwrap_or(0)
     }
+}
+
+/// `reason` for a failed TLS connection, with what it most likely means in
+/// an operator's terms. rustls names a server certificate it rejects, but
+/// in words about certificates rather than flags. And etcd running with
+/// `--client-cert-auth` refuses a missing or untrusted client certificate
+/// by closing the connection right after the TLS 1.3 handshake, so the
+/// client sees only a closed connection, with no alert to say why.
+fn tls_hint(options: &EtcdOptions, reason: String) -> String {
+    let Some(tls) = &options.tls else {
+        return reason;
+    };
+    let lower = reason.to_lowercase();
+    // How a closing shows depends on what the client was doing when it
+    // came: reading ("connection closed"), writing ("broken pipe"), or
+    // (with TLS 1.2) still in the handshake (a fatal alert).
+    let closed = [
+        "connection closed",
+        "broken pipe",
+        "connection reset",
+        "fatal alert",
+        "close_notify",
+        "eof",
+    ];
+    let hint = if lower.contains("unknownissuer") {
+        "etcd's certificate is not signed by the CA given (--etcd-ca)"
+    } else if lower.contains("notvalidforname") {
+        "etcd's certificate does not name the host of the endpoint"
+    } else if !closed.iter().any(|sign| lower.contains(sign)) {
+        return reason;
+    } else if tls.identity.is_some() {
+        "etcd closed the TLS connection: it probably does not trust the client certificate \
+         (is it signed by the CA in etcd's --trusted-ca-file?)"
+    } else {
+        "etcd closed the TLS connection: it probably requires a client certificate \
+         (--client-cert-auth); give one with --etcd-cert and --etcd-key"
+    };
+    format!("{reason} ({hint})")
 }
 
 /// Run `call`, failing with `Unavailable` if it takes longer than `timeout`.

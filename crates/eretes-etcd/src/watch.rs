@@ -11,7 +11,7 @@ use etcd_client as etcd;
 use futures::StreamExt;
 use tracing::{debug, warn};
 
-use crate::convert::{classify, key_value, range_key};
+use crate::convert::{classify, key_value, range_key, watch_refusal};
 
 /// How long a broken watch keeps trying to resume before it gives up and
 /// reports `Unavailable` (the runtime then lists again). Longer than a
@@ -97,10 +97,7 @@ impl Watch {
             });
         }
         if first.canceled() || !first.created() {
-            return Err(StoreError::Unavailable(format!(
-                "etcd refused the watch: {}",
-                first.cancel_reason()
-            )));
+            return Err(watch_refusal(first.cancel_reason()));
         }
         if self.next_revision == 0 {
             // "From now" means after the revision etcd created the watch at.
@@ -155,7 +152,11 @@ impl Watch {
         loop {
             match self.create().await {
                 Ok(()) => return Ok(()),
-                Err(error @ StoreError::Compacted { .. }) => return Err(error),
+                // Neither passes with time: the caller must list again, or
+                // fix the user's permissions.
+                Err(error @ (StoreError::Compacted { .. } | StoreError::Denied(_))) => {
+                    return Err(error)
+                }
                 Err(error) if tokio::time::Instant::now() + pause >= deadline => {
                     warn!(%error, "giving up resuming a watch");
                     return Err(StoreError::Unavailable(format!(
