@@ -139,7 +139,10 @@ pub async fn run(args: WitnessNodeArgs) -> Result<()> {
     )
     .await
     .with_context(|| format!("starting node {}", args.name))?;
-    println!("{}", serde_json::json!({ "event": "ready", "node": args.name }));
+    println!(
+        "{}",
+        serde_json::json!({ "event": "ready", "node": args.name })
+    );
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
