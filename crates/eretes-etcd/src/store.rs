@@ -270,12 +270,28 @@ fn first_lease(ops: &[TxnOp]) -> LeaseId {
         .unwrap_or(0)
 }
 
+/// The largest response (a listing, a watch batch) the client accepts.
+/// gRPC's default of 4 MiB is reached by a namespace of ~13,000 tasks, and a
+/// node that cannot list its namespace can never claim again; etcd itself
+/// sends responses of any size. A listing past this bound fails as
+/// `InvalidArgument` naming the size (paging the listing would lift it).
+pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
+
+impl EtcdStore {
+    /// A KV client that accepts responses up to [`MAX_RESPONSE_BYTES`].
+    fn kv(&self) -> etcd::KvClient {
+        self.client
+            .kv_client()
+            .max_decoding_message_size(MAX_RESPONSE_BYTES)
+    }
+}
+
 #[async_trait]
 impl Store for EtcdStore {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         check_range(&request.range)?;
         let (key, options) = convert::get_options(&request);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let response = self.call("get", kv.get(key, Some(options))).await?;
         Ok(convert::get_response(&response))
     }
@@ -283,7 +299,7 @@ impl Store for EtcdStore {
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
         check_key(&request.key)?;
         let options = convert::put_options(&request);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match self
             .call("put", kv.put(request.key, request.value, Some(options)))
             .await
@@ -297,7 +313,7 @@ impl Store for EtcdStore {
     async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
         check_range(&request.range)?;
         let (key, options) = convert::delete_options(&request);
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let response = self.call("delete", kv.delete(key, Some(options))).await?;
         Ok(convert::delete_response(&response))
     }
@@ -313,7 +329,7 @@ impl Store for EtcdStore {
             )
             .and_then(txn.success.iter().map(convert::txn_op).collect::<Vec<_>>())
             .or_else(txn.failure.iter().map(convert::txn_op).collect::<Vec<_>>());
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         match self.call("txn", kv.txn(request)).await {
             Ok(response) => {
                 let revision = convert::header_revision(response.header());
@@ -398,7 +414,9 @@ impl Store for EtcdStore {
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         check_range(&range)?;
         watch::open(
-            self.client.watch_client(),
+            self.client
+                .watch_client()
+                .max_decoding_message_size(MAX_RESPONSE_BYTES),
             range,
             start_revision,
             self.timeout,
@@ -407,7 +425,7 @@ impl Store for EtcdStore {
     }
 
     async fn compact(&self, revision: Revision) -> StoreResult<()> {
-        let mut kv = self.client.kv_client();
+        let mut kv = self.kv();
         let options = etcd::CompactionOptions::new().with_physical();
         match self
             .call("compact", kv.compact(revision, Some(options)))

@@ -117,3 +117,47 @@ async fn an_unreachable_etcd_fails_connect_with_the_address() {
     let error = EtcdStore::connect(options).await.unwrap_err().to_string();
     assert!(error.contains(&url), "{error}");
 }
+
+/// A listing larger than gRPC's default 4 MiB message limit (what ~13,000
+/// tasks or a few huge values written with etcdctl reach) still arrives, and
+/// so does a watch batch that large: a node that cannot list its namespace
+/// could never claim again.
+#[tokio::test]
+async fn listings_and_watch_batches_past_four_mib_arrive_whole() {
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    let prefix = format!("big-{:08x}/", rand::random::<u32>());
+    let revision = eretes_store::StoreExt::current_revision(&store)
+        .await
+        .unwrap();
+    let value = vec![b'x'; 1 << 20];
+    for n in 0..6 {
+        store
+            .put(PutRequest::new(format!("{prefix}{n}"), value.clone()))
+            .await
+            .unwrap();
+    }
+    let listing = eretes_store::StoreExt::get_prefix(&store, &prefix)
+        .await
+        .unwrap();
+    assert_eq!(listing.kvs.len(), 6);
+    assert!(listing.kvs.iter().all(|kv| kv.value.len() == 1 << 20));
+    // Replayed from before the puts, the history arrives as large batches.
+    let mut watch = store
+        .watch(KeyRange::prefix(prefix.clone()), revision + 1)
+        .await
+        .unwrap();
+    let mut seen = 0;
+    while seen < 6 {
+        let batch = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .expect("the watch delivers within 10 s")
+            .expect("the watch stream stays open")
+            .unwrap();
+        seen += batch.len();
+    }
+    assert_eq!(seen, 6);
+    store
+        .delete(eretes_store::DeleteRequest::new(KeyRange::prefix(prefix)))
+        .await
+        .unwrap();
+}

@@ -1355,8 +1355,7 @@ fn off_loop<T: Send + 'static>(
     })
 }
 
-/// Which of `nodes` shares task `id` falls in. A fixed hash, so every node
-/// of one build computes the same split.
+/// The text of a caught panic.
 fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()

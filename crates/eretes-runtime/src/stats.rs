@@ -42,7 +42,8 @@ impl NodeStats {
         counter.load(Ordering::Relaxed)
     }
 
-    /// Every counter read at once, as plain numbers (for reports and JSON).
+    /// Every counter, read one after another (not one atomic moment), as
+    /// plain numbers for reports and JSON.
     pub fn snapshot(&self) -> NodeStatsSnapshot {
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         NodeStatsSnapshot {

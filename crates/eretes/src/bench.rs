@@ -464,15 +464,10 @@ async fn steady(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<ser
     let window = Duration::from_secs(args.window_s);
     let counting = Arc::new(CountingStore::new(store));
     let mut runs = Vec::new();
-    for (index, &tasks) in sizes.iter().enumerate() {
-        // A namespace per size, removed afterwards.
-        let size_ns = format!("{ns}-{index}");
-        let mut cluster = Cluster::new(
-            counting.clone(),
-            &size_ns,
-            Work::Idle,
-            Duration::from_secs(10),
-        )?;
+    for &tasks in &sizes {
+        // One size after another in the bench's namespace, emptied between
+        // sizes (and by the caller at the end, whatever happens).
+        let mut cluster = Cluster::new(counting.clone(), ns, Work::Idle, Duration::from_secs(10))?;
         cluster.add_node("node-1").await?;
         cluster.submit("steady", tasks).await?;
         let status = cluster.nodes["node-1"].status();
@@ -485,7 +480,7 @@ async fn steady(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<ser
         let counts = counting.counts().since(&before);
         cluster.shutdown().await;
         counting
-            .delete(DeleteRequest::new(KeyRange::prefix(format!("{size_ns}/"))))
+            .delete(DeleteRequest::new(KeyRange::prefix(format!("{ns}/"))))
             .await?;
         let rate = counts.total() as f64 / window.as_secs_f64();
         println!(

@@ -26,6 +26,7 @@ mod bench;
 mod cluster;
 mod demo;
 mod store_args;
+mod witness;
 mod witness_node;
 
 /// Run long-lived tasks on a cluster: exactly one owner per task, moved when

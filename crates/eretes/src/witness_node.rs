@@ -29,18 +29,18 @@ use std::fs::File;
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
 use eretes_protocol::{Namespace, NodeName};
 use eretes_runtime::balancer::FairBalancer;
 use eretes_runtime::{Handler, HandlerOutcome, Node, TaskContext};
-use serde::{Deserialize, Serialize};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::cluster::quick_node_config;
 use crate::store_args::StoreArgs;
+use crate::witness::{now_us, WitnessLine};
 
 /// Options of `eretes witness-node`.
 #[derive(Debug, Args)]
@@ -60,21 +60,6 @@ pub struct WitnessNodeArgs {
     /// The store: embedded unless --etcd is given.
     #[command(flatten)]
     store: StoreArgs,
-}
-
-/// One line of the witness file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct WitnessLine {
-    /// `start` or `stop`.
-    pub event: String,
-    /// The task.
-    pub task: String,
-    /// The node that ran it.
-    pub node: String,
-    /// The run's fencing epoch.
-    pub epoch: i64,
-    /// Wall-clock microseconds since the Unix epoch.
-    pub at_us: u64,
 }
 
 /// Appends every run's start and stop to the witness file, and otherwise
@@ -112,14 +97,6 @@ impl Handler for WitnessHandler {
     }
 }
 
-/// Wall-clock microseconds since the Unix epoch.
-pub fn now_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|elapsed| elapsed.as_micros() as u64)
-        .unwrap_or(0)
-}
-
 /// Run the node until SIGTERM or SIGINT, then drain and print its counters.
 pub async fn run(args: WitnessNodeArgs) -> Result<()> {
     let namespace = Namespace::new(&args.namespace).context("--namespace")?;
@@ -129,6 +106,10 @@ pub async fn run(args: WitnessNodeArgs) -> Result<()> {
         .append(true)
         .open(&args.record)
         .with_context(|| format!("opening the witness file {}", args.record.display()))?;
+    // Installed before the node starts, so a signal that arrives as soon as
+    // "ready" is printed still drains the node.
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
     let store = args.store.open().await?;
     let config = quick_node_config(name, namespace, Duration::from_millis(args.lease_ttl_ms));
     let node = Node::start(
@@ -144,8 +125,6 @@ pub async fn run(args: WitnessNodeArgs) -> Result<()> {
         serde_json::json!({ "event": "ready", "node": args.name })
     );
 
-    let mut terminate = signal(SignalKind::terminate())?;
-    let mut interrupt = signal(SignalKind::interrupt())?;
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}

@@ -158,14 +158,15 @@ fn steady_bench_counts_a_nodes_requests_on_etcd() {
     assert_eq!(run["tasks"], 50);
     // Idle tasks cost nothing per task: within 5 s a node renews its 10 s
     // lease once or twice and sends nothing else (no claims, no per-task
-    // refresh); the resync (every 30 s) may fall in the window once.
+    // refresh), except that the resync (a listing and a new watch, every
+    // 30 s) may fall in the window once: at most 2 + 2 requests.
     let kinds = &run["by_kind"];
     assert!(
         (1..=2).contains(&kinds["lease_keepalive"].as_u64().unwrap()),
         "{run}"
     );
     assert_eq!(kinds["txn"], 0, "{run}");
-    assert!(run["requests"].as_u64().unwrap() <= 3, "{run}");
+    assert!(run["requests"].as_u64().unwrap() <= 4, "{run}");
 }
 
 #[test]
