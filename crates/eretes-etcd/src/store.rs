@@ -34,6 +34,9 @@ pub struct EtcdStore {
     /// Per lease, its keepalive stream. The inner lock serialises renewals of
     /// one lease, which keeps each answer paired with its request.
     keepalives: Mutex<HashMap<LeaseId, Arc<tokio::sync::Mutex<Option<KeepAlive>>>>>,
+    /// Whether the client authenticates (then a refused watch is retried
+    /// once with a fresh token).
+    authenticated: bool,
 }
 
 impl std::fmt::Debug for EtcdStore {
@@ -107,6 +110,7 @@ impl EtcdStore {
             client,
             timeout,
             keepalives: Mutex::new(HashMap::new()),
+            authenticated: options.credentials.is_some(),
         };
         match store.current_revision().await {
             Ok(_) => {}
@@ -417,6 +421,7 @@ impl Store for EtcdStore {
             self.client
                 .watch_client()
                 .max_decoding_message_size(MAX_RESPONSE_BYTES),
+            self.authenticated.then(|| self.client.clone()),
             range,
             start_revision,
             self.timeout,

@@ -22,6 +22,10 @@ const RESUME_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Durati
 
 struct Watch {
     client: etcd::WatchClient,
+    /// With credentials: the client whose shared auth token a refused watch
+    /// refreshes. etcd-client refreshes expired tokens for plain calls only;
+    /// a watch opened with a stale one is created, then cancelled.
+    auth: Option<etcd::Client>,
     range: KeyRange,
     /// The first revision not yet delivered; 0 until the first creation
     /// when watching "from now".
@@ -34,12 +38,14 @@ struct Watch {
 /// after this returns is seen.
 pub(crate) async fn open(
     client: etcd::WatchClient,
+    auth: Option<etcd::Client>,
     range: KeyRange,
     start_revision: Revision,
     timeout: Duration,
 ) -> StoreResult<WatchStream> {
     let mut watch = Watch {
         client,
+        auth,
         range,
         next_revision: start_revision.max(0),
         timeout,
@@ -58,9 +64,34 @@ pub(crate) async fn open(
 }
 
 impl Watch {
+    /// Create the etcd watch, and if etcd refuses it for a reason a stale
+    /// auth token would give (a simple token is forgotten when etcd restarts
+    /// and expires when idle), refresh the token and try once more. A
+    /// refusal that survives a fresh token is the user's permissions.
+    async fn create(&mut self) -> StoreResult<()> {
+        let first = self.create_once().await;
+        let Some(client) = self.auth.clone() else {
+            return first;
+        };
+        match first {
+            Err(StoreError::Denied(reason)) | Err(StoreError::Unavailable(reason))
+                if reason.contains("permission denied") || reason.contains("auth token") =>
+            {
+                match client.refresh_token().await {
+                    Ok(()) => self.create_once().await,
+                    Err(error) => {
+                        debug!(%error, "refreshing the auth token failed");
+                        Err(StoreError::Denied(reason))
+                    }
+                }
+            }
+            other => other,
+        }
+    }
+
     /// Create the etcd watch from `next_revision` and wait for its
     /// confirmation.
-    async fn create(&mut self) -> StoreResult<()> {
+    async fn create_once(&mut self) -> StoreResult<()> {
         let (key, prefix) = range_key(&self.range);
         let mut options = etcd::WatchOptions::new().with_prev_key();
         if prefix {
