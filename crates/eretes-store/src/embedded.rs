@@ -25,11 +25,14 @@
 //! into one item. Queues are unbounded: a watcher that never polls holds on
 //! to every revision queued for it (as etcd buffers for a slow watcher).
 
+mod journal;
+
 use arcstr::ArcStr;
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fmt;
 use std::ops::{Bound, Deref, DerefMut};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Weak};
@@ -260,6 +263,13 @@ struct State {
     deadlines: BinaryHeap<Reverse<(Instant, LeaseId)>>,
     next_lease_id: LeaseId,
     expiry_task: Option<JoinHandle<()>>,
+    /// The durable journal every revision is written to, if the store is
+    /// durable ([`EmbeddedStore::open_durable`]).
+    journal: Option<journal::Journal>,
+    /// Set when the journal could not write a revision: the store then
+    /// answers every call with this error rather than serve state that a
+    /// restart would not have.
+    journal_failure: Option<String>,
 }
 
 impl EmbeddedStore {
@@ -285,11 +295,58 @@ impl EmbeddedStore {
                 deadlines: BinaryHeap::new(),
                 next_lease_id: 1,
                 expiry_task: None,
+                journal: None,
+                journal_failure: None,
             }),
             wake_expiry: Arc::new(Notify::new()),
             me: me.clone(),
             max_txn_ops: options.max_txn_ops,
         })
+    }
+
+    /// A durable store kept in the redb file at `path` (created if missing):
+    /// every write is on disk before it is answered or seen by a watch, so it
+    /// survives a crash or `kill -9` of the process.
+    ///
+    /// Reopened, the store has the keys and the revision it had. Leases do
+    /// not survive (nobody renews them while the process is down), so keys
+    /// that were under a lease are deleted at once, in one revision, as if
+    /// their leases had expired; the watch history starts after the reopen
+    /// (older revisions read as compacted). Only one store may have a file
+    /// open at a time; a second gets an error naming the file.
+    pub fn open_durable(path: &Path, options: EmbeddedOptions) -> StoreResult<Arc<EmbeddedStore>> {
+        let (journal, loaded) = journal::Journal::open(path)?;
+        let store = Self::with_options(options);
+        {
+            let mut state = store.lock();
+            let mut leased = Vec::new();
+            for (key, entry) in loaded.keys {
+                state.next_lease_id = state.next_lease_id.max(entry.lease + 1);
+                let key = ArcStr::from(key);
+                if entry.lease != 0 {
+                    leased.push(key.clone());
+                }
+                state.kvs.insert(key, entry);
+            }
+            state.revision = loaded.revision;
+            state.compact_revision = loaded.revision + 1;
+            state.journal = Some(journal);
+            let revision = state.revision + 1;
+            let events = leased
+                .into_iter()
+                .filter_map(|key| {
+                    let previous = state.kvs.remove(&key)?;
+                    Some(StoredEvent {
+                        key,
+                        current: None,
+                        previous: Some(previous),
+                    })
+                })
+                .collect();
+            state.commit(revision, events);
+            state.healthy()?;
+        }
+        Ok(store)
     }
 
     /// The current revision, synchronously. (Not named `current_revision` so
@@ -317,6 +374,13 @@ impl EmbeddedStore {
     /// How many keys are stored.
     pub fn key_count(&self) -> usize {
         self.lock().kvs.len()
+    }
+
+    /// [`EmbeddedStore::lock`], failing if the durable journal has failed.
+    fn lock_healthy(&self) -> StoreResult<Locked<'_>> {
+        let state = self.lock();
+        state.healthy()?;
+        Ok(state)
     }
 
     /// Take the lock and expire every lease whose deadline has passed, so that
@@ -498,13 +562,30 @@ impl State {
         true
     }
 
+    /// An error if the durable journal has failed (see `journal_failure`).
+    fn healthy(&self) -> StoreResult<()> {
+        match &self.journal_failure {
+            None => Ok(()),
+            Some(failure) => Err(StoreError::Unavailable(failure.clone())),
+        }
+    }
+
     /// Make `revision` (= current + 1) with `events` the new current revision:
-    /// record it, fan it out to watchers and trim old history.
+    /// journal it (durable stores), fan it out to watchers and trim old
+    /// history. If the journal cannot write it, the store stops serving (see
+    /// `journal_failure`); callers check [`State::healthy`] afterwards.
     fn commit(&mut self, revision: Revision, events: Vec<StoredEvent>) -> Revision {
-        if events.is_empty() {
+        if events.is_empty() || self.journal_failure.is_some() {
             return self.revision;
         }
         debug_assert_eq!(revision, self.revision + 1);
+        if let Some(journal) = &self.journal {
+            if let Err(failure) = journal.record(revision, &events) {
+                tracing::error!(%failure, "the embedded store stops serving");
+                self.journal_failure = Some(failure);
+                return self.revision;
+            }
+        }
         self.revision = revision;
         let batch = Arc::new(RevisionEvents {
             revision,
@@ -708,34 +789,36 @@ impl State {
 impl Store for EmbeddedStore {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         check_range(&request.range)?;
-        let state = self.lock();
+        let state = self.lock_healthy()?;
         Ok(state.get(&request, state.revision))
     }
 
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
         check_key(&request.key)?;
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         state.check_lease(request.lease)?;
         let revision = state.revision + 1;
         let mut events = Vec::with_capacity(1);
         let response = state.put(request, revision, &mut events);
         state.commit(revision, events);
+        state.healthy()?;
         Ok(response)
     }
 
     async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
         check_range(&request.range)?;
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         let revision = state.revision + 1;
         let mut events = Vec::new();
         let response = state.delete(&request.range, request.prev_kv, revision, &mut events);
         state.commit(revision, events);
+        state.healthy()?;
         Ok(response)
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
         check_txn(&txn, self.max_txn_ops)?;
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         let succeeded = txn.compares.iter().all(|c| state.compare(c));
         let ops = if succeeded { txn.success } else { txn.failure };
         // Validate everything that can fail before the first write, so that
@@ -770,6 +853,7 @@ impl Store for EmbeddedStore {
             });
         }
         let revision = state.commit(revision, events);
+        state.healthy()?;
         Ok(TxnResponse {
             succeeded,
             revision,
@@ -782,7 +866,7 @@ impl Store for EmbeddedStore {
             return Err(invalid("lease TTL must be positive"));
         }
         let deadline = deadline_after(ttl);
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         let id = state.next_lease_id;
         state.next_lease_id += 1;
         state.leases.insert(
@@ -807,7 +891,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         let entry = state
             .leases
             .get_mut(&lease)
@@ -819,9 +903,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         if state.revoke_lease(lease) {
-            Ok(())
+            state.healthy()
         } else {
             Err(StoreError::LeaseNotFound(lease))
         }
@@ -829,7 +913,7 @@ impl Store for EmbeddedStore {
 
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         check_range(&range)?;
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         let next = state.revision + 1;
         let mut replay = VecDeque::new();
         if start_revision > 0 {
@@ -875,7 +959,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn compact(&self, revision: Revision) -> StoreResult<()> {
-        let mut state = self.lock();
+        let mut state = self.lock_healthy()?;
         if revision > state.revision {
             return Err(StoreError::FutureRevision {
                 requested: revision,

@@ -5,7 +5,9 @@
 //!
 //! * [`embedded::EmbeddedStore`] — in-process, with etcd's exact semantics,
 //!   driven by tokio's clock so that tests which pause and advance time expire
-//!   leases deterministically.
+//!   leases deterministically. [`embedded::EmbeddedStore::open_durable`]
+//!   keeps it in one redb file instead, every write on disk before it is
+//!   answered (the single-node agent's default).
 //! * The etcd v3 backend lives in its own crate and passes the same
 //!   [`conformance`] suite unchanged.
 //! * Wrappers: [`faults::FaultyStore`] injects failures for tests, and
