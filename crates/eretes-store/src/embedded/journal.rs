@@ -43,13 +43,13 @@ pub(super) struct Loaded {
 impl Journal {
     /// Open (or create) the journal at `path` and read it whole.
     pub fn open(path: &Path) -> Result<(Journal, Loaded), StoreError> {
-        let failed = |what: &str, error: redb::Error| {
+        let failed = |what: &str, error: String| {
             StoreError::Unavailable(format!(
                 "the durable store {}: {what}: {error}",
                 path.display()
             ))
         };
-        let db = Database::create(path).map_err(|e| failed("cannot open it", e.into()))?;
+        let db = Database::create(path).map_err(|e| failed("cannot open it", text(e)))?;
         let journal = Journal {
             db,
             path: path.to_path_buf(),
@@ -58,24 +58,23 @@ impl Journal {
         Ok((journal, loaded))
     }
 
-    fn read(&self) -> Result<Loaded, redb::Error> {
+    fn read(&self) -> Result<Loaded, String> {
         // Create the tables on first use, so that a read of a new file works.
-        let txn = self.db.begin_write()?;
-        txn.open_table(KEYS)?;
-        txn.open_table(META)?;
-        txn.commit()?;
+        let txn = self.db.begin_write().map_err(text)?;
+        txn.open_table(KEYS).map_err(text)?;
+        txn.open_table(META).map_err(text)?;
+        txn.commit().map_err(text)?;
 
-        let txn = self.db.begin_read()?;
-        let meta = txn.open_table(META)?;
-        let revision = meta.get(REVISION)?.map_or(1, |v| v.value());
-        let table = txn.open_table(KEYS)?;
-        let mut keys = Vec::with_capacity(table.len()? as usize);
-        for row in table.iter()? {
-            let (key, row) = row?;
+        let txn = self.db.begin_read().map_err(text)?;
+        let meta = txn.open_table(META).map_err(text)?;
+        let revision = meta.get(REVISION).map_err(text)?.map_or(1, |v| v.value());
+        let table = txn.open_table(KEYS).map_err(text)?;
+        let mut keys = Vec::with_capacity(table.len().map_err(text)? as usize);
+        for row in table.iter().map_err(text)? {
+            let (key, row) = row.map_err(text)?;
             let key = key.value().to_string();
-            let entry = decode(row.value()).ok_or_else(|| {
-                redb::Error::Corrupted(format!("the row of key {key:?} is shorter than its header"))
-            })?;
+            let entry = decode(row.value())
+                .ok_or_else(|| format!("the row of key {key:?} is shorter than its header"))?;
             keys.push((key, entry));
         }
         Ok(Loaded { revision, keys })
@@ -91,27 +90,37 @@ impl Journal {
         })
     }
 
-    fn write(&self, revision: Revision, events: &[StoredEvent]) -> Result<(), redb::Error> {
-        let txn = self.db.begin_write()?;
+    fn write(&self, revision: Revision, events: &[StoredEvent]) -> Result<(), String> {
+        let txn = self.db.begin_write().map_err(text)?;
         {
-            let mut keys = txn.open_table(KEYS)?;
+            let mut keys = txn.open_table(KEYS).map_err(text)?;
             let mut row = Vec::new();
             for event in events {
                 match &event.current {
                     Some(entry) => {
                         encode(entry, &mut row);
-                        keys.insert(event.key.as_str(), row.as_slice())?;
+                        keys.insert(event.key.as_str(), row.as_slice())
+                            .map_err(text)?;
                     }
                     None => {
-                        keys.remove(event.key.as_str())?;
+                        keys.remove(event.key.as_str()).map_err(text)?;
                     }
                 }
             }
-            txn.open_table(META)?.insert(REVISION, revision)?;
+            txn.open_table(META)
+                .map_err(text)?
+                .insert(REVISION, revision)
+                .map_err(text)?;
         }
-        txn.commit()?;
+        txn.commit().map_err(text)?;
         Ok(())
     }
+}
+
+/// A redb error as text (redb's error type is large, and only its message
+/// reaches the caller).
+fn text(error: impl Into<redb::Error>) -> String {
+    error.into().to_string()
 }
 
 fn encode(entry: &Entry, row: &mut Vec<u8>) {
