@@ -223,69 +223,67 @@ fn assert_certificate_refusal(error: &StoreError, url: &str, problem: &str, case
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn no_client_certificate_is_refused_with_an_error_naming_the_url() {
-    let pki = Pki::generate("trusted");
-    let etcd = tls_etcd(&pki, &[]).await;
-    let tls = EtcdTls {
-        identity: None,
-        ..pki.client_tls()
-    };
+/// Start a TLS etcd whose certificates come from `pki`, connect with `tls`,
+/// and check the refusal names the URL and gives `hint` (`what` names the
+/// case in failure messages).
+async fn expect_certificate_refusal(pki: &Pki, tls: EtcdTls, hint: &str, what: &str) {
+    let etcd = tls_etcd(pki, &[]).await;
     let error = refused(
         &etcd,
         EtcdOptions::from_urls(&etcd.url()).unwrap().with_tls(tls),
     )
     .await;
-    assert_certificate_refusal(
-        &error,
-        &etcd.url(),
+    assert_certificate_refusal(&error, &etcd.url(), hint, what);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_client_certificate_is_refused_with_an_error_naming_the_url() {
+    let pki = Pki::generate("trusted");
+    let tls = EtcdTls {
+        identity: None,
+        ..pki.client_tls()
+    };
+    expect_certificate_refusal(
+        &pki,
+        tls,
         "requires a client certificate",
         "no client certificate",
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_that_did_not_sign_the_server_certificate_is_refused() {
     let pki = Pki::generate("trusted");
     let stranger = Pki::generate("stranger");
-    let etcd = tls_etcd(&pki, &[]).await;
     let tls = EtcdTls {
         ca_pem: Some(stranger.ca_pem.clone().into_bytes()),
         ..pki.client_tls()
     };
-    let error = refused(
-        &etcd,
-        EtcdOptions::from_urls(&etcd.url()).unwrap().with_tls(tls),
-    )
-    .await;
-    assert_certificate_refusal(
-        &error,
-        &etcd.url(),
+    expect_certificate_refusal(
+        &pki,
+        tls,
         "not signed by the CA given",
         "a CA that did not sign etcd's certificate",
-    );
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_certificate_from_an_untrusted_ca_is_refused() {
     let pki = Pki::generate("trusted");
     let stranger = Pki::generate("stranger");
-    let etcd = tls_etcd(&pki, &[]).await;
     let tls = EtcdTls {
         ca_pem: Some(pki.ca_pem.clone().into_bytes()),
         ..stranger.client_tls()
     };
-    let error = refused(
-        &etcd,
-        EtcdOptions::from_urls(&etcd.url()).unwrap().with_tls(tls),
-    )
-    .await;
-    assert_certificate_refusal(
-        &error,
-        &etcd.url(),
+    expect_certificate_refusal(
+        &pki,
+        tls,
         "does not trust the client certificate",
         "an untrusted client certificate",
-    );
+    )
+    .await;
 }
 
 /// The user the auth tests connect as, its password, and the one prefix its
