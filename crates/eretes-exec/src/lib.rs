@@ -1,0 +1,126 @@
+//! # eretes-exec — executors
+//!
+//! Layer 4 of eretes: where a task's work runs. The node runtime
+//! (`eretes-runtime`) claims a task and calls a [`eretes_runtime::Handler`];
+//! this crate's [`ProcessHandler`] is the handler that runs the task as a
+//! child process, as `eretes agent` does for tasks submitted with
+//! `eretes submit -- PROGRAM ARGS`.
+//!
+//! A process task's properties carry a [`ProcessSpec`]:
+//! `{"process": {"program": "...", "args": [...], "cwd": "...",
+//! "max_attempts": 3, "permanent": false}}`. No shell is involved unless
+//! the program is one (`sh -c '...'`).
+//!
+//! ```no_run
+//! use std::sync::Arc;
+//! use eretes_exec::{AllowList, ExecConfig, ProcessHandler, ProcessSpec};
+//! use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
+//! use eretes_runtime::{balancer::FairBalancer, Node, NodeConfig};
+//! use eretes_store::{embedded::EmbeddedStore, Store};
+//!
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let store: Arc<dyn Store> = EmbeddedStore::new();
+//! let ns = Namespace::new("example").unwrap();
+//! let config = ExecConfig::new("/var/lib/eretes".into(), AllowList::only(["backup"]));
+//! let handler = Arc::new(ProcessHandler::new(config).unwrap());
+//! let node_config = NodeConfig::new(NodeName::new("n1").unwrap(), ns.clone());
+//! let node = Node::start(store.clone(), node_config, handler, Box::new(FairBalancer::default()))
+//!     .await
+//!     .unwrap();
+//! let spec = ProcessSpec::new("backup", vec!["--full".into()]);
+//! Coordinator::new(store, ns)
+//!     .submit(&TaskId::new("nightly").unwrap(), &TaskSpec::new(GroupName::default(), spec.to_properties()))
+//!     .await
+//!     .unwrap();
+//! # node.shutdown().await;
+//! # });
+//! ```
+
+use std::collections::BTreeSet;
+use std::path::PathBuf;
+use std::time::Duration;
+
+mod leftovers;
+mod output;
+mod process;
+mod spec;
+
+pub use process::ProcessHandler;
+pub use spec::{
+    ProcessSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ARGS, MAX_ATTEMPTS, MAX_PROGRAM_BYTES,
+};
+
+/// The environment variable that marks a task's processes with the agent's
+/// data directory, so that leftovers are recognised (and only they killed).
+pub const AGENT_DIR_ENV: &str = "ERETES_AGENT_DIR";
+
+/// Which programs process tasks may run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AllowList {
+    /// Any program (the embedded, loopback-only agent's default).
+    Any,
+    /// Only these, compared with the task's `program` exactly.
+    Only(BTreeSet<String>),
+}
+
+impl AllowList {
+    /// Only the programs named.
+    pub fn only<I, S>(programs: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: Into<String>,
+    {
+        AllowList::Only(programs.into_iter().map(Into::into).collect())
+    }
+
+    /// Whether `program` may run.
+    pub fn allows(&self, program: &str) -> bool {
+        match self {
+            AllowList::Any => true,
+            AllowList::Only(programs) => programs.contains(program),
+        }
+    }
+}
+
+/// How process tasks run on one agent.
+#[derive(Debug, Clone)]
+pub struct ExecConfig {
+    /// The agent's data directory: logs under `logs/`, running process
+    /// groups recorded under `groups/`.
+    pub data_dir: PathBuf,
+    /// Which programs may run.
+    pub allow: AllowList,
+    /// Most bytes kept per stream (stdout, stderr) per run. Default 10 MiB.
+    pub log_cap: u64,
+    /// Bytes of each stream's end kept in the result. Default 4 KiB.
+    pub tail_bytes: usize,
+    /// From SIGTERM to SIGKILL when a task is stopped. Default 10 s.
+    pub stop_grace: Duration,
+    /// First and longest pause before a failed attempt is retried (or a
+    /// permanent task restarted); doubled each time. Default 1 s and 60 s.
+    pub retry_backoff: (Duration, Duration),
+}
+
+impl ExecConfig {
+    /// The defaults above, for `data_dir` and `allow`.
+    pub fn new(data_dir: PathBuf, allow: AllowList) -> Self {
+        ExecConfig {
+            data_dir,
+            allow,
+            log_cap: 10 << 20,
+            tail_bytes: 4096,
+            stop_grace: Duration::from_secs(10),
+            retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+        }
+    }
+
+    /// Where each task's logs are: `<data-dir>/logs/<task>/{stdout,stderr}.log`.
+    pub fn logs_dir(&self) -> PathBuf {
+        self.data_dir.join("logs")
+    }
+
+    /// Where running process groups are recorded.
+    pub fn groups_dir(&self) -> PathBuf {
+        self.data_dir.join("groups")
+    }
+}

@@ -1,0 +1,183 @@
+//! What a process task runs: its [`ProcessSpec`], kept in the task's
+//! properties under `"process"`, and the checks it passes before anything
+//! is started.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// Longest program name or path, in bytes.
+pub const MAX_PROGRAM_BYTES: usize = 4096;
+/// Most arguments a process task may have.
+pub const MAX_ARGS: usize = 4096;
+/// Most attempts a process task may ask for.
+pub const MAX_ATTEMPTS: u32 = 100;
+/// Attempts when the spec does not say.
+pub const DEFAULT_ATTEMPTS: u32 = 3;
+
+/// A process task: run `program` with `args` (no shell unless the program
+/// is one), in `cwd` if given.
+///
+/// In a task's properties:
+///
+/// ```json
+/// {"process": {"program": "backup", "args": ["--full"], "cwd": "/srv",
+///              "max_attempts": 3, "permanent": false}}
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProcessSpec {
+    /// The program: a path, or a name looked up in the agent's `PATH`.
+    pub program: String,
+    /// Its arguments.
+    #[serde(default)]
+    pub args: Vec<String>,
+    /// The working directory (absolute); the agent's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// How many times a run that exits non-zero is tried, in all.
+    #[serde(default = "default_attempts")]
+    pub max_attempts: u32,
+    /// Restart whenever it exits, like a service, instead of finishing.
+    #[serde(default)]
+    pub permanent: bool,
+}
+
+fn default_attempts() -> u32 {
+    DEFAULT_ATTEMPTS
+}
+
+/// Why a spec was refused; the message names the field and the problem.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid process task: {0}")]
+pub struct SpecError(pub String);
+
+impl ProcessSpec {
+    /// A spec for `program` with `args` and the defaults.
+    pub fn new(program: impl Into<String>, args: Vec<String>) -> Self {
+        ProcessSpec {
+            program: program.into(),
+            args,
+            cwd: None,
+            max_attempts: DEFAULT_ATTEMPTS,
+            permanent: false,
+        }
+    }
+
+    /// The spec in a task's properties (`{"process": {...}}`), checked.
+    pub fn from_properties(properties: &Value) -> Result<Self, SpecError> {
+        let process = properties
+            .get("process")
+            .ok_or_else(|| SpecError("the task's properties have no \"process\" object".into()))?;
+        let spec: ProcessSpec = serde_json::from_value(process.clone())
+            .map_err(|e| SpecError(format!("\"process\": {e}")))?;
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    /// The properties that carry this spec.
+    pub fn to_properties(&self) -> Value {
+        serde_json::json!({ "process": self })
+    }
+
+    /// Check every field; the error names the first one that is wrong.
+    pub fn validate(&self) -> Result<(), SpecError> {
+        if self.program.is_empty() {
+            return Err(SpecError("program is empty".into()));
+        }
+        if self.program.len() > MAX_PROGRAM_BYTES {
+            return Err(SpecError(format!(
+                "program is {} bytes; the limit is {MAX_PROGRAM_BYTES}",
+                self.program.len()
+            )));
+        }
+        if self.program.contains('\0') {
+            return Err(SpecError("program contains a NUL byte".into()));
+        }
+        if self.args.len() > MAX_ARGS {
+            return Err(SpecError(format!(
+                "{} arguments; the limit is {MAX_ARGS}",
+                self.args.len()
+            )));
+        }
+        if let Some(n) = self.args.iter().position(|arg| arg.contains('\0')) {
+            return Err(SpecError(format!("argument {n} contains a NUL byte")));
+        }
+        if let Some(cwd) = &self.cwd {
+            if !cwd.is_absolute() {
+                return Err(SpecError(format!(
+                    "cwd {} is not an absolute path",
+                    cwd.display()
+                )));
+            }
+            if cwd.as_os_str().as_encoded_bytes().contains(&0) {
+                return Err(SpecError("cwd contains a NUL byte".into()));
+            }
+        }
+        if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
+            return Err(SpecError(format!(
+                "max_attempts {} is not between 1 and {MAX_ATTEMPTS}",
+                self.max_attempts
+            )));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn a_spec_round_trips_with_defaults() {
+        let spec = ProcessSpec::from_properties(&json!({"process": {"program": "true"}})).unwrap();
+        assert_eq!(spec, ProcessSpec::new("true", vec![]));
+        let back = ProcessSpec::from_properties(&spec.to_properties()).unwrap();
+        assert_eq!(back, spec);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_naming_the_field() {
+        let long = "x".repeat(MAX_PROGRAM_BYTES + 1);
+        for (properties, expected) in [
+            (json!({}), "no \"process\" object"),
+            (json!({"process": "sh"}), "\"process\": invalid type"),
+            (json!({"process": {"args": []}}), "missing field `program`"),
+            (json!({"process": {"program": ""}}), "program is empty"),
+            (json!({"process": {"program": long}}), "the limit is 4096"),
+            (json!({"process": {"program": "a\u{0}b"}}), "NUL"),
+            (
+                json!({"process": {"program": "sh", "args": ["ok", "b\u{0}"]}}),
+                "argument 1",
+            ),
+            (
+                json!({"process": {"program": "sh", "cwd": "rel/dir"}}),
+                "not an absolute path",
+            ),
+            (
+                json!({"process": {"program": "sh", "max_attempts": 0}}),
+                "max_attempts 0",
+            ),
+            (
+                json!({"process": {"program": "sh", "max_attempts": 101}}),
+                "max_attempts 101",
+            ),
+            (
+                json!({"process": {"program": "sh", "colour": "red"}}),
+                "unknown field `colour`",
+            ),
+            (
+                json!({"process": {"program": "sh", "args": "-c"}}),
+                "invalid type",
+            ),
+        ] {
+            let error = ProcessSpec::from_properties(&properties)
+                .unwrap_err()
+                .to_string();
+            assert!(error.starts_with("invalid process task: "), "{error}");
+            assert!(error.contains(expected), "{properties}: {error}");
+        }
+    }
+}

@@ -1,0 +1,428 @@
+//! The process executor with real child processes, real signals and real
+//! files, under a real node on the embedded store (real time: processes do
+//! not run on tokio's clock). Every wait is bounded.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use eretes_exec::{AllowList, ExecConfig, ProcessHandler, ProcessSpec};
+use eretes_protocol::{
+    Coordinator, GroupName, Namespace, NodeName, Outcome, ResultRecord, TaskId, TaskSpec,
+};
+use eretes_runtime::balancer::DumbBalancer;
+use eretes_runtime::{Node, NodeConfig, NodeHandle};
+use eretes_store::embedded::EmbeddedStore;
+use eretes_store::Store;
+
+/// One node running process tasks in a temporary data directory.
+struct Agent {
+    coordinator: Coordinator,
+    node: NodeHandle,
+    dir: tempfile::TempDir,
+}
+
+fn config(dir: &Path, allow: AllowList) -> ExecConfig {
+    let mut config = ExecConfig::new(dir.to_path_buf(), allow);
+    config.stop_grace = Duration::from_millis(500);
+    config.retry_backoff = (Duration::from_millis(50), Duration::from_millis(200));
+    config
+}
+
+impl Agent {
+    async fn start(allow: AllowList, tune: impl FnOnce(&mut ExecConfig)) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        let mut exec = config(dir.path(), allow);
+        tune(&mut exec);
+        let (coordinator, node) = start_node(exec).await;
+        Agent {
+            coordinator,
+            node,
+            dir,
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Submit `sh -c script` (run in the data directory) as task `id`.
+    async fn submit_sh(&self, id: &str, script: &str, tune: impl FnOnce(&mut ProcessSpec)) {
+        let mut spec = ProcessSpec::new("sh", vec!["-c".into(), script.into()]);
+        spec.cwd = Some(self.dir.path().to_path_buf());
+        tune(&mut spec);
+        self.submit(id, spec.to_properties()).await;
+    }
+
+    async fn submit(&self, id: &str, properties: serde_json::Value) {
+        self.coordinator
+            .submit(
+                &TaskId::new(id).unwrap(),
+                &TaskSpec::new(GroupName::default(), properties),
+            )
+            .await
+            .unwrap();
+    }
+
+    /// The task's result, waiting for it up to 20 s.
+    async fn result(&self, id: &str) -> ResultRecord {
+        let id = TaskId::new(id).unwrap();
+        for _ in 0..400 {
+            if let Some(result) = self.coordinator.result(&id).await.unwrap() {
+                return result;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("no result for {id} within 20 s");
+    }
+}
+
+async fn start_node(exec: ExecConfig) -> (Coordinator, NodeHandle) {
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let ns = Namespace::new("exec").unwrap();
+    let handler = Arc::new(ProcessHandler::new(exec).unwrap());
+    let config = NodeConfig::new(NodeName::new("n1").unwrap(), ns.clone());
+    let node = Node::start(store.clone(), config, handler, Box::new(DumbBalancer))
+        .await
+        .unwrap();
+    (Coordinator::new(store, ns), node)
+}
+
+/// Wait up to `limit` for `done`; panic naming `what` after it.
+async fn wait_until(what: &str, limit: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + limit;
+    while !done() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting until {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The pid written to `file`, once it is there.
+async fn pid_in(file: &Path) -> i32 {
+    wait_until(
+        &format!("{} is written", file.display()),
+        Duration::from_secs(20),
+        || std::fs::read_to_string(file).is_ok_and(|text| text.ends_with('\n')),
+    )
+    .await;
+    std::fs::read_to_string(file)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Whether process `pid` runs (a zombie, dead but not yet reaped, does not).
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat[stat.rfind(')').unwrap() + 1..]
+                .split_whitespace()
+                .next();
+            state != Some("Z")
+        }
+        Err(_) => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_runs_with_its_identity_and_its_exit_and_output_become_the_result() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh(
+            "hello",
+            r#"echo "$ERETES_TASK_ID $ERETES_EPOCH $ERETES_NODE"; echo careful >&2"#,
+            |_| {},
+        )
+        .await;
+    let result = agent.result("hello").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["exit_code"], 0);
+    assert_eq!(result.result["attempts"], 1);
+    let expected = format!("hello {} n1\n", result.epoch);
+    assert_eq!(result.result["stdout_tail"], expected.as_str());
+    assert_eq!(result.result["stderr_tail"], "careful\n");
+    let logs = agent.path("logs/hello");
+    assert_eq!(
+        std::fs::read_to_string(logs.join("stdout.log")).unwrap(),
+        expected
+    );
+    assert_eq!(
+        std::fs::read_to_string(logs.join("stderr.log")).unwrap(),
+        "careful\n"
+    );
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_task_is_retried_with_backoff_until_it_succeeds() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // Fails twice, then succeeds; counts its attempts in a file.
+    let script = r#"n=$(cat tries 2>/dev/null || echo 0); n=$((n+1)); echo $n > tries; echo "attempt $ERETES_ATTEMPT"; [ $n -ge 3 ]"#;
+    agent.submit_sh("flaky", script, |_| {}).await;
+    let result = agent.result("flaky").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["attempts"], 3);
+    assert_eq!(std::fs::read_to_string(agent.path("tries")).unwrap(), "3\n");
+    // The attempts of one run share its log.
+    let log = std::fs::read_to_string(agent.path("logs/flaky/stdout.log")).unwrap();
+    assert_eq!(log, "attempt 1\nattempt 2\nattempt 3\n");
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_keeps_failing_fails_after_max_attempts_with_the_reason() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh("broken", "echo disk full >&2; exit 3", |spec| {
+            spec.max_attempts = 2
+        })
+        .await;
+    let result = agent.result("broken").await;
+    assert_eq!(result.outcome, Outcome::Failed);
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("exited with code 3 after 2 attempt(s)"),
+        "{error}"
+    );
+    assert!(error.contains("disk full"), "{error}");
+
+    agent
+        .submit(
+            "missing",
+            ProcessSpec {
+                max_attempts: 1,
+                ..ProcessSpec::new("/no/such/program", vec![])
+            }
+            .to_properties(),
+        )
+        .await;
+    let error = agent.result("missing").await.error.unwrap();
+    assert!(
+        error.contains("cannot start \"/no/such/program\""),
+        "{error}"
+    );
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deleting_a_running_task_kills_its_whole_process_group() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh(
+            "tree",
+            "sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
+            |_| {},
+        )
+        .await;
+    let leader = pid_in(&agent.path("leader.pid")).await;
+    let background = pid_in(&agent.path("background.pid")).await;
+    assert!(alive(leader) && alive(background));
+    agent
+        .coordinator
+        .delete(&TaskId::new("tree").unwrap())
+        .await
+        .unwrap();
+    wait_until(
+        "the leader and its background child are gone",
+        Duration::from_secs(20),
+        || !alive(leader) && !alive(background),
+    )
+    .await;
+    assert!(
+        std::fs::read_dir(agent.path("groups"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "the group's record is removed"
+    );
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_that_ignores_sigterm_is_killed_after_the_grace_period() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // Ignored signals stay ignored across exec, so the whole group ignores
+    // SIGTERM.
+    agent
+        .submit_sh(
+            "stubborn",
+            r#"trap "" TERM; echo $$ > leader.pid; while true; do sleep 0.1; done"#,
+            |_| {},
+        )
+        .await;
+    let leader = pid_in(&agent.path("leader.pid")).await;
+    agent
+        .coordinator
+        .delete(&TaskId::new("stubborn").unwrap())
+        .await
+        .unwrap();
+    wait_until(
+        "the stubborn group is killed",
+        Duration::from_secs(20),
+        || !alive(leader),
+    )
+    .await;
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_off_the_allow_list_and_bad_specs_fail_with_the_reason() {
+    let agent = Agent::start(AllowList::only(["true"]), |_| {}).await;
+    agent.submit_sh("shell", "echo never", |_| {}).await;
+    let error = agent.result("shell").await.error.unwrap();
+    assert_eq!(error, "program \"sh\" is not on this agent's --allow list");
+    assert!(!agent.path("logs/shell/stdout.log").exists(), "nothing ran");
+
+    agent
+        .submit("plain", serde_json::json!({"colour": "red"}))
+        .await;
+    let error = agent.result("plain").await.error.unwrap();
+    assert!(
+        error.starts_with("invalid process task: the task's properties have no \"process\""),
+        "{error}"
+    );
+
+    agent
+        .submit("allowed", ProcessSpec::new("true", vec![]).to_properties())
+        .await;
+    assert_eq!(agent.result("allowed").await.outcome, Outcome::Done);
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn output_past_the_cap_is_cut_from_the_log_and_the_tail_is_kept() {
+    let agent = Agent::start(AllowList::Any, |config| config.log_cap = 1000).await;
+    agent
+        .submit_sh(
+            "chatty",
+            "head -c 300000 /dev/zero | tr '\\0' x; echo; echo END",
+            |_| {},
+        )
+        .await;
+    let result = agent.result("chatty").await;
+    assert_eq!(result.outcome, Outcome::Done);
+    assert!(result.result["stdout_tail"]
+        .as_str()
+        .unwrap()
+        .ends_with("xxx\nEND\n"));
+    let log = std::fs::read_to_string(agent.path("logs/chatty/stdout.log")).unwrap();
+    assert!(log.starts_with(&"x".repeat(1000)));
+    assert!(
+        log.ends_with("[eretes: log capped at 1000 bytes; the rest is discarded]\n"),
+        "{}",
+        &log[1000..]
+    );
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_permanent_task_is_restarted_whenever_it_exits() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh("service", "echo run >> runs; exit 0", |spec| {
+            spec.permanent = true
+        })
+        .await;
+    let runs = agent.path("runs");
+    wait_until(
+        "the service ran three times",
+        Duration::from_secs(20),
+        || std::fs::read_to_string(&runs).is_ok_and(|text| text.lines().count() >= 3),
+    )
+    .await;
+    let id = TaskId::new("service").unwrap();
+    assert!(
+        agent.coordinator.result(&id).await.unwrap().is_none(),
+        "a service never finishes"
+    );
+    agent.node.shutdown().await;
+}
+
+/// The environment variable that turns [`agent_process`] on: the data
+/// directory it runs in.
+const AGENT_DIR: &str = "ERETES_EXEC_TEST_AGENT_DIR";
+
+/// Not a test on its own: the agent that the next test kills with SIGKILL.
+/// It runs one task that starts a background child, and says "ready" once
+/// the task runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the kill test's child process"]
+async fn agent_process() {
+    let Ok(dir) = std::env::var(AGENT_DIR) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let (coordinator, _node) = start_node(config(&dir, AllowList::Any)).await;
+    let mut spec = ProcessSpec::new(
+        "sh",
+        vec![
+            "-c".into(),
+            "sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait".into(),
+        ],
+    );
+    spec.cwd = Some(dir.clone());
+    coordinator
+        .submit(
+            &TaskId::new("orphan").unwrap(),
+            &TaskSpec::new(GroupName::default(), spec.to_properties()),
+        )
+        .await
+        .unwrap();
+    pid_in(&dir.join("background.pid")).await;
+    println!("ready");
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_children_die_and_leftovers_are_killed_at_the_next_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "agent_process", "--ignored", "--nocapture"])
+        .env(AGENT_DIR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = agent.stdout.take().unwrap();
+    let ready = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "ready")
+    });
+    wait_until("the agent runs its task", Duration::from_secs(30), || {
+        ready.is_finished()
+    })
+    .await;
+    assert!(ready.join().unwrap(), "the agent said ready");
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let background = pid_in(&dir.path().join("background.pid")).await;
+
+    agent.kill().unwrap(); // SIGKILL: no clean-up of its own
+    agent.wait().unwrap();
+    // The parent-death signal takes the task's first process at once...
+    wait_until(
+        "the task's leader dies with its agent",
+        Duration::from_secs(20),
+        || !alive(leader),
+    )
+    .await;
+    // ...and the next agent on the data directory kills what it started.
+    assert!(
+        alive(background),
+        "the background child outlived the agent (as expected without clean-up)"
+    );
+    let _handler = ProcessHandler::new(config(dir.path(), AllowList::Any)).unwrap();
+    wait_until(
+        "the leftover is killed at start-up",
+        Duration::from_secs(20),
+        || !alive(background),
+    )
+    .await;
+}
