@@ -43,6 +43,7 @@ mod error;
 mod ids;
 mod keys;
 mod records;
+mod views;
 
 pub use commands::NodeCommand;
 pub use coordinator::{
@@ -56,3 +57,4 @@ pub use records::{
     decode, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord,
     ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
+pub use views::{NodeView, Snapshot, TaskState, TaskView};

@@ -424,3 +424,71 @@ async fn a_successful_batch_end_is_one_revision() {
     assert_eq!(store.get_prefix("p/tasks/").await.unwrap().kvs.len(), 0);
     assert_eq!(store.get_prefix("p/results/").await.unwrap().kvs.len(), 6);
 }
+
+#[tokio::test]
+async fn snapshots_and_task_views_tell_each_tasks_state() {
+    let (store, coordinator) = setup();
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let record = NodeRecord {
+        groups: vec![GroupName::default()],
+        started_at_ms: 7,
+    };
+    coordinator
+        .register_node(&NodeName::new("n1").unwrap(), &record, lease)
+        .await
+        .unwrap();
+    let ids: Vec<TaskId> = ["waiting", "working", "finished", "broken"]
+        .iter()
+        .map(|id| TaskId::new(*id).unwrap())
+        .collect();
+    for id in &ids {
+        coordinator
+            .submit(id, &spec(json!({"n": id.as_str()})))
+            .await
+            .unwrap();
+    }
+    let working = claim(&coordinator, &store, &ids[1], "n1").await;
+    let finished = claim(&coordinator, &store, &ids[2], "n1").await;
+    coordinator.complete(&finished, json!("ok")).await.unwrap();
+    let broken = claim(&coordinator, &store, &ids[3], "n1").await;
+    coordinator.fail(&broken, "no disk".into()).await.unwrap();
+    store
+        .put(PutRequest::new("p/tasks/garbage", "{"))
+        .await
+        .unwrap();
+
+    let snapshot = coordinator.snapshot().await.unwrap();
+    let states: Vec<(&str, TaskState)> = snapshot
+        .tasks
+        .values()
+        .map(|t| (t.id.as_str(), t.state))
+        .collect();
+    assert_eq!(
+        states,
+        [
+            ("broken", TaskState::Failed),
+            ("finished", TaskState::Done),
+            ("waiting", TaskState::Pending),
+            ("working", TaskState::Running),
+        ]
+    );
+    assert_eq!(snapshot.malformed, 1);
+    let running = &snapshot.tasks[&ids[1]];
+    assert_eq!(running.node.as_ref().unwrap().as_str(), "n1");
+    assert_eq!(running.epoch, Some(working.epoch));
+    assert_eq!(running.properties, json!({"n": "working"}));
+    assert_eq!(snapshot.tasks[&ids[2]].result, Some(json!("ok")));
+    assert_eq!(snapshot.tasks[&ids[3]].error.as_deref(), Some("no disk"));
+    let node = &snapshot.nodes[&NodeName::new("n1").unwrap()];
+    assert_eq!((node.running, node.started_at_ms), (1, 7));
+
+    for id in &ids {
+        let view = coordinator.task_view(id).await.unwrap().unwrap();
+        assert_eq!(&view, &snapshot.tasks[id], "{id}");
+    }
+    assert!(coordinator
+        .task_view(&TaskId::new("nobody").unwrap())
+        .await
+        .unwrap()
+        .is_none());
+}

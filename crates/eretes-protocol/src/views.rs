@@ -1,0 +1,253 @@
+//! What a task and a node look like from outside: their states read back
+//! from the store in one consistent snapshot, for the agent's API and CLI.
+
+use std::collections::BTreeMap;
+
+use eretes_store::{GetRequest, KeyRange, Revision, Txn, TxnOp, TxnOpResponse};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::coordinator::Coordinator;
+use crate::error::ProtocolError;
+use crate::ids::{GroupName, NodeName, TaskId};
+use crate::keys::KeyKind;
+use crate::records::{decode, decode_task, NodeRecord, Outcome, OwnerRecord, ResultRecord};
+
+/// Where a task is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum TaskState {
+    /// Submitted, not running: no live node of its group has claimed it yet.
+    Pending,
+    /// A node owns it and runs it.
+    Running,
+    /// Finished with a result.
+    Done,
+    /// Failed for good (by its handler, or parked after too many takeovers).
+    Failed,
+}
+
+impl TaskState {
+    /// Whether the task has ended.
+    pub fn is_terminal(self) -> bool {
+        matches!(self, TaskState::Done | TaskState::Failed)
+    }
+
+    /// The state named `name` (`pending`, `running`, `done`, `failed`).
+    pub fn parse(name: &str) -> Option<TaskState> {
+        Some(match name {
+            "pending" => TaskState::Pending,
+            "running" => TaskState::Running,
+            "done" => TaskState::Done,
+            "failed" => TaskState::Failed,
+            _ => return None,
+        })
+    }
+}
+
+/// One task as the store says it is.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskView {
+    /// Its id.
+    pub id: TaskId,
+    /// Its group.
+    pub group: GroupName,
+    /// Its state.
+    pub state: TaskState,
+    /// Its properties as submitted.
+    pub properties: Value,
+    /// The node running it (running) or that ended it (done, failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<NodeName>,
+    /// The fencing epoch of its current or last run.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<i64>,
+    /// Its result (done).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<Value>,
+    /// Why it failed (failed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// One live node.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeView {
+    /// Its name.
+    pub name: NodeName,
+    /// The groups it serves.
+    pub groups: Vec<GroupName>,
+    /// When it started, milliseconds since the Unix epoch.
+    pub started_at_ms: u64,
+    /// Tasks it runs now.
+    pub running: usize,
+}
+
+/// Every task and node at one revision; entries the store holds in a shape
+/// the protocol does not know are counted, not fatal.
+#[derive(Debug, Clone, Default)]
+pub struct Snapshot {
+    /// The revision of the read.
+    pub revision: Revision,
+    /// Tasks by id.
+    pub tasks: BTreeMap<TaskId, TaskView>,
+    /// Live nodes by name.
+    pub nodes: BTreeMap<NodeName, NodeView>,
+    /// Entries skipped as malformed.
+    pub malformed: usize,
+}
+
+impl Coordinator {
+    /// Read every task and node in one transaction (one revision).
+    pub async fn snapshot(&self) -> Result<Snapshot, ProtocolError> {
+        let ns = self.namespace();
+        let prefixes = [
+            ns.tasks_prefix(),
+            ns.owners_prefix(),
+            ns.results_prefix(),
+            ns.nodes_prefix(),
+        ];
+        let mut txn = Txn::new();
+        for prefix in &prefixes {
+            txn = txn.and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(
+                prefix.clone(),
+            ))));
+        }
+        let response = self.store().txn(txn).await?;
+        let mut snapshot = Snapshot {
+            revision: response.revision,
+            ..Snapshot::default()
+        };
+        let mut owners = Vec::new();
+        for kv in response.responses.iter().flat_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs.as_slice(),
+            _ => &[],
+        }) {
+            match ns.parse(&kv.key) {
+                Ok(KeyKind::Task(id)) => match decode_task(&kv.key, &kv.value) {
+                    Ok(record) => {
+                        snapshot.tasks.insert(
+                            id.clone(),
+                            TaskView {
+                                id,
+                                group: record.spec.group,
+                                state: TaskState::Pending,
+                                properties: record.spec.properties,
+                                node: None,
+                                epoch: None,
+                                result: None,
+                                error: None,
+                            },
+                        );
+                    }
+                    Err(_) => snapshot.malformed += 1,
+                },
+                Ok(KeyKind::Owner(id)) => {
+                    match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                        Ok(owner) => owners.push((id, owner.node, kv.mod_revision)),
+                        Err(_) => snapshot.malformed += 1,
+                    }
+                }
+                Ok(KeyKind::Result(id)) => {
+                    match decode::<ResultRecord>("result", &kv.key, &kv.value) {
+                        Ok(result) => {
+                            snapshot.tasks.insert(id.clone(), ended(id, result));
+                        }
+                        Err(_) => snapshot.malformed += 1,
+                    }
+                }
+                Ok(KeyKind::Node(name)) => match decode::<NodeRecord>("node", &kv.key, &kv.value) {
+                    Ok(record) => {
+                        snapshot.nodes.insert(
+                            name.clone(),
+                            NodeView {
+                                name,
+                                groups: record.groups,
+                                started_at_ms: record.started_at_ms,
+                                running: 0,
+                            },
+                        );
+                    }
+                    Err(_) => snapshot.malformed += 1,
+                },
+                Ok(_) => {}
+                Err(_) => snapshot.malformed += 1,
+            }
+        }
+        for (id, node, epoch) in owners {
+            if let Some(task) = snapshot.tasks.get_mut(&id) {
+                if task.state == TaskState::Pending {
+                    task.state = TaskState::Running;
+                    task.epoch = Some(epoch);
+                    if let Some(live) = snapshot.nodes.get_mut(&node) {
+                        live.running += 1;
+                    }
+                    task.node = Some(node);
+                }
+            }
+        }
+        Ok(snapshot)
+    }
+
+    /// One task, read in one transaction; `None` if there is no such task.
+    pub async fn task_view(&self, id: &TaskId) -> Result<Option<TaskView>, ProtocolError> {
+        let ns = self.namespace();
+        let keys = [ns.task(id), ns.owner(id), ns.result(id)];
+        let mut txn = Txn::new();
+        for key in &keys {
+            txn = txn.and_then(TxnOp::Get(GetRequest::new(KeyRange::key(key.clone()))));
+        }
+        let response = self.store().txn(txn).await?;
+        let value = |n: usize| match response.responses.get(n) {
+            Some(TxnOpResponse::Get(get)) => get.kvs.first().cloned(),
+            _ => None,
+        };
+        if let Some(kv) = value(2) {
+            let result: ResultRecord = decode("result", &kv.key, &kv.value)?;
+            return Ok(Some(ended(id.clone(), result)));
+        }
+        let Some(kv) = value(0) else {
+            return Ok(None);
+        };
+        let record = decode_task(&kv.key, &kv.value)?;
+        let owner = match value(1) {
+            Some(kv) => Some((
+                decode::<OwnerRecord>("owner", &kv.key, &kv.value)?,
+                kv.mod_revision,
+            )),
+            None => None,
+        };
+        Ok(Some(TaskView {
+            id: id.clone(),
+            group: record.spec.group,
+            state: if owner.is_some() {
+                TaskState::Running
+            } else {
+                TaskState::Pending
+            },
+            properties: record.spec.properties,
+            epoch: owner.as_ref().map(|(_, epoch)| *epoch),
+            node: owner.map(|(owner, _)| owner.node),
+            result: None,
+            error: None,
+        }))
+    }
+}
+
+/// The view of a task that ended with `result`.
+fn ended(id: TaskId, result: ResultRecord) -> TaskView {
+    let state = match result.outcome {
+        Outcome::Done => TaskState::Done,
+        Outcome::Failed => TaskState::Failed,
+    };
+    TaskView {
+        id,
+        group: result.spec.group,
+        state,
+        properties: result.spec.properties,
+        node: Some(result.node),
+        epoch: Some(result.epoch),
+        result: (state == TaskState::Done).then_some(result.result),
+        error: result.error,
+    }
+}
