@@ -22,7 +22,9 @@ use clap::{Parser, Subcommand};
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+mod agent;
 mod bench;
+mod client;
 mod cluster;
 mod demo;
 mod store_args;
@@ -40,6 +42,25 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run an agent: one node that runs process tasks, and the HTTP API the
+    /// other commands talk to.
+    Agent(agent::AgentArgs),
+    /// Submit a process task: `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
+    Submit(client::SubmitArgs),
+    /// List tasks.
+    Ls(client::LsArgs),
+    /// Show one task.
+    Show(client::ShowArgs),
+    /// Wait until tasks end; exits non-zero if any failed.
+    Wait(client::WaitArgs),
+    /// Print a task's output (from the agent that ran it).
+    Logs(client::LogsArgs),
+    /// Delete a task, stopping it wherever it runs.
+    Rm(client::RmArgs),
+    /// List live nodes.
+    Nodes(client::NodesArgs),
+    /// Send a command to a node: freeze, unfreeze, balance, drain, stop-task ID.
+    Node(client::NodeArgs),
     /// Run an in-process cluster on the embedded store: submit tasks, kill a
     /// node, add one, and report what the cluster did.
     Demo(demo::DemoArgs),
@@ -53,19 +74,46 @@ enum Command {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("ERETES_LOG")
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    // The agent logs what it does; the other commands only their errors.
+    let (default_level, json) = match &cli.command {
+        Command::Agent(args) => ("info", args.log_json),
+        _ => ("error", false),
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("ERETES_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        logs.json().init();
+    } else {
+        logs.init();
+    }
     let runtime = tokio::runtime::Runtime::new()?;
-    runtime.block_on(async {
+    let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Demo(args) => demo::run(args).await,
-            Command::Bench(args) => bench::run(args).await,
-            Command::WitnessNode(args) => witness_node::run(args).await,
+            Command::Agent(args) => agent::run(args).await.map(|()| 0),
+            Command::Submit(args) => client::submit(args).await,
+            Command::Ls(args) => client::ls(args).await,
+            Command::Show(args) => client::show(args).await,
+            Command::Wait(args) => client::wait(args).await,
+            Command::Logs(args) => client::logs(args).await,
+            Command::Rm(args) => client::rm(args).await,
+            Command::Nodes(args) => client::nodes(args).await,
+            Command::Node(args) => client::node(args).await,
+            Command::Demo(args) => demo::run(args).await.map(|()| 0),
+            Command::Bench(args) => bench::run(args).await.map(|()| 0),
+            Command::WitnessNode(args) => witness_node::run(args).await.map(|()| 0),
         }
-    })
+    });
+    // Leave the runtime first, so that nothing it owns outlives the exit.
+    drop(runtime);
+    match outcome {
+        Ok(code) => std::process::exit(code),
+        Err(error) => {
+            // The message and its causes, never a backtrace.
+            eprintln!("error: {error:#}");
+            std::process::exit(1)
+        }
+    }
 }

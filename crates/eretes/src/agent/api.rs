@@ -1,0 +1,488 @@
+//! The agent's HTTP API (axum). Every error has one shape,
+//! `{"error": {"code": "...", "message": "..."}}`, with the status code that
+//! fits; request bodies are limited in size; with a token configured, every
+//! mutating call needs `Authorization: Bearer <token>`.
+//!
+//! | method and path | what |
+//! |---|---|
+//! | `POST /v1/tasks` | submit a process task |
+//! | `GET /v1/tasks?state=&group=&limit=&after=` | list, filtered, paginated by id |
+//! | `GET /v1/tasks/{id}` | one task |
+//! | `DELETE /v1/tasks/{id}` | delete it (stops it wherever it runs) |
+//! | `GET /v1/tasks/{id}/wait?timeout_s=` | long-poll until it ends |
+//! | `GET /v1/tasks/{id}/logs?stream=&follow=` | its stdout or stderr on this agent |
+//! | `GET /v1/nodes` | live nodes |
+//! | `POST /v1/nodes/{name}/commands` | queue a node command |
+//! | `GET /healthz`, `GET /readyz` | liveness, readiness |
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
+use axum::http::{header, Method, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use eretes_exec::ProcessSpec;
+use eretes_protocol::{
+    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskId, TaskSpec, TaskState,
+    TaskView,
+};
+use eretes_runtime::NodeStatus;
+use eretes_store::{KeyRange, StoreError};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+use tokio::sync::watch;
+
+/// Largest request body accepted. A task spec is at most 64 KiB once stored.
+pub const MAX_BODY_BYTES: usize = 256 * 1024;
+/// Longest a wait call holds, in seconds.
+pub const MAX_WAIT_S: u64 = 300;
+/// Most tasks one list call returns.
+pub const MAX_PAGE: usize = 1000;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    /// The cluster's protocol.
+    pub coordinator: Coordinator,
+    /// This agent's node, as the runtime reports it.
+    pub status: watch::Receiver<NodeStatus>,
+    /// Where this agent keeps task logs.
+    pub logs_dir: PathBuf,
+    /// The bearer token mutating calls need, if any.
+    pub token: Option<String>,
+}
+
+/// The router with every route, the body limit and the token check.
+pub fn router(state: ApiState) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(submit).get(list))
+        .route("/v1/tasks/{id}", get(show).delete(remove))
+        .route("/v1/tasks/{id}/wait", get(wait))
+        .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/nodes", get(nodes))
+        .route("/v1/nodes/{name}/commands", post(node_command))
+        .route(
+            "/healthz",
+            get(|| async { Json(json!({ "status": "ok" })) }),
+        )
+        .route("/readyz", get(ready))
+        .fallback(|| async {
+            ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+        })
+        .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// An error response: `{"error": {"code": ..., "message": ...}}`.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn invalid(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = json!({ "error": { "code": self.code, "message": self.message } });
+        (self.status, Json(body)).into_response()
+    }
+}
+
+impl From<ProtocolError> for ApiError {
+    fn from(error: ProtocolError) -> Self {
+        let message = error.to_string();
+        match error {
+            ProtocolError::InvalidId { .. }
+            | ProtocolError::InvalidSpec(_)
+            | ProtocolError::InvalidCommand(_) => ApiError::invalid(message),
+            ProtocolError::AlreadyExists(_) => {
+                ApiError::new(StatusCode::CONFLICT, "already_exists", message)
+            }
+            ProtocolError::NotFound(_) => {
+                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            ProtocolError::Store(StoreError::Unavailable(_)) => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let status = rejection.status();
+        let code = match status {
+            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+            _ => "invalid_request",
+        };
+        // Unprocessable (valid JSON, wrong shape) is a bad request here.
+        let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
+            StatusCode::BAD_REQUEST
+        } else {
+            status
+        };
+        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
+            format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes")
+        } else {
+            rejection.body_text()
+        };
+        ApiError::new(status, code, message)
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        ApiError::invalid(rejection.body_text())
+    }
+}
+
+type ApiResult<T> = Result<T, ApiError>;
+
+/// Mutating calls need the bearer token when one is configured.
+async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let Some(token) = &state.token else {
+        return next.run(request).await;
+    };
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "));
+    if presented == Some(token.as_str()) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "this agent needs `Authorization: Bearer <token>` on every change (--token)",
+        )
+        .into_response()
+    }
+}
+
+fn task_id(id: &str) -> ApiResult<TaskId> {
+    TaskId::new(id).map_err(|e| ApiError::invalid(e.to_string()))
+}
+
+/// The body of `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitRequest {
+    /// The task's id; one is made up when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Its group (`default` when absent).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// What to run.
+    #[serde(flatten)]
+    pub process: ProcessSpec,
+}
+
+async fn submit(
+    State(state): State<ApiState>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<TaskView>)> {
+    let Json(request) = body?;
+    let id = match &request.id {
+        Some(id) => task_id(id)?,
+        None => TaskId::new(format!(
+            "task-{}-{:06x}",
+            eretes_protocol::now_ms(),
+            rand::random::<u32>() & 0xff_ffff
+        ))
+        .expect("generated ids are valid"),
+    };
+    let group = match &request.group {
+        Some(group) => GroupName::new(group).map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => GroupName::default_group(),
+    };
+    request
+        .process
+        .validate()
+        .map_err(|e| ApiError::invalid(e.to_string()))?;
+    let spec = TaskSpec::new(group, request.process.to_properties());
+    state.coordinator.submit(&id, &spec).await?;
+    let view = state
+        .coordinator
+        .task_view(&id)
+        .await?
+        .ok_or_else(|| ProtocolError::NotFound(id.to_string()))?;
+    Ok((StatusCode::CREATED, Json(view)))
+}
+
+/// Query of `GET /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    state: Option<String>,
+    group: Option<String>,
+    limit: Option<usize>,
+    after: Option<String>,
+}
+
+/// A page of tasks.
+#[derive(Debug, Serialize)]
+struct TaskPage {
+    tasks: Vec<TaskView>,
+    /// Pass as `after` for the next page; absent on the last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<TaskId>,
+}
+
+async fn list(
+    State(state): State<ApiState>,
+    query: Result<Query<ListQuery>, QueryRejection>,
+) -> ApiResult<Json<TaskPage>> {
+    let Query(query) = query?;
+    let wanted_state = match &query.state {
+        Some(name) => Some(TaskState::parse(name).ok_or_else(|| {
+            ApiError::invalid(format!(
+                "state {name:?} is not one of pending, running, done, failed"
+            ))
+        })?),
+        None => None,
+    };
+    let limit = query.limit.unwrap_or(100);
+    if !(1..=MAX_PAGE).contains(&limit) {
+        return Err(ApiError::invalid(format!(
+            "limit {limit} is not between 1 and {MAX_PAGE}"
+        )));
+    }
+    let after = query.after.as_deref().map(task_id).transpose()?;
+    let snapshot = state.coordinator.snapshot().await?;
+    let mut matching = snapshot
+        .tasks
+        .into_values()
+        .filter(|task| after.as_ref().is_none_or(|after| task.id > *after))
+        .filter(|task| wanted_state.is_none_or(|s| task.state == s))
+        .filter(|task| {
+            query
+                .group
+                .as_deref()
+                .is_none_or(|g| task.group.as_str() == g)
+        });
+    let tasks: Vec<TaskView> = matching.by_ref().take(limit).collect();
+    let next = if matching.next().is_some() {
+        tasks.last().map(|task| task.id.clone())
+    } else {
+        None
+    };
+    Ok(Json(TaskPage { tasks, next }))
+}
+
+async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {
+    let id = task_id(&id)?;
+    match state.coordinator.task_view(&id).await? {
+        Some(view) => Ok(Json(view)),
+        None => Err(ProtocolError::NotFound(id.to_string()).into()),
+    }
+}
+
+async fn remove(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
+    let id = task_id(&id)?;
+    state.coordinator.delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// Query of `GET /v1/tasks/{id}/wait`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_s: Option<u64>,
+}
+
+/// The task once it has ended, or as it is when `timeout_s` (default 30)
+/// runs out: the caller looks at `state` and asks again.
+async fn wait(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, QueryRejection>,
+) -> ApiResult<Json<TaskView>> {
+    let Query(query) = query?;
+    let id = task_id(&id)?;
+    let timeout = query.timeout_s.unwrap_or(30);
+    if timeout > MAX_WAIT_S {
+        return Err(ApiError::invalid(format!(
+            "timeout_s {timeout} is above {MAX_WAIT_S}"
+        )));
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let coordinator = &state.coordinator;
+    let result_key = coordinator.namespace().result(&id);
+    let task_key = coordinator.namespace().task(&id);
+    loop {
+        // Watch first, then look, so that an end between the two is seen.
+        let mut changes = coordinator
+            .store()
+            .watch(KeyRange::key(result_key.clone()), 0)
+            .await
+            .map_err(ProtocolError::from)?;
+        let mut gone = coordinator
+            .store()
+            .watch(KeyRange::key(task_key.clone()), 0)
+            .await
+            .map_err(ProtocolError::from)?;
+        let view = coordinator
+            .task_view(&id)
+            .await?
+            .ok_or_else(|| ProtocolError::NotFound(id.to_string()))?;
+        if view.state.is_terminal() {
+            return Ok(Json(view));
+        }
+        tokio::select! {
+            _ = tokio::time::sleep_until(deadline) => return Ok(Json(view)),
+            _ = changes.next() => {}
+            _ = gone.next() => {}
+        }
+    }
+}
+
+/// Query of `GET /v1/tasks/{id}/logs`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LogsQuery {
+    stream: Option<String>,
+    follow: Option<bool>,
+}
+
+/// A task's stdout (or stderr) as this agent logged it; with `follow`, the
+/// response goes on until the task has ended and the log is read to its end.
+async fn logs(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query?;
+    let id = task_id(&id)?;
+    let stream = query.stream.as_deref().unwrap_or("stdout");
+    if !matches!(stream, "stdout" | "stderr") {
+        return Err(ApiError::invalid(format!(
+            "stream {stream:?} is not stdout or stderr"
+        )));
+    }
+    let path = state
+        .logs_dir
+        .join(id.as_str())
+        .join(format!("{stream}.log"));
+    if !path.exists() {
+        let message = match state.coordinator.task_view(&id).await? {
+            None => format!("task {id} not found"),
+            Some(view) => format!(
+                "no {stream} log for task {id} on this agent (it is {:?}{})",
+                view.state,
+                view.node
+                    .map(|n| format!(" on node {n}"))
+                    .unwrap_or_default()
+            ),
+        };
+        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
+    }
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !query.follow.unwrap_or(false) {
+        let body = tokio::fs::read(&path).await.map_err(|e| {
+            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+        })?;
+        return Ok((text_plain, body).into_response());
+    }
+    // Follow: send what the file grows by, every 200 ms, until the task has
+    // ended and one last read found nothing new.
+    let coordinator = state.coordinator.clone();
+    let chunks = futures::stream::unfold((0u64, false), move |(mut offset, mut ended)| {
+        let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
+        async move {
+            loop {
+                let bytes = tokio::fs::read(&path).await.unwrap_or_default();
+                if bytes.len() as u64 > offset {
+                    let chunk = axum::body::Bytes::copy_from_slice(&bytes[offset as usize..]);
+                    offset = bytes.len() as u64;
+                    return Some((Ok::<_, std::io::Error>(chunk), (offset, ended)));
+                }
+                if ended {
+                    return None;
+                }
+                ended = match coordinator.task_view(&id).await {
+                    Ok(Some(view)) => view.state.is_terminal(),
+                    Ok(None) => true, // deleted
+                    Err(_) => false,  // the store will answer again
+                };
+                if !ended {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+            }
+        }
+    });
+    Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
+}
+
+/// Live nodes.
+async fn nodes(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
+    let snapshot = state.coordinator.snapshot().await?;
+    let nodes: Vec<_> = snapshot.nodes.into_values().collect();
+    Ok(Json(json!({ "nodes": nodes })))
+}
+
+/// The body of `POST /v1/nodes/{name}/commands`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandRequest {
+    command: String,
+    #[serde(default)]
+    task: Option<String>,
+}
+
+async fn node_command(
+    State(state): State<ApiState>,
+    Path(name): Path<String>,
+    body: Result<Json<CommandRequest>, JsonRejection>,
+) -> ApiResult<StatusCode> {
+    let Json(request) = body?;
+    let node = NodeName::new(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let wire = json!({
+        "command": request.command.replace('-', "_"),
+        "parameters": request.task.map(|task| json!({ "task": task })).unwrap_or(json!({})),
+    });
+    let command = NodeCommand::decode(wire.to_string().as_bytes())?;
+    state.coordinator.send_node_command(&node, &command).await?;
+    Ok(StatusCode::ACCEPTED)
+}
+
+/// Ready once this agent's node holds a lease and is registered.
+async fn ready(State(state): State<ApiState>) -> Response {
+    let status = state.status.borrow().clone();
+    if status.registered {
+        Json(json!({ "status": "ready", "running": status.running })).into_response()
+    } else {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "this agent's node is not registered (no lease): the store is unreachable or it is fencing",
+        )
+        .into_response()
+    }
+}

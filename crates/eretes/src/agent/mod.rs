@@ -1,0 +1,202 @@
+//! `eretes agent`: one node that runs process tasks, with the HTTP API the
+//! CLI talks to.
+//!
+//! Without `--etcd` the node runs on the embedded store kept durably in
+//! `<data-dir>/store.redb`, so tasks, their states and results survive a
+//! restart and a `kill -9`. With `--etcd` it joins that cluster. The first
+//! SIGINT or SIGTERM drains (handlers stopped, tasks released, node
+//! deregistered, the API closed); a second one exits at once.
+
+pub mod api;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use eretes_exec::{AllowList, ExecConfig, ProcessHandler};
+use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
+use eretes_runtime::balancer::FairBalancer;
+use eretes_runtime::{Node, NodeConfig};
+use eretes_store::embedded::{EmbeddedOptions, EmbeddedStore};
+use eretes_store::Store;
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{info, warn};
+
+use crate::store_args::StoreArgs;
+
+/// Options of `eretes agent`.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The cluster's namespace in the store.
+    #[arg(long, default_value = "eretes")]
+    namespace: String,
+    /// Where the embedded store, task logs and process records live.
+    #[arg(long, value_name = "DIR", default_value = "./eretes-data")]
+    data_dir: PathBuf,
+    /// This node's name, unique among live nodes (default: the host name).
+    #[arg(long, value_name = "NODE")]
+    name: Option<String>,
+    /// The groups this agent serves (comma-separated).
+    #[arg(
+        long,
+        value_name = "G,..",
+        value_delimiter = ',',
+        default_value = "default"
+    )]
+    groups: Vec<String>,
+    /// Most tasks of each group this agent runs at once (default: no limit).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    slots: Option<u32>,
+    /// Where the HTTP API listens. Any address but loopback needs --token.
+    #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:7070")]
+    listen: SocketAddr,
+    /// Programs process tasks may run (comma-separated, exact names). Default:
+    /// every program on the embedded store behind loopback, none otherwise.
+    #[arg(long, value_name = "PROGRAM,..", value_delimiter = ',')]
+    allow: Option<Vec<String>>,
+    /// Bearer token every mutating API call must present.
+    #[arg(long, env = "ERETES_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// Log as JSON lines instead of text.
+    #[arg(long)]
+    pub log_json: bool,
+    /// The node's lease TTL in milliseconds: how long a dead agent's tasks wait.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(500..=600_000))]
+    lease_ttl_ms: u64,
+    /// From SIGTERM to SIGKILL when a task is stopped, in milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
+    stop_grace_ms: u64,
+    /// The store: embedded (durable, in --data-dir) unless --etcd is given.
+    #[command(flatten)]
+    store: StoreArgs,
+}
+
+/// The host's name made into a valid node name, or `agent`.
+fn default_node_name() -> String {
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
+    let name: String = host
+        .trim()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || "._:-".contains(c) {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(128)
+        .collect();
+    if name.is_empty() {
+        "agent".to_string()
+    } else {
+        name
+    }
+}
+
+/// Run the agent until a signal drains it.
+pub async fn run(args: AgentArgs) -> Result<()> {
+    let namespace = Namespace::new(&args.namespace).context("--namespace")?;
+    let name =
+        NodeName::new(args.name.clone().unwrap_or_else(default_node_name)).context("--name")?;
+    let groups = args
+        .groups
+        .iter()
+        .map(GroupName::new)
+        .collect::<Result<Vec<_>, _>>()
+        .context("--groups")?;
+    let loopback = args.listen.ip().is_loopback();
+    if !loopback && args.token.is_none() {
+        bail!(
+            "--listen {} is reachable from other hosts: set --token (or ERETES_TOKEN) so that \
+             every change through the API needs it",
+            args.listen
+        );
+    }
+    std::fs::create_dir_all(&args.data_dir)
+        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
+    let data_dir = args.data_dir.canonicalize().context("--data-dir")?;
+
+    let store: Arc<dyn Store> = match &args.store.etcd {
+        Some(_) => args.store.open().await?,
+        None => {
+            EmbeddedStore::open_durable(&data_dir.join("store.redb"), EmbeddedOptions::default())
+                .context("opening the embedded store")?
+        }
+    };
+    let allow = match &args.allow {
+        Some(programs) => AllowList::only(programs.iter().cloned()),
+        None if args.store.is_etcd() || !loopback => {
+            warn!("no program may run here: anyone who can write to the store could otherwise run commands on this host; pass --allow PROGRAM,..");
+            AllowList::only(Vec::<String>::new())
+        }
+        None => {
+            warn!("every program may run here (embedded store, API on loopback); pass --allow PROGRAM,.. to restrict");
+            AllowList::Any
+        }
+    };
+    let mut exec = ExecConfig::new(data_dir.clone(), allow);
+    exec.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    let logs_dir = exec.logs_dir();
+    let handler = Arc::new(ProcessHandler::new(exec).context("preparing the data directory")?);
+
+    let mut config = NodeConfig::new(name.clone(), namespace.clone())
+        .with_lease_ttl(Duration::from_millis(args.lease_ttl_ms));
+    config.groups = groups;
+    if let Some(slots) = args.slots {
+        config.slots = slots as usize;
+    }
+    config.handler_grace = exec_grace(args.stop_grace_ms);
+    let node = Node::start(
+        store.clone(),
+        config,
+        handler,
+        Box::new(FairBalancer::default()),
+    )
+    .await
+    .with_context(|| format!("starting node {name}"))?;
+
+    let state = api::ApiState {
+        coordinator: Coordinator::new(store, namespace),
+        status: node.status(),
+        logs_dir,
+        token: args.token.clone(),
+    };
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    info!(node = %name, listen = %args.listen, data_dir = %data_dir.display(), "agent ready");
+
+    let mut terminate = signal(SignalKind::terminate())?;
+    let mut interrupt = signal(SignalKind::interrupt())?;
+    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, api::router(state))
+            .with_graceful_shutdown(async {
+                let _ = drained_rx.await;
+            })
+            .await
+    });
+    tokio::select! {
+        _ = terminate.recv() => {}
+        _ = interrupt.recv() => {}
+    }
+    info!("draining: stopping tasks and releasing them (a second signal exits at once)");
+    tokio::select! {
+        _ = node.shutdown() => {}
+        _ = terminate.recv() => std::process::exit(130),
+        _ = interrupt.recv() => std::process::exit(130),
+    }
+    let _ = drained_tx.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    info!("agent stopped");
+    Ok(())
+}
+
+/// The runtime's grace for a stopped handler: the executor's own SIGTERM
+/// grace plus time to reap the group.
+fn exec_grace(stop_grace_ms: u64) -> Duration {
+    Duration::from_millis(stop_grace_ms) + Duration::from_secs(2)
+}

@@ -1,0 +1,565 @@
+//! The CLI's commands that talk to an agent's HTTP API: submit, ls, show,
+//! wait, logs, rm, nodes, node. Tables for people, `--json` for scripts.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use clap::{Args, Subcommand};
+use futures::StreamExt;
+use indicatif::{ProgressBar, ProgressStyle};
+use reqwest::{Method, StatusCode};
+use serde_json::{json, Value};
+
+/// Where the agent is.
+#[derive(Debug, Clone, Args)]
+pub struct AgentUrl {
+    /// The agent's API.
+    #[arg(
+        long,
+        value_name = "URL",
+        env = "ERETES_AGENT",
+        default_value = "http://127.0.0.1:7070"
+    )]
+    agent: String,
+    /// Bearer token, for agents started with --token.
+    #[arg(long, env = "ERETES_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// A client of one agent.
+struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    fn new(agent: &AgentUrl) -> Result<Client> {
+        let base = agent.agent.trim_end_matches('/').to_string();
+        if !(base.starts_with("http://") || base.starts_with("https://")) {
+            bail!("--agent {base:?} must start with http:// or https://");
+        }
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .context("building the HTTP client")?;
+        Ok(Client {
+            base,
+            token: agent.token.clone(),
+            http,
+        })
+    }
+
+    /// Send a request; an error response becomes an error with its message.
+    async fn send(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+    ) -> Result<reqwest::Response> {
+        let mut request = self
+            .http
+            .request(method, format!("{}{path}", self.base))
+            .timeout(Duration::from_secs(120));
+        if let Some(token) = &self.token {
+            request = request.bearer_auth(token);
+        }
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().await.map_err(|error| {
+            // reqwest's message leaves out the cause ("connection refused").
+            let mut reason = error.to_string();
+            let mut cause = std::error::Error::source(&error);
+            while let Some(inner) = cause {
+                reason.push_str(&format!(": {inner}"));
+                cause = inner.source();
+            }
+            if error.is_connect() || error.is_timeout() {
+                anyhow!(
+                    "no eretes agent answers at {}: {reason}. Start one with `eretes agent`, or \
+                     point --agent (or ERETES_AGENT) at one",
+                    self.base
+                )
+            } else {
+                anyhow!("calling the agent at {}: {reason}", self.base)
+            }
+        })?;
+        if response.status().is_success() {
+            return Ok(response);
+        }
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let message = serde_json::from_str::<Value>(&text)
+            .ok()
+            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
+            .unwrap_or(text);
+        bail!("the agent refused ({status}): {message}")
+    }
+
+    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
+        let response = self.send(method, path, body).await?;
+        if response.status() == StatusCode::NO_CONTENT || response.status() == StatusCode::ACCEPTED
+        {
+            return Ok(Value::Null);
+        }
+        response.json().await.context("reading the agent's answer")
+    }
+
+    /// Every task, page after page.
+    async fn all_tasks(&self, query: &str) -> Result<Vec<Value>> {
+        let mut tasks = Vec::new();
+        let mut after: Option<String> = None;
+        loop {
+            let mut path = format!("/v1/tasks?limit=1000{query}");
+            if let Some(after) = &after {
+                path.push_str(&format!("&after={after}"));
+            }
+            let page = self.json(Method::GET, &path, None).await?;
+            tasks.extend(page["tasks"].as_array().cloned().unwrap_or_default());
+            match page["next"].as_str() {
+                Some(next) => after = Some(next.to_string()),
+                None => return Ok(tasks),
+            }
+        }
+    }
+
+    /// Wait for `id` to end (asking again every 30 s); its final view.
+    async fn wait_for(&self, id: &str) -> Result<Value> {
+        loop {
+            let view = self
+                .json(
+                    Method::GET,
+                    &format!("/v1/tasks/{id}/wait?timeout_s=30"),
+                    None,
+                )
+                .await?;
+            if matches!(view["state"].as_str(), Some("done" | "failed")) {
+                return Ok(view);
+            }
+        }
+    }
+}
+
+/// Options of `eretes submit`.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// The task's id (1–128 of A–Z a–z 0–9 . _ : -); made up when absent.
+    #[arg(long)]
+    id: Option<String>,
+    /// Its group.
+    #[arg(long)]
+    group: Option<String>,
+    /// Attempts for a run that exits non-zero.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    max_attempts: Option<u32>,
+    /// Restart it whenever it exits, like a service.
+    #[arg(long)]
+    permanent: bool,
+    /// Its working directory (absolute).
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    /// Wait until it ends and exit with its exit code.
+    #[arg(long)]
+    wait: bool,
+    /// Print the task as JSON.
+    #[arg(long)]
+    json: bool,
+    /// PROGRAM ARGS..: run as is, with no shell (write `sh -c '...'` for one).
+    #[arg(required = true, last = true, value_name = "PROGRAM ARGS")]
+    command: Vec<String>,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes ls`.
+#[derive(Debug, Args)]
+pub struct LsArgs {
+    /// Only tasks in this state: pending, running, done, failed.
+    #[arg(long)]
+    state: Option<String>,
+    /// Only tasks of this group.
+    #[arg(long)]
+    group: Option<String>,
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes show`.
+#[derive(Debug, Args)]
+pub struct ShowArgs {
+    /// The task.
+    id: String,
+    /// The task as JSON (with its `state`).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes wait`.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The tasks.
+    #[arg(required = true)]
+    ids: Vec<String>,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes logs`.
+#[derive(Debug, Args)]
+pub struct LogsArgs {
+    /// The task.
+    id: String,
+    /// Keep printing until the task ends.
+    #[arg(long, short)]
+    follow: bool,
+    /// Its stderr instead of its stdout.
+    #[arg(long)]
+    stderr: bool,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes rm`.
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// The task.
+    id: String,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes nodes`.
+#[derive(Debug, Args)]
+pub struct NodesArgs {
+    /// One JSON document instead of a table.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// Options of `eretes node`.
+#[derive(Debug, Args)]
+pub struct NodeArgs {
+    /// The node.
+    node: String,
+    /// What it should do.
+    #[command(subcommand)]
+    action: NodeAction,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// The node commands.
+#[derive(Debug, Subcommand)]
+pub enum NodeAction {
+    /// Stop claiming new tasks.
+    Freeze,
+    /// Claim again.
+    Unfreeze,
+    /// Run the balancer now.
+    Balance,
+    /// Freeze and release every task, so that other nodes take them.
+    Drain,
+    /// Stop one task there and release it.
+    StopTask {
+        /// The task.
+        id: String,
+    },
+}
+
+/// The exit code `submit --wait` and `wait` use for a task: its own exit
+/// code when it ran to an end, 1 when it failed otherwise.
+fn exit_code(view: &Value) -> i32 {
+    if let Some(code) = view["result"]["exit_code"].as_i64() {
+        return code as i32;
+    }
+    // A failure's reason says "exited with code N" when the program ran.
+    view["error"]
+        .as_str()
+        .and_then(|error| error.split("exited with code ").nth(1))
+        .and_then(|rest| rest.split(|c: char| !c.is_ascii_digit()).next())
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(1)
+}
+
+/// `eretes show ID [--json]`.
+pub async fn show(args: ShowArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    let view = client
+        .json(Method::GET, &format!("/v1/tasks/{}", args.id), None)
+        .await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_task(&view);
+    }
+    Ok(0)
+}
+
+/// `eretes logs ID [--follow] [--stderr]`.
+pub async fn logs(args: LogsArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    let stream = if args.stderr { "stderr" } else { "stdout" };
+    let path = format!(
+        "/v1/tasks/{}/logs?stream={stream}&follow={}",
+        args.id, args.follow
+    );
+    let mut body = client.send(Method::GET, &path, None).await?.bytes_stream();
+    let mut out = std::io::stdout().lock();
+    while let Some(chunk) = body.next().await {
+        out.write_all(&chunk.context("reading the log")?)?;
+        out.flush()?;
+    }
+    Ok(0)
+}
+
+/// `eretes rm ID`.
+pub async fn rm(args: RmArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    client
+        .json(Method::DELETE, &format!("/v1/tasks/{}", args.id), None)
+        .await?;
+    println!("removed {}", args.id);
+    Ok(0)
+}
+
+/// `eretes nodes [--json]`.
+pub async fn nodes(args: NodesArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    let nodes = client.json(Method::GET, "/v1/nodes", None).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&nodes)?);
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = nodes["nodes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|node| {
+            vec![
+                text(&node["name"]),
+                node["groups"]
+                    .as_array()
+                    .map(|g| g.iter().map(text).collect::<Vec<_>>().join(","))
+                    .unwrap_or_default(),
+                node["running"].to_string(),
+            ]
+        })
+        .collect();
+    print_table(&["NAME", "GROUPS", "RUNNING"], &rows);
+    Ok(0)
+}
+
+/// `eretes node NODE ACTION`.
+pub async fn node(args: NodeArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    let body = match &args.action {
+        NodeAction::Freeze => json!({"command": "freeze"}),
+        NodeAction::Unfreeze => json!({"command": "unfreeze"}),
+        NodeAction::Balance => json!({"command": "balance"}),
+        NodeAction::Drain => json!({"command": "drain"}),
+        NodeAction::StopTask { id } => json!({"command": "stop_task", "task": id}),
+    };
+    client
+        .json(
+            Method::POST,
+            &format!("/v1/nodes/{}/commands", args.node),
+            Some(body),
+        )
+        .await?;
+    println!("sent to {}", args.node);
+    Ok(0)
+}
+
+/// `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
+pub async fn submit(args: SubmitArgs) -> Result<i32> {
+    let client = &Client::new(&args.agent)?;
+    let (program, rest) = args.command.split_first().expect("clap requires a program");
+    let mut body = json!({ "program": program, "args": rest, "permanent": args.permanent });
+    for (field, value) in [
+        ("id", args.id.map(Value::from)),
+        ("group", args.group.map(Value::from)),
+        ("max_attempts", args.max_attempts.map(Value::from)),
+        (
+            "cwd",
+            args.cwd
+                .map(|cwd| Value::from(cwd.to_string_lossy().into_owned())),
+        ),
+    ] {
+        if let Some(value) = value {
+            body[field] = value;
+        }
+    }
+    let view = client.json(Method::POST, "/v1/tasks", Some(body)).await?;
+    let id = text(&view["id"]);
+    if !args.wait {
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&view)?);
+        } else {
+            println!("{id}");
+        }
+        return Ok(0);
+    }
+    let view = client.wait_for(&id).await?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&view)?);
+    } else {
+        print_outcome(&view);
+    }
+    Ok(exit_code(&view))
+}
+
+/// `eretes ls [--state S] [--group G] [--json]`.
+pub async fn ls(args: LsArgs) -> Result<i32> {
+    let client = &Client::new(&args.agent)?;
+    let mut query = String::new();
+    if let Some(state) = &args.state {
+        query.push_str(&format!("&state={state}"));
+    }
+    if let Some(group) = &args.group {
+        query.push_str(&format!("&group={group}"));
+    }
+    let tasks = client.all_tasks(&query).await?;
+    if args.json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
+        );
+        return Ok(0);
+    }
+    let rows: Vec<Vec<String>> = tasks
+        .iter()
+        .map(|task| {
+            vec![
+                text(&task["id"]),
+                text(&task["state"]),
+                text(&task["group"]),
+                task["node"].as_str().unwrap_or("-").to_string(),
+                command_line(task),
+            ]
+        })
+        .collect();
+    print_table(&["ID", "STATE", "GROUP", "NODE", "COMMAND"], &rows);
+    Ok(0)
+}
+
+/// `eretes wait ID..`: exits non-zero if any failed (with the task's own
+/// exit code when there is one task).
+pub async fn wait(args: WaitArgs) -> Result<i32> {
+    let client = &Client::new(&args.agent)?;
+    let bar = ProgressBar::new(args.ids.len() as u64);
+    bar.set_style(
+        ProgressStyle::with_template("{bar:30} {pos}/{len} ended {msg}")
+            .expect("a valid progress template"),
+    );
+    if args.ids.len() < 2 {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut waits = futures::stream::iter(
+        args.ids
+            .iter()
+            .map(|id| async move { (id.clone(), client.wait_for(id).await) }),
+    )
+    .buffer_unordered(16);
+    let mut failed = 0;
+    let mut last_code = 0;
+    while let Some((id, view)) = waits.next().await {
+        let view = view.with_context(|| format!("waiting for {id}"))?;
+        let code = exit_code(&view);
+        if view["state"] == "failed" {
+            failed += 1;
+            last_code = code;
+        }
+        bar.suspend(|| print_outcome(&view));
+        bar.inc(1);
+    }
+    bar.finish_and_clear();
+    Ok(match (failed, args.ids.len()) {
+        (0, _) => 0,
+        (1, 1) => last_code.max(1),
+        _ => 1,
+    })
+}
+
+fn text(value: &Value) -> String {
+    value
+        .as_str()
+        .map(str::to_string)
+        .unwrap_or_else(|| value.to_string())
+}
+
+/// The process spec of a task as a command line.
+fn command_line(task: &Value) -> String {
+    let process = &task["properties"]["process"];
+    let mut words = vec![text(&process["program"])];
+    words.extend(process["args"].as_array().into_iter().flatten().map(text));
+    let line = words.join(" ");
+    if line.chars().count() > 60 {
+        format!("{}…", line.chars().take(59).collect::<String>())
+    } else {
+        line
+    }
+}
+
+fn print_outcome(view: &Value) {
+    match view["state"].as_str() {
+        Some("done") => println!("{} done (exit code {})", text(&view["id"]), exit_code(view)),
+        _ => println!(
+            "{} failed: {}",
+            text(&view["id"]),
+            view["error"].as_str().unwrap_or("(no reason given)")
+        ),
+    }
+}
+
+fn print_task(view: &Value) {
+    let mut rows = vec![
+        ("id", text(&view["id"])),
+        ("state", text(&view["state"])),
+        ("group", text(&view["group"])),
+        ("command", command_line(view)),
+    ];
+    for field in ["node", "epoch", "error"] {
+        if !view[field].is_null() {
+            rows.push((field, text(&view[field])));
+        }
+    }
+    if !view["result"].is_null() {
+        rows.push(("exit code", view["result"]["exit_code"].to_string()));
+        rows.push(("attempts", view["result"]["attempts"].to_string()));
+    }
+    for (name, value) in rows {
+        println!("{:<10} {value}", format!("{name}:"));
+    }
+}
+
+/// Columns padded to their widest cell.
+fn print_table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (width, cell) in widths.iter_mut().zip(row) {
+            *width = (*width).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(&widths)
+            .map(|(cell, width)| format!("{cell:<width$}"))
+            .collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}

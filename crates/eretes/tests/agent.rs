@@ -1,0 +1,471 @@
+//! `eretes agent` and the CLI, end to end: the real binary, real processes,
+//! real HTTP on loopback, the durable embedded store in a temporary
+//! directory. Every wait is bounded; agents are killed when a test ends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+const BIN: &str = env!("CARGO_BIN_EXE_eretes");
+
+/// A running `eretes agent`; SIGKILLed when dropped.
+struct Agent {
+    child: Child,
+    url: String,
+    data_dir: PathBuf,
+}
+
+impl Agent {
+    /// Start an agent on `data_dir` with `extra` arguments; wait until ready.
+    async fn start(data_dir: &Path, extra: &[&str]) -> Agent {
+        let port = eretes_etcd::testing::free_port();
+        let url = format!("http://127.0.0.1:{port}");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(data_dir.with_extension("log"))
+            .unwrap();
+        let child = Command::new(BIN)
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "a1"])
+            .args(["--stop-grace-ms", "500", "--lease-ttl-ms", "2000"])
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let mut agent = Agent {
+            child,
+            url,
+            data_dir: data_dir.to_path_buf(),
+        };
+        agent.wait_ready().await;
+        agent
+    }
+
+    async fn wait_ready(&mut self) {
+        let http = reqwest::Client::new();
+        for _ in 0..300 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!("the agent exited with {status}: {}", self.log());
+            }
+            if let Ok(response) = http.get(format!("{}/readyz", self.url)).send().await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the agent was not ready within 30 s: {}", self.log());
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.data_dir.with_extension("log")).unwrap_or_default()
+    }
+
+    /// Run the CLI against this agent.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("ERETES_AGENT", &self.url)
+            .env_remove("ERETES_TOKEN")
+            .output()
+            .unwrap()
+    }
+
+    /// Run the CLI and expect success; its stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let output = self.cli(args);
+        assert!(
+            output.status.success(),
+            "eretes {args:?} failed ({}): {}{}",
+            output.status,
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        String::from_utf8(output.stdout).unwrap()
+    }
+
+    fn kill9(&mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether process `pid` runs (a zombie does not).
+fn alive(pid: i32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat[stat.rfind(')').unwrap() + 1..]
+            .split_whitespace()
+            .next()
+            != Some("Z")
+    })
+}
+
+async fn pid_in(file: &Path) -> i32 {
+    for _ in 0..300 {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            if text.ends_with('\n') {
+                return text.trim().parse().unwrap();
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} was not written within 30 s", file.display());
+}
+
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out after 30 s waiting until {what}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_ls_show_logs_and_rm_through_the_cli() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+
+    let id = agent.ok(&[
+        "submit",
+        "--id",
+        "greet",
+        "--",
+        "sh",
+        "-c",
+        "echo hello $ERETES_TASK_ID; echo careful >&2",
+    ]);
+    assert_eq!(id, "greet\n");
+    let waited = agent.ok(&["wait", "greet"]);
+    assert_eq!(waited, "greet done (exit code 0)\n");
+
+    let show: Value = serde_json::from_str(&agent.ok(&["show", "greet", "--json"])).unwrap();
+    assert_eq!(show["state"], "done");
+    assert_eq!(show["result"]["exit_code"], 0);
+    assert_eq!(show["node"], "a1");
+    assert_eq!(agent.ok(&["logs", "greet"]), "hello greet\n");
+    assert_eq!(agent.ok(&["logs", "greet", "--stderr"]), "careful\n");
+
+    agent.ok(&["submit", "--id", "nap", "--", "sleep", "1000"]);
+    wait_until("nap runs", || {
+        agent.ok(&["show", "nap", "--json"]).contains("\"running\"")
+    })
+    .await;
+    let table = agent.ok(&["ls"]);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(
+        lines[0].starts_with("ID     STATE    GROUP    NODE  COMMAND"),
+        "{table}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("greet  done     default  a1    sh -c echo hello")),
+        "{table}"
+    );
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.starts_with("nap    running  default  a1    sleep 1000")),
+        "{table}"
+    );
+    let running: Value =
+        serde_json::from_str(&agent.ok(&["ls", "--state", "running", "--json"])).unwrap();
+    assert_eq!(running["tasks"].as_array().unwrap().len(), 1);
+
+    assert_eq!(agent.ok(&["rm", "nap"]), "removed nap\n");
+    let rm_again = agent.cli(&["rm", "nap"]);
+    assert_eq!(rm_again.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&rm_again.stderr).contains("task nap not found"));
+    let nodes: Value = serde_json::from_str(&agent.ok(&["nodes", "--json"])).unwrap();
+    assert_eq!(nodes["nodes"][0]["name"], "a1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn submit_wait_exits_with_the_commands_exit_code_and_wait_reports_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let failed = agent.cli(&[
+        "submit",
+        "--id",
+        "seven",
+        "--max-attempts",
+        "2",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo nope >&2; exit 7",
+    ]);
+    assert_eq!(failed.status.code(), Some(7), "{failed:?}");
+    let stdout = String::from_utf8_lossy(&failed.stdout);
+    assert!(
+        stdout.contains("seven failed: exited with code 7 after 2 attempt(s)"),
+        "{stdout}"
+    );
+
+    let done = agent.cli(&["submit", "--wait", "--", "true"]);
+    assert_eq!(done.status.code(), Some(0));
+    agent.ok(&["submit", "--id", "fine", "--", "true"]);
+    let both = agent.cli(&["wait", "fine", "seven"]);
+    assert_eq!(both.status.code(), Some(1), "one of several failed");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_of_the_agent_loses_nothing_its_children_die_and_the_task_runs_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let work = dir.path().to_str().unwrap().to_string();
+    let mut agent = Agent::start(&data, &[]).await;
+    agent.ok(&["submit", "--id", "before", "--wait", "--", "true"]);
+    // Runs long the first time (with a background child); ends the second.
+    let script = format!(
+        "cd {work}; if [ -f ran-once ]; then echo second run; exit 0; fi; touch ran-once; \
+         echo $$ > leader.pid; sleep 1000 & echo $! > background.pid; wait"
+    );
+    agent.ok(&["submit", "--id", "long", "--", "sh", "-c", &script]);
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let background = pid_in(&dir.path().join("background.pid")).await;
+
+    agent.kill9();
+    wait_until("the task's process dies with its agent", || !alive(leader)).await;
+
+    let agent = Agent::start(&data, &[]).await;
+    wait_until("the background child is killed by the new agent", || {
+        !alive(background)
+    })
+    .await;
+    let again = agent.ok(&["wait", "long"]);
+    assert_eq!(again, "long done (exit code 0)\n");
+    assert_eq!(agent.ok(&["logs", "long"]), "second run\n");
+    let before: Value = serde_json::from_str(&agent.ok(&["show", "before", "--json"])).unwrap();
+    assert_eq!(before["state"], "done", "results survive a kill -9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rm_of_a_running_task_kills_its_whole_process_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let work = dir.path().to_str().unwrap();
+    let script =
+        format!("cd {work}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait");
+    agent.ok(&["submit", "--id", "tree", "--", "sh", "-c", &script]);
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let background = pid_in(&dir.path().join("background.pid")).await;
+    agent.ok(&["rm", "tree"]);
+    wait_until("the whole group is gone", || {
+        !alive(leader) && !alive(background)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let http = reqwest::Client::new();
+    let tasks = format!("{}/v1/tasks", agent.url);
+    let cases: Vec<(reqwest::RequestBuilder, u16, &str, &str)> = vec![
+        (
+            http.post(&tasks)
+                .json(&json!({"id": "bad id!", "program": "true"})),
+            400,
+            "invalid_request",
+            "invalid task id",
+        ),
+        (
+            http.post(&tasks).json(&json!({"program": ""})),
+            400,
+            "invalid_request",
+            "program is empty",
+        ),
+        (
+            http.post(&tasks)
+                .json(&json!({"program": "true", "colour": "red"})),
+            400,
+            "invalid_request",
+            "unknown field `colour`",
+        ),
+        (
+            http.post(&tasks)
+                .json(&json!({"program": "true", "group": "a/b"})),
+            400,
+            "invalid_request",
+            "invalid group name",
+        ),
+        (
+            http.post(&tasks)
+                .header("content-type", "application/json")
+                .body("{not json"),
+            400,
+            "invalid_request",
+            "Failed to parse",
+        ),
+        (
+            http.post(&tasks).body("program=true"),
+            415,
+            "unsupported_media_type",
+            "Content-Type",
+        ),
+        (
+            http.post(&tasks)
+                .json(&json!({"program": "true", "args": ["x".repeat(300 * 1024)]})),
+            413,
+            "payload_too_large",
+            "too large",
+        ),
+        (
+            http.get(format!("{tasks}?state=sleepy")),
+            400,
+            "invalid_request",
+            "state \"sleepy\"",
+        ),
+        (
+            http.get(format!("{tasks}?limit=0")),
+            400,
+            "invalid_request",
+            "limit 0",
+        ),
+        (
+            http.get(format!("{tasks}/no%20such")),
+            400,
+            "invalid_request",
+            "invalid task id",
+        ),
+        (
+            http.get(format!("{tasks}/missing")),
+            404,
+            "not_found",
+            "task missing not found",
+        ),
+        (
+            http.get(format!("{tasks}/missing/wait?timeout_s=9999")),
+            400,
+            "invalid_request",
+            "timeout_s 9999",
+        ),
+        (
+            http.post(format!("{}/v1/nodes/a1/commands", agent.url))
+                .json(&json!({"command": "explode"})),
+            400,
+            "invalid_request",
+            "unknown command",
+        ),
+        (
+            http.get(format!("{}/v2/everything", agent.url)),
+            404,
+            "not_found",
+            "no such endpoint",
+        ),
+    ];
+    for (request, status, code, message) in cases {
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status().as_u16(), status);
+        let body: Value = response.json().await.unwrap();
+        assert_eq!(body["error"]["code"], code, "{body}");
+        let text = body["error"]["message"].as_str().unwrap();
+        assert!(text.contains(message), "expected {message:?} in {text:?}");
+    }
+    let listed: Value = http.get(&tasks).send().await.unwrap().json().await.unwrap();
+    assert_eq!(listed["tasks"], json!([]), "nothing was written");
+    // A duplicate id is a conflict and changes nothing.
+    let first = http
+        .post(&tasks)
+        .json(&json!({"id": "once", "program": "true"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(first.status().as_u16(), 201);
+    let second = http
+        .post(&tasks)
+        .json(&json!({"id": "once", "program": "false"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status().as_u16(), 409);
+    let once: Value = http
+        .get(format!("{tasks}/once"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(once["properties"]["process"]["program"], "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_guards_every_change_and_other_addresses_need_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let refused = Command::new(BIN)
+        .args(["agent", "--listen", "0.0.0.0:0", "--data-dir"])
+        .arg(dir.path().join("open"))
+        .env_remove("ERETES_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("set --token"));
+
+    let agent = Agent::start(&dir.path().join("data"), &["--token", "s3cret"]).await;
+    let without = agent.cli(&["submit", "--", "true"]);
+    assert_eq!(without.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&without.stderr).contains("401"),
+        "{without:?}"
+    );
+    assert!(
+        agent.ok(&["ls"]).lines().count() == 1,
+        "reading needs no token; nothing was written"
+    );
+    let with = Command::new(BIN)
+        .args(["submit", "--id", "ok", "--", "true"])
+        .env("ERETES_AGENT", &agent.url)
+        .env("ERETES_TOKEN", "s3cret")
+        .output()
+        .unwrap();
+    assert!(with.status.success(), "{with:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn programs_off_the_allow_list_fail_with_the_reason() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--allow", "true,echo"]).await;
+    let refused = agent.cli(&[
+        "submit", "--id", "shell", "--wait", "--", "sh", "-c", "echo hi",
+    ]);
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stdout)
+        .contains("program \"sh\" is not on this agent's --allow list"));
+    let fine = agent.cli(&["submit", "--wait", "--", "echo", "allowed"]);
+    assert_eq!(fine.status.code(), Some(0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_agent_is_named_clearly() {
+    let output = Command::new(BIN)
+        .args(["ls", "--agent", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("no eretes agent answers at http://127.0.0.1:1"),
+        "{stderr}"
+    );
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    assert!(!stderr.contains("backtrace"), "{stderr}");
+}
