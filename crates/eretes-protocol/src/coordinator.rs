@@ -88,6 +88,9 @@ pub struct Claim {
     pub record: Arc<TaskRecord>,
     /// The run record written by the claim.
     pub run: RunRecord,
+    /// Whether the claim took the task over from an owner that never
+    /// released it (it died or lost its lease): a failover.
+    pub takeover: bool,
 }
 
 /// The current state of a task's keys, read back when a claim lost.
@@ -359,6 +362,7 @@ impl Coordinator {
             node: node.clone(),
             record: basis.task.clone(),
             run: plan.run,
+            takeover: basis.run.open,
         }))
     }
 
@@ -423,6 +427,7 @@ impl Coordinator {
                         node: node.clone(),
                         record: basis.task.clone(),
                         run,
+                        takeover: basis.run.open,
                     }))
                 })
                 .collect(),

@@ -35,13 +35,20 @@ pub(crate) async fn keep_alive(
         tokio::time::sleep_until(next).await;
         let sent_at = Instant::now();
         let event = match tokio::time::timeout(interval, store.lease_keepalive(lease)).await {
-            Ok(Ok(remaining)) if !remaining.is_zero() => LeaseEvent::Renewed { sent_at },
+            Ok(Ok(remaining)) if !remaining.is_zero() => {
+                metrics::histogram!("eretes_lease_renewal_seconds")
+                    .record(sent_at.elapsed().as_secs_f64());
+                LeaseEvent::Renewed { sent_at }
+            }
             Ok(Ok(_)) | Ok(Err(StoreError::LeaseNotFound(_))) => LeaseEvent::Lost,
             Ok(Err(error)) => LeaseEvent::Failed(error),
             Err(_) => LeaseEvent::Failed(StoreError::Unavailable(format!(
                 "keepalive took longer than {interval:?}"
             ))),
         };
+        if matches!(event, LeaseEvent::Failed(_)) {
+            metrics::counter!("eretes_lease_renewal_failures_total").increment(1);
+        }
         next = match event {
             LeaseEvent::Renewed { .. } => sent_at + interval,
             LeaseEvent::Failed(_) => Instant::now() + retry,

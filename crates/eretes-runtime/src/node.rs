@@ -1031,6 +1031,9 @@ impl MainLoop {
         match outcome {
             Ok(ClaimOutcome::Claimed(claim)) => {
                 NodeStats::bump(&self.stats.claims);
+                if claim.takeover {
+                    NodeStats::bump(&self.stats.takeovers);
+                }
                 self.cache.set_mine(&id, &group, claim.epoch);
                 if self.frozen || self.shutting_down.is_some() {
                     // Frozen, drained or draining since the claim left: give
@@ -1173,8 +1176,11 @@ impl MainLoop {
         let Some(running) = self.running.remove(&id) else {
             return;
         };
-        self.cache.view.running.remove(&id);
         let group = running.claim.record.spec.group.clone();
+        if let Some(task) = self.cache.view.running.remove(&id) {
+            metrics::histogram!("eretes_handler_run_seconds", "group" => group.to_string())
+                .record(task.claimed_at.elapsed().as_secs_f64());
+        }
         let finish = match (running.stop, exit) {
             (Some(StopReason::Gone | StopReason::Fenced), _) => None,
             (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(RunEnd::Done(result)),

@@ -9,6 +9,9 @@ pub struct NodeStats {
     pub claims: AtomicU64,
     /// Claims lost to another node or a concurrent change.
     pub claim_conflicts: AtomicU64,
+    /// Claims that took a task over from an owner that died or lost its
+    /// lease (failovers).
+    pub takeovers: AtomicU64,
     /// Tasks released (balance, stop_task, drain, shutdown, handler's choice).
     pub releases: AtomicU64,
     /// Tasks completed with a result.
@@ -49,6 +52,7 @@ impl NodeStats {
         NodeStatsSnapshot {
             claims: read(&self.claims),
             claim_conflicts: read(&self.claim_conflicts),
+            takeovers: read(&self.takeovers),
             releases: read(&self.releases),
             completions: read(&self.completions),
             failures: read(&self.failures),
@@ -71,6 +75,8 @@ pub struct NodeStatsSnapshot {
     pub claims: u64,
     /// See [`NodeStats::claim_conflicts`].
     pub claim_conflicts: u64,
+    /// See [`NodeStats::takeovers`].
+    pub takeovers: u64,
     /// See [`NodeStats::releases`].
     pub releases: u64,
     /// See [`NodeStats::completions`].

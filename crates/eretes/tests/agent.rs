@@ -469,3 +469,107 @@ async fn no_agent_is_named_clearly() {
     assert!(stderr.contains("Connection refused"), "{stderr}");
     assert!(!stderr.contains("backtrace"), "{stderr}");
 }
+
+/// `/metrics` parsed by a real Prometheus text parser (Python's
+/// prometheus_client, which `scripts/test.sh` installs as Debian's
+/// python3-prometheus-client): every sample, as `[name, labels, value]`.
+fn parse_prometheus(text: &str) -> Vec<(String, serde_json::Map<String, Value>, f64)> {
+    const PARSER: &str = "import json, sys\n\
+        from prometheus_client.parser import text_string_to_metric_families\n\
+        out = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
+        print(json.dumps(out))\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", PARSER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("Debian's python3 (scripts/test.sh installs python3-prometheus-client)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples: Vec<(String, serde_json::Map<String, Value>, f64)> =
+        serde_json::from_slice(&output.stdout).unwrap();
+    samples
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_parse_with_a_real_prometheus_parser_and_count_what_happened() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    agent.ok(&["submit", "--id", "ok", "--wait", "--", "true"]);
+    let _ = agent.cli(&[
+        "submit",
+        "--id",
+        "bad",
+        "--max-attempts",
+        "1",
+        "--wait",
+        "--",
+        "false",
+    ]);
+    agent.ok(&["submit", "--id", "long", "--", "sleep", "1000"]);
+    wait_until("long runs", || {
+        agent
+            .ok(&["show", "long", "--json"])
+            .contains("\"running\"")
+    })
+    .await;
+
+    let http = reqwest::Client::new();
+    let mut samples = Vec::new();
+    // A lease renewal comes every TTL/3 (667 ms here); wait for the first.
+    for _ in 0..100 {
+        let text = http
+            .get(format!("{}/metrics", agent.url))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        samples = parse_prometheus(&text);
+        if samples
+            .iter()
+            .any(|(name, _, _)| name == "eretes_lease_renewal_seconds_count")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let value = |name: &str, labels: &[(&str, &str)]| -> Option<f64> {
+        samples
+            .iter()
+            .find(|(n, l, _)| {
+                n == name
+                    && labels
+                        .iter()
+                        .all(|(k, v)| l.get(*k).and_then(Value::as_str) == Some(*v))
+            })
+            .map(|(_, _, v)| *v)
+    };
+    for state in ["done", "failed", "running"] {
+        assert_eq!(
+            value("eretes_tasks", &[("state", state), ("group", "default")]),
+            Some(1.0),
+            "{state}"
+        );
+    }
+    assert_eq!(value("eretes_claims_total", &[]), Some(3.0));
+    assert_eq!(value("eretes_completions_total", &[]), Some(1.0));
+    assert_eq!(value("eretes_failures_total", &[]), Some(1.0));
+    assert_eq!(value("eretes_failovers_total", &[]), Some(0.0));
+    assert!(value("eretes_handler_run_seconds_count", &[("group", "default")]).unwrap() >= 2.0);
+    assert!(value("eretes_store_request_seconds_count", &[("op", "txn")]).unwrap() >= 3.0);
+    assert!(value("eretes_lease_renewal_seconds_count", &[]).unwrap() >= 1.0);
+}

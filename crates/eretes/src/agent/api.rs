@@ -14,6 +14,7 @@
 //! | `GET /v1/nodes` | live nodes |
 //! | `POST /v1/nodes/{name}/commands` | queue a node command |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
+//! | `GET /metrics` | Prometheus text format (see [`super::metrics`]) |
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -55,6 +56,8 @@ pub struct ApiState {
     pub logs_dir: PathBuf,
     /// The bearer token mutating calls need, if any.
     pub token: Option<String>,
+    /// What `/metrics` reports.
+    pub metrics: std::sync::Arc<super::metrics::Metrics>,
 }
 
 /// The router with every route, the body limit and the token check.
@@ -71,6 +74,7 @@ pub fn router(state: ApiState) -> Router {
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(ready))
+        .route("/metrics", get(prometheus))
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
@@ -470,6 +474,19 @@ async fn node_command(
     let command = NodeCommand::decode(wire.to_string().as_bytes())?;
     state.coordinator.send_node_command(&node, &command).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// The Prometheus text exposition.
+async fn prometheus(State(state): State<ApiState>) -> ApiResult<Response> {
+    let text = state.metrics.render().await?;
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response())
 }
 
 /// Ready once this agent's node holds a lease and is registered.

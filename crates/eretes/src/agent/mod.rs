@@ -8,6 +8,7 @@
 //! deregistered, the API closed); a second one exits at once.
 
 pub mod api;
+pub mod metrics;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -119,6 +120,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize().context("--data-dir")?;
 
+    let recorder = metrics::Metrics::install()?;
     let store: Arc<dyn Store> = match &args.store.etcd {
         Some(_) => args.store.open().await?,
         None => {
@@ -126,6 +128,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
                 .context("opening the embedded store")?
         }
     };
+    let store: Arc<dyn Store> = Arc::new(metrics::MeteredStore::new(store));
     let allow = match &args.allow {
         Some(programs) => AllowList::only(programs.iter().cloned()),
         None if args.store.is_etcd() || !loopback => {
@@ -158,8 +161,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .await
     .with_context(|| format!("starting node {name}"))?;
 
+    let coordinator = Coordinator::new(store, namespace);
     let state = api::ApiState {
-        coordinator: Coordinator::new(store, namespace),
+        metrics: Arc::new(metrics::Metrics::new(
+            recorder,
+            node.stats().clone(),
+            coordinator.clone(),
+        )),
+        coordinator,
         status: node.status(),
         logs_dir,
         token: args.token.clone(),

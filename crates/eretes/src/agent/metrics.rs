@@ -1,0 +1,158 @@
+//! The agent's Prometheus metrics, served as text at `GET /metrics`.
+//!
+//! | metric | kind | labels |
+//! |---|---|---|
+//! | `eretes_tasks` | gauge: tasks in the cluster, read at scrape time | `state`, `group` |
+//! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total`, `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
+//! | `eretes_lease_renewal_seconds`, `eretes_lease_renewal_failures_total` | histogram, counter | — |
+//! | `eretes_handler_run_seconds` | histogram: how long runs lasted | `group` |
+//! | `eretes_store_request_seconds`, `eretes_store_request_errors_total` | histogram, counter: every request to the store | `op` |
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use async_trait::async_trait;
+use eretes_protocol::{Coordinator, ProtocolError};
+use eretes_runtime::NodeStats;
+use eretes_store::{
+    DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyRange, LeaseGrant, LeaseId,
+    PutRequest, PutResponse, Revision, Store, StoreResult, Txn, TxnResponse, WatchStream,
+};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use tokio::time::Instant;
+
+/// Histogram buckets, in seconds: from a store round trip to an hour-long run.
+const BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0, 300.0, 900.0, 3600.0,
+];
+
+/// The recorder and what a scrape reads.
+pub struct Metrics {
+    handle: PrometheusHandle,
+    stats: Arc<NodeStats>,
+    coordinator: Coordinator,
+    /// Every (state, group) reported so far, so that one that empties is
+    /// reported as 0 rather than left at its last value.
+    reported: std::sync::Mutex<BTreeSet<(String, String)>>,
+}
+
+impl Metrics {
+    /// Install the process-wide recorder (once per process).
+    pub fn install() -> Result<PrometheusHandle> {
+        PrometheusBuilder::new()
+            .set_buckets(BUCKETS)
+            .context("histogram buckets")?
+            .install_recorder()
+            .context("installing the metrics recorder")
+    }
+
+    /// Metrics of the node with `stats`, tasks read through `coordinator`.
+    pub fn new(handle: PrometheusHandle, stats: Arc<NodeStats>, coordinator: Coordinator) -> Self {
+        Metrics {
+            handle,
+            stats,
+            coordinator,
+            reported: Default::default(),
+        }
+    }
+
+    /// The Prometheus text exposition, with task counts read now.
+    pub async fn render(&self) -> Result<String, ProtocolError> {
+        let snapshot = self.coordinator.snapshot().await?;
+        let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
+        for task in snapshot.tasks.values() {
+            let state = serde_json::to_value(task.state)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_string))
+                .unwrap_or_default();
+            *counts.entry((state, task.group.to_string())).or_default() += 1;
+        }
+        {
+            let mut reported = self.reported.lock().expect("not poisoned");
+            reported.extend(counts.keys().cloned());
+            for key in reported.iter() {
+                let count = counts.get(key).copied().unwrap_or(0);
+                metrics::gauge!("eretes_tasks", "state" => key.0.clone(), "group" => key.1.clone())
+                    .set(count as f64);
+            }
+        }
+        let stats = self.stats.snapshot();
+        for (name, value) in [
+            ("eretes_claims_total", stats.claims),
+            ("eretes_claim_conflicts_total", stats.claim_conflicts),
+            ("eretes_failovers_total", stats.takeovers),
+            ("eretes_releases_total", stats.releases),
+            ("eretes_completions_total", stats.completions),
+            ("eretes_failures_total", stats.failures),
+            ("eretes_fences_total", stats.fences),
+            ("eretes_malformed_skipped_total", stats.malformed_skipped),
+            (
+                "eretes_node_commands_rejected_total",
+                stats.commands_rejected,
+            ),
+        ] {
+            metrics::counter!(name).absolute(value);
+        }
+        Ok(self.handle.render())
+    }
+}
+
+/// Times every request to the store it wraps, and counts the failures.
+pub struct MeteredStore {
+    inner: Arc<dyn Store>,
+}
+
+impl MeteredStore {
+    /// Wrap `inner`.
+    pub fn new(inner: Arc<dyn Store>) -> Self {
+        MeteredStore { inner }
+    }
+}
+
+async fn timed<T>(
+    op: &'static str,
+    call: impl std::future::Future<Output = StoreResult<T>>,
+) -> StoreResult<T> {
+    let started = Instant::now();
+    let result = call.await;
+    metrics::histogram!("eretes_store_request_seconds", "op" => op)
+        .record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!("eretes_store_request_errors_total", "op" => op).increment(1);
+    }
+    result
+}
+
+#[async_trait]
+impl Store for MeteredStore {
+    async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
+        timed("get", self.inner.get(request)).await
+    }
+    async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
+        timed("put", self.inner.put(request)).await
+    }
+    async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
+        timed("delete", self.inner.delete(request)).await
+    }
+    async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
+        timed("txn", self.inner.txn(txn)).await
+    }
+    async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseGrant> {
+        timed("lease_grant", self.inner.lease_grant(ttl)).await
+    }
+    async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
+        timed("lease_keepalive", self.inner.lease_keepalive(lease)).await
+    }
+    async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
+        timed("lease_revoke", self.inner.lease_revoke(lease)).await
+    }
+    async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
+        timed("watch", self.inner.watch(range, start_revision)).await
+    }
+    async fn compact(&self, revision: Revision) -> StoreResult<()> {
+        timed("compact", self.inner.compact(revision)).await
+    }
+}
