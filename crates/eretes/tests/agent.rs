@@ -27,11 +27,18 @@ impl Agent {
             .append(true)
             .open(data_dir.with_extension("log"))
             .unwrap();
+        // Named a1 unless the test names it.
+        let name: &[&str] = if extra.contains(&"--name") {
+            &[]
+        } else {
+            &["--name", "a1"]
+        };
         let child = Command::new(BIN)
             .arg("agent")
             .arg("--data-dir")
             .arg(data_dir)
-            .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "a1"])
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(name)
             .args(["--stop-grace-ms", "500", "--lease-ttl-ms", "2000"])
             .args(extra)
             .stdout(Stdio::null())
@@ -572,4 +579,112 @@ async fn metrics_parse_with_a_real_prometheus_parser_and_count_what_happened() {
     assert!(value("eretes_handler_run_seconds_count", &[("group", "default")]).unwrap() >= 2.0);
     assert!(value("eretes_store_request_seconds_count", &[("op", "txn")]).unwrap() >= 3.0);
     assert!(value("eretes_lease_renewal_seconds_count", &[]).unwrap() >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_on_etcd_honour_groups_and_slots_and_a_task_waits_for_its_group() {
+    let url = eretes_etcd::testing::test_etcd_url();
+    let ns = format!("agents-{:08x}", rand::random::<u32>());
+    let dir = tempfile::tempdir().unwrap();
+    let work = dir.path().to_str().unwrap().to_string();
+    let common = [
+        "--etcd",
+        url.as_str(),
+        "--namespace",
+        ns.as_str(),
+        "--allow",
+        "sh",
+        "--slots",
+        "1",
+    ];
+    let mut b1: Vec<&str> = common.to_vec();
+    b1.extend(["--groups", "build", "--name", "b1"]);
+    let mut b2: Vec<&str> = common.to_vec();
+    b2.extend(["--groups", "build", "--name", "b2"]);
+    let first = Agent::start(&dir.path().join("b1"), &b1).await;
+    let second = Agent::start(&dir.path().join("b2"), &b2).await;
+
+    // Six half-second builds: with one slot each, each agent runs one at a
+    // time; every run records its node and when it started and ended.
+    let script = format!(
+        "echo \"$ERETES_NODE start $(date +%s%N)\" >> {work}/runs; sleep 0.5; \
+         echo \"$ERETES_NODE end $(date +%s%N)\" >> {work}/runs"
+    );
+    for n in 0..6 {
+        first.ok(&[
+            "submit",
+            "--id",
+            &format!("build-{n}"),
+            "--group",
+            "build",
+            "--",
+            "sh",
+            "-c",
+            &script,
+        ]);
+    }
+    // A task of a group nobody serves waits, shown as pending.
+    first.ok(&[
+        "submit",
+        "--id",
+        "docs",
+        "--group",
+        "docs",
+        "--",
+        "sh",
+        "-c",
+        "echo documented",
+    ]);
+    let ids: Vec<String> = (0..6).map(|n| format!("build-{n}")).collect();
+    let mut wait: Vec<&str> = vec!["wait"];
+    wait.extend(ids.iter().map(String::as_str));
+    first.ok(&wait);
+    let docs: Value = serde_json::from_str(&first.ok(&["show", "docs", "--json"])).unwrap();
+    assert_eq!(docs["state"], "pending", "nobody serves docs yet");
+
+    let runs = std::fs::read_to_string(dir.path().join("runs")).unwrap();
+    let mut per_node: std::collections::BTreeMap<String, Vec<(String, u128)>> = Default::default();
+    for line in runs.lines() {
+        let mut words = line.split_whitespace();
+        let (node, event, at) = (
+            words.next().unwrap(),
+            words.next().unwrap(),
+            words.next().unwrap(),
+        );
+        per_node
+            .entry(node.to_string())
+            .or_default()
+            .push((event.to_string(), at.parse().unwrap()));
+    }
+    assert_eq!(
+        per_node.keys().collect::<Vec<_>>(),
+        ["b1", "b2"],
+        "both agents built: {runs}"
+    );
+    for (node, mut events) in per_node {
+        events.sort_by_key(|(_, at)| *at);
+        let mut running = 0;
+        for (event, _) in events {
+            running += if event == "start" { 1 } else { -1 };
+            assert!(running <= 1, "{node} ran two builds at once:\n{runs}");
+        }
+    }
+
+    let mut d1: Vec<&str> = common.to_vec();
+    d1.extend(["--groups", "docs", "--name", "d1"]);
+    let docs_agent = Agent::start(&dir.path().join("d1"), &d1).await;
+    assert_eq!(
+        docs_agent.ok(&["wait", "docs"]),
+        "docs done (exit code 0)\n"
+    );
+    let docs: Value = serde_json::from_str(&docs_agent.ok(&["show", "docs", "--json"])).unwrap();
+    assert_eq!(docs["node"], "d1");
+    drop((first, second, docs_agent));
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    store
+        .delete(eretes_store::DeleteRequest::new(
+            eretes_store::KeyRange::prefix(format!("{ns}/")),
+        ))
+        .await
+        .unwrap();
 }
