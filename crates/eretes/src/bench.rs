@@ -37,6 +37,9 @@ enum Scenario {
     /// Requests per second one node sends to the store in steady state,
     /// running 100, 1,000 and 10,000 idle tasks in turn (embedded or etcd).
     Steady,
+    /// A real `eretes agent` on a fresh data directory: per-task overhead
+    /// (submit → exit seen, for `true`) and API submit throughput.
+    Agent,
 }
 
 /// Options of `eretes bench`.
@@ -71,7 +74,7 @@ const LIMIT: Duration = Duration::from_secs(600);
 pub async fn run(args: BenchArgs) -> Result<()> {
     let embedded_only = matches!(
         args.scenario,
-        Scenario::Throughput | Scenario::Memory | Scenario::ClusterClaim
+        Scenario::Throughput | Scenario::Memory | Scenario::ClusterClaim | Scenario::Agent
     );
     if embedded_only && args.store.is_etcd() {
         bail!(
@@ -84,6 +87,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Throughput => throughput(&args).await?,
         Scenario::Memory => memory(&args).await?,
         Scenario::ClusterClaim => cluster_claim(&args).await?,
+        Scenario::Agent => agent(&args).await?,
         Scenario::Claim | Scenario::Failover | Scenario::Steady => on_any_store(&args).await?,
     };
     if args.json {
@@ -511,6 +515,126 @@ async fn steady(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<ser
         "runs": runs,
         "max_requests_per_s": max_rate,
     }))
+}
+
+/// Start this binary's `eretes agent` on a fresh data directory and measure
+/// it through its API: N `true` tasks one after another, each from submit
+/// until the wait call reports it done (every step is fsync'd by the durable
+/// store); then 20 × N submissions by 8 concurrent clients to a group no
+/// agent serves (so nothing runs), for the API's submit rate.
+async fn agent(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(100) as usize;
+    let data_dir = std::env::temp_dir().join(format!("eretes-bench-{:08x}", rand::random::<u32>()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "bench"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting eretes agent")?;
+    let result = measure_agent(&url, tasks).await;
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+async fn measure_agent(url: &str, tasks: usize) -> Result<serde_json::Value> {
+    let http = reqwest::Client::new();
+    let ready = format!("{url}/readyz");
+    wait_until_async("the agent is ready", || {
+        let (http, ready) = (http.clone(), ready.clone());
+        async move {
+            http.get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await?;
+    let mut overheads = Vec::with_capacity(tasks);
+    for n in 0..tasks {
+        let id = format!("overhead-{n}");
+        let started = Instant::now();
+        http.post(format!("{url}/v1/tasks"))
+            .json(&json!({ "id": id, "program": "true" }))
+            .send()
+            .await?
+            .error_for_status()?;
+        let view: serde_json::Value = http
+            .get(format!("{url}/v1/tasks/{id}/wait?timeout_s=60"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if view["state"] != "done" {
+            bail!("task {id} did not finish: {view}");
+        }
+        overheads.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    overheads.sort_by(f64::total_cmp);
+    let median_ms = overheads[overheads.len() / 2];
+    let p90_ms = overheads[overheads.len() * 9 / 10];
+
+    let submissions = tasks * 20;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, next, url) = (http.clone(), next.clone(), url.to_string());
+        clients.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= submissions {
+                    return anyhow::Ok(());
+                }
+                http.post(format!("{url}/v1/tasks"))
+                    .json(&json!({ "id": format!("submit-{n}"), "group": "nobody", "program": "true" }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done??;
+    }
+    let submits_per_s = submissions as f64 / started.elapsed().as_secs_f64();
+    println!(
+        "agent: a `true` task takes {median_ms:.1} ms from submit to done (median of {tasks}; p90 {p90_ms:.1} ms); \
+         the API takes {submits_per_s:.0} submissions/s (8 clients, {submissions} tasks)"
+    );
+    Ok(json!({
+        "scenario": "agent",
+        "tasks": tasks,
+        "overhead_median_ms": (median_ms * 10.0).round() / 10.0,
+        "overhead_p90_ms": (p90_ms * 10.0).round() / 10.0,
+        "submissions": submissions,
+        "submits_per_s": submits_per_s.round(),
+    }))
+}
+
+/// Poll `done` every 50 ms until it holds; fail naming `what` after 30 s.
+async fn wait_until_async<F, Fut>(what: &str, mut done: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        if Instant::now() > deadline {
+            bail!("timed out after 30 s waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
 }
 
 /// Poll `done` every 10 ms until it holds; fail naming `what` after [`LIMIT`].

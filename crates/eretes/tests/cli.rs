@@ -178,3 +178,22 @@ fn throughput_bench_ends_with_one_json_object() {
     assert_eq!(report["tasks"], 500);
     assert!(report["tasks_per_s"].as_f64().unwrap() > 0.0);
 }
+
+#[test]
+fn agent_bench_runs_a_real_agent_and_reports_both_figures() {
+    let output = eretes(&["bench", "agent", "--tasks", "5", "--json"]);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    assert_eq!(report["tasks"], 5);
+    assert_eq!(report["submissions"], 100);
+    assert!(
+        report["overhead_median_ms"].as_f64().unwrap() > 0.0,
+        "{report}"
+    );
+    assert!(report["submits_per_s"].as_f64().unwrap() > 0.0, "{report}");
+}
