@@ -27,19 +27,23 @@ impl Agent {
             .append(true)
             .open(data_dir.with_extension("log"))
             .unwrap();
-        // Named a1 unless the test names it.
-        let name: &[&str] = if extra.contains(&"--name") {
-            &[]
-        } else {
-            &["--name", "a1"]
-        };
+        // The helper's defaults, unless the test gives its own.
+        let mut args: Vec<&str> = Vec::new();
+        for (flag, value) in [
+            ("--name", "a1"),
+            ("--stop-grace-ms", "500"),
+            ("--lease-ttl-ms", "2000"),
+        ] {
+            if !extra.contains(&flag) {
+                args.extend([flag, value]);
+            }
+        }
         let child = Command::new(BIN)
             .arg("agent")
             .arg("--data-dir")
             .arg(data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(name)
-            .args(["--stop-grace-ms", "500", "--lease-ttl-ms", "2000"])
+            .args(&args)
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)
@@ -687,4 +691,108 @@ async fn agents_on_etcd_honour_groups_and_slots_and_a_task_waits_for_its_group()
         ))
         .await
         .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_streams_a_running_tasks_output_until_it_ends() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let gate = dir.path().join("gate");
+    let script = format!(
+        "echo first; while [ ! -f {} ]; do sleep 0.05; done; echo second",
+        gate.display()
+    );
+    agent.ok(&["submit", "--id", "talker", "--", "sh", "-c", &script]);
+    let mut follow = Command::new(BIN)
+        .args(["logs", "talker", "--follow"])
+        .env("ERETES_AGENT", &agent.url)
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = follow.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .collect::<Vec<_>>()
+    });
+    // The follower is still going while the task waits at its gate.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        follow.try_wait().unwrap().is_none(),
+        "follow ended before the task did"
+    );
+    std::fs::write(&gate, "").unwrap();
+    wait_until("the follower ends with the task", || {
+        follow.try_wait().unwrap().is_some()
+    })
+    .await;
+    assert!(follow.wait().unwrap().success());
+    assert_eq!(reader.join().unwrap(), ["first", "second"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_agent_and_a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let work = dir.path().to_str().unwrap().to_string();
+    let mut agent = Agent::start(&data, &[]).await;
+    agent.ok(&[
+        "submit",
+        "--id",
+        "calm",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo $$ > {work}/calm.pid; exec sleep 1000"),
+    ]);
+    let calm = pid_in(&dir.path().join("calm.pid")).await;
+    let term = |pid: u32| {
+        Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()
+            .unwrap()
+    };
+    term(agent.child.id());
+    wait_until("the agent drains and exits", || {
+        agent.child.try_wait().unwrap().is_some()
+    })
+    .await;
+    assert!(
+        agent.child.wait().unwrap().success(),
+        "a drain exits 0: {}",
+        agent.log()
+    );
+    assert!(!alive(calm), "the task's process was stopped");
+
+    // Restarted, the drained task was released (not failed) and runs again.
+    let mut agent = Agent::start(&data, &["--stop-grace-ms", "60000"]).await;
+    let shown: Value = serde_json::from_str(&agent.ok(&["show", "calm", "--json"])).unwrap();
+    assert!(
+        matches!(shown["state"].as_str(), Some("pending" | "running")),
+        "{shown}"
+    );
+
+    // A task that ignores SIGTERM holds the drain for its grace (a minute
+    // here); a second signal ends the agent at once.
+    agent.ok(&[
+        "submit",
+        "--id",
+        "stubborn",
+        "--",
+        "sh",
+        "-c",
+        &format!("trap '' TERM; echo $$ > {work}/stubborn.pid; while true; do sleep 0.1; done"),
+    ]);
+    pid_in(&dir.path().join("stubborn.pid")).await;
+    term(agent.child.id());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(agent.child.try_wait().unwrap().is_none(), "still draining");
+    term(agent.child.id());
+    wait_until("the second signal ends the agent", || {
+        agent.child.try_wait().unwrap().is_some()
+    })
+    .await;
+    assert_eq!(agent.child.wait().unwrap().code(), Some(130));
 }
