@@ -22,6 +22,9 @@ fn validate(kind: &'static str, value: &str) -> Result<(), ProtocolError> {
             "is {} characters long; the limit is {MAX_ID_LEN}",
             value.len()
         ))
+    } else if value == "." || value == ".." {
+        // Ids also name files (an agent's task logs); these two name directories.
+        Some("must not be \".\" or \"..\"".to_string())
     } else {
         value
             .chars()
@@ -148,6 +151,11 @@ mod tests {
         assert!(err.contains("'/'"), "{err}");
         let err = NodeName::new("n ode").unwrap_err().to_string();
         assert!(err.starts_with("invalid node name"), "{err}");
+        for dots in [".", ".."] {
+            let err = TaskId::new(dots).unwrap_err().to_string();
+            assert!(err.contains("must not be \".\" or \"..\""), "{err}");
+        }
+        assert!(TaskId::new("...").is_ok() && TaskId::new(".hidden").is_ok());
     }
 
     #[test]
