@@ -7,6 +7,7 @@
 
 use std::collections::VecDeque;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
@@ -34,13 +35,15 @@ impl Captured {
 
 /// Copy `source` into the file at `log` (appended) until `cap` bytes have
 /// been written there, then note the cap in the file and discard the rest;
-/// keep the last `tail_bytes` of everything.
+/// keep the last `tail_bytes` of everything in `progress`, updated as the
+/// stream goes (so that a caller that stops waiting still has it).
 pub(crate) async fn capture(
     mut source: impl AsyncRead + Unpin,
     log: &Path,
     cap: u64,
     tail_bytes: usize,
-) -> Captured {
+    progress: Arc<Mutex<Captured>>,
+) {
     let mut file = match tokio::fs::OpenOptions::new()
         .create(true)
         .append(true)
@@ -53,7 +56,6 @@ pub(crate) async fn capture(
             None
         }
     };
-    let mut captured = Captured::default();
     let mut written = 0u64;
     let mut buffer = vec![0u8; 16 * 1024];
     loop {
@@ -62,17 +64,23 @@ pub(crate) async fn capture(
             Ok(read) => read,
         };
         let chunk = &buffer[..read];
-        captured.total += read as u64;
-        captured.tail.extend(chunk.iter().copied());
-        let excess = captured.tail.len().saturating_sub(tail_bytes);
-        captured.tail.drain(..excess);
+        let newly_capped = {
+            let mut captured = progress.lock().expect("not poisoned");
+            captured.total += read as u64;
+            captured.tail.extend(chunk.iter().copied());
+            let excess = captured.tail.len().saturating_sub(tail_bytes);
+            captured.tail.drain(..excess);
+            let room = cap.saturating_sub(written) as usize;
+            let capped = room < chunk.len() && !captured.capped;
+            captured.capped |= room < chunk.len();
+            capped
+        };
         let Some(out) = file.as_mut() else { continue };
         let room = cap.saturating_sub(written) as usize;
         let keep = &chunk[..chunk.len().min(room)];
         let mut failed = out.write_all(keep).await.is_err();
         written += keep.len() as u64;
-        if keep.len() < chunk.len() && !captured.capped {
-            captured.capped = true;
+        if newly_capped {
             let note = format!("\n[eretes: log capped at {cap} bytes; the rest is discarded]\n");
             failed |= out.write_all(note.as_bytes()).await.is_err();
         }
@@ -84,7 +92,6 @@ pub(crate) async fn capture(
     if let Some(mut out) = file {
         let _ = out.flush().await;
     }
-    captured
 }
 
 #[cfg(test)]
@@ -98,7 +105,9 @@ mod tests {
         let input: Vec<u8> = (0..100_000u32)
             .flat_map(|n| format!("{n}\n").into_bytes())
             .collect();
-        let captured = capture(&input[..], &log, 1000, 10).await;
+        let progress = Arc::default();
+        capture(&input[..], &log, 1000, 10, Arc::clone(&progress)).await;
+        let captured = progress.lock().unwrap().clone();
         assert_eq!(captured.total, input.len() as u64);
         assert!(captured.capped);
         assert_eq!(captured.tail_text(), "998\n99999\n");
@@ -111,7 +120,16 @@ mod tests {
     #[tokio::test]
     async fn an_unwritable_log_still_drains_the_stream() {
         let input = vec![b'x'; 100_000];
-        let captured = capture(&input[..], Path::new("/nonexistent/dir/out.log"), 10, 4).await;
+        let progress = Arc::default();
+        capture(
+            &input[..],
+            Path::new("/nonexistent/dir/out.log"),
+            10,
+            4,
+            Arc::clone(&progress),
+        )
+        .await;
+        let captured = progress.lock().unwrap().clone();
         assert_eq!(captured.total, 100_000);
         assert_eq!(captured.tail_text(), "xxxx");
     }

@@ -3,6 +3,7 @@
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -176,22 +177,9 @@ impl ProcessHandler {
         }
         let mut child = command.spawn()?;
         let group = GroupFile::record(&self.config, ctx.id.as_str(), &child);
-        let stdout = child.stdout.take().map(|out| {
-            let (log, cap, tail) = (
-                logs.join("stdout.log"),
-                self.config.log_cap,
-                self.config.tail_bytes,
-            );
-            tokio::spawn(async move { capture(out, &log, cap, tail).await })
-        });
-        let stderr = child.stderr.take().map(|err| {
-            let (log, cap, tail) = (
-                logs.join("stderr.log"),
-                self.config.log_cap,
-                self.config.tail_bytes,
-            );
-            tokio::spawn(async move { capture(err, &log, cap, tail).await })
-        });
+        let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
+        let stdout = Capture::start(child.stdout.take(), logs.join("stdout.log"), cap, tail);
+        let stderr = Capture::start(child.stderr.take(), logs.join("stderr.log"), cap, tail);
         let ended = tokio::select! {
             status = child.wait() => Some(status?),
             _ = ctx.cancel.cancelled() => None,
@@ -207,15 +195,50 @@ impl ProcessHandler {
         // Whatever the leader left running in its group goes with it.
         signal_group(group.pgid, libc::SIGKILL);
         drop(group);
-        let stdout = match stdout {
-            Some(task) => task.await.unwrap_or_default(),
-            None => Captured::default(),
-        };
-        let stderr = match stderr {
-            Some(task) => task.await.unwrap_or_default(),
-            None => Captured::default(),
-        };
-        Ok(Ended::Exited(status, stdout, stderr))
+        Ok(Ended::Exited(
+            status,
+            stdout.finish().await,
+            stderr.finish().await,
+        ))
+    }
+}
+
+/// One output stream being captured.
+struct Capture {
+    task: Option<tokio::task::JoinHandle<()>>,
+    progress: Arc<Mutex<Captured>>,
+}
+
+/// How long the output may stay open after the group was killed: only a
+/// process that left the group (a daemon) can still hold it.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
+
+impl Capture {
+    fn start(
+        source: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
+        log: PathBuf,
+        cap: u64,
+        tail: usize,
+    ) -> Capture {
+        let progress = Arc::new(Mutex::new(Captured::default()));
+        let task = source.map(|source| {
+            let progress = Arc::clone(&progress);
+            tokio::spawn(async move { capture(source, &log, cap, tail, progress).await })
+        });
+        Capture { task, progress }
+    }
+
+    /// What the stream produced, once it ended or [`OUTPUT_DRAIN`] passed.
+    async fn finish(self) -> Captured {
+        if let Some(task) = self.task {
+            let abort = task.abort_handle();
+            if tokio::time::timeout(OUTPUT_DRAIN, task).await.is_err() {
+                warn!("a process that left the task's group still holds its output; not waiting for it");
+                abort.abort();
+            }
+        }
+        let captured = self.progress.lock().expect("not poisoned").clone();
+        captured
     }
 }
 

@@ -426,3 +426,26 @@ async fn a_killed_agents_children_die_and_leftovers_are_killed_at_the_next_start
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_daemon_that_escapes_the_group_holding_stdout_does_not_hold_the_task() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // The escaped process keeps the task's stdout open for good.
+    agent
+        .submit_sh(
+            "daemonizes",
+            "setsid sh -c 'echo $$ > escaped.pid; exec sleep 1000' & \
+             while [ ! -s escaped.pid ]; do sleep 0.05; done; echo started it",
+            |_| {},
+        )
+        .await;
+    let result = agent.result("daemonizes").await;
+    let escaped = pid_in(&agent.path("escaped.pid")).await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(escaped, libc::SIGKILL);
+    }
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["stdout_tail"], "started it\n");
+    agent.node.shutdown().await;
+}
