@@ -152,6 +152,10 @@ impl ProcessHandler {
             .env("ERETES_NODE", ctx.node.as_str())
             .env("ERETES_ATTEMPT", attempt.to_string())
             .env(AGENT_DIR_ENV, &self.config.data_dir)
+            // The agent's own secrets are not the task's business: whoever can
+            // submit a task must not learn the API token or etcd's password.
+            .env_remove("ERETES_TOKEN")
+            .env_remove("ERETES_ETCD_PASSWORD")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -176,7 +180,7 @@ impl ProcessHandler {
             });
         }
         let mut child = command.spawn()?;
-        let group = GroupFile::record(&self.config, ctx.id.as_str(), &child);
+        let group = GroupFile::record(&self.config, ctx.id.as_str(), ctx.epoch, &child);
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(child.stdout.take(), logs.join("stdout.log"), cap, tail);
         let stderr = Capture::start(child.stderr.take(), logs.join("stderr.log"), cap, tail);
@@ -187,13 +191,17 @@ impl ProcessHandler {
         let status = match ended {
             Some(status) => status,
             None => {
+                let mut group = group;
                 stop(&mut child, group.pgid, self.config.stop_grace).await;
+                group.settled = true;
                 drop(group);
                 return Ok(Ended::Stopped);
             }
         };
         // Whatever the leader left running in its group goes with it.
+        let mut group = group;
         signal_group(group.pgid, libc::SIGKILL);
+        group.settled = true;
         drop(group);
         Ok(Ended::Exited(
             status,
@@ -278,27 +286,44 @@ pub(crate) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
 struct GroupFile {
     pgid: libc::pid_t,
     path: Option<PathBuf>,
+    /// Set once the group was stopped and its leader reaped here; until
+    /// then, dropping the record kills the group.
+    settled: bool,
 }
 
 impl GroupFile {
-    fn record(config: &ExecConfig, task: &str, child: &Child) -> GroupFile {
+    fn record(config: &ExecConfig, task: &str, epoch: i64, child: &Child) -> GroupFile {
         let pgid = child.id().map_or(0, |id| id as libc::pid_t);
-        let path = config.groups_dir().join(format!("{task}.pgid"));
+        // Per run, so that a stopping run and a new one of the same id never
+        // share (or delete) each other's record.
+        let path = config.groups_dir().join(format!("{task}.{epoch}.pgid"));
         match std::fs::write(&path, format!("{pgid}\n")) {
             Ok(()) => GroupFile {
                 pgid,
                 path: Some(path),
+                settled: false,
             },
             Err(error) => {
                 warn!(task, %error, "cannot record the task's process group");
-                GroupFile { pgid, path: None }
+                GroupFile {
+                    pgid,
+                    path: None,
+                    settled: false,
+                }
             }
         }
     }
 }
 
 impl Drop for GroupFile {
+    /// The group goes with its record. On the normal paths it was stopped
+    /// and its leader reaped (`settled`); when the runtime drops a handler
+    /// that did not stop in time (fencing, an expired drain), this is what
+    /// kills the whole group, not just its leader (`kill_on_drop` would).
     fn drop(&mut self) {
+        if !self.settled {
+            signal_group(self.pgid, libc::SIGKILL);
+        }
         if let Some(path) = self.path.take() {
             let _ = std::fs::remove_file(path);
         }

@@ -449,3 +449,70 @@ async fn a_daemon_that_escapes_the_group_holding_stdout_does_not_hold_the_task()
     assert_eq!(result.result["stdout_tail"], "started it\n");
     agent.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
+    // What the runtime does to a handler that does not stop in time (after
+    // fencing, or when a drain runs out): it drops it. The group, SIGTERM
+    // ignored and with a background child, must die with it at once.
+    let dir = tempfile::tempdir().unwrap();
+    let mut exec = config(dir.path(), AllowList::Any);
+    exec.stop_grace = Duration::from_secs(60);
+    let handler = Arc::new(ProcessHandler::new(exec).unwrap());
+    let script = format!(
+        "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
+        dir.path().display()
+    );
+    let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let ctx = eretes_runtime::TaskContext {
+        id: TaskId::new("dropped").unwrap(),
+        task: Arc::new(eretes_protocol::TaskRecord {
+            spec: TaskSpec::new(GroupName::default(), spec.to_properties()),
+            submitted_at_ms: 0,
+        }),
+        epoch: 7,
+        node: NodeName::new("n1").unwrap(),
+        claims: 1,
+        cancel: cancel.clone(),
+    };
+    let run = tokio::spawn({
+        let handler = handler.clone();
+        async move { eretes_runtime::Handler::run(&*handler, ctx).await }
+    });
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let background = pid_in(&dir.path().join("background.pid")).await;
+    cancel.cancel(); // SIGTERM, which the group ignores...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(leader) && alive(background), "SIGTERM is ignored");
+    run.abort(); // ...and the runtime gives up on the handler.
+    let _ = run.await;
+    wait_until(
+        "the whole group dies with the dropped handler",
+        Duration::from_secs(20),
+        || !alive(leader) && !alive(background),
+    )
+    .await;
+    assert!(std::fs::read_dir(dir.path().join("groups"))
+        .unwrap()
+        .next()
+        .is_none());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_do_not_inherit_the_agents_secrets() {
+    // SAFETY (edition 2021: set_var is safe): no other test reads these.
+    std::env::set_var("ERETES_TOKEN", "api-secret");
+    std::env::set_var("ERETES_ETCD_PASSWORD", "etcd-secret");
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh(
+            "nosy",
+            r#"echo "${ERETES_TOKEN:-none} ${ERETES_ETCD_PASSWORD:-none} $ERETES_TASK_ID""#,
+            |_| {},
+        )
+        .await;
+    let result = agent.result("nosy").await;
+    assert_eq!(result.result["stdout_tail"], "none none nosy\n");
+    agent.node.shutdown().await;
+}
