@@ -329,7 +329,10 @@ impl EmbeddedStore {
                 state.kvs.insert(key, entry);
             }
             state.revision = loaded.revision;
-            state.compact_revision = loaded.revision + 1;
+            // History before the reopen is gone, except for a new file, which
+            // had none (a watch from revision 1 works there, as on etcd).
+            let fresh = loaded.revision == 1 && state.kvs.is_empty();
+            state.compact_revision = if fresh { 0 } else { loaded.revision + 1 };
             state.journal = Some(journal);
             let revision = state.revision + 1;
             let events = leased

@@ -103,6 +103,15 @@ async fn leased_keys_do_not_survive_a_reopen_and_go_in_one_revision() {
 }
 
 #[tokio::test]
+async fn a_new_file_keeps_its_whole_history_watchable() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(&dir.path().join("store.redb"));
+    store.put(PutRequest::new("k", "1")).await.unwrap();
+    let mut watch = store.watch(KeyRange::key("k"), 1).await.unwrap();
+    assert_eq!(watch.next().await.unwrap().unwrap()[0].kv.value, b"1");
+}
+
+#[tokio::test]
 async fn history_from_before_a_reopen_reads_as_compacted_and_live_watches_work() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.redb");

@@ -53,16 +53,19 @@ impl Client {
     }
 
     /// Send a request; an error response becomes an error with its message.
+    /// Plain calls time out after 2 minutes; streams (logs --follow) and
+    /// long polls (wait) run as long as they need.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<reqwest::Response> {
-        let mut request = self
-            .http
-            .request(method, format!("{}{path}", self.base))
-            .timeout(Duration::from_secs(120));
+        let streaming = path.contains("follow=true") || path.contains("/wait?");
+        let mut request = self.http.request(method, format!("{}{path}", self.base));
+        if !streaming {
+            request = request.timeout(Duration::from_secs(120));
+        }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
         }
@@ -223,6 +226,9 @@ pub struct LogsArgs {
     /// Its stderr instead of its stdout.
     #[arg(long)]
     stderr: bool,
+    /// Only the last N lines (then new ones, with --follow).
+    #[arg(long, value_name = "N")]
+    tail: Option<usize>,
     #[command(flatten)]
     agent: AgentUrl,
 }
@@ -291,9 +297,30 @@ fn exit_code(view: &Value) -> i32 {
         .unwrap_or(1)
 }
 
+/// A task id as the agent will accept it, checked here so that a typo never
+/// turns into another URL (`a?b`, `a#b`).
+fn checked_id(id: &str) -> Result<&str> {
+    eretes_protocol::TaskId::new(id)?;
+    Ok(id)
+}
+
+/// A query parameter value, percent-encoded.
+fn encoded(value: &str) -> String {
+    value
+        .bytes()
+        .map(|byte| match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (byte as char).to_string()
+            }
+            _ => format!("%{byte:02X}"),
+        })
+        .collect()
+}
+
 /// `eretes show ID [--json]`.
 pub async fn show(args: ShowArgs) -> Result<i32> {
     let client = Client::new(&args.agent)?;
+    checked_id(&args.id)?;
     let view = client
         .json(Method::GET, &format!("/v1/tasks/{}", args.id), None)
         .await?;
@@ -308,11 +335,15 @@ pub async fn show(args: ShowArgs) -> Result<i32> {
 /// `eretes logs ID [--follow] [--stderr]`.
 pub async fn logs(args: LogsArgs) -> Result<i32> {
     let client = Client::new(&args.agent)?;
+    checked_id(&args.id)?;
     let stream = if args.stderr { "stderr" } else { "stdout" };
-    let path = format!(
+    let mut path = format!(
         "/v1/tasks/{}/logs?stream={stream}&follow={}",
         args.id, args.follow
     );
+    if let Some(lines) = args.tail {
+        path.push_str(&format!("&tail={lines}"));
+    }
     let mut body = client.send(Method::GET, &path, None).await?.bytes_stream();
     let mut out = std::io::stdout().lock();
     while let Some(chunk) = body.next().await {
@@ -325,6 +356,7 @@ pub async fn logs(args: LogsArgs) -> Result<i32> {
 /// `eretes rm ID`.
 pub async fn rm(args: RmArgs) -> Result<i32> {
     let client = Client::new(&args.agent)?;
+    checked_id(&args.id)?;
     client
         .json(Method::DELETE, &format!("/v1/tasks/{}", args.id), None)
         .await?;
@@ -367,7 +399,7 @@ pub async fn node(args: NodeArgs) -> Result<i32> {
         NodeAction::Unfreeze => json!({"command": "unfreeze"}),
         NodeAction::Balance => json!({"command": "balance"}),
         NodeAction::Drain => json!({"command": "drain"}),
-        NodeAction::StopTask { id } => json!({"command": "stop_task", "task": id}),
+        NodeAction::StopTask { id } => json!({"command": "stop_task", "task": checked_id(id)?}),
     };
     client
         .json(
@@ -423,10 +455,10 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
     let client = &Client::new(&args.agent)?;
     let mut query = String::new();
     if let Some(state) = &args.state {
-        query.push_str(&format!("&state={state}"));
+        query.push_str(&format!("&state={}", encoded(state)));
     }
     if let Some(group) = &args.group {
-        query.push_str(&format!("&group={group}"));
+        query.push_str(&format!("&group={}", encoded(group)));
     }
     let tasks = client.all_tasks(&query).await?;
     if args.json {
@@ -456,6 +488,9 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
 /// exit code when there is one task).
 pub async fn wait(args: WaitArgs) -> Result<i32> {
     let client = &Client::new(&args.agent)?;
+    for id in &args.ids {
+        checked_id(id)?;
+    }
     let bar = ProgressBar::new(args.ids.len() as u64);
     bar.set_style(
         ProgressStyle::with_template("{bar:30} {pos}/{len} ended {msg}")

@@ -169,6 +169,17 @@ async fn submit_wait_ls_show_logs_and_rm_through_the_cli() {
     assert_eq!(show["result"]["exit_code"], 0);
     assert_eq!(show["node"], "a1");
     assert_eq!(agent.ok(&["logs", "greet"]), "hello greet\n");
+    agent.ok(&[
+        "submit",
+        "--id",
+        "lines",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "echo 1; echo 2; echo 3",
+    ]);
+    assert_eq!(agent.ok(&["logs", "lines", "--tail", "2"]), "2\n3\n");
     assert_eq!(agent.ok(&["logs", "greet", "--stderr"]), "careful\n");
 
     agent.ok(&["submit", "--id", "nap", "--", "sleep", "1000"]);
@@ -391,6 +402,28 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
         let text = body["error"]["message"].as_str().unwrap();
         assert!(text.contains(message), "expected {message:?} in {text:?}");
     }
+    // A command for a node nobody is: refused, not queued for a future one.
+    let ghost = http
+        .post(format!("{}/v1/nodes/ghost/commands", agent.url))
+        .json(&json!({"command": "drain"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(ghost.status().as_u16(), 404);
+    let body: Value = ghost.json().await.unwrap();
+    assert_eq!(body["error"]["message"], "no live node is named ghost");
+    // Without a token, a request must name this agent's loopback address as
+    // its Host: a rebound domain is refused (DNS rebinding).
+    let rebound = http
+        .post(&tasks)
+        .header("host", "evil.example")
+        .json(&json!({"program": "sh", "args": ["-c", "echo pwned"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rebound.status().as_u16(), 403);
+    let body: Value = rebound.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "forbidden");
     let listed: Value = http.get(&tasks).send().await.unwrap().json().await.unwrap();
     assert_eq!(listed["tasks"], json!([]), "nothing was written");
     // A duplicate id is a conflict and changes nothing.
@@ -432,6 +465,16 @@ async fn a_token_guards_every_change_and_other_addresses_need_one() {
     assert!(String::from_utf8_lossy(&refused.stderr).contains("set --token"));
 
     let agent = Agent::start(&dir.path().join("data"), &["--token", "s3cret"]).await;
+    // One agent per data directory.
+    let second = Command::new(BIN)
+        .args(["agent", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path().join("data"))
+        .output()
+        .unwrap();
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&second.stderr).contains("another eretes agent uses --data-dir")
+    );
     let without = agent.cli(&["submit", "--", "true"]);
     assert_eq!(without.status.code(), Some(1));
     assert!(
@@ -738,15 +781,14 @@ async fn sigterm_drains_the_agent_and_a_second_signal_exits_at_once() {
     let data = dir.path().join("data");
     let work = dir.path().to_str().unwrap().to_string();
     let mut agent = Agent::start(&data, &[]).await;
-    agent.ok(&[
-        "submit",
-        "--id",
-        "calm",
-        "--",
-        "sh",
-        "-c",
-        &format!("echo $$ > {work}/calm.pid; exec sleep 1000"),
-    ]);
+    // It says when it gets SIGTERM, so the test tells a drain (SIGTERM, then
+    // a release) from the agent merely dying (SIGKILL by the parent-death
+    // signal).
+    let calm_script = format!(
+        "trap 'echo term > {work}/calm.term; exit 0' TERM; echo $$ > {work}/calm.pid; \
+         while true; do sleep 0.1; done"
+    );
+    agent.ok(&["submit", "--id", "calm", "--", "sh", "-c", &calm_script]);
     let calm = pid_in(&dir.path().join("calm.pid")).await;
     let term = |pid: u32| {
         Command::new("kill")
@@ -765,6 +807,11 @@ async fn sigterm_drains_the_agent_and_a_second_signal_exits_at_once() {
         agent.log()
     );
     assert!(!alive(calm), "the task's process was stopped");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("calm.term")).unwrap(),
+        "term\n",
+        "the drain stopped the task with SIGTERM"
+    );
 
     // Restarted, the drained task was released (not failed) and runs again.
     let mut agent = Agent::start(&data, &["--stop-grace-ms", "60000"]).await;
@@ -794,5 +841,9 @@ async fn sigterm_drains_the_agent_and_a_second_signal_exits_at_once() {
         agent.child.try_wait().unwrap().is_some()
     })
     .await;
-    assert_eq!(agent.child.wait().unwrap().code(), Some(130));
+    assert_eq!(
+        agent.child.wait().unwrap().code(),
+        Some(143),
+        "128 + SIGTERM"
+    );
 }

@@ -10,7 +10,7 @@
 //! | `GET /v1/tasks/{id}` | one task |
 //! | `DELETE /v1/tasks/{id}` | delete it (stops it wherever it runs) |
 //! | `GET /v1/tasks/{id}/wait?timeout_s=` | long-poll until it ends |
-//! | `GET /v1/tasks/{id}/logs?stream=&follow=` | its stdout or stderr on this agent |
+//! | `GET /v1/tasks/{id}/logs?stream=&tail=&follow=` | its stdout or stderr on this agent (last `tail` lines; `follow` until it ends) |
 //! | `GET /v1/nodes` | live nodes |
 //! | `POST /v1/nodes/{name}/commands` | queue a node command |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
@@ -58,6 +58,8 @@ pub struct ApiState {
     pub token: Option<String>,
     /// What `/metrics` reports.
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
+    /// The `Host` values requests must carry, when set (see `check_host`).
+    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// The router with every route, the body limit and the token check.
@@ -79,6 +81,7 @@ pub fn router(state: ApiState) -> Router {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
         .layer(middleware::from_fn_with_state(state.clone(), require_token))
+        .layer(middleware::from_fn_with_state(state.clone(), check_host))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -184,6 +187,33 @@ async fn require_token(State(state): State<ApiState>, request: Request, next: Ne
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "this agent needs `Authorization: Bearer <token>` on every change (--token)",
+        )
+        .into_response()
+    }
+}
+
+/// Without a token, serve only requests addressed to this agent's loopback
+/// address by name: a page on another domain that resolves to 127.0.0.1
+/// (DNS rebinding) sends its own domain as `Host` and is refused.
+async fn check_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
+    let Some(allowed) = &state.allowed_hosts else {
+        return next.run(request).await;
+    };
+    let host = request
+        .headers()
+        .get(header::HOST)
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or("");
+    if allowed.iter().any(|ok| ok == host) {
+        next.run(request).await
+    } else {
+        ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            format!(
+                "Host {host:?} is not this agent's address ({}); start the agent with --token to serve other names",
+                allowed.join(", ")
+            ),
         )
         .into_response()
     }
@@ -338,20 +368,21 @@ async fn wait(
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let coordinator = &state.coordinator;
-    let result_key = coordinator.namespace().result(&id);
-    let task_key = coordinator.namespace().task(&id);
+    let ns = coordinator.namespace();
+    // Watched once, before the first look, so that an end between the two
+    // is seen. If the watches end (the store closed them), look once a
+    // second instead.
+    let store = coordinator.store();
+    let mut result_changes = store
+        .watch(KeyRange::key(ns.result(&id)), 0)
+        .await
+        .map_err(ProtocolError::from)?;
+    let mut task_changes = store
+        .watch(KeyRange::key(ns.task(&id)), 0)
+        .await
+        .map_err(ProtocolError::from)?;
+    let mut watching = true;
     loop {
-        // Watch first, then look, so that an end between the two is seen.
-        let mut changes = coordinator
-            .store()
-            .watch(KeyRange::key(result_key.clone()), 0)
-            .await
-            .map_err(ProtocolError::from)?;
-        let mut gone = coordinator
-            .store()
-            .watch(KeyRange::key(task_key.clone()), 0)
-            .await
-            .map_err(ProtocolError::from)?;
         let view = coordinator
             .task_view(&id)
             .await?
@@ -359,10 +390,19 @@ async fn wait(
         if view.state.is_terminal() {
             return Ok(Json(view));
         }
+        let change = async {
+            if !watching {
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                return true;
+            }
+            tokio::select! {
+                event = result_changes.next() => matches!(event, Some(Ok(_))),
+                event = task_changes.next() => matches!(event, Some(Ok(_))),
+            }
+        };
         tokio::select! {
             _ = tokio::time::sleep_until(deadline) => return Ok(Json(view)),
-            _ = changes.next() => {}
-            _ = gone.next() => {}
+            still_watching = change => watching &= still_watching,
         }
     }
 }
@@ -373,6 +413,8 @@ async fn wait(
 struct LogsQuery {
     stream: Option<String>,
     follow: Option<bool>,
+    /// Only the last this many lines (of what is there when asked).
+    tail: Option<usize>,
 }
 
 /// A task's stdout (or stderr) as this agent logged it; with `follow`, the
@@ -408,40 +450,82 @@ async fn logs(
         return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
     }
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    let internal = |e: std::io::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    let existing = tokio::fs::read(&path).await.map_err(internal)?;
+    let start = match query.tail {
+        Some(lines) => tail_start(&existing, lines),
+        None => 0,
+    };
+    let first = axum::body::Bytes::copy_from_slice(&existing[start..]);
     if !query.follow.unwrap_or(false) {
-        let body = tokio::fs::read(&path).await.map_err(|e| {
-            ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-        })?;
-        return Ok((text_plain, body).into_response());
+        return Ok((text_plain, first).into_response());
     }
-    // Follow: send what the file grows by, every 200 ms, until the task has
-    // ended and one last read found nothing new.
+    // Follow: what is there, then what the file grows by (read from where
+    // the last read stopped, every 200 ms), until the task has ended and one
+    // last read found nothing new. A new run truncates the log: start over.
     let coordinator = state.coordinator.clone();
-    let chunks = futures::stream::unfold((0u64, false), move |(mut offset, mut ended)| {
-        let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
-        async move {
-            loop {
-                let bytes = tokio::fs::read(&path).await.unwrap_or_default();
-                if bytes.len() as u64 > offset {
-                    let chunk = axum::body::Bytes::copy_from_slice(&bytes[offset as usize..]);
-                    offset = bytes.len() as u64;
-                    return Some((Ok::<_, std::io::Error>(chunk), (offset, ended)));
-                }
-                if ended {
-                    return None;
-                }
-                ended = match coordinator.task_view(&id).await {
-                    Ok(Some(view)) => view.state.is_terminal(),
-                    Ok(None) => true, // deleted
-                    Err(_) => false,  // the store will answer again
-                };
-                if !ended {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
+    let file = tokio::fs::File::open(&path).await.map_err(internal)?;
+    let initial = futures::stream::once(async move { Ok::<_, std::io::Error>(first) });
+    let growth = futures::stream::unfold(
+        (file, existing.len() as u64, false),
+        move |(mut file, mut offset, mut ended)| {
+            let (coordinator, id) = (coordinator.clone(), id.clone());
+            async move {
+                use tokio::io::{AsyncReadExt, AsyncSeekExt};
+                loop {
+                    let length = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
+                    if length < offset {
+                        offset = 0;
+                    }
+                    if length > offset {
+                        let mut chunk = vec![0; (length - offset).min(1 << 20) as usize];
+                        let read = match file.seek(std::io::SeekFrom::Start(offset)).await {
+                            Ok(_) => file.read(&mut chunk).await.unwrap_or(0),
+                            Err(_) => 0,
+                        };
+                        if read > 0 {
+                            chunk.truncate(read);
+                            offset += read as u64;
+                            return Some((
+                                Ok(axum::body::Bytes::from(chunk)),
+                                (file, offset, ended),
+                            ));
+                        }
+                    }
+                    if ended {
+                        return None;
+                    }
+                    ended = match coordinator.task_view(&id).await {
+                        Ok(Some(view)) => view.state.is_terminal(),
+                        Ok(None) => true, // deleted
+                        Err(_) => false,  // the store will answer again
+                    };
+                    if !ended {
+                        tokio::time::sleep(Duration::from_millis(200)).await;
+                    }
                 }
             }
-        }
-    });
+        },
+    );
+    let chunks = initial.chain(growth);
     Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
+}
+
+/// Where the last `lines` lines of `text` start.
+fn tail_start(text: &[u8], lines: usize) -> usize {
+    if lines == 0 {
+        return text.len();
+    }
+    // A final newline ends the last line rather than starting another.
+    let body = text.strip_suffix(b"\n").unwrap_or(text);
+    body.iter()
+        .enumerate()
+        .rev()
+        .filter(|(_, byte)| **byte == b'\n')
+        .nth(lines - 1)
+        .map_or(0, |(at, _)| at + 1)
 }
 
 /// Live nodes.
@@ -472,6 +556,16 @@ async fn node_command(
         "parameters": request.task.map(|task| json!({ "task": task })).unwrap_or(json!({})),
     });
     let command = NodeCommand::decode(wire.to_string().as_bytes())?;
+    // Only to a live node: a command for a name nobody has would wait for
+    // whoever takes that name next.
+    let snapshot = state.coordinator.snapshot().await?;
+    if !snapshot.nodes.contains_key(&node) {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no live node is named {node}"),
+        ));
+    }
     state.coordinator.send_node_command(&node, &command).await?;
     Ok(StatusCode::ACCEPTED)
 }
@@ -501,5 +595,24 @@ async fn ready(State(state): State<ApiState>) -> Response {
             "this agent's node is not registered (no lease): the store is unreachable or it is fencing",
         )
         .into_response()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::tail_start;
+
+    #[test]
+    fn tail_starts_at_the_right_line() {
+        let text = b"one\ntwo\nthree\n";
+        let tail = |n| std::str::from_utf8(&text[tail_start(text, n)..]).unwrap();
+        assert_eq!(tail(0), "");
+        assert_eq!(tail(1), "three\n");
+        assert_eq!(tail(2), "two\nthree\n");
+        assert_eq!(tail(3), "one\ntwo\nthree\n");
+        assert_eq!(tail(10), "one\ntwo\nthree\n");
+        let open = b"one\ntwo";
+        assert_eq!(&open[tail_start(open, 1)..], b"two");
+        assert_eq!(tail_start(b"", 3), 0);
     }
 }

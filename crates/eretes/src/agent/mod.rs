@@ -119,6 +119,18 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
     let data_dir = args.data_dir.canonicalize().context("--data-dir")?;
+    // One agent per data directory: a second would clean up the first's
+    // process groups as leftovers and share its logs (with --etcd nothing
+    // else would stop it). Held until the process exits.
+    let lock_path = data_dir.join("agent.lock");
+    let lock = std::fs::File::create(&lock_path)
+        .with_context(|| format!("creating {}", lock_path.display()))?;
+    if lock.try_lock().is_err() {
+        bail!(
+            "another eretes agent uses --data-dir {}; give each agent its own",
+            data_dir.display()
+        );
+    }
 
     let recorder = metrics::Metrics::install()?;
     let store: Arc<dyn Store> = match &args.store.etcd {
@@ -152,6 +164,11 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         config.slots = slots as usize;
     }
     config.handler_grace = exec_grace(args.stop_grace_ms);
+    // A drain waits for every task's own grace (and then some), rather than
+    // dropping handlers while their processes are still being stopped.
+    config.shutdown_timeout = config
+        .shutdown_timeout
+        .max(config.handler_grace + Duration::from_secs(5));
     let node = Node::start(
         store.clone(),
         config,
@@ -161,6 +178,10 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     .await
     .with_context(|| format!("starting node {name}"))?;
 
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
+    let bound = listener.local_addr()?;
     let coordinator = Coordinator::new(store, namespace);
     let state = api::ApiState {
         metrics: Arc::new(metrics::Metrics::new(
@@ -172,11 +193,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         status: node.status(),
         logs_dir,
         token: args.token.clone(),
+        // Without a token, only requests addressed to loopback by name are
+        // served: a web page whose domain rebinds to 127.0.0.1 cannot drive
+        // the API (its requests carry that domain as their Host).
+        allowed_hosts: args.token.is_none().then(|| {
+            let port = bound.port();
+            vec![
+                format!("127.0.0.1:{port}"),
+                format!("localhost:{port}"),
+                format!("[::1]:{port}"),
+            ]
+        }),
     };
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
-    info!(node = %name, listen = %args.listen, data_dir = %data_dir.display(), "agent ready");
+    info!(node = %name, listen = %bound, data_dir = %data_dir.display(), "agent ready");
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -195,13 +224,19 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     info!("draining: stopping tasks and releasing them (a second signal exits at once)");
     tokio::select! {
         _ = node.shutdown() => {}
-        _ = terminate.recv() => std::process::exit(130),
+        // 128 + the signal's number, as shells report it.
+        _ = terminate.recv() => std::process::exit(128 + libc_sigterm()),
         _ = interrupt.recv() => std::process::exit(130),
     }
     let _ = drained_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     info!("agent stopped");
     Ok(())
+}
+
+/// SIGTERM's number (15 on Linux).
+fn libc_sigterm() -> i32 {
+    15
 }
 
 /// The runtime's grace for a stopped handler: the executor's own SIGTERM
