@@ -9,9 +9,23 @@ fn eretes(args: &[&str]) -> std::process::Output {
         .expect("the eretes binary runs")
 }
 
+/// Run `eretes args`, expect success, and return the last line of its
+/// standard output as JSON (where `--json` puts its one object).
+fn last_json(args: &[&str]) -> serde_json::Value {
+    let output = eretes(args);
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "eretes {args:?} failed: {stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let last = stdout.lines().last().expect("some output");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("the last line is not JSON ({e}): {last}"))
+}
+
 #[test]
 fn demo_reports_a_clean_failover_and_minimal_rebalancing() {
-    let output = eretes(&[
+    let summary = last_json(&[
         "demo",
         "--nodes",
         "3",
@@ -21,14 +35,6 @@ fn demo_reports_a_clean_failover_and_minimal_rebalancing() {
         "1000",
         "--json",
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "demo failed: {stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let last = stdout.lines().last().expect("output");
-    let summary: serde_json::Value = serde_json::from_str(last).expect("last line is JSON");
     assert_eq!(summary["tasks"], 60);
     assert_eq!(summary["nodes"], 3);
     assert_eq!(summary["running"], 60);
@@ -136,7 +142,7 @@ fn claim_and_failover_benches_run_on_etcd() {
 #[test]
 fn steady_bench_counts_a_nodes_requests_on_etcd() {
     let url = eretes_etcd::testing::test_etcd_url();
-    let output = eretes(&[
+    let report = last_json(&[
         "bench",
         "steady",
         "--etcd",
@@ -147,13 +153,6 @@ fn steady_bench_counts_a_nodes_requests_on_etcd() {
         "5",
         "--json",
     ]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
     let run = &report["runs"][0];
     assert_eq!(run["tasks"], 50);
     // Idle tasks cost nothing per task: within 5 s a node renews its 10 s
@@ -181,14 +180,7 @@ fn throughput_bench_ends_with_one_json_object() {
 
 #[test]
 fn agent_bench_runs_a_real_agent_and_reports_both_figures() {
-    let output = eretes(&["bench", "agent", "--tasks", "5", "--json"]);
-    let stdout = String::from_utf8_lossy(&output.stdout);
-    assert!(
-        output.status.success(),
-        "{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_str(stdout.lines().last().unwrap()).unwrap();
+    let report = last_json(&["bench", "agent", "--tasks", "5", "--json"]);
     assert_eq!(report["tasks"], 5);
     assert_eq!(report["submissions"], 100);
     assert!(
