@@ -565,6 +565,12 @@ impl Coordinator {
         ]
     }
 
+    /// Whether a live node (one whose registration's lease holds) is named
+    /// `name`: one key read.
+    pub async fn node_is_live(&self, name: &NodeName) -> Result<bool, ProtocolError> {
+        Ok(self.store.get_key(&self.ns.node(name)).await?.is_some())
+    }
+
     /// Queue a command for `node`. Commands are applied in the order they were
     /// queued, each once.
     pub async fn send_node_command(

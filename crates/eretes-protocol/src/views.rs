@@ -33,15 +33,27 @@ impl TaskState {
         matches!(self, TaskState::Done | TaskState::Failed)
     }
 
-    /// The state named `name` (`pending`, `running`, `done`, `failed`).
+    /// Every state, in life order.
+    pub const ALL: [TaskState; 4] = [
+        TaskState::Pending,
+        TaskState::Running,
+        TaskState::Done,
+        TaskState::Failed,
+    ];
+
+    /// Its name, as in JSON: `pending`, `running`, `done`, `failed`.
+    pub fn name(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Running => "running",
+            TaskState::Done => "done",
+            TaskState::Failed => "failed",
+        }
+    }
+
+    /// The state named `name`.
     pub fn parse(name: &str) -> Option<TaskState> {
-        Some(match name {
-            "pending" => TaskState::Pending,
-            "running" => TaskState::Running,
-            "done" => TaskState::Done,
-            "failed" => TaskState::Failed,
-            _ => return None,
-        })
+        Self::ALL.into_iter().find(|state| state.name() == name)
     }
 }
 

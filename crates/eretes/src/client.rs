@@ -52,19 +52,31 @@ impl Client {
         })
     }
 
-    /// Send a request; an error response becomes an error with its message.
-    /// Plain calls time out after 2 minutes; streams (logs --follow) and
-    /// long polls (wait) run as long as they need.
+    /// Send a request that must be answered within 2 minutes (the wait
+    /// long-poll holds at most 30 s); an error response becomes an error
+    /// with its message.
     async fn send(
         &self,
         method: Method,
         path: &str,
         body: Option<Value>,
     ) -> Result<reqwest::Response> {
-        let streaming = path.contains("follow=true") || path.contains("/wait?");
+        self.send_within(method, path, body, Some(Duration::from_secs(120)))
+            .await
+    }
+
+    /// [`Client::send`] with `limit` on the whole exchange, body included;
+    /// `None` for a stream that lasts as long as it needs (`logs --follow`).
+    async fn send_within(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<Value>,
+        limit: Option<Duration>,
+    ) -> Result<reqwest::Response> {
         let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if !streaming {
-            request = request.timeout(Duration::from_secs(120));
+        if let Some(limit) = limit {
+            request = request.timeout(limit);
         }
         if let Some(token) = &self.token {
             request = request.bearer_auth(token);
@@ -344,7 +356,11 @@ pub async fn logs(args: LogsArgs) -> Result<i32> {
     if let Some(lines) = args.tail {
         path.push_str(&format!("&tail={lines}"));
     }
-    let mut body = client.send(Method::GET, &path, None).await?.bytes_stream();
+    let limit = (!args.follow).then_some(Duration::from_secs(120));
+    let mut body = client
+        .send_within(Method::GET, &path, None, limit)
+        .await?
+        .bytes_stream();
     let mut out = std::io::stdout().lock();
     while let Some(chunk) = body.next().await {
         out.write_all(&chunk.context("reading the log")?)?;

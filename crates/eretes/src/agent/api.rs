@@ -558,8 +558,7 @@ async fn node_command(
     let command = NodeCommand::decode(wire.to_string().as_bytes())?;
     // Only to a live node: a command for a name nobody has would wait for
     // whoever takes that name next.
-    let snapshot = state.coordinator.snapshot().await?;
-    if !snapshot.nodes.contains_key(&node) {
+    if !state.coordinator.node_is_live(&node).await? {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
             "not_found",

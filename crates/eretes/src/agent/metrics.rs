@@ -64,11 +64,9 @@ impl Metrics {
         let snapshot = self.coordinator.snapshot().await?;
         let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
         for task in snapshot.tasks.values() {
-            let state = serde_json::to_value(task.state)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_string))
-                .unwrap_or_default();
-            *counts.entry((state, task.group.to_string())).or_default() += 1;
+            *counts
+                .entry((task.state.name().to_string(), task.group.to_string()))
+                .or_default() += 1;
         }
         {
             let mut reported = self.reported.lock().expect("not poisoned");

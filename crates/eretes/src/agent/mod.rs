@@ -224,19 +224,14 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     info!("draining: stopping tasks and releasing them (a second signal exits at once)");
     tokio::select! {
         _ = node.shutdown() => {}
-        // 128 + the signal's number, as shells report it.
-        _ = terminate.recv() => std::process::exit(128 + libc_sigterm()),
+        // 128 + the signal's number (SIGTERM 15, SIGINT 2), as shells report it.
+        _ = terminate.recv() => std::process::exit(143),
         _ = interrupt.recv() => std::process::exit(130),
     }
     let _ = drained_tx.send(());
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     info!("agent stopped");
     Ok(())
-}
-
-/// SIGTERM's number (15 on Linux).
-fn libc_sigterm() -> i32 {
-    15
 }
 
 /// The runtime's grace for a stopped handler: the executor's own SIGTERM
