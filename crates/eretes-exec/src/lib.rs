@@ -2,9 +2,23 @@
 //!
 //! Layer 4 of eretes: where a task's work runs. The node runtime
 //! (`eretes-runtime`) claims a task and calls a [`eretes_runtime::Handler`];
-//! this crate's [`ProcessHandler`] is the handler that runs the task as a
-//! child process, as `eretes agent` does for tasks submitted with
-//! `eretes submit -- PROGRAM ARGS`.
+//! this crate's [`ProcessHandler`] is the [`eretes_runtime::StatefulHandler`]
+//! that runs the task as a child process inside the task state machine
+//! ([`eretes_runtime::StateMachine`]), as `eretes agent` does for tasks
+//! submitted with `eretes submit -- PROGRAM ARGS`. Task commands steer it:
+//! pause and sleep stop the process group and park the task, resume starts
+//! it again, kill ends it for good.
+//!
+//! **Checkpoints.** A process finds the path of its checkpoint file in
+//! `ERETES_CHECKPOINT_FILE` ([`CHECKPOINT_FILE_ENV`]). At start the file holds
+//! the task's latest checkpoint (it is absent if there is none). Whenever the
+//! process replaces the file (write `$ERETES_CHECKPOINT_FILE.tmp`, then rename
+//! it over the file, so a half-written checkpoint is never read), the agent
+//! saves it as the task's checkpoint with a fenced write, within
+//! [`CHECKPOINT_POLL`]; it looks once more after the process ends or is
+//! stopped, so a process can save its progress on SIGTERM. The next run —
+//! here, or on another node after a release or a failover — starts with it.
+//! At most 256 KiB; a larger file is not saved (logged).
 //!
 //! A process task's properties carry a [`ProcessSpec`]:
 //! `{"process": {"program": "...", "args": [...], "cwd": "...",
@@ -15,14 +29,15 @@
 //! use std::sync::Arc;
 //! use eretes_exec::{AllowList, ExecConfig, ProcessHandler, ProcessSpec};
 //! use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, TaskId, TaskSpec};
-//! use eretes_runtime::{balancer::FairBalancer, Node, NodeConfig};
+//! use eretes_runtime::{balancer::FairBalancer, Node, NodeConfig, StateMachine};
 //! use eretes_store::{embedded::EmbeddedStore, Store};
 //!
 //! # tokio::runtime::Runtime::new().unwrap().block_on(async {
 //! let store: Arc<dyn Store> = EmbeddedStore::new();
 //! let ns = Namespace::new("example").unwrap();
 //! let config = ExecConfig::new("/var/lib/eretes".into(), AllowList::only(["backup"]));
-//! let handler = Arc::new(ProcessHandler::new(config).unwrap());
+//! let coordinator = Coordinator::new(store.clone(), ns.clone());
+//! let handler = Arc::new(StateMachine::new(ProcessHandler::new(config).unwrap(), coordinator));
 //! let node_config = NodeConfig::new(NodeName::new("n1").unwrap(), ns.clone());
 //! let node = Node::start(store.clone(), node_config, handler, Box::new(FairBalancer::default()))
 //!     .await
@@ -40,6 +55,7 @@ use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
+mod checkpoint;
 mod leftovers;
 mod output;
 mod process;
@@ -53,6 +69,12 @@ pub use spec::{
 /// The environment variable that marks a task's processes with the agent's
 /// data directory, so that leftovers are recognised (and only they killed).
 pub const AGENT_DIR_ENV: &str = "ERETES_AGENT_DIR";
+
+/// The environment variable that names a process task's checkpoint file.
+pub const CHECKPOINT_FILE_ENV: &str = "ERETES_CHECKPOINT_FILE";
+
+/// How often a running process's checkpoint file is looked at.
+pub const CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
 
 /// Which programs process tasks may run.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,5 +144,12 @@ impl ExecConfig {
     /// Where running process groups are recorded.
     pub fn groups_dir(&self) -> PathBuf {
         self.data_dir.join("groups")
+    }
+
+    /// Where running tasks' checkpoint files are:
+    /// `<data-dir>/checkpoints/<task>.<epoch>`, named to the task by
+    /// [`CHECKPOINT_FILE_ENV`].
+    pub fn checkpoints_dir(&self) -> PathBuf {
+        self.data_dir.join("checkpoints")
     }
 }

@@ -7,34 +7,44 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eretes_runtime::{Handler, HandlerOutcome, TaskContext};
+use eretes_protocol::TaskRecord;
+use eretes_runtime::{ErrorPolicy, StateContext, StatefulHandler, Step};
 use serde_json::json;
 use tokio::process::{Child, Command};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
+use crate::checkpoint::CheckpointFile;
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
-use crate::{leftovers, ExecConfig, AGENT_DIR_ENV};
+use crate::{leftovers, ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
-/// Runs each task's [`ProcessSpec`] as a child process.
+/// Runs each task's [`ProcessSpec`] as a child process, as the work of a
+/// task state machine (wrap it in [`eretes_runtime::StateMachine`]).
 ///
-/// * The child gets `ERETES_TASK_ID`, `ERETES_EPOCH` and `ERETES_NODE` in
-///   its environment, runs in a process group of its own, and receives
-///   SIGKILL if the thread that started it dies (the agent's runtime threads
-///   live as long as the agent).
+/// * The child gets `ERETES_TASK_ID`, `ERETES_EPOCH`, `ERETES_NODE`,
+///   `ERETES_ATTEMPT` and `ERETES_CHECKPOINT_FILE` in its environment, runs
+///   in a process group of its own, and receives SIGKILL if the thread that
+///   started it dies (the agent's runtime threads live as long as the agent).
 /// * stdout and stderr go to `<data-dir>/logs/<task>/stdout.log` and
-///   `stderr.log`, each capped at [`ExecConfig::log_cap`] per run.
-/// * Stopping a task (release, delete, drain, lease loss) sends SIGTERM to
-///   the whole group, then SIGKILL after [`ExecConfig::stop_grace`]; a task
-///   that ends kills what is left of its group too.
+///   `stderr.log`, each capped at [`ExecConfig::log_cap`] per run; the
+///   attempts after an error append.
+/// * Stopping a task (a pause, sleep or kill command, release, delete,
+///   drain, lease loss) sends SIGTERM to the whole group, then SIGKILL after
+///   [`ExecConfig::stop_grace`]; a task that ends kills what is left of its
+///   group too.
 /// * Exit 0 → done, with the exit code and the output's tail as the result;
-///   non-zero → tried again with backoff up to the spec's `max_attempts`,
-///   then failed with the reason. A permanent task is restarted whenever it
-///   exits.
+///   non-zero → an error: the state machine sleeps (backing off from
+///   [`ExecConfig::retry_backoff`]) and runs it again, until the spec's
+///   `max_attempts` errors fail it. A permanent task is restarted (with
+///   backoff) whenever it exits, and never ends by itself.
 pub struct ProcessHandler {
     config: ExecConfig,
 }
+
+/// Errors of a process task count for this long (its attempts are counted
+/// over its whole life, for any practical purpose).
+const ATTEMPT_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
 
 impl ProcessHandler {
     /// A handler with `config`. Creates its directories and kills the
@@ -43,6 +53,10 @@ impl ProcessHandler {
     pub fn new(config: ExecConfig) -> std::io::Result<Self> {
         std::fs::create_dir_all(config.logs_dir())?;
         std::fs::create_dir_all(config.groups_dir())?;
+        // No task runs yet, so every checkpoint file is a previous agent's;
+        // the checkpoints themselves are in the store.
+        let _ = std::fs::remove_dir_all(config.checkpoints_dir());
+        std::fs::create_dir_all(config.checkpoints_dir())?;
         let killed = leftovers::kill_leftovers(&config);
         if killed > 0 {
             warn!(
@@ -61,96 +75,150 @@ enum Ended {
 }
 
 #[async_trait]
-impl Handler for ProcessHandler {
-    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
-        let spec = match ProcessSpec::from_properties(&ctx.task.spec.properties) {
+impl StatefulHandler for ProcessHandler {
+    async fn run(&self, ctx: StateContext) -> Step {
+        let id = ctx.task.id.clone();
+        let spec = match ProcessSpec::from_properties(&ctx.task.task.spec.properties) {
             Ok(spec) => spec,
-            Err(error) => return HandlerOutcome::Failed(error.to_string()),
+            Err(error) => return Step::Fatal(error.to_string()),
         };
         if !self.config.allow.allows(&spec.program) {
-            return HandlerOutcome::Failed(format!(
+            return Step::Fatal(format!(
                 "program {:?} is not on this agent's --allow list",
                 spec.program
             ));
         }
-        let logs = self.config.logs_dir().join(ctx.id.as_str());
-        if let Err(error) = reset_logs(&logs).await {
-            // The run goes on; `capture` reports the log it cannot write.
-            warn!(task = %ctx.id, %error, "cannot reset the task's logs");
+        let logs = self.config.logs_dir().join(id.as_str());
+        // A first attempt starts fresh logs; retries after errors append.
+        if ctx.recent_errors == 0 {
+            if let Err(error) = reset_logs(&logs).await {
+                // The run goes on; `capture` reports the log it cannot write.
+                warn!(task = %id, %error, "cannot reset the task's logs");
+            }
         }
+        let path = self
+            .config
+            .checkpoints_dir()
+            .join(format!("{id}.{}", ctx.task.epoch));
+        let mut checkpoint = match CheckpointFile::prepare(path, ctx.checkpoint.clone()).await {
+            Ok(file) => file,
+            Err(error) => {
+                return Step::Error(format!("cannot prepare the checkpoint file: {error}"))
+            }
+        };
+        let step = if spec.permanent {
+            self.serve(&ctx, &spec, &logs, &mut checkpoint).await
+        } else {
+            self.once(&ctx, &spec, &logs, &mut checkpoint).await
+        };
+        checkpoint.remove().await;
+        step
+    }
+
+    fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
+        let spec = ProcessSpec::from_properties(&task.spec.properties).ok()?;
         let (first_backoff, longest_backoff) = self.config.retry_backoff;
-        let mut backoff = first_backoff;
-        let mut attempt = 0u32;
-        loop {
-            attempt += 1;
-            let started = Instant::now();
-            let ended = match self.attempt(&ctx, &spec, &logs, attempt).await {
-                Ok(ended) => ended,
-                Err(error) => {
-                    let reason = format!("cannot start {:?}: {error}", spec.program);
-                    if spec.permanent || attempt < spec.max_attempts {
-                        warn!(task = %ctx.id, %reason, "retrying");
-                        Ended::Exited(failed_status(), Captured::default(), Captured::default())
-                    } else {
-                        return HandlerOutcome::Failed(reason);
-                    }
-                }
-            };
-            let (status, stdout, stderr) = match ended {
-                Ended::Stopped => return HandlerOutcome::Release,
-                Ended::Exited(status, stdout, stderr) => (status, stdout, stderr),
-            };
-            let code = status.code();
-            let result = json!({
-                "exit_code": code,
-                "signal": std::os::unix::process::ExitStatusExt::signal(&status),
-                "attempts": attempt,
-                "stdout_tail": stdout.tail_text(),
-                "stderr_tail": stderr.tail_text(),
-            });
-            if spec.permanent {
-                // A service: restart it; a run that lasted a while resets the
-                // backoff, one that died at once doubles it.
-                if started.elapsed() > longest_backoff {
-                    backoff = first_backoff;
-                }
-                info!(task = %ctx.id, ?code, retry_in = ?backoff, "permanent task exited; restarting");
-            } else if code == Some(0) {
-                return HandlerOutcome::Done(result);
-            } else if attempt >= spec.max_attempts {
-                return HandlerOutcome::Failed(format!(
-                    "{} after {attempt} attempt(s); stderr ends with: {:?}",
-                    describe(status),
-                    stderr.tail_text()
-                ));
-            } else {
-                info!(task = %ctx.id, ?code, attempt, retry_in = ?backoff, "task exited non-zero; retrying");
-            }
-            tokio::select! {
-                _ = ctx.cancel.cancelled() => return HandlerOutcome::Release,
-                _ = tokio::time::sleep(backoff) => {}
-            }
-            backoff = (backoff * 2).min(longest_backoff);
-        }
+        Some(ErrorPolicy {
+            max_errors: spec.max_attempts as usize,
+            window: ATTEMPT_WINDOW,
+            first_backoff,
+            longest_backoff,
+        })
     }
 }
 
 impl ProcessHandler {
-    /// Run the program once, until it exits or the task is stopped.
+    /// One attempt of a task that ends: exit 0 completes it, anything else
+    /// is an error for the state machine's policy.
+    async fn once(
+        &self,
+        ctx: &StateContext,
+        spec: &ProcessSpec,
+        logs: &std::path::Path,
+        checkpoint: &mut CheckpointFile,
+    ) -> Step {
+        let attempt = u32::try_from(ctx.recent_errors).unwrap_or(u32::MAX - 1) + 1;
+        let (status, stdout, stderr) =
+            match self.attempt(ctx, spec, logs, attempt, checkpoint).await {
+                Ok(Ended::Exited(status, stdout, stderr)) => (status, stdout, stderr),
+                Ok(Ended::Stopped) => return Step::Release,
+                Err(error) => {
+                    return Step::Error(format!(
+                        "cannot start {:?}: {error} (attempt {attempt})",
+                        spec.program
+                    ))
+                }
+            };
+        if status.code() == Some(0) {
+            return Step::Complete(json!({
+                "exit_code": 0,
+                "signal": null,
+                "attempts": attempt,
+                "stdout_tail": stdout.tail_text(),
+                "stderr_tail": stderr.tail_text(),
+            }));
+        }
+        Step::Error(format!(
+            "{} (attempt {attempt}); stderr ends with: {:?}",
+            describe(status),
+            stderr.tail_text()
+        ))
+    }
+
+    /// A permanent task: restart the program whenever it exits, until the
+    /// task is stopped. A run that lasted a while resets the backoff, one
+    /// that died at once doubles it.
+    async fn serve(
+        &self,
+        ctx: &StateContext,
+        spec: &ProcessSpec,
+        logs: &std::path::Path,
+        checkpoint: &mut CheckpointFile,
+    ) -> Step {
+        let (first_backoff, longest_backoff) = self.config.retry_backoff;
+        let mut backoff = first_backoff;
+        for attempt in 1u32.. {
+            let started = Instant::now();
+            match self.attempt(ctx, spec, logs, attempt, checkpoint).await {
+                Ok(Ended::Stopped) => return Step::Release,
+                Ok(Ended::Exited(status, _, _)) => {
+                    info!(task = %ctx.task.id, status = describe(status), retry_in = ?backoff, "permanent task exited; restarting");
+                }
+                Err(error) => {
+                    warn!(task = %ctx.task.id, %error, retry_in = ?backoff, "cannot start the permanent task; retrying");
+                }
+            }
+            if started.elapsed() > longest_backoff {
+                backoff = first_backoff;
+            }
+            tokio::select! {
+                _ = ctx.task.cancel.cancelled() => return Step::Release,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+            backoff = (backoff * 2).min(longest_backoff);
+        }
+        Step::Release
+    }
+
+    /// Run the program once, until it exits or the task is stopped; save
+    /// the checkpoint file whenever it changes, and once more at the end.
     async fn attempt(
         &self,
-        ctx: &TaskContext,
+        ctx: &StateContext,
         spec: &ProcessSpec,
         logs: &std::path::Path,
         attempt: u32,
+        checkpoint: &mut CheckpointFile,
     ) -> std::io::Result<Ended> {
+        let task = &ctx.task;
         let mut command = Command::new(&spec.program);
         command
             .args(&spec.args)
-            .env("ERETES_TASK_ID", ctx.id.as_str())
-            .env("ERETES_EPOCH", ctx.epoch.to_string())
-            .env("ERETES_NODE", ctx.node.as_str())
+            .env("ERETES_TASK_ID", task.id.as_str())
+            .env("ERETES_EPOCH", task.epoch.to_string())
+            .env("ERETES_NODE", task.node.as_str())
             .env("ERETES_ATTEMPT", attempt.to_string())
+            .env(CHECKPOINT_FILE_ENV, checkpoint.path())
             .env(AGENT_DIR_ENV, &self.config.data_dir)
             // The agent's own secrets are not the task's business: whoever can
             // submit a task must not learn the API token or etcd's password.
@@ -180,29 +248,36 @@ impl ProcessHandler {
             });
         }
         let mut child = command.spawn()?;
-        let group = GroupFile::record(&self.config, ctx.id.as_str(), ctx.epoch, &child);
+        let mut group = GroupFile::record(&self.config, task.id.as_str(), task.epoch, &child);
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(child.stdout.take(), logs.join("stdout.log"), cap, tail);
         let stderr = Capture::start(child.stderr.take(), logs.join("stderr.log"), cap, tail);
-        let ended = tokio::select! {
-            status = child.wait() => Some(status?),
-            _ = ctx.cancel.cancelled() => None,
+        let mut poll = tokio::time::interval(CHECKPOINT_POLL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let ended = loop {
+            tokio::select! {
+                status = child.wait() => break Some(status),
+                _ = task.cancel.cancelled() => break None,
+                _ = poll.tick() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
+            }
         };
         let status = match ended {
             Some(status) => status,
             None => {
-                let mut group = group;
                 stop(&mut child, group.pgid, self.config.stop_grace).await;
                 group.settled = true;
                 drop(group);
+                // What the process saved on its way out (on SIGTERM, say).
+                checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
                 return Ok(Ended::Stopped);
             }
         };
         // Whatever the leader left running in its group goes with it.
-        let mut group = group;
         signal_group(group.pgid, libc::SIGKILL);
         group.settled = true;
         drop(group);
+        let status = status?;
+        checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
         Ok(Ended::Exited(
             status,
             stdout.finish().await,
@@ -340,10 +415,4 @@ fn describe(status: ExitStatus) -> String {
         (None, Some(signal)) => format!("was killed by signal {signal}"),
         (None, None) => "ended".to_string(),
     }
-}
-
-/// An exit status of 127 (as a shell reports a command it cannot run), for
-/// attempts that could not start.
-fn failed_status() -> ExitStatus {
-    std::os::unix::process::ExitStatusExt::from_raw(127 << 8)
 }

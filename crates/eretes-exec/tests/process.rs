@@ -13,7 +13,7 @@ use eretes_protocol::{
     Coordinator, GroupName, Namespace, NodeName, Outcome, ResultRecord, TaskId, TaskSpec,
 };
 use eretes_runtime::balancer::DumbBalancer;
-use eretes_runtime::{Node, NodeConfig, NodeHandle};
+use eretes_runtime::{Node, NodeConfig, NodeHandle, StateMachine};
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::Store;
 
@@ -82,7 +82,11 @@ impl Agent {
 async fn start_node(exec: ExecConfig) -> (Coordinator, NodeHandle) {
     let store: Arc<dyn Store> = EmbeddedStore::new();
     let ns = Namespace::new("exec").unwrap();
-    let handler = Arc::new(ProcessHandler::new(exec).unwrap());
+    let coordinator = Coordinator::new(store.clone(), ns.clone());
+    let handler = Arc::new(StateMachine::new(
+        ProcessHandler::new(exec).unwrap(),
+        coordinator,
+    ));
     let config = NodeConfig::new(NodeName::new("n1").unwrap(), ns.clone());
     let node = Node::start(store.clone(), config, handler, Box::new(DumbBalancer))
         .await
@@ -187,10 +191,13 @@ async fn a_task_that_keeps_failing_fails_after_max_attempts_with_the_reason() {
     assert_eq!(result.outcome, Outcome::Failed);
     let error = result.error.unwrap();
     assert!(
-        error.contains("exited with code 3 after 2 attempt(s)"),
+        error.contains("2 errors") && error.contains("the limit is 2"),
         "{error}"
     );
-    assert!(error.contains("disk full"), "{error}");
+    assert!(
+        error.contains("exited with code 3 (attempt 2)") && error.contains("disk full"),
+        "{error}"
+    );
 
     agent
         .submit(
@@ -457,7 +464,11 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
     let dir = tempfile::tempdir().unwrap();
     let mut exec = config(dir.path(), AllowList::Any);
     exec.stop_grace = Duration::from_secs(60);
-    let handler = Arc::new(ProcessHandler::new(exec).unwrap());
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let handler = Arc::new(StateMachine::new(
+        ProcessHandler::new(exec).unwrap(),
+        Coordinator::new(store, Namespace::new("exec").unwrap()),
+    ));
     let script = format!(
         "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
         dir.path().display()
@@ -474,6 +485,7 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
         node: NodeName::new("n1").unwrap(),
         claims: 1,
         cancel: cancel.clone(),
+        commands: Default::default(),
     };
     let run = tokio::spawn({
         let handler = handler.clone();

@@ -41,9 +41,9 @@ pub struct ClaimBasis {
 /// limit of 128 compares and 128 operations per transaction.
 pub const MAX_CLAIM_BATCH: usize = 32;
 
-/// The most runs one transaction ends. A completion adds one compare and four
-/// writes, so a full batch stays within etcd's default limit of 128.
-pub const MAX_FINISH_BATCH: usize = 32;
+/// The most runs one transaction ends. A completion adds one compare and
+/// seven writes, so a full batch stays within etcd's default limit of 128.
+pub const MAX_FINISH_BATCH: usize = 16;
 
 /// How a run ends, as [`Coordinator::end_run`] records it.
 #[derive(Debug, Clone, PartialEq)]
@@ -53,6 +53,8 @@ pub enum RunEnd {
     Done(Value),
     /// The task failed for this reason (retired).
     Failed(String),
+    /// The task was ended by a kill command (retired).
+    Killed,
     /// The task goes back to the pool for any node to claim.
     Released,
 }
@@ -144,6 +146,10 @@ fn delete(key: String) -> TxnOp {
     TxnOp::Delete(DeleteRequest::new(KeyRange::Key(key)))
 }
 
+fn delete_prefix(prefix: String) -> TxnOp {
+    TxnOp::Delete(DeleteRequest::new(KeyRange::prefix(prefix)))
+}
+
 fn get(key: String) -> TxnOp {
     TxnOp::Get(GetRequest::new(KeyRange::Key(key)))
 }
@@ -210,6 +216,10 @@ impl Coordinator {
             .and_then(delete(self.ns.owner(id)))
             .and_then(delete(self.ns.run(id)))
             .and_then(delete(self.ns.result(id)));
+        let txn = self
+            .forget_machine(id)
+            .into_iter()
+            .fold(txn, |txn, op| txn.and_then(op));
         let response = self.store.txn(txn).await?;
         let deleted: i64 = response
             .responses
@@ -249,6 +259,18 @@ impl Coordinator {
             name: name.to_string(),
             lease: holder.map(|kv| kv.lease).unwrap_or(0),
         })
+    }
+
+    /// The deletes that remove a task's state machine: its state, its
+    /// checkpoint and its queued commands. Part of every retirement and
+    /// delete. The command queue's prefix ends with `/` and ids cannot hold
+    /// `/`, so it reaches no other task's keys.
+    pub(crate) fn forget_machine(&self, id: &TaskId) -> [TxnOp; 3] {
+        [
+            delete(self.ns.state(id)),
+            delete(self.ns.checkpoint(id)),
+            delete_prefix(self.ns.task_commands(id)),
+        ]
     }
 
     /// What claiming `id` for `node` checks and writes. Shared by the single
@@ -309,11 +331,12 @@ impl Coordinator {
             runs: parked_run,
             finished_at_ms: now_ms(),
         };
-        let writes = vec![
+        let mut writes = vec![
             delete(task_key),
             delete(run_key),
             put(self.ns.result(id), encode(&result)),
         ];
+        writes.extend(self.forget_machine(id));
         ClaimPlan {
             compares,
             writes,
@@ -443,7 +466,13 @@ impl Coordinator {
     /// claim created. A stale owner (its lease expired, the task re-claimed or
     /// deleted) fails it.
     pub fn fence(&self, claim: &Claim) -> Compare {
-        Compare::create_revision_is(self.ns.owner(&claim.task), claim.epoch)
+        self.fence_epoch(&claim.task, claim.epoch)
+    }
+
+    /// [`Coordinator::fence`] for a task and epoch: the owner record of `id`
+    /// was created at `epoch`.
+    pub fn fence_epoch(&self, id: &TaskId, epoch: Revision) -> Compare {
+        Compare::create_revision_is(self.ns.owner(id), epoch)
     }
 
     /// Give a task back cleanly so any node may claim it.
@@ -543,6 +572,11 @@ impl Coordinator {
                 }
             }
             RunEnd::Failed(reason) => (Outcome::Failed, Value::Null, Some(reason.clone())),
+            RunEnd::Killed => (
+                Outcome::Killed,
+                Value::Null,
+                Some("killed by a task command".to_string()),
+            ),
         };
         let record = ResultRecord {
             outcome,
@@ -557,12 +591,14 @@ impl Coordinator {
             },
             finished_at_ms: now_ms(),
         };
-        vec![
+        let mut writes = vec![
             delete(self.ns.task(id)),
             delete(self.ns.owner(id)),
             delete(self.ns.run(id)),
             put(self.ns.result(id), encode(&record)),
-        ]
+        ];
+        writes.extend(self.forget_machine(id));
+        writes
     }
 
     /// Whether a live node (one whose registration's lease holds) is named

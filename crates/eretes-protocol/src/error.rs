@@ -24,6 +24,17 @@ pub enum ProtocolError {
     /// No task with this id.
     #[error("task {0} not found")]
     NotFound(String),
+    /// The task has ended (done, failed or killed); it takes no more commands.
+    #[error("task {0} has ended; it takes no more commands")]
+    TaskEnded(String),
+    /// A checkpoint over the size limit.
+    #[error("checkpoint of {size} bytes is over the limit of {limit} bytes")]
+    CheckpointTooLarge {
+        /// Its size in bytes.
+        size: usize,
+        /// The limit in bytes.
+        limit: usize,
+    },
     /// Another live node already uses this name.
     #[error("node name {name} is already taken by a live node (lease {lease:#x}); pick another --name or wait for that node's lease to expire")]
     NameTaken {

@@ -7,6 +7,9 @@
 //! <ns>/results/<id>               terminal record: done (with result) or failed (with reason), plus the spec
 //! <ns>/nodes/<name>               node record, under the node's lease
 //! <ns>/node-commands/<name>/<uid> one pending command for a node; deleted when taken
+//! <ns>/states/<id>                the task's state machine: state, errors (absent = runnable)
+//! <ns>/checkpoints/<id>           the task's latest checkpoint (opaque bytes)
+//! <ns>/task-commands/<id>/<uid>   one pending command for a task; deleted when applied
 //! ```
 //!
 //! Every prefix ends with `/`, and identifiers cannot contain `/`, so a prefix
@@ -24,6 +27,9 @@ const RUNS: &str = "runs/";
 const RESULTS: &str = "results/";
 const NODES: &str = "nodes/";
 const NODE_COMMANDS: &str = "node-commands/";
+const STATES: &str = "states/";
+const CHECKPOINTS: &str = "checkpoints/";
+const TASK_COMMANDS: &str = "task-commands/";
 
 /// A namespace: the isolated key prefix one eretes cluster lives under.
 /// Nothing eretes does touches keys outside it.
@@ -92,6 +98,24 @@ impl Namespace {
         key.push('/');
         key
     }
+    /// `<ns>/states/<id>`
+    pub fn state(&self, id: &TaskId) -> String {
+        self.join(STATES, id.as_str())
+    }
+    /// `<ns>/checkpoints/<id>`
+    pub fn checkpoint(&self, id: &TaskId) -> String {
+        self.join(CHECKPOINTS, id.as_str())
+    }
+    /// `<ns>/task-commands/<id>/` — the prefix of one task's command queue.
+    pub fn task_commands(&self, id: &TaskId) -> String {
+        let mut key = self.join(TASK_COMMANDS, id.as_str());
+        key.push('/');
+        key
+    }
+    /// `<ns>/states/`
+    pub fn states_prefix(&self) -> String {
+        self.join(STATES, "")
+    }
     /// `<ns>/tasks/`
     pub fn tasks_prefix(&self) -> String {
         self.join(TASKS, "")
@@ -141,6 +165,18 @@ impl Namespace {
                 return Err(malformed("node command id must be one non-empty segment"));
             }
             Ok(KeyKind::NodeCommand(node(name)?))
+        } else if let Some(id) = rest.strip_prefix(STATES) {
+            Ok(KeyKind::State(task(id)?))
+        } else if let Some(id) = rest.strip_prefix(CHECKPOINTS) {
+            Ok(KeyKind::Checkpoint(task(id)?))
+        } else if let Some(rest) = rest.strip_prefix(TASK_COMMANDS) {
+            let (id, uid) = rest
+                .split_once('/')
+                .ok_or_else(|| malformed("task command key without a command id"))?;
+            if uid.is_empty() || uid.contains('/') {
+                return Err(malformed("task command id must be one non-empty segment"));
+            }
+            Ok(KeyKind::TaskCommand(task(id)?))
         } else {
             Err(malformed("unknown key kind"))
         }
@@ -162,6 +198,12 @@ pub enum KeyKind {
     Node(NodeName),
     /// `node-commands/<name>/<uid>`
     NodeCommand(NodeName),
+    /// `states/<id>`
+    State(TaskId),
+    /// `checkpoints/<id>`
+    Checkpoint(TaskId),
+    /// `task-commands/<id>/<uid>`
+    TaskCommand(TaskId),
 }
 
 /// A key inside a namespace that does not fit the layout.
@@ -192,10 +234,17 @@ mod tests {
         assert_eq!(ns.parse(&ns.task(&id)), Ok(KeyKind::Task(id.clone())));
         assert_eq!(ns.parse(&ns.owner(&id)), Ok(KeyKind::Owner(id.clone())));
         assert_eq!(ns.parse(&ns.run(&id)), Ok(KeyKind::Run(id.clone())));
-        assert_eq!(ns.parse(&ns.result(&id)), Ok(KeyKind::Result(id)));
+        assert_eq!(ns.parse(&ns.result(&id)), Ok(KeyKind::Result(id.clone())));
         assert_eq!(ns.parse(&ns.node(&node)), Ok(KeyKind::Node(node.clone())));
         let command = format!("{}x1", ns.node_commands(&node));
         assert_eq!(ns.parse(&command), Ok(KeyKind::NodeCommand(node)));
+        assert_eq!(ns.parse(&ns.state(&id)), Ok(KeyKind::State(id.clone())));
+        assert_eq!(
+            ns.parse(&ns.checkpoint(&id)),
+            Ok(KeyKind::Checkpoint(id.clone()))
+        );
+        let command = format!("{}c1", ns.task_commands(&id));
+        assert_eq!(ns.parse(&command), Ok(KeyKind::TaskCommand(id)));
     }
 
     #[test]
@@ -209,6 +258,8 @@ mod tests {
             ns.results_prefix(),
             ns.nodes_prefix(),
             ns.node_commands(&node),
+            ns.states_prefix(),
+            ns.task_commands(&TaskId::new("t").unwrap()),
         ] {
             assert!(prefix.ends_with('/'), "{prefix}");
         }
@@ -222,6 +273,9 @@ mod tests {
             "p/tasks/a/b",
             "p/whatever/x",
             "p/node-commands/n",
+            "p/task-commands/a",
+            "p/task-commands/a/",
+            "p/states/a/b",
             "q/tasks/a",
         ] {
             let err = ns.parse(bad).unwrap_err();

@@ -20,6 +20,10 @@
 //! * **Takeovers** (claims after an owner that never released) are counted per
 //!   task; past the limit the task is parked as failed.
 //! * **Node commands** are queued per node and each applied once.
+//! * **The task state machine** ([`machine`]): states, messages and the
+//!   transition table; task commands queued per task and applied in order,
+//!   each once, by the owner, in the fenced transaction that writes the
+//!   state they lead to; checkpoints saved with a fenced write.
 //!
 //! ```
 //! use std::sync::Arc;
@@ -42,7 +46,9 @@ mod coordinator;
 mod error;
 mod ids;
 mod keys;
+pub mod machine;
 mod records;
+mod task_state;
 mod views;
 
 pub use commands::NodeCommand;
@@ -53,8 +59,10 @@ pub use coordinator::{
 pub use error::ProtocolError;
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
+pub use machine::{MachineState, Message, StateRecord, TaskCommand};
 pub use records::{
     decode, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord,
     ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
+pub use task_state::{MachineLoad, QueuedCommand};
 pub use views::{NodeView, Snapshot, TaskState, TaskView};

@@ -80,6 +80,8 @@ pub enum Outcome {
     Done,
     /// The handler failed, or the task was parked after too many takeovers.
     Failed,
+    /// A kill command ended it.
+    Killed,
 }
 
 /// The terminal record of a task (`results/<id>`). It keeps the spec, so a

@@ -11,6 +11,7 @@ use crate::coordinator::Coordinator;
 use crate::error::ProtocolError;
 use crate::ids::{GroupName, NodeName, TaskId};
 use crate::keys::KeyKind;
+use crate::machine::{ErrorEntry, MachineState, StateRecord};
 use crate::records::{decode, decode_task, NodeRecord, Outcome, OwnerRecord, ResultRecord};
 
 /// Where a task is in its life.
@@ -21,33 +22,68 @@ pub enum TaskState {
     Pending,
     /// A node owns it and runs it.
     Running,
+    /// Parked until a time (a `sleep` command, or backing off after an error).
+    Sleeping,
+    /// Parked until a `resume` command.
+    Paused,
+    /// Its handler reported an error; the error policy is deciding.
+    Fault,
     /// Finished with a result.
     Done,
-    /// Failed for good (by its handler, or parked after too many takeovers).
+    /// Failed for good (by its handler, its error policy, or parked after too
+    /// many takeovers).
     Failed,
+    /// Ended by a `kill` command.
+    Killed,
 }
 
 impl TaskState {
     /// Whether the task has ended.
     pub fn is_terminal(self) -> bool {
-        matches!(self, TaskState::Done | TaskState::Failed)
+        matches!(
+            self,
+            TaskState::Done | TaskState::Failed | TaskState::Killed
+        )
     }
 
     /// Every state, in life order.
-    pub const ALL: [TaskState; 4] = [
+    pub const ALL: [TaskState; 8] = [
         TaskState::Pending,
         TaskState::Running,
+        TaskState::Sleeping,
+        TaskState::Paused,
+        TaskState::Fault,
         TaskState::Done,
         TaskState::Failed,
+        TaskState::Killed,
     ];
 
-    /// Its name, as in JSON: `pending`, `running`, `done`, `failed`.
+    /// Its name, as in JSON: `pending`, `running`, `sleeping`, `paused`,
+    /// `fault`, `done`, `failed`, `killed`.
     pub fn name(self) -> &'static str {
         match self {
             TaskState::Pending => "pending",
             TaskState::Running => "running",
+            TaskState::Sleeping => "sleeping",
+            TaskState::Paused => "paused",
+            TaskState::Fault => "fault",
             TaskState::Done => "done",
             TaskState::Failed => "failed",
+            TaskState::Killed => "killed",
+        }
+    }
+
+    /// The state of a task that has not ended, from its machine's persisted
+    /// state and whether a node owns it. A machine that reached a terminal
+    /// state but is not yet retired shows as running or pending: its owner
+    /// (or the next one) is about to retire it.
+    pub fn of_live(machine: Option<&MachineState>, owned: bool) -> TaskState {
+        match machine {
+            Some(MachineState::Sleeping { .. }) => TaskState::Sleeping,
+            Some(MachineState::Paused) => TaskState::Paused,
+            Some(MachineState::Fault) => TaskState::Fault,
+            _ if owned => TaskState::Running,
+            _ => TaskState::Pending,
         }
     }
 
@@ -80,6 +116,27 @@ pub struct TaskView {
     /// Why it failed (failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// When a sleeping task wakes, milliseconds since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sleeping_until_ms: Option<u64>,
+    /// The newest errors its handler reported, oldest first (a live task).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<ErrorEntry>,
+}
+
+impl TaskView {
+    /// Fold a live task's persisted machine state into its view.
+    fn with_machine(mut self, record: Option<StateRecord>) -> TaskView {
+        let owned = self.node.is_some();
+        self.state = TaskState::of_live(record.as_ref().map(|r| &r.state), owned);
+        if let Some(record) = record {
+            if let MachineState::Sleeping { until_ms } = record.state {
+                self.sleeping_until_ms = Some(until_ms);
+            }
+            self.errors = record.errors;
+        }
+        self
+    }
 }
 
 /// One live node.
@@ -118,6 +175,7 @@ impl Coordinator {
             ns.owners_prefix(),
             ns.results_prefix(),
             ns.nodes_prefix(),
+            ns.states_prefix(),
         ];
         let mut txn = Txn::new();
         for prefix in &prefixes {
@@ -131,6 +189,7 @@ impl Coordinator {
             ..Snapshot::default()
         };
         let mut owners = Vec::new();
+        let mut machines = Vec::new();
         for kv in response.responses.iter().flat_map(|r| match r {
             TxnOpResponse::Get(get) => get.kvs.as_slice(),
             _ => &[],
@@ -149,11 +208,19 @@ impl Coordinator {
                                 epoch: None,
                                 result: None,
                                 error: None,
+                                sleeping_until_ms: None,
+                                errors: Vec::new(),
                             },
                         );
                     }
                     Err(_) => snapshot.malformed += 1,
                 },
+                Ok(KeyKind::State(id)) => {
+                    match decode::<StateRecord>("state", &kv.key, &kv.value) {
+                        Ok(record) => machines.push((id, record)),
+                        Err(_) => snapshot.malformed += 1,
+                    }
+                }
                 Ok(KeyKind::Owner(id)) => {
                     match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
                         Ok(owner) => owners.push((id, owner.node, kv.mod_revision)),
@@ -198,13 +265,20 @@ impl Coordinator {
                 }
             }
         }
+        for (id, record) in machines {
+            if let Some(task) = snapshot.tasks.get_mut(&id) {
+                if !task.state.is_terminal() {
+                    *task = task.clone().with_machine(Some(record));
+                }
+            }
+        }
         Ok(snapshot)
     }
 
     /// One task, read in one transaction; `None` if there is no such task.
     pub async fn task_view(&self, id: &TaskId) -> Result<Option<TaskView>, ProtocolError> {
         let ns = self.namespace();
-        let keys = [ns.task(id), ns.owner(id), ns.result(id)];
+        let keys = [ns.task(id), ns.owner(id), ns.result(id), ns.state(id)];
         let mut txn = Txn::new();
         for key in &keys {
             txn = txn.and_then(TxnOp::Get(GetRequest::new(KeyRange::key(key.clone()))));
@@ -229,20 +303,23 @@ impl Coordinator {
             )),
             None => None,
         };
-        Ok(Some(TaskView {
+        // A state record that does not decode shows as no state; its owner
+        // replaces it at the next transition.
+        let machine =
+            value(3).and_then(|kv| decode::<StateRecord>("state", &kv.key, &kv.value).ok());
+        let view = TaskView {
             id: id.clone(),
             group: record.spec.group,
-            state: if owner.is_some() {
-                TaskState::Running
-            } else {
-                TaskState::Pending
-            },
+            state: TaskState::Pending,
             properties: record.spec.properties,
             epoch: owner.as_ref().map(|(_, epoch)| *epoch),
             node: owner.map(|(owner, _)| owner.node),
             result: None,
             error: None,
-        }))
+            sleeping_until_ms: None,
+            errors: Vec::new(),
+        };
+        Ok(Some(view.with_machine(machine)))
     }
 }
 
@@ -251,6 +328,7 @@ fn ended(id: TaskId, result: ResultRecord) -> TaskView {
     let state = match result.outcome {
         Outcome::Done => TaskState::Done,
         Outcome::Failed => TaskState::Failed,
+        Outcome::Killed => TaskState::Killed,
     };
     TaskView {
         id,
@@ -261,5 +339,7 @@ fn ended(id: TaskId, result: ResultRecord) -> TaskView {
         epoch: Some(result.epoch),
         result: (state == TaskState::Done).then_some(result.result),
         error: result.error,
+        sleeping_until_ms: None,
+        errors: Vec::new(),
     }
 }

@@ -71,6 +71,8 @@ pub(crate) enum Change {
         revision: Revision,
         present: bool,
     },
+    /// A command was queued for this task.
+    TaskCommand(TaskId),
     /// The key or value was malformed and skipped.
     Malformed(String),
 }
@@ -257,6 +259,9 @@ impl Cache {
                 present: true,
             },
             KeyKind::NodeCommand(_) => Change::None,
+            KeyKind::TaskCommand(id) => Change::TaskCommand(id),
+            // Read by the task's state machine when it needs them.
+            KeyKind::State(_) | KeyKind::Checkpoint(_) => Change::None,
         }
     }
 
@@ -338,6 +343,7 @@ impl Cache {
                 present: false,
             },
             KeyKind::NodeCommand(_) => Change::None,
+            KeyKind::State(_) | KeyKind::Checkpoint(_) | KeyKind::TaskCommand(_) => Change::None,
         }
     }
 

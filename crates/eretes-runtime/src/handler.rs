@@ -1,10 +1,12 @@
 //! The handler API: what a task's work looks like to the runtime.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
 use eretes_protocol::{NodeName, TaskId, TaskRecord};
 use serde_json::Value;
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 /// Everything a handler gets for one run of one task.
@@ -25,6 +27,80 @@ pub struct TaskContext {
     /// released, deleted, the node drains or shuts down, or the node lost its
     /// lease (self-fencing). Return promptly once it fires.
     pub cancel: CancellationToken,
+    /// Rings when a task command is queued for a task of this node; see
+    /// [`TaskContext::subscribe_commands`].
+    pub commands: CommandSignals,
+}
+
+impl TaskContext {
+    /// Be told when a command is queued for this task. The node sees every
+    /// command key in its namespace watch and rings the subscription, so a
+    /// handler needs no watch of its own; nothing is kept for handlers that
+    /// never subscribe. Subscribe before reading the queue: a command queued
+    /// in between still rings.
+    pub fn subscribe_commands(&self) -> CommandSubscription {
+        self.commands.subscribe(&self.id)
+    }
+}
+
+/// The node's registry of handlers waiting for task commands (one per node,
+/// shared by every [`TaskContext`]).
+#[derive(Debug, Clone, Default)]
+pub struct CommandSignals {
+    waiting: Arc<Mutex<HashMap<TaskId, Arc<Notify>>>>,
+}
+
+impl CommandSignals {
+    /// Subscribe to commands for task `id` (a later subscription for the same
+    /// task replaces this one).
+    pub fn subscribe(&self, id: &TaskId) -> CommandSubscription {
+        let notify = Arc::new(Notify::new());
+        self.waiting
+            .lock()
+            .expect("not poisoned")
+            .insert(id.clone(), notify.clone());
+        CommandSubscription {
+            signals: self.clone(),
+            id: id.clone(),
+            notify,
+        }
+    }
+
+    /// A command for task `id` was queued: ring its subscription, if any.
+    pub fn ring(&self, id: &TaskId) {
+        if let Some(notify) = self.waiting.lock().expect("not poisoned").get(id) {
+            // Stores a permit when nobody waits yet, so no ring is lost.
+            notify.notify_one();
+        }
+    }
+}
+
+/// A subscription to one task's commands; unsubscribes when dropped.
+#[derive(Debug)]
+pub struct CommandSubscription {
+    signals: CommandSignals,
+    id: TaskId,
+    notify: Arc<Notify>,
+}
+
+impl CommandSubscription {
+    /// Wait until a command is queued for the task (at once if one was
+    /// queued since the last wait).
+    pub async fn rung(&self) {
+        self.notify.notified().await
+    }
+}
+
+impl Drop for CommandSubscription {
+    fn drop(&mut self) {
+        let mut waiting = self.signals.waiting.lock().expect("not poisoned");
+        if waiting
+            .get(&self.id)
+            .is_some_and(|notify| Arc::ptr_eq(notify, &self.notify))
+        {
+            waiting.remove(&self.id);
+        }
+    }
 }
 
 /// How a handler run ended.
@@ -36,6 +112,8 @@ pub enum HandlerOutcome {
     Release,
     /// The work failed for good: retire the task as failed with this reason.
     Failed(String),
+    /// A kill command ended the task: retire it as killed.
+    Killed,
 }
 
 /// The work of a task. One handler value serves every task of a node; each

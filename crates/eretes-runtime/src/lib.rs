@@ -48,9 +48,13 @@ mod handler;
 mod lease;
 mod node;
 pub mod observer;
+pub mod statemachine;
 mod stats;
 
 pub use config::NodeConfig;
-pub use handler::{Handler, HandlerOutcome, TaskContext};
+pub use handler::{CommandSignals, CommandSubscription, Handler, HandlerOutcome, TaskContext};
 pub use node::{Node, NodeHandle, NodeStatus, StartError};
+pub use statemachine::{
+    Checkpointer, ErrorPolicy, StateContext, StateMachine, StatefulHandler, Step,
+};
 pub use stats::{NodeStats, NodeStatsSnapshot};

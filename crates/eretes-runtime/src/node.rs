@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::{Balancer, ClaimDecision, RunningTask};
 use crate::cache::{Cache, CachedOwner, Change};
 use crate::config::NodeConfig;
-use crate::handler::{Handler, HandlerOutcome, TaskContext};
+use crate::handler::{CommandSignals, Handler, HandlerOutcome, TaskContext};
 use crate::lease::{keep_alive, LeaseEvent};
 use crate::stats::NodeStats;
 
@@ -298,6 +298,8 @@ struct MainLoop {
     /// once instead of waiting for its deadline.
     deferred: HashMap<GroupName, TaskId>,
 
+    /// Handlers waiting for task commands.
+    command_signals: CommandSignals,
     /// Commands queued for this node, in store order.
     commands: BTreeMap<Revision, String>,
     /// After a failed take, wait until then before taking the next command.
@@ -358,6 +360,7 @@ impl MainLoop {
             ignored: HashMap::new(),
             deferred: HashMap::new(),
             commands: BTreeMap::new(),
+            command_signals: CommandSignals::default(),
             command_retry_at: None,
             taking_command: None,
             frozen: false,
@@ -844,6 +847,7 @@ impl MainLoop {
                 debug!(node = %self.config.name, peer = %node, joined, "membership changed");
                 self.balance_soon();
             }
+            Change::TaskCommand(task) => self.command_signals.ring(&task),
             Change::Command {
                 key,
                 revision,
@@ -1129,6 +1133,7 @@ impl MainLoop {
             node: self.config.name.clone(),
             claims: claim.run.claims,
             cancel: cancel.clone(),
+            commands: self.command_signals.clone(),
         };
         self.cache.view.running.insert(
             claim.task.clone(),
@@ -1184,6 +1189,8 @@ impl MainLoop {
         let finish = match (running.stop, exit) {
             (Some(StopReason::Gone | StopReason::Fenced), _) => None,
             (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(RunEnd::Done(result)),
+            // The kill is already persisted in the task's state: retire it.
+            (_, Exit::Returned(HandlerOutcome::Killed)) => Some(RunEnd::Killed),
             // Asked to stop: an error or panic on the way out is not the
             // task's failure, so give it back.
             (Some(StopReason::Release), _)
@@ -1205,7 +1212,7 @@ impl MainLoop {
     fn finish(&mut self, claim: Claim, end: RunEnd) {
         match &end {
             RunEnd::Done(_) => NodeStats::bump(&self.stats.completions),
-            RunEnd::Failed(_) => NodeStats::bump(&self.stats.failures),
+            RunEnd::Failed(_) | RunEnd::Killed => NodeStats::bump(&self.stats.failures),
             RunEnd::Released => {
                 NodeStats::bump(&self.stats.releases);
                 // Whoever asked for the release, let another node have it.

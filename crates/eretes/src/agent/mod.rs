@@ -20,7 +20,7 @@ use clap::Args;
 use eretes_exec::{AllowList, ExecConfig, ProcessHandler};
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
 use eretes_runtime::balancer::FairBalancer;
-use eretes_runtime::{Node, NodeConfig};
+use eretes_runtime::{Node, NodeConfig, StateMachine};
 use eretes_store::embedded::{EmbeddedOptions, EmbeddedStore};
 use eretes_store::Store;
 use tokio::signal::unix::{signal, SignalKind};
@@ -155,7 +155,12 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     let mut exec = ExecConfig::new(data_dir.clone(), allow);
     exec.stop_grace = Duration::from_millis(args.stop_grace_ms);
     let logs_dir = exec.logs_dir();
-    let handler = Arc::new(ProcessHandler::new(exec).context("preparing the data directory")?);
+    // Process tasks run as task state machines: task commands steer them,
+    // and their state and checkpoints live in the store.
+    let handler = Arc::new(StateMachine::new(
+        ProcessHandler::new(exec).context("preparing the data directory")?,
+        Coordinator::new(store.clone(), namespace.clone()),
+    ));
 
     let mut config = NodeConfig::new(name.clone(), namespace.clone())
         .with_lease_ttl(Duration::from_millis(args.lease_ttl_ms));

@@ -1,0 +1,92 @@
+//! A process task's checkpoint file: filled with the latest checkpoint before
+//! the process starts, and saved (fenced) whenever the process replaces it.
+
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
+use eretes_runtime::Checkpointer;
+use tracing::{debug, warn};
+
+/// One run's checkpoint file.
+pub(crate) struct CheckpointFile {
+    path: PathBuf,
+    /// Size and modification time last looked at, to skip unchanged files.
+    seen: Option<(u64, SystemTime)>,
+    /// The bytes the store holds (delivered at start, or saved since).
+    saved: Option<Vec<u8>>,
+}
+
+impl CheckpointFile {
+    /// Prepare `path` for a run: it holds `latest`, or is absent.
+    pub(crate) async fn prepare(path: PathBuf, latest: Option<Vec<u8>>) -> std::io::Result<Self> {
+        if let Some(dir) = path.parent() {
+            tokio::fs::create_dir_all(dir).await?;
+        }
+        match &latest {
+            Some(bytes) => tokio::fs::write(&path, bytes).await?,
+            None => match tokio::fs::remove_file(&path).await {
+                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+                _ => {}
+            },
+        }
+        let mut file = CheckpointFile {
+            path,
+            seen: None,
+            saved: latest,
+        };
+        file.seen = file.stamp().await;
+        Ok(file)
+    }
+
+    /// The file's path.
+    pub(crate) fn path(&self) -> &Path {
+        &self.path
+    }
+
+    async fn stamp(&self) -> Option<(u64, SystemTime)> {
+        let metadata = tokio::fs::metadata(&self.path).await.ok()?;
+        Some((metadata.len(), metadata.modified().ok()?))
+    }
+
+    /// Save the file as the task's checkpoint if the process changed it.
+    pub(crate) async fn sync(&mut self, task: &str, checkpointer: &Checkpointer) {
+        let stamp = self.stamp().await;
+        if stamp.is_none() || stamp == self.seen {
+            return;
+        }
+        self.seen = stamp;
+        let bytes = match tokio::fs::read(&self.path).await {
+            Ok(bytes) => bytes,
+            Err(error) => {
+                warn!(task, %error, "cannot read the task's checkpoint file");
+                return;
+            }
+        };
+        if bytes.len() > MAX_CHECKPOINT_BYTES {
+            warn!(
+                task,
+                bytes = bytes.len(),
+                limit = MAX_CHECKPOINT_BYTES,
+                "the task's checkpoint file is over the limit; not saved"
+            );
+            return;
+        }
+        if self.saved.as_ref() == Some(&bytes) {
+            return;
+        }
+        match checkpointer.save(bytes.clone()).await {
+            Ok(()) => self.saved = Some(bytes),
+            Err(error) => {
+                debug!(task, %error, "the task's checkpoint was not saved");
+                // Look again next time: the store may be back.
+                self.seen = None;
+            }
+        }
+    }
+
+    /// Remove the file (the run is over; its checkpoint is in the store).
+    pub(crate) async fn remove(self) {
+        let _ = tokio::fs::remove_file(&self.path).await;
+    }
+}

@@ -1,0 +1,485 @@
+//! [`StateMachine`]: a [`Handler`] that runs a [`StatefulHandler`] through
+//! the task state machine of [`eretes_protocol::machine`].
+//!
+//! * The state (runnable, sleeping, paused, fault, …) lives in the store and
+//!   is written at every transition, fenced by the run's epoch, so the next
+//!   owner — after a release or a failover — carries on where this one left
+//!   off.
+//! * Task commands (pause, resume, sleep, kill) are applied in the order they
+//!   were sent, each exactly once: the command is deleted in the transaction
+//!   that writes the state it leads to. A command that the state does not
+//!   accept is discarded with a warning, never a panic.
+//! * Paused and sleeping tasks stay owned (and hold their slot) while their
+//!   work is stopped; a sleeping task wakes at its time.
+//! * Errors go through an [`ErrorPolicy`]: back off (sleeping) and try again,
+//!   or fail after too many errors within a window.
+//! * A store error while loading or writing the state releases the task to be
+//!   tried again later; it never ends the task.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use eretes_protocol::machine::transition;
+use eretes_protocol::{
+    now_ms, Coordinator, MachineState, Message, ProtocolError, QueuedCommand, StateRecord,
+    TaskRecord,
+};
+use serde_json::Value;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+
+use crate::handler::{CommandSubscription, Handler, HandlerOutcome, TaskContext};
+
+/// What the machine does with a handler's errors: after `max_errors` errors
+/// within `window` the task fails; before that, it sleeps for a backoff that
+/// starts at `first_backoff` and doubles with each error in the window, up
+/// to `longest_backoff`, then runs again.
+///
+/// The default is 8 errors within 4 hours, backing off from 1 s to 10 min.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorPolicy {
+    /// Errors within the window that fail the task (at least 1).
+    pub max_errors: usize,
+    /// How far back errors count.
+    pub window: Duration,
+    /// The sleep after the first error.
+    pub first_backoff: Duration,
+    /// The longest sleep.
+    pub longest_backoff: Duration,
+}
+
+impl Default for ErrorPolicy {
+    fn default() -> Self {
+        ErrorPolicy {
+            max_errors: 8,
+            window: Duration::from_secs(4 * 3600),
+            first_backoff: Duration::from_secs(1),
+            longest_backoff: Duration::from_secs(600),
+        }
+    }
+}
+
+impl ErrorPolicy {
+    /// The policy's answer in the fault state: `Message::Error` (fail) when
+    /// the task has had `max_errors` errors within the window at `now_ms`,
+    /// else `Message::Sleep` until the end of its backoff, which is returned
+    /// too.
+    pub fn decide(&self, record: &StateRecord, now_ms: u64) -> (Message, Duration) {
+        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
+        let recent = record.errors_since(now_ms.saturating_sub(window_ms));
+        if recent >= self.max_errors.max(1) {
+            let last = record
+                .errors
+                .last()
+                .map_or_else(String::new, |e| e.message.clone());
+            return (
+                Message::Error(format!(
+                    "{recent} errors within {:?} (the limit is {}); the last: {last}",
+                    self.window, self.max_errors
+                )),
+                Duration::ZERO,
+            );
+        }
+        let doublings = u32::try_from(recent.saturating_sub(1)).unwrap_or(u32::MAX);
+        let backoff = self
+            .first_backoff
+            .checked_mul(2u32.saturating_pow(doublings))
+            .unwrap_or(self.longest_backoff)
+            .min(self.longest_backoff);
+        let until_ms = now_ms.saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
+        (Message::Sleep { until_ms }, backoff)
+    }
+}
+
+/// How one run of a [`StatefulHandler`] ended.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Step {
+    /// The work is finished with this result.
+    Complete(Value),
+    /// Something went wrong; the [`ErrorPolicy`] decides whether to back off
+    /// and try again or to fail.
+    Error(String),
+    /// Something went wrong that trying again cannot fix (a bad spec, say):
+    /// the task fails at once, whatever the policy.
+    Fatal(String),
+    /// Sleep this long, then run again.
+    Sleep(Duration),
+    /// Give the task back (some node runs it again).
+    Release,
+}
+
+/// Saves a task's checkpoint, fenced by the run's epoch.
+#[derive(Debug, Clone)]
+pub struct Checkpointer {
+    coordinator: Coordinator,
+    ctx: TaskContext,
+    latest: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+impl Checkpointer {
+    /// Save `checkpoint` (opaque, at most
+    /// [`eretes_protocol::machine::MAX_CHECKPOINT_BYTES`]) in place of the
+    /// previous one. The next run of the task, here or on another node,
+    /// receives it. Refused with [`ProtocolError::NotOwner`] once this run
+    /// has lost the task.
+    pub async fn save(&self, checkpoint: Vec<u8>) -> Result<(), ProtocolError> {
+        self.coordinator
+            .save_checkpoint(&self.ctx.id, self.ctx.epoch, &checkpoint)
+            .await?;
+        debug!(task = %self.ctx.id, bytes = checkpoint.len(), "checkpoint saved");
+        *self.latest.lock().expect("not poisoned") = Some(checkpoint);
+        Ok(())
+    }
+}
+
+/// Everything a [`StatefulHandler`] gets for one run.
+#[derive(Debug, Clone)]
+pub struct StateContext {
+    /// The task's context. Its `cancel` also fires when a command (pause,
+    /// sleep, kill) interrupts the run: stop promptly, save a checkpoint
+    /// first if that helps the next run.
+    pub task: TaskContext,
+    /// The task's latest checkpoint, from this or an earlier owner.
+    pub checkpoint: Option<Vec<u8>>,
+    /// Errors within the error policy's window so far (0 on a first try).
+    pub recent_errors: usize,
+    /// Saves checkpoints.
+    pub checkpointer: Checkpointer,
+}
+
+/// The work of a task run by a [`StateMachine`].
+#[async_trait]
+pub trait StatefulHandler: Send + Sync + 'static {
+    /// Run the task until its work ends or `ctx.task.cancel` fires.
+    async fn run(&self, ctx: StateContext) -> Step;
+
+    /// The error policy for `task`; `None` (the default) uses the
+    /// machine's.
+    fn error_policy(&self, _task: &TaskRecord) -> Option<ErrorPolicy> {
+        None
+    }
+}
+
+/// A [`Handler`] that runs a [`StatefulHandler`] as a task state machine.
+pub struct StateMachine<H> {
+    inner: Arc<H>,
+    coordinator: Coordinator,
+    policy: ErrorPolicy,
+}
+
+impl<H: StatefulHandler> StateMachine<H> {
+    /// Run `inner` with states kept through `coordinator` (the node's store
+    /// and namespace) and the default [`ErrorPolicy`].
+    pub fn new(inner: H, coordinator: Coordinator) -> Self {
+        StateMachine {
+            inner: Arc::new(inner),
+            coordinator,
+            policy: ErrorPolicy::default(),
+        }
+    }
+
+    /// Use `policy` for tasks whose handler names none.
+    pub fn with_error_policy(mut self, policy: ErrorPolicy) -> Self {
+        self.policy = policy;
+        self
+    }
+}
+
+/// Why a run of the machine stops early: the store failed, or the task is
+/// no longer ours. Either way the task is given back and nothing is lost:
+/// what was not written is still queued or still in its old state.
+struct Interrupted;
+
+/// One run of the machine for one claim.
+struct Run<'a, H> {
+    machine: &'a StateMachine<H>,
+    ctx: TaskContext,
+    policy: ErrorPolicy,
+    record: StateRecord,
+    queue: VecDeque<QueuedCommand>,
+    latest: Arc<Mutex<Option<Vec<u8>>>>,
+    /// The sleep being timed: its wall-clock end and the instant it ends.
+    wake: Option<(u64, Instant)>,
+}
+
+#[async_trait]
+impl<H: StatefulHandler> Handler for StateMachine<H> {
+    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+        // Subscribe before loading, so a command queued in between rings.
+        let subscription = ctx.subscribe_commands();
+        let load = match self.coordinator.load_machine(&ctx.id).await {
+            Ok(load) => load,
+            Err(error) => {
+                warn!(task = %ctx.id, %error, "cannot load the task's state; releasing it to try again later");
+                return HandlerOutcome::Release;
+            }
+        };
+        let record = load.state.unwrap_or_else(|malformed| {
+            warn!(task = %ctx.id, %malformed, "the task's state record is malformed; starting from runnable");
+            StateRecord::default()
+        });
+        let policy = self.inner.error_policy(&ctx.task).unwrap_or(self.policy);
+        let mut run = Run {
+            machine: self,
+            ctx,
+            policy,
+            record,
+            queue: load.commands.into(),
+            latest: Arc::new(Mutex::new(load.checkpoint)),
+            wake: None,
+        };
+        match run.drive(&subscription).await {
+            Ok(outcome) => outcome,
+            Err(Interrupted) => HandlerOutcome::Release,
+        }
+    }
+}
+
+impl<H: StatefulHandler> Run<'_, H> {
+    async fn drive(
+        &mut self,
+        commands: &CommandSubscription,
+    ) -> Result<HandlerOutcome, Interrupted> {
+        loop {
+            self.apply_queued().await?;
+            if self.ctx.cancel.is_cancelled() {
+                return Ok(HandlerOutcome::Release);
+            }
+            match self.record.state {
+                MachineState::Runnable => {
+                    if let Some(outcome) = self.run_handler(commands).await? {
+                        return Ok(outcome);
+                    }
+                }
+                MachineState::Fault => {
+                    let (message, backoff) = self.policy.decide(&self.record, now_ms());
+                    if !backoff.is_zero() {
+                        info!(task = %self.ctx.id, ?backoff, "backing off after an error");
+                    }
+                    self.persist(&message, None).await?;
+                }
+                MachineState::Paused => {
+                    tokio::select! {
+                        _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
+                        _ = commands.rung() => self.refill().await?,
+                    }
+                }
+                MachineState::Sleeping { until_ms } => {
+                    let wake_at = self.wake_at(until_ms);
+                    tokio::select! {
+                        _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
+                        _ = commands.rung() => self.refill().await?,
+                        _ = tokio::time::sleep_until(wake_at) => {
+                            self.persist(&Message::Run, None).await?;
+                        }
+                    }
+                }
+                MachineState::Killed => return Ok(HandlerOutcome::Killed),
+                MachineState::Failed => {
+                    let reason = self
+                        .record
+                        .errors
+                        .last()
+                        .map_or_else(|| "failed".to_string(), |e| e.message.clone());
+                    return Ok(HandlerOutcome::Failed(reason));
+                }
+                // Never persisted (completion retires the task), but a
+                // record saying so means the work was done.
+                MachineState::Completed => return Ok(HandlerOutcome::Done(Value::Null)),
+            }
+        }
+    }
+
+    /// When to wake from a sleep until `until_ms`, measured once per sleep
+    /// on tokio's clock (so paused-time tests and wall clock agree).
+    fn wake_at(&mut self, until_ms: u64) -> Instant {
+        match self.wake {
+            Some((until, at)) if until == until_ms => at,
+            _ => {
+                let left = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+                let at = Instant::now() + left;
+                self.wake = Some((until_ms, at));
+                at
+            }
+        }
+    }
+
+    /// Run the handler until it returns, the runtime cancels it, or a command
+    /// interrupts it. `Some` when the task's run is over.
+    async fn run_handler(
+        &mut self,
+        commands: &CommandSubscription,
+    ) -> Result<Option<HandlerOutcome>, Interrupted> {
+        let cancel = self.ctx.cancel.child_token();
+        let recent_errors = {
+            let window_ms = u64::try_from(self.policy.window.as_millis()).unwrap_or(u64::MAX);
+            self.record.errors_since(now_ms().saturating_sub(window_ms))
+        };
+        let ctx = StateContext {
+            task: TaskContext {
+                cancel: cancel.clone(),
+                ..self.ctx.clone()
+            },
+            checkpoint: self.latest.lock().expect("not poisoned").clone(),
+            recent_errors,
+            checkpointer: Checkpointer {
+                coordinator: self.machine.coordinator.clone(),
+                ctx: self.ctx.clone(),
+                latest: self.latest.clone(),
+            },
+        };
+        let inner = self.machine.inner.clone();
+        let work = inner.run(ctx);
+        tokio::pin!(work);
+        let mut interrupted = false;
+        let step = loop {
+            tokio::select! {
+                step = &mut work => break step,
+                _ = commands.rung(), if !interrupted => {
+                    self.refill().await?;
+                    if self.queue.iter().any(interrupts_a_run) {
+                        debug!(task = %self.ctx.id, "a command interrupts the run");
+                        interrupted = true;
+                        cancel.cancel();
+                    } else {
+                        self.apply_queued().await?;
+                    }
+                }
+            }
+        };
+        let stopped = interrupted || self.ctx.cancel.is_cancelled();
+        match step {
+            // Finished work is kept even if a stop arrived meanwhile.
+            Step::Complete(result) => Ok(Some(HandlerOutcome::Done(result))),
+            // A stopped handler's error or answer is the stop's doing.
+            _ if stopped => Ok(None),
+            Step::Release => Ok(Some(HandlerOutcome::Release)),
+            Step::Sleep(duration) => {
+                let until_ms =
+                    now_ms().saturating_add(u64::try_from(duration.as_millis()).unwrap_or(0));
+                self.persist(&Message::Sleep { until_ms }, None).await?;
+                Ok(None)
+            }
+            Step::Error(error) => {
+                warn!(task = %self.ctx.id, %error, "the task reported an error");
+                self.persist(&Message::Error(error), None).await?;
+                Ok(None)
+            }
+            Step::Fatal(error) => {
+                warn!(task = %self.ctx.id, %error, "the task failed");
+                // Into fault, and straight on to failed: no policy asked.
+                self.persist(&Message::Error(error.clone()), None).await?;
+                self.persist(&Message::Error(error), None).await?;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Read the task's command queue again (after a ring).
+    async fn refill(&mut self) -> Result<(), Interrupted> {
+        match self.machine.coordinator.task_commands(&self.ctx.id).await {
+            Ok(commands) => {
+                self.queue = commands.into();
+                Ok(())
+            }
+            Err(error) => {
+                warn!(task = %self.ctx.id, %error, "cannot read the task's commands; releasing it to try again later");
+                Err(Interrupted)
+            }
+        }
+    }
+
+    /// Apply every queued command, oldest first.
+    async fn apply_queued(&mut self) -> Result<(), Interrupted> {
+        while let Some(queued) = self.queue.pop_front() {
+            let message = match &queued.command {
+                Ok(command) => {
+                    info!(task = %self.ctx.id, %command, "applying task command");
+                    command.message()
+                }
+                Err(error) => {
+                    warn!(task = %self.ctx.id, key = queued.key, %error, "discarding a malformed task command");
+                    let record = self.record.clone();
+                    self.write(record, Some(&queued.key)).await?;
+                    continue;
+                }
+            };
+            self.persist(&message, Some(&queued.key)).await?;
+        }
+        Ok(())
+    }
+
+    /// Apply `message`: write the state it leads to (taking the command at
+    /// `applied` in the same transaction). A message the state does not
+    /// accept changes nothing, but its command is still taken.
+    async fn persist(
+        &mut self,
+        message: &Message,
+        applied: Option<&str>,
+    ) -> Result<(), Interrupted> {
+        let mut record = self.record.clone();
+        match transition(record.state, message) {
+            Ok(next) => {
+                debug!(task = %self.ctx.id, from = record.state.name(), to = next.name(), message = message.name(), "transition");
+                // The same text twice in a row (a fatal error on its way to
+                // failed) is one error.
+                if let Message::Error(error) = message {
+                    if record
+                        .errors
+                        .last()
+                        .is_none_or(|last| last.message != *error)
+                        || next == MachineState::Fault
+                    {
+                        record.push_error(now_ms(), error);
+                    }
+                }
+                record.state = next;
+            }
+            Err(invalid) => {
+                warn!(task = %self.ctx.id, %invalid, "ignoring the message");
+                if applied.is_none() {
+                    return Ok(());
+                }
+            }
+        }
+        self.write(record, applied).await
+    }
+
+    async fn write(
+        &mut self,
+        mut record: StateRecord,
+        applied: Option<&str>,
+    ) -> Result<(), Interrupted> {
+        record.updated_at_ms = now_ms();
+        let written = self
+            .machine
+            .coordinator
+            .write_state(&self.ctx.id, self.ctx.epoch, &record, applied)
+            .await;
+        match written {
+            Ok(()) => {
+                self.record = record;
+                Ok(())
+            }
+            Err(error @ ProtocolError::NotOwner { .. }) => {
+                debug!(task = %self.ctx.id, %error, "state write refused");
+                Err(Interrupted)
+            }
+            Err(error) => {
+                warn!(task = %self.ctx.id, %error, "cannot write the task's state; releasing it to try again later");
+                Err(Interrupted)
+            }
+        }
+    }
+}
+
+/// Whether a queued command stops a running handler: one that moves a
+/// runnable task elsewhere (pause, sleep, kill).
+fn interrupts_a_run(queued: &QueuedCommand) -> bool {
+    queued.command.as_ref().is_ok_and(|command| {
+        transition(MachineState::Runnable, &command.message())
+            .is_ok_and(|next| next != MachineState::Runnable)
+    })
+}
