@@ -527,3 +527,182 @@ async fn tasks_do_not_inherit_the_agents_secrets() {
     assert_eq!(result.result["stdout_tail"], "none none nosy\n");
     agent.node.shutdown().await;
 }
+
+impl Agent {
+    async fn command(&self, id: &str, command: eretes_protocol::TaskCommand) {
+        self.coordinator
+            .send_task_command(&TaskId::new(id).unwrap(), &command)
+            .await
+            .unwrap();
+    }
+
+    async fn state(&self, id: &str) -> eretes_protocol::TaskState {
+        self.coordinator
+            .task_view(&TaskId::new(id).unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+    }
+
+    /// Wait up to 20 s until task `id` is in `state`.
+    async fn wait_state(&self, id: &str, state: eretes_protocol::TaskState) {
+        for _ in 0..400 {
+            if self.state(id).await == state {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("{id} did not become {state:?} within 20 s");
+    }
+
+    async fn checkpoint(&self, id: &str) -> Option<String> {
+        self.coordinator
+            .checkpoint(&TaskId::new(id).unwrap())
+            .await
+            .unwrap()
+            .map(|bytes| String::from_utf8(bytes).unwrap())
+    }
+}
+
+/// A counter that keeps its count in its checkpoint file (replaced by
+/// rename), notes where each start began in `starts`, and its pid in `pid`.
+const COUNTER: &str = r#"echo $$ > pid.tmp; mv pid.tmp pid
+n=$(cat "$ERETES_CHECKPOINT_FILE" 2>/dev/null || echo 0)
+echo "$n" >> starts
+while true; do
+  n=$((n+1)); echo $n > "$ERETES_CHECKPOINT_FILE.tmp"; mv "$ERETES_CHECKPOINT_FILE.tmp" "$ERETES_CHECKPOINT_FILE"
+  sleep 0.1
+done"#;
+
+/// The pid in `file` once it differs from `old`.
+async fn new_pid(file: &Path, old: i32) -> i32 {
+    for _ in 0..400 {
+        if let Some(pid) = std::fs::read_to_string(file)
+            .ok()
+            .and_then(|text| text.trim().parse().ok())
+        {
+            if pid != old {
+                return pid;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no new pid in {} within 20 s", file.display());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_commands_pause_resume_sleep_and_kill_a_process_task() {
+    use eretes_protocol::{TaskCommand, TaskState};
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent.submit_sh("counter", COUNTER, |_| {}).await;
+    let pid_file = agent.path("pid");
+    let first = new_pid(&pid_file, 0).await;
+    wait_until("a checkpoint is saved", Duration::from_secs(20), || {
+        std::fs::read_to_string(agent.path("starts")).is_ok()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    agent.command("counter", TaskCommand::Pause).await;
+    agent.wait_state("counter", TaskState::Paused).await;
+    wait_until(
+        "the paused process is gone",
+        Duration::from_secs(20),
+        || !alive(first),
+    )
+    .await;
+    let at_pause: u64 = agent
+        .checkpoint("counter")
+        .await
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(at_pause >= 3, "the counter saved checkpoints ({at_pause})");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::read_to_string(&pid_file).unwrap().trim(),
+        first.to_string(),
+        "nothing runs while paused"
+    );
+
+    agent.command("counter", TaskCommand::Resume).await;
+    let second = new_pid(&pid_file, first).await;
+    assert_eq!(agent.state("counter").await, TaskState::Running);
+    let starts = std::fs::read_to_string(agent.path("starts")).unwrap();
+    assert_eq!(
+        starts,
+        format!("0\n{at_pause}\n"),
+        "the resumed process starts from the checkpoint saved at the pause"
+    );
+
+    let until_ms = eretes_protocol::now_ms() + 1500;
+    agent
+        .command("counter", TaskCommand::Sleep { until_ms })
+        .await;
+    agent.wait_state("counter", TaskState::Sleeping).await;
+    wait_until(
+        "the sleeping process is gone",
+        Duration::from_secs(20),
+        || !alive(second),
+    )
+    .await;
+    let third = new_pid(&pid_file, second).await;
+    assert!(
+        eretes_protocol::now_ms() >= until_ms,
+        "it woke no earlier than asked"
+    );
+    assert_eq!(agent.state("counter").await, TaskState::Running);
+
+    agent.command("counter", TaskCommand::Kill).await;
+    let result = agent.result("counter").await;
+    assert_eq!(result.outcome, Outcome::Killed);
+    wait_until(
+        "the killed process is gone",
+        Duration::from_secs(20),
+        || !alive(third),
+    )
+    .await;
+    assert!(
+        std::fs::read_dir(agent.path("checkpoints"))
+            .unwrap()
+            .next()
+            .is_none(),
+        "no checkpoint file is left behind"
+    );
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_written_on_sigterm_reaches_the_next_run_and_oversized_ones_are_not_saved() {
+    use eretes_protocol::{TaskCommand, TaskState};
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // Saves its progress only when told to stop; the second run reports what
+    // it was given. A 300 KiB checkpoint file is over the limit.
+    let script = r#"if [ -f "$ERETES_CHECKPOINT_FILE" ]; then cat "$ERETES_CHECKPOINT_FILE"; exit 0; fi
+trap 'echo saved-on-term > "$ERETES_CHECKPOINT_FILE"; exit 143' TERM
+head -c 307200 /dev/zero > big; mv big "$ERETES_CHECKPOINT_FILE"
+echo $$ > pid.tmp; mv pid.tmp pid
+while true; do sleep 0.1; done"#;
+    agent.submit_sh("graceful", script, |_| {}).await;
+    let pid = new_pid(&agent.path("pid"), 0).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(
+        agent.checkpoint("graceful").await,
+        None,
+        "300 KiB is over the limit"
+    );
+    agent.command("graceful", TaskCommand::Pause).await;
+    agent.wait_state("graceful", TaskState::Paused).await;
+    assert!(!alive(pid));
+    assert_eq!(
+        agent.checkpoint("graceful").await.as_deref(),
+        Some("saved-on-term\n")
+    );
+    agent.command("graceful", TaskCommand::Resume).await;
+    let result = agent.result("graceful").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["stdout_tail"], "saved-on-term\n");
+    agent.node.shutdown().await;
+}

@@ -492,3 +492,112 @@ async fn snapshots_and_task_views_tell_each_tasks_state() {
         .unwrap()
         .is_none());
 }
+
+#[tokio::test]
+async fn task_commands_need_a_live_task_and_queue_in_order() {
+    let (store, coordinator) = setup();
+    let id = TaskId::new("t").unwrap();
+    let missing = coordinator
+        .send_task_command(&id, &TaskCommand::Pause)
+        .await;
+    assert_eq!(missing, Err(ProtocolError::NotFound("t".into())));
+    coordinator.submit(&id, &spec(json!({}))).await.unwrap();
+    let first = coordinator
+        .send_task_command(&id, &TaskCommand::Sleep { until_ms: 9 })
+        .await
+        .unwrap();
+    let second = coordinator
+        .send_task_command(&id, &TaskCommand::Kill)
+        .await
+        .unwrap();
+    assert!(second > first);
+    let queued = coordinator.task_commands(&id).await.unwrap();
+    let commands: Vec<_> = queued.iter().map(|q| q.command.clone().unwrap()).collect();
+    assert_eq!(
+        commands,
+        vec![TaskCommand::Sleep { until_ms: 9 }, TaskCommand::Kill]
+    );
+    // Ending the task takes its queue, state and checkpoint with it.
+    let claim = claim(&coordinator, &store, &id, "n1").await;
+    coordinator
+        .write_state(&id, claim.epoch, &StateRecord::default(), None)
+        .await
+        .unwrap();
+    coordinator
+        .save_checkpoint(&id, claim.epoch, b"cp")
+        .await
+        .unwrap();
+    coordinator.complete(&claim, json!(1)).await.unwrap();
+    let ns = coordinator.namespace();
+    for prefix in [ns.state(&id), ns.checkpoint(&id), ns.task_commands(&id)] {
+        assert!(
+            store.get_prefix(&prefix).await.unwrap().kvs.is_empty(),
+            "{prefix}"
+        );
+    }
+    let ended = coordinator
+        .send_task_command(&id, &TaskCommand::Resume)
+        .await;
+    assert_eq!(ended, Err(ProtocolError::TaskEnded("t".into())));
+    assert!(coordinator.task_commands(&id).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn state_and_checkpoint_writes_are_fenced_and_checkpoints_are_size_limited() {
+    let (store, coordinator) = setup();
+    let id = TaskId::new("t").unwrap();
+    coordinator.submit(&id, &spec(json!({}))).await.unwrap();
+    coordinator
+        .send_task_command(&id, &TaskCommand::Pause)
+        .await
+        .unwrap();
+    let claim = claim(&coordinator, &store, &id, "n1").await;
+    let paused = StateRecord {
+        state: MachineState::Paused,
+        ..StateRecord::default()
+    };
+    let command = coordinator.task_commands(&id).await.unwrap().remove(0);
+    // A stale epoch changes nothing, and leaves the command queued.
+    let stale = coordinator
+        .write_state(&id, claim.epoch - 1, &paused, Some(&command.key))
+        .await;
+    assert!(matches!(stale, Err(ProtocolError::NotOwner { .. })));
+    assert_eq!(coordinator.task_commands(&id).await.unwrap().len(), 1);
+    // The owner's write takes the command in the same transaction.
+    coordinator
+        .write_state(&id, claim.epoch, &paused, Some(&command.key))
+        .await
+        .unwrap();
+    let load = coordinator.load_machine(&id).await.unwrap();
+    assert_eq!(load.state.unwrap().state, MachineState::Paused);
+    assert!(load.commands.is_empty());
+
+    let limit = eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
+    let too_big = coordinator
+        .save_checkpoint(&id, claim.epoch, &vec![0; limit + 1])
+        .await;
+    assert_eq!(
+        too_big,
+        Err(ProtocolError::CheckpointTooLarge {
+            size: limit + 1,
+            limit
+        })
+    );
+    coordinator
+        .save_checkpoint(&id, claim.epoch, &vec![7; limit])
+        .await
+        .unwrap();
+    let stale = coordinator
+        .save_checkpoint(&id, claim.epoch + 1, b"x")
+        .await;
+    assert!(matches!(stale, Err(ProtocolError::NotOwner { .. })));
+    assert_eq!(
+        coordinator.checkpoint(&id).await.unwrap().unwrap().len(),
+        limit
+    );
+    // Deleting the task removes its machine too.
+    coordinator.delete(&id).await.unwrap();
+    let load = coordinator.load_machine(&id).await.unwrap();
+    assert_eq!(load.state.unwrap(), StateRecord::default());
+    assert!(load.checkpoint.is_none() && load.commands.is_empty());
+}

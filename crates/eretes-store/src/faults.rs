@@ -8,7 +8,7 @@
 //! and outage scenarios realistic.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -24,6 +24,8 @@ pub struct FaultyStore<S: ?Sized> {
     keepalives_blocked: AtomicBool,
     outage: AtomicBool,
     txn_latency_us: AtomicU64,
+    /// Reads whose range starts with this prefix fail.
+    failing_reads: Mutex<Option<String>>,
 }
 
 impl<S: Store + ?Sized> FaultyStore<S> {
@@ -34,6 +36,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             keepalives_blocked: AtomicBool::new(false),
             outage: AtomicBool::new(false),
             txn_latency_us: AtomicU64::new(0),
+            failing_reads: Mutex::new(None),
         })
     }
 
@@ -58,6 +61,26 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             .store(latency.as_micros() as u64, Ordering::SeqCst);
     }
 
+    /// Make every read of keys under `prefix` fail (a get, or a transaction
+    /// with such a get), as a store that times out on one call would; `None`
+    /// ends it. Everything else works.
+    pub fn fail_reads_under(&self, prefix: Option<&str>) {
+        *self.failing_reads.lock().expect("not poisoned") = prefix.map(str::to_string);
+    }
+
+    fn check_read(&self, range: &KeyRange) -> StoreResult<()> {
+        let failing = self.failing_reads.lock().expect("not poisoned");
+        let start = match range {
+            KeyRange::Key(key) | KeyRange::Prefix(key) => key,
+        };
+        match failing.as_deref() {
+            Some(prefix) if start.starts_with(prefix) => {
+                Err(StoreError::Unavailable("injected read failure".into()))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// The wrapped store.
     pub fn inner(&self) -> &Arc<S> {
         &self.inner
@@ -76,6 +99,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
 impl<S: Store + ?Sized> Store for FaultyStore<S> {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         self.check()?;
+        self.check_read(&request.range)?;
         self.inner.get(request).await
     }
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
@@ -88,6 +112,11 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
     }
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
         self.check()?;
+        for op in txn.success.iter().chain(&txn.failure) {
+            if let TxnOp::Get(get) = op {
+                self.check_read(&get.range)?;
+            }
+        }
         let latency = self.txn_latency_us.load(Ordering::SeqCst);
         if latency > 0 {
             tokio::time::sleep(Duration::from_micros(latency)).await;
