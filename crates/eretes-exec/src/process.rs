@@ -44,7 +44,8 @@ pub struct ProcessHandler {
 
 /// Errors of a process task count for this long (its attempts are counted
 /// over its whole life, for any practical purpose).
-const ATTEMPT_WINDOW: Duration = Duration::from_secs(365 * 24 * 3600);
+/// A year of 365.25 days, which error messages print as `1year`.
+const ATTEMPT_WINDOW: Duration = Duration::from_secs(31_557_600);
 
 impl ProcessHandler {
     /// A handler with `config`. Creates its directories and kills the

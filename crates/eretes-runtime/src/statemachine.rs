@@ -76,8 +76,9 @@ impl ErrorPolicy {
                 .map_or_else(String::new, |e| e.message.clone());
             return (
                 Message::Error(format!(
-                    "{recent} errors within {:?} (the limit is {}); the last: {last}",
-                    self.window, self.max_errors
+                    "{recent} errors within {} (the limit is {}); the last: {last}",
+                    humantime::format_duration(self.window),
+                    self.max_errors
                 )),
                 Duration::ZERO,
             );

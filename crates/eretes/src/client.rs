@@ -1,9 +1,10 @@
 //! The CLI's commands that talk to an agent's HTTP API: submit, ls, show,
-//! wait, logs, rm, nodes, node. Tables for people, `--json` for scripts.
+//! wait, logs, rm, nodes, node, task. Tables for people, `--json` for
+//! scripts.
 
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
@@ -11,6 +12,8 @@ use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
+
+use crate::agent::api::MAX_SLEEP_MS;
 
 /// Where the agent is.
 #[derive(Debug, Clone, Args)]
@@ -20,11 +23,12 @@ pub struct AgentUrl {
         long,
         value_name = "URL",
         env = "ERETES_AGENT",
-        default_value = "http://127.0.0.1:7070"
+        default_value = "http://127.0.0.1:7070",
+        global = true
     )]
     agent: String,
     /// Bearer token, for agents started with --token.
-    #[arg(long, env = "ERETES_TOKEN", hide_env_values = true)]
+    #[arg(long, env = "ERETES_TOKEN", hide_env_values = true, global = true)]
     token: Option<String>,
 }
 
@@ -151,11 +155,19 @@ impl Client {
                     None,
                 )
                 .await?;
-            if matches!(view["state"].as_str(), Some("done" | "failed")) {
+            if ended(&view) {
                 return Ok(view);
             }
         }
     }
+}
+
+/// Whether a task's view says it has ended (done, failed or killed).
+fn ended(view: &Value) -> bool {
+    view["state"]
+        .as_str()
+        .and_then(eretes_protocol::TaskState::parse)
+        .is_some_and(|state| state.is_terminal())
 }
 
 /// Options of `eretes submit`.
@@ -192,7 +204,8 @@ pub struct SubmitArgs {
 /// Options of `eretes ls`.
 #[derive(Debug, Args)]
 pub struct LsArgs {
-    /// Only tasks in this state: pending, running, done, failed.
+    /// Only tasks in this state: pending, running, sleeping, paused, fault,
+    /// done, failed, killed.
     #[arg(long)]
     state: Option<String>,
     /// Only tasks of this group.
@@ -292,6 +305,80 @@ pub enum NodeAction {
         /// The task.
         id: String,
     },
+}
+
+/// Options of `eretes task`.
+#[derive(Debug, Args)]
+pub struct TaskArgs {
+    /// The task.
+    id: String,
+    /// What it should do.
+    #[command(subcommand)]
+    action: TaskAction,
+    /// Print the agent's answer as JSON.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(flatten)]
+    agent: AgentUrl,
+}
+
+/// The task commands. Each is queued and applied by the task's owner, in
+/// the order sent.
+#[derive(Debug, Subcommand)]
+pub enum TaskAction {
+    /// Stop its work and keep it parked until `resume`.
+    Pause,
+    /// Run a paused or sleeping task again.
+    Resume,
+    /// Stop its work for a while, then run it again.
+    Sleep {
+        /// How long: `250ms`, `30s`, `5m`, `1h30m`, `2days` (at most 365
+        /// days).
+        #[arg(value_parser = sleep_duration)]
+        duration: Duration,
+    },
+    /// Stop its work and end it for good (state killed).
+    Kill,
+    /// Anything else: refused with the list of commands.
+    #[command(external_subcommand)]
+    Unknown(Vec<String>),
+}
+
+/// A sleep's DURATION: humantime's format (`1h30m`, `250ms`, `2days`),
+/// more than zero and at most 365 days.
+fn sleep_duration(text: &str) -> Result<Duration, String> {
+    let duration = humantime::parse_duration(text)
+        .map_err(|e| format!("{e}; write a duration such as 250ms, 30s, 5m or 1h30m"))?;
+    if duration.is_zero() {
+        return Err("a sleep must last longer than 0".to_string());
+    }
+    if duration > Duration::from_millis(MAX_SLEEP_MS) {
+        return Err("a sleep may last at most 365 days".to_string());
+    }
+    if duration.subsec_nanos() % 1_000_000 != 0 {
+        return Err("the finest unit of a sleep is 1ms".to_string());
+    }
+    Ok(duration)
+}
+
+/// A time in milliseconds since the Unix epoch, as RFC 3339 in UTC.
+fn timestamp(ms: u64) -> String {
+    let at = UNIX_EPOCH + Duration::from_millis(ms);
+    humantime::format_rfc3339_seconds(at).to_string()
+}
+
+/// How far `ms` (since the Unix epoch) is from now: `in 1m 30s`, `now`, or
+/// `5s ago`.
+fn from_now(ms: u64) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64);
+    let seconds = |ms: u64| humantime::format_duration(Duration::from_secs(ms.div_ceil(1000)));
+    match ms.cmp(&now) {
+        std::cmp::Ordering::Greater => format!("in {}", seconds(ms - now)),
+        std::cmp::Ordering::Equal => "now".to_string(),
+        std::cmp::Ordering::Less => format!("{} ago", seconds(now - ms)),
+    }
 }
 
 /// The exit code `submit --wait` and `wait` use for a task: its own exit
@@ -428,6 +515,48 @@ pub async fn node(args: NodeArgs) -> Result<i32> {
     Ok(0)
 }
 
+/// `eretes task ID pause|resume|sleep DURATION|kill`.
+pub async fn task(args: TaskArgs) -> Result<i32> {
+    let client = Client::new(&args.agent)?;
+    let id = checked_id(&args.id)?;
+    let body = match &args.action {
+        TaskAction::Pause => json!({"command": "pause"}),
+        TaskAction::Resume => json!({"command": "resume"}),
+        TaskAction::Kill => json!({"command": "kill"}),
+        TaskAction::Sleep { duration } => {
+            json!({"command": "sleep", "duration_ms": duration.as_millis() as u64})
+        }
+        TaskAction::Unknown(words) => bail!(
+            "unknown task command {:?}; task commands are pause, resume, sleep DURATION, kill",
+            words.first().map_or("", String::as_str)
+        ),
+    };
+    let answer: Value = client
+        .send(
+            Method::POST,
+            &format!("/v1/tasks/{id}/commands"),
+            Some(body),
+        )
+        .await?
+        .json()
+        .await
+        .context("reading the agent's answer")?;
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&answer)?);
+        return Ok(0);
+    }
+    let command = text(&answer["command"]);
+    match answer["until_ms"].as_u64() {
+        Some(until) => println!(
+            "sent {command} to task {id}: it sleeps until {} ({})",
+            timestamp(until),
+            from_now(until)
+        ),
+        None => println!("sent {command} to task {id}"),
+    }
+    Ok(0)
+}
+
 /// `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
 pub async fn submit(args: SubmitArgs) -> Result<i32> {
     let client = &Client::new(&args.agent)?;
@@ -500,8 +629,8 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
     Ok(0)
 }
 
-/// `eretes wait ID..`: exits non-zero if any failed (with the task's own
-/// exit code when there is one task).
+/// `eretes wait ID..`: exits non-zero if any failed or was killed (with the
+/// task's own exit code when there is one task that failed).
 pub async fn wait(args: WaitArgs) -> Result<i32> {
     let client = &Client::new(&args.agent)?;
     for id in &args.ids {
@@ -526,7 +655,7 @@ pub async fn wait(args: WaitArgs) -> Result<i32> {
     while let Some((id, view)) = waits.next().await {
         let view = view.with_context(|| format!("waiting for {id}"))?;
         let code = exit_code(&view);
-        if view["state"] == "failed" {
+        if view["state"] != "done" {
             failed += 1;
             last_code = code;
         }
@@ -564,6 +693,7 @@ fn command_line(task: &Value) -> String {
 fn print_outcome(view: &Value) {
     match view["state"].as_str() {
         Some("done") => println!("{} done (exit code {})", text(&view["id"]), exit_code(view)),
+        Some("killed") => println!("{} killed", text(&view["id"])),
         _ => println!(
             "{} failed: {}",
             text(&view["id"]),
@@ -573,9 +703,17 @@ fn print_outcome(view: &Value) {
 }
 
 fn print_task(view: &Value) {
+    let mut state = text(&view["state"]);
+    if let Some(until) = view["sleeping_until_ms"].as_u64() {
+        state.push_str(&format!(
+            " until {} ({})",
+            timestamp(until),
+            from_now(until)
+        ));
+    }
     let mut rows = vec![
         ("id", text(&view["id"])),
-        ("state", text(&view["state"])),
+        ("state", state),
         ("group", text(&view["group"])),
         ("command", command_line(view)),
     ];
@@ -587,6 +725,17 @@ fn print_task(view: &Value) {
     if !view["result"].is_null() {
         rows.push(("exit code", view["result"]["exit_code"].to_string()));
         rows.push(("attempts", view["result"]["attempts"].to_string()));
+    }
+    if let Some(last) = view["errors"].as_array().and_then(|e| e.last()) {
+        let count = view["errors"].as_array().map_or(0, Vec::len);
+        let at = last["at_ms"]
+            .as_u64()
+            .map(|at| format!(" at {}", timestamp(at)))
+            .unwrap_or_default();
+        rows.push((
+            "errors",
+            format!("{count} recent; the last{at}: {}", text(&last["message"])),
+        ));
     }
     for (name, value) in rows {
         println!("{:<10} {value}", format!("{name}:"));
@@ -612,5 +761,72 @@ fn print_table(header: &[&str], rows: &[Vec<String>]) {
     line(header.iter().map(|h| h.to_string()).collect());
     for row in rows {
         line(row.clone());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sleep_durations_are_parsed_strictly() {
+        for (text, ms) in [
+            ("250ms", 250),
+            ("30s", 30_000),
+            ("5m", 300_000),
+            ("1h30m", 5_400_000),
+            ("1h 30m", 5_400_000),
+            ("2days", 172_800_000),
+            ("365days", MAX_SLEEP_MS),
+        ] {
+            assert_eq!(
+                sleep_duration(text),
+                Ok(Duration::from_millis(ms)),
+                "{text}"
+            );
+        }
+        for (text, expected) in [
+            ("", "write a duration such as"),
+            ("soon", "write a duration such as"),
+            ("30", "write a duration such as"),
+            ("-5s", "write a duration such as"),
+            ("5 parsecs", "write a duration such as"),
+            ("0s", "longer than 0"),
+            ("366days", "at most 365 days"),
+            ("1us", "finest unit"),
+        ] {
+            let error = sleep_duration(text).unwrap_err();
+            assert!(error.contains(expected), "{text}: {error}");
+        }
+    }
+
+    #[test]
+    fn times_read_as_utc_and_relative_to_now() {
+        assert_eq!(timestamp(0), "1970-01-01T00:00:00Z");
+        assert_eq!(timestamp(1_700_000_000_500), "2023-11-14T22:13:20Z");
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_millis() as u64;
+        assert_eq!(from_now(now + 90_000), "in 1m 30s");
+        assert!(from_now(now - 60_000).ends_with(" ago"));
+    }
+
+    #[test]
+    fn killed_tasks_have_ended_and_wait_says_so() {
+        for (state, over) in [
+            ("pending", false),
+            ("running", false),
+            ("sleeping", false),
+            ("paused", false),
+            ("fault", false),
+            ("done", true),
+            ("failed", true),
+            ("killed", true),
+        ] {
+            assert_eq!(ended(&json!({ "state": state })), over, "{state}");
+        }
+        let killed = json!({"id": "t", "state": "killed", "error": "killed by a task command"});
+        assert_eq!(exit_code(&killed), 1);
     }
 }

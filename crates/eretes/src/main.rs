@@ -1,8 +1,13 @@
 //! # eretes — the command-line front end
 //!
 //! This binary is the agent layer's entry point (layer 6 of DESIGN.md). It
-//! parses the command line and nothing below it does. Today it offers:
+//! parses the command line and nothing below it does. It offers:
 //!
+//! * `eretes agent` — one node running process tasks, with the HTTP API
+//!   (`agent/api.rs`) and Prometheus metrics;
+//! * `submit`, `ls`, `show`, `wait`, `logs`, `rm`, `nodes`, `node`, and
+//!   `task ID pause|resume|sleep DURATION|kill` — the CLI that talks to an
+//!   agent (`client.rs`);
 //! * `eretes demo [--nodes N] [--tasks M] [--json]` — an in-process cluster on
 //!   the embedded store that survives a node's abrupt death and rebalances
 //!   onto a fresh node, with every figure measured by an observer;
@@ -51,7 +56,7 @@ enum Command {
     Ls(client::LsArgs),
     /// Show one task.
     Show(client::ShowArgs),
-    /// Wait until tasks end; exits non-zero if any failed.
+    /// Wait until tasks end; exits non-zero if any failed or was killed.
     Wait(client::WaitArgs),
     /// Print a task's output (from the agent that ran it).
     Logs(client::LogsArgs),
@@ -61,6 +66,8 @@ enum Command {
     Nodes(client::NodesArgs),
     /// Send a command to a node: freeze, unfreeze, balance, drain, stop-task ID.
     Node(client::NodeArgs),
+    /// Send a command to a task: pause, resume, sleep DURATION, kill.
+    Task(client::TaskArgs),
     /// Run an in-process cluster on the embedded store: submit tasks, kill a
     /// node, add one, and report what the cluster did.
     Demo(demo::DemoArgs),
@@ -101,6 +108,7 @@ fn main() -> Result<()> {
             Command::Rm(args) => client::rm(args).await,
             Command::Nodes(args) => client::nodes(args).await,
             Command::Node(args) => client::node(args).await,
+            Command::Task(args) => client::task(args).await,
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
             Command::WitnessNode(args) => witness_node::run(args).await.map(|()| 0),

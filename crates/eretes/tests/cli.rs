@@ -62,6 +62,13 @@ fn bad_arguments_are_refused_with_a_clear_error() {
             "must start with http:// or https://",
         ),
         (&["demo", "--etcd", "http://localhost"][..], "has no port"),
+        (
+            &["task", "t", "explode"][..],
+            "unknown task command \"explode\"; task commands are pause, resume, sleep DURATION, kill",
+        ),
+        (&["task", "t", "sleep", "soon"][..], "invalid value 'soon'"),
+        (&["task", "t", "sleep", "0ms"][..], "longer than 0"),
+        (&["task", "t/..", "pause"][..], "invalid task id"),
         (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
         (
             &[

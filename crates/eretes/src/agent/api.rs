@@ -3,6 +3,11 @@
 //! fits; request bodies are limited in size; with a token configured, every
 //! mutating call needs `Authorization: Bearer <token>`.
 //!
+//! Task states (`state` in a task, `?state=` in a list) are `pending`,
+//! `running`, `sleeping` (with `sleeping_until_ms`), `paused`, `fault`,
+//! `done`, `failed` and `killed`; a live task also lists the newest
+//! `errors` its handler reported.
+//!
 //! | method and path | what |
 //! |---|---|
 //! | `POST /v1/tasks` | submit a process task |
@@ -11,6 +16,7 @@
 //! | `DELETE /v1/tasks/{id}` | delete it (stops it wherever it runs) |
 //! | `GET /v1/tasks/{id}/wait?timeout_s=` | long-poll until it ends |
 //! | `GET /v1/tasks/{id}/logs?stream=&tail=&follow=` | its stdout or stderr on this agent (last `tail` lines; `follow` until it ends) |
+//! | `POST /v1/tasks/{id}/commands` | queue a task command: `{"command": "pause"}`, `"resume"`, `"kill"`, or `{"command": "sleep", "duration_ms": N}` (or `"until_ms"`); 202, 404 for no such task, 409 once it has ended |
 //! | `GET /v1/nodes` | live nodes |
 //! | `POST /v1/nodes/{name}/commands` | queue a node command |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
@@ -28,8 +34,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eretes_exec::ProcessSpec;
 use eretes_protocol::{
-    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskId, TaskSpec, TaskState,
-    TaskView,
+    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskCommand, TaskId, TaskSpec,
+    TaskState, TaskView,
 };
 use eretes_runtime::NodeStatus;
 use eretes_store::{KeyRange, StoreError};
@@ -44,6 +50,8 @@ pub const MAX_BODY_BYTES: usize = 256 * 1024;
 pub const MAX_WAIT_S: u64 = 300;
 /// Most tasks one list call returns.
 pub const MAX_PAGE: usize = 1000;
+/// Longest sleep a `sleep` task command may ask for (365 days), in ms.
+pub const MAX_SLEEP_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// What every handler shares.
 #[derive(Clone)]
@@ -69,6 +77,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks/{id}", get(show).delete(remove))
         .route("/v1/tasks/{id}/wait", get(wait))
         .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/tasks/{id}/commands", post(task_command))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}/commands", post(node_command))
         .route(
@@ -127,6 +136,9 @@ impl From<ProtocolError> for ApiError {
             }
             ProtocolError::NotFound(_) => {
                 ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
+            }
+            ProtocolError::TaskEnded(_) => {
+                ApiError::new(StatusCode::CONFLICT, "task_ended", message)
             }
             ProtocolError::Store(StoreError::Unavailable(_)) => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
@@ -296,9 +308,8 @@ async fn list(
     let Query(query) = query?;
     let wanted_state = match &query.state {
         Some(name) => Some(TaskState::parse(name).ok_or_else(|| {
-            ApiError::invalid(format!(
-                "state {name:?} is not one of pending, running, done, failed"
-            ))
+            let names: Vec<&str> = TaskState::ALL.iter().map(|s| s.name()).collect();
+            ApiError::invalid(format!("state {name:?} is not one of {}", names.join(", ")))
         })?),
         None => None,
     };
@@ -440,8 +451,8 @@ async fn logs(
         let message = match state.coordinator.task_view(&id).await? {
             None => format!("task {id} not found"),
             Some(view) => format!(
-                "no {stream} log for task {id} on this agent (it is {:?}{})",
-                view.state,
+                "no {stream} log for task {id} on this agent (it is {}{})",
+                view.state.name(),
                 view.node
                     .map(|n| format!(" on node {n}"))
                     .unwrap_or_default()
@@ -569,6 +580,100 @@ async fn node_command(
     Ok(StatusCode::ACCEPTED)
 }
 
+/// The body of `POST /v1/tasks/{id}/commands`: a command, and for `sleep`
+/// either how long (`duration_ms`) or until when (`until_ms`, milliseconds
+/// since the Unix epoch by the agent's clock).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskCommandRequest {
+    /// `pause`, `resume`, `sleep` or `kill`.
+    pub command: String,
+    /// For `sleep`: how long, 1 ms to [`MAX_SLEEP_MS`].
+    #[serde(default)]
+    pub duration_ms: Option<u64>,
+    /// For `sleep`: until when, at most [`MAX_SLEEP_MS`] from now.
+    #[serde(default)]
+    pub until_ms: Option<u64>,
+}
+
+impl TaskCommandRequest {
+    /// The command this asks for, checked, with `now_ms` the agent's clock;
+    /// an error message says what is wrong with it.
+    pub fn to_command(&self, now_ms: u64) -> Result<TaskCommand, String> {
+        let timed = self.duration_ms.is_some() || self.until_ms.is_some();
+        let command = match self.command.as_str() {
+            "pause" => TaskCommand::Pause,
+            "resume" => TaskCommand::Resume,
+            "kill" => TaskCommand::Kill,
+            "sleep" => {
+                let until_ms = match (self.duration_ms, self.until_ms) {
+                    (Some(duration), None) => {
+                        if !(1..=MAX_SLEEP_MS).contains(&duration) {
+                            return Err(format!(
+                                "duration_ms {duration} is not between 1 and {MAX_SLEEP_MS} (365 days)"
+                            ));
+                        }
+                        now_ms.saturating_add(duration)
+                    }
+                    (None, Some(until)) => {
+                        if until <= now_ms {
+                            return Err(format!(
+                                "until_ms {until} is not in the future (the agent's clock says {now_ms})"
+                            ));
+                        }
+                        if until - now_ms > MAX_SLEEP_MS {
+                            return Err(format!("until_ms {until} is more than 365 days ahead"));
+                        }
+                        until
+                    }
+                    (Some(_), Some(_)) => {
+                        return Err("sleep takes duration_ms or until_ms, not both".into())
+                    }
+                    (None, None) => {
+                        return Err(
+                            "sleep needs duration_ms (how long) or until_ms (until when)".into(),
+                        )
+                    }
+                };
+                return Ok(TaskCommand::Sleep { until_ms });
+            }
+            other => {
+                return Err(format!(
+                    "unknown task command {other:?}; task commands are {}",
+                    TaskCommand::NAMES.join(", ")
+                ))
+            }
+        };
+        if timed {
+            return Err(format!(
+                "{} takes no duration_ms or until_ms (only sleep does)",
+                self.command
+            ));
+        }
+        Ok(command)
+    }
+}
+
+/// Queue a command for a task; its owner applies it (or the next owner,
+/// if the task is not running now).
+async fn task_command(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    body: Result<Json<TaskCommandRequest>, JsonRejection>,
+) -> ApiResult<(StatusCode, Json<serde_json::Value>)> {
+    let id = task_id(&id)?;
+    let Json(request) = body?;
+    let command = request
+        .to_command(eretes_protocol::now_ms())
+        .map_err(ApiError::invalid)?;
+    let revision = state.coordinator.send_task_command(&id, &command).await?;
+    let mut answer = json!({ "task": id, "command": command.name(), "revision": revision });
+    if let TaskCommand::Sleep { until_ms } = command {
+        answer["until_ms"] = json!(until_ms);
+    }
+    Ok((StatusCode::ACCEPTED, Json(answer)))
+}
+
 /// The Prometheus text exposition.
 async fn prometheus(State(state): State<ApiState>) -> ApiResult<Response> {
     let text = state.metrics.render().await?;
@@ -599,7 +704,87 @@ async fn ready(State(state): State<ApiState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::tail_start;
+    use super::{tail_start, TaskCommandRequest, MAX_SLEEP_MS};
+    use eretes_protocol::TaskCommand;
+
+    fn request(body: serde_json::Value) -> Result<TaskCommandRequest, serde_json::Error> {
+        serde_json::from_value(body)
+    }
+
+    #[test]
+    fn task_command_bodies_become_commands() {
+        use serde_json::json;
+        let now = 1_000_000;
+        let command = |body| request(body).unwrap().to_command(now);
+        assert_eq!(command(json!({"command": "pause"})), Ok(TaskCommand::Pause));
+        assert_eq!(
+            command(json!({"command": "resume"})),
+            Ok(TaskCommand::Resume)
+        );
+        assert_eq!(command(json!({"command": "kill"})), Ok(TaskCommand::Kill));
+        assert_eq!(
+            command(json!({"command": "sleep", "duration_ms": 2500})),
+            Ok(TaskCommand::Sleep {
+                until_ms: now + 2500
+            })
+        );
+        assert_eq!(
+            command(json!({"command": "sleep", "until_ms": now + 1})),
+            Ok(TaskCommand::Sleep { until_ms: now + 1 })
+        );
+        assert_eq!(
+            command(json!({"command": "sleep", "duration_ms": MAX_SLEEP_MS})),
+            Ok(TaskCommand::Sleep {
+                until_ms: now + MAX_SLEEP_MS
+            })
+        );
+        for (body, expected) in [
+            (
+                json!({"command": "explode"}),
+                "unknown task command \"explode\"; task commands are pause, resume, sleep, kill",
+            ),
+            (json!({"command": "sleep"}), "sleep needs duration_ms"),
+            (
+                json!({"command": "sleep", "duration_ms": 0}),
+                "duration_ms 0",
+            ),
+            (
+                json!({"command": "sleep", "duration_ms": MAX_SLEEP_MS + 1}),
+                "365 days",
+            ),
+            (
+                json!({"command": "sleep", "duration_ms": 5, "until_ms": now + 5}),
+                "not both",
+            ),
+            (
+                json!({"command": "sleep", "until_ms": now}),
+                "not in the future",
+            ),
+            (
+                json!({"command": "sleep", "until_ms": now + MAX_SLEEP_MS + 1}),
+                "more than 365 days",
+            ),
+            (
+                json!({"command": "pause", "duration_ms": 5}),
+                "pause takes no duration_ms",
+            ),
+            (
+                json!({"command": "kill", "until_ms": now + 5}),
+                "only sleep",
+            ),
+        ] {
+            let error = command(body.clone()).unwrap_err();
+            assert!(error.contains(expected), "{body}: {error}");
+        }
+        for bad in [
+            json!({"command": "pause", "colour": "red"}),
+            json!({}),
+            json!({"command": 3}),
+            json!({"command": "sleep", "duration_ms": -1}),
+        ] {
+            assert!(request(bad.clone()).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn tail_starts_at_the_right_line() {

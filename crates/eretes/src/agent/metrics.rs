@@ -2,7 +2,7 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `eretes_tasks` | gauge: tasks in the cluster, read at scrape time | `state`, `group` |
+//! | `eretes_tasks` | gauge: tasks in the cluster, read at scrape time; every state (`pending`, `running`, `sleeping`, `paused`, `fault`, `done`, `failed`, `killed`) of every group seen, 0 included | `state`, `group` |
 //! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total`, `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
 //! | `eretes_lease_renewal_seconds`, `eretes_lease_renewal_failures_total` | histogram, counter | — |
 //! | `eretes_handler_run_seconds` | histogram: how long runs lasted | `group` |
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use eretes_protocol::{Coordinator, ProtocolError};
+use eretes_protocol::{Coordinator, ProtocolError, TaskState};
 use eretes_runtime::NodeStats;
 use eretes_store::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyRange, LeaseGrant, LeaseId,
@@ -34,9 +34,9 @@ pub struct Metrics {
     handle: PrometheusHandle,
     stats: Arc<NodeStats>,
     coordinator: Coordinator,
-    /// Every (state, group) reported so far, so that one that empties is
-    /// reported as 0 rather than left at its last value.
-    reported: std::sync::Mutex<BTreeSet<(String, String)>>,
+    /// Every group reported so far: each of its states is reported, as 0
+    /// when empty, rather than left at its last value or missing.
+    reported: std::sync::Mutex<BTreeSet<String>>,
 }
 
 impl Metrics {
@@ -62,19 +62,21 @@ impl Metrics {
     /// The Prometheus text exposition, with task counts read now.
     pub async fn render(&self) -> Result<String, ProtocolError> {
         let snapshot = self.coordinator.snapshot().await?;
-        let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
+        let mut counts: std::collections::BTreeMap<(String, TaskState), u64> = Default::default();
         for task in snapshot.tasks.values() {
             *counts
-                .entry((task.state.name().to_string(), task.group.to_string()))
+                .entry((task.group.to_string(), task.state))
                 .or_default() += 1;
         }
         {
             let mut reported = self.reported.lock().expect("not poisoned");
-            reported.extend(counts.keys().cloned());
-            for key in reported.iter() {
-                let count = counts.get(key).copied().unwrap_or(0);
-                metrics::gauge!("eretes_tasks", "state" => key.0.clone(), "group" => key.1.clone())
-                    .set(count as f64);
+            reported.extend(counts.keys().map(|(group, _)| group.clone()));
+            for group in reported.iter() {
+                for state in TaskState::ALL {
+                    let count = counts.get(&(group.clone(), state)).copied().unwrap_or(0);
+                    metrics::gauge!("eretes_tasks", "state" => state.name(), "group" => group.clone())
+                        .set(count as f64);
+                }
             }
         }
         let stats = self.stats.snapshot();
