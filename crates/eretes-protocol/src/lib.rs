@@ -14,7 +14,7 @@
 //! * **Release**, **complete** and **fail** are transactions guarded by the
 //!   epoch ([`Coordinator::fence`]): a stale owner cannot change anything.
 //! * **Batches**: [`Coordinator::claim_batch`] and [`Coordinator::end_runs`]
-//!   put up to 32 claims or run ends into one transaction, and fall back to
+//!   put up to 32 claims or 16 run ends into one transaction, and fall back to
 //!   one transaction per task when any of them would fail, so each task gets
 //!   exactly the answer its own transaction would have given.
 //! * **Takeovers** (claims after an owner that never released) are counted per

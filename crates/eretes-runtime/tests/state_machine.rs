@@ -207,8 +207,8 @@ fn embedded() -> Arc<dyn Store> {
     EmbeddedStore::new()
 }
 
-#[tokio::test(start_paused = true)]
-async fn pause_resume_sleep_and_kill_steer_a_running_task_through_the_store() {
+/// Node `a` on an embedded store, running task `job` (mode `count`).
+async fn one_node_running_job() -> (Arc<dyn Store>, Machines) {
     let store = embedded();
     let mut machines = Machines::new(store.clone());
     machines.start("a", store.clone()).await;
@@ -217,6 +217,12 @@ async fn pause_resume_sleep_and_kill_steer_a_running_task_through_the_store() {
         machines.running("job")
     })
     .await;
+    (store, machines)
+}
+
+#[tokio::test(start_paused = true)]
+async fn pause_resume_sleep_and_kill_steer_a_running_task_through_the_store() {
+    let (store, machines) = one_node_running_job().await;
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
     machines.command("job", TaskCommand::Pause).await;
@@ -295,14 +301,7 @@ async fn pause_resume_sleep_and_kill_steer_a_running_task_through_the_store() {
 
 #[tokio::test(start_paused = true)]
 async fn a_command_the_state_does_not_accept_is_taken_and_changes_nothing() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
-    machines.cluster.submit("job", json!({})).await;
-    eventually("job runs", Duration::from_secs(5), || {
-        machines.running("job")
-    })
-    .await;
+    let (store, machines) = one_node_running_job().await;
     // Resume a running task (invalid), and a value that is no command.
     machines.command("job", TaskCommand::Resume).await;
     let garbage = format!(
@@ -373,14 +372,7 @@ async fn commands_sent_while_nobody_runs_the_task_apply_in_order_at_its_next_cla
 
 #[tokio::test(start_paused = true)]
 async fn a_failover_hands_the_latest_checkpoint_on_and_the_old_owners_writes_are_refused() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
-    machines.cluster.submit("job", json!({})).await;
-    eventually("job runs on a", Duration::from_secs(5), || {
-        machines.running("job")
-    })
-    .await;
+    let (store, mut machines) = one_node_running_job().await;
     tokio::time::sleep(Duration::from_millis(3500)).await;
     let id = TaskId::new("job").unwrap();
     let saved = machines.cluster.coordinator.checkpoint(&id).await.unwrap();
