@@ -2,7 +2,7 @@
 //! the process starts, and saved (fenced) whenever the process replaces it.
 
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
 use eretes_runtime::Checkpointer;
@@ -75,18 +75,37 @@ impl CheckpointFile {
         if self.saved.as_ref() == Some(&bytes) {
             return;
         }
-        match checkpointer.save(bytes.clone()).await {
-            Ok(()) => self.saved = Some(bytes),
-            Err(error) => {
-                debug!(task, %error, "the task's checkpoint was not saved");
+        // Bounded, so a slow store cannot hold off stopping the process.
+        match tokio::time::timeout(SAVE_TIMEOUT, checkpointer.save(bytes.clone())).await {
+            Ok(Ok(())) => self.saved = Some(bytes),
+            outcome => {
+                let error = match outcome {
+                    Ok(Err(error)) => error.to_string(),
+                    _ => format!("no answer within {SAVE_TIMEOUT:?}"),
+                };
+                debug!(task, error, "the task's checkpoint was not saved");
                 // Look again next time: the store may be back.
                 self.seen = None;
             }
         }
     }
 
-    /// Remove the file (the run is over; its checkpoint is in the store).
-    pub(crate) async fn remove(self) {
-        let _ = tokio::fs::remove_file(&self.path).await;
+    /// The process's half-written replacement, by the documented convention.
+    fn temporary(&self) -> PathBuf {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".tmp");
+        PathBuf::from(name)
+    }
+}
+
+/// The longest a checkpoint save may take before the run goes on without it.
+const SAVE_TIMEOUT: Duration = Duration::from_secs(5);
+
+impl Drop for CheckpointFile {
+    /// The run is over (or was dropped): its checkpoint is in the store, so
+    /// the file and any half-written replacement go.
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+        let _ = std::fs::remove_file(self.temporary());
     }
 }

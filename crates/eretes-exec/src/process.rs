@@ -90,7 +90,8 @@ impl StatefulHandler for ProcessHandler {
             ));
         }
         let logs = self.config.logs_dir().join(id.as_str());
-        // A first attempt starts fresh logs; retries after errors append.
+        // Logs start afresh with each run that is not a retry after an
+        // error (a resumed or woken task too); retries append.
         if ctx.recent_errors == 0 {
             if let Err(error) = reset_logs(&logs).await {
                 // The run goes on; `capture` reports the log it cannot write.
@@ -112,7 +113,7 @@ impl StatefulHandler for ProcessHandler {
         } else {
             self.once(&ctx, &spec, &logs, &mut checkpoint).await
         };
-        checkpoint.remove().await;
+        drop(checkpoint);
         step
     }
 

@@ -11,8 +11,9 @@ use serde_json::Value;
 pub const MAX_PROGRAM_BYTES: usize = 4096;
 /// Most arguments a process task may have.
 pub const MAX_ARGS: usize = 4096;
-/// Most attempts a process task may ask for.
-pub const MAX_ATTEMPTS: u32 = 100;
+/// Most attempts a process task may ask for: as many errors as a task's
+/// state record keeps, since the error policy counts the kept errors.
+pub const MAX_ATTEMPTS: u32 = eretes_protocol::machine::MAX_ERRORS_KEPT as u32;
 /// Attempts when the spec does not say.
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 
@@ -161,8 +162,8 @@ mod tests {
                 "max_attempts 0",
             ),
             (
-                json!({"process": {"program": "sh", "max_attempts": 101}}),
-                "max_attempts 101",
+                json!({"process": {"program": "sh", "max_attempts": 33}}),
+                "max_attempts 33 is not between 1 and 32",
             ),
             (
                 json!({"process": {"program": "sh", "colour": "red"}}),

@@ -601,3 +601,50 @@ async fn state_and_checkpoint_writes_are_fenced_and_checkpoints_are_size_limited
     assert_eq!(load.state.unwrap(), StateRecord::default());
     assert!(load.checkpoint.is_none() && load.commands.is_empty());
 }
+
+#[tokio::test]
+async fn deleting_a_task_leaves_a_similarly_named_tasks_commands_alone() {
+    let (_store, coordinator) = setup();
+    let (t, t1) = (TaskId::new("t").unwrap(), TaskId::new("t1").unwrap());
+    for id in [&t, &t1] {
+        coordinator.submit(id, &spec(json!({}))).await.unwrap();
+        coordinator
+            .send_task_command(id, &TaskCommand::Pause)
+            .await
+            .unwrap();
+    }
+    coordinator.delete(&t).await.unwrap();
+    assert!(coordinator.task_commands(&t).await.unwrap().is_empty());
+    assert_eq!(coordinator.task_commands(&t1).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn a_full_batch_of_run_ends_fits_the_stores_operation_limit() {
+    // The embedded store enforces etcd's default of 128 operations per
+    // transaction; a full batch of completions and kills must fit in one.
+    let (store, coordinator) = setup();
+    let mut runs = Vec::new();
+    for n in 0..=MAX_FINISH_BATCH {
+        let id = TaskId::new(format!("t{n}")).unwrap();
+        coordinator.submit(&id, &spec(json!({}))).await.unwrap();
+        let claim = claim(&coordinator, &store, &id, "n1").await;
+        let end = if n % 2 == 0 {
+            RunEnd::Done(json!(n))
+        } else {
+            RunEnd::Killed
+        };
+        runs.push((claim, end));
+    }
+    let before = store.get_prefix("p/").await.unwrap().revision;
+    let results = coordinator.end_runs(&runs).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    let after = store.get_prefix("p/").await.unwrap().revision;
+    // One full batch and one run on its own: two revisions.
+    assert_eq!(after - before, 2);
+    let killed = coordinator
+        .result(&TaskId::new("t1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(killed.outcome, Outcome::Killed);
+}

@@ -17,15 +17,17 @@
 //!   tried again later; it never ends the task.
 
 use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eretes_protocol::machine::transition;
+use eretes_protocol::machine::{transition, MAX_ERRORS_KEPT};
 use eretes_protocol::{
     now_ms, Coordinator, MachineState, Message, ProtocolError, QueuedCommand, StateRecord,
     TaskRecord,
 };
+use futures::FutureExt;
 use serde_json::Value;
 use tokio::time::Instant;
 use tracing::{debug, info, warn};
@@ -40,7 +42,9 @@ use crate::handler::{CommandSubscription, Handler, HandlerOutcome, TaskContext};
 /// The default is 8 errors within 4 hours, backing off from 1 s to 10 min.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ErrorPolicy {
-    /// Errors within the window that fail the task (at least 1).
+    /// Errors within the window that fail the task: at least 1, at most
+    /// [`MAX_ERRORS_KEPT`] (the errors a state record keeps, which are what
+    /// is counted); values outside are taken as the nearest bound.
     pub max_errors: usize,
     /// How far back errors count.
     pub window: Duration,
@@ -69,7 +73,7 @@ impl ErrorPolicy {
     pub fn decide(&self, record: &StateRecord, now_ms: u64) -> (Message, Duration) {
         let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
         let recent = record.errors_since(now_ms.saturating_sub(window_ms));
-        if recent >= self.max_errors.max(1) {
+        if recent >= self.max_errors.clamp(1, MAX_ERRORS_KEPT) {
             let last = record
                 .errors
                 .last()
@@ -89,7 +93,7 @@ impl ErrorPolicy {
             .checked_mul(2u32.saturating_pow(doublings))
             .unwrap_or(self.longest_backoff)
             .min(self.longest_backoff);
-        let until_ms = now_ms.saturating_add(u64::try_from(backoff.as_millis()).unwrap_or(0));
+        let until_ms = now_ms.saturating_add(millis(backoff));
         (Message::Sleep { until_ms }, backoff)
     }
 }
@@ -217,10 +221,23 @@ impl<H: StatefulHandler> Handler for StateMachine<H> {
                 return HandlerOutcome::Release;
             }
         };
-        let record = load.state.unwrap_or_else(|malformed| {
-            warn!(task = %ctx.id, %malformed, "the task's state record is malformed; starting from runnable");
-            StateRecord::default()
-        });
+        // A record nobody can read may have said paused or killed: park the
+        // task rather than run it, and say why, until a user resumes it.
+        let (record, malformed) = match load.state {
+            Ok(record) => (record, false),
+            Err(malformed) => {
+                warn!(task = %ctx.id, %malformed, "the task's state record is malformed; pausing the task until it is resumed");
+                let mut record = StateRecord {
+                    state: MachineState::Paused,
+                    ..StateRecord::default()
+                };
+                record.push_error(
+                    now_ms(),
+                    &format!("{malformed}; paused until a resume command"),
+                );
+                (record, true)
+            }
+        };
         let policy = self.inner.error_policy(&ctx.task).unwrap_or(self.policy);
         let mut run = Run {
             machine: self,
@@ -231,6 +248,12 @@ impl<H: StatefulHandler> Handler for StateMachine<H> {
             latest: Arc::new(Mutex::new(load.checkpoint)),
             wake: None,
         };
+        if malformed {
+            let record = run.record.clone();
+            if run.write(record, None).await.is_err() {
+                return HandlerOutcome::Release;
+            }
+        }
         match run.drive(&subscription).await {
             Ok(outcome) => outcome,
             Err(Interrupted) => HandlerOutcome::Release,
@@ -332,24 +355,38 @@ impl<H: StatefulHandler> Run<'_, H> {
             },
         };
         let inner = self.machine.inner.clone();
-        let work = inner.run(ctx);
+        // A panic is the handler's error, for the policy to judge.
+        let work = AssertUnwindSafe(inner.run(ctx))
+            .catch_unwind()
+            .map(|result| result.unwrap_or_else(|panic| Step::Error(panic_text(&*panic))));
         tokio::pin!(work);
         let mut interrupted = false;
+        let mut failed = false;
         let step = loop {
             tokio::select! {
                 step = &mut work => break step,
                 _ = commands.rung(), if !interrupted => {
-                    self.refill().await?;
-                    if self.queue.iter().any(interrupts_a_run) {
-                        debug!(task = %self.ctx.id, "a command interrupts the run");
+                    let handled = match self.refill().await {
+                        Ok(()) if self.queue.iter().any(interrupts_a_run) => {
+                            debug!(task = %self.ctx.id, "a command interrupts the run");
+                            Ok(true)
+                        }
+                        Ok(()) => self.apply_queued().await.map(|()| false),
+                        Err(error) => Err(error),
+                    };
+                    // On a store error the run still stops the proper way
+                    // (cancelled, waited for), then the task is given back.
+                    failed = handled.is_err();
+                    if handled.unwrap_or(true) {
                         interrupted = true;
                         cancel.cancel();
-                    } else {
-                        self.apply_queued().await?;
                     }
                 }
             }
         };
+        if failed {
+            return Err(Interrupted);
+        }
         let stopped = interrupted || self.ctx.cancel.is_cancelled();
         match step {
             // Finished work is kept even if a stop arrived meanwhile.
@@ -358,8 +395,7 @@ impl<H: StatefulHandler> Run<'_, H> {
             _ if stopped => Ok(None),
             Step::Release => Ok(Some(HandlerOutcome::Release)),
             Step::Sleep(duration) => {
-                let until_ms =
-                    now_ms().saturating_add(u64::try_from(duration.as_millis()).unwrap_or(0));
+                let until_ms = now_ms().saturating_add(millis(duration));
                 self.persist(&Message::Sleep { until_ms }, None).await?;
                 Ok(None)
             }
@@ -370,9 +406,10 @@ impl<H: StatefulHandler> Run<'_, H> {
             }
             Step::Fatal(error) => {
                 warn!(task = %self.ctx.id, %error, "the task failed");
-                // Into fault, and straight on to failed: no policy asked.
-                self.persist(&Message::Error(error.clone()), None).await?;
-                self.persist(&Message::Error(error), None).await?;
+                // Into fault and straight on to failed, in one write, so no
+                // owner ever finds it in fault and asks the policy.
+                let message = Message::Error(error);
+                self.persist_all(&[message.clone(), message], None).await?;
                 Ok(None)
             }
         }
@@ -420,30 +457,24 @@ impl<H: StatefulHandler> Run<'_, H> {
         message: &Message,
         applied: Option<&str>,
     ) -> Result<(), Interrupted> {
+        self.persist_all(std::slice::from_ref(message), applied)
+            .await
+    }
+
+    /// Apply `messages` one after the other and write only the state they
+    /// lead to (taking the command at `applied` in the same transaction).
+    async fn persist_all(
+        &mut self,
+        messages: &[Message],
+        applied: Option<&str>,
+    ) -> Result<(), Interrupted> {
         let mut record = self.record.clone();
-        match transition(record.state, message) {
-            Ok(next) => {
-                debug!(task = %self.ctx.id, from = record.state.name(), to = next.name(), message = message.name(), "transition");
-                // The same text twice in a row (a fatal error on its way to
-                // failed) is one error.
-                if let Message::Error(error) = message {
-                    if record
-                        .errors
-                        .last()
-                        .is_none_or(|last| last.message != *error)
-                        || next == MachineState::Fault
-                    {
-                        record.push_error(now_ms(), error);
-                    }
-                }
-                record.state = next;
-            }
-            Err(invalid) => {
-                warn!(task = %self.ctx.id, %invalid, "ignoring the message");
-                if applied.is_none() {
-                    return Ok(());
-                }
-            }
+        let mut changed = false;
+        for message in messages {
+            changed |= apply_message(&self.ctx, &mut record, message);
+        }
+        if !changed && applied.is_none() {
+            return Ok(());
         }
         self.write(record, applied).await
     }
@@ -474,6 +505,50 @@ impl<H: StatefulHandler> Run<'_, H> {
             }
         }
     }
+}
+
+/// Move `record` by `message`; false (and a warning) if its state does not
+/// accept it.
+fn apply_message(ctx: &TaskContext, record: &mut StateRecord, message: &Message) -> bool {
+    match transition(record.state, message) {
+        Ok(next) => {
+            debug!(task = %ctx.id, from = record.state.name(), to = next.name(), message = message.name(), "transition");
+            // The same text twice in a row (a fatal error on its way to
+            // failed) is one error.
+            if let Message::Error(error) = message {
+                if next == MachineState::Fault
+                    || record
+                        .errors
+                        .last()
+                        .is_none_or(|last| last.message != *error)
+                {
+                    record.push_error(now_ms(), error);
+                }
+            }
+            record.state = next;
+            true
+        }
+        Err(invalid) => {
+            warn!(task = %ctx.id, %invalid, "ignoring the message");
+            false
+        }
+    }
+}
+
+/// The text of a caught panic.
+fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
+    let text = panic
+        .downcast_ref::<&str>()
+        .map(|s| s.to_string())
+        .or_else(|| panic.downcast_ref::<String>().cloned())
+        .unwrap_or_else(|| "non-string panic payload".to_string());
+    format!("the handler panicked: {text}")
+}
+
+/// `duration` in whole milliseconds, saturating (a sleep too long to count
+/// is a sleep until the end of time, never none).
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// Whether a queued command stops a running handler: one that moves a

@@ -34,6 +34,7 @@ struct Seen {
 /// * `count` (default): saves checkpoints `1`, `2`, … (continuing from the
 ///   one it received) once a second until stopped;
 /// * `flaky`: reports an error at once, every time;
+/// * `panic`: panics, every time;
 /// * `fail-twice`: reports an error on its first two tries, then completes;
 /// * `nap`: asks to sleep 5 s on its first run, then completes.
 struct Probe {
@@ -69,6 +70,7 @@ impl StatefulHandler for Probe {
             .unwrap_or("count");
         match mode {
             "flaky" => Step::Error("boom".into()),
+            "panic" => panic!("probe panic"),
             "fail-twice" if ctx.recent_errors < 2 => {
                 Step::Error(format!("try {}", ctx.recent_errors + 1))
             }
@@ -570,4 +572,59 @@ async fn a_store_failure_while_loading_state_releases_the_task_and_loses_nothing
     })
     .await;
     assert_eq!(machines.runs_of("job")[0].checkpoint.as_deref(), Some("41"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_panicking_handler_is_an_error_for_the_policy_not_an_instant_failure() {
+    let store = embedded();
+    let mut machines = Machines::new(store.clone());
+    machines.start("a", store.clone()).await;
+    machines.cluster.submit("p", json!({"mode": "panic"})).await;
+    machines
+        .wait_state("p", TaskState::Sleeping, Duration::from_secs(5))
+        .await;
+    let view = machines.view("p").await;
+    assert_eq!(view.errors[0].message, "the handler panicked: probe panic");
+    let id = TaskId::new("p").unwrap();
+    let mut result = None;
+    for _ in 0..100 {
+        result = machines.cluster.coordinator.result(&id).await.unwrap();
+        if result.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let result = result.expect("failed after its third panic");
+    assert_eq!(result.outcome, Outcome::Failed);
+    assert_eq!(machines.runs_of("p").len(), 3);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_malformed_state_record_parks_the_task_as_paused_with_the_reason() {
+    let store = embedded();
+    let mut machines = Machines::new(store.clone());
+    machines.cluster.submit("odd", json!({})).await;
+    let key = machines.cluster.ns.state(&TaskId::new("odd").unwrap());
+    store
+        .put(PutRequest::new(key, b"{\"state\": \"dancing\"}".to_vec()))
+        .await
+        .unwrap();
+    machines.start("a", store.clone()).await;
+    machines
+        .wait_state("odd", TaskState::Paused, Duration::from_secs(5))
+        .await;
+    let view = machines.view("odd").await;
+    assert!(
+        view.errors[0]
+            .message
+            .contains("paused until a resume command"),
+        "{:?}",
+        view.errors
+    );
+    assert!(machines.runs_of("odd").is_empty(), "it did not run");
+    machines.command("odd", TaskCommand::Resume).await;
+    eventually("it runs once resumed", Duration::from_secs(5), || {
+        machines.running("odd")
+    })
+    .await;
 }

@@ -3,7 +3,7 @@
 //! | metric | kind | labels |
 //! |---|---|---|
 //! | `eretes_tasks` | gauge: tasks in the cluster, read at scrape time; every state (`pending`, `running`, `sleeping`, `paused`, `fault`, `done`, `failed`, `killed`) of every group seen, 0 included | `state`, `group` |
-//! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total`, `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
+//! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total` (failed or killed), `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
 //! | `eretes_lease_renewal_seconds`, `eretes_lease_renewal_failures_total` | histogram, counter | — |
 //! | `eretes_handler_run_seconds` | histogram: how long runs lasted | `group` |
 //! | `eretes_store_request_seconds`, `eretes_store_request_errors_total` | histogram, counter: every request to the store | `op` |
