@@ -73,8 +73,10 @@ pub const AGENT_DIR_ENV: &str = "ERETES_AGENT_DIR";
 /// The environment variable that names a process task's checkpoint file.
 pub const CHECKPOINT_FILE_ENV: &str = "ERETES_CHECKPOINT_FILE";
 
-/// How often a running process's checkpoint file is looked at.
-pub const CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_millis(250);
+/// How often a running process's checkpoint file is looked at, which also
+/// bounds how often it is saved: every save is a store write that every
+/// node's watch of the namespace carries.
+pub const CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which programs process tasks may run.
 #[derive(Debug, Clone, PartialEq, Eq)]

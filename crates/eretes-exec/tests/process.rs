@@ -687,7 +687,8 @@ echo $$ > pid.tmp; mv pid.tmp pid
 while true; do sleep 0.1; done"#;
     agent.submit_sh("graceful", script, |_| {}).await;
     let pid = new_pid(&agent.path("pid"), 0).await;
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // Past two looks at the file.
+    tokio::time::sleep(eretes_exec::CHECKPOINT_POLL * 2 + Duration::from_millis(500)).await;
     assert_eq!(
         agent.checkpoint("graceful").await,
         None,
