@@ -177,6 +177,18 @@ impl Machines {
         }
     }
 
+    /// Task `id`'s result, waiting up to 20 s of virtual time for it.
+    async fn result(&self, id: &str) -> eretes_protocol::ResultRecord {
+        let id = TaskId::new(id).unwrap();
+        for _ in 0..200 {
+            if let Some(result) = self.cluster.coordinator.result(&id).await.unwrap() {
+                return result;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("no result for {id} within 20 s");
+    }
+
     fn runs_of(&self, id: &str) -> Vec<Seen> {
         self.seen
             .lock()
@@ -447,16 +459,7 @@ async fn the_error_policy_backs_off_and_then_fails_the_task() {
     assert_eq!(view.errors[0].message, "boom");
 
     let coordinator = &machines.cluster.coordinator;
-    let id = TaskId::new("flaky").unwrap();
-    let mut result = None;
-    for _ in 0..200 {
-        result = coordinator.result(&id).await.unwrap();
-        if result.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result = result.expect("the task failed within 20 s");
+    let result = machines.result("flaky").await;
     assert_eq!(result.outcome, Outcome::Failed);
     let error = result.error.unwrap();
     assert!(
@@ -498,16 +501,7 @@ async fn a_handler_may_sleep_and_its_checkpoint_survives_the_nap() {
     machines
         .wait_state("nap", TaskState::Sleeping, Duration::from_secs(5))
         .await;
-    let id = TaskId::new("nap").unwrap();
-    let mut done = None;
-    for _ in 0..100 {
-        done = machines.cluster.coordinator.result(&id).await.unwrap();
-        if done.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(done.expect("done after the nap").result, json!("rested"));
+    assert_eq!(machines.result("nap").await.result, json!("rested"));
     let runs = machines.runs_of("nap");
     assert_eq!(runs[1].checkpoint.as_deref(), Some("napped"));
 }
@@ -585,16 +579,7 @@ async fn a_panicking_handler_is_an_error_for_the_policy_not_an_instant_failure()
         .await;
     let view = machines.view("p").await;
     assert_eq!(view.errors[0].message, "the handler panicked: probe panic");
-    let id = TaskId::new("p").unwrap();
-    let mut result = None;
-    for _ in 0..100 {
-        result = machines.cluster.coordinator.result(&id).await.unwrap();
-        if result.is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let result = result.expect("failed after its third panic");
+    let result = machines.result("p").await;
     assert_eq!(result.outcome, Outcome::Failed);
     assert_eq!(machines.runs_of("p").len(), 3);
 }
