@@ -322,7 +322,10 @@ impl<H: StatefulHandler> Run<'_, H> {
         match self.wake {
             Some((until, at)) if until == until_ms => at,
             _ => {
-                let left = Duration::from_millis(until_ms.saturating_sub(now_ms()));
+                // Capped, so a wake-up time at the end of time (a saturated
+                // sleep, or a record from elsewhere) cannot overflow the clock.
+                let left =
+                    Duration::from_millis(until_ms.saturating_sub(now_ms())).min(LONGEST_SLEEP);
                 let at = Instant::now() + left;
                 self.wake = Some((until_ms, at));
                 at
@@ -544,6 +547,10 @@ fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "non-string panic payload".to_string());
     format!("the handler panicked: {text}")
 }
+
+/// The longest a sleep is timed for (100 years): a task asked to sleep
+/// longer, up to the end of time, wakes after that.
+const LONGEST_SLEEP: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 /// `duration` in whole milliseconds, saturating (a sleep too long to count
 /// is a sleep until the end of time, never none).

@@ -35,6 +35,7 @@ struct Seen {
 ///   one it received) once a second until stopped;
 /// * `flaky`: reports an error at once, every time;
 /// * `panic`: panics, every time;
+/// * `forever`: asks to sleep for `Duration::MAX`;
 /// * `fail-twice`: reports an error on its first two tries, then completes;
 /// * `nap`: asks to sleep 5 s on its first run, then completes.
 struct Probe {
@@ -71,6 +72,7 @@ impl StatefulHandler for Probe {
         match mode {
             "flaky" => Step::Error("boom".into()),
             "panic" => panic!("probe panic"),
+            "forever" => Step::Sleep(Duration::MAX),
             "fail-twice" if ctx.recent_errors < 2 => {
                 Step::Error(format!("try {}", ctx.recent_errors + 1))
             }
@@ -612,4 +614,23 @@ async fn a_malformed_state_record_parks_the_task_as_paused_with_the_reason() {
         machines.running("odd")
     })
     .await;
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_sleep_to_the_end_of_time_sleeps_and_still_obeys_commands() {
+    let store = embedded();
+    let mut machines = Machines::new(store.clone());
+    machines.start("a", store.clone()).await;
+    machines
+        .cluster
+        .submit("z", json!({"mode": "forever"}))
+        .await;
+    machines
+        .wait_state("z", TaskState::Sleeping, Duration::from_secs(5))
+        .await;
+    assert_eq!(machines.view("z").await.sleeping_until_ms, Some(u64::MAX));
+    tokio::time::sleep(Duration::from_secs(3600)).await;
+    assert_eq!(machines.runs_of("z").len(), 1, "still asleep an hour later");
+    machines.command("z", TaskCommand::Kill).await;
+    assert_eq!(machines.result("z").await.outcome, Outcome::Killed);
 }
