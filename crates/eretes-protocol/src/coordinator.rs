@@ -150,16 +150,21 @@ fn delete_prefix(prefix: String) -> TxnOp {
     TxnOp::Delete(DeleteRequest::new(KeyRange::prefix(prefix)))
 }
 
-fn get(key: String) -> TxnOp {
+pub(crate) fn get(key: String) -> TxnOp {
     TxnOp::Get(GetRequest::new(KeyRange::Key(key)))
+}
+
+/// The key-values of a Get response in a transaction (none for any other).
+pub(crate) fn got_all(response: Option<&TxnOpResponse>) -> &[KeyValue] {
+    match response {
+        Some(TxnOpResponse::Get(get)) => get.kvs.as_slice(),
+        _ => &[],
+    }
 }
 
 /// The single key-value of a Get response in a transaction, if any.
 fn got(response: Option<&TxnOpResponse>) -> Option<KeyValue> {
-    match response {
-        Some(TxnOpResponse::Get(get)) => get.kvs.first().cloned(),
-        _ => None,
-    }
+    got_all(response).first().cloned()
 }
 
 impl Coordinator {

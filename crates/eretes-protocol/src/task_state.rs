@@ -4,11 +4,11 @@
 //! change its state or checkpoint.
 
 use eretes_store::{
-    Compare, DeleteRequest, GetRequest, KeyRange, KeyValue, PutRequest, Revision, Txn, TxnOp,
-    TxnOpResponse,
+    Compare, DeleteRequest, GetRequest, KeyRange, KeyValue, PutRequest, Revision, StoreExt, Txn,
+    TxnOp,
 };
 
-use crate::coordinator::Coordinator;
+use crate::coordinator::{get, got_all, Coordinator};
 use crate::error::ProtocolError;
 use crate::ids::TaskId;
 use crate::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
@@ -35,17 +35,6 @@ pub struct MachineLoad {
     pub checkpoint: Option<Vec<u8>>,
     /// Commands queued for the task, oldest first.
     pub commands: Vec<QueuedCommand>,
-}
-
-fn get_key(key: String) -> TxnOp {
-    TxnOp::Get(GetRequest::new(KeyRange::Key(key)))
-}
-
-fn responses_kvs(response: Option<&TxnOpResponse>) -> &[KeyValue] {
-    match response {
-        Some(TxnOpResponse::Get(get)) => get.kvs.as_slice(),
-        _ => &[],
-    }
 }
 
 /// Queued commands from a listing of one task's queue, oldest first.
@@ -78,12 +67,12 @@ impl Coordinator {
         let txn = Txn::new()
             .when(Compare::present(ns.task(id)))
             .and_then(TxnOp::Put(PutRequest::new(key, command.encode())))
-            .or_else(get_key(ns.result(id)));
+            .or_else(get(ns.result(id)));
         let response = self.store().txn(txn).await?;
         if response.succeeded {
             return Ok(response.revision);
         }
-        if responses_kvs(response.responses.first()).is_empty() {
+        if got_all(response.responses.first()).is_empty() {
             Err(ProtocolError::NotFound(id.to_string()))
         } else {
             Err(ProtocolError::TaskEnded(id.to_string()))
@@ -95,23 +84,23 @@ impl Coordinator {
     pub async fn load_machine(&self, id: &TaskId) -> Result<MachineLoad, ProtocolError> {
         let ns = self.namespace();
         let txn = Txn::new()
-            .and_then(get_key(ns.state(id)))
-            .and_then(get_key(ns.checkpoint(id)))
+            .and_then(get(ns.state(id)))
+            .and_then(get(ns.checkpoint(id)))
             .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(
                 ns.task_commands(id),
             ))));
         let response = self.store().txn(txn).await?;
-        let state = match responses_kvs(response.responses.first()).first() {
+        let state = match got_all(response.responses.first()).first() {
             None => Ok(StateRecord::default()),
             Some(kv) => decode::<StateRecord>("state", &kv.key, &kv.value),
         };
-        let checkpoint = responses_kvs(response.responses.get(1))
+        let checkpoint = got_all(response.responses.get(1))
             .first()
             .map(|kv| kv.value.clone());
         Ok(MachineLoad {
             state,
             checkpoint,
-            commands: queued(responses_kvs(response.responses.get(2))),
+            commands: queued(got_all(response.responses.get(2))),
         })
     }
 
@@ -179,7 +168,6 @@ impl Coordinator {
 
     /// Task `id`'s latest checkpoint, if it saved one.
     pub async fn checkpoint(&self, id: &TaskId) -> Result<Option<Vec<u8>>, ProtocolError> {
-        use eretes_store::StoreExt;
         let key = self.namespace().checkpoint(id);
         Ok(self.store().get_key(&key).await?.map(|kv| kv.value))
     }

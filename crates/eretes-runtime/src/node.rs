@@ -1148,7 +1148,7 @@ impl MainLoop {
         let abort = self.handlers.spawn(async move {
             let exit = match AssertUnwindSafe(handler.run(ctx)).catch_unwind().await {
                 Ok(outcome) => Exit::Returned(outcome),
-                Err(panic) => Exit::Panicked(panic_message(panic)),
+                Err(panic) => Exit::Panicked(panic_message(&*panic)),
             };
             (id, exit)
         });
@@ -1369,7 +1369,7 @@ fn off_loop<T: Send + 'static>(
 }
 
 /// The text of a caught panic.
-fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+pub(crate) fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
     if let Some(s) = panic.downcast_ref::<&str>() {
         s.to_string()
     } else if let Some(s) = panic.downcast_ref::<String>() {

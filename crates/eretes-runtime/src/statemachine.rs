@@ -33,6 +33,7 @@ use tokio::time::Instant;
 use tracing::{debug, info, warn};
 
 use crate::handler::{CommandSubscription, Handler, HandlerOutcome, TaskContext};
+use crate::node::panic_message;
 
 /// What the machine does with a handler's errors: after `max_errors` errors
 /// within `window` the task fails; before that, it sleeps for a backoff that
@@ -66,13 +67,17 @@ impl Default for ErrorPolicy {
 }
 
 impl ErrorPolicy {
+    /// How many of `record`'s errors fall within the window at `now_ms`.
+    pub fn recent_errors(&self, record: &StateRecord, now_ms: u64) -> usize {
+        record.errors_since(now_ms.saturating_sub(millis(self.window)))
+    }
+
     /// The policy's answer in the fault state: `Message::Error` (fail) when
     /// the task has had `max_errors` errors within the window at `now_ms`,
     /// else `Message::Sleep` until the end of its backoff, which is returned
     /// too.
     pub fn decide(&self, record: &StateRecord, now_ms: u64) -> (Message, Duration) {
-        let window_ms = u64::try_from(self.window.as_millis()).unwrap_or(u64::MAX);
-        let recent = record.errors_since(now_ms.saturating_sub(window_ms));
+        let recent = self.recent_errors(record, now_ms);
         if recent >= self.max_errors.clamp(1, MAX_ERRORS_KEPT) {
             let last = record
                 .errors
@@ -340,10 +345,7 @@ impl<H: StatefulHandler> Run<'_, H> {
         commands: &CommandSubscription,
     ) -> Result<Option<HandlerOutcome>, Interrupted> {
         let cancel = self.ctx.cancel.child_token();
-        let recent_errors = {
-            let window_ms = u64::try_from(self.policy.window.as_millis()).unwrap_or(u64::MAX);
-            self.record.errors_since(now_ms().saturating_sub(window_ms))
-        };
+        let recent_errors = self.policy.recent_errors(&self.record, now_ms());
         let ctx = StateContext {
             task: TaskContext {
                 cancel: cancel.clone(),
@@ -361,7 +363,11 @@ impl<H: StatefulHandler> Run<'_, H> {
         // A panic is the handler's error, for the policy to judge.
         let work = AssertUnwindSafe(inner.run(ctx))
             .catch_unwind()
-            .map(|result| result.unwrap_or_else(|panic| Step::Error(panic_text(&*panic))));
+            .map(|result| {
+                result.unwrap_or_else(|panic| {
+                    Step::Error(format!("the handler panicked: {}", panic_message(&*panic)))
+                })
+            });
         tokio::pin!(work);
         let mut interrupted = false;
         let mut failed = false;
@@ -536,16 +542,6 @@ fn apply_message(ctx: &TaskContext, record: &mut StateRecord, message: &Message)
             false
         }
     }
-}
-
-/// The text of a caught panic.
-fn panic_text(panic: &(dyn std::any::Any + Send)) -> String {
-    let text = panic
-        .downcast_ref::<&str>()
-        .map(|s| s.to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "non-string panic payload".to_string());
-    format!("the handler panicked: {text}")
 }
 
 /// The longest a sleep is timed for (100 years): a task asked to sleep

@@ -223,11 +223,17 @@ fn embedded() -> Arc<dyn Store> {
     EmbeddedStore::new()
 }
 
-/// Node `a` on an embedded store, running task `job` (mode `count`).
-async fn one_node_running_job() -> (Arc<dyn Store>, Machines) {
+/// Node `a` on an embedded store.
+async fn one_node() -> (Arc<dyn Store>, Machines) {
     let store = embedded();
     let mut machines = Machines::new(store.clone());
     machines.start("a", store.clone()).await;
+    (store, machines)
+}
+
+/// Node `a` on an embedded store, running task `job` (mode `count`).
+async fn one_node_running_job() -> (Arc<dyn Store>, Machines) {
+    let (store, machines) = one_node().await;
     machines.cluster.submit("job", json!({})).await;
     eventually("job runs", Duration::from_secs(5), || {
         machines.running("job")
@@ -442,9 +448,7 @@ async fn a_failover_hands_the_latest_checkpoint_on_and_the_old_owners_writes_are
 
 #[tokio::test(start_paused = true)]
 async fn the_error_policy_backs_off_and_then_fails_the_task() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
+    let (_, machines) = one_node().await;
     machines
         .cluster
         .submit("flaky", json!({"mode": "flaky"}))
@@ -496,9 +500,7 @@ async fn the_error_policy_backs_off_and_then_fails_the_task() {
 
 #[tokio::test(start_paused = true)]
 async fn a_handler_may_sleep_and_its_checkpoint_survives_the_nap() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
+    let (_, machines) = one_node().await;
     machines.cluster.submit("nap", json!({"mode": "nap"})).await;
     machines
         .wait_state("nap", TaskState::Sleeping, Duration::from_secs(5))
@@ -572,9 +574,7 @@ async fn a_store_failure_while_loading_state_releases_the_task_and_loses_nothing
 
 #[tokio::test(start_paused = true)]
 async fn a_panicking_handler_is_an_error_for_the_policy_not_an_instant_failure() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
+    let (_, machines) = one_node().await;
     machines.cluster.submit("p", json!({"mode": "panic"})).await;
     machines
         .wait_state("p", TaskState::Sleeping, Duration::from_secs(5))
@@ -618,9 +618,7 @@ async fn a_malformed_state_record_parks_the_task_as_paused_with_the_reason() {
 
 #[tokio::test(start_paused = true)]
 async fn a_sleep_to_the_end_of_time_sleeps_and_still_obeys_commands() {
-    let store = embedded();
-    let mut machines = Machines::new(store.clone());
-    machines.start("a", store.clone()).await;
+    let (_, machines) = one_node().await;
     machines
         .cluster
         .submit("z", json!({"mode": "forever"}))
