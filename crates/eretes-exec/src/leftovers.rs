@@ -1,71 +1,169 @@
-//! Process groups a previous agent left running.
+//! Processes that outlived their supervisor, or their agent.
 //!
-//! The parent-death signal reaches only a task's first process; its own
-//! children live on when an agent is killed with SIGKILL. Every running
-//! group is recorded in `<data-dir>/groups/<task>.pgid`, and an agent
-//! starting on that data directory kills what those files name — but only
-//! processes that carry this data directory in their environment
-//! ([`crate::AGENT_DIR_ENV`]), so a recycled process id never costs an
-//! unrelated process its life.
+//! A supervisor kills its task's whole tree by itself, also when its agent
+//! dies. Two cases are left to the agent:
+//!
+//! * the supervisor itself died (`kill -9`): its leader went with it
+//!   (parent-death signal); the agent kills the leader's process group and
+//!   every process that carries the run's identity in its environment
+//!   ([`kill_marked`]);
+//! * an agent starts on a data directory whose previous agent died: every
+//!   recorded group (`<data-dir>/groups/<task>.<epoch>.pgid`) that still has
+//!   a process of this data directory, and every process that carries the
+//!   data directory in its environment ([`crate::AGENT_DIR_ENV`]), is killed
+//!   before any task runs ([`kill_leftovers`]) — supervisors of the previous
+//!   agent included, so no older run of a task is alive when a new one
+//!   starts. Only marked processes are touched, so a recycled process id
+//!   never costs an unrelated process its life.
+//!
+//! A process that both left its group and dropped its environment escapes
+//! these sweeps; only a supervisor's own death leaves such a process behind.
 
 use std::path::Path;
+use std::time::{Duration, Instant};
 
-use crate::process::signal_group;
+use crate::supervisor::signal_group;
 use crate::ExecConfig;
 
-/// Kill every recorded group that still has a process of this data
-/// directory; remove the records. Returns how many groups were killed.
+/// How long a starting agent waits for the previous agent's processes to
+/// be gone.
+const SWEEP_LIMIT: Duration = Duration::from_secs(10);
+
+/// What marks the processes of one run: the agent's data directory, the
+/// task and the epoch, as their environment carries them.
+#[derive(Debug, Clone)]
+pub(crate) struct RunMarker {
+    pub agent_dir: String,
+    pub task: String,
+    pub epoch: i64,
+}
+
+impl RunMarker {
+    fn variables(&self) -> [String; 3] {
+        [
+            format!("{}={}", crate::AGENT_DIR_ENV, self.agent_dir),
+            format!("ERETES_TASK_ID={}", self.task),
+            format!("ERETES_EPOCH={}", self.epoch),
+        ]
+    }
+}
+
+/// SIGKILL every process that carries `marker`'s run in its environment.
+/// Returns how many were found.
+pub(crate) fn kill_marked(marker: &RunMarker) -> usize {
+    let wanted = marker.variables();
+    let found = marked_processes(&wanted);
+    for &pid in &found {
+        kill(pid);
+    }
+    found.len()
+}
+
+/// Kill everything a previous agent on this data directory left running;
+/// remove the records. Returns how many processes were killed.
 pub(crate) fn kill_leftovers(config: &ExecConfig) -> usize {
-    let Ok(records) = std::fs::read_dir(config.groups_dir()) else {
-        return 0;
-    };
-    let marker = format!(
+    let marker = [format!(
         "{}={}",
         crate::AGENT_DIR_ENV,
         config.data_dir.to_string_lossy()
-    );
+    )];
     let mut killed = 0;
-    for record in records.flatten() {
-        let path = record.path();
-        let pgid = std::fs::read_to_string(&path)
-            .ok()
-            .and_then(|text| text.trim().parse::<libc::pid_t>().ok());
-        if let Some(pgid) = pgid.filter(|&pgid| pgid > 1) {
-            if group_has_marked_process(pgid, &marker) {
-                signal_group(pgid, libc::SIGKILL);
-                killed += 1;
+    if let Ok(records) = std::fs::read_dir(config.groups_dir()) {
+        for record in records.flatten() {
+            let path = record.path();
+            let pgid = std::fs::read_to_string(&path)
+                .ok()
+                .and_then(|text| text.trim().parse::<libc::pid_t>().ok());
+            if let Some(pgid) = pgid.filter(|&pgid| pgid > 1) {
+                if group_has_marked_process(pgid, &marker) {
+                    signal_group(pgid, libc::SIGKILL);
+                    killed += 1;
+                }
             }
+            let _ = std::fs::remove_file(&path);
         }
-        let _ = std::fs::remove_file(&path);
     }
-    killed
+    // Until none is left (a dying supervisor may still fork-race its tree),
+    // within a bound: a process stuck in the kernel cannot be waited for.
+    let started = Instant::now();
+    loop {
+        let found = marked_processes(&marker);
+        if found.is_empty() || started.elapsed() > SWEEP_LIMIT {
+            return killed;
+        }
+        killed += found.len();
+        for pid in found {
+            kill(pid);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
-/// Whether some process in group `pgid` has `marker` (`NAME=value`) in its
+fn kill(pid: libc::pid_t) {
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(pid, libc::SIGKILL);
+    }
+}
+
+/// Every live (not zombie) process whose environment holds all of `wanted`
+/// (`NAME=value` each).
+fn marked_processes(wanted: &[String]) -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<libc::pid_t>().ok()?;
+            let dir = entry.path();
+            (state(&dir) != Some('Z') && has_all(&dir, wanted)).then_some(pid)
+        })
+        .collect()
+}
+
+/// Whether some process in group `pgid` has all of `wanted` in its
 /// environment.
-fn group_has_marked_process(pgid: libc::pid_t, marker: &str) -> bool {
+fn group_has_marked_process(pgid: libc::pid_t, wanted: &[String]) -> bool {
     let Ok(processes) = std::fs::read_dir("/proc") else {
         return false;
     };
     processes.flatten().any(|entry| {
         let dir = entry.path();
-        process_group(&dir) == Some(pgid) && has_marker(&dir, marker)
+        process_group(&dir) == Some(pgid) && has_all(&dir, wanted)
     })
 }
 
-/// The process group of `/proc/<pid>`: the fifth field of its `stat`,
-/// counted after the command name (which may contain spaces and brackets).
-fn process_group(dir: &Path) -> Option<libc::pid_t> {
+/// The fields of `/proc/<pid>/stat` after the command name (which may
+/// contain spaces and brackets): state, ppid, pgrp, …
+fn stat_fields(dir: &Path) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(2)?.parse().ok()
+    Some(
+        after_name
+            .split_whitespace()
+            .take(3)
+            .map(str::to_string)
+            .collect(),
+    )
 }
 
-fn has_marker(dir: &Path, marker: &str) -> bool {
+fn state(dir: &Path) -> Option<char> {
+    stat_fields(dir)?.first()?.chars().next()
+}
+
+/// The process group of `/proc/<pid>`.
+fn process_group(dir: &Path) -> Option<libc::pid_t> {
+    stat_fields(dir)?.get(2)?.parse().ok()
+}
+
+fn has_all(dir: &Path, wanted: &[String]) -> bool {
     std::fs::read(dir.join("environ")).is_ok_and(|environ| {
-        environ
-            .split(|&byte| byte == 0)
-            .any(|variable| variable == marker.as_bytes())
+        wanted.iter().all(|variable| {
+            environ
+                .split(|&byte| byte == 0)
+                .any(|present| present == variable.as_bytes())
+        })
     })
 }
 
@@ -79,5 +177,30 @@ mod tests {
         // SAFETY: getpgrp(2) has no preconditions.
         let expected = unsafe { libc::getpgrp() };
         assert_eq!(process_group(me), Some(expected));
+        assert!(state(me).is_some_and(|state| state != 'Z'));
+    }
+
+    #[test]
+    fn only_processes_with_the_whole_marker_are_killed() {
+        let spawn = |epoch: &str| {
+            std::process::Command::new("sleep")
+                .arg("30")
+                .env("ERETES_AGENT_DIR", "/marker/test")
+                .env("ERETES_TASK_ID", "t")
+                .env("ERETES_EPOCH", epoch)
+                .spawn()
+                .unwrap()
+        };
+        let (mut mine, mut other) = (spawn("7"), spawn("8"));
+        let marker = RunMarker {
+            agent_dir: "/marker/test".into(),
+            task: "t".into(),
+            epoch: 7,
+        };
+        assert_eq!(kill_marked(&marker), 1);
+        assert!(mine.wait().unwrap().code().is_none(), "killed");
+        assert!(other.try_wait().unwrap().is_none(), "another run lives");
+        other.kill().unwrap();
+        other.wait().unwrap();
     }
 }

@@ -60,11 +60,13 @@ mod leftovers;
 mod output;
 mod process;
 mod spec;
+pub mod supervisor;
 
 pub use process::ProcessHandler;
 pub use spec::{
     ProcessSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ARGS, MAX_ATTEMPTS, MAX_PROGRAM_BYTES,
 };
+pub use supervisor::SupervisorProgram;
 
 /// The environment variable that marks a task's processes with the agent's
 /// data directory, so that leftovers are recognised (and only they killed).
@@ -123,6 +125,10 @@ pub struct ExecConfig {
     /// First and longest pause before a failed attempt is retried (or a
     /// permanent task restarted); doubled each time. Default 1 s and 60 s.
     pub retry_backoff: (Duration, Duration),
+    /// How each run's supervisor is started. Default: this binary's
+    /// `supervise` subcommand ([`SupervisorProgram::this_binary`]), which
+    /// needs [`supervisor::run_if_invoked`] at the top of `main`.
+    pub supervisor: SupervisorProgram,
 }
 
 impl ExecConfig {
@@ -135,6 +141,7 @@ impl ExecConfig {
             tail_bytes: 4096,
             stop_grace: Duration::from_secs(10),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
+            supervisor: SupervisorProgram::this_binary(),
         }
     }
 
@@ -143,7 +150,8 @@ impl ExecConfig {
         self.data_dir.join("logs")
     }
 
-    /// Where running process groups are recorded.
+    /// Where each run's process group is recorded, for the next agent on
+    /// this data directory should this one die.
     pub fn groups_dir(&self) -> PathBuf {
         self.data_dir.join("groups")
     }

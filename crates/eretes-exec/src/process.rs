@@ -1,5 +1,5 @@
-//! [`ProcessHandler`]: a task's work as a child process in a process group
-//! of its own.
+//! [`ProcessHandler`]: a task's work as a process tree under a supervisor
+//! process of its own (see [`crate::supervisor`]).
 
 use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
@@ -10,29 +10,35 @@ use async_trait::async_trait;
 use eretes_protocol::TaskRecord;
 use eretes_runtime::{ErrorPolicy, StateContext, StatefulHandler, Step};
 use serde_json::json;
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::checkpoint::CheckpointFile;
+use crate::leftovers::{self, RunMarker};
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
-use crate::{leftovers, ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
+use crate::supervisor::wire::{Cause, Order, Report};
+use crate::supervisor::{boottime_of, describe, RunGates, Supervised, SupervisorEnd};
+use crate::{ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
 /// task state machine (wrap it in [`eretes_runtime::StateMachine`]).
 ///
-/// * The child gets `ERETES_TASK_ID`, `ERETES_EPOCH`, `ERETES_NODE`,
-///   `ERETES_ATTEMPT` and `ERETES_CHECKPOINT_FILE` in its environment, runs
-///   in a process group of its own, and receives SIGKILL if the thread that
-///   started it dies (the agent's runtime threads live as long as the agent).
+/// * Each run's program runs under a supervisor ([`crate::supervisor`]),
+///   in a session and process group of its own, with `ERETES_TASK_ID`,
+///   `ERETES_EPOCH`, `ERETES_NODE`, `ERETES_ATTEMPT` and
+///   `ERETES_CHECKPOINT_FILE` in its environment. The supervisor holds the
+///   node's fencing deadline and kills the whole process tree when it
+///   passes or the agent dies; a run of a task never starts while an older
+///   run's supervisor on this agent is alive.
 /// * stdout and stderr go to `<data-dir>/logs/<task>/stdout.log` and
 ///   `stderr.log`, each capped at [`ExecConfig::log_cap`] per run; the
 ///   attempts after an error append.
 /// * Stopping a task (a pause, sleep or kill command, release, delete,
-///   drain, lease loss) sends SIGTERM to the whole group, then SIGKILL after
-///   [`ExecConfig::stop_grace`]; a task that ends kills what is left of its
-///   group too.
+///   drain) sends SIGTERM to the whole tree, then SIGKILL after
+///   [`ExecConfig::stop_grace`]; lease loss kills it at once. When the
+///   program exits, whatever else of its tree still runs is killed.
 /// * Exit 0 → done, with the exit code and the output's tail as the result;
 ///   non-zero → an error: the state machine sleeps (backing off from
 ///   [`ExecConfig::retry_backoff`]) and runs it again, until the spec's
@@ -40,6 +46,8 @@ use crate::{leftovers, ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOIN
 ///   backoff) whenever it exits, and never ends by itself.
 pub struct ProcessHandler {
     config: ExecConfig,
+    /// A run of a task waits here until its previous run's supervisor is gone.
+    gates: RunGates,
 }
 
 /// Errors of a process task count for this long (its attempts are counted
@@ -49,8 +57,8 @@ const ATTEMPT_WINDOW: Duration = Duration::from_secs(31_557_600);
 
 impl ProcessHandler {
     /// A handler with `config`. Creates its directories and kills the
-    /// process groups a previous agent on the same data directory left
-    /// behind (after a `kill -9`, say).
+    /// processes a previous agent on the same data directory left behind
+    /// (its supervisors included), waiting up to 10 s for them to be gone.
     pub fn new(config: ExecConfig) -> std::io::Result<Self> {
         std::fs::create_dir_all(config.logs_dir())?;
         std::fs::create_dir_all(config.groups_dir())?;
@@ -60,19 +68,23 @@ impl ProcessHandler {
         std::fs::create_dir_all(config.checkpoints_dir())?;
         let killed = leftovers::kill_leftovers(&config);
         if killed > 0 {
-            warn!(
-                groups = killed,
-                "killed process groups a previous agent left running"
-            );
+            warn!(killed, "killed processes a previous agent left running");
         }
-        Ok(ProcessHandler { config })
+        Ok(ProcessHandler {
+            config,
+            gates: RunGates::default(),
+        })
     }
 }
 
 /// How one attempt ended.
 enum Ended {
+    /// The program exited by itself (and the rest of its tree was killed).
     Exited(ExitStatus, Captured, Captured),
+    /// Stopped: by the runtime, a command, or the fencing deadline.
     Stopped,
+    /// Its supervisor died without a report; the agent killed the tree.
+    SupervisorDied(String),
 }
 
 #[async_trait]
@@ -144,6 +156,11 @@ impl ProcessHandler {
             match self.attempt(ctx, spec, logs, attempt, checkpoint).await {
                 Ok(Ended::Exited(status, stdout, stderr)) => (status, stdout, stderr),
                 Ok(Ended::Stopped) => return Step::Release,
+                Ok(Ended::SupervisorDied(how)) => {
+                    return Step::Error(format!(
+                        "the task's supervisor {how}; its processes were killed (attempt {attempt})"
+                    ))
+                }
                 Err(error) => {
                     return Step::Error(format!(
                         "cannot start {:?}: {error} (attempt {attempt})",
@@ -186,6 +203,9 @@ impl ProcessHandler {
                 Ok(Ended::Exited(status, _, _)) => {
                     info!(task = %ctx.task.id, status = describe(status), retry_in = ?backoff, "permanent task exited; restarting");
                 }
+                Ok(Ended::SupervisorDied(how)) => {
+                    warn!(task = %ctx.task.id, supervisor = how, retry_in = ?backoff, "the permanent task's supervisor died; restarting");
+                }
                 Err(error) => {
                     warn!(task = %ctx.task.id, %error, retry_in = ?backoff, "cannot start the permanent task; retrying");
                 }
@@ -202,8 +222,9 @@ impl ProcessHandler {
         Step::Release
     }
 
-    /// Run the program once, until it exits or the task is stopped; save
-    /// the checkpoint file whenever it changes, and once more at the end.
+    /// Run the program once under its supervisor, until it exits or the
+    /// task is stopped or fenced; save the checkpoint file whenever it
+    /// changes, and once more at the end.
     async fn attempt(
         &self,
         ctx: &StateContext,
@@ -213,9 +234,25 @@ impl ProcessHandler {
         checkpoint: &mut CheckpointFile,
     ) -> std::io::Result<Ended> {
         let task = &ctx.task;
-        let mut command = Command::new(&spec.program);
+        // No run of a task starts while its previous run here is alive.
+        let gate = tokio::select! {
+            gate = self.gates.enter(task.id.as_str()) => gate,
+            _ = task.cancel.cancelled() => return Ok(Ended::Stopped),
+        };
+        let mut fence = task.fence.clone();
+        let deadline = fence.current().map(boottime_of);
+        let supervisor = &self.config.supervisor;
+        let mut command = Command::new(&supervisor.program);
         command
+            .args(&supervisor.args)
+            .arg("--grace-ms")
+            .arg(self.config.stop_grace.as_millis().to_string())
+            .arg("--deadline-ns")
+            .arg(deadline.unwrap_or(0).to_string())
+            .arg("--")
+            .arg(&spec.program)
             .args(&spec.args)
+            // The supervisor passes its environment on to the task.
             .env("ERETES_TASK_ID", task.id.as_str())
             .env("ERETES_EPOCH", task.epoch.to_string())
             .env("ERETES_NODE", task.node.as_str())
@@ -226,65 +263,65 @@ impl ProcessHandler {
             // submit a task must not learn the API token or etcd's password.
             .env_remove("ERETES_TOKEN")
             .env_remove("ERETES_ETCD_PASSWORD")
-            .stdin(Stdio::null())
             .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true);
+            .stderr(Stdio::piped());
         if let Some(cwd) = &spec.cwd {
             command.current_dir(cwd);
         }
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: runs in the child between fork and exec, and calls only
-        // async-signal-safe functions (prctl, getppid, _exit).
-        unsafe {
-            command.pre_exec(move || {
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // The agent may have died before prctl took effect.
-                if libc::getppid() != parent {
-                    libc::_exit(1);
-                }
-                Ok(())
-            });
-        }
-        let mut child = command.spawn()?;
-        let mut group = GroupFile::record(&self.config, task.id.as_str(), task.epoch, &child);
+        let record = self
+            .config
+            .groups_dir()
+            .join(format!("{}.{}.pgid", task.id, task.epoch));
+        let marker = RunMarker {
+            agent_dir: self.config.data_dir.to_string_lossy().into_owned(),
+            task: task.id.to_string(),
+            epoch: task.epoch,
+        };
+        let (mut supervised, stdout, stderr) =
+            Supervised::spawn(command, gate, record, marker).await?;
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
-        let stdout = Capture::start(child.stdout.take(), logs.join("stdout.log"), cap, tail);
-        let stderr = Capture::start(child.stderr.take(), logs.join("stderr.log"), cap, tail);
+        let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);
+        let stderr = Capture::start(stderr, logs.join("stderr.log"), cap, tail);
         let mut poll = tokio::time::interval(CHECKPOINT_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let ended = loop {
+        let mut stopping = false;
+        let report = loop {
             tokio::select! {
-                status = child.wait() => break Some(status),
-                _ = task.cancel.cancelled() => break None,
+                report = supervised.report() => match report {
+                    Ok(Report::Ended { .. }) | Err(_) => break report,
+                    Ok(_) => {}
+                },
+                _ = task.cancel.cancelled(), if !stopping => {
+                    stopping = true;
+                    supervised.order(Order::Stop).await;
+                }
+                at = fence.changed() => {
+                    supervised.order(Order::Deadline(at.map(boottime_of))).await;
+                }
                 _ = poll.tick() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
             }
         };
-        let status = match ended {
-            Some(status) => status,
-            None => {
-                stop(&mut child, group.pgid, self.config.stop_grace).await;
-                group.settled = true;
-                drop(group);
-                // What the process saved on its way out (on SIGTERM, say).
-                checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
-                return Ok(Ended::Stopped);
-            }
-        };
-        // Whatever the leader left running in its group goes with it.
-        signal_group(group.pgid, libc::SIGKILL);
-        group.settled = true;
-        drop(group);
-        let status = status?;
+        let end = supervised.finish(report).await;
+        // What the process saved on its way out (on SIGTERM, say).
         checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
-        Ok(Ended::Exited(
-            status,
-            stdout.finish().await,
-            stderr.finish().await,
-        ))
+        Ok(match end {
+            SupervisorEnd::Ended {
+                status,
+                cause: Cause::Exited,
+            } => Ended::Exited(status, stdout.finish().await, stderr.finish().await),
+            SupervisorEnd::Ended {
+                cause: Cause::Stopped,
+                ..
+            } => Ended::Stopped,
+            SupervisorEnd::Ended {
+                cause: Cause::Fenced,
+                ..
+            } => {
+                warn!(task = %task.id, epoch = task.epoch, "the node's fencing deadline passed: the supervisor killed the task's processes");
+                Ended::Stopped
+            }
+            SupervisorEnd::Crashed(how) => Ended::SupervisorDied(how),
+        })
     }
 }
 
@@ -334,87 +371,4 @@ async fn reset_logs(dir: &std::path::Path) -> std::io::Result<()> {
         tokio::fs::File::create(dir.join(name)).await?;
     }
     Ok(())
-}
-
-/// SIGTERM to the group, SIGKILL after `grace`, and wait for the leader.
-async fn stop(child: &mut Child, pgid: libc::pid_t, grace: Duration) {
-    signal_group(pgid, libc::SIGTERM);
-    if tokio::time::timeout(grace, child.wait()).await.is_err() {
-        signal_group(pgid, libc::SIGKILL);
-        let _ = child.wait().await;
-    }
-    // Members that outlived the leader's SIGTERM.
-    signal_group(pgid, libc::SIGKILL);
-}
-
-/// Send `signal` to every process of group `pgid` (gone groups are fine).
-pub(crate) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
-    if pgid > 1 {
-        // SAFETY: kill(2) with a negative pid addresses one process group;
-        // it has no memory-safety preconditions.
-        unsafe {
-            libc::kill(-pgid, signal);
-        }
-    }
-}
-
-/// The record of a running process group, `<data-dir>/groups/<task>.pgid`,
-/// that lets the next agent kill it if this one dies; removed on drop.
-struct GroupFile {
-    pgid: libc::pid_t,
-    path: Option<PathBuf>,
-    /// Set once the group was stopped and its leader reaped here; until
-    /// then, dropping the record kills the group.
-    settled: bool,
-}
-
-impl GroupFile {
-    fn record(config: &ExecConfig, task: &str, epoch: i64, child: &Child) -> GroupFile {
-        let pgid = child.id().map_or(0, |id| id as libc::pid_t);
-        // Per run, so that a stopping run and a new one of the same id never
-        // share (or delete) each other's record.
-        let path = config.groups_dir().join(format!("{task}.{epoch}.pgid"));
-        match std::fs::write(&path, format!("{pgid}\n")) {
-            Ok(()) => GroupFile {
-                pgid,
-                path: Some(path),
-                settled: false,
-            },
-            Err(error) => {
-                warn!(task, %error, "cannot record the task's process group");
-                GroupFile {
-                    pgid,
-                    path: None,
-                    settled: false,
-                }
-            }
-        }
-    }
-}
-
-impl Drop for GroupFile {
-    /// The group goes with its record. On the normal paths it was stopped
-    /// and its leader reaped (`settled`); when the runtime drops a handler
-    /// that did not stop in time (fencing, an expired drain), this is what
-    /// kills the whole group, not just its leader (`kill_on_drop` would).
-    fn drop(&mut self) {
-        if !self.settled {
-            signal_group(self.pgid, libc::SIGKILL);
-        }
-        if let Some(path) = self.path.take() {
-            let _ = std::fs::remove_file(path);
-        }
-    }
-}
-
-/// "exited with code 3" or "was killed by signal 9".
-fn describe(status: ExitStatus) -> String {
-    match (
-        status.code(),
-        std::os::unix::process::ExitStatusExt::signal(&status),
-    ) {
-        (Some(code), _) => format!("exited with code {code}"),
-        (None, Some(signal)) => format!("was killed by signal {signal}"),
-        (None, None) => "ended".to_string(),
-    }
 }

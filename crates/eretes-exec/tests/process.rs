@@ -8,12 +8,12 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
-use eretes_exec::{AllowList, ExecConfig, ProcessHandler, ProcessSpec};
+use eretes_exec::{AllowList, ExecConfig, ProcessHandler, ProcessSpec, SupervisorProgram};
 use eretes_protocol::{
     Coordinator, GroupName, Namespace, NodeName, Outcome, ResultRecord, TaskId, TaskSpec,
 };
 use eretes_runtime::balancer::DumbBalancer;
-use eretes_runtime::{Node, NodeConfig, NodeHandle, StateMachine};
+use eretes_runtime::{FenceDeadline, Node, NodeConfig, NodeHandle, StateMachine};
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::Store;
 
@@ -26,6 +26,7 @@ struct Agent {
 
 fn config(dir: &Path, allow: AllowList) -> ExecConfig {
     let mut config = ExecConfig::new(dir.to_path_buf(), allow);
+    config.supervisor = SupervisorProgram::binary(env!("CARGO_BIN_EXE_eretes-supervisor"));
     config.stop_grace = Duration::from_millis(500);
     config.retry_backoff = (Duration::from_millis(50), Duration::from_millis(200));
     config
@@ -355,8 +356,8 @@ async fn a_permanent_task_is_restarted_whenever_it_exits() {
 const AGENT_DIR: &str = "ERETES_EXEC_TEST_AGENT_DIR";
 
 /// Not a test on its own: the agent that the next test kills with SIGKILL.
-/// It runs one task that starts a background child, and says "ready" once
-/// the task runs.
+/// It runs one task whose tree has a background child and a `setsid`
+/// daemon that closed its output, and says "ready" once all run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "the kill test's child process"]
 async fn agent_process() {
@@ -369,7 +370,10 @@ async fn agent_process() {
         "sh",
         vec![
             "-c".into(),
-            "sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait".into(),
+            "sleep 1000 & echo $! > background.pid; \
+             setsid sh -c 'exec >/dev/null 2>&1 </dev/null; echo $$ > daemon.pid; exec sleep 1000' & \
+             echo $$ > leader.pid; wait"
+                .into(),
         ],
     );
     spec.cwd = Some(dir.clone());
@@ -381,12 +385,13 @@ async fn agent_process() {
         .await
         .unwrap();
     pid_in(&dir.join("background.pid")).await;
+    pid_in(&dir.join("daemon.pid")).await;
     println!("ready");
     tokio::time::sleep(Duration::from_secs(1000)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_agents_children_die_and_leftovers_are_killed_at_the_next_start() {
+async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = Command::new(std::env::current_exe().unwrap())
         .args(["--exact", "agent_process", "--ignored", "--nocapture"])
@@ -407,36 +412,41 @@ async fn a_killed_agents_children_die_and_leftovers_are_killed_at_the_next_start
     })
     .await;
     assert!(ready.join().unwrap(), "the agent said ready");
-    let leader = pid_in(&dir.path().join("leader.pid")).await;
-    let background = pid_in(&dir.path().join("background.pid")).await;
+    let tree = [
+        pid_in(&dir.path().join("leader.pid")).await,
+        pid_in(&dir.path().join("background.pid")).await,
+        pid_in(&dir.path().join("daemon.pid")).await,
+    ];
+    let supervisor = parent_of(tree[0]);
+    assert!(tree.iter().all(|&pid| alive(pid)));
 
     agent.kill().unwrap(); // SIGKILL: no clean-up of its own
     agent.wait().unwrap();
-    // The parent-death signal takes the task's first process at once...
+    // No other agent starts: the supervisor alone kills the whole tree,
+    // the daemon that left the group and closed its output included.
     wait_until(
-        "the task's leader dies with its agent",
-        Duration::from_secs(20),
-        || !alive(leader),
-    )
-    .await;
-    // ...and the next agent on the data directory kills what it started.
-    assert!(
-        alive(background),
-        "the background child outlived the agent (as expected without clean-up)"
-    );
-    let _handler = ProcessHandler::new(config(dir.path(), AllowList::Any)).unwrap();
-    wait_until(
-        "the leftover is killed at start-up",
-        Duration::from_secs(20),
-        || !alive(background),
+        "the whole tree and its supervisor die with the agent",
+        Duration::from_secs(1),
+        || tree.iter().all(|&pid| !alive(pid)) && !alive(supervisor),
     )
     .await;
 }
 
+/// The parent of process `pid`.
+fn parent_of(pid: i32) -> i32 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_daemon_that_escapes_the_group_holding_stdout_does_not_hold_the_task() {
+async fn a_task_that_ends_takes_the_daemon_it_started_with_it() {
     let agent = Agent::start(AllowList::Any, |_| {}).await;
-    // The escaped process keeps the task's stdout open for good.
+    // The escaped process would keep the task's stdout open for good.
     agent
         .submit_sh(
             "daemonizes",
@@ -446,14 +456,112 @@ async fn a_daemon_that_escapes_the_group_holding_stdout_does_not_hold_the_task()
         )
         .await;
     let result = agent.result("daemonizes").await;
-    let escaped = pid_in(&agent.path("escaped.pid")).await;
-    // SAFETY: kill(2) has no memory-safety preconditions.
-    unsafe {
-        libc::kill(escaped, libc::SIGKILL);
-    }
     assert_eq!(result.outcome, Outcome::Done, "{result:?}");
     assert_eq!(result.result["stdout_tail"], "started it\n");
+    // KillMode=control-group: nothing of the task outlives it.
+    let escaped = pid_in(&agent.path("escaped.pid")).await;
+    assert!(!alive(escaped), "the daemon died with its task");
     agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_supervisor_takes_the_tree_with_it_and_the_run_is_retried() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // The first attempt starts a grandchild and waits; the second succeeds.
+    agent
+        .submit_sh(
+            "crashy",
+            "if [ \"$ERETES_ATTEMPT\" = 1 ]; then \
+               sleep 1000 & echo $! > grandchild.pid; echo $$ > leader.pid; wait; \
+             fi; echo second attempt",
+            |spec| spec.max_attempts = 3,
+        )
+        .await;
+    let leader = pid_in(&agent.path("leader.pid")).await;
+    let grandchild = pid_in(&agent.path("grandchild.pid")).await;
+    let supervisor = parent_of(leader);
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(supervisor, libc::SIGKILL);
+    }
+    wait_until(
+        "the task's tree dies with its supervisor",
+        Duration::from_secs(5),
+        || !alive(leader) && !alive(grandchild),
+    )
+    .await;
+    let result = agent.result("crashy").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["attempts"], 2, "{result:?}");
+    assert_eq!(result.result["stdout_tail"], "second attempt\n");
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
+    // A node publishes its deadline; here it is published once, then never
+    // extended, as by a frozen agent. The supervisor acts on its own.
+    let dir = tempfile::tempdir().unwrap();
+    let mut exec = config(dir.path(), AllowList::Any);
+    exec.stop_grace = Duration::from_secs(60);
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let handler = Arc::new(StateMachine::new(
+        ProcessHandler::new(exec).unwrap(),
+        Coordinator::new(store, Namespace::new("exec").unwrap()),
+    ));
+    let script = format!(
+        "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
+        dir.path().display()
+    );
+    let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
+    let start = tokio::time::Instant::now();
+    let (deadline, fence) = FenceDeadline::channel(Some(start + Duration::from_secs(3)));
+    let mut ctx = context("fenced", &spec, 7);
+    ctx.fence = fence;
+    let run = tokio::spawn({
+        let handler = handler.clone();
+        async move { eretes_runtime::Handler::run(&*handler, ctx).await }
+    });
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let background = pid_in(&dir.path().join("background.pid")).await;
+    // Extended once: the first deadline passes without a kill.
+    deadline.send_replace(Some(start + Duration::from_secs(5)));
+    tokio::time::sleep_until(start + Duration::from_millis(4000)).await;
+    assert!(
+        alive(leader) && alive(background),
+        "extended, so not killed"
+    );
+    // The last deadline passes: SIGKILL (TERM is ignored; no grace period).
+    wait_until(
+        "the whole tree is killed at the deadline",
+        Duration::from_secs(20),
+        || !alive(leader) && !alive(background),
+    )
+    .await;
+    assert!(start.elapsed() >= Duration::from_secs(5), "not before it");
+    let outcome = tokio::time::timeout(Duration::from_secs(20), run)
+        .await
+        .expect("the handler returns")
+        .unwrap();
+    // Fenced is not the task's failure: the task is given back.
+    assert_eq!(outcome, eretes_runtime::HandlerOutcome::Release);
+}
+
+/// A hand-made run of task `id` (what a node builds for a claim).
+fn context(id: &str, spec: &ProcessSpec, epoch: i64) -> eretes_runtime::TaskContext {
+    eretes_runtime::TaskContext {
+        id: TaskId::new(id).unwrap(),
+        task: Arc::new(eretes_protocol::TaskRecord {
+            spec: TaskSpec::new(GroupName::default(), spec.to_properties()),
+            submitted_at_ms: 0,
+        }),
+        epoch,
+        node: NodeName::new("n1").unwrap(),
+        claims: 1,
+        cancel: tokio_util::sync::CancellationToken::new(),
+        commands: Default::default(),
+        fence: FenceDeadline::none(),
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -474,19 +582,8 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
         dir.path().display()
     );
     let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
-    let cancel = tokio_util::sync::CancellationToken::new();
-    let ctx = eretes_runtime::TaskContext {
-        id: TaskId::new("dropped").unwrap(),
-        task: Arc::new(eretes_protocol::TaskRecord {
-            spec: TaskSpec::new(GroupName::default(), spec.to_properties()),
-            submitted_at_ms: 0,
-        }),
-        epoch: 7,
-        node: NodeName::new("n1").unwrap(),
-        claims: 1,
-        cancel: cancel.clone(),
-        commands: Default::default(),
-    };
+    let ctx = context("dropped", &spec, 7);
+    let cancel = ctx.cancel.clone();
     let run = tokio::spawn({
         let handler = handler.clone();
         async move { eretes_runtime::Handler::run(&*handler, ctx).await }
@@ -504,10 +601,17 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
         || !alive(leader) && !alive(background),
     )
     .await;
-    assert!(std::fs::read_dir(dir.path().join("groups"))
-        .unwrap()
-        .next()
-        .is_none());
+    wait_until(
+        "the run's record goes once its supervisor is reaped",
+        Duration::from_secs(20),
+        || {
+            std::fs::read_dir(dir.path().join("groups"))
+                .unwrap()
+                .next()
+                .is_none()
+        },
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

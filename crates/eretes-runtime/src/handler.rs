@@ -6,7 +6,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use eretes_protocol::{NodeName, TaskId, TaskRecord};
 use serde_json::Value;
-use tokio::sync::Notify;
+use tokio::sync::{watch, Notify};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 /// Everything a handler gets for one run of one task.
@@ -30,6 +31,11 @@ pub struct TaskContext {
     /// Rings when a task command is queued for a task of this node; see
     /// [`TaskContext::subscribe_commands`].
     pub commands: CommandSignals,
+    /// The node's self-fencing deadline, moved by every lease renewal: an
+    /// executor whose work runs outside this process (a process task's
+    /// supervisor) holds it there, so that the work dies by this instant
+    /// even if this process is frozen or killed.
+    pub fence: FenceDeadline,
 }
 
 impl TaskContext {
@@ -40,6 +46,53 @@ impl TaskContext {
     /// in between still rings.
     pub fn subscribe_commands(&self) -> CommandSubscription {
         self.commands.subscribe(&self.id)
+    }
+}
+
+/// The instant by which a node stops its handlers unless its lease is
+/// renewed (last renewal sent + TTL − margin), as it moves.
+///
+/// The node publishes a later deadline after each renewal, and the present
+/// instant when it fences itself (its lease is gone or about to be: stop at
+/// once). `None` means the work runs under no lease (a handler run by hand,
+/// outside a node).
+#[derive(Debug, Clone)]
+pub struct FenceDeadline {
+    receiver: watch::Receiver<Option<Instant>>,
+}
+
+impl FenceDeadline {
+    /// A deadline that never comes, for handlers run outside a node.
+    pub fn none() -> Self {
+        FenceDeadline::fixed(None)
+    }
+
+    /// A deadline that never moves from `at`.
+    pub fn fixed(at: Option<Instant>) -> Self {
+        // The sender is dropped: `changed` then waits for ever.
+        FenceDeadline {
+            receiver: watch::channel(at).1,
+        }
+    }
+
+    /// A deadline moved through the returned sender (the node keeps it).
+    pub fn channel(at: Option<Instant>) -> (watch::Sender<Option<Instant>>, Self) {
+        let (sender, receiver) = watch::channel(at);
+        (sender, FenceDeadline { receiver })
+    }
+
+    /// The deadline now, marking it seen.
+    pub fn current(&mut self) -> Option<Instant> {
+        *self.receiver.borrow_and_update()
+    }
+
+    /// Wait until the deadline moves, and return it. Never returns once the
+    /// node is gone (the deadline last published stands).
+    pub async fn changed(&mut self) -> Option<Instant> {
+        if self.receiver.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+        self.current()
     }
 }
 

@@ -52,7 +52,9 @@ pub mod statemachine;
 mod stats;
 
 pub use config::NodeConfig;
-pub use handler::{CommandSignals, CommandSubscription, Handler, HandlerOutcome, TaskContext};
+pub use handler::{
+    CommandSignals, CommandSubscription, FenceDeadline, Handler, HandlerOutcome, TaskContext,
+};
 pub use node::{Node, NodeHandle, NodeStatus, StartError};
 pub use statemachine::{
     Checkpointer, ErrorPolicy, StateContext, StateMachine, StatefulHandler, Step,

@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use crate::balancer::{Balancer, ClaimDecision, RunningTask};
 use crate::cache::{Cache, CachedOwner, Change};
 use crate::config::NodeConfig;
-use crate::handler::{CommandSignals, Handler, HandlerOutcome, TaskContext};
+use crate::handler::{CommandSignals, FenceDeadline, Handler, HandlerOutcome, TaskContext};
 use crate::lease::{keep_alive, LeaseEvent};
 use crate::stats::NodeStats;
 
@@ -300,6 +300,11 @@ struct MainLoop {
 
     /// Handlers waiting for task commands.
     command_signals: CommandSignals,
+    /// Where the fence deadline is published to handlers (process
+    /// supervisors hold it outside this process).
+    fence_publisher: watch::Sender<Option<Instant>>,
+    /// What every handler's context gets to read it.
+    fence_deadline: FenceDeadline,
     /// Commands queued for this node, in store order.
     commands: BTreeMap<Revision, String>,
     /// After a failed take, wait until then before taking the next command.
@@ -325,7 +330,10 @@ impl MainLoop {
         lease: LeaseId,
     ) -> Self {
         let now = Instant::now();
+        let (fence_publisher, fence_deadline) = FenceDeadline::channel(None);
         let mut main = MainLoop {
+            fence_publisher,
+            fence_deadline,
             cache: Cache::new(config.namespace.clone(), config.name.clone()),
             my_groups: config.groups.clone(),
             next_balance: now + config.balance_interval,
@@ -383,6 +391,7 @@ impl MainLoop {
         // grant's round trip; counting from now would be optimistic by that
         // much, which the margin covers.
         let fence_at = Instant::now() + self.config.lease_ttl - self.config.fence_margin;
+        self.fence_publisher.send_replace(Some(fence_at));
         self.lease = Some(LeaseState {
             id,
             _keepalive: keepalive,
@@ -602,6 +611,7 @@ impl MainLoop {
                     // The store extended the lease no earlier than when the
                     // request left, so the lease lives at least until then + TTL.
                     lease.fence_at = sent_at + self.config.lease_ttl - self.config.fence_margin;
+                    self.fence_publisher.send_replace(Some(lease.fence_at));
                 }
             }
             Some(LeaseEvent::Failed(error)) => {
@@ -620,6 +630,9 @@ impl MainLoop {
         };
         NodeStats::bump(&self.stats.fences);
         warn!(node = %self.config.name, why, running = self.running.len(), "fencing: cancelling every handler");
+        // The lease is gone or about to be: work held outside this process
+        // (process supervisors) stops now, without a grace period.
+        self.fence_publisher.send_replace(Some(Instant::now()));
         for running in self.running.values_mut() {
             running.stop = Some(StopReason::Fenced);
             running.cancel.cancel();
@@ -1134,6 +1147,7 @@ impl MainLoop {
             claims: claim.run.claims,
             cancel: cancel.clone(),
             commands: self.command_signals.clone(),
+            fence: self.fence_deadline.clone(),
         };
         self.cache.view.running.insert(
             claim.task.clone(),

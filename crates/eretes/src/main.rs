@@ -11,7 +11,9 @@
 //! * `eretes demo [--nodes N] [--tasks M] [--json]` — an in-process cluster on
 //!   the embedded store that survives a node's abrupt death and rebalances
 //!   onto a fresh node, with every figure measured by an observer;
-//! * `eretes bench SCENARIO [--json]` — the benchmarks behind BENCHMARKS.md.
+//! * `eretes bench SCENARIO [--json]` — the benchmarks behind BENCHMARKS.md;
+//! * `eretes supervise` (hidden) — the supervisor every process task runs
+//!   under (`eretes_exec::supervisor`), started by the agent, never by hand.
 //!
 //! ```text
 //! $ eretes demo --nodes 3 --tasks 300 --json | tail -n 1
@@ -80,6 +82,10 @@ enum Command {
 }
 
 fn main() -> Result<()> {
+    // `eretes supervise …`, the hidden subcommand the agent starts every
+    // process task under: before clap, logging and the async runtime, none
+    // of which a supervisor needs (it stays small and starts fast).
+    eretes_exec::supervisor::run_if_invoked();
     let cli = Cli::parse();
     // The agent logs what it does; the other commands only their errors.
     let (default_level, json) = match &cli.command {

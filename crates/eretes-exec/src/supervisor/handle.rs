@@ -1,0 +1,298 @@
+//! The agent's side of a supervisor: start it, push deadlines and stops to
+//! it, read how the run ended, and clean up if the supervisor itself died.
+
+use std::collections::HashMap;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::process::{Child, ChildStderr, ChildStdout, Command};
+use tokio::sync::OwnedMutexGuard;
+use tracing::warn;
+
+use super::tree::signal_group;
+use super::wire::{exit_status, Cause, Order, Report, MAX_LINE};
+use crate::leftovers::{self, RunMarker};
+
+/// The longest a new supervisor may take to say that the task started.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How a supervised run ended, as the agent saw it.
+#[derive(Debug)]
+pub(crate) enum SupervisorEnd {
+    /// The supervisor reported the end: the whole tree is gone.
+    Ended {
+        /// The leader's exit status.
+        status: ExitStatus,
+        /// Why it ended.
+        cause: Cause,
+    },
+    /// The supervisor died without a report (this says how); the agent
+    /// killed what it could find of the tree.
+    Crashed(String),
+}
+
+/// One running supervisor.
+pub(crate) struct Supervised {
+    /// Until reaped.
+    child: Option<Child>,
+    reports: Lines<BufReader<OwnedReadHalf>>,
+    orders: Option<OwnedWriteHalf>,
+    /// The task's leader: its pid, process group and session.
+    leader: libc::pid_t,
+    marker: RunMarker,
+    /// Held until the supervisor is reaped: the next run of the same task
+    /// on this agent waits for it.
+    gate: Option<OwnedMutexGuard<()>>,
+    /// `<data-dir>/groups/<task>.<epoch>.pgid`, for the next agent if this
+    /// one dies; removed once the supervisor is reaped.
+    record: Option<PathBuf>,
+}
+
+impl Supervised {
+    /// Start the supervisor `command` (its program, arguments, environment,
+    /// directory and piped stdout and stderr already set) and wait until it
+    /// started the task. Returns it with the task's output streams.
+    pub(crate) async fn spawn(
+        mut command: Command,
+        gate: OwnedMutexGuard<()>,
+        record: PathBuf,
+        marker: RunMarker,
+    ) -> std::io::Result<(Supervised, Option<ChildStdout>, Option<ChildStderr>)> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        let ours = tokio::net::UnixStream::from_std(ours)?;
+        command
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        // The command holds the supervisor's end; the socket must close
+        // when the supervisor dies, so no copy may stay here.
+        drop(command);
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let (reader, writer) = ours.into_split();
+        let mut supervised = Supervised {
+            child: Some(child),
+            reports: BufReader::new(reader).lines(),
+            orders: Some(writer),
+            leader: 0,
+            marker,
+            gate: Some(gate),
+            record: None,
+        };
+        let first = tokio::time::timeout(START_TIMEOUT, supervised.report()).await;
+        match first {
+            Ok(Ok(Report::Started(leader))) => {
+                supervised.leader = leader;
+                // Recorded before anything else can happen to the run.
+                if let Err(error) = std::fs::write(&record, format!("{leader}\n")) {
+                    warn!(record = %record.display(), %error, "cannot record the task's process group");
+                } else {
+                    supervised.record = Some(record);
+                }
+                Ok((supervised, stdout, stderr))
+            }
+            Ok(Ok(Report::Failed(text))) => {
+                supervised.reap().await;
+                Err(std::io::Error::other(text))
+            }
+            outcome => {
+                let why = match outcome {
+                    Ok(Ok(report)) => format!("said {report:?} first"),
+                    Ok(Err(error)) => error,
+                    Err(_) => format!("did not answer within {START_TIMEOUT:?}"),
+                };
+                supervised.kill_supervisor();
+                let status = supervised.reap().await;
+                Err(std::io::Error::other(format!(
+                    "the task's supervisor did not start it: {why} ({status})"
+                )))
+            }
+        }
+    }
+
+    /// Tell the supervisor something. A supervisor that is gone cannot be
+    /// told; its end shows in [`Supervised::report`].
+    pub(crate) async fn order(&mut self, order: Order) {
+        if let Some(orders) = self.orders.as_mut() {
+            if orders.write_all(order.encode().as_bytes()).await.is_err() {
+                self.orders = None;
+            }
+        }
+    }
+
+    /// The supervisor's next report; an error once its socket closed or it
+    /// said something it should not. Cancel-safe.
+    pub(crate) async fn report(&mut self) -> Result<Report, String> {
+        match self.reports.next_line().await {
+            Ok(Some(line)) if line.len() <= MAX_LINE => Report::decode(&line),
+            Ok(Some(_)) => Err("a report longer than any report".into()),
+            Ok(None) => Err("its socket closed".into()),
+            Err(error) => Err(format!("its socket failed: {error}")),
+        }
+    }
+
+    /// Wait for the supervisor's end report (ignoring anything else),
+    /// then reap it.
+    pub(crate) async fn finish(mut self, mut report: Result<Report, String>) -> SupervisorEnd {
+        loop {
+            match report {
+                Ok(Report::Ended { status, cause }) => {
+                    self.reap().await;
+                    return SupervisorEnd::Ended {
+                        status: exit_status(status),
+                        cause,
+                    };
+                }
+                Ok(_) => report = self.report().await,
+                Err(error) => return self.crashed(error).await,
+            }
+        }
+    }
+
+    /// The supervisor died without reporting the end: its leader went with
+    /// it (parent-death signal); kill the rest of the group and whatever
+    /// still carries the run's identity.
+    async fn crashed(mut self, why: String) -> SupervisorEnd {
+        self.kill_supervisor();
+        signal_group(self.leader, libc::SIGKILL);
+        let status = self.reap().await;
+        let killed = leftovers::kill_marked(&self.marker);
+        warn!(task = %self.marker.task, epoch = self.marker.epoch, %status, %why, killed, "the task's supervisor died; its processes were killed");
+        SupervisorEnd::Crashed(status)
+    }
+
+    fn kill_supervisor(&self) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            // SAFETY: kill(2) has no memory-safety preconditions; the child
+            // is not reaped yet, so its pid is still its own.
+            unsafe {
+                libc::kill(pid as libc::pid_t, libc::SIGKILL);
+            }
+        }
+    }
+
+    /// Reap the supervisor; say how it ended. Releases the run's gate and
+    /// record.
+    async fn reap(&mut self) -> String {
+        let status = match self.child.take() {
+            Some(mut child) => match child.wait().await {
+                Ok(status) => describe(status),
+                Err(error) => format!("could not be waited for: {error}"),
+            },
+            None => "was reaped".into(),
+        };
+        self.gate = None;
+        if let Some(record) = self.record.take() {
+            let _ = std::fs::remove_file(record);
+        }
+        status
+    }
+}
+
+impl Drop for Supervised {
+    /// Dropped before its end (the runtime gave up on the handler): closing
+    /// the socket makes the supervisor kill the tree at once. The gate and
+    /// the record are kept until it has exited.
+    fn drop(&mut self) {
+        let Some(mut child) = self.child.take() else {
+            return;
+        };
+        self.orders = None;
+        signal_group(self.leader, libc::SIGKILL);
+        let gate = self.gate.take();
+        let record = self.record.take();
+        let reap = async move {
+            let _ = child.wait().await;
+            drop(gate);
+            if let Some(record) = record {
+                let _ = std::fs::remove_file(record);
+            }
+        };
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(reap);
+        }
+    }
+}
+
+/// "exited with code 3" or "was killed by signal 9".
+pub(crate) fn describe(status: ExitStatus) -> String {
+    match (
+        status.code(),
+        std::os::unix::process::ExitStatusExt::signal(&status),
+    ) {
+        (Some(code), _) => format!("exited with code {code}"),
+        (None, Some(signal)) => format!("was killed by signal {signal}"),
+        (None, None) => "ended".to_string(),
+    }
+}
+
+/// One gate per task id: a run of a task starts only once the supervisor
+/// of its previous run on this agent has exited.
+#[derive(Debug, Default)]
+pub(crate) struct RunGates {
+    gates: Mutex<Gates>,
+}
+
+#[derive(Debug, Default)]
+struct Gates {
+    by_task: HashMap<String, Weak<tokio::sync::Mutex<()>>>,
+    /// Forget gates nobody holds once the map grows past this.
+    prune_at: usize,
+}
+
+impl RunGates {
+    /// Wait until no earlier run of `task` is alive here; the guard keeps
+    /// later runs waiting until it is dropped.
+    pub(crate) async fn enter(&self, task: &str) -> OwnedMutexGuard<()> {
+        let gate = {
+            let mut gates = self.gates.lock().expect("not poisoned");
+            match gates.by_task.get(task).and_then(Weak::upgrade) {
+                Some(gate) => gate,
+                None => {
+                    let gate = Arc::new(tokio::sync::Mutex::new(()));
+                    gates
+                        .by_task
+                        .insert(task.to_string(), Arc::downgrade(&gate));
+                    if gates.by_task.len() > gates.prune_at {
+                        gates.by_task.retain(|_, gate| gate.strong_count() > 0);
+                        gates.prune_at = (gates.by_task.len() * 2).max(64);
+                    }
+                    gate
+                }
+            }
+        };
+        gate.lock_owned().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_run_waits_for_the_previous_run_of_its_task_only() {
+        let gates = RunGates::default();
+        let first = gates.enter("a").await;
+        let other = tokio::time::timeout(Duration::from_secs(5), gates.enter("b")).await;
+        assert!(other.is_ok(), "another task does not wait");
+        let blocked = tokio::time::timeout(Duration::from_millis(50), gates.enter("a")).await;
+        assert!(blocked.is_err(), "the same task waits");
+        drop(first);
+        let next = tokio::time::timeout(Duration::from_secs(5), gates.enter("a")).await;
+        assert!(next.is_ok(), "and goes on once the first is gone");
+    }
+
+    #[tokio::test]
+    async fn gates_nobody_holds_are_forgotten() {
+        let gates = RunGates::default();
+        for n in 0..1000 {
+            drop(gates.enter(&format!("t{n}")).await);
+        }
+        assert!(gates.gates.lock().unwrap().by_task.len() <= 128);
+    }
+}

@@ -1,0 +1,149 @@
+//! The per-task supervisor: a small process of its own between the agent and
+//! a task's processes, which owns the task's whole process tree and kills it
+//! on its own when the node's fencing deadline passes or the agent dies.
+//!
+//! ```text
+//! agent ──socketpair (stdin)──> supervisor   (subreaper, no async runtime)
+//!                                  └─ task leader (own session and group, parent-death SIGKILL)
+//!                                       └─ children, grandchildren, setsid daemons …
+//! ```
+//!
+//! **Why a process.** A frozen agent (SIGSTOP, a paused VM, a swapping host)
+//! cannot stop anything, and a `kill -9`'d one reaches only its direct
+//! children through the parent-death signal. The supervisor keeps running
+//! through both:
+//!
+//! * **Deadline.** The agent pushes the node's self-fencing deadline (last
+//!   lease renewal sent + TTL − margin) on every renewal, as an absolute
+//!   instant of `CLOCK_BOOTTIME`, which keeps counting while the machine is
+//!   suspended. When it passes without an extension the supervisor SIGKILLs
+//!   the whole tree at once, whatever the agent is doing, and reports the run
+//!   as *fenced*. The lease cannot expire at the store before that instant +
+//!   the margin, so the task's processes are dead before another node can
+//!   claim the task.
+//! * **Agent gone.** Its end of the socket closes: the tree is killed at once.
+//! * **Whole tree.** The supervisor is a child subreaper
+//!   (`PR_SET_CHILD_SUBREAPER`), so whatever a task's process leaves behind —
+//!   a `setsid` daemon included — is re-parented to it, never to init. It
+//!   kills the task's group and every descendant it finds in `/proc`, again
+//!   and again, and exits only once it has no child left: then no process of
+//!   the tree exists.
+//! * **Ordinary stop.** SIGTERM to the tree, the grace period, SIGKILL.
+//! * **The task's main process exits.** Whatever else of its tree still runs
+//!   is killed too (systemd's `KillMode=control-group`): a finished task
+//!   leaves nothing behind.
+//!
+//! The supervisor reports the leader's pid, then how the run ended: the
+//! leader's wait status and whether it exited by itself, was stopped, or was
+//! fenced ([`wire`]). A supervisor that dies itself (`kill -9`) takes the
+//! leader with it (parent-death signal); the agent then kills the leader's
+//! group and every process that carries the run's identity in its
+//! environment, and reports the run as failed.
+//!
+//! A program that embeds [`crate::ProcessHandler`] must run the supervisor
+//! when it is started as one: call [`run_if_invoked`] first thing in `main`
+//! (`eretes` does), or point [`crate::ExecConfig::supervisor`] at a binary
+//! that does.
+
+mod handle;
+mod supervise;
+mod tree;
+pub mod wire;
+
+use std::ffi::{OsStr, OsString};
+use std::path::PathBuf;
+
+pub(crate) use handle::{describe, RunGates, Supervised, SupervisorEnd};
+pub(crate) use tree::signal_group;
+
+/// The argument that makes a binary a supervisor (`eretes supervise …`).
+pub const SUBCOMMAND: &str = "supervise";
+
+/// How the agent starts a supervisor: a program and the arguments before
+/// the supervisor's own (which begin with [`SUBCOMMAND`]'s options).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SupervisorProgram {
+    /// The program to run.
+    pub program: PathBuf,
+    /// Arguments before the supervisor's options.
+    pub args: Vec<OsString>,
+}
+
+impl SupervisorProgram {
+    /// This very binary, `supervise` subcommand: through `/proc/self/exe`,
+    /// so the supervisor is the agent's own code even after the file on disk
+    /// was replaced by an upgrade. The binary's `main` must call
+    /// [`run_if_invoked`].
+    pub fn this_binary() -> Self {
+        SupervisorProgram {
+            program: PathBuf::from("/proc/self/exe"),
+            args: vec![OsString::from(SUBCOMMAND)],
+        }
+    }
+
+    /// A binary that runs the supervisor with no subcommand: its arguments
+    /// are the supervisor's options (as `eretes-supervisor`'s are).
+    pub fn binary(program: impl Into<PathBuf>) -> Self {
+        SupervisorProgram {
+            program: program.into(),
+            args: Vec::new(),
+        }
+    }
+}
+
+/// If this process was started as a supervisor (its first argument is
+/// [`SUBCOMMAND`]), run it and exit with its status; otherwise return at
+/// once. Call it before anything else in `main` — before an async runtime
+/// or logging starts, which a supervisor does not need.
+pub fn run_if_invoked() {
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(OsStr::new(SUBCOMMAND)) {
+        std::process::exit(main(args));
+    }
+}
+
+/// The supervisor's `main`, given its options (after [`SUBCOMMAND`]):
+/// `--grace-ms MS --deadline-ns NS -- PROGRAM ARGS..`. Its stdin must be
+/// the agent's socket, its stdout and stderr the task's; returns the exit
+/// status.
+pub fn main(args: impl Iterator<Item = OsString>) -> i32 {
+    let options = match supervise::Options::parse(args) {
+        Ok(options) => options,
+        Err(error) => {
+            eprintln!("eretes supervise: {error}");
+            return 2;
+        }
+    };
+    match supervise::supervise(options) {
+        Ok(()) => 0,
+        Err(error) => {
+            eprintln!("eretes supervise: {error}");
+            1
+        }
+    }
+}
+
+/// Now on `CLOCK_BOOTTIME`, in nanoseconds: the clock deadlines are given
+/// on, which counts the time the machine was suspended (CLOCK_MONOTONIC,
+/// and so tokio's and std's `Instant`, does not).
+pub fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(
+        rc, 0,
+        "CLOCK_BOOTTIME is available on every supported kernel"
+    );
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
+/// `at` (an instant of tokio's clock) on `CLOCK_BOOTTIME`. Both clocks are
+/// read together, so a pause of this process between the conversion and
+/// the deadline's use does not move the deadline.
+pub fn boottime_of(at: tokio::time::Instant) -> u64 {
+    let left = at.saturating_duration_since(tokio::time::Instant::now());
+    boottime_ns().saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
+}

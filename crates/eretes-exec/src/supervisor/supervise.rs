@@ -1,0 +1,484 @@
+//! The supervisor process itself: one task leader, one socket to the agent,
+//! three file descriptors to wait on (the socket, a signalfd for SIGCHLD and
+//! stop signals, a `CLOCK_BOOTTIME` timerfd for the deadline) and no async
+//! runtime.
+
+use std::ffi::OsString;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use super::boottime_ns;
+use super::tree::signal_tree;
+use super::wire::{Cause, Order, Report, MAX_LINE};
+
+/// How often the tree is looked for and SIGKILLed again while it dies: a
+/// process forked between two looks is found by the next.
+const KILL_RESCAN_MS: libc::c_int = 50;
+
+/// The supervisor's command line.
+#[derive(Debug)]
+pub(crate) struct Options {
+    grace: Duration,
+    deadline: Option<u64>,
+    program: OsString,
+    args: Vec<OsString>,
+}
+
+impl Options {
+    /// `--grace-ms MS [--deadline-ns NS] -- PROGRAM ARGS..`.
+    pub(crate) fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Options, String> {
+        let mut grace = None;
+        let mut deadline = None;
+        loop {
+            let Some(arg) = args.next() else {
+                return Err("no `-- PROGRAM` given".into());
+            };
+            match arg.to_str() {
+                Some("--grace-ms") => {
+                    grace = Some(Duration::from_millis(number(args.next(), "--grace-ms")?))
+                }
+                Some("--deadline-ns") => deadline = Some(number(args.next(), "--deadline-ns")?),
+                Some("--") => break,
+                _ => return Err(format!("unknown option {arg:?}")),
+            }
+        }
+        let program = args.next().ok_or("no PROGRAM after --")?;
+        Ok(Options {
+            grace: grace.ok_or("--grace-ms is required")?,
+            deadline: deadline.filter(|&at| at != 0),
+            program,
+            args: args.collect(),
+        })
+    }
+}
+
+fn number(value: Option<OsString>, flag: &str) -> Result<u64, String> {
+    value
+        .as_deref()
+        .and_then(|value| value.to_str())
+        .and_then(|value| value.parse().ok())
+        .ok_or_else(|| format!("{flag} needs a non-negative integer"))
+}
+
+/// Run the task under supervision until every process of its tree is gone.
+pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
+    // SAFETY: fd 0 is the agent's end of the socket, handed to this process
+    // as its stdin; nothing else in this process uses fd 0.
+    let mut control = unsafe { UnixStream::from_raw_fd(0) };
+    // Blocked before the task exists, so that no SIGCHLD is missed; the
+    // standard library clears the mask in the child before exec.
+    let signals =
+        SignalFd::block_and_open(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
+    // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    let timer = BootTimer::new()?;
+    // SAFETY: getpid(2) has no preconditions.
+    let me = unsafe { libc::getpid() };
+    let mut command = Command::new(&options.program);
+    command.args(&options.args).stdin(Stdio::null());
+    // SAFETY: runs in the child between fork and exec, and calls only
+    // async-signal-safe functions (setsid, prctl, getppid, _exit).
+    unsafe {
+        command.pre_exec(move || {
+            // A session and a process group of its own (pgid = sid = pid).
+            if libc::setsid() < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // If the supervisor dies (kill -9), the leader goes with it.
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != me {
+                libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+    let leader = match command.spawn() {
+        Ok(child) => child.id() as libc::pid_t,
+        Err(error) => {
+            let text = format!("cannot start {:?}: {error}", options.program);
+            let _ = control.write_all(Report::Failed(text).encode().as_bytes());
+            return Ok(());
+        }
+    };
+    // The agent may be gone already; the socket's end says so below.
+    let _ = control.write_all(Report::Started(leader).encode().as_bytes());
+    // The task's output is the task's: nothing of this process goes there.
+    silence_output()?;
+    let mut run = Run {
+        me,
+        leader,
+        status: None,
+        cause: Cause::Exited,
+        deadline: options.deadline,
+        grace: options.grace,
+        kill_at: None,
+        killing: false,
+        control_open: true,
+        pending: Vec::new(),
+    };
+    run.watch(&mut control, &signals, &timer)?;
+    if run.control_open {
+        let report = Report::Ended {
+            status: run.status.unwrap_or(0),
+            cause: run.cause,
+        };
+        let _ = control.write_all(report.encode().as_bytes());
+    }
+    Ok(())
+}
+
+/// One supervised run.
+struct Run {
+    me: libc::pid_t,
+    leader: libc::pid_t,
+    /// The leader's wait status, once reaped.
+    status: Option<i32>,
+    cause: Cause,
+    /// The fencing deadline on CLOCK_BOOTTIME.
+    deadline: Option<u64>,
+    grace: Duration,
+    /// When a stop's grace period ends (CLOCK_BOOTTIME).
+    kill_at: Option<u64>,
+    /// SIGKILLing the tree until nothing of it is left.
+    killing: bool,
+    control_open: bool,
+    /// Bytes of an order not yet ended by a newline.
+    pending: Vec<u8>,
+}
+
+impl Run {
+    /// Wait on the socket, signals and the timer until no child is left.
+    fn watch(
+        &mut self,
+        control: &mut UnixStream,
+        signals: &SignalFd,
+        timer: &BootTimer,
+    ) -> std::io::Result<()> {
+        loop {
+            if self.reap() {
+                return Ok(());
+            }
+            let now = boottime_ns();
+            if self.status.is_none() && !self.killing && self.deadline.is_some_and(|at| at <= now) {
+                // Fenced: the lease may expire soon; no grace period.
+                self.cause = Cause::Fenced;
+                self.kill();
+            }
+            if self.kill_at.is_some_and(|at| at <= now) {
+                self.kill();
+            }
+            if self.killing {
+                signal_tree(self.me, self.leader, libc::SIGKILL);
+            }
+            let wake = if self.killing {
+                None
+            } else {
+                [self.deadline, self.kill_at].into_iter().flatten().min()
+            };
+            timer.arm(wake)?;
+            let mut fds = [
+                poll_in(if self.control_open {
+                    control.as_raw_fd()
+                } else {
+                    -1
+                }),
+                poll_in(signals.fd.as_raw_fd()),
+                poll_in(timer.fd.as_raw_fd()),
+            ];
+            let timeout = if self.killing { KILL_RESCAN_MS } else { -1 };
+            // SAFETY: `fds` is an array of initialised pollfd of the length given.
+            let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+            if ready < 0 {
+                let error = std::io::Error::last_os_error();
+                if error.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(error);
+            }
+            if fds[0].revents != 0 {
+                self.read_orders(control);
+            }
+            if fds[1].revents != 0 && signals.drain_stop_signals() {
+                self.begin_stop();
+            }
+            if fds[2].revents != 0 {
+                timer.clear();
+            }
+        }
+    }
+
+    /// Reap every child that ended. True once no child is left, which for
+    /// a subreaper means no process of the tree exists any more.
+    fn reap(&mut self) -> bool {
+        loop {
+            let mut status = 0;
+            // SAFETY: waitpid writes one int, which `status` is.
+            let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+            if pid > 0 {
+                if pid == self.leader {
+                    self.status = Some(status);
+                    // KillMode=control-group: nothing outlives the task's
+                    // main process.
+                    self.kill();
+                }
+                continue;
+            }
+            if pid == 0 {
+                return false;
+            }
+            match std::io::Error::last_os_error().raw_os_error() {
+                Some(libc::EINTR) => continue,
+                // ECHILD: no child at all.
+                _ => return true,
+            }
+        }
+    }
+
+    fn kill(&mut self) {
+        if !self.killing {
+            self.killing = true;
+            signal_tree(self.me, self.leader, libc::SIGKILL);
+        }
+    }
+
+    /// SIGTERM the tree; SIGKILL it when the grace period ends.
+    fn begin_stop(&mut self) {
+        if self.killing || self.kill_at.is_some() {
+            return;
+        }
+        if self.status.is_none() {
+            self.cause = Cause::Stopped;
+        }
+        if self.grace.is_zero() {
+            self.kill();
+            return;
+        }
+        signal_tree(self.me, self.leader, libc::SIGTERM);
+        let grace = u64::try_from(self.grace.as_nanos()).unwrap_or(u64::MAX);
+        self.kill_at = Some(boottime_ns().saturating_add(grace));
+    }
+
+    /// Read what the agent sent; its end closing kills the tree at once.
+    fn read_orders(&mut self, control: &mut UnixStream) {
+        let mut buffer = [0u8; 1024];
+        let read = match control.read(&mut buffer) {
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => return,
+            Err(_) => 0,
+        };
+        if read == 0 {
+            // The agent is gone (killed, or it dropped this run).
+            self.control_open = false;
+            if self.status.is_none() {
+                self.cause = Cause::Stopped;
+            }
+            self.kill();
+            return;
+        }
+        self.pending.extend_from_slice(&buffer[..read]);
+        while let Some(end) = self.pending.iter().position(|&byte| byte == b'\n') {
+            let line: Vec<u8> = self.pending.drain(..=end).collect();
+            let order = std::str::from_utf8(&line[..end])
+                .map_err(|_| "not UTF-8".to_string())
+                .and_then(Order::decode);
+            match order {
+                Ok(Order::Deadline(at)) => self.deadline = at,
+                Ok(Order::Stop) => self.begin_stop(),
+                // Only the agent writes here; a line it did not mean is
+                // dropped rather than guessed at.
+                Err(_) => {}
+            }
+        }
+        if self.pending.len() > MAX_LINE {
+            self.pending.clear();
+        }
+    }
+}
+
+fn poll_in(fd: RawFd) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    }
+}
+
+/// Point stdout and stderr at /dev/null (the task keeps its own copies).
+fn silence_output() -> std::io::Result<()> {
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")?;
+    for fd in [1, 2] {
+        // SAFETY: dup2 on two open descriptors; it replaces fd 1 or 2.
+        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// A signalfd for signals this process blocks.
+struct SignalFd {
+    fd: OwnedFd,
+}
+
+impl SignalFd {
+    fn block_and_open(signals: &[libc::c_int]) -> std::io::Result<SignalFd> {
+        // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+        let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+        // SAFETY: sigemptyset/sigaddset write the set they are given;
+        // sigprocmask reads it (this process has one thread).
+        let fd = unsafe {
+            libc::sigemptyset(&mut set);
+            for &signal in signals {
+                libc::sigaddset(&mut set, signal);
+            }
+            if libc::sigprocmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            libc::signalfd(-1, &set, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: signalfd returned a new descriptor that nothing else owns.
+        Ok(SignalFd {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Read every pending signal; true if one asks this process to stop
+    /// (SIGCHLD only wakes the loop, which reaps).
+    fn drain_stop_signals(&self) -> bool {
+        let mut stop = false;
+        loop {
+            // SAFETY: signalfd_siginfo is plain data; read fills it whole or not at all.
+            let mut info: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
+            let size = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads at most `size` bytes into `info`.
+            let read = unsafe {
+                libc::read(
+                    self.fd.as_raw_fd(),
+                    (&mut info as *mut libc::signalfd_siginfo).cast(),
+                    size,
+                )
+            };
+            if read != size as isize {
+                return stop;
+            }
+            stop |= info.ssi_signo != libc::SIGCHLD as u32;
+        }
+    }
+}
+
+/// A one-shot timer on CLOCK_BOOTTIME, armed at absolute instants.
+struct BootTimer {
+    fd: OwnedFd,
+}
+
+impl BootTimer {
+    fn new() -> std::io::Result<BootTimer> {
+        // SAFETY: timerfd_create takes plain integers.
+        let fd = unsafe {
+            libc::timerfd_create(libc::CLOCK_BOOTTIME, libc::TFD_CLOEXEC | libc::TFD_NONBLOCK)
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: timerfd_create returned a new descriptor that nothing else owns.
+        Ok(BootTimer {
+            fd: unsafe { OwnedFd::from_raw_fd(fd) },
+        })
+    }
+
+    /// Fire at `at` (nanoseconds of CLOCK_BOOTTIME), or never.
+    fn arm(&self, at: Option<u64>) -> std::io::Result<()> {
+        // An instant of 0 disarms the timer; an instant in the past fires at once.
+        let at = at.map_or(0, |at| at.max(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: (at / 1_000_000_000) as libc::time_t,
+                tv_nsec: (at % 1_000_000_000) as libc::c_long,
+            },
+        };
+        // SAFETY: `spec` is a valid itimerspec; the old value is not asked for.
+        let rc = unsafe {
+            libc::timerfd_settime(
+                self.fd.as_raw_fd(),
+                libc::TFD_TIMER_ABSTIME,
+                &spec,
+                std::ptr::null_mut(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Consume an expiry, so the descriptor is no longer readable.
+    fn clear(&self) {
+        let mut expirations = 0u64;
+        // SAFETY: reads at most 8 bytes into a u64.
+        unsafe {
+            libc::read(
+                self.fd.as_raw_fd(),
+                (&mut expirations as *mut u64).cast(),
+                8,
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Options, String> {
+        Options::parse(args.iter().map(OsString::from))
+    }
+
+    #[test]
+    fn options_need_a_grace_period_and_a_program() {
+        let options = parse(&[
+            "--grace-ms",
+            "250",
+            "--deadline-ns",
+            "9",
+            "--",
+            "sh",
+            "-c",
+            "x",
+        ])
+        .unwrap();
+        assert_eq!(options.grace, Duration::from_millis(250));
+        assert_eq!(options.deadline, Some(9));
+        assert_eq!(options.program, "sh");
+        assert_eq!(options.args, ["-c", "x"]);
+        let no_deadline = parse(&["--grace-ms", "0", "--deadline-ns", "0", "--", "true"]).unwrap();
+        assert_eq!(no_deadline.deadline, None);
+        for (args, error) in [
+            (&["--", "true"][..], "--grace-ms is required"),
+            (&["--grace-ms", "1"][..], "no `-- PROGRAM` given"),
+            (&["--grace-ms", "1", "--"][..], "no PROGRAM after --"),
+            (&["--grace-ms", "-1", "--", "x"][..], "--grace-ms needs"),
+            (&["--frobnicate", "--", "x"][..], "unknown option"),
+        ] {
+            let message = parse(args).unwrap_err();
+            assert!(message.contains(error), "{args:?}: {message}");
+        }
+    }
+}

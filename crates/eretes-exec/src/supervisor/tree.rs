@@ -1,0 +1,104 @@
+//! A process tree as `/proc` shows it: finding every descendant of a
+//! process and signalling them all.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+/// Send `signal` to every process of group `pgid` (gone groups are fine).
+pub(crate) fn signal_group(pgid: libc::pid_t, signal: libc::c_int) {
+    if pgid > 1 {
+        // SAFETY: kill(2) with a negative pid addresses one process group;
+        // it has no memory-safety preconditions.
+        unsafe {
+            libc::kill(-pgid, signal);
+        }
+    }
+}
+
+/// Send `signal` to group `group` and to every descendant of `root` (not
+/// `root` itself). Returns how many descendants were found.
+pub(crate) fn signal_tree(root: libc::pid_t, group: libc::pid_t, signal: libc::c_int) -> usize {
+    // The group first: one call reaches its members even before /proc is read.
+    signal_group(group, signal);
+    let found = descendants(root);
+    for &pid in &found {
+        // SAFETY: kill(2) has no memory-safety preconditions. (When `root`
+        // is the supervisor, every pid found here is its descendant and is
+        // reaped by it, so it cannot be recycled for another process first.)
+        unsafe {
+            libc::kill(pid, signal);
+        }
+    }
+    found.len()
+}
+
+/// Every descendant of `root` that `/proc` lists now.
+pub(crate) fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut children: HashMap<libc::pid_t, Vec<libc::pid_t>> = HashMap::new();
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<libc::pid_t>().ok())
+        else {
+            continue;
+        };
+        if let Some(parent) = parent_of(&entry.path()) {
+            children.entry(parent).or_default().push(pid);
+        }
+    }
+    let mut found = Vec::new();
+    let mut next = vec![root];
+    while let Some(pid) = next.pop() {
+        if let Some(kids) = children.remove(&pid) {
+            found.extend_from_slice(&kids);
+            next.extend(kids);
+        }
+    }
+    found
+}
+
+/// The parent of `/proc/<pid>`: the second field of its `stat` after the
+/// command name (which may contain spaces and brackets).
+fn parent_of(dir: &Path) -> Option<libc::pid_t> {
+    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
+    let after_name = &stat[stat.rfind(')')? + 1..];
+    after_name.split_whitespace().nth(1)?.parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_grandchildren_and_reads_parents() {
+        let me = std::process::id() as libc::pid_t;
+        // SAFETY: getppid(2) has no preconditions.
+        let parent = unsafe { libc::getppid() };
+        assert_eq!(parent_of(Path::new("/proc/self")), Some(parent));
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & echo $!; wait"])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        let grandchild: libc::pid_t = line.trim().parse().unwrap();
+        let found = descendants(me);
+        assert!(found.contains(&(child.id() as libc::pid_t)), "{found:?}");
+        assert!(found.contains(&grandchild), "{found:?}");
+        // The shell is in this test's group, so kill it by the tree only
+        // (the shell's, not this test binary's: other tests have children).
+        let shell = child.id() as libc::pid_t;
+        assert_eq!(signal_tree(shell, 0, libc::SIGKILL), 1);
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+}

@@ -1,0 +1,209 @@
+//! What the agent and a supervisor say over their socket: one line per
+//! message, ASCII words and decimal numbers.
+//!
+//! Agent → supervisor ([`Order`]):
+//!
+//! * `deadline NS` — kill the tree at `CLOCK_BOOTTIME` instant `NS`
+//!   (nanoseconds) unless a later line moves it; `0` is no deadline.
+//! * `stop` — SIGTERM the tree, SIGKILL it after the grace period.
+//!
+//! Supervisor → agent ([`Report`]):
+//!
+//! * `started PID` — the task's leader runs as `PID` (its group and session
+//!   id too).
+//! * `failed TEXT` — the program could not be started, for this reason.
+//! * `ended STATUS CAUSE` — the whole tree is gone; `STATUS` is the leader's
+//!   raw wait status, `CAUSE` one of `exited`, `stopped`, `fenced`.
+
+use std::os::unix::process::ExitStatusExt;
+use std::process::ExitStatus;
+
+/// Longest line either side accepts; anything longer is a protocol error.
+pub const MAX_LINE: usize = 4096;
+
+/// What the agent tells a supervisor.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// The fencing deadline on `CLOCK_BOOTTIME`, or none.
+    Deadline(Option<u64>),
+    /// Stop the task: SIGTERM, the grace period, SIGKILL.
+    Stop,
+}
+
+impl Order {
+    /// The line for this order, newline included.
+    pub fn encode(&self) -> String {
+        match self {
+            Order::Deadline(at) => format!("deadline {}\n", at.unwrap_or(0)),
+            Order::Stop => "stop\n".to_string(),
+        }
+    }
+
+    /// Parse one line (without its newline).
+    pub fn decode(line: &str) -> Result<Order, String> {
+        match line.split_once(' ') {
+            Some(("deadline", at)) => {
+                let at: u64 = at
+                    .parse()
+                    .map_err(|_| format!("bad deadline {at:?}: not a count of nanoseconds"))?;
+                Ok(Order::Deadline((at != 0).then_some(at)))
+            }
+            None if line == "stop" => Ok(Order::Stop),
+            _ => Err(format!("unknown order {line:?}")),
+        }
+    }
+}
+
+/// Why a supervised run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// The task's main process exited by itself.
+    Exited,
+    /// The agent (or a signal to the supervisor) stopped it.
+    Stopped,
+    /// The fencing deadline passed: the tree was killed at once.
+    Fenced,
+}
+
+impl Cause {
+    fn word(self) -> &'static str {
+        match self {
+            Cause::Exited => "exited",
+            Cause::Stopped => "stopped",
+            Cause::Fenced => "fenced",
+        }
+    }
+}
+
+/// What a supervisor tells the agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Report {
+    /// The leader runs with this pid.
+    Started(i32),
+    /// The program could not be started.
+    Failed(String),
+    /// Every process of the tree is gone.
+    Ended {
+        /// The leader's raw wait status.
+        status: i32,
+        /// Why it ended.
+        cause: Cause,
+    },
+}
+
+impl Report {
+    /// The line for this report, newline included (a failure's text is
+    /// kept to one line).
+    pub fn encode(&self) -> String {
+        match self {
+            Report::Started(pid) => format!("started {pid}\n"),
+            Report::Failed(text) => {
+                let mut text = text.replace(['\n', '\r'], " ");
+                text.truncate(MAX_LINE - 16);
+                format!("failed {text}\n")
+            }
+            Report::Ended { status, cause } => format!("ended {status} {}\n", cause.word()),
+        }
+    }
+
+    /// Parse one line (without its newline).
+    pub fn decode(line: &str) -> Result<Report, String> {
+        let (word, rest) = line.split_once(' ').unwrap_or((line, ""));
+        match word {
+            "started" => rest
+                .parse()
+                .ok()
+                .filter(|&pid: &i32| pid > 1)
+                .map(Report::Started)
+                .ok_or_else(|| format!("bad pid in {line:?}")),
+            "failed" => Ok(Report::Failed(rest.to_string())),
+            "ended" => {
+                let (status, cause) = rest
+                    .split_once(' ')
+                    .ok_or_else(|| format!("bad end {line:?}"))?;
+                let status = status
+                    .parse()
+                    .map_err(|_| format!("bad status in {line:?}"))?;
+                let cause = match cause {
+                    "exited" => Cause::Exited,
+                    "stopped" => Cause::Stopped,
+                    "fenced" => Cause::Fenced,
+                    _ => return Err(format!("bad cause in {line:?}")),
+                };
+                Ok(Report::Ended { status, cause })
+            }
+            _ => Err(format!("unknown report {line:?}")),
+        }
+    }
+}
+
+/// A raw wait status as the standard library's [`ExitStatus`].
+pub fn exit_status(raw: i32) -> ExitStatus {
+    ExitStatus::from_raw(raw)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_message_survives_its_line() {
+        for order in [
+            Order::Deadline(Some(17)),
+            Order::Deadline(None),
+            Order::Stop,
+        ] {
+            let line = order.encode();
+            assert_eq!(Order::decode(line.trim_end()), Ok(order));
+        }
+        for report in [
+            Report::Started(4242),
+            Report::Failed("No such file or directory (os error 2)".into()),
+            Report::Ended {
+                status: 256,
+                cause: Cause::Exited,
+            },
+            Report::Ended {
+                status: 9,
+                cause: Cause::Fenced,
+            },
+            Report::Ended {
+                status: 15,
+                cause: Cause::Stopped,
+            },
+        ] {
+            let line = report.encode();
+            assert_eq!(Report::decode(line.trim_end()), Ok(report));
+        }
+        assert_eq!(exit_status(256).code(), Some(1));
+        assert_eq!(exit_status(9).signal(), Some(9));
+    }
+
+    #[test]
+    fn garbage_is_refused_with_what_was_wrong() {
+        for line in [
+            "",
+            "deadline",
+            "deadline -1",
+            "deadline soon",
+            "stop now",
+            "kill",
+        ] {
+            assert!(Order::decode(line).is_err(), "{line:?}");
+        }
+        for line in [
+            "started",
+            "started 1",
+            "started x",
+            "ended 0",
+            "ended x exited",
+            "ended 0 vanished",
+            "hello",
+        ] {
+            let error = Report::decode(line).unwrap_err();
+            assert!(!error.is_empty(), "{line:?}");
+        }
+        let multiline = Report::Failed("a\nb".into()).encode();
+        assert_eq!(multiline, "failed a b\n");
+    }
+}
