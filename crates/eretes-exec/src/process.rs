@@ -19,7 +19,9 @@ use crate::leftovers::{self, RunMarker};
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
 use crate::supervisor::wire::{Cause, Order, Report};
-use crate::supervisor::{boottime_of, describe, RunGates, Supervised, SupervisorEnd};
+use crate::supervisor::{
+    boottime_of, describe, RunGates, Supervised, SupervisorEnd, MIMALLOC_EAGER_COMMIT,
+};
 use crate::{ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
@@ -263,6 +265,10 @@ impl ProcessHandler {
             // submit a task must not learn the API token or etcd's password.
             .env_remove("ERETES_TOKEN")
             .env_remove("ERETES_ETCD_PASSWORD")
+            // mimalloc (the eretes binary's allocator) would commit and
+            // huge-page a 4 MiB arena in every supervisor; lazily it stays
+            // small. The supervisor does not pass this on to the task.
+            .env(MIMALLOC_EAGER_COMMIT, "0")
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         if let Some(cwd) = &spec.cwd {

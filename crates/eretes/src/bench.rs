@@ -539,13 +539,14 @@ async fn agent(args: &BenchArgs) -> Result<serde_json::Value> {
         .kill_on_drop(true)
         .spawn()
         .context("starting eretes agent")?;
-    let result = measure_agent(&url, tasks).await;
+    let agent_pid = child.id().context("the agent's pid")? as i32;
+    let result = measure_agent(&url, tasks, agent_pid).await;
     let _ = child.kill().await;
     let _ = std::fs::remove_dir_all(&data_dir);
     result
 }
 
-async fn measure_agent(url: &str, tasks: usize) -> Result<serde_json::Value> {
+async fn measure_agent(url: &str, tasks: usize, agent_pid: i32) -> Result<serde_json::Value> {
     let http = reqwest::Client::new();
     let ready = format!("{url}/readyz");
     wait_until_async("the agent is ready", || {
@@ -607,9 +608,13 @@ async fn measure_agent(url: &str, tasks: usize) -> Result<serde_json::Value> {
         done??;
     }
     let submits_per_s = submissions as f64 / started.elapsed().as_secs_f64();
+    let pss = supervisor_pss(url, &http, agent_pid).await?;
+    let (direct_ms, supervised_ms) = supervisor_start_cost(tasks).await?;
     println!(
         "agent: a `true` task takes {median_ms:.1} ms from submit to done (median of {tasks}; p90 {p90_ms:.1} ms); \
-         the API takes {submits_per_s:.0} submissions/s (8 clients, {submissions} tasks)"
+         the API takes {submits_per_s:.0} submissions/s (8 clients, {submissions} tasks); \
+         a supervisor costs {pss:.0} KiB PSS (median of {SUPERVISED}) and `true` takes {supervised_ms:.2} ms \
+         under one against {direct_ms:.2} ms alone (medians of {tasks})"
     );
     Ok(json!({
         "scenario": "agent",
@@ -618,7 +623,97 @@ async fn measure_agent(url: &str, tasks: usize) -> Result<serde_json::Value> {
         "overhead_p90_ms": (p90_ms * 10.0).round() / 10.0,
         "submissions": submissions,
         "submits_per_s": submits_per_s.round(),
+        "supervisor_pss_kib": pss.round(),
+        "true_direct_ms": (direct_ms * 100.0).round() / 100.0,
+        "true_supervised_ms": (supervised_ms * 100.0).round() / 100.0,
     }))
+}
+
+/// Long-running tasks whose supervisors' memory is measured.
+const SUPERVISED: usize = 20;
+
+/// Run [`SUPERVISED`] `sleep` tasks on the agent and return the median
+/// proportional set size of their supervisors (the agent's children), in
+/// KiB: what each costs once the pages it shares with the agent and the
+/// other supervisors are divided among them.
+async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Result<f64> {
+    for n in 0..SUPERVISED {
+        http.post(format!("{url}/v1/tasks"))
+            .json(&json!({ "id": format!("resident-{n}"), "program": "sleep", "args": ["600"] }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let supervisors = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| parent_of(pid) == Some(agent_pid))
+            .collect::<Vec<i32>>()
+    };
+    wait_until("every resident task runs", || {
+        supervisors().len() >= SUPERVISED
+    })
+    .await?;
+    let mut pss: Vec<f64> = supervisors()
+        .into_iter()
+        .filter_map(|pid| {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect();
+    if pss.is_empty() {
+        bail!("no supervisor's memory could be read");
+    }
+    pss.sort_by(f64::total_cmp);
+    Ok(pss[pss.len() / 2])
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Medians, over `runs` alternating runs, of `true` started and reaped
+/// alone and `true` under this binary's supervisor (started, reported and
+/// reaped): the supervisor's extra cost per task start, in milliseconds.
+async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
+    let (mut direct, mut supervised) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        tokio::process::Command::new("true").status().await?;
+        direct.push(started.elapsed().as_secs_f64() * 1000.0);
+
+        let started = Instant::now();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .args(["supervise", "--grace-ms", "1000", "--", "true"])
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                theirs,
+            )))
+            .spawn()?;
+        let mut reports = String::new();
+        // The supervisor reports and exits; its socket then reads as closed.
+        tokio::task::spawn_blocking(move || {
+            std::io::Read::read_to_string(&mut &ours, &mut reports).map(|_| reports)
+        })
+        .await??
+        .contains("ended 0 exited")
+        .then_some(())
+        .context("the supervisor did not report `true` exiting")?;
+        child.wait().await?;
+        supervised.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    direct.sort_by(f64::total_cmp);
+    supervised.sort_by(f64::total_cmp);
+    Ok((direct[runs / 2], supervised[runs / 2]))
 }
 
 /// Poll `done` every 50 ms until it holds; fail naming `what` after 30 s.

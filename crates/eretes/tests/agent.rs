@@ -112,7 +112,7 @@ async fn submit_wait_exits_with_the_commands_exit_code_and_wait_reports_failures
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill_9_of_the_agent_loses_nothing_its_children_die_and_the_task_runs_again() {
+async fn kill_9_of_the_agent_loses_nothing_its_tree_dies_and_the_task_runs_again() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     let work = dir.path().to_str().unwrap().to_string();
@@ -128,13 +128,13 @@ async fn kill_9_of_the_agent_loses_nothing_its_children_die_and_the_task_runs_ag
     let background = pid_in(&dir.path().join("background.pid")).await;
 
     agent.kill9();
-    wait_until("the task's process dies with its agent", || !alive(leader)).await;
-
-    let agent = Agent::start(&data, &[]).await;
-    wait_until("the background child is killed by the new agent", || {
-        !alive(background)
+    // The task's supervisor (`eretes supervise`) kills the whole tree.
+    wait_until("the task's whole tree dies with its agent", || {
+        !alive(leader) && !alive(background)
     })
     .await;
+
+    let agent = Agent::start(&data, &[]).await;
     let again = agent.ok(&["wait", "long"]);
     assert_eq!(again, "long done (exit code 0)\n");
     assert_eq!(agent.ok(&["logs", "long"]), "second run\n");

@@ -56,6 +56,10 @@ use std::path::PathBuf;
 pub(crate) use handle::{describe, RunGates, Supervised, SupervisorEnd};
 pub(crate) use tree::signal_group;
 
+/// Set for the supervisor (to keep its allocator from committing memory it
+/// never uses) and removed from the task's environment.
+pub(crate) const MIMALLOC_EAGER_COMMIT: &str = "MIMALLOC_ARENA_EAGER_COMMIT";
+
 /// The argument that makes a binary a supervisor (`eretes supervise …`).
 pub const SUBCOMMAND: &str = "supervise";
 

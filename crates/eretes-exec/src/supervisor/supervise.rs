@@ -81,7 +81,10 @@ pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
     // SAFETY: getpid(2) has no preconditions.
     let me = unsafe { libc::getpid() };
     let mut command = Command::new(&options.program);
-    command.args(&options.args).stdin(Stdio::null());
+    command
+        .args(&options.args)
+        .env_remove(super::MIMALLOC_EAGER_COMMIT)
+        .stdin(Stdio::null());
     // SAFETY: runs in the child between fork and exec, and calls only
     // async-signal-safe functions (setsid, prctl, getppid, _exit).
     unsafe {
@@ -175,9 +178,6 @@ impl Run {
             if self.kill_at.is_some_and(|at| at <= now) {
                 self.kill();
             }
-            if self.killing {
-                signal_tree(self.me, self.leader, libc::SIGKILL);
-            }
             let wake = if self.killing {
                 None
             } else {
@@ -203,6 +203,10 @@ impl Run {
                 }
                 return Err(error);
             }
+            if ready == 0 && self.killing {
+                // Quiet for a while, yet children are left: look again.
+                signal_tree(self.me, self.leader, libc::SIGKILL);
+            }
             if fds[0].revents != 0 {
                 self.read_orders(control);
             }
@@ -216,7 +220,8 @@ impl Run {
     }
 
     /// Reap every child that ended. True once no child is left, which for
-    /// a subreaper means no process of the tree exists any more.
+    /// a subreaper means no process of the tree exists any more (a
+    /// descendant whose parent dies becomes this process's child).
     fn reap(&mut self) -> bool {
         loop {
             let mut status = 0;
@@ -225,14 +230,11 @@ impl Run {
             if pid > 0 {
                 if pid == self.leader {
                     self.status = Some(status);
-                    // KillMode=control-group: nothing outlives the task's
-                    // main process.
-                    self.kill();
                 }
                 continue;
             }
             if pid == 0 {
-                return false;
+                break;
             }
             match std::io::Error::last_os_error().raw_os_error() {
                 Some(libc::EINTR) => continue,
@@ -240,6 +242,12 @@ impl Run {
                 _ => return true,
             }
         }
+        if self.status.is_some() {
+            // KillMode=control-group: nothing outlives the task's main
+            // process. (A leader that left no child needs no search.)
+            self.kill();
+        }
+        false
     }
 
     fn kill(&mut self) {

@@ -32,8 +32,43 @@ pub(crate) fn signal_tree(root: libc::pid_t, group: libc::pid_t, signal: libc::c
     found.len()
 }
 
-/// Every descendant of `root` that `/proc` lists now.
+/// Every descendant of `root` that `/proc` lists now: through each
+/// process's `/proc/<pid>/task/<tid>/children` lists, which cost what the
+/// tree holds; or, where the kernel has no such lists, by reading every
+/// process's parent.
 pub(crate) fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
+    children_of(root).map_or_else(
+        || descendants_by_scan(root),
+        |first| {
+            let mut found = Vec::new();
+            let mut next = first;
+            while let Some(pid) = next.pop() {
+                found.push(pid);
+                // A process that exited meanwhile has no children to list.
+                next.extend(children_of(pid).unwrap_or_default());
+            }
+            found
+        },
+    )
+}
+
+/// The children of `pid`, from the lists of each of its threads; `None`
+/// if the kernel keeps no such lists (or `pid` is gone).
+fn children_of(pid: libc::pid_t) -> Option<Vec<libc::pid_t>> {
+    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut children = Vec::new();
+    for thread in threads.flatten() {
+        let list = std::fs::read_to_string(thread.path().join("children")).ok()?;
+        children.extend(
+            list.split_whitespace()
+                .filter_map(|pid| pid.parse::<libc::pid_t>().ok()),
+        );
+    }
+    Some(children)
+}
+
+/// [`descendants`] by reading the parent of every process.
+fn descendants_by_scan(root: libc::pid_t) -> Vec<libc::pid_t> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -91,9 +126,10 @@ mod tests {
         )
         .unwrap();
         let grandchild: libc::pid_t = line.trim().parse().unwrap();
-        let found = descendants(me);
-        assert!(found.contains(&(child.id() as libc::pid_t)), "{found:?}");
-        assert!(found.contains(&grandchild), "{found:?}");
+        for found in [descendants(me), descendants_by_scan(me)] {
+            assert!(found.contains(&(child.id() as libc::pid_t)), "{found:?}");
+            assert!(found.contains(&grandchild), "{found:?}");
+        }
         // The shell is in this test's group, so kill it by the tree only
         // (the shell's, not this test binary's: other tests have children).
         let shell = child.id() as libc::pid_t;
