@@ -501,29 +501,10 @@ async fn a_killed_supervisor_takes_the_tree_with_it_and_the_run_is_retried() {
 async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     // A node publishes its deadline; here it is published once, then never
     // extended, as by a frozen agent. The supervisor acts on its own.
-    let dir = tempfile::tempdir().unwrap();
-    let mut exec = config(dir.path(), AllowList::Any);
-    exec.stop_grace = Duration::from_secs(60);
-    let store: Arc<dyn Store> = EmbeddedStore::new();
-    let handler = Arc::new(StateMachine::new(
-        ProcessHandler::new(exec).unwrap(),
-        Coordinator::new(store, Namespace::new("exec").unwrap()),
-    ));
-    let script = format!(
-        "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
-        dir.path().display()
-    );
-    let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
     let start = tokio::time::Instant::now();
     let (deadline, fence) = FenceDeadline::channel(Some(start + Duration::from_secs(3)));
-    let mut ctx = context("fenced", &spec, 7);
-    ctx.fence = fence;
-    let run = tokio::spawn({
-        let handler = handler.clone();
-        async move { eretes_runtime::Handler::run(&*handler, ctx).await }
-    });
-    let leader = pid_in(&dir.path().join("leader.pid")).await;
-    let background = pid_in(&dir.path().join("background.pid")).await;
+    let stubborn = StubbornRun::start("fenced", fence).await;
+    let (leader, background) = (stubborn.leader, stubborn.background);
     // Extended once: the first deadline passes without a kill.
     deadline.send_replace(Some(start + Duration::from_secs(5)));
     tokio::time::sleep_until(start + Duration::from_millis(4000)).await;
@@ -539,7 +520,7 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     )
     .await;
     assert!(start.elapsed() >= Duration::from_secs(5), "not before it");
-    let outcome = tokio::time::timeout(Duration::from_secs(20), run)
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stubborn.run)
         .await
         .expect("the handler returns")
         .unwrap();
@@ -547,20 +528,56 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     assert_eq!(outcome, eretes_runtime::HandlerOutcome::Release);
 }
 
-/// A hand-made run of task `id` (what a node builds for a claim).
-fn context(id: &str, spec: &ProcessSpec, epoch: i64) -> eretes_runtime::TaskContext {
-    eretes_runtime::TaskContext {
-        id: TaskId::new(id).unwrap(),
-        task: Arc::new(eretes_protocol::TaskRecord {
-            spec: TaskSpec::new(GroupName::default(), spec.to_properties()),
-            submitted_at_ms: 0,
-        }),
-        epoch,
-        node: NodeName::new("n1").unwrap(),
-        claims: 1,
-        cancel: tokio_util::sync::CancellationToken::new(),
-        commands: Default::default(),
-        fence: FenceDeadline::none(),
+/// A run of a task started by hand, outside a node (as a node would for a
+/// claim), whose shell ignores SIGTERM and has a background child; the
+/// stop grace period is a minute.
+struct StubbornRun {
+    dir: tempfile::TempDir,
+    run: tokio::task::JoinHandle<eretes_runtime::HandlerOutcome>,
+    cancel: tokio_util::sync::CancellationToken,
+    leader: i32,
+    background: i32,
+}
+
+impl StubbornRun {
+    async fn start(id: &str, fence: FenceDeadline) -> StubbornRun {
+        let dir = tempfile::tempdir().unwrap();
+        let mut exec = config(dir.path(), AllowList::Any);
+        exec.stop_grace = Duration::from_secs(60);
+        let store: Arc<dyn Store> = EmbeddedStore::new();
+        let handler = StateMachine::new(
+            ProcessHandler::new(exec).unwrap(),
+            Coordinator::new(store, Namespace::new("exec").unwrap()),
+        );
+        let script = format!(
+            "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
+            dir.path().display()
+        );
+        let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
+        let cancel = tokio_util::sync::CancellationToken::new();
+        let ctx = eretes_runtime::TaskContext {
+            id: TaskId::new(id).unwrap(),
+            task: Arc::new(eretes_protocol::TaskRecord {
+                spec: TaskSpec::new(GroupName::default(), spec.to_properties()),
+                submitted_at_ms: 0,
+            }),
+            epoch: 7,
+            node: NodeName::new("n1").unwrap(),
+            claims: 1,
+            cancel: cancel.clone(),
+            commands: Default::default(),
+            fence,
+        };
+        let run = tokio::spawn(async move { eretes_runtime::Handler::run(&handler, ctx).await });
+        let leader = pid_in(&dir.path().join("leader.pid")).await;
+        let background = pid_in(&dir.path().join("background.pid")).await;
+        StubbornRun {
+            dir,
+            run,
+            cancel,
+            leader,
+            background,
+        }
     }
 }
 
@@ -569,28 +586,10 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
     // What the runtime does to a handler that does not stop in time (after
     // fencing, or when a drain runs out): it drops it. The group, SIGTERM
     // ignored and with a background child, must die with it at once.
-    let dir = tempfile::tempdir().unwrap();
-    let mut exec = config(dir.path(), AllowList::Any);
-    exec.stop_grace = Duration::from_secs(60);
-    let store: Arc<dyn Store> = EmbeddedStore::new();
-    let handler = Arc::new(StateMachine::new(
-        ProcessHandler::new(exec).unwrap(),
-        Coordinator::new(store, Namespace::new("exec").unwrap()),
-    ));
-    let script = format!(
-        "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
-        dir.path().display()
-    );
-    let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);
-    let ctx = context("dropped", &spec, 7);
-    let cancel = ctx.cancel.clone();
-    let run = tokio::spawn({
-        let handler = handler.clone();
-        async move { eretes_runtime::Handler::run(&*handler, ctx).await }
-    });
-    let leader = pid_in(&dir.path().join("leader.pid")).await;
-    let background = pid_in(&dir.path().join("background.pid")).await;
-    cancel.cancel(); // SIGTERM, which the group ignores...
+    let stubborn = StubbornRun::start("dropped", FenceDeadline::none()).await;
+    let (leader, background, run) = (stubborn.leader, stubborn.background, stubborn.run);
+    let dir = stubborn.dir;
+    stubborn.cancel.cancel(); // SIGTERM, which the group ignores...
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(alive(leader) && alive(background), "SIGTERM is ignored");
     run.abort(); // ...and the runtime gives up on the handler.
