@@ -136,13 +136,14 @@ impl Supervised {
         }
     }
 
-    /// Wait for the supervisor's end report (ignoring anything else),
-    /// then reap it.
+    /// Wait for the supervisor's end report (ignoring anything else). The
+    /// supervisor, whose tree is gone then, is reaped in the background:
+    /// the run's gate and record are held until it has exited.
     pub(crate) async fn finish(mut self, mut report: Result<Report, String>) -> SupervisorEnd {
         loop {
             match report {
                 Ok(Report::Ended { status, cause }) => {
-                    self.reap().await;
+                    self.reap_later();
                     return SupervisorEnd::Ended {
                         status: exit_status(status),
                         cause,
@@ -194,16 +195,13 @@ impl Supervised {
     }
 }
 
-impl Drop for Supervised {
-    /// Dropped before its end (the runtime gave up on the handler): closing
-    /// the socket makes the supervisor kill the tree at once. The gate and
-    /// the record are kept until it has exited.
-    fn drop(&mut self) {
+impl Supervised {
+    /// Reap the supervisor in the background, then release the run's gate
+    /// and record.
+    fn reap_later(&mut self) {
         let Some(mut child) = self.child.take() else {
             return;
         };
-        self.orders = None;
-        signal_group(self.leader, libc::SIGKILL);
         let gate = self.gate.take();
         let record = self.record.take();
         let reap = async move {
@@ -216,6 +214,20 @@ impl Drop for Supervised {
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap);
         }
+    }
+}
+
+impl Drop for Supervised {
+    /// Dropped before its end (the runtime gave up on the handler): closing
+    /// the socket makes the supervisor kill the tree at once. The gate and
+    /// the record are kept until it has exited.
+    fn drop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.orders = None;
+        signal_group(self.leader, libc::SIGKILL);
+        self.reap_later();
     }
 }
 
