@@ -1,8 +1,9 @@
 //! [`ProcessHandler`]: a task's work as a process tree under a supervisor
 //! process of its own (see [`crate::supervisor`]).
 
+use std::os::unix::ffi::OsStrExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -10,7 +11,6 @@ use async_trait::async_trait;
 use eretes_protocol::TaskRecord;
 use eretes_runtime::{ErrorPolicy, StateContext, StatefulHandler, Step};
 use serde_json::json;
-use tokio::process::Command;
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -18,11 +18,9 @@ use crate::checkpoint::CheckpointFile;
 use crate::leftovers::{self, RunMarker};
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
-use crate::supervisor::wire::{Cause, Order, Report};
-use crate::supervisor::{
-    boottime_of, describe, RunGates, Supervised, SupervisorEnd, MIMALLOC_EAGER_COMMIT,
-};
-use crate::{ExecConfig, AGENT_DIR_ENV, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
+use crate::supervisor::wire::{Cause, Launch, Order, Report};
+use crate::supervisor::{boottime_of, describe, RunGates, Supervised, SupervisorEnd, WarmPool};
+use crate::{ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
 /// task state machine (wrap it in [`eretes_runtime::StateMachine`]).
@@ -50,6 +48,8 @@ pub struct ProcessHandler {
     config: ExecConfig,
     /// A run of a task waits here until its previous run's supervisor is gone.
     gates: RunGates,
+    /// The supervisor of the next run, started ahead.
+    warm: WarmPool,
 }
 
 /// Errors of a process task count for this long (its attempts are counted
@@ -75,6 +75,7 @@ impl ProcessHandler {
         Ok(ProcessHandler {
             config,
             gates: RunGates::default(),
+            warm: WarmPool::default(),
         })
     }
 }
@@ -243,37 +244,30 @@ impl ProcessHandler {
         };
         let mut fence = task.fence.clone();
         let deadline = fence.current().map(boottime_of);
-        let supervisor = &self.config.supervisor;
-        let mut command = Command::new(&supervisor.program);
-        command
-            .args(&supervisor.args)
-            .arg("--grace-ms")
-            .arg(self.config.stop_grace.as_millis().to_string())
-            .arg("--deadline-ns")
-            .arg(deadline.unwrap_or(0).to_string())
-            .arg("--")
-            .arg(&spec.program)
-            .args(&spec.args)
-            // The supervisor passes its environment on to the task.
-            .env("ERETES_TASK_ID", task.id.as_str())
-            .env("ERETES_EPOCH", task.epoch.to_string())
-            .env("ERETES_NODE", task.node.as_str())
-            .env("ERETES_ATTEMPT", attempt.to_string())
-            .env(CHECKPOINT_FILE_ENV, checkpoint.path())
-            .env(AGENT_DIR_ENV, &self.config.data_dir)
-            // The agent's own secrets are not the task's business: whoever can
-            // submit a task must not learn the API token or etcd's password.
-            .env_remove("ERETES_TOKEN")
-            .env_remove("ERETES_ETCD_PASSWORD")
-            // mimalloc (the eretes binary's allocator) would commit and
-            // huge-page a 4 MiB arena in every supervisor; lazily it stays
-            // small. The supervisor does not pass this on to the task.
-            .env(MIMALLOC_EAGER_COMMIT, "0")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        if let Some(cwd) = &spec.cwd {
-            command.current_dir(cwd);
-        }
+        let env: [(&str, Vec<u8>); 5] = [
+            ("ERETES_TASK_ID", task.id.as_str().into()),
+            ("ERETES_EPOCH", task.epoch.to_string().into()),
+            ("ERETES_NODE", task.node.as_str().into()),
+            ("ERETES_ATTEMPT", attempt.to_string().into()),
+            (
+                CHECKPOINT_FILE_ENV,
+                checkpoint.path().as_os_str().as_bytes().to_vec(),
+            ),
+        ];
+        let launch = Launch {
+            program: spec.program.clone(),
+            args: spec.args.clone(),
+            cwd: spec
+                .cwd
+                .as_ref()
+                .map(|cwd| cwd.to_string_lossy().into_owned()),
+            env: env
+                .into_iter()
+                .map(|(name, value)| (name.to_string(), value))
+                .collect(),
+            grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
+            deadline_ns: deadline.unwrap_or(0),
+        };
         let record = self
             .config
             .groups_dir()
@@ -283,8 +277,12 @@ impl ProcessHandler {
             task: task.id.to_string(),
             epoch: task.epoch,
         };
+        let (program, agent_dir) = (&self.config.supervisor, &self.config.data_dir);
+        let warm = self.warm.take(program, agent_dir)?;
+        // The next run's supervisor starts while this one starts its task.
+        let refill = || self.warm.refill(program, agent_dir);
         let (mut supervised, stdout, stderr) =
-            Supervised::spawn(command, gate, record, marker).await?;
+            Supervised::launch(warm, &launch, gate, record, marker, refill).await?;
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);
         let stderr = Capture::start(stderr, logs.join("stderr.log"), cap, tail);

@@ -682,9 +682,20 @@ fn parent_of(pid: i32) -> Option<i32> {
 }
 
 /// Medians, over `runs` alternating runs, of `true` started and reaped
-/// alone and `true` under this binary's supervisor (started, reported and
-/// reaped): the supervisor's extra cost per task start, in milliseconds.
+/// alone and `true` under this binary's supervisor (exec'd, launched,
+/// reported and reaped — what a run costs when no supervisor was started
+/// ahead of it): the supervisor's extra cost per task start, in
+/// milliseconds.
 async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
+    let launch = eretes_exec::supervisor::wire::Launch {
+        program: "true".into(),
+        args: Vec::new(),
+        cwd: None,
+        env: Vec::new(),
+        grace_ms: 1000,
+        deadline_ns: 0,
+    }
+    .encode();
     let (mut direct, mut supervised) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let started = Instant::now();
@@ -694,14 +705,17 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         let started = Instant::now();
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .args(["supervise", "--grace-ms", "1000", "--", "true"])
+            .arg(eretes_exec::supervisor::SUBCOMMAND)
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
             .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
                 theirs,
             )))
             .spawn()?;
-        let mut reports = String::new();
+        let launch = launch.clone();
         // The supervisor reports and exits; its socket then reads as closed.
         tokio::task::spawn_blocking(move || {
+            std::io::Write::write_all(&mut &ours, launch.as_bytes())?;
+            let mut reports = String::new();
             std::io::Read::read_to_string(&mut &ours, &mut reports).map(|_| reports)
         })
         .await??

@@ -1,9 +1,10 @@
-//! The agent's side of a supervisor: start it, push deadlines and stops to
-//! it, read how the run ended, and clean up if the supervisor itself died.
+//! The agent's side of a supervisor: start it ahead of its run, launch the
+//! run, push deadlines and stops to it, read how the run ended, and clean
+//! up if the supervisor itself died.
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -15,8 +16,10 @@ use tokio::sync::OwnedMutexGuard;
 use tracing::warn;
 
 use super::tree::signal_group;
-use super::wire::{exit_status, Cause, Order, Report, MAX_LINE};
+use super::wire::{exit_status, Cause, Launch, Order, Report, MAX_LINE};
+use super::{SupervisorProgram, MIMALLOC_EAGER_COMMIT};
 use crate::leftovers::{self, RunMarker};
+use crate::AGENT_DIR_ENV;
 
 /// The longest a new supervisor may take to say that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -53,28 +56,71 @@ pub(crate) struct Supervised {
     record: Option<PathBuf>,
 }
 
+/// A supervisor started ahead of its run, waiting for its launch: the
+/// exec of the agent's binary is then off the task's start path. Dropped
+/// unused, its socket closes and it exits.
+pub(crate) struct Warm {
+    child: Child,
+    socket: tokio::net::UnixStream,
+    stdout: Option<ChildStdout>,
+    stderr: Option<ChildStderr>,
+}
+
+impl Warm {
+    /// Start `program` as a supervisor: its stdin our socket, its stdout
+    /// and stderr pipes that its task will inherit, its environment the
+    /// agent's less the agent's secrets, marked with `agent_dir`.
+    pub(crate) fn spawn(program: &SupervisorProgram, agent_dir: &Path) -> std::io::Result<Warm> {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        ours.set_nonblocking(true)?;
+        let socket = tokio::net::UnixStream::from_std(ours)?;
+        let mut command = Command::new(&program.program);
+        command
+            .args(&program.args)
+            .env(AGENT_DIR_ENV, agent_dir)
+            // The agent's own secrets are not the task's business: whoever can
+            // submit a task must not learn the API token or etcd's password.
+            .env_remove("ERETES_TOKEN")
+            .env_remove("ERETES_ETCD_PASSWORD")
+            // mimalloc (the eretes binary's allocator) would commit and
+            // huge-page a 4 MiB arena in every supervisor; lazily it stays
+            // small. The supervisor does not pass this on to the task.
+            .env(MIMALLOC_EAGER_COMMIT, "0")
+            .stdin(Stdio::from(OwnedFd::from(theirs)))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        // The command holds the supervisor's end of the socket, which must
+        // close when the supervisor dies: no copy may stay here.
+        drop(command);
+        Ok(Warm {
+            stdout: child.stdout.take(),
+            stderr: child.stderr.take(),
+            child,
+            socket,
+        })
+    }
+}
+
 impl Supervised {
-    /// Start the supervisor `command` (its program, arguments, environment,
-    /// directory and piped stdout and stderr already set) and wait until it
-    /// started the task. Returns it with the task's output streams.
-    pub(crate) async fn spawn(
-        mut command: Command,
+    /// Hand `launch` to the `warm` supervisor (then call `sent`) and wait
+    /// until it started the task. Returns it with the task's output streams.
+    pub(crate) async fn launch(
+        warm: Warm,
+        launch: &Launch,
         gate: OwnedMutexGuard<()>,
         record: PathBuf,
         marker: RunMarker,
+        sent: impl FnOnce(),
     ) -> std::io::Result<(Supervised, Option<ChildStdout>, Option<ChildStderr>)> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        ours.set_nonblocking(true)?;
-        let ours = tokio::net::UnixStream::from_std(ours)?;
-        command
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .kill_on_drop(false);
-        let mut child = command.spawn()?;
-        // The command holds the supervisor's end; the socket must close
-        // when the supervisor dies, so no copy may stay here.
-        drop(command);
-        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-        let (reader, writer) = ours.into_split();
+        let Warm {
+            child,
+            socket,
+            stdout,
+            stderr,
+        } = warm;
+        let (reader, writer) = socket.into_split();
         let mut supervised = Supervised {
             child: Some(child),
             reports: BufReader::new(reader).lines(),
@@ -84,6 +130,19 @@ impl Supervised {
             gate: Some(gate),
             record: None,
         };
+        let line = launch.encode();
+        let written = match supervised.orders.as_mut() {
+            Some(orders) => orders.write_all(line.as_bytes()).await,
+            None => Ok(()),
+        };
+        sent();
+        if let Err(error) = written {
+            supervised.kill_supervisor();
+            let status = supervised.reap().await;
+            return Err(std::io::Error::other(format!(
+                "the task's supervisor took no launch: {error} ({status})"
+            )));
+        }
         let first = tokio::time::timeout(START_TIMEOUT, supervised.report()).await;
         match first {
             Ok(Ok(Report::Started(leader))) => {
@@ -240,6 +299,37 @@ pub(crate) fn describe(status: ExitStatus) -> String {
         (Some(code), _) => format!("exited with code {code}"),
         (None, Some(signal)) => format!("was killed by signal {signal}"),
         (None, None) => "ended".to_string(),
+    }
+}
+
+/// At most one [`Warm`] supervisor kept ready for the next run.
+#[derive(Default)]
+pub(crate) struct WarmPool {
+    ready: Mutex<Option<Warm>>,
+}
+
+impl WarmPool {
+    /// The ready supervisor, or a new one.
+    pub(crate) fn take(
+        &self,
+        program: &SupervisorProgram,
+        agent_dir: &Path,
+    ) -> std::io::Result<Warm> {
+        match self.ready.lock().expect("not poisoned").take() {
+            Some(warm) => Ok(warm),
+            None => Warm::spawn(program, agent_dir),
+        }
+    }
+
+    /// Start the next one, unless one is ready.
+    pub(crate) fn refill(&self, program: &SupervisorProgram, agent_dir: &Path) {
+        let mut ready = self.ready.lock().expect("not poisoned");
+        if ready.is_none() {
+            match Warm::spawn(program, agent_dir) {
+                Ok(warm) => *ready = Some(warm),
+                Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
+            }
+        }
     }
 }
 

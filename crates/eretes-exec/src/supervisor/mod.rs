@@ -53,7 +53,7 @@ pub mod wire;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-pub(crate) use handle::{describe, RunGates, Supervised, SupervisorEnd};
+pub(crate) use handle::{describe, RunGates, Supervised, SupervisorEnd, WarmPool};
 pub(crate) use tree::signal_group;
 
 /// Set for the supervisor (to keep its allocator from committing memory it
@@ -106,19 +106,18 @@ pub fn run_if_invoked() {
     }
 }
 
-/// The supervisor's `main`, given its options (after [`SUBCOMMAND`]):
-/// `--grace-ms MS --deadline-ns NS -- PROGRAM ARGS..`. Its stdin must be
-/// the agent's socket, its stdout and stderr the task's; returns the exit
-/// status.
-pub fn main(args: impl Iterator<Item = OsString>) -> i32 {
-    let options = match supervise::Options::parse(args) {
-        Ok(options) => options,
-        Err(error) => {
-            eprintln!("eretes supervise: {error}");
-            return 2;
-        }
-    };
-    match supervise::supervise(options) {
+/// The supervisor's `main`, given its arguments after [`SUBCOMMAND`]
+/// (there are none: the run comes over the socket, [`wire::Launch`]). Its
+/// stdin must be the agent's socket, its stdout and stderr the task's;
+/// returns the exit status.
+pub fn main(mut args: impl Iterator<Item = OsString>) -> i32 {
+    if let Some(arg) = args.next() {
+        eprintln!(
+            "eretes supervise: unexpected argument {arg:?}; the agent starts supervisors and sends them their runs"
+        );
+        return 2;
+    }
+    match supervise::supervise() {
         Ok(()) => 0,
         Err(error) => {
             eprintln!("eretes supervise: {error}");

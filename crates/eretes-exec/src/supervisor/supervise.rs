@@ -3,9 +3,10 @@
 //! stop signals, a `CLOCK_BOOTTIME` timerfd for the deadline) and no async
 //! runtime.
 
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -13,59 +14,15 @@ use std::time::Duration;
 
 use super::boottime_ns;
 use super::tree::signal_tree;
-use super::wire::{Cause, Order, Report, MAX_LINE};
+use super::wire::{Cause, Launch, Order, Report, MAX_LAUNCH, MAX_LINE};
 
 /// How often the tree is looked for and SIGKILLed again while it dies: a
 /// process forked between two looks is found by the next.
 const KILL_RESCAN_MS: libc::c_int = 50;
 
-/// The supervisor's command line.
-#[derive(Debug)]
-pub(crate) struct Options {
-    grace: Duration,
-    deadline: Option<u64>,
-    program: OsString,
-    args: Vec<OsString>,
-}
-
-impl Options {
-    /// `--grace-ms MS [--deadline-ns NS] -- PROGRAM ARGS..`.
-    pub(crate) fn parse(mut args: impl Iterator<Item = OsString>) -> Result<Options, String> {
-        let mut grace = None;
-        let mut deadline = None;
-        loop {
-            let Some(arg) = args.next() else {
-                return Err("no `-- PROGRAM` given".into());
-            };
-            match arg.to_str() {
-                Some("--grace-ms") => {
-                    grace = Some(Duration::from_millis(number(args.next(), "--grace-ms")?))
-                }
-                Some("--deadline-ns") => deadline = Some(number(args.next(), "--deadline-ns")?),
-                Some("--") => break,
-                _ => return Err(format!("unknown option {arg:?}")),
-            }
-        }
-        let program = args.next().ok_or("no PROGRAM after --")?;
-        Ok(Options {
-            grace: grace.ok_or("--grace-ms is required")?,
-            deadline: deadline.filter(|&at| at != 0),
-            program,
-            args: args.collect(),
-        })
-    }
-}
-
-fn number(value: Option<OsString>, flag: &str) -> Result<u64, String> {
-    value
-        .as_deref()
-        .and_then(|value| value.to_str())
-        .and_then(|value| value.parse().ok())
-        .ok_or_else(|| format!("{flag} needs a non-negative integer"))
-}
-
-/// Run the task under supervision until every process of its tree is gone.
-pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
+/// Wait for the run to launch, then supervise it until every process of
+/// its tree is gone.
+pub(crate) fn supervise() -> std::io::Result<()> {
     // SAFETY: fd 0 is the agent's end of the socket, handed to this process
     // as its stdin; nothing else in this process uses fd 0.
     let mut control = unsafe { UnixStream::from_raw_fd(0) };
@@ -78,13 +35,29 @@ pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     let timer = BootTimer::new()?;
+    // Started ahead of its run: wait for it (the agent's end closing first
+    // means it was not needed).
+    let (launch, pending) = match read_launch(&mut control)? {
+        Some(Ok(launched)) => launched,
+        Some(Err(error)) => {
+            let _ = control.write_all(Report::Failed(error).encode().as_bytes());
+            return Ok(());
+        }
+        None => return Ok(()),
+    };
     // SAFETY: getpid(2) has no preconditions.
     let me = unsafe { libc::getpid() };
-    let mut command = Command::new(&options.program);
+    let mut command = Command::new(&launch.program);
     command
-        .args(&options.args)
+        .args(&launch.args)
         .env_remove(super::MIMALLOC_EAGER_COMMIT)
         .stdin(Stdio::null());
+    for (name, value) in &launch.env {
+        command.env(name, OsStr::from_bytes(value));
+    }
+    if let Some(cwd) = &launch.cwd {
+        command.current_dir(cwd);
+    }
     // SAFETY: runs in the child between fork and exec, and calls only
     // async-signal-safe functions (setsid, prctl, getppid, _exit).
     unsafe {
@@ -106,7 +79,7 @@ pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
     let leader = match command.spawn() {
         Ok(child) => child.id() as libc::pid_t,
         Err(error) => {
-            let text = format!("cannot start {:?}: {error}", options.program);
+            let text = format!("cannot start {:?}: {error}", launch.program);
             let _ = control.write_all(Report::Failed(text).encode().as_bytes());
             return Ok(());
         }
@@ -120,13 +93,15 @@ pub(crate) fn supervise(options: Options) -> std::io::Result<()> {
         leader,
         status: None,
         cause: Cause::Exited,
-        deadline: options.deadline,
-        grace: options.grace,
+        deadline: (launch.deadline_ns != 0).then_some(launch.deadline_ns),
+        grace: Duration::from_millis(launch.grace_ms),
         kill_at: None,
         killing: false,
         control_open: true,
         pending: Vec::new(),
     };
+    // Orders the agent sent right behind the launch.
+    run.take_orders(&pending);
     run.watch(&mut control, &signals, &timer)?;
     if run.control_open {
         let report = Report::Ended {
@@ -291,7 +266,12 @@ impl Run {
             self.kill();
             return;
         }
-        self.pending.extend_from_slice(&buffer[..read]);
+        self.take_orders(&buffer[..read]);
+    }
+
+    /// Apply every whole order line in what was read so far.
+    fn take_orders(&mut self, bytes: &[u8]) {
+        self.pending.extend_from_slice(bytes);
         while let Some(end) = self.pending.iter().position(|&byte| byte == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=end).collect();
             let order = std::str::from_utf8(&line[..end])
@@ -307,6 +287,37 @@ impl Run {
         }
         if self.pending.len() > MAX_LINE {
             self.pending.clear();
+        }
+    }
+}
+
+/// Read the launch line; `None` if the socket closed first. Returns the
+/// bytes read past it too (orders sent right behind it).
+#[allow(clippy::type_complexity)]
+fn read_launch(
+    control: &mut UnixStream,
+) -> std::io::Result<Option<Result<(Launch, Vec<u8>), String>>> {
+    let mut line = Vec::new();
+    let mut buffer = [0u8; 8192];
+    loop {
+        let read = match control.read(&mut buffer) {
+            Ok(0) => return Ok(None),
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        line.extend_from_slice(&buffer[..read]);
+        if let Some(end) = line.iter().position(|&byte| byte == b'\n') {
+            let rest = line.split_off(end + 1);
+            let launch = std::str::from_utf8(&line[..end])
+                .map_err(|_| "the launch is not UTF-8".to_string())
+                .and_then(Launch::decode);
+            return Ok(Some(launch.map(|launch| (launch, rest))));
+        }
+        if line.len() > MAX_LAUNCH {
+            return Ok(Some(Err(format!(
+                "the launch is longer than {MAX_LAUNCH} bytes"
+            ))));
         }
     }
 }
@@ -447,46 +458,6 @@ impl BootTimer {
                 (&mut expirations as *mut u64).cast(),
                 8,
             );
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn parse(args: &[&str]) -> Result<Options, String> {
-        Options::parse(args.iter().map(OsString::from))
-    }
-
-    #[test]
-    fn options_need_a_grace_period_and_a_program() {
-        let options = parse(&[
-            "--grace-ms",
-            "250",
-            "--deadline-ns",
-            "9",
-            "--",
-            "sh",
-            "-c",
-            "x",
-        ])
-        .unwrap();
-        assert_eq!(options.grace, Duration::from_millis(250));
-        assert_eq!(options.deadline, Some(9));
-        assert_eq!(options.program, "sh");
-        assert_eq!(options.args, ["-c", "x"]);
-        let no_deadline = parse(&["--grace-ms", "0", "--deadline-ns", "0", "--", "true"]).unwrap();
-        assert_eq!(no_deadline.deadline, None);
-        for (args, error) in [
-            (&["--", "true"][..], "--grace-ms is required"),
-            (&["--grace-ms", "1"][..], "no `-- PROGRAM` given"),
-            (&["--grace-ms", "1", "--"][..], "no PROGRAM after --"),
-            (&["--grace-ms", "-1", "--", "x"][..], "--grace-ms needs"),
-            (&["--frobnicate", "--", "x"][..], "unknown option"),
-        ] {
-            let message = parse(args).unwrap_err();
-            assert!(message.contains(error), "{args:?}: {message}");
         }
     }
 }

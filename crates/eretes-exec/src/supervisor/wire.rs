@@ -1,7 +1,14 @@
 //! What the agent and a supervisor say over their socket: one line per
 //! message, ASCII words and decimal numbers.
 //!
-//! Agent → supervisor ([`Order`]):
+//! Agent → supervisor: first, once, the run to start ([`Launch`]):
+//!
+//! * `launch JSON` — the program, its arguments, directory and environment
+//!   additions, the stop grace period and the first deadline. A supervisor
+//!   is started ahead of its run and waits for this line, so that the
+//!   exec of the agent's large binary is not on a task's start path.
+//!
+//! Then ([`Order`]):
 //!
 //! * `deadline NS` — kill the tree at `CLOCK_BOOTTIME` instant `NS`
 //!   (nanoseconds) unless a later line moves it; `0` is no deadline.
@@ -18,8 +25,49 @@
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
 
-/// Longest line either side accepts; anything longer is a protocol error.
+use serde::{Deserialize, Serialize};
+
+/// Longest line either side accepts after the launch; anything longer is a
+/// protocol error.
 pub const MAX_LINE: usize = 4096;
+
+/// Longest launch line (a task record is at most 64 KiB, the environment
+/// additions are a few paths).
+pub const MAX_LAUNCH: usize = 1 << 20;
+
+/// The run a supervisor starts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Launch {
+    /// The program (looked up in `PATH` unless it has a `/`).
+    pub program: String,
+    /// Its arguments.
+    pub args: Vec<String>,
+    /// Its working directory; the supervisor's own if absent.
+    pub cwd: Option<String>,
+    /// Variables added to the supervisor's environment for the task, as
+    /// bytes (a path need not be UTF-8).
+    pub env: Vec<(String, Vec<u8>)>,
+    /// From SIGTERM to SIGKILL when the run is stopped, in milliseconds.
+    pub grace_ms: u64,
+    /// The first fencing deadline on CLOCK_BOOTTIME; 0 for none.
+    pub deadline_ns: u64,
+}
+
+impl Launch {
+    /// The line for this launch, newline included.
+    pub fn encode(&self) -> String {
+        let json = serde_json::to_string(self).expect("a launch serialises");
+        format!("launch {json}\n")
+    }
+
+    /// Parse one line (without its newline).
+    pub fn decode(line: &str) -> Result<Launch, String> {
+        let json = line
+            .strip_prefix("launch ")
+            .ok_or_else(|| "the first line must launch the run".to_string())?;
+        serde_json::from_str(json).map_err(|error| format!("bad launch: {error}"))
+    }
+}
 
 /// What the agent tells a supervisor.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -145,6 +193,24 @@ pub fn exit_status(raw: i32) -> ExitStatus {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_launch_survives_its_line_bytes_and_all() {
+        let launch = Launch {
+            program: "sh".into(),
+            args: vec!["-c".into(), "echo \"a\nb\"".into()],
+            cwd: Some("/tmp".into()),
+            env: vec![("ERETES_CHECKPOINT_FILE".into(), vec![b'/', 0xff, b'x'])],
+            grace_ms: 500,
+            deadline_ns: 42,
+        };
+        let line = launch.encode();
+        assert_eq!(line.matches('\n').count(), 1, "one line");
+        assert_eq!(Launch::decode(line.trim_end()), Ok(launch));
+        for bad in ["stop", "launch", "launch {}", "launch {\"program\":1}"] {
+            assert!(Launch::decode(bad).is_err(), "{bad:?}");
+        }
+    }
 
     #[test]
     fn every_message_survives_its_line() {
