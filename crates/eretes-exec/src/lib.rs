@@ -129,6 +129,12 @@ pub struct ExecConfig {
     /// `supervise` subcommand ([`SupervisorProgram::this_binary`]), which
     /// needs [`supervisor::run_if_invoked`] at the top of `main`.
     pub supervisor: SupervisorProgram,
+    /// Whether supervisors hold the node's fence deadline and kill a task's
+    /// tree when it passes (default). Only another node can take a task
+    /// over, so a single node whose store lives in its own process (the
+    /// embedded store) turns it off: there a suspended machine's tasks
+    /// would be killed for nothing on resume.
+    pub fence_processes: bool,
 }
 
 impl ExecConfig {
@@ -142,6 +148,7 @@ impl ExecConfig {
             stop_grace: Duration::from_secs(10),
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             supervisor: SupervisorProgram::this_binary(),
+            fence_processes: true,
         }
     }
 

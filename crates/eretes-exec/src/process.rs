@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::TaskRecord;
-use eretes_runtime::{ErrorPolicy, StateContext, StatefulHandler, Step};
+use eretes_runtime::{ErrorPolicy, FenceDeadline, StateContext, StatefulHandler, Step};
 use serde_json::json;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -242,7 +242,11 @@ impl ProcessHandler {
             gate = self.gates.enter(task.id.as_str()) => gate,
             _ = task.cancel.cancelled() => return Ok(Ended::Stopped),
         };
-        let mut fence = task.fence.clone();
+        let mut fence = if self.config.fence_processes {
+            task.fence.clone()
+        } else {
+            FenceDeadline::none()
+        };
         let deadline = fence.current().map(boottime_of);
         let env: [(&str, Vec<u8>); 5] = [
             ("ERETES_TASK_ID", task.id.as_str().into()),

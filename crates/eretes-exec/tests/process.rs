@@ -503,7 +503,7 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     // extended, as by a frozen agent. The supervisor acts on its own.
     let start = tokio::time::Instant::now();
     let (deadline, fence) = FenceDeadline::channel(Some(start + Duration::from_secs(3)));
-    let stubborn = StubbornRun::start("fenced", fence).await;
+    let stubborn = StubbornRun::start("fenced", fence, |_| {}).await;
     let (leader, background) = (stubborn.leader, stubborn.background);
     // Extended once: the first deadline passes without a kill.
     deadline.send_replace(Some(start + Duration::from_secs(5)));
@@ -528,6 +528,30 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     assert_eq!(outcome, eretes_runtime::HandlerOutcome::Release);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_fence_processes_the_deadline_kills_nothing() {
+    // The embedded agent's setting: no other node can take the task over.
+    let start = tokio::time::Instant::now();
+    let fence = FenceDeadline::fixed(Some(start + Duration::from_millis(500)));
+    let stubborn = StubbornRun::start("unfenced", fence, |exec| {
+        exec.fence_processes = false;
+    })
+    .await;
+    tokio::time::sleep_until(start + Duration::from_secs(2)).await;
+    assert!(
+        alive(stubborn.leader) && alive(stubborn.background),
+        "the deadline passed, and nothing was killed"
+    );
+    stubborn.run.abort();
+    let _ = stubborn.run.await;
+    wait_until(
+        "the tree dies with the dropped handler",
+        Duration::from_secs(20),
+        || !alive(stubborn.leader) && !alive(stubborn.background),
+    )
+    .await;
+}
+
 /// A run of a task started by hand, outside a node (as a node would for a
 /// claim), whose shell ignores SIGTERM and has a background child; the
 /// stop grace period is a minute.
@@ -540,10 +564,15 @@ struct StubbornRun {
 }
 
 impl StubbornRun {
-    async fn start(id: &str, fence: FenceDeadline) -> StubbornRun {
+    async fn start(
+        id: &str,
+        fence: FenceDeadline,
+        tune: impl FnOnce(&mut ExecConfig),
+    ) -> StubbornRun {
         let dir = tempfile::tempdir().unwrap();
         let mut exec = config(dir.path(), AllowList::Any);
         exec.stop_grace = Duration::from_secs(60);
+        tune(&mut exec);
         let store: Arc<dyn Store> = EmbeddedStore::new();
         let handler = StateMachine::new(
             ProcessHandler::new(exec).unwrap(),
@@ -586,7 +615,7 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
     // What the runtime does to a handler that does not stop in time (after
     // fencing, or when a drain runs out): it drops it. The group, SIGTERM
     // ignored and with a background child, must die with it at once.
-    let stubborn = StubbornRun::start("dropped", FenceDeadline::none()).await;
+    let stubborn = StubbornRun::start("dropped", FenceDeadline::none(), |_| {}).await;
     let (leader, background, run) = (stubborn.leader, stubborn.background, stubborn.run);
     let dir = stubborn.dir;
     stubborn.cancel.cancel(); // SIGTERM, which the group ignores...

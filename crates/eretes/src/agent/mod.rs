@@ -154,6 +154,9 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     };
     let mut exec = ExecConfig::new(data_dir.clone(), allow);
     exec.stop_grace = Duration::from_millis(args.stop_grace_ms);
+    // On the embedded store no other node can take a task over: a task's
+    // processes need not die at the fence deadline (after a suspend, say).
+    exec.fence_processes = args.store.is_etcd();
     let logs_dir = exec.logs_dir();
     // Process tasks run as task state machines: task commands steer them,
     // and their state and checkpoints live in the store.
