@@ -59,6 +59,28 @@ pub(crate) fn kill_marked(marker: &RunMarker) -> usize {
     found.len()
 }
 
+/// After a run's supervisor died: SIGKILL the run's process group (led by
+/// `leader`, if a marked process is still in it, so that a recycled group
+/// id is never hit) and every process marked with the run, again and again
+/// until none is found (a process may fork meanwhile), within a bound.
+/// Returns how many were killed.
+pub(crate) async fn kill_run(leader: libc::pid_t, marker: &RunMarker) -> usize {
+    let wanted = marker.variables();
+    let started = Instant::now();
+    let mut killed = 0;
+    loop {
+        if leader > 1 && group_has_marked_process(leader, &wanted) {
+            signal_group(leader, libc::SIGKILL);
+        }
+        let found = kill_marked(marker);
+        if found == 0 || started.elapsed() > SWEEP_LIMIT {
+            return killed;
+        }
+        killed += found;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Kill everything a previous agent on this data directory left running;
 /// remove the records. Returns how many processes were killed.
 pub(crate) fn kill_leftovers(config: &ExecConfig) -> usize {

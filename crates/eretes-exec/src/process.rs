@@ -18,8 +18,8 @@ use crate::checkpoint::CheckpointFile;
 use crate::leftovers::{self, RunMarker};
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
-use crate::supervisor::wire::{Cause, Launch, Order, Report};
-use crate::supervisor::{boottime_of, describe, RunGates, Supervised, SupervisorEnd, WarmPool};
+use crate::supervisor::wire::{Cause, Launch, Report};
+use crate::supervisor::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
 use crate::{ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
@@ -247,7 +247,7 @@ impl ProcessHandler {
         } else {
             FenceDeadline::none()
         };
-        let deadline = fence.current().map(boottime_of);
+        let deadline = fence.current().map(|at| at.boottime_ns);
         let env: [(&str, Vec<u8>); 5] = [
             ("ERETES_TASK_ID", task.id.as_str().into()),
             ("ERETES_EPOCH", task.epoch.to_string().into()),
@@ -272,40 +272,38 @@ impl ProcessHandler {
             grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
             deadline_ns: deadline.unwrap_or(0),
         };
-        let record = self
-            .config
-            .groups_dir()
-            .join(format!("{}.{}.pgid", task.id, task.epoch));
-        let marker = RunMarker {
-            agent_dir: self.config.data_dir.to_string_lossy().into_owned(),
-            task: task.id.to_string(),
-            epoch: task.epoch,
+        let plan = LaunchPlan {
+            launch,
+            record: self
+                .config
+                .groups_dir()
+                .join(format!("{}.{}.pgid", task.id, task.epoch)),
+            marker: RunMarker {
+                agent_dir: self.config.data_dir.to_string_lossy().into_owned(),
+                task: task.id.to_string(),
+                epoch: task.epoch,
+            },
+            fence,
+            cancel: task.cancel.clone(),
         };
         let (program, agent_dir) = (&self.config.supervisor, &self.config.data_dir);
         let warm = self.warm.take(program, agent_dir)?;
         // The next run's supervisor starts while this one starts its task.
         let refill = || self.warm.refill(program, agent_dir);
-        let (mut supervised, stdout, stderr) =
-            Supervised::launch(warm, &launch, gate, record, marker, refill).await?;
+        let (mut supervised, stdout, stderr) = Supervised::launch(warm, plan, gate, refill).await?;
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);
         let stderr = Capture::start(stderr, logs.join("stderr.log"), cap, tail);
         let mut poll = tokio::time::interval(CHECKPOINT_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        let mut stopping = false;
+        // Deadlines and the stop reach the supervisor on their own (see
+        // `LaunchPlan`); this loop only saves checkpoints until the end.
         let report = loop {
             tokio::select! {
                 report = supervised.report() => match report {
                     Ok(Report::Ended { .. }) | Err(_) => break report,
                     Ok(_) => {}
                 },
-                _ = task.cancel.cancelled(), if !stopping => {
-                    stopping = true;
-                    supervised.order(Order::Stop).await;
-                }
-                at = fence.changed() => {
-                    supervised.order(Order::Deadline(at.map(boottime_of))).await;
-                }
                 _ = poll.tick() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
             }
         };

@@ -13,7 +13,7 @@ use eretes_protocol::{
     Coordinator, GroupName, Namespace, NodeName, Outcome, ResultRecord, TaskId, TaskSpec,
 };
 use eretes_runtime::balancer::DumbBalancer;
-use eretes_runtime::{FenceDeadline, Node, NodeConfig, NodeHandle, StateMachine};
+use eretes_runtime::{Deadline, FenceDeadline, Node, NodeConfig, NodeHandle, StateMachine};
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::Store;
 
@@ -502,11 +502,12 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     // A node publishes its deadline; here it is published once, then never
     // extended, as by a frozen agent. The supervisor acts on its own.
     let start = tokio::time::Instant::now();
-    let (deadline, fence) = FenceDeadline::channel(Some(start + Duration::from_secs(3)));
+    let at = deadline_from(start);
+    let (deadline, fence) = FenceDeadline::channel(Some(at(Duration::from_secs(3))));
     let stubborn = StubbornRun::start("fenced", fence, |_| {}).await;
     let (leader, background) = (stubborn.leader, stubborn.background);
     // Extended once: the first deadline passes without a kill.
-    deadline.send_replace(Some(start + Duration::from_secs(5)));
+    deadline.send_replace(Some(at(Duration::from_secs(5))));
     tokio::time::sleep_until(start + Duration::from_millis(4000)).await;
     assert!(
         alive(leader) && alive(background),
@@ -528,11 +529,66 @@ async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     assert_eq!(outcome, eretes_runtime::HandlerOutcome::Release);
 }
 
+/// Deadlines `left` after `start` (and after now on CLOCK_BOOTTIME).
+fn deadline_from(start: tokio::time::Instant) -> impl Fn(Duration) -> Deadline {
+    let boot = eretes_runtime::boottime_ns() - start.elapsed().as_nanos() as u64;
+    move |left| Deadline::after_moment(start, boot, left)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_that_passed_while_the_supervisor_was_stopped_is_final() {
+    // The supervisor misses its deadline (stopped, as on a suspended
+    // machine), and the extension the agent sent meanwhile arrives after
+    // it: the tree is killed all the same.
+    let start = tokio::time::Instant::now();
+    let at = deadline_from(start);
+    let (deadline, fence) = FenceDeadline::channel(Some(at(Duration::from_millis(1500))));
+    let stubborn = StubbornRun::start("late", fence, |_| {}).await;
+    let supervisor = parent_of(stubborn.leader);
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(supervisor, libc::SIGSTOP) };
+    tokio::time::sleep_until(start + Duration::from_millis(2500)).await;
+    deadline.send_replace(Some(at(Duration::from_secs(600))));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // SAFETY: as above.
+    unsafe { libc::kill(supervisor, libc::SIGCONT) };
+    wait_until(
+        "the tree is killed for the deadline that passed",
+        Duration::from_secs(20),
+        || !alive(stubborn.leader) && !alive(stubborn.background),
+    )
+    .await;
+    let outcome = tokio::time::timeout(Duration::from_secs(20), stubborn.run)
+        .await
+        .expect("the handler returns")
+        .unwrap();
+    assert_eq!(outcome, eretes_runtime::HandlerOutcome::Release);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_starts_with_no_signal_blocked() {
+    // The supervisor blocks signals for its signalfd; its task must not
+    // inherit that, or SIGTERM would never reach it.
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh("mask", "echo $$ > mask.pid; exec sleep 1000", |_| {})
+        .await;
+    let pid = pid_in(&agent.path("mask.pid")).await;
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let blocked = status
+        .lines()
+        .find_map(|line| line.strip_prefix("SigBlk:"))
+        .unwrap()
+        .trim();
+    assert_eq!(u64::from_str_radix(blocked, 16).unwrap(), 0, "{status}");
+    agent.node.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn without_fence_processes_the_deadline_kills_nothing() {
     // The embedded agent's setting: no other node can take the task over.
     let start = tokio::time::Instant::now();
-    let fence = FenceDeadline::fixed(Some(start + Duration::from_millis(500)));
+    let fence = FenceDeadline::fixed(Some(deadline_from(start)(Duration::from_millis(500))));
     let stubborn = StubbornRun::start("unfenced", fence, |exec| {
         exec.fence_processes = false;
     })

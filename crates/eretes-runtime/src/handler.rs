@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::{NodeName, TaskId, TaskRecord};
@@ -49,16 +50,57 @@ impl TaskContext {
     }
 }
 
+/// An instant on two clocks: tokio's, which the node's timers use, and
+/// `CLOCK_BOOTTIME`, which keeps counting while the machine is suspended
+/// (tokio's clock, `CLOCK_MONOTONIC`, does not) and which a process outside
+/// this one can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Deadline {
+    /// On tokio's clock.
+    pub at: Instant,
+    /// On `CLOCK_BOOTTIME`, in nanoseconds.
+    pub boottime_ns: u64,
+}
+
+impl Deadline {
+    /// `left` from now.
+    pub fn after(left: Duration) -> Deadline {
+        Deadline::after_moment(Instant::now(), boottime_ns(), left)
+    }
+
+    /// `left` after a moment read on both clocks (`at`, `at_boottime_ns`).
+    pub fn after_moment(at: Instant, at_boottime_ns: u64, left: Duration) -> Deadline {
+        let left_ns = u64::try_from(left.as_nanos()).unwrap_or(u64::MAX);
+        Deadline {
+            at: at + left,
+            boottime_ns: at_boottime_ns.saturating_add(left_ns),
+        }
+    }
+}
+
+/// Now on `CLOCK_BOOTTIME`, in nanoseconds.
+pub fn boottime_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, which `now` is.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
+    assert_eq!(rc, 0, "CLOCK_BOOTTIME exists on every supported kernel");
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
+}
+
 /// The instant by which a node stops its handlers unless its lease is
 /// renewed (last renewal sent + TTL − margin), as it moves.
 ///
-/// The node publishes a later deadline after each renewal, and the present
-/// instant when it fences itself (its lease is gone or about to be: stop at
-/// once). `None` means the work runs under no lease (a handler run by hand,
+/// The node publishes a later deadline after each renewal, computed from
+/// when the renewal was sent on both clocks, and the present instant when
+/// it fences itself (its lease is gone or about to be: stop at once).
+/// `None` means the work runs under no lease (a handler run by hand,
 /// outside a node).
 #[derive(Debug, Clone)]
 pub struct FenceDeadline {
-    receiver: watch::Receiver<Option<Instant>>,
+    receiver: watch::Receiver<Option<Deadline>>,
 }
 
 impl FenceDeadline {
@@ -68,7 +110,7 @@ impl FenceDeadline {
     }
 
     /// A deadline that never moves from `at`.
-    pub fn fixed(at: Option<Instant>) -> Self {
+    pub fn fixed(at: Option<Deadline>) -> Self {
         // The sender is dropped: `changed` then waits for ever.
         FenceDeadline {
             receiver: watch::channel(at).1,
@@ -76,19 +118,19 @@ impl FenceDeadline {
     }
 
     /// A deadline moved through the returned sender (the node keeps it).
-    pub fn channel(at: Option<Instant>) -> (watch::Sender<Option<Instant>>, Self) {
+    pub fn channel(at: Option<Deadline>) -> (watch::Sender<Option<Deadline>>, Self) {
         let (sender, receiver) = watch::channel(at);
         (sender, FenceDeadline { receiver })
     }
 
     /// The deadline now, marking it seen.
-    pub fn current(&mut self) -> Option<Instant> {
+    pub fn current(&mut self) -> Option<Deadline> {
         *self.receiver.borrow_and_update()
     }
 
     /// Wait until the deadline moves, and return it. Never returns once the
     /// node is gone (the deadline last published stands).
-    pub async fn changed(&mut self) -> Option<Instant> {
+    pub async fn changed(&mut self) -> Option<Deadline> {
         if self.receiver.changed().await.is_err() {
             std::future::pending::<()>().await;
         }

@@ -11,9 +11,13 @@ use tokio::time::Instant;
 /// What the keepalive loop reports.
 #[derive(Debug)]
 pub(crate) enum LeaseEvent {
-    /// A renewal sent at `sent_at` succeeded; the lease is good until at least
+    /// A renewal sent at `sent_at` (`sent_at_boottime_ns` on
+    /// CLOCK_BOOTTIME) succeeded; the lease is good until at least
     /// `sent_at + ttl` at the store.
-    Renewed { sent_at: Instant },
+    Renewed {
+        sent_at: Instant,
+        sent_at_boottime_ns: u64,
+    },
     /// A renewal failed for a reason that may pass.
     Failed(StoreError),
     /// The store no longer has the lease: fence at once.
@@ -34,11 +38,15 @@ pub(crate) async fn keep_alive(
     loop {
         tokio::time::sleep_until(next).await;
         let sent_at = Instant::now();
+        let sent_at_boottime_ns = crate::handler::boottime_ns();
         let event = match tokio::time::timeout(interval, store.lease_keepalive(lease)).await {
             Ok(Ok(remaining)) if !remaining.is_zero() => {
                 metrics::histogram!("eretes_lease_renewal_seconds")
                     .record(sent_at.elapsed().as_secs_f64());
-                LeaseEvent::Renewed { sent_at }
+                LeaseEvent::Renewed {
+                    sent_at,
+                    sent_at_boottime_ns,
+                }
             }
             Ok(Ok(_)) | Ok(Err(StoreError::LeaseNotFound(_))) => LeaseEvent::Lost,
             Ok(Err(error)) => LeaseEvent::Failed(error),

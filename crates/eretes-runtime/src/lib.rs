@@ -53,7 +53,8 @@ mod stats;
 
 pub use config::NodeConfig;
 pub use handler::{
-    CommandSignals, CommandSubscription, FenceDeadline, Handler, HandlerOutcome, TaskContext,
+    boottime_ns, CommandSignals, CommandSubscription, Deadline, FenceDeadline, Handler,
+    HandlerOutcome, TaskContext,
 };
 pub use node::{Node, NodeHandle, NodeStatus, StartError};
 pub use statemachine::{

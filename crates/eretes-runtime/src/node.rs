@@ -31,7 +31,9 @@ use tracing::{debug, info, warn};
 use crate::balancer::{Balancer, ClaimDecision, RunningTask};
 use crate::cache::{Cache, CachedOwner, Change};
 use crate::config::NodeConfig;
-use crate::handler::{CommandSignals, FenceDeadline, Handler, HandlerOutcome, TaskContext};
+use crate::handler::{
+    CommandSignals, Deadline, FenceDeadline, Handler, HandlerOutcome, TaskContext,
+};
 use crate::lease::{keep_alive, LeaseEvent};
 use crate::stats::NodeStats;
 
@@ -302,7 +304,7 @@ struct MainLoop {
     command_signals: CommandSignals,
     /// Where the fence deadline is published to handlers (process
     /// supervisors hold it outside this process).
-    fence_publisher: watch::Sender<Option<Instant>>,
+    fence_publisher: watch::Sender<Option<Deadline>>,
     /// What every handler's context gets to read it.
     fence_deadline: FenceDeadline,
     /// Commands queued for this node, in store order.
@@ -390,8 +392,9 @@ impl MainLoop {
         // The lease was granted (or last renewed) no earlier than now minus the
         // grant's round trip; counting from now would be optimistic by that
         // much, which the margin covers.
-        let fence_at = Instant::now() + self.config.lease_ttl - self.config.fence_margin;
-        self.fence_publisher.send_replace(Some(fence_at));
+        let deadline = Deadline::after(self.config.lease_ttl - self.config.fence_margin);
+        let fence_at = deadline.at;
+        self.fence_publisher.send_replace(Some(deadline));
         self.lease = Some(LeaseState {
             id,
             _keepalive: keepalive,
@@ -606,12 +609,20 @@ impl MainLoop {
 
     fn on_lease_event(&mut self, event: Option<LeaseEvent>) {
         match event {
-            Some(LeaseEvent::Renewed { sent_at }) => {
+            Some(LeaseEvent::Renewed {
+                sent_at,
+                sent_at_boottime_ns,
+            }) => {
                 if let Some(lease) = &mut self.lease {
                     // The store extended the lease no earlier than when the
                     // request left, so the lease lives at least until then + TTL.
-                    lease.fence_at = sent_at + self.config.lease_ttl - self.config.fence_margin;
-                    self.fence_publisher.send_replace(Some(lease.fence_at));
+                    let deadline = Deadline::after_moment(
+                        sent_at,
+                        sent_at_boottime_ns,
+                        self.config.lease_ttl - self.config.fence_margin,
+                    );
+                    lease.fence_at = deadline.at;
+                    self.fence_publisher.send_replace(Some(deadline));
                 }
             }
             Some(LeaseEvent::Failed(error)) => {
@@ -632,7 +643,8 @@ impl MainLoop {
         warn!(node = %self.config.name, why, running = self.running.len(), "fencing: cancelling every handler");
         // The lease is gone or about to be: work held outside this process
         // (process supervisors) stops now, without a grace period.
-        self.fence_publisher.send_replace(Some(Instant::now()));
+        self.fence_publisher
+            .send_replace(Some(Deadline::after(Duration::ZERO)));
         for running in self.running.values_mut() {
             running.stop = Some(StopReason::Fenced);
             running.cancel.cancel();

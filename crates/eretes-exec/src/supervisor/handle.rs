@@ -9,13 +9,15 @@ use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
+use eretes_runtime::FenceDeadline;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::OwnedMutexGuard;
+use tokio::task::AbortHandle;
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
-use super::tree::signal_group;
 use super::wire::{exit_status, Cause, Launch, Order, Report, MAX_LINE};
 use super::{SupervisorProgram, MIMALLOC_EAGER_COMMIT};
 use crate::leftovers::{self, RunMarker};
@@ -44,7 +46,10 @@ pub(crate) struct Supervised {
     /// Until reaped.
     child: Option<Child>,
     reports: Lines<BufReader<OwnedReadHalf>>,
-    orders: Option<OwnedWriteHalf>,
+    /// The task that writes to the supervisor (deadlines and the stop,
+    /// which so never wait for the handler's loop); aborting it closes our
+    /// end of the socket, and the supervisor kills the tree.
+    forwarder: Option<AbortHandle>,
     /// The task's leader: its pid, process group and session.
     leader: libc::pid_t,
     marker: RunMarker,
@@ -54,6 +59,42 @@ pub(crate) struct Supervised {
     /// `<data-dir>/groups/<task>.<epoch>.pgid`, for the next agent if this
     /// one dies; removed once the supervisor is reaped.
     record: Option<PathBuf>,
+    /// An end reported in place of the start (fenced before it began).
+    pending_end: Option<Report>,
+}
+
+/// What a run needs besides its supervisor.
+pub(crate) struct LaunchPlan {
+    /// What to run.
+    pub launch: Launch,
+    /// Where to record the leader's process group.
+    pub record: PathBuf,
+    /// What marks the run's processes.
+    pub marker: RunMarker,
+    /// The deadline to forward as it moves.
+    pub fence: FenceDeadline,
+    /// Cancelled when the run is to stop.
+    pub cancel: CancellationToken,
+}
+
+/// Write the fence deadline whenever it moves, and a stop once `cancel`
+/// fires, to the supervisor. Runs as a task of its own, so that nothing the
+/// handler does (a slow checkpoint save) delays them.
+async fn forward(mut writer: OwnedWriteHalf, mut fence: FenceDeadline, cancel: CancellationToken) {
+    let mut stopped = false;
+    loop {
+        let order = tokio::select! {
+            at = fence.changed() => Order::Deadline(at.map(|at| at.boottime_ns)),
+            _ = cancel.cancelled(), if !stopped => {
+                stopped = true;
+                Order::Stop
+            }
+        };
+        if writer.write_all(order.encode().as_bytes()).await.is_err() {
+            // The supervisor is gone; its end shows in the reports.
+            return;
+        }
+    }
 }
 
 /// A supervisor started ahead of its run, waiting for its launch: the
@@ -89,6 +130,10 @@ impl Warm {
             .stdin(Stdio::from(OwnedFd::from(theirs)))
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
+            // Not in the agent's group: a signal to that group (Ctrl-C on a
+            // terminal, `kill -- -PGID`) reaches the agent, which drains,
+            // and not every supervisor at once.
+            .process_group(0)
             .kill_on_drop(false);
         let mut child = command.spawn()?;
         // The command holds the supervisor's end of the socket, which must
@@ -104,14 +149,14 @@ impl Warm {
 }
 
 impl Supervised {
-    /// Hand `launch` to the `warm` supervisor (then call `sent`) and wait
-    /// until it started the task. Returns it with the task's output streams.
+    /// Hand `plan`'s launch to the `warm` supervisor (then call `sent`),
+    /// forward the fence deadline and a stop to it from then on, and wait
+    /// until it started the task. Returns it with the task's output
+    /// streams.
     pub(crate) async fn launch(
         warm: Warm,
-        launch: &Launch,
+        plan: LaunchPlan,
         gate: OwnedMutexGuard<()>,
-        record: PathBuf,
-        marker: RunMarker,
         sent: impl FnOnce(),
     ) -> std::io::Result<(Supervised, Option<ChildStdout>, Option<ChildStderr>)> {
         let Warm {
@@ -120,22 +165,20 @@ impl Supervised {
             stdout,
             stderr,
         } = warm;
-        let (reader, writer) = socket.into_split();
+        let (reader, mut writer) = socket.into_split();
+        let written = writer.write_all(plan.launch.encode().as_bytes()).await;
+        sent();
+        let forwarder = tokio::spawn(forward(writer, plan.fence, plan.cancel)).abort_handle();
         let mut supervised = Supervised {
             child: Some(child),
             reports: BufReader::new(reader).lines(),
-            orders: Some(writer),
+            forwarder: Some(forwarder),
             leader: 0,
-            marker,
+            marker: plan.marker,
             gate: Some(gate),
             record: None,
+            pending_end: None,
         };
-        let line = launch.encode();
-        let written = match supervised.orders.as_mut() {
-            Some(orders) => orders.write_all(line.as_bytes()).await,
-            None => Ok(()),
-        };
-        sent();
         if let Err(error) = written {
             supervised.kill_supervisor();
             let status = supervised.reap().await;
@@ -148,11 +191,17 @@ impl Supervised {
             Ok(Ok(Report::Started(leader))) => {
                 supervised.leader = leader;
                 // Recorded before anything else can happen to the run.
+                let record = plan.record;
                 if let Err(error) = std::fs::write(&record, format!("{leader}\n")) {
                     warn!(record = %record.display(), %error, "cannot record the task's process group");
                 } else {
                     supervised.record = Some(record);
                 }
+                Ok((supervised, stdout, stderr))
+            }
+            // Ended at once: fenced before it began. `finish` reads it.
+            Ok(Ok(end @ Report::Ended { .. })) => {
+                supervised.pending_end = Some(end);
                 Ok((supervised, stdout, stderr))
             }
             Ok(Ok(Report::Failed(text))) => {
@@ -174,19 +223,12 @@ impl Supervised {
         }
     }
 
-    /// Tell the supervisor something. A supervisor that is gone cannot be
-    /// told; its end shows in [`Supervised::report`].
-    pub(crate) async fn order(&mut self, order: Order) {
-        if let Some(orders) = self.orders.as_mut() {
-            if orders.write_all(order.encode().as_bytes()).await.is_err() {
-                self.orders = None;
-            }
-        }
-    }
-
     /// The supervisor's next report; an error once its socket closed or it
     /// said something it should not. Cancel-safe.
     pub(crate) async fn report(&mut self) -> Result<Report, String> {
+        if let Some(end) = self.pending_end.take() {
+            return Ok(end);
+        }
         match self.reports.next_line().await {
             Ok(Some(line)) if line.len() <= MAX_LINE => Report::decode(&line),
             Ok(Some(_)) => Err("a report longer than any report".into()),
@@ -216,13 +258,20 @@ impl Supervised {
 
     /// The supervisor died without reporting the end: its leader went with
     /// it (parent-death signal); kill the rest of the group and whatever
-    /// still carries the run's identity.
+    /// still carries the run's identity, until nothing does (within a
+    /// bound), and only then let another run of the task start here.
     async fn crashed(mut self, why: String) -> SupervisorEnd {
         self.kill_supervisor();
-        signal_group(self.leader, libc::SIGKILL);
-        let status = self.reap().await;
-        let killed = leftovers::kill_marked(&self.marker);
+        let status = match self.child.take() {
+            Some(mut child) => match child.wait().await {
+                Ok(status) => describe(status),
+                Err(error) => format!("could not be waited for: {error}"),
+            },
+            None => "was reaped".into(),
+        };
+        let killed = leftovers::kill_run(self.leader, &self.marker).await;
         warn!(task = %self.marker.task, epoch = self.marker.epoch, %status, %why, killed, "the task's supervisor died; its processes were killed");
+        self.reap().await;
         SupervisorEnd::Crashed(status)
     }
 
@@ -239,6 +288,9 @@ impl Supervised {
     /// Reap the supervisor; say how it ended. Releases the run's gate and
     /// record.
     async fn reap(&mut self) -> String {
+        if let Some(forwarder) = self.forwarder.take() {
+            forwarder.abort();
+        }
         let status = match self.child.take() {
             Some(mut child) => match child.wait().await {
                 Ok(status) => describe(status),
@@ -258,6 +310,9 @@ impl Supervised {
     /// Reap the supervisor in the background, then release the run's gate
     /// and record.
     fn reap_later(&mut self) {
+        if let Some(forwarder) = self.forwarder.take() {
+            forwarder.abort();
+        }
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -277,15 +332,11 @@ impl Supervised {
 }
 
 impl Drop for Supervised {
-    /// Dropped before its end (the runtime gave up on the handler): closing
-    /// the socket makes the supervisor kill the tree at once. The gate and
+    /// Dropped before its end (the runtime gave up on the handler): the
+    /// forwarder's abort closes the socket, and the supervisor kills the
+    /// tree at once. The gate and
     /// the record are kept until it has exited.
     fn drop(&mut self) {
-        if self.child.is_none() {
-            return;
-        }
-        self.orders = None;
-        signal_group(self.leader, libc::SIGKILL);
         self.reap_later();
     }
 }
@@ -315,8 +366,13 @@ impl WarmPool {
         program: &SupervisorProgram,
         agent_dir: &Path,
     ) -> std::io::Result<Warm> {
-        match self.ready.lock().expect("not poisoned").take() {
-            Some(warm) => Ok(warm),
+        // A ready one that died meanwhile (killed while idle) is not handed out.
+        let ready = self.ready.lock().expect("not poisoned").take();
+        match ready {
+            Some(mut warm) => match warm.child.try_wait() {
+                Ok(None) => Ok(warm),
+                _ => Warm::spawn(program, agent_dir),
+            },
             None => Warm::spawn(program, agent_dir),
         }
     }

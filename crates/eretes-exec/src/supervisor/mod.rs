@@ -57,7 +57,7 @@ pub mod wire;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
-pub(crate) use handle::{describe, RunGates, Supervised, SupervisorEnd, WarmPool};
+pub(crate) use handle::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
 pub(crate) use tree::signal_group;
 
 /// Set for the supervisor (to keep its allocator from committing memory it
@@ -128,29 +128,4 @@ pub fn main(mut args: impl Iterator<Item = OsString>) -> i32 {
             1
         }
     }
-}
-
-/// Now on `CLOCK_BOOTTIME`, in nanoseconds: the clock deadlines are given
-/// on, which counts the time the machine was suspended (CLOCK_MONOTONIC,
-/// and so tokio's and std's `Instant`, does not).
-pub fn boottime_ns() -> u64 {
-    let mut now = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: clock_gettime writes one timespec, which `now` is.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut now) };
-    assert_eq!(
-        rc, 0,
-        "CLOCK_BOOTTIME is available on every supported kernel"
-    );
-    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
-}
-
-/// `at` (an instant of tokio's clock) on `CLOCK_BOOTTIME`. Both clocks are
-/// read together, so a pause of this process between the conversion and
-/// the deadline's use does not move the deadline.
-pub fn boottime_of(at: tokio::time::Instant) -> u64 {
-    let left = at.saturating_duration_since(tokio::time::Instant::now());
-    boottime_ns().saturating_add(u64::try_from(left.as_nanos()).unwrap_or(u64::MAX))
 }

@@ -10,15 +10,16 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use super::boottime_ns;
+use eretes_runtime::boottime_ns;
+
 use super::tree::signal_tree;
 use super::wire::{Cause, Launch, Order, Report, MAX_LAUNCH, MAX_LINE};
 
 /// How often the tree is looked for and SIGKILLed again while it dies: a
 /// process forked between two looks is found by the next.
-const KILL_RESCAN_MS: libc::c_int = 50;
+const KILL_RESCAN: Duration = Duration::from_millis(50);
 
 /// Wait for the run to launch, then supervise it until every process of
 /// its tree is gone.
@@ -26,8 +27,12 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     // SAFETY: fd 0 is the agent's end of the socket, handed to this process
     // as its stdin; nothing else in this process uses fd 0.
     let mut control = unsafe { UnixStream::from_raw_fd(0) };
-    // Blocked before the task exists, so that no SIGCHLD is missed; the
-    // standard library clears the mask in the child before exec.
+    // Whether SIGTERM stops the run: not if it was ignored when the agent
+    // started this process (SIGINT and SIGHUP never do: a terminal's
+    // hang-up or Ctrl-C is the agent's business, which drains).
+    let term_stops = !inherited_ignore(libc::SIGTERM);
+    // Blocked before the task exists, so that no SIGCHLD is missed (the
+    // task gets an empty mask back before its exec, below).
     let signals =
         SignalFd::block_and_open(&[libc::SIGCHLD, libc::SIGTERM, libc::SIGINT, libc::SIGHUP])?;
     // SAFETY: prctl(PR_SET_CHILD_SUBREAPER) takes plain integers.
@@ -45,6 +50,16 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         }
         None => return Ok(()),
     };
+    let deadline = (launch.deadline_ns != 0).then_some(launch.deadline_ns);
+    if deadline.is_some_and(|at| at <= boottime_ns()) {
+        // Fenced before it began: nothing is started.
+        let report = Report::Ended {
+            status: 0,
+            cause: Cause::Fenced,
+        };
+        let _ = control.write_all(report.encode().as_bytes());
+        return Ok(());
+    }
     // SAFETY: getpid(2) has no preconditions.
     let me = unsafe { libc::getpid() };
     let mut command = Command::new(&launch.program);
@@ -59,9 +74,18 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         command.current_dir(cwd);
     }
     // SAFETY: runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (setsid, prctl, getppid, _exit).
+    // async-signal-safe functions (sigemptyset, sigprocmask, setsid, prctl,
+    // getppid, _exit).
     unsafe {
         command.pre_exec(move || {
+            // The mask is inherited across exec: the task must not start
+            // with this process's signals blocked (it would never see
+            // SIGTERM).
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             // A session and a process group of its own (pgid = sid = pid).
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
@@ -87,22 +111,30 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     // The agent may be gone already; the socket's end says so below.
     let _ = control.write_all(Report::Started(leader).encode().as_bytes());
     // The task's output is the task's: nothing of this process goes there.
-    silence_output()?;
+    // (Should that fail, the task still runs and is still supervised.)
+    let _ = silence_output();
     let mut run = Run {
         me,
         leader,
         status: None,
         cause: Cause::Exited,
-        deadline: (launch.deadline_ns != 0).then_some(launch.deadline_ns),
+        deadline,
         grace: Duration::from_millis(launch.grace_ms),
+        term_stops,
         kill_at: None,
         killing: false,
+        last_scan: Instant::now(),
         control_open: true,
         pending: Vec::new(),
+        discarding: false,
     };
     // Orders the agent sent right behind the launch.
     run.take_orders(&pending);
-    run.watch(&mut control, &signals, &timer)?;
+    if let Err(error) = run.watch(&mut control, &signals, &timer) {
+        // Never leave while the tree lives, whatever failed.
+        run.kill_and_reap();
+        return Err(error);
+    }
     if run.control_open {
         let report = Report::Ended {
             status: run.status.unwrap_or(0),
@@ -111,6 +143,17 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         let _ = control.write_all(report.encode().as_bytes());
     }
     Ok(())
+}
+
+/// Whether `signal` was ignored (SIG_IGN) when this process started.
+fn inherited_ignore(signal: libc::c_int) -> bool {
+    // SAFETY: sigaction with a null new action only reads the current one
+    // into `current`, a plain-data struct.
+    unsafe {
+        let mut current: libc::sigaction = std::mem::zeroed();
+        libc::sigaction(signal, std::ptr::null(), &mut current) == 0
+            && current.sa_sigaction == libc::SIG_IGN
+    }
 }
 
 /// One supervised run.
@@ -123,13 +166,19 @@ struct Run {
     /// The fencing deadline on CLOCK_BOOTTIME.
     deadline: Option<u64>,
     grace: Duration,
+    /// Whether SIGTERM to this process stops the run.
+    term_stops: bool,
     /// When a stop's grace period ends (CLOCK_BOOTTIME).
     kill_at: Option<u64>,
     /// SIGKILLing the tree until nothing of it is left.
     killing: bool,
+    /// When the tree was last looked for.
+    last_scan: Instant,
     control_open: bool,
     /// Bytes of an order not yet ended by a newline.
     pending: Vec<u8>,
+    /// Skipping the rest of an order line that was too long.
+    discarding: bool,
 }
 
 impl Run {
@@ -144,14 +193,11 @@ impl Run {
             if self.reap() {
                 return Ok(());
             }
-            let now = boottime_ns();
-            if self.status.is_none() && !self.killing && self.deadline.is_some_and(|at| at <= now) {
-                // Fenced: the lease may expire soon; no grace period.
-                self.cause = Cause::Fenced;
-                self.kill();
-            }
-            if self.kill_at.is_some_and(|at| at <= now) {
-                self.kill();
+            self.check_deadlines();
+            if self.killing && self.last_scan.elapsed() >= KILL_RESCAN {
+                // On a schedule, however busy the loop is: a process forked
+                // between two looks is found by the next.
+                self.signal_tree(libc::SIGKILL);
             }
             let wake = if self.killing {
                 None
@@ -168,7 +214,12 @@ impl Run {
                 poll_in(signals.fd.as_raw_fd()),
                 poll_in(timer.fd.as_raw_fd()),
             ];
-            let timeout = if self.killing { KILL_RESCAN_MS } else { -1 };
+            let timeout = if self.killing {
+                let left = KILL_RESCAN.saturating_sub(self.last_scan.elapsed());
+                left.as_millis() as libc::c_int + 1
+            } else {
+                -1
+            };
             // SAFETY: `fds` is an array of initialised pollfd of the length given.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if ready < 0 {
@@ -178,19 +229,32 @@ impl Run {
                 }
                 return Err(error);
             }
-            if ready == 0 && self.killing {
-                // Quiet for a while, yet children are left: look again.
-                signal_tree(self.me, self.leader, libc::SIGKILL);
-            }
+            // A deadline that passed while this process was not scheduled
+            // (stopped, or the machine suspended) is acted on before any
+            // order that would move it.
+            self.check_deadlines();
             if fds[0].revents != 0 {
                 self.read_orders(control);
             }
-            if fds[1].revents != 0 && signals.drain_stop_signals() {
+            if fds[1].revents != 0 && signals.drain_stop_signal(self.term_stops) {
                 self.begin_stop();
             }
             if fds[2].revents != 0 {
                 timer.clear();
             }
+        }
+    }
+
+    /// Fence if the deadline passed; kill if a stop's grace period ended.
+    fn check_deadlines(&mut self) {
+        let now = boottime_ns();
+        if self.status.is_none() && !self.killing && self.deadline.is_some_and(|at| at <= now) {
+            // Fenced: the lease may expire soon; no grace period.
+            self.cause = Cause::Fenced;
+            self.kill();
+        }
+        if self.kill_at.is_some_and(|at| at <= now) {
+            self.kill();
         }
     }
 
@@ -225,10 +289,40 @@ impl Run {
         false
     }
 
+    /// Send `signal` to the whole tree: every descendant, and the leader's
+    /// group while the leader is not reaped (until then its pid, and so the
+    /// group's id, cannot be another process's).
+    fn signal_tree(&mut self, signal: libc::c_int) {
+        let group = if self.status.is_none() {
+            self.leader
+        } else {
+            0
+        };
+        signal_tree(self.me, group, signal);
+        self.last_scan = Instant::now();
+    }
+
     fn kill(&mut self) {
         if !self.killing {
             self.killing = true;
-            signal_tree(self.me, self.leader, libc::SIGKILL);
+            self.signal_tree(libc::SIGKILL);
+        }
+    }
+
+    /// When the loop cannot go on: kill the tree and reap it, blocking.
+    fn kill_and_reap(&mut self) {
+        self.killing = true;
+        loop {
+            self.signal_tree(libc::SIGKILL);
+            let mut status = 0;
+            // SAFETY: waitpid writes one int, which `status` is.
+            let pid = unsafe { libc::waitpid(-1, &mut status, 0) };
+            if pid == self.leader {
+                self.status = Some(status);
+            }
+            if pid < 0 && std::io::Error::last_os_error().raw_os_error() != Some(libc::EINTR) {
+                return;
+            }
         }
     }
 
@@ -244,7 +338,7 @@ impl Run {
             self.kill();
             return;
         }
-        signal_tree(self.me, self.leader, libc::SIGTERM);
+        self.signal_tree(libc::SIGTERM);
         let grace = u64::try_from(self.grace.as_nanos()).unwrap_or(u64::MAX);
         self.kill_at = Some(boottime_ns().saturating_add(grace));
     }
@@ -274,11 +368,22 @@ impl Run {
         self.pending.extend_from_slice(bytes);
         while let Some(end) = self.pending.iter().position(|&byte| byte == b'\n') {
             let line: Vec<u8> = self.pending.drain(..=end).collect();
+            if std::mem::take(&mut self.discarding) {
+                // The end of a line too long to be an order.
+                continue;
+            }
             let order = std::str::from_utf8(&line[..end])
                 .map_err(|_| "not UTF-8".to_string())
                 .and_then(Order::decode);
             match order {
-                Ok(Order::Deadline(at)) => self.deadline = at,
+                Ok(Order::Deadline(at)) => {
+                    // A deadline that passed is final: a later renewal
+                    // cannot bring back what may already run elsewhere.
+                    self.check_deadlines();
+                    if !self.killing {
+                        self.deadline = at;
+                    }
+                }
                 Ok(Order::Stop) => self.begin_stop(),
                 // Only the agent writes here; a line it did not mean is
                 // dropped rather than guessed at.
@@ -287,6 +392,7 @@ impl Run {
         }
         if self.pending.len() > MAX_LINE {
             self.pending.clear();
+            self.discarding = true;
         }
     }
 }
@@ -375,9 +481,10 @@ impl SignalFd {
         })
     }
 
-    /// Read every pending signal; true if one asks this process to stop
-    /// (SIGCHLD only wakes the loop, which reaps).
-    fn drain_stop_signals(&self) -> bool {
+    /// Read every pending signal; true if one asks this process to stop:
+    /// SIGTERM, if `term_stops` (SIGCHLD only wakes the loop, which reaps;
+    /// SIGINT and SIGHUP are dropped).
+    fn drain_stop_signal(&self, term_stops: bool) -> bool {
         let mut stop = false;
         loop {
             // SAFETY: signalfd_siginfo is plain data; read fills it whole or not at all.
@@ -394,7 +501,7 @@ impl SignalFd {
             if read != size as isize {
                 return stop;
             }
-            stop |= info.ssi_signo != libc::SIGCHLD as u32;
+            stop |= term_stops && info.ssi_signo == libc::SIGTERM as u32;
         }
     }
 }

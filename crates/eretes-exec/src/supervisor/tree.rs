@@ -22,9 +22,9 @@ pub(crate) fn signal_tree(root: libc::pid_t, group: libc::pid_t, signal: libc::c
     signal_group(group, signal);
     let found = descendants(root);
     for &pid in &found {
-        // SAFETY: kill(2) has no memory-safety preconditions. (When `root`
-        // is the supervisor, every pid found here is its descendant and is
-        // reaped by it, so it cannot be recycled for another process first.)
+        // SAFETY: kill(2) has no memory-safety preconditions. (A pid found
+        // here was a descendant of `root` a moment ago; it can only be
+        // another process's if it was reaped and reused in between.)
         unsafe {
             libc::kill(pid, signal);
         }
@@ -37,34 +37,34 @@ pub(crate) fn signal_tree(root: libc::pid_t, group: libc::pid_t, signal: libc::c
 /// tree holds; or, where the kernel has no such lists, by reading every
 /// process's parent.
 pub(crate) fn descendants(root: libc::pid_t) -> Vec<libc::pid_t> {
-    children_of(root).map_or_else(
-        || descendants_by_scan(root),
-        |first| {
-            let mut found = Vec::new();
-            let mut next = first;
-            while let Some(pid) = next.pop() {
-                found.push(pid);
-                // A process that exited meanwhile has no children to list.
-                next.extend(children_of(pid).unwrap_or_default());
-            }
-            found
-        },
-    )
+    let lists = std::path::PathBuf::from(format!("/proc/{root}/task/{root}/children"));
+    if !lists.exists() {
+        return descendants_by_scan(root);
+    }
+    let mut found = Vec::new();
+    let mut next = children_of(root);
+    while let Some(pid) = next.pop() {
+        found.push(pid);
+        next.extend(children_of(pid));
+    }
+    found
 }
 
-/// The children of `pid`, from the lists of each of its threads; `None`
-/// if the kernel keeps no such lists (or `pid` is gone).
-fn children_of(pid: libc::pid_t) -> Option<Vec<libc::pid_t>> {
-    let threads = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
-    let mut children = Vec::new();
-    for thread in threads.flatten() {
-        let list = std::fs::read_to_string(thread.path().join("children")).ok()?;
-        children.extend(
+/// The children of `pid`, from the lists of each of its threads (a thread
+/// or process that ended meanwhile lists none).
+fn children_of(pid: libc::pid_t) -> Vec<libc::pid_t> {
+    let Ok(threads) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    threads
+        .flatten()
+        .filter_map(|thread| std::fs::read_to_string(thread.path().join("children")).ok())
+        .flat_map(|list| {
             list.split_whitespace()
-                .filter_map(|pid| pid.parse::<libc::pid_t>().ok()),
-        );
-    }
-    Some(children)
+                .filter_map(|pid| pid.parse::<libc::pid_t>().ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
 }
 
 /// [`descendants`] by reading the parent of every process.

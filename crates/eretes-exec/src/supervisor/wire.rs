@@ -147,7 +147,11 @@ impl Report {
             Report::Started(pid) => format!("started {pid}\n"),
             Report::Failed(text) => {
                 let mut text = text.replace(['\n', '\r'], " ");
-                text.truncate(MAX_LINE - 16);
+                let mut cut = text.len().min(MAX_LINE - 16);
+                while !text.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                text.truncate(cut);
                 format!("failed {text}\n")
             }
             Report::Ended { status, cause } => format!("ended {status} {}\n", cause.word()),
@@ -271,5 +275,9 @@ mod tests {
         }
         let multiline = Report::Failed("a\nb".into()).encode();
         assert_eq!(multiline, "failed a b\n");
+        // Cut to fit a line, never inside a character.
+        let long = Report::Failed("é".repeat(MAX_LINE)).encode();
+        assert!(long.len() <= MAX_LINE, "{}", long.len());
+        assert!(Report::decode(long.trim_end()).is_ok());
     }
 }
