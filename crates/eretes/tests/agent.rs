@@ -345,16 +345,21 @@ async fn a_token_guards_every_change_and_other_addresses_need_one() {
         String::from_utf8_lossy(&without.stderr).contains("401"),
         "{without:?}"
     );
-    assert!(
-        agent.ok(&["ls"]).lines().count() == 1,
-        "reading needs no token; nothing was written"
+    let with_token = |args: &[&str]| {
+        Command::new(BIN)
+            .args(args)
+            .env("ERETES_AGENT", &agent.url)
+            .env("ERETES_TOKEN", "s3cret")
+            .output()
+            .unwrap()
+    };
+    let listed = with_token(&["ls"]);
+    assert_eq!(
+        String::from_utf8_lossy(&listed.stdout).lines().count(),
+        1,
+        "nothing was written: {listed:?}"
     );
-    let with = Command::new(BIN)
-        .args(["submit", "--id", "ok", "--", "true"])
-        .env("ERETES_AGENT", &agent.url)
-        .env("ERETES_TOKEN", "s3cret")
-        .output()
-        .unwrap();
+    let with = with_token(&["submit", "--id", "ok", "--", "true"]);
     assert!(with.status.success(), "{with:?}");
     // Task commands are changes too.
     let command = agent.cli(&["task", "ok", "kill"]);

@@ -1,7 +1,8 @@
 //! The agent's HTTP API (axum). Every error has one shape,
 //! `{"error": {"code": "...", "message": "..."}}`, with the status code that
-//! fits; request bodies are limited in size; with a token configured, every
-//! mutating call needs `Authorization: Bearer <token>`.
+//! fits; request bodies are limited in size; who may call what is
+//! [`super::access`]'s to say (with a token configured, every call but the
+//! health checks needs it).
 //!
 //! Task states (`state` in a task, `?state=` in a list) are `pending`,
 //! `running`, `sleeping` (with `sleeping_until_ms`), `paused`, `fault`,
@@ -26,9 +27,9 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
-use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{header, Method, StatusCode};
-use axum::middleware::{self, Next};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::middleware;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -43,6 +44,8 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
+
+use super::access::{self, Access};
 
 /// Largest request body accepted. A task spec is at most 64 KiB once stored.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -62,12 +65,10 @@ pub struct ApiState {
     pub status: watch::Receiver<NodeStatus>,
     /// Where this agent keeps task logs.
     pub logs_dir: PathBuf,
-    /// The bearer token mutating calls need, if any.
-    pub token: Option<String>,
+    /// Who may call what.
+    pub access: Access,
     /// What `/metrics` reports.
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
-    /// The `Host` values requests must carry, when set (see `check_host`).
-    pub allowed_hosts: Option<Vec<String>>,
 }
 
 /// The router with every route, the body limit and the token check.
@@ -89,8 +90,15 @@ pub fn router(state: ApiState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
-        .layer(middleware::from_fn_with_state(state.clone(), require_token))
-        .layer(middleware::from_fn_with_state(state.clone(), check_host))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            access::require_token,
+        ))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            access::check_host,
+        ))
+        .layer(middleware::from_fn(access::refuse_ambiguous))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
 }
@@ -104,7 +112,8 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+    /// An error with this status, code and message.
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
         ApiError {
             status,
             code,
@@ -112,7 +121,8 @@ impl ApiError {
         }
     }
 
-    fn invalid(message: impl Into<String>) -> Self {
+    /// A 400 `invalid_request`.
+    pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
     }
 }
@@ -178,58 +188,6 @@ impl From<QueryRejection> for ApiError {
 }
 
 type ApiResult<T> = Result<T, ApiError>;
-
-/// Mutating calls need the bearer token when one is configured.
-async fn require_token(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let Some(token) = &state.token else {
-        return next.run(request).await;
-    };
-    if matches!(*request.method(), Method::GET | Method::HEAD) {
-        return next.run(request).await;
-    }
-    let presented = request
-        .headers()
-        .get(header::AUTHORIZATION)
-        .and_then(|value| value.to_str().ok())
-        .and_then(|value| value.strip_prefix("Bearer "));
-    if presented == Some(token.as_str()) {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "this agent needs `Authorization: Bearer <token>` on every change (--token)",
-        )
-        .into_response()
-    }
-}
-
-/// Without a token, serve only requests addressed to this agent's loopback
-/// address by name: a page on another domain that resolves to 127.0.0.1
-/// (DNS rebinding) sends its own domain as `Host` and is refused.
-async fn check_host(State(state): State<ApiState>, request: Request, next: Next) -> Response {
-    let Some(allowed) = &state.allowed_hosts else {
-        return next.run(request).await;
-    };
-    let host = request
-        .headers()
-        .get(header::HOST)
-        .and_then(|value| value.to_str().ok())
-        .unwrap_or("");
-    if allowed.iter().any(|ok| ok == host) {
-        next.run(request).await
-    } else {
-        ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            format!(
-                "Host {host:?} is not this agent's address ({}); start the agent with --token to serve other names",
-                allowed.join(", ")
-            ),
-        )
-        .into_response()
-    }
-}
 
 fn task_id(id: &str) -> ApiResult<TaskId> {
     TaskId::new(id).map_err(|e| ApiError::invalid(e.to_string()))

@@ -7,6 +7,7 @@
 //! SIGINT or SIGTERM drains (handlers stopped, tasks released, node
 //! deregistered, the API closed); a second one exits at once.
 
+pub mod access;
 pub mod api;
 pub mod metrics;
 
@@ -58,9 +59,21 @@ pub struct AgentArgs {
     /// every program on the embedded store behind loopback, none otherwise.
     #[arg(long, value_name = "PROGRAM,..", value_delimiter = ',')]
     allow: Option<Vec<String>>,
-    /// Bearer token every mutating API call must present.
+    /// Bearer token every API call (but the health checks) must present.
     #[arg(long, env = "ERETES_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A second bearer token that may only read (list, show, wait, logs,
+    /// nodes, metrics): for dashboards and scrapers. Needs --token.
+    #[arg(
+        long,
+        env = "ERETES_READ_TOKEN",
+        hide_env_values = true,
+        requires = "token"
+    )]
+    read_token: Option<String>,
+    /// Serve /metrics without a token (with --token).
+    #[arg(long)]
+    metrics_public: bool,
     /// Log as JSON lines instead of text.
     #[arg(long)]
     pub log_json: bool,
@@ -200,18 +213,22 @@ pub async fn run(args: AgentArgs) -> Result<()> {
         coordinator,
         status: node.status(),
         logs_dir,
-        token: args.token.clone(),
-        // Without a token, only requests addressed to loopback by name are
-        // served: a web page whose domain rebinds to 127.0.0.1 cannot drive
-        // the API (its requests carry that domain as their Host).
-        allowed_hosts: args.token.is_none().then(|| {
-            let port = bound.port();
-            vec![
-                format!("127.0.0.1:{port}"),
-                format!("localhost:{port}"),
-                format!("[::1]:{port}"),
-            ]
-        }),
+        access: access::Access {
+            token: args.token.clone(),
+            read_token: args.read_token.clone(),
+            metrics_public: args.metrics_public,
+            // Without a token, only requests addressed to loopback by name
+            // are served: a web page whose domain rebinds to 127.0.0.1
+            // cannot use the API (its requests carry that domain as Host).
+            allowed_hosts: args.token.is_none().then(|| {
+                let port = bound.port();
+                vec![
+                    format!("127.0.0.1:{port}"),
+                    format!("localhost:{port}"),
+                    format!("[::1]:{port}"),
+                ]
+            }),
+        },
     };
     info!(node = %name, listen = %bound, data_dir = %data_dir.display(), "agent ready");
 
