@@ -135,6 +135,11 @@ pub struct ExecConfig {
     /// embedded store) turns it off: there a suspended machine's tasks
     /// would be killed for nothing on resume.
     pub fence_processes: bool,
+    /// Variables of the agent's environment that tasks get too. Tasks get
+    /// `PATH`, `HOME` and `LANG` (those the agent has), their `ERETES_*`
+    /// variables, these, and nothing else of the agent's environment.
+    /// Default: none.
+    pub pass_env: Vec<String>,
 }
 
 impl ExecConfig {
@@ -149,6 +154,7 @@ impl ExecConfig {
             retry_backoff: (Duration::from_secs(1), Duration::from_secs(60)),
             supervisor: SupervisorProgram::this_binary(),
             fence_processes: true,
+            pass_env: Vec::new(),
         }
     }
 

@@ -286,10 +286,9 @@ impl ProcessHandler {
             fence,
             cancel: task.cancel.clone(),
         };
-        let (program, agent_dir) = (&self.config.supervisor, &self.config.data_dir);
-        let warm = self.warm.take(program, agent_dir)?;
+        let warm = self.warm.take(&self.config)?;
         // The next run's supervisor starts while this one starts its task.
-        let refill = || self.warm.refill(program, agent_dir);
+        let refill = || self.warm.refill(&self.config);
         let (mut supervised, stdout, stderr) = Supervised::launch(warm, plan, gate, refill).await?;
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);

@@ -34,6 +34,7 @@ mod bench;
 mod client;
 mod cluster;
 mod demo;
+mod secrets;
 mod store_args;
 mod witness;
 mod witness_node;
@@ -51,7 +52,7 @@ struct Cli {
 enum Command {
     /// Run an agent: one node that runs process tasks, and the HTTP API the
     /// other commands talk to.
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Submit a process task: `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
     Submit(client::SubmitArgs),
     /// List tasks.
@@ -86,6 +87,13 @@ fn main() -> Result<()> {
     // process task under: before clap, logging and the async runtime, none
     // of which a supervisor needs (it stays small and starts fast).
     eretes_exec::supervisor::run_if_invoked();
+    // The agent's secrets leave its environment before any thread or child
+    // exists: no task may inherit them or read them from its /proc entries.
+    // (The other commands are clients: they read ERETES_TOKEN to send it.)
+    let secrets = match std::env::args_os().nth(1) {
+        Some(command) if command == "agent" => secrets::take_from_environment(),
+        _ => Vec::new(),
+    };
     let cli = Cli::parse();
     // The agent logs what it does; the other commands only their errors.
     let (default_level, json) = match &cli.command {
@@ -105,7 +113,7 @@ fn main() -> Result<()> {
     let runtime = tokio::runtime::Runtime::new()?;
     let outcome = runtime.block_on(async {
         match cli.command {
-            Command::Agent(args) => agent::run(args).await.map(|()| 0),
+            Command::Agent(args) => agent::run(*args, secrets).await.map(|()| 0),
             Command::Submit(args) => client::submit(args).await,
             Command::Ls(args) => client::ls(args).await,
             Command::Show(args) => client::show(args).await,

@@ -26,9 +26,17 @@ pub struct StoreArgs {
     /// PEM private key of --etcd-cert.
     #[arg(long, value_name = "FILE", requires_all = ["etcd", "etcd_cert"])]
     pub etcd_key: Option<PathBuf>,
-    /// etcd user name (the password comes from ERETES_ETCD_PASSWORD).
+    /// etcd user name; the password comes from --etcd-password-file or
+    /// ERETES_ETCD_PASSWORD.
     #[arg(long, value_name = "NAME", requires = "etcd")]
     pub etcd_user: Option<String>,
+    /// A file whose first line is the etcd user's password.
+    #[arg(long, value_name = "FILE", requires = "etcd_user")]
+    pub etcd_password_file: Option<PathBuf>,
+    /// The password, once the agent took it from its environment (which no
+    /// longer has it).
+    #[arg(skip)]
+    pub etcd_password: Option<String>,
 }
 
 impl StoreArgs {
@@ -57,8 +65,12 @@ impl StoreArgs {
             options = options.with_tls(tls);
         }
         if let Some(user) = &self.etcd_user {
-            let password = std::env::var("ERETES_ETCD_PASSWORD")
-                .context("--etcd-user needs the password in ERETES_ETCD_PASSWORD")?;
+            let password = match (&self.etcd_password_file, &self.etcd_password) {
+                (Some(file), _) => crate::secrets::read_secret_file(file, "--etcd-password-file")?,
+                (None, Some(password)) => password.clone(),
+                (None, None) => std::env::var("ERETES_ETCD_PASSWORD")
+                    .context("--etcd-user needs --etcd-password-file or ERETES_ETCD_PASSWORD")?,
+            };
             options = options.with_credentials(user.clone(), password);
         }
         options.validate().context("etcd options")?;

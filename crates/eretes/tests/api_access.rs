@@ -121,7 +121,7 @@ async fn metrics_public_opens_metrics_and_nothing_else() {
         .env_remove("ERETES_TOKEN")
         .output()
         .unwrap();
-    assert_eq!(refused.status.code(), Some(2), "{refused:?}");
+    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
     assert!(String::from_utf8_lossy(&refused.stderr).contains("--token"));
 }
 

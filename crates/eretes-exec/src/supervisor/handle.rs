@@ -4,7 +4,7 @@
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{ExitStatus, Stdio};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -19,9 +19,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::wire::{exit_status, Cause, Launch, Order, Report, MAX_LINE};
-use super::{SupervisorProgram, MIMALLOC_EAGER_COMMIT};
+use super::MIMALLOC_EAGER_COMMIT;
 use crate::leftovers::{self, RunMarker};
-use crate::AGENT_DIR_ENV;
+use crate::{ExecConfig, AGENT_DIR_ENV};
+
+/// `PATH` for tasks when the agent has none.
+const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
 
 /// The longest a new supervisor may take to say that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -108,21 +111,31 @@ pub(crate) struct Warm {
 }
 
 impl Warm {
-    /// Start `program` as a supervisor: its stdin our socket, its stdout
-    /// and stderr pipes that its task will inherit, its environment the
-    /// agent's less the agent's secrets, marked with `agent_dir`.
-    pub(crate) fn spawn(program: &SupervisorProgram, agent_dir: &Path) -> std::io::Result<Warm> {
+    /// Start `config`'s supervisor program: its stdin our socket, its
+    /// stdout and stderr pipes that its task will inherit, its environment
+    /// the one tasks get — `PATH`, `HOME` and `LANG` of the agent's, the
+    /// variables `config.pass_env` names, and the data directory's marker;
+    /// nothing else of the agent's (no secret, no stray API key).
+    pub(crate) fn spawn(config: &ExecConfig) -> std::io::Result<Warm> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         ours.set_nonblocking(true)?;
         let socket = tokio::net::UnixStream::from_std(ours)?;
+        let program = &config.supervisor;
         let mut command = Command::new(&program.program);
+        command.args(&program.args).env_clear();
+        let passed = ["PATH", "HOME", "LANG"]
+            .into_iter()
+            .chain(config.pass_env.iter().map(String::as_str));
+        for name in passed {
+            if let Some(value) = std::env::var_os(name) {
+                command.env(name, value);
+            }
+        }
+        if std::env::var_os("PATH").is_none() {
+            command.env("PATH", DEFAULT_PATH);
+        }
         command
-            .args(&program.args)
-            .env(AGENT_DIR_ENV, agent_dir)
-            // The agent's own secrets are not the task's business: whoever can
-            // submit a task must not learn the API token or etcd's password.
-            .env_remove("ERETES_TOKEN")
-            .env_remove("ERETES_ETCD_PASSWORD")
+            .env(AGENT_DIR_ENV, &config.data_dir)
             // mimalloc (the eretes binary's allocator) would commit and
             // huge-page a 4 MiB arena in every supervisor; lazily it stays
             // small. The supervisor does not pass this on to the task.
@@ -361,27 +374,23 @@ pub(crate) struct WarmPool {
 
 impl WarmPool {
     /// The ready supervisor, or a new one.
-    pub(crate) fn take(
-        &self,
-        program: &SupervisorProgram,
-        agent_dir: &Path,
-    ) -> std::io::Result<Warm> {
+    pub(crate) fn take(&self, config: &ExecConfig) -> std::io::Result<Warm> {
         // A ready one that died meanwhile (killed while idle) is not handed out.
         let ready = self.ready.lock().expect("not poisoned").take();
         match ready {
             Some(mut warm) => match warm.child.try_wait() {
                 Ok(None) => Ok(warm),
-                _ => Warm::spawn(program, agent_dir),
+                _ => Warm::spawn(config),
             },
-            None => Warm::spawn(program, agent_dir),
+            None => Warm::spawn(config),
         }
     }
 
     /// Start the next one, unless one is ready.
-    pub(crate) fn refill(&self, program: &SupervisorProgram, agent_dir: &Path) {
+    pub(crate) fn refill(&self, config: &ExecConfig) {
         let mut ready = self.ready.lock().expect("not poisoned");
         if ready.is_none() {
-            match Warm::spawn(program, agent_dir) {
+            match Warm::spawn(config) {
                 Ok(warm) => *ready = Some(warm),
                 Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
             }

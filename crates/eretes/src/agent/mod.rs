@@ -27,6 +27,7 @@ use eretes_store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
+use crate::secrets;
 use crate::store_args::StoreArgs;
 
 /// Options of `eretes agent`.
@@ -60,17 +61,26 @@ pub struct AgentArgs {
     #[arg(long, value_name = "PROGRAM,..", value_delimiter = ',')]
     allow: Option<Vec<String>>,
     /// Bearer token every API call (but the health checks) must present.
-    #[arg(long, env = "ERETES_TOKEN", hide_env_values = true)]
+    /// Also read from ERETES_TOKEN; prefer --token-file (a command line is
+    /// readable by every user of the machine).
+    #[arg(long, value_name = "TOKEN")]
     token: Option<String>,
+    /// A file whose first line is the token.
+    #[arg(long, value_name = "FILE")]
+    token_file: Option<PathBuf>,
     /// A second bearer token that may only read (list, show, wait, logs,
-    /// nodes, metrics): for dashboards and scrapers. Needs --token.
-    #[arg(
-        long,
-        env = "ERETES_READ_TOKEN",
-        hide_env_values = true,
-        requires = "token"
-    )]
+    /// nodes, metrics): for dashboards and scrapers. Also read from
+    /// ERETES_READ_TOKEN. Needs a token.
+    #[arg(long, value_name = "TOKEN")]
     read_token: Option<String>,
+    /// A file whose first line is the read token.
+    #[arg(long, value_name = "FILE")]
+    read_token_file: Option<PathBuf>,
+    /// Environment variables of the agent that tasks get too (comma-
+    /// separated names). Tasks otherwise get PATH, HOME and LANG, their
+    /// ERETES_* variables and nothing else of the agent's environment.
+    #[arg(long, value_name = "NAME,..", value_delimiter = ',')]
+    pass_env: Vec<String>,
     /// Serve /metrics without a token (with --token).
     #[arg(long)]
     metrics_public: bool,
@@ -111,7 +121,44 @@ fn default_node_name() -> String {
 }
 
 /// Run the agent until a signal drains it.
-pub async fn run(args: AgentArgs) -> Result<()> {
+pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> Result<()> {
+    let from_environment = |variable: &str| {
+        secrets
+            .iter()
+            .find(|(name, _)| *name == variable)
+            .map(|(_, value)| value.clone())
+    };
+    let token_value = args
+        .token
+        .take()
+        .or_else(|| from_environment("ERETES_TOKEN"));
+    args.token = secrets::resolve(
+        token_value.as_deref(),
+        args.token_file.as_deref(),
+        "ERETES_TOKEN",
+        &secrets,
+        "--token",
+    )?;
+    let read_value = args
+        .read_token
+        .take()
+        .or_else(|| from_environment("ERETES_READ_TOKEN"));
+    args.read_token = secrets::resolve(
+        read_value.as_deref(),
+        args.read_token_file.as_deref(),
+        "ERETES_READ_TOKEN",
+        &secrets,
+        "--read-token",
+    )?;
+    if args.read_token.is_some() && args.token.is_none() {
+        bail!("--read-token needs --token (or --token-file): without one, everything is open");
+    }
+    args.store.etcd_password = from_environment("ERETES_ETCD_PASSWORD");
+    for name in &args.pass_env {
+        if name.is_empty() || name.contains(['=', '\0']) || name.starts_with("ERETES_") {
+            bail!("--pass-env {name:?}: a variable name, without '=', not one of eretes' own");
+        }
+    }
     let namespace = Namespace::new(&args.namespace).context("--namespace")?;
     let name =
         NodeName::new(args.name.clone().unwrap_or_else(default_node_name)).context("--name")?;
@@ -170,6 +217,7 @@ pub async fn run(args: AgentArgs) -> Result<()> {
     // On the embedded store no other node can take a task over: a task's
     // processes need not die at the fence deadline (after a suspend, say).
     exec.fence_processes = args.store.is_etcd();
+    exec.pass_env = args.pass_env.clone();
     let logs_dir = exec.logs_dir();
     // Process tasks run as task state machines: task commands steer them,
     // and their state and checkpoints live in the store.

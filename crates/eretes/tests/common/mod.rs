@@ -19,6 +19,12 @@ pub struct Agent {
 impl Agent {
     /// Start an agent on `data_dir` with `extra` arguments; wait until ready.
     pub async fn start(data_dir: &Path, extra: &[&str]) -> Agent {
+        Agent::start_with(data_dir, extra, Command::new(BIN)).await
+    }
+
+    /// The same, run by `command` (`BIN`, or a wrapper that runs `BIN`, with
+    /// its environment set).
+    pub async fn start_with(data_dir: &Path, extra: &[&str], mut command: Command) -> Agent {
         let port = eretes_etcd::testing::free_port();
         let url = format!("http://127.0.0.1:{port}");
         let log = std::fs::OpenOptions::new()
@@ -37,7 +43,7 @@ impl Agent {
                 args.extend([flag, value]);
             }
         }
-        let child = Command::new(BIN)
+        let child = command
             .arg("agent")
             .arg("--data-dir")
             .arg(data_dir)
