@@ -14,8 +14,8 @@ use crate::error::ProtocolError;
 use crate::ids::{NodeName, TaskId};
 use crate::keys::Namespace;
 use crate::records::{
-    decode, encode, encode_task, now_ms, NodeRecord, Outcome, OwnerRecord, ResultRecord, RunRecord,
-    TaskRecord, TaskSpec, MAX_RESULT_BYTES,
+    decode, decode_node, encode, encode_task, now_ms, NodeRecord, Outcome, OwnerRecord,
+    ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES,
 };
 
 /// How many takeovers (claims after an owner that never released) a task
@@ -609,7 +609,12 @@ impl Coordinator {
     /// Whether a live node (one whose registration's lease holds) is named
     /// `name`: one key read.
     pub async fn node_is_live(&self, name: &NodeName) -> Result<bool, ProtocolError> {
-        Ok(self.store.get_key(&self.ns.node(name)).await?.is_some())
+        let key = self.ns.node(name);
+        Ok(self
+            .store
+            .get_key(&key)
+            .await?
+            .is_some_and(|kv| decode_node(&kv.key, &kv.value, kv.lease).is_ok()))
     }
 
     /// Queue a command for `node`. Commands are applied in the order they were

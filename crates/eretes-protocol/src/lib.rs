@@ -61,8 +61,8 @@ pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
 pub use machine::{MachineState, Message, StateRecord, TaskCommand};
 pub use records::{
-    decode, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome, OwnerRecord,
-    ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
+    decode, decode_node, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome,
+    OwnerRecord, ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
 pub use task_state::{MachineLoad, QueuedCommand};
 pub use views::{NodeView, Snapshot, TaskState, TaskView};

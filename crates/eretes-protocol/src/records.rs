@@ -157,6 +157,21 @@ pub fn decode_task(key: &str, value: &[u8]) -> Result<TaskRecord, MalformedValue
     decode("task", key, value)
 }
 
+/// Decode a node record found in the store. A node is live only while its
+/// record is attached to its lease (the store deletes it when the lease
+/// ends); a record without one (put by hand, say) would count as a live
+/// node for ever and skew every fair share, so it is malformed.
+pub fn decode_node(key: &str, value: &[u8], lease: i64) -> Result<NodeRecord, MalformedValue> {
+    if lease == 0 {
+        return Err(MalformedValue {
+            kind: "node",
+            key: key.chars().take(200).collect(),
+            reason: "not attached to a lease, so never known to be live".into(),
+        });
+    }
+    decode("node", key, value)
+}
+
 /// Encode a record. Records are plain data, so this cannot fail.
 pub fn encode<T: Serialize>(record: &T) -> Vec<u8> {
     serde_json::to_vec(record).expect("records always serialize")

@@ -12,7 +12,7 @@ use crate::error::ProtocolError;
 use crate::ids::{GroupName, NodeName, TaskId};
 use crate::keys::KeyKind;
 use crate::machine::{ErrorEntry, MachineState, StateRecord};
-use crate::records::{decode, decode_task, NodeRecord, Outcome, OwnerRecord, ResultRecord};
+use crate::records::{decode, decode_node, decode_task, Outcome, OwnerRecord, ResultRecord};
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -235,7 +235,7 @@ impl Coordinator {
                         Err(_) => snapshot.malformed += 1,
                     }
                 }
-                Ok(KeyKind::Node(name)) => match decode::<NodeRecord>("node", &kv.key, &kv.value) {
+                Ok(KeyKind::Node(name)) => match decode_node(&kv.key, &kv.value, kv.lease) {
                     Ok(record) => {
                         snapshot.nodes.insert(
                             name.clone(),

@@ -8,8 +8,8 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use eretes_protocol::{
-    decode, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName, NodeRecord,
-    OwnerRecord, RunRecord, TaskId, TaskRecord,
+    decode, decode_node, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName,
+    NodeRecord, OwnerRecord, RunRecord, TaskId, TaskRecord,
 };
 use eretes_store::{KeyValue, Revision};
 
@@ -242,7 +242,7 @@ impl Cache {
                 }
             },
             KeyKind::Result(_) => Change::None,
-            KeyKind::Node(name) => match decode::<NodeRecord>("node", &kv.key, &kv.value) {
+            KeyKind::Node(name) => match decode_node(&kv.key, &kv.value, kv.lease) {
                 Ok(record) => {
                     let joined = self.put_node(name.clone(), record);
                     if joined {
@@ -585,6 +585,29 @@ mod tests {
             assert!(matches!(change, Change::Malformed(_)), "{key}: {change:?}");
         }
         assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+    }
+
+    #[test]
+    fn a_node_record_without_a_lease_is_no_live_node() {
+        // `etcdctl put NS/nodes/ghost '{...}'`: a valid record that nothing
+        // will ever delete. It must not count in anyone's fair share.
+        let ns = Namespace::new("t").unwrap();
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        let record = encode(&NodeRecord {
+            groups: vec![GroupName::default()],
+            started_at_ms: 1,
+        });
+        let change = cache.apply_put(&kv("t/nodes/ghost", record.clone(), 5, 5));
+        match change {
+            Change::Malformed(why) => assert!(why.contains("not attached to a lease"), "{why}"),
+            other => panic!("a ghost node was taken for live: {other:?}"),
+        }
+        assert!(cache.node_names().is_empty());
+        let mut leased = kv("t/nodes/real", record, 6, 6);
+        leased.lease = 42;
+        let change = cache.apply_put(&leased);
+        assert!(matches!(change, Change::Membership { joined: true, .. }), "{change:?}");
+        assert_eq!(cache.node_names().len(), 1);
     }
 
     #[test]
