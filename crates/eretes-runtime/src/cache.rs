@@ -606,7 +606,10 @@ mod tests {
         let mut leased = kv("t/nodes/real", record, 6, 6);
         leased.lease = 42;
         let change = cache.apply_put(&leased);
-        assert!(matches!(change, Change::Membership { joined: true, .. }), "{change:?}");
+        assert!(
+            matches!(change, Change::Membership { joined: true, .. }),
+            "{change:?}"
+        );
         assert_eq!(cache.node_names().len(), 1);
     }
 

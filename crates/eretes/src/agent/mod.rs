@@ -37,8 +37,10 @@ pub struct AgentArgs {
     #[arg(long, default_value = "eretes")]
     namespace: String,
     /// Where the embedded store, task logs and process records live.
-    #[arg(long, value_name = "DIR", default_value = "./eretes-data")]
-    data_dir: PathBuf,
+    /// Default: ./eretes-data, or ./eretes-data-NODE with --name NODE (so
+    /// that several named agents on one machine need no more flags).
+    #[arg(long, value_name = "DIR")]
+    data_dir: Option<PathBuf>,
     /// This node's name, unique among live nodes (default: the host name).
     #[arg(long, value_name = "NODE")]
     name: Option<String>,
@@ -176,9 +178,13 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             args.listen
         );
     }
-    std::fs::create_dir_all(&args.data_dir)
-        .with_context(|| format!("creating --data-dir {}", args.data_dir.display()))?;
-    let data_dir = args.data_dir.canonicalize().context("--data-dir")?;
+    let data_dir = args.data_dir.clone().unwrap_or_else(|| match &args.name {
+        Some(name) => PathBuf::from(format!("./eretes-data-{name}")),
+        None => PathBuf::from("./eretes-data"),
+    });
+    std::fs::create_dir_all(&data_dir)
+        .with_context(|| format!("creating --data-dir {}", data_dir.display()))?;
+    let data_dir = data_dir.canonicalize().context("--data-dir")?;
     // One agent per data directory: a second would clean up the first's
     // process groups as leftovers and share its logs (with --etcd nothing
     // else would stop it). Held until the process exits.
@@ -187,7 +193,8 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         .with_context(|| format!("creating {}", lock_path.display()))?;
     if lock.try_lock().is_err() {
         bail!(
-            "another eretes agent uses --data-dir {}; give each agent its own",
+            "another eretes agent uses --data-dir {}; give each agent on this machine its own \
+             --data-dir (or its own --name: the default directory is ./eretes-data-NODE then)",
             data_dir.display()
         );
     }
