@@ -77,7 +77,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(show).delete(remove))
         .route("/v1/tasks/{id}/wait", get(wait))
-        .route("/v1/tasks/{id}/logs", get(logs))
+        .route("/v1/tasks/{id}/logs", get(super::logs::logs))
         .route("/v1/tasks/{id}/commands", post(task_command))
         .route("/v1/nodes", get(nodes))
         .route("/v1/nodes/{name}/commands", post(node_command))
@@ -187,9 +187,11 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-type ApiResult<T> = Result<T, ApiError>;
+/// What a handler answers.
+pub(crate) type ApiResult<T> = Result<T, ApiError>;
 
-fn task_id(id: &str) -> ApiResult<TaskId> {
+/// A task id from a path, or a 400 naming what is wrong with it.
+pub(crate) fn task_id(id: &str) -> ApiResult<TaskId> {
     TaskId::new(id).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
@@ -377,126 +379,6 @@ async fn wait(
 }
 
 /// Query of `GET /v1/tasks/{id}/logs`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct LogsQuery {
-    stream: Option<String>,
-    follow: Option<bool>,
-    /// Only the last this many lines (of what is there when asked).
-    tail: Option<usize>,
-}
-
-/// A task's stdout (or stderr) as this agent logged it; with `follow`, the
-/// response goes on until the task has ended and the log is read to its end.
-async fn logs(
-    State(state): State<ApiState>,
-    Path(id): Path<String>,
-    query: Result<Query<LogsQuery>, QueryRejection>,
-) -> ApiResult<Response> {
-    let Query(query) = query?;
-    let id = task_id(&id)?;
-    let stream = query.stream.as_deref().unwrap_or("stdout");
-    if !matches!(stream, "stdout" | "stderr") {
-        return Err(ApiError::invalid(format!(
-            "stream {stream:?} is not stdout or stderr"
-        )));
-    }
-    let path = state
-        .logs_dir
-        .join(id.as_str())
-        .join(format!("{stream}.log"));
-    if !path.exists() {
-        let message = match state.coordinator.task_view(&id).await? {
-            None => format!("task {id} not found"),
-            Some(view) => format!(
-                "no {stream} log for task {id} on this agent (it is {}{})",
-                view.state.name(),
-                view.node
-                    .map(|n| format!(" on node {n}"))
-                    .unwrap_or_default()
-            ),
-        };
-        return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
-    }
-    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    let internal = |e: std::io::Error| {
-        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
-    };
-    let existing = tokio::fs::read(&path).await.map_err(internal)?;
-    let start = match query.tail {
-        Some(lines) => tail_start(&existing, lines),
-        None => 0,
-    };
-    let first = axum::body::Bytes::copy_from_slice(&existing[start..]);
-    if !query.follow.unwrap_or(false) {
-        return Ok((text_plain, first).into_response());
-    }
-    // Follow: what is there, then what the file grows by (read from where
-    // the last read stopped, every 200 ms), until the task has ended and one
-    // last read found nothing new. A new run truncates the log: start over.
-    let coordinator = state.coordinator.clone();
-    let file = tokio::fs::File::open(&path).await.map_err(internal)?;
-    let initial = futures::stream::once(async move { Ok::<_, std::io::Error>(first) });
-    let growth = futures::stream::unfold(
-        (file, existing.len() as u64, false),
-        move |(mut file, mut offset, mut ended)| {
-            let (coordinator, id) = (coordinator.clone(), id.clone());
-            async move {
-                use tokio::io::{AsyncReadExt, AsyncSeekExt};
-                loop {
-                    let length = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
-                    if length < offset {
-                        offset = 0;
-                    }
-                    if length > offset {
-                        let mut chunk = vec![0; (length - offset).min(1 << 20) as usize];
-                        let read = match file.seek(std::io::SeekFrom::Start(offset)).await {
-                            Ok(_) => file.read(&mut chunk).await.unwrap_or(0),
-                            Err(_) => 0,
-                        };
-                        if read > 0 {
-                            chunk.truncate(read);
-                            offset += read as u64;
-                            return Some((
-                                Ok(axum::body::Bytes::from(chunk)),
-                                (file, offset, ended),
-                            ));
-                        }
-                    }
-                    if ended {
-                        return None;
-                    }
-                    ended = match coordinator.task_view(&id).await {
-                        Ok(Some(view)) => view.state.is_terminal(),
-                        Ok(None) => true, // deleted
-                        Err(_) => false,  // the store will answer again
-                    };
-                    if !ended {
-                        tokio::time::sleep(Duration::from_millis(200)).await;
-                    }
-                }
-            }
-        },
-    );
-    let chunks = initial.chain(growth);
-    Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
-}
-
-/// Where the last `lines` lines of `text` start.
-fn tail_start(text: &[u8], lines: usize) -> usize {
-    if lines == 0 {
-        return text.len();
-    }
-    // A final newline ends the last line rather than starting another.
-    let body = text.strip_suffix(b"\n").unwrap_or(text);
-    body.iter()
-        .enumerate()
-        .rev()
-        .filter(|(_, byte)| **byte == b'\n')
-        .nth(lines - 1)
-        .map_or(0, |(at, _)| at + 1)
-}
-
 /// Live nodes.
 async fn nodes(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
     let snapshot = state.coordinator.snapshot().await?;
@@ -662,7 +544,7 @@ async fn ready(State(state): State<ApiState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{tail_start, TaskCommandRequest, MAX_SLEEP_MS};
+    use super::{TaskCommandRequest, MAX_SLEEP_MS};
     use eretes_protocol::TaskCommand;
 
     fn request(body: serde_json::Value) -> Result<TaskCommandRequest, serde_json::Error> {
@@ -742,19 +624,5 @@ mod tests {
         ] {
             assert!(request(bad.clone()).is_err(), "{bad}");
         }
-    }
-
-    #[test]
-    fn tail_starts_at_the_right_line() {
-        let text = b"one\ntwo\nthree\n";
-        let tail = |n| std::str::from_utf8(&text[tail_start(text, n)..]).unwrap();
-        assert_eq!(tail(0), "");
-        assert_eq!(tail(1), "three\n");
-        assert_eq!(tail(2), "two\nthree\n");
-        assert_eq!(tail(3), "one\ntwo\nthree\n");
-        assert_eq!(tail(10), "one\ntwo\nthree\n");
-        let open = b"one\ntwo";
-        assert_eq!(&open[tail_start(open, 1)..], b"two");
-        assert_eq!(tail_start(b"", 3), 0);
     }
 }

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod api;
+pub mod logs;
 pub mod metrics;
 
 use std::net::SocketAddr;

@@ -1,0 +1,226 @@
+//! `GET /v1/tasks/{id}/logs?stream=&tail=&follow=`: a task's stdout or
+//! stderr as this agent logged it.
+//!
+//! A read costs what it returns, not what the log holds: the last `tail`
+//! lines are found by reading the file backwards in 64 KiB blocks, and
+//! whatever is sent is streamed from the file in blocks of that size, so a
+//! reader of a huge log holds one block in memory. With `follow`, the
+//! response goes on with what the file grows by until the task has ended
+//! and the log is read to its end.
+
+use std::io::SeekFrom;
+use std::time::Duration;
+
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Path, Query, State};
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
+use serde::Deserialize;
+use tokio::fs::File;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+use tokio_util::io::ReaderStream;
+
+use super::api::{task_id, ApiError, ApiResult, ApiState};
+
+/// How much of a log is read at once.
+const BLOCK: usize = 64 * 1024;
+
+/// How often a followed log is looked at for growth.
+const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(crate) struct LogsQuery {
+    stream: Option<String>,
+    follow: Option<bool>,
+    /// Only the last this many lines (of what is there when asked).
+    tail: Option<usize>,
+}
+
+/// The handler.
+pub(crate) async fn logs(
+    State(state): State<ApiState>,
+    Path(id): Path<String>,
+    query: Result<Query<LogsQuery>, QueryRejection>,
+) -> ApiResult<Response> {
+    let Query(query) = query?;
+    let id = task_id(&id)?;
+    let stream = query.stream.as_deref().unwrap_or("stdout");
+    if !matches!(stream, "stdout" | "stderr") {
+        return Err(ApiError::invalid(format!(
+            "stream {stream:?} is not stdout or stderr"
+        )));
+    }
+    let path = state
+        .logs_dir
+        .join(id.as_str())
+        .join(format!("{stream}.log"));
+    let internal = |e: std::io::Error| {
+        ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
+    };
+    let mut file = match File::open(&path).await {
+        Ok(file) => file,
+        Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+            let message = match state.coordinator.task_view(&id).await? {
+                None => format!("task {id} not found"),
+                Some(view) => format!(
+                    "no {stream} log for task {id} on this agent (it is {}{})",
+                    view.state.name(),
+                    view.node
+                        .map(|n| format!(" on node {n}"))
+                        .unwrap_or_default()
+                ),
+            };
+            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
+        }
+        Err(error) => return Err(internal(error)),
+    };
+    let length = file.metadata().await.map_err(internal)?.len();
+    let start = match query.tail {
+        Some(lines) => tail_offset(&mut file, length, lines)
+            .await
+            .map_err(internal)?,
+        None => 0,
+    };
+    file.seek(SeekFrom::Start(start)).await.map_err(internal)?;
+    let existing = ReaderStream::with_capacity(file.take(length - start), BLOCK);
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+    if !query.follow.unwrap_or(false) {
+        return Ok((text_plain, axum::body::Body::from_stream(existing)).into_response());
+    }
+    let follower = File::open(&path).await.map_err(internal)?;
+    let growth = follow(follower, length, state, id);
+    let chunks = existing.chain(growth);
+    Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
+}
+
+/// What the file grows by past `offset`, read from where the last read
+/// stopped every [`FOLLOW_POLL`], until the task has ended and one last
+/// read found nothing new. A new run truncates the log: start over.
+fn follow(
+    file: File,
+    offset: u64,
+    state: ApiState,
+    id: eretes_protocol::TaskId,
+) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    futures::stream::unfold(
+        (file, offset, false),
+        move |(mut file, mut offset, mut ended)| {
+            let (coordinator, id) = (state.coordinator.clone(), id.clone());
+            async move {
+                loop {
+                    let length = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
+                    if length < offset {
+                        offset = 0;
+                    }
+                    if length > offset {
+                        let mut chunk = vec![0; (length - offset).min(BLOCK as u64) as usize];
+                        let read = match file.seek(SeekFrom::Start(offset)).await {
+                            Ok(_) => file.read(&mut chunk).await.unwrap_or(0),
+                            Err(_) => 0,
+                        };
+                        if read > 0 {
+                            chunk.truncate(read);
+                            offset += read as u64;
+                            return Some((
+                                Ok(axum::body::Bytes::from(chunk)),
+                                (file, offset, ended),
+                            ));
+                        }
+                    }
+                    if ended {
+                        return None;
+                    }
+                    ended = match coordinator.task_view(&id).await {
+                        Ok(Some(view)) => view.state.is_terminal(),
+                        Ok(None) => true, // deleted
+                        Err(_) => false,  // the store will answer again
+                    };
+                    if !ended {
+                        tokio::time::sleep(FOLLOW_POLL).await;
+                    }
+                }
+            }
+        },
+    )
+}
+
+/// Where the last `lines` lines of the first `length` bytes of `file`
+/// start, reading backwards one block at a time. A final newline ends the
+/// last line rather than starting another.
+async fn tail_offset(file: &mut File, length: u64, lines: usize) -> std::io::Result<u64> {
+    if lines == 0 {
+        return Ok(length);
+    }
+    let mut seen = 0;
+    let mut end = length;
+    let mut block = vec![0u8; BLOCK];
+    while end > 0 {
+        let start = end.saturating_sub(BLOCK as u64);
+        let size = (end - start) as usize;
+        file.seek(SeekFrom::Start(start)).await?;
+        file.read_exact(&mut block[..size]).await?;
+        for at in (0..size).rev() {
+            let position = start + at as u64;
+            if block[at] == b'\n' && position + 1 != length {
+                seen += 1;
+                if seen == lines {
+                    return Ok(position + 1);
+                }
+            }
+        }
+        end = start;
+    }
+    Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The same, on bytes in memory: what `tail_offset` must agree with.
+    fn tail_in_memory(text: &[u8], lines: usize) -> usize {
+        if lines == 0 {
+            return text.len();
+        }
+        let body = text.strip_suffix(b"\n").unwrap_or(text);
+        body.iter()
+            .enumerate()
+            .rev()
+            .filter(|(_, byte)| **byte == b'\n')
+            .nth(lines - 1)
+            .map_or(0, |(at, _)| at + 1)
+    }
+
+    #[tokio::test]
+    async fn the_tail_is_found_backwards_across_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let long_line = "y".repeat(BLOCK + 10);
+        let texts: Vec<Vec<u8>> = vec![
+            b"one\ntwo\nthree\n".to_vec(),
+            b"one\ntwo".to_vec(),
+            Vec::new(),
+            b"\n\n\n".to_vec(),
+            (0..40_000)
+                .flat_map(|n| format!("{n}\n").into_bytes())
+                .collect(),
+            format!("a\n{long_line}\nb\n{long_line}").into_bytes(),
+        ];
+        for (n, text) in texts.iter().enumerate() {
+            let path = dir.path().join(format!("log{n}"));
+            std::fs::write(&path, text).unwrap();
+            let mut file = File::open(&path).await.unwrap();
+            for lines in [0, 1, 2, 3, 10, 20_000, 1_000_000] {
+                let offset = tail_offset(&mut file, text.len() as u64, lines)
+                    .await
+                    .unwrap();
+                assert_eq!(
+                    offset as usize,
+                    tail_in_memory(text, lines),
+                    "text {n}, {lines} lines"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,69 @@
+//! Reading a task's log costs what the read returns: twenty concurrent
+//! `tail=1` reads of a 60 MiB log leave the agent's peak memory far below
+//! one copy of the log.
+
+use std::io::Write;
+
+mod common;
+use common::Agent;
+
+/// The agent's peak resident set, in KiB (`VmHWM`).
+fn peak_rss_kib(agent: &Agent) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.child.id())).unwrap();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.split_whitespace().next())
+        .and_then(|kib| kib.parse().ok())
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tail_reads_of_a_huge_log_cost_what_they_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &[]).await;
+    // A 60 MiB log, as a permanent task's restarts could leave.
+    let log_dir = data.join("logs/huge");
+    std::fs::create_dir_all(&log_dir).unwrap();
+    let mut log =
+        std::io::BufWriter::new(std::fs::File::create(log_dir.join("stdout.log")).unwrap());
+    let line = format!("{}\n", "x".repeat(1023));
+    for _ in 0..60 * 1024 - 1 {
+        log.write_all(line.as_bytes()).unwrap();
+    }
+    log.write_all(b"the last line\n").unwrap();
+    drop(log);
+    let before = peak_rss_kib(&agent);
+
+    let http = reqwest::Client::new();
+    let reads = (0..20).map(|_| {
+        let (http, url) = (http.clone(), agent.url.clone());
+        tokio::spawn(async move {
+            http.get(format!("{url}/v1/tasks/huge/logs?tail=1"))
+                .send()
+                .await
+                .unwrap()
+                .text()
+                .await
+                .unwrap()
+        })
+    });
+    for read in reads.collect::<Vec<_>>() {
+        assert_eq!(read.await.unwrap(), "the last line\n");
+    }
+    // The whole log, streamed: every byte, in order.
+    let whole = http
+        .get(format!("{}/v1/tasks/huge/logs", agent.url))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert_eq!(whole.len(), 60 * 1024 * 1024 - 1024 + 14);
+    assert!(whole.ends_with(b"x\nthe last line\n"));
+    let grown = peak_rss_kib(&agent).saturating_sub(before);
+    // One copy of the log is 61,440 KiB; twenty were read at once before.
+    assert!(grown < 30 * 1024, "the agent's peak grew by {grown} KiB");
+}
