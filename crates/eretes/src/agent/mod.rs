@@ -11,6 +11,7 @@ pub mod access;
 pub mod api;
 pub mod logs;
 pub mod metrics;
+pub mod server;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -84,6 +85,13 @@ pub struct AgentArgs {
     /// ERETES_* variables and nothing else of the agent's environment.
     #[arg(long, value_name = "NAME,..", value_delimiter = ',')]
     pass_env: Vec<String>,
+    /// A client must send a whole request head (or start its next request
+    /// on an idle connection) within this many milliseconds.
+    #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
+    header_timeout_ms: u64,
+    /// Most API connections served at once; more are closed.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections: u32,
     /// Serve /metrics without a token (with --token).
     #[arg(long)]
     metrics_public: bool,
@@ -255,6 +263,14 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     .await
     .with_context(|| format!("starting node {name}"))?;
 
+    let open_files = server::raise_open_file_limit();
+    if open_files != 0 && open_files < u64::from(args.max_connections) + 256 {
+        warn!(
+            open_files,
+            max_connections = args.max_connections,
+            "the open-file limit is below --max-connections plus what tasks and the store need"
+        );
+    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;
@@ -290,14 +306,17 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let (drained_tx, drained_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tokio::spawn(async move {
-        axum::serve(listener, api::router(state))
-            .with_graceful_shutdown(async {
-                let _ = drained_rx.await;
-            })
-            .await
-    });
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
+    let limits = server::ServerLimits {
+        header_timeout: Duration::from_millis(args.header_timeout_ms),
+        max_connections: args.max_connections as usize,
+    };
+    let server = tokio::spawn(server::serve(
+        listener,
+        api::router(state),
+        limits,
+        drained_rx,
+    ));
     tokio::select! {
         _ = terminate.recv() => {}
         _ = interrupt.recv() => {}
@@ -309,7 +328,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         _ = terminate.recv() => std::process::exit(143),
         _ = interrupt.recv() => std::process::exit(130),
     }
-    let _ = drained_tx.send(());
+    let _ = drained_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
     info!("agent stopped");
     Ok(())

@@ -1,0 +1,120 @@
+//! The API's HTTP server: hyper's HTTP/1.1 over an accept loop of our own,
+//! so that no client can hold the agent.
+//!
+//! * **Header-read timeout.** A connection must send a whole request head
+//!   within it, and an idle keep-alive connection must start its next
+//!   request within it; otherwise it is closed. Half-sent requests cannot
+//!   pile up.
+//! * **Connection cap.** At most `max_connections` are served at once; one
+//!   more is closed at once (logged once per burst), rather than the agent
+//!   running out of file descriptors and failing everything.
+//! * **Open-file limit.** The soft limit is raised to the hard one at
+//!   start, so the cap, not the kernel, is what binds.
+//! * **Drain.** Once asked to stop, no connection is accepted and the open
+//!   ones finish what they were doing (bounded by the caller).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::{watch, Semaphore};
+use tracing::{debug, warn};
+
+/// How the server treats its clients.
+#[derive(Debug, Clone, Copy)]
+pub struct ServerLimits {
+    /// A request head (or the next request on an idle connection) must
+    /// arrive within this.
+    pub header_timeout: Duration,
+    /// Connections served at once.
+    pub max_connections: usize,
+}
+
+/// Raise the soft open-file limit to the hard one; the limit in force.
+pub fn raise_open_file_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit read and write one rlimit struct.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit.rlim_cur = limit.rlim_max;
+            }
+        }
+        limit.rlim_cur
+    }
+}
+
+/// Serve `router` on `listener` until `stop` turns true, then wait for the
+/// open connections to finish.
+pub async fn serve(
+    listener: TcpListener,
+    router: Router,
+    limits: ServerLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let at_cap = Arc::new(AtomicBool::new(false));
+    let mut connections = tokio::task::JoinSet::new();
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of descriptors, say: wait a moment, never spin.
+                    warn!(%error, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = async { drop(stop.wait_for(|stop| *stop).await) } => break,
+        };
+        while connections.try_join_next().is_some() {}
+        let Ok(permit) = permits.clone().try_acquire_owned() else {
+            if !at_cap.swap(true, Ordering::Relaxed) {
+                warn!(
+                    max = limits.max_connections,
+                    "the API's connection cap is reached; new connections are closed until some end"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        at_cap.store(false, Ordering::Relaxed);
+        let service = TowerToHyperService::new(router.clone());
+        let mut stop = stop.clone();
+        connections.spawn(async move {
+            let _permit = permit;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(limits.header_timeout)
+                .serve_connection(TokioIo::new(stream), service);
+            tokio::pin!(connection);
+            let outcome = tokio::select! {
+                outcome = connection.as_mut() => outcome,
+                _ = async { drop(stop.wait_for(|stop| *stop).await) } => {
+                    // Finish the request in flight, then close.
+                    connection.as_mut().graceful_shutdown();
+                    connection.await
+                }
+            };
+            if let Err(error) = outcome {
+                debug!(%peer, %error, "connection ended");
+            }
+        });
+    }
+    while connections.join_next().await.is_some() {}
+}

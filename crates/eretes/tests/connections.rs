@@ -1,0 +1,82 @@
+//! Clients cannot hold the agent: half-sent requests and idle keep-alive
+//! connections are closed after the header-read timeout, connections past
+//! the cap are closed at once (logged once), and the API keeps answering.
+
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+mod common;
+use common::Agent;
+
+/// Whether the agent closes `stream` within `limit` (a read sees its end).
+async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return false,
+            Ok(Ok(0)) | Ok(Err(_)) => return true,
+            Ok(Ok(_)) => continue, // a response (408, say); its end follows
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_and_idle_connections_are_closed_and_the_api_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        // Long enough that all 300 connect before the first times out.
+        &["--header-timeout-ms", "3000", "--max-connections", "200"],
+    )
+    .await;
+    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    // 300 connections that each send half a request head and stop (to a
+    // socket address: a name lookup per connection would be slow enough
+    // for the first to time out before the last connects).
+    let mut half_sent = Vec::new();
+    for _ in 0..300 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        stream
+            .write_all(format!("GET /v1/tasks HTTP/1.1\r\nHost: {address}\r\n").as_bytes())
+            .await
+            .unwrap();
+        half_sent.push(stream);
+    }
+    let mut closed = 0;
+    for stream in &mut half_sent {
+        if closed_within(stream, Duration::from_secs(15)).await {
+            closed += 1;
+        }
+    }
+    assert_eq!(closed, 300, "every half-sent request is closed");
+    let http = reqwest::Client::new();
+    let health = http
+        .get(format!("{}/healthz", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+    let log = agent.log();
+    assert_eq!(
+        log.matches("connection cap is reached").count(),
+        1,
+        "one line per burst: {log}"
+    );
+
+    // A keep-alive connection served once, then idle, is closed too.
+    let mut idle = TcpStream::connect(address).await.unwrap();
+    idle.write_all(format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut response = [0u8; 1024];
+    let read = idle.read(&mut response).await.unwrap();
+    assert!(String::from_utf8_lossy(&response[..read]).starts_with("HTTP/1.1 200"));
+    assert!(
+        closed_within(&mut idle, Duration::from_secs(15)).await,
+        "an idle keep-alive connection is closed"
+    );
+}
