@@ -115,6 +115,9 @@ pub struct NodeRecord {
     pub groups: Vec<GroupName>,
     /// Wall-clock start time, milliseconds since the Unix epoch.
     pub started_at_ms: u64,
+    /// Most tasks it runs at once over all its groups, if it has a limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running: Option<u64>,
 }
 
 /// A stored value that could not be decoded.

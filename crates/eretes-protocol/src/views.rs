@@ -150,6 +150,8 @@ pub struct NodeView {
     pub started_at_ms: u64,
     /// Tasks it runs now.
     pub running: usize,
+    /// Most tasks it runs at once over all its groups, if it has a limit.
+    pub max_running: Option<u64>,
 }
 
 /// Every task and node at one revision; entries the store holds in a shape
@@ -244,6 +246,7 @@ impl Coordinator {
                                 groups: record.groups,
                                 started_at_ms: record.started_at_ms,
                                 running: 0,
+                                max_running: record.max_running,
                             },
                         );
                     }

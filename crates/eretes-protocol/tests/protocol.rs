@@ -182,6 +182,7 @@ async fn node_names_are_unique_among_live_nodes() {
     let record = NodeRecord {
         groups: vec![GroupName::default()],
         started_at_ms: 0,
+        max_running: None,
     };
     let first = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
     coordinator
@@ -432,6 +433,7 @@ async fn snapshots_and_task_views_tell_each_tasks_state() {
     let record = NodeRecord {
         groups: vec![GroupName::default()],
         started_at_ms: 7,
+        max_running: None,
     };
     coordinator
         .register_node(&NodeName::new("n1").unwrap(), &record, lease)

@@ -596,6 +596,7 @@ mod tests {
         let record = encode(&NodeRecord {
             groups: vec![GroupName::default()],
             started_at_ms: 1,
+            max_running: None,
         });
         let change = cache.apply_put(&kv("t/nodes/ghost", record.clone(), 5, 5));
         match change {

@@ -18,6 +18,10 @@ pub struct NodeConfig {
     pub slots: usize,
     /// Per-group overrides of `slots`.
     pub group_slots: HashMap<GroupName, usize>,
+    /// Most tasks this node runs at once over all its groups (mawex's pod
+    /// rule: a small machine used fully, never overloaded). Default:
+    /// unlimited.
+    pub max_running: usize,
     /// TTL of the node's lease. A dead node's tasks move after at most this
     /// long. Default 10 s.
     pub lease_ttl: Duration,
@@ -61,6 +65,7 @@ impl NodeConfig {
             groups: vec![GroupName::default_group()],
             slots: usize::MAX,
             group_slots: HashMap::new(),
+            max_running: usize::MAX,
             lease_ttl,
             fence_margin: lease_ttl / 4,
             keepalive_interval: lease_ttl / 3,
@@ -110,6 +115,9 @@ impl NodeConfig {
                 "keepalive_interval {:?} must be positive and below lease_ttl - fence_margin",
                 self.keepalive_interval
             ));
+        }
+        if self.max_running == 0 {
+            return Err("max_running must be at least 1".into());
         }
         if self.max_claims_in_flight == 0 {
             return Err("max_claims_in_flight must be at least 1".into());

@@ -139,6 +139,7 @@ impl Node {
         let record = NodeRecord {
             groups: config.groups.clone(),
             started_at_ms: now_ms(),
+            max_running: (config.max_running != usize::MAX).then_some(config.max_running as u64),
         };
         let lease = register(&coordinator, &config, &record).await?;
         info!(node = %config.name, lease = format!("{lease:#x}"), "node registered");
@@ -293,6 +294,8 @@ struct MainLoop {
     finishing: FuturesUnordered<BoxFuture<'static, Vec<GroupName>>>,
     /// Tasks claiming, running or finishing, per group: what slots limit.
     busy: HashMap<GroupName, usize>,
+    /// Which group the next claiming pass starts with.
+    claim_rotation: usize,
     ignore: DelayQueue<TaskId>,
     ignored: HashMap<TaskId, tokio_util::time::delay_queue::Key>,
     /// The task the balancer last deferred, per group. Counts change when a
@@ -366,6 +369,7 @@ impl MainLoop {
             unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
             busy: HashMap::new(),
+            claim_rotation: 0,
             ignore: DelayQueue::new(),
             ignored: HashMap::new(),
             deferred: HashMap::new(),
@@ -958,12 +962,18 @@ impl MainLoop {
         if self.frozen || self.shutting_down.is_some() || self.watch.is_none() {
             return;
         }
-        for index in 0..self.my_groups.len() {
-            let group = self.my_groups[index].clone();
+        // Each pass starts with the next group, so that under an agent-wide
+        // limit no group waits for ever behind another that always has work.
+        let groups = self.my_groups.len();
+        self.claim_rotation = (self.claim_rotation + 1) % groups;
+        for step in 0..groups {
+            let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
+            let running: usize = self.busy.values().sum();
             let mut free = self
                 .config
                 .slots_for(&group)
-                .saturating_sub(self.busy.get(&group).copied().unwrap_or(0));
+                .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
+                .min(self.config.max_running.saturating_sub(running));
             let mut batch = Vec::new();
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {

@@ -678,6 +678,44 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
     );
 }
 
+#[tokio::test(start_paused = true)]
+async fn max_running_limits_a_node_across_its_groups_and_serves_each() {
+    // mawex's pod rule: one task at a time on this node, whatever group.
+    let mut cluster = Cluster::new(embedded());
+    let mut config = cluster.config("a");
+    let groups = [GroupName::new("a").unwrap(), GroupName::new("b").unwrap()];
+    config.groups = groups.to_vec();
+    config.max_running = 1;
+    cluster
+        .start_with(
+            cluster.store.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
+        .await;
+    for group in &groups {
+        for n in 0..3 {
+            let id = TaskId::new(format!("{group}-{n}")).unwrap();
+            let spec = TaskSpec::new(group.clone(), json!({"mode": "work", "ms": 1000}));
+            cluster.coordinator.submit(&id, &spec).await.unwrap();
+        }
+    }
+    let mut most = 0;
+    for _ in 0..200 {
+        most = most.max(cluster.observer.running_tasks());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(most, 1, "never two at once");
+    let runs = cluster.observer.runs();
+    assert_eq!(runs.len(), 6, "every task ran: {runs:?}");
+    // Both groups were served from the start, not one after the other.
+    let first_two: Vec<&str> = runs.iter().take(2).map(|run| &run.task[..1]).collect();
+    assert!(
+        first_two.contains(&"a") && first_two.contains(&"b"),
+        "{first_two:?}"
+    );
+}
+
 /// Submit a task whose handler ignores cancellation, and wait until it runs.
 async fn run_stubborn_task(cluster: &Cluster) {
     cluster

@@ -487,10 +487,14 @@ pub async fn nodes(args: NodesArgs) -> Result<i32> {
                     .map(|g| g.iter().map(text).collect::<Vec<_>>().join(","))
                     .unwrap_or_default(),
                 node["running"].to_string(),
+                match node["max_running"].as_u64() {
+                    Some(max) => max.to_string(),
+                    None => "-".to_string(),
+                },
             ]
         })
         .collect();
-    print_table(&["NAME", "GROUPS", "RUNNING"], &rows);
+    print_table(&["NAME", "GROUPS", "RUNNING", "MAX"], &rows);
     Ok(0)
 }
 

@@ -17,6 +17,7 @@ async fn named_agents_default_to_their_own_data_directories() {
         let port = eretes_etcd::testing::free_port();
         let child = Command::new(BIN)
             .args(["agent", "--name", name, "--lease-ttl-ms", "2000"])
+            .args(["--groups", "a,b", "--max-running", "1"])
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .current_dir(dir.path())
             .stdout(Stdio::null())

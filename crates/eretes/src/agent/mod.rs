@@ -54,6 +54,11 @@ pub struct AgentArgs {
         default_value = "default"
     )]
     groups: Vec<String>,
+    /// Most tasks this agent runs at once over all its groups (default: no
+    /// limit): at most one task at a time on a small machine with
+    /// `--max-running 1`, whatever group it comes from.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_running: Option<u32>,
     /// Most tasks of each group this agent runs at once (default: no limit).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     slots: Option<u32>,
@@ -247,6 +252,9 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     config.groups = groups;
     if let Some(slots) = args.slots {
         config.slots = slots as usize;
+    }
+    if let Some(max_running) = args.max_running {
+        config.max_running = max_running as usize;
     }
     config.handler_grace = exec_grace(args.stop_grace_ms);
     // A drain waits for every task's own grace (and then some), rather than
