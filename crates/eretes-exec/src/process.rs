@@ -88,6 +88,8 @@ enum Ended {
     Stopped,
     /// Its supervisor died without a report; the agent killed the tree.
     SupervisorDied(String),
+    /// It ran past the spec's timeout and was stopped.
+    TimedOut(Duration),
 }
 
 #[async_trait]
@@ -164,6 +166,12 @@ impl ProcessHandler {
                         "the task's supervisor {how}; its processes were killed (attempt {attempt})"
                     ))
                 }
+                Ok(Ended::TimedOut(limit)) => {
+                    return Step::Error(format!(
+                        "timed out after {} and was stopped (attempt {attempt})",
+                        humantime::format_duration(limit)
+                    ))
+                }
                 Err(error) => {
                     return Step::Error(format!(
                         "cannot start {:?}: {error} (attempt {attempt})",
@@ -209,6 +217,9 @@ impl ProcessHandler {
                 Ok(Ended::SupervisorDied(how)) => {
                     warn!(task = %ctx.task.id, supervisor = how, retry_in = ?backoff, "the permanent task's supervisor died; restarting");
                 }
+                Ok(Ended::TimedOut(limit)) => {
+                    info!(task = %ctx.task.id, timeout = ?limit, retry_in = ?backoff, "permanent task timed out; restarting");
+                }
                 Err(error) => {
                     warn!(task = %ctx.task.id, %error, retry_in = ?backoff, "cannot start the permanent task; retrying");
                 }
@@ -242,6 +253,8 @@ impl ProcessHandler {
             gate = self.gates.enter(task.id.as_str()) => gate,
             _ = task.cancel.cancelled() => return Ok(Ended::Stopped),
         };
+        // Cancelled with the task, or alone when the attempt times out.
+        let attempt_cancel = task.cancel.child_token();
         let mut fence = if self.config.fence_processes {
             task.fence.clone()
         } else {
@@ -265,9 +278,16 @@ impl ProcessHandler {
                 .cwd
                 .as_ref()
                 .map(|cwd| cwd.to_string_lossy().into_owned()),
-            env: env
-                .into_iter()
-                .map(|(name, value)| (name.to_string(), value))
+            // The spec's own variables, then eretes' (the spec may not name
+            // ERETES_* ones).
+            env: spec
+                .env
+                .iter()
+                .map(|(name, value)| (name.clone(), value.clone().into_bytes()))
+                .chain(
+                    env.into_iter()
+                        .map(|(name, value)| (name.to_string(), value)),
+                )
                 .collect(),
             grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
             deadline_ns: deadline.unwrap_or(0),
@@ -284,7 +304,7 @@ impl ProcessHandler {
                 epoch: task.epoch,
             },
             fence,
-            cancel: task.cancel.clone(),
+            cancel: attempt_cancel.clone(),
         };
         let warm = self.warm.take(&self.config)?;
         // The next run's supervisor starts while this one starts its task.
@@ -296,19 +316,34 @@ impl ProcessHandler {
         let mut poll = tokio::time::interval(CHECKPOINT_POLL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Deadlines and the stop reach the supervisor on their own (see
-        // `LaunchPlan`); this loop only saves checkpoints until the end.
+        // `LaunchPlan`); this loop saves checkpoints until the end, and
+        // stops the attempt if it outlives its timeout.
+        let timeout = tokio::time::sleep(spec.timeout().unwrap_or(Duration::MAX / 4));
+        tokio::pin!(timeout);
+        let mut timed_out = false;
         let report = loop {
             tokio::select! {
                 report = supervised.report() => match report {
                     Ok(Report::Ended { .. }) | Err(_) => break report,
                     Ok(_) => {}
                 },
+                _ = &mut timeout, if spec.timeout_ms.is_some() && !timed_out => {
+                    timed_out = true;
+                    attempt_cancel.cancel();
+                }
                 _ = poll.tick() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
             }
         };
         let end = supervised.finish(report).await;
         // What the process saved on its way out (on SIGTERM, say).
         checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
+        // A stop the task itself asked for (release, command) is a stop; one
+        // only this attempt's timeout asked for is the attempt's failure.
+        if timed_out && !task.cancel.is_cancelled() {
+            if let SupervisorEnd::Ended { .. } = end {
+                return Ok(Ended::TimedOut(spec.timeout().unwrap_or_default()));
+            }
+        }
         Ok(match end {
             SupervisorEnd::Ended {
                 status,

@@ -2,7 +2,9 @@
 //! properties under `"process"`, and the checks it passes before anything
 //! is started.
 
+use std::collections::BTreeMap;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
@@ -16,6 +18,12 @@ pub const MAX_ARGS: usize = 4096;
 pub const MAX_ATTEMPTS: u32 = eretes_protocol::machine::MAX_ERRORS_KEPT as u32;
 /// Attempts when the spec does not say.
 pub const DEFAULT_ATTEMPTS: u32 = 3;
+/// Most environment variables a process task may set.
+pub const MAX_ENV: usize = 256;
+/// Most bytes of names and values a process task's environment may hold.
+pub const MAX_ENV_BYTES: usize = 32 * 1024;
+/// Longest per-attempt timeout (a year), in milliseconds.
+pub const MAX_TIMEOUT_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// A process task: run `program` with `args` (no shell unless the program
 /// is one), in `cwd` if given.
@@ -24,6 +32,7 @@ pub const DEFAULT_ATTEMPTS: u32 = 3;
 ///
 /// ```json
 /// {"process": {"program": "backup", "args": ["--full"], "cwd": "/srv",
+///              "env": {"MODE": "full"}, "timeout_ms": 3600000,
 ///              "max_attempts": 3, "permanent": false}}
 /// ```
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -43,6 +52,15 @@ pub struct ProcessSpec {
     /// Restart whenever it exits, like a service, instead of finishing.
     #[serde(default)]
     pub permanent: bool,
+    /// Variables set for the program, on top of the clean environment every
+    /// task gets (names of letters, digits and `_`, not `ERETES_*`).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Longest one attempt may run, in milliseconds: then it is stopped as
+    /// by a stop command (SIGTERM, the grace period, SIGKILL) and counts as
+    /// a failed attempt whose reason says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 fn default_attempts() -> u32 {
@@ -63,6 +81,8 @@ impl ProcessSpec {
             cwd: None,
             max_attempts: DEFAULT_ATTEMPTS,
             permanent: false,
+            env: BTreeMap::new(),
+            timeout_ms: None,
         }
     }
 
@@ -75,6 +95,11 @@ impl ProcessSpec {
             .map_err(|e| SpecError(format!("\"process\": {e}")))?;
         spec.validate()?;
         Ok(spec)
+    }
+
+    /// The per-attempt timeout, if any.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
     }
 
     /// The properties that carry this spec.
@@ -114,6 +139,45 @@ impl ProcessSpec {
             }
             if cwd.as_os_str().as_encoded_bytes().contains(&0) {
                 return Err(SpecError("cwd contains a NUL byte".into()));
+            }
+        }
+        if self.env.len() > MAX_ENV {
+            return Err(SpecError(format!(
+                "{} environment variables; the limit is {MAX_ENV}",
+                self.env.len()
+            )));
+        }
+        let env_bytes: usize = self.env.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if env_bytes > MAX_ENV_BYTES {
+            return Err(SpecError(format!(
+                "the environment holds {env_bytes} bytes; the limit is {MAX_ENV_BYTES}"
+            )));
+        }
+        for (name, value) in &self.env {
+            let well_formed = name
+                .chars()
+                .next()
+                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+            if !well_formed {
+                return Err(SpecError(format!(
+                    "env name {name:?} is not letters, digits and _ (not starting with a digit)"
+                )));
+            }
+            if name.starts_with("ERETES_") {
+                return Err(SpecError(format!(
+                    "env name {name:?}: ERETES_* variables are eretes' own"
+                )));
+            }
+            if value.contains('\0') {
+                return Err(SpecError(format!("env {name} contains a NUL byte")));
+            }
+        }
+        if let Some(timeout) = self.timeout_ms {
+            if !(1..=MAX_TIMEOUT_MS).contains(&timeout) {
+                return Err(SpecError(format!(
+                    "timeout_ms {timeout} is not between 1 and {MAX_TIMEOUT_MS} (a year)"
+                )));
             }
         }
         if !(1..=MAX_ATTEMPTS).contains(&self.max_attempts) {
@@ -168,6 +232,34 @@ mod tests {
             (
                 json!({"process": {"program": "sh", "colour": "red"}}),
                 "unknown field `colour`",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"1X": "a"}}}),
+                "env name \"1X\"",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"A-B": "a"}}}),
+                "env name \"A-B\"",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"ERETES_EPOCH": "1"}}}),
+                "eretes' own",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"A": "a\u{0}"}}}),
+                "env A contains a NUL",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"A": "x".repeat(MAX_ENV_BYTES)}}}),
+                "the limit is 32768",
+            ),
+            (
+                json!({"process": {"program": "sh", "timeout_ms": 0}}),
+                "timeout_ms 0",
+            ),
+            (
+                json!({"process": {"program": "sh", "env": {"A": 1}}}),
+                "invalid type",
             ),
             (
                 json!({"process": {"program": "sh", "args": "-c"}}),

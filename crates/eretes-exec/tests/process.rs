@@ -219,6 +219,44 @@ async fn a_task_that_keeps_failing_fails_after_max_attempts_with_the_reason() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spec_sets_the_environment_and_an_attempt_past_its_timeout_is_stopped_and_counted() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh("greets", "echo \"$GREETING $ERETES_TASK_ID\"", |spec| {
+            spec.env.insert("GREETING".into(), "hello from".into());
+        })
+        .await;
+    let result = agent.result("greets").await;
+    assert_eq!(result.result["stdout_tail"], "hello from greets\n");
+
+    // TERM is trapped, so the timeout's stop runs its course: SIGTERM, the
+    // grace period (500 ms here), SIGKILL; each attempt counts.
+    agent
+        .submit_sh(
+            "slow",
+            "echo $$ >> slow.pids; trap '' TERM; sleep 30",
+            |spec| {
+                spec.timeout_ms = Some(300);
+                spec.max_attempts = 2;
+            },
+        )
+        .await;
+    let result = agent.result("slow").await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let error = result.error.unwrap();
+    assert!(
+        error.contains("timed out after 300ms and was stopped (attempt 2)"),
+        "{error}"
+    );
+    let pids = std::fs::read_to_string(agent.path("slow.pids")).unwrap();
+    assert_eq!(pids.lines().count(), 2, "two attempts");
+    for pid in pids.lines() {
+        assert!(!alive(pid.parse().unwrap()), "attempt {pid} was stopped");
+    }
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deleting_a_running_task_kills_its_whole_process_group() {
     let agent = Agent::start(AllowList::Any, |_| {}).await;
     agent

@@ -188,6 +188,13 @@ pub struct SubmitArgs {
     /// Its working directory (absolute).
     #[arg(long)]
     cwd: Option<PathBuf>,
+    /// An environment variable for it, KEY=VALUE (repeatable).
+    #[arg(long = "env", value_name = "KEY=VALUE")]
+    env: Vec<String>,
+    /// Stop an attempt that runs longer than this (30s, 5m, 2h…); it counts
+    /// as a failed attempt.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    timeout: Option<Duration>,
     /// Wait until it ends and exit with its exit code.
     #[arg(long)]
     wait: bool,
@@ -566,6 +573,23 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
     let client = &Client::new(&args.agent)?;
     let (program, rest) = args.command.split_first().expect("clap requires a program");
     let mut body = json!({ "program": program, "args": rest, "permanent": args.permanent });
+    let mut env = serde_json::Map::new();
+    for pair in &args.env {
+        let Some((name, value)) = pair.split_once('=') else {
+            bail!("--env {pair:?} is not KEY=VALUE");
+        };
+        env.insert(name.to_string(), Value::from(value));
+    }
+    if !env.is_empty() {
+        body["env"] = Value::Object(env);
+    }
+    if let Some(timeout) = args.timeout {
+        let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        if millis == 0 {
+            bail!("--timeout must be at least 1ms");
+        }
+        body["timeout_ms"] = Value::from(millis);
+    }
     for (field, value) in [
         ("id", args.id.map(Value::from)),
         ("group", args.group.map(Value::from)),
@@ -721,6 +745,18 @@ fn print_task(view: &Value) {
         ("group", text(&view["group"])),
         ("command", command_line(view)),
     ];
+    let process = &view["properties"]["process"];
+    if let Some(env) = process["env"].as_object() {
+        let pairs: Vec<String> = env
+            .iter()
+            .map(|(name, value)| format!("{name}={}", text(value)))
+            .collect();
+        rows.push(("env", pairs.join(" ")));
+    }
+    if let Some(timeout) = process["timeout_ms"].as_u64() {
+        let timeout = humantime::format_duration(Duration::from_millis(timeout));
+        rows.push(("timeout", format!("{timeout} per attempt")));
+    }
     for field in ["node", "epoch", "error"] {
         if !view[field].is_null() {
             rows.push((field, text(&view[field])));
