@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use eretes_store::{
     Compare, DeleteRequest, GetRequest, GetResponse, KeyRange, KeyValue, LeaseId, PutRequest,
-    Revision, Store, StoreExt, Txn, TxnOp, TxnOpResponse, WatchStream,
+    Revision, Store, StoreError, StoreExt, Txn, TxnOp, TxnOpResponse, WatchStream,
 };
 use serde_json::Value;
 
@@ -238,6 +238,29 @@ impl Coordinator {
             return Err(ProtocolError::NotFound(id.to_string()));
         }
         Ok(())
+    }
+
+    /// After a crash: if `name` is still registered under `lease` (the
+    /// lease the crashed node held, as its embedding program recorded it),
+    /// revoke that lease, which deletes the registration and every owner
+    /// record under it at once, so the node's tasks move now and its name is
+    /// free, instead of after the TTL. Only the caller knows the old node is
+    /// dead (an agent knows it from its data directory's lock). True if a
+    /// lease was revoked; a name held under another lease is left alone.
+    pub async fn revoke_previous_registration(
+        &self,
+        name: &NodeName,
+        lease: LeaseId,
+    ) -> Result<bool, ProtocolError> {
+        let registered = self.store.get_key(&self.ns.node(name)).await?;
+        if lease == 0 || registered.is_none_or(|kv| kv.lease != lease) {
+            return Ok(false);
+        }
+        match self.store.lease_revoke(lease).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::LeaseNotFound(_)) => Ok(false),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Register a live node under `lease`. A second live node with the same

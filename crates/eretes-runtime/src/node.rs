@@ -59,6 +59,10 @@ pub struct NodeStatus {
     pub running: usize,
     /// Live nodes this node sees, itself included.
     pub live_nodes: usize,
+    /// The lease the node is registered under, while it is. An embedding
+    /// program may keep it, to revoke it after a crash (see
+    /// `Coordinator::revoke_previous_registration`).
+    pub lease: Option<LeaseId>,
 }
 
 /// Requests from the embedding program to the main loop.
@@ -601,6 +605,7 @@ impl MainLoop {
             frozen: self.frozen,
             running: self.running.len(),
             live_nodes: self.cache.live_nodes(),
+            lease: self.lease.as_ref().map(|lease| lease.id),
         };
         self.status.send_if_modified(|current| {
             let changed = *current != status;

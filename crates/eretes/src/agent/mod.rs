@@ -262,6 +262,27 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     config.shutdown_timeout = config
         .shutdown_timeout
         .max(config.handler_grace + Duration::from_secs(5));
+    // The data directory's lock proves that its previous agent is dead,
+    // and the process handler above killed what it left running: the
+    // lease it held can go now, so its tasks move at once (not after the
+    // TTL) and this agent can register under the same name.
+    let lease_file = data_dir.join(LEASE_FILE);
+    if let Some(previous) = read_lease_file(&lease_file, &name) {
+        let coordinator = Coordinator::new(store.clone(), namespace.clone());
+        match coordinator
+            .revoke_previous_registration(&name, previous)
+            .await
+        {
+            Ok(true) => info!(
+                lease = format!("{previous:#x}"),
+                "revoked the lease of this data directory's previous agent: its tasks move now"
+            ),
+            Ok(false) => {}
+            Err(error) => {
+                warn!(%error, "cannot revoke the previous agent's lease; its tasks move when it expires")
+            }
+        }
+    }
     let node = Node::start(
         store.clone(),
         config,
@@ -270,6 +291,11 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     )
     .await
     .with_context(|| format!("starting node {name}"))?;
+    tokio::spawn(keep_lease_file(
+        node.status(),
+        lease_file.clone(),
+        name.clone(),
+    ));
 
     let open_files = server::raise_open_file_limit();
     if open_files != 0 && open_files < u64::from(args.max_connections) + 256 {
@@ -338,8 +364,51 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     }
     let _ = drained_tx.send(true);
     let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+    // Deregistered: the lease is revoked, nothing to revoke at next start.
+    let _ = std::fs::remove_file(&lease_file);
     info!("agent stopped");
     Ok(())
+}
+
+/// Where the agent records the lease its node holds, for the next agent on
+/// the data directory to revoke after a crash.
+const LEASE_FILE: &str = "node.lease";
+
+/// The lease recorded for node `name`, if the file holds one.
+fn read_lease_file(path: &std::path::Path, name: &NodeName) -> Option<i64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let record: serde_json::Value = serde_json::from_str(&text).ok()?;
+    (record["name"].as_str() == Some(name.as_str()))
+        .then(|| record["lease"].as_i64())
+        .flatten()
+}
+
+/// Write the node's lease to `path` whenever it registers (again), by a
+/// rename, so the file is never half-written.
+async fn keep_lease_file(
+    mut status: tokio::sync::watch::Receiver<eretes_runtime::NodeStatus>,
+    path: PathBuf,
+    name: NodeName,
+) {
+    let mut written = None;
+    loop {
+        let lease = status.borrow_and_update().lease;
+        if lease.is_some() && lease != written {
+            let record = serde_json::json!({ "name": name.as_str(), "lease": lease });
+            let temporary = path.with_extension("tmp");
+            let saved = std::fs::write(&temporary, record.to_string())
+                .and_then(|()| std::fs::rename(&temporary, &path));
+            match saved {
+                Ok(()) => written = lease,
+                Err(error) => {
+                    warn!(%error, file = %path.display(), "cannot record the node's lease")
+                }
+            }
+        }
+        if status.changed().await.is_err() {
+            return;
+        }
+    }
 }
 
 /// The runtime's grace for a stopped handler: the executor's own SIGTERM
