@@ -116,7 +116,9 @@ pub struct ExecConfig {
     pub data_dir: PathBuf,
     /// Which programs may run.
     pub allow: AllowList,
-    /// Most bytes kept per stream (stdout, stderr) per run. Default 10 MiB.
+    /// Size at which a task's log (stdout, stderr) rotates: the full one is
+    /// kept as `<log>.1`, replacing an older one, so each stream takes at
+    /// most twice this. Default 10 MiB.
     pub log_cap: u64,
     /// Bytes of each stream's end kept in the result. Default 4 KiB.
     pub tail_bytes: usize,

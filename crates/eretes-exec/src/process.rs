@@ -33,8 +33,10 @@ use crate::{ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 ///   passes or the agent dies; a run of a task never starts while an older
 ///   run's supervisor on this agent is alive.
 /// * stdout and stderr go to `<data-dir>/logs/<task>/stdout.log` and
-///   `stderr.log`, each capped at [`ExecConfig::log_cap`] per run; the
-///   attempts after an error append.
+///   `stderr.log`; the attempts after an error, and a permanent task's
+///   restarts, append; each log rotates at [`ExecConfig::log_cap`] (the
+///   older part kept as `stdout.log.1`), so a task's output never takes
+///   more than twice the cap.
 /// * Stopping a task (a pause, sleep or kill command, release, delete,
 ///   drain) sends SIGTERM to the whole tree, then SIGKILL after
 ///   [`ExecConfig::stop_grace`]; lease loss kills it at once. When the
@@ -404,11 +406,16 @@ impl Capture {
     }
 }
 
-/// Truncate a task's logs for a new run (attempts of one run append).
+/// Truncate a task's logs for a new run (attempts of one run append), and
+/// drop the older part of a rotated log.
 async fn reset_logs(dir: &std::path::Path) -> std::io::Result<()> {
     tokio::fs::create_dir_all(dir).await?;
     for name in ["stdout.log", "stderr.log"] {
         tokio::fs::File::create(dir.join(name)).await?;
+        match tokio::fs::remove_file(dir.join(format!("{name}.1"))).await {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
     }
     Ok(())
 }

@@ -67,3 +67,55 @@ async fn tail_reads_of_a_huge_log_cost_what_they_return() {
     // One copy of the log is 61,440 KiB; twenty were read at once before.
     assert!(grown < 30 * 1024, "the agent's peak grew by {grown} KiB");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_go_with_their_task_and_after_the_retention() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(&data, &["--log-retention", "2s"]).await;
+    let logs = |id: &str| data.join("logs").join(id);
+    agent.ok(&[
+        "submit",
+        "--id",
+        "ended",
+        "--wait",
+        "--",
+        "echo",
+        "kept a while",
+    ]);
+    agent.ok(&[
+        "submit",
+        "--id",
+        "doomed",
+        "--",
+        "sh",
+        "-c",
+        "echo here; sleep 1000",
+    ]);
+    agent.ok(&[
+        "submit",
+        "--id",
+        "alive",
+        "--",
+        "sh",
+        "-c",
+        "echo running; sleep 1000",
+    ]);
+    common::wait_until("both running tasks logged", || {
+        ["doomed", "alive"]
+            .iter()
+            .all(|id| std::fs::read(logs(id).join("stdout.log")).is_ok_and(|log| !log.is_empty()))
+    })
+    .await;
+    assert!(logs("ended").exists());
+    // rm takes its logs with it, at once.
+    agent.ok(&["rm", "doomed"]);
+    assert!(!logs("doomed").exists(), "rm removed the logs");
+    // An ended task's logs go once older than the retention; a running
+    // task's stay, however old.
+    common::wait_until("the ended task's logs are swept", || {
+        !logs("ended").exists()
+    })
+    .await;
+    assert_eq!(agent.ok(&["logs", "alive"]), "running\n");
+}

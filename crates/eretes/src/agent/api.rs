@@ -312,6 +312,8 @@ async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResul
 async fn remove(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = task_id(&id)?;
     state.coordinator.delete(&id).await?;
+    // Its logs here go with it (other agents' sweeps remove theirs).
+    super::logs::remove_logs(&state.logs_dir, &id).await;
     Ok(StatusCode::NO_CONTENT)
 }
 

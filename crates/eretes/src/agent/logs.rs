@@ -7,6 +7,12 @@
 //! reader of a huge log holds one block in memory. With `follow`, the
 //! response goes on with what the file grows by until the task has ended
 //! and the log is read to its end.
+//!
+//! Logs do not outlive their task for long: `eretes rm` removes them on the
+//! agent it was sent to, and every agent sweeps its logs directory (every
+//! quarter of the retention, at most every 5 minutes), removing the logs of
+//! tasks that no longer exist at once and those of ended tasks once they
+//! are older than the retention (`--log-retention`, 24 h by default).
 
 use std::io::SeekFrom;
 use std::time::Duration;
@@ -28,6 +34,66 @@ const BLOCK: usize = 64 * 1024;
 
 /// How often a followed log is looked at for growth.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// Remove task `id`'s logs on this agent (gone already is fine).
+pub(crate) async fn remove_logs(logs_dir: &std::path::Path, id: &eretes_protocol::TaskId) {
+    match tokio::fs::remove_dir_all(logs_dir.join(id.as_str())).await {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+            tracing::warn!(task = %id, %error, "cannot remove the task's logs");
+        }
+        _ => {}
+    }
+}
+
+/// Sweep `logs_dir` for ever (see the module docs).
+pub async fn sweep_logs(
+    logs_dir: std::path::PathBuf,
+    coordinator: eretes_protocol::Coordinator,
+    retention: Duration,
+) {
+    let every = (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(300));
+    loop {
+        tokio::time::sleep(every).await;
+        // One read of the namespace per sweep, not one per log directory.
+        let Ok(snapshot) = coordinator.snapshot().await else {
+            continue;
+        };
+        let Ok(mut entries) = tokio::fs::read_dir(&logs_dir).await else {
+            continue;
+        };
+        while let Ok(Some(entry)) = entries.next_entry().await {
+            let Some(id) = entry
+                .file_name()
+                .to_str()
+                .and_then(|name| eretes_protocol::TaskId::new(name).ok())
+            else {
+                continue;
+            };
+            let expired = match snapshot.tasks.get(&id) {
+                None => true,
+                Some(view) if view.state.is_terminal() => last_written(&entry.path())
+                    .await
+                    .is_some_and(|at| at.elapsed().is_ok_and(|age| age > retention)),
+                Some(_) => false,
+            };
+            if expired {
+                remove_logs(&logs_dir, &id).await;
+            }
+        }
+    }
+}
+
+/// When anything in a task's log directory was last written.
+async fn last_written(dir: &std::path::Path) -> Option<std::time::SystemTime> {
+    let mut newest = tokio::fs::metadata(dir).await.ok()?.modified().ok();
+    let mut entries = tokio::fs::read_dir(dir).await.ok()?;
+    while let Ok(Some(entry)) = entries.next_entry().await {
+        if let Ok(modified) = entry.metadata().await.and_then(|m| m.modified()) {
+            newest = newest.max(Some(modified));
+        }
+    }
+    newest
+}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -97,6 +97,10 @@ pub struct AgentArgs {
     /// Most API connections served at once; more are closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// How long an ended task's logs are kept on this agent (24h, 30m…);
+    /// a deleted task's logs go at once.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
+    log_retention: Duration,
     /// Serve /metrics without a token (with --token).
     #[arg(long)]
     metrics_public: bool,
@@ -295,6 +299,11 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         node.status(),
         lease_file.clone(),
         name.clone(),
+    ));
+    tokio::spawn(logs::sweep_logs(
+        logs_dir.clone(),
+        Coordinator::new(store.clone(), namespace.clone()),
+        args.log_retention,
     ));
 
     let open_files = server::raise_open_file_limit();
