@@ -8,9 +8,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
+use eretes::{AgentClient, Command, Output, Submit};
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
-use reqwest::{Method, StatusCode};
 use serde_json::{json, Value};
 
 use crate::agent::api::MAX_SLEEP_MS;
@@ -32,142 +32,18 @@ pub struct AgentUrl {
     token: Option<String>,
 }
 
-/// A client of one agent.
-struct Client {
-    base: String,
-    token: Option<String>,
-    http: reqwest::Client,
-}
-
-impl Client {
-    fn new(agent: &AgentUrl) -> Result<Client> {
-        let base = agent.agent.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            bail!("--agent {base:?} must start with http:// or https://");
-        }
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .context("building the HTTP client")?;
-        Ok(Client {
-            base,
-            token: agent.token.clone(),
-            http,
-        })
-    }
-
-    /// Send a request that must be answered within 2 minutes (the wait
-    /// long-poll holds at most 30 s); an error response becomes an error
-    /// with its message.
-    async fn send(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-    ) -> Result<reqwest::Response> {
-        self.send_within(method, path, body, Some(Duration::from_secs(120)))
-            .await
-    }
-
-    /// [`Client::send`] with `limit` on the whole exchange, body included;
-    /// `None` for a stream that lasts as long as it needs (`logs --follow`).
-    async fn send_within(
-        &self,
-        method: Method,
-        path: &str,
-        body: Option<Value>,
-        limit: Option<Duration>,
-    ) -> Result<reqwest::Response> {
-        let mut request = self.http.request(method, format!("{}{path}", self.base));
-        if let Some(limit) = limit {
-            request = request.timeout(limit);
-        }
-        if let Some(token) = &self.token {
-            request = request.bearer_auth(token);
-        }
-        if let Some(body) = body {
-            request = request.json(&body);
-        }
-        let response = request.send().await.map_err(|error| {
-            // reqwest's message leaves out the cause ("connection refused").
-            let mut reason = error.to_string();
-            let mut cause = std::error::Error::source(&error);
-            while let Some(inner) = cause {
-                reason.push_str(&format!(": {inner}"));
-                cause = inner.source();
-            }
-            if error.is_connect() || error.is_timeout() {
-                anyhow!(
-                    "no eretes agent answers at {}: {reason}. Start one with `eretes agent`, or \
-                     point --agent (or ERETES_AGENT) at one",
-                    self.base
-                )
-            } else {
-                anyhow!("calling the agent at {}: {reason}", self.base)
-            }
-        })?;
-        if response.status().is_success() {
-            return Ok(response);
-        }
-        let status = response.status();
-        let text = response.text().await.unwrap_or_default();
-        let message = serde_json::from_str::<Value>(&text)
-            .ok()
-            .and_then(|body| body["error"]["message"].as_str().map(str::to_string))
-            .unwrap_or(text);
-        bail!("the agent refused ({status}): {message}")
-    }
-
-    async fn json(&self, method: Method, path: &str, body: Option<Value>) -> Result<Value> {
-        let response = self.send(method, path, body).await?;
-        if response.status() == StatusCode::NO_CONTENT || response.status() == StatusCode::ACCEPTED
-        {
-            return Ok(Value::Null);
-        }
-        response.json().await.context("reading the agent's answer")
-    }
-
-    /// Every task, page after page.
-    async fn all_tasks(&self, query: &str) -> Result<Vec<Value>> {
-        let mut tasks = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut path = format!("/v1/tasks?limit=1000{query}");
-            if let Some(after) = &after {
-                path.push_str(&format!("&after={after}"));
-            }
-            let page = self.json(Method::GET, &path, None).await?;
-            tasks.extend(page["tasks"].as_array().cloned().unwrap_or_default());
-            match page["next"].as_str() {
-                Some(next) => after = Some(next.to_string()),
-                None => return Ok(tasks),
-            }
-        }
-    }
-
-    /// Wait for `id` to end (asking again every 30 s); its final view.
-    async fn wait_for(&self, id: &str) -> Result<Value> {
-        loop {
-            let view = self
-                .json(
-                    Method::GET,
-                    &format!("/v1/tasks/{id}/wait?timeout_s=30"),
-                    None,
-                )
-                .await?;
-            if ended(&view) {
-                return Ok(view);
-            }
-        }
+impl AgentUrl {
+    /// A client of this agent (the library every CLI command goes through).
+    fn client(&self) -> Result<AgentClient> {
+        AgentClient::new(&self.agent, self.token.clone())
+            .map_err(|error| anyhow!("--agent: {error}"))
     }
 }
 
-/// Whether a task's view says it has ended (done, failed or killed).
-fn ended(view: &Value) -> bool {
-    view["state"]
-        .as_str()
-        .and_then(eretes_protocol::TaskState::parse)
-        .is_some_and(|state| state.is_terminal())
+/// A typed view as the JSON document the agent sent (what `--json` prints
+/// and the tables read).
+fn document<T: serde::Serialize>(view: &T) -> Result<Value> {
+    serde_json::to_value(view).context("encoding the agent's answer")
 }
 
 /// Options of `eretes submit`.
@@ -403,33 +279,9 @@ fn exit_code(view: &Value) -> i32 {
         .unwrap_or(1)
 }
 
-/// A task id as the agent will accept it, checked here so that a typo never
-/// turns into another URL (`a?b`, `a#b`).
-fn checked_id(id: &str) -> Result<&str> {
-    eretes_protocol::TaskId::new(id)?;
-    Ok(id)
-}
-
-/// A query parameter value, percent-encoded.
-fn encoded(value: &str) -> String {
-    value
-        .bytes()
-        .map(|byte| match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
-                (byte as char).to_string()
-            }
-            _ => format!("%{byte:02X}"),
-        })
-        .collect()
-}
-
 /// `eretes show ID [--json]`.
 pub async fn show(args: ShowArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    checked_id(&args.id)?;
-    let view = client
-        .json(Method::GET, &format!("/v1/tasks/{}", args.id), None)
-        .await?;
+    let view = document(&args.agent.client()?.show(&args.id).await?)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -440,21 +292,16 @@ pub async fn show(args: ShowArgs) -> Result<i32> {
 
 /// `eretes logs ID [--follow] [--stderr]`.
 pub async fn logs(args: LogsArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    checked_id(&args.id)?;
-    let stream = if args.stderr { "stderr" } else { "stdout" };
-    let mut path = format!(
-        "/v1/tasks/{}/logs?stream={stream}&follow={}",
-        args.id, args.follow
-    );
-    if let Some(lines) = args.tail {
-        path.push_str(&format!("&tail={lines}"));
-    }
-    let limit = (!args.follow).then_some(Duration::from_secs(120));
-    let mut body = client
-        .send_within(Method::GET, &path, None, limit)
-        .await?
-        .bytes_stream();
+    let output = if args.stderr {
+        Output::Stderr
+    } else {
+        Output::Stdout
+    };
+    let mut body = args
+        .agent
+        .client()?
+        .logs(&args.id, output, args.tail, args.follow)
+        .await?;
     let mut out = std::io::stdout().lock();
     while let Some(chunk) = body.next().await {
         out.write_all(&chunk.context("reading the log")?)?;
@@ -465,19 +312,14 @@ pub async fn logs(args: LogsArgs) -> Result<i32> {
 
 /// `eretes rm ID`.
 pub async fn rm(args: RmArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    checked_id(&args.id)?;
-    client
-        .json(Method::DELETE, &format!("/v1/tasks/{}", args.id), None)
-        .await?;
+    args.agent.client()?.delete(&args.id).await?;
     println!("removed {}", args.id);
     Ok(0)
 }
 
 /// `eretes nodes [--json]`.
 pub async fn nodes(args: NodesArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    let nodes = client.json(Method::GET, "/v1/nodes", None).await?;
+    let nodes = document(&json!({ "nodes": args.agent.client()?.nodes().await? }))?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&nodes)?);
         return Ok(0);
@@ -507,20 +349,16 @@ pub async fn nodes(args: NodesArgs) -> Result<i32> {
 
 /// `eretes node NODE ACTION`.
 pub async fn node(args: NodeArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    let body = match &args.action {
-        NodeAction::Freeze => json!({"command": "freeze"}),
-        NodeAction::Unfreeze => json!({"command": "unfreeze"}),
-        NodeAction::Balance => json!({"command": "balance"}),
-        NodeAction::Drain => json!({"command": "drain"}),
-        NodeAction::StopTask { id } => json!({"command": "stop_task", "task": checked_id(id)?}),
+    let action = match &args.action {
+        NodeAction::Freeze => eretes::NodeAction::Freeze,
+        NodeAction::Unfreeze => eretes::NodeAction::Unfreeze,
+        NodeAction::Balance => eretes::NodeAction::Balance,
+        NodeAction::Drain => eretes::NodeAction::Drain,
+        NodeAction::StopTask { id } => eretes::NodeAction::StopTask(id.clone()),
     };
-    client
-        .json(
-            Method::POST,
-            &format!("/v1/nodes/{}/commands", args.node),
-            Some(body),
-        )
+    args.agent
+        .client()?
+        .node_command(&args.node, &action)
         .await?;
     println!("sent to {}", args.node);
     Ok(0)
@@ -528,36 +366,24 @@ pub async fn node(args: NodeArgs) -> Result<i32> {
 
 /// `eretes task ID pause|resume|sleep DURATION|kill`.
 pub async fn task(args: TaskArgs) -> Result<i32> {
-    let client = Client::new(&args.agent)?;
-    let id = checked_id(&args.id)?;
-    let body = match &args.action {
-        TaskAction::Pause => json!({"command": "pause"}),
-        TaskAction::Resume => json!({"command": "resume"}),
-        TaskAction::Kill => json!({"command": "kill"}),
-        TaskAction::Sleep { duration } => {
-            json!({"command": "sleep", "duration_ms": duration.as_millis() as u64})
-        }
+    let command = match &args.action {
+        TaskAction::Pause => Command::Pause,
+        TaskAction::Resume => Command::Resume,
+        TaskAction::Kill => Command::Kill,
+        TaskAction::Sleep { duration } => Command::Sleep(*duration),
         TaskAction::Unknown(words) => bail!(
             "unknown task command {:?}; task commands are pause, resume, sleep DURATION, kill",
             words.first().map_or("", String::as_str)
         ),
     };
-    let answer: Value = client
-        .send(
-            Method::POST,
-            &format!("/v1/tasks/{id}/commands"),
-            Some(body),
-        )
-        .await?
-        .json()
-        .await
-        .context("reading the agent's answer")?;
+    let id = &args.id;
+    let queued = args.agent.client()?.command(id, command).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&answer)?);
+        println!("{}", serde_json::to_string_pretty(&queued)?);
         return Ok(0);
     }
-    let command = text(&answer["command"]);
-    match answer["until_ms"].as_u64() {
+    let command = &queued.command;
+    match queued.until_ms {
         Some(until) => println!(
             "sent {command} to task {id}: it sleeps until {} ({})",
             timestamp(until),
@@ -570,51 +396,39 @@ pub async fn task(args: TaskArgs) -> Result<i32> {
 
 /// `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
 pub async fn submit(args: SubmitArgs) -> Result<i32> {
-    let client = &Client::new(&args.agent)?;
+    let client = args.agent.client()?;
     let (program, rest) = args.command.split_first().expect("clap requires a program");
-    let mut body = json!({ "program": program, "args": rest, "permanent": args.permanent });
-    let mut env = serde_json::Map::new();
+    let mut task = Submit::new(program.clone(), rest.to_vec());
+    task.id = args.id;
+    task.group = args.group;
+    task.spec.permanent = args.permanent;
+    task.spec.cwd = args.cwd;
+    if let Some(attempts) = args.max_attempts {
+        task.spec.max_attempts = attempts;
+    }
     for pair in &args.env {
         let Some((name, value)) = pair.split_once('=') else {
             bail!("--env {pair:?} is not KEY=VALUE");
         };
-        env.insert(name.to_string(), Value::from(value));
-    }
-    if !env.is_empty() {
-        body["env"] = Value::Object(env);
+        task.spec.env.insert(name.to_string(), value.to_string());
     }
     if let Some(timeout) = args.timeout {
         let millis = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
         if millis == 0 {
             bail!("--timeout must be at least 1ms");
         }
-        body["timeout_ms"] = Value::from(millis);
+        task.spec.timeout_ms = Some(millis);
     }
-    for (field, value) in [
-        ("id", args.id.map(Value::from)),
-        ("group", args.group.map(Value::from)),
-        ("max_attempts", args.max_attempts.map(Value::from)),
-        (
-            "cwd",
-            args.cwd
-                .map(|cwd| Value::from(cwd.to_string_lossy().into_owned())),
-        ),
-    ] {
-        if let Some(value) = value {
-            body[field] = value;
-        }
-    }
-    let view = client.json(Method::POST, "/v1/tasks", Some(body)).await?;
-    let id = text(&view["id"]);
+    let submitted = client.submit(&task).await?;
     if !args.wait {
         if args.json {
-            println!("{}", serde_json::to_string_pretty(&view)?);
+            println!("{}", serde_json::to_string_pretty(&submitted)?);
         } else {
-            println!("{id}");
+            println!("{}", submitted.id);
         }
         return Ok(0);
     }
-    let view = client.wait_for(&id).await?;
+    let view = document(&client.wait(submitted.id.as_str()).await?)?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
@@ -625,15 +439,12 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
 
 /// `eretes ls [--state S] [--group G] [--json]`.
 pub async fn ls(args: LsArgs) -> Result<i32> {
-    let client = &Client::new(&args.agent)?;
-    let mut query = String::new();
-    if let Some(state) = &args.state {
-        query.push_str(&format!("&state={}", encoded(state)));
-    }
-    if let Some(group) = &args.group {
-        query.push_str(&format!("&group={}", encoded(group)));
-    }
-    let tasks = client.all_tasks(&query).await?;
+    let tasks = args
+        .agent
+        .client()?
+        .list(args.state.as_deref(), args.group.as_deref())
+        .await?;
+    let tasks = document(&tasks)?;
     if args.json {
         println!(
             "{}",
@@ -642,7 +453,9 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = tasks
-        .iter()
+        .as_array()
+        .into_iter()
+        .flatten()
         .map(|task| {
             vec![
                 text(&task["id"]),
@@ -660,9 +473,9 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
 /// `eretes wait ID..`: exits non-zero if any failed or was killed (with the
 /// task's own exit code when there is one task that failed).
 pub async fn wait(args: WaitArgs) -> Result<i32> {
-    let client = &Client::new(&args.agent)?;
+    let client = &args.agent.client()?;
     for id in &args.ids {
-        checked_id(id)?;
+        eretes::api_client::checked(id)?;
     }
     let bar = ProgressBar::new(args.ids.len() as u64);
     bar.set_style(
@@ -675,13 +488,13 @@ pub async fn wait(args: WaitArgs) -> Result<i32> {
     let mut waits = futures::stream::iter(
         args.ids
             .iter()
-            .map(|id| async move { (id.clone(), client.wait_for(id).await) }),
+            .map(|id| async move { (id.clone(), client.wait(id).await) }),
     )
     .buffer_unordered(16);
     let mut failed = 0;
     let mut last_code = 0;
     while let Some((id, view)) = waits.next().await {
-        let view = view.with_context(|| format!("waiting for {id}"))?;
+        let view = document(&view.with_context(|| format!("waiting for {id}"))?)?;
         let code = exit_code(&view);
         if view["state"] != "done" {
             failed += 1;
@@ -864,7 +677,8 @@ mod tests {
             ("failed", true),
             ("killed", true),
         ] {
-            assert_eq!(ended(&json!({ "state": state })), over, "{state}");
+            let parsed = eretes_protocol::TaskState::parse(state).unwrap();
+            assert_eq!(parsed.is_terminal(), over, "{state}: wait stops there");
         }
         let killed = json!({"id": "t", "state": "killed", "error": "killed by a task command"});
         assert_eq!(exit_code(&killed), 1);
