@@ -68,25 +68,33 @@ pub fn take_from_environment() -> Vec<(&'static str, String)> {
     taken
 }
 
-/// A secret given by value (`--token`), from the environment (`taken`), or
-/// in a file; at most one of value and file.
+/// The value `take_from_environment` took for `variable`, if any.
+pub fn taken(taken: &[(&'static str, String)], variable: &str) -> Option<String> {
+    taken
+        .iter()
+        .find(|(name, _)| *name == variable)
+        .map(|(_, value)| value.clone())
+}
+
+/// A secret given on the command line (`value`), else in the environment
+/// (`variable`, as taken), or in a file; a value and a file are refused
+/// together.
 pub fn resolve(
-    value: Option<&str>,
+    value: Option<String>,
     file: Option<&Path>,
     variable: &str,
-    taken: &[(&'static str, String)],
+    taken_secrets: &[(&'static str, String)],
     flag: &str,
 ) -> Result<Option<String>> {
+    let on_command_line = value.is_some();
+    let value = value.or_else(|| taken(taken_secrets, variable));
     match (value, file) {
         (Some(_), Some(_)) => bail!("give {flag} or {flag}-file, not both"),
         (Some(value), None) => {
-            let from_environment = taken
-                .iter()
-                .any(|(name, taken)| *name == variable && taken == value);
-            if !from_environment {
+            if on_command_line {
                 tracing::warn!("{flag} on the command line is visible to every user of this machine (ps); use {flag}-file");
             }
-            Ok(Some(value.to_string()))
+            Ok(Some(value))
         }
         (None, Some(file)) => read_secret_file(file, &format!("{flag}-file")).map(Some),
         (None, None) => Ok(None),
@@ -119,7 +127,13 @@ mod tests {
             let error = format!("{:#}", read_secret_file(path, "--token-file").unwrap_err());
             assert!(error.contains(expected), "{error}");
         }
-        let both = resolve(Some("a"), Some(&good), "ERETES_TOKEN", &[], "--token");
+        let both = resolve(
+            Some("a".into()),
+            Some(&good),
+            "ERETES_TOKEN",
+            &[],
+            "--token",
+        );
         assert!(format!("{:#}", both.unwrap_err()).contains("not both"));
     }
 }

@@ -611,13 +611,7 @@ async fn agents_on_etcd_honour_groups_and_slots_and_a_task_waits_for_its_group()
     let docs: Value = serde_json::from_str(&docs_agent.ok(&["show", "docs", "--json"])).unwrap();
     assert_eq!(docs["node"], "d1");
     drop((first, second, docs_agent));
-    let store = eretes_etcd::testing::connect_test_etcd().await;
-    store
-        .delete(eretes_store::DeleteRequest::new(
-            eretes_store::KeyRange::prefix(format!("{ns}/")),
-        ))
-        .await
-        .unwrap();
+    common::remove_namespace(&ns).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

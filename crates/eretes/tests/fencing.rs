@@ -174,13 +174,7 @@ impl Cluster {
     }
 
     async fn remove(&self) {
-        let store = eretes_etcd::testing::connect_test_etcd().await;
-        store
-            .delete(eretes_store::DeleteRequest::new(
-                eretes_store::KeyRange::prefix(format!("{}/", self.namespace)),
-            ))
-            .await
-            .unwrap();
+        common::remove_namespace(&self.namespace).await;
     }
 }
 

@@ -79,11 +79,5 @@ async fn a_restarted_agent_rejoins_under_its_name_and_its_tasks_move_at_once() {
         .log()
         .contains("revoked the lease of this data directory's previous agent"));
     drop(agent);
-    let store = eretes_etcd::testing::connect_test_etcd().await;
-    store
-        .delete(eretes_store::DeleteRequest::new(
-            eretes_store::KeyRange::prefix(format!("{ns}/")),
-        ))
-        .await
-        .unwrap();
+    common::remove_namespace(&ns).await;
 }

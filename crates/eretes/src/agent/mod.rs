@@ -142,29 +142,15 @@ fn default_node_name() -> String {
 
 /// Run the agent until a signal drains it.
 pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> Result<()> {
-    let from_environment = |variable: &str| {
-        secrets
-            .iter()
-            .find(|(name, _)| *name == variable)
-            .map(|(_, value)| value.clone())
-    };
-    let token_value = args
-        .token
-        .take()
-        .or_else(|| from_environment("ERETES_TOKEN"));
     args.token = secrets::resolve(
-        token_value.as_deref(),
+        args.token.take(),
         args.token_file.as_deref(),
         "ERETES_TOKEN",
         &secrets,
         "--token",
     )?;
-    let read_value = args
-        .read_token
-        .take()
-        .or_else(|| from_environment("ERETES_READ_TOKEN"));
     args.read_token = secrets::resolve(
-        read_value.as_deref(),
+        args.read_token.take(),
         args.read_token_file.as_deref(),
         "ERETES_READ_TOKEN",
         &secrets,
@@ -173,7 +159,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     if args.read_token.is_some() && args.token.is_none() {
         bail!("--read-token needs --token (or --token-file): without one, everything is open");
     }
-    args.store.etcd_password = from_environment("ERETES_ETCD_PASSWORD");
+    args.store.etcd_password = secrets::taken(&secrets, "ERETES_ETCD_PASSWORD");
     for name in &args.pass_env {
         if name.is_empty() || name.contains(['=', '\0']) || name.starts_with("ERETES_") {
             bail!("--pass-env {name:?}: a variable name, without '=', not one of eretes' own");

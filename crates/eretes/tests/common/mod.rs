@@ -150,3 +150,14 @@ pub async fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
     }
     panic!("timed out after 30 s waiting until {what}");
 }
+
+/// Remove everything under namespace `ns` from the test etcd.
+pub async fn remove_namespace(ns: &str) {
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    store
+        .delete(eretes_store::DeleteRequest::new(
+            eretes_store::KeyRange::prefix(format!("{ns}/")),
+        ))
+        .await
+        .unwrap();
+}
