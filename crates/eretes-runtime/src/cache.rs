@@ -7,9 +7,10 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
+use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
 use eretes_protocol::{
     decode, decode_node, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName,
-    NodeRecord, OwnerRecord, RunRecord, TaskId, TaskRecord,
+    NodeRecord, OwnerRecord, ResultRecord, RunRecord, TaskId, TaskRecord,
 };
 use eretes_store::{KeyValue, Revision};
 
@@ -241,7 +242,12 @@ impl Cache {
                     Change::Malformed(e.to_string())
                 }
             },
-            KeyKind::Result(_) => Change::None,
+            // What nodes do not act on is still checked, so that garbage
+            // anywhere in the layout is counted and logged, not ignored.
+            KeyKind::Result(_) => match decode::<ResultRecord>("result", &kv.key, &kv.value) {
+                Ok(_) => Change::None,
+                Err(e) => Change::Malformed(e.to_string()),
+            },
             KeyKind::Node(name) => match decode_node(&kv.key, &kv.value, kv.lease) {
                 Ok(record) => {
                     let joined = self.put_node(name.clone(), record);
@@ -259,9 +265,24 @@ impl Cache {
                 present: true,
             },
             KeyKind::NodeCommand(_) => Change::None,
-            KeyKind::TaskCommand(id) => Change::TaskCommand(id),
+            KeyKind::TaskCommand(id) => match TaskCommand::decode(&kv.value) {
+                Ok(_) => Change::TaskCommand(id),
+                // The owner takes it without effect with the next command.
+                Err(e) => Change::Malformed(format!("task command at {:?}: {e}", kv.key)),
+            },
             // Read by the task's state machine when it needs them.
-            KeyKind::State(_) | KeyKind::Checkpoint(_) => Change::None,
+            KeyKind::State(_) => match decode::<StateRecord>("state", &kv.key, &kv.value) {
+                Ok(_) => Change::None,
+                Err(e) => Change::Malformed(e.to_string()),
+            },
+            KeyKind::Checkpoint(_) if kv.value.len() > MAX_CHECKPOINT_BYTES => {
+                Change::Malformed(format!(
+                    "checkpoint at {:?}: {} bytes; the limit is {MAX_CHECKPOINT_BYTES}",
+                    kv.key,
+                    kv.value.len()
+                ))
+            }
+            KeyKind::Checkpoint(_) => Change::None,
         }
     }
 
@@ -580,6 +601,13 @@ mod tests {
             ("t/owners/x", b"[]".to_vec()),
             ("t/nodes/n", b"{}".to_vec()),
             ("t/unknown/x", b"1".to_vec()),
+            ("t/results/x", b"done!".to_vec()),
+            ("t/states/x", b"{\"state\": \"dancing\"}".to_vec()),
+            (
+                "t/task-commands/x/1",
+                b"{\"command\": \"explode\"}".to_vec(),
+            ),
+            ("t/checkpoints/x", vec![b'x'; MAX_CHECKPOINT_BYTES + 1]),
         ] {
             let change = cache.apply_put(&kv(key, value, 5, 5));
             assert!(matches!(change, Change::Malformed(_)), "{key}: {change:?}");
