@@ -18,13 +18,24 @@ pub(crate) struct CheckpointFile {
 }
 
 impl CheckpointFile {
-    /// Prepare `path` for a run: it holds `latest`, or is absent.
-    pub(crate) async fn prepare(path: PathBuf, latest: Option<Vec<u8>>) -> std::io::Result<Self> {
+    /// Prepare `path` for a run: it holds `latest`, or is absent; owned by
+    /// `owner` (uid, gid) if given, so that a task running as that user can
+    /// replace it.
+    pub(crate) async fn prepare(
+        path: PathBuf,
+        latest: Option<Vec<u8>>,
+        owner: Option<(u32, u32)>,
+    ) -> std::io::Result<Self> {
         if let Some(dir) = path.parent() {
             tokio::fs::create_dir_all(dir).await?;
         }
         match &latest {
-            Some(bytes) => tokio::fs::write(&path, bytes).await?,
+            Some(bytes) => {
+                tokio::fs::write(&path, bytes).await?;
+                if let Some((uid, gid)) = owner {
+                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+                }
+            }
             None => match tokio::fs::remove_file(&path).await {
                 Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
                 _ => {}

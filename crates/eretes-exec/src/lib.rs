@@ -59,10 +59,12 @@ mod checkpoint;
 mod leftovers;
 mod output;
 mod process;
+mod run_as;
 mod spec;
 pub mod supervisor;
 
 pub use process::ProcessHandler;
+pub use run_as::RunAs;
 pub use spec::{
     ProcessSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ARGS, MAX_ATTEMPTS, MAX_PROGRAM_BYTES,
 };
@@ -142,6 +144,9 @@ pub struct ExecConfig {
     /// variables, these, and nothing else of the agent's environment.
     /// Default: none.
     pub pass_env: Vec<String>,
+    /// Run every task as this user (its groups, its `HOME`) instead of the
+    /// agent's; the agent must be root. Default: the agent's user.
+    pub run_as: Option<RunAs>,
 }
 
 impl ExecConfig {
@@ -157,6 +162,7 @@ impl ExecConfig {
             supervisor: SupervisorProgram::this_binary(),
             fence_processes: true,
             pass_env: Vec::new(),
+            run_as: None,
         }
     }
 

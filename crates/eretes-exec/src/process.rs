@@ -70,6 +70,16 @@ impl ProcessHandler {
         // the checkpoints themselves are in the store.
         let _ = std::fs::remove_dir_all(config.checkpoints_dir());
         std::fs::create_dir_all(config.checkpoints_dir())?;
+        if config.run_as.is_some() {
+            // Tasks of another user replace their checkpoint files there:
+            // writable by all, like /tmp, with the sticky bit so that none
+            // can touch another's files.
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(
+                config.checkpoints_dir(),
+                std::fs::Permissions::from_mode(0o1733),
+            )?;
+        }
         let killed = leftovers::kill_leftovers(&config);
         if killed > 0 {
             warn!(killed, "killed processes a previous agent left running");
@@ -121,7 +131,9 @@ impl StatefulHandler for ProcessHandler {
             .config
             .checkpoints_dir()
             .join(format!("{id}.{}", ctx.task.epoch));
-        let mut checkpoint = match CheckpointFile::prepare(path, ctx.checkpoint.clone()).await {
+        let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
+        let prepared = CheckpointFile::prepare(path, ctx.checkpoint.clone(), owner).await;
+        let mut checkpoint = match prepared {
             Ok(file) => file,
             Err(error) => {
                 return Step::Error(format!("cannot prepare the checkpoint file: {error}"))
@@ -293,6 +305,7 @@ impl ProcessHandler {
                 .collect(),
             grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
             deadline_ns: deadline.unwrap_or(0),
+            run_as: self.config.run_as.clone(),
         };
         let plan = LaunchPlan {
             launch,

@@ -73,9 +73,16 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     if let Some(cwd) = &launch.cwd {
         command.current_dir(cwd);
     }
+    let identity = launch.run_as.as_ref().map(|user| {
+        command
+            .env("HOME", &user.home)
+            .env("USER", &user.name)
+            .env("LOGNAME", &user.name);
+        (user.uid, user.gid, user.groups.clone())
+    });
     // SAFETY: runs in the child between fork and exec, and calls only
     // async-signal-safe functions (sigemptyset, sigprocmask, setsid, prctl,
-    // getppid, _exit).
+    // getppid, _exit, setgroups, setgid, setuid).
     unsafe {
         command.pre_exec(move || {
             // The mask is inherited across exec: the task must not start
@@ -96,6 +103,16 @@ pub(crate) fn supervise() -> std::io::Result<()> {
             }
             if libc::getppid() != me {
                 libc::_exit(1);
+            }
+            // The task's user, groups first (after setuid they could not be
+            // changed); the parent-death signal survives this.
+            if let Some((uid, gid, groups)) = &identity {
+                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                    || libc::setgid(*gid) != 0
+                    || libc::setuid(*uid) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
             }
             Ok(())
         });

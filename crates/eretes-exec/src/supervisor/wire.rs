@@ -51,6 +51,9 @@ pub struct Launch {
     pub grace_ms: u64,
     /// The first fencing deadline on CLOCK_BOOTTIME; 0 for none.
     pub deadline_ns: u64,
+    /// The user the program runs as; the supervisor's own if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_as: Option<crate::RunAs>,
 }
 
 impl Launch {
@@ -207,6 +210,7 @@ mod tests {
             env: vec![("ERETES_CHECKPOINT_FILE".into(), vec![b'/', 0xff, b'x'])],
             grace_ms: 500,
             deadline_ns: 42,
+            run_as: None,
         };
         let line = launch.encode();
         assert_eq!(line.matches('\n').count(), 1, "one line");

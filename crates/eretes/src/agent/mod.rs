@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use eretes_exec::{AllowList, ExecConfig, ProcessHandler};
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
@@ -85,6 +85,10 @@ pub struct AgentArgs {
     /// A file whose first line is the read token.
     #[arg(long, value_name = "FILE")]
     read_token_file: Option<PathBuf>,
+    /// Run every task as this user (its groups and home) instead of the
+    /// agent's own: the recommended setting for an agent running as root.
+    #[arg(long, value_name = "USER")]
+    run_as: Option<String>,
     /// Environment variables of the agent that tasks get too (comma-
     /// separated names). Tasks otherwise get PATH, HOME and LANG, their
     /// ERETES_* variables and nothing else of the agent's environment.
@@ -229,6 +233,13 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     // processes need not die at the fence deadline (after a suspend, say).
     exec.fence_processes = args.store.is_etcd();
     exec.pass_env = args.pass_env.clone();
+    if let Some(user) = &args.run_as {
+        // SAFETY: geteuid(2) has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            bail!("--run-as {user}: only an agent running as root can run tasks as another user");
+        }
+        exec.run_as = Some(eretes_exec::RunAs::lookup(user).map_err(|e| anyhow!("--run-as: {e}"))?);
+    }
     let logs_dir = exec.logs_dir();
     // Process tasks run as task state machines: task commands steer them,
     // and their state and checkpoints live in the store.

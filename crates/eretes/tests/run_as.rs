@@ -1,0 +1,47 @@
+//! `eretes agent --run-as USER`: tasks run as that user, with its groups and
+//! home, and can still replace their checkpoint file; an agent that is not
+//! root refuses the flag.
+
+use std::os::unix::fs::PermissionsExt;
+use std::process::Command;
+
+mod common;
+use common::{Agent, BIN};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_as_the_named_user() {
+    let dir = tempfile::tempdir().unwrap();
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        let refused = Command::new(BIN)
+            .args(["agent", "--run-as", "nobody", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .output()
+            .unwrap();
+        assert_eq!(refused.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&refused.stderr).contains("only an agent running as root"));
+        return;
+    }
+    std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--run-as", "nobody"]).await;
+    let out = dir.path().display().to_string();
+    let script = format!(
+        "id -u > {out}/uid; echo \"$HOME $USER\" > {out}/home; \
+         echo saved > \"$ERETES_CHECKPOINT_FILE.tmp\" && mv \"$ERETES_CHECKPOINT_FILE.tmp\" \"$ERETES_CHECKPOINT_FILE\" \
+         && echo moved > {out}/checkpoint"
+    );
+    let done = agent.ok(&["submit", "--wait", "--", "sh", "-c", &script]);
+    assert!(done.ends_with("done (exit code 0)\n"), "{done}");
+    let read = |name: &str| std::fs::read_to_string(dir.path().join(name)).unwrap();
+    assert_eq!(read("uid"), "65534\n");
+    assert!(read("home").ends_with(" nobody\n"), "{}", read("home"));
+    assert_eq!(read("checkpoint"), "moved\n");
+    // A user that does not exist is refused at start.
+    let refused = Command::new(BIN)
+        .args(["agent", "--run-as", "no-such-user-here", "--data-dir"])
+        .arg(dir.path().join("other"))
+        .output()
+        .unwrap();
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("no user \"no-such-user-here\""));
+}
