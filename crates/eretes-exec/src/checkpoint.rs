@@ -1,6 +1,7 @@
 //! A process task's checkpoint file: filled with the latest checkpoint before
 //! the process starts, and saved (fenced) whenever the process replaces it.
 
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +12,11 @@ use tracing::{debug, warn};
 /// One run's checkpoint file.
 pub(crate) struct CheckpointFile {
     path: PathBuf,
+    /// The run's own directory, when the task runs as another user.
+    private_dir: Option<PathBuf>,
+    /// The user the task runs as, if not the agent's: the only owner whose
+    /// file is read back.
+    owner: Option<(u32, u32)>,
     /// Size and modification time last looked at, to skip unchanged files.
     seen: Option<(u64, SystemTime)>,
     /// The bytes the store holds (delivered at start, or saved since).
@@ -18,31 +24,59 @@ pub(crate) struct CheckpointFile {
 }
 
 impl CheckpointFile {
-    /// Prepare `path` for a run: it holds `latest`, or is absent; owned by
-    /// `owner` (uid, gid) if given, so that a task running as that user can
-    /// replace it.
+    /// Prepare the file `name` under `root` for a run: it holds `latest`,
+    /// or is absent. When the task runs as another user (`owner`, uid and
+    /// gid), the file lives in a directory of the run's own that only that
+    /// user (and root) may enter, and is created for and owned by it: the
+    /// agent never follows a link the task planted, nor reads a file the
+    /// task does not own.
     pub(crate) async fn prepare(
-        path: PathBuf,
+        root: &Path,
+        name: &str,
         latest: Option<Vec<u8>>,
         owner: Option<(u32, u32)>,
     ) -> std::io::Result<Self> {
-        if let Some(dir) = path.parent() {
-            tokio::fs::create_dir_all(dir).await?;
-        }
-        match &latest {
-            Some(bytes) => {
-                tokio::fs::write(&path, bytes).await?;
-                if let Some((uid, gid)) = owner {
-                    std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+        tokio::fs::create_dir_all(root).await?;
+        let private_dir = match owner {
+            Some((uid, gid)) => {
+                let dir = root.join(format!("{name}.d"));
+                match tokio::fs::remove_dir_all(&dir).await {
+                    Err(error) if error.kind() != std::io::ErrorKind::NotFound => {
+                        return Err(error)
+                    }
+                    _ => {}
                 }
+                std::fs::DirBuilder::new().mode(0o700).create(&dir)?;
+                std::os::unix::fs::chown(&dir, Some(uid), Some(gid))?;
+                Some(dir)
             }
-            None => match tokio::fs::remove_file(&path).await {
-                Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-                _ => {}
-            },
+            None => None,
+        };
+        let path = match &private_dir {
+            Some(dir) => dir.join("checkpoint"),
+            None => root.join(name),
+        };
+        match tokio::fs::remove_file(&path).await {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+        if let Some(bytes) = &latest {
+            // A new file, never through a link.
+            let mut file = std::fs::OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o600)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(&path)?;
+            std::io::Write::write_all(&mut file, bytes)?;
+            if let Some((uid, gid)) = owner {
+                std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
+            }
         }
         let mut file = CheckpointFile {
             path,
+            private_dir,
+            owner,
             seen: None,
             saved: latest,
         };
@@ -55,9 +89,37 @@ impl CheckpointFile {
         &self.path
     }
 
+    /// Size and modification time of the file itself (never a link's target).
     async fn stamp(&self) -> Option<(u64, SystemTime)> {
-        let metadata = tokio::fs::metadata(&self.path).await.ok()?;
-        Some((metadata.len(), metadata.modified().ok()?))
+        let metadata = tokio::fs::symlink_metadata(&self.path).await.ok()?;
+        metadata
+            .is_file()
+            .then(|| Some((metadata.len(), metadata.modified().ok()?)))
+            .flatten()
+    }
+
+    /// The file's bytes: opened without following a link or blocking on a
+    /// pipe, a regular file of the task's user, at most one byte over the
+    /// limit read.
+    fn read(&self) -> std::io::Result<Vec<u8>> {
+        use std::io::Read;
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+            .open(&self.path)?;
+        let metadata = file.metadata()?;
+        if !metadata.is_file() {
+            return Err(std::io::Error::other("not a regular file"));
+        }
+        if let Some((uid, _)) = self.owner {
+            if std::os::unix::fs::MetadataExt::uid(&metadata) != uid {
+                return Err(std::io::Error::other("not owned by the task's user"));
+            }
+        }
+        let mut bytes = Vec::new();
+        file.take(MAX_CHECKPOINT_BYTES as u64 + 1)
+            .read_to_end(&mut bytes)?;
+        Ok(bytes)
     }
 
     /// Save the file as the task's checkpoint if the process changed it.
@@ -67,7 +129,7 @@ impl CheckpointFile {
             return;
         }
         self.seen = stamp;
-        let bytes = match tokio::fs::read(&self.path).await {
+        let bytes = match self.read() {
             Ok(bytes) => bytes,
             Err(error) => {
                 warn!(task, %error, "cannot read the task's checkpoint file");
@@ -77,7 +139,6 @@ impl CheckpointFile {
         if bytes.len() > MAX_CHECKPOINT_BYTES {
             warn!(
                 task,
-                bytes = bytes.len(),
                 limit = MAX_CHECKPOINT_BYTES,
                 "the task's checkpoint file is over the limit; not saved"
             );
@@ -118,5 +179,9 @@ impl Drop for CheckpointFile {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
         let _ = std::fs::remove_file(self.temporary());
+        if let Some(dir) = &self.private_dir {
+            // Never follows links inside the directory.
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }

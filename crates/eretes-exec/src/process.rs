@@ -70,16 +70,7 @@ impl ProcessHandler {
         // the checkpoints themselves are in the store.
         let _ = std::fs::remove_dir_all(config.checkpoints_dir());
         std::fs::create_dir_all(config.checkpoints_dir())?;
-        if config.run_as.is_some() {
-            // Tasks of another user replace their checkpoint files there:
-            // writable by all, like /tmp, with the sticky bit so that none
-            // can touch another's files.
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(
-                config.checkpoints_dir(),
-                std::fs::Permissions::from_mode(0o1733),
-            )?;
-        }
+
         let killed = leftovers::kill_leftovers(&config);
         if killed > 0 {
             warn!(killed, "killed processes a previous agent left running");
@@ -127,12 +118,10 @@ impl StatefulHandler for ProcessHandler {
                 warn!(task = %id, %error, "cannot reset the task's logs");
             }
         }
-        let path = self
-            .config
-            .checkpoints_dir()
-            .join(format!("{id}.{}", ctx.task.epoch));
+        let name = format!("{id}.{}", ctx.task.epoch);
+        let root = self.config.checkpoints_dir();
         let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
-        let prepared = CheckpointFile::prepare(path, ctx.checkpoint.clone(), owner).await;
+        let prepared = CheckpointFile::prepare(&root, &name, ctx.checkpoint.clone(), owner).await;
         let mut checkpoint = match prepared {
             Ok(file) => file,
             Err(error) => {

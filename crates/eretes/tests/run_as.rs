@@ -36,6 +36,33 @@ async fn tasks_run_as_the_named_user() {
     assert_eq!(read("uid"), "65534\n");
     assert!(read("home").ends_with(" nobody\n"), "{}", read("home"));
     assert_eq!(read("checkpoint"), "moved\n");
+    // The task cannot make the agent (root) read a file for it: a link
+    // planted as its checkpoint is not followed.
+    let secret = dir.path().join("root-only");
+    std::fs::write(&secret, "ROOT-ONLY\n").unwrap();
+    std::fs::set_permissions(&secret, std::fs::Permissions::from_mode(0o600)).unwrap();
+    let script = format!(
+        "if [ \"$ERETES_ATTEMPT\" = 1 ]; then \
+           ln -sf {secret} \"$ERETES_CHECKPOINT_FILE.tmp\" && mv -f \"$ERETES_CHECKPOINT_FILE.tmp\" \"$ERETES_CHECKPOINT_FILE\"; \
+           sleep 1.5; exit 1; \
+         fi; cat \"$ERETES_CHECKPOINT_FILE\" > {out}/leaked 2>&1; echo end >> {out}/leaked",
+        secret = secret.display()
+    );
+    agent.ok(&[
+        "submit",
+        "--max-attempts",
+        "2",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        &script,
+    ]);
+    let leaked = read("leaked");
+    assert!(!leaked.contains("ROOT-ONLY"), "{leaked}");
+    assert!(leaked.ends_with("end\n"), "{leaked}");
+    assert_eq!(std::fs::read_to_string(&secret).unwrap(), "ROOT-ONLY\n");
+
     // A user that does not exist is refused at start.
     let refused = Command::new(BIN)
         .args(["agent", "--run-as", "no-such-user-here", "--data-dir"])
