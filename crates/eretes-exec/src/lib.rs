@@ -118,6 +118,9 @@ pub struct ExecConfig {
     pub data_dir: PathBuf,
     /// Which programs may run.
     pub allow: AllowList,
+    /// Under an allow list of programs, the variables a task's spec may set
+    /// (any, without one). Default: none.
+    pub allow_env: BTreeSet<String>,
     /// Size at which a task's log (stdout, stderr) rotates: the full one is
     /// kept as `<log>.1`, replacing an older one, so each stream takes at
     /// most twice this. Default 10 MiB.
@@ -155,6 +158,7 @@ impl ExecConfig {
         ExecConfig {
             data_dir,
             allow,
+            allow_env: BTreeSet::new(),
             log_cap: 10 << 20,
             tail_bytes: 4096,
             stop_grace: Duration::from_secs(10),

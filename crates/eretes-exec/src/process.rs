@@ -20,7 +20,7 @@ use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
 use crate::supervisor::wire::{Cause, Launch, Report};
 use crate::supervisor::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
-use crate::{ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
+use crate::{AllowList, ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
 /// task state machine (wrap it in [`eretes_runtime::StateMachine`]).
@@ -108,6 +108,19 @@ impl StatefulHandler for ProcessHandler {
                 "program {:?} is not on this agent's --allow list",
                 spec.program
             ));
+        }
+        // Under an allow list, a task's variables are allowed one by one
+        // too: PATH or LD_PRELOAD would make an allowed program another.
+        if matches!(self.config.allow, AllowList::Only(_)) {
+            if let Some(name) = spec
+                .env
+                .keys()
+                .find(|name| !self.config.allow_env.contains(*name))
+            {
+                return Step::Fatal(format!(
+                    "env {name:?} is not on this agent's --allow-env list"
+                ));
+            }
         }
         let logs = self.config.logs_dir().join(id.as_str());
         // Logs start afresh with each run that is not a retry after an

@@ -337,6 +337,31 @@ async fn programs_off_the_allow_list_and_bad_specs_fail_with_the_reason() {
         .submit("allowed", ProcessSpec::new("true", vec![]).to_properties())
         .await;
     assert_eq!(agent.result("allowed").await.outcome, Outcome::Done);
+
+    // PATH would make the allowed `true` another program: refused, as is
+    // any variable the agent did not allow.
+    let mut sneaky = ProcessSpec::new("true", vec![]);
+    sneaky
+        .env
+        .insert("PATH".into(), agent.path("evil").display().to_string());
+    agent.submit("sneaky", sneaky.to_properties()).await;
+    let error = agent.result("sneaky").await.error.unwrap();
+    assert_eq!(
+        error,
+        "env \"PATH\" is not on this agent's --allow-env list"
+    );
+    agent.node.shutdown().await;
+
+    let agent = Agent::start(AllowList::only(["sh"]), |config| {
+        config.allow_env.insert("GREETING".into());
+    })
+    .await;
+    agent
+        .submit_sh("greets", "echo $GREETING", |spec| {
+            spec.env.insert("GREETING".into(), "hi".into());
+        })
+        .await;
+    assert_eq!(agent.result("greets").await.result["stdout_tail"], "hi\n");
     agent.node.shutdown().await;
 }
 

@@ -85,6 +85,10 @@ pub struct AgentArgs {
     /// A file whose first line is the read token.
     #[arg(long, value_name = "FILE")]
     read_token_file: Option<PathBuf>,
+    /// Variables a task's spec may set when --allow restricts programs
+    /// (comma-separated names; any without an allow list).
+    #[arg(long, value_name = "NAME,..", value_delimiter = ',')]
+    allow_env: Vec<String>,
     /// Run every task as this user (its groups and home) instead of the
     /// agent's own: the recommended setting for an agent running as root.
     #[arg(long, value_name = "USER")]
@@ -233,6 +237,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     // processes need not die at the fence deadline (after a suspend, say).
     exec.fence_processes = args.store.is_etcd();
     exec.pass_env = args.pass_env.clone();
+    exec.allow_env = args.allow_env.iter().cloned().collect();
     if let Some(user) = &args.run_as {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
