@@ -150,6 +150,9 @@ pub struct ExecConfig {
     /// Run every task as this user (its groups, its `HOME`) instead of the
     /// agent's; the agent must be root. Default: the agent's user.
     pub run_as: Option<RunAs>,
+    /// The soft open-file limit tasks start with, when the agent raised its
+    /// own (so that tasks get the limit the agent was started with).
+    pub task_open_files: Option<u64>,
 }
 
 impl ExecConfig {
@@ -167,6 +170,7 @@ impl ExecConfig {
             fence_processes: true,
             pass_env: Vec::new(),
             run_as: None,
+            task_open_files: None,
         }
     }
 

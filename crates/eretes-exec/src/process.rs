@@ -308,6 +308,7 @@ impl ProcessHandler {
             grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
             deadline_ns: deadline.unwrap_or(0),
             run_as: self.config.run_as.clone(),
+            open_files: self.config.task_open_files,
         };
         let plan = LaunchPlan {
             launch,
@@ -356,8 +357,13 @@ impl ProcessHandler {
         checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
         // A stop the task itself asked for (release, command) is a stop; one
         // only this attempt's timeout asked for is the attempt's failure.
+        // (An exit or a fence that raced the timeout is what it was.)
         if timed_out && !task.cancel.is_cancelled() {
-            if let SupervisorEnd::Ended { .. } = end {
+            if let SupervisorEnd::Ended {
+                cause: Cause::Stopped,
+                ..
+            } = end
+            {
                 return Ok(Ended::TimedOut(spec.timeout().unwrap_or_default()));
             }
         }

@@ -695,6 +695,7 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         grace_ms: 1000,
         deadline_ns: 0,
         run_as: None,
+        open_files: None,
     }
     .encode();
     let (mut direct, mut supervised) = (Vec::new(), Vec::new());

@@ -19,6 +19,9 @@ use anyhow::{bail, Context, Result};
 pub const SECRET_VARIABLES: [&str; 3] =
     ["ERETES_TOKEN", "ERETES_READ_TOKEN", "ERETES_ETCD_PASSWORD"];
 
+/// Stands for a secret variable whose value was not UTF-8.
+const NOT_UTF8: &str = "\u{0}not-utf-8";
+
 /// Longest secret file accepted.
 const MAX_SECRET_BYTES: u64 = 4096;
 
@@ -55,9 +58,11 @@ pub fn take_from_environment() -> Vec<(&'static str, String)> {
     let mut taken = Vec::new();
     for name in SECRET_VARIABLES {
         if let Some(value) = std::env::var_os(name) {
-            if let Some(value) = value.to_str() {
-                taken.push((name, value.to_string()));
-            }
+            // A value that is not UTF-8 is kept as a marker that `resolve`
+            // refuses, rather than dropped (an agent must not start open
+            // because its token was unreadable).
+            let value = value.into_string().unwrap_or_else(|_| NOT_UTF8.to_string());
+            taken.push((name, value));
             std::env::remove_var(name);
         }
     }
@@ -88,6 +93,11 @@ pub fn resolve(
 ) -> Result<Option<String>> {
     let on_command_line = value.is_some();
     let value = value.or_else(|| taken(taken_secrets, variable));
+    match value.as_deref() {
+        Some(NOT_UTF8) => bail!("{variable} is not UTF-8 text"),
+        Some(value) if value.trim().is_empty() => bail!("{flag} (or {variable}) is empty"),
+        _ => {}
+    }
     match (value, file) {
         (Some(_), Some(_)) => bail!("give {flag} or {flag}-file, not both"),
         (Some(value), None) => {

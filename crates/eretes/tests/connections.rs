@@ -80,3 +80,35 @@ async fn half_sent_and_idle_connections_are_closed_and_the_api_stays_up() {
         "an idle keep-alive connection is closed"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_start_with_the_open_file_limit_the_agent_was_given() {
+    // The agent raises its own soft limit to the hard one for its
+    // connections; its tasks must not inherit that.
+    let dir = tempfile::tempdir().unwrap();
+    let mut command = std::process::Command::new("sh");
+    command.args(["-c", "ulimit -Sn 512; exec \"$0\" \"$@\"", common::BIN]);
+    let agent = Agent::start_with(&dir.path().join("data"), &[], command).await;
+    let agent_limits =
+        std::fs::read_to_string(format!("/proc/{}/limits", agent.child.id())).unwrap();
+    let open_files = agent_limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .unwrap()
+        .split_whitespace()
+        .nth(3)
+        .unwrap()
+        .to_string();
+    assert_ne!(open_files, "512", "the agent raised its own");
+    agent.ok(&[
+        "submit",
+        "--id",
+        "limits",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "ulimit -Sn",
+    ]);
+    assert_eq!(agent.ok(&["logs", "limits"]), "512\n");
+}

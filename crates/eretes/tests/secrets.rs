@@ -118,6 +118,7 @@ async fn secret_options_are_checked() {
             "not both",
         ),
         (vec!["--read-token", "r"], "--read-token needs --token"),
+        (vec!["--token", " "], "--token (or ERETES_TOKEN) is empty"),
         (vec!["--pass-env", "A=B"], "--pass-env \"A=B\""),
         (vec!["--pass-env", "ERETES_TOKEN"], "not one of eretes' own"),
     ] {

@@ -80,9 +80,10 @@ pub(crate) fn supervise() -> std::io::Result<()> {
             .env("LOGNAME", &user.name);
         (user.uid, user.gid, user.groups.clone())
     });
+    let open_files = launch.open_files;
     // SAFETY: runs in the child between fork and exec, and calls only
     // async-signal-safe functions (sigemptyset, sigprocmask, setsid, prctl,
-    // getppid, _exit, setgroups, setgid, setuid).
+    // getppid, _exit, getrlimit, setrlimit, setgroups, setgid, setuid).
     unsafe {
         command.pre_exec(move || {
             // The mask is inherited across exec: the task must not start
@@ -103,6 +104,18 @@ pub(crate) fn supervise() -> std::io::Result<()> {
             }
             if libc::getppid() != me {
                 libc::_exit(1);
+            }
+            // The open-file limit the agent was started with, not the one
+            // it raised for itself.
+            if let Some(soft) = open_files {
+                let mut limit = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                    limit.rlim_cur = soft.min(limit.rlim_max);
+                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                }
             }
             // The task's user, groups first (after setuid they could not be
             // changed); the parent-death signal survives this.

@@ -54,6 +54,10 @@ pub struct Launch {
     /// The user the program runs as; the supervisor's own if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub run_as: Option<crate::RunAs>,
+    /// The soft open-file limit the program starts with; the supervisor's
+    /// own if absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub open_files: Option<u64>,
 }
 
 impl Launch {
@@ -211,6 +215,7 @@ mod tests {
             grace_ms: 500,
             deadline_ns: 42,
             run_as: None,
+            open_files: Some(1024),
         };
         let line = launch.encode();
         assert_eq!(line.matches('\n').count(), 1, "one line");

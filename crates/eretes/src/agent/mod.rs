@@ -231,7 +231,17 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             AllowList::Any
         }
     };
+    let (open_files_before, open_files) = server::raise_open_file_limit();
+    if open_files != 0 && open_files < u64::from(args.max_connections) + 256 {
+        warn!(
+            open_files,
+            max_connections = args.max_connections,
+            "the open-file limit is below --max-connections plus what tasks and the store need"
+        );
+    }
     let mut exec = ExecConfig::new(data_dir.clone(), allow);
+    // Tasks start with the limit the agent was given, not the raised one.
+    exec.task_open_files = (open_files_before != open_files).then_some(open_files_before);
     exec.stop_grace = Duration::from_millis(args.stop_grace_ms);
     // On the embedded store no other node can take a task over: a task's
     // processes need not die at the fence deadline (after a suspend, say).
@@ -308,14 +318,6 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         args.log_retention,
     ));
 
-    let open_files = server::raise_open_file_limit();
-    if open_files != 0 && open_files < u64::from(args.max_connections) + 256 {
-        warn!(
-            open_files,
-            max_connections = args.max_connections,
-            "the open-file limit is below --max-connections plus what tasks and the store need"
-        );
-    }
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("--listen {}", args.listen))?;

@@ -34,8 +34,9 @@ pub struct ServerLimits {
     pub max_connections: usize,
 }
 
-/// Raise the soft open-file limit to the hard one; the limit in force.
-pub fn raise_open_file_limit() -> u64 {
+/// Raise the soft open-file limit to the hard one; the soft limit before
+/// and the one in force.
+pub fn raise_open_file_limit() -> (u64, u64) {
     // SAFETY: getrlimit/setrlimit read and write one rlimit struct.
     unsafe {
         let mut limit = libc::rlimit {
@@ -43,8 +44,9 @@ pub fn raise_open_file_limit() -> u64 {
             rlim_max: 0,
         };
         if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return 0;
+            return (0, 0);
         }
+        let before = limit.rlim_cur;
         if limit.rlim_cur < limit.rlim_max {
             let raised = libc::rlimit {
                 rlim_cur: limit.rlim_max,
@@ -54,7 +56,7 @@ pub fn raise_open_file_limit() -> u64 {
                 limit.rlim_cur = limit.rlim_max;
             }
         }
-        limit.rlim_cur
+        (before, limit.rlim_cur)
     }
 }
 
