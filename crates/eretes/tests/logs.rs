@@ -119,3 +119,39 @@ async fn logs_go_with_their_task_and_after_the_retention() {
     .await;
     assert_eq!(agent.ok(&["logs", "alive"]), "running\n");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_followed_log_goes_on_across_its_rotation() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let gate = dir.path().join("gate");
+    // 11 MB, past the 10 MiB rotation, then a last line.
+    let script = format!(
+        "while [ ! -f {} ]; do sleep 0.05; done; \
+         head -c 11000000 /dev/zero | tr '\\0' x; echo; echo LAST-LINE",
+        gate.display()
+    );
+    agent.ok(&["submit", "--id", "big", "--", "sh", "-c", &script]);
+    let follower = std::process::Command::new(common::BIN)
+        .args(["logs", "big", "--follow"])
+        .env("ERETES_AGENT", &agent.url)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    std::fs::write(&gate, "").unwrap();
+    let output = tokio::task::spawn_blocking(move || follower.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(output.status.success());
+    assert!(
+        output.stdout.ends_with(b"x\nLAST-LINE\n"),
+        "the end of the output arrived"
+    );
+    // Every byte once, and the line that says where the log rotated.
+    let text = String::from_utf8(output.stdout).unwrap();
+    let note_at = text.find("[eretes: this log reached").expect("the rotation is noted");
+    let note_end = note_at + text[note_at..].find('\n').unwrap() + 1;
+    assert_eq!(text.len() - (note_end - note_at), 11_000_000 + 1 + 10);
+}

@@ -70,7 +70,10 @@ pub async fn sweep_logs(
                 continue;
             };
             let expired = match snapshot.tasks.get(&id) {
-                None => true,
+                // Missing from the snapshot: submitted since, or gone. Only
+                // a fresh look tells, so a task started here meanwhile keeps
+                // its logs.
+                None => matches!(coordinator.task_view(&id).await, Ok(None)),
                 Some(view) if view.state.is_terminal() => last_written(&entry.path())
                     .await
                     .is_some_and(|at| at.elapsed().is_ok_and(|age| age > retention)),
@@ -156,27 +159,56 @@ pub(crate) async fn logs(
         return Ok((text_plain, axum::body::Body::from_stream(existing)).into_response());
     }
     let follower = File::open(&path).await.map_err(internal)?;
-    let growth = follow(follower, length, state, id);
+    let stream: &'static str = if stream == "stderr" {
+        "stderr"
+    } else {
+        "stdout"
+    };
+    let growth = follow(follower, length, state, id, stream);
     let chunks = existing.chain(growth);
     Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
 }
 
+/// Whether `path` is no longer the file `file` has open (the log rotated).
+async fn rotated(file: &File, path: &std::path::Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata().await, tokio::fs::metadata(path).await) {
+        (Ok(open), Ok(current)) => (open.dev(), open.ino()) != (current.dev(), current.ino()),
+        _ => false,
+    }
+}
+
 /// What the file grows by past `offset`, read from where the last read
 /// stopped every [`FOLLOW_POLL`], until the task has ended and one last
-/// read found nothing new. A new run truncates the log: start over.
+/// read found nothing new. A new run truncates the log: start over; a
+/// rotation moves it: go on in the new file once the old one is read.
 fn follow(
     file: File,
     offset: u64,
     state: ApiState,
     id: eretes_protocol::TaskId,
+    stream: &'static str,
 ) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
+    let path = state
+        .logs_dir
+        .join(id.as_str())
+        .join(format!("{stream}.log"));
     futures::stream::unfold(
         (file, offset, false),
         move |(mut file, mut offset, mut ended)| {
-            let (coordinator, id) = (state.coordinator.clone(), id.clone());
+            let (coordinator, id, path) = (state.coordinator.clone(), id.clone(), path.clone());
             async move {
                 loop {
                     let length = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
+                    if length <= offset && rotated(&file, &path).await {
+                        // The log was rotated: what was read is now the
+                        // older part; go on in the new file.
+                        if let Ok(new) = File::open(&path).await {
+                            file = new;
+                            offset = 0;
+                            continue;
+                        }
+                    }
                     if length < offset {
                         offset = 0;
                     }
