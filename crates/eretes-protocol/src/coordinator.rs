@@ -277,16 +277,22 @@ impl Coordinator {
             .and_then(TxnOp::Put(
                 PutRequest::new(key.clone(), encode(record)).with_lease(lease),
             ))
-            .or_else(get(key));
+            .or_else(get(key.clone()));
         let response = self.store.txn(txn).await?;
         if response.succeeded {
             return Ok(());
         }
         let holder = got(response.responses.first());
-        Err(ProtocolError::NameTaken {
-            name: name.to_string(),
-            lease: holder.map(|kv| kv.lease).unwrap_or(0),
-        })
+        match holder.map(|kv| kv.lease) {
+            Some(0) => Err(ProtocolError::NameHeldByGhost {
+                name: name.to_string(),
+                key,
+            }),
+            lease => Err(ProtocolError::NameTaken {
+                name: name.to_string(),
+                lease: lease.unwrap_or(0),
+            }),
+        }
     }
 
     /// The deletes that remove a task's state machine: its state, its

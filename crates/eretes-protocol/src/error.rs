@@ -35,6 +35,15 @@ pub enum ProtocolError {
         /// The limit in bytes.
         limit: usize,
     },
+    /// A record without a lease holds this node name (put by hand, say):
+    /// no node is live under it, and none can register until it is gone.
+    #[error("node name {name} is held by a record without a lease at {key:?}, which no node owns; delete that key or pick another --name")]
+    NameHeldByGhost {
+        /// The contested name.
+        name: String,
+        /// The key holding it.
+        key: String,
+    },
     /// Another live node already uses this name.
     #[error("node name {name} is already taken by a live node (lease {lease:#x}); pick another --name or wait for that node's lease to expire")]
     NameTaken {

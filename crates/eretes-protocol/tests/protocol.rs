@@ -176,6 +176,36 @@ async fn delete_stays_inside_its_task_and_namespace() {
 }
 
 #[tokio::test]
+async fn a_name_held_by_a_record_without_a_lease_says_so_and_is_no_live_node() {
+    let (store, coordinator) = setup();
+    let name = NodeName::new("ghost").unwrap();
+    let record = NodeRecord {
+        groups: vec![GroupName::default()],
+        started_at_ms: 1,
+        max_running: None,
+    };
+    store
+        .put(eretes_store::PutRequest::new(
+            "p/nodes/ghost",
+            eretes_protocol::encode(&record),
+        ))
+        .await
+        .unwrap();
+    assert!(!coordinator.node_is_live(&name).await.unwrap());
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let error = coordinator
+        .register_node(&name, &record, lease)
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(error, ProtocolError::NameHeldByGhost { .. }),
+        "{error}"
+    );
+    assert!(error.to_string().contains("without a lease"), "{error}");
+    assert!(coordinator.snapshot().await.unwrap().nodes.is_empty());
+}
+
+#[tokio::test]
 async fn node_names_are_unique_among_live_nodes() {
     let (store, coordinator) = setup();
     let name = NodeName::new("n").unwrap();

@@ -974,11 +974,20 @@ impl MainLoop {
         for step in 0..groups {
             let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
             let running: usize = self.busy.values().sum();
+            // Under an agent-wide limit, the room left is shared among the
+            // groups still to come in this pass (what one leaves unused
+            // goes to the next), so no group takes every slot.
+            let room = self.config.max_running.saturating_sub(running);
+            let share_of_room = if self.config.max_running == usize::MAX {
+                room
+            } else {
+                room.div_ceil(groups - step)
+            };
             let mut free = self
                 .config
                 .slots_for(&group)
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
-                .min(self.config.max_running.saturating_sub(running));
+                .min(share_of_room);
             let mut batch = Vec::new();
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {

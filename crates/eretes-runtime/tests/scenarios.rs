@@ -679,6 +679,39 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn max_running_shares_the_node_among_groups_with_long_tasks() {
+    // Two groups with a backlog of tasks that never end, two places: one
+    // goes to each group, not both to whichever comes first.
+    let mut cluster = Cluster::new(embedded());
+    let mut config = cluster.config("a");
+    let groups = [GroupName::new("a").unwrap(), GroupName::new("b").unwrap()];
+    config.groups = groups.to_vec();
+    config.max_running = 2;
+    cluster
+        .start_with(
+            cluster.store.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::DumbBalancer),
+        )
+        .await;
+    for group in &groups {
+        for n in 0..3 {
+            let id = TaskId::new(format!("{group}-{n}")).unwrap();
+            let spec = TaskSpec::new(group.clone(), json!({"mode": "idle"}));
+            cluster.coordinator.submit(&id, &spec).await.unwrap();
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    let mut running = cluster.observer.running_on("a");
+    running.sort();
+    assert_eq!(running.len(), 2, "{running:?}");
+    assert!(
+        running[0].starts_with("a-") && running[1].starts_with("b-"),
+        "{running:?}"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_running_limits_a_node_across_its_groups_and_serves_each() {
     // mawex's pod rule: one task at a time on this node, whatever group.
     let mut cluster = Cluster::new(embedded());

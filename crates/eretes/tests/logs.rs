@@ -151,7 +151,9 @@ async fn a_followed_log_goes_on_across_its_rotation() {
     );
     // Every byte once, and the line that says where the log rotated.
     let text = String::from_utf8(output.stdout).unwrap();
-    let note_at = text.find("[eretes: this log reached").expect("the rotation is noted");
+    let note_at = text
+        .find("[eretes: this log reached")
+        .expect("the rotation is noted");
     let note_end = note_at + text[note_at..].find('\n').unwrap() + 1;
     assert_eq!(text.len() - (note_end - note_at), 11_000_000 + 1 + 10);
 }

@@ -191,6 +191,15 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         );
     }
     let data_dir = args.data_dir.clone().unwrap_or_else(|| match &args.name {
+        // An agent of an earlier version kept a named agent's data in
+        // ./eretes-data: it goes on there rather than starting empty.
+        Some(name)
+            if !PathBuf::from(format!("./eretes-data-{name}")).exists()
+                && PathBuf::from("./eretes-data/store.redb").exists() =>
+        {
+            info!("using ./eretes-data, where this agent's data already is (pass --data-dir to choose)");
+            PathBuf::from("./eretes-data")
+        }
         Some(name) => PathBuf::from(format!("./eretes-data-{name}")),
         None => PathBuf::from("./eretes-data"),
     });

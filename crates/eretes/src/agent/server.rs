@@ -1,5 +1,10 @@
 //! The API's HTTP server: hyper's HTTP/1.1 over an accept loop of our own,
-//! so that no client can hold the agent.
+//! so that idle and half-sent connections cannot exhaust the agent.
+//!
+//! What it does not bound: connections that are legitimately busy — a
+//! `logs --follow` of a long task, a `wait` long-poll (at most 5 minutes),
+//! a client that reads slowly — hold their place under the cap for as long
+//! as they last. With a token set, only token holders can open those.
 //!
 //! * **Header-read timeout.** A connection must send a whole request head
 //!   within it, and an idle keep-alive connection must start its next
