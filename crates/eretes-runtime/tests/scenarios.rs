@@ -678,15 +678,17 @@ async fn slots_limit_tasks_per_group_and_a_second_name_is_refused() {
     );
 }
 
-#[tokio::test(start_paused = true)]
-async fn max_running_shares_the_node_among_groups_with_long_tasks() {
-    // Two groups with a backlog of tasks that never end, two places: one
-    // goes to each group, not both to whichever comes first.
+/// One node serving groups a and b under `max_running`, with three tasks of
+/// each group whose handlers behave as `properties` say.
+async fn two_groups_under_max_running(
+    max_running: usize,
+    properties: serde_json::Value,
+) -> Cluster {
     let mut cluster = Cluster::new(embedded());
     let mut config = cluster.config("a");
     let groups = [GroupName::new("a").unwrap(), GroupName::new("b").unwrap()];
     config.groups = groups.to_vec();
-    config.max_running = 2;
+    config.max_running = max_running;
     cluster
         .start_with(
             cluster.store.clone(),
@@ -697,10 +699,18 @@ async fn max_running_shares_the_node_among_groups_with_long_tasks() {
     for group in &groups {
         for n in 0..3 {
             let id = TaskId::new(format!("{group}-{n}")).unwrap();
-            let spec = TaskSpec::new(group.clone(), json!({"mode": "idle"}));
+            let spec = TaskSpec::new(group.clone(), properties.clone());
             cluster.coordinator.submit(&id, &spec).await.unwrap();
         }
     }
+    cluster
+}
+
+#[tokio::test(start_paused = true)]
+async fn max_running_shares_the_node_among_groups_with_long_tasks() {
+    // Tasks that never end, two places: one goes to each group, not both to
+    // whichever comes first.
+    let cluster = two_groups_under_max_running(2, json!({"mode": "idle"})).await;
     tokio::time::sleep(Duration::from_secs(30)).await;
     let mut running = cluster.observer.running_on("a");
     running.sort();
@@ -714,25 +724,7 @@ async fn max_running_shares_the_node_among_groups_with_long_tasks() {
 #[tokio::test(start_paused = true)]
 async fn max_running_limits_a_node_across_its_groups_and_serves_each() {
     // mawex's pod rule: one task at a time on this node, whatever group.
-    let mut cluster = Cluster::new(embedded());
-    let mut config = cluster.config("a");
-    let groups = [GroupName::new("a").unwrap(), GroupName::new("b").unwrap()];
-    config.groups = groups.to_vec();
-    config.max_running = 1;
-    cluster
-        .start_with(
-            cluster.store.clone(),
-            config,
-            Box::new(eretes_runtime::balancer::DumbBalancer),
-        )
-        .await;
-    for group in &groups {
-        for n in 0..3 {
-            let id = TaskId::new(format!("{group}-{n}")).unwrap();
-            let spec = TaskSpec::new(group.clone(), json!({"mode": "work", "ms": 1000}));
-            cluster.coordinator.submit(&id, &spec).await.unwrap();
-        }
-    }
+    let cluster = two_groups_under_max_running(1, json!({"mode": "work", "ms": 1000})).await;
     let mut most = 0;
     for _ in 0..200 {
         most = most.max(cluster.observer.running_tasks());
