@@ -22,7 +22,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::supervisor::signal_group;
+use crate::supervisor::{signal_group, stat_fields};
 use crate::ExecConfig;
 
 /// How long a starting agent waits for the previous agent's processes to
@@ -154,20 +154,6 @@ fn group_has_marked_process(pgid: libc::pid_t, wanted: &[String]) -> bool {
         let dir = entry.path();
         process_group(&dir) == Some(pgid) && has_all(&dir, wanted)
     })
-}
-
-/// The fields of `/proc/<pid>/stat` after the command name (which may
-/// contain spaces and brackets): state, ppid, pgrp, …
-fn stat_fields(dir: &Path) -> Option<Vec<String>> {
-    let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
-    let after_name = &stat[stat.rfind(')')? + 1..];
-    Some(
-        after_name
-            .split_whitespace()
-            .take(3)
-            .map(str::to_string)
-            .collect(),
-    )
 }
 
 fn state(dir: &Path) -> Option<char> {

@@ -277,16 +277,23 @@ impl ProcessHandler {
             FenceDeadline::none()
         };
         let deadline = fence.current().map(|at| at.boottime_ns);
-        let env: [(&str, Vec<u8>); 5] = [
-            ("ERETES_TASK_ID", task.id.as_str().into()),
-            ("ERETES_EPOCH", task.epoch.to_string().into()),
-            ("ERETES_NODE", task.node.as_str().into()),
-            ("ERETES_ATTEMPT", attempt.to_string().into()),
+        // The spec's own variables, then eretes' (the spec may not name
+        // ERETES_* ones).
+        let mut env: Vec<(String, Vec<u8>)> = spec
+            .env
+            .iter()
+            .map(|(name, value)| (name.clone(), value.clone().into_bytes()))
+            .collect();
+        env.extend([
+            ("ERETES_TASK_ID".into(), task.id.as_str().into()),
+            ("ERETES_EPOCH".into(), task.epoch.to_string().into()),
+            ("ERETES_NODE".into(), task.node.as_str().into()),
+            ("ERETES_ATTEMPT".into(), attempt.to_string().into()),
             (
-                CHECKPOINT_FILE_ENV,
+                CHECKPOINT_FILE_ENV.into(),
                 checkpoint.path().as_os_str().as_bytes().to_vec(),
             ),
-        ];
+        ]);
         let launch = Launch {
             program: spec.program.clone(),
             args: spec.args.clone(),
@@ -294,17 +301,7 @@ impl ProcessHandler {
                 .cwd
                 .as_ref()
                 .map(|cwd| cwd.to_string_lossy().into_owned()),
-            // The spec's own variables, then eretes' (the spec may not name
-            // ERETES_* ones).
-            env: spec
-                .env
-                .iter()
-                .map(|(name, value)| (name.clone(), value.clone().into_bytes()))
-                .chain(
-                    env.into_iter()
-                        .map(|(name, value)| (name.to_string(), value)),
-                )
-                .collect(),
+            env,
             grace_ms: u64::try_from(self.config.stop_grace.as_millis()).unwrap_or(u64::MAX),
             deadline_ns: deadline.unwrap_or(0),
             run_as: self.config.run_as.clone(),

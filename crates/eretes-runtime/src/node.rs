@@ -973,15 +973,14 @@ impl MainLoop {
         self.claim_rotation = (self.claim_rotation + 1) % groups;
         for step in 0..groups {
             let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
-            let running: usize = self.busy.values().sum();
             // Under an agent-wide limit, the room left is shared among the
             // groups still to come in this pass (what one leaves unused
             // goes to the next), so no group takes every slot.
-            let room = self.config.max_running.saturating_sub(running);
             let share_of_room = if self.config.max_running == usize::MAX {
-                room
+                usize::MAX
             } else {
-                room.div_ceil(groups - step)
+                let running: usize = self.busy.values().sum();
+                (self.config.max_running.saturating_sub(running)).div_ceil(groups - step)
             };
             let mut free = self
                 .config

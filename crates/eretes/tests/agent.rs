@@ -319,14 +319,8 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_guards_every_change_and_other_addresses_need_one() {
     let dir = tempfile::tempdir().unwrap();
-    let refused = Command::new(BIN)
-        .args(["agent", "--listen", "0.0.0.0:0", "--data-dir"])
-        .arg(dir.path().join("open"))
-        .env_remove("ERETES_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("set --token"));
+    let refused = common::agent_refuses(&dir.path().join("open"), &["--listen", "0.0.0.0:0"]);
+    assert!(refused.contains("set --token"), "{refused}");
 
     let agent = Agent::start(&dir.path().join("data"), &["--token", "s3cret"]).await;
     // One agent per data directory.

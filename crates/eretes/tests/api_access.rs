@@ -115,14 +115,8 @@ async fn metrics_public_opens_metrics_and_nothing_else() {
     assert_eq!(call(&agent, "GET", "/metrics", &[]), 200);
     assert_eq!(call(&agent, "GET", "/v1/tasks", &[]), 401);
     // A read token needs a token to go with it.
-    let refused = Command::new(BIN)
-        .args(["agent", "--read-token", "r", "--data-dir"])
-        .arg(dir.path().join("other"))
-        .env_remove("ERETES_TOKEN")
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1), "{refused:?}");
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("--token"));
+    let refused = common::agent_refuses(&dir.path().join("other"), &["--read-token", "r"]);
+    assert!(refused.contains("--token"), "{refused}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,23 +3,20 @@
 //! root refuses the flag.
 
 use std::os::unix::fs::PermissionsExt;
-use std::process::Command;
 
 mod common;
-use common::{Agent, BIN};
+use common::Agent;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tasks_run_as_the_named_user() {
     let dir = tempfile::tempdir().unwrap();
     // SAFETY: geteuid(2) has no preconditions.
     if unsafe { libc::geteuid() } != 0 {
-        let refused = Command::new(BIN)
-            .args(["agent", "--run-as", "nobody", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .output()
-            .unwrap();
-        assert_eq!(refused.status.code(), Some(1));
-        assert!(String::from_utf8_lossy(&refused.stderr).contains("only an agent running as root"));
+        let refused = common::agent_refuses(&dir.path().join("data"), &["--run-as", "nobody"]);
+        assert!(
+            refused.contains("only an agent running as root"),
+            "{refused}"
+        );
         return;
     }
     std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
@@ -64,11 +61,12 @@ async fn tasks_run_as_the_named_user() {
     assert_eq!(std::fs::read_to_string(&secret).unwrap(), "ROOT-ONLY\n");
 
     // A user that does not exist is refused at start.
-    let refused = Command::new(BIN)
-        .args(["agent", "--run-as", "no-such-user-here", "--data-dir"])
-        .arg(dir.path().join("other"))
-        .output()
-        .unwrap();
-    assert_eq!(refused.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&refused.stderr).contains("no user \"no-such-user-here\""));
+    let refused = common::agent_refuses(
+        &dir.path().join("other"),
+        &["--run-as", "no-such-user-here"],
+    );
+    assert!(
+        refused.contains("no user \"no-such-user-here\""),
+        "{refused}"
+    );
 }

@@ -275,16 +275,10 @@ impl Supervised {
     /// bound), and only then let another run of the task start here.
     async fn crashed(mut self, why: String) -> SupervisorEnd {
         self.kill_supervisor();
-        let status = match self.child.take() {
-            Some(mut child) => match child.wait().await {
-                Ok(status) => describe(status),
-                Err(error) => format!("could not be waited for: {error}"),
-            },
-            None => "was reaped".into(),
-        };
+        let status = self.wait_supervisor().await;
         let killed = leftovers::kill_run(self.leader, &self.marker).await;
         warn!(task = %self.marker.task, epoch = self.marker.epoch, %status, %why, killed, "the task's supervisor died; its processes were killed");
-        self.reap().await;
+        self.release();
         SupervisorEnd::Crashed(status)
     }
 
@@ -301,21 +295,31 @@ impl Supervised {
     /// Reap the supervisor; say how it ended. Releases the run's gate and
     /// record.
     async fn reap(&mut self) -> String {
+        let status = self.wait_supervisor().await;
+        self.release();
+        status
+    }
+
+    /// Stop writing to the supervisor and wait for it to exit; how it ended.
+    async fn wait_supervisor(&mut self) -> String {
         if let Some(forwarder) = self.forwarder.take() {
             forwarder.abort();
         }
-        let status = match self.child.take() {
+        match self.child.take() {
             Some(mut child) => match child.wait().await {
                 Ok(status) => describe(status),
                 Err(error) => format!("could not be waited for: {error}"),
             },
             None => "was reaped".into(),
-        };
+        }
+    }
+
+    /// Let the next run of the task start here, and drop the run's record.
+    fn release(&mut self) {
         self.gate = None;
         if let Some(record) = self.record.take() {
             let _ = std::fs::remove_file(record);
         }
-        status
     }
 }
 

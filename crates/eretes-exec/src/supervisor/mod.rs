@@ -58,7 +58,7 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 pub(crate) use handle::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
-pub(crate) use tree::signal_group;
+pub(crate) use tree::{signal_group, stat_fields};
 
 /// Set for the supervisor (to keep its allocator from committing memory it
 /// never uses) and removed from the task's environment.

@@ -96,12 +96,23 @@ fn descendants_by_scan(root: libc::pid_t) -> Vec<libc::pid_t> {
     found
 }
 
-/// The parent of `/proc/<pid>`: the second field of its `stat` after the
-/// command name (which may contain spaces and brackets).
-fn parent_of(dir: &Path) -> Option<libc::pid_t> {
+/// The fields of `/proc/<pid>/stat` after the command name (which may
+/// contain spaces and brackets): state, ppid, pgrp, …
+pub(crate) fn stat_fields(dir: &Path) -> Option<Vec<String>> {
     let stat = std::fs::read_to_string(dir.join("stat")).ok()?;
     let after_name = &stat[stat.rfind(')')? + 1..];
-    after_name.split_whitespace().nth(1)?.parse().ok()
+    Some(
+        after_name
+            .split_whitespace()
+            .take(3)
+            .map(str::to_string)
+            .collect(),
+    )
+}
+
+/// The parent of `/proc/<pid>`.
+fn parent_of(dir: &Path) -> Option<libc::pid_t> {
+    stat_fields(dir)?.get(1)?.parse().ok()
 }
 
 #[cfg(test)]

@@ -161,3 +161,19 @@ pub async fn remove_namespace(ns: &str) {
         .await
         .unwrap();
 }
+
+/// Start `eretes agent` on `data_dir` with `args` (no token in its
+/// environment) and expect it to refuse to start: exit 1, nothing served.
+/// Its stderr, which says why.
+pub fn agent_refuses(data_dir: &Path, args: &[&str]) -> String {
+    let output = Command::new(BIN)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("ERETES_TOKEN")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
