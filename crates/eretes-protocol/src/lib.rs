@@ -48,6 +48,7 @@ mod ids;
 mod keys;
 pub mod machine;
 mod records;
+mod task_index;
 mod task_state;
 mod views;
 
@@ -64,5 +65,6 @@ pub use records::{
     decode, decode_node, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome,
     OwnerRecord, ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
+pub use task_index::{TaskIndex, TaskQuery};
 pub use task_state::{MachineLoad, QueuedCommand};
 pub use views::{NodeView, Snapshot, TaskState, TaskView};

@@ -10,9 +10,9 @@ use serde_json::Value;
 use crate::coordinator::Coordinator;
 use crate::error::ProtocolError;
 use crate::ids::{GroupName, NodeName, TaskId};
-use crate::keys::KeyKind;
 use crate::machine::{ErrorEntry, MachineState, StateRecord};
-use crate::records::{decode, decode_node, decode_task, Outcome, OwnerRecord, ResultRecord};
+use crate::records::{decode, decode_task, OwnerRecord, ResultRecord};
+use crate::task_index::{ended, TaskIndex};
 
 /// Where a task is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -126,7 +126,7 @@ pub struct TaskView {
 
 impl TaskView {
     /// Fold a live task's persisted machine state into its view.
-    fn with_machine(mut self, record: Option<StateRecord>) -> TaskView {
+    pub(crate) fn with_machine(mut self, record: Option<StateRecord>) -> TaskView {
         let owned = self.node.is_some();
         self.state = TaskState::of_live(record.as_ref().map(|r| &r.state), owned);
         if let Some(record) = record {
@@ -171,6 +171,12 @@ pub struct Snapshot {
 impl Coordinator {
     /// Read every task and node in one transaction (one revision).
     pub async fn snapshot(&self) -> Result<Snapshot, ProtocolError> {
+        Ok(self.read_index().await?.to_snapshot())
+    }
+
+    /// Read every task and node in one transaction (one revision) into an
+    /// index that watch events can then keep current.
+    pub async fn read_index(&self) -> Result<TaskIndex, ProtocolError> {
         let ns = self.namespace();
         let prefixes = [
             ns.tasks_prefix(),
@@ -186,96 +192,11 @@ impl Coordinator {
             ))));
         }
         let response = self.store().txn(txn).await?;
-        let mut snapshot = Snapshot {
-            revision: response.revision,
-            ..Snapshot::default()
-        };
-        let mut owners = Vec::new();
-        let mut machines = Vec::new();
-        for kv in response.responses.iter().flat_map(|r| match r {
+        let kvs = response.responses.iter().flat_map(|r| match r {
             TxnOpResponse::Get(get) => get.kvs.as_slice(),
             _ => &[],
-        }) {
-            match ns.parse(&kv.key) {
-                Ok(KeyKind::Task(id)) => match decode_task(&kv.key, &kv.value) {
-                    Ok(record) => {
-                        snapshot.tasks.insert(
-                            id.clone(),
-                            TaskView {
-                                id,
-                                group: record.spec.group,
-                                state: TaskState::Pending,
-                                properties: record.spec.properties,
-                                node: None,
-                                epoch: None,
-                                result: None,
-                                error: None,
-                                sleeping_until_ms: None,
-                                errors: Vec::new(),
-                            },
-                        );
-                    }
-                    Err(_) => snapshot.malformed += 1,
-                },
-                Ok(KeyKind::State(id)) => {
-                    match decode::<StateRecord>("state", &kv.key, &kv.value) {
-                        Ok(record) => machines.push((id, record)),
-                        Err(_) => snapshot.malformed += 1,
-                    }
-                }
-                Ok(KeyKind::Owner(id)) => {
-                    match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                        Ok(owner) => owners.push((id, owner.node, kv.mod_revision)),
-                        Err(_) => snapshot.malformed += 1,
-                    }
-                }
-                Ok(KeyKind::Result(id)) => {
-                    match decode::<ResultRecord>("result", &kv.key, &kv.value) {
-                        Ok(result) => {
-                            snapshot.tasks.insert(id.clone(), ended(id, result));
-                        }
-                        Err(_) => snapshot.malformed += 1,
-                    }
-                }
-                Ok(KeyKind::Node(name)) => match decode_node(&kv.key, &kv.value, kv.lease) {
-                    Ok(record) => {
-                        snapshot.nodes.insert(
-                            name.clone(),
-                            NodeView {
-                                name,
-                                groups: record.groups,
-                                started_at_ms: record.started_at_ms,
-                                running: 0,
-                                max_running: record.max_running,
-                            },
-                        );
-                    }
-                    Err(_) => snapshot.malformed += 1,
-                },
-                Ok(_) => {}
-                Err(_) => snapshot.malformed += 1,
-            }
-        }
-        for (id, node, epoch) in owners {
-            if let Some(task) = snapshot.tasks.get_mut(&id) {
-                if task.state == TaskState::Pending {
-                    task.state = TaskState::Running;
-                    task.epoch = Some(epoch);
-                    if let Some(live) = snapshot.nodes.get_mut(&node) {
-                        live.running += 1;
-                    }
-                    task.node = Some(node);
-                }
-            }
-        }
-        for (id, record) in machines {
-            if let Some(task) = snapshot.tasks.get_mut(&id) {
-                if !task.state.is_terminal() {
-                    *task = task.clone().with_machine(Some(record));
-                }
-            }
-        }
-        Ok(snapshot)
+        });
+        Ok(TaskIndex::from_read(ns.clone(), response.revision, kvs))
     }
 
     /// One task, read in one transaction; `None` if there is no such task.
@@ -323,26 +244,5 @@ impl Coordinator {
             errors: Vec::new(),
         };
         Ok(Some(view.with_machine(machine)))
-    }
-}
-
-/// The view of a task that ended with `result`.
-fn ended(id: TaskId, result: ResultRecord) -> TaskView {
-    let state = match result.outcome {
-        Outcome::Done => TaskState::Done,
-        Outcome::Failed => TaskState::Failed,
-        Outcome::Killed => TaskState::Killed,
-    };
-    TaskView {
-        id,
-        group: result.spec.group,
-        state,
-        properties: result.spec.properties,
-        node: Some(result.node),
-        epoch: Some(result.epoch),
-        result: (state == TaskState::Done).then_some(result.result),
-        error: result.error,
-        sleeping_until_ms: None,
-        errors: Vec::new(),
     }
 }
