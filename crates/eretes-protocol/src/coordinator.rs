@@ -214,8 +214,8 @@ impl Coordinator {
     /// Delete a task in whatever state it is, with its owner record, run
     /// record and result, in one revision. The owner's runtime sees the delete
     /// and stops the running instance. [`ProtocolError::NotFound`] if there was
-    /// nothing to delete.
-    pub async fn delete(&self, id: &TaskId) -> Result<(), ProtocolError> {
+    /// nothing to delete. Returns the revision of the delete.
+    pub async fn delete(&self, id: &TaskId) -> Result<Revision, ProtocolError> {
         let txn = Txn::new()
             .and_then(delete(self.ns.task(id)))
             .and_then(delete(self.ns.owner(id)))
@@ -237,7 +237,7 @@ impl Coordinator {
         if deleted == 0 {
             return Err(ProtocolError::NotFound(id.to_string()));
         }
-        Ok(())
+        Ok(response.revision)
     }
 
     /// After a crash: if `name` is still registered under `lease` (the

@@ -197,6 +197,17 @@ impl TaskIndex {
         self.tasks.values().filter(|e| e.state().is_some()).count()
     }
 
+    /// How many tasks each group has in each state.
+    pub fn counts(&self) -> BTreeMap<(GroupName, TaskState), usize> {
+        let mut counts = BTreeMap::new();
+        for entry in self.tasks.values() {
+            if let (Some(state), Some(group)) = (entry.state(), entry.group()) {
+                *counts.entry((group.clone(), state)).or_default() += 1;
+            }
+        }
+        counts
+    }
+
     /// Apply one watch event of this namespace.
     pub fn apply(&mut self, event: &WatchEvent) {
         match event.kind {

@@ -157,6 +157,13 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     prop_assert_eq!(kept.malformed, read.malformed);
     prop_assert_eq!(kept.revision, read.revision);
 
+    // Counts by group and state, recounted from the views.
+    let mut counts = std::collections::BTreeMap::new();
+    for task in read.tasks.values() {
+        *counts.entry((task.group.clone(), task.state)).or_default() += 1;
+    }
+    prop_assert_eq!(index.counts(), counts);
+
     // Running counts, recounted from the views.
     for node in index.nodes() {
         let live = read

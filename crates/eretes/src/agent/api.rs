@@ -24,6 +24,7 @@
 //! | `GET /metrics` | Prometheus text format (see [`super::metrics`]) |
 
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::rejection::{JsonRejection, QueryRejection};
@@ -35,8 +36,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eretes_exec::ProcessSpec;
 use eretes_protocol::{
-    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskCommand, TaskId, TaskSpec,
-    TaskState, TaskView,
+    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskCommand, TaskId, TaskIndex,
+    TaskQuery, TaskSpec, TaskState, TaskView,
 };
 use eretes_runtime::NodeStatus;
 use eretes_store::{KeyRange, StoreError};
@@ -46,6 +47,7 @@ use serde_json::json;
 use tokio::sync::watch;
 
 use super::access::{self, Access};
+use super::task_list::LiveTasks;
 
 /// Largest request body accepted. A task spec is at most 64 KiB once stored.
 pub const MAX_BODY_BYTES: usize = 256 * 1024;
@@ -67,6 +69,8 @@ pub struct ApiState {
     pub logs_dir: PathBuf,
     /// Who may call what.
     pub access: Access,
+    /// The task list, kept current by this agent's watch.
+    pub tasks: Arc<LiveTasks>,
     /// What `/metrics` reports.
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
 }
@@ -233,7 +237,8 @@ async fn submit(
         .validate()
         .map_err(|e| ApiError::invalid(e.to_string()))?;
     let spec = TaskSpec::new(group, request.process.to_properties());
-    state.coordinator.submit(&id, &spec).await?;
+    let revision = state.coordinator.submit(&id, &spec).await?;
+    state.tasks.wrote(revision);
     let view = state
         .coordinator
         .task_view(&id)
@@ -279,25 +284,13 @@ async fn list(
             "limit {limit} is not between 1 and {MAX_PAGE}"
         )));
     }
-    let after = query.after.as_deref().map(task_id).transpose()?;
-    let snapshot = state.coordinator.snapshot().await?;
-    let mut matching = snapshot
-        .tasks
-        .into_values()
-        .filter(|task| after.as_ref().is_none_or(|after| task.id > *after))
-        .filter(|task| wanted_state.is_none_or(|s| task.state == s))
-        .filter(|task| {
-            query
-                .group
-                .as_deref()
-                .is_none_or(|g| task.group.as_str() == g)
-        });
-    let tasks: Vec<TaskView> = matching.by_ref().take(limit).collect();
-    let next = if matching.next().is_some() {
-        tasks.last().map(|task| task.id.clone())
-    } else {
-        None
+    let query = TaskQuery {
+        after: query.after.as_deref().map(task_id).transpose()?,
+        state: wanted_state,
+        group: query.group,
+        limit,
     };
+    let (tasks, next) = state.tasks.read(|index| index.page(&query)).await?;
     Ok(Json(TaskPage { tasks, next }))
 }
 
@@ -311,7 +304,8 @@ async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResul
 
 async fn remove(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<StatusCode> {
     let id = task_id(&id)?;
-    state.coordinator.delete(&id).await?;
+    let revision = state.coordinator.delete(&id).await?;
+    state.tasks.wrote(revision);
     // Its logs here go with it (other agents' sweeps remove theirs).
     super::logs::remove_logs(&state.logs_dir, &id).await;
     Ok(StatusCode::NO_CONTENT)
@@ -383,8 +377,7 @@ async fn wait(
 /// Query of `GET /v1/tasks/{id}/logs`.
 /// Live nodes.
 async fn nodes(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
-    let snapshot = state.coordinator.snapshot().await?;
-    let nodes: Vec<_> = snapshot.nodes.into_values().collect();
+    let nodes = state.tasks.read(TaskIndex::nodes).await?;
     Ok(Json(json!({ "nodes": nodes })))
 }
 

@@ -2,8 +2,9 @@
 //!
 //! | metric | kind | labels |
 //! |---|---|---|
-//! | `eretes_tasks` | gauge: tasks in the cluster, read at scrape time; every state (`pending`, `running`, `sleeping`, `paused`, `fault`, `done`, `failed`, `killed`) of every group seen, 0 included | `state`, `group` |
+//! | `eretes_tasks` | gauge: tasks in the cluster, counted at scrape time in the agent's task index; every state (`pending`, `running`, `sleeping`, `paused`, `fault`, `done`, `failed`, `killed`) of every group seen, 0 included | `state`, `group` |
 //! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total` (failed or killed), `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
+//! | `eretes_task_list_store_reads_total` | counter: list, node and task-count reads answered from the store because the agent's task index was loading or behind | — |
 //! | `eretes_lease_renewal_seconds`, `eretes_lease_renewal_failures_total` | histogram, counter | — |
 //! | `eretes_handler_run_seconds` | histogram: how long runs lasted | `group` |
 //! | `eretes_store_request_seconds`, `eretes_store_request_errors_total` | histogram, counter: every request to the store | `op` |
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
-use eretes_protocol::{Coordinator, ProtocolError, TaskState};
+use eretes_protocol::{ProtocolError, TaskIndex, TaskState};
 use eretes_runtime::NodeStats;
 use eretes_store::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyRange, LeaseGrant, LeaseId,
@@ -22,6 +23,8 @@ use eretes_store::{
 };
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tokio::time::Instant;
+
+use super::task_list::LiveTasks;
 
 /// Histogram buckets, in seconds: from a store round trip to an hour-long run.
 const BUCKETS: &[f64] = &[
@@ -33,7 +36,7 @@ const BUCKETS: &[f64] = &[
 pub struct Metrics {
     handle: PrometheusHandle,
     stats: Arc<NodeStats>,
-    coordinator: Coordinator,
+    tasks: Arc<LiveTasks>,
     /// Every group reported so far: each of its states is reported, as 0
     /// when empty, rather than left at its last value or missing.
     reported: std::sync::Mutex<BTreeSet<String>>,
@@ -49,25 +52,23 @@ impl Metrics {
             .context("installing the metrics recorder")
     }
 
-    /// Metrics of the node with `stats`, tasks read through `coordinator`.
-    pub fn new(handle: PrometheusHandle, stats: Arc<NodeStats>, coordinator: Coordinator) -> Self {
+    /// Metrics of the node with `stats`, tasks counted in `tasks`.
+    pub fn new(handle: PrometheusHandle, stats: Arc<NodeStats>, tasks: Arc<LiveTasks>) -> Self {
         Metrics {
             handle,
             stats,
-            coordinator,
+            tasks,
             reported: Default::default(),
         }
     }
 
     /// The Prometheus text exposition, with task counts read now.
     pub async fn render(&self) -> Result<String, ProtocolError> {
-        let snapshot = self.coordinator.snapshot().await?;
-        let mut counts: std::collections::BTreeMap<(String, TaskState), u64> = Default::default();
-        for task in snapshot.tasks.values() {
-            *counts
-                .entry((task.group.to_string(), task.state))
-                .or_default() += 1;
-        }
+        let counts = self.tasks.read(TaskIndex::counts).await?;
+        let counts: std::collections::BTreeMap<(String, TaskState), usize> = counts
+            .into_iter()
+            .map(|((group, state), count)| ((group.to_string(), state), count))
+            .collect();
         {
             let mut reported = self.reported.lock().expect("not poisoned");
             reported.extend(counts.keys().map(|(group, _)| group.clone()));
@@ -89,6 +90,10 @@ impl Metrics {
             ("eretes_failures_total", stats.failures),
             ("eretes_fences_total", stats.fences),
             ("eretes_malformed_skipped_total", stats.malformed_skipped),
+            (
+                "eretes_task_list_store_reads_total",
+                self.tasks.store_reads(),
+            ),
             (
                 "eretes_node_commands_rejected_total",
                 stats.commands_rejected,

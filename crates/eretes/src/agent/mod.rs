@@ -12,6 +12,7 @@ pub mod api;
 pub mod logs;
 pub mod metrics;
 pub mod server;
+pub mod task_list;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -332,13 +333,15 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         .with_context(|| format!("--listen {}", args.listen))?;
     let bound = listener.local_addr()?;
     let coordinator = Coordinator::new(store, namespace);
+    let tasks = task_list::LiveTasks::start(coordinator.clone());
     let state = api::ApiState {
         metrics: Arc::new(metrics::Metrics::new(
             recorder,
             node.stats().clone(),
-            coordinator.clone(),
+            tasks.clone(),
         )),
         coordinator,
+        tasks,
         status: node.status(),
         logs_dir,
         access: access::Access {

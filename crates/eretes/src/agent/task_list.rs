@@ -1,0 +1,259 @@
+//! The task list the API serves: a [`TaskIndex`] kept current by this
+//! agent's own watch of the namespace, so that a page of `GET /v1/tasks`
+//! costs O(page) however many tasks the namespace holds, and `/v1/nodes`
+//! and `/metrics` count without reading every task.
+//!
+//! **Consistency.** A page reflects every submit and removal this agent
+//! acknowledged before the request: the request waits until the watch has
+//! delivered them (up to [`CATCH_UP`]). Changes made through other agents,
+//! and nodes' claims and state changes, appear after the watch's delay
+//! (milliseconds). While the index is loading, or after its watch broke and
+//! until it has been read again, or when it is more than [`CATCH_UP`] behind,
+//! requests read the store directly as before: correct, O(namespace).
+
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, Weak};
+use std::time::Duration;
+
+use eretes_protocol::{Coordinator, ProtocolError, TaskIndex};
+use eretes_store::{Revision, StoreError};
+use futures::StreamExt;
+use tokio::sync::watch;
+use tracing::{debug, warn};
+
+/// Longest a request waits for the watch to deliver this agent's own
+/// acknowledged writes before it reads the store directly instead.
+pub const CATCH_UP: Duration = Duration::from_secs(2);
+
+/// First and longest pause before the index is read again after a failure.
+const RELOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// The watch-kept task index and what the API needs to read it consistently.
+pub struct LiveTasks {
+    coordinator: Coordinator,
+    /// The index, `None` while it is (re)loading.
+    index: RwLock<Option<TaskIndex>>,
+    /// The revision the index is at (0 while it is not usable).
+    revision: watch::Sender<Revision>,
+    /// The highest revision of a write this agent's API acknowledged.
+    written: AtomicI64,
+    /// Reads that went to the store because the index was not current.
+    store_reads: AtomicU64,
+}
+
+impl LiveTasks {
+    /// Start keeping the index of `coordinator`'s namespace; the follower
+    /// task ends when the returned value is dropped.
+    pub fn start(coordinator: Coordinator) -> Arc<LiveTasks> {
+        let live = Arc::new(LiveTasks {
+            coordinator,
+            index: RwLock::new(None),
+            revision: watch::channel(0).0,
+            written: AtomicI64::new(0),
+            store_reads: AtomicU64::new(0),
+        });
+        tokio::spawn(follow(Arc::downgrade(&live)));
+        live
+    }
+
+    /// Note a write the API acknowledged at `revision`: later reads wait
+    /// for it.
+    pub fn wrote(&self, revision: Revision) {
+        self.written.fetch_max(revision, Ordering::AcqRel);
+    }
+
+    /// Run `read` on an index that holds every write this agent
+    /// acknowledged: the live one once it has caught up (within
+    /// [`CATCH_UP`]), else one read from the store now.
+    pub async fn read<R>(&self, read: impl FnOnce(&TaskIndex) -> R) -> Result<R, ProtocolError> {
+        let needed = self.written.load(Ordering::Acquire);
+        let mut revision = self.revision.subscribe();
+        // Wait while the index is loaded but behind; not while it is
+        // loading (0). The watch's borrow is dropped at once: the follower
+        // needs it.
+        let caught_up = matches!(
+            tokio::time::timeout(CATCH_UP, revision.wait_for(|&at| at == 0 || at >= needed)).await,
+            Ok(Ok(at)) if *at > 0
+        );
+        if caught_up {
+            let index = self.index.read().expect("not poisoned");
+            // The follower may have dropped the index since; then read anew.
+            if let Some(index) = index.as_ref().filter(|i| i.revision() >= needed) {
+                return Ok(read(index));
+            }
+        }
+        debug!(needed, "the task index is not current; reading the store");
+        self.store_reads.fetch_add(1, Ordering::Relaxed);
+        Ok(read(&self.coordinator.read_index().await?))
+    }
+
+    /// How many reads went to the store because the index was loading,
+    /// broken or behind.
+    pub fn store_reads(&self) -> u64 {
+        self.store_reads.load(Ordering::Relaxed)
+    }
+
+    fn publish(&self, index: Option<TaskIndex>) {
+        let revision = index.as_ref().map_or(0, TaskIndex::revision);
+        *self.index.write().expect("not poisoned") = index;
+        self.revision.send_replace(revision);
+    }
+}
+
+/// Load the index, then apply the namespace's watch events to it; after any
+/// failure, drop it and load again. Ends when the [`LiveTasks`] is gone (it
+/// is held here only weakly, between steps).
+async fn follow(live: Weak<LiveTasks>) {
+    let (first_pause, longest_pause) = RELOAD_BACKOFF;
+    let mut pause = first_pause;
+    loop {
+        let failure = match follow_once(&live, &mut pause, first_pause).await {
+            Ok(()) => return,
+            Err(error) => error,
+        };
+        let Some(tasks) = live.upgrade() else { return };
+        tasks.publish(None);
+        drop(tasks);
+        warn!(%failure, "the task index stopped following the store; reading it again");
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(longest_pause);
+    }
+}
+
+/// One load and the watch after it, until the watch fails (`Err`) or the
+/// [`LiveTasks`] is dropped (`Ok`).
+async fn follow_once(
+    live: &Weak<LiveTasks>,
+    pause: &mut Duration,
+    first_pause: Duration,
+) -> Result<(), ProtocolError> {
+    let Some(tasks) = live.upgrade() else {
+        return Ok(());
+    };
+    let coordinator = tasks.coordinator.clone();
+    drop(tasks);
+    let index = coordinator.read_index().await?;
+    let mut events = coordinator.watch_namespace(index.revision() + 1).await?;
+    let Some(tasks) = live.upgrade() else {
+        return Ok(());
+    };
+    tasks.publish(Some(index));
+    drop(tasks);
+    *pause = first_pause;
+    while let Some(batch) = events.next().await {
+        let batch = batch?;
+        let Some(tasks) = live.upgrade() else {
+            return Ok(());
+        };
+        let revision = {
+            let mut guard = tasks.index.write().expect("not poisoned");
+            let Some(index) = guard.as_mut() else {
+                return Ok(());
+            };
+            batch.iter().for_each(|event| index.apply(event));
+            index.revision()
+        };
+        tasks.revision.send_replace(revision);
+    }
+    Err(StoreError::Unavailable("the namespace's watch ended".into()).into())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use eretes_protocol::{GroupName, Namespace, TaskQuery, TaskSpec, TaskState};
+    use eretes_store::embedded::EmbeddedStore;
+    use eretes_store::{PutRequest, Store};
+    use serde_json::json;
+
+    use super::*;
+
+    fn ids(index: &TaskIndex) -> Vec<String> {
+        let (tasks, _) = index.page(&TaskQuery::new(100));
+        tasks.into_iter().map(|t| t.id.to_string()).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_hold_acknowledged_writes_and_others_changes_without_reading_the_store() {
+        let store: Arc<dyn Store> = EmbeddedStore::new();
+        let ns = Namespace::new("live").unwrap();
+        let coordinator = Coordinator::new(store.clone(), ns.clone());
+        let spec = TaskSpec::new(GroupName::default(), json!({}));
+        coordinator
+            .submit(&"before".parse().unwrap(), &spec)
+            .await
+            .unwrap();
+        let live = LiveTasks::start(coordinator.clone());
+        let mut loaded = live.revision.subscribe();
+        loaded.wait_for(|&at| at > 0).await.unwrap();
+
+        // Each acknowledged write is in the very next read.
+        for n in 0..20 {
+            let id = format!("t{n:02}").parse().unwrap();
+            live.wrote(coordinator.submit(&id, &spec).await.unwrap());
+            let listed = live.read(ids).await.unwrap();
+            assert!(
+                listed.contains(&id.to_string()),
+                "{id} missing from {listed:?}"
+            );
+        }
+        live.wrote(coordinator.delete(&"t03".parse().unwrap()).await.unwrap());
+        let listed = live.read(ids).await.unwrap();
+        assert_eq!(listed.len(), 20);
+        assert!(!listed.contains(&"t03".to_string()));
+
+        // Others' writes (another agent's submit, a node's claim) arrive by
+        // the watch.
+        let other = Coordinator::new(store.clone(), ns.clone());
+        other.submit(&"zz".parse().unwrap(), &spec).await.unwrap();
+        let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+        let owner = PutRequest::new(
+            ns.owner(&"t00".parse().unwrap()),
+            r#"{"node":"n1","group":"default"}"#,
+        )
+        .with_lease(lease);
+        store.put(owner).await.unwrap();
+        let mut seen = Vec::new();
+        for _ in 0..100 {
+            seen = live
+                .read(|index| {
+                    let (tasks, _) = index.page(&TaskQuery::new(100));
+                    tasks
+                        .into_iter()
+                        .map(|t| (t.id.to_string(), t.state))
+                        .collect::<Vec<_>>()
+                })
+                .await
+                .unwrap();
+            if seen.len() == 21 && seen[1] == ("t00".to_string(), TaskState::Running) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(seen.len(), 21, "{seen:?}");
+        assert_eq!(seen[1], ("t00".to_string(), TaskState::Running));
+        assert_eq!(seen.last().unwrap().0, "zz");
+        assert_eq!(live.store_reads(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_index_that_cannot_catch_up_gives_way_to_a_read_of_the_store() {
+        let store: Arc<dyn Store> = EmbeddedStore::new();
+        let coordinator = Coordinator::new(store.clone(), Namespace::new("live").unwrap());
+        let live = LiveTasks::start(coordinator.clone());
+        let mut revision = live.revision.subscribe();
+        revision.wait_for(|&at| at > 0).await.unwrap();
+        // A write the watch will never deliver: it is in another namespace,
+        // and stands for one the watch is late with.
+        let foreign = store
+            .put(PutRequest::new("elsewhere/x", "1"))
+            .await
+            .unwrap();
+        live.wrote(foreign.revision);
+        let started = tokio::time::Instant::now();
+        assert!(live.read(ids).await.unwrap().is_empty());
+        assert_eq!(started.elapsed(), CATCH_UP);
+        assert_eq!(live.store_reads(), 1);
+    }
+}
