@@ -1,0 +1,225 @@
+//! The agent benchmark: a real `eretes agent` on a fresh data directory,
+//! measured through its API.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{wait_until, wait_until_async, BenchArgs};
+
+/// Start this binary's `eretes agent` on a fresh data directory and measure
+/// it through its API: N `true` tasks one after another, each from submit
+/// until the wait call reports it done (every step is fsync'd by the durable
+/// store); then 20 × N submissions by 8 concurrent clients to a group no
+/// agent serves (so nothing runs), for the API's submit rate.
+pub(super) async fn agent(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(100) as usize;
+    let data_dir = std::env::temp_dir().join(format!("eretes-bench-{:08x}", rand::random::<u32>()));
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "bench"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .context("starting eretes agent")?;
+    let agent_pid = child.id().context("the agent's pid")? as i32;
+    let result = measure_agent(&url, tasks, agent_pid).await;
+    let _ = child.kill().await;
+    let _ = std::fs::remove_dir_all(&data_dir);
+    result
+}
+
+async fn measure_agent(url: &str, tasks: usize, agent_pid: i32) -> Result<serde_json::Value> {
+    let http = reqwest::Client::new();
+    let ready = format!("{url}/readyz");
+    wait_until_async("the agent is ready", || {
+        let (http, ready) = (http.clone(), ready.clone());
+        async move {
+            http.get(&ready)
+                .send()
+                .await
+                .is_ok_and(|r| r.status().is_success())
+        }
+    })
+    .await?;
+    let mut overheads = Vec::with_capacity(tasks);
+    for n in 0..tasks {
+        let id = format!("overhead-{n}");
+        let started = Instant::now();
+        http.post(format!("{url}/v1/tasks"))
+            .json(&json!({ "id": id, "program": "true" }))
+            .send()
+            .await?
+            .error_for_status()?;
+        let view: serde_json::Value = http
+            .get(format!("{url}/v1/tasks/{id}/wait?timeout_s=60"))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        if view["state"] != "done" {
+            bail!("task {id} did not finish: {view}");
+        }
+        overheads.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    overheads.sort_by(f64::total_cmp);
+    let median_ms = overheads[overheads.len() / 2];
+    let p90_ms = overheads[overheads.len() * 9 / 10];
+
+    let submissions = tasks * 20;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut clients = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (http, next, url) = (http.clone(), next.clone(), url.to_string());
+        clients.spawn(async move {
+            loop {
+                let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                if n >= submissions {
+                    return anyhow::Ok(());
+                }
+                http.post(format!("{url}/v1/tasks"))
+                    .json(&json!({ "id": format!("submit-{n}"), "group": "nobody", "program": "true" }))
+                    .send()
+                    .await?
+                    .error_for_status()?;
+            }
+        });
+    }
+    while let Some(done) = clients.join_next().await {
+        done??;
+    }
+    let submits_per_s = submissions as f64 / started.elapsed().as_secs_f64();
+    let pss = supervisor_pss(url, &http, agent_pid).await?;
+    let (direct_ms, supervised_ms) = supervisor_start_cost(tasks).await?;
+    println!(
+        "agent: a `true` task takes {median_ms:.1} ms from submit to done (median of {tasks}; p90 {p90_ms:.1} ms); \
+         the API takes {submits_per_s:.0} submissions/s (8 clients, {submissions} tasks); \
+         a supervisor costs {pss:.0} KiB PSS (median of {SUPERVISED}) and `true` takes {supervised_ms:.2} ms \
+         under one against {direct_ms:.2} ms alone (medians of {tasks})"
+    );
+    Ok(json!({
+        "scenario": "agent",
+        "tasks": tasks,
+        "overhead_median_ms": (median_ms * 10.0).round() / 10.0,
+        "overhead_p90_ms": (p90_ms * 10.0).round() / 10.0,
+        "submissions": submissions,
+        "submits_per_s": submits_per_s.round(),
+        "supervisor_pss_kib": pss.round(),
+        "true_direct_ms": (direct_ms * 100.0).round() / 100.0,
+        "true_supervised_ms": (supervised_ms * 100.0).round() / 100.0,
+    }))
+}
+
+/// Long-running tasks whose supervisors' memory is measured.
+const SUPERVISED: usize = 20;
+
+/// Run [`SUPERVISED`] `sleep` tasks on the agent and return the median
+/// proportional set size of their supervisors (the agent's children), in
+/// KiB: what each costs once the pages it shares with the agent and the
+/// other supervisors are divided among them.
+async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Result<f64> {
+    for n in 0..SUPERVISED {
+        http.post(format!("{url}/v1/tasks"))
+            .json(&json!({ "id": format!("resident-{n}"), "program": "sleep", "args": ["600"] }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    let supervisors = || {
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|&pid| parent_of(pid) == Some(agent_pid))
+            .collect::<Vec<i32>>()
+    };
+    wait_until("every resident task runs", || {
+        supervisors().len() >= SUPERVISED
+    })
+    .await?;
+    let mut pss: Vec<f64> = supervisors()
+        .into_iter()
+        .filter_map(|pid| {
+            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+            let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+            line.split_whitespace().nth(1)?.parse().ok()
+        })
+        .collect();
+    if pss.is_empty() {
+        bail!("no supervisor's memory could be read");
+    }
+    pss.sort_by(f64::total_cmp);
+    Ok(pss[pss.len() / 2])
+}
+
+fn parent_of(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// Medians, over `runs` alternating runs, of `true` started and reaped
+/// alone and `true` under this binary's supervisor (exec'd, launched,
+/// reported and reaped — what a run costs when no supervisor was started
+/// ahead of it): the supervisor's extra cost per task start, in
+/// milliseconds.
+async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
+    let launch = eretes_exec::supervisor::wire::Launch {
+        program: "true".into(),
+        args: Vec::new(),
+        cwd: None,
+        env: Vec::new(),
+        grace_ms: 1000,
+        deadline_ns: 0,
+        run_as: None,
+        open_files: None,
+    }
+    .encode();
+    let (mut direct, mut supervised) = (Vec::new(), Vec::new());
+    for _ in 0..runs {
+        let started = Instant::now();
+        tokio::process::Command::new("true").status().await?;
+        direct.push(started.elapsed().as_secs_f64() * 1000.0);
+
+        let started = Instant::now();
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
+        let mut child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg(eretes_exec::supervisor::SUBCOMMAND)
+            .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
+            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
+                theirs,
+            )))
+            .spawn()?;
+        let launch = launch.clone();
+        // The supervisor reports and exits; its socket then reads as closed.
+        tokio::task::spawn_blocking(move || {
+            std::io::Write::write_all(&mut &ours, launch.as_bytes())?;
+            let mut reports = String::new();
+            std::io::Read::read_to_string(&mut &ours, &mut reports).map(|_| reports)
+        })
+        .await??
+        .contains("ended 0 exited")
+        .then_some(())
+        .context("the supervisor did not report `true` exiting")?;
+        child.wait().await?;
+        supervised.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    direct.sort_by(f64::total_cmp);
+    supervised.sort_by(f64::total_cmp);
+    Ok((direct[runs / 2], supervised[runs / 2]))
+}

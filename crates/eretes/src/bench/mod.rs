@@ -1,0 +1,146 @@
+//! `eretes bench`: the figures in BENCHMARKS.md. Each scenario prints a human
+//! line and, with `--json`, one JSON object as the last line.
+//!
+//! [`in_process`] measures nodes in this process on the embedded store or
+//! etcd; [`agent`] measures a real `eretes agent` through its HTTP API.
+
+mod agent;
+mod in_process;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use clap::{Args, ValueEnum};
+use eretes_store::embedded::EmbeddedStore;
+use tokio::time::Instant;
+
+use crate::cluster::{Cluster, Work};
+use crate::store_args::StoreArgs;
+
+/// The benchmark scenarios.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Scenario {
+    /// No-op tasks end to end on the embedded store: submit → claim → complete.
+    Throughput,
+    /// Resident memory per running idle in-process task.
+    Memory,
+    /// A 3-node in-process cluster claims tasks submitted beforehand.
+    ClusterClaim,
+    /// Three nodes claim 10,000 submitted tasks, against plain
+    /// create-if-absent transactions at the same concurrency (embedded or etcd).
+    Claim,
+    /// A node owning 1,000 tasks is killed; time until all run elsewhere
+    /// (embedded or etcd).
+    Failover,
+    /// Requests per second one node sends to the store in steady state,
+    /// running 100, 1,000 and 10,000 idle tasks in turn (embedded or etcd).
+    Steady,
+    /// A real `eretes agent` on a fresh data directory: per-task overhead
+    /// (submit → exit seen, for `true`) and API submit throughput.
+    Agent,
+}
+
+/// Options of `eretes bench`.
+#[derive(Debug, Args)]
+pub struct BenchArgs {
+    /// Which benchmark.
+    #[arg(value_enum)]
+    scenario: Scenario,
+    /// Tasks to use (default: 100,000 for throughput and cluster-claim,
+    /// 50,000 for memory, 10,000 for claim, 1,000 for failover).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
+    tasks: Option<u32>,
+    /// Nodes to run (default: 1 for throughput and memory, 3 otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: Option<u16>,
+    /// How long the steady scenario counts requests, in seconds (the default
+    /// spans one periodic resync).
+    #[arg(long, default_value_t = 35, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    window_s: u64,
+    /// The store (claim, failover and steady only): embedded unless --etcd is given.
+    #[command(flatten)]
+    store: StoreArgs,
+    /// End with one JSON object on the last line of standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// The longest a benchmark may run before it gives up.
+const LIMIT: Duration = Duration::from_secs(600);
+
+/// Run a benchmark.
+pub async fn run(args: BenchArgs) -> Result<()> {
+    let embedded_only = matches!(
+        args.scenario,
+        Scenario::Throughput | Scenario::Memory | Scenario::ClusterClaim | Scenario::Agent
+    );
+    if embedded_only && args.store.is_etcd() {
+        bail!(
+            "--etcd: the {:?} benchmark measures the embedded store only; \
+             on etcd, run `eretes bench claim`, `failover` or `steady`",
+            args.scenario
+        );
+    }
+    let report = match args.scenario {
+        Scenario::Throughput => in_process::throughput(&args).await?,
+        Scenario::Memory => in_process::memory(&args).await?,
+        Scenario::ClusterClaim => in_process::cluster_claim(&args).await?,
+        Scenario::Agent => agent::agent(&args).await?,
+        Scenario::Claim | Scenario::Failover | Scenario::Steady => {
+            in_process::on_any_store(&args).await?
+        }
+    };
+    if args.json {
+        println!("{report}");
+    }
+    Ok(())
+}
+
+/// Names of `count` nodes: node-1, node-2, …
+fn nodes(count: u16) -> Vec<String> {
+    (1..=count).map(|i| format!("node-{i}")).collect()
+}
+
+/// A cluster with no nodes yet on a fresh embedded store, whose handlers do `work`.
+fn bench_cluster(work: Work) -> Result<(Arc<EmbeddedStore>, Cluster)> {
+    let store = EmbeddedStore::new();
+    let cluster = Cluster::new(store.clone(), "bench", work, Duration::from_secs(10))?;
+    Ok((store, cluster))
+}
+
+/// Start `count` nodes in `cluster`.
+async fn add_nodes(cluster: &mut Cluster, count: u16) -> Result<()> {
+    for name in nodes(count) {
+        cluster.add_node(&name).await?;
+    }
+    Ok(())
+}
+
+/// Poll `done` every 50 ms until it holds; fail naming `what` after 30 s.
+async fn wait_until_async<F, Fut>(what: &str, mut done: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done().await {
+        if Instant::now() > deadline {
+            bail!("timed out after 30 s waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
+
+/// Poll `done` every 10 ms until it holds; fail naming `what` after [`LIMIT`].
+async fn wait_until(what: &str, mut done: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + LIMIT;
+    while !done() {
+        if Instant::now() > deadline {
+            bail!("timed out after {LIMIT:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
