@@ -143,6 +143,15 @@ pub enum Output {
 }
 
 /// A client of one agent.
+/// A page of the task list.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct TaskPage {
+    /// The tasks, in id order.
+    pub tasks: Vec<TaskView>,
+    /// The id to pass as `after` for the next page; `None` on the last.
+    pub next: Option<String>,
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     base: String,
@@ -198,31 +207,53 @@ impl AgentClient {
         state: Option<&str>,
         group: Option<&str>,
     ) -> Result<Vec<TaskView>, ClientError> {
-        #[derive(Deserialize)]
-        struct Page {
-            tasks: Vec<TaskView>,
-            next: Option<String>,
-        }
-        let mut query = format!("limit={PAGE}");
-        for (name, value) in [("state", state), ("group", group)] {
-            if let Some(value) = value {
-                query.push_str(&format!("&{name}={}", encoded(value)));
-            }
-        }
+        self.list_up_to(state, group, None, usize::MAX)
+            .await
+            .map(|(tasks, _)| tasks)
+    }
+
+    /// Up to `most` tasks (of `state` and `group`, if given) whose ids sort
+    /// after `after`, in id order, read page after page; and, if more
+    /// follow, the id to pass as `after` to go on.
+    pub async fn list_up_to(
+        &self,
+        state: Option<&str>,
+        group: Option<&str>,
+        after: Option<&str>,
+        most: usize,
+    ) -> Result<(Vec<TaskView>, Option<String>), ClientError> {
         let mut tasks = Vec::new();
-        let mut after: Option<String> = None;
-        loop {
-            let mut path = format!("/v1/tasks?{query}");
-            if let Some(after) = &after {
-                path.push_str(&format!("&after={}", encoded(after)));
-            }
-            let page: Page = self.call(Method::GET, &path, None).await?;
+        let mut after = after.map(str::to_string);
+        while tasks.len() < most {
+            let limit = (most - tasks.len()).min(PAGE);
+            let page = self
+                .list_page(state, group, after.as_deref(), limit)
+                .await?;
             tasks.extend(page.tasks);
             match page.next {
                 Some(next) => after = Some(next),
-                None => return Ok(tasks),
+                None => return Ok((tasks, None)),
             }
         }
+        Ok((tasks, after))
+    }
+
+    /// One page: at most `limit` (1–1000) tasks of `state` and `group`, if
+    /// given, whose ids sort after `after`.
+    pub async fn list_page(
+        &self,
+        state: Option<&str>,
+        group: Option<&str>,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<TaskPage, ClientError> {
+        let mut path = format!("/v1/tasks?limit={limit}");
+        for (name, value) in [("state", state), ("group", group), ("after", after)] {
+            if let Some(value) = value {
+                path.push_str(&format!("&{name}={}", encoded(value)));
+            }
+        }
+        self.call(Method::GET, &path, None).await
     }
 
     /// Wait until the task has ended (done, failed or killed); its final

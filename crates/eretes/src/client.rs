@@ -94,6 +94,13 @@ pub struct LsArgs {
     /// Only tasks of this group.
     #[arg(long)]
     group: Option<String>,
+    /// At most this many tasks (default: all). When more follow, the id to
+    /// go on from is printed to standard error.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    limit: Option<u64>,
+    /// Only tasks whose ids sort after this one.
+    #[arg(long)]
+    after: Option<String>,
     /// One JSON document instead of a table.
     #[arg(long)]
     json: bool,
@@ -437,19 +444,34 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
     Ok(exit_code(&view))
 }
 
-/// `eretes ls [--state S] [--group G] [--json]`.
+/// `eretes ls [--state S] [--group G] [--limit N] [--after ID] [--json]`.
 pub async fn ls(args: LsArgs) -> Result<i32> {
-    let tasks = args
+    if let Some(after) = &args.after {
+        eretes::api_client::checked(after)?;
+    }
+    let most = args
+        .limit
+        .map_or(usize::MAX, |n| n.try_into().unwrap_or(usize::MAX));
+    let (tasks, more_after) = args
         .agent
         .client()?
-        .list(args.state.as_deref(), args.group.as_deref())
+        .list_up_to(
+            args.state.as_deref(),
+            args.group.as_deref(),
+            args.after.as_deref(),
+            most,
+        )
         .await?;
+    if let Some(after) = &more_after {
+        eprintln!("more tasks follow: eretes ls --after {after}");
+    }
     let tasks = document(&tasks)?;
     if args.json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&json!({ "tasks": tasks }))?
-        );
+        let mut page = json!({ "tasks": tasks });
+        if let Some(after) = more_after {
+            page["next"] = json!(after);
+        }
+        println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(0);
     }
     let rows: Vec<Vec<String>> = tasks

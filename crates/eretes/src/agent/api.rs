@@ -285,7 +285,11 @@ async fn list(
         )));
     }
     let query = TaskQuery {
-        after: query.after.as_deref().map(task_id).transpose()?,
+        after: query
+            .after
+            .as_deref()
+            .map(|after| TaskId::new(after).map_err(|e| ApiError::invalid(format!("after: {e}"))))
+            .transpose()?,
         state: wanted_state,
         group: query.group,
         limit,
