@@ -12,7 +12,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `POST /v1/tasks` | submit a process task |
-//! | `GET /v1/tasks?state=&group=&limit=&after=` | list, filtered, paginated by id |
+//! | `GET /v1/tasks?state=&group=&limit=&after=` | list, filtered, paginated by id (`limit` 1–1000, default 100; `next` in the answer is the `after` of the next page); served from the agent's watch-kept index ([`super::task_list`]): O(page), and it holds every submit and removal this agent acknowledged before |
 //! | `GET /v1/tasks/{id}` | one task |
 //! | `DELETE /v1/tasks/{id}` | delete it (stops it wherever it runs) |
 //! | `GET /v1/tasks/{id}/wait?timeout_s=` | long-poll until it ends |

@@ -1,6 +1,8 @@
 //! The agent benchmark: a real `eretes agent` on a fresh data directory,
 //! measured through its API.
 
+use std::future::Future;
+use std::path::PathBuf;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
@@ -16,41 +18,75 @@ use super::{wait_until, wait_until_async, BenchArgs};
 /// agent serves (so nothing runs), for the API's submit rate.
 pub(super) async fn agent(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(100) as usize;
-    let data_dir = std::env::temp_dir().join(format!("eretes-bench-{:08x}", rand::random::<u32>()));
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let url = format!("http://127.0.0.1:{port}");
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
-        .arg("agent")
-        .arg("--data-dir")
-        .arg(&data_dir)
-        .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "bench"])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .context("starting eretes agent")?;
-    let agent_pid = child.id().context("the agent's pid")? as i32;
-    let result = measure_agent(&url, tasks, agent_pid).await;
-    let _ = child.kill().await;
-    let _ = std::fs::remove_dir_all(&data_dir);
-    result
+    let agent = BenchAgent::start(fresh_data_dir()).await?;
+    let (url, pid) = (agent.url.clone(), agent.pid);
+    agent.measure(measure_agent(&url, tasks, pid)).await
+}
+
+/// A data directory of its own under the system's temporary directory.
+pub(super) fn fresh_data_dir() -> PathBuf {
+    std::env::temp_dir().join(format!("eretes-bench-{:08x}", rand::random::<u32>()))
+}
+
+/// This binary's `eretes agent` on a loopback port, killed (and its data
+/// directory removed) when the measurement ends.
+pub(super) struct BenchAgent {
+    child: tokio::process::Child,
+    data_dir: PathBuf,
+    /// Its API's base URL.
+    pub url: String,
+    /// Its process id.
+    pub pid: i32,
+}
+
+impl BenchAgent {
+    /// Start an agent named `bench` on `data_dir` and wait until it is ready.
+    pub async fn start(data_dir: PathBuf) -> Result<BenchAgent> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let child = tokio::process::Command::new(std::env::current_exe()?)
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(&data_dir)
+            .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "bench"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .context("starting eretes agent")?;
+        let pid = child.id().context("the agent's pid")? as i32;
+        let agent = BenchAgent {
+            child,
+            data_dir,
+            url: format!("http://127.0.0.1:{port}"),
+            pid,
+        };
+        let (http, ready) = (reqwest::Client::new(), format!("{}/readyz", agent.url));
+        wait_until_async("the agent is ready", || {
+            let (http, ready) = (http.clone(), ready.clone());
+            async move {
+                http.get(&ready)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            }
+        })
+        .await?;
+        Ok(agent)
+    }
+
+    /// Await `measurement`, then stop the agent and remove its data.
+    pub async fn measure<T>(mut self, measurement: impl Future<Output = T>) -> T {
+        let result = measurement.await;
+        let _ = self.child.kill().await;
+        let _ = std::fs::remove_dir_all(&self.data_dir);
+        result
+    }
 }
 
 async fn measure_agent(url: &str, tasks: usize, agent_pid: i32) -> Result<serde_json::Value> {
     let http = reqwest::Client::new();
-    let ready = format!("{url}/readyz");
-    wait_until_async("the agent is ready", || {
-        let (http, ready) = (http.clone(), ready.clone());
-        async move {
-            http.get(&ready)
-                .send()
-                .await
-                .is_ok_and(|r| r.status().is_success())
-        }
-    })
-    .await?;
     let mut overheads = Vec::with_capacity(tasks);
     for n in 0..tasks {
         let id = format!("overhead-{n}");

@@ -6,6 +6,7 @@
 
 mod agent;
 mod in_process;
+mod list;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -39,6 +40,10 @@ enum Scenario {
     /// A real `eretes agent` on a fresh data directory: per-task overhead
     /// (submit → exit seen, for `true`) and API submit throughput.
     Agent,
+    /// A real `eretes agent` whose store holds N pending tasks (default
+    /// 100,000): the latency of a page of its task list, against one read
+    /// of the whole namespace in the same run.
+    List,
 }
 
 /// Options of `eretes bench`.
@@ -73,7 +78,11 @@ const LIMIT: Duration = Duration::from_secs(600);
 pub async fn run(args: BenchArgs) -> Result<()> {
     let embedded_only = matches!(
         args.scenario,
-        Scenario::Throughput | Scenario::Memory | Scenario::ClusterClaim | Scenario::Agent
+        Scenario::Throughput
+            | Scenario::Memory
+            | Scenario::ClusterClaim
+            | Scenario::Agent
+            | Scenario::List
     );
     if embedded_only && args.store.is_etcd() {
         bail!(
@@ -87,6 +96,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Memory => in_process::memory(&args).await?,
         Scenario::ClusterClaim => in_process::cluster_claim(&args).await?,
         Scenario::Agent => agent::agent(&args).await?,
+        Scenario::List => list::list(&args).await?,
         Scenario::Claim | Scenario::Failover | Scenario::Steady => {
             in_process::on_any_store(&args).await?
         }
