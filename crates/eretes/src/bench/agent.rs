@@ -18,7 +18,7 @@ use super::{wait_until, wait_until_async, BenchArgs};
 /// agent serves (so nothing runs), for the API's submit rate.
 pub(super) async fn agent(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(100) as usize;
-    let agent = BenchAgent::start(fresh_data_dir()).await?;
+    let agent = BenchAgent::start(args, fresh_data_dir()).await?;
     let (url, pid) = (agent.url.clone(), agent.pid);
     agent.measure(measure_agent(&url, tasks, pid)).await
 }
@@ -40,12 +40,17 @@ pub(super) struct BenchAgent {
 }
 
 impl BenchAgent {
-    /// Start an agent named `bench` on `data_dir` and wait until it is ready.
-    pub async fn start(data_dir: PathBuf) -> Result<BenchAgent> {
+    /// Start an agent named `bench` on `data_dir` (this binary, or the
+    /// one `--agent-binary` names) and wait until it is ready.
+    pub async fn start(args: &BenchArgs, data_dir: PathBuf) -> Result<BenchAgent> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = tokio::process::Command::new(std::env::current_exe()?)
+        let binary = match &args.agent_binary {
+            Some(path) => path.clone(),
+            None => std::env::current_exe()?,
+        };
+        let child = tokio::process::Command::new(binary)
             .arg("agent")
             .arg("--data-dir")
             .arg(&data_dir)

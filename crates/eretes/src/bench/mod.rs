@@ -69,6 +69,10 @@ pub struct BenchArgs {
     /// End with one JSON object on the last line of standard output.
     #[arg(long)]
     json: bool,
+    /// The agent and list scenarios: run this `eretes` binary as the agent
+    /// instead of this one (to compare two builds in the same session).
+    #[arg(long, value_name = "PATH")]
+    agent_binary: Option<std::path::PathBuf>,
 }
 
 /// The longest a benchmark may run before it gives up.
