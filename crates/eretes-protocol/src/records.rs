@@ -4,6 +4,8 @@
 //! required field is reported as [`MalformedValue`], and the runtime skips and
 //! counts it instead of failing.
 
+use std::collections::BTreeMap;
+
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 use serde_json::Value;
 
@@ -118,6 +120,10 @@ pub struct NodeRecord {
     /// Most tasks it runs at once over all its groups, if it has a limit.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_running: Option<u64>,
+    /// Most tasks of a group it runs at once, for the groups where it has a
+    /// limit (`--slots`), so that other nodes' fair balancers count with it.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<GroupName, u64>,
 }
 
 /// A stored value that could not be decoded.

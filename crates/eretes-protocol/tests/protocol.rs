@@ -183,6 +183,7 @@ async fn a_name_held_by_a_record_without_a_lease_says_so_and_is_no_live_node() {
         groups: vec![GroupName::default()],
         started_at_ms: 1,
         max_running: None,
+        slots: Default::default(),
     };
     store
         .put(eretes_store::PutRequest::new(
@@ -213,6 +214,7 @@ async fn node_names_are_unique_among_live_nodes() {
         groups: vec![GroupName::default()],
         started_at_ms: 0,
         max_running: None,
+        slots: Default::default(),
     };
     let first = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
     coordinator
@@ -464,6 +466,7 @@ async fn snapshots_and_task_views_tell_each_tasks_state() {
         groups: vec![GroupName::default()],
         started_at_ms: 7,
         max_running: None,
+        slots: Default::default(),
     };
     coordinator
         .register_node(&NodeName::new("n1").unwrap(), &record, lease)

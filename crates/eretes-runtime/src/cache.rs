@@ -475,6 +475,14 @@ impl Cache {
             for group in &record.groups {
                 let load = self.view.groups.entry(group.clone()).or_default();
                 load.serving.insert(name.clone());
+                if let Some(&slots) = record.slots.get(group) {
+                    load.limit.insert(name.clone(), saturating_usize(slots));
+                }
+            }
+            if let Some(most) = record.max_running {
+                self.view
+                    .max_running
+                    .insert(name.clone(), saturating_usize(most));
             }
             self.nodes.insert(name, record);
         }
@@ -488,10 +496,17 @@ impl Cache {
         for group in &record.groups {
             if let Some(load) = self.view.groups.get_mut(group) {
                 load.serving.remove(name);
+                load.limit.remove(name);
             }
         }
+        self.view.max_running.remove(name);
         true
     }
+}
+
+/// A limit from a node record, as a count (a limit beyond `usize` is none).
+fn saturating_usize(limit: u64) -> usize {
+    usize::try_from(limit).unwrap_or(usize::MAX)
 }
 
 #[cfg(test)]
@@ -625,6 +640,7 @@ mod tests {
             groups: vec![GroupName::default()],
             started_at_ms: 1,
             max_running: None,
+            slots: Default::default(),
         });
         let change = cache.apply_put(&kv("t/nodes/ghost", record.clone(), 5, 5));
         match change {

@@ -144,6 +144,13 @@ impl Node {
             groups: config.groups.clone(),
             started_at_ms: now_ms(),
             max_running: (config.max_running != usize::MAX).then_some(config.max_running as u64),
+            slots: config
+                .groups
+                .iter()
+                .map(|group| (group.clone(), config.slots_for(group)))
+                .filter(|(_, slots)| *slots != usize::MAX)
+                .map(|(group, slots)| (group, slots as u64))
+                .collect(),
         };
         let lease = register(&coordinator, &config, &record).await?;
         info!(node = %config.name, lease = format!("{lease:#x}"), "node registered");

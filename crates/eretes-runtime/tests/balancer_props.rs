@@ -34,6 +34,7 @@ fn load_of(counts: &[usize], unowned: usize, omit_zeros: bool) -> GroupLoad {
             .map(|(i, &c)| (node(i), c))
             .collect(),
         unowned,
+        limit: Default::default(),
     }
 }
 

@@ -10,7 +10,7 @@ use eretes_protocol::{
     ClaimBasis, ClaimOutcome, Coordinator, GroupName, Namespace, NodeCommand, NodeName, Outcome,
     TaskId, TaskRecord, TaskSpec,
 };
-use eretes_runtime::balancer::{min_moves, DumbBalancer};
+use eretes_runtime::balancer::{min_moves, DumbBalancer, FairBalancer};
 use eretes_runtime::NodeStats;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
@@ -739,6 +739,52 @@ async fn max_running_limits_a_node_across_its_groups_and_serves_each() {
         first_two.contains(&"a") && first_two.contains(&"b"),
         "{first_two:?}"
     );
+}
+
+#[tokio::test(start_paused = true)]
+async fn fair_shares_count_with_nodes_limits_so_no_task_waits_beside_room() {
+    // A small node (one task at a time, over both groups) and a big one,
+    // both fair: the big one takes what the small one has no room for.
+    let mut cluster = Cluster::new(embedded());
+    let groups = [GroupName::new("a").unwrap(), GroupName::new("b").unwrap()];
+    let mut small = cluster.config("small");
+    small.groups = groups.to_vec();
+    small.max_running = 1;
+    let mut big = cluster.config("big");
+    big.groups = groups.to_vec();
+    big.group_slots.insert(groups[1].clone(), 4);
+    for config in [small, big] {
+        let store = cluster.store.clone();
+        cluster
+            .start_with(store, config, Box::new(FairBalancer::default()))
+            .await;
+    }
+    for group in &groups {
+        for n in 0..6 {
+            let id = TaskId::new(format!("{group}-{n}")).unwrap();
+            let spec = TaskSpec::new(group.clone(), json!({"mode": "idle"}));
+            cluster.coordinator.submit(&id, &spec).await.unwrap();
+        }
+    }
+    // a: 6 tasks, the small node has room for 1 over both groups; b: the
+    // big node runs at most 4 of it. So 1 + 5 of a, and 4 of b on the big
+    // one; the small node's place goes to a or b, and 1 or 2 of b wait.
+    eventually("every place is used", Duration::from_secs(60), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(60)).await;
+    let small = cluster.observer.running_on("small");
+    let big = cluster.observer.running_on("big");
+    assert_eq!(small.len(), 1, "{small:?}");
+    let of = |tasks: &[String], group: &str| tasks.iter().filter(|t| t.starts_with(group)).count();
+    assert_eq!(of(&big, "b-"), 4, "{big:?}");
+    assert_eq!(
+        of(&big, "a-") + of(&small, "a-"),
+        6,
+        "all of a runs: {big:?} {small:?}"
+    );
+    assert_eq!(cluster.observer.overlaps(), 0);
 }
 
 /// Submit a task whose handler ignores cancellation, and wait until it runs.

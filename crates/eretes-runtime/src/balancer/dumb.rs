@@ -58,6 +58,7 @@ mod tests {
                 serving: BTreeSet::new(),
                 owned: [(me, 100)].into_iter().collect(),
                 unowned: 3,
+                limit: Default::default(),
             },
         );
         let task = TaskId::new("t1").unwrap();

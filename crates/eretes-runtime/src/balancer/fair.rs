@@ -96,12 +96,13 @@ impl FairBalancer {
     /// now, before capping by the tasks it actually runs.
     fn releasable(
         &self,
-        me: &NodeName,
+        view: &ClusterView,
         group: &GroupName,
         load: &GroupLoad,
         now: Instant,
     ) -> usize {
-        let Some(target) = fair_targets(load).get(me).copied() else {
+        let me = &view.me;
+        let Some(target) = fair_targets_in(view, group).get(me).copied() else {
             return 0;
         };
         let excess = load.owned_by(me).saturating_sub(target);
@@ -135,7 +136,7 @@ impl Balancer for FairBalancer {
         view: &ClusterView,
     ) -> ClaimDecision {
         let below_share = view.groups.get(group).is_some_and(|load| {
-            fair_targets(load)
+            fair_targets_in(view, group)
                 .get(&view.me)
                 .is_some_and(|&target| load.owned_by(&view.me) < target)
         });
@@ -164,7 +165,7 @@ impl Balancer for FairBalancer {
 
         let mut released = Vec::new();
         for (group, load) in groups {
-            let count = self.releasable(&view.me, group, load, now);
+            let count = self.releasable(view, group, load, now);
             if count == 0 {
                 continue;
             }
@@ -188,33 +189,71 @@ impl Balancer for FairBalancer {
     }
 }
 
-/// The fair share of every node serving the group described by `load`.
+/// The fair share of every node serving the group described by `load`,
+/// counting each node's slots for the group (`load.limit`).
 ///
 /// With `T = load.total()` tasks and `N = load.serving.len()` serving nodes,
 /// each serving node gets `T / N`, and the first `T % N` of them, ranked by
-/// tasks owned now (most first) and then by name, get one more. The targets add
-/// up to `T` (when `N > 0`), differ by at most one, and are the same on every
-/// node that sees the same counts. Owners that no longer serve the group get no
+/// tasks owned now (most first) and then by name, get one more. A node whose
+/// limit is below that gets its limit, and what it cannot take is shared the
+/// same way among the others (water-filling), so tasks beyond a small node's
+/// room are not left pending beside nodes with room. The targets add up to
+/// `T` when the nodes have room for all (else to their room), differ by at
+/// most one among nodes below their limits, and are the same on every node
+/// that sees the same counts. Owners that no longer serve the group get no
 /// target, but their tasks count in `T`: they will come free. Empty when
 /// nobody serves the group.
 pub fn fair_targets(load: &GroupLoad) -> BTreeMap<NodeName, usize> {
-    let nodes = load.serving.len();
-    if nodes == 0 {
-        return BTreeMap::new();
+    capped_targets(load, |node| {
+        load.limit.get(node).copied().unwrap_or(usize::MAX)
+    })
+}
+
+/// [`fair_targets`] with each node's room from the whole view: its slots
+/// for `group` and what its `max_running` leaves after its other groups.
+pub fn fair_targets_in(view: &ClusterView, group: &GroupName) -> BTreeMap<NodeName, usize> {
+    match view.groups.get(group) {
+        Some(load) => capped_targets(load, |node| view.room_for(node, group)),
+        None => BTreeMap::new(),
     }
-    let total = load.total();
-    let (base, extra) = (total / nodes, total % nodes);
-    let mut ranked: Vec<(&NodeName, usize)> = load
-        .serving
-        .iter()
-        .map(|node| (node, load.owned_by(node)))
+}
+
+/// Water-filling: nodes whose room is below the even share of what is left
+/// get their room; the rest is split evenly among the others, the one-more
+/// going to those that own the most.
+fn capped_targets(
+    load: &GroupLoad,
+    room: impl Fn(&NodeName) -> usize,
+) -> BTreeMap<NodeName, usize> {
+    let mut targets = BTreeMap::new();
+    let mut open: Vec<(&NodeName, usize)> =
+        load.serving.iter().map(|node| (node, room(node))).collect();
+    let mut left = load.total();
+    while !open.is_empty() {
+        let level = left.div_ceil(open.len());
+        let (full, rest): (Vec<_>, Vec<_>) = open.into_iter().partition(|(_, room)| *room < level);
+        open = rest;
+        if full.is_empty() {
+            break;
+        }
+        for (node, room) in full {
+            targets.insert(node.clone(), room);
+            left -= room;
+        }
+    }
+    if open.is_empty() {
+        return targets;
+    }
+    let (base, extra) = (left / open.len(), left % open.len());
+    let mut ranked: Vec<(&NodeName, usize)> = open
+        .into_iter()
+        .map(|(node, _)| (node, load.owned_by(node)))
         .collect();
     ranked.sort_by(|a, b| (Reverse(a.1), a.0).cmp(&(Reverse(b.1), b.0)));
-    ranked
-        .into_iter()
-        .enumerate()
-        .map(|(rank, (node, _))| (node.clone(), base + usize::from(rank < extra)))
-        .collect()
+    for (rank, (node, _)) in ranked.into_iter().enumerate() {
+        targets.insert(node.clone(), base + usize::from(rank < extra));
+    }
+    targets
 }
 
 /// The fewest tasks that serving nodes must release to bring the group to its
@@ -278,6 +317,7 @@ mod tests {
                 .map(|(n, c)| (node(n), *c))
                 .collect(),
             unowned,
+            limit: BTreeMap::new(),
         }
     }
 
@@ -317,6 +357,51 @@ mod tests {
         assert_eq!(config.claim_retry, Duration::from_millis(250));
         assert_eq!(config.pace, Duration::from_secs(10));
         assert_eq!(config.max_release_per_round, usize::MAX);
+    }
+
+    #[test]
+    fn a_node_with_less_room_than_its_share_gets_its_room_and_the_rest_is_shared() {
+        // 10 tasks over a (slots 1), b and c: a gets 1, b and c 9 between them.
+        let mut l = load(&[("a", 0), ("b", 0), ("c", 0)], 10);
+        l.limit.insert(node("a"), 1);
+        assert_eq!(
+            targets(&l),
+            vec![("a".into(), 1), ("b".into(), 5), ("c".into(), 4)]
+        );
+        // Room for fewer than there are tasks: every node at its room.
+        l.limit.insert(node("b"), 2);
+        l.limit.insert(node("c"), 3);
+        assert_eq!(
+            targets(&l),
+            vec![("a".into(), 1), ("b".into(), 2), ("c".into(), 3)]
+        );
+        // A limit above the even share changes nothing.
+        let mut l = load(&[("a", 0), ("b", 0)], 6);
+        l.limit.insert(node("a"), 3);
+        assert_eq!(targets(&l), vec![("a".into(), 3), ("b".into(), 3)]);
+    }
+
+    #[test]
+    fn max_running_counts_what_a_node_runs_of_its_other_groups() {
+        // "small" may run 1 task in all and runs one of group h: it has no
+        // room for g, whose 4 tasks all go to "big"; without the h task it
+        // would get 1 of g.
+        let mut v = view("big", load(&[("big", 0), ("small", 0)], 4), 0);
+        v.max_running.insert(node("small"), 1);
+        let mut other = load(&[("big", 0), ("small", 1)], 0);
+        other.serving.insert(node("small"));
+        v.groups.insert(group("h"), other);
+        let targets: Vec<(String, usize)> = fair_targets_in(&v, &group("g"))
+            .into_iter()
+            .map(|(n, t)| (n.to_string(), t))
+            .collect();
+        assert_eq!(targets, vec![("big".into(), 4), ("small".into(), 0)]);
+        assert_eq!(
+            FairBalancer::default().can_claim(&task("x"), &group("g"), &v),
+            ClaimDecision::Claim
+        );
+        v.groups.remove(&group("h"));
+        assert_eq!(fair_targets_in(&v, &group("g"))[&node("small")], 1);
     }
 
     #[test]

@@ -23,7 +23,7 @@ mod fair;
 mod resource;
 
 pub use dumb::DumbBalancer;
-pub use fair::{fair_targets, min_moves, FairBalancer, FairConfig};
+pub use fair::{fair_targets, fair_targets_in, min_moves, FairBalancer, FairConfig};
 pub use resource::{
     ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler,
 };
@@ -39,6 +39,9 @@ pub struct GroupLoad {
     pub owned: BTreeMap<NodeName, usize>,
     /// Tasks of this group that exist and have no owner.
     pub unowned: usize,
+    /// The most tasks of this group a serving node runs at once, for nodes
+    /// with such a limit (`--slots`); absent means unlimited.
+    pub limit: BTreeMap<NodeName, usize>,
 }
 
 impl GroupLoad {
@@ -74,6 +77,9 @@ pub struct ClusterView {
     pub groups: HashMap<GroupName, GroupLoad>,
     /// The tasks this node runs now.
     pub running: HashMap<TaskId, RunningTask>,
+    /// The most tasks a node runs at once over all its groups, for nodes
+    /// with such a limit (`--max-running`); absent means unlimited.
+    pub max_running: HashMap<NodeName, usize>,
 }
 
 impl ClusterView {
@@ -83,7 +89,28 @@ impl ClusterView {
             me,
             groups: HashMap::new(),
             running: HashMap::new(),
+            max_running: HashMap::new(),
         }
+    }
+
+    /// How many tasks of `group` `node` can run at most, given its limits:
+    /// its slots for the group, and its `max_running` less what it runs of
+    /// other groups. Every node computes the same from the same counts.
+    pub fn room_for(&self, node: &NodeName, group: &GroupName) -> usize {
+        let load = self.groups.get(group);
+        let slots = load
+            .and_then(|load| load.limit.get(node).copied())
+            .unwrap_or(usize::MAX);
+        let Some(&most) = self.max_running.get(node) else {
+            return slots;
+        };
+        let elsewhere: usize = self
+            .groups
+            .iter()
+            .filter(|(other, _)| *other != group)
+            .map(|(_, load)| load.owned_by(node))
+            .sum();
+        slots.min(most.saturating_sub(elsewhere))
     }
 
     /// The load of `group` (empty if unknown).
