@@ -91,6 +91,60 @@ proptest! {
     }
 
     #[test]
+    fn targets_keep_within_each_nodes_room_and_leave_no_task_beside_room(
+        counts_and_limits in prop::collection::vec(
+            (0..=12usize, prop_oneof![Just(None), (0..=12usize).prop_map(Some)]),
+            1..=8,
+        ),
+        unowned in 0..=40usize,
+    ) {
+        // Claims never take a node over its limit, so it owns at most that.
+        let counts: Vec<usize> = counts_and_limits
+            .iter()
+            .map(|&(owned, limit)| limit.map_or(owned, |l| owned.min(l)))
+            .collect();
+        let mut load = load_of(&counts, unowned, false);
+        for (i, &(_, limit)) in counts_and_limits.iter().enumerate() {
+            if let Some(limit) = limit {
+                load.limit.insert(node(i), limit);
+            }
+        }
+        let room = |i: usize| load.limit.get(&node(i)).copied().unwrap_or(usize::MAX);
+        let targets = fair_targets(&load);
+        let total = load.total();
+        let all_room = (0..counts.len()).map(room).fold(0usize, usize::saturating_add);
+        prop_assert_eq!(targets.values().sum::<usize>(), total.min(all_room));
+        for i in 0..counts.len() {
+            prop_assert!(targets[&node(i)] <= room(i));
+        }
+        // Among nodes below their room the shares are even.
+        let open: Vec<usize> = (0..counts.len())
+            .filter(|&i| targets[&node(i)] < room(i))
+            .map(|i| targets[&node(i)])
+            .collect();
+        if let (Some(max), Some(min)) = (open.iter().max(), open.iter().min()) {
+            prop_assert!(max - min <= 1, "{:?}", targets);
+            // And no full node got more than an open one could have.
+            for i in 0..counts.len() {
+                prop_assert!(targets[&node(i)] <= max + 1, "{:?}", targets);
+            }
+        }
+        // While tasks wait and some node has room, some node may claim.
+        if unowned > 0 && (0..counts.len()).any(|i| counts[i] < room(i)) {
+            let task = TaskId::new("waiting").unwrap();
+            let claimers = (0..counts.len())
+                .filter(|&i| {
+                    let mut view = ClusterView::new(node(i));
+                    view.groups.insert(group(), load.clone());
+                    FairBalancer::default().can_claim(&task, &group(), &view)
+                        == ClaimDecision::Claim
+                })
+                .count();
+            prop_assert!(claimers >= 1, "{:?}", targets);
+        }
+    }
+
+    #[test]
     fn someone_claims_while_tasks_wait(
         counts in counts_strategy(),
         unowned in 1..=40usize,
