@@ -112,8 +112,8 @@ impl Journal {
     ) -> Result<(), String> {
         match self.try_record(revision, events, kvs) {
             Ok(()) => {
-                if let Some(failure) = self.failure.take() {
-                    tracing::info!(file = %self.path.display(), %failure, "the durable store writes again");
+                if self.failure.take().is_some() {
+                    tracing::info!(file = %self.path.display(), "the durable store writes again");
                 }
                 self.unsynced.clear();
                 Ok(())
