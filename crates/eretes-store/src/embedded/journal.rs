@@ -151,8 +151,13 @@ impl Journal {
     ) -> Result<(), String> {
         let db = match &self.db {
             Some(db) => db,
+            // Dropped by a failed write, whose error is kept until a write
+            // succeeds: fail fast with it until the file may be reopened.
             None if !self.reopen_due() => {
-                return Err(self.failure.clone().unwrap_or_else(|| self.failed("")))
+                return Err(self
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| self.failed("not open")))
             }
             None => match Database::open(&self.path) {
                 Ok(db) => self.db.insert(db),
