@@ -24,8 +24,15 @@
 //! its own task, outside the lock, coalescing whatever revisions are queued
 //! into one item. Queues are unbounded: a watcher that never polls holds on
 //! to every revision queued for it (as etcd buffers for a slow watcher).
+//!
+//! A durable store ([`EmbeddedStore::open_durable`]) writes every revision
+//! to its journal (`embedded/journal.rs`) before anyone sees it. When the
+//! journal cannot (a full disk), a client's write is undone and refused and
+//! everything else goes on (`embedded/write_failure.rs`) until the journal
+//! writes again.
 
 mod journal;
+mod write_failure;
 
 use arcstr::ArcStr;
 use std::cmp::Reverse;
@@ -66,6 +73,14 @@ pub const DEFAULT_MAX_TXN_OPS: usize = 128;
 /// revisions are ready at once; keeps a long replay from becoming one huge
 /// allocation while still amortising per-item overhead for busy watchers.
 const MAX_BATCH_EVENTS: usize = 1024;
+
+/// The shortest time between two attempts of a durable store to reopen its
+/// file after a failed write ([`EmbeddedStore::write_failure`]); writes in
+/// between fail at once with the last error. Reopening repairs the file,
+/// which reads all of it, under the store's lock: done at most this often it
+/// costs reads little while the disk stays full, and writes work again this
+/// soon after space returns. (Measured on the system's clock, not tokio's.)
+pub const JOURNAL_REOPEN_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Tuning knobs of an [`EmbeddedStore`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -266,10 +281,6 @@ struct State {
     /// The durable journal every revision is written to, if the store is
     /// durable ([`EmbeddedStore::open_durable`]).
     journal: Option<journal::Journal>,
-    /// Set when the journal could not write a revision: the store then
-    /// answers every call with this error rather than serve state that a
-    /// restart would not have.
-    journal_failure: Option<String>,
 }
 
 impl EmbeddedStore {
@@ -296,7 +307,6 @@ impl EmbeddedStore {
                 next_lease_id: 1,
                 expiry_task: None,
                 journal: None,
-                journal_failure: None,
             }),
             wake_expiry: Arc::new(Notify::new()),
             me: me.clone(),
@@ -314,6 +324,13 @@ impl EmbeddedStore {
     /// their leases had expired; the watch history starts after the reopen
     /// (older revisions read as compacted). Only one store may have a file
     /// open at a time; a second gets an error naming the file.
+    ///
+    /// A write the file cannot take (disk full, file-size limit, I/O error)
+    /// is not applied and fails with [`StoreError::Unavailable`], which
+    /// names the file and the OS's reason; reads, watches and leases go on,
+    /// and [`EmbeddedStore::write_failure`] says why writes fail. The store
+    /// reopens the file and writes again by itself once it can (see
+    /// [`JOURNAL_REOPEN_INTERVAL`]); no restart is needed.
     pub fn open_durable(path: &Path, options: EmbeddedOptions) -> StoreResult<Arc<EmbeddedStore>> {
         let (journal, loaded) = journal::Journal::open(path)?;
         let store = Self::with_options(options);
@@ -346,8 +363,10 @@ impl EmbeddedStore {
                     })
                 })
                 .collect();
-            state.commit(revision, events);
-            state.healthy()?;
+            // If this fails, the store opens all the same: reads work, and
+            // the deletions are redone by the next open if no write
+            // reaches the file before (see `commit_lease_deletes`).
+            state.commit_lease_deletes(revision, events);
         }
         Ok(store)
     }
@@ -379,11 +398,23 @@ impl EmbeddedStore {
         self.lock().kvs.len()
     }
 
-    /// [`EmbeddedStore::lock`], failing if the durable journal has failed.
-    fn lock_healthy(&self) -> StoreResult<Locked<'_>> {
-        let state = self.lock();
-        state.healthy()?;
-        Ok(state)
+    /// Why writes fail, if the durable journal could not write the last
+    /// revision it was given: its error, naming the file and the OS's
+    /// reason (e.g. "No space left on device"). Set by the first write that
+    /// fails, cleared by the next that succeeds; always `None` for a store
+    /// that is not durable.
+    ///
+    /// While it is set, client writes fail with [`StoreError::Unavailable`]
+    /// and are not applied; reads, watches and leases work as ever. When the
+    /// journal may be reopened again (see [`JOURNAL_REOPEN_INTERVAL`]), this
+    /// call first tries to write the current revision, so that a health
+    /// check sees the journal recover even while no client writes.
+    pub fn write_failure(&self) -> Option<String> {
+        let mut state = self.lock();
+        let state = &mut *state;
+        let journal = state.journal.as_mut()?;
+        journal.retry(state.revision, &state.kvs);
+        journal.failure().map(str::to_string)
     }
 
     /// Take the lock and expire every lease whose deadline has passed, so that
@@ -561,34 +592,31 @@ impl State {
                 });
             }
         }
-        self.commit(revision, events);
+        self.commit_lease_deletes(revision, events);
         true
     }
 
-    /// An error if the durable journal has failed (see `journal_failure`).
-    fn healthy(&self) -> StoreResult<()> {
-        match &self.journal_failure {
-            None => Ok(()),
-            Some(failure) => Err(StoreError::Unavailable(failure.clone())),
+    /// Make `revision` (= current + 1) with `events`, a client's write, the
+    /// new current revision, or, if the journal cannot write it, undo it:
+    /// the caller gets the journal's error and nobody saw the write (nothing
+    /// was acknowledged or sent to a watcher yet). The current revision
+    /// (unchanged if `events` is empty).
+    fn commit(&mut self, revision: Revision, events: Vec<StoredEvent>) -> StoreResult<Revision> {
+        if events.is_empty() {
+            return Ok(self.revision);
         }
+        if let Err(failure) = self.write_journal(revision, &events) {
+            self.roll_back(events);
+            return Err(StoreError::Unavailable(format!(
+                "{failure}; the write was not applied"
+            )));
+        }
+        Ok(self.publish(revision, events))
     }
 
-    /// Make `revision` (= current + 1) with `events` the new current revision:
-    /// journal it (durable stores), fan it out to watchers and trim old
-    /// history. If the journal cannot write it, the store stops serving (see
-    /// `journal_failure`); callers check [`State::healthy`] afterwards.
-    fn commit(&mut self, revision: Revision, events: Vec<StoredEvent>) -> Revision {
-        if events.is_empty() || self.journal_failure.is_some() {
-            return self.revision;
-        }
-        debug_assert_eq!(revision, self.revision + 1);
-        if let Some(journal) = &self.journal {
-            if let Err(failure) = journal.record(revision, &events) {
-                tracing::error!(%failure, "the embedded store stops serving");
-                self.journal_failure = Some(failure);
-                return self.revision;
-            }
-        }
+    /// Make `revision` with `events` the current revision (journaled or
+    /// not): fan it out to watchers and trim old history.
+    fn publish(&mut self, revision: Revision, events: Vec<StoredEvent>) -> Revision {
         self.revision = revision;
         let batch = Arc::new(RevisionEvents {
             revision,
@@ -792,36 +820,34 @@ impl State {
 impl Store for EmbeddedStore {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         check_range(&request.range)?;
-        let state = self.lock_healthy()?;
+        let state = self.lock();
         Ok(state.get(&request, state.revision))
     }
 
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
         check_key(&request.key)?;
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         state.check_lease(request.lease)?;
         let revision = state.revision + 1;
         let mut events = Vec::with_capacity(1);
         let response = state.put(request, revision, &mut events);
-        state.commit(revision, events);
-        state.healthy()?;
+        state.commit(revision, events)?;
         Ok(response)
     }
 
     async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
         check_range(&request.range)?;
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         let revision = state.revision + 1;
         let mut events = Vec::new();
         let response = state.delete(&request.range, request.prev_kv, revision, &mut events);
-        state.commit(revision, events);
-        state.healthy()?;
+        state.commit(revision, events)?;
         Ok(response)
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
         check_txn(&txn, self.max_txn_ops)?;
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         let succeeded = txn.compares.iter().all(|c| state.compare(c));
         let ops = if succeeded { txn.success } else { txn.failure };
         // Validate everything that can fail before the first write, so that
@@ -855,8 +881,7 @@ impl Store for EmbeddedStore {
                 )),
             });
         }
-        let revision = state.commit(revision, events);
-        state.healthy()?;
+        let revision = state.commit(revision, events)?;
         Ok(TxnResponse {
             succeeded,
             revision,
@@ -869,7 +894,7 @@ impl Store for EmbeddedStore {
             return Err(invalid("lease TTL must be positive"));
         }
         let deadline = deadline_after(ttl);
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         let id = state.next_lease_id;
         state.next_lease_id += 1;
         state.leases.insert(
@@ -894,7 +919,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         let entry = state
             .leases
             .get_mut(&lease)
@@ -906,9 +931,9 @@ impl Store for EmbeddedStore {
     }
 
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         if state.revoke_lease(lease) {
-            state.healthy()
+            Ok(())
         } else {
             Err(StoreError::LeaseNotFound(lease))
         }
@@ -916,7 +941,7 @@ impl Store for EmbeddedStore {
 
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         check_range(&range)?;
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         let next = state.revision + 1;
         let mut replay = VecDeque::new();
         if start_revision > 0 {
@@ -962,7 +987,7 @@ impl Store for EmbeddedStore {
     }
 
     async fn compact(&self, revision: Revision) -> StoreResult<()> {
-        let mut state = self.lock_healthy()?;
+        let mut state = self.lock();
         if revision > state.revision {
             return Err(StoreError::FutureRevision {
                 requested: revision,

@@ -82,8 +82,9 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     });
     let open_files = launch.open_files;
     // SAFETY: runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (sigemptyset, sigprocmask, setsid, prctl,
-    // getppid, _exit, getrlimit, setrlimit, setgroups, setgid, setuid).
+    // async-signal-safe functions (sigemptyset, sigprocmask, signal, setsid,
+    // prctl, getppid, _exit, getrlimit, setrlimit, setgroups, setgid,
+    // setuid).
     unsafe {
         command.pre_exec(move || {
             // The mask is inherited across exec: the task must not start
@@ -92,6 +93,12 @@ pub(crate) fn supervise() -> std::io::Result<()> {
             let mut empty: libc::sigset_t = std::mem::zeroed();
             libc::sigemptyset(&mut empty);
             if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // So is an ignored signal: the agent ignores SIGXFSZ (its
+            // writes past a file-size limit must fail, not kill it), but a
+            // task gets the default action, as any program expects.
+            if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
                 return Err(std::io::Error::last_os_error());
             }
             // A session and a process group of its own (pgid = sid = pid).

@@ -10,13 +10,38 @@
 //!
 //! A row is the key, and as value a 32-byte header (create revision, mod
 //! revision, version, lease; little-endian `i64`s) followed by the value.
+//!
+//! # When a write fails
+//!
+//! A disk that is full (ENOSPC), a file-size limit (EFBIG) or an I/O error
+//! fails one write; the store then rolls a client's write back, or keeps a
+//! lease's deletions in memory only (see `write_failure.rs`). redb answers
+//! every later call on that database with "previous I/O error", so the
+//! journal drops it and opens the file again at the next write, at most once
+//! per [`JOURNAL_REOPEN_INTERVAL`]; writes in between fail at once with the
+//! last error. Opening repairs the file (redb walks it), back to its last
+//! committed transaction.
+//!
+//! The keys of every write that failed are remembered as *unsynced*: their
+//! rows may differ from the store's (a client's write that failed in its
+//! final sync may have reached the disk all the same, and a lease's
+//! deletions never did). The next write that succeeds rewrites those rows
+//! as the store has them now, in the same transaction as its own events and
+//! revision, so from then on the file is the store again. Should the process
+//! die before that, the file holds what it held before the failure (or, if
+//! the failed write reached the disk after all, that write too); a reopen
+//! then deletes every key that was under a lease (as it always does), which
+//! covers the lease deletions that never reached the file.
 
+use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Instant;
 
+use arcstr::ArcStr;
 use redb::{Database, ReadableTable, ReadableTableMetadata, TableDefinition};
 
-use super::{Entry, StoredEvent};
+use super::{Entry, StoredEvent, JOURNAL_REOPEN_INTERVAL};
 use crate::error::StoreError;
 use crate::types::Revision;
 
@@ -28,8 +53,18 @@ const HEADER: usize = 32;
 /// An open journal file. redb holds a lock on it, so a second store (in this
 /// process or another) cannot open the same file.
 pub(super) struct Journal {
-    db: Database,
+    /// The database; `None` from a failed write until it is reopened.
+    db: Option<Database>,
     path: PathBuf,
+    /// The last failure, from the first write that failed until one
+    /// succeeds again.
+    failure: Option<String>,
+    /// When the last write or reopen failed: the next reopen waits
+    /// [`JOURNAL_REOPEN_INTERVAL`] from then.
+    failed_at: Option<Instant>,
+    /// Keys whose rows may differ from the store's, because a write of
+    /// theirs failed; rewritten by the next write that succeeds.
+    unsynced: HashSet<ArcStr>,
 }
 
 /// What a journal held when it was opened.
@@ -50,71 +85,161 @@ impl Journal {
             ))
         };
         let db = Database::create(path).map_err(|e| failed("cannot open it", text(e)))?;
+        let loaded = read(&db).map_err(|e| failed("cannot read it", e))?;
         let journal = Journal {
-            db,
+            db: Some(db),
             path: path.to_path_buf(),
+            failure: None,
+            failed_at: None,
+            unsynced: HashSet::new(),
         };
-        let loaded = journal.read().map_err(|e| failed("cannot read it", e))?;
         Ok((journal, loaded))
     }
 
-    fn read(&self) -> Result<Loaded, String> {
-        // Create the tables on first use, so that a read of a new file works.
-        let txn = self.db.begin_write().map_err(text)?;
-        txn.open_table(KEYS).map_err(text)?;
-        txn.open_table(META).map_err(text)?;
-        txn.commit().map_err(text)?;
-
-        let txn = self.db.begin_read().map_err(text)?;
-        let meta = txn.open_table(META).map_err(text)?;
-        let revision = meta.get(REVISION).map_err(text)?.map_or(1, |v| v.value());
-        let table = txn.open_table(KEYS).map_err(text)?;
-        let mut keys = Vec::with_capacity(table.len().map_err(text)? as usize);
-        for row in table.iter().map_err(text)? {
-            let (key, row) = row.map_err(text)?;
-            let key = key.value().to_string();
-            let entry = decode(row.value())
-                .ok_or_else(|| format!("the row of key {key:?} is shorter than its header"))?;
-            keys.push((key, entry));
-        }
-        Ok(Loaded { revision, keys })
+    /// The last write's failure, if it failed (cleared when one succeeds).
+    pub fn failure(&self) -> Option<&str> {
+        self.failure.as_deref()
     }
 
-    /// Write revision `revision`'s events; an error names the file.
-    pub fn record(&self, revision: Revision, events: &[StoredEvent]) -> Result<(), String> {
-        self.write(revision, events).map_err(|error| {
-            format!(
-                "the durable store {} could not write revision {revision}: {error}",
-                self.path.display()
-            )
-        })
-    }
-
-    fn write(&self, revision: Revision, events: &[StoredEvent]) -> Result<(), String> {
-        let txn = self.db.begin_write().map_err(text)?;
-        {
-            let mut keys = txn.open_table(KEYS).map_err(text)?;
-            let mut row = Vec::new();
-            for event in events {
-                match &event.current {
-                    Some(entry) => {
-                        encode(entry, &mut row);
-                        keys.insert(event.key.as_str(), row.as_slice())
-                            .map_err(text)?;
-                    }
-                    None => {
-                        keys.remove(event.key.as_str()).map_err(text)?;
-                    }
+    /// Write revision `revision`: its `events`, and the unsynced keys as
+    /// `kvs` (the store, with `events` applied) has them. An error names the
+    /// file and says why; the events' keys are unsynced then.
+    pub fn record(
+        &mut self,
+        revision: Revision,
+        events: &[StoredEvent],
+        kvs: &BTreeMap<ArcStr, Entry>,
+    ) -> Result<(), String> {
+        match self.try_record(revision, events, kvs) {
+            Ok(()) => {
+                if self.failure.take().is_some() {
+                    tracing::info!(file = %self.path.display(), "the durable store writes again");
                 }
+                self.unsynced.clear();
+                Ok(())
             }
-            txn.open_table(META)
-                .map_err(text)?
-                .insert(REVISION, revision)
-                .map_err(text)?;
+            Err(failure) => {
+                if self.failure.is_none() {
+                    tracing::error!(%failure, "writes fail until the durable store can write again; reads go on");
+                }
+                self.unsynced.extend(events.iter().map(|e| e.key.clone()));
+                self.failure = Some(failure.clone());
+                Err(failure)
+            }
         }
-        txn.commit().map_err(text)?;
+    }
+
+    /// If the journal has failed and may be reopened now, try to write
+    /// (revision `revision`, the unsynced keys from `kvs`), so that a health
+    /// check sees the journal recover without waiting for a client's write.
+    pub fn retry(&mut self, revision: Revision, kvs: &BTreeMap<ArcStr, Entry>) {
+        if self.failure.is_some() && self.reopen_due() {
+            let _ = self.record(revision, &[], kvs);
+        }
+    }
+
+    fn reopen_due(&self) -> bool {
+        self.failed_at
+            .is_none_or(|at| at.elapsed() >= JOURNAL_REOPEN_INTERVAL)
+    }
+
+    fn try_record(
+        &mut self,
+        revision: Revision,
+        events: &[StoredEvent],
+        kvs: &BTreeMap<ArcStr, Entry>,
+    ) -> Result<(), String> {
+        let db = match &self.db {
+            Some(db) => db,
+            // Dropped by a failed write, whose error is kept until a write
+            // succeeds: fail fast with it until the file may be reopened.
+            None if !self.reopen_due() => {
+                return Err(self
+                    .failure
+                    .clone()
+                    .unwrap_or_else(|| self.failed("not open")))
+            }
+            None => match Database::open(&self.path) {
+                Ok(db) => self.db.insert(db),
+                Err(error) => {
+                    self.failed_at = Some(Instant::now());
+                    return Err(self.failed(&format!("reopening it: {}", text(error))));
+                }
+            },
+        };
+        if let Err(error) = write(db, revision, events, &self.unsynced, kvs) {
+            // redb refuses every later call on a database that saw an I/O
+            // error; only a new one (which repairs the file) writes again.
+            self.db = None;
+            self.failed_at = Some(Instant::now());
+            return Err(self.failed(&error));
+        }
         Ok(())
     }
+
+    fn failed(&self, error: &str) -> String {
+        format!(
+            "the durable store {} cannot write: {error}",
+            self.path.display()
+        )
+    }
+}
+
+fn read(db: &Database) -> Result<Loaded, String> {
+    // Create the tables on first use, so that a read of a new file works.
+    let txn = db.begin_write().map_err(text)?;
+    txn.open_table(KEYS).map_err(text)?;
+    txn.open_table(META).map_err(text)?;
+    txn.commit().map_err(text)?;
+
+    let txn = db.begin_read().map_err(text)?;
+    let meta = txn.open_table(META).map_err(text)?;
+    let revision = meta.get(REVISION).map_err(text)?.map_or(1, |v| v.value());
+    let table = txn.open_table(KEYS).map_err(text)?;
+    let mut keys = Vec::with_capacity(table.len().map_err(text)? as usize);
+    for row in table.iter().map_err(text)? {
+        let (key, row) = row.map_err(text)?;
+        let key = key.value().to_string();
+        let entry = decode(row.value())
+            .ok_or_else(|| format!("the row of key {key:?} is shorter than its header"))?;
+        keys.push((key, entry));
+    }
+    Ok(Loaded { revision, keys })
+}
+
+/// One transaction: the `unsynced` keys as `kvs` has them, then `events`,
+/// then `revision`.
+fn write(
+    db: &Database,
+    revision: Revision,
+    events: &[StoredEvent],
+    unsynced: &HashSet<ArcStr>,
+    kvs: &BTreeMap<ArcStr, Entry>,
+) -> Result<(), String> {
+    let txn = db.begin_write().map_err(text)?;
+    {
+        let mut keys = txn.open_table(KEYS).map_err(text)?;
+        let mut row = Vec::new();
+        let synced = unsynced.iter().map(|key| (key, kvs.get(key)));
+        let applied = events.iter().map(|e| (&e.key, e.current.as_ref()));
+        for (key, entry) in synced.chain(applied) {
+            match entry {
+                Some(entry) => {
+                    encode(entry, &mut row);
+                    keys.insert(key.as_str(), row.as_slice()).map_err(text)?;
+                }
+                None => {
+                    keys.remove(key.as_str()).map_err(text)?;
+                }
+            }
+        }
+        txn.open_table(META)
+            .map_err(text)?
+            .insert(REVISION, revision)
+            .map_err(text)?;
+    }
+    txn.commit().map_err(text)?;
+    Ok(())
 }
 
 /// A redb error as text (redb's error type is large, and only its message

@@ -65,6 +65,9 @@ pub struct ApiState {
     pub coordinator: Coordinator,
     /// This agent's node, as the runtime reports it.
     pub status: watch::Receiver<NodeStatus>,
+    /// The embedded store, when the agent runs on it (not with `--etcd`):
+    /// `/readyz` asks it whether it can write.
+    pub embedded: Option<std::sync::Arc<eretes_store::embedded::EmbeddedStore>>,
     /// Where this agent keeps task logs.
     pub logs_dir: PathBuf,
     /// Who may call what.
@@ -526,8 +529,16 @@ async fn prometheus(State(state): State<ApiState>) -> ApiResult<Response> {
         .into_response())
 }
 
-/// Ready once this agent's node holds a lease and is registered.
+/// Ready once this agent's node holds a lease and is registered, and, on
+/// the embedded store, while that store can write: from its first failed
+/// write (a full disk, say) until it writes again, 503 with its error.
 async fn ready(State(state): State<ApiState>) -> Response {
+    // Also retries the store's file, so that readiness returns with the
+    // disk space even while nobody writes.
+    if let Some(failure) = state.embedded.as_ref().and_then(|s| s.write_failure()) {
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", failure)
+            .into_response();
+    }
     let status = state.status.borrow().clone();
     if status.registered {
         Json(json!({ "status": "ready", "running": status.running })).into_response()

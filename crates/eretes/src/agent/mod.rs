@@ -222,11 +222,21 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     }
 
     let recorder = metrics::Metrics::install()?;
-    let store: Arc<dyn Store> = match &args.store.etcd {
-        Some(_) => args.store.open().await?,
+    // Under a file-size limit (RLIMIT_FSIZE), a write past it must fail
+    // with EFBIG, which the embedded store survives like a full disk,
+    // rather than kill the agent with SIGXFSZ. Tasks get the default
+    // action back (the supervisor resets it before their exec).
+    // SAFETY: signal(2) with SIG_IGN installs no handler.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+    let (store, embedded): (Arc<dyn Store>, _) = match &args.store.etcd {
+        Some(_) => (args.store.open().await?, None),
         None => {
-            EmbeddedStore::open_durable(&data_dir.join("store.redb"), EmbeddedOptions::default())
-                .context("opening the embedded store")?
+            let embedded = EmbeddedStore::open_durable(
+                &data_dir.join("store.redb"),
+                EmbeddedOptions::default(),
+            )
+            .context("opening the embedded store")?;
+            (embedded.clone(), Some(embedded))
         }
     };
     let store: Arc<dyn Store> = Arc::new(metrics::MeteredStore::new(store));
@@ -343,6 +353,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         coordinator,
         tasks,
         status: node.status(),
+        embedded,
         logs_dir,
         access: access::Access {
             token: args.token.clone(),
