@@ -30,6 +30,8 @@ const NODE_COMMANDS: &str = "node-commands/";
 const STATES: &str = "states/";
 const CHECKPOINTS: &str = "checkpoints/";
 const TASK_COMMANDS: &str = "task-commands/";
+/// Keys of the task graph layer (`eretes-graph`), which decodes them itself.
+const GRAPH: &str = "graph/";
 
 /// A namespace: the isolated key prefix one eretes cluster lives under.
 /// Nothing eretes does touches keys outside it.
@@ -112,6 +114,11 @@ impl Namespace {
         key.push('/');
         key
     }
+    /// `<ns>/graph/`: the task graph layer's keys.
+    pub fn graph_prefix(&self) -> String {
+        format!("{}{GRAPH}", self.root)
+    }
+
     /// `<ns>/states/`
     pub fn states_prefix(&self) -> String {
         self.join(STATES, "")
@@ -177,6 +184,8 @@ impl Namespace {
                 return Err(malformed("task command id must be one non-empty segment"));
             }
             Ok(KeyKind::TaskCommand(task(id)?))
+        } else if rest.starts_with(GRAPH) {
+            Ok(KeyKind::Graph)
         } else {
             Err(malformed("unknown key kind"))
         }
@@ -204,6 +213,9 @@ pub enum KeyKind {
     Checkpoint(TaskId),
     /// `task-commands/<id>/<uid>`
     TaskCommand(TaskId),
+    /// `graph/...`: the task graph layer's keys (jobs, job epochs, meta,
+    /// node addresses), which it decodes and validates itself.
+    Graph,
 }
 
 /// A key inside a namespace that does not fit the layout.

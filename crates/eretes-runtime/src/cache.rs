@@ -282,7 +282,7 @@ impl Cache {
                     kv.value.len()
                 ))
             }
-            KeyKind::Checkpoint(_) => Change::None,
+            KeyKind::Checkpoint(_) | KeyKind::Graph => Change::None,
         }
     }
 
@@ -364,7 +364,10 @@ impl Cache {
                 present: false,
             },
             KeyKind::NodeCommand(_) => Change::None,
-            KeyKind::State(_) | KeyKind::Checkpoint(_) | KeyKind::TaskCommand(_) => Change::None,
+            KeyKind::State(_)
+            | KeyKind::Checkpoint(_)
+            | KeyKind::TaskCommand(_)
+            | KeyKind::Graph => Change::None,
         }
     }
 
