@@ -1,0 +1,256 @@
+//! [`TaskHandle`]: what the framework gives a task's callbacks — its
+//! identity and topology, and the calls that reach the rest of the job.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use eretes_protocol::TaskId;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+use crate::ids::{graph_task_id, JobEpoch, JobName};
+use crate::jobs::EpochMove;
+use crate::model::{GraphTask, JobSpec, Topology};
+use crate::node::NodeShared;
+use crate::proto::{data_reply, DataRequest};
+use crate::GraphError;
+
+/// The job epoch a run is in, and the token cancelled when it ends.
+#[derive(Debug, Clone)]
+pub(crate) struct EpochScope {
+    pub epoch: JobEpoch,
+    pub shutdown: bool,
+    pub ended: CancellationToken,
+}
+
+/// One run of one graph task, shared by its handle, its event loop and the
+/// data request server.
+pub(crate) struct RunShared {
+    pub node: Arc<NodeShared>,
+    pub job: JobName,
+    pub index: u32,
+    pub id: TaskId,
+    pub spec: Arc<JobSpec>,
+    pub topology: Arc<dyn Topology>,
+    /// The task's implementation.
+    pub task: Arc<dyn GraphTask>,
+    /// The claim (fencing) epoch of this run.
+    pub claim_epoch: i64,
+    /// The job epoch this run is in; moved by the event pump as soon as the
+    /// store says so, before the task's `enter_epoch` is called.
+    pub scope: watch::Sender<EpochScope>,
+    /// What this run flagged last on each link.
+    pub flagged: Mutex<HashMap<String, (JobEpoch, String)>>,
+    /// Cancelled when the run ends.
+    pub ended: CancellationToken,
+}
+
+impl RunShared {
+    /// Enter `epoch`: end the previous epoch's work at once.
+    pub fn move_to(&self, epoch: JobEpoch, shutdown: bool) {
+        self.scope.send_if_modified(|scope| {
+            if epoch < scope.epoch || (epoch == scope.epoch && shutdown == scope.shutdown) {
+                return false;
+            }
+            scope.ended.cancel();
+            *scope = EpochScope {
+                epoch,
+                shutdown,
+                ended: self.ended.child_token(),
+            };
+            true
+        });
+    }
+}
+
+/// A task's handle on its job, given to every callback.
+#[derive(Clone)]
+pub struct TaskHandle {
+    pub(crate) run: Arc<RunShared>,
+}
+
+impl TaskHandle {
+    /// This task's index in its job (0..tasks).
+    pub fn task_id(&self) -> u32 {
+        self.run.index
+    }
+
+    /// The job.
+    pub fn job(&self) -> &JobName {
+        &self.run.job
+    }
+
+    /// How many tasks the job has.
+    pub fn tasks(&self) -> u32 {
+        self.run.spec.tasks
+    }
+
+    /// The job's record as started.
+    pub fn spec(&self) -> &JobSpec {
+        &self.run.spec
+    }
+
+    /// The job's topology.
+    pub fn topology(&self) -> &Arc<dyn Topology> {
+        &self.run.topology
+    }
+
+    /// This task's neighbours over `link` in the current job epoch.
+    pub fn neighbours(&self, link: &str) -> Vec<u32> {
+        self.run
+            .topology
+            .neighbours(link, self.run.index, self.epoch())
+    }
+
+    /// The job epoch this run is in.
+    pub fn epoch(&self) -> JobEpoch {
+        self.run.scope.borrow().epoch
+    }
+
+    /// The claim (fencing) epoch of this run of the task: larger for every
+    /// later run. Not the job epoch.
+    pub fn claim_epoch(&self) -> i64 {
+        self.run.claim_epoch
+    }
+
+    /// Resolves when the current job epoch ends (or the run does).
+    pub async fn epoch_ended(&self) {
+        let ended = self.run.scope.borrow().ended.clone();
+        ended.cancelled().await
+    }
+
+    /// Notify every neighbour over `link` of `meta`, in the current job
+    /// epoch. Flagging again what this run flagged last on the link in this
+    /// epoch does nothing (and receivers deliver each value once anyway).
+    pub async fn flag_meta(&self, link: &str, meta: &str) -> Result<(), GraphError> {
+        let epoch = self.epoch();
+        let last = (epoch, meta.to_string());
+        if self.run.flagged.lock().expect("not poisoned").get(link) == Some(&last) {
+            return Ok(());
+        }
+        self.run
+            .node
+            .jobs
+            .flag_meta(
+                &self.run.job,
+                self.run.index,
+                self.run.claim_epoch,
+                link,
+                epoch,
+                meta,
+            )
+            .await?;
+        self.run
+            .flagged
+            .lock()
+            .expect("not poisoned")
+            .insert(link.to_string(), last);
+        Ok(())
+    }
+
+    /// Move the job to the next epoch, from the one this run is in. Losing
+    /// the race (another task moved it first) is an ordinary answer.
+    pub async fn inc_epoch(&self) -> Result<EpochMove, GraphError> {
+        self.run
+            .node
+            .jobs
+            .inc_epoch(&self.run.job, self.epoch())
+            .await
+    }
+
+    /// End the job: every task gets `exit` and its run ends as done.
+    pub async fn shutdown_job(&self) -> Result<EpochMove, GraphError> {
+        self.run
+            .node
+            .jobs
+            .shutdown(&self.run.job, self.epoch())
+            .await
+    }
+
+    /// Save this task's checkpoint under the run's claim; the next run after
+    /// a failover gets it in `init`.
+    pub async fn checkpoint(&self, bytes: &[u8]) -> Result<(), GraphError> {
+        let coordinator = self.run.node.jobs.coordinator();
+        coordinator
+            .save_checkpoint(&self.run.id, self.run.claim_epoch, bytes)
+            .await
+            .map_err(GraphError::from)
+    }
+
+    /// Ask task `to` for data: sent to whichever node runs it now, retried
+    /// across failovers (re-resolving the owner, with backoff), answered
+    /// once per run of `to`. Fails with [`GraphError::EpochEnded`] once the
+    /// job epoch moves on (an answer that arrives later is dropped), and
+    /// with [`GraphError::DataFailed`] if `to` refused it.
+    pub async fn data_request(
+        &self,
+        to: u32,
+        method: &str,
+        input: Vec<u8>,
+    ) -> Result<Vec<u8>, GraphError> {
+        let scope = self.run.scope.borrow().clone();
+        if to >= self.run.spec.tasks {
+            return Err(GraphError::Invalid(format!(
+                "task {to} is not in job {} of {} tasks",
+                self.run.job, self.run.spec.tasks
+            )));
+        }
+        let node = &self.run.node;
+        let stats = &node.stats;
+        stats.data_requests.fetch_add(1, Ordering::Relaxed);
+        let request = DataRequest {
+            job: self.run.job.to_string(),
+            from: self.run.index,
+            to,
+            job_epoch: scope.epoch.0,
+            request_id: rand::random(),
+            method: method.to_string(),
+            input,
+        };
+        let target = graph_task_id(&self.run.job, to);
+        let mut pause = Duration::from_millis(20);
+        loop {
+            if scope.ended.is_cancelled() {
+                return Err(self.ended_error(scope.epoch));
+            }
+            let reply = tokio::select! {
+                reply = node.call(&target, request.clone()) => reply,
+                () = scope.ended.cancelled() => return Err(self.ended_error(scope.epoch)),
+            };
+            match reply {
+                Ok(data_reply::Outcome::Output(output)) => {
+                    if scope.ended.is_cancelled() {
+                        stats.stale_answers_dropped.fetch_add(1, Ordering::Relaxed);
+                        return Err(self.ended_error(scope.epoch));
+                    }
+                    return Ok(output);
+                }
+                Ok(data_reply::Outcome::Failed(message)) => {
+                    return Err(GraphError::DataFailed(message));
+                }
+                Ok(data_reply::Outcome::Refused(_)) | Err(_) => {
+                    stats.data_retries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = scope.ended.cancelled() => return Err(self.ended_error(scope.epoch)),
+            }
+            pause = (pause * 2).min(Duration::from_millis(500));
+        }
+    }
+
+    fn ended_error(&self, epoch: JobEpoch) -> GraphError {
+        let now = self.run.scope.borrow().clone();
+        if now.shutdown {
+            GraphError::JobEnded(self.run.job.to_string())
+        } else {
+            GraphError::EpochEnded {
+                requested: epoch,
+                now: now.epoch,
+            }
+        }
+    }
+}

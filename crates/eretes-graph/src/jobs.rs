@@ -1,0 +1,247 @@
+//! The graph layer's transactions: start and remove a job, move its epoch
+//! (compare-and-swap), flag meta under a run's claim.
+
+use eretes_protocol::{
+    decode, encode, Coordinator, ProtocolError, TaskId, TaskSpec, MAX_SPEC_BYTES,
+};
+use eretes_store::{
+    Compare, DeleteRequest, GetRequest, KeyRange, PutRequest, Revision, Txn, TxnOp, TxnOpResponse,
+};
+use serde_json::json;
+
+use crate::ids::{graph_task_id, valid_link, GraphKeys, JobEpoch, JobName};
+use crate::model::{EpochRecord, JobSpec, MetaRecord, MAX_JOB_TASKS, MAX_META_BYTES};
+use crate::GraphError;
+
+/// The store side of jobs, for one namespace.
+#[derive(Clone)]
+pub struct Jobs {
+    coordinator: Coordinator,
+    keys: GraphKeys,
+}
+
+/// What [`Jobs::inc_epoch`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EpochMove {
+    /// This call moved the job to this epoch.
+    Moved(JobEpoch),
+    /// The job was no longer at the expected epoch (another task moved it,
+    /// or it shut down): an ordinary answer, nothing was written.
+    Lost(EpochRecord),
+}
+
+impl Jobs {
+    /// Jobs of `coordinator`'s namespace.
+    pub fn new(coordinator: Coordinator) -> Jobs {
+        let keys = GraphKeys::new(coordinator.namespace());
+        Jobs { coordinator, keys }
+    }
+
+    /// The key layout.
+    pub fn keys(&self) -> &GraphKeys {
+        &self.keys
+    }
+
+    /// The coordinator the jobs' tasks live in.
+    pub fn coordinator(&self) -> &Coordinator {
+        &self.coordinator
+    }
+
+    /// Start `job`: its record and epoch 0 in one transaction (refused if the
+    /// job exists), then its tasks `<job>.0` … as eretes tasks of
+    /// `spec.group`, which nodes serving that group claim.
+    pub async fn start(&self, job: &JobName, spec: &JobSpec) -> Result<(), GraphError> {
+        if spec.tasks == 0 || spec.tasks > MAX_JOB_TASKS {
+            return Err(GraphError::Invalid(format!(
+                "a job has 1-{MAX_JOB_TASKS} tasks, not {}",
+                spec.tasks
+            )));
+        }
+        if spec.kind.is_empty() || spec.kind.len() > 64 {
+            return Err(GraphError::Invalid("a job's kind is 1-64 bytes".into()));
+        }
+        let record = encode(spec);
+        if record.len() > MAX_SPEC_BYTES {
+            return Err(GraphError::Invalid(format!(
+                "the job's record is {} bytes; the limit is {MAX_SPEC_BYTES}",
+                record.len()
+            )));
+        }
+        let epoch = EpochRecord {
+            epoch: JobEpoch(0),
+            shutdown: false,
+        };
+        let txn = Txn::new()
+            .when(Compare::absent(self.keys.job(job)))
+            .and_then(TxnOp::Put(PutRequest::new(self.keys.job(job), record)))
+            .and_then(TxnOp::Put(PutRequest::new(
+                self.keys.epoch(job),
+                encode(&epoch),
+            )));
+        if !self.coordinator.store().txn(txn).await?.succeeded {
+            return Err(GraphError::JobExists(job.to_string()));
+        }
+        for index in 0..spec.tasks {
+            let properties = json!({ "graph": { "job": job.as_str(), "index": index } });
+            let task = TaskSpec::new(spec.group.clone(), properties);
+            self.coordinator
+                .submit(&graph_task_id(job, index), &task)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Remove `job`: its tasks (stopped wherever they run), record, epoch
+    /// and meta. [`GraphError::NoSuchJob`] if there is no record.
+    pub async fn remove(&self, job: &JobName) -> Result<(), GraphError> {
+        let spec = self
+            .job(job)
+            .await?
+            .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?;
+        for index in 0..spec.tasks {
+            match self.coordinator.delete(&graph_task_id(job, index)).await {
+                Ok(_) | Err(ProtocolError::NotFound(_)) => {}
+                Err(error) => return Err(error.into()),
+            }
+        }
+        let txn = Txn::new()
+            .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::key(
+                self.keys.job(job),
+            ))))
+            .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::key(
+                self.keys.epoch(job),
+            ))))
+            .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::prefix(
+                self.keys.metas(job),
+            ))));
+        self.coordinator.store().txn(txn).await?;
+        Ok(())
+    }
+
+    /// The record of `job`, if it exists.
+    pub async fn job(&self, job: &JobName) -> Result<Option<JobSpec>, GraphError> {
+        let key = self.keys.job(job);
+        let response = self
+            .coordinator
+            .store()
+            .get(GetRequest::new(KeyRange::key(key.clone())))
+            .await?;
+        match response.kvs.first() {
+            Some(kv) => Ok(Some(decode("job", &key, &kv.value).map_err(malformed)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The epoch record of `job`, if it exists.
+    pub async fn epoch(&self, job: &JobName) -> Result<Option<EpochRecord>, GraphError> {
+        let key = self.keys.epoch(job);
+        let response = self
+            .coordinator
+            .store()
+            .get(GetRequest::new(KeyRange::key(key.clone())))
+            .await?;
+        match response.kvs.first() {
+            Some(kv) => Ok(Some(
+                decode("job epoch", &key, &kv.value).map_err(malformed)?,
+            )),
+            None => Ok(None),
+        }
+    }
+
+    /// Move `job` from epoch `from` to the next, by compare-and-swap.
+    pub async fn inc_epoch(&self, job: &JobName, from: JobEpoch) -> Result<EpochMove, GraphError> {
+        let expected = EpochRecord {
+            epoch: from,
+            shutdown: false,
+        };
+        let next = EpochRecord {
+            epoch: JobEpoch(from.0 + 1),
+            shutdown: false,
+        };
+        self.swap_epoch(job, expected, next).await
+    }
+
+    /// Shut `job` down (keeping its epoch), by compare-and-swap from `at`.
+    pub async fn shutdown(&self, job: &JobName, at: JobEpoch) -> Result<EpochMove, GraphError> {
+        let expected = EpochRecord {
+            epoch: at,
+            shutdown: false,
+        };
+        let next = EpochRecord {
+            epoch: at,
+            shutdown: true,
+        };
+        self.swap_epoch(job, expected, next).await
+    }
+
+    async fn swap_epoch(
+        &self,
+        job: &JobName,
+        expected: EpochRecord,
+        next: EpochRecord,
+    ) -> Result<EpochMove, GraphError> {
+        let key = self.keys.epoch(job);
+        let txn = Txn::new()
+            .when(Compare::value_is(key.clone(), encode(&expected)))
+            .and_then(TxnOp::Put(PutRequest::new(key.clone(), encode(&next))))
+            .or_else(TxnOp::Get(GetRequest::new(KeyRange::key(key.clone()))));
+        let response = self.coordinator.store().txn(txn).await?;
+        if response.succeeded {
+            return Ok(EpochMove::Moved(next.epoch));
+        }
+        let found = match response.responses.first() {
+            Some(TxnOpResponse::Get(get)) => get.kvs.first().cloned(),
+            _ => None,
+        }
+        .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?;
+        Ok(EpochMove::Lost(
+            decode("job epoch", &key, &found.value).map_err(malformed)?,
+        ))
+    }
+
+    /// Flag `meta` on `link` for task `index` of `job`, in job epoch `epoch`,
+    /// under the run's claim (`claim_epoch`): refused as fenced if the run no
+    /// longer owns the task. (The run's handle skips flagging again what it
+    /// flagged last, and receivers deliver each value once.)
+    pub async fn flag_meta(
+        &self,
+        job: &JobName,
+        index: u32,
+        claim_epoch: Revision,
+        link: &str,
+        epoch: JobEpoch,
+        meta: &str,
+    ) -> Result<(), GraphError> {
+        if !valid_link(link) {
+            return Err(GraphError::Invalid(format!(
+                "link {link:?}: 1-32 of a-z 0-9 _ - are allowed"
+            )));
+        }
+        if meta.len() > MAX_META_BYTES {
+            return Err(GraphError::Invalid(format!(
+                "a meta of {} bytes; the limit is {MAX_META_BYTES}",
+                meta.len()
+            )));
+        }
+        let id: TaskId = graph_task_id(job, index);
+        let value = encode(&MetaRecord {
+            epoch,
+            meta: meta.to_string(),
+        });
+        let txn = Txn::new()
+            .when(self.coordinator.fence_epoch(&id, claim_epoch))
+            .and_then(TxnOp::Put(PutRequest::new(
+                self.keys.meta(job, index, link),
+                value,
+            )));
+        if self.coordinator.store().txn(txn).await?.succeeded {
+            Ok(())
+        } else {
+            Err(GraphError::Fenced(id.to_string()))
+        }
+    }
+}
+
+fn malformed(error: eretes_protocol::MalformedValue) -> GraphError {
+    GraphError::Malformed(error.to_string())
+}

@@ -1,0 +1,103 @@
+//! What an application writes: a [`JobKind`] that builds each task of a job
+//! and the job's [`Topology`], and the [`GraphTask`] callbacks; and the
+//! records a job keeps in the store.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use eretes_protocol::GroupName;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use crate::handle::TaskHandle;
+use crate::ids::JobEpoch;
+
+/// A job as started (`graph/jobs/<job>`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSpec {
+    /// The registered [`JobKind`] that builds its tasks and topology.
+    pub kind: String,
+    /// How many tasks: ids 0..tasks.
+    pub tasks: u32,
+    /// The eretes group its tasks are claimed in.
+    pub group: GroupName,
+    /// Anything the kind needs (JSON).
+    #[serde(default)]
+    pub properties: Value,
+}
+
+/// Most tasks a job may have.
+pub const MAX_JOB_TASKS: u32 = 10_000;
+
+/// A job's epoch record (`graph/epochs/<job>`), moved by compare-and-swap.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpochRecord {
+    /// The job epoch.
+    pub epoch: JobEpoch,
+    /// Set by `shutdown_job`: every task exits and the job's tasks end.
+    #[serde(default)]
+    pub shutdown: bool,
+}
+
+/// The meta a task last flagged on a link (`graph/meta/<job>/<task>/<link>`),
+/// written under the sender's claim.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MetaRecord {
+    /// The job epoch it was flagged in.
+    pub epoch: JobEpoch,
+    /// The value (small: at most [`MAX_META_BYTES`]).
+    pub meta: String,
+}
+
+/// Largest meta value.
+pub const MAX_META_BYTES: usize = 4096;
+
+/// A job's wiring: for each link type, a task's neighbours in a job epoch.
+/// The same on every node (it is code, chosen by the job's kind).
+pub trait Topology: Send + Sync + 'static {
+    /// The link types, e.g. `parent`, `children`.
+    fn links(&self) -> Vec<String>;
+    /// The neighbours of `task` over `link` in `epoch`.
+    fn neighbours(&self, link: &str, task: u32, epoch: JobEpoch) -> Vec<u32>;
+}
+
+/// Builds the tasks and topology of jobs of one kind; registered on every
+/// node under the kind's name.
+pub trait JobKind: Send + Sync + 'static {
+    /// The job's topology.
+    fn topology(&self, job: &JobSpec) -> Arc<dyn Topology>;
+    /// The implementation of task `index`.
+    fn build(&self, job: &JobSpec, index: u32) -> Arc<dyn GraphTask>;
+}
+
+/// One task of a job. The framework calls `init`, then `enter_epoch` for the
+/// job's current epoch, then delivers events one at a time, in order:
+/// `enter_epoch` for each later epoch, `meta_ready`, neighbour events; and
+/// `exit` when the job shuts down. `serve_data` is called concurrently with
+/// them (a data request of a neighbour must not wait for this task's
+/// callbacks), so keep state behind a lock.
+#[async_trait]
+pub trait GraphTask: Send + Sync + 'static {
+    /// Bring the task up, from scratch or after a failover (with the last
+    /// checkpoint it saved).
+    async fn init(&self, task: &TaskHandle, checkpoint: Option<Vec<u8>>);
+    /// The job entered `epoch`; the handle's data requests belong to it.
+    async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch);
+    /// Neighbour `from` flagged `meta` on `link` in the current epoch. Each
+    /// (sender, link, epoch, meta) comes once per run.
+    async fn meta_ready(&self, task: &TaskHandle, from: u32, link: &str, meta: &str);
+    /// Answer neighbour `from`'s data request; `Err` is a final refusal.
+    async fn serve_data(
+        &self,
+        task: &TaskHandle,
+        from: u32,
+        method: &str,
+        input: Vec<u8>,
+    ) -> Result<Vec<u8>, String>;
+    /// The run of neighbour `id` (over `link`) was lost.
+    async fn neighbour_failed(&self, _task: &TaskHandle, _link: &str, _id: u32) {}
+    /// Neighbour `id` (over `link`) runs again.
+    async fn neighbour_restarted(&self, _task: &TaskHandle, _link: &str, _id: u32) {}
+    /// The job shuts down.
+    async fn exit(&self, _task: &TaskHandle) {}
+}

@@ -1,0 +1,505 @@
+//! [`GraphNode`]: the graph layer of one eretes node. Its [`Handler`] runs
+//! graph tasks (each an ordinary eretes task, claimed, balanced, drained
+//! and fenced like any other), and it serves and sends their data requests.
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use eretes_protocol::{Coordinator, NodeName, TaskId};
+use eretes_runtime::{Handler, HandlerOutcome, NodeStatus, TaskContext};
+use eretes_store::PutRequest;
+use serde_json::json;
+use tokio::sync::{broadcast, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::handle::{EpochScope, RunShared, TaskHandle};
+use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
+use crate::jobs::Jobs;
+use crate::model::{GraphTask, JobKind, MetaRecord};
+use crate::rpc::{advertised, spawn_server, Served};
+use crate::view::{GraphEvent, GraphView};
+use crate::GraphError;
+
+/// Counters of one graph node.
+#[derive(Debug, Default)]
+pub struct GraphStats {
+    /// Data requests its tasks made.
+    pub data_requests: AtomicU64,
+    /// Attempts of them that were refused or failed to reach a node, and
+    /// were retried.
+    pub data_retries: AtomicU64,
+    /// Answers that arrived after their job epoch ended, dropped.
+    pub stale_answers_dropped: AtomicU64,
+    /// Data requests its tasks answered (each once per run).
+    pub data_served: AtomicU64,
+    /// `meta_ready` calls made.
+    pub meta_delivered: AtomicU64,
+    /// Meta events not delivered again because the run had them already.
+    pub meta_repeats_suppressed: AtomicU64,
+    /// Connections opened to other nodes (one per peer).
+    pub connections: AtomicU64,
+}
+
+pub(crate) struct NodeShared {
+    pub name: NodeName,
+    pub jobs: Jobs,
+    pub kinds: HashMap<String, Arc<dyn JobKind>>,
+    pub view: Arc<GraphView>,
+    pub runs: Mutex<HashMap<TaskId, Arc<RunShared>>>,
+    #[allow(clippy::type_complexity)]
+    pub requests: Mutex<HashMap<TaskId, ((i64, JobEpoch), HashMap<u64, Served>)>>,
+    pub clients:
+        Mutex<HashMap<String, crate::proto::graph_client::GraphClient<tonic::transport::Channel>>>,
+    pub stats: GraphStats,
+    pub address: String,
+    stop: CancellationToken,
+}
+
+/// The graph layer of one node: pass [`GraphNode::handler`] to the node
+/// runtime (for the groups graph jobs use), then
+/// [`GraphNode::publish_address`] with the node's status.
+#[derive(Clone)]
+pub struct GraphNode {
+    shared: Arc<NodeShared>,
+}
+
+impl GraphNode {
+    /// The graph layer of node `name` in `coordinator`'s namespace, running
+    /// jobs of the given kinds, serving data requests on `listen`.
+    pub async fn start(
+        coordinator: Coordinator,
+        name: NodeName,
+        kinds: HashMap<String, Arc<dyn JobKind>>,
+        listen: SocketAddr,
+    ) -> Result<GraphNode, GraphError> {
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|error| GraphError::Transport(format!("listening on {listen}: {error}")))?;
+        let address = advertised(
+            listener
+                .local_addr()
+                .map_err(|e| GraphError::Transport(e.to_string()))?,
+        );
+        let shared = Arc::new(NodeShared {
+            name,
+            view: GraphView::start(coordinator.clone()),
+            jobs: Jobs::new(coordinator),
+            kinds,
+            runs: Mutex::new(HashMap::new()),
+            requests: Mutex::new(HashMap::new()),
+            clients: Mutex::new(HashMap::new()),
+            stats: GraphStats::default(),
+            address,
+            stop: CancellationToken::new(),
+        });
+        spawn_server(Arc::downgrade(&shared), listener, shared.stop.clone());
+        Ok(GraphNode { shared })
+    }
+
+    /// The handler that runs graph tasks.
+    pub fn handler(&self) -> Arc<dyn Handler> {
+        Arc::new(GraphHandler {
+            node: self.shared.clone(),
+        })
+    }
+
+    /// Keep this node's data address in the store under the node's lease
+    /// (written again whenever the node registers anew).
+    pub fn publish_address(&self, mut status: watch::Receiver<NodeStatus>) {
+        let shared = Arc::downgrade(&self.shared);
+        tokio::spawn(async move {
+            let mut published = None;
+            loop {
+                let lease = status.borrow_and_update().lease;
+                let Some(node) = shared.upgrade() else { return };
+                if lease.is_some() && lease != published {
+                    let key = node.jobs.keys().rpc(&node.name);
+                    let put =
+                        PutRequest::new(key, node.address.clone()).with_lease(lease.unwrap_or(0));
+                    match node.jobs.coordinator().store().put(put).await {
+                        Ok(_) => published = lease,
+                        Err(error) => warn!(%error, "cannot publish the graph data address"),
+                    }
+                }
+                drop(node);
+                if status.changed().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+
+    /// The address it serves data requests on.
+    pub fn address(&self) -> &str {
+        &self.shared.address
+    }
+
+    /// Its counters.
+    pub fn stats(&self) -> &GraphStats {
+        &self.shared.stats
+    }
+
+    /// Stop serving data requests and end its runs' work, as if the process
+    /// died (the node runtime is killed separately).
+    pub fn stop(&self) {
+        self.shared.stop.cancel();
+        for run in self.shared.runs.lock().expect("not poisoned").values() {
+            run.ended.cancel();
+        }
+    }
+
+    /// The graph tasks it runs now, with the job epoch each is in.
+    pub fn runs(&self) -> Vec<(TaskId, JobEpoch)> {
+        let runs = self.shared.runs.lock().expect("not poisoned");
+        let mut list: Vec<_> = runs
+            .iter()
+            .filter(|(_, run)| !run.ended.is_cancelled())
+            .map(|(id, run)| (id.clone(), run.scope.borrow().epoch))
+            .collect();
+        list.sort();
+        list
+    }
+
+    /// The jobs of its namespace.
+    pub fn jobs(&self) -> &Jobs {
+        &self.shared.jobs
+    }
+}
+
+struct GraphHandler {
+    node: Arc<NodeShared>,
+}
+
+#[async_trait]
+impl Handler for GraphHandler {
+    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+        let Some((job, index)) = parse_graph_task_id(&ctx.id) else {
+            return HandlerOutcome::Failed(format!(
+                "{} is not a graph task (<job>.<index>)",
+                ctx.id
+            ));
+        };
+        match run_task(&self.node, &ctx, job, index).await {
+            Ok(outcome) => outcome,
+            Err(GraphError::Store(error))
+            | Err(GraphError::Protocol(eretes_protocol::ProtocolError::Store(error))) => {
+                debug!(%error, task = %ctx.id, "store error; the task goes back");
+                HandlerOutcome::Release
+            }
+            Err(error) => HandlerOutcome::Failed(error.to_string()),
+        }
+    }
+}
+
+/// What a run's event loop is told, in order.
+enum RunEvent {
+    Epoch(JobEpoch, bool),
+    Meta(u32, String, MetaRecord),
+    Owner(TaskId, bool),
+    Resync,
+}
+
+async fn run_task(
+    node: &Arc<NodeShared>,
+    ctx: &TaskContext,
+    job: JobName,
+    index: u32,
+) -> Result<HandlerOutcome, GraphError> {
+    let spec = node
+        .jobs
+        .job(&job)
+        .await?
+        .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?;
+    if index >= spec.tasks {
+        return Err(GraphError::Invalid(format!(
+            "job {job} has no task {index}"
+        )));
+    }
+    let kind = node
+        .kinds
+        .get(&spec.kind)
+        .ok_or_else(|| {
+            GraphError::Invalid(format!(
+                "job kind {:?} is not known on {}",
+                spec.kind, node.name
+            ))
+        })?
+        .clone();
+    node.view.loaded().await;
+    // Subscribe before reading the view, so that nothing falls between.
+    let mut events = node.view.subscribe();
+    let record = match node.view.epoch(&job) {
+        Some(record) => record,
+        None => node
+            .jobs
+            .epoch(&job)
+            .await?
+            .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?,
+    };
+    if record.shutdown {
+        return Ok(HandlerOutcome::Done(
+            json!({ "job": job.as_str(), "exited": true }),
+        ));
+    }
+    let ended = ctx.cancel.child_token();
+    let run = Arc::new(RunShared {
+        node: node.clone(),
+        job: job.clone(),
+        index,
+        id: ctx.id.clone(),
+        topology: kind.topology(&spec),
+        task: kind.build(&spec, index),
+        spec: Arc::new(spec),
+        claim_epoch: ctx.epoch,
+        scope: watch::channel(EpochScope {
+            epoch: record.epoch,
+            shutdown: false,
+            ended: ended.child_token(),
+        })
+        .0,
+        flagged: Mutex::new(HashMap::new()),
+        ended,
+    });
+    node.runs
+        .lock()
+        .expect("not poisoned")
+        .insert(ctx.id.clone(), run.clone());
+    let outcome = drive(node, &run, ctx, &mut events).await;
+    run.ended.cancel();
+    {
+        let mut runs = node.runs.lock().expect("not poisoned");
+        if runs.get(&ctx.id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
+            runs.remove(&ctx.id);
+        }
+    }
+    outcome
+}
+
+/// Deliver the run's callbacks until the job shuts down or the run is
+/// cancelled.
+async fn drive(
+    node: &Arc<NodeShared>,
+    run: &Arc<RunShared>,
+    ctx: &TaskContext,
+    events: &mut broadcast::Receiver<GraphEvent>,
+) -> Result<HandlerOutcome, GraphError> {
+    let handle = TaskHandle { run: run.clone() };
+    let task = run.task.clone();
+    // The pump moves the run's epoch scope at once (ending the old epoch's
+    // data requests even while a callback waits on one) and queues events
+    // for the callbacks, in store order.
+    let (queue, mut queued) = mpsc::unbounded_channel();
+    let pump = tokio::spawn(pump(
+        run.clone(),
+        std::mem::replace(events, node.view.subscribe()),
+        queue,
+    ));
+    let _pump_guard = AbortOnDrop(pump);
+
+    let cancelled = ctx.cancel.clone();
+    let step = async {
+        let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
+        task.init(&handle, checkpoint).await;
+        let mut state = Delivery::default();
+        let first = run.scope.borrow().epoch;
+        state.entered = Some(first);
+        task.enter_epoch(&handle, first).await;
+        deliver_current(node, run, &handle, &task, &mut state).await;
+        state.neighbours_owned = neighbours_owned(node, run);
+        while let Some(event) = queued.recv().await {
+            match event {
+                RunEvent::Epoch(epoch, shutdown) => {
+                    let mut from = state.entered.map_or(epoch.0, |e| e.0 + 1);
+                    while from <= epoch.0 {
+                        state.entered = Some(JobEpoch(from));
+                        state.metas.clear();
+                        task.enter_epoch(&handle, JobEpoch(from)).await;
+                        from += 1;
+                    }
+                    if shutdown {
+                        task.exit(&handle).await;
+                        return Ok(HandlerOutcome::Done(
+                            json!({ "job": run.job.as_str(), "exited": true }),
+                        ));
+                    }
+                }
+                RunEvent::Meta(from, link, record) => {
+                    deliver_meta(node, run, &handle, &task, &mut state, from, &link, &record).await;
+                }
+                RunEvent::Owner(id, owned) => {
+                    owner_changed(run, &handle, &task, &mut state, &id, owned).await;
+                }
+                RunEvent::Resync => {
+                    if let Some(record) = node.view.epoch(&run.job) {
+                        run.move_to(record.epoch, record.shutdown);
+                    }
+                    deliver_current(node, run, &handle, &task, &mut state).await;
+                    let now = neighbours_owned(node, run);
+                    for (id, owned) in now.clone() {
+                        owner_changed(run, &handle, &task, &mut state, &id, owned).await;
+                    }
+                }
+            }
+        }
+        Ok(HandlerOutcome::Release)
+    };
+    tokio::select! {
+        outcome = step => outcome,
+        () = cancelled.cancelled() => Ok(HandlerOutcome::Release),
+    }
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What a run has delivered.
+#[derive(Default)]
+struct Delivery {
+    entered: Option<JobEpoch>,
+    /// (sender, link, meta) delivered in the current epoch.
+    metas: BTreeSet<(u32, String, String)>,
+    /// Whether each neighbour task has an owner, as last told.
+    neighbours_owned: HashMap<TaskId, bool>,
+}
+
+async fn pump(
+    run: Arc<RunShared>,
+    mut events: broadcast::Receiver<GraphEvent>,
+    queue: mpsc::UnboundedSender<RunEvent>,
+) {
+    loop {
+        let event = match events.recv().await {
+            Ok(event) => event,
+            Err(broadcast::error::RecvError::Lagged(_)) => GraphEvent::Resync,
+            Err(broadcast::error::RecvError::Closed) => return,
+        };
+        let forward = match event {
+            GraphEvent::Epoch(job, record) if job == run.job => {
+                run.move_to(record.epoch, record.shutdown);
+                RunEvent::Epoch(record.epoch, record.shutdown)
+            }
+            GraphEvent::Meta {
+                job,
+                from,
+                link,
+                record,
+            } if job == run.job => RunEvent::Meta(from, link, record),
+            GraphEvent::Owner(id, owner) => match parse_graph_task_id(&id) {
+                Some((job, _)) if job == run.job => RunEvent::Owner(id, owner.is_some()),
+                _ => continue,
+            },
+            GraphEvent::Resync => RunEvent::Resync,
+            _ => continue,
+        };
+        if queue.send(forward).is_err() {
+            return;
+        }
+    }
+}
+
+/// Deliver the current epoch's meta of this run's neighbours that it has
+/// not had yet (at start, and after a resync).
+async fn deliver_current(
+    node: &Arc<NodeShared>,
+    run: &Arc<RunShared>,
+    handle: &TaskHandle,
+    task: &Arc<dyn GraphTask>,
+    state: &mut Delivery,
+) {
+    let mut metas = node.view.metas(&run.job);
+    metas.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
+    for (from, link, record) in metas {
+        deliver_meta(node, run, handle, task, state, from, &link, &record).await;
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn deliver_meta(
+    node: &Arc<NodeShared>,
+    run: &Arc<RunShared>,
+    handle: &TaskHandle,
+    task: &Arc<dyn GraphTask>,
+    state: &mut Delivery,
+    from: u32,
+    link: &str,
+    record: &MetaRecord,
+) {
+    let Some(epoch) = state.entered else { return };
+    if record.epoch != epoch
+        || !run
+            .topology
+            .neighbours(link, from, epoch)
+            .contains(&run.index)
+    {
+        return;
+    }
+    if !state
+        .metas
+        .insert((from, link.to_string(), record.meta.clone()))
+    {
+        node.stats
+            .meta_repeats_suppressed
+            .fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    node.stats.meta_delivered.fetch_add(1, Ordering::Relaxed);
+    task.meta_ready(handle, from, link, &record.meta).await;
+}
+
+/// Whether each task that is a neighbour of this run (over any link, in
+/// the current epoch) has an owner now.
+fn neighbours_owned(node: &Arc<NodeShared>, run: &Arc<RunShared>) -> HashMap<TaskId, bool> {
+    let epoch = run.scope.borrow().epoch;
+    let mut owned = HashMap::new();
+    for link in run.topology.links() {
+        for id in run.topology.neighbours(&link, run.index, epoch) {
+            let task = graph_task_id(&run.job, id);
+            let is_owned = node.view.is_owned(&task);
+            owned.insert(task, is_owned);
+        }
+    }
+    owned
+}
+
+async fn owner_changed(
+    run: &Arc<RunShared>,
+    handle: &TaskHandle,
+    task: &Arc<dyn GraphTask>,
+    state: &mut Delivery,
+    id: &TaskId,
+    owned: bool,
+) {
+    let Some(was) = state.neighbours_owned.get(id).copied() else {
+        return;
+    };
+    if was == owned {
+        return;
+    }
+    state.neighbours_owned.insert(id.clone(), owned);
+    let Some((_, neighbour)) = parse_graph_task_id(id) else {
+        return;
+    };
+    let epoch = run.scope.borrow().epoch;
+    for link in run.topology.links() {
+        if run
+            .topology
+            .neighbours(&link, run.index, epoch)
+            .contains(&neighbour)
+        {
+            if owned {
+                task.neighbour_restarted(handle, &link, neighbour).await;
+            } else {
+                task.neighbour_failed(handle, &link, neighbour).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,218 @@
+//! taskgraph's regression, the worked example: tasks in a binary tree; in
+//! job epoch e, task i's gradient is e × i plus the sum of its children's
+//! gradients, which it fetches by data requests once each child has
+//! flagged meta. The root checks that it sees e × N(N−1)/2, then moves the
+//! job to the next epoch, and after the last one shuts the job down.
+//!
+//! The counters are shared by every task built by one [`Regression`] (the
+//! in-process driver reads them); a run that restarts after a failover
+//! recomputes its epoch, so nothing is lost, and a sum is only counted
+//! wrong if it is.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use tokio::sync::watch;
+
+use crate::handle::TaskHandle;
+use crate::ids::JobEpoch;
+use crate::model::{GraphTask, JobKind, JobSpec, Topology};
+
+/// The link to a task's parent.
+pub const PARENT: &str = "parent";
+/// The links to a task's children.
+pub const CHILDREN: &str = "children";
+
+/// What the regression's tasks counted.
+#[derive(Debug, Default)]
+pub struct RegressionStats {
+    /// Epochs whose root sum was checked and right (each counted once).
+    pub verified: Mutex<BTreeSet<u64>>,
+    /// Root sums that were wrong.
+    pub wrong_sums: AtomicU64,
+    /// Meta a task received twice in one run (the framework promises 0).
+    pub meta_duplicates: AtomicU64,
+}
+
+/// The regression job kind: `epochs` epochs (0..epochs) of a binary tree.
+pub struct Regression {
+    epochs: u64,
+    /// What its tasks counted.
+    pub stats: Arc<RegressionStats>,
+}
+
+impl Regression {
+    /// A regression of `epochs` job epochs.
+    pub fn new(epochs: u64) -> Regression {
+        Regression {
+            epochs,
+            stats: Arc::new(RegressionStats::default()),
+        }
+    }
+}
+
+/// The binary tree: task i's parent is (i − 1) / 2, its children 2i + 1
+/// and 2i + 2 (those below N).
+pub struct BinaryTree {
+    tasks: u32,
+}
+
+impl Topology for BinaryTree {
+    fn links(&self) -> Vec<String> {
+        vec![PARENT.into(), CHILDREN.into()]
+    }
+
+    fn neighbours(&self, link: &str, task: u32, _epoch: JobEpoch) -> Vec<u32> {
+        match link {
+            PARENT if task > 0 => vec![(task - 1) / 2],
+            CHILDREN => [2 * task + 1, 2 * task + 2]
+                .into_iter()
+                .filter(|&child| child < self.tasks)
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+}
+
+impl JobKind for Regression {
+    fn topology(&self, job: &JobSpec) -> Arc<dyn Topology> {
+        Arc::new(BinaryTree { tasks: job.tasks })
+    }
+
+    fn build(&self, _job: &JobSpec, _index: u32) -> Arc<dyn GraphTask> {
+        Arc::new(TreeTask {
+            epochs: self.epochs,
+            stats: self.stats.clone(),
+            state: Mutex::new(Epoch::default()),
+            gradient: watch::channel(None).0,
+            seen: Mutex::new(BTreeSet::new()),
+        })
+    }
+}
+
+/// A task's work in its current epoch.
+#[derive(Debug, Default)]
+struct Epoch {
+    epoch: u64,
+    children: HashMap<u32, u64>,
+}
+
+struct TreeTask {
+    epochs: u64,
+    stats: Arc<RegressionStats>,
+    state: Mutex<Epoch>,
+    /// The gradient of (epoch), once computed; `serve_data` waits for it.
+    gradient: watch::Sender<Option<(u64, u64)>>,
+    /// (sender, epoch) of every meta this run received.
+    seen: Mutex<BTreeSet<(u32, u64)>>,
+}
+
+impl TreeTask {
+    /// The gradient is complete when every child's is in: publish it, tell
+    /// the parent, or (the root) check the sum and move on.
+    async fn complete_if_ready(&self, task: &TaskHandle) {
+        let children = task.neighbours(CHILDREN);
+        let (epoch, sum) = {
+            let state = self.state.lock().expect("not poisoned");
+            if children.iter().any(|c| !state.children.contains_key(c)) {
+                return;
+            }
+            let sum: u64 = state.children.values().sum();
+            (state.epoch, state.epoch * u64::from(task.task_id()) + sum)
+        };
+        if self.gradient.borrow().is_some_and(|(e, _)| e == epoch) {
+            return;
+        }
+        self.gradient.send_replace(Some((epoch, sum)));
+        if task.task_id() > 0 {
+            // A failed flag means this run was fenced: its successor redoes it.
+            let _ = task.flag_meta(PARENT, &epoch.to_string()).await;
+            return;
+        }
+        let n = u64::from(task.tasks());
+        if sum == epoch * n * (n - 1) / 2 {
+            self.stats
+                .verified
+                .lock()
+                .expect("not poisoned")
+                .insert(epoch);
+        } else {
+            self.stats.wrong_sums.fetch_add(1, Ordering::Relaxed);
+        }
+        let _ = if epoch + 1 < self.epochs {
+            task.inc_epoch().await
+        } else {
+            task.shutdown_job().await
+        };
+    }
+}
+
+#[async_trait]
+impl GraphTask for TreeTask {
+    async fn init(&self, _task: &TaskHandle, _checkpoint: Option<Vec<u8>>) {}
+
+    async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch) {
+        *self.state.lock().expect("not poisoned") = Epoch {
+            epoch: epoch.0,
+            children: HashMap::new(),
+        };
+        self.complete_if_ready(task).await;
+    }
+
+    async fn meta_ready(&self, task: &TaskHandle, from: u32, _link: &str, meta: &str) {
+        let Ok(epoch) = meta.parse::<u64>() else {
+            return;
+        };
+        if !self
+            .seen
+            .lock()
+            .expect("not poisoned")
+            .insert((from, epoch))
+        {
+            self.stats.meta_duplicates.fetch_add(1, Ordering::Relaxed);
+        }
+        let Ok(answer) = task
+            .data_request(from, "gradient", epoch.to_le_bytes().to_vec())
+            .await
+        else {
+            // The epoch ended or the job shut down: nothing to do for it.
+            return;
+        };
+        let Ok(bytes) = <[u8; 8]>::try_from(answer.as_slice()) else {
+            return;
+        };
+        {
+            let mut state = self.state.lock().expect("not poisoned");
+            if state.epoch != epoch {
+                return;
+            }
+            state.children.insert(from, u64::from_le_bytes(bytes));
+        }
+        self.complete_if_ready(task).await;
+    }
+
+    async fn serve_data(
+        &self,
+        _task: &TaskHandle,
+        _from: u32,
+        method: &str,
+        input: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        if method != "gradient" {
+            return Err(format!("unknown method {method:?}"));
+        }
+        let epoch = <[u8; 8]>::try_from(input.as_slice())
+            .map(u64::from_le_bytes)
+            .map_err(|_| "the input is the epoch, 8 bytes".to_string())?;
+        // Wait until this epoch's gradient is computed (the framework ends
+        // the wait if the epoch ends first).
+        let mut gradient = self.gradient.subscribe();
+        let ready = gradient
+            .wait_for(|g| g.is_some_and(|(e, _)| e == epoch))
+            .await
+            .map_err(|_| "the task stopped".to_string())?;
+        Ok(ready.expect("waited for it").1.to_le_bytes().to_vec())
+    }
+}

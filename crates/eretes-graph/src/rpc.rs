@@ -1,0 +1,181 @@
+//! Data requests between nodes over gRPC: the server that answers for the
+//! tasks this node runs, and the client side's pool of one HTTP/2
+//! connection per peer node.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use eretes_protocol::TaskId;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Request, Response, Status};
+
+use crate::handle::TaskHandle;
+use crate::ids::{graph_task_id, JobEpoch, JobName};
+use crate::node::NodeShared;
+use crate::proto::graph_client::GraphClient;
+use crate::proto::graph_server::{Graph, GraphServer};
+use crate::proto::{data_reply, DataReply, DataRequest, Refusal};
+
+/// Longest one attempt of a data request waits for its answer; then the
+/// caller retries (the server runs a request once per run anyway).
+const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// A served request's outcome, shared by its duplicates.
+pub(crate) type Served = Shared<BoxFuture<'static, data_reply::Outcome>>;
+
+fn refused(reason: impl Into<String>, server_job_epoch: u64) -> data_reply::Outcome {
+    data_reply::Outcome::Refused(Refusal {
+        reason: reason.into(),
+        server_job_epoch,
+    })
+}
+
+struct Service {
+    node: Weak<NodeShared>,
+}
+
+#[tonic::async_trait]
+impl Graph for Service {
+    async fn data(&self, request: Request<DataRequest>) -> Result<Response<DataReply>, Status> {
+        let Some(node) = self.node.upgrade() else {
+            return Err(Status::unavailable("the node is stopping"));
+        };
+        let outcome = node.serve(request.into_inner()).await;
+        Ok(Response::new(DataReply {
+            outcome: Some(outcome),
+        }))
+    }
+}
+
+/// Serve data requests for `node` on `listener` until `stop` fires.
+pub(crate) fn spawn_server(
+    node: Weak<NodeShared>,
+    listener: tokio::net::TcpListener,
+    stop: CancellationToken,
+) {
+    let service = GraphServer::new(Service { node });
+    tokio::spawn(async move {
+        let served = tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(
+                tonic::transport::server::TcpIncoming::from(listener),
+                stop.cancelled_owned(),
+            )
+            .await;
+        if let Err(error) = served {
+            tracing::warn!(%error, "the graph data server stopped");
+        }
+    });
+}
+
+impl NodeShared {
+    /// Answer one data request for a task this node runs, or refuse it.
+    pub(crate) async fn serve(self: &Arc<Self>, request: DataRequest) -> data_reply::Outcome {
+        let Ok(job) = JobName::new(request.job.clone()) else {
+            return data_reply::Outcome::Failed(format!("job name {:?} is invalid", request.job));
+        };
+        let id: TaskId = graph_task_id(&job, request.to);
+        let Some(run) = self.runs.lock().expect("not poisoned").get(&id).cloned() else {
+            return refused(format!("{id} does not run on {}", self.name), 0);
+        };
+        let scope = run.scope.borrow().clone();
+        if run.ended.is_cancelled() {
+            return refused(format!("the run of {id} here has ended"), 0);
+        }
+        if scope.epoch != JobEpoch(request.job_epoch) || scope.shutdown {
+            return refused(
+                format!(
+                    "{id} is in {}, the request in job epoch {}",
+                    scope.epoch, request.job_epoch
+                ),
+                scope.epoch.0,
+            );
+        }
+        let served = {
+            let mut requests = self.requests.lock().expect("not poisoned");
+            let runs = requests
+                .entry(id.clone())
+                .or_insert_with(|| ((0, JobEpoch(0)), HashMap::new()));
+            // Requests of another run or epoch are over: forget them.
+            if runs.0 != (run.claim_epoch, scope.epoch) {
+                *runs = ((run.claim_epoch, scope.epoch), Default::default());
+            }
+            runs.1
+                .entry(request.request_id)
+                .or_insert_with(|| {
+                    let handle = TaskHandle { run: run.clone() };
+                    let task = run.task.clone();
+                    let ended = scope.ended.clone();
+                    let stats = self.clone();
+                    async move {
+                        stats.stats.data_served.fetch_add(1, Ordering::Relaxed);
+                        let answer =
+                            task.serve_data(&handle, request.from, &request.method, request.input);
+                        tokio::select! {
+                            answer = answer => match answer {
+                                Ok(output) => data_reply::Outcome::Output(output),
+                                Err(message) => data_reply::Outcome::Failed(message),
+                            },
+                            () = ended.cancelled() => refused("the job epoch ended", 0),
+                        }
+                    }
+                    .boxed()
+                    .shared()
+                })
+                .clone()
+        };
+        served.await
+    }
+
+    /// Send `request` to the node that runs `target` now; an error when it
+    /// cannot be resolved or reached (the caller retries).
+    pub(crate) async fn call(
+        &self,
+        target: &TaskId,
+        request: DataRequest,
+    ) -> Result<data_reply::Outcome, String> {
+        let (owner, address) = self
+            .view
+            .owner(target)
+            .ok_or_else(|| format!("{target} has no owner now"))?;
+        let address = address.ok_or_else(|| format!("{owner} publishes no data address"))?;
+        let mut client = self.client(&address)?;
+        let mut request = Request::new(request);
+        request.set_timeout(ATTEMPT_TIMEOUT);
+        let reply = client
+            .data(request)
+            .await
+            .map_err(|status| format!("{owner} at {address}: {status}"))?;
+        reply
+            .into_inner()
+            .outcome
+            .ok_or_else(|| format!("{owner} sent an empty answer"))
+    }
+
+    /// The pooled client of the node at `address`: one HTTP/2 connection
+    /// carries every request to it.
+    fn client(&self, address: &str) -> Result<GraphClient<Channel>, String> {
+        let mut pool = self.clients.lock().expect("not poisoned");
+        if let Some(client) = pool.get(address) {
+            return Ok(client.clone());
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{address}"))
+            .map_err(|error| format!("data address {address:?}: {error}"))?
+            .connect_timeout(Duration::from_secs(2))
+            .tcp_nodelay(true);
+        let client = GraphClient::new(endpoint.connect_lazy());
+        self.stats.connections.fetch_add(1, Ordering::Relaxed);
+        pool.insert(address.to_string(), client.clone());
+        Ok(client)
+    }
+}
+
+/// The address a listener is reachable at from other local processes.
+pub(crate) fn advertised(address: SocketAddr) -> String {
+    address.to_string()
+}

@@ -1,0 +1,263 @@
+//! What a graph node knows of the cluster, kept current by one watch of the
+//! namespace: who owns each graph task, where each node serves data
+//! requests, each job's epoch and its tasks' meta. Runs subscribe to its
+//! events, in store order; data requests resolve owners from it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use eretes_protocol::{decode, Coordinator, KeyKind, NodeName, OwnerRecord, TaskId};
+use eretes_store::{
+    EventKind, GetRequest, KeyRange, KeyValue, Revision, Txn, TxnOp, TxnOpResponse,
+};
+use futures::StreamExt;
+use tokio::sync::{broadcast, watch};
+use tracing::warn;
+
+use crate::ids::{parse_graph_task_id, GraphKey, GraphKeys, JobName};
+use crate::model::{EpochRecord, MetaRecord};
+use crate::GraphError;
+
+/// A change runs may care about, in store order.
+#[derive(Debug, Clone)]
+pub(crate) enum GraphEvent {
+    /// A job's epoch record was written.
+    Epoch(JobName, EpochRecord),
+    /// A task flagged meta.
+    Meta {
+        job: JobName,
+        from: u32,
+        link: String,
+        record: MetaRecord,
+    },
+    /// A graph task got an owner, or lost it (`None`).
+    Owner(TaskId, Option<NodeName>),
+    /// The view was read again (after a broken watch): what a run depends
+    /// on may have changed without an event.
+    Resync,
+}
+
+#[derive(Default)]
+struct ViewState {
+    owners: HashMap<TaskId, NodeName>,
+    addresses: HashMap<NodeName, String>,
+    epochs: HashMap<JobName, EpochRecord>,
+    metas: HashMap<(JobName, u32, String), MetaRecord>,
+}
+
+/// The watch-kept view of one namespace's graph state.
+pub(crate) struct GraphView {
+    keys: GraphKeys,
+    state: Mutex<ViewState>,
+    events: broadcast::Sender<GraphEvent>,
+    loaded: watch::Sender<bool>,
+    /// Graph keys whose value did not decode, skipped.
+    pub malformed: AtomicU64,
+}
+
+impl GraphView {
+    /// Start following `coordinator`'s namespace; ends when dropped.
+    pub fn start(coordinator: Coordinator) -> Arc<GraphView> {
+        let view = Arc::new(GraphView {
+            keys: GraphKeys::new(coordinator.namespace()),
+            state: Mutex::new(ViewState::default()),
+            events: broadcast::channel(4096).0,
+            loaded: watch::channel(false).0,
+            malformed: AtomicU64::new(0),
+        });
+        tokio::spawn(follow(Arc::downgrade(&view), coordinator));
+        view
+    }
+
+    /// Events from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<GraphEvent> {
+        self.events.subscribe()
+    }
+
+    /// Wait until the view has been read once.
+    pub async fn loaded(&self) {
+        let _ = self.loaded.subscribe().wait_for(|&loaded| loaded).await;
+    }
+
+    /// The node owning graph task `id` and its data address, if known.
+    pub fn owner(&self, id: &TaskId) -> Option<(NodeName, Option<String>)> {
+        let state = self.state.lock().expect("not poisoned");
+        let node = state.owners.get(id)?.clone();
+        let address = state.addresses.get(&node).cloned();
+        Some((node, address))
+    }
+
+    /// Whether graph task `id` has an owner.
+    pub fn is_owned(&self, id: &TaskId) -> bool {
+        self.state
+            .lock()
+            .expect("not poisoned")
+            .owners
+            .contains_key(id)
+    }
+
+    /// A job's epoch record, if known.
+    pub fn epoch(&self, job: &JobName) -> Option<EpochRecord> {
+        self.state
+            .lock()
+            .expect("not poisoned")
+            .epochs
+            .get(job)
+            .copied()
+    }
+
+    /// Every meta of `job` now: (sender, link, record).
+    pub fn metas(&self, job: &JobName) -> Vec<(u32, String, MetaRecord)> {
+        let state = self.state.lock().expect("not poisoned");
+        state
+            .metas
+            .iter()
+            .filter(|((j, _, _), _)| j == job)
+            .map(|((_, from, link), record)| (*from, link.clone(), record.clone()))
+            .collect()
+    }
+
+    /// Apply one put or delete; the event runs see, if any.
+    fn apply(&self, kv: &KeyValue, deleted: bool) -> Option<GraphEvent> {
+        let mut state = self.state.lock().expect("not poisoned");
+        if let Some(key) = self.keys.parse(&kv.key) {
+            return match key {
+                GraphKey::Rpc(node) => {
+                    if deleted {
+                        state.addresses.remove(&node);
+                    } else {
+                        match String::from_utf8(kv.value.clone()) {
+                            Ok(address) => {
+                                state.addresses.insert(node, address);
+                            }
+                            Err(_) => self.skip(&kv.key),
+                        }
+                    }
+                    None
+                }
+                GraphKey::Epoch(job) if !deleted => {
+                    match decode::<EpochRecord>("job epoch", &kv.key, &kv.value) {
+                        Ok(record) => {
+                            state.epochs.insert(job.clone(), record);
+                            Some(GraphEvent::Epoch(job, record))
+                        }
+                        Err(_) => {
+                            self.skip(&kv.key);
+                            None
+                        }
+                    }
+                }
+                GraphKey::Epoch(job) => {
+                    state.epochs.remove(&job);
+                    None
+                }
+                GraphKey::Meta(job, from, link) if !deleted => {
+                    match decode::<MetaRecord>("meta", &kv.key, &kv.value) {
+                        Ok(record) => {
+                            let slot = (job.clone(), from, link.clone());
+                            state.metas.insert(slot, record.clone());
+                            Some(GraphEvent::Meta {
+                                job,
+                                from,
+                                link,
+                                record,
+                            })
+                        }
+                        Err(_) => {
+                            self.skip(&kv.key);
+                            None
+                        }
+                    }
+                }
+                GraphKey::Meta(job, from, link) => {
+                    state.metas.remove(&(job, from, link));
+                    None
+                }
+                GraphKey::Job(_) => None,
+            };
+        }
+        if kv.key.starts_with(self.keys.root()) {
+            self.skip(&kv.key);
+            return None;
+        }
+        // Otherwise an owner record (the only other prefix read and watched).
+        let id = TaskId::new(kv.key.rsplit('/').next()?).ok()?;
+        parse_graph_task_id(&id)?;
+        if deleted {
+            state.owners.remove(&id);
+            return Some(GraphEvent::Owner(id, None));
+        }
+        let owner: OwnerRecord = decode("owner", &kv.key, &kv.value).ok()?;
+        state.owners.insert(id.clone(), owner.node.clone());
+        Some(GraphEvent::Owner(id, Some(owner.node)))
+    }
+
+    fn skip(&self, key: &str) {
+        if self.malformed.fetch_add(1, Ordering::Relaxed) == 0 {
+            warn!(key, "skipping a malformed graph record (logged once)");
+        }
+    }
+}
+
+/// Read the view, then apply the watch; read again after any failure.
+async fn follow(view: Weak<GraphView>, coordinator: Coordinator) {
+    let mut pause = Duration::from_millis(100);
+    loop {
+        match follow_once(&view, &coordinator).await {
+            Ok(()) => return,
+            Err(error) => {
+                warn!(%error, "the graph view stopped following the store; reading it again")
+            }
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_secs(5));
+    }
+}
+
+async fn follow_once(view: &Weak<GraphView>, coordinator: &Coordinator) -> Result<(), GraphError> {
+    let ns = coordinator.namespace();
+    let graph = GraphKeys::new(ns).root().to_string();
+    let txn = Txn::new()
+        .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(
+            ns.owners_prefix(),
+        ))))
+        .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(graph.clone()))));
+    let response = coordinator.store().txn(txn).await?;
+    let revision: Revision = response.revision;
+    let mut events = coordinator.watch_namespace(revision + 1).await?;
+    {
+        let Some(view) = view.upgrade() else {
+            return Ok(());
+        };
+        *view.state.lock().expect("not poisoned") = ViewState::default();
+        for kv in response.responses.iter().flat_map(|r| match r {
+            TxnOpResponse::Get(get) => get.kvs.as_slice(),
+            _ => &[],
+        }) {
+            view.apply(kv, false);
+        }
+        let _ = view.events.send(GraphEvent::Resync);
+        view.loaded.send_replace(true);
+    }
+    let owners = ns.owners_prefix();
+    while let Some(batch) = events.next().await {
+        let batch = batch?;
+        let Some(view) = view.upgrade() else {
+            return Ok(());
+        };
+        for event in &batch {
+            let relevant = event.kv.key.starts_with(&graph)
+                || matches!(ns.parse(&event.kv.key), Ok(KeyKind::Owner(_)))
+                    && event.kv.key.starts_with(&owners);
+            if !relevant {
+                continue;
+            }
+            if let Some(change) = view.apply(&event.kv, event.kind == EventKind::Delete) {
+                let _ = view.events.send(change);
+            }
+        }
+    }
+    Err(GraphError::Transport("the namespace's watch ended".into()))
+}

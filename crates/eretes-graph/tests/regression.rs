@@ -1,0 +1,58 @@
+//! taskgraph's regression on in-process nodes with real gRPC between them:
+//! every epoch's root sum is right, with and without nodes killed.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eretes_graph::driver::{run_regression, RegressionOptions, RegressionReport};
+use eretes_protocol::Namespace;
+use eretes_store::embedded::EmbeddedStore;
+use eretes_store::Store;
+
+async fn regression(options: RegressionOptions) -> RegressionReport {
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let report = run_regression(store, Namespace::new("graph-test").unwrap(), options)
+        .await
+        .unwrap();
+    println!("{}", serde_json::to_string(&report).unwrap());
+    report
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifteen_tasks_ten_epochs_every_sum_right() {
+    let report = regression(RegressionOptions::default()).await;
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.epochs_verified, 10);
+    assert_eq!(report.kills, 0);
+    // 14 children × 10 epochs: one meta and one data request each.
+    assert_eq!(report.meta_delivered, 140, "{report:?}");
+    assert!(report.data_requests >= 140, "{report:?}");
+    assert!(
+        report.connections <= 4 * 4,
+        "one connection per pair at most: {report:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killing_the_roots_node_at_epoch_one_loses_nothing() {
+    let report = regression(RegressionOptions {
+        kill_at_epoch: Some(1),
+        ..RegressionOptions::default()
+    })
+    .await;
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.kills, 1);
+    assert!(report.failovers >= 1, "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_percent_kills_per_epoch_at_127_tasks() {
+    let report = regression(RegressionOptions {
+        tasks: 127,
+        kill_rate: 0.03,
+        timeout: Duration::from_secs(40),
+        ..RegressionOptions::default()
+    })
+    .await;
+    assert!(report.passed(), "{report:?}");
+}
