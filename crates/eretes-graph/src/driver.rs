@@ -240,7 +240,8 @@ pub async fn run_regression(
         let epoch = record.map_or(0, |record| record.epoch.0);
         if epoch > seen_epoch {
             seen_epoch = epoch;
-            if options.kill_at_epoch == Some(epoch) && !killed_at_epoch {
+            // The driver may see the job only after it moved past the epoch.
+            if options.kill_at_epoch.is_some_and(|at| epoch >= at) && !killed_at_epoch {
                 killed_at_epoch = true;
                 if let Some(owner) = owner_of(&coordinator, &job, 0).await? {
                     fleet.kill(&owner).await?;

@@ -135,7 +135,7 @@ impl NodeShared {
     /// Send `request` to the node that runs `target` now; an error when it
     /// cannot be resolved or reached (the caller retries).
     pub(crate) async fn call(
-        &self,
+        self: &Arc<Self>,
         target: &TaskId,
         request: DataRequest,
     ) -> Result<data_reply::Outcome, String> {
@@ -143,6 +143,10 @@ impl NodeShared {
             .view
             .owner(target)
             .ok_or_else(|| format!("{target} has no owner now"))?;
+        if owner == self.name {
+            // A task of this node: no need to go through the network.
+            return Ok(self.serve(request).await);
+        }
         let address = address.ok_or_else(|| format!("{owner} publishes no data address"))?;
         let mut client = self.client(&address)?;
         let mut request = Request::new(request);

@@ -7,13 +7,25 @@ use std::time::Duration;
 use eretes_graph::driver::{run_regression, RegressionOptions, RegressionReport};
 use eretes_protocol::Namespace;
 use eretes_store::embedded::EmbeddedStore;
-use eretes_store::Store;
+use eretes_store::{DeleteRequest, KeyRange, Store};
 
 async fn regression(options: RegressionOptions) -> RegressionReport {
     let store: Arc<dyn Store> = EmbeddedStore::new();
-    let report = run_regression(store, Namespace::new("graph-test").unwrap(), options)
+    regression_on(store, "graph-test", options).await
+}
+
+async fn regression_on(
+    store: Arc<dyn Store>,
+    ns: &str,
+    options: RegressionOptions,
+) -> RegressionReport {
+    let ns = Namespace::new(ns).unwrap();
+    let report = run_regression(store.clone(), ns.clone(), options).await;
+    store
+        .delete(DeleteRequest::new(KeyRange::prefix(ns.root())))
         .await
         .unwrap();
+    let report = report.unwrap();
     println!("{}", serde_json::to_string(&report).unwrap());
     report
 }
@@ -50,9 +62,38 @@ async fn three_percent_kills_per_epoch_at_127_tasks() {
     let report = regression(RegressionOptions {
         tasks: 127,
         kill_rate: 0.03,
-        timeout: Duration::from_secs(40),
+        timeout: Duration::from_secs(120),
         ..RegressionOptions::default()
     })
+    .await;
+    assert!(report.passed(), "{report:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_etcd_with_kills_at_epoch_one_and_at_random() {
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    let ns = format!("graph-etcd-{:08x}", rand::random::<u32>());
+    let report = regression_on(
+        store.clone(),
+        &ns,
+        RegressionOptions {
+            kill_at_epoch: Some(1),
+            ..RegressionOptions::default()
+        },
+    )
+    .await;
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.kills, 1);
+    let report = regression_on(
+        store,
+        &format!("{ns}-127"),
+        RegressionOptions {
+            tasks: 127,
+            kill_rate: 0.03,
+            timeout: Duration::from_secs(120),
+            ..RegressionOptions::default()
+        },
+    )
     .await;
     assert!(report.passed(), "{report:?}");
 }

@@ -34,6 +34,7 @@ mod bench;
 mod client;
 mod cluster;
 mod demo;
+mod graph;
 mod secrets;
 mod store_args;
 mod witness;
@@ -76,6 +77,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a benchmark scenario and report its figures.
     Bench(bench::BenchArgs),
+    /// Task graphs: `eretes graph regression` runs taskgraph's regression
+    /// job while killing nodes.
+    Graph(graph::GraphArgs),
     /// One node whose tasks run until stopped, recording every run in a
     /// witness file: the node process of the multi-process tests.
     #[command(hide = true)]
@@ -125,6 +129,7 @@ fn main() -> Result<()> {
             Command::Task(args) => client::task(args).await,
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
+            Command::Graph(args) => graph::run(args).await,
             Command::WitnessNode(args) => witness_node::run(args).await.map(|()| 0),
         }
     });

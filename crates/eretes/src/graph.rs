@@ -1,0 +1,132 @@
+//! `eretes graph`: task graphs (the `eretes-graph` crate) from the command
+//! line. `eretes graph regression` runs taskgraph's regression as a job on
+//! nodes of this process, kills nodes while it runs, and reports what
+//! happened, counted.
+
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use eretes_graph::driver::{run_regression, RegressionOptions};
+use eretes_protocol::Namespace;
+
+use crate::store_args::StoreArgs;
+
+/// Options of `eretes graph`.
+#[derive(Debug, Args)]
+pub struct GraphArgs {
+    #[command(subcommand)]
+    command: GraphCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum GraphCommand {
+    /// Run the regression job (a binary tree; in job epoch e the root must
+    /// see e × N(N−1)/2) while nodes are killed; exits non-zero if a sum
+    /// was wrong or an epoch never verified.
+    Regression(RegressionArgs),
+}
+
+/// Options of `eretes graph regression`.
+#[derive(Debug, Args)]
+pub struct RegressionArgs {
+    /// Tasks in the tree.
+    #[arg(long, default_value_t = 15, value_parser = clap::value_parser!(u32).range(1..=10_000))]
+    tasks: u32,
+    /// Job epochs to run.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=100_000))]
+    epochs: u64,
+    /// Nodes running at a time (a killed node is replaced).
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    nodes: u16,
+    /// Hot standbys per task (not built yet: only 0 is accepted).
+    #[arg(long, default_value_t = 0)]
+    backups: u32,
+    /// At each new job epoch, kill each task's node with this probability.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "kill_every")]
+    kill_rate: f64,
+    /// Kill a random node this often (e.g. 500ms).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    kill_every: Option<Duration>,
+    /// Kill the node running the root once, when the job reaches this epoch.
+    #[arg(long)]
+    kill_at_epoch: Option<u64>,
+    /// The nodes' lease TTL: a killed node's tasks move after it.
+    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    lease_ttl: Duration,
+    /// Give up (and fail) after this long.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Run the nodes as processes of their own, killed with SIGKILL (not
+    /// built yet).
+    #[arg(long)]
+    processes: bool,
+    /// The store: embedded unless --etcd is given.
+    #[command(flatten)]
+    store: StoreArgs,
+    /// End with one JSON object on the last line of standard output.
+    #[arg(long)]
+    json: bool,
+}
+
+/// Run `eretes graph`; the exit code.
+pub async fn run(args: GraphArgs) -> Result<i32> {
+    match args.command {
+        GraphCommand::Regression(args) => regression(args).await,
+    }
+}
+
+async fn regression(args: RegressionArgs) -> Result<i32> {
+    if args.backups > 0 {
+        bail!("--backups: hot standbys are not built yet; run with --backups 0");
+    }
+    if args.processes {
+        bail!("--processes: node processes are not built yet; the nodes run in this process");
+    }
+    if !(0.0..=1.0).contains(&args.kill_rate) {
+        bail!("--kill-rate {} is not between 0 and 1", args.kill_rate);
+    }
+    if args.lease_ttl < Duration::from_millis(300) {
+        bail!("--lease-ttl must be at least 300ms");
+    }
+    let store = args.store.open().await?;
+    // A namespace of its own, removed afterwards: runs never meet.
+    let ns = Namespace::new(&format!("graph-regression-{:08x}", rand::random::<u32>()))?;
+    let options = RegressionOptions {
+        tasks: args.tasks,
+        epochs: args.epochs,
+        nodes: usize::from(args.nodes),
+        kill_rate: args.kill_rate,
+        kill_every: args.kill_every,
+        kill_at_epoch: args.kill_at_epoch,
+        lease_ttl: args.lease_ttl,
+        timeout: args.timeout,
+    };
+    let report = run_regression(store.clone(), ns.clone(), options).await;
+    let removed = store
+        .delete(eretes_store::DeleteRequest::new(
+            eretes_store::KeyRange::prefix(ns.root()),
+        ))
+        .await;
+    let report = report.context("the regression")?;
+    removed.context("removing the run's namespace")?;
+    println!(
+        "regression: {} tasks, {} of {} epochs verified, {} wrong sums; {} kills, {} failovers; \
+         {} meta, {} data requests ({} retried, {} stale answers dropped); {} ms",
+        report.tasks,
+        report.epochs_verified,
+        report.epochs,
+        report.wrong_sums,
+        report.kills,
+        report.failovers,
+        report.meta_delivered,
+        report.data_requests,
+        report.data_retries,
+        report.stale_answers_dropped,
+        report.elapsed_ms
+    );
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    }
+    Ok(if report.passed() { 0 } else { 1 })
+}
