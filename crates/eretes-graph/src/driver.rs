@@ -8,19 +8,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
+use async_trait::async_trait;
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
 use eretes_runtime::balancer::FairBalancer;
-use eretes_runtime::NodeStats;
 use eretes_runtime::{Node, NodeConfig, NodeHandle};
 use eretes_store::Store;
 use rand::Rng;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
 
 use crate::ids::{graph_task_id, JobName};
+use crate::jobs::Jobs;
 use crate::model::{JobKind, JobSpec};
 use crate::node::GraphNode;
-use crate::regression::Regression;
+use crate::regression::{Findings, Regression};
 use crate::GraphError;
 
 /// How to run the regression.
@@ -69,6 +70,8 @@ pub struct RegressionReport {
     pub epochs: u64,
     /// Nodes running at a time.
     pub nodes: usize,
+    /// Tasks that ended (all of them, unless the run timed out).
+    pub tasks_ended: u32,
     /// Nodes killed.
     pub kills: u64,
     /// Claims that took a task over from an owner that never released it.
@@ -96,46 +99,129 @@ pub struct RegressionReport {
 impl RegressionReport {
     /// Whether every epoch was verified and no sum was wrong.
     pub fn passed(&self) -> bool {
-        self.wrong_sums == 0 && self.epochs_verified == self.epochs && self.meta_duplicates == 0
+        self.wrong_sums == 0
+            && self.epochs_verified == self.epochs
+            && self.meta_duplicates == 0
+            && self.tasks_ended == self.tasks
     }
 }
 
-struct Member {
-    node: NodeHandle,
-    graph: GraphNode,
+/// Framework counters of a graph node, summable over nodes.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GraphCounters {
+    /// `meta_ready` calls.
+    pub meta_delivered: u64,
+    /// Data requests made.
+    pub data_requests: u64,
+    /// Attempts retried.
+    pub data_retries: u64,
+    /// Answers dropped because their epoch had ended.
+    pub stale_answers_dropped: u64,
+    /// Connections opened to other nodes.
+    pub connections: u64,
 }
 
-/// The nodes of a run, and the counters of every node that ever ran.
-struct Fleet {
+impl GraphCounters {
+    /// The counters of `graph` now.
+    pub fn of(graph: &GraphNode) -> GraphCounters {
+        let stats = graph.stats();
+        GraphCounters {
+            meta_delivered: stats.meta_delivered.load(Ordering::Relaxed),
+            data_requests: stats.data_requests.load(Ordering::Relaxed),
+            data_retries: stats.data_retries.load(Ordering::Relaxed),
+            stale_answers_dropped: stats.stale_answers_dropped.load(Ordering::Relaxed),
+            connections: stats.connections.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The sum of `self` and `other`.
+    pub fn plus(self, other: GraphCounters) -> GraphCounters {
+        GraphCounters {
+            meta_delivered: self.meta_delivered + other.meta_delivered,
+            data_requests: self.data_requests + other.data_requests,
+            data_retries: self.data_retries + other.data_retries,
+            stale_answers_dropped: self.stale_answers_dropped + other.stale_answers_dropped,
+            connections: self.connections + other.connections,
+        }
+    }
+}
+
+/// The nodes a regression runs on: in this process ([`InProcess`]) or as
+/// processes of their own (the `eretes` binary's `--processes`).
+#[async_trait]
+pub trait Fleet: Send {
+    /// Start one more node serving group `graph` of the run's namespace,
+    /// with the regression kind registered; its name.
+    async fn start_node(&mut self) -> Result<NodeName, GraphError>;
+    /// Kill node `name` as if its process died (nothing released).
+    async fn kill(&mut self, name: &NodeName) -> Result<(), GraphError>;
+    /// The nodes alive now.
+    fn live(&self) -> Vec<NodeName>;
+    /// Framework counters summed over every node that ran, as far as known.
+    fn counters(&self) -> GraphCounters;
+    /// Stop the nodes still running (they drain).
+    async fn stop(&mut self);
+}
+
+/// Nodes running in this process, each a node runtime and a graph node.
+pub struct InProcess {
     store: Arc<dyn Store>,
     ns: Namespace,
-    kinds: HashMap<String, Arc<dyn JobKind>>,
-    options: RegressionOptions,
-    live: Vec<(NodeName, Member)>,
-    node_stats: Vec<Arc<NodeStats>>,
+    lease_ttl: Duration,
+    regression: Arc<Regression>,
+    live: Vec<(NodeName, NodeHandle, GraphNode)>,
     graphs: Vec<GraphNode>,
     started: usize,
-    kills: u64,
 }
 
-impl Fleet {
-    async fn add(&mut self) -> Result<(), GraphError> {
+impl InProcess {
+    /// No nodes yet, on `store` in namespace `ns`.
+    pub fn new(store: Arc<dyn Store>, ns: Namespace, lease_ttl: Duration) -> InProcess {
+        InProcess {
+            store,
+            ns,
+            lease_ttl,
+            regression: Arc::new(Regression::new()),
+            live: Vec::new(),
+            graphs: Vec::new(),
+            started: 0,
+        }
+    }
+}
+
+/// The configuration of a regression node: group `graph`, no takeover
+/// limit (the run kills nodes on purpose, many times over: a task taken
+/// over that often is no poison task to park).
+pub fn regression_node_config(
+    name: NodeName,
+    ns: Namespace,
+    lease_ttl: Duration,
+) -> Result<NodeConfig, GraphError> {
+    let mut config = NodeConfig::new(name, ns).with_lease_ttl(lease_ttl);
+    config.groups = vec![GroupName::new("graph")?];
+    config.takeover_limit = u32::MAX;
+    Ok(config)
+}
+
+/// The job kinds a regression node knows.
+pub fn regression_kinds(regression: Arc<Regression>) -> HashMap<String, Arc<dyn JobKind>> {
+    [("regression".to_string(), regression as Arc<dyn JobKind>)].into()
+}
+
+#[async_trait]
+impl Fleet for InProcess {
+    async fn start_node(&mut self) -> Result<NodeName, GraphError> {
         self.started += 1;
         let name = NodeName::new(format!("graph-{}", self.started))?;
         let coordinator = Coordinator::new(self.store.clone(), self.ns.clone());
         let graph = GraphNode::start(
             coordinator,
             name.clone(),
-            self.kinds.clone(),
+            regression_kinds(self.regression.clone()),
             "127.0.0.1:0".parse().expect("an address"),
         )
         .await?;
-        let mut config =
-            NodeConfig::new(name.clone(), self.ns.clone()).with_lease_ttl(self.options.lease_ttl);
-        config.groups = vec![GroupName::new("graph")?];
-        // The run kills nodes on purpose, many times over: a task taken over
-        // that often is no poison task to park.
-        config.takeover_limit = u32::MAX;
+        let config = regression_node_config(name.clone(), self.ns.clone(), self.lease_ttl)?;
         let node = Node::start(
             self.store.clone(),
             config,
@@ -145,27 +231,63 @@ impl Fleet {
         .await
         .map_err(|error| GraphError::Transport(format!("starting node {name}: {error}")))?;
         graph.publish_address(node.status());
-        self.node_stats.push(node.stats().clone());
         self.graphs.push(graph.clone());
-        self.live.push((name, Member { node, graph }));
+        self.live.push((name.clone(), node, graph));
+        Ok(name)
+    }
+
+    async fn kill(&mut self, name: &NodeName) -> Result<(), GraphError> {
+        if let Some(at) = self.live.iter().position(|(n, _, _)| n == name) {
+            let (_, node, graph) = self.live.remove(at);
+            node.kill();
+            graph.stop();
+        }
         Ok(())
     }
 
-    /// Kill node `name` as if its process died, and start a replacement.
-    async fn kill(&mut self, name: &NodeName) -> Result<(), GraphError> {
-        let Some(at) = self.live.iter().position(|(n, _)| n == name) else {
-            return Ok(());
-        };
-        let (_, member) = self.live.remove(at);
-        member.node.kill();
-        member.graph.stop();
-        self.kills += 1;
-        self.add().await
+    fn live(&self) -> Vec<NodeName> {
+        self.live.iter().map(|(name, _, _)| name.clone()).collect()
+    }
+
+    fn counters(&self) -> GraphCounters {
+        self.graphs
+            .iter()
+            .map(GraphCounters::of)
+            .fold(GraphCounters::default(), GraphCounters::plus)
+    }
+
+    async fn stop(&mut self) {
+        for (_, node, graph) in self.live.drain(..) {
+            node.shutdown().await;
+            graph.stop();
+        }
     }
 }
 
-/// Run the regression on `store` in namespace `ns` (which should be empty).
+/// Run the regression on in-process nodes of `store`, in namespace `ns`
+/// (which should be empty).
 pub async fn run_regression(
+    store: Arc<dyn Store>,
+    ns: Namespace,
+    options: RegressionOptions,
+) -> Result<RegressionReport, GraphError> {
+    let mut fleet = InProcess::new(store.clone(), ns.clone(), options.lease_ttl);
+    let in_process = fleet.regression.stats.clone();
+    let mut report = run_regression_on(&mut fleet, store, ns, options).await?;
+    // Here the runs that were killed counted too.
+    report.meta_duplicates = report
+        .meta_duplicates
+        .max(in_process.meta_duplicates.load(Ordering::Relaxed));
+    Ok(report)
+}
+
+/// Run the regression on `fleet`'s nodes: start the job, kill nodes as the
+/// options say (starting a replacement for each), wait until every task
+/// ended, and count. What the tasks found comes from their results in the
+/// store (the root's checkpointed verifications), so it holds for node
+/// processes too.
+pub async fn run_regression_on(
+    fleet: &mut dyn Fleet,
     store: Arc<dyn Store>,
     ns: Namespace,
     options: RegressionOptions,
@@ -180,131 +302,124 @@ pub async fn run_regression(
             "the kill rate is between 0 and 1".into(),
         ));
     }
-    let regression = Arc::new(Regression::new(options.epochs));
-    let mut fleet = Fleet {
-        store: store.clone(),
-        ns: ns.clone(),
-        kinds: [(
-            "regression".to_string(),
-            regression.clone() as Arc<dyn JobKind>,
-        )]
-        .into(),
-        options: options.clone(),
-        live: Vec::new(),
-        node_stats: Vec::new(),
-        graphs: Vec::new(),
-        started: 0,
-        kills: 0,
-    };
     for _ in 0..options.nodes {
-        fleet.add().await?;
+        fleet.start_node().await?;
     }
+    let outcome = drive_job(fleet, store, ns, &options).await;
+    fleet.stop().await;
+    outcome
+}
+
+async fn drive_job(
+    fleet: &mut dyn Fleet,
+    store: Arc<dyn Store>,
+    ns: Namespace,
+    options: &RegressionOptions,
+) -> Result<RegressionReport, GraphError> {
     let coordinator = Coordinator::new(store, ns);
+    let jobs = Jobs::new(coordinator.clone());
     let job = JobName::new("regression")?;
     let spec = JobSpec {
         kind: "regression".into(),
         tasks: options.tasks,
         group: GroupName::new("graph")?,
-        properties: serde_json::Value::Null,
+        properties: Regression::properties(options.epochs),
     };
     let started = Instant::now();
-    fleet.graphs[0].jobs().start(&job, &spec).await?;
-    let jobs = fleet.graphs[0].jobs().clone();
+    jobs.start(&job, &spec).await?;
+    let mut kills = 0;
     let mut seen_epoch = 0;
     let mut killed_at_epoch = false;
     let mut next_kill = options.kill_every.map(|every| Instant::now() + every);
+    let mut results = Vec::new();
     loop {
         if started.elapsed() > options.timeout {
-            for (name, member) in &fleet.live {
-                tracing::warn!(node = %name, runs = ?member.graph.runs(), "the regression timed out");
+            let mut waiting = Vec::new();
+            for index in 0..options.tasks {
+                if coordinator
+                    .result(&graph_task_id(&job, index))
+                    .await?
+                    .is_none()
+                {
+                    let view = coordinator.task_view(&graph_task_id(&job, index)).await?;
+                    waiting.push((index, view.map(|v| (v.state, v.node))));
+                }
             }
+            tracing::warn!(live = ?fleet.live(), ?waiting, "the regression timed out");
             break;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
         let record = jobs.epoch(&job).await?;
         if record.is_some_and(|record| record.shutdown) {
-            let mut ended = 0;
+            results.clear();
             for index in 0..options.tasks {
-                if coordinator
-                    .result(&graph_task_id(&job, index))
-                    .await?
-                    .is_some()
-                {
-                    ended += 1;
+                match coordinator.result(&graph_task_id(&job, index)).await? {
+                    Some(result) => results.push(result),
+                    None => break,
                 }
             }
-            if ended == options.tasks {
+            if results.len() == options.tasks as usize {
                 break;
             }
         }
+        let mut victims: Vec<NodeName> = Vec::new();
         let epoch = record.map_or(0, |record| record.epoch.0);
         if epoch > seen_epoch {
             seen_epoch = epoch;
             // The driver may see the job only after it moved past the epoch.
             if options.kill_at_epoch.is_some_and(|at| epoch >= at) && !killed_at_epoch {
                 killed_at_epoch = true;
-                if let Some(owner) = owner_of(&coordinator, &job, 0).await? {
-                    fleet.kill(&owner).await?;
-                }
+                victims.extend(owner_of(&coordinator, &job, 0).await?);
             }
             if options.kill_rate > 0.0 {
-                let mut victims = Vec::new();
                 for index in 0..options.tasks {
                     if rand::thread_rng().gen_bool(options.kill_rate) {
-                        if let Some(owner) = owner_of(&coordinator, &job, index).await? {
-                            if !victims.contains(&owner) {
-                                victims.push(owner);
-                            }
-                        }
+                        victims.extend(owner_of(&coordinator, &job, index).await?);
                     }
-                }
-                for victim in victims {
-                    fleet.kill(&victim).await?;
                 }
             }
         }
         if let (Some(at), Some(every)) = (next_kill, options.kill_every) {
             if Instant::now() >= at {
-                let victim = fleet.live[rand::thread_rng().gen_range(0..fleet.live.len())]
-                    .0
-                    .clone();
-                fleet.kill(&victim).await?;
+                let live = fleet.live();
+                victims.push(live[rand::thread_rng().gen_range(0..live.len())].clone());
                 next_kill = Some(Instant::now() + every);
+            }
+        }
+        victims.sort();
+        victims.dedup();
+        for victim in victims {
+            if fleet.live().contains(&victim) {
+                fleet.kill(&victim).await?;
+                kills += 1;
+                fleet.start_node().await?;
             }
         }
     }
     let elapsed_ms = started.elapsed().as_millis() as u64;
-    let sum = |f: fn(&GraphNode) -> u64| fleet.graphs.iter().map(f).sum::<u64>();
-    let report = RegressionReport {
+    let findings: Vec<Findings> = results
+        .iter()
+        .map(|result| serde_json::from_value(result.result.clone()).unwrap_or_default())
+        .collect();
+    let root = findings.first().cloned().unwrap_or_default();
+    let counters = fleet.counters();
+    Ok(RegressionReport {
         tasks: options.tasks,
         epochs: options.epochs,
         nodes: options.nodes,
-        kills: fleet.kills,
-        failovers: fleet
-            .node_stats
-            .iter()
-            .map(|s| NodeStats::get(&s.takeovers))
-            .sum(),
-        epochs_verified: regression
-            .stats
-            .verified
-            .lock()
-            .expect("not poisoned")
-            .len() as u64,
-        wrong_sums: regression.stats.wrong_sums.load(Ordering::Relaxed),
-        meta_delivered: sum(|g| g.stats().meta_delivered.load(Ordering::Relaxed)),
-        meta_duplicates: regression.stats.meta_duplicates.load(Ordering::Relaxed),
-        data_requests: sum(|g| g.stats().data_requests.load(Ordering::Relaxed)),
-        data_retries: sum(|g| g.stats().data_retries.load(Ordering::Relaxed)),
-        stale_answers_dropped: sum(|g| g.stats().stale_answers_dropped.load(Ordering::Relaxed)),
-        connections: sum(|g| g.stats().connections.load(Ordering::Relaxed)),
+        tasks_ended: results.len() as u32,
+        kills,
+        failovers: results.iter().map(|r| u64::from(r.runs.takeovers)).sum(),
+        epochs_verified: root.verified.len() as u64,
+        wrong_sums: root.wrong_sums,
+        meta_delivered: counters.meta_delivered,
+        meta_duplicates: findings.iter().map(|f| f.meta_duplicates).sum(),
+        data_requests: counters.data_requests,
+        data_retries: counters.data_retries,
+        stale_answers_dropped: counters.stale_answers_dropped,
+        connections: counters.connections,
         elapsed_ms,
-    };
-    for (_, member) in fleet.live.drain(..) {
-        member.node.shutdown().await;
-        member.graph.stop();
-    }
-    Ok(report)
+    })
 }
 
 async fn owner_of(

@@ -8,6 +8,7 @@ use std::time::Duration;
 
 use eretes_protocol::TaskId;
 use tokio::sync::watch;
+
 use tokio_util::sync::CancellationToken;
 
 use crate::ids::{graph_task_id, JobEpoch, JobName};
@@ -41,8 +42,12 @@ pub(crate) struct RunShared {
     /// The job epoch this run is in; moved by the event pump as soon as the
     /// store says so, before the task's `enter_epoch` is called.
     pub scope: watch::Sender<EpochScope>,
-    /// What this run flagged last on each link.
-    pub flagged: Mutex<HashMap<String, (JobEpoch, String)>>,
+    /// What this run flagged last on each link (held across the write, so
+    /// that it always agrees with the store).
+    pub flagged: tokio::sync::Mutex<HashMap<String, (JobEpoch, String)>>,
+    /// The job epoch the task's callbacks were last told (`enter_epoch`):
+    /// what its calls act in. `scope` may be ahead of it.
+    pub entered: Mutex<JobEpoch>,
     /// Cancelled when the run ends.
     pub ended: CancellationToken,
 }
@@ -55,10 +60,16 @@ impl RunShared {
                 return false;
             }
             scope.ended.cancel();
+            // A job that shut down has no epoch to work in: its scope is
+            // over from the start, so that no call waits in it.
+            let ended = self.ended.child_token();
+            if shutdown {
+                ended.cancel();
+            }
             *scope = EpochScope {
                 epoch,
                 shutdown,
-                ended: self.ended.child_token(),
+                ended,
             };
             true
         });
@@ -104,9 +115,27 @@ impl TaskHandle {
             .neighbours(link, self.run.index, self.epoch())
     }
 
-    /// The job epoch this run is in.
+    /// The job epoch this task is in: the last one its `enter_epoch` was
+    /// called for. Its calls act in this epoch.
     pub fn epoch(&self) -> JobEpoch {
-        self.run.scope.borrow().epoch
+        *self.run.entered.lock().expect("not poisoned")
+    }
+
+    /// The scope of the task's epoch: its token ends when that epoch does
+    /// (already, if the job moved on before the task was told).
+    fn scope(&self) -> EpochScope {
+        let epoch = self.epoch();
+        let scope = self.run.scope.borrow().clone();
+        if scope.epoch == epoch {
+            return scope;
+        }
+        let ended = CancellationToken::new();
+        ended.cancel();
+        EpochScope {
+            epoch,
+            shutdown: scope.shutdown,
+            ended,
+        }
     }
 
     /// The claim (fencing) epoch of this run of the task: larger for every
@@ -115,19 +144,25 @@ impl TaskHandle {
         self.run.claim_epoch
     }
 
-    /// Resolves when the current job epoch ends (or the run does).
+    /// Resolves when the task's job epoch ends (or the run does).
     pub async fn epoch_ended(&self) {
-        let ended = self.run.scope.borrow().ended.clone();
-        ended.cancelled().await
+        self.scope().ended.cancelled().await
     }
 
     /// Notify every neighbour over `link` of `meta`, in the current job
     /// epoch. Flagging again what this run flagged last on the link in this
     /// epoch does nothing (and receivers deliver each value once anyway).
     pub async fn flag_meta(&self, link: &str, meta: &str) -> Result<(), GraphError> {
+        if !self.run.topology.links().iter().any(|known| known == link) {
+            return Err(GraphError::Invalid(format!(
+                "link {link:?} is not one of the job's topology: {:?}",
+                self.run.topology.links()
+            )));
+        }
         let epoch = self.epoch();
         let last = (epoch, meta.to_string());
-        if self.run.flagged.lock().expect("not poisoned").get(link) == Some(&last) {
+        let mut flagged = self.run.flagged.lock().await;
+        if flagged.get(link) == Some(&last) {
             return Ok(());
         }
         self.run
@@ -142,11 +177,7 @@ impl TaskHandle {
                 meta,
             )
             .await?;
-        self.run
-            .flagged
-            .lock()
-            .expect("not poisoned")
-            .insert(link.to_string(), last);
+        flagged.insert(link.to_string(), last);
         Ok(())
     }
 
@@ -190,7 +221,7 @@ impl TaskHandle {
         method: &str,
         input: Vec<u8>,
     ) -> Result<Vec<u8>, GraphError> {
-        let scope = self.run.scope.borrow().clone();
+        let scope = self.scope();
         if to >= self.run.spec.tasks {
             return Err(GraphError::Invalid(format!(
                 "task {to} is not in job {} of {} tasks",
@@ -211,6 +242,7 @@ impl TaskHandle {
         };
         let target = graph_task_id(&self.run.job, to);
         let mut pause = Duration::from_millis(20);
+        let mut attempts = 0u32;
         loop {
             if scope.ended.is_cancelled() {
                 return Err(self.ended_error(scope.epoch));
@@ -230,8 +262,21 @@ impl TaskHandle {
                 Ok(data_reply::Outcome::Failed(message)) => {
                     return Err(GraphError::DataFailed(message));
                 }
-                Ok(data_reply::Outcome::Refused(_)) | Err(_) => {
+                Ok(data_reply::Outcome::Refused(refusal)) => {
+                    tracing::debug!(from = %self.run.id, %target, reason = refusal.reason, "data request refused; retrying");
                     stats.data_retries.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => {
+                    tracing::debug!(from = %self.run.id, %target, error, "data request failed; retrying");
+                    stats.data_retries.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            attempts += 1;
+            if attempts.is_multiple_of(8) {
+                // Failing for a while: make sure the job has not moved on
+                // without this node's view saying so yet.
+                if let Ok(Some(record)) = node.jobs.epoch(&self.run.job).await {
+                    self.run.move_to(record.epoch, record.shutdown);
                 }
             }
             tokio::select! {

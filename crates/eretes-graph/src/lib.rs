@@ -31,7 +31,7 @@
 //! let store: Arc<dyn Store> = EmbeddedStore::new();
 //! let ns = Namespace::new("graphs")?;
 //! let coordinator = Coordinator::new(store.clone(), ns.clone());
-//! let regression = Arc::new(Regression::new(10));
+//! let regression = Arc::new(Regression::new());
 //! let kinds: HashMap<String, Arc<dyn JobKind>> =
 //!     [("regression".to_string(), regression.clone() as Arc<dyn JobKind>)].into();
 //! let name = NodeName::new("n1")?;
@@ -40,7 +40,7 @@
 //! config.groups = vec![GroupName::new("graph")?];
 //! let node = Node::start(store, config, graph.handler(), Box::new(FairBalancer::default())).await?;
 //! graph.publish_address(node.status());
-//! let spec = JobSpec { kind: "regression".into(), tasks: 15, group: GroupName::new("graph")?, properties: serde_json::Value::Null };
+//! let spec = JobSpec { kind: "regression".into(), tasks: 15, group: GroupName::new("graph")?, properties: Regression::properties(10) };
 //! graph.jobs().start(&JobName::new("r1")?, &spec).await?;
 //! # Ok(()) }
 //! ```

@@ -100,4 +100,9 @@ pub trait GraphTask: Send + Sync + 'static {
     async fn neighbour_restarted(&self, _task: &TaskHandle, _link: &str, _id: u32) {}
     /// The job shuts down.
     async fn exit(&self, _task: &TaskHandle) {}
+    /// After `exit`: this task's result, kept in its eretes result record
+    /// (`eretes show <job>.<index>`).
+    async fn result(&self, _task: &TaskHandle) -> Value {
+        Value::Null
+    }
 }

@@ -11,7 +11,6 @@ use async_trait::async_trait;
 use eretes_protocol::{Coordinator, NodeName, TaskId};
 use eretes_runtime::{Handler, HandlerOutcome, NodeStatus, TaskContext};
 use eretes_store::PutRequest;
-use serde_json::json;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
@@ -147,6 +146,7 @@ impl GraphNode {
     /// died (the node runtime is killed separately).
     pub fn stop(&self) {
         self.shared.stop.cancel();
+        self.shared.view.stop();
         for run in self.shared.runs.lock().expect("not poisoned").values() {
             run.ended.cancel();
         }
@@ -240,11 +240,6 @@ async fn run_task(
             .await?
             .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?,
     };
-    if record.shutdown {
-        return Ok(HandlerOutcome::Done(
-            json!({ "job": job.as_str(), "exited": true }),
-        ));
-    }
     let ended = ctx.cancel.child_token();
     let run = Arc::new(RunShared {
         node: node.clone(),
@@ -257,18 +252,23 @@ async fn run_task(
         claim_epoch: ctx.epoch,
         scope: watch::channel(EpochScope {
             epoch: record.epoch,
-            shutdown: false,
-            ended: ended.child_token(),
+            shutdown: record.shutdown,
+            ended: {
+                let scope = ended.child_token();
+                if record.shutdown {
+                    scope.cancel();
+                }
+                scope
+            },
         })
         .0,
-        flagged: Mutex::new(HashMap::new()),
+        flagged: tokio::sync::Mutex::new(HashMap::new()),
+        entered: Mutex::new(record.epoch),
         ended,
     });
-    node.runs
-        .lock()
-        .expect("not poisoned")
-        .insert(ctx.id.clone(), run.clone());
+    debug!(task = %ctx.id, claim_epoch = ctx.epoch, job_epoch = record.epoch.0, shutdown = record.shutdown, "graph run starts");
     let outcome = drive(node, &run, ctx, &mut events).await;
+    debug!(task = %ctx.id, claim_epoch = ctx.epoch, outcome = ?outcome.as_ref().map(|_| ()), "graph run ends");
     run.ended.cancel();
     {
         let mut runs = node.runs.lock().expect("not poisoned");
@@ -304,27 +304,27 @@ async fn drive(
     let step = async {
         let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
         task.init(&handle, checkpoint).await;
+        // Data requests for this task are answered from here on (before,
+        // they are refused and retried).
+        node.runs
+            .lock()
+            .expect("not poisoned")
+            .insert(run.id.clone(), run.clone());
+        if run.scope.borrow().shutdown {
+            // The job ended before this run began (its last run died before
+            // it could end the task): report what the task had saved.
+            return Ok(exit(&handle, &task).await);
+        }
         let mut state = Delivery::default();
         let first = run.scope.borrow().epoch;
-        state.entered = Some(first);
-        task.enter_epoch(&handle, first).await;
-        deliver_current(node, run, &handle, &task, &mut state).await;
-        state.neighbours_owned = neighbours_owned(node, run);
+        if enter(run, &handle, &task, &mut state, first).await {
+            return Ok(exit(&handle, &task).await);
+        }
         while let Some(event) = queued.recv().await {
             match event {
                 RunEvent::Epoch(epoch, shutdown) => {
-                    let mut from = state.entered.map_or(epoch.0, |e| e.0 + 1);
-                    while from <= epoch.0 {
-                        state.entered = Some(JobEpoch(from));
-                        state.metas.clear();
-                        task.enter_epoch(&handle, JobEpoch(from)).await;
-                        from += 1;
-                    }
-                    if shutdown {
-                        task.exit(&handle).await;
-                        return Ok(HandlerOutcome::Done(
-                            json!({ "job": run.job.as_str(), "exited": true }),
-                        ));
+                    if enter(run, &handle, &task, &mut state, epoch).await || shutdown {
+                        return Ok(exit(&handle, &task).await);
                     }
                 }
                 RunEvent::Meta(from, link, record) => {
@@ -334,12 +334,17 @@ async fn drive(
                     owner_changed(run, &handle, &task, &mut state, &id, owned).await;
                 }
                 RunEvent::Resync => {
+                    // Events may have been missed: catch up from the view.
                     if let Some(record) = node.view.epoch(&run.job) {
                         run.move_to(record.epoch, record.shutdown);
+                        if enter(run, &handle, &task, &mut state, record.epoch).await
+                            || record.shutdown
+                        {
+                            return Ok(exit(&handle, &task).await);
+                        }
                     }
                     deliver_current(node, run, &handle, &task, &mut state).await;
-                    let now = neighbours_owned(node, run);
-                    for (id, owned) in now.clone() {
+                    for (id, owned) in neighbours_owned(node, run) {
                         owner_changed(run, &handle, &task, &mut state, &id, owned).await;
                     }
                 }
@@ -353,6 +358,56 @@ async fn drive(
     }
 }
 
+/// Enter every epoch after the last one entered, up to `epoch`, in order;
+/// then deliver the neighbours' meta of the new epoch that is already in
+/// the view and refresh which neighbours are watched. True if the job
+/// turned out to be shut down.
+async fn enter(
+    run: &Arc<RunShared>,
+    handle: &TaskHandle,
+    task: &Arc<dyn GraphTask>,
+    state: &mut Delivery,
+    epoch: JobEpoch,
+) -> bool {
+    let node = &run.node;
+    let mut next = state.entered.map_or(epoch.0, |e| e.0 + 1);
+    if next > epoch.0 {
+        return false;
+    }
+    while next <= epoch.0 {
+        debug!(task = %run.id, job_epoch = next, "entering");
+        state.entered = Some(JobEpoch(next));
+        state.metas.clear();
+        *run.entered.lock().expect("not poisoned") = JobEpoch(next);
+        task.enter_epoch(handle, JobEpoch(next)).await;
+        next += 1;
+    }
+    if node
+        .view
+        .epoch(&run.job)
+        .is_some_and(|record| record.shutdown)
+    {
+        return true;
+    }
+    deliver_current(node, run, handle, task, state).await;
+    // The topology may differ in the new epoch: watch its neighbours,
+    // keeping what is known of those watched already.
+    for (id, owned) in neighbours_owned(node, run) {
+        state.neighbours.entry(id).or_insert(if owned {
+            Neighbour::Running
+        } else {
+            Neighbour::NotYet
+        });
+    }
+    false
+}
+
+/// The job shut down: the task's `exit`, and its result.
+async fn exit(handle: &TaskHandle, task: &Arc<dyn GraphTask>) -> HandlerOutcome {
+    task.exit(handle).await;
+    HandlerOutcome::Done(task.result(handle).await)
+}
+
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -361,14 +416,25 @@ impl Drop for AbortOnDrop {
     }
 }
 
+/// A watched neighbour, as the task knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Neighbour {
+    /// Not claimed yet since this run began: its first claim is no restart.
+    NotYet,
+    /// Running.
+    Running,
+    /// Its run was lost (the task was told).
+    Lost,
+}
+
 /// What a run has delivered.
 #[derive(Default)]
 struct Delivery {
     entered: Option<JobEpoch>,
     /// (sender, link, meta) delivered in the current epoch.
     metas: BTreeSet<(u32, String, String)>,
-    /// Whether each neighbour task has an owner, as last told.
-    neighbours_owned: HashMap<TaskId, bool>,
+    /// What the task was told of each neighbour it watches.
+    neighbours: HashMap<TaskId, Neighbour>,
 }
 
 async fn pump(
@@ -458,7 +524,7 @@ async fn deliver_meta(
 /// Whether each task that is a neighbour of this run (over any link, in
 /// the current epoch) has an owner now.
 fn neighbours_owned(node: &Arc<NodeShared>, run: &Arc<RunShared>) -> HashMap<TaskId, bool> {
-    let epoch = run.scope.borrow().epoch;
+    let epoch = *run.entered.lock().expect("not poisoned");
     let mut owned = HashMap::new();
     for link in run.topology.links() {
         for id in run.topology.neighbours(&link, run.index, epoch) {
@@ -478,24 +544,27 @@ async fn owner_changed(
     id: &TaskId,
     owned: bool,
 ) {
-    let Some(was) = state.neighbours_owned.get(id).copied() else {
+    let Some(was) = state.neighbours.get(id).copied() else {
         return;
     };
-    if was == owned {
-        return;
-    }
-    state.neighbours_owned.insert(id.clone(), owned);
-    let Some((_, neighbour)) = parse_graph_task_id(id) else {
+    let (now, tell) = match (was, owned) {
+        (Neighbour::Running, false) => (Neighbour::Lost, Some(false)),
+        (Neighbour::Lost, true) => (Neighbour::Running, Some(true)),
+        (Neighbour::NotYet, true) => (Neighbour::Running, None),
+        (same, _) => (same, None),
+    };
+    state.neighbours.insert(id.clone(), now);
+    let (Some(restarted), Some((_, neighbour))) = (tell, parse_graph_task_id(id)) else {
         return;
     };
-    let epoch = run.scope.borrow().epoch;
+    let epoch = handle.epoch();
     for link in run.topology.links() {
         if run
             .topology
             .neighbours(&link, run.index, epoch)
             .contains(&neighbour)
         {
-            if owned {
+            if restarted {
                 task.neighbour_restarted(handle, &link, neighbour).await;
             } else {
                 task.neighbour_failed(handle, &link, neighbour).await;

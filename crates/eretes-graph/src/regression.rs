@@ -5,7 +5,9 @@
 //! job to the next epoch, and after the last one shuts the job down.
 //!
 //! The counters are shared by every task built by one [`Regression`] (the
-//! in-process driver reads them); a run that restarts after a failover
+//! in-process driver reads them); the root also keeps its findings in its
+//! checkpoint and every task reports its own as its result, which is what a
+//! driver of node processes reads. A run that restarts after a failover
 //! recomputes its epoch, so nothing is lost, and a sum is only counted
 //! wrong if it is.
 
@@ -14,6 +16,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 use crate::handle::TaskHandle;
@@ -36,21 +39,40 @@ pub struct RegressionStats {
     pub meta_duplicates: AtomicU64,
 }
 
-/// The regression job kind: `epochs` epochs (0..epochs) of a binary tree.
+/// The regression job kind: a binary tree of the job's tasks, run for the
+/// job's `properties.epochs` epochs (0..epochs; 10 when absent).
+#[derive(Default)]
 pub struct Regression {
-    epochs: u64,
-    /// What its tasks counted.
+    /// What the tasks it built in this process counted.
     pub stats: Arc<RegressionStats>,
 }
 
 impl Regression {
-    /// A regression of `epochs` job epochs.
-    pub fn new(epochs: u64) -> Regression {
-        Regression {
-            epochs,
-            stats: Arc::new(RegressionStats::default()),
-        }
+    /// The regression kind, with fresh counters.
+    pub fn new() -> Regression {
+        Regression::default()
     }
+
+    /// The properties of a regression job of `epochs` epochs.
+    pub fn properties(epochs: u64) -> serde_json::Value {
+        serde_json::json!({ "epochs": epochs })
+    }
+}
+
+/// What the root keeps in its checkpoint, and every task reports as its
+/// result when the job ends: the run's own findings, and the root's
+/// verifications over all its runs.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Findings {
+    /// Epochs whose sum the root found right.
+    #[serde(default)]
+    pub verified: BTreeSet<u64>,
+    /// Sums the root found wrong.
+    #[serde(default)]
+    pub wrong_sums: u64,
+    /// Meta this run got twice.
+    #[serde(default)]
+    pub meta_duplicates: u64,
 }
 
 /// The binary tree: task i's parent is (i − 1) / 2, its children 2i + 1
@@ -81,9 +103,10 @@ impl JobKind for Regression {
         Arc::new(BinaryTree { tasks: job.tasks })
     }
 
-    fn build(&self, _job: &JobSpec, _index: u32) -> Arc<dyn GraphTask> {
+    fn build(&self, job: &JobSpec, _index: u32) -> Arc<dyn GraphTask> {
         Arc::new(TreeTask {
-            epochs: self.epochs,
+            epochs: job.properties["epochs"].as_u64().unwrap_or(10),
+            findings: Mutex::new(Findings::default()),
             stats: self.stats.clone(),
             state: Mutex::new(Epoch::default()),
             gradient: watch::channel(None).0,
@@ -101,6 +124,8 @@ struct Epoch {
 
 struct TreeTask {
     epochs: u64,
+    /// This run's findings (the root's start from its checkpoint).
+    findings: Mutex<Findings>,
     stats: Arc<RegressionStats>,
     state: Mutex<Epoch>,
     /// The gradient of (epoch), once computed; `serve_data` waits for it.
@@ -132,14 +157,21 @@ impl TreeTask {
             return;
         }
         let n = u64::from(task.tasks());
-        if sum == epoch * n * (n - 1) / 2 {
-            self.stats
-                .verified
-                .lock()
-                .expect("not poisoned")
-                .insert(epoch);
-        } else {
-            self.stats.wrong_sums.fetch_add(1, Ordering::Relaxed);
+        let checkpoint = {
+            let mut findings = self.findings.lock().expect("not poisoned");
+            if sum == epoch * n * (n - 1) / 2 {
+                let mut verified = self.stats.verified.lock().expect("not poisoned");
+                verified.insert(epoch);
+                findings.verified.insert(epoch);
+            } else {
+                self.stats.wrong_sums.fetch_add(1, Ordering::Relaxed);
+                findings.wrong_sums += 1;
+            }
+            serde_json::to_vec(&*findings).expect("plain data")
+        };
+        // Kept before moving on, so that a root that dies after this has it.
+        if task.checkpoint(&checkpoint).await.is_err() {
+            return; // fenced: the next run of the root checks again
         }
         let _ = if epoch + 1 < self.epochs {
             task.inc_epoch().await
@@ -151,7 +183,19 @@ impl TreeTask {
 
 #[async_trait]
 impl GraphTask for TreeTask {
-    async fn init(&self, _task: &TaskHandle, _checkpoint: Option<Vec<u8>>) {}
+    async fn init(&self, _task: &TaskHandle, checkpoint: Option<Vec<u8>>) {
+        if let Some(found) =
+            checkpoint.and_then(|bytes| serde_json::from_slice::<Findings>(&bytes).ok())
+        {
+            let mut findings = self.findings.lock().expect("not poisoned");
+            findings.verified = found.verified;
+            findings.wrong_sums = found.wrong_sums;
+        }
+    }
+
+    async fn result(&self, _task: &TaskHandle) -> serde_json::Value {
+        serde_json::to_value(&*self.findings.lock().expect("not poisoned")).expect("plain data")
+    }
 
     async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch) {
         *self.state.lock().expect("not poisoned") = Epoch {

@@ -116,12 +116,19 @@ impl NodeShared {
                         stats.stats.data_served.fetch_add(1, Ordering::Relaxed);
                         let answer =
                             task.serve_data(&handle, request.from, &request.method, request.input);
-                        tokio::select! {
-                            answer = answer => match answer {
-                                Ok(output) => data_reply::Outcome::Output(output),
-                                Err(message) => data_reply::Outcome::Failed(message),
-                            },
-                            () = ended.cancelled() => refused("the job epoch ended", 0),
+                        // The epoch's end wins a tie, and is looked at again
+                        // after the answer: nothing is answered into a later
+                        // epoch.
+                        let outcome = tokio::select! {
+                            biased;
+                            () = ended.cancelled() => None,
+                            answer = answer => Some(answer),
+                        };
+                        match outcome {
+                            Some(_) if ended.is_cancelled() => refused("the job epoch ended", 0),
+                            Some(Ok(output)) => data_reply::Outcome::Output(output),
+                            Some(Err(message)) => data_reply::Outcome::Failed(message),
+                            None => refused("the job epoch ended", 0),
                         }
                     }
                     .boxed()

@@ -14,6 +14,7 @@ use eretes_store::{
 };
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
+use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::ids::{parse_graph_task_id, GraphKey, GraphKeys, JobName};
@@ -53,6 +54,8 @@ pub(crate) struct GraphView {
     state: Mutex<ViewState>,
     events: broadcast::Sender<GraphEvent>,
     loaded: watch::Sender<bool>,
+    /// Ends the follower (the node stopped).
+    stop: CancellationToken,
     /// Graph keys whose value did not decode, skipped.
     pub malformed: AtomicU64,
 }
@@ -65,10 +68,23 @@ impl GraphView {
             state: Mutex::new(ViewState::default()),
             events: broadcast::channel(4096).0,
             loaded: watch::channel(false).0,
+            stop: CancellationToken::new(),
             malformed: AtomicU64::new(0),
         });
-        tokio::spawn(follow(Arc::downgrade(&view), coordinator));
+        let stop = view.stop.clone();
+        let follower = follow(Arc::downgrade(&view), coordinator);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = follower => {}
+                () = stop.cancelled() => {}
+            }
+        });
         view
+    }
+
+    /// Stop following the store (the node stopped).
+    pub fn stop(&self) {
+        self.stop.cancel();
     }
 
     /// Events from now on.
@@ -206,7 +222,11 @@ async fn follow(view: Weak<GraphView>, coordinator: Coordinator) {
     let mut pause = Duration::from_millis(100);
     loop {
         match follow_once(&view, &coordinator).await {
-            Ok(()) => return,
+            Ok(Followed::ViewGone) => return,
+            Ok(Followed::ResyncDue) => {
+                pause = Duration::from_millis(100);
+                continue;
+            }
             Err(error) => {
                 warn!(%error, "the graph view stopped following the store; reading it again")
             }
@@ -216,7 +236,21 @@ async fn follow(view: Weak<GraphView>, coordinator: Coordinator) {
     }
 }
 
-async fn follow_once(view: &Weak<GraphView>, coordinator: &Coordinator) -> Result<(), GraphError> {
+/// How often the view is read again whole, whatever its watch says: a
+/// bound on how long a lost or stuck watch can hide a change from runs.
+const RESYNC_EVERY: Duration = Duration::from_secs(10);
+
+/// Why a follow ended without an error.
+enum Followed {
+    ViewGone,
+    ResyncDue,
+}
+
+async fn follow_once(
+    view: &Weak<GraphView>,
+    coordinator: &Coordinator,
+) -> Result<Followed, GraphError> {
+    let resync_at = tokio::time::Instant::now() + RESYNC_EVERY;
     let ns = coordinator.namespace();
     let graph = GraphKeys::new(ns).root().to_string();
     let txn = Txn::new()
@@ -229,7 +263,7 @@ async fn follow_once(view: &Weak<GraphView>, coordinator: &Coordinator) -> Resul
     let mut events = coordinator.watch_namespace(revision + 1).await?;
     {
         let Some(view) = view.upgrade() else {
-            return Ok(());
+            return Ok(Followed::ViewGone);
         };
         *view.state.lock().expect("not poisoned") = ViewState::default();
         for kv in response.responses.iter().flat_map(|r| match r {
@@ -242,10 +276,15 @@ async fn follow_once(view: &Weak<GraphView>, coordinator: &Coordinator) -> Resul
         view.loaded.send_replace(true);
     }
     let owners = ns.owners_prefix();
-    while let Some(batch) = events.next().await {
+    loop {
+        let batch = tokio::select! {
+            batch = events.next() => batch,
+            () = tokio::time::sleep_until(resync_at) => return Ok(Followed::ResyncDue),
+        };
+        let Some(batch) = batch else { break };
         let batch = batch?;
         let Some(view) = view.upgrade() else {
-            return Ok(());
+            return Ok(Followed::ViewGone);
         };
         for event in &batch {
             let relevant = event.kv.key.starts_with(&graph)
