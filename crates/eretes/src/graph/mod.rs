@@ -7,10 +7,13 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use eretes_graph::driver::{run_regression, RegressionOptions};
+use eretes_graph::driver::{run_regression, run_regression_on, RegressionOptions};
 use eretes_protocol::Namespace;
 
 use crate::store_args::StoreArgs;
+
+pub mod node_process;
+pub mod processes;
 
 /// Options of `eretes graph`.
 #[derive(Debug, Args)]
@@ -25,6 +28,10 @@ enum GraphCommand {
     /// see e × N(N−1)/2) while nodes are killed; exits non-zero if a sum
     /// was wrong or an epoch never verified.
     Regression(RegressionArgs),
+    /// One regression node in a process of its own (started by
+    /// `regression --processes`).
+    #[command(hide = true)]
+    Node(node_process::GraphNodeArgs),
 }
 
 /// Options of `eretes graph regression`.
@@ -57,8 +64,8 @@ pub struct RegressionArgs {
     /// Give up (and fail) after this long.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     timeout: Duration,
-    /// Run the nodes as processes of their own, killed with SIGKILL (not
-    /// built yet).
+    /// Run each node as a process of its own (`eretes graph node`), killed
+    /// with SIGKILL; needs --etcd.
     #[arg(long)]
     processes: bool,
     /// The store: embedded unless --etcd is given.
@@ -73,6 +80,7 @@ pub struct RegressionArgs {
 pub async fn run(args: GraphArgs) -> Result<i32> {
     match args.command {
         GraphCommand::Regression(args) => regression(args).await,
+        GraphCommand::Node(args) => node_process::run(args).await.map(|()| 0),
     }
 }
 
@@ -80,9 +88,17 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
     if args.backups > 0 {
         bail!("--backups: hot standbys are not built yet; run with --backups 0");
     }
-    if args.processes {
-        bail!("--processes: node processes are not built yet; the nodes run in this process");
-    }
+    let etcd = match (&args.store.etcd, args.processes) {
+        (None, true) => bail!("--processes needs --etcd: node processes share one store"),
+        (Some(_), true)
+            if args.store.etcd_ca.is_some()
+                || args.store.etcd_cert.is_some()
+                || args.store.etcd_user.is_some() =>
+        {
+            bail!("--processes: node processes reach etcd by --etcd URL only (no TLS or user yet)")
+        }
+        (etcd, _) => etcd.clone(),
+    };
     if !(0.0..=1.0).contains(&args.kill_rate) {
         bail!("--kill-rate {} is not between 0 and 1", args.kill_rate);
     }
@@ -102,7 +118,15 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         lease_ttl: args.lease_ttl,
         timeout: args.timeout,
     };
-    let report = run_regression(store.clone(), ns.clone(), options).await;
+    let report = match etcd.filter(|_| args.processes) {
+        Some(url) => {
+            let mut fleet =
+                processes::ProcessFleet::new(ns.root().trim_end_matches('/'), &url, args.lease_ttl)
+                    .context("a directory for the node processes' counters")?;
+            run_regression_on(&mut fleet, store.clone(), ns.clone(), options).await
+        }
+        None => run_regression(store.clone(), ns.clone(), options).await,
+    };
     let removed = store
         .delete(eretes_store::DeleteRequest::new(
             eretes_store::KeyRange::prefix(ns.root()),
