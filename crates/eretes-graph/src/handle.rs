@@ -204,10 +204,15 @@ impl TaskHandle {
     /// a failover gets it in `init`.
     pub async fn checkpoint(&self, bytes: &[u8]) -> Result<(), GraphError> {
         let coordinator = self.run.node.jobs.coordinator();
-        coordinator
+        match coordinator
             .save_checkpoint(&self.run.id, self.run.claim_epoch, bytes)
             .await
-            .map_err(GraphError::from)
+        {
+            Err(eretes_protocol::ProtocolError::NotOwner { .. }) => {
+                Err(GraphError::Fenced(self.run.id.to_string()))
+            }
+            other => other.map_err(GraphError::from),
+        }
     }
 
     /// Ask task `to` for data: sent to whichever node runs it now, retried

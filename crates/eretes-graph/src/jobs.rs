@@ -150,6 +150,17 @@ impl Jobs {
 
     /// Move `job` from epoch `from` to the next, by compare-and-swap.
     pub async fn inc_epoch(&self, job: &JobName, from: JobEpoch) -> Result<EpochMove, GraphError> {
+        self.inc_epoch_fenced(job, from, None).await
+    }
+
+    /// [`Jobs::inc_epoch`], also refused as [`GraphError::Fenced`] unless the
+    /// run of `fence.0` with claim epoch `fence.1` still owns its task.
+    pub async fn inc_epoch_fenced(
+        &self,
+        job: &JobName,
+        from: JobEpoch,
+        fence: Option<(&TaskId, Revision)>,
+    ) -> Result<EpochMove, GraphError> {
         let expected = EpochRecord {
             epoch: from,
             shutdown: false,
@@ -158,11 +169,21 @@ impl Jobs {
             epoch: JobEpoch(from.0 + 1),
             shutdown: false,
         };
-        self.swap_epoch(job, expected, next).await
+        self.swap_epoch(job, expected, next, fence).await
     }
 
     /// Shut `job` down (keeping its epoch), by compare-and-swap from `at`.
     pub async fn shutdown(&self, job: &JobName, at: JobEpoch) -> Result<EpochMove, GraphError> {
+        self.shutdown_fenced(job, at, None).await
+    }
+
+    /// [`Jobs::shutdown`] under a run's claim, as [`Jobs::inc_epoch_fenced`].
+    pub async fn shutdown_fenced(
+        &self,
+        job: &JobName,
+        at: JobEpoch,
+        fence: Option<(&TaskId, Revision)>,
+    ) -> Result<EpochMove, GraphError> {
         let expected = EpochRecord {
             epoch: at,
             shutdown: false,
@@ -171,7 +192,7 @@ impl Jobs {
             epoch: at,
             shutdown: true,
         };
-        self.swap_epoch(job, expected, next).await
+        self.swap_epoch(job, expected, next, fence).await
     }
 
     async fn swap_epoch(
@@ -179,15 +200,26 @@ impl Jobs {
         job: &JobName,
         expected: EpochRecord,
         next: EpochRecord,
+        fence: Option<(&TaskId, Revision)>,
     ) -> Result<EpochMove, GraphError> {
         let key = self.keys.epoch(job);
-        let txn = Txn::new()
+        let mut txn = Txn::new();
+        if let Some((id, claim_epoch)) = fence {
+            txn = txn.when(self.coordinator.fence_epoch(id, claim_epoch));
+        }
+        let txn = txn
             .when(Compare::value_is(key.clone(), encode(&expected)))
             .and_then(TxnOp::Put(PutRequest::new(key.clone(), encode(&next))))
             .or_else(TxnOp::Get(GetRequest::new(KeyRange::key(key.clone()))));
         let response = self.coordinator.store().txn(txn).await?;
         if response.succeeded {
             return Ok(EpochMove::Moved(next.epoch));
+        }
+        if let Some((id, claim_epoch)) = fence {
+            let owns = Txn::new().when(self.coordinator.fence_epoch(id, claim_epoch));
+            if !self.coordinator.store().txn(owns).await?.succeeded {
+                return Err(GraphError::Fenced(id.to_string()));
+            }
         }
         let found = match response.responses.first() {
             Some(TxnOpResponse::Get(get)) => get.kvs.first().cloned(),

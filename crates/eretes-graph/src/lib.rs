@@ -14,8 +14,9 @@
 //!   neighbour's run once, and a run that starts after a failover gets its
 //!   neighbours' current meta once;
 //! * **data requests**: [`TaskHandle::data_request`] reaches whichever node
-//!   runs the target now, over gRPC with one pooled connection per pair of
-//!   nodes, retried across failovers, answered once per run of the target,
+//!   runs the target now, over gRPC with one pooled connection from each
+//!   node to each peer it calls (requests to its own tasks skip the
+//!   network), retried across failovers, answered once per run of the target,
 //!   and never delivered into a later job epoch;
 //! * **neighbour events**: a neighbour's run lost, and running again.
 //!

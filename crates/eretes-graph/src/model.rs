@@ -101,7 +101,7 @@ pub trait GraphTask: Send + Sync + 'static {
     /// The job shuts down.
     async fn exit(&self, _task: &TaskHandle) {}
     /// After `exit`: this task's result, kept in its eretes result record
-    /// (`eretes show <job>.<index>`).
+    /// (`<ns>/results/<job>.<index>`).
     async fn result(&self, _task: &TaskHandle) -> Value {
         Value::Null
     }

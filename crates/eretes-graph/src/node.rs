@@ -19,7 +19,7 @@ use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
 use crate::jobs::Jobs;
 use crate::model::{GraphTask, JobKind, MetaRecord};
-use crate::rpc::{advertised, spawn_server, Served};
+use crate::rpc::{advertised, spawn_server, Remembered};
 use crate::view::{GraphEvent, GraphView};
 use crate::GraphError;
 
@@ -49,12 +49,15 @@ pub(crate) struct NodeShared {
     pub kinds: HashMap<String, Arc<dyn JobKind>>,
     pub view: Arc<GraphView>,
     pub runs: Mutex<HashMap<TaskId, Arc<RunShared>>>,
-    #[allow(clippy::type_complexity)]
-    pub requests: Mutex<HashMap<TaskId, ((i64, JobEpoch), HashMap<u64, Served>)>>,
+    /// The data requests each task's run here answered lately.
+    pub requests: Mutex<HashMap<TaskId, Remembered>>,
     pub clients:
         Mutex<HashMap<String, crate::proto::graph_client::GraphClient<tonic::transport::Channel>>>,
     pub stats: GraphStats,
     pub address: String,
+    /// Open a connection for every request instead of pooling (only to
+    /// measure what pooling saves).
+    pub connection_per_request: std::sync::atomic::AtomicBool,
     stop: CancellationToken,
 }
 
@@ -93,6 +96,7 @@ impl GraphNode {
             clients: Mutex::new(HashMap::new()),
             stats: GraphStats::default(),
             address,
+            connection_per_request: std::sync::atomic::AtomicBool::new(false),
             stop: CancellationToken::new(),
         });
         spawn_server(Arc::downgrade(&shared), listener, shared.stop.clone());
@@ -130,6 +134,15 @@ impl GraphNode {
                 }
             }
         });
+    }
+
+    /// Open a new connection for every data request instead of one per
+    /// peer: only for measuring what the pool saves (`eretes bench
+    /// graph-data`), never faster.
+    pub fn set_connection_per_request(&self, unpooled: bool) {
+        self.shared
+            .connection_per_request
+            .store(unpooled, Ordering::Relaxed);
     }
 
     /// The address it serves data requests on.
@@ -274,6 +287,8 @@ async fn run_task(
         let mut runs = node.runs.lock().expect("not poisoned");
         if runs.get(&ctx.id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
             runs.remove(&ctx.id);
+            // Its answers go with it (a next run here answers anew).
+            node.requests.lock().expect("not poisoned").remove(&ctx.id);
         }
     }
     outcome

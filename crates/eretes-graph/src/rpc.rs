@@ -28,6 +28,45 @@ const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
 /// A served request's outcome, shared by its duplicates.
 pub(crate) type Served = Shared<BoxFuture<'static, data_reply::Outcome>>;
 
+/// How many answered requests of one run and epoch are remembered, so that
+/// a retry gets the answer instead of running the request again. A retry of
+/// a request older than that runs it again.
+pub const REMEMBERED_REQUESTS: usize = 4096;
+
+/// The requests one run of a task served in one job epoch, newest last.
+pub(crate) struct Remembered {
+    /// (claim epoch, job epoch) they belong to.
+    pub scope: (i64, JobEpoch),
+    served: HashMap<u64, Served>,
+    order: std::collections::VecDeque<u64>,
+}
+
+impl Remembered {
+    fn new(scope: (i64, JobEpoch)) -> Remembered {
+        Remembered {
+            scope,
+            served: HashMap::new(),
+            order: std::collections::VecDeque::new(),
+        }
+    }
+
+    /// The request `id`'s outcome, started by `start` if it is new.
+    fn or_insert_with(&mut self, id: u64, start: impl FnOnce() -> Served) -> Served {
+        if let Some(served) = self.served.get(&id) {
+            return served.clone();
+        }
+        let served = start();
+        self.served.insert(id, served.clone());
+        self.order.push_back(id);
+        while self.order.len() > REMEMBERED_REQUESTS {
+            if let Some(oldest) = self.order.pop_front() {
+                self.served.remove(&oldest);
+            }
+        }
+        served
+    }
+}
+
 fn refused(reason: impl Into<String>, server_job_epoch: u64) -> data_reply::Outcome {
     data_reply::Outcome::Refused(Refusal {
         reason: reason.into(),
@@ -98,43 +137,40 @@ impl NodeShared {
         }
         let served = {
             let mut requests = self.requests.lock().expect("not poisoned");
-            let runs = requests
+            let remembered = requests
                 .entry(id.clone())
-                .or_insert_with(|| ((0, JobEpoch(0)), HashMap::new()));
+                .or_insert_with(|| Remembered::new((run.claim_epoch, scope.epoch)));
             // Requests of another run or epoch are over: forget them.
-            if runs.0 != (run.claim_epoch, scope.epoch) {
-                *runs = ((run.claim_epoch, scope.epoch), Default::default());
+            if remembered.scope != (run.claim_epoch, scope.epoch) {
+                *remembered = Remembered::new((run.claim_epoch, scope.epoch));
             }
-            runs.1
-                .entry(request.request_id)
-                .or_insert_with(|| {
-                    let handle = TaskHandle { run: run.clone() };
-                    let task = run.task.clone();
-                    let ended = scope.ended.clone();
-                    let stats = self.clone();
-                    async move {
-                        stats.stats.data_served.fetch_add(1, Ordering::Relaxed);
-                        let answer =
-                            task.serve_data(&handle, request.from, &request.method, request.input);
-                        // The epoch's end wins a tie, and is looked at again
-                        // after the answer: nothing is answered into a later
-                        // epoch.
-                        let outcome = tokio::select! {
-                            biased;
-                            () = ended.cancelled() => None,
-                            answer = answer => Some(answer),
-                        };
-                        match outcome {
-                            Some(_) if ended.is_cancelled() => refused("the job epoch ended", 0),
-                            Some(Ok(output)) => data_reply::Outcome::Output(output),
-                            Some(Err(message)) => data_reply::Outcome::Failed(message),
-                            None => refused("the job epoch ended", 0),
-                        }
+            remembered.or_insert_with(request.request_id, || {
+                let handle = TaskHandle { run: run.clone() };
+                let task = run.task.clone();
+                let ended = scope.ended.clone();
+                let stats = self.clone();
+                async move {
+                    stats.stats.data_served.fetch_add(1, Ordering::Relaxed);
+                    let answer =
+                        task.serve_data(&handle, request.from, &request.method, request.input);
+                    // The epoch's end wins a tie, and is looked at again
+                    // after the answer: nothing is answered into a later
+                    // epoch.
+                    let outcome = tokio::select! {
+                        biased;
+                        () = ended.cancelled() => None,
+                        answer = answer => Some(answer),
+                    };
+                    match outcome {
+                        Some(_) if ended.is_cancelled() => refused("the job epoch ended", 0),
+                        Some(Ok(output)) => data_reply::Outcome::Output(output),
+                        Some(Err(message)) => data_reply::Outcome::Failed(message),
+                        None => refused("the job epoch ended", 0),
                     }
-                    .boxed()
-                    .shared()
-                })
-                .clone()
+                }
+                .boxed()
+                .shared()
+            })
         };
         served.await
     }
@@ -171,8 +207,9 @@ impl NodeShared {
     /// The pooled client of the node at `address`: one HTTP/2 connection
     /// carries every request to it.
     fn client(&self, address: &str) -> Result<GraphClient<Channel>, String> {
+        let unpooled = self.connection_per_request.load(Ordering::Relaxed);
         let mut pool = self.clients.lock().expect("not poisoned");
-        if let Some(client) = pool.get(address) {
+        if let Some(client) = pool.get(address).filter(|_| !unpooled) {
             return Ok(client.clone());
         }
         let endpoint = Endpoint::from_shared(format!("http://{address}"))
@@ -181,7 +218,9 @@ impl NodeShared {
             .tcp_nodelay(true);
         let client = GraphClient::new(endpoint.connect_lazy());
         self.stats.connections.fetch_add(1, Ordering::Relaxed);
-        pool.insert(address.to_string(), client.clone());
+        if !unpooled {
+            pool.insert(address.to_string(), client.clone());
+        }
         Ok(client)
     }
 }

@@ -1337,9 +1337,9 @@ async fn neighbour_failed_and_restarted_are_told() {
         (!lock(&log).received.is_empty()).then_some(())
     })
     .await;
-    // Task 1 may have been told `restarted` at start-up (task 0 was claimed
-    // after task 1 looked): that comes before `hello` (store order), so it is
-    // before the mark; the pause only makes sure.
+    // Events of the start-up (none is expected: a neighbour's first run is
+    // no restart) come before `hello` in store order, so before the mark;
+    // the pause only makes sure.
     sleep(Duration::from_millis(200)).await;
     let (mark, observer) = {
         let log = lock(&log);
@@ -1606,7 +1606,7 @@ async fn bad_input_is_refused_as_invalid_and_overwrites_nothing() {
 }
 
 // ---------------------------------------------------------------------------
-// Framework bugs (ignored: they fail today)
+// Found as framework bugs by this suite; they hold since the fixes
 // ---------------------------------------------------------------------------
 
 #[derive(Default)]

@@ -5,6 +5,7 @@
 //! etcd; [`agent`] measures a real `eretes agent` through its HTTP API.
 
 mod agent;
+mod graph;
 mod in_process;
 mod list;
 
@@ -44,6 +45,13 @@ enum Scenario {
     /// 100,000): the latency of a page of its task list, against one read
     /// of the whole namespace in the same run.
     List,
+    /// Task graphs: data requests per second between two nodes, pooled and
+    /// with a connection per request, and a task's cold failover as its
+    /// peer sees it (`--tasks` is the number of requests, default 20,000).
+    GraphData,
+    /// Task graphs: milliseconds per job epoch of the regression at 15 and
+    /// 127 tasks (`--tasks` is the number of epochs, default 50).
+    GraphEpochs,
 }
 
 /// Options of `eretes bench`.
@@ -87,6 +95,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             | Scenario::ClusterClaim
             | Scenario::Agent
             | Scenario::List
+            | Scenario::GraphData
+            | Scenario::GraphEpochs
     );
     if embedded_only && args.store.is_etcd() {
         bail!(
@@ -101,6 +111,8 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::ClusterClaim => in_process::cluster_claim(&args).await?,
         Scenario::Agent => agent::agent(&args).await?,
         Scenario::List => list::list(&args).await?,
+        Scenario::GraphData => graph::data(&args).await?,
+        Scenario::GraphEpochs => graph::epochs(&args).await?,
         Scenario::Claim | Scenario::Failover | Scenario::Steady => {
             in_process::on_any_store(&args).await?
         }

@@ -1,7 +1,8 @@
 //! `eretes graph`: task graphs (the `eretes-graph` crate) from the command
 //! line. `eretes graph regression` runs taskgraph's regression as a job on
-//! nodes of this process, kills nodes while it runs, and reports what
-//! happened, counted.
+//! nodes of this process (or, with `--processes`, on node processes of its
+//! own on etcd), kills nodes while it runs, and reports what happened,
+//! counted.
 
 use std::time::Duration;
 

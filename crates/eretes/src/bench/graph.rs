@@ -1,0 +1,252 @@
+//! Benchmarks of task graphs (`eretes-graph`), on the embedded store with
+//! real gRPC between in-process nodes:
+//! - `graph-data`: data requests per second from a task on one node to a
+//!   task on another, over the pooled connection and, in the same run, with
+//!   a new connection per request;
+//!   Then its node is killed and a request is timed until the task's next
+//!   run on a spare node answers (a cold failover: no hot standbys yet);
+//! - `graph-epochs`: milliseconds per job epoch of the regression at 15 and
+//!   127 tasks (no kills).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use async_trait::async_trait;
+use eretes_graph::driver::{run_regression, RegressionOptions};
+use eretes_graph::{
+    GraphNode, GraphTask, JobEpoch, JobKind, JobName, JobSpec, TaskHandle, Topology,
+};
+use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
+use eretes_runtime::balancer::FairBalancer;
+use eretes_runtime::{Node, NodeConfig, NodeHandle};
+use eretes_store::embedded::EmbeddedStore;
+use eretes_store::Store;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{wait_until, BenchArgs};
+
+/// Two tasks, each the other's peer.
+struct Pair;
+
+impl Topology for Pair {
+    fn links(&self) -> Vec<String> {
+        vec!["peer".into()]
+    }
+    fn neighbours(&self, _link: &str, task: u32, _epoch: JobEpoch) -> Vec<u32> {
+        vec![1 - task.min(1)]
+    }
+}
+
+/// Task 0 hands its handle to the benchmark; task 1 answers every request
+/// with its input.
+struct PingKind {
+    handle: Arc<Mutex<Option<TaskHandle>>>,
+}
+
+struct PingTask {
+    handle: Option<Arc<Mutex<Option<TaskHandle>>>>,
+}
+
+impl JobKind for PingKind {
+    fn topology(&self, _job: &JobSpec) -> Arc<dyn Topology> {
+        Arc::new(Pair)
+    }
+    fn build(&self, _job: &JobSpec, index: u32) -> Arc<dyn GraphTask> {
+        Arc::new(PingTask {
+            handle: (index == 0).then(|| self.handle.clone()),
+        })
+    }
+}
+
+#[async_trait]
+impl GraphTask for PingTask {
+    async fn init(&self, task: &TaskHandle, _checkpoint: Option<Vec<u8>>) {
+        if let Some(slot) = &self.handle {
+            *slot.lock().expect("not poisoned") = Some(task.clone());
+        }
+    }
+    async fn enter_epoch(&self, _task: &TaskHandle, _epoch: JobEpoch) {}
+    async fn meta_ready(&self, _task: &TaskHandle, _from: u32, _link: &str, _meta: &str) {}
+    async fn serve_data(
+        &self,
+        _task: &TaskHandle,
+        _from: u32,
+        _method: &str,
+        input: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        Ok(input)
+    }
+}
+
+/// The lease TTL of the data benchmark's nodes: a killed node's task moves
+/// after it.
+const FAILOVER_TTL: Duration = Duration::from_secs(1);
+
+/// Start a node of group `graph` running one task at most.
+async fn one_slot_node(
+    store: &Arc<dyn Store>,
+    ns: &Namespace,
+    name: &str,
+    kinds: HashMap<String, Arc<dyn JobKind>>,
+) -> Result<(NodeHandle, GraphNode)> {
+    let name = NodeName::new(name)?;
+    let graph = GraphNode::start(
+        Coordinator::new(store.clone(), ns.clone()),
+        name.clone(),
+        kinds,
+        "127.0.0.1:0".parse()?,
+    )
+    .await?;
+    let mut config = NodeConfig::new(name, ns.clone()).with_lease_ttl(FAILOVER_TTL);
+    config.groups = vec![GroupName::new("graph")?];
+    config.slots = 1;
+    let node = Node::start(
+        store.clone(),
+        config,
+        graph.handler(),
+        Box::new(FairBalancer::default()),
+    )
+    .await?;
+    graph.publish_address(node.status());
+    Ok((node, graph))
+}
+
+/// `requests` data requests of 64 bytes, `concurrency` at a time; per second.
+async fn request_rate(handle: &TaskHandle, requests: usize, concurrency: usize) -> Result<f64> {
+    let started = Instant::now();
+    let per_worker = requests / concurrency;
+    let mut workers = Vec::new();
+    for _ in 0..concurrency {
+        let handle = handle.clone();
+        workers.push(tokio::spawn(async move {
+            for _ in 0..per_worker {
+                handle.data_request(1, "echo", vec![7; 64]).await?;
+            }
+            Ok::<_, eretes_graph::GraphError>(())
+        }));
+    }
+    for worker in workers {
+        worker.await??;
+    }
+    Ok((per_worker * concurrency) as f64 / started.elapsed().as_secs_f64())
+}
+
+/// Data requests per second between two nodes, pooled and unpooled.
+pub(super) async fn data(args: &BenchArgs) -> Result<serde_json::Value> {
+    let requests = args.tasks.unwrap_or(20_000) as usize;
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let ns = Namespace::new("bench-graph")?;
+    let slot = Arc::new(Mutex::new(None));
+    let kinds: HashMap<String, Arc<dyn JobKind>> = [(
+        "ping".to_string(),
+        Arc::new(PingKind {
+            handle: slot.clone(),
+        }) as Arc<dyn JobKind>,
+    )]
+    .into();
+    let nodes = [
+        one_slot_node(&store, &ns, "a", kinds.clone()).await?,
+        one_slot_node(&store, &ns, "b", kinds.clone()).await?,
+    ];
+    let spec = JobSpec {
+        kind: "ping".into(),
+        tasks: 2,
+        group: GroupName::new("graph")?,
+        properties: json!(null),
+    };
+    nodes[0]
+        .1
+        .jobs()
+        .start(&JobName::new("ping")?, &spec)
+        .await?;
+    wait_until("task 0 runs", || {
+        slot.lock().expect("not poisoned").is_some()
+    })
+    .await?;
+    let handle = slot
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .context("task 0's handle")?;
+    // Warm up (and make sure task 1 runs on the other node).
+    request_rate(&handle, 200, 4).await?;
+    let runs = |task: &str| {
+        nodes
+            .iter()
+            .position(|(_, graph)| graph.runs().iter().any(|(id, _)| id.as_str() == task))
+    };
+    let (Some(requesting), Some(serving)) = (runs("ping.0"), runs("ping.1")) else {
+        bail!("the two tasks do not both run");
+    };
+    if requesting == serving {
+        bail!("the two tasks run on one node");
+    }
+    let requester = &nodes[requesting].1;
+    let mut report = json!({ "scenario": "graph-data", "requests": requests });
+    for concurrency in [1usize, 8] {
+        requester.set_connection_per_request(false);
+        let pooled = request_rate(&handle, requests, concurrency).await?;
+        requester.set_connection_per_request(true);
+        let unpooled = request_rate(&handle, requests / 10, concurrency).await?;
+        requester.set_connection_per_request(false);
+        println!(
+            "data requests, {concurrency} at a time: pooled {pooled:.0}/s, a connection per request {unpooled:.0}/s ({:.1}×)",
+            pooled / unpooled
+        );
+        report[format!("pooled_per_s_c{concurrency}")] = json!(pooled);
+        report[format!("unpooled_per_s_c{concurrency}")] = json!(unpooled);
+    }
+    // Cold failover as a peer sees it: kill the node of the task that does
+    // not request, and time until a request is answered by its next run on
+    // a spare node.
+    let (_spare, _spare_graph) = one_slot_node(&store, &ns, "c", kinds_for_spare(&slot)).await?;
+    nodes[serving].0.kill();
+    nodes[serving].1.stop();
+    let killed = Instant::now();
+    handle.data_request(1, "echo", vec![1]).await?;
+    let failover_ms = killed.elapsed().as_secs_f64() * 1000.0;
+    println!("a task's node killed: answered again after {failover_ms:.0} ms (lease TTL {FAILOVER_TTL:?}, no standby)");
+    report["cold_failover_ms"] = json!(failover_ms);
+    report["lease_ttl_ms"] = json!(FAILOVER_TTL.as_millis() as u64);
+    Ok(report)
+}
+
+/// The job kinds of the spare node (task 0 stays where it is).
+fn kinds_for_spare(slot: &Arc<Mutex<Option<TaskHandle>>>) -> HashMap<String, Arc<dyn JobKind>> {
+    [(
+        "ping".to_string(),
+        Arc::new(PingKind {
+            handle: slot.clone(),
+        }) as Arc<dyn JobKind>,
+    )]
+    .into()
+}
+
+/// Milliseconds per job epoch of the regression at 15 and 127 tasks.
+pub(super) async fn epochs(args: &BenchArgs) -> Result<serde_json::Value> {
+    let epochs = args.tasks.map_or(50, u64::from);
+    let mut report = json!({ "scenario": "graph-epochs", "epochs": epochs });
+    for tasks in [15u32, 127] {
+        let store: Arc<dyn Store> = EmbeddedStore::new();
+        let outcome = run_regression(
+            store,
+            Namespace::new("bench-epochs")?,
+            RegressionOptions {
+                tasks,
+                epochs,
+                ..RegressionOptions::default()
+            },
+        )
+        .await?;
+        if !outcome.passed() {
+            bail!("the regression failed: {outcome:?}");
+        }
+        let per_epoch = outcome.elapsed_ms as f64 / epochs as f64;
+        println!("{tasks} tasks: {per_epoch:.1} ms per job epoch ({epochs} epochs)");
+        report[format!("ms_per_epoch_{tasks}")] = json!(per_epoch);
+    }
+    Ok(report)
+}
