@@ -169,6 +169,7 @@ pub struct InProcess {
     ns: Namespace,
     lease_ttl: Duration,
     regression: Arc<Regression>,
+    kinds: HashMap<String, Arc<dyn JobKind>>,
     live: Vec<(NodeName, NodeHandle, GraphNode)>,
     graphs: Vec<GraphNode>,
     started: usize,
@@ -177,11 +178,27 @@ pub struct InProcess {
 impl InProcess {
     /// No nodes yet, on `store` in namespace `ns`.
     pub fn new(store: Arc<dyn Store>, ns: Namespace, lease_ttl: Duration) -> InProcess {
+        let regression = Arc::new(Regression::new());
+        let kinds = regression_kinds(regression.clone());
+        InProcess {
+            regression,
+            ..InProcess::with_kinds(store, ns, lease_ttl, kinds)
+        }
+    }
+
+    /// No nodes yet; the nodes it starts run jobs of `kinds`.
+    pub fn with_kinds(
+        store: Arc<dyn Store>,
+        ns: Namespace,
+        lease_ttl: Duration,
+        kinds: HashMap<String, Arc<dyn JobKind>>,
+    ) -> InProcess {
         InProcess {
             store,
             ns,
             lease_ttl,
             regression: Arc::new(Regression::new()),
+            kinds,
             live: Vec::new(),
             graphs: Vec::new(),
             started: 0,
@@ -217,7 +234,7 @@ impl Fleet for InProcess {
         let graph = GraphNode::start(
             coordinator,
             name.clone(),
-            regression_kinds(self.regression.clone()),
+            self.kinds.clone(),
             "127.0.0.1:0".parse().expect("an address"),
         )
         .await?;

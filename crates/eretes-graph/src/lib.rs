@@ -47,6 +47,7 @@
 //! ```
 
 pub mod driver;
+pub mod frames;
 mod handle;
 mod ids;
 mod jobs;
