@@ -280,7 +280,6 @@ impl GraphTask for MasterTask {
     async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch) {
         self.0.enter_epoch(&master(task), epoch).await;
     }
-    async fn meta_ready(&self, _task: &TaskHandle, _from: u32, _link: &str, _meta: &str) {}
     async fn serve_data(
         &self,
         task: &TaskHandle,
@@ -315,7 +314,6 @@ impl GraphTask for WorkerTask {
     async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch) {
         self.0.enter_epoch(&worker(task), epoch).await;
     }
-    async fn meta_ready(&self, _task: &TaskHandle, _from: u32, _link: &str, _meta: &str) {}
     async fn serve_data(
         &self,
         task: &TaskHandle,

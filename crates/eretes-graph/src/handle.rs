@@ -80,6 +80,9 @@ impl RunShared {
 #[derive(Clone)]
 pub struct TaskHandle {
     pub(crate) run: Arc<RunShared>,
+    /// For `serve_data`: the job epoch of the request it answers, whatever
+    /// the task's callbacks were last told.
+    pub(crate) pinned: Option<JobEpoch>,
 }
 
 impl TaskHandle {
@@ -117,8 +120,11 @@ impl TaskHandle {
 
     /// The job epoch this task is in: the last one its `enter_epoch` was
     /// called for. Its calls act in this epoch.
+    ///
+    /// In `serve_data` it is the job epoch of the request being answered.
     pub fn epoch(&self) -> JobEpoch {
-        *self.run.entered.lock().expect("not poisoned")
+        self.pinned
+            .unwrap_or_else(|| *self.run.entered.lock().expect("not poisoned"))
     }
 
     /// The scope of the task's epoch: its token ends when that epoch does

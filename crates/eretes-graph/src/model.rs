@@ -79,21 +79,26 @@ pub trait JobKind: Send + Sync + 'static {
 #[async_trait]
 pub trait GraphTask: Send + Sync + 'static {
     /// Bring the task up, from scratch or after a failover (with the last
-    /// checkpoint it saved).
-    async fn init(&self, task: &TaskHandle, checkpoint: Option<Vec<u8>>);
-    /// The job entered `epoch`; the handle's data requests belong to it.
-    async fn enter_epoch(&self, task: &TaskHandle, epoch: JobEpoch);
+    /// checkpoint it saved). Does nothing unless implemented.
+    async fn init(&self, _task: &TaskHandle, _checkpoint: Option<Vec<u8>>) {}
+    /// The job entered `epoch`; the handle's calls act in it. Does nothing
+    /// unless implemented.
+    async fn enter_epoch(&self, _task: &TaskHandle, _epoch: JobEpoch) {}
     /// Neighbour `from` flagged `meta` on `link` in the current epoch. Each
-    /// (sender, link, epoch, meta) comes once per run.
-    async fn meta_ready(&self, task: &TaskHandle, from: u32, link: &str, meta: &str);
+    /// (sender, link, epoch, meta) comes once per run. Does nothing unless
+    /// implemented.
+    async fn meta_ready(&self, _task: &TaskHandle, _from: u32, _link: &str, _meta: &str) {}
     /// Answer neighbour `from`'s data request; `Err` is a final refusal.
+    /// Refuses every request unless implemented.
     async fn serve_data(
         &self,
-        task: &TaskHandle,
+        _task: &TaskHandle,
         from: u32,
         method: &str,
-        input: Vec<u8>,
-    ) -> Result<Vec<u8>, String>;
+        _input: Vec<u8>,
+    ) -> Result<Vec<u8>, String> {
+        Err(format!("this task serves no data ({method:?} from {from})"))
+    }
     /// The run of neighbour `id` (over `link`) was lost.
     async fn neighbour_failed(&self, _task: &TaskHandle, _link: &str, _id: u32) {}
     /// Neighbour `id` (over `link`) runs again.

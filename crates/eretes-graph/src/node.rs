@@ -302,7 +302,10 @@ async fn drive(
     ctx: &TaskContext,
     events: &mut broadcast::Receiver<GraphEvent>,
 ) -> Result<HandlerOutcome, GraphError> {
-    let handle = TaskHandle { run: run.clone() };
+    let handle = TaskHandle {
+        run: run.clone(),
+        pinned: None,
+    };
     let task = run.task.clone();
     // The pump moves the run's epoch scope at once (ending the old epoch's
     // data requests even while a callback waits on one) and queues events

@@ -145,7 +145,10 @@ impl NodeShared {
                 *remembered = Remembered::new((run.claim_epoch, scope.epoch));
             }
             remembered.or_insert_with(request.request_id, || {
-                let handle = TaskHandle { run: run.clone() };
+                let handle = TaskHandle {
+                    run: run.clone(),
+                    pinned: Some(scope.epoch),
+                };
                 let task = run.task.clone();
                 let ended = scope.ended.clone();
                 let stats = self.clone();

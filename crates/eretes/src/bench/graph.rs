@@ -68,8 +68,6 @@ impl GraphTask for PingTask {
             *slot.lock().expect("not poisoned") = Some(task.clone());
         }
     }
-    async fn enter_epoch(&self, _task: &TaskHandle, _epoch: JobEpoch) {}
-    async fn meta_ready(&self, _task: &TaskHandle, _from: u32, _link: &str, _meta: &str) {}
     async fn serve_data(
         &self,
         _task: &TaskHandle,
