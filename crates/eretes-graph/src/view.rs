@@ -138,6 +138,11 @@ impl GraphView {
     /// Apply one put or delete; the event runs see, if any.
     fn apply(&self, kv: &KeyValue, deleted: bool) -> Option<GraphEvent> {
         let mut state = self.state.lock().expect("not poisoned");
+        self.apply_to(&mut state, kv, deleted)
+    }
+
+    /// [`GraphView::apply`] to `state`.
+    fn apply_to(&self, state: &mut ViewState, kv: &KeyValue, deleted: bool) -> Option<GraphEvent> {
         if let Some(key) = self.keys.parse(&kv.key) {
             return match key {
                 GraphKey::Rpc(node) => {
@@ -265,13 +270,15 @@ async fn follow_once(
         let Some(view) = view.upgrade() else {
             return Ok(Followed::ViewGone);
         };
-        *view.state.lock().expect("not poisoned") = ViewState::default();
+        // Built aside and swapped in at once: readers never see it half-read.
+        let mut fresh = ViewState::default();
         for kv in response.responses.iter().flat_map(|r| match r {
             TxnOpResponse::Get(get) => get.kvs.as_slice(),
             _ => &[],
         }) {
-            view.apply(kv, false);
+            view.apply_to(&mut fresh, kv, false);
         }
+        *view.state.lock().expect("not poisoned") = fresh;
         let _ = view.events.send(GraphEvent::Resync);
         view.loaded.send_replace(true);
     }
