@@ -12,7 +12,8 @@ use async_trait::async_trait;
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
 use eretes_runtime::balancer::FairBalancer;
 use eretes_runtime::{Node, NodeConfig, NodeHandle};
-use eretes_store::Store;
+use eretes_store::{KeyRange, Store};
+use futures::StreamExt;
 use rand::Rng;
 use serde::{Deserialize, Serialize};
 use tokio::time::Instant;
@@ -33,7 +34,7 @@ pub struct RegressionOptions {
     pub epochs: u64,
     /// Nodes running at a time.
     pub nodes: usize,
-    /// At each new job epoch the driver sees (it looks every 20 ms), each
+    /// At each new job epoch the driver sees (it watches the epoch), each
     /// task's node is killed with this probability.
     pub kill_rate: f64,
     /// Kill a random node this often.
@@ -343,6 +344,11 @@ async fn drive_job(
         properties: Regression::properties(options.epochs),
     };
     let started = Instant::now();
+    let mut epoch_moves = coordinator
+        .store()
+        .watch(KeyRange::key(jobs.keys().epoch(&job)), 0)
+        .await?;
+    let mut watching = true;
     jobs.start(&job, &spec).await?;
     let mut kills = 0;
     let mut seen_epoch = 0;
@@ -365,7 +371,15 @@ async fn drive_job(
             tracing::warn!(live = ?fleet.live(), ?waiting, "the regression timed out");
             break;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        // Woken by every move of the job's epoch (so that a kill at an
+        // epoch lands while it runs, however fast epochs go), or every 20 ms.
+        tokio::select! {
+            moved = epoch_moves.next(), if watching => {
+                // A broken watch leaves the 20 ms polls.
+                watching = matches!(moved, Some(Ok(_)));
+            }
+            () = tokio::time::sleep(Duration::from_millis(20)) => {}
+        }
         let record = jobs.epoch(&job).await?;
         if record.is_some_and(|record| record.shutdown) {
             results.clear();

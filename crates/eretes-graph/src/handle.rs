@@ -39,7 +39,7 @@ pub(crate) struct RunShared {
     pub task: Arc<dyn GraphTask>,
     /// The claim (fencing) epoch of this run.
     pub claim_epoch: i64,
-    /// The job epoch this run is in; moved by the event pump as soon as the
+    /// The job epoch this run is in; moved by the node's dispatcher as soon as the
     /// store says so, before the task's `enter_epoch` is called.
     pub scope: watch::Sender<EpochScope>,
     /// What this run flagged last on each link (held across the write, so

@@ -5,7 +5,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock, Weak};
 
 use async_trait::async_trait;
 use eretes_protocol::{Coordinator, NodeName, TaskId};
@@ -49,6 +49,10 @@ pub(crate) struct NodeShared {
     pub kinds: HashMap<String, Arc<dyn JobKind>>,
     pub view: Arc<GraphView>,
     pub runs: Mutex<HashMap<TaskId, Arc<RunShared>>>,
+    /// The runs here waiting for events, by job.
+    listeners: Mutex<HashMap<JobName, Vec<Listener>>>,
+    /// Numbers listeners, so that each can be removed.
+    next_listener: AtomicU64,
     /// The data requests each task's run here answered lately.
     pub requests: Mutex<HashMap<TaskId, Remembered>>,
     pub clients:
@@ -97,9 +101,21 @@ impl GraphNode {
             stats: GraphStats::default(),
             address,
             connection_per_request: std::sync::atomic::AtomicBool::new(false),
+            listeners: Mutex::new(HashMap::new()),
+            next_listener: AtomicU64::new(0),
             stop: CancellationToken::new(),
         });
         spawn_server(Arc::downgrade(&shared), listener, shared.stop.clone());
+        // Subscribed now, before any run can register.
+        let events = shared.view.subscribe();
+        let stop = shared.stop.clone();
+        let dispatcher = dispatch(Arc::downgrade(&shared), events);
+        tokio::spawn(async move {
+            tokio::select! {
+                () = dispatcher => {}
+                () = stop.cancelled() => {}
+            }
+        });
         Ok(GraphNode { shared })
     }
 
@@ -243,8 +259,9 @@ async fn run_task(
         })?
         .clone();
     node.view.loaded().await;
-    // Subscribe before reading the view, so that nothing falls between.
-    let mut events = node.view.subscribe();
+    // Listen before reading the view, so that nothing falls between.
+    let (queue, mut queued) = mpsc::unbounded_channel();
+    let listening = node.listen(&job, index, queue);
     let record = match node.view.epoch(&job) {
         Some(record) => record,
         None => node
@@ -280,7 +297,9 @@ async fn run_task(
         ended,
     });
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, job_epoch = record.epoch.0, shutdown = record.shutdown, "graph run starts");
-    let outcome = drive(node, &run, ctx, &mut events).await;
+    listening.run_is(&run);
+    let outcome = drive(node, &run, ctx, &mut queued).await;
+    drop(listening);
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, outcome = ?outcome.as_ref().map(|_| ()), "graph run ends");
     run.ended.cancel();
     {
@@ -300,24 +319,13 @@ async fn drive(
     node: &Arc<NodeShared>,
     run: &Arc<RunShared>,
     ctx: &TaskContext,
-    events: &mut broadcast::Receiver<GraphEvent>,
+    queued: &mut mpsc::UnboundedReceiver<RunEvent>,
 ) -> Result<HandlerOutcome, GraphError> {
     let handle = TaskHandle {
         run: run.clone(),
         pinned: None,
     };
     let task = run.task.clone();
-    // The pump moves the run's epoch scope at once (ending the old epoch's
-    // data requests even while a callback waits on one) and queues events
-    // for the callbacks, in store order.
-    let (queue, mut queued) = mpsc::unbounded_channel();
-    let pump = tokio::spawn(pump(
-        run.clone(),
-        std::mem::replace(events, node.view.subscribe()),
-        queue,
-    ));
-    let _pump_guard = AbortOnDrop(pump);
-
     let cancelled = ctx.cancel.clone();
     let step = async {
         let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
@@ -341,6 +349,9 @@ async fn drive(
         while let Some(event) = queued.recv().await {
             match event {
                 RunEvent::Epoch(epoch, shutdown) => {
+                    // (Done already unless the event came before the run
+                    // was built.)
+                    run.move_to(epoch, shutdown);
                     if enter(run, &handle, &task, &mut state, epoch).await || shutdown {
                         return Ok(exit(&handle, &task).await);
                     }
@@ -426,14 +437,6 @@ async fn exit(handle: &TaskHandle, task: &Arc<dyn GraphTask>) -> HandlerOutcome 
     HandlerOutcome::Done(task.result(handle).await)
 }
 
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
-    }
-}
-
 /// A watched neighbour, as the task knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Neighbour {
@@ -455,37 +458,141 @@ struct Delivery {
     neighbours: HashMap<TaskId, Neighbour>,
 }
 
-async fn pump(
-    run: Arc<RunShared>,
-    mut events: broadcast::Receiver<GraphEvent>,
+/// A run waiting for events: where to queue them, and the run once built
+/// (events can come before it is).
+struct Listener {
+    id: u64,
+    index: u32,
     queue: mpsc::UnboundedSender<RunEvent>,
-) {
+    run: Arc<OnceLock<Arc<RunShared>>>,
+}
+
+/// A run's place among the listeners; leaves it when dropped (also when
+/// the run's future is dropped by a kill).
+struct Listening {
+    node: Arc<NodeShared>,
+    job: JobName,
+    id: u64,
+    run: Arc<OnceLock<Arc<RunShared>>>,
+}
+
+impl Listening {
+    /// The run is built: epoch moves reach it at once from now on.
+    fn run_is(&self, run: &Arc<RunShared>) {
+        let _ = self.run.set(run.clone());
+    }
+}
+
+impl Drop for Listening {
+    fn drop(&mut self) {
+        let mut listeners = self.node.listeners.lock().expect("not poisoned");
+        if let Some(runs) = listeners.get_mut(&self.job) {
+            runs.retain(|listener| listener.id != self.id);
+            if runs.is_empty() {
+                listeners.remove(&self.job);
+            }
+        }
+    }
+}
+
+impl NodeShared {
+    /// Queue the events of `job` that task `index` cares about on `queue`.
+    fn listen(
+        self: &Arc<Self>,
+        job: &JobName,
+        index: u32,
+        queue: mpsc::UnboundedSender<RunEvent>,
+    ) -> Listening {
+        let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
+        let run = Arc::new(OnceLock::new());
+        self.listeners
+            .lock()
+            .expect("not poisoned")
+            .entry(job.clone())
+            .or_default()
+            .push(Listener {
+                id,
+                index,
+                queue,
+                run: run.clone(),
+            });
+        Listening {
+            node: self.clone(),
+            job: job.clone(),
+            id,
+            run,
+        }
+    }
+}
+
+/// Hand the view's events to the runs they concern, in store order: an
+/// epoch move to every run of the job (moving its scope at once, which ends
+/// the old epoch's data requests even while a callback waits on one), a
+/// meta to the runs its topology says receive it, an owner change to the
+/// runs it is a neighbour of. Each run is woken only for its own events.
+async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Receiver<GraphEvent>) {
     loop {
         let event = match events.recv().await {
             Ok(event) => event,
             Err(broadcast::error::RecvError::Lagged(_)) => GraphEvent::Resync,
             Err(broadcast::error::RecvError::Closed) => return,
         };
-        let forward = match event {
-            GraphEvent::Epoch(job, record) if job == run.job => {
-                run.move_to(record.epoch, record.shutdown);
-                RunEvent::Epoch(record.epoch, record.shutdown)
+        let Some(node) = node.upgrade() else { return };
+        let listeners = node.listeners.lock().expect("not poisoned");
+        match event {
+            GraphEvent::Epoch(job, record) => {
+                for listener in listeners.get(&job).into_iter().flatten() {
+                    if let Some(run) = listener.run.get() {
+                        run.move_to(record.epoch, record.shutdown);
+                    }
+                    let _ = listener
+                        .queue
+                        .send(RunEvent::Epoch(record.epoch, record.shutdown));
+                }
             }
             GraphEvent::Meta {
                 job,
                 from,
                 link,
                 record,
-            } if job == run.job => RunEvent::Meta(from, link, record),
-            GraphEvent::Owner(id, owner) => match parse_graph_task_id(&id) {
-                Some((job, _)) if job == run.job => RunEvent::Owner(id, owner.is_some()),
-                _ => continue,
-            },
-            GraphEvent::Resync => RunEvent::Resync,
-            _ => continue,
-        };
-        if queue.send(forward).is_err() {
-            return;
+            } => {
+                for listener in listeners.get(&job).into_iter().flatten() {
+                    let receives = listener.run.get().is_none_or(|run| {
+                        run.topology
+                            .neighbours(&link, from, record.epoch)
+                            .contains(&listener.index)
+                    });
+                    if receives {
+                        let event = RunEvent::Meta(from, link.clone(), record.clone());
+                        let _ = listener.queue.send(event);
+                    }
+                }
+            }
+            GraphEvent::Owner(id, owner) => {
+                let Some((job, neighbour)) = parse_graph_task_id(&id) else {
+                    continue;
+                };
+                for listener in listeners.get(&job).into_iter().flatten() {
+                    let concerned = listener.run.get().is_none_or(|run| {
+                        let epoch = *run.entered.lock().expect("not poisoned");
+                        run.topology.links().iter().any(|link| {
+                            run.topology
+                                .neighbours(link, listener.index, epoch)
+                                .contains(&neighbour)
+                        })
+                    });
+                    if concerned {
+                        let _ = listener
+                            .queue
+                            .send(RunEvent::Owner(id.clone(), owner.is_some()));
+                    }
+                }
+            }
+            GraphEvent::Resync => {
+                for listener in listeners.values().flatten() {
+                    let _ = listener.queue.send(RunEvent::Resync);
+                }
+            }
         }
     }
 }
