@@ -74,16 +74,6 @@ impl GraphTask for RaceTask {
         }
     }
 
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
-    }
-
     async fn exit(&self, task: &TaskHandle) {
         *lock(&self.log)
             .exits
@@ -249,16 +239,6 @@ impl GraphTask for LateCallbackTask {
         lock(&self.log)
             .moves
             .push((task.task_id(), epoch.0, at, answer));
-    }
-
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
     }
 }
 

@@ -60,16 +60,6 @@ impl GraphTask for BadTask {
             .answers
             .push(("a data request to a task beyond the job", answer));
     }
-
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
-    }
 }
 
 fn invalid<T: std::fmt::Debug>(what: &str, answer: &Result<T, GraphError>) {

@@ -69,16 +69,6 @@ impl GraphTask for MetaOnceTask {
             .received
             .push((task.claim_epoch(), from, link.into(), epoch, meta.into()));
     }
-
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -178,16 +168,6 @@ impl GraphTask for FailoverMetaTask {
         lock(&self.log)
             .received
             .push((task.claim_epoch(), from, link.into(), epoch, meta.into()));
-    }
-
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
     }
 }
 

@@ -62,16 +62,6 @@ impl GraphTask for NeighbourTask {
             .push((task.claim_epoch(), from, meta.into()));
     }
 
-    async fn serve_data(
-        &self,
-        _task: &TaskHandle,
-        _from: u32,
-        _method: &str,
-        _input: Vec<u8>,
-    ) -> Result<Vec<u8>, String> {
-        Err("no data here".into())
-    }
-
     async fn neighbour_failed(&self, task: &TaskHandle, link: &str, id: u32) {
         let mut log = lock(&self.log);
         log.all_events.push((task.task_id(), "failed", id));
