@@ -407,13 +407,14 @@ pub mod example {
                 checked.insert(epoch.0);
                 serde_json::to_vec(&*checked).expect("plain data")
             };
-            if frame.checkpoint(&saved).await.is_err() {
+            let task = frame.task();
+            if task.retrying(|| task.checkpoint(&saved)).await.is_err() {
                 return;
             }
             let _ = if epoch.0 + 1 < self.epochs {
-                frame.inc_epoch().await
+                task.retrying(|| task.inc_epoch()).await
             } else {
-                frame.shutdown_job().await
+                task.retrying(|| task.shutdown_job()).await
             };
         }
 

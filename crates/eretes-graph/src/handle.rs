@@ -187,23 +187,51 @@ impl TaskHandle {
         Ok(())
     }
 
-    /// Move the job to the next epoch, from the one this run is in. Losing
-    /// the race (another task moved it first) is an ordinary answer.
+    /// Move the job to the next epoch, from the one this task is in, under
+    /// the run's claim. Losing the race (another task moved it first) is an
+    /// ordinary answer; a run that no longer owns its task gets
+    /// [`GraphError::Fenced`] and moves nothing.
     pub async fn inc_epoch(&self) -> Result<EpochMove, GraphError> {
-        self.run
-            .node
-            .jobs
-            .inc_epoch(&self.run.job, self.epoch())
+        let fence = Some((&self.run.id, self.run.claim_epoch));
+        let jobs = &self.run.node.jobs;
+        jobs.inc_epoch_fenced(&self.run.job, self.epoch(), fence)
             .await
     }
 
-    /// End the job: every task gets `exit` and its run ends as done.
+    /// End the job, under the run's claim: every task gets `exit` and its
+    /// run ends as done. [`GraphError::Fenced`] if the run lost its task.
     pub async fn shutdown_job(&self) -> Result<EpochMove, GraphError> {
-        self.run
-            .node
-            .jobs
-            .shutdown(&self.run.job, self.epoch())
+        let fence = Some((&self.run.id, self.run.claim_epoch));
+        let jobs = &self.run.node.jobs;
+        jobs.shutdown_fenced(&self.run.job, self.epoch(), fence)
             .await
+    }
+
+    /// Run `call` again while it fails because the store could not be
+    /// reached (backing off 50 ms → 1 s), until it succeeds, fails for
+    /// another reason (fenced, invalid, …), or this task's epoch ends
+    /// ([`GraphError::EpochEnded`] / [`GraphError::JobEnded`]). For the
+    /// calls whose failure a task cannot leave to its next run: a store
+    /// outage leaves no next run, only a stalled job.
+    pub async fn retrying<T, F, Fut>(&self, mut call: F) -> Result<T, GraphError>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<T, GraphError>>,
+    {
+        let scope = self.scope();
+        let mut pause = Duration::from_millis(50);
+        loop {
+            match call().await {
+                Err(GraphError::Store(_))
+                | Err(GraphError::Protocol(eretes_protocol::ProtocolError::Store(_))) => {}
+                other => return other,
+            }
+            tokio::select! {
+                () = tokio::time::sleep(pause) => {}
+                () = scope.ended.cancelled() => return Err(self.ended_error(scope.epoch)),
+            }
+            pause = (pause * 2).min(Duration::from_secs(1));
+        }
     }
 
     /// Save this task's checkpoint under the run's claim; the next run after

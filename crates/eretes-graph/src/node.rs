@@ -18,9 +18,9 @@ use tracing::{debug, warn};
 use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
 use crate::jobs::Jobs;
-use crate::model::{GraphTask, JobKind, MetaRecord};
+use crate::model::{GraphTask, JobKind};
 use crate::rpc::{advertised, spawn_server, Remembered};
-use crate::view::{GraphEvent, GraphView};
+use crate::view::{GraphEvent, GraphView, SeenMeta};
 use crate::GraphError;
 
 /// Counters of one graph node.
@@ -227,7 +227,7 @@ impl Handler for GraphHandler {
 /// What a run's event loop is told, in order.
 enum RunEvent {
     Epoch(JobEpoch, bool),
-    Meta(u32, String, MetaRecord),
+    Meta(u32, String, SeenMeta),
     Owner(TaskId, bool),
     Resync,
 }
@@ -298,19 +298,33 @@ async fn run_task(
     });
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, job_epoch = record.epoch.0, shutdown = record.shutdown, "graph run starts");
     listening.run_is(&run);
+    // Ends the run however `drive` ends: returned, panicked, or dropped.
+    let _ended = RunEnded(run.clone());
     let outcome = drive(node, &run, ctx, &mut queued).await;
     drop(listening);
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, outcome = ?outcome.as_ref().map(|_| ()), "graph run ends");
-    run.ended.cancel();
-    {
-        let mut runs = node.runs.lock().expect("not poisoned");
-        if runs.get(&ctx.id).is_some_and(|r| Arc::ptr_eq(r, &run)) {
-            runs.remove(&ctx.id);
+    outcome
+}
+
+/// Ends a run when dropped: its work is cancelled and it leaves the node's
+/// runs (it answers no more data requests), with its remembered answers.
+struct RunEnded(Arc<RunShared>);
+
+impl Drop for RunEnded {
+    fn drop(&mut self) {
+        let run = &self.0;
+        run.ended.cancel();
+        let mut runs = run.node.runs.lock().expect("not poisoned");
+        if runs.get(&run.id).is_some_and(|r| Arc::ptr_eq(r, run)) {
+            runs.remove(&run.id);
             // Its answers go with it (a next run here answers anew).
-            node.requests.lock().expect("not poisoned").remove(&ctx.id);
+            run.node
+                .requests
+                .lock()
+                .expect("not poisoned")
+                .remove(&run.id);
         }
     }
-    outcome
 }
 
 /// Deliver the run's callbacks until the job shuts down or the run is
@@ -343,7 +357,7 @@ async fn drive(
         }
         let mut state = Delivery::default();
         let first = run.scope.borrow().epoch;
-        if enter(run, &handle, &task, &mut state, first).await {
+        if enter(run, &handle, &task, &mut state, first, CatchUp::FromView).await {
             return Ok(exit(&handle, &task).await);
         }
         while let Some(event) = queued.recv().await {
@@ -352,12 +366,14 @@ async fn drive(
                     // (Done already unless the event came before the run
                     // was built.)
                     run.move_to(epoch, shutdown);
-                    if enter(run, &handle, &task, &mut state, epoch).await || shutdown {
+                    if enter(run, &handle, &task, &mut state, epoch, CatchUp::FromQueue).await
+                        || shutdown
+                    {
                         return Ok(exit(&handle, &task).await);
                     }
                 }
-                RunEvent::Meta(from, link, record) => {
-                    deliver_meta(node, run, &handle, &task, &mut state, from, &link, &record).await;
+                RunEvent::Meta(from, link, meta) => {
+                    deliver_meta(node, run, &handle, &task, &mut state, from, &link, &meta).await;
                 }
                 RunEvent::Owner(id, owned) => {
                     owner_changed(run, &handle, &task, &mut state, &id, owned).await;
@@ -366,7 +382,15 @@ async fn drive(
                     // Events may have been missed: catch up from the view.
                     if let Some(record) = node.view.epoch(&run.job) {
                         run.move_to(record.epoch, record.shutdown);
-                        if enter(run, &handle, &task, &mut state, record.epoch).await
+                        if enter(
+                            run,
+                            &handle,
+                            &task,
+                            &mut state,
+                            record.epoch,
+                            CatchUp::FromView,
+                        )
+                        .await
                             || record.shutdown
                         {
                             return Ok(exit(&handle, &task).await);
@@ -388,15 +412,16 @@ async fn drive(
 }
 
 /// Enter every epoch after the last one entered, up to `epoch`, in order;
-/// then deliver the neighbours' meta of the new epoch that is already in
-/// the view and refresh which neighbours are watched. True if the job
-/// turned out to be shut down.
+/// then (when catching up from the view) deliver the neighbours' meta of
+/// the new epoch that the view holds, and refresh which neighbours are
+/// watched. True if the job turned out to be shut down.
 async fn enter(
     run: &Arc<RunShared>,
     handle: &TaskHandle,
     task: &Arc<dyn GraphTask>,
     state: &mut Delivery,
     epoch: JobEpoch,
+    catch_up: CatchUp,
 ) -> bool {
     let node = &run.node;
     let mut next = state.entered.map_or(epoch.0, |e| e.0 + 1);
@@ -418,7 +443,9 @@ async fn enter(
     {
         return true;
     }
-    deliver_current(node, run, handle, task, state).await;
+    if catch_up == CatchUp::FromView {
+        deliver_current(node, run, handle, task, state).await;
+    }
     // The topology may differ in the new epoch: watch its neighbours,
     // keeping what is known of those watched already.
     for (id, owned) in neighbours_owned(node, run) {
@@ -429,6 +456,18 @@ async fn enter(
         });
     }
     false
+}
+
+/// Where a run entering an epoch finds the meta flagged in it so far.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CatchUp {
+    /// In its queue, in store order, after the epoch's event: the ordinary
+    /// case, which keeps every meta in store order.
+    FromQueue,
+    /// In the view (at the run's start, and after a resync, when events may
+    /// have been missed): its current value of each sender and link; queued
+    /// events of older writes are then skipped as superseded.
+    FromView,
 }
 
 /// The job shut down: the task's `exit`, and its result.
@@ -454,6 +493,8 @@ struct Delivery {
     entered: Option<JobEpoch>,
     /// (sender, link, meta) delivered in the current epoch.
     metas: BTreeSet<(u32, String, String)>,
+    /// The store revision of the last meta delivered of each (sender, link).
+    meta_revisions: HashMap<(u32, String), i64>,
     /// What the task was told of each neighbour it watches.
     neighbours: HashMap<TaskId, Neighbour>,
 }
@@ -554,16 +595,16 @@ async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Receiver<GraphE
                 job,
                 from,
                 link,
-                record,
+                meta,
             } => {
                 for listener in listeners.get(&job).into_iter().flatten() {
                     let receives = listener.run.get().is_none_or(|run| {
                         run.topology
-                            .neighbours(&link, from, record.epoch)
+                            .neighbours(&link, from, meta.record.epoch)
                             .contains(&listener.index)
                     });
                     if receives {
-                        let event = RunEvent::Meta(from, link.clone(), record.clone());
+                        let event = RunEvent::Meta(from, link.clone(), meta.clone());
                         let _ = listener.queue.send(event);
                     }
                 }
@@ -589,8 +630,17 @@ async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Receiver<GraphE
                 }
             }
             GraphEvent::Resync => {
-                for listener in listeners.values().flatten() {
-                    let _ = listener.queue.send(RunEvent::Resync);
+                // Events may have been absorbed by the re-read: move every
+                // run's epoch scope to what the view says now, at once, as
+                // an epoch event would have.
+                for (job, listeners) in listeners.iter() {
+                    let record = node.view.epoch(job);
+                    for listener in listeners {
+                        if let (Some(run), Some(record)) = (listener.run.get(), record) {
+                            run.move_to(record.epoch, record.shutdown);
+                        }
+                        let _ = listener.queue.send(RunEvent::Resync);
+                    }
                 }
             }
         }
@@ -608,8 +658,8 @@ async fn deliver_current(
 ) {
     let mut metas = node.view.metas(&run.job);
     metas.sort_by(|a, b| (a.0, &a.1).cmp(&(b.0, &b.1)));
-    for (from, link, record) in metas {
-        deliver_meta(node, run, handle, task, state, from, &link, &record).await;
+    for (from, link, meta) in metas {
+        deliver_meta(node, run, handle, task, state, from, &link, &meta).await;
     }
 }
 
@@ -622,8 +672,9 @@ async fn deliver_meta(
     state: &mut Delivery,
     from: u32,
     link: &str,
-    record: &MetaRecord,
+    meta: &SeenMeta,
 ) {
+    let record = &meta.record;
     let Some(epoch) = state.entered else { return };
     if record.epoch != epoch
         || !run
@@ -633,6 +684,17 @@ async fn deliver_meta(
     {
         return;
     }
+    // Older than what was delivered of this sender and link already (the
+    // view's current value, delivered on entering the epoch, can come
+    // before queued events of earlier writes): superseded, never delivered.
+    let last = state
+        .meta_revisions
+        .entry((from, link.to_string()))
+        .or_default();
+    if meta.revision <= *last {
+        return;
+    }
+    *last = meta.revision;
     if !state
         .metas
         .insert((from, link.to_string(), record.meta.clone()))

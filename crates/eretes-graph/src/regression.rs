@@ -153,7 +153,8 @@ impl TreeTask {
         self.gradient.send_replace(Some((epoch, sum)));
         if task.task_id() > 0 {
             // A failed flag means this run was fenced: its successor redoes it.
-            let _ = task.flag_meta(PARENT, &epoch.to_string()).await;
+            let meta = epoch.to_string();
+            let _ = task.retrying(|| task.flag_meta(PARENT, &meta)).await;
             return;
         }
         let n = u64::from(task.tasks());
@@ -170,13 +171,18 @@ impl TreeTask {
             serde_json::to_vec(&*findings).expect("plain data")
         };
         // Kept before moving on, so that a root that dies after this has it.
-        if task.checkpoint(&checkpoint).await.is_err() {
+        if task
+            .retrying(|| task.checkpoint(&checkpoint))
+            .await
+            .is_err()
+        {
             return; // fenced: the next run of the root checks again
         }
+        // Lost (someone moved it) or fenced (a next run redoes this): done.
         let _ = if epoch + 1 < self.epochs {
-            task.inc_epoch().await
+            task.retrying(|| task.inc_epoch()).await
         } else {
-            task.shutdown_job().await
+            task.retrying(|| task.shutdown_job()).await
         };
     }
 }
@@ -216,6 +222,7 @@ impl GraphTask for TreeTask {
             .insert((from, epoch))
         {
             self.stats.meta_duplicates.fetch_add(1, Ordering::Relaxed);
+            self.findings.lock().expect("not poisoned").meta_duplicates += 1;
         }
         let Ok(answer) = task
             .data_request(from, "gradient", epoch.to_le_bytes().to_vec())

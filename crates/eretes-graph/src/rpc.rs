@@ -11,6 +11,7 @@ use std::time::Duration;
 use eretes_protocol::TaskId;
 use futures::future::{BoxFuture, FutureExt, Shared};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Request, Response, Status};
 
@@ -152,10 +153,19 @@ impl NodeShared {
                 let task = run.task.clone();
                 let ended = scope.ended.clone();
                 let stats = self.clone();
-                async move {
+                // Its own tokio task: it sees the epoch end and stops even
+                // when nobody waits for it any more (a caller on this node
+                // that gave up), and a panic in serve_data becomes a final
+                // refusal instead of taking the caller down.
+                let serving = async move {
                     stats.stats.data_served.fetch_add(1, Ordering::Relaxed);
-                    let answer =
-                        task.serve_data(&handle, request.from, &request.method, request.input);
+                    let answer = std::panic::AssertUnwindSafe(task.serve_data(
+                        &handle,
+                        request.from,
+                        &request.method,
+                        request.input,
+                    ))
+                    .catch_unwind();
                     // The epoch's end wins a tie, and is looked at again
                     // after the answer: nothing is answered into a later
                     // epoch.
@@ -166,10 +176,17 @@ impl NodeShared {
                     };
                     match outcome {
                         Some(_) if ended.is_cancelled() => refused("the job epoch ended", 0),
-                        Some(Ok(output)) => data_reply::Outcome::Output(output),
-                        Some(Err(message)) => data_reply::Outcome::Failed(message),
+                        Some(Ok(Ok(output))) => data_reply::Outcome::Output(output),
+                        Some(Ok(Err(message))) => data_reply::Outcome::Failed(message),
+                        Some(Err(_)) => data_reply::Outcome::Failed("serve_data panicked".into()),
                         None => refused("the job epoch ended", 0),
                     }
+                };
+                let running = AbortOnDropHandle::new(tokio::spawn(serving));
+                async move {
+                    running
+                        .await
+                        .unwrap_or_else(|_| refused("the serving task was stopped", 0))
                 }
                 .boxed()
                 .shared()

@@ -21,6 +21,14 @@ use crate::ids::{parse_graph_task_id, GraphKey, GraphKeys, JobName};
 use crate::model::{EpochRecord, MetaRecord};
 use crate::GraphError;
 
+/// A meta record as the view saw it, with the store revision that wrote
+/// it (later writes of one sender and link have larger ones).
+#[derive(Debug, Clone)]
+pub(crate) struct SeenMeta {
+    pub record: MetaRecord,
+    pub revision: i64,
+}
+
 /// A change runs may care about, in store order.
 #[derive(Debug, Clone)]
 pub(crate) enum GraphEvent {
@@ -31,7 +39,7 @@ pub(crate) enum GraphEvent {
         job: JobName,
         from: u32,
         link: String,
-        record: MetaRecord,
+        meta: SeenMeta,
     },
     /// A graph task got an owner, or lost it (`None`).
     Owner(TaskId, Option<NodeName>),
@@ -45,7 +53,7 @@ struct ViewState {
     owners: HashMap<TaskId, NodeName>,
     addresses: HashMap<NodeName, String>,
     epochs: HashMap<JobName, EpochRecord>,
-    metas: HashMap<(JobName, u32, String), MetaRecord>,
+    metas: HashMap<(JobName, u32, String), SeenMeta>,
 }
 
 /// The watch-kept view of one namespace's graph state.
@@ -124,8 +132,8 @@ impl GraphView {
             .copied()
     }
 
-    /// Every meta of `job` now: (sender, link, record).
-    pub fn metas(&self, job: &JobName) -> Vec<(u32, String, MetaRecord)> {
+    /// Every meta of `job` now: (sender, link, meta).
+    pub fn metas(&self, job: &JobName) -> Vec<(u32, String, SeenMeta)> {
         let state = self.state.lock().expect("not poisoned");
         state
             .metas
@@ -178,12 +186,16 @@ impl GraphView {
                     match decode::<MetaRecord>("meta", &kv.key, &kv.value) {
                         Ok(record) => {
                             let slot = (job.clone(), from, link.clone());
-                            state.metas.insert(slot, record.clone());
+                            let meta = SeenMeta {
+                                record,
+                                revision: kv.mod_revision,
+                            };
+                            state.metas.insert(slot, meta.clone());
                             Some(GraphEvent::Meta {
                                 job,
                                 from,
                                 link,
-                                record,
+                                meta,
                             })
                         }
                         Err(_) => {

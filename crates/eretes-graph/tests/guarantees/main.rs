@@ -18,4 +18,5 @@ mod epochs;
 mod input;
 mod meta;
 mod neighbours;
+mod review_found;
 mod support;
