@@ -6,6 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::{Coordinator, NodeName, TaskId};
@@ -141,12 +142,23 @@ impl GraphNode {
                         PutRequest::new(key, node.address.clone()).with_lease(lease.unwrap_or(0));
                     match node.jobs.coordinator().store().put(put).await {
                         Ok(_) => published = lease,
-                        Err(error) => warn!(%error, "cannot publish the graph data address"),
+                        Err(error) => {
+                            warn!(%error, "cannot publish the graph data address; retrying")
+                        }
                     }
                 }
+                let retry = lease.is_some() && lease != published;
                 drop(node);
-                if status.changed().await.is_err() {
-                    return;
+                // Until it is published, try again every second even if the
+                // node's status does not change.
+                let wait = tokio::time::sleep(if retry {
+                    Duration::from_secs(1)
+                } else {
+                    Duration::from_secs(3600)
+                });
+                tokio::select! {
+                    changed = status.changed() => if changed.is_err() { return },
+                    () = wait => {}
                 }
             }
         });

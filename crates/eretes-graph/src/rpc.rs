@@ -141,9 +141,14 @@ impl NodeShared {
             let remembered = requests
                 .entry(id.clone())
                 .or_insert_with(|| Remembered::new((run.claim_epoch, scope.epoch)));
-            // Requests of another run or epoch are over: forget them.
-            if remembered.scope != (run.claim_epoch, scope.epoch) {
-                *remembered = Remembered::new((run.claim_epoch, scope.epoch));
+            // Requests of an earlier run or epoch are over: forget them. A
+            // request whose own epoch is the earlier one (it was checked just
+            // before the epoch moved) is too late.
+            let current = (run.claim_epoch, scope.epoch);
+            if remembered.scope < current {
+                *remembered = Remembered::new(current);
+            } else if remembered.scope > current {
+                return refused("the job epoch ended", 0);
             }
             remembered.or_insert_with(request.request_id, || {
                 let handle = TaskHandle {

@@ -60,7 +60,7 @@ async fn the_star_checks_every_epoch_through_kills_of_master_and_worker() {
             .await
             .unwrap()
             .and_then(|view| view.node);
-        if let Some(owner) = owner {
+        if let Some(owner) = owner.filter(|owner| nodes.live().contains(owner)) {
             nodes.kill(&owner).await.unwrap();
             nodes.start_node().await.unwrap();
             kills.push((epoch, owner));
