@@ -330,6 +330,9 @@ impl TaskHandle {
         let now = self.run.scope.borrow().clone();
         if now.shutdown {
             GraphError::JobEnded(self.run.job.to_string())
+        } else if self.run.ended.is_cancelled() && now.epoch == epoch {
+            // Not the epoch: the run itself ended (released, fenced, drained).
+            GraphError::RunEnded(self.run.id.to_string())
         } else {
             GraphError::EpochEnded {
                 requested: epoch,

@@ -100,6 +100,10 @@ pub enum GraphError {
     /// The job shut down.
     #[error("job {0} has shut down")]
     JobEnded(String),
+    /// The run the call was made from ended (its task was released, fenced
+    /// or drained), before the job epoch did.
+    #[error("the run of {0} has ended")]
+    RunEnded(String),
     /// The target task's `serve_data` refused the request.
     #[error("the data request was refused: {0}")]
     DataFailed(String),

@@ -219,10 +219,20 @@ impl NodeShared {
         let mut client = self.client(&address)?;
         let mut request = Request::new(request);
         request.set_timeout(ATTEMPT_TIMEOUT);
-        let reply = client
-            .data(request)
-            .await
-            .map_err(|status| format!("{owner} at {address}: {status}"))?;
+        let reply = match client.data(request).await {
+            Ok(reply) => reply,
+            Err(status) => {
+                if status.code() == tonic::Code::Unavailable {
+                    // The peer is gone (or restarting): a later request opens
+                    // a new connection, and a dead peer's is not kept.
+                    self.clients
+                        .lock()
+                        .expect("not poisoned")
+                        .remove(address.as_str());
+                }
+                return Err(format!("{owner} at {address}: {status}"));
+            }
+        };
         reply
             .into_inner()
             .outcome
