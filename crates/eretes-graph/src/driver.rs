@@ -382,13 +382,7 @@ async fn drive_job(
         }
         let record = jobs.epoch(&job).await?;
         if record.is_some_and(|record| record.shutdown) {
-            results.clear();
-            for index in 0..options.tasks {
-                match coordinator.result(&graph_task_id(&job, index)).await? {
-                    Some(result) => results.push(result),
-                    None => break,
-                }
-            }
+            results = jobs.results(&job).await?;
             if results.len() == options.tasks as usize {
                 break;
             }
@@ -430,10 +424,7 @@ async fn drive_job(
     let elapsed_ms = started.elapsed().as_millis() as u64;
     if results.len() < options.tasks as usize {
         // Timed out: count what did end (the root's findings, if it did).
-        results.clear();
-        for index in 0..options.tasks {
-            results.extend(coordinator.result(&graph_task_id(&job, index)).await?);
-        }
+        results = jobs.results(&job).await?;
     }
     let findings_of = |result: &eretes_protocol::ResultRecord| -> Findings {
         serde_json::from_value(result.result.clone()).unwrap_or_default()

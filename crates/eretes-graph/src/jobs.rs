@@ -2,7 +2,7 @@
 //! (compare-and-swap), flag meta under a run's claim.
 
 use eretes_protocol::{
-    decode, encode, Coordinator, ProtocolError, TaskId, TaskSpec, MAX_SPEC_BYTES,
+    decode, encode, Coordinator, ProtocolError, ResultRecord, TaskId, TaskSpec, MAX_SPEC_BYTES,
 };
 use eretes_store::{
     Compare, DeleteRequest, GetRequest, KeyRange, PutRequest, Revision, Txn, TxnOp, TxnOpResponse,
@@ -120,30 +120,44 @@ impl Jobs {
 
     /// The record of `job`, if it exists.
     pub async fn job(&self, job: &JobName) -> Result<Option<JobSpec>, GraphError> {
-        let key = self.keys.job(job);
-        let response = self
-            .coordinator
-            .store()
-            .get(GetRequest::new(KeyRange::key(key.clone())))
-            .await?;
-        match response.kvs.first() {
-            Some(kv) => Ok(Some(decode("job", &key, &kv.value).map_err(malformed)?)),
-            None => Ok(None),
-        }
+        self.read("job", self.keys.job(job)).await
     }
 
     /// The epoch record of `job`, if it exists.
     pub async fn epoch(&self, job: &JobName) -> Result<Option<EpochRecord>, GraphError> {
-        let key = self.keys.epoch(job);
+        self.read("job epoch", self.keys.epoch(job)).await
+    }
+
+    /// The result records of `job`'s tasks that have ended, in one read.
+    /// (A record that does not decode is left out.)
+    pub async fn results(&self, job: &JobName) -> Result<Vec<ResultRecord>, GraphError> {
+        // Job names have no `.`, so `<job>.` is this job's tasks and no other's.
+        let prefix = format!("{}{job}.", self.coordinator.namespace().results_prefix());
+        let response = self
+            .coordinator
+            .store()
+            .get(GetRequest::new(KeyRange::prefix(prefix)))
+            .await?;
+        Ok(response
+            .kvs
+            .iter()
+            .filter_map(|kv| decode("result", &kv.key, &kv.value).ok())
+            .collect())
+    }
+
+    /// The record at `key`, if there is one.
+    async fn read<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: &'static str,
+        key: String,
+    ) -> Result<Option<T>, GraphError> {
         let response = self
             .coordinator
             .store()
             .get(GetRequest::new(KeyRange::key(key.clone())))
             .await?;
         match response.kvs.first() {
-            Some(kv) => Ok(Some(
-                decode("job epoch", &key, &kv.value).map_err(malformed)?,
-            )),
+            Some(kv) => Ok(Some(decode(kind, &key, &kv.value).map_err(malformed)?)),
             None => Ok(None),
         }
     }

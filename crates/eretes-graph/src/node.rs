@@ -20,7 +20,7 @@ use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
 use crate::jobs::Jobs;
 use crate::model::{GraphTask, JobKind};
-use crate::rpc::{advertised, spawn_server, Remembered};
+use crate::rpc::{spawn_server, Remembered};
 use crate::view::{GraphEvent, GraphView, SeenMeta};
 use crate::GraphError;
 
@@ -86,11 +86,10 @@ impl GraphNode {
         let listener = tokio::net::TcpListener::bind(listen)
             .await
             .map_err(|error| GraphError::Transport(format!("listening on {listen}: {error}")))?;
-        let address = advertised(
-            listener
-                .local_addr()
-                .map_err(|e| GraphError::Transport(e.to_string()))?,
-        );
+        let address = listener
+            .local_addr()
+            .map_err(|e| GraphError::Transport(e.to_string()))?
+            .to_string();
         let shared = Arc::new(NodeShared {
             name,
             view: GraphView::start(coordinator.clone()),

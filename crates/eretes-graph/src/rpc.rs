@@ -3,7 +3,6 @@
 //! connection per peer node.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -258,9 +257,4 @@ impl NodeShared {
         }
         Ok(client)
     }
-}
-
-/// The address a listener is reachable at from other local processes.
-pub(crate) fn advertised(address: SocketAddr) -> String {
-    address.to_string()
 }
