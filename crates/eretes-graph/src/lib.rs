@@ -46,6 +46,7 @@
 //! # Ok(()) }
 //! ```
 
+mod dispatch;
 pub mod driver;
 pub mod frames;
 mod handle;

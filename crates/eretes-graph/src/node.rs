@@ -5,23 +5,24 @@
 use std::collections::{BTreeSet, HashMap};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock, Weak};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::{Coordinator, NodeName, TaskId};
 use eretes_runtime::{Handler, HandlerOutcome, NodeStatus, TaskContext};
 use eretes_store::PutRequest;
-use tokio::sync::{broadcast, mpsc, watch};
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::dispatch::{dispatch, Listener, RunEvent};
 use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
 use crate::jobs::Jobs;
 use crate::model::{GraphTask, JobKind};
 use crate::rpc::{spawn_server, Remembered};
-use crate::view::{GraphEvent, GraphView, SeenMeta};
+use crate::view::{GraphView, SeenMeta};
 use crate::GraphError;
 
 /// Counters of one graph node.
@@ -51,9 +52,9 @@ pub(crate) struct NodeShared {
     pub view: Arc<GraphView>,
     pub runs: Mutex<HashMap<TaskId, Arc<RunShared>>>,
     /// The runs here waiting for events, by job.
-    listeners: Mutex<HashMap<JobName, Vec<Listener>>>,
+    pub(crate) listeners: Mutex<HashMap<JobName, Vec<Listener>>>,
     /// Numbers listeners, so that each can be removed.
-    next_listener: AtomicU64,
+    pub(crate) next_listener: AtomicU64,
     /// The data requests each task's run here answered lately.
     pub requests: Mutex<HashMap<TaskId, Remembered>>,
     pub clients:
@@ -233,14 +234,6 @@ impl Handler for GraphHandler {
             Err(error) => HandlerOutcome::Failed(error.to_string()),
         }
     }
-}
-
-/// What a run's event loop is told, in order.
-enum RunEvent {
-    Epoch(JobEpoch, bool),
-    Meta(u32, String, SeenMeta),
-    Owner(TaskId, bool),
-    Resync,
 }
 
 async fn run_task(
@@ -508,154 +501,6 @@ struct Delivery {
     meta_revisions: HashMap<(u32, String), i64>,
     /// What the task was told of each neighbour it watches.
     neighbours: HashMap<TaskId, Neighbour>,
-}
-
-/// A run waiting for events: where to queue them, and the run once built
-/// (events can come before it is).
-struct Listener {
-    id: u64,
-    index: u32,
-    queue: mpsc::UnboundedSender<RunEvent>,
-    run: Arc<OnceLock<Arc<RunShared>>>,
-}
-
-/// A run's place among the listeners; leaves it when dropped (also when
-/// the run's future is dropped by a kill).
-struct Listening {
-    node: Arc<NodeShared>,
-    job: JobName,
-    id: u64,
-    run: Arc<OnceLock<Arc<RunShared>>>,
-}
-
-impl Listening {
-    /// The run is built: epoch moves reach it at once from now on.
-    fn run_is(&self, run: &Arc<RunShared>) {
-        let _ = self.run.set(run.clone());
-    }
-}
-
-impl Drop for Listening {
-    fn drop(&mut self) {
-        let mut listeners = self.node.listeners.lock().expect("not poisoned");
-        if let Some(runs) = listeners.get_mut(&self.job) {
-            runs.retain(|listener| listener.id != self.id);
-            if runs.is_empty() {
-                listeners.remove(&self.job);
-            }
-        }
-    }
-}
-
-impl NodeShared {
-    /// Queue the events of `job` that task `index` cares about on `queue`.
-    fn listen(
-        self: &Arc<Self>,
-        job: &JobName,
-        index: u32,
-        queue: mpsc::UnboundedSender<RunEvent>,
-    ) -> Listening {
-        let id = self.next_listener.fetch_add(1, Ordering::Relaxed);
-        let run = Arc::new(OnceLock::new());
-        self.listeners
-            .lock()
-            .expect("not poisoned")
-            .entry(job.clone())
-            .or_default()
-            .push(Listener {
-                id,
-                index,
-                queue,
-                run: run.clone(),
-            });
-        Listening {
-            node: self.clone(),
-            job: job.clone(),
-            id,
-            run,
-        }
-    }
-}
-
-/// Hand the view's events to the runs they concern, in store order: an
-/// epoch move to every run of the job (moving its scope at once, which ends
-/// the old epoch's data requests even while a callback waits on one), a
-/// meta to the runs its topology says receive it, an owner change to the
-/// runs it is a neighbour of. Each run is woken only for its own events.
-async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Receiver<GraphEvent>) {
-    loop {
-        let event = match events.recv().await {
-            Ok(event) => event,
-            Err(broadcast::error::RecvError::Lagged(_)) => GraphEvent::Resync,
-            Err(broadcast::error::RecvError::Closed) => return,
-        };
-        let Some(node) = node.upgrade() else { return };
-        let listeners = node.listeners.lock().expect("not poisoned");
-        match event {
-            GraphEvent::Epoch(job, record) => {
-                for listener in listeners.get(&job).into_iter().flatten() {
-                    if let Some(run) = listener.run.get() {
-                        run.move_to(record.epoch, record.shutdown);
-                    }
-                    let _ = listener
-                        .queue
-                        .send(RunEvent::Epoch(record.epoch, record.shutdown));
-                }
-            }
-            GraphEvent::Meta {
-                job,
-                from,
-                link,
-                meta,
-            } => {
-                for listener in listeners.get(&job).into_iter().flatten() {
-                    let receives = listener.run.get().is_none_or(|run| {
-                        run.topology
-                            .neighbours(&link, from, meta.record.epoch)
-                            .contains(&listener.index)
-                    });
-                    if receives {
-                        let event = RunEvent::Meta(from, link.clone(), meta.clone());
-                        let _ = listener.queue.send(event);
-                    }
-                }
-            }
-            GraphEvent::Owner(id, owner) => {
-                let Some((job, neighbour)) = parse_graph_task_id(&id) else {
-                    continue;
-                };
-                for listener in listeners.get(&job).into_iter().flatten() {
-                    let concerned = listener.run.get().is_none_or(|run| {
-                        let epoch = *run.entered.lock().expect("not poisoned");
-                        run.topology.links().iter().any(|link| {
-                            run.topology
-                                .neighbours(link, listener.index, epoch)
-                                .contains(&neighbour)
-                        })
-                    });
-                    if concerned {
-                        let _ = listener
-                            .queue
-                            .send(RunEvent::Owner(id.clone(), owner.is_some()));
-                    }
-                }
-            }
-            GraphEvent::Resync => {
-                // Events may have been absorbed by the re-read: move every
-                // run's epoch scope to what the view says now, at once, as
-                // an epoch event would have.
-                for (job, listeners) in listeners.iter() {
-                    let record = node.view.epoch(job);
-                    for listener in listeners {
-                        if let (Some(run), Some(record)) = (listener.run.get(), record) {
-                            run.move_to(record.epoch, record.shutdown);
-                        }
-                        let _ = listener.queue.send(RunEvent::Resync);
-                    }
-                }
-            }
-        }
-    }
 }
 
 /// Deliver the current epoch's meta of this run's neighbours that it has
