@@ -34,6 +34,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         tasks: 6,
         group: GroupName::new("graph")?,
         properties: json!({ "epochs": 5 }),
+        backups: 0,
     };
     jobs.start(&job, &spec).await?;
     let master = graph_task_id(&job, 0);

@@ -104,6 +104,9 @@ pub(crate) async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Rece
         let listeners = node.listeners.lock().expect("not poisoned");
         match event {
             GraphEvent::Epoch(job, record) => {
+                if record.shutdown {
+                    node.drop_backups_of(&job);
+                }
                 for listener in listeners.get(&job).into_iter().flatten() {
                     if let Some(run) = listener.run.get() {
                         run.move_to(record.epoch, record.shutdown);
@@ -151,6 +154,10 @@ pub(crate) async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Rece
                     }
                 }
             }
+            GraphEvent::Backup(id, holder, None, revision) if holder == node.name => {
+                node.backup_record_deleted(&id, revision);
+            }
+            GraphEvent::Backup(..) => {}
             GraphEvent::Resync => {
                 // Events may have been absorbed by the re-read: move every
                 // run's epoch scope to what the view says now, at once, as

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::ids::{graph_task_id, JobName};
 use crate::jobs::Jobs;
 use crate::model::{JobKind, JobSpec};
-use crate::node::GraphNode;
+use crate::node::{GraphNode, RunStart};
 use crate::regression::{Findings, Regression};
 use crate::GraphError;
 
@@ -43,6 +43,8 @@ pub struct RegressionOptions {
     pub kill_at_epoch: Option<u64>,
     /// The nodes' lease TTL (a killed node's tasks move after it).
     pub lease_ttl: Duration,
+    /// Hot standbys per task (0 = none: a lost task restarts cold).
+    pub backups: u32,
     /// Give up after this long.
     pub timeout: Duration,
 }
@@ -57,6 +59,7 @@ impl Default for RegressionOptions {
             kill_every: None,
             kill_at_epoch: None,
             lease_ttl: Duration::from_secs(1),
+            backups: 0,
             timeout: Duration::from_secs(300),
         }
     }
@@ -93,6 +96,18 @@ pub struct RegressionReport {
     pub stale_answers_dropped: u64,
     /// Connections opened between nodes.
     pub connections: u64,
+    /// Hot standbys per task.
+    pub backups: u32,
+    /// Tasks of killed nodes that a backup took over (`became_primary`).
+    pub primary_takeovers: u64,
+    /// Median time from a node's kill until a backup of one of its tasks
+    /// ran as the primary (none without takeovers).
+    pub primary_takeover_ms: Option<u64>,
+    /// Tasks of killed nodes that started again cold (`init`).
+    pub cold_restarts: u64,
+    /// Median time from a node's kill until one of its tasks ran again
+    /// after a cold start (none without cold restarts).
+    pub cold_restart_ms: Option<u64>,
     /// From the start of the job until every task ended.
     pub elapsed_ms: u64,
 }
@@ -147,6 +162,27 @@ impl GraphCounters {
     }
 }
 
+/// What one node reports to the driver: its counters and run starts.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeReport {
+    /// Its counters.
+    #[serde(flatten)]
+    pub counters: GraphCounters,
+    /// Its runs' starts.
+    #[serde(default)]
+    pub run_starts: Vec<RunStart>,
+}
+
+impl NodeReport {
+    /// The report of `graph` now.
+    pub fn of(graph: &GraphNode) -> NodeReport {
+        NodeReport {
+            counters: GraphCounters::of(graph),
+            run_starts: graph.run_starts(),
+        }
+    }
+}
+
 /// The nodes a regression runs on: in this process ([`InProcess`]) or as
 /// processes of their own (the `eretes` binary's `--processes`).
 #[async_trait]
@@ -160,6 +196,8 @@ pub trait Fleet: Send {
     fn live(&self) -> Vec<NodeName>;
     /// Framework counters summed over every node that ran, as far as known.
     fn counters(&self) -> GraphCounters;
+    /// The run starts of every node that ran, as far as known.
+    fn run_starts(&self) -> Vec<RunStart>;
     /// Stop the nodes still running (they drain).
     async fn stop(&mut self);
 }
@@ -244,7 +282,7 @@ impl Fleet for InProcess {
             self.store.clone(),
             config,
             graph.handler(),
-            Box::new(FairBalancer::default()),
+            graph.balancer(Box::new(FairBalancer::default())),
         )
         .await
         .map_err(|error| GraphError::Transport(format!("starting node {name}: {error}")))?;
@@ -272,6 +310,10 @@ impl Fleet for InProcess {
             .iter()
             .map(GraphCounters::of)
             .fold(GraphCounters::default(), GraphCounters::plus)
+    }
+
+    fn run_starts(&self) -> Vec<RunStart> {
+        self.graphs.iter().flat_map(GraphNode::run_starts).collect()
     }
 
     async fn stop(&mut self) {
@@ -342,6 +384,7 @@ async fn drive_job(
         tasks: options.tasks,
         group: GroupName::new("graph")?,
         properties: Regression::properties(options.epochs),
+        backups: options.backups,
     };
     let started = Instant::now();
     let mut epoch_moves = coordinator
@@ -355,6 +398,8 @@ async fn drive_job(
     let mut killed_at_epoch = false;
     let mut next_kill = options.kill_every.map(|every| Instant::now() + every);
     let mut results = Vec::new();
+    // When each node was killed, and the tasks it owned then.
+    let mut kill_log: Vec<(u64, Vec<eretes_protocol::TaskId>)> = Vec::new();
     loop {
         if started.elapsed() > options.timeout {
             let mut waiting = Vec::new();
@@ -415,6 +460,8 @@ async fn drive_job(
         victims.dedup();
         for victim in victims {
             if fleet.live().contains(&victim) {
+                let owned = tasks_owned_by(&coordinator, &victim).await?;
+                kill_log.push((eretes_protocol::now_ms(), owned));
                 fleet.kill(&victim).await?;
                 kills += 1;
                 fleet.start_node().await?;
@@ -437,6 +484,18 @@ async fn drive_job(
         .map(findings_of)
         .unwrap_or_default();
     let counters = fleet.counters();
+    let restarts = restarts_after_kills(&kill_log, &fleet.run_starts());
+    let median_of = |promoted: bool| {
+        let mut times: Vec<u64> = restarts
+            .iter()
+            .filter(|(_, was_promoted)| *was_promoted == promoted)
+            .map(|(ms, _)| *ms)
+            .collect();
+        times.sort_unstable();
+        (times.len() as u64, times.get(times.len() / 2).copied())
+    };
+    let (primary_takeovers, primary_takeover_ms) = median_of(true);
+    let (cold_restarts, cold_restart_ms) = median_of(false);
     Ok(RegressionReport {
         tasks: options.tasks,
         epochs: options.epochs,
@@ -452,8 +511,57 @@ async fn drive_job(
         data_retries: counters.data_retries,
         stale_answers_dropped: counters.stale_answers_dropped,
         connections: counters.connections,
+        backups: options.backups,
+        primary_takeovers,
+        primary_takeover_ms,
+        cold_restarts,
+        cold_restart_ms,
         elapsed_ms,
     })
+}
+
+/// For each task of each killed node, the time from the kill to its next
+/// run's start, and whether a backup took over: (ms, promoted).
+fn restarts_after_kills(
+    kills: &[(u64, Vec<eretes_protocol::TaskId>)],
+    starts: &[RunStart],
+) -> Vec<(u64, bool)> {
+    let mut restarts = Vec::new();
+    for (killed_at, tasks) in kills {
+        for task in tasks {
+            let next = starts
+                .iter()
+                .filter(|start| start.task == *task && start.at_ms >= *killed_at)
+                .min_by_key(|start| start.at_ms);
+            if let Some(start) = next {
+                restarts.push((start.at_ms - killed_at, start.promoted));
+            }
+        }
+    }
+    restarts
+}
+
+/// The unfinished tasks `node` owns now.
+async fn tasks_owned_by(
+    coordinator: &Coordinator,
+    node: &NodeName,
+) -> Result<Vec<eretes_protocol::TaskId>, GraphError> {
+    let prefix = coordinator.namespace().owners_prefix();
+    let owners = coordinator
+        .store()
+        .get(eretes_store::GetRequest::new(KeyRange::prefix(
+            prefix.clone(),
+        )))
+        .await?;
+    Ok(owners
+        .kvs
+        .iter()
+        .filter(|kv| {
+            eretes_protocol::decode::<eretes_protocol::OwnerRecord>("owner", &kv.key, &kv.value)
+                .is_ok_and(|owner| owner.node == *node)
+        })
+        .filter_map(|kv| eretes_protocol::TaskId::new(&kv.key[prefix.len()..]).ok())
+        .collect())
 }
 
 async fn owner_of(

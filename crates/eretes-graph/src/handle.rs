@@ -48,6 +48,8 @@ pub(crate) struct RunShared {
     /// The job epoch the task's callbacks were last told (`enter_epoch`):
     /// what its calls act in. `scope` may be ahead of it.
     pub entered: Mutex<JobEpoch>,
+    /// Its update log (jobs with backups).
+    pub log: tokio::sync::Mutex<crate::backup::UpdateLog>,
     /// Cancelled when the run ends.
     pub ended: CancellationToken,
 }

@@ -88,9 +88,13 @@ pub fn graph_task_id(job: &JobName, index: u32) -> TaskId {
 /// The job and index of a graph task id, if it is one.
 pub fn parse_graph_task_id(id: &TaskId) -> Option<(JobName, u32)> {
     let (job, index) = id.as_str().rsplit_once('.')?;
-    let index: u32 = index.parse().ok()?;
-    (index.to_string() == id.as_str()[job.len() + 1..]).then_some(())?;
-    Some((JobName::new(job).ok()?, index))
+    Some((JobName::new(job).ok()?, parse_index(index)?))
+}
+
+/// A task index in its one spelling (no sign, no leading zeros).
+fn parse_index(text: &str) -> Option<u32> {
+    let index: u32 = text.parse().ok()?;
+    (index.to_string() == text).then_some(index)
 }
 
 /// Where the graph layer keeps its records, under `<ns>/graph/`.
@@ -110,6 +114,9 @@ pub enum GraphKey {
     Meta(JobName, u32, String),
     /// `rpc/<node>`: the address a node serves data requests on.
     Rpc(NodeName),
+    /// `backups/<job>/<task>/<node>`: `node` holds a backup of the task
+    /// (under its own lease).
+    Backup(JobName, u32, NodeName),
 }
 
 impl GraphKeys {
@@ -150,6 +157,21 @@ impl GraphKeys {
         format!("{}rpc/{node}", self.root)
     }
 
+    /// `backups/<job>/<task>/<node>`.
+    pub fn backup(&self, job: &JobName, task: u32, node: &NodeName) -> String {
+        format!("{}backups/{job}/{task}/{node}", self.root)
+    }
+
+    /// `backups/<job>/<task>/`: every backup of a task.
+    pub fn backups_of(&self, job: &JobName, task: u32) -> String {
+        format!("{}backups/{job}/{task}/", self.root)
+    }
+
+    /// `backups/<job>/`: every backup of a job's tasks.
+    pub fn backups(&self, job: &JobName) -> String {
+        format!("{}backups/{job}/", self.root)
+    }
+
     /// What `key` holds; `None` for a key of another shape (counted as
     /// malformed by whoever reads it).
     pub fn parse(&self, key: &str) -> Option<GraphKey> {
@@ -162,6 +184,18 @@ impl GraphKeys {
         }
         if let Some(node) = rest.strip_prefix("rpc/") {
             return Some(GraphKey::Rpc(NodeName::new(node).ok()?));
+        }
+        if let Some(backup) = rest.strip_prefix("backups/") {
+            let mut parts = backup.split('/');
+            let (job, task, node) = (parts.next()?, parts.next()?, parts.next()?);
+            if parts.next().is_some() {
+                return None;
+            }
+            return Some(GraphKey::Backup(
+                JobName::new(job).ok()?,
+                parse_index(task)?,
+                NodeName::new(node).ok()?,
+            ));
         }
         let mut parts = rest.strip_prefix("meta/")?.split('/');
         let (job, task, link) = (parts.next()?, parts.next()?, parts.next()?);
@@ -221,6 +255,13 @@ mod tests {
             keys.parse(&keys.meta(&job, 3, "parent")),
             Some(GraphKey::Meta(job.clone(), 3, "parent".into()))
         );
+        assert_eq!(
+            keys.parse(&keys.backup(&job, 7, &node)),
+            Some(GraphKey::Backup(job.clone(), 7, node.clone()))
+        );
+        assert!(keys
+            .backup(&job, 7, &node)
+            .starts_with(&keys.backups_of(&job, 7)));
         assert_eq!(keys.parse(&keys.rpc(&node)), Some(GraphKey::Rpc(node)));
         for garbage in [
             "jobs/",
@@ -228,6 +269,9 @@ mod tests {
             "meta/j/1/Parent",
             "meta/j/1/p/q",
             "what/j",
+            "backups/j/1",
+            "backups/j/01/n1",
+            "backups/j/1/n1/x",
         ] {
             assert_eq!(
                 keys.parse(&format!("ns/graph/{garbage}")),

@@ -10,7 +10,7 @@ use eretes_store::{
 use serde_json::json;
 
 use crate::ids::{graph_task_id, valid_link, GraphKeys, JobEpoch, JobName};
-use crate::model::{EpochRecord, JobSpec, MetaRecord, MAX_JOB_TASKS, MAX_META_BYTES};
+use crate::model::{EpochRecord, JobSpec, MetaRecord, MAX_BACKUPS, MAX_JOB_TASKS, MAX_META_BYTES};
 use crate::GraphError;
 
 /// The store side of jobs, for one namespace.
@@ -55,6 +55,12 @@ impl Jobs {
             return Err(GraphError::Invalid(format!(
                 "a job has 1-{MAX_JOB_TASKS} tasks, not {}",
                 spec.tasks
+            )));
+        }
+        if spec.backups > MAX_BACKUPS {
+            return Err(GraphError::Invalid(format!(
+                "a job has 0-{MAX_BACKUPS} backups per task, not {}",
+                spec.backups
             )));
         }
         if spec.kind.is_empty() || spec.kind.len() > 64 {
@@ -113,6 +119,9 @@ impl Jobs {
             ))))
             .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::prefix(
                 self.keys.metas(job),
+            ))))
+            .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::prefix(
+                self.keys.backups(job),
             ))));
         self.coordinator.store().txn(txn).await?;
         Ok(())

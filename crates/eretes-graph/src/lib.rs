@@ -41,11 +41,12 @@
 //! config.groups = vec![GroupName::new("graph")?];
 //! let node = Node::start(store, config, graph.handler(), Box::new(FairBalancer::default())).await?;
 //! graph.publish_address(node.status());
-//! let spec = JobSpec { kind: "regression".into(), tasks: 15, group: GroupName::new("graph")?, properties: Regression::properties(10) };
+//! let spec = JobSpec { kind: "regression".into(), tasks: 15, group: GroupName::new("graph")?, properties: Regression::properties(10), backups: 0 };
 //! graph.jobs().start(&JobName::new("r1")?, &spec).await?;
 //! # Ok(()) }
 //! ```
 
+mod backup;
 mod dispatch;
 pub mod driver;
 pub mod frames;
@@ -64,13 +65,15 @@ pub mod proto {
     tonic::include_proto!("eretes.graph");
 }
 
+pub use backup::{BackupBalancer, TAKEOVER_GRACE, UPDATE_PATIENCE};
 pub use handle::TaskHandle;
 pub use ids::{graph_task_id, parse_graph_task_id, GraphKey, GraphKeys, JobEpoch, JobName};
 pub use jobs::{EpochMove, Jobs};
 pub use model::{
-    EpochRecord, GraphTask, JobKind, JobSpec, MetaRecord, Topology, MAX_JOB_TASKS, MAX_META_BYTES,
+    BackupRecord, EpochRecord, GraphTask, JobKind, JobSpec, MetaRecord, Topology, MAX_BACKUPS,
+    MAX_JOB_TASKS, MAX_META_BYTES,
 };
-pub use node::{GraphNode, GraphStats};
+pub use node::{GraphNode, GraphStats, RunStart, RUN_STARTS_KEPT};
 
 /// What can go wrong in the graph layer.
 #[derive(Debug, thiserror::Error)]

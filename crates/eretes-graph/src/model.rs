@@ -24,10 +24,28 @@ pub struct JobSpec {
     /// Anything the kind needs (JSON).
     #[serde(default)]
     pub properties: Value,
+    /// Hot standbys per task (0..=[`MAX_BACKUPS`]): each task's primary
+    /// keeps this many backups on other nodes current with its update log,
+    /// and one of them takes over when the primary is lost.
+    #[serde(default)]
+    pub backups: u32,
 }
 
 /// Most tasks a job may have.
 pub const MAX_JOB_TASKS: u32 = 10_000;
+
+/// Most backups a task may have.
+pub const MAX_BACKUPS: u32 = 3;
+
+/// A backup of a task (`graph/backups/<job>/<task>/<node>`), written by
+/// the backup's node under its own lease when the primary handed it its
+/// state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackupRecord {
+    /// The claim (fencing) epoch of the primary run it backs up: only a
+    /// backup of the last primary may take over from it.
+    pub primary_claim_epoch: i64,
+}
 
 /// A job's epoch record (`graph/epochs/<job>`), moved by compare-and-swap.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -110,4 +128,34 @@ pub trait GraphTask: Send + Sync + 'static {
     async fn result(&self, _task: &TaskHandle) -> Value {
         Value::Null
     }
+
+    // ----- primary/backup (jobs with `backups` > 0) -------------------------
+    //
+    // The task's state is a state machine driven by its update log: the
+    // primary changes it only through `TaskHandle::update(entry)`, which
+    // calls `apply_update(entry)` here and on every live backup. A backup
+    // is a second instance of the task (built by the same `JobKind`) on
+    // another node, that receives `became_backup` with the primary's
+    // state, then every entry; when the primary is lost it becomes the
+    // primary (`became_primary`, instead of `init`).
+
+    /// This task's state, for a new backup (`became_backup` there). Called
+    /// on the primary between updates, never during one. Empty unless
+    /// implemented.
+    async fn backup_state(&self) -> Vec<u8> {
+        Vec::new()
+    }
+    /// On a backup: start from the primary's `state` (from
+    /// `backup_state`). Does nothing unless implemented.
+    async fn became_backup(&self, _state: Vec<u8>) {}
+    /// Apply one entry of the update log: on the primary (in
+    /// `TaskHandle::update`) and on each backup, in the same order. Does
+    /// nothing unless implemented.
+    async fn apply_update(&self, _entry: &[u8]) {}
+    /// This backup became the primary: the primary was lost, and this
+    /// instance, with every update the primary's `update` returned for,
+    /// runs the task now. Called instead of `init`; then the run goes on
+    /// as any other (`enter_epoch` for the current job epoch, ...). Does
+    /// nothing unless implemented.
+    async fn became_primary(&self, _task: &TaskHandle) {}
 }

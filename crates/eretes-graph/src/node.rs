@@ -10,12 +10,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::{Coordinator, NodeName, TaskId};
+use eretes_runtime::balancer::Balancer;
 use eretes_runtime::{Handler, HandlerOutcome, NodeStatus, TaskContext};
 use eretes_store::PutRequest;
 use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::backup::{keep_backups, BackupBalancer, Replicas, Start, UpdateLog};
 use crate::dispatch::{dispatch, Listener, RunEvent};
 use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
@@ -43,6 +45,47 @@ pub struct GraphStats {
     pub meta_repeats_suppressed: AtomicU64,
     /// Connections opened to other nodes (one per peer).
     pub connections: AtomicU64,
+    /// Update log entries its primaries applied (`TaskHandle::update`).
+    pub updates: AtomicU64,
+    /// Backups it took on (state transfers from primaries).
+    pub backups_taken: AtomicU64,
+    /// Update log entries its backups applied.
+    pub updates_applied: AtomicU64,
+    /// Backups its primaries gave up (they did not apply an update).
+    pub backups_dropped: AtomicU64,
+    /// Backups of it that became the primary (`became_primary`).
+    pub takeovers: AtomicU64,
+    /// Its latest runs' starts, oldest first (at most [`RUN_STARTS_KEPT`]).
+    pub run_starts: Mutex<std::collections::VecDeque<RunStart>>,
+}
+
+/// How many run starts [`GraphStats::run_starts`] keeps.
+pub const RUN_STARTS_KEPT: usize = 10_000;
+
+/// A graph task's run, ready: its `init` or `became_primary` returned.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct RunStart {
+    /// The task.
+    pub task: TaskId,
+    /// When (wall clock, milliseconds since the Unix epoch).
+    pub at_ms: u64,
+    /// Whether a backup took over (`became_primary`), not a cold start.
+    pub promoted: bool,
+}
+
+impl GraphStats {
+    /// Note a run's start.
+    fn started(&self, task: &TaskId, promoted: bool) {
+        let mut starts = self.run_starts.lock().expect("not poisoned");
+        if starts.len() >= RUN_STARTS_KEPT {
+            starts.pop_front();
+        }
+        starts.push_back(RunStart {
+            task: task.clone(),
+            at_ms: eretes_protocol::now_ms(),
+            promoted,
+        });
+    }
 }
 
 pub(crate) struct NodeShared {
@@ -57,6 +100,11 @@ pub(crate) struct NodeShared {
     pub(crate) next_listener: AtomicU64,
     /// The data requests each task's run here answered lately.
     pub requests: Mutex<HashMap<TaskId, Remembered>>,
+    /// The backups of other nodes' tasks held here.
+    pub replicas: Replicas,
+    /// The lease the node is registered under (backups are recorded under
+    /// it).
+    pub lease: Mutex<Option<eretes_store::LeaseId>>,
     pub clients:
         Mutex<HashMap<String, crate::proto::graph_client::GraphClient<tonic::transport::Channel>>>,
     pub stats: GraphStats,
@@ -98,6 +146,8 @@ impl GraphNode {
             kinds,
             runs: Mutex::new(HashMap::new()),
             requests: Mutex::new(HashMap::new()),
+            replicas: Mutex::new(HashMap::new()),
+            lease: Mutex::new(None),
             clients: Mutex::new(HashMap::new()),
             stats: GraphStats::default(),
             address,
@@ -127,6 +177,13 @@ impl GraphNode {
         })
     }
 
+    /// `inner`, made to hand a lost primary's task to the node holding its
+    /// backup (see [`BackupBalancer`]): pass it to the node runtime of
+    /// every node that runs jobs with backups.
+    pub fn balancer(&self, inner: Box<dyn Balancer>) -> Box<dyn Balancer> {
+        Box::new(BackupBalancer::new(inner, Arc::downgrade(&self.shared)))
+    }
+
     /// Keep this node's data address in the store under the node's lease
     /// (written again whenever the node registers anew).
     pub fn publish_address(&self, mut status: watch::Receiver<NodeStatus>) {
@@ -136,6 +193,7 @@ impl GraphNode {
             loop {
                 let lease = status.borrow_and_update().lease;
                 let Some(node) = shared.upgrade() else { return };
+                *node.lease.lock().expect("not poisoned") = lease;
                 if lease.is_some() && lease != published {
                     let key = node.jobs.keys().rpc(&node.name);
                     let put =
@@ -181,6 +239,12 @@ impl GraphNode {
     /// Its counters.
     pub fn stats(&self) -> &GraphStats {
         &self.shared.stats
+    }
+
+    /// Its latest runs' starts, oldest first.
+    pub fn run_starts(&self) -> Vec<RunStart> {
+        let starts = self.shared.stats.run_starts.lock().expect("not poisoned");
+        starts.iter().cloned().collect()
     }
 
     /// Stop serving data requests and end its runs' work, as if the process
@@ -231,6 +295,8 @@ impl Handler for GraphHandler {
                 debug!(%error, task = %ctx.id, "store error; the task goes back");
                 HandlerOutcome::Release
             }
+            // Another run owns the task: this one only ends.
+            Err(GraphError::Fenced(_)) => HandlerOutcome::Release,
             Err(error) => HandlerOutcome::Failed(error.to_string()),
         }
     }
@@ -263,6 +329,11 @@ async fn run_task(
         })?
         .clone();
     node.view.loaded().await;
+    let start = if spec.backups > 0 {
+        node.begin_primary(&job, index, &ctx.id, ctx.epoch).await?
+    } else {
+        Start { promoted: None }
+    };
     // Listen before reading the view, so that nothing falls between.
     let (queue, mut queued) = mpsc::unbounded_channel();
     let listening = node.listen(&job, index, queue);
@@ -281,7 +352,10 @@ async fn run_task(
         index,
         id: ctx.id.clone(),
         topology: kind.topology(&spec),
-        task: kind.build(&spec, index),
+        task: start
+            .promoted
+            .clone()
+            .unwrap_or_else(|| kind.build(&spec, index)),
         spec: Arc::new(spec),
         claim_epoch: ctx.epoch,
         scope: watch::channel(EpochScope {
@@ -298,13 +372,14 @@ async fn run_task(
         .0,
         flagged: tokio::sync::Mutex::new(HashMap::new()),
         entered: Mutex::new(record.epoch),
+        log: tokio::sync::Mutex::new(UpdateLog::default()),
         ended,
     });
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, job_epoch = record.epoch.0, shutdown = record.shutdown, "graph run starts");
     listening.run_is(&run);
     // Ends the run however `drive` ends: returned, panicked, or dropped.
     let _ended = RunEnded(run.clone());
-    let outcome = drive(node, &run, ctx, &mut queued).await;
+    let outcome = drive(node, &run, ctx, start.promoted.is_some(), &mut queued).await;
     drop(listening);
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, outcome = ?outcome.as_ref().map(|_| ()), "graph run ends");
     outcome
@@ -337,6 +412,7 @@ async fn drive(
     node: &Arc<NodeShared>,
     run: &Arc<RunShared>,
     ctx: &TaskContext,
+    promoted: bool,
     queued: &mut mpsc::UnboundedReceiver<RunEvent>,
 ) -> Result<HandlerOutcome, GraphError> {
     let handle = TaskHandle {
@@ -346,14 +422,24 @@ async fn drive(
     let task = run.task.clone();
     let cancelled = ctx.cancel.clone();
     let step = async {
-        let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
-        task.init(&handle, checkpoint).await;
+        if promoted {
+            // A backup, current with the lost primary's log: no cold start.
+            task.became_primary(&handle).await;
+            node.stats.takeovers.fetch_add(1, Ordering::Relaxed);
+        } else {
+            let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
+            task.init(&handle, checkpoint).await;
+        }
+        node.stats.started(&run.id, promoted);
         // Data requests for this task are answered from here on (before,
         // they are refused and retried).
         node.runs
             .lock()
             .expect("not poisoned")
             .insert(run.id.clone(), run.clone());
+        if run.spec.backups > 0 && !run.scope.borrow().shutdown {
+            tokio::spawn(keep_backups(run.clone()));
+        }
         if run.scope.borrow().shutdown {
             // The job ended before this run began (its last run died before
             // it could end the task): report what the task had saved.

@@ -9,7 +9,9 @@
 //! checkpoint and every task reports its own as its result, which is what a
 //! driver of node processes reads. A run that restarts after a failover
 //! recomputes its epoch, so nothing is lost, and a sum is only counted
-//! wrong if it is.
+//! wrong if it is. The root's findings go through its update log
+//! ([`TaskHandle::update`]), so with backups (`--backups 1`) a backup of
+//! the root takes over with them.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -73,6 +75,13 @@ pub struct Findings {
     /// Meta this run got twice.
     #[serde(default)]
     pub meta_duplicates: u64,
+}
+
+/// One entry of the root's update log: what it found of an epoch's sum.
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+struct Finding {
+    epoch: u64,
+    right: bool,
 }
 
 /// The binary tree: task i's parent is (i − 1) / 2, its children 2i + 1
@@ -158,18 +167,21 @@ impl TreeTask {
             return;
         }
         let n = u64::from(task.tasks());
-        let checkpoint = {
-            let mut findings = self.findings.lock().expect("not poisoned");
-            if sum == epoch * n * (n - 1) / 2 {
-                let mut verified = self.stats.verified.lock().expect("not poisoned");
-                verified.insert(epoch);
-                findings.verified.insert(epoch);
-            } else {
-                self.stats.wrong_sums.fetch_add(1, Ordering::Relaxed);
-                findings.wrong_sums += 1;
-            }
-            serde_json::to_vec(&*findings).expect("plain data")
-        };
+        let right = sum == epoch * n * (n - 1) / 2;
+        if right {
+            let mut verified = self.stats.verified.lock().expect("not poisoned");
+            verified.insert(epoch);
+        } else {
+            self.stats.wrong_sums.fetch_add(1, Ordering::Relaxed);
+        }
+        // The finding goes through the update log: applied here and on the
+        // root's backups (if the job has any), which take over with it.
+        let entry = serde_json::to_vec(&Finding { epoch, right }).expect("plain data");
+        if task.update(&entry).await.is_err() {
+            return; // the run ended: the next run of the root checks again
+        }
+        let checkpoint =
+            serde_json::to_vec(&*self.findings.lock().expect("not poisoned")).expect("plain data");
         // Kept before moving on, so that a root that dies after this has it.
         if task
             .retrying(|| task.checkpoint(&checkpoint))
@@ -196,6 +208,30 @@ impl GraphTask for TreeTask {
             let mut findings = self.findings.lock().expect("not poisoned");
             findings.verified = found.verified;
             findings.wrong_sums = found.wrong_sums;
+        }
+    }
+
+    async fn backup_state(&self) -> Vec<u8> {
+        serde_json::to_vec(&*self.findings.lock().expect("not poisoned")).expect("plain data")
+    }
+
+    async fn became_backup(&self, state: Vec<u8>) {
+        if let Ok(found) = serde_json::from_slice::<Findings>(&state) {
+            let mut findings = self.findings.lock().expect("not poisoned");
+            findings.verified = found.verified;
+            findings.wrong_sums = found.wrong_sums;
+        }
+    }
+
+    async fn apply_update(&self, entry: &[u8]) {
+        let Ok(finding) = serde_json::from_slice::<Finding>(entry) else {
+            return;
+        };
+        let mut findings = self.findings.lock().expect("not poisoned");
+        if finding.right {
+            findings.verified.insert(finding.epoch);
+        } else {
+            findings.wrong_sums += 1;
         }
     }
 

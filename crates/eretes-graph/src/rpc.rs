@@ -19,7 +19,9 @@ use crate::ids::{graph_task_id, JobEpoch, JobName};
 use crate::node::NodeShared;
 use crate::proto::graph_client::GraphClient;
 use crate::proto::graph_server::{Graph, GraphServer};
-use crate::proto::{data_reply, DataReply, DataRequest, Refusal};
+use crate::proto::{
+    data_reply, BackupReply, BackupRequest, DataReply, DataRequest, Refusal, UpdateRequest,
+};
 
 /// Longest one attempt of a data request waits for its answer; then the
 /// caller retries (the server runs a request once per run anyway).
@@ -88,6 +90,26 @@ impl Graph for Service {
         Ok(Response::new(DataReply {
             outcome: Some(outcome),
         }))
+    }
+
+    async fn backup(
+        &self,
+        request: Request<BackupRequest>,
+    ) -> Result<Response<BackupReply>, Status> {
+        let Some(node) = self.node.upgrade() else {
+            return Err(Status::unavailable("the node is stopping"));
+        };
+        Ok(Response::new(node.take_backup(request.into_inner()).await))
+    }
+
+    async fn update(
+        &self,
+        request: Request<UpdateRequest>,
+    ) -> Result<Response<BackupReply>, Status> {
+        let Some(node) = self.node.upgrade() else {
+            return Err(Status::unavailable("the node is stopping"));
+        };
+        Ok(Response::new(node.apply_entry(request.into_inner()).await))
     }
 }
 
@@ -240,7 +262,7 @@ impl NodeShared {
 
     /// The pooled client of the node at `address`: one HTTP/2 connection
     /// carries every request to it.
-    fn client(&self, address: &str) -> Result<GraphClient<Channel>, String> {
+    pub(crate) fn client(&self, address: &str) -> Result<GraphClient<Channel>, String> {
         let unpooled = self.connection_per_request.load(Ordering::Relaxed);
         let mut pool = self.clients.lock().expect("not poisoned");
         if let Some(client) = pool.get(address).filter(|_| !unpooled) {

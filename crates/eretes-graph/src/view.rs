@@ -3,12 +3,14 @@
 //! requests, each job's epoch and its tasks' meta. Runs subscribe to its
 //! events, in store order; data requests resolve owners from it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
-use eretes_protocol::{decode, Coordinator, KeyKind, NodeName, OwnerRecord, TaskId};
+use eretes_protocol::{
+    decode, Coordinator, GroupName, KeyKind, NodeName, NodeRecord, OwnerRecord, TaskId,
+};
 use eretes_store::{
     EventKind, GetRequest, KeyRange, KeyValue, Revision, Txn, TxnOp, TxnOpResponse,
 };
@@ -18,7 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use crate::ids::{parse_graph_task_id, GraphKey, GraphKeys, JobName};
-use crate::model::{EpochRecord, MetaRecord};
+use crate::model::{BackupRecord, EpochRecord, MetaRecord};
 use crate::GraphError;
 
 /// A meta record as the view saw it, with the store revision that wrote
@@ -43,6 +45,9 @@ pub(crate) enum GraphEvent {
     },
     /// A graph task got an owner, or lost it (`None`).
     Owner(TaskId, Option<NodeName>),
+    /// A node's backup of a graph task was recorded, or its record is gone
+    /// (`None`), at a store revision.
+    Backup(TaskId, NodeName, Option<BackupRecord>, i64),
     /// The view was read again (after a broken watch): what a run depends
     /// on may have changed without an event.
     Resync,
@@ -50,8 +55,13 @@ pub(crate) enum GraphEvent {
 
 #[derive(Default)]
 struct ViewState {
-    owners: HashMap<TaskId, NodeName>,
+    /// Each owned graph task's node and claim (fencing) epoch.
+    owners: HashMap<TaskId, (NodeName, i64)>,
     addresses: HashMap<NodeName, String>,
+    /// The groups of each live node.
+    nodes: HashMap<NodeName, Vec<GroupName>>,
+    /// Each task's backups: node → its record.
+    backups: HashMap<TaskId, BTreeMap<NodeName, BackupRecord>>,
     epochs: HashMap<JobName, EpochRecord>,
     metas: HashMap<(JobName, u32, String), SeenMeta>,
 }
@@ -59,11 +69,17 @@ struct ViewState {
 /// The watch-kept view of one namespace's graph state.
 pub(crate) struct GraphView {
     keys: GraphKeys,
+    namespace: eretes_protocol::Namespace,
     state: Mutex<ViewState>,
     events: broadcast::Sender<GraphEvent>,
     loaded: watch::Sender<bool>,
     /// Ends the follower (the node stopped).
     stop: CancellationToken,
+    /// Bumped whenever owners, nodes, addresses or backups change: what a
+    /// primary's choice of backups depends on.
+    placement: watch::Sender<u64>,
+    /// The store revision the view is current with.
+    revision: std::sync::atomic::AtomicI64,
     /// Graph keys whose value did not decode, skipped.
     pub malformed: AtomicU64,
 }
@@ -73,10 +89,13 @@ impl GraphView {
     pub fn start(coordinator: Coordinator) -> Arc<GraphView> {
         let view = Arc::new(GraphView {
             keys: GraphKeys::new(coordinator.namespace()),
+            namespace: coordinator.namespace().clone(),
             state: Mutex::new(ViewState::default()),
             events: broadcast::channel(4096).0,
             loaded: watch::channel(false).0,
             stop: CancellationToken::new(),
+            placement: watch::channel(0).0,
+            revision: std::sync::atomic::AtomicI64::new(0),
             malformed: AtomicU64::new(0),
         });
         let stop = view.stop.clone();
@@ -108,9 +127,46 @@ impl GraphView {
     /// The node owning graph task `id` and its data address, if known.
     pub fn owner(&self, id: &TaskId) -> Option<(NodeName, Option<String>)> {
         let state = self.state.lock().expect("not poisoned");
-        let node = state.owners.get(id)?.clone();
+        let (node, _) = state.owners.get(id)?.clone();
         let address = state.addresses.get(&node).cloned();
         Some((node, address))
+    }
+
+    /// The store revision the view is current with: every change up to it
+    /// is in.
+    pub fn revision(&self) -> i64 {
+        self.revision.load(Ordering::Acquire)
+    }
+
+    /// Follows changes of what backups are placed by (see `placement`).
+    pub fn placement(&self) -> watch::Receiver<u64> {
+        self.placement.subscribe()
+    }
+
+    /// The backups of task `id` now: node → record.
+    pub fn backups(&self, id: &TaskId) -> BTreeMap<NodeName, BackupRecord> {
+        let state = self.state.lock().expect("not poisoned");
+        state.backups.get(id).cloned().unwrap_or_default()
+    }
+
+    /// Live nodes that serve `group` and publish a data address, with it.
+    pub fn serving(&self, group: &GroupName) -> Vec<(NodeName, String)> {
+        let state = self.state.lock().expect("not poisoned");
+        let mut nodes: Vec<_> = state
+            .nodes
+            .iter()
+            .filter(|(_, groups)| groups.contains(group))
+            .filter_map(|(node, _)| Some((node.clone(), state.addresses.get(node)?.clone())))
+            .collect();
+        nodes.sort();
+        nodes
+    }
+
+    /// The data address of `node`, while it is live and publishes one.
+    pub fn address(&self, node: &NodeName) -> Option<String> {
+        let state = self.state.lock().expect("not poisoned");
+        state.nodes.contains_key(node).then_some(())?;
+        state.addresses.get(node).cloned()
     }
 
     /// Whether graph task `id` has an owner.
@@ -146,7 +202,12 @@ impl GraphView {
     /// Apply one put or delete; the event runs see, if any.
     fn apply(&self, kv: &KeyValue, deleted: bool) -> Option<GraphEvent> {
         let mut state = self.state.lock().expect("not poisoned");
-        self.apply_to(&mut state, kv, deleted)
+        let event = self.apply_to(&mut state, kv, deleted);
+        drop(state);
+        if !matches!(event, Some(GraphEvent::Epoch(..) | GraphEvent::Meta { .. })) {
+            self.placement.send_modify(|generation| *generation += 1);
+        }
+        event
     }
 
     /// [`GraphView::apply`] to `state`.
@@ -208,14 +269,51 @@ impl GraphView {
                     state.metas.remove(&(job, from, link));
                     None
                 }
+                GraphKey::Backup(job, index, node) => {
+                    let id = crate::ids::graph_task_id(&job, index);
+                    let record = if deleted {
+                        None
+                    } else {
+                        match decode::<BackupRecord>("backup", &kv.key, &kv.value) {
+                            Ok(record) => Some(record),
+                            Err(_) => {
+                                self.skip(&kv.key);
+                                return None;
+                            }
+                        }
+                    };
+                    let backups = state.backups.entry(id.clone()).or_default();
+                    match record {
+                        Some(record) => {
+                            backups.insert(node.clone(), record);
+                        }
+                        None => {
+                            backups.remove(&node);
+                            if backups.is_empty() {
+                                state.backups.remove(&id);
+                            }
+                        }
+                    }
+                    let revision = kv.mod_revision;
+                    Some(GraphEvent::Backup(id, node, record, revision))
+                }
                 GraphKey::Job(_) => None,
             };
+        }
+        if let Ok(KeyKind::Node(node)) = self.namespace.parse(&kv.key) {
+            if deleted {
+                state.nodes.remove(&node);
+            } else if let Ok(record) = decode::<NodeRecord>("node", &kv.key, &kv.value) {
+                state.nodes.insert(node, record.groups);
+            }
+            return None;
         }
         if kv.key.starts_with(self.keys.root()) {
             self.skip(&kv.key);
             return None;
         }
-        // Otherwise an owner record (the only other prefix read and watched).
+        // Otherwise an owner record (the only other prefix read and watched
+        // besides nodes).
         let id = TaskId::new(kv.key.rsplit('/').next()?).ok()?;
         parse_graph_task_id(&id)?;
         if deleted {
@@ -223,7 +321,11 @@ impl GraphView {
             return Some(GraphEvent::Owner(id, None));
         }
         let owner: OwnerRecord = decode("owner", &kv.key, &kv.value).ok()?;
-        state.owners.insert(id.clone(), owner.node.clone());
+        // The claim wrote the owner record: its revision is the claim's
+        // fencing epoch.
+        state
+            .owners
+            .insert(id.clone(), (owner.node.clone(), kv.create_revision));
         Some(GraphEvent::Owner(id, Some(owner.node)))
     }
 
@@ -274,7 +376,10 @@ async fn follow_once(
         .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(
             ns.owners_prefix(),
         ))))
-        .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(graph.clone()))));
+        .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(graph.clone()))))
+        .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(
+            ns.nodes_prefix(),
+        ))));
     let response = coordinator.store().txn(txn).await?;
     let revision: Revision = response.revision;
     let mut events = coordinator.watch_namespace(revision + 1).await?;
@@ -291,10 +396,13 @@ async fn follow_once(
             view.apply_to(&mut fresh, kv, false);
         }
         *view.state.lock().expect("not poisoned") = fresh;
+        view.revision.store(revision, Ordering::Release);
+        view.placement.send_modify(|generation| *generation += 1);
         let _ = view.events.send(GraphEvent::Resync);
         view.loaded.send_replace(true);
     }
     let owners = ns.owners_prefix();
+    let nodes = ns.nodes_prefix();
     loop {
         let batch = tokio::select! {
             batch = events.next() => batch,
@@ -307,14 +415,20 @@ async fn follow_once(
         };
         for event in &batch {
             let relevant = event.kv.key.starts_with(&graph)
-                || matches!(ns.parse(&event.kv.key), Ok(KeyKind::Owner(_)))
-                    && event.kv.key.starts_with(&owners);
-            if !relevant {
-                continue;
+                || matches!(
+                    ns.parse(&event.kv.key),
+                    Ok(KeyKind::Owner(_) | KeyKind::Node(_))
+                ) && (event.kv.key.starts_with(&owners) || event.kv.key.starts_with(&nodes));
+            if relevant {
+                if let Some(change) = view.apply(&event.kv, event.kind == EventKind::Delete) {
+                    let _ = view.events.send(change);
+                }
             }
-            if let Some(change) = view.apply(&event.kv, event.kind == EventKind::Delete) {
-                let _ = view.events.send(change);
-            }
+            // Only once it is applied: a primary takes a backup's record
+            // missing from the view as deleted once the view is past the
+            // revision that wrote it.
+            view.revision
+                .fetch_max(event.kv.mod_revision, Ordering::AcqRel);
         }
     }
     Err(GraphError::Transport("the namespace's watch ended".into()))

@@ -33,6 +33,7 @@ async fn the_star_checks_every_epoch_through_kills_of_master_and_worker() {
         tasks: 6,
         group: GroupName::new("graph").unwrap(),
         properties: json!({ "epochs": 30 }),
+        backups: 0,
     };
     jobs.start(&job, &spec).await.unwrap();
     let (master, worker) = (graph_task_id(&job, 0), graph_task_id(&job, 3));

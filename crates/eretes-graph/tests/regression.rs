@@ -97,3 +97,20 @@ async fn on_etcd_with_kills_at_epoch_one_and_at_random() {
     .await;
     assert!(report.passed(), "{report:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_a_backup_per_task_the_roots_backup_takes_over_at_epoch_two() {
+    let report = regression(RegressionOptions {
+        kill_at_epoch: Some(2),
+        backups: 1,
+        ..RegressionOptions::default()
+    })
+    .await;
+    assert!(report.passed(), "{report:?}");
+    assert_eq!(report.kills, 1);
+    // The killed node ran the root at least, and each of its tasks had a
+    // backup elsewhere (four nodes, one backup each).
+    assert!(report.primary_takeovers >= 1, "{report:?}");
+    assert_eq!(report.cold_restarts, 0, "{report:?}");
+    assert!(report.primary_takeover_ms.is_some(), "{report:?}");
+}

@@ -1019,6 +1019,7 @@ impl MainLoop {
                         self.deferred.insert(group.clone(), id);
                         break;
                     }
+                    ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
                 }
             }
             if !batch.is_empty() {

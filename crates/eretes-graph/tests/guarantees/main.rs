@@ -13,6 +13,7 @@
 //! epoch, an answer sent after its epoch ended, `neighbour_restarted` for a
 //! neighbour's first run); they hold since the fixes.
 
+mod backups;
 mod data;
 mod epochs;
 mod input;

@@ -339,7 +339,7 @@ async fn mutual(stall: bool) -> (Duration, Vec<(u32, String)>) {
         inner.clone(),
         config,
         graph.handler(),
-        Box::new(FairBalancer::default()),
+        graph.balancer(Box::new(FairBalancer::default())),
     )
     .await
     .unwrap();

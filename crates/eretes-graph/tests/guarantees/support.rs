@@ -146,7 +146,7 @@ impl Cluster {
             store,
             config,
             graph.handler(),
-            Box::new(FairBalancer::default()),
+            graph.balancer(Box::new(FairBalancer::default())),
         )
         .await
         .unwrap();
@@ -235,6 +235,7 @@ pub(crate) fn spec(kind: &str, tasks: u32) -> JobSpec {
         tasks,
         group: GroupName::new("graph").unwrap(),
         properties: serde_json::Value::Null,
+        backups: 0,
     }
 }
 

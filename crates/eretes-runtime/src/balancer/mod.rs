@@ -127,6 +127,10 @@ pub enum ClaimDecision {
     /// Do not claim it; ask again after this long (the task goes on the
     /// runtime's ignore list until then).
     RetryAfter(Duration),
+    /// Not this task for now (ask again after this long), but go on with
+    /// the group's others: for a decision about one task, not the group
+    /// (e.g. a task that another node should take over first).
+    Skip(Duration),
 }
 
 /// A claim and release policy. Called only from the node's main loop, never

@@ -105,7 +105,7 @@ async fn one_slot_node(
         store.clone(),
         config,
         graph.handler(),
-        Box::new(FairBalancer::default()),
+        graph.balancer(Box::new(FairBalancer::default())),
     )
     .await?;
     graph.publish_address(node.status());
@@ -154,6 +154,7 @@ pub(super) async fn data(args: &BenchArgs) -> Result<serde_json::Value> {
         tasks: 2,
         group: GroupName::new("graph")?,
         properties: json!(null),
+        backups: 0,
     };
     nodes[0]
         .1

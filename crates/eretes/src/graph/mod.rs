@@ -47,8 +47,9 @@ pub struct RegressionArgs {
     /// Nodes running at a time (a killed node is replaced).
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
     nodes: u16,
-    /// Hot standbys per task (not built yet: only 0 is accepted).
-    #[arg(long, default_value_t = 0)]
+    /// Hot standbys per task (0-3): a backup of a lost task takes over
+    /// with its state, instead of a cold restart.
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=3))]
     backups: u32,
     /// At each new job epoch, kill each task's node with this probability.
     #[arg(long, default_value_t = 0.0, conflicts_with = "kill_every")]
@@ -86,9 +87,6 @@ pub async fn run(args: GraphArgs) -> Result<i32> {
 }
 
 async fn regression(args: RegressionArgs) -> Result<i32> {
-    if args.backups > 0 {
-        bail!("--backups: hot standbys are not built yet; run with --backups 0");
-    }
     let etcd = match (&args.store.etcd, args.processes) {
         (None, true) => bail!("--processes needs --etcd: node processes share one store"),
         (Some(_), true)
@@ -117,6 +115,7 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         kill_every: args.kill_every,
         kill_at_epoch: args.kill_at_epoch,
         lease_ttl: args.lease_ttl,
+        backups: args.backups,
         timeout: args.timeout,
     };
     let report = match etcd.filter(|_| args.processes) {
@@ -150,6 +149,16 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         report.stale_answers_dropped,
         report.elapsed_ms
     );
+    if report.backups > 0 {
+        let ms = |median: Option<u64>| median.map_or("-".to_string(), |ms| format!("{ms} ms"));
+        println!(
+            "failovers after kills: {} by a backup (median {} from the kill), {} cold (median {})",
+            report.primary_takeovers,
+            ms(report.primary_takeover_ms),
+            report.cold_restarts,
+            ms(report.cold_restart_ms)
+        );
+    }
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     }

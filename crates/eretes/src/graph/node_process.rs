@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use eretes_graph::driver::{regression_kinds, regression_node_config, GraphCounters};
+use eretes_graph::driver::{regression_kinds, regression_node_config, NodeReport};
 use eretes_graph::regression::Regression;
 use eretes_graph::GraphNode;
 use eretes_protocol::{Coordinator, Namespace, NodeName};
@@ -66,7 +66,7 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
         store,
         config,
         graph.handler(),
-        Box::new(FairBalancer::default()),
+        graph.balancer(Box::new(FairBalancer::default())),
     )
     .await
     .with_context(|| format!("starting node {name}"))?;
@@ -74,19 +74,19 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tick.tick() => write_stats(&args.stats_file, GraphCounters::of(&graph))?,
+            _ = tick.tick() => write_stats(&args.stats_file, NodeReport::of(&graph))?,
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
     }
     node.shutdown().await;
     graph.stop();
-    write_stats(&args.stats_file, GraphCounters::of(&graph))
+    write_stats(&args.stats_file, NodeReport::of(&graph))
 }
 
-fn write_stats(path: &Path, counters: GraphCounters) -> Result<()> {
+fn write_stats(path: &Path, report: NodeReport) -> Result<()> {
     let temporary = path.with_extension("tmp");
-    std::fs::write(&temporary, serde_json::to_vec(&counters)?)
+    std::fs::write(&temporary, serde_json::to_vec(&report)?)
         .and_then(|()| std::fs::rename(&temporary, path))
         .with_context(|| format!("writing {}", path.display()))
 }

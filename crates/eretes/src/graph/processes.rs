@@ -7,8 +7,9 @@ use std::process::Stdio;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use eretes_graph::driver::{Fleet, GraphCounters};
+use eretes_graph::driver::{Fleet, GraphCounters, NodeReport};
 use eretes_graph::GraphError;
+use eretes_graph::RunStart;
 use eretes_protocol::NodeName;
 use tokio::process::{Child, Command};
 
@@ -44,6 +45,19 @@ impl ProcessFleet {
 
     fn stats_file(&self, name: &NodeName) -> PathBuf {
         self.dir.as_path().join(format!("{name}.json"))
+    }
+
+    /// What each node process wrote last (the files of killed ones stay).
+    fn reports(&self) -> Vec<NodeReport> {
+        let Ok(entries) = std::fs::read_dir(self.dir.as_path()) else {
+            return Vec::new();
+        };
+        entries
+            .flatten()
+            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
+            .filter_map(|entry| std::fs::read(entry.path()).ok())
+            .filter_map(|bytes| serde_json::from_slice::<NodeReport>(&bytes).ok())
+            .collect()
     }
 }
 
@@ -102,15 +116,17 @@ impl Fleet for ProcessFleet {
     }
 
     fn counters(&self) -> GraphCounters {
-        let Ok(entries) = std::fs::read_dir(self.dir.as_path()) else {
-            return GraphCounters::default();
-        };
-        entries
-            .flatten()
-            .filter(|entry| entry.path().extension().is_some_and(|e| e == "json"))
-            .filter_map(|entry| std::fs::read(entry.path()).ok())
-            .filter_map(|bytes| serde_json::from_slice::<GraphCounters>(&bytes).ok())
+        self.reports()
+            .into_iter()
+            .map(|report| report.counters)
             .fold(GraphCounters::default(), GraphCounters::plus)
+    }
+
+    fn run_starts(&self) -> Vec<RunStart> {
+        self.reports()
+            .into_iter()
+            .flat_map(|report| report.run_starts)
+            .collect()
     }
 
     async fn stop(&mut self) {
