@@ -154,11 +154,12 @@ pub(crate) async fn dispatch(node: Weak<NodeShared>, mut events: broadcast::Rece
                     }
                 }
             }
-            GraphEvent::Backup(id, holder, None, revision) if holder == node.name => {
-                node.backup_record_deleted(&id, revision);
+            GraphEvent::Backup(id, holder, record, revision) if holder == node.name => {
+                node.backup_record_changed(&id, record, revision);
             }
             GraphEvent::Backup(..) => {}
             GraphEvent::Resync => {
+                node.reconcile_backups();
                 // Events may have been absorbed by the re-read: move every
                 // run's epoch scope to what the view says now, at once, as
                 // an epoch event would have.

@@ -17,7 +17,9 @@ use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::backup::{keep_backups, BackupBalancer, Replicas, Start, UpdateLog};
+use crate::backup::{
+    end_backups, keep_backups, place_backups, BackupBalancer, Replicas, Start, UpdateLog,
+};
 use crate::dispatch::{dispatch, Listener, RunEvent};
 use crate::handle::{EpochScope, RunShared, TaskHandle};
 use crate::ids::{graph_task_id, parse_graph_task_id, JobEpoch, JobName};
@@ -332,7 +334,10 @@ async fn run_task(
     let start = if spec.backups > 0 {
         node.begin_primary(&job, index, &ctx.id, ctx.epoch).await?
     } else {
-        Start { promoted: None }
+        Start {
+            promoted: None,
+            handed_over: None,
+        }
     };
     // Listen before reading the view, so that nothing falls between.
     let (queue, mut queued) = mpsc::unbounded_channel();
@@ -379,10 +384,25 @@ async fn run_task(
     listening.run_is(&run);
     // Ends the run however `drive` ends: returned, panicked, or dropped.
     let _ended = RunEnded(run.clone());
-    let outcome = drive(node, &run, ctx, start.promoted.is_some(), &mut queued).await;
+    let begin = match (start.promoted.is_some(), start.handed_over) {
+        (true, _) => Begin::Promoted,
+        (false, Some(state)) => Begin::HandedOver(state),
+        (false, None) => Begin::Cold,
+    };
+    let outcome = drive(node, &run, ctx, begin, &mut queued).await;
     drop(listening);
     debug!(task = %ctx.id, claim_epoch = ctx.epoch, outcome = ?outcome.as_ref().map(|_| ()), "graph run ends");
     outcome
+}
+
+/// How a run's task instance comes up.
+enum Begin {
+    /// It is this node's backup of the task, which becomes the primary.
+    Promoted,
+    /// Another node's backup handed this state over.
+    HandedOver(Vec<u8>),
+    /// From scratch (`init`, with the checkpoint).
+    Cold,
 }
 
 /// Ends a run when dropped: its work is cancelled and it leaves the node's
@@ -412,7 +432,7 @@ async fn drive(
     node: &Arc<NodeShared>,
     run: &Arc<RunShared>,
     ctx: &TaskContext,
-    promoted: bool,
+    begin: Begin,
     queued: &mut mpsc::UnboundedReceiver<RunEvent>,
 ) -> Result<HandlerOutcome, GraphError> {
     let handle = TaskHandle {
@@ -422,13 +442,22 @@ async fn drive(
     let task = run.task.clone();
     let cancelled = ctx.cancel.clone();
     let step = async {
+        let promoted = !matches!(begin, Begin::Cold);
+        match begin {
+            // This node's backup, current with the lost primary's log.
+            Begin::Promoted => task.became_primary(&handle).await,
+            // Another node's backup handed its state over.
+            Begin::HandedOver(state) => {
+                task.became_backup(state).await;
+                task.became_primary(&handle).await;
+            }
+            Begin::Cold => {
+                let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
+                task.init(&handle, checkpoint).await;
+            }
+        }
         if promoted {
-            // A backup, current with the lost primary's log: no cold start.
-            task.became_primary(&handle).await;
             node.stats.takeovers.fetch_add(1, Ordering::Relaxed);
-        } else {
-            let checkpoint = node.jobs.coordinator().checkpoint(&run.id).await?;
-            task.init(&handle, checkpoint).await;
         }
         node.stats.started(&run.id, promoted);
         // Data requests for this task are answered from here on (before,
@@ -438,17 +467,22 @@ async fn drive(
             .expect("not poisoned")
             .insert(run.id.clone(), run.clone());
         if run.spec.backups > 0 && !run.scope.borrow().shutdown {
+            // Backed up before the task is told anything (and so before it
+            // updates much): a takeover right after this one finds them.
+            if let Err(error) = place_backups(run).await {
+                debug!(%error, task = %run.id, "backups not complete yet");
+            }
             tokio::spawn(keep_backups(run.clone()));
         }
         if run.scope.borrow().shutdown {
             // The job ended before this run began (its last run died before
             // it could end the task): report what the task had saved.
-            return Ok(exit(&handle, &task).await);
+            return Ok(exit(run, &handle, &task).await);
         }
         let mut state = Delivery::default();
         let first = run.scope.borrow().epoch;
         if enter(run, &handle, &task, &mut state, first, CatchUp::FromView).await {
-            return Ok(exit(&handle, &task).await);
+            return Ok(exit(run, &handle, &task).await);
         }
         while let Some(event) = queued.recv().await {
             match event {
@@ -459,7 +493,7 @@ async fn drive(
                     if enter(run, &handle, &task, &mut state, epoch, CatchUp::FromQueue).await
                         || shutdown
                     {
-                        return Ok(exit(&handle, &task).await);
+                        return Ok(exit(run, &handle, &task).await);
                     }
                 }
                 RunEvent::Meta(from, link, meta) => {
@@ -483,7 +517,7 @@ async fn drive(
                         .await
                             || record.shutdown
                         {
-                            return Ok(exit(&handle, &task).await);
+                            return Ok(exit(run, &handle, &task).await);
                         }
                     }
                     deliver_current(node, run, &handle, &task, &mut state).await;
@@ -561,7 +595,10 @@ enum CatchUp {
 }
 
 /// The job shut down: the task's `exit`, and its result.
-async fn exit(handle: &TaskHandle, task: &Arc<dyn GraphTask>) -> HandlerOutcome {
+async fn exit(run: &RunShared, handle: &TaskHandle, task: &Arc<dyn GraphTask>) -> HandlerOutcome {
+    if run.spec.backups > 0 {
+        end_backups(run).await;
+    }
     task.exit(handle).await;
     HandlerOutcome::Done(task.result(handle).await)
 }

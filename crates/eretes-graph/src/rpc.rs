@@ -20,7 +20,8 @@ use crate::node::NodeShared;
 use crate::proto::graph_client::GraphClient;
 use crate::proto::graph_server::{Graph, GraphServer};
 use crate::proto::{
-    data_reply, BackupReply, BackupRequest, DataReply, DataRequest, Refusal, UpdateRequest,
+    data_reply, BackupReply, BackupRequest, DataReply, DataRequest, HandoverReply, HandoverRequest,
+    Refusal, UpdateRequest,
 };
 
 /// Longest one attempt of a data request waits for its answer; then the
@@ -110,6 +111,16 @@ impl Graph for Service {
             return Err(Status::unavailable("the node is stopping"));
         };
         Ok(Response::new(node.apply_entry(request.into_inner()).await))
+    }
+
+    async fn handover(
+        &self,
+        request: Request<HandoverRequest>,
+    ) -> Result<Response<HandoverReply>, Status> {
+        let Some(node) = self.node.upgrade() else {
+            return Err(Status::unavailable("the node is stopping"));
+        };
+        Ok(Response::new(node.hand_over(request.into_inner()).await))
     }
 }
 

@@ -119,6 +119,11 @@ impl GraphView {
         self.events.subscribe()
     }
 
+    /// Whether the view has been read once.
+    pub fn is_loaded(&self) -> bool {
+        *self.loaded.borrow()
+    }
+
     /// Wait until the view has been read once.
     pub async fn loaded(&self) {
         let _ = self.loaded.subscribe().wait_for(|&loaded| loaded).await;

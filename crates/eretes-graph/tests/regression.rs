@@ -99,9 +99,12 @@ async fn on_etcd_with_kills_at_epoch_one_and_at_random() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn with_a_backup_per_task_the_roots_backup_takes_over_at_epoch_two() {
+async fn with_a_backup_per_task_the_roots_backup_takes_over() {
+    // Killed at epoch 100 of 150: epochs take a few milliseconds, and the
+    // backups should all be up by then.
     let report = regression(RegressionOptions {
-        kill_at_epoch: Some(2),
+        epochs: 150,
+        kill_at_epoch: Some(100),
         backups: 1,
         ..RegressionOptions::default()
     })

@@ -59,6 +59,28 @@ fn node_processes_killed_with_sigkill_lose_nothing() {
     assert_passed(&report, 15);
     assert!(report["kills"].as_u64().unwrap() >= 1, "{report}");
     assert!(report["failovers"].as_u64().unwrap() >= 1, "{report}");
+    // With a backup per task (held by other processes), the root's node
+    // killed late enough that every backup is up: its tasks are taken over
+    // by their backups, not restarted cold.
+    let (code, report) = regression(&[
+        "--processes",
+        "--etcd",
+        &etcd,
+        "--backups",
+        "1",
+        "--epochs",
+        "60",
+        "--kill-at-epoch",
+        "40",
+    ]);
+    assert_eq!(code, Some(0), "{report}");
+    assert_passed(&report, 15);
+    assert_eq!(report["kills"], 1, "{report}");
+    assert!(
+        report["primary_takeovers"].as_u64().unwrap() >= 1,
+        "{report}"
+    );
+    assert_eq!(report["cold_restarts"], 0, "{report}");
     // Every node process is gone: the killed ones and the drained ones.
     let left = Command::new("pgrep")
         .args(["-f", "graph node --namespace graph-regression"])
@@ -76,7 +98,7 @@ fn bad_arguments_are_refused_by_name() {
     for (args, expected) in [
         (&["--processes"][..], "--processes needs --etcd"),
         (&["--kill-rate", "2"][..], "--kill-rate 2"),
-        (&["--backups", "1"][..], "--backups"),
+        (&["--backups", "4"][..], "--backups"),
         (&["--tasks", "0"][..], "--tasks"),
         (&["--lease-ttl", "10ms"][..], "--lease-ttl"),
         (&["--kill-every", "soon"][..], "--kill-every"),

@@ -14,6 +14,7 @@
 //! neighbour's first run); they hold since the fixes.
 
 mod backups;
+mod backups_review;
 mod data;
 mod epochs;
 mod input;

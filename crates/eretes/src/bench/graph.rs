@@ -3,12 +3,15 @@
 //! - `graph-data`: data requests per second from a task on one node to a
 //!   task on another, over the pooled connection and, in the same run, with
 //!   a new connection per request;
-//!   Then its node is killed and a request is timed until the task's next
-//!   run on a spare node answers (a cold failover: no hot standbys yet);
+//! - `graph-failover`: a task's node killed, until its peer's data request
+//!   is answered by the task's next run: taken over by its backup (a job
+//!   with one backup per task) and restarted cold from its checkpoint (no
+//!   backups), in alternating rounds of one run;
 //! - `graph-epochs`: milliseconds per job epoch of the regression at 15 and
 //!   127 tasks (no kills).
 
 use std::collections::HashMap;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -48,6 +51,9 @@ struct PingKind {
 
 struct PingTask {
     handle: Option<Arc<Mutex<Option<TaskHandle>>>>,
+    /// What a failover must bring back: from the checkpoint (cold) or
+    /// held by the backup.
+    state: Mutex<Vec<u8>>,
 }
 
 impl JobKind for PingKind {
@@ -57,16 +63,33 @@ impl JobKind for PingKind {
     fn build(&self, _job: &JobSpec, index: u32) -> Arc<dyn GraphTask> {
         Arc::new(PingTask {
             handle: (index == 0).then(|| self.handle.clone()),
+            state: Mutex::new(Vec::new()),
         })
     }
 }
 
 #[async_trait]
 impl GraphTask for PingTask {
-    async fn init(&self, task: &TaskHandle, _checkpoint: Option<Vec<u8>>) {
+    async fn init(&self, task: &TaskHandle, checkpoint: Option<Vec<u8>>) {
         if let Some(slot) = &self.handle {
             *slot.lock().expect("not poisoned") = Some(task.clone());
         }
+        let state = match checkpoint {
+            Some(saved) => saved,
+            None => {
+                let fresh = vec![7u8; STATE_BYTES];
+                // A store failure leaves the next run to start afresh.
+                let _ = task.checkpoint(&fresh).await;
+                fresh
+            }
+        };
+        *self.state.lock().expect("not poisoned") = state;
+    }
+    async fn backup_state(&self) -> Vec<u8> {
+        self.state.lock().expect("not poisoned").clone()
+    }
+    async fn became_backup(&self, state: Vec<u8>) {
+        *self.state.lock().expect("not poisoned") = state;
     }
     async fn serve_data(
         &self,
@@ -198,30 +221,132 @@ pub(super) async fn data(args: &BenchArgs) -> Result<serde_json::Value> {
         report[format!("pooled_per_s_c{concurrency}")] = json!(pooled);
         report[format!("unpooled_per_s_c{concurrency}")] = json!(unpooled);
     }
-    // Cold failover as a peer sees it: kill the node of the task that does
-    // not request, and time until a request is answered by its next run on
-    // a spare node.
-    let (_spare, _spare_graph) = one_slot_node(&store, &ns, "c", kinds_for_spare(&slot)).await?;
-    nodes[serving].0.kill();
-    nodes[serving].1.stop();
-    let killed = Instant::now();
-    handle.data_request(1, "echo", vec![1]).await?;
-    let failover_ms = killed.elapsed().as_secs_f64() * 1000.0;
-    println!("a task's node killed: answered again after {failover_ms:.0} ms (lease TTL {FAILOVER_TTL:?}, no standby)");
-    report["cold_failover_ms"] = json!(failover_ms);
-    report["lease_ttl_ms"] = json!(FAILOVER_TTL.as_millis() as u64);
     Ok(report)
 }
 
-/// The job kinds of the spare node (task 0 stays where it is).
-fn kinds_for_spare(slot: &Arc<Mutex<Option<TaskHandle>>>) -> HashMap<String, Arc<dyn JobKind>> {
-    [(
+/// The state of the failover benchmark's served task: what a cold restart
+/// reads back from its checkpoint, and a backup holds already.
+const STATE_BYTES: usize = 64 * 1024;
+
+/// Rounds of each kind in `graph-failover`.
+const FAILOVER_ROUNDS: usize = 5;
+
+/// A task's failover as its peer sees it, with a backup and cold, in
+/// alternating rounds: medians, and their ratio.
+pub(super) async fn failover(_args: &BenchArgs) -> Result<serde_json::Value> {
+    let mut times: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
+    for round in 0..FAILOVER_ROUNDS * 2 {
+        let backups = (round % 2) as u32;
+        let (ms, promoted) = failover_round(backups).await?;
+        if promoted != (backups > 0) {
+            bail!("round {round}: a backup took over: {promoted}, with {backups} backups");
+        }
+        println!(
+            "round {round}: {} answered again after {ms:.0} ms",
+            if promoted {
+                "taken over by its backup,"
+            } else {
+                "restarted cold,"
+            }
+        );
+        times[backups as usize].push(ms);
+    }
+    let median = |mut values: Vec<f64>| {
+        values.sort_by(f64::total_cmp);
+        values[values.len() / 2]
+    };
+    let [cold, standby] = times.clone().map(median);
+    println!(
+        "median: with a backup {standby:.0} ms, cold {cold:.0} ms ({:.2}×; lease TTL {FAILOVER_TTL:?})",
+        standby / cold
+    );
+    Ok(json!({
+        "scenario": "graph-failover",
+        "lease_ttl_ms": FAILOVER_TTL.as_millis() as u64,
+        "state_bytes": STATE_BYTES,
+        "rounds": FAILOVER_ROUNDS,
+        "standby_ms": times[1],
+        "cold_ms": times[0],
+        "standby_median_ms": standby,
+        "cold_median_ms": cold,
+        "standby_over_cold": standby / cold,
+    }))
+}
+
+/// One round: three one-slot nodes, a pair of tasks; kill the node of the
+/// task that serves, time until it answers again. (ms, whether a backup
+/// took over.)
+async fn failover_round(backups: u32) -> Result<(f64, bool)> {
+    let store: Arc<dyn Store> = EmbeddedStore::new();
+    let ns = Namespace::new("bench-failover")?;
+    let slot = Arc::new(Mutex::new(None));
+    let kinds: HashMap<String, Arc<dyn JobKind>> = [(
         "ping".to_string(),
         Arc::new(PingKind {
             handle: slot.clone(),
         }) as Arc<dyn JobKind>,
     )]
-    .into()
+    .into();
+    let mut nodes = Vec::new();
+    for name in ["a", "b", "c"] {
+        nodes.push(one_slot_node(&store, &ns, name, kinds.clone()).await?);
+    }
+    let spec = JobSpec {
+        kind: "ping".into(),
+        tasks: 2,
+        group: GroupName::new("graph")?,
+        properties: json!(null),
+        backups,
+    };
+    nodes[0]
+        .1
+        .jobs()
+        .start(&JobName::new("ping")?, &spec)
+        .await?;
+    let runs = |task: &str| {
+        nodes
+            .iter()
+            .position(|(_, graph)| graph.runs().iter().any(|(id, _)| id.as_str() == task))
+    };
+    let backed_up = || {
+        let taken: u64 = nodes
+            .iter()
+            .map(|(_, graph)| graph.stats().backups_taken.load(Ordering::Relaxed))
+            .sum();
+        taken >= u64::from(backups) * 2
+    };
+    wait_until("both tasks run, backed up", || {
+        slot.lock().expect("not poisoned").is_some()
+            && runs("ping.0").is_some()
+            && runs("ping.1").is_some()
+            && backed_up()
+    })
+    .await?;
+    let handle = slot
+        .lock()
+        .expect("not poisoned")
+        .clone()
+        .context("task 0's handle")?;
+    handle.data_request(1, "echo", vec![1]).await?;
+    let serving = runs("ping.1").context("task 1 runs")?;
+    let takeovers = |nodes: &[(NodeHandle, GraphNode)]| -> u64 {
+        nodes
+            .iter()
+            .map(|(_, graph)| graph.stats().takeovers.load(Ordering::Relaxed))
+            .sum()
+    };
+    let before = takeovers(&nodes);
+    nodes[serving].0.kill();
+    nodes[serving].1.stop();
+    let killed = Instant::now();
+    handle.data_request(1, "echo", vec![1]).await?;
+    let ms = killed.elapsed().as_secs_f64() * 1000.0;
+    let promoted = takeovers(&nodes) > before;
+    for (node, graph) in nodes {
+        node.kill();
+        graph.stop();
+    }
+    Ok((ms, promoted))
 }
 
 /// Milliseconds per job epoch of the regression at 15 and 127 tasks.

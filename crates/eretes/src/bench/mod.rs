@@ -46,9 +46,12 @@ enum Scenario {
     /// of the whole namespace in the same run.
     List,
     /// Task graphs: data requests per second between two nodes, pooled and
-    /// with a connection per request, and a task's cold failover as its
-    /// peer sees it (`--tasks` is the number of requests, default 20,000).
+    /// with a connection per request (`--tasks` is the number of requests,
+    /// default 20,000).
     GraphData,
+    /// Task graphs: a task's failover as its peer sees it, taken over by a
+    /// backup and restarted cold, five alternating rounds of each.
+    GraphFailover,
     /// Task graphs: milliseconds per job epoch of the regression at 15 and
     /// 127 tasks (`--tasks` is the number of epochs, default 50).
     GraphEpochs,
@@ -96,6 +99,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             | Scenario::Agent
             | Scenario::List
             | Scenario::GraphData
+            | Scenario::GraphFailover
             | Scenario::GraphEpochs
     );
     if embedded_only && args.store.is_etcd() {
@@ -112,6 +116,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Agent => agent::agent(&args).await?,
         Scenario::List => list::list(&args).await?,
         Scenario::GraphData => graph::data(&args).await?,
+        Scenario::GraphFailover => graph::failover(&args).await?,
         Scenario::GraphEpochs => graph::epochs(&args).await?,
         Scenario::Claim | Scenario::Failover | Scenario::Steady => {
             in_process::on_any_store(&args).await?

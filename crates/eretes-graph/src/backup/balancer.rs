@@ -1,0 +1,118 @@
+//! [`BackupBalancer`]: a lost primary's task goes to the node holding its
+//! backup first.
+
+use std::collections::HashMap;
+use std::sync::Weak;
+use std::time::Duration;
+
+use eretes_protocol::{GroupName, TaskId};
+use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView};
+use tokio::time::Instant;
+
+use super::TAKEOVER_GRACE;
+use crate::ids::parse_graph_task_id;
+use crate::node::NodeShared;
+
+/// A balancer that lets a lost primary's task go to the node holding its
+/// backup: that node claims it at once; other nodes leave it for
+/// [`TAKEOVER_GRACE`] while a live node holds a backup of it (then claim it,
+/// and ask a backup for its state). Everything else is the wrapped
+/// balancer's decision.
+pub struct BackupBalancer {
+    inner: Box<dyn Balancer>,
+    node: Weak<NodeShared>,
+    /// When this node first left each task to a backup, in the current
+    /// failover of that task.
+    leaving: HashMap<TaskId, Instant>,
+}
+
+impl BackupBalancer {
+    pub(crate) fn new(inner: Box<dyn Balancer>, node: Weak<NodeShared>) -> BackupBalancer {
+        BackupBalancer {
+            inner,
+            node,
+            leaving: HashMap::new(),
+        }
+    }
+
+    /// How long this node should still leave `task` to another node's
+    /// backup (zero: not at all).
+    fn leave_for(&mut self, task: &TaskId) -> Duration {
+        let now = Instant::now();
+        // An entry older than this is from an earlier failover of the task
+        // (its backup's node took it over, and this node never looked at it
+        // again): this is a new one.
+        let episode = TAKEOVER_GRACE * 2;
+        if self.leaving.len() > 10_000 {
+            self.leaving.retain(|_, since| now - *since < episode);
+        }
+        let since = self.leaving.entry(task.clone()).or_insert(now);
+        if now - *since > episode {
+            *since = now;
+        }
+        TAKEOVER_GRACE.saturating_sub(now - *since)
+    }
+}
+
+impl Balancer for BackupBalancer {
+    fn can_claim(&mut self, task: &TaskId, group: &GroupName, view: &ClusterView) -> ClaimDecision {
+        let Some(node) = self.node.upgrade() else {
+            return self.inner.can_claim(task, group, view);
+        };
+        if parse_graph_task_id(task).is_none() {
+            return self.inner.can_claim(task, group, view);
+        }
+        if !node.view.is_loaded() {
+            // Backups are not known yet: claiming now could race one.
+            return ClaimDecision::Skip(Duration::from_millis(100));
+        }
+        let records = node.view.backups(task);
+        if records.contains_key(&node.name) && node.replica(task).is_some() {
+            self.leaving.remove(task);
+            return ClaimDecision::Claim;
+        }
+        let held_elsewhere = records
+            .keys()
+            .any(|holder| *holder != node.name && node.view.address(holder).is_some());
+        if held_elsewhere {
+            let left = self.leave_for(task);
+            if !left.is_zero() {
+                return ClaimDecision::Skip(left);
+            }
+        }
+        self.leaving.remove(task);
+        self.inner.can_claim(task, group, view)
+    }
+
+    fn balance(&mut self, view: &ClusterView) -> Vec<TaskId> {
+        self.inner.balance(view)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eretes_runtime::balancer::DumbBalancer;
+
+    #[tokio::test(start_paused = true)]
+    async fn each_failover_of_a_task_gets_the_whole_grace() {
+        let mut balancer = BackupBalancer::new(Box::new(DumbBalancer), Weak::new());
+        let task = TaskId::new("job.0").unwrap();
+        assert_eq!(balancer.leave_for(&task), TAKEOVER_GRACE);
+        tokio::time::advance(Duration::from_secs(1)).await;
+        assert_eq!(
+            balancer.leave_for(&task),
+            TAKEOVER_GRACE - Duration::from_secs(1)
+        );
+        tokio::time::advance(TAKEOVER_GRACE).await;
+        assert_eq!(
+            balancer.leave_for(&task),
+            Duration::ZERO,
+            "the grace is over"
+        );
+        // The backup's node took it over; much later the task fails over
+        // again: a new grace, not the old one's end.
+        tokio::time::advance(Duration::from_secs(60)).await;
+        assert_eq!(balancer.leave_for(&task), TAKEOVER_GRACE);
+    }
+}
