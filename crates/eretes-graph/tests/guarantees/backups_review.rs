@@ -1,6 +1,8 @@
 //! Primary/backup hot standby, probed adversarially (review of the backup
-//! feature). Each test states the promise it checks; they fail on the code
-//! as reviewed.
+//! feature). Each test states the promise it checks; each failed on the
+//! code as first reviewed, and holds since the fixes (the primary writes
+//! backup records itself, handovers, the grace counted per failover,
+//! bounded transfers).
 //!
 //! * A backup on a node with no free slot never takes over: after
 //!   `TAKEOVER_GRACE` another node claims the task cold and every

@@ -19,17 +19,17 @@ use anyhow::{bail, Context, Result};
 use async_trait::async_trait;
 use eretes_graph::driver::{run_regression, RegressionOptions};
 use eretes_graph::{
-    GraphNode, GraphTask, JobEpoch, JobKind, JobName, JobSpec, TaskHandle, Topology,
+    GraphKeys, GraphNode, GraphTask, JobEpoch, JobKind, JobName, JobSpec, TaskHandle, Topology,
 };
 use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
 use eretes_runtime::balancer::FairBalancer;
 use eretes_runtime::{Node, NodeConfig, NodeHandle};
 use eretes_store::embedded::EmbeddedStore;
-use eretes_store::Store;
+use eretes_store::{GetRequest, KeyRange, Store};
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{wait_until, BenchArgs};
+use super::{wait_until, wait_until_async, BenchArgs};
 
 /// Two tasks, each the other's peer.
 struct Pair;
@@ -308,18 +308,22 @@ async fn failover_round(backups: u32) -> Result<(f64, bool)> {
             .iter()
             .position(|(_, graph)| graph.runs().iter().any(|(id, _)| id.as_str() == task))
     };
-    let backed_up = || {
-        let taken: u64 = nodes
-            .iter()
-            .map(|(_, graph)| graph.stats().backups_taken.load(Ordering::Relaxed))
-            .sum();
-        taken >= u64::from(backups) * 2
-    };
-    wait_until("both tasks run, backed up", || {
+    wait_until("both tasks run", || {
         slot.lock().expect("not poisoned").is_some()
             && runs("ping.0").is_some()
             && runs("ping.1").is_some()
-            && backed_up()
+    })
+    .await?;
+    // Backed up: the served task's backup is recorded (by its primary).
+    let job = JobName::new("ping")?;
+    let keys = GraphKeys::new(&ns);
+    wait_until_async("task 1 backed up", || {
+        let prefix = keys.backups_of(&job, 1);
+        let store = store.clone();
+        async move {
+            let records = store.get(GetRequest::new(KeyRange::prefix(prefix))).await;
+            records.is_ok_and(|records| records.kvs.len() >= backups as usize)
+        }
     })
     .await?;
     let handle = slot
