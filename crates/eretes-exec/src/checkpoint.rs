@@ -6,6 +6,10 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 use eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
+use tokio::time::Instant;
+
+use crate::checkpoint_watch::{CheckpointWatcher, Watched};
+use crate::CHECKPOINT_POLL;
 use eretes_runtime::Checkpointer;
 use tracing::{debug, warn};
 
@@ -21,6 +25,17 @@ pub(crate) struct CheckpointFile {
     seen: Option<(u64, SystemTime)>,
     /// The bytes the store holds (delivered at start, or saved since).
     saved: Option<Vec<u8>>,
+    /// The file's watch (`None`: it is polled).
+    watched: Option<Watched>,
+    /// When it was last looked at: looks (and so saves) are at least
+    /// [`CHECKPOINT_POLL`] apart.
+    looked_at: Option<Instant>,
+    /// The last save failed: look again after [`CHECKPOINT_POLL`] even
+    /// without a change.
+    retry: bool,
+    /// A change was seen and the look is due (once the last look is
+    /// [`CHECKPOINT_POLL`] old).
+    due: bool,
 }
 
 impl CheckpointFile {
@@ -35,6 +50,7 @@ impl CheckpointFile {
         name: &str,
         latest: Option<Vec<u8>>,
         owner: Option<(u32, u32)>,
+        watcher: &CheckpointWatcher,
     ) -> std::io::Result<Self> {
         tokio::fs::create_dir_all(root).await?;
         let private_dir = match owner {
@@ -73,12 +89,17 @@ impl CheckpointFile {
                 std::os::unix::fs::fchown(&file, Some(uid), Some(gid))?;
             }
         }
+        let watched = watcher.watch(&path);
         let mut file = CheckpointFile {
             path,
             private_dir,
             owner,
             seen: None,
             saved: latest,
+            watched,
+            looked_at: None,
+            retry: false,
+            due: false,
         };
         file.seen = file.stamp().await;
         Ok(file)
@@ -122,8 +143,31 @@ impl CheckpointFile {
         Ok(bytes)
     }
 
+    /// Resolves when the file should be looked at: the process may have
+    /// replaced it (its watch fired, or, unwatched, every
+    /// [`CHECKPOINT_POLL`]), or a failed save is due again; never sooner
+    /// than [`CHECKPOINT_POLL`] after the last look. Cancel-safe.
+    pub(crate) async fn changed(&mut self) {
+        if !self.due {
+            match &self.watched {
+                Some(watched) if !watched.broken() && !self.retry => {
+                    watched.changed.notified().await
+                }
+                _ => tokio::time::sleep(CHECKPOINT_POLL).await,
+            }
+            // Kept if this future is dropped while it waits below.
+            self.due = true;
+        }
+        if let Some(looked_at) = self.looked_at {
+            tokio::time::sleep_until(looked_at + CHECKPOINT_POLL).await;
+        }
+    }
+
     /// Save the file as the task's checkpoint if the process changed it.
     pub(crate) async fn sync(&mut self, task: &str, checkpointer: &Checkpointer) {
+        self.looked_at = Some(Instant::now());
+        self.retry = false;
+        self.due = false;
         let stamp = self.stamp().await;
         if stamp.is_none() || stamp == self.seen {
             return;
@@ -156,8 +200,9 @@ impl CheckpointFile {
                     _ => format!("no answer within {SAVE_TIMEOUT:?}"),
                 };
                 debug!(task, error, "the task's checkpoint was not saved");
-                // Look again next time: the store may be back.
+                // Look again soon: the store may be back.
                 self.seen = None;
+                self.retry = true;
             }
         }
     }

@@ -15,7 +15,7 @@
 //! process replaces the file (write `$ERETES_CHECKPOINT_FILE.tmp`, then rename
 //! it over the file, so a half-written checkpoint is never read), the agent
 //! saves it as the task's checkpoint with a fenced write, within
-//! [`CHECKPOINT_POLL`]; it looks once more after the process ends or is
+//! [`CHECKPOINT_POLL`] (the file is watched with inotify, not polled); it looks once more after the process ends or is
 //! stopped, so a process can save its progress on SIGTERM. The next run —
 //! here, or on another node after a release or a failover — starts with it.
 //! At most 256 KiB; a larger file is not saved (logged).
@@ -56,6 +56,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 mod checkpoint;
+mod checkpoint_watch;
 mod leftovers;
 mod output;
 mod process;
@@ -77,9 +78,11 @@ pub const AGENT_DIR_ENV: &str = "ERETES_AGENT_DIR";
 /// The environment variable that names a process task's checkpoint file.
 pub const CHECKPOINT_FILE_ENV: &str = "ERETES_CHECKPOINT_FILE";
 
-/// How often a running process's checkpoint file is looked at, which also
-/// bounds how often it is saved: every save is a store write that every
-/// node's watch of the namespace carries.
+/// The least time between two looks at a running process's checkpoint
+/// file, which bounds how often it is saved: every save is a store write
+/// that every node's watch of the namespace carries. The file is watched
+/// (inotify), so an unchanged file costs nothing; where it cannot be
+/// watched, it is looked at this often.
 pub const CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Which programs process tasks may run.

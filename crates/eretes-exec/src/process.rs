@@ -15,12 +15,13 @@ use tokio::time::Instant;
 use tracing::{info, warn};
 
 use crate::checkpoint::CheckpointFile;
+use crate::checkpoint_watch::CheckpointWatcher;
 use crate::leftovers::{self, RunMarker};
 use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
 use crate::supervisor::wire::{Cause, Launch, Report};
 use crate::supervisor::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
-use crate::{AllowList, ExecConfig, CHECKPOINT_FILE_ENV, CHECKPOINT_POLL};
+use crate::{AllowList, ExecConfig, CHECKPOINT_FILE_ENV};
 
 /// Runs each task's [`ProcessSpec`] as a child process, as the work of a
 /// task state machine (wrap it in [`eretes_runtime::StateMachine`]).
@@ -52,6 +53,8 @@ pub struct ProcessHandler {
     gates: RunGates,
     /// The supervisor of the next run, started ahead.
     warm: WarmPool,
+    /// Wakes runs whose process replaced its checkpoint file.
+    watcher: CheckpointWatcher,
 }
 
 /// Errors of a process task count for this long (its attempts are counted
@@ -79,6 +82,7 @@ impl ProcessHandler {
             config,
             gates: RunGates::default(),
             warm: WarmPool::default(),
+            watcher: CheckpointWatcher::default(),
         })
     }
 }
@@ -134,7 +138,9 @@ impl StatefulHandler for ProcessHandler {
         let name = format!("{id}.{}", ctx.task.epoch);
         let root = self.config.checkpoints_dir();
         let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
-        let prepared = CheckpointFile::prepare(&root, &name, ctx.checkpoint.clone(), owner).await;
+        let prepared =
+            CheckpointFile::prepare(&root, &name, ctx.checkpoint.clone(), owner, &self.watcher)
+                .await;
         let mut checkpoint = match prepared {
             Ok(file) => file,
             Err(error) => {
@@ -328,8 +334,6 @@ impl ProcessHandler {
         let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
         let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);
         let stderr = Capture::start(stderr, logs.join("stderr.log"), cap, tail);
-        let mut poll = tokio::time::interval(CHECKPOINT_POLL);
-        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         // Deadlines and the stop reach the supervisor on their own (see
         // `LaunchPlan`); this loop saves checkpoints until the end, and
         // stops the attempt if it outlives its timeout.
@@ -346,7 +350,7 @@ impl ProcessHandler {
                     timed_out = true;
                     attempt_cancel.cancel();
                 }
-                _ = poll.tick() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
+                () = checkpoint.changed() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
             }
         };
         let end = supervised.finish(report).await;

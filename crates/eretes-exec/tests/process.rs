@@ -960,3 +960,30 @@ while true; do sleep 0.1; done"#;
     assert_eq!(result.result["stdout_tail"], "saved-on-term\n");
     agent.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_checkpoint_file_written_in_place_is_saved_while_the_process_idles() {
+    // Written in place (no rename), twice within the least time between two
+    // saves, then idle: the watch sees both writes, and the second is saved
+    // once that time has passed, with no poll to find it.
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    let script = r#"echo 1 > "$ERETES_CHECKPOINT_FILE"; sleep 0.3
+echo 2 > "$ERETES_CHECKPOINT_FILE"; exec sleep 600"#;
+    agent.submit_sh("idler", script, |_| {}).await;
+    for _ in 0..200 {
+        if agent.checkpoint("idler").await.as_deref().map(str::trim) == Some("2") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        agent.checkpoint("idler").await.as_deref().map(str::trim),
+        Some("2"),
+        "the last write was saved within 10 s"
+    );
+    assert_eq!(
+        agent.state("idler").await,
+        eretes_protocol::TaskState::Running,
+        "saved while the process runs, not at its end"
+    );
+}

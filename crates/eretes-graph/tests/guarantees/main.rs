@@ -15,6 +15,7 @@
 
 mod backups;
 mod backups_review;
+mod counter;
 mod data;
 mod epochs;
 mod input;

@@ -192,11 +192,7 @@ async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Re
     .await?;
     let mut pss: Vec<f64> = supervisors()
         .into_iter()
-        .filter_map(|pid| {
-            let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
-            let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
-            line.split_whitespace().nth(1)?.parse().ok()
-        })
+        .filter_map(|pid| Some(pss_kib(pid)? as f64))
         .collect();
     if pss.is_empty() {
         bail!("no supervisor's memory could be read");
@@ -205,7 +201,15 @@ async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Re
     Ok(pss[pss.len() / 2])
 }
 
-fn parent_of(pid: i32) -> Option<i32> {
+/// The proportional set size of `pid`, in KiB.
+pub(super) fn pss_kib(pid: i32) -> Option<u64> {
+    let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
+    line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The parent of process `pid`.
+pub(super) fn parent_of(pid: i32) -> Option<i32> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     stat[stat.rfind(')')? + 1..]
         .split_whitespace()

@@ -6,6 +6,7 @@
 
 mod agent;
 mod graph;
+mod idle;
 mod in_process;
 mod list;
 
@@ -41,6 +42,10 @@ enum Scenario {
     /// A real `eretes agent` on a fresh data directory: per-task overhead
     /// (submit → exit seen, for `true`) and API submit throughput.
     Agent,
+    /// A real `eretes agent` running N idle `sleep` tasks (default 2,000):
+    /// its CPU use, threads and memory per task, the supervisors' memory,
+    /// and the memory given back 30 s after the tasks are removed.
+    Idle,
     /// A real `eretes agent` whose store holds N pending tasks (default
     /// 100,000): the latency of a page of its task list, against one read
     /// of the whole namespace in the same run.
@@ -97,6 +102,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             | Scenario::Memory
             | Scenario::ClusterClaim
             | Scenario::Agent
+            | Scenario::Idle
             | Scenario::List
             | Scenario::GraphData
             | Scenario::GraphFailover
@@ -114,6 +120,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::Memory => in_process::memory(&args).await?,
         Scenario::ClusterClaim => in_process::cluster_claim(&args).await?,
         Scenario::Agent => agent::agent(&args).await?,
+        Scenario::Idle => idle::idle(&args).await?,
         Scenario::List => list::list(&args).await?,
         Scenario::GraphData => graph::data(&args).await?,
         Scenario::GraphFailover => graph::failover(&args).await?,

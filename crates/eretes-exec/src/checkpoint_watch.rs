@@ -1,0 +1,150 @@
+//! Waking a run when its process replaces its checkpoint file, instead of
+//! looking at every file every second: with thousands of idle tasks, a
+//! poll is thousands of `statx` calls a second through the blocking pool.
+//!
+//! One inotify instance per handler watches the directories checkpoint
+//! files live in (the shared one, and each run's private one when tasks
+//! run as another user) for a file written and closed (`CLOSE_WRITE`) or
+//! renamed into place (`MOVED_TO`, the documented way to replace it). Its
+//! events wake the run whose file they name; an idle run costs nothing.
+//! Where inotify is unavailable (no instance left, no watch left), the run
+//! falls back to looking every [`crate::CHECKPOINT_POLL`].
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use futures::StreamExt;
+use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
+use tokio::sync::Notify;
+use tracing::warn;
+
+/// What the watch looks for in a checkpoint directory.
+const MASK: WatchMask = WatchMask::CLOSE_WRITE.union(WatchMask::MOVED_TO);
+
+/// A watched file: its directory's watch and its name.
+type FileKey = (WatchDescriptor, OsString);
+
+/// The checkpoint files of one handler's runs, watched.
+#[derive(Default)]
+pub(crate) struct CheckpointWatcher {
+    /// Started at the first watch (it needs a tokio runtime); `None` inside
+    /// when inotify could not be set up.
+    shared: OnceLock<Option<Arc<Shared>>>,
+}
+
+struct Shared {
+    watches: Mutex<Watches>,
+    /// Set when reading events failed: runs poll from then on.
+    broken: AtomicBool,
+    /// The wake-up of each watched file's run.
+    files: Mutex<HashMap<FileKey, Arc<Notify>>>,
+}
+
+/// A run's watched checkpoint file; unwatched when dropped.
+pub(crate) struct Watched {
+    shared: Arc<Shared>,
+    key: FileKey,
+    /// Notified when the file may have changed.
+    pub changed: Arc<Notify>,
+}
+
+impl Watched {
+    /// Whether the watch stopped working (the run polls instead).
+    pub(crate) fn broken(&self) -> bool {
+        self.shared.broken.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for Watched {
+    fn drop(&mut self) {
+        let mut files = self.shared.files.lock().expect("not poisoned");
+        files.remove(&self.key);
+        // A private directory's watch goes with the directory (the kernel
+        // drops it when the directory is removed); the shared one stays.
+    }
+}
+
+impl CheckpointWatcher {
+    /// Watch `file` (in a directory that exists); `None` when inotify is
+    /// not available, and the caller polls instead.
+    pub(crate) fn watch(&self, file: &Path) -> Option<Watched> {
+        let shared = self.shared.get_or_init(start).as_ref()?.clone();
+        let (Some(dir), Some(name)) = (file.parent(), file.file_name()) else {
+            return None;
+        };
+        let added = shared.watches.lock().expect("not poisoned").add(dir, MASK);
+        let wd = match added {
+            Ok(wd) => wd,
+            Err(error) => {
+                warn!(%error, dir = %dir.display(), "cannot watch a checkpoint directory; polling its file instead");
+                return None;
+            }
+        };
+        let key = (wd, name.to_os_string());
+        let changed = Arc::new(Notify::new());
+        shared
+            .files
+            .lock()
+            .expect("not poisoned")
+            .insert(key.clone(), changed.clone());
+        Some(Watched {
+            shared,
+            key,
+            changed,
+        })
+    }
+}
+
+/// Set up the inotify instance and the task that reads its events.
+fn start() -> Option<Arc<Shared>> {
+    let inotify = match Inotify::init() {
+        Ok(inotify) => inotify,
+        Err(error) => {
+            warn!(%error, "inotify is not available; checkpoint files are polled");
+            return None;
+        }
+    };
+    let stream = match inotify.into_event_stream([0u8; 8192]) {
+        Ok(stream) => stream,
+        Err(error) => {
+            warn!(%error, "inotify is not available; checkpoint files are polled");
+            return None;
+        }
+    };
+    let shared = Arc::new(Shared {
+        watches: Mutex::new(stream.watches()),
+        broken: AtomicBool::new(false),
+        files: Mutex::new(HashMap::new()),
+    });
+    let weak = Arc::downgrade(&shared);
+    tokio::spawn(async move {
+        let mut stream = stream;
+        while let Some(event) = stream.next().await {
+            let Some(shared) = weak.upgrade() else { return };
+            let files = shared.files.lock().expect("not poisoned");
+            match event {
+                Ok(event) if event.mask.contains(EventMask::Q_OVERFLOW) => {
+                    // Events were lost: every run looks at its file.
+                    files.values().for_each(|changed| changed.notify_one());
+                }
+                Ok(event) => {
+                    if let Some(name) = event.name {
+                        if let Some(changed) = files.get(&(event.wd, name)) {
+                            changed.notify_one();
+                        }
+                    }
+                }
+                Err(error) => {
+                    warn!(%error, "reading inotify events failed; checkpoint files are polled from now on");
+                    shared.broken.store(true, Ordering::Relaxed);
+                    files.values().for_each(|changed| changed.notify_one());
+                    return;
+                }
+            }
+        }
+    });
+    Some(shared)
+}
