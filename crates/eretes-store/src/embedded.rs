@@ -31,8 +31,11 @@
 //! everything else goes on (`embedded/write_failure.rs`) until the journal
 //! writes again.
 
+mod group_commit;
 mod journal;
 mod write_failure;
+
+use group_commit::{Write, Written};
 
 use arcstr::ArcStr;
 use std::cmp::Reverse;
@@ -145,6 +148,9 @@ pub struct EmbeddedStore {
     wake_expiry: Arc<Notify>,
     /// A weak handle to ourselves, given to the expiry task.
     me: Weak<EmbeddedStore>,
+    /// A durable store's queue of writes, committed together with one
+    /// journal write (group commit).
+    writer: std::sync::OnceLock<group_commit::Writer>,
 }
 
 /// One version of a key. Its value is shared, not copied, between the live
@@ -311,6 +317,7 @@ impl EmbeddedStore {
             wake_expiry: Arc::new(Notify::new()),
             me: me.clone(),
             max_txn_ops: options.max_txn_ops,
+            writer: std::sync::OnceLock::new(),
         })
     }
 
@@ -368,6 +375,7 @@ impl EmbeddedStore {
             // reaches the file before (see `commit_lease_deletes`).
             state.commit_lease_deletes(revision, events);
         }
+        let _ = store.writer.set(group_commit::Writer::default());
         Ok(store)
     }
 
@@ -391,6 +399,16 @@ impl EmbeddedStore {
     /// How many leases are alive.
     pub fn lease_count(&self) -> usize {
         self.lock().leases.len()
+    }
+
+    /// How many transactions a durable store's journal committed (each one
+    /// fsync, carrying every write that waited for it); 0 for a store that
+    /// is not durable.
+    pub fn journal_commits(&self) -> u64 {
+        self.lock()
+            .journal
+            .as_ref()
+            .map_or(0, |journal| journal.commits)
     }
 
     /// How many keys are stored.
@@ -826,67 +844,26 @@ impl Store for EmbeddedStore {
 
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
         check_key(&request.key)?;
-        let mut state = self.lock();
-        state.check_lease(request.lease)?;
-        let revision = state.revision + 1;
-        let mut events = Vec::with_capacity(1);
-        let response = state.put(request, revision, &mut events);
-        state.commit(revision, events)?;
-        Ok(response)
+        match self.write(Write::Put(request)).await? {
+            Written::Put(response) => Ok(response),
+            _ => unreachable!("a put is answered as a put"),
+        }
     }
 
     async fn delete(&self, request: DeleteRequest) -> StoreResult<DeleteResponse> {
         check_range(&request.range)?;
-        let mut state = self.lock();
-        let revision = state.revision + 1;
-        let mut events = Vec::new();
-        let response = state.delete(&request.range, request.prev_kv, revision, &mut events);
-        state.commit(revision, events)?;
-        Ok(response)
+        match self.write(Write::Delete(request)).await? {
+            Written::Delete(response) => Ok(response),
+            _ => unreachable!("a delete is answered as a delete"),
+        }
     }
 
     async fn txn(&self, txn: Txn) -> StoreResult<TxnResponse> {
         check_txn(&txn, self.max_txn_ops)?;
-        let mut state = self.lock();
-        let succeeded = txn.compares.iter().all(|c| state.compare(c));
-        let ops = if succeeded { txn.success } else { txn.failure };
-        // Validate everything that can fail before the first write, so that
-        // the transaction is all-or-nothing (etcd checks leases of the chosen
-        // branch only).
-        for op in &ops {
-            if let TxnOp::Put(put) = op {
-                state.check_lease(put.lease)?;
-            }
+        match self.write(Write::Txn(txn)).await? {
+            Written::Txn(response) => Ok(response),
+            _ => unreachable!("a transaction is answered as one"),
         }
-        let revision = state.revision + 1;
-        let mut events = Vec::new();
-        let mut responses = Vec::with_capacity(ops.len());
-        for op in ops {
-            responses.push(match op {
-                TxnOp::Get(get) => {
-                    // A read after a write of this branch sees the new revision.
-                    let seen = if events.is_empty() {
-                        state.revision
-                    } else {
-                        revision
-                    };
-                    TxnOpResponse::Get(state.get(&get, seen))
-                }
-                TxnOp::Put(put) => TxnOpResponse::Put(state.put(put, revision, &mut events)),
-                TxnOp::Delete(delete) => TxnOpResponse::Delete(state.delete(
-                    &delete.range,
-                    delete.prev_kv,
-                    revision,
-                    &mut events,
-                )),
-            });
-        }
-        let revision = state.commit(revision, events)?;
-        Ok(TxnResponse {
-            succeeded,
-            revision,
-            responses,
-        })
     }
 
     async fn lease_grant(&self, ttl: Duration) -> StoreResult<LeaseGrant> {

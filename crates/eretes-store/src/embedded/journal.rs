@@ -65,6 +65,8 @@ pub(super) struct Journal {
     /// Keys whose rows may differ from the store's, because a write of
     /// theirs failed; rewritten by the next write that succeeds.
     unsynced: HashSet<ArcStr>,
+    /// Transactions committed (each one fsync).
+    pub commits: u64,
 }
 
 /// What a journal held when it was opened.
@@ -92,6 +94,7 @@ impl Journal {
             failure: None,
             failed_at: None,
             unsynced: HashSet::new(),
+            commits: 0,
         };
         Ok((journal, loaded))
     }
@@ -101,17 +104,19 @@ impl Journal {
         self.failure.as_deref()
     }
 
-    /// Write revision `revision`: its `events`, and the unsynced keys as
-    /// `kvs` (the store, with `events` applied) has them. An error names the
-    /// file and says why; the events' keys are unsynced then.
+    /// Write up to revision `revision`: the `events` of each revision since
+    /// the last one written, in order, and the unsynced keys as `kvs` (the
+    /// store, with `events` applied) has them, in one transaction. An error
+    /// names the file and says why; the events' keys are unsynced then.
     pub fn record(
         &mut self,
         revision: Revision,
-        events: &[StoredEvent],
+        events: &[&[StoredEvent]],
         kvs: &BTreeMap<ArcStr, Entry>,
     ) -> Result<(), String> {
         match self.try_record(revision, events, kvs) {
             Ok(()) => {
+                self.commits += 1;
                 if self.failure.take().is_some() {
                     tracing::info!(file = %self.path.display(), "the durable store writes again");
                 }
@@ -122,7 +127,8 @@ impl Journal {
                 if self.failure.is_none() {
                     tracing::error!(%failure, "writes fail until the durable store can write again; reads go on");
                 }
-                self.unsynced.extend(events.iter().map(|e| e.key.clone()));
+                let keys = events.iter().flat_map(|events| events.iter());
+                self.unsynced.extend(keys.map(|e| e.key.clone()));
                 self.failure = Some(failure.clone());
                 Err(failure)
             }
@@ -146,7 +152,7 @@ impl Journal {
     fn try_record(
         &mut self,
         revision: Revision,
-        events: &[StoredEvent],
+        events: &[&[StoredEvent]],
         kvs: &BTreeMap<ArcStr, Entry>,
     ) -> Result<(), String> {
         let db = match &self.db {
@@ -212,7 +218,7 @@ fn read(db: &Database) -> Result<Loaded, String> {
 fn write(
     db: &Database,
     revision: Revision,
-    events: &[StoredEvent],
+    events: &[&[StoredEvent]],
     unsynced: &HashSet<ArcStr>,
     kvs: &BTreeMap<ArcStr, Entry>,
 ) -> Result<(), String> {
@@ -221,7 +227,10 @@ fn write(
         let mut keys = txn.open_table(KEYS).map_err(text)?;
         let mut row = Vec::new();
         let synced = unsynced.iter().map(|key| (key, kvs.get(key)));
-        let applied = events.iter().map(|e| (&e.key, e.current.as_ref()));
+        let applied = events
+            .iter()
+            .flat_map(|events| events.iter())
+            .map(|e| (&e.key, e.current.as_ref()));
         for (key, entry) in synced.chain(applied) {
             match entry {
                 Some(entry) => {

@@ -39,7 +39,7 @@ impl State {
     ) -> Result<(), String> {
         debug_assert_eq!(revision, self.revision + 1);
         match &mut self.journal {
-            Some(journal) => journal.record(revision, events, &self.kvs),
+            Some(journal) => journal.record(revision, &[events], &self.kvs),
             None => Ok(()),
         }
     }
