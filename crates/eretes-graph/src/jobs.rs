@@ -1,15 +1,21 @@
 //! The graph layer's transactions: start and remove a job, move its epoch
 //! (compare-and-swap), flag meta under a run's claim.
 
+use std::collections::BTreeMap;
+
 use eretes_protocol::{
-    decode, encode, Coordinator, ProtocolError, ResultRecord, TaskId, TaskSpec, MAX_SPEC_BYTES,
+    decode, encode, Coordinator, NodeName, OwnerRecord, ProtocolError, ResultRecord, TaskId,
+    TaskSpec, MAX_SPEC_BYTES,
 };
 use eretes_store::{
     Compare, DeleteRequest, GetRequest, KeyRange, PutRequest, Revision, Txn, TxnOp, TxnOpResponse,
 };
+use serde::Serialize;
 use serde_json::json;
 
-use crate::ids::{graph_task_id, valid_link, GraphKeys, JobEpoch, JobName};
+use crate::ids::{
+    graph_task_id, parse_graph_task_id, valid_link, GraphKey, GraphKeys, JobEpoch, JobName,
+};
 use crate::model::{EpochRecord, JobSpec, MetaRecord, MAX_BACKUPS, MAX_JOB_TASKS, MAX_META_BYTES};
 use crate::GraphError;
 
@@ -18,6 +24,60 @@ use crate::GraphError;
 pub struct Jobs {
     coordinator: Coordinator,
     keys: GraphKeys,
+}
+
+/// The jobs of a namespace: [`Jobs::list`].
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct JobList {
+    /// Every job, by name.
+    pub jobs: Vec<JobSummary>,
+    /// Job or epoch records that did not decode, left out.
+    pub malformed: u64,
+}
+
+/// A job as listed.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobSummary {
+    /// Its name.
+    pub name: JobName,
+    /// Its record as started.
+    pub spec: JobSpec,
+    /// Its epoch record (`None` only if it was lost).
+    pub epoch: Option<EpochRecord>,
+}
+
+/// A job now: [`Jobs::status`].
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct JobStatus {
+    /// Its name.
+    pub name: JobName,
+    /// Its record as started.
+    pub spec: JobSpec,
+    /// Its epoch record.
+    pub epoch: Option<EpochRecord>,
+    /// Each task, by index.
+    pub tasks: Vec<TaskStatus>,
+}
+
+/// One task of a job now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct TaskStatus {
+    /// Its index.
+    pub index: u32,
+    /// The node running it, if one does.
+    pub node: Option<NodeName>,
+    /// Whether it has ended (its result is recorded).
+    pub ended: bool,
+    /// The nodes holding a backup of it.
+    pub backups: Vec<NodeName>,
+}
+
+/// The key-values of the `n`th get of a transaction.
+fn got(responses: &[TxnOpResponse], n: usize) -> &[eretes_store::KeyValue] {
+    match responses.get(n) {
+        Some(TxnOpResponse::Get(get)) => &get.kvs,
+        _ => &[],
+    }
 }
 
 /// What [`Jobs::inc_epoch`] found.
@@ -135,6 +195,112 @@ impl Jobs {
     /// The epoch record of `job`, if it exists.
     pub async fn epoch(&self, job: &JobName) -> Result<Option<EpochRecord>, GraphError> {
         self.read("job epoch", self.keys.epoch(job)).await
+    }
+
+    /// Every job of the namespace, by name, with its epoch, in one read. A
+    /// record that does not decode is left out (and counted in
+    /// [`JobList::malformed`]).
+    pub async fn list(&self) -> Result<JobList, GraphError> {
+        let root = self.keys.root();
+        let txn = Txn::new()
+            .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(format!(
+                "{root}jobs/"
+            )))))
+            .and_then(TxnOp::Get(GetRequest::new(KeyRange::prefix(format!(
+                "{root}epochs/"
+            )))));
+        let response = self.coordinator.store().txn(txn).await?;
+        let mut list = JobList::default();
+        let mut epochs = BTreeMap::new();
+        for kv in got(&response.responses, 1) {
+            match (
+                self.keys.parse(&kv.key),
+                decode("job epoch", &kv.key, &kv.value),
+            ) {
+                (Some(GraphKey::Epoch(job)), Ok(record)) => {
+                    epochs.insert(job, record);
+                }
+                _ => list.malformed += 1,
+            }
+        }
+        for kv in got(&response.responses, 0) {
+            match (self.keys.parse(&kv.key), decode("job", &kv.key, &kv.value)) {
+                (Some(GraphKey::Job(name)), Ok(spec)) => list.jobs.push(JobSummary {
+                    epoch: epochs.remove(&name),
+                    name,
+                    spec,
+                }),
+                _ => list.malformed += 1,
+            }
+        }
+        Ok(list)
+    }
+
+    /// `job` now, if it exists: its record, its epoch, and each task's
+    /// owner, end and backups, from one consistent read.
+    pub async fn status(&self, job: &JobName) -> Result<Option<JobStatus>, GraphError> {
+        let ns = self.coordinator.namespace();
+        let get = |range| TxnOp::Get(GetRequest::new(range));
+        // Job names have no `.`, so `<job>.` is this job's tasks and no other's.
+        let txn = Txn::new()
+            .and_then(get(KeyRange::key(self.keys.job(job))))
+            .and_then(get(KeyRange::key(self.keys.epoch(job))))
+            .and_then(get(KeyRange::prefix(format!(
+                "{}{job}.",
+                ns.owners_prefix()
+            ))))
+            .and_then(get(KeyRange::prefix(format!(
+                "{}{job}.",
+                ns.results_prefix()
+            ))))
+            .and_then(get(KeyRange::prefix(self.keys.backups(job))));
+        let response = self.coordinator.store().txn(txn).await?;
+        let Some(kv) = got(&response.responses, 0).first() else {
+            return Ok(None);
+        };
+        let spec: JobSpec = decode("job", &kv.key, &kv.value).map_err(malformed)?;
+        let epoch = got(&response.responses, 1)
+            .first()
+            .and_then(|kv| decode::<EpochRecord>("job epoch", &kv.key, &kv.value).ok());
+        let mut tasks: Vec<TaskStatus> = (0..spec.tasks)
+            .map(|index| TaskStatus {
+                index,
+                node: None,
+                ended: false,
+                backups: Vec::new(),
+            })
+            .collect();
+        let index_of = |key: &str| {
+            let id = TaskId::new(key.rsplit('/').next()?).ok()?;
+            let (of, index) = parse_graph_task_id(&id)?;
+            (of == *job).then_some(index as usize)
+        };
+        for kv in got(&response.responses, 2) {
+            let owner = decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok();
+            if let (Some(task), Some(owner)) =
+                (index_of(&kv.key).and_then(|i| tasks.get_mut(i)), owner)
+            {
+                task.node = Some(owner.node);
+            }
+        }
+        for kv in got(&response.responses, 3) {
+            if let Some(task) = index_of(&kv.key).and_then(|i| tasks.get_mut(i)) {
+                task.ended = true;
+            }
+        }
+        for kv in got(&response.responses, 4) {
+            if let Some(GraphKey::Backup(_, index, node)) = self.keys.parse(&kv.key) {
+                if let Some(task) = tasks.get_mut(index as usize) {
+                    task.backups.push(node);
+                }
+            }
+        }
+        Ok(Some(JobStatus {
+            name: job.clone(),
+            spec,
+            epoch,
+            tasks,
+        }))
     }
 
     /// The result records of `job`'s tasks that have ended, in one read.

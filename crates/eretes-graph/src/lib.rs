@@ -68,7 +68,7 @@ pub mod proto {
 pub use backup::{BackupBalancer, TAKEOVER_GRACE, UPDATE_PATIENCE};
 pub use handle::TaskHandle;
 pub use ids::{graph_task_id, parse_graph_task_id, GraphKey, GraphKeys, JobEpoch, JobName};
-pub use jobs::{EpochMove, Jobs};
+pub use jobs::{EpochMove, JobList, JobStatus, JobSummary, Jobs, TaskStatus};
 pub use model::{
     BackupRecord, EpochRecord, GraphTask, JobKind, JobSpec, MetaRecord, Topology, MAX_BACKUPS,
     MAX_JOB_TASKS, MAX_META_BYTES,

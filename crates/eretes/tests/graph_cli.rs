@@ -113,3 +113,82 @@ fn bad_arguments_are_refused_by_name() {
         assert!(stderr.contains(expected), "{args:?}: {stderr}");
     }
 }
+
+/// Run `eretes graph ARGS`: its exit code, stdout and stderr.
+fn graph(args: &[&str]) -> (Option<i32>, String, String) {
+    let output = Command::new(env!("CARGO_BIN_EXE_eretes"))
+        .arg("graph")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        output.status.code(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_listed_shown_and_removed_on_etcd() {
+    use eretes_graph::{JobName, JobSpec, Jobs};
+    use eretes_protocol::{Coordinator, GroupName, Namespace};
+    let etcd = eretes_etcd::testing::test_etcd_url();
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    let namespace = format!("graph-jobs-{:08x}", rand::random::<u32>());
+    let ns = Namespace::new(&namespace).unwrap();
+    let coordinator = Coordinator::new(store.clone(), ns.clone());
+    let jobs = Jobs::new(coordinator.clone());
+    let job = JobName::new("tree").unwrap();
+    let spec = JobSpec {
+        kind: "regression".into(),
+        tasks: 3,
+        group: GroupName::new("graph").unwrap(),
+        properties: serde_json::json!({ "epochs": 2 }),
+        backups: 1,
+    };
+    jobs.start(&job, &spec).await.unwrap();
+    let at = ["--namespace", namespace.as_str(), "--etcd", etcd.as_str()];
+
+    let (code, out, err) = graph(&[&["ls", "--json"][..], &at].concat());
+    assert_eq!(code, Some(0), "{err}");
+    let listed: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(listed["jobs"][0]["name"], "tree", "{listed}");
+    assert_eq!(listed["jobs"][0]["spec"]["backups"], 1, "{listed}");
+    assert_eq!(listed["jobs"][0]["epoch"]["epoch"], 0, "{listed}");
+    let (code, out, _) = graph(&[&["ls"][..], &at].concat());
+    assert_eq!(code, Some(0));
+    assert!(out.contains("tree") && out.contains("running"), "{out}");
+
+    let (code, out, err) = graph(&[&["show", "tree", "--json"][..], &at].concat());
+    assert_eq!(code, Some(0), "{err}");
+    let shown: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(shown["tasks"].as_array().unwrap().len(), 3, "{shown}");
+    assert_eq!(
+        shown["tasks"][2]["node"],
+        Value::Null,
+        "nobody serves it: {shown}"
+    );
+    assert_eq!(shown["tasks"][2]["ended"], false, "{shown}");
+
+    for (args, expected) in [
+        (&["show", "nosuch"][..], "no job nosuch"),
+        (&["show", "bad.name"][..], "job name \"bad.name\""),
+        (&["rm", "nosuch"][..], "no job nosuch"),
+    ] {
+        let (code, _, err) = graph(&[args, &at].concat());
+        assert_ne!(code, Some(0), "{args:?} succeeded");
+        assert!(err.contains(expected), "{args:?}: {err}");
+    }
+    let (code, _, err) = graph(&["ls", "--namespace", namespace.as_str()]);
+    assert_ne!(code, Some(0));
+    assert!(err.contains("--etcd"), "{err}");
+
+    let (code, out, err) = graph(&[&["rm", "tree"][..], &at].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("removed job tree"), "{out}");
+    assert!(jobs.list().await.unwrap().jobs.is_empty());
+    assert!(
+        coordinator.snapshot().await.unwrap().tasks.is_empty(),
+        "its tasks are gone"
+    );
+}

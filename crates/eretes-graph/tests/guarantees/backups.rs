@@ -16,6 +16,20 @@ use super::support::*;
 async fn a_backup_takes_over_with_every_acknowledged_update_and_a_new_one_comes_up() {
     let (probe, mut cluster, _, job) = counter_job(3, "standby", 1, 1).await;
     let (primary, backup, first) = backed_up(&cluster, &probe, &job, 0, 50).await;
+    // The job's status shows where its task runs and is backed up.
+    let status = cluster.jobs.status(&job).await.unwrap().expect("the job");
+    assert_eq!(status.spec.backups, 1);
+    assert_eq!(
+        (
+            &status.tasks[0].node,
+            &status.tasks[0].backups,
+            status.tasks[0].ended
+        ),
+        (&Some(primary.clone()), &vec![backup.clone()], false)
+    );
+    let listed = cluster.jobs.list().await.unwrap();
+    assert_eq!(listed.jobs.len(), 1);
+    assert_eq!((&listed.jobs[0].name, listed.malformed), (&job, 0));
     cluster.kill(&primary);
     let (second, state) = takeover_after(&probe, 0, first).await;
     assert_no_update_lost(&state, &acked_by(&probe, first));

@@ -13,6 +13,7 @@ use eretes_protocol::Namespace;
 
 use crate::store_args::StoreArgs;
 
+pub mod jobs;
 pub mod node_process;
 pub mod processes;
 
@@ -29,6 +30,15 @@ enum GraphCommand {
     /// see e × N(N−1)/2) while nodes are killed; exits non-zero if a sum
     /// was wrong or an epoch never verified.
     Regression(RegressionArgs),
+    /// The jobs of a namespace (on etcd): name, kind, tasks, backups, job
+    /// epoch.
+    Ls(jobs::JobsStore),
+    /// One job: its record, job epoch, and where each task runs, whether it
+    /// ended, and where its backups are.
+    Show(jobs::JobArgs),
+    /// Remove a job: its tasks (wherever they run), records, meta and
+    /// backups.
+    Rm(jobs::JobArgs),
     /// One regression node in a process of its own (started by
     /// `regression --processes`).
     #[command(hide = true)]
@@ -82,6 +92,9 @@ pub struct RegressionArgs {
 pub async fn run(args: GraphArgs) -> Result<i32> {
     match args.command {
         GraphCommand::Regression(args) => regression(args).await,
+        GraphCommand::Ls(args) => jobs::list(args).await,
+        GraphCommand::Show(args) => jobs::show(args).await,
+        GraphCommand::Rm(args) => jobs::remove(args).await,
         GraphCommand::Node(args) => node_process::run(args).await.map(|()| 0),
     }
 }
