@@ -17,6 +17,11 @@ use std::sync::{Arc, Mutex};
 use tokio::fs::File;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 
+/// The first read buffer of a stream.
+const READ_MIN: usize = 512;
+/// The largest read buffer of a stream.
+const READ_MAX: usize = 16 * 1024;
+
 /// What one stream left behind.
 #[derive(Debug, Default, Clone)]
 pub(crate) struct Captured {
@@ -110,12 +115,18 @@ pub(crate) async fn capture(
             None
         }
     };
-    let mut buffer = vec![0u8; 16 * 1024];
+    // Small while the stream is quiet (most tasks print little, and an idle
+    // one holds its buffers for as long as it runs), doubled up to
+    // `READ_MAX` while reads fill it.
+    let mut buffer = vec![0u8; READ_MIN];
     loop {
         let read = match source.read(&mut buffer).await {
             Ok(0) | Err(_) => break,
             Ok(read) => read,
         };
+        if read == buffer.len() && buffer.len() < READ_MAX {
+            buffer.resize(buffer.len() * 2, 0);
+        }
         let chunk = &buffer[..read];
         {
             let mut captured = progress.lock().expect("not poisoned");

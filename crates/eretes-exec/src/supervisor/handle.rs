@@ -184,7 +184,9 @@ impl Supervised {
         let forwarder = tokio::spawn(forward(writer, plan.fence, plan.cancel)).abort_handle();
         let mut supervised = Supervised {
             child: Some(child),
-            reports: BufReader::new(reader).lines(),
+            // Reports are short lines, and a run keeps this buffer for its
+            // whole life: not the default 8 KiB.
+            reports: BufReader::with_capacity(REPORT_BUFFER, reader).lines(),
             forwarder: Some(forwarder),
             leader: 0,
             marker: plan.marker,
@@ -467,3 +469,7 @@ mod tests {
         assert!(gates.gates.lock().unwrap().by_task.len() <= 128);
     }
 }
+
+/// The read buffer of a supervisor's reports (a line longer than this is
+/// read in several fills).
+const REPORT_BUFFER: usize = 512;
