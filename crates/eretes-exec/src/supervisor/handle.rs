@@ -443,6 +443,10 @@ impl RunGates {
     }
 }
 
+/// The read buffer of a supervisor's reports (a line longer than this is
+/// read in several fills).
+const REPORT_BUFFER: usize = 512;
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,7 +473,3 @@ mod tests {
         assert!(gates.gates.lock().unwrap().by_task.len() <= 128);
     }
 }
-
-/// The read buffer of a supervisor's reports (a line longer than this is
-/// read in several fills).
-const REPORT_BUFFER: usize = 512;
