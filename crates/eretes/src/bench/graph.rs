@@ -135,6 +135,12 @@ async fn one_slot_node(
     Ok((node, graph))
 }
 
+/// The handle task 0 left in `slot`.
+fn handle_of(slot: &Mutex<Option<TaskHandle>>) -> Result<TaskHandle> {
+    let handle = slot.lock().expect("not poisoned").clone();
+    handle.context("task 0's handle")
+}
+
 /// `requests` data requests of 64 bytes, `concurrency` at a time; per second.
 async fn request_rate(handle: &TaskHandle, requests: usize, concurrency: usize) -> Result<f64> {
     let started = Instant::now();
@@ -188,11 +194,7 @@ pub(super) async fn data(args: &BenchArgs) -> Result<serde_json::Value> {
         slot.lock().expect("not poisoned").is_some()
     })
     .await?;
-    let handle = slot
-        .lock()
-        .expect("not poisoned")
-        .clone()
-        .context("task 0's handle")?;
+    let handle = handle_of(&slot)?;
     // Warm up (and make sure task 1 runs on the other node).
     request_rate(&handle, 200, 4).await?;
     let runs = |task: &str| {
@@ -326,11 +328,7 @@ async fn failover_round(backups: u32) -> Result<(f64, bool)> {
         }
     })
     .await?;
-    let handle = slot
-        .lock()
-        .expect("not poisoned")
-        .clone()
-        .context("task 0's handle")?;
+    let handle = handle_of(&slot)?;
     handle.data_request(1, "echo", vec![1]).await?;
     let serving = runs("ping.1").context("task 1 runs")?;
     let takeovers = |nodes: &[(NodeHandle, GraphNode)]| -> u64 {
