@@ -4,8 +4,8 @@
 //!
 //! One inotify instance per handler watches the directories checkpoint
 //! files live in (the shared one, and each run's private one when tasks
-//! run as another user) for a file written and closed (`CLOSE_WRITE`) or
-//! renamed into place (`MOVED_TO`, the documented way to replace it). Its
+//! run as another user) for a file renamed into place (`MOVED_TO`, the
+//! documented way to replace it) or written (`MODIFY`, `CLOSE_WRITE`). Its
 //! events wake the run whose file they name; an idle run costs nothing.
 //! Where inotify is unavailable (no instance left, no watch left), the run
 //! falls back to looking every [`crate::CHECKPOINT_POLL`].
@@ -21,8 +21,14 @@ use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::Notify;
 use tracing::warn;
 
-/// What the watch looks for in a checkpoint directory.
-const MASK: WatchMask = WatchMask::CLOSE_WRITE.union(WatchMask::MOVED_TO);
+/// What the watch looks for in a checkpoint directory: a file renamed into
+/// place, written and closed, or written through a descriptor that stays
+/// open (repeated events of one file wake its run once; its looks are a
+/// second apart anyway). A file changed only through a shared memory
+/// mapping raises none of these: such a task must write or replace it.
+const MASK: WatchMask = WatchMask::CLOSE_WRITE
+    .union(WatchMask::MOVED_TO)
+    .union(WatchMask::MODIFY);
 
 /// A watched file: its directory's watch and its name.
 type FileKey = (WatchDescriptor, OsString);
@@ -61,7 +67,14 @@ impl Watched {
 impl Drop for Watched {
     fn drop(&mut self) {
         let mut files = self.shared.files.lock().expect("not poisoned");
-        files.remove(&self.key);
+        // Only this run's entry (never one a later run of the same file
+        // put there).
+        if files
+            .get(&self.key)
+            .is_some_and(|changed| Arc::ptr_eq(changed, &self.changed))
+        {
+            files.remove(&self.key);
+        }
         // A private directory's watch goes with the directory (the kernel
         // drops it when the directory is removed); the shared one stays.
     }
@@ -121,6 +134,9 @@ fn start() -> Option<Arc<Shared>> {
     });
     let weak = Arc::downgrade(&shared);
     tokio::spawn(async move {
+        // However the reader ends (the stream ends, the runtime stops, a
+        // panic), the runs fall back to polling rather than wait for ever.
+        let _ended = ReaderEnded(weak.clone());
         let mut stream = stream;
         while let Some(event) = stream.next().await {
             let Some(shared) = weak.upgrade() else { return };
@@ -139,12 +155,24 @@ fn start() -> Option<Arc<Shared>> {
                 }
                 Err(error) => {
                     warn!(%error, "reading inotify events failed; checkpoint files are polled from now on");
-                    shared.broken.store(true, Ordering::Relaxed);
-                    files.values().for_each(|changed| changed.notify_one());
                     return;
                 }
             }
         }
     });
     Some(shared)
+}
+
+/// Marks the watcher broken, and wakes every run (to poll from then on),
+/// when the reader task ends.
+struct ReaderEnded(std::sync::Weak<Shared>);
+
+impl Drop for ReaderEnded {
+    fn drop(&mut self) {
+        if let Some(shared) = self.0.upgrade() {
+            shared.broken.store(true, Ordering::Relaxed);
+            let files = shared.files.lock().unwrap_or_else(|e| e.into_inner());
+            files.values().for_each(|changed| changed.notify_one());
+        }
+    }
 }

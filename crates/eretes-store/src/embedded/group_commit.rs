@@ -6,16 +6,20 @@
 //! (as every write did before: no hand-over, so a lone write is as fast),
 //! taking along whatever queued meanwhile; writes that queue while it runs
 //! are committed after it by a committer on tokio's blocking pool (where
-//! paused test time does not run ahead of it).
+//! paused test time does not run ahead of it), or by this caller when there
+//! is no runtime; a committer the pool drops unrun (the runtime shuts down)
+//! commits them where it is dropped.
 //!
 //! While one group's fsync runs, the next group gathers; so under
 //! concurrent writers the fsyncs per second stay about the same while the
-//! writes per second grow with the writers. The fsync no longer runs on a
-//! tokio worker either. Nothing changes for a caller: its write is on disk
-//! before it is answered or seen, and a write the journal cannot take is
-//! not applied. When the journal fails a group, every write of the group is
-//! undone (last first) and each caller gets the error: a later write of the
-//! group may have read an earlier one, so none of them stands.
+//! writes per second grow with the writers. For a caller, a write is on
+//! disk before it is answered or seen, as before, and a write the journal
+//! cannot take is not applied. When the journal fails a group, every write
+//! of the group is undone (last first) and each caller gets the error: a
+//! later write of the group may have read an earlier one, so none of them
+//! stands. One thing is new: a caller that stops waiting (its future
+//! dropped) after its write queued may still have it committed, as with
+//! etcd.
 //!
 //! A store that is not durable applies each write at once, on the caller's
 //! task, as before (nothing to wait for).
@@ -68,10 +72,57 @@ struct Queue {
     committing: bool,
 }
 
-/// Commit groups of `store`'s writes until none is waiting.
-fn commit_waiting(store: Weak<EmbeddedStore>) {
-    let Some(store) = store.upgrade() else { return };
-    while store.commit_next_group() {}
+/// The answers of a committed group, sent once the store is let go of (so
+/// that a caller that drops its store on its answer can reopen the file).
+type Answers = Vec<(oneshot::Sender<StoreResult<Written>>, StoreResult<Written>)>;
+
+fn send(answers: Answers) {
+    for (answer, outcome) in answers {
+        let _ = answer.send(outcome);
+    }
+}
+
+/// The committer of the writes that queued while a write committed
+/// itself, on tokio's blocking pool. If the pool drops it without running
+/// it (the runtime shuts down), it commits them where it is dropped, so no
+/// write waits for ever.
+struct Committer {
+    store: Weak<EmbeddedStore>,
+    ran: bool,
+}
+
+impl Committer {
+    /// Commit groups until none is waiting; holds the store only while it
+    /// commits one.
+    fn run(mut self) {
+        self.ran = true;
+        loop {
+            let Some(store) = self.store.upgrade() else {
+                return;
+            };
+            let Some((answers, more)) = store.commit_next_group() else {
+                return;
+            };
+            drop(store);
+            send(answers);
+            if !more {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for Committer {
+    fn drop(&mut self) {
+        if !self.ran {
+            self.ran = true;
+            let committer = Committer {
+                store: self.store.clone(),
+                ran: false,
+            };
+            committer.run();
+        }
+    }
 }
 
 impl Writer {
@@ -104,37 +155,54 @@ impl EmbeddedStore {
             queue.waiting.push(Waiting { write, answer });
             !std::mem::replace(&mut queue.committing, true)
         };
-        if start && self.commit_next_group() {
-            // Ours is committed; others queued meanwhile: theirs go on.
-            let store = self.me.clone();
-            tokio::task::spawn_blocking(move || commit_waiting(store));
+        if start {
+            if let Some((answers, more)) = self.commit_next_group() {
+                send(answers);
+                if more {
+                    // Ours is committed; others queued meanwhile: theirs
+                    // go on, off this task.
+                    let committer = Committer {
+                        store: self.me.clone(),
+                        ran: false,
+                    };
+                    match tokio::runtime::Handle::try_current() {
+                        Ok(runtime) => {
+                            runtime.spawn_blocking(move || committer.run());
+                        }
+                        // No runtime (a store used from plain threads):
+                        // this caller commits them.
+                        Err(_) => committer.run(),
+                    }
+                }
+            }
         }
         answered.await.map_err(|_| StoreError::Closed)?
     }
 
-    /// Commit the next group of waiting writes; whether more wait (the
-    /// committer goes on) or not (it stopped).
-    fn commit_next_group(&self) -> bool {
-        let Some(writer) = self.writer.get() else {
-            return false;
-        };
-        let Some(group) = writer.next_group() else {
-            return false;
-        };
-        self.commit_group(group);
+    /// Commit the next group of waiting writes: its answers (to send), and
+    /// whether more wait (the committer goes on) or not (it stopped); `None`
+    /// when none waited. A panic while committing answers the group's
+    /// writes with an error (their senders dropped) and stops the
+    /// committer cleanly, so later writes are not stuck behind it.
+    fn commit_next_group(&self) -> Option<(Answers, bool)> {
+        let writer = self.writer.get()?;
+        let group = writer.next_group()?;
+        let committed =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.commit_group(group)));
+        let answers = committed.unwrap_or_else(|_| {
+            tracing::error!("committing a group of writes panicked; its writes failed");
+            Vec::new()
+        });
         let mut queue = writer.queue.lock();
-        if queue.waiting.is_empty() {
-            queue.committing = false;
-            false
-        } else {
-            true
-        }
+        let more = !queue.waiting.is_empty();
+        queue.committing = more;
+        Some((answers, more))
     }
 
     /// Apply the writes of `group` in order, each at its own revision; write
-    /// them to the journal at once; then publish them and answer each (or,
+    /// them to the journal at once; then publish them; their answers (or,
     /// if the journal failed, undo them all and answer each with its error).
-    fn commit_group(&self, group: Vec<Waiting>) {
+    fn commit_group(&self, group: Vec<Waiting>) -> Answers {
         let mut state = self.lock();
         let before = state.revision;
         let mut answers = Vec::with_capacity(group.len());
@@ -151,18 +219,19 @@ impl EmbeddedStore {
             answers.push((answer, outcome));
         }
         if revisions.is_empty() {
-            drop(state);
-            answers.into_iter().for_each(|(answer, outcome)| {
-                let _ = answer.send(outcome);
-            });
-            return;
+            return answers;
         }
         let last = state.revision;
         let recorded = {
             let state = &mut *state;
             let events: Vec<&[StoredEvent]> = revisions.iter().map(|(_, e)| e.as_slice()).collect();
             match &mut state.journal {
-                Some(journal) => journal.record(last, &events, &state.kvs),
+                // A panic in the journal (redb) fails the group like an
+                // error: it is undone below, never left half-applied.
+                Some(journal) => std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    journal.record(last, &events, &state.kvs)
+                }))
+                .unwrap_or_else(|_| Err("the journal write panicked".to_string())),
                 None => Ok(()),
             }
         };
@@ -188,9 +257,7 @@ impl EmbeddedStore {
         }
         // Answered once the lock is released, and the watchers woken.
         drop(state);
-        answers.into_iter().for_each(|(answer, outcome)| {
-            let _ = answer.send(outcome);
-        });
+        answers
     }
 }
 
