@@ -79,6 +79,26 @@ def in_threads(count, work):
         raise errors[0]
 
 
+def submit_and_collect(count, submit, collect):
+    """Submit `count` tasks from THREADS threads, then collect each result."""
+    handles = [None] * count
+
+    def submit_one(i, _state):
+        handles[i] = submit()
+
+    in_threads(count, submit_one)
+    in_threads(count, lambda i, _state: collect(handles[i]))
+
+
+def stop_worker(process):
+    """SIGTERM, then SIGKILL after 30 s."""
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 class Eretes:
     name = "eretes"
 
@@ -164,20 +184,10 @@ class CeleryPeer:
         self.task.delay().get(timeout=120)
 
     def many(self, prefix, count):
-        results = [None] * count
-
-        def submit(i, _state):
-            results[i] = self.task.delay()
-
-        in_threads(count, submit)
-        in_threads(count, lambda i, _s: results[i].get(timeout=120))
+        submit_and_collect(count, self.task.delay, lambda result: result.get(timeout=120))
 
     def stop(self):
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
+        stop_worker(self.worker)
 
 
 class RqPeer:
@@ -186,17 +196,18 @@ class RqPeer:
     def __init__(self, python, env, redis_url):
         sys.path.insert(0, HERE)
         import redis
-        from rq import Queue
+        from rq import Queue, Worker
 
         import tasks
 
         self.function = tasks.rq_run_true
-        self.queue = Queue("peers", connection=redis.Redis.from_url(redis_url))
+        connection = redis.Redis.from_url(redis_url)
+        self.queue = Queue("peers", connection=connection)
         self.worker = subprocess.Popen(
             [os.path.join(os.path.dirname(python), "rq"), "worker", "--url", redis_url,
              "--quiet", "peers"],
             cwd=HERE, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        time.sleep(1)
+        wait_for("an rq worker", lambda: bool(Worker.all(connection=connection)))
 
     def _wait(self, job):
         deadline = time.monotonic() + 120
@@ -209,20 +220,10 @@ class RqPeer:
         self._wait(self.queue.enqueue(self.function))
 
     def many(self, prefix, count):
-        jobs = [None] * count
-
-        def submit(i, _state):
-            jobs[i] = self.queue.enqueue(self.function)
-
-        in_threads(count, submit)
-        in_threads(count, lambda i, _s: self._wait(jobs[i]))
+        submit_and_collect(count, lambda: self.queue.enqueue(self.function), self._wait)
 
     def stop(self):
-        self.worker.send_signal(signal.SIGTERM)
-        try:
-            self.worker.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.worker.kill()
+        stop_worker(self.worker)
 
 
 def measure(system, tasks, round_index):

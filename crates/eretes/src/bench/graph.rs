@@ -135,6 +135,25 @@ async fn one_slot_node(
     Ok((node, graph))
 }
 
+/// The ping kind, whose task 0 leaves its handle in `slot`.
+fn ping_kinds(slot: &Arc<Mutex<Option<TaskHandle>>>) -> HashMap<String, Arc<dyn JobKind>> {
+    let kind = PingKind {
+        handle: slot.clone(),
+    };
+    [("ping".to_string(), Arc::new(kind) as Arc<dyn JobKind>)].into()
+}
+
+/// A ping job of two tasks with `backups` per task.
+fn ping_spec(backups: u32) -> Result<JobSpec> {
+    Ok(JobSpec {
+        kind: "ping".into(),
+        tasks: 2,
+        group: GroupName::new("graph")?,
+        properties: json!(null),
+        backups,
+    })
+}
+
 /// The handle task 0 left in `slot`.
 fn handle_of(slot: &Mutex<Option<TaskHandle>>) -> Result<TaskHandle> {
     let handle = slot.lock().expect("not poisoned").clone();
@@ -167,24 +186,12 @@ pub(super) async fn data(args: &BenchArgs) -> Result<serde_json::Value> {
     let store: Arc<dyn Store> = EmbeddedStore::new();
     let ns = Namespace::new("bench-graph")?;
     let slot = Arc::new(Mutex::new(None));
-    let kinds: HashMap<String, Arc<dyn JobKind>> = [(
-        "ping".to_string(),
-        Arc::new(PingKind {
-            handle: slot.clone(),
-        }) as Arc<dyn JobKind>,
-    )]
-    .into();
+    let kinds = ping_kinds(&slot);
     let nodes = [
         one_slot_node(&store, &ns, "a", kinds.clone()).await?,
         one_slot_node(&store, &ns, "b", kinds.clone()).await?,
     ];
-    let spec = JobSpec {
-        kind: "ping".into(),
-        tasks: 2,
-        group: GroupName::new("graph")?,
-        properties: json!(null),
-        backups: 0,
-    };
+    let spec = ping_spec(0)?;
     nodes[0]
         .1
         .jobs()
@@ -282,24 +289,12 @@ async fn failover_round(backups: u32) -> Result<(f64, bool)> {
     let store: Arc<dyn Store> = EmbeddedStore::new();
     let ns = Namespace::new("bench-failover")?;
     let slot = Arc::new(Mutex::new(None));
-    let kinds: HashMap<String, Arc<dyn JobKind>> = [(
-        "ping".to_string(),
-        Arc::new(PingKind {
-            handle: slot.clone(),
-        }) as Arc<dyn JobKind>,
-    )]
-    .into();
+    let kinds = ping_kinds(&slot);
     let mut nodes = Vec::new();
     for name in ["a", "b", "c"] {
         nodes.push(one_slot_node(&store, &ns, name, kinds.clone()).await?);
     }
-    let spec = JobSpec {
-        kind: "ping".into(),
-        tasks: 2,
-        group: GroupName::new("graph")?,
-        properties: json!(null),
-        backups,
-    };
+    let spec = ping_spec(backups)?;
     nodes[0]
         .1
         .jobs()
