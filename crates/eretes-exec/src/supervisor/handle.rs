@@ -3,28 +3,24 @@
 //! up if the supervisor itself died.
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use eretes_runtime::FenceDeadline;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::net::unix::pipe;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::process::{Child, ChildStderr, ChildStdout, Command};
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::spawner::{Spawner, SupervisorChild};
 use super::wire::{exit_status, Cause, Launch, Order, Report, MAX_LINE};
-use super::MIMALLOC_EAGER_COMMIT;
 use crate::leftovers::{self, RunMarker};
-use crate::{ExecConfig, AGENT_DIR_ENV};
-
-/// `PATH` for tasks when the agent has none.
-const DEFAULT_PATH: &str = "/usr/local/bin:/usr/bin:/bin";
+use crate::ExecConfig;
 
 /// The longest a new supervisor may take to say that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
@@ -47,7 +43,7 @@ pub(crate) enum SupervisorEnd {
 /// One running supervisor.
 pub(crate) struct Supervised {
     /// Until reaped.
-    child: Option<Child>,
+    child: Option<SupervisorChild>,
     reports: Lines<BufReader<OwnedReadHalf>>,
     /// The task that writes to the supervisor (deadlines and the stop,
     /// which so never wait for the handler's loop); aborting it closes our
@@ -100,63 +96,27 @@ async fn forward(mut writer: OwnedWriteHalf, mut fence: FenceDeadline, cancel: C
     }
 }
 
-/// A supervisor started ahead of its run, waiting for its launch: the
-/// exec of the agent's binary is then off the task's start path. Dropped
-/// unused, its socket closes and it exits.
+/// A supervisor started ahead of its run, waiting for its launch: its
+/// start is then off the task's start path. Dropped unused, its socket
+/// closes and it exits.
 pub(crate) struct Warm {
-    child: Child,
+    child: SupervisorChild,
     socket: tokio::net::UnixStream,
-    stdout: Option<ChildStdout>,
-    stderr: Option<ChildStderr>,
+    stdout: Option<pipe::Receiver>,
+    stderr: Option<pipe::Receiver>,
 }
 
 impl Warm {
-    /// Start `config`'s supervisor program: its stdin our socket, its
-    /// stdout and stderr pipes that its task will inherit, its environment
-    /// the one tasks get — `PATH`, `HOME` and `LANG` of the agent's, the
-    /// variables `config.pass_env` names, and the data directory's marker;
-    /// nothing else of the agent's (no secret, no stray API key).
-    pub(crate) fn spawn(config: &ExecConfig) -> std::io::Result<Warm> {
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        ours.set_nonblocking(true)?;
-        let socket = tokio::net::UnixStream::from_std(ours)?;
-        let program = &config.supervisor;
-        let mut command = Command::new(&program.program);
-        command.args(&program.args).env_clear();
-        let passed = ["PATH", "HOME", "LANG"]
-            .into_iter()
-            .chain(config.pass_env.iter().map(String::as_str));
-        for name in passed {
-            if let Some(value) = std::env::var_os(name) {
-                command.env(name, value);
-            }
-        }
-        if std::env::var_os("PATH").is_none() {
-            command.env("PATH", DEFAULT_PATH);
-        }
-        command
-            .env(AGENT_DIR_ENV, &config.data_dir)
-            // mimalloc (the eretes binary's allocator) would commit and
-            // huge-page a 4 MiB arena in every supervisor; lazily it stays
-            // small. The supervisor does not pass this on to the task.
-            .env(MIMALLOC_EAGER_COMMIT, "0")
-            .stdin(Stdio::from(OwnedFd::from(theirs)))
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            // Not in the agent's group: a signal to that group (Ctrl-C on a
-            // terminal, `kill -- -PGID`) reaches the agent, which drains,
-            // and not every supervisor at once.
-            .process_group(0)
-            .kill_on_drop(false);
-        let mut child = command.spawn()?;
-        // The command holds the supervisor's end of the socket, which must
-        // close when the supervisor dies: no copy may stay here.
-        drop(command);
+    /// A new supervisor from `spawner`: its stdin our socket, its stdout
+    /// and stderr pipes that its task will inherit.
+    fn spawn(spawner: &Spawner, config: &ExecConfig) -> std::io::Result<Warm> {
+        let new = spawner.spawn(config)?;
+        new.control.set_nonblocking(true)?;
         Ok(Warm {
-            stdout: child.stdout.take(),
-            stderr: child.stderr.take(),
-            child,
-            socket,
+            child: new.child,
+            socket: tokio::net::UnixStream::from_std(new.control)?,
+            stdout: Some(pipe::Receiver::from_owned_fd(new.stdout)?),
+            stderr: Some(pipe::Receiver::from_owned_fd(new.stderr)?),
         })
     }
 }
@@ -171,7 +131,7 @@ impl Supervised {
         plan: LaunchPlan,
         gate: OwnedMutexGuard<()>,
         sent: impl FnOnce(),
-    ) -> std::io::Result<(Supervised, Option<ChildStdout>, Option<ChildStderr>)> {
+    ) -> std::io::Result<(Supervised, Option<pipe::Receiver>, Option<pipe::Receiver>)> {
         let Warm {
             child,
             socket,
@@ -285,12 +245,8 @@ impl Supervised {
     }
 
     fn kill_supervisor(&self) {
-        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
-            // SAFETY: kill(2) has no memory-safety preconditions; the child
-            // is not reaped yet, so its pid is still its own.
-            unsafe {
-                libc::kill(pid as libc::pid_t, libc::SIGKILL);
-            }
+        if let Some(child) = &self.child {
+            child.kill();
         }
     }
 
@@ -376,6 +332,7 @@ pub(crate) fn describe(status: ExitStatus) -> String {
 #[derive(Default)]
 pub(crate) struct WarmPool {
     ready: Mutex<Option<Warm>>,
+    spawner: Spawner,
 }
 
 impl WarmPool {
@@ -384,11 +341,14 @@ impl WarmPool {
         // A ready one that died meanwhile (killed while idle) is not handed out.
         let ready = self.ready.lock().expect("not poisoned").take();
         match ready {
-            Some(mut warm) => match warm.child.try_wait() {
-                Ok(None) => Ok(warm),
-                _ => Warm::spawn(config),
-            },
-            None => Warm::spawn(config),
+            Some(mut warm) => {
+                if warm.child.has_exited() {
+                    Warm::spawn(&self.spawner, config)
+                } else {
+                    Ok(warm)
+                }
+            }
+            None => Warm::spawn(&self.spawner, config),
         }
     }
 
@@ -396,7 +356,7 @@ impl WarmPool {
     pub(crate) fn refill(&self, config: &ExecConfig) {
         let mut ready = self.ready.lock().expect("not poisoned");
         if ready.is_none() {
-            match Warm::spawn(config) {
+            match Warm::spawn(&self.spawner, config) {
                 Ok(warm) => *ready = Some(warm),
                 Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
             }

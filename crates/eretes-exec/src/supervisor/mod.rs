@@ -49,7 +49,9 @@
 //! (`eretes` does), or point [`crate::ExecConfig::supervisor`] at a binary
 //! that does.
 
+mod fork_server;
 mod handle;
+mod spawner;
 mod supervise;
 mod tree;
 pub mod wire;
@@ -57,6 +59,7 @@ pub mod wire;
 use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
+pub use fork_server::FORK_SERVER_ARG;
 pub(crate) use handle::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
 pub(crate) use tree::{signal_group, stat_fields};
 
@@ -115,7 +118,17 @@ pub fn run_if_invoked() {
 /// stdin must be the agent's socket, its stdout and stderr the task's;
 /// returns the exit status.
 pub fn main(mut args: impl Iterator<Item = OsString>) -> i32 {
-    if let Some(arg) = args.next() {
+    let first = args.next();
+    if first.as_deref() == Some(OsStr::new(fork_server::FORK_SERVER_ARG)) && args.next().is_none() {
+        return match fork_server::serve() {
+            Ok(()) => 0,
+            Err(error) => {
+                eprintln!("eretes supervise --fork-server: {error}");
+                1
+            }
+        };
+    }
+    if let Some(arg) = first {
         eprintln!(
             "eretes supervise: unexpected argument {arg:?}; the agent starts supervisors and sends them their runs"
         );

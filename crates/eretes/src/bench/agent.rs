@@ -194,15 +194,7 @@ async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Re
             .await?
             .error_for_status()?;
     }
-    let supervisors = || {
-        std::fs::read_dir("/proc")
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-            .filter(|&pid| parent_of(pid) == Some(agent_pid))
-            .collect::<Vec<i32>>()
-    };
+    let supervisors = || supervisors_of(agent_pid);
     wait_until("every resident task runs", || {
         supervisors().len() >= SUPERVISED
     })
@@ -223,6 +215,23 @@ pub(super) fn pss_kib(pid: i32) -> Option<u64> {
     let rollup = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
     let line = rollup.lines().find(|line| line.starts_with("Pss:"))?;
     line.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// The supervisors the agent `agent_pid` runs (its children but its
+/// supervisors' fork server).
+pub(super) fn supervisors_of(agent_pid: i32) -> Vec<i32> {
+    let fork_server = eretes_exec::supervisor::FORK_SERVER_ARG.as_bytes();
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| parent_of(pid) == Some(agent_pid))
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|line| !line.split(|&byte| byte == 0).any(|arg| arg == fork_server))
+        })
+        .collect()
 }
 
 /// The parent of process `pid`.

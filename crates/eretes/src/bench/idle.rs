@@ -41,7 +41,7 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
             .error_for_status()?;
     }
     wait_until_async("every idle task runs", || async {
-        children(pid).len() >= tasks
+        super::agent::supervisors_of(pid).len() >= tasks
     })
     .await?;
     // Let the starts' work (logs, checkpoint files, store writes) finish.
@@ -56,7 +56,7 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     let cpu_percent = ticks as f64 / per_second / seconds * 100.0;
     let threads = status_field(pid, "Threads:")?;
     let running_kib = status_field(pid, "VmRSS:")?;
-    let supervisors = children(pid);
+    let supervisors = super::agent::supervisors_of(pid);
     let supervisor_pss_kib: u64 = supervisors.iter().filter_map(|&child| pss_kib(child)).sum();
     let per_task_kib = running_kib.saturating_sub(baseline_kib) as f64 / tasks as f64;
     let supervisor_per_task_kib = supervisor_pss_kib as f64 / supervisors.len().max(1) as f64;
@@ -74,7 +74,7 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     }
     let deadline = Instant::now() + Duration::from_secs(300);
     // One supervisor is kept started ahead, for the next task.
-    while children(pid).len() > 1 {
+    while super::agent::supervisors_of(pid).len() > 1 {
         if Instant::now() > deadline {
             bail!("the removed tasks' supervisors still run after 300 s");
         }
@@ -137,15 +137,4 @@ fn cpu_ticks(pid: i32) -> Result<u64> {
     // counted from 0 after the name.
     let field = |n: usize| -> Result<u64> { Ok(fields.get(n).context("stat field")?.parse()?) };
     Ok(field(11)? + field(12)?)
-}
-
-/// The processes whose parent is `pid`.
-fn children(pid: i32) -> Vec<i32> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&child| super::agent::parent_of(child) == Some(pid))
-        .collect()
 }
