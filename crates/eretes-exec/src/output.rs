@@ -1,5 +1,7 @@
-//! A child's stdout or stderr: copied into its log file, rotated at a size
-//! cap, with the last bytes kept for the task's result.
+//! A task's stdout or stderr, as its supervisor keeps it: copied into its
+//! log file, rotated at a size cap, with the last bytes kept for the task's
+//! result. The supervisor reads the task's pipes itself, so the agent holds
+//! nothing per stream (no task, no buffer, no descriptor) while a task runs.
 //!
 //! The cap holds for the log as a whole, whatever number of attempts or
 //! restarts append to it: when `stdout.log` reaches the cap it becomes
@@ -8,41 +10,16 @@
 //! about twice the cap on disk, and the newest part is always kept.
 //!
 //! The stream is always read to its end, whatever happens to the file: a
-//! child whose log cannot be written must never block on a full pipe.
+//! task whose log cannot be written (a full disk) must never block on a
+//! full pipe. The first failure is reported with the run's end.
 
 use std::collections::VecDeque;
+use std::fs::File;
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
 
-use tokio::fs::File;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-
-/// The first read buffer of a stream.
-const READ_MIN: usize = 512;
-/// The largest read buffer of a stream.
-const READ_MAX: usize = 16 * 1024;
-
-/// What one stream left behind.
-#[derive(Debug, Default, Clone)]
-pub(crate) struct Captured {
-    /// Its last bytes (at most the tail size asked for).
-    pub tail: VecDeque<u8>,
-    /// Bytes the stream produced in all.
-    pub total: u64,
-    /// Whether the log was rotated while this stream wrote to it.
-    pub rotated: bool,
-}
-
-impl Captured {
-    /// The tail as text (invalid UTF-8 replaced).
-    pub fn tail_text(&self) -> String {
-        let (front, back) = self.tail.as_slices();
-        let mut bytes = Vec::with_capacity(self.tail.len());
-        bytes.extend_from_slice(front);
-        bytes.extend_from_slice(back);
-        String::from_utf8_lossy(&bytes).into_owned()
-    }
-}
+/// The most bytes of a stream's end a result keeps, whatever the agent asks.
+pub const MAX_TAIL: usize = 16 * 1024;
 
 /// The log file being written, and how much it holds.
 struct Log {
@@ -52,13 +29,12 @@ struct Log {
 }
 
 impl Log {
-    async fn open(path: &Path) -> std::io::Result<Log> {
-        let file = tokio::fs::OpenOptions::new()
+    fn open(path: &Path) -> std::io::Result<Log> {
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(path)
-            .await?;
-        let size = file.metadata().await?.len();
+            .open(path)?;
+        let size = file.metadata()?.len();
         Ok(Log {
             path: path.to_path_buf(),
             file,
@@ -67,108 +43,145 @@ impl Log {
     }
 
     /// Move the full log aside (`<log>.1`) and start a new one that says so.
-    async fn rotate(&mut self, cap: u64) -> std::io::Result<()> {
-        self.file.flush().await?;
+    fn rotate(&mut self, cap: u64) -> std::io::Result<()> {
         let mut older = self.path.clone().into_os_string();
         older.push(".1");
-        tokio::fs::rename(&self.path, &older).await?;
+        std::fs::rename(&self.path, &older)?;
         let name = Path::new(&older)
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
-        *self = Log::open(&self.path).await?;
+        *self = Log::open(&self.path)?;
         let note = format!(
             "[eretes: this log reached {cap} bytes; the {cap} before this line are in {name}, anything older was dropped]\n"
         );
-        self.file.write_all(note.as_bytes()).await?;
+        self.file.write_all(note.as_bytes())?;
         self.size += note.len() as u64;
         Ok(())
     }
 
     /// Append `bytes`, rotating first when they would take the log past `cap`.
-    async fn write(&mut self, bytes: &[u8], cap: u64) -> std::io::Result<bool> {
-        let rotated = self.size > 0 && self.size + bytes.len() as u64 > cap;
-        if rotated {
-            self.rotate(cap).await?;
+    fn write(&mut self, bytes: &[u8], cap: u64) -> std::io::Result<()> {
+        if self.size > 0 && self.size + bytes.len() as u64 > cap {
+            self.rotate(cap)?;
         }
-        self.file.write_all(bytes).await?;
+        self.file.write_all(bytes)?;
         self.size += bytes.len() as u64;
-        Ok(rotated)
+        Ok(())
     }
 }
 
-/// Copy `source` into the log at `log` (appended; rotated at `cap` bytes,
-/// see the module docs); keep the last `tail_bytes` of everything in
-/// `progress`, updated as the stream goes (so that a caller that stops
-/// waiting still has it).
-pub(crate) async fn capture(
-    mut source: impl AsyncRead + Unpin,
-    log: &Path,
+/// One stream's log and tail.
+pub(crate) struct OutputLog {
+    path: PathBuf,
+    /// `None` once it cannot be written.
+    log: Option<Log>,
     cap: u64,
+    tail: VecDeque<u8>,
     tail_bytes: usize,
-    progress: Arc<Mutex<Captured>>,
-) {
-    let mut out = match Log::open(log).await {
-        Ok(out) => Some(out),
-        Err(error) => {
-            tracing::warn!(log = %log.display(), %error, "cannot open the task's log; its output is discarded");
-            None
-        }
-    };
-    // Small while the stream is quiet (most tasks print little, and an idle
-    // one holds its buffers for as long as it runs), doubled up to
-    // `READ_MAX` while reads fill it.
-    let mut buffer = vec![0u8; READ_MIN];
-    loop {
-        let read = match source.read(&mut buffer).await {
-            Ok(0) | Err(_) => break,
-            Ok(read) => read,
+    /// The first failure to write the log.
+    error: Option<String>,
+}
+
+impl OutputLog {
+    /// Append to the log at `path` (created if need be), rotating at `cap`
+    /// bytes, keeping the last `tail_bytes` (at most [`MAX_TAIL`]).
+    pub(crate) fn open(path: PathBuf, cap: u64, tail_bytes: usize) -> OutputLog {
+        let (log, error) = match Log::open(&path) {
+            Ok(log) => (Some(log), None),
+            Err(error) => (
+                None,
+                Some(format!("cannot open {}: {error}", path.display())),
+            ),
         };
-        if read == buffer.len() && buffer.len() < READ_MAX {
-            buffer.resize(buffer.len() * 2, 0);
+        OutputLog {
+            path,
+            log,
+            cap: cap.max(1),
+            tail: VecDeque::new(),
+            tail_bytes: tail_bytes.min(MAX_TAIL),
+            error,
         }
-        let chunk = &buffer[..read];
-        {
-            let mut captured = progress.lock().expect("not poisoned");
-            captured.total += read as u64;
-            captured.tail.extend(chunk.iter().copied());
-            let excess = captured.tail.len().saturating_sub(tail_bytes);
-            captured.tail.drain(..excess);
-        }
-        let Some(file) = out.as_mut() else { continue };
+    }
+
+    /// Take `chunk`, the stream's next bytes.
+    pub(crate) fn push(&mut self, chunk: &[u8]) {
+        let keep = &chunk[chunk.len().saturating_sub(self.tail_bytes)..];
+        self.tail.extend(keep.iter().copied());
+        let excess = self.tail.len().saturating_sub(self.tail_bytes);
+        self.tail.drain(..excess);
+        let Some(log) = self.log.as_mut() else {
+            return;
+        };
         // A chunk larger than the cap is cut to its end: the newest part.
-        let keep = &chunk[chunk.len().saturating_sub(cap as usize)..];
-        match file.write(keep, cap).await {
-            Ok(rotated) => progress.lock().expect("not poisoned").rotated |= rotated,
-            Err(error) => {
-                tracing::warn!(log = %log.display(), %error, "cannot write the task's log; its output is discarded");
-                out = None;
-            }
+        let newest = &chunk[chunk.len().saturating_sub(self.cap as usize)..];
+        if let Err(error) = log.write(newest, self.cap) {
+            self.error = Some(format!(
+                "cannot write {}: {error}; the rest of the output is discarded",
+                self.path.display()
+            ));
+            self.log = None;
         }
     }
-    if let Some(mut out) = out {
-        let _ = out.file.flush().await;
+
+    /// The tail as text (invalid UTF-8 replaced).
+    pub(crate) fn tail_text(&self) -> String {
+        let (front, back) = self.tail.as_slices();
+        let mut bytes = Vec::with_capacity(self.tail.len());
+        bytes.extend_from_slice(front);
+        bytes.extend_from_slice(back);
+        String::from_utf8_lossy(&bytes).into_owned()
     }
+
+    /// Record a failure about this log (the first one is kept).
+    pub(crate) fn note_error(&mut self, error: String) {
+        self.error.get_or_insert(error);
+    }
+
+    /// The first failure to open or write the log, if any.
+    pub(crate) fn error(&self) -> Option<&str> {
+        self.error.as_deref()
+    }
+}
+
+/// Start `dir`'s logs afresh for a new run (attempts of one run append):
+/// empty `stdout.log` and `stderr.log`, and drop the older part of a
+/// rotated one.
+pub(crate) fn reset_logs(dir: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    for name in ["stdout.log", "stderr.log"] {
+        File::create(dir.join(name))?;
+        match std::fs::remove_file(dir.join(format!("{name}.1"))) {
+            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[tokio::test]
-    async fn the_log_rotates_at_the_cap_keeping_the_newest_output() {
+    /// Feed `input` in reads of at most 16 KiB, as the supervisor does.
+    fn feed(output: &mut OutputLog, input: &[u8]) {
+        for chunk in input.chunks(16 * 1024) {
+            output.push(chunk);
+        }
+    }
+
+    #[test]
+    fn the_log_rotates_at_the_cap_keeping_the_newest_output() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
         let input: Vec<u8> = (0..100_000u32)
             .flat_map(|n| format!("{n}\n").into_bytes())
             .collect();
-        let progress = Arc::default();
         // A cap above the 16 KiB read size, so nothing is cut within a read.
-        capture(&input[..], &log, 100_000, 10, Arc::clone(&progress)).await;
-        let captured = progress.lock().unwrap().clone();
-        assert_eq!(captured.total, input.len() as u64);
-        assert!(captured.rotated);
-        assert_eq!(captured.tail_text(), "998\n99999\n");
+        let mut output = OutputLog::open(log.clone(), 100_000, 10);
+        feed(&mut output, &input);
+        assert_eq!(output.tail_text(), "998\n99999\n");
+        assert_eq!(output.error(), None);
         let newest = std::fs::read_to_string(&log).unwrap();
         let older = std::fs::read_to_string(dir.path().join("out.log.1")).unwrap();
         assert!(newest.starts_with("[eretes: this log reached 100000 bytes"));
@@ -185,16 +198,15 @@ mod tests {
         assert!(kept.len() > 100_000);
     }
 
-    #[tokio::test]
-    async fn appends_count_toward_the_cap_across_attempts() {
+    #[test]
+    fn appends_count_toward_the_cap_across_attempts() {
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("out.log");
-        let line = vec![b'x'; 999];
+        let mut line = vec![b'x'; 999];
+        line.push(b'\n');
         for _ in 0..50 {
             // One attempt (or restart) after another, each appending.
-            let mut input = line.clone();
-            input.push(b'\n');
-            capture(&input[..], &log, 5_000, 10, Arc::default()).await;
+            OutputLog::open(log.clone(), 5_000, 10).push(&line);
         }
         let newest = std::fs::metadata(&log).unwrap().len();
         let older = std::fs::metadata(dir.path().join("out.log.1"))
@@ -206,20 +218,35 @@ mod tests {
         );
     }
 
-    #[tokio::test]
-    async fn an_unwritable_log_still_drains_the_stream() {
-        let input = vec![b'x'; 100_000];
-        let progress = Arc::default();
-        capture(
-            &input[..],
-            Path::new("/nonexistent/dir/out.log"),
-            10,
-            4,
-            Arc::clone(&progress),
-        )
-        .await;
-        let captured = progress.lock().unwrap().clone();
-        assert_eq!(captured.total, 100_000);
-        assert_eq!(captured.tail_text(), "xxxx");
+    #[test]
+    fn an_unwritable_log_still_keeps_the_tail_and_says_why() {
+        let mut output = OutputLog::open("/nonexistent/dir/out.log".into(), 10, 4);
+        feed(&mut output, &[b'x'; 100_000]);
+        assert_eq!(output.tail_text(), "xxxx");
+        assert!(
+            output.error().unwrap().contains("/nonexistent/dir/out.log"),
+            "{:?}",
+            output.error()
+        );
+    }
+
+    #[test]
+    fn a_tail_never_exceeds_its_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut output = OutputLog::open(dir.path().join("out.log"), 1 << 20, usize::MAX);
+        feed(&mut output, &vec![b'y'; 100_000]);
+        assert_eq!(output.tail_text().len(), MAX_TAIL);
+    }
+
+    #[test]
+    fn resetting_empties_both_logs_and_drops_rotated_parts() {
+        let dir = tempfile::tempdir().unwrap();
+        for name in ["stdout.log", "stderr.log", "stdout.log.1"] {
+            std::fs::write(dir.path().join(name), "old").unwrap();
+        }
+        reset_logs(dir.path()).unwrap();
+        assert_eq!(std::fs::read(dir.path().join("stdout.log")).unwrap(), b"");
+        assert_eq!(std::fs::read(dir.path().join("stderr.log")).unwrap(), b"");
+        assert!(!dir.path().join("stdout.log.1").exists());
     }
 }

@@ -2,9 +2,7 @@
 //! process of its own (see [`crate::supervisor`]).
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::PathBuf;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -17,9 +15,8 @@ use tracing::{info, warn};
 use crate::checkpoint::CheckpointFile;
 use crate::checkpoint_watch::CheckpointWatcher;
 use crate::leftovers::{self, RunMarker};
-use crate::output::{capture, Captured};
 use crate::spec::ProcessSpec;
-use crate::supervisor::wire::{Cause, Launch, Report};
+use crate::supervisor::wire::{Cause, Launch, LaunchLogs, Report, Stream, StreamEnd};
 use crate::supervisor::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
 use crate::{AllowList, ExecConfig, CHECKPOINT_FILE_ENV};
 
@@ -89,8 +86,9 @@ impl ProcessHandler {
 
 /// How one attempt ended.
 enum Ended {
-    /// The program exited by itself (and the rest of its tree was killed).
-    Exited(ExitStatus, Captured, Captured),
+    /// The program exited by itself (and the rest of its tree was killed):
+    /// its status, and the ends of its stdout and stderr.
+    Exited(ExitStatus, String, String),
     /// Stopped: by the runtime, a command, or the fencing deadline.
     Stopped,
     /// Its supervisor died without a report; the agent killed the tree.
@@ -127,14 +125,6 @@ impl StatefulHandler for ProcessHandler {
             }
         }
         let logs = self.config.logs_dir().join(id.as_str());
-        // Logs start afresh with each run that is not a retry after an
-        // error (a resumed or woken task too); retries append.
-        if ctx.recent_errors == 0 {
-            if let Err(error) = reset_logs(&logs).await {
-                // The run goes on; `capture` reports the log it cannot write.
-                warn!(task = %id, %error, "cannot reset the task's logs");
-            }
-        }
         let name = format!("{id}.{}", ctx.task.epoch);
         let root = self.config.checkpoints_dir();
         let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
@@ -206,14 +196,13 @@ impl ProcessHandler {
                 "exit_code": 0,
                 "signal": null,
                 "attempts": attempt,
-                "stdout_tail": stdout.tail_text(),
-                "stderr_tail": stderr.tail_text(),
+                "stdout_tail": stdout,
+                "stderr_tail": stderr,
             }));
         }
         Step::Error(format!(
-            "{} (attempt {attempt}); stderr ends with: {:?}",
+            "{} (attempt {attempt}); stderr ends with: {stderr:?}",
             describe(status),
-            stderr.tail_text()
         ))
     }
 
@@ -300,6 +289,10 @@ impl ProcessHandler {
                 checkpoint.path().as_os_str().as_bytes().to_vec(),
             ),
         ]);
+        // Logs start afresh with each run that is not a retry after an
+        // error (a resumed or woken task too); retries and a permanent
+        // task's restarts append.
+        let reset_logs = ctx.recent_errors == 0 && attempt == 1;
         let launch = Launch {
             program: spec.program.clone(),
             args: spec.args.clone(),
@@ -312,6 +305,12 @@ impl ProcessHandler {
             deadline_ns: deadline.unwrap_or(0),
             run_as: self.config.run_as.clone(),
             open_files: self.config.task_open_files,
+            logs: Some(LaunchLogs {
+                dir: logs.as_os_str().as_bytes().to_vec(),
+                reset: reset_logs,
+                cap: self.config.log_cap,
+                tail_bytes: self.config.tail_bytes,
+            }),
         };
         let plan = LaunchPlan {
             launch,
@@ -330,10 +329,7 @@ impl ProcessHandler {
         let warm = self.warm.take(&self.config)?;
         // The next run's supervisor starts while this one starts its task.
         let refill = || self.warm.refill(&self.config);
-        let (mut supervised, stdout, stderr) = Supervised::launch(warm, plan, gate, refill).await?;
-        let (cap, tail) = (self.config.log_cap, self.config.tail_bytes);
-        let stdout = Capture::start(stdout, logs.join("stdout.log"), cap, tail);
-        let stderr = Capture::start(stderr, logs.join("stderr.log"), cap, tail);
+        let mut supervised = Supervised::launch(warm, plan, gate, refill).await?;
         // Deadlines and the stop reach the supervisor on their own (see
         // `LaunchPlan`); this loop saves checkpoints until the end, and
         // stops the attempt if it outlives its timeout.
@@ -372,7 +368,11 @@ impl ProcessHandler {
             SupervisorEnd::Ended {
                 status,
                 cause: Cause::Exited,
-            } => Ended::Exited(status, stdout.finish().await, stderr.finish().await),
+                outputs,
+            } => {
+                let (stdout, stderr) = tails(task.id.as_str(), outputs);
+                Ended::Exited(status, stdout, stderr)
+            }
             SupervisorEnd::Ended {
                 cause: Cause::Stopped,
                 ..
@@ -389,55 +389,18 @@ impl ProcessHandler {
     }
 }
 
-/// One output stream being captured.
-struct Capture {
-    task: Option<tokio::task::JoinHandle<()>>,
-    progress: Arc<Mutex<Captured>>,
-}
-
-/// How long the output may stay open after the group was killed: only a
-/// process that left the group (a daemon) can still hold it.
-const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
-
-impl Capture {
-    fn start(
-        source: Option<impl tokio::io::AsyncRead + Unpin + Send + 'static>,
-        log: PathBuf,
-        cap: u64,
-        tail: usize,
-    ) -> Capture {
-        let progress = Arc::new(Mutex::new(Captured::default()));
-        let task = source.map(|source| {
-            let progress = Arc::clone(&progress);
-            tokio::spawn(async move { capture(source, &log, cap, tail, progress).await })
-        });
-        Capture { task, progress }
-    }
-
-    /// What the stream produced, once it ended or [`OUTPUT_DRAIN`] passed.
-    async fn finish(self) -> Captured {
-        if let Some(task) = self.task {
-            let abort = task.abort_handle();
-            if tokio::time::timeout(OUTPUT_DRAIN, task).await.is_err() {
-                warn!("a process that left the task's group still holds its output; not waiting for it");
-                abort.abort();
-            }
+/// The tails of a run's stdout and stderr from its supervisor's report;
+/// a log it could not write is logged here.
+fn tails(task: &str, outputs: Vec<StreamEnd>) -> (String, String) {
+    let (mut stdout, mut stderr) = (String::new(), String::new());
+    for end in outputs {
+        if let Some(error) = &end.error {
+            warn!(task, stream = ?end.stream, %error, "the task's log could not be written");
         }
-        let captured = self.progress.lock().expect("not poisoned").clone();
-        captured
-    }
-}
-
-/// Truncate a task's logs for a new run (attempts of one run append), and
-/// drop the older part of a rotated log.
-async fn reset_logs(dir: &std::path::Path) -> std::io::Result<()> {
-    tokio::fs::create_dir_all(dir).await?;
-    for name in ["stdout.log", "stderr.log"] {
-        tokio::fs::File::create(dir.join(name)).await?;
-        match tokio::fs::remove_file(dir.join(format!("{name}.1"))).await {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-            _ => {}
+        match end.stream {
+            Stream::Stdout => stdout = end.tail,
+            Stream::Stderr => stderr = end.tail,
         }
     }
-    Ok(())
+    (stdout, stderr)
 }

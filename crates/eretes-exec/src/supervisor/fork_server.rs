@@ -19,9 +19,9 @@
 //!
 //! ```text
 //! agent ──SOCK_SEQPACKET (fork server's stdin)──> fork server
-//!   │  request: one byte + [control socket, stdout, stderr] (SCM_RIGHTS)
+//!   │  request: one byte + [its control socket] (SCM_RIGHTS)
 //!   │  answer:  the pid (or −errno) + [pidfd]
-//!   └── parent of every supervisor ── supervisor (fds 0, 1, 2 = the three passed)
+//!   └── parent of every supervisor ── supervisor (fd 0 = the socket passed)
 //! ```
 //!
 //! The fork server is single-threaded and has no async runtime, so forking
@@ -51,14 +51,14 @@ pub(crate) fn serve() -> Result<()> {
     // process as its stdin; nothing else here uses it.
     let socket = unsafe { OwnedFd::from_raw_fd(0) };
     loop {
-        let (payload, fds) = match receive(socket.as_raw_fd(), 3) {
+        let (payload, mut fds) = match receive(socket.as_raw_fd(), 1) {
             Ok(Some(message)) => message,
             Ok(None) => return Ok(()),
             Err(error) if error.kind() == ErrorKind::Interrupted => continue,
             Err(error) => return Err(error),
         };
-        let answer = match (payload.as_slice(), <[OwnedFd; 3]>::try_from(fds)) {
-            ([REQUEST], Ok(fds)) => fork_supervisor(fds),
+        let answer = match (payload.as_slice(), fds.pop()) {
+            ([REQUEST], Some(control)) if fds.is_empty() => fork_supervisor(control),
             _ => Err(Error::from_raw_os_error(libc::EINVAL)),
         };
         let sent = match answer {
@@ -82,10 +82,11 @@ pub(crate) fn serve() -> Result<()> {
 
 use std::os::fd::AsFd;
 
-/// Create a supervisor whose fds 0, 1 and 2 are `fds` (its control socket,
-/// the task's stdout and stderr), as a child of this process's parent.
-/// Returns its pid and a pidfd for it. The new process never returns here.
-fn fork_supervisor(fds: [OwnedFd; 3]) -> Result<(libc::pid_t, OwnedFd)> {
+/// Create a supervisor whose fd 0 is `control` (its socket to the agent),
+/// as a child of this process's parent. Returns its pid and a pidfd for it.
+/// The new process never returns here. (Its stdout and stderr are this
+/// process's: nothing, and the agent's stderr, for its own errors.)
+fn fork_supervisor(control: OwnedFd) -> Result<(libc::pid_t, OwnedFd)> {
     let mut pidfd: libc::c_int = -1;
     // SAFETY: clone_args is plain data; zeroed is a valid (empty) value.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
@@ -108,26 +109,23 @@ fn fork_supervisor(fds: [OwnedFd; 3]) -> Result<(libc::pid_t, OwnedFd)> {
         return Err(Error::last_os_error());
     }
     if pid == 0 {
-        become_supervisor(fds);
+        become_supervisor(control);
     }
     // SAFETY: the kernel wrote a new descriptor for the child into `pidfd`.
     let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
     Ok((pid as libc::pid_t, pidfd))
 }
 
-/// In the new process: put `fds` in place of stdin, stdout and stderr (the
-/// fork server's socket on fd 0 goes with that), and run the supervisor.
-fn become_supervisor(fds: [OwnedFd; 3]) -> ! {
-    for (target, fd) in fds.iter().enumerate() {
-        // SAFETY: dup2 of an open descriptor onto 0, 1 or 2; the received
-        // descriptors are all above 2 (0, 1 and 2 were open when they were
-        // received), so none is replaced before it is copied.
-        if unsafe { libc::dup2(fd.as_raw_fd(), target as RawFd) } < 0 {
-            // SAFETY: _exit ends this process at once.
-            unsafe { libc::_exit(127) };
-        }
+/// In the new process: put `control` in place of stdin (the fork server's
+/// socket on fd 0 goes with that), and run the supervisor.
+fn become_supervisor(control: OwnedFd) -> ! {
+    // SAFETY: dup2 of an open descriptor onto 0; the received one is above
+    // 2 (0, 1 and 2 were open when it was received).
+    if unsafe { libc::dup2(control.as_raw_fd(), 0) } < 0 {
+        // SAFETY: _exit ends this process at once.
+        unsafe { libc::_exit(127) };
     }
-    drop(fds);
+    drop(control);
     retitle();
     // Not in the agent's (or the fork server's) process group: a signal to
     // that group (Ctrl-C on a terminal) reaches the agent, which drains,
@@ -270,11 +268,11 @@ fn control_space(fds: usize) -> usize {
     unsafe { libc::CMSG_SPACE((fds.max(1) * std::mem::size_of::<RawFd>()) as u32) as usize }
 }
 
-/// The agent's end: ask for a supervisor with these three descriptors as
-/// its fds 0, 1 and 2; returns its pid and pidfd. `socket` must have a
-/// receive timeout (a stuck fork server then fails the request).
-pub(crate) fn request(socket: RawFd, fds: [BorrowedFd<'_>; 3]) -> Result<(libc::pid_t, OwnedFd)> {
-    send(socket, &[REQUEST], &fds)?;
+/// The agent's end: ask for a supervisor with `control` as its fd 0;
+/// returns its pid and pidfd. `socket` must have a receive timeout (a
+/// stuck fork server then fails the request).
+pub(crate) fn request(socket: RawFd, control: BorrowedFd<'_>) -> Result<(libc::pid_t, OwnedFd)> {
+    send(socket, &[REQUEST], &[control])?;
     let (payload, mut received) = loop {
         match receive(socket, 1) {
             Ok(Some(answer)) => break answer,

@@ -10,7 +10,6 @@ use std::time::Duration;
 
 use eretes_runtime::FenceDeadline;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::net::unix::pipe;
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::OwnedMutexGuard;
 use tokio::task::AbortHandle;
@@ -18,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
 use super::spawner::{Spawner, SupervisorChild};
-use super::wire::{exit_status, Cause, Launch, Order, Report, MAX_LINE};
+use super::wire::{exit_status, Cause, Launch, Order, Report, StreamEnd, MAX_OUTPUT_LINE};
 use crate::leftovers::{self, RunMarker};
 use crate::ExecConfig;
 
@@ -34,6 +33,8 @@ pub(crate) enum SupervisorEnd {
         status: ExitStatus,
         /// Why it ended.
         cause: Cause,
+        /// How its output streams ended (none if it had no logs).
+        outputs: Vec<StreamEnd>,
     },
     /// The supervisor died without a report (this says how); the agent
     /// killed what it could find of the tree.
@@ -60,6 +61,8 @@ pub(crate) struct Supervised {
     record: Option<PathBuf>,
     /// An end reported in place of the start (fenced before it began).
     pending_end: Option<Report>,
+    /// The output streams' ends, reported just before the end.
+    outputs: Vec<StreamEnd>,
 }
 
 /// What a run needs besides its supervisor.
@@ -102,21 +105,16 @@ async fn forward(mut writer: OwnedWriteHalf, mut fence: FenceDeadline, cancel: C
 pub(crate) struct Warm {
     child: SupervisorChild,
     socket: tokio::net::UnixStream,
-    stdout: Option<pipe::Receiver>,
-    stderr: Option<pipe::Receiver>,
 }
 
 impl Warm {
-    /// A new supervisor from `spawner`: its stdin our socket, its stdout
-    /// and stderr pipes that its task will inherit.
+    /// A new supervisor from `spawner`, its stdin our socket.
     fn spawn(spawner: &Spawner, config: &ExecConfig) -> std::io::Result<Warm> {
         let new = spawner.spawn(config)?;
         new.control.set_nonblocking(true)?;
         Ok(Warm {
             child: new.child,
             socket: tokio::net::UnixStream::from_std(new.control)?,
-            stdout: Some(pipe::Receiver::from_owned_fd(new.stdout)?),
-            stderr: Some(pipe::Receiver::from_owned_fd(new.stderr)?),
         })
     }
 }
@@ -124,20 +122,14 @@ impl Warm {
 impl Supervised {
     /// Hand `plan`'s launch to the `warm` supervisor (then call `sent`),
     /// forward the fence deadline and a stop to it from then on, and wait
-    /// until it started the task. Returns it with the task's output
-    /// streams.
+    /// until it started the task.
     pub(crate) async fn launch(
         warm: Warm,
         plan: LaunchPlan,
         gate: OwnedMutexGuard<()>,
         sent: impl FnOnce(),
-    ) -> std::io::Result<(Supervised, Option<pipe::Receiver>, Option<pipe::Receiver>)> {
-        let Warm {
-            child,
-            socket,
-            stdout,
-            stderr,
-        } = warm;
+    ) -> std::io::Result<Supervised> {
+        let Warm { child, socket } = warm;
         let (reader, mut writer) = socket.into_split();
         let written = writer.write_all(plan.launch.encode().as_bytes()).await;
         sent();
@@ -153,6 +145,7 @@ impl Supervised {
             gate: Some(gate),
             record: None,
             pending_end: None,
+            outputs: Vec::new(),
         };
         if let Err(error) = written {
             supervised.kill_supervisor();
@@ -172,12 +165,12 @@ impl Supervised {
                 } else {
                     supervised.record = Some(record);
                 }
-                Ok((supervised, stdout, stderr))
+                Ok(supervised)
             }
             // Ended at once: fenced before it began. `finish` reads it.
             Ok(Ok(end @ Report::Ended { .. })) => {
                 supervised.pending_end = Some(end);
-                Ok((supervised, stdout, stderr))
+                Ok(supervised)
             }
             Ok(Ok(Report::Failed(text))) => {
                 supervised.reap().await;
@@ -198,17 +191,24 @@ impl Supervised {
         }
     }
 
-    /// The supervisor's next report; an error once its socket closed or it
-    /// said something it should not. Cancel-safe.
+    /// The supervisor's next report (output streams' ends are kept for
+    /// [`Supervised::finish`], not returned); an error once its socket
+    /// closed or it said something it should not. Cancel-safe.
     pub(crate) async fn report(&mut self) -> Result<Report, String> {
         if let Some(end) = self.pending_end.take() {
             return Ok(end);
         }
-        match self.reports.next_line().await {
-            Ok(Some(line)) if line.len() <= MAX_LINE => Report::decode(&line),
-            Ok(Some(_)) => Err("a report longer than any report".into()),
-            Ok(None) => Err("its socket closed".into()),
-            Err(error) => Err(format!("its socket failed: {error}")),
+        loop {
+            let report = match self.reports.next_line().await {
+                Ok(Some(line)) if line.len() <= MAX_OUTPUT_LINE => Report::decode(&line),
+                Ok(Some(_)) => Err("a report longer than any report".into()),
+                Ok(None) => Err("its socket closed".into()),
+                Err(error) => Err(format!("its socket failed: {error}")),
+            };
+            match report {
+                Ok(Report::Output(end)) => self.outputs.push(end),
+                report => return report,
+            }
         }
     }
 
@@ -223,6 +223,7 @@ impl Supervised {
                     return SupervisorEnd::Ended {
                         status: exit_status(status),
                         cause,
+                        outputs: std::mem::take(&mut self.outputs),
                     };
                 }
                 Ok(_) => report = self.report().await,

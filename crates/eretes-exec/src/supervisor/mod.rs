@@ -52,6 +52,7 @@
 mod fork_server;
 mod handle;
 mod spawner;
+mod streams;
 mod supervise;
 mod tree;
 pub mod wire;

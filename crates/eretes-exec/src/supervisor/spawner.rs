@@ -1,7 +1,6 @@
 //! How the agent creates a supervisor: forked by the agent's fork server
 //! ([`super::fork_server`]) when it can, exec'd from the supervisor program
-//! otherwise; either way a child of the agent, with a control socket and
-//! the task's two output pipes.
+//! otherwise; either way a child of the agent, with a control socket.
 
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{ExitStatus, Stdio};
@@ -29,10 +28,6 @@ pub(crate) struct NewSupervisor {
     pub child: SupervisorChild,
     /// The agent's end of its control socket.
     pub control: std::os::unix::net::UnixStream,
-    /// The read ends of the task's stdout and stderr.
-    pub stdout: OwnedFd,
-    /// See `stdout`.
-    pub stderr: OwnedFd,
 }
 
 /// Creates supervisors for one agent.
@@ -62,17 +57,15 @@ impl Spawner {
     /// A new supervisor for `config`'s tasks.
     pub(crate) fn spawn(&self, config: &ExecConfig) -> std::io::Result<NewSupervisor> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let (stdout, stdout_theirs) = pipe()?;
-        let (stderr, stderr_theirs) = pipe()?;
-        let fds = [theirs.as_fd(), stdout_theirs.as_fd(), stderr_theirs.as_fd()];
-        let child = match self.fork(config, fds) {
+        let child = match self.fork(config, theirs.as_fd()) {
             Some(child) => child,
             None => {
                 let mut command = supervisor_command(config, None);
+                // Its stderr is the agent's, for its own errors.
                 command
                     .stdin(Stdio::from(OwnedFd::from(theirs)))
-                    .stdout(Stdio::from(stdout_theirs))
-                    .stderr(Stdio::from(stderr_theirs));
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::inherit());
                 let child = command.spawn()?;
                 // The command holds the supervisor's ends, which must close
                 // when the supervisor dies: no copy may stay here.
@@ -83,8 +76,6 @@ impl Spawner {
         Ok(NewSupervisor {
             child,
             control: ours,
-            stdout,
-            stderr,
         })
     }
 
@@ -93,7 +84,7 @@ impl Spawner {
     fn fork(
         &self,
         config: &ExecConfig,
-        fds: [std::os::fd::BorrowedFd<'_>; 3],
+        control: std::os::fd::BorrowedFd<'_>,
     ) -> Option<SupervisorChild> {
         let mut server = self.fork_server.lock().expect("not poisoned");
         if matches!(*server, ForkServer::NotStarted) {
@@ -111,7 +102,7 @@ impl Spawner {
         else {
             return None;
         };
-        let error = match fork_server::request(socket.as_raw_fd(), fds) {
+        let error = match fork_server::request(socket.as_raw_fd(), control) {
             // SAFETY: the AsyncFd owns the pidfd, which stays open and
             // the same until it is dropped.
             Ok((_pid, pidfd)) => {
@@ -227,17 +218,6 @@ fn supervisor_command(config: &ExecConfig, extra: Option<&str>) -> Command {
         .process_group(0)
         .kill_on_drop(false);
     command
-}
-
-/// A pipe: (read end, write end), both close-on-exec.
-fn pipe() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let mut fds = [0; 2];
-    // SAFETY: pipe2 writes two descriptors into `fds`.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: pipe2 returned two new descriptors that nothing else owns.
-    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
 }
 
 /// A supervisor process, the agent's child either way.

@@ -1,7 +1,7 @@
 //! The supervisor process itself: one task leader, one socket to the agent,
-//! three file descriptors to wait on (the socket, a signalfd for SIGCHLD and
-//! stop signals, a `CLOCK_BOOTTIME` timerfd for the deadline) and no async
-//! runtime.
+//! five file descriptors to wait on (the socket, a signalfd for SIGCHLD and
+//! stop signals, a `CLOCK_BOOTTIME` timerfd for the deadline, and the
+//! task's stdout and stderr pipes) and no async runtime.
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
@@ -14,12 +14,17 @@ use std::time::{Duration, Instant};
 
 use eretes_runtime::boottime_ns;
 
+use super::streams::TaskStreams;
 use super::tree::signal_tree;
 use super::wire::{Cause, Launch, Order, Report, MAX_LAUNCH, MAX_LINE};
 
 /// How often the tree is looked for and SIGKILLed again while it dies: a
 /// process forked between two looks is found by the next.
 const KILL_RESCAN: Duration = Duration::from_millis(50);
+
+/// How long the output may stay open after the tree is gone: only a
+/// process outside it (one the task handed its pipe to) can still hold it.
+const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
 /// Wait for the run to launch, then supervise it until every process of
 /// its tree is gone.
@@ -67,6 +72,22 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         .args(&launch.args)
         .env_remove(super::MIMALLOC_EAGER_COMMIT)
         .stdin(Stdio::null());
+    // The task's output: pipes into its logs, or nowhere.
+    let mut streams = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
+        Ok(Some((streams, stdout, stderr))) => {
+            command.stdout(stdout).stderr(stderr);
+            Some(streams)
+        }
+        Ok(None) => {
+            command.stdout(Stdio::null()).stderr(Stdio::null());
+            None
+        }
+        Err(error) => {
+            let text = format!("cannot make the task's output pipes: {error}");
+            let _ = control.write_all(Report::Failed(text).encode().as_bytes());
+            return Ok(());
+        }
+    };
     for (name, value) in &launch.env {
         command.env(name, OsStr::from_bytes(value));
     }
@@ -137,7 +158,11 @@ pub(crate) fn supervise() -> std::io::Result<()> {
             Ok(())
         });
     }
-    let leader = match command.spawn() {
+    let spawned = command.spawn();
+    // The command holds this process's copies of the pipes' write ends:
+    // the streams end only once no copy is left.
+    drop(command);
+    let leader = match spawned {
         Ok(child) => child.id() as libc::pid_t,
         Err(error) => {
             let text = format!("cannot start {:?}: {error}", launch.program);
@@ -147,9 +172,6 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     };
     // The agent may be gone already; the socket's end says so below.
     let _ = control.write_all(Report::Started(leader).encode().as_bytes());
-    // The task's output is the task's: nothing of this process goes there.
-    // (Should that fail, the task still runs and is still supervised.)
-    let _ = silence_output();
     let mut run = Run {
         me,
         leader,
@@ -167,17 +189,25 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     };
     // Orders the agent sent right behind the launch.
     run.take_orders(&pending);
-    if let Err(error) = run.watch(&mut control, &signals, &timer) {
+    if let Err(error) = run.watch(&mut control, &signals, &timer, streams.as_mut()) {
         // Never leave while the tree lives, whatever failed.
         run.kill_and_reap();
         return Err(error);
     }
     if run.control_open {
-        let report = Report::Ended {
+        let mut reports = String::new();
+        if let Some(streams) = &mut streams {
+            streams.drain(OUTPUT_DRAIN);
+            for end in streams.ends() {
+                reports.push_str(&Report::Output(end).encode());
+            }
+        }
+        let end = Report::Ended {
             status: run.status.unwrap_or(0),
             cause: run.cause,
         };
-        let _ = control.write_all(report.encode().as_bytes());
+        reports.push_str(&end.encode());
+        let _ = control.write_all(reports.as_bytes());
     }
     Ok(())
 }
@@ -219,12 +249,14 @@ struct Run {
 }
 
 impl Run {
-    /// Wait on the socket, signals and the timer until no child is left.
+    /// Wait on the socket, signals, the timer and the task's output until
+    /// no child is left.
     fn watch(
         &mut self,
         control: &mut UnixStream,
         signals: &SignalFd,
         timer: &BootTimer,
+        mut streams: Option<&mut TaskStreams>,
     ) -> std::io::Result<()> {
         loop {
             if self.reap() {
@@ -242,6 +274,9 @@ impl Run {
                 [self.deadline, self.kill_at].into_iter().flatten().min()
             };
             timer.arm(wake)?;
+            let [stdout, stderr] = streams
+                .as_ref()
+                .map_or([-1, -1], |streams| streams.poll_fds());
             let mut fds = [
                 poll_in(if self.control_open {
                     control.as_raw_fd()
@@ -250,6 +285,8 @@ impl Run {
                 }),
                 poll_in(signals.fd.as_raw_fd()),
                 poll_in(timer.fd.as_raw_fd()),
+                poll_in(stdout),
+                poll_in(stderr),
             ];
             let timeout = if self.killing {
                 let left = KILL_RESCAN.saturating_sub(self.last_scan.elapsed());
@@ -278,6 +315,11 @@ impl Run {
             }
             if fds[2].revents != 0 {
                 timer.clear();
+            }
+            if fds[3].revents != 0 || fds[4].revents != 0 {
+                if let Some(streams) = streams.as_deref_mut() {
+                    streams.read_ready();
+                }
             }
         }
     }
@@ -471,21 +513,6 @@ fn poll_in(fd: RawFd) -> libc::pollfd {
         events: libc::POLLIN,
         revents: 0,
     }
-}
-
-/// Point stdout and stderr at /dev/null (the task keeps its own copies).
-fn silence_output() -> std::io::Result<()> {
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/null")?;
-    for fd in [1, 2] {
-        // SAFETY: dup2 on two open descriptors; it replaces fd 1 or 2.
-        if unsafe { libc::dup2(null.as_raw_fd(), fd) } < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
 }
 
 /// A signalfd for signals this process blocks.

@@ -4,9 +4,9 @@
 //! Agent → supervisor: first, once, the run to start ([`Launch`]):
 //!
 //! * `launch JSON` — the program, its arguments, directory and environment
-//!   additions, the stop grace period and the first deadline. A supervisor
-//!   is started ahead of its run and waits for this line, so that the
-//!   exec of the agent's large binary is not on a task's start path.
+//!   additions, where its output goes, the stop grace period and the first
+//!   deadline. A supervisor is started ahead of its run and waits for this
+//!   line, so that its start is not on a task's start path.
 //!
 //! Then ([`Order`]):
 //!
@@ -19,6 +19,9 @@
 //! * `started PID` — the task's leader runs as `PID` (its group and session
 //!   id too).
 //! * `failed TEXT` — the program could not be started, for this reason.
+//! * `output JSON` — once the tree is gone, for each of stdout and stderr:
+//!   the end of what the run wrote to it, and why its log could not be
+//!   written, if it could not ([`StreamEnd`]).
 //! * `ended STATUS CAUSE` — the whole tree is gone; `STATUS` is the leader's
 //!   raw wait status, `CAUSE` one of `exited`, `stopped`, `fenced`.
 
@@ -27,9 +30,13 @@ use std::process::ExitStatus;
 
 use serde::{Deserialize, Serialize};
 
-/// Longest line either side accepts after the launch; anything longer is a
-/// protocol error.
+/// Longest line either side accepts after the launch (but an `output`
+/// report); anything longer is a protocol error.
 pub const MAX_LINE: usize = 4096;
+
+/// Longest `output` report: a tail of [`crate::output::MAX_TAIL`] bytes,
+/// each escaped to at most six characters, and an error's text.
+pub const MAX_OUTPUT_LINE: usize = 6 * crate::output::MAX_TAIL + MAX_LINE;
 
 /// Longest launch line (a task record is at most 64 KiB, the environment
 /// additions are a few paths).
@@ -58,6 +65,47 @@ pub struct Launch {
     /// own if absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub open_files: Option<u64>,
+    /// Where the program's stdout and stderr go; the supervisor's own if
+    /// absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub logs: Option<LaunchLogs>,
+}
+
+/// The logs a run writes: `stdout.log` and `stderr.log` in a directory,
+/// appended to, each rotated at a cap (see [`crate::output`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LaunchLogs {
+    /// The directory (created if need be), as bytes: a path need not be UTF-8.
+    pub dir: Vec<u8>,
+    /// Empty both logs first: the first attempt of a run.
+    pub reset: bool,
+    /// Bytes at which a log rotates.
+    pub cap: u64,
+    /// Bytes of each stream's end to report (at most
+    /// [`crate::output::MAX_TAIL`]).
+    pub tail_bytes: usize,
+}
+
+/// Which of the task's output streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    /// Its stdout.
+    Stdout,
+    /// Its stderr.
+    Stderr,
+}
+
+/// How one output stream ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StreamEnd {
+    /// Which.
+    pub stream: Stream,
+    /// Its last bytes (invalid UTF-8 replaced).
+    pub tail: String,
+    /// Why its log could not be written, if it could not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 impl Launch {
@@ -137,6 +185,8 @@ pub enum Report {
     Started(i32),
     /// The program could not be started.
     Failed(String),
+    /// An output stream's end (sent before [`Report::Ended`]).
+    Output(StreamEnd),
     /// Every process of the tree is gone.
     Ended {
         /// The leader's raw wait status.
@@ -161,6 +211,10 @@ impl Report {
                 text.truncate(cut);
                 format!("failed {text}\n")
             }
+            Report::Output(end) => {
+                let json = serde_json::to_string(end).expect("a stream's end serialises");
+                format!("output {json}\n")
+            }
             Report::Ended { status, cause } => format!("ended {status} {}\n", cause.word()),
         }
     }
@@ -176,6 +230,9 @@ impl Report {
                 .map(Report::Started)
                 .ok_or_else(|| format!("bad pid in {line:?}")),
             "failed" => Ok(Report::Failed(rest.to_string())),
+            "output" => serde_json::from_str(rest)
+                .map(Report::Output)
+                .map_err(|error| format!("bad output report: {error}")),
             "ended" => {
                 let (status, cause) = rest
                     .split_once(' ')
@@ -216,6 +273,12 @@ mod tests {
             deadline_ns: 42,
             run_as: None,
             open_files: Some(1024),
+            logs: Some(LaunchLogs {
+                dir: b"/var/lib/eretes/logs/t\xff".to_vec(),
+                reset: true,
+                cap: 10 << 20,
+                tail_bytes: 4096,
+            }),
         };
         let line = launch.encode();
         assert_eq!(line.matches('\n').count(), 1, "one line");
@@ -238,6 +301,16 @@ mod tests {
         for report in [
             Report::Started(4242),
             Report::Failed("No such file or directory (os error 2)".into()),
+            Report::Output(StreamEnd {
+                stream: Stream::Stderr,
+                tail: "a \"quoted\"\nline\u{0}\u{fffd}".into(),
+                error: Some("cannot write: No space left on device".into()),
+            }),
+            Report::Output(StreamEnd {
+                stream: Stream::Stdout,
+                tail: String::new(),
+                error: None,
+            }),
             Report::Ended {
                 status: 256,
                 cause: Cause::Exited,
@@ -277,6 +350,9 @@ mod tests {
             "ended 0",
             "ended x exited",
             "ended 0 vanished",
+            "output",
+            "output {}",
+            "output {\"stream\":\"stdin\",\"tail\":\"\"}",
             "hello",
         ] {
             let error = Report::decode(line).unwrap_err();

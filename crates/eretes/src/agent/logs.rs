@@ -6,7 +6,8 @@
 //! whatever is sent is streamed from the file in blocks of that size, so a
 //! reader of a huge log holds one block in memory. With `follow`, the
 //! response goes on with what the file grows by until the task has ended
-//! and the log is read to its end.
+//! and the log is read to its end; a task that has not started yet (its
+//! log does not exist yet) is waited for, up to [`FOLLOW_START`].
 //!
 //! Logs do not outlive their task for long: `eretes rm` removes them on the
 //! agent it was sent to, and every agent sweeps its logs directory (every
@@ -34,6 +35,10 @@ const BLOCK: usize = 64 * 1024;
 
 /// How often a followed log is looked at for growth.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
+
+/// How long a follower waits for the log of a task that has not ended to
+/// appear (its run is starting, here or elsewhere).
+const FOLLOW_START: Duration = Duration::from_secs(5);
 
 /// Remove task `id`'s logs on this agent (gone already is fine).
 pub(crate) async fn remove_logs(logs_dir: &std::path::Path, id: &eretes_protocol::TaskId) {
@@ -128,7 +133,26 @@ pub(crate) async fn logs(
     let internal = |e: std::io::Error| {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     };
-    let mut file = match File::open(&path).await {
+    let following = query.follow.unwrap_or(false);
+    let mut opened = File::open(&path).await;
+    let waiting_since = tokio::time::Instant::now();
+    while following
+        && waiting_since.elapsed() < FOLLOW_START
+        && opened
+            .as_ref()
+            .is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound)
+    {
+        let ended = match state.coordinator.task_view(&id).await? {
+            Some(view) => view.state.is_terminal(),
+            None => true,
+        };
+        if ended {
+            break;
+        }
+        tokio::time::sleep(FOLLOW_POLL).await;
+        opened = File::open(&path).await;
+    }
+    let mut file = match opened {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
             let message = match state.coordinator.task_view(&id).await? {
@@ -155,7 +179,7 @@ pub(crate) async fn logs(
     file.seek(SeekFrom::Start(start)).await.map_err(internal)?;
     let existing = ReaderStream::with_capacity(file.take(length - start), BLOCK);
     let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
-    if !query.follow.unwrap_or(false) {
+    if !following {
         return Ok((text_plain, axum::body::Body::from_stream(existing)).into_response());
     }
     let follower = File::open(&path).await.map_err(internal)?;

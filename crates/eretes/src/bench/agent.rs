@@ -259,6 +259,7 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         deadline_ns: 0,
         run_as: None,
         open_files: None,
+        logs: None,
     }
     .encode();
     let (mut direct, mut supervised) = (Vec::new(), Vec::new());
