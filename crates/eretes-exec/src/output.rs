@@ -12,6 +12,11 @@
 //! The stream is always read to its end, whatever happens to the file: a
 //! task whose log cannot be written (a full disk) must never block on a
 //! full pipe. The first failure is reported with the run's end.
+//!
+//! A log (and the task's log directory) is created with the stream's first
+//! byte: a task that prints nothing costs no file. Each new file is an
+//! inode to allocate, and on a busy ext4 that allocation, not the task, is
+//! what a start of a short task spent most of its time on.
 
 use std::collections::VecDeque;
 use std::fs::File;
@@ -71,11 +76,19 @@ impl Log {
     }
 }
 
+/// Whether a stream's log is open.
+enum LogState {
+    /// Nothing was written yet: the file may not exist.
+    NotYet,
+    Open(Log),
+    /// It could not be opened or written: the rest is discarded.
+    Failed,
+}
+
 /// One stream's log and tail.
 pub(crate) struct OutputLog {
     path: PathBuf,
-    /// `None` once it cannot be written.
-    log: Option<Log>,
+    log: LogState,
     cap: u64,
     tail: VecDeque<u8>,
     tail_bytes: usize,
@@ -84,23 +97,17 @@ pub(crate) struct OutputLog {
 }
 
 impl OutputLog {
-    /// Append to the log at `path` (created if need be), rotating at `cap`
-    /// bytes, keeping the last `tail_bytes` (at most [`MAX_TAIL`]).
+    /// Append to the log at `path` (created, with its directory, with the
+    /// first byte), rotating at `cap` bytes, keeping the last `tail_bytes`
+    /// (at most [`MAX_TAIL`]).
     pub(crate) fn open(path: PathBuf, cap: u64, tail_bytes: usize) -> OutputLog {
-        let (log, error) = match Log::open(&path) {
-            Ok(log) => (Some(log), None),
-            Err(error) => (
-                None,
-                Some(format!("cannot open {}: {error}", path.display())),
-            ),
-        };
         OutputLog {
             path,
-            log,
+            log: LogState::NotYet,
             cap: cap.max(1),
             tail: VecDeque::new(),
             tail_bytes: tail_bytes.min(MAX_TAIL),
-            error,
+            error: None,
         }
     }
 
@@ -110,17 +117,33 @@ impl OutputLog {
         self.tail.extend(keep.iter().copied());
         let excess = self.tail.len().saturating_sub(self.tail_bytes);
         self.tail.drain(..excess);
-        let Some(log) = self.log.as_mut() else {
+        if chunk.is_empty() {
+            return;
+        }
+        if matches!(self.log, LogState::NotYet) {
+            let opened = match self.path.parent() {
+                Some(dir) => std::fs::create_dir_all(dir).and_then(|()| Log::open(&self.path)),
+                None => Log::open(&self.path),
+            };
+            self.log = match opened {
+                Ok(log) => LogState::Open(log),
+                Err(error) => {
+                    self.note_error(format!("cannot open {}: {error}", self.path.display()));
+                    LogState::Failed
+                }
+            };
+        }
+        let LogState::Open(log) = &mut self.log else {
             return;
         };
         // A chunk larger than the cap is cut to its end: the newest part.
         let newest = &chunk[chunk.len().saturating_sub(self.cap as usize)..];
         if let Err(error) = log.write(newest, self.cap) {
-            self.error = Some(format!(
+            self.note_error(format!(
                 "cannot write {}: {error}; the rest of the output is discarded",
                 self.path.display()
             ));
-            self.log = None;
+            self.log = LogState::Failed;
         }
     }
 
@@ -145,13 +168,11 @@ impl OutputLog {
 }
 
 /// Start `dir`'s logs afresh for a new run (attempts of one run append):
-/// empty `stdout.log` and `stderr.log`, and drop the older part of a
-/// rotated one.
+/// remove `stdout.log` and `stderr.log` and the older parts of rotated ones
+/// (the run's first output creates them again).
 pub(crate) fn reset_logs(dir: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(dir)?;
-    for name in ["stdout.log", "stderr.log"] {
-        File::create(dir.join(name))?;
-        match std::fs::remove_file(dir.join(format!("{name}.1"))) {
+    for name in ["stdout.log", "stderr.log", "stdout.log.1", "stderr.log.1"] {
+        match std::fs::remove_file(dir.join(name)) {
             Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
             _ => {}
         }
@@ -220,14 +241,14 @@ mod tests {
 
     #[test]
     fn an_unwritable_log_still_keeps_the_tail_and_says_why() {
-        let mut output = OutputLog::open("/nonexistent/dir/out.log".into(), 10, 4);
+        // Its directory would have to be made inside a regular file.
+        let file = tempfile::NamedTempFile::new().unwrap();
+        let log = file.path().join("task/out.log");
+        let mut output = OutputLog::open(log.clone(), 10, 4);
         feed(&mut output, &[b'x'; 100_000]);
         assert_eq!(output.tail_text(), "xxxx");
-        assert!(
-            output.error().unwrap().contains("/nonexistent/dir/out.log"),
-            "{:?}",
-            output.error()
-        );
+        let error = output.error().unwrap();
+        assert!(error.contains(&log.display().to_string()), "{error}");
     }
 
     #[test]
@@ -239,14 +260,25 @@ mod tests {
     }
 
     #[test]
-    fn resetting_empties_both_logs_and_drops_rotated_parts() {
+    fn resetting_removes_both_logs_and_their_rotated_parts() {
         let dir = tempfile::tempdir().unwrap();
         for name in ["stdout.log", "stderr.log", "stdout.log.1"] {
             std::fs::write(dir.path().join(name), "old").unwrap();
         }
         reset_logs(dir.path()).unwrap();
-        assert_eq!(std::fs::read(dir.path().join("stdout.log")).unwrap(), b"");
-        assert_eq!(std::fs::read(dir.path().join("stderr.log")).unwrap(), b"");
-        assert!(!dir.path().join("stdout.log.1").exists());
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        // A directory that does not exist has nothing to reset.
+        reset_logs(&dir.path().join("never")).unwrap();
+    }
+
+    #[test]
+    fn a_quiet_stream_creates_no_file_and_the_first_byte_creates_both_file_and_directory() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("task/out.log");
+        let mut output = OutputLog::open(log.clone(), 1000, 10);
+        output.push(b"");
+        assert!(!dir.path().join("task").exists());
+        output.push(b"hi\n");
+        assert_eq!(std::fs::read_to_string(&log).unwrap(), "hi\n");
     }
 }

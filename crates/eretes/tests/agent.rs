@@ -33,6 +33,12 @@ async fn submit_wait_ls_show_logs_and_rm_through_the_cli() {
     assert_eq!(show["result"]["exit_code"], 0);
     assert_eq!(show["node"], "a1");
     assert_eq!(agent.ok(&["logs", "greet"]), "hello greet\n");
+    // A task that printed nothing has no log file (none is made before
+    // the first byte), and its logs read as empty, not as missing.
+    agent.ok(&["submit", "--id", "quiet", "--wait", "--", "true"]);
+    assert_eq!(agent.ok(&["logs", "quiet"]), "");
+    assert_eq!(agent.ok(&["logs", "quiet", "--stderr", "--follow"]), "");
+    assert!(!agent.data_dir.join("logs/quiet").exists());
     agent.ok(&[
         "submit",
         "--id",

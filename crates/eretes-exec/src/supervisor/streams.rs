@@ -38,11 +38,7 @@ impl TaskStreams {
     /// the task gets copies).
     pub(super) fn open(logs: &LaunchLogs) -> std::io::Result<(TaskStreams, OwnedFd, OwnedFd)> {
         let dir = Path::new(OsStr::from_bytes(&logs.dir));
-        let prepared = if logs.reset {
-            reset_logs(dir)
-        } else {
-            std::fs::create_dir_all(dir)
-        };
+        let prepared = if logs.reset { reset_logs(dir) } else { Ok(()) };
         let (stdout, stdout_writer) = pipe()?;
         let (stderr, stderr_writer) = pipe()?;
         let stream = |stream, pipe, name| {

@@ -70,6 +70,8 @@ pub struct ApiState {
     pub embedded: Option<std::sync::Arc<eretes_store::embedded::EmbeddedStore>>,
     /// Where this agent keeps task logs.
     pub logs_dir: PathBuf,
+    /// This agent's node name.
+    pub node: eretes_protocol::NodeName,
     /// Who may call what.
     pub access: Access,
     /// The task list, kept current by this agent's watch.

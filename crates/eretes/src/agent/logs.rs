@@ -6,8 +6,8 @@
 //! whatever is sent is streamed from the file in blocks of that size, so a
 //! reader of a huge log holds one block in memory. With `follow`, the
 //! response goes on with what the file grows by until the task has ended
-//! and the log is read to its end; a task that has not started yet (its
-//! log does not exist yet) is waited for, up to [`FOLLOW_START`].
+//! and the log is read to its end. A log is created with the task's first
+//! output: a task of this agent's that has printed nothing reads as empty.
 //!
 //! Logs do not outlive their task for long: `eretes rm` removes them on the
 //! agent it was sent to, and every agent sweeps its logs directory (every
@@ -35,10 +35,6 @@ const BLOCK: usize = 64 * 1024;
 
 /// How often a followed log is looked at for growth.
 const FOLLOW_POLL: Duration = Duration::from_millis(200);
-
-/// How long a follower waits for the log of a task that has not ended to
-/// appear (its run is starting, here or elsewhere).
-const FOLLOW_START: Duration = Duration::from_secs(5);
 
 /// Remove task `id`'s logs on this agent (gone already is fine).
 pub(crate) async fn remove_logs(logs_dir: &std::path::Path, id: &eretes_protocol::TaskId) {
@@ -134,38 +130,33 @@ pub(crate) async fn logs(
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     };
     let following = query.follow.unwrap_or(false);
-    let mut opened = File::open(&path).await;
-    let waiting_since = tokio::time::Instant::now();
-    while following
-        && waiting_since.elapsed() < FOLLOW_START
-        && opened
-            .as_ref()
-            .is_err_and(|error| error.kind() == std::io::ErrorKind::NotFound)
-    {
-        let ended = match state.coordinator.task_view(&id).await? {
-            Some(view) => view.state.is_terminal(),
-            None => true,
-        };
-        if ended {
-            break;
-        }
-        tokio::time::sleep(FOLLOW_POLL).await;
-        opened = File::open(&path).await;
-    }
-    let mut file = match opened {
+    let mut file = match File::open(&path).await {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-            let message = match state.coordinator.task_view(&id).await? {
-                None => format!("task {id} not found"),
-                Some(view) => format!(
-                    "no {stream} log for task {id} on this agent (it is {}{})",
-                    view.state.name(),
-                    view.node
-                        .map(|n| format!(" on node {n}"))
-                        .unwrap_or_default()
-                ),
-            };
-            return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
+            // A log is created with the task's first output: a task of
+            // this agent's (or one not started yet) that printed nothing
+            // has none yet, which reads as empty.
+            match state.coordinator.task_view(&id).await? {
+                None => {
+                    let message = format!("task {id} not found");
+                    return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
+                }
+                Some(view) if view.node.as_ref().is_some_and(|node| *node != state.node) => {
+                    let message = format!(
+                        "no {stream} log for task {id} on this agent (it is {} on node {})",
+                        view.state.name(),
+                        view.node.map(|node| node.to_string()).unwrap_or_default()
+                    );
+                    return Err(ApiError::new(StatusCode::NOT_FOUND, "not_found", message));
+                }
+                Some(_) => {}
+            }
+            let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
+            if !following {
+                return Ok((text_plain, axum::body::Body::empty()).into_response());
+            }
+            let growth = follow(None, 0, state, id, stream_name(stream));
+            return Ok((text_plain, axum::body::Body::from_stream(growth)).into_response());
         }
         Err(error) => return Err(internal(error)),
     };
@@ -183,14 +174,18 @@ pub(crate) async fn logs(
         return Ok((text_plain, axum::body::Body::from_stream(existing)).into_response());
     }
     let follower = File::open(&path).await.map_err(internal)?;
-    let stream: &'static str = if stream == "stderr" {
+    let growth = follow(Some(follower), length, state, id, stream_name(stream));
+    let chunks = existing.chain(growth);
+    Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
+}
+
+/// `stream` ("stdout" or "stderr") as a static name.
+fn stream_name(stream: &str) -> &'static str {
+    if stream == "stderr" {
         "stderr"
     } else {
         "stdout"
-    };
-    let growth = follow(follower, length, state, id, stream);
-    let chunks = existing.chain(growth);
-    Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
+    }
 }
 
 /// Whether `path` is no longer the file `file` has open (the log rotated).
@@ -204,10 +199,11 @@ async fn rotated(file: &File, path: &std::path::Path) -> bool {
 
 /// What the file grows by past `offset`, read from where the last read
 /// stopped every [`FOLLOW_POLL`], until the task has ended and one last
-/// read found nothing new. A new run truncates the log: start over; a
-/// rotation moves it: go on in the new file once the old one is read.
+/// read found nothing new. A new run replaces the log: start over; a
+/// rotation moves it: go on in the new file once the old one is read. With
+/// no file yet, follow the one the task's first output creates.
 fn follow(
-    file: File,
+    file: Option<File>,
     offset: u64,
     state: ApiState,
     id: eretes_protocol::TaskId,
@@ -223,12 +219,37 @@ fn follow(
             let (coordinator, id, path) = (state.coordinator.clone(), id.clone(), path.clone());
             async move {
                 loop {
-                    let length = file.metadata().await.map(|m| m.len()).unwrap_or(offset);
-                    if length <= offset && rotated(&file, &path).await {
-                        // The log was rotated: what was read is now the
-                        // older part; go on in the new file.
+                    let Some(open) = &mut file else {
+                        // The log appeared: from its start, and from its
+                        // older part's if it rotated already (this run's:
+                        // a new run removes both), which is read first.
+                        let mut older = path.clone().into_os_string();
+                        older.push(".1");
+                        let first = match File::open(&older).await {
+                            Ok(older) => Ok(older),
+                            Err(_) => File::open(&path).await,
+                        };
+                        if let Ok(new) = first {
+                            file = Some(new);
+                            offset = 0;
+                            continue;
+                        }
+                        if ended {
+                            return None;
+                        }
+                        ended = task_ended(&coordinator, &id).await;
+                        if !ended {
+                            tokio::time::sleep(FOLLOW_POLL).await;
+                        }
+                        continue;
+                    };
+                    let length = open.metadata().await.map(|m| m.len()).unwrap_or(offset);
+                    if length <= offset && rotated(open, &path).await {
+                        // The log was rotated (or replaced by a new run's):
+                        // what was read is now the older part; go on in
+                        // the new file.
                         if let Ok(new) = File::open(&path).await {
-                            file = new;
+                            file = Some(new);
                             offset = 0;
                             continue;
                         }
@@ -238,8 +259,8 @@ fn follow(
                     }
                     if length > offset {
                         let mut chunk = vec![0; (length - offset).min(BLOCK as u64) as usize];
-                        let read = match file.seek(SeekFrom::Start(offset)).await {
-                            Ok(_) => file.read(&mut chunk).await.unwrap_or(0),
+                        let read = match open.seek(SeekFrom::Start(offset)).await {
+                            Ok(_) => open.read(&mut chunk).await.unwrap_or(0),
                             Err(_) => 0,
                         };
                         if read > 0 {
@@ -254,11 +275,7 @@ fn follow(
                     if ended {
                         return None;
                     }
-                    ended = match coordinator.task_view(&id).await {
-                        Ok(Some(view)) => view.state.is_terminal(),
-                        Ok(None) => true, // deleted
-                        Err(_) => false,  // the store will answer again
-                    };
+                    ended = task_ended(&coordinator, &id).await;
                     if !ended {
                         tokio::time::sleep(FOLLOW_POLL).await;
                     }
@@ -266,6 +283,18 @@ fn follow(
             }
         },
     )
+}
+
+/// Whether task `id` has ended (or is gone); not if the store cannot say.
+async fn task_ended(
+    coordinator: &eretes_protocol::Coordinator,
+    id: &eretes_protocol::TaskId,
+) -> bool {
+    match coordinator.task_view(id).await {
+        Ok(Some(view)) => view.state.is_terminal(),
+        Ok(None) => true,
+        Err(_) => false, // the store will answer again
+    }
 }
 
 /// Where the last `lines` lines of the first `length` bytes of `file`

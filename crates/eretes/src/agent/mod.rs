@@ -355,6 +355,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         status: node.status(),
         embedded,
         logs_dir,
+        node: name.clone(),
         access: access::Access {
             token: args.token.clone(),
             read_token: args.read_token.clone(),
