@@ -212,3 +212,116 @@ mod tests {
         other.wait().unwrap();
     }
 }
+
+/// Width of a record's line: a pid right-aligned in 10 characters and a
+/// newline, so that a record is rewritten in place, never truncated.
+const RECORD_WIDTH: usize = 11;
+
+/// A free slot's line.
+const BLANK_RECORD: &str = "          \n";
+
+/// The records of running process groups, under `<data-dir>/groups/`: one
+/// file per slot, reused from run to run. A running task's slot holds its
+/// leader's process group; a free slot holds blanks. Rewriting a file in
+/// place costs a write; a new file per run cost an inode allocation (and
+/// its removal a free), which on a busy ext4 was a large share of a short
+/// task's start.
+#[derive(Debug)]
+pub(crate) struct GroupRecords {
+    dir: std::path::PathBuf,
+    free: std::sync::Arc<std::sync::Mutex<Vec<std::fs::File>>>,
+    next: std::sync::atomic::AtomicU64,
+}
+
+/// One slot, holding a run's process group until dropped (then blank
+/// again and free for the next run).
+#[derive(Debug)]
+pub(crate) struct GroupRecord {
+    file: Option<std::fs::File>,
+    free: std::sync::Arc<std::sync::Mutex<Vec<std::fs::File>>>,
+}
+
+impl GroupRecords {
+    /// Records in `dir` (which [`kill_leftovers`] emptied).
+    pub(crate) fn new(dir: std::path::PathBuf) -> GroupRecords {
+        GroupRecords {
+            dir,
+            free: Default::default(),
+            next: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Record process group `pgid` in a free slot (a new one if none is).
+    pub(crate) fn record(&self, pgid: libc::pid_t) -> std::io::Result<GroupRecord> {
+        let reused = self.free.lock().expect("not poisoned").pop();
+        let file = match reused {
+            Some(file) => file,
+            None => {
+                let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(true)
+                    .open(self.dir.join(format!("{slot}.pgid")))?
+            }
+        };
+        let mut record = GroupRecord {
+            file: Some(file),
+            free: std::sync::Arc::clone(&self.free),
+        };
+        record.write(&format!("{pgid:>10}\n"))?;
+        Ok(record)
+    }
+}
+
+impl GroupRecord {
+    fn write(&mut self, line: &str) -> std::io::Result<()> {
+        debug_assert_eq!(line.len(), RECORD_WIDTH);
+        let file = self.file.as_ref().expect("held until dropped");
+        std::os::unix::fs::FileExt::write_all_at(file, line.as_bytes(), 0)
+    }
+}
+
+impl Drop for GroupRecord {
+    /// Blank the slot and give it back; one that cannot be blanked is not
+    /// reused (its file stays, naming a group that is gone, which the next
+    /// agent's check of the group's processes sees).
+    fn drop(&mut self) {
+        if self.write(BLANK_RECORD).is_ok() {
+            if let Some(file) = self.file.take() {
+                self.free.lock().expect("not poisoned").push(file);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod record_tests {
+    use super::*;
+
+    fn lines(dir: &Path) -> Vec<String> {
+        let mut lines: Vec<String> = std::fs::read_dir(dir)
+            .unwrap()
+            .flatten()
+            .map(|entry| std::fs::read_to_string(entry.path()).unwrap())
+            .collect();
+        lines.sort();
+        lines
+    }
+
+    #[test]
+    fn a_slot_names_its_group_while_held_and_is_blanked_and_reused_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let records = GroupRecords::new(dir.path().to_path_buf());
+        let first = records.record(4242).unwrap();
+        let second = records.record(77).unwrap();
+        assert_eq!(lines(dir.path()), ["        77\n", "      4242\n"]);
+        drop(first);
+        assert_eq!(lines(dir.path()), ["          \n", "        77\n"]);
+        // The blank slot is taken again: no new file.
+        let third = records.record(123).unwrap();
+        assert_eq!(lines(dir.path()), ["        77\n", "       123\n"]);
+        drop((second, third));
+        assert!(lines(dir.path()).iter().all(|line| line.trim().is_empty()));
+    }
+}

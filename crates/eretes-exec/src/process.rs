@@ -3,6 +3,7 @@
 
 use std::os::unix::ffi::OsStrExt;
 use std::process::ExitStatus;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -14,7 +15,7 @@ use tracing::{info, warn};
 
 use crate::checkpoint::CheckpointFile;
 use crate::checkpoint_watch::CheckpointWatcher;
-use crate::leftovers::{self, RunMarker};
+use crate::leftovers::{self, GroupRecords, RunMarker};
 use crate::spec::ProcessSpec;
 use crate::supervisor::wire::{Cause, Launch, LaunchLogs, Report, Stream, StreamEnd};
 use crate::supervisor::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
@@ -52,6 +53,8 @@ pub struct ProcessHandler {
     warm: WarmPool,
     /// Wakes runs whose process replaced its checkpoint file.
     watcher: CheckpointWatcher,
+    /// Where running process groups are recorded.
+    records: Arc<GroupRecords>,
 }
 
 /// Errors of a process task count for this long (its attempts are counted
@@ -75,11 +78,13 @@ impl ProcessHandler {
         if killed > 0 {
             warn!(killed, "killed processes a previous agent left running");
         }
+        let records = Arc::new(GroupRecords::new(config.groups_dir()));
         Ok(ProcessHandler {
             config,
             gates: RunGates::default(),
             warm: WarmPool::default(),
             watcher: CheckpointWatcher::default(),
+            records,
         })
     }
 }
@@ -314,10 +319,7 @@ impl ProcessHandler {
         };
         let plan = LaunchPlan {
             launch,
-            record: self
-                .config
-                .groups_dir()
-                .join(format!("{}.{}.pgid", task.id, task.epoch)),
+            records: Arc::clone(&self.records),
             marker: RunMarker {
                 agent_dir: self.config.data_dir.to_string_lossy().into_owned(),
                 task: task.id.to_string(),

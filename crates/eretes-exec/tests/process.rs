@@ -162,11 +162,7 @@ async fn deleting_a_running_task_kills_its_whole_process_group() {
     wait_until(
         "the group is gone, and so is its record",
         Duration::from_secs(20),
-        || {
-            !alive(leader)
-                && !alive(background)
-                && std::fs::read_dir(&groups).unwrap().next().is_none()
-        },
+        || !alive(leader) && !alive(background) && no_group_recorded(&groups),
     )
     .await;
     agent.node.shutdown().await;
@@ -625,12 +621,7 @@ async fn a_handler_dropped_mid_stop_takes_its_whole_group_with_it() {
     wait_until(
         "the run's record goes once its supervisor is reaped",
         Duration::from_secs(20),
-        || {
-            std::fs::read_dir(dir.path().join("groups"))
-                .unwrap()
-                .next()
-                .is_none()
-        },
+        || no_group_recorded(&dir.path().join("groups")),
     )
     .await;
 }

@@ -3,7 +3,6 @@
 //! up if the supervisor itself died.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
@@ -18,7 +17,7 @@ use tracing::warn;
 
 use super::spawner::{Spawner, SupervisorChild};
 use super::wire::{exit_status, Cause, Launch, Order, Report, StreamEnd, MAX_OUTPUT_LINE};
-use crate::leftovers::{self, RunMarker};
+use crate::leftovers::{self, GroupRecord, GroupRecords, RunMarker};
 use crate::ExecConfig;
 
 /// The longest a new supervisor may take to say that the task started.
@@ -56,9 +55,9 @@ pub(crate) struct Supervised {
     /// Held until the supervisor is reaped: the next run of the same task
     /// on this agent waits for it.
     gate: Option<OwnedMutexGuard<()>>,
-    /// `<data-dir>/groups/<task>.<epoch>.pgid`, for the next agent if this
-    /// one dies; removed once the supervisor is reaped.
-    record: Option<PathBuf>,
+    /// The leader's process group in `<data-dir>/groups/`, for the next
+    /// agent if this one dies; blanked once the supervisor is reaped.
+    record: Option<GroupRecord>,
     /// An end reported in place of the start (fenced before it began).
     pending_end: Option<Report>,
     /// The output streams' ends, reported just before the end.
@@ -70,7 +69,7 @@ pub(crate) struct LaunchPlan {
     /// What to run.
     pub launch: Launch,
     /// Where to record the leader's process group.
-    pub record: PathBuf,
+    pub records: Arc<GroupRecords>,
     /// What marks the run's processes.
     pub marker: RunMarker,
     /// The deadline to forward as it moves.
@@ -159,11 +158,9 @@ impl Supervised {
             Ok(Ok(Report::Started(leader))) => {
                 supervised.leader = leader;
                 // Recorded before anything else can happen to the run.
-                let record = plan.record;
-                if let Err(error) = std::fs::write(&record, format!("{leader}\n")) {
-                    warn!(record = %record.display(), %error, "cannot record the task's process group");
-                } else {
-                    supervised.record = Some(record);
+                match plan.records.record(leader) {
+                    Ok(record) => supervised.record = Some(record),
+                    Err(error) => warn!(%error, "cannot record the task's process group"),
                 }
                 Ok(supervised)
             }
@@ -276,9 +273,7 @@ impl Supervised {
     /// Let the next run of the task start here, and drop the run's record.
     fn release(&mut self) {
         self.gate = None;
-        if let Some(record) = self.record.take() {
-            let _ = std::fs::remove_file(record);
-        }
+        self.record = None;
     }
 }
 
@@ -297,9 +292,7 @@ impl Supervised {
         let reap = async move {
             let _ = child.wait().await;
             drop(gate);
-            if let Some(record) = record {
-                let _ = std::fs::remove_file(record);
-            }
+            drop(record);
         };
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
             runtime.spawn(reap);

@@ -161,3 +161,11 @@ pub async fn new_pid(file: &Path, old: i32) -> i32 {
     }
     panic!("no new pid in {} within 20 s", file.display());
 }
+
+/// Whether no record under `groups` names a process group (a free slot
+/// is blank).
+pub fn no_group_recorded(groups: &Path) -> bool {
+    std::fs::read_dir(groups).unwrap().flatten().all(|record| {
+        std::fs::read_to_string(record.path()).is_ok_and(|text| text.trim().is_empty())
+    })
+}
