@@ -33,11 +33,13 @@
 //!   is killed too (systemd's `KillMode=control-group`): a finished task
 //!   leaves nothing behind.
 //!
-//! The agent starts a supervisor *ahead* of its run (one is kept ready), so
-//! that the exec of the agent's large binary is not on a task's start path,
-//! and hands it the run over the socket ([`wire::Launch`]: program,
-//! arguments, directory, environment additions, grace period, first
-//! deadline). The supervisor reports the leader's pid, then how the run ended: the
+//! The agent starts a supervisor *ahead* of its run (one is kept ready),
+//! forked by its fork server (`fork_server.rs`, one per agent) as the
+//! agent's own child, or exec'd where that cannot be, and hands it the run
+//! over the socket ([`wire::Launch`]: program,
+//! arguments, directory, environment additions, logs, grace period, first
+//! deadline). The supervisor reads the task's output itself and keeps its
+//! logs (`output.rs`). The supervisor reports the leader's pid, then how the run ended: the
 //! leader's wait status and whether it exited by itself, was stopped, or was
 //! fenced ([`wire`]). A supervisor that dies itself (`kill -9`) takes the
 //! leader with it (parent-death signal); the agent then kills the leader's

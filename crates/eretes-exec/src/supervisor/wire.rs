@@ -34,7 +34,7 @@ use serde::{Deserialize, Serialize};
 /// report); anything longer is a protocol error.
 pub const MAX_LINE: usize = 4096;
 
-/// Longest `output` report: a tail of [`crate::output::MAX_TAIL`] bytes,
+/// Longest `output` report: a tail of `MAX_TAIL` (16 KiB) bytes,
 /// each escaped to at most six characters, and an error's text.
 pub const MAX_OUTPUT_LINE: usize = 6 * crate::output::MAX_TAIL + MAX_LINE;
 
@@ -72,7 +72,7 @@ pub struct Launch {
 }
 
 /// The logs a run writes: `stdout.log` and `stderr.log` in a directory,
-/// appended to, each rotated at a cap (see [`crate::output`]).
+/// appended to, each rotated at a cap (see `output.rs`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LaunchLogs {
     /// The directory (created if need be), as bytes: a path need not be UTF-8.
@@ -82,7 +82,7 @@ pub struct LaunchLogs {
     /// Bytes at which a log rotates.
     pub cap: u64,
     /// Bytes of each stream's end to report (at most
-    /// [`crate::output::MAX_TAIL`]).
+    /// `MAX_TAIL` (16 KiB)).
     pub tail_bytes: usize,
 }
 
