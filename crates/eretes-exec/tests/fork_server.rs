@@ -25,16 +25,6 @@ fn fork_servers() -> Vec<i32> {
         .collect()
 }
 
-/// The parent of `pid`, if it still exists.
-fn parent(pid: i32) -> Option<i32> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat[stat.rfind(')')? + 1..]
-        .split_whitespace()
-        .nth(1)?
-        .parse()
-        .ok()
-}
-
 /// Whether `pid`'s command line is the supervisor binary's with the fork
 /// server's flag.
 fn is_fork_server(pid: i32) -> bool {

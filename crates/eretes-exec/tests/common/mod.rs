@@ -137,13 +137,17 @@ pub fn alive(pid: i32) -> bool {
 
 /// The parent of process `pid`.
 pub fn parent_of(pid: i32) -> i32 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    stat[stat.rfind(')').unwrap() + 1..]
+    parent(pid).unwrap_or_else(|| panic!("process {pid} has no parent to read"))
+}
+
+/// The parent of `pid`, if it still exists.
+pub fn parent(pid: i32) -> Option<i32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
         .split_whitespace()
-        .nth(1)
-        .unwrap()
+        .nth(1)?
         .parse()
-        .unwrap()
+        .ok()
 }
 
 /// The pid in `file` once it differs from `old`.
