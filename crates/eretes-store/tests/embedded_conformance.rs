@@ -327,6 +327,36 @@ async fn history_limit_auto_compacts() {
     assert_eq!(store.compact_revision(), 20);
 }
 
+#[tokio::test]
+async fn history_older_than_its_age_is_compacted_at_the_next_write_or_renewal() {
+    // Real time: the age is measured on the system's clock.
+    let age = Duration::from_millis(200);
+    let store = EmbeddedStore::with_options(EmbeddedOptions::default().with_history_age(age));
+    store.put(put("k", "1")).await.unwrap(); // revision 2
+    store.put(put("k", "2")).await.unwrap(); // revision 3
+    assert_eq!(store.compact_revision(), 0, "young history is kept");
+    std::thread::sleep(age * 2);
+    // An idle store: the next lease renewal trims it, but the latest
+    // revision stays.
+    let lease = store.lease_grant(Duration::from_secs(60)).await.unwrap().id;
+    store.lease_keepalive(lease).await.unwrap();
+    assert_eq!(store.compact_revision(), 3);
+    assert!(matches!(
+        store.watch(KeyRange::key("k"), 2).await,
+        Err(StoreError::Compacted {
+            requested: 2,
+            compact_revision: 3
+        })
+    ));
+    let mut stream = store.watch(KeyRange::key("k"), 3).await.unwrap();
+    let batch = next_batch(&mut stream).await;
+    assert_eq!(batch[0].kv.mod_revision, 3, "the latest revision replays");
+    // A write trims as well.
+    std::thread::sleep(age * 2);
+    store.put(put("k", "3")).await.unwrap(); // revision 4
+    assert_eq!(store.compact_revision(), 4);
+}
+
 #[tokio::test(start_paused = true)]
 async fn compact_errors_are_exact() {
     let store = EmbeddedStore::new();
