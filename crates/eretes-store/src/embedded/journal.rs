@@ -77,6 +77,13 @@ pub(super) struct Loaded {
     pub keys: Vec<(String, Entry)>,
 }
 
+/// redb's page cache for the journal. The store serves every read from
+/// memory and reads the journal only when it opens it, so the cache serves
+/// only the pages a write touches again soon (the tree's upper levels).
+/// redb's default, 1 GiB, let it keep every page ever written: some 14 KiB
+/// per task an agent ever ran, never given back.
+const JOURNAL_CACHE: usize = 8 << 20;
+
 impl Journal {
     /// Open (or create) the journal at `path` and read it whole.
     pub fn open(path: &Path) -> Result<(Journal, Loaded), StoreError> {
@@ -86,7 +93,10 @@ impl Journal {
                 path.display()
             ))
         };
-        let db = Database::create(path).map_err(|e| failed("cannot open it", text(e)))?;
+        let db = Database::builder()
+            .set_cache_size(JOURNAL_CACHE)
+            .create(path)
+            .map_err(|e| failed("cannot open it", text(e)))?;
         let loaded = read(&db).map_err(|e| failed("cannot read it", e))?;
         let journal = Journal {
             db: Some(db),
