@@ -133,9 +133,14 @@ impl StatefulHandler for ProcessHandler {
         let name = format!("{id}.{}", ctx.task.epoch);
         let root = self.config.checkpoints_dir();
         let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
-        let prepared =
-            CheckpointFile::prepare(&root, &name, ctx.checkpoint.clone(), owner, &self.watcher)
-                .await;
+        let prepared = Box::pin(CheckpointFile::prepare(
+            &root,
+            &name,
+            ctx.checkpoint.clone(),
+            owner,
+            &self.watcher,
+        ))
+        .await;
         let mut checkpoint = match prepared {
             Ok(file) => file,
             Err(error) => {
@@ -331,7 +336,11 @@ impl ProcessHandler {
         let warm = self.warm.take(&self.config)?;
         // The next run's supervisor starts while this one starts its task.
         let refill = || self.warm.refill(&self.config);
-        let mut supervised = Supervised::launch(warm, plan, gate, refill).await?;
+        // Boxed, here and below: a run's future is held for as long as the
+        // task runs, and is as large as its largest state; the launch, the
+        // checkpoint saves and the end are short states that would
+        // otherwise set that size for every idle task.
+        let mut supervised = Box::pin(Supervised::launch(warm, plan, gate, refill)).await?;
         // Deadlines and the stop reach the supervisor on their own (see
         // `LaunchPlan`); this loop saves checkpoints until the end, and
         // stops the attempt if it outlives its timeout.
@@ -348,12 +357,12 @@ impl ProcessHandler {
                     timed_out = true;
                     attempt_cancel.cancel();
                 }
-                () = checkpoint.changed() => checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await,
+                () = checkpoint.changed() => Box::pin(checkpoint.sync(task.id.as_str(), &ctx.checkpointer)).await,
             }
         };
-        let end = supervised.finish(report).await;
+        let end = Box::pin(supervised.finish(report)).await;
         // What the process saved on its way out (on SIGTERM, say).
-        checkpoint.sync(task.id.as_str(), &ctx.checkpointer).await;
+        Box::pin(checkpoint.sync(task.id.as_str(), &ctx.checkpointer)).await;
         // A stop the task itself asked for (release, command) is a stop; one
         // only this attempt's timeout asked for is the attempt's failure.
         // (An exit or a fence that raced the timeout is what it was.)

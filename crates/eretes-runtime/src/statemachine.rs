@@ -272,13 +272,13 @@ impl<H: StatefulHandler> Run<'_, H> {
         commands: &CommandSubscription,
     ) -> Result<HandlerOutcome, Interrupted> {
         loop {
-            self.apply_queued().await?;
+            Box::pin(self.apply_queued()).await?;
             if self.ctx.cancel.is_cancelled() {
                 return Ok(HandlerOutcome::Release);
             }
             match self.record.state {
                 MachineState::Runnable => {
-                    if let Some(outcome) = self.run_handler(commands).await? {
+                    if let Some(outcome) = Box::pin(self.run_handler(commands)).await? {
                         return Ok(outcome);
                     }
                 }
@@ -287,21 +287,27 @@ impl<H: StatefulHandler> Run<'_, H> {
                     if !backoff.is_zero() {
                         info!(task = %self.ctx.id, ?backoff, "backing off after an error");
                     }
-                    self.persist(&message, None).await?;
+                    // The backoff is timed from this decision on the
+                    // runtime's clock, not from whenever the write below
+                    // returns (which a slow store would eat into).
+                    if let Message::Sleep { until_ms } = message {
+                        self.wake = Some((until_ms, Instant::now() + backoff.min(LONGEST_SLEEP)));
+                    }
+                    Box::pin(self.persist(&message, None)).await?;
                 }
                 MachineState::Paused => {
                     tokio::select! {
                         _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
-                        _ = commands.rung() => self.refill().await?,
+                        _ = commands.rung() => Box::pin(self.refill()).await?,
                     }
                 }
                 MachineState::Sleeping { until_ms } => {
                     let wake_at = self.wake_at(until_ms);
                     tokio::select! {
                         _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
-                        _ = commands.rung() => self.refill().await?,
+                        _ = commands.rung() => Box::pin(self.refill()).await?,
                         _ = tokio::time::sleep_until(wake_at) => {
-                            self.persist(&Message::Run, None).await?;
+                            Box::pin(self.persist(&Message::Run, None)).await?;
                         }
                     }
                 }
@@ -375,12 +381,12 @@ impl<H: StatefulHandler> Run<'_, H> {
             tokio::select! {
                 step = &mut work => break step,
                 _ = commands.rung(), if !interrupted => {
-                    let handled = match self.refill().await {
+                    let handled = match Box::pin(self.refill()).await {
                         Ok(()) if self.queue.iter().any(interrupts_a_run) => {
                             debug!(task = %self.ctx.id, "a command interrupts the run");
                             Ok(true)
                         }
-                        Ok(()) => self.apply_queued().await.map(|()| false),
+                        Ok(()) => Box::pin(self.apply_queued()).await.map(|()| false),
                         Err(error) => Err(error),
                     };
                     // On a store error the run still stops the proper way
@@ -405,12 +411,12 @@ impl<H: StatefulHandler> Run<'_, H> {
             Step::Release => Ok(Some(HandlerOutcome::Release)),
             Step::Sleep(duration) => {
                 let until_ms = now_ms().saturating_add(millis(duration));
-                self.persist(&Message::Sleep { until_ms }, None).await?;
+                Box::pin(self.persist(&Message::Sleep { until_ms }, None)).await?;
                 Ok(None)
             }
             Step::Error(error) => {
                 warn!(task = %self.ctx.id, %error, "the task reported an error");
-                self.persist(&Message::Error(error), None).await?;
+                Box::pin(self.persist(&Message::Error(error), None)).await?;
                 Ok(None)
             }
             Step::Fatal(error) => {
@@ -418,7 +424,7 @@ impl<H: StatefulHandler> Run<'_, H> {
                 // Into fault and straight on to failed, in one write, so no
                 // owner ever finds it in fault and asks the policy.
                 let message = Message::Error(error);
-                self.persist_all(&[message.clone(), message], None).await?;
+                Box::pin(self.persist_all(&[message.clone(), message], None)).await?;
                 Ok(None)
             }
         }
