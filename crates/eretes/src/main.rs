@@ -23,12 +23,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
-/// mimalloc instead of the system allocator: a node allocates and frees many
-/// small records per task, and glibc's malloc spent a third of the
-/// throughput benchmark's CPU time on them (see BENCHMARKS.md).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 mod agent;
 mod bench;
 mod client;

@@ -66,10 +66,6 @@ pub use fork_server::FORK_SERVER_ARG;
 pub(crate) use handle::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
 pub(crate) use tree::{signal_group, stat_fields};
 
-/// Set for the supervisor (to keep its allocator from committing memory it
-/// never uses) and removed from the task's environment.
-pub(crate) const MIMALLOC_EAGER_COMMIT: &str = "MIMALLOC_ARENA_EAGER_COMMIT";
-
 /// The argument that makes a binary a supervisor (`eretes supervise …`).
 pub const SUBCOMMAND: &str = "supervise";
 

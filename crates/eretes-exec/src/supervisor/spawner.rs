@@ -12,7 +12,6 @@ use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
 use super::fork_server::{self, ANSWER_TIMEOUT, FORK_SERVER_ARG};
-use super::MIMALLOC_EAGER_COMMIT;
 use crate::{ExecConfig, AGENT_DIR_ENV};
 
 /// `PATH` for tasks when the agent has none.
@@ -208,10 +207,6 @@ fn supervisor_command(config: &ExecConfig, extra: Option<&str>) -> Command {
     }
     command
         .env(AGENT_DIR_ENV, &config.data_dir)
-        // mimalloc (the eretes binary's allocator) would commit and
-        // huge-page a 4 MiB arena in every supervisor; lazily it stays
-        // small. The supervisor does not pass this on to the task.
-        .env(MIMALLOC_EAGER_COMMIT, "0")
         // Not in the agent's group: a signal to that group (Ctrl-C on a
         // terminal, `kill -- -PGID`) reaches the agent, which drains, and
         // not every supervisor at once.

@@ -68,10 +68,7 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     // SAFETY: getpid(2) has no preconditions.
     let me = unsafe { libc::getpid() };
     let mut command = Command::new(&launch.program);
-    command
-        .args(&launch.args)
-        .env_remove(super::MIMALLOC_EAGER_COMMIT)
-        .stdin(Stdio::null());
+    command.args(&launch.args).stdin(Stdio::null());
     // The task's output: pipes into its logs, or nowhere.
     let mut streams = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
         Ok(Some((streams, stdout, stderr))) => {

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod api;
 pub mod logs;
+pub mod memory;
 pub mod metrics;
 pub mod server;
 pub mod task_list;
@@ -331,6 +332,10 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         node.status(),
         lease_file.clone(),
         name.clone(),
+    ));
+    tokio::spawn(memory::return_freed_memory(
+        node.stats().clone(),
+        node.status(),
     ));
     tokio::spawn(logs::sweep_logs(
         logs_dir.clone(),

@@ -272,7 +272,6 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
         let mut child = tokio::process::Command::new(std::env::current_exe()?)
             .arg(eretes_exec::supervisor::SUBCOMMAND)
-            .env("MIMALLOC_ARENA_EAGER_COMMIT", "0")
             .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
                 theirs,
             )))
