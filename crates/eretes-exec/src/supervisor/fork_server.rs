@@ -10,17 +10,16 @@
 //! writes itself.
 //!
 //! **Still the agent's child.** The fork server creates each supervisor
-//! with `clone3(CLONE_PARENT | CLONE_PIDFD)`: the new process's parent is
-//! the agent, not the fork server, so the agent reaps it and reads its exit
-//! status as it would an exec'd one, and the fork server's own death
-//! changes nothing for the supervisors it made. The agent waits on each
-//! through the pidfd the fork server hands back, which names that process
-//! only (a recycled pid is never signalled).
+//! with `clone3(CLONE_PARENT)`: the new process's parent is the agent, not
+//! the fork server, so the agent reaps it and reads its exit status as it
+//! would an exec'd one (and its pid, until then, cannot name another
+//! process), and the fork server's own death changes nothing for the
+//! supervisors it made.
 //!
 //! ```text
 //! agent ──SOCK_SEQPACKET (fork server's stdin)──> fork server
 //!   │  request: one byte + [its control socket] (SCM_RIGHTS)
-//!   │  answer:  the pid (or −errno) + [pidfd]
+//!   │  answer:  the pid (or −errno)
 //!   └── parent of every supervisor ── supervisor (fd 0 = the socket passed)
 //! ```
 //!
@@ -61,13 +60,11 @@ pub(crate) fn serve() -> Result<()> {
             ([REQUEST], Some(control)) if fds.is_empty() => fork_supervisor(control),
             _ => Err(Error::from_raw_os_error(libc::EINVAL)),
         };
-        let sent = match answer {
-            Ok((pid, pidfd)) => send(socket.as_raw_fd(), &pid.to_le_bytes(), &[pidfd.as_fd()]),
-            Err(error) => {
-                let code = -error.raw_os_error().unwrap_or(libc::EIO);
-                send(socket.as_raw_fd(), &code.to_le_bytes(), &[])
-            }
+        let code = match answer {
+            Ok(pid) => pid,
+            Err(error) => -error.raw_os_error().unwrap_or(libc::EIO),
         };
+        let sent = send(socket.as_raw_fd(), &code.to_le_bytes(), &[]);
         if let Err(error) = sent {
             // The agent is gone (or went away mid-request): so is the reason to run.
             if error.kind() == ErrorKind::BrokenPipe
@@ -80,18 +77,14 @@ pub(crate) fn serve() -> Result<()> {
     }
 }
 
-use std::os::fd::AsFd;
-
 /// Create a supervisor whose fd 0 is `control` (its socket to the agent),
-/// as a child of this process's parent. Returns its pid and a pidfd for it.
+/// as a child of this process's parent. Returns its pid.
 /// The new process never returns here. (Its stdout and stderr are this
 /// process's: nothing, and the agent's stderr, for its own errors.)
-fn fork_supervisor(control: OwnedFd) -> Result<(libc::pid_t, OwnedFd)> {
-    let mut pidfd: libc::c_int = -1;
+fn fork_supervisor(control: OwnedFd) -> Result<libc::pid_t> {
     // SAFETY: clone_args is plain data; zeroed is a valid (empty) value.
     let mut args: libc::clone_args = unsafe { std::mem::zeroed() };
-    args.flags = (libc::CLONE_PARENT | libc::CLONE_PIDFD) as u64;
-    args.pidfd = std::ptr::addr_of_mut!(pidfd) as u64;
+    args.flags = libc::CLONE_PARENT as u64;
     // `exit_signal` stays 0, as clone3 requires with CLONE_PARENT: the
     // child gets this process's own exit signal (SIGCHLD), so the agent
     // waits for it as for any child of its own.
@@ -111,9 +104,7 @@ fn fork_supervisor(control: OwnedFd) -> Result<(libc::pid_t, OwnedFd)> {
     if pid == 0 {
         become_supervisor(control);
     }
-    // SAFETY: the kernel wrote a new descriptor for the child into `pidfd`.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
-    Ok((pid as libc::pid_t, pidfd))
+    Ok(pid as libc::pid_t)
 }
 
 /// In the new process: put `control` in place of stdin (the fork server's
@@ -269,32 +260,30 @@ fn control_space(fds: usize) -> usize {
 }
 
 /// The agent's end: ask for a supervisor with `control` as its fd 0;
-/// returns its pid and pidfd. `socket` must have a receive timeout (a
-/// stuck fork server then fails the request).
-pub(crate) fn request(socket: RawFd, control: BorrowedFd<'_>) -> Result<(libc::pid_t, OwnedFd)> {
+/// returns its pid. `socket` must have a receive timeout (a stuck fork
+/// server then fails the request).
+pub(crate) fn request(socket: RawFd, control: BorrowedFd<'_>) -> Result<libc::pid_t> {
     send(socket, &[REQUEST], &[control])?;
-    let (payload, mut received) = loop {
-        match receive(socket, 1) {
+    let (payload, received) = loop {
+        match receive(socket, 0) {
             Ok(Some(answer)) => break answer,
             Ok(None) => return Err(Error::new(ErrorKind::BrokenPipe, "the fork server exited")),
             Err(error) if error.kind() == ErrorKind::Interrupted => continue,
             Err(error) => return Err(error),
         }
     };
-    let code = <[u8; 4]>::try_from(payload.as_slice())
-        .map(i32::from_le_bytes)
-        .map_err(|_| {
-            Error::new(
-                ErrorKind::InvalidData,
-                "a malformed answer from the fork server",
-            )
-        })?;
-    match (code, received.pop()) {
-        (pid, Some(pidfd)) if pid > 0 && received.is_empty() => Ok((pid, pidfd)),
-        (code, None) if code < 0 => Err(Error::from_raw_os_error(-code)),
-        _ => Err(Error::new(
+    let malformed = || {
+        Error::new(
             ErrorKind::InvalidData,
             "a malformed answer from the fork server",
-        )),
+        )
+    };
+    let code = <[u8; 4]>::try_from(payload.as_slice())
+        .map(i32::from_le_bytes)
+        .map_err(|_| malformed())?;
+    match code {
+        pid if pid > 0 && received.is_empty() => Ok(pid),
+        code if code < 0 && received.is_empty() => Err(Error::from_raw_os_error(-code)),
+        _ => Err(malformed()),
     }
 }

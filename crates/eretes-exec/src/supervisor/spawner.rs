@@ -5,9 +5,8 @@
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
+use std::time::Duration;
 
-use tokio::io::unix::AsyncFd;
-use tokio::io::Interest;
 use tokio::process::{Child, Command};
 use tracing::{info, warn};
 
@@ -102,19 +101,9 @@ impl Spawner {
             return None;
         };
         let error = match fork_server::request(socket.as_raw_fd(), control) {
-            // SAFETY: the AsyncFd owns the pidfd, which stays open and
-            // the same until it is dropped.
-            Ok((_pid, pidfd)) => {
-                match unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) } {
-                    Ok(pidfd) => {
-                        *failures = 0;
-                        return Some(SupervisorChild::Forked(Forked { pidfd: Some(pidfd) }));
-                    }
-                    // The supervisor exists; without a way to wait for it, it
-                    // is left to exit when its control socket (dropped by the
-                    // caller with this failure) closes.
-                    Err(error) => std::io::Error::other(error.to_string()),
-                }
+            Ok(pid) => {
+                *failures = 0;
+                return Some(SupervisorChild::Forked(Forked { pid: Some(pid) }));
             }
             Err(error) => error,
         };
@@ -223,41 +212,30 @@ pub(crate) enum SupervisorChild {
     Forked(Forked),
 }
 
-/// A supervisor the fork server made: waited for through its pidfd.
+/// A supervisor the fork server made. Its pid names it until the agent
+/// reaps it (a child's pid is not reused before then), so no descriptor is
+/// held for it: a running task costs the agent one descriptor, its
+/// supervisor's socket.
 pub(crate) struct Forked {
-    /// Until reaped.
-    pidfd: Option<AsyncFd<OwnedFd>>,
+    /// `None` once reaped.
+    pid: Option<libc::pid_t>,
 }
 
-/// `waitid`'s id type for a pidfd (Linux 5.4; not in the libc crate).
-const P_PIDFD: libc::idtype_t = 3;
+/// How often a wait looks again without a SIGCHLD (one can be missed only
+/// if signal handling failed to start).
+const REAP_FALLBACK: Duration = Duration::from_millis(100);
 
 impl SupervisorChild {
     /// SIGKILL it (nothing once it was reaped: its pid may be another's).
     pub(crate) fn kill(&self) {
-        match self {
-            SupervisorChild::Spawned(child) => {
-                if let Some(pid) = child.id() {
-                    // SAFETY: kill(2) has no memory-safety preconditions; the
-                    // child is not reaped yet, so its pid is still its own.
-                    unsafe { libc::kill(pid as libc::pid_t, libc::SIGKILL) };
-                }
-            }
-            SupervisorChild::Forked(forked) => {
-                if let Some(pidfd) = &forked.pidfd {
-                    // SAFETY: pidfd_send_signal on a pidfd we own; it names
-                    // this process only, even after it ended.
-                    unsafe {
-                        libc::syscall(
-                            libc::SYS_pidfd_send_signal,
-                            pidfd.get_ref().as_raw_fd(),
-                            libc::SIGKILL,
-                            std::ptr::null::<libc::siginfo_t>(),
-                            0,
-                        )
-                    };
-                }
-            }
+        let pid = match self {
+            SupervisorChild::Spawned(child) => child.id().map(|pid| pid as libc::pid_t),
+            SupervisorChild::Forked(forked) => forked.pid,
+        };
+        if let Some(pid) = pid {
+            // SAFETY: kill(2) has no memory-safety preconditions; the child
+            // is not reaped yet, so its pid is still its own.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
     }
 
@@ -280,80 +258,75 @@ impl SupervisorChild {
 
 impl Forked {
     async fn wait(&mut self) -> std::io::Result<ExitStatus> {
-        let Some(pidfd) = &self.pidfd else {
+        let Some(pid) = self.pid else {
             return Err(std::io::Error::other("it was reaped already"));
         };
-        let status = wait_for_exit(pidfd).await?;
-        self.pidfd = None;
+        let status = wait_for_exit(pid).await?;
+        self.pid = None;
         Ok(status)
     }
 
     /// Reap it if it exited: its status, or `None` while it runs.
     fn try_reap(&mut self) -> std::io::Result<Option<ExitStatus>> {
-        let Some(pidfd) = &self.pidfd else {
+        let Some(pid) = self.pid else {
             return Err(std::io::Error::other("it was reaped already"));
         };
-        let status = reap(pidfd.get_ref())?;
+        let status = reap(pid)?;
         if status.is_some() {
-            self.pidfd = None;
+            self.pid = None;
         }
         Ok(status)
     }
 }
 
-/// Wait until the child `pidfd` names exits, and reap it.
-async fn wait_for_exit(pidfd: &AsyncFd<OwnedFd>) -> std::io::Result<ExitStatus> {
+/// Wait until child `pid` exits, and reap it: looked at on every SIGCHLD
+/// the agent gets (a wait starts only once the supervisor reported its end
+/// or its socket closed, so few wait at once).
+async fn wait_for_exit(pid: libc::pid_t) -> std::io::Result<ExitStatus> {
+    // Registered before the first look: an exit after it is not missed.
+    let mut exits = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child()).ok();
     loop {
-        // A pidfd is readable once its process has exited.
-        let mut ready = pidfd.readable().await?;
-        if let Some(status) = reap(pidfd.get_ref())? {
+        if let Some(status) = reap(pid)? {
             return Ok(status);
         }
-        ready.clear_ready();
+        match &mut exits {
+            Some(exits) => {
+                let _ = tokio::time::timeout(REAP_FALLBACK, exits.recv()).await;
+            }
+            None => tokio::time::sleep(REAP_FALLBACK).await,
+        }
     }
 }
 
-/// Reap the child `pidfd` names if it exited: its status, or `None` while
-/// it runs.
-fn reap(pidfd: &OwnedFd) -> std::io::Result<Option<ExitStatus>> {
-    // SAFETY: siginfo_t is plain data; waitid fills it.
-    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
-    // SAFETY: waitid on a pidfd of our own child, writing `info`.
-    let rc = unsafe {
-        libc::waitid(
-            P_PIDFD,
-            pidfd.as_raw_fd() as libc::id_t,
-            &mut info,
-            libc::WEXITED | libc::WNOHANG,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
+/// Reap child `pid` if it exited: its status, or `None` while it runs.
+fn reap(pid: libc::pid_t) -> std::io::Result<Option<ExitStatus>> {
+    let mut status = 0;
+    loop {
+        // SAFETY: waitpid writes one int, which `status` is.
+        let reaped = unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) };
+        if reaped == pid {
+            return Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(
+                status,
+            )));
+        }
+        if reaped == 0 {
+            return Ok(None);
+        }
+        let error = std::io::Error::last_os_error();
+        if error.kind() != std::io::ErrorKind::Interrupted {
+            return Err(error);
+        }
     }
-    // SAFETY: waitid set si_pid (0 while the child runs) and si_status.
-    let (pid, status) = unsafe { (info.si_pid(), info.si_status()) };
-    if pid == 0 {
-        return Ok(None);
-    }
-    // Back to a raw wait status: the exit code in the second byte, or the signal.
-    let raw = if info.si_code == libc::CLD_EXITED {
-        (status & 0xff) << 8
-    } else {
-        status & 0x7f
-    };
-    Ok(Some(std::os::unix::process::ExitStatusExt::from_raw(raw)))
 }
 
 impl Drop for Forked {
     /// Never leave a zombie: one dropped before it was reaped is waited for
     /// in the background (it exits once its control socket closes).
     fn drop(&mut self) {
-        // (The task holds the pidfd alone: should the runtime drop it
-        // unrun, as one shutting down does, nothing is spawned again.)
-        if let Some(pidfd) = self.pidfd.take() {
+        if let Some(pid) = self.pid.take() {
             if let Ok(runtime) = tokio::runtime::Handle::try_current() {
                 runtime.spawn(async move {
-                    let _ = wait_for_exit(&pidfd).await;
+                    let _ = wait_for_exit(pid).await;
                 });
             }
         }
