@@ -223,13 +223,14 @@ const BLANK_RECORD: &str = "          \n";
 /// The records of running process groups, under `<data-dir>/groups/`: one
 /// file per slot, reused from run to run. A running task's slot holds its
 /// leader's process group; a free slot holds blanks. Rewriting a file in
-/// place costs a write; a new file per run cost an inode allocation (and
-/// its removal a free), which on a busy ext4 was a large share of a short
-/// task's start.
+/// place costs an open and a write; a new file per run cost an inode
+/// allocation (and its removal a free), which on a busy ext4 was a large
+/// share of a short task's start. No file is held open between writes: a
+/// running task costs the agent no descriptor for its record.
 #[derive(Debug)]
 pub(crate) struct GroupRecords {
     dir: std::path::PathBuf,
-    free: std::sync::Arc<std::sync::Mutex<Vec<std::fs::File>>>,
+    free: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
     next: std::sync::atomic::AtomicU64,
 }
 
@@ -237,8 +238,9 @@ pub(crate) struct GroupRecords {
 /// again and free for the next run).
 #[derive(Debug)]
 pub(crate) struct GroupRecord {
-    file: Option<std::fs::File>,
-    free: std::sync::Arc<std::sync::Mutex<Vec<std::fs::File>>>,
+    path: std::path::PathBuf,
+    slot: u64,
+    free: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl GroupRecords {
@@ -254,32 +256,28 @@ impl GroupRecords {
     /// Record process group `pgid` in a free slot (a new one if none is).
     pub(crate) fn record(&self, pgid: libc::pid_t) -> std::io::Result<GroupRecord> {
         let reused = self.free.lock().expect("not poisoned").pop();
-        let file = match reused {
-            Some(file) => file,
-            None => {
-                let slot = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create(true)
-                    .truncate(true)
-                    .open(self.dir.join(format!("{slot}.pgid")))?
-            }
-        };
-        let mut record = GroupRecord {
-            file: Some(file),
+        let slot =
+            reused.unwrap_or_else(|| self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+        let path = self.dir.join(format!("{slot}.pgid"));
+        // A slot that cannot be written is not given back (nor reused).
+        write_record(&path, &format!("{pgid:>10}\n"))?;
+        Ok(GroupRecord {
+            path,
+            slot,
             free: std::sync::Arc::clone(&self.free),
-        };
-        record.write(&format!("{pgid:>10}\n"))?;
-        Ok(record)
+        })
     }
 }
 
-impl GroupRecord {
-    fn write(&mut self, line: &str) -> std::io::Result<()> {
-        debug_assert_eq!(line.len(), RECORD_WIDTH);
-        let file = self.file.as_ref().expect("held until dropped");
-        std::os::unix::fs::FileExt::write_all_at(file, line.as_bytes(), 0)
-    }
+/// Write `line` over the start of the record at `path` (made if missing).
+fn write_record(path: &Path, line: &str) -> std::io::Result<()> {
+    debug_assert_eq!(line.len(), RECORD_WIDTH);
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    std::os::unix::fs::FileExt::write_all_at(&file, line.as_bytes(), 0)
 }
 
 impl Drop for GroupRecord {
@@ -287,10 +285,8 @@ impl Drop for GroupRecord {
     /// reused (its file stays, naming a group that is gone, which the next
     /// agent's check of the group's processes sees).
     fn drop(&mut self) {
-        if self.write(BLANK_RECORD).is_ok() {
-            if let Some(file) = self.file.take() {
-                self.free.lock().expect("not poisoned").push(file);
-            }
+        if write_record(&self.path, BLANK_RECORD).is_ok() {
+            self.free.lock().expect("not poisoned").push(self.slot);
         }
     }
 }

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::agent::{fresh_data_dir, pss_kib, BenchAgent};
-use super::{wait_until_async, BenchArgs};
+use super::BenchArgs;
 
 /// How long the agent's CPU time is measured with every task running.
 const QUIET_WINDOW: Duration = Duration::from_secs(20);
@@ -40,10 +40,28 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
             .await?
             .error_for_status()?;
     }
-    wait_until_async("every idle task runs", || async {
-        super::agent::supervisors_of(pid).len() >= tasks
-    })
-    .await?;
+    // The agent's count, not a scan of /proc: with tens of thousands of
+    // processes a scan takes longer than the wait between two.
+    let ready = format!("{url}/readyz");
+    let deadline =
+        Instant::now() + Duration::from_secs(30) + Duration::from_millis(5) * tasks as u32;
+    loop {
+        let running = http
+            .get(&ready)
+            .send()
+            .await?
+            .json::<serde_json::Value>()
+            .await?["running"]
+            .as_u64()
+            .unwrap_or(0);
+        if running >= tasks as u64 {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("only {running} of {tasks} idle tasks run in time");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     // Let the starts' work (logs, checkpoint files, store writes) finish.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = cpu_ticks(pid)?;
