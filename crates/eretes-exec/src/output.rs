@@ -156,6 +156,11 @@ impl OutputLog {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Write no more to the log (the tail is still kept).
+    pub(crate) fn keep_tail_only(&mut self) {
+        self.log = LogState::Failed;
+    }
+
     /// Record a failure about this log (the first one is kept).
     pub(crate) fn note_error(&mut self, error: String) {
         self.error.get_or_insert(error);

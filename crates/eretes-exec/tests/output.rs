@@ -83,3 +83,36 @@ async fn a_task_that_floods_its_output_is_stopped_on_time_and_its_log_stays_capp
     }
     agent.node.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_whose_writes_hang_does_not_keep_a_flooding_task_from_being_stopped() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // The task makes its own stdout log a FIFO nobody reads: opening it for
+    // writing hangs, as a write to a frozen filesystem would. Then it
+    // floods its output, which fills the supervisor's queue to the writer.
+    agent
+        .submit_sh(
+            "stuck",
+            "mkdir -p logs/stuck && mkfifo logs/stuck/stdout.log && \
+             echo $$ > leader.pid && exec yes flooding",
+            |_| {},
+        )
+        .await;
+    let leader = pid_in(&agent.path("leader.pid")).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let supervisor = parent_of(leader);
+    assert!(alive(leader), "the task runs (blocked on its full pipe)");
+    agent
+        .coordinator
+        .delete(&TaskId::new("stuck").unwrap())
+        .await
+        .unwrap();
+    // The supervisor's loop never waits on the log: the stop goes through.
+    wait_until(
+        "the task and its supervisor are gone",
+        Duration::from_secs(10),
+        || !alive(leader) && !alive(supervisor),
+    )
+    .await;
+    agent.node.shutdown().await;
+}

@@ -58,6 +58,12 @@ impl Spawner {
         let child = match self.fork(config, theirs.as_fd()) {
             Some(child) => child,
             None => {
+                // A new pair: a fork server that answered too late may
+                // have made a supervisor on the first one after all, which
+                // must not share this one's socket (it reads the end of
+                // the first and exits).
+                drop((ours, theirs));
+                let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
                 let mut command = supervisor_command(config, None);
                 // Its stderr is the agent's, for its own errors.
                 command
@@ -68,7 +74,10 @@ impl Spawner {
                 // The command holds the supervisor's ends, which must close
                 // when the supervisor dies: no copy may stay here.
                 drop(command);
-                SupervisorChild::Spawned(child)
+                return Ok(NewSupervisor {
+                    child: SupervisorChild::Spawned(child),
+                    control: ours,
+                });
             }
         };
         Ok(NewSupervisor {

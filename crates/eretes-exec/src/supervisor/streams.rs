@@ -1,11 +1,21 @@
 //! The task's stdout and stderr, read by its supervisor: each a pipe whose
 //! read end the supervisor's loop polls beside its socket, signals and
-//! timer, copied into the task's log ([`crate::output`]).
+//! timer. What it reads goes to a writer thread, which keeps the task's
+//! logs ([`crate::output`]).
+//!
+//! **Why a thread.** The loop must never wait on the disk: a frozen or
+//! hung filesystem (a snapshot's `fsfreeze`, a hard-mounted NFS) would
+//! otherwise keep it from its deadline, and a fenced task from being
+//! killed. The loop only hands chunks over through a bounded queue; when
+//! the queue is full it stops reading that pipe (the task then waits on a
+//! full pipe, as it would on a slow disk) and looks again shortly. The
+//! thread is started with the first byte of output: a quiet task has none.
 
 use std::ffi::OsStr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::time::{Duration, Instant};
 
 use super::wire::{LaunchLogs, Stream, StreamEnd};
@@ -18,17 +28,38 @@ const READ_SIZE: usize = 16 * 1024;
 /// must not keep the loop from its deadlines and orders.
 const READS_PER_WAKE: usize = 4;
 
-/// One output stream.
+/// Chunks queued for the writer at most (with [`READ_SIZE`], 256 KiB).
+const QUEUE: usize = 16;
+
+/// How soon the loop looks again at a pipe it stopped reading because the
+/// writer's queue was full.
+pub(super) const RETRY: Duration = Duration::from_millis(10);
+
+/// Stack of the writer thread: it copies chunks into files, no more.
+const WRITER_STACK: usize = 64 * 1024;
+
+/// One output stream, as the loop sees it.
 struct TaskStream {
     stream: Stream,
     /// The read end, until the stream ended.
     pipe: Option<OwnedFd>,
-    log: OutputLog,
+    /// A chunk read but not yet taken by the writer's full queue.
+    pending: Option<Vec<u8>>,
 }
 
 /// The task's two output streams.
 pub(super) struct TaskStreams {
     streams: [TaskStream; 2],
+    /// The logs, until the writer starts (it takes them).
+    logs: Option<[OutputLog; 2]>,
+    writer: Option<Writer>,
+}
+
+/// The writer thread's ends.
+struct Writer {
+    chunks: SyncSender<(usize, Vec<u8>)>,
+    /// How the streams ended, once the queue closed and was written.
+    ends: Receiver<Vec<StreamEnd>>,
 }
 
 impl TaskStreams {
@@ -41,37 +72,120 @@ impl TaskStreams {
         let prepared = if logs.reset { reset_logs(dir) } else { Ok(()) };
         let (stdout, stdout_writer) = pipe()?;
         let (stderr, stderr_writer) = pipe()?;
-        let stream = |stream, pipe, name| {
+        let log = |name| {
             let mut log = OutputLog::open(dir.join(name), logs.cap, logs.tail_bytes);
             if let Err(error) = &prepared {
                 log.note_error(format!("cannot prepare {}: {error}", dir.display()));
             }
-            TaskStream {
-                stream,
-                pipe: Some(pipe),
-                log,
-            }
+            log
+        };
+        let stream = |stream, pipe| TaskStream {
+            stream,
+            pipe: Some(pipe),
+            pending: None,
         };
         let streams = TaskStreams {
             streams: [
-                stream(Stream::Stdout, stdout, "stdout.log"),
-                stream(Stream::Stderr, stderr, "stderr.log"),
+                stream(Stream::Stdout, stdout),
+                stream(Stream::Stderr, stderr),
             ],
+            logs: Some([log("stdout.log"), log("stderr.log")]),
+            writer: None,
         };
         Ok((streams, stdout_writer, stderr_writer))
     }
 
-    /// The descriptors to poll: each open pipe, or -1 (which poll skips).
+    /// The descriptors to poll: each open pipe the writer can take more
+    /// from, or -1 (which poll skips).
     pub(super) fn poll_fds(&self) -> [RawFd; 2] {
         self.streams
             .each_ref()
-            .map(|stream| stream.pipe.as_ref().map_or(-1, AsRawFd::as_raw_fd))
+            .map(|stream| match (&stream.pipe, &stream.pending) {
+                (Some(pipe), None) => pipe.as_raw_fd(),
+                _ => -1,
+            })
     }
 
-    /// Read what is there from each open pipe (a bounded amount).
+    /// Whether a chunk waits for room in the writer's queue (then the loop
+    /// looks again within [`RETRY`]).
+    pub(super) fn waiting(&self) -> bool {
+        self.streams.iter().any(|stream| stream.pending.is_some())
+    }
+
+    /// Hand what waits to the writer, and read what is there from each
+    /// open pipe (a bounded amount).
     pub(super) fn read_ready(&mut self) {
-        for stream in &mut self.streams {
-            stream.read_ready();
+        for index in 0..self.streams.len() {
+            self.read_stream(index);
+        }
+    }
+
+    fn read_stream(&mut self, index: usize) {
+        if let Some(chunk) = self.streams[index].pending.take() {
+            if let Some(chunk) = self.hand_over(index, chunk) {
+                self.streams[index].pending = Some(chunk);
+                return;
+            }
+        }
+        let mut buffer = [0u8; READ_SIZE];
+        for _ in 0..READS_PER_WAKE {
+            let Some(pipe) = &self.streams[index].pipe else {
+                return;
+            };
+            // SAFETY: reads at most `buffer.len()` bytes into `buffer`.
+            let read =
+                unsafe { libc::read(pipe.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
+            if read > 0 {
+                let chunk = buffer[..read as usize].to_vec();
+                if let Some(chunk) = self.hand_over(index, chunk) {
+                    self.streams[index].pending = Some(chunk);
+                    return;
+                }
+                continue;
+            }
+            let error = std::io::Error::last_os_error();
+            match (read, error.raw_os_error()) {
+                (0, _) => self.streams[index].pipe = None,
+                (_, Some(libc::EINTR)) => continue,
+                (_, Some(libc::EAGAIN)) => {}
+                // A pipe that fails to read has ended, as far as it goes.
+                _ => self.streams[index].pipe = None,
+            }
+            return;
+        }
+    }
+
+    /// Queue `chunk` of stream `index` for the writer (started with the
+    /// first); the chunk back if the queue is full.
+    fn hand_over(&mut self, index: usize, chunk: Vec<u8>) -> Option<Vec<u8>> {
+        if self.writer.is_none() {
+            if let Some(logs) = self.logs.take() {
+                match start_writer(logs) {
+                    Ok(writer) => self.writer = Some(writer),
+                    Err((error, mut logs)) => {
+                        // No thread: the output is kept in the tails only.
+                        for log in &mut logs {
+                            log.note_error(format!("cannot start the log writer: {error}"));
+                            log.keep_tail_only();
+                        }
+                        self.logs = Some(logs);
+                    }
+                }
+            }
+        }
+        match &self.writer {
+            Some(writer) => match writer.chunks.try_send((index, chunk)) {
+                Ok(()) => None,
+                Err(TrySendError::Full((_, chunk))) => Some(chunk),
+                // The writer is gone (it cannot panic short of a bug): drop.
+                Err(TrySendError::Disconnected(_)) => None,
+            },
+            None => {
+                if let Some(logs) = &mut self.logs {
+                    logs[index].push(&chunk);
+                }
+                None
+            }
         }
     }
 
@@ -83,7 +197,11 @@ impl TaskStreams {
             self.read_ready();
             let fds = self.poll_fds();
             let left = until.saturating_duration_since(Instant::now());
-            if fds.iter().all(|&fd| fd < 0) || left.is_zero() {
+            let open = self
+                .streams
+                .iter()
+                .any(|stream| stream.pipe.is_some() || stream.pending.is_some());
+            if !open || left.is_zero() {
                 return;
             }
             let mut polled = fds.map(|fd| libc::pollfd {
@@ -91,53 +209,93 @@ impl TaskStreams {
                 events: libc::POLLIN,
                 revents: 0,
             });
+            let wait = if self.waiting() {
+                left.min(RETRY)
+            } else {
+                left
+            };
             // SAFETY: `polled` is an array of initialised pollfd of the length given.
             unsafe {
                 libc::poll(
                     polled.as_mut_ptr(),
                     polled.len() as libc::nfds_t,
-                    left.as_millis().min(i32::MAX as u128) as libc::c_int + 1,
+                    wait.as_millis().min(i32::MAX as u128) as libc::c_int + 1,
                 )
             };
         }
     }
 
-    /// How each stream ended.
-    pub(super) fn ends(&self) -> Vec<StreamEnd> {
-        self.streams
-            .iter()
-            .map(|stream| StreamEnd {
-                stream: stream.stream,
-                tail: stream.log.tail_text(),
-                error: stream.log.error().map(str::to_string),
-            })
-            .collect()
+    /// How each stream ended: the writer is told that no more comes, and
+    /// waited for at most `limit` (a log on a disk that does not answer
+    /// cannot hold up the report: its stream then says so).
+    pub(super) fn ends(mut self, limit: Duration) -> Vec<StreamEnd> {
+        if let Some(writer) = self.writer.take() {
+            drop(writer.chunks);
+            return writer.ends.recv_timeout(limit).unwrap_or_else(|_| {
+                self.streams
+                    .iter()
+                    .map(|stream| StreamEnd {
+                        stream: stream.stream,
+                        tail: String::new(),
+                        error: Some(format!(
+                            "its log was still being written {} s after the task ended",
+                            limit.as_secs()
+                        )),
+                    })
+                    .collect()
+            });
+        }
+        let logs = self
+            .logs
+            .take()
+            .expect("the logs, or the writer that took them");
+        stream_ends(&logs)
     }
 }
 
-impl TaskStream {
-    fn read_ready(&mut self) {
-        let Some(pipe) = &self.pipe else {
-            return;
-        };
-        let mut buffer = [0u8; READ_SIZE];
-        for _ in 0..READS_PER_WAKE {
-            // SAFETY: reads at most `buffer.len()` bytes into `buffer`.
-            let read =
-                unsafe { libc::read(pipe.as_raw_fd(), buffer.as_mut_ptr().cast(), buffer.len()) };
-            if read > 0 {
-                self.log.push(&buffer[..read as usize]);
-                continue;
+/// Each log's tail and error, as the report says them.
+fn stream_ends(logs: &[OutputLog; 2]) -> Vec<StreamEnd> {
+    [Stream::Stdout, Stream::Stderr]
+        .into_iter()
+        .zip(logs)
+        .map(|(stream, log)| StreamEnd {
+            stream,
+            tail: log.tail_text(),
+            error: log.error().map(str::to_string),
+        })
+        .collect()
+}
+
+/// Start the writer thread with `logs`; them back if it cannot start.
+#[allow(clippy::result_large_err)]
+fn start_writer(logs: [OutputLog; 2]) -> Result<Writer, (std::io::Error, [OutputLog; 2])> {
+    let (chunks, queue) = mpsc::sync_channel::<(usize, Vec<u8>)>(QUEUE);
+    let (ended, ends) = mpsc::channel();
+    // The logs go to the thread through a slot it empties, so that they
+    // come back if the thread cannot be started.
+    let slot = std::sync::Arc::new(std::sync::Mutex::new(Some(logs)));
+    let theirs = std::sync::Arc::clone(&slot);
+    let started = std::thread::Builder::new()
+        .name("logs".into())
+        .stack_size(WRITER_STACK)
+        .spawn(move || {
+            let Some(mut logs) = theirs.lock().ok().and_then(|mut slot| slot.take()) else {
+                return;
+            };
+            for (index, chunk) in queue {
+                logs[index].push(&chunk);
             }
-            let error = std::io::Error::last_os_error();
-            match (read, error.raw_os_error()) {
-                (0, _) => self.pipe = None,
-                (_, Some(libc::EINTR)) => continue,
-                (_, Some(libc::EAGAIN)) => {}
-                // A pipe that fails to read has ended, as far as it goes.
-                _ => self.pipe = None,
-            }
-            return;
+            let _ = ended.send(stream_ends(&logs));
+        });
+    match started {
+        Ok(_) => Ok(Writer { chunks, ends }),
+        Err(error) => {
+            let logs = slot
+                .lock()
+                .ok()
+                .and_then(|mut slot| slot.take())
+                .expect("the thread never ran");
+            Err((error, logs))
         }
     }
 }

@@ -36,6 +36,11 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     // started this process (SIGINT and SIGHUP never do: a terminal's
     // hang-up or Ctrl-C is the agent's business, which drains).
     let term_stops = !inherited_ignore(libc::SIGTERM);
+    // This process writes the task's logs: one past a file-size limit must
+    // fail the write (reported), not kill the supervisor and so the task.
+    // (The task gets the default action back before its exec.)
+    // SAFETY: signal(2) with SIG_IGN installs no handler.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     // Blocked before the task exists, so that no SIGCHLD is missed (the
     // task gets an empty mask back before its exec, below).
     let signals =
@@ -193,9 +198,9 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     }
     if run.control_open {
         let mut reports = String::new();
-        if let Some(streams) = &mut streams {
+        if let Some(mut streams) = streams.take() {
             streams.drain(OUTPUT_DRAIN);
-            for end in streams.ends() {
+            for end in streams.ends(OUTPUT_DRAIN) {
                 reports.push_str(&Report::Output(end).encode());
             }
         }
@@ -285,12 +290,22 @@ impl Run {
                 poll_in(stdout),
                 poll_in(stderr),
             ];
-            let timeout = if self.killing {
+            let mut timeout = if self.killing {
                 let left = KILL_RESCAN.saturating_sub(self.last_scan.elapsed());
                 left.as_millis() as libc::c_int + 1
             } else {
                 -1
             };
+            // Output waits for room in the log writer's queue: look again soon.
+            let waiting = streams.as_ref().is_some_and(|streams| streams.waiting());
+            if waiting {
+                let retry = super::streams::RETRY.as_millis() as libc::c_int;
+                timeout = if timeout < 0 {
+                    retry
+                } else {
+                    timeout.min(retry)
+                };
+            }
             // SAFETY: `fds` is an array of initialised pollfd of the length given.
             let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
             if ready < 0 {
@@ -313,7 +328,7 @@ impl Run {
             if fds[2].revents != 0 {
                 timer.clear();
             }
-            if fds[3].revents != 0 || fds[4].revents != 0 {
+            if waiting || fds[3].revents != 0 || fds[4].revents != 0 {
                 if let Some(streams) = streams.as_deref_mut() {
                     streams.read_ready();
                 }
