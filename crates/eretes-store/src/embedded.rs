@@ -71,11 +71,12 @@ pub const DEFAULT_HISTORY_LIMIT: usize = 10_000;
 
 /// Default age past which a revision leaves the watch history (the latest
 /// revision always stays). The history is for watches that start from a
-/// past revision — a snapshot's, a moment ago — not a log: kept for ever,
-/// it would hold on to every value deleted since (the records of 2,000
-/// removed tasks held 29 MiB of an idle agent until 10,000 newer
-/// revisions pushed them out).
-pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(10);
+/// past revision — a snapshot's, read a moment before — not a log: kept
+/// until 10,000 newer revisions push it out, an idle store would hold on
+/// to every value deleted before it went idle. A minute leaves a reader
+/// that takes long to build from its snapshot (a huge namespace on a slow
+/// host) ample time to start its watch.
+pub const DEFAULT_HISTORY_AGE: Duration = Duration::from_secs(60);
 
 /// etcd's default limit on compares / operations per branch of a transaction.
 pub const DEFAULT_MAX_TXN_OPS: usize = 128;

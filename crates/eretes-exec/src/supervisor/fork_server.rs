@@ -46,6 +46,14 @@ pub(crate) const ANSWER_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Serve fork requests on fd 0 until the agent's end closes.
 pub(crate) fn serve() -> Result<()> {
+    // Forking is sound only in a process with one thread, and the child's
+    // C library state is right only with glibc (whose `raise` asks the
+    // kernel for the thread's id instead of trusting its own record).
+    if !cfg!(target_env = "gnu") || threads() != Some(1) {
+        return Err(Error::other(
+            "the fork server needs a single-threaded process on glibc",
+        ));
+    }
     // SAFETY: fd 0 is the agent's SOCK_SEQPACKET socket, handed to this
     // process as its stdin; nothing else here uses it.
     let socket = unsafe { OwnedFd::from_raw_fd(0) };
@@ -75,6 +83,17 @@ pub(crate) fn serve() -> Result<()> {
             return Err(error);
         }
     }
+}
+
+/// This process's thread count, from `/proc/self/status`.
+fn threads() -> Option<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Threads:"))?
+        .trim()
+        .parse()
+        .ok()
 }
 
 /// Create a supervisor whose fd 0 is `control` (its socket to the agent),

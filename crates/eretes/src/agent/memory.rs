@@ -18,9 +18,9 @@ use tokio::sync::watch;
 pub const TRIM_EVERY: Duration = Duration::from_secs(5);
 
 /// Quiet looks after activity that each trim the heap: what a burst frees
-/// settles over several seconds (supervisors reaped, watch history aged
-/// out after 10 s), so the heap is trimmed 5, 10 and 15 s after the node's
-/// runs last moved.
+/// settles over several seconds (supervisors reaped, runs' records
+/// written), so the heap is trimmed 5, 10 and 15 s after the node's runs
+/// last moved.
 const SETTLE_TRIMS: u32 = 3;
 
 /// Trim the heap on the first [`SETTLE_TRIMS`] looks, [`TRIM_EVERY`]
