@@ -230,7 +230,7 @@ const BLANK_RECORD: &str = "          \n";
 #[derive(Debug)]
 pub(crate) struct GroupRecords {
     dir: std::path::PathBuf,
-    free: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
+    free: std::sync::Mutex<Vec<u64>>,
     next: std::sync::atomic::AtomicU64,
 }
 
@@ -238,9 +238,8 @@ pub(crate) struct GroupRecords {
 /// again and free for the next run).
 #[derive(Debug)]
 pub(crate) struct GroupRecord {
-    path: std::path::PathBuf,
+    records: std::sync::Arc<GroupRecords>,
     slot: u64,
-    free: std::sync::Arc<std::sync::Mutex<Vec<u64>>>,
 }
 
 impl GroupRecords {
@@ -253,18 +252,23 @@ impl GroupRecords {
         }
     }
 
+    fn path(&self, slot: u64) -> std::path::PathBuf {
+        self.dir.join(format!("{slot}.pgid"))
+    }
+
     /// Record process group `pgid` in a free slot (a new one if none is).
-    pub(crate) fn record(&self, pgid: libc::pid_t) -> std::io::Result<GroupRecord> {
+    pub(crate) fn record(
+        self: &std::sync::Arc<Self>,
+        pgid: libc::pid_t,
+    ) -> std::io::Result<GroupRecord> {
         let reused = self.free.lock().expect("not poisoned").pop();
         let slot =
             reused.unwrap_or_else(|| self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
-        let path = self.dir.join(format!("{slot}.pgid"));
         // A slot that cannot be written is not given back (nor reused).
-        write_record(&path, &format!("{pgid:>10}\n"))?;
+        write_record(&self.path(slot), &format!("{pgid:>10}\n"))?;
         Ok(GroupRecord {
-            path,
+            records: std::sync::Arc::clone(self),
             slot,
-            free: std::sync::Arc::clone(&self.free),
         })
     }
 }
@@ -285,8 +289,12 @@ impl Drop for GroupRecord {
     /// reused (its file stays, naming a group that is gone, which the next
     /// agent's check of the group's processes sees).
     fn drop(&mut self) {
-        if write_record(&self.path, BLANK_RECORD).is_ok() {
-            self.free.lock().expect("not poisoned").push(self.slot);
+        if write_record(&self.records.path(self.slot), BLANK_RECORD).is_ok() {
+            self.records
+                .free
+                .lock()
+                .expect("not poisoned")
+                .push(self.slot);
         }
     }
 }
@@ -308,7 +316,7 @@ mod record_tests {
     #[test]
     fn a_slot_names_its_group_while_held_and_is_blanked_and_reused_after() {
         let dir = tempfile::tempdir().unwrap();
-        let records = GroupRecords::new(dir.path().to_path_buf());
+        let records = std::sync::Arc::new(GroupRecords::new(dir.path().to_path_buf()));
         let first = records.record(4242).unwrap();
         let second = records.record(77).unwrap();
         assert_eq!(lines(dir.path()), ["        77\n", "      4242\n"]);

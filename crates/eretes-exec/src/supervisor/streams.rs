@@ -38,9 +38,11 @@ pub(super) const RETRY: Duration = Duration::from_millis(10);
 /// Stack of the writer thread: it copies chunks into files, no more.
 const WRITER_STACK: usize = 64 * 1024;
 
+/// The streams, in the order every array here keeps them.
+const STREAMS: [Stream; 2] = [Stream::Stdout, Stream::Stderr];
+
 /// One output stream, as the loop sees it.
 struct TaskStream {
-    stream: Stream,
     /// The read end, until the stream ended.
     pipe: Option<OwnedFd>,
     /// A chunk read but not yet taken by the writer's full queue.
@@ -79,16 +81,12 @@ impl TaskStreams {
             }
             log
         };
-        let stream = |stream, pipe| TaskStream {
-            stream,
+        let stream = |pipe| TaskStream {
             pipe: Some(pipe),
             pending: None,
         };
         let streams = TaskStreams {
-            streams: [
-                stream(Stream::Stdout, stdout),
-                stream(Stream::Stderr, stderr),
-            ],
+            streams: [stream(stdout), stream(stderr)],
             logs: Some([log("stdout.log"), log("stderr.log")]),
             writer: None,
         };
@@ -232,10 +230,10 @@ impl TaskStreams {
         if let Some(writer) = self.writer.take() {
             drop(writer.chunks);
             return writer.ends.recv_timeout(limit).unwrap_or_else(|_| {
-                self.streams
-                    .iter()
+                STREAMS
+                    .into_iter()
                     .map(|stream| StreamEnd {
-                        stream: stream.stream,
+                        stream,
                         tail: String::new(),
                         error: Some(format!(
                             "its log was still being written {} s after the task ended",
@@ -255,7 +253,7 @@ impl TaskStreams {
 
 /// Each log's tail and error, as the report says them.
 fn stream_ends(logs: &[OutputLog; 2]) -> Vec<StreamEnd> {
-    [Stream::Stdout, Stream::Stderr]
+    STREAMS
         .into_iter()
         .zip(logs)
         .map(|(stream, log)| StreamEnd {

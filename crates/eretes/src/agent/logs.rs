@@ -130,6 +130,7 @@ pub(crate) async fn logs(
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string())
     };
     let following = query.follow.unwrap_or(false);
+    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     let mut file = match File::open(&path).await {
         Ok(file) => file,
         Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -151,11 +152,10 @@ pub(crate) async fn logs(
                 }
                 Some(_) => {}
             }
-            let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
             if !following {
                 return Ok((text_plain, axum::body::Body::empty()).into_response());
             }
-            let growth = follow(None, 0, state, id, stream_name(stream));
+            let growth = follow(None, 0, path, state.coordinator, id);
             return Ok((text_plain, axum::body::Body::from_stream(growth)).into_response());
         }
         Err(error) => return Err(internal(error)),
@@ -169,23 +169,13 @@ pub(crate) async fn logs(
     };
     file.seek(SeekFrom::Start(start)).await.map_err(internal)?;
     let existing = ReaderStream::with_capacity(file.take(length - start), BLOCK);
-    let text_plain = [(header::CONTENT_TYPE, "text/plain; charset=utf-8")];
     if !following {
         return Ok((text_plain, axum::body::Body::from_stream(existing)).into_response());
     }
     let follower = File::open(&path).await.map_err(internal)?;
-    let growth = follow(Some(follower), length, state, id, stream_name(stream));
+    let growth = follow(Some(follower), length, path, state.coordinator, id);
     let chunks = existing.chain(growth);
     Ok((text_plain, axum::body::Body::from_stream(chunks)).into_response())
-}
-
-/// `stream` ("stdout" or "stderr") as a static name.
-fn stream_name(stream: &str) -> &'static str {
-    if stream == "stderr" {
-        "stderr"
-    } else {
-        "stdout"
-    }
 }
 
 /// Whether `path` is no longer the file `file` has open (the log rotated).
@@ -205,18 +195,14 @@ async fn rotated(file: &File, path: &std::path::Path) -> bool {
 fn follow(
     file: Option<File>,
     offset: u64,
-    state: ApiState,
+    path: std::path::PathBuf,
+    coordinator: eretes_protocol::Coordinator,
     id: eretes_protocol::TaskId,
-    stream: &'static str,
 ) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
-    let path = state
-        .logs_dir
-        .join(id.as_str())
-        .join(format!("{stream}.log"));
     futures::stream::unfold(
         (file, offset, false),
         move |(mut file, mut offset, mut ended)| {
-            let (coordinator, id, path) = (state.coordinator.clone(), id.clone(), path.clone());
+            let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
             async move {
                 loop {
                     let Some(open) = &mut file else {

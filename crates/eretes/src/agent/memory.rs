@@ -28,7 +28,7 @@ const SETTLE_TRIMS: u32 = 3;
 /// task's run ends without a count of its own) last moved. Runs until the
 /// agent exits.
 pub async fn return_freed_memory(stats: Arc<NodeStats>, status: watch::Receiver<NodeStatus>) {
-    let activity = || (activity(&stats), status.borrow().running);
+    let activity = || (counted_runs(&stats), status.borrow().running);
     let mut seen = activity();
     // No trim before the first activity.
     let mut quiet_looks = SETTLE_TRIMS;
@@ -55,8 +55,8 @@ pub async fn return_freed_memory(stats: Arc<NodeStats>, status: watch::Receiver<
     }
 }
 
-/// Runs started and ended so far.
-fn activity(stats: &NodeStats) -> u64 {
+/// Runs started and ended so far, as the node counts them.
+fn counted_runs(stats: &NodeStats) -> u64 {
     let snapshot = stats.snapshot();
     snapshot.claims
         + snapshot.takeovers

@@ -12,7 +12,7 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use super::agent::{fresh_data_dir, pss_kib, BenchAgent};
-use super::BenchArgs;
+use super::{wait_until_async_within, BenchArgs};
 
 /// How long the agent's CPU time is measured with every task running.
 const QUIET_WINDOW: Duration = Duration::from_secs(20);
@@ -43,25 +43,20 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     // The agent's count, not a scan of /proc: with tens of thousands of
     // processes a scan takes longer than the wait between two.
     let ready = format!("{url}/readyz");
-    let deadline =
-        Instant::now() + Duration::from_secs(30) + Duration::from_millis(5) * tasks as u32;
-    loop {
-        let running = http
-            .get(&ready)
-            .send()
-            .await?
-            .json::<serde_json::Value>()
-            .await?["running"]
-            .as_u64()
-            .unwrap_or(0);
-        if running >= tasks as u64 {
-            break;
-        }
-        if Instant::now() > deadline {
-            bail!("only {running} of {tasks} idle tasks run in time");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let limit = Duration::from_secs(30) + Duration::from_millis(5) * tasks as u32;
+    wait_until_async_within("every idle task runs", limit, || async {
+        let running = async {
+            http.get(&ready)
+                .send()
+                .await?
+                .json::<serde_json::Value>()
+                .await
+        };
+        running
+            .await
+            .is_ok_and(|status| status["running"].as_u64() >= Some(tasks as u64))
+    })
+    .await?;
     // Let the starts' work (logs, checkpoint files, store writes) finish.
     tokio::time::sleep(Duration::from_secs(5)).await;
     let before = cpu_ticks(pid)?;

@@ -156,15 +156,24 @@ async fn add_nodes(cluster: &mut Cluster, count: u16) -> Result<()> {
 }
 
 /// Poll `done` every 50 ms until it holds; fail naming `what` after 30 s.
-async fn wait_until_async<F, Fut>(what: &str, mut done: F) -> Result<()>
+async fn wait_until_async<F, Fut>(what: &str, done: F) -> Result<()>
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    wait_until_async_within(what, Duration::from_secs(30), done).await
+}
+
+/// Poll `done` every 50 ms until it holds; fail naming `what` after `limit`.
+async fn wait_until_async_within<F, Fut>(what: &str, limit: Duration, mut done: F) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + limit;
     while !done().await {
         if Instant::now() > deadline {
-            bail!("timed out after 30 s waiting until {what}");
+            bail!("timed out after {limit:?} waiting until {what}");
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
