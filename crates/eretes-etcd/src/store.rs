@@ -112,7 +112,18 @@ impl EtcdStore {
             keepalives: Mutex::new(HashMap::new()),
             authenticated: options.credentials.is_some(),
         };
-        match store.current_revision().await {
+        // With several members, one that is down (or was killed under an
+        // open connection) fails only the calls routed to it: the probe is
+        // tried once per endpoint, and passes when any member answers.
+        let mut probe = store.current_revision().await;
+        for _ in 1..(2 * options.endpoints.len()).saturating_sub(1).max(1) {
+            if !matches!(probe, Err(StoreError::Unavailable(_))) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            probe = store.current_revision().await;
+        }
+        match probe {
             Ok(_) => {}
             // The probe's key lies outside any namespace, so a user whose
             // role grants only its own prefix (the least-privilege setup) is

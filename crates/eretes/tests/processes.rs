@@ -18,16 +18,13 @@ use std::io::{BufRead, BufReader, Write};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use eretes_etcd::testing::{test_etcd_url, LocalEtcd};
+use eretes_etcd::testing::{test_etcd_url, LocalEtcd, Relay};
 use eretes_etcd::{EtcdOptions, EtcdStore};
 use eretes_protocol::{Coordinator, GroupName, Namespace, TaskId, TaskSpec};
 use eretes_store::{DeleteRequest, KeyRange, Store, StoreExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::AbortHandle;
 
 /// The nodes' lease TTL where a test does not need another.
 const TTL: Duration = Duration::from_secs(2);
@@ -573,86 +570,12 @@ async fn etcd_down_past_the_ttl_makes_every_node_fence_in_time_then_every_task_r
 // ---------------------------------------------------------------------------
 // Compaction past a cut-off watcher
 
-/// A TCP relay on loopback between the node and etcd that the test can cut:
-/// while cut, every connection is closed and new ones are refused, as when a
-/// network link fails.
-struct Relay {
-    address: SocketAddr,
-    up: Arc<AtomicBool>,
-    connections: Arc<Mutex<Vec<AbortHandle>>>,
-    accept: AbortHandle,
-}
-
-impl Relay {
-    async fn start(target: SocketAddr) -> Relay {
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let address = listener.local_addr().unwrap();
-        let up = Arc::new(AtomicBool::new(true));
-        let connections: Arc<Mutex<Vec<AbortHandle>>> = Arc::default();
-        let accept = {
-            let (up, connections) = (up.clone(), connections.clone());
-            tokio::spawn(async move {
-                loop {
-                    let Ok((mut inbound, _)) = listener.accept().await else {
-                        // Out of file descriptors, say: pause instead of spinning.
-                        tokio::time::sleep(Duration::from_millis(50)).await;
-                        continue;
-                    };
-                    // Checked and registered under the lock `cut` takes, so
-                    // no connection slips through a cut.
-                    let mut open = connections.lock().unwrap();
-                    if !up.load(Ordering::SeqCst) {
-                        continue; // dropped: the client sees the connection close
-                    }
-                    let relay = tokio::spawn(async move {
-                        if let Ok(mut outbound) = TcpStream::connect(target).await {
-                            let _ =
-                                tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await;
-                        }
-                    });
-                    open.push(relay.abort_handle());
-                }
-            })
-            .abort_handle()
-        };
-        Relay {
-            address,
-            up,
-            connections,
-            accept,
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("http://{}", self.address)
-    }
-
-    fn cut(&self) {
-        let mut open = self.connections.lock().unwrap();
-        self.up.store(false, Ordering::SeqCst);
-        for connection in open.drain(..) {
-            connection.abort();
-        }
-    }
-
-    fn restore(&self) {
-        self.up.store(true, Ordering::SeqCst);
-    }
-}
-
-impl Drop for Relay {
-    fn drop(&mut self) {
-        self.cut();
-        self.accept.abort();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_compaction_past_a_cut_off_watcher_makes_the_node_relist_and_miss_nothing() {
     let _serial = ONE_AT_A_TIME.lock().await;
     let etcd = LocalEtcd::start().await;
     let target: SocketAddr = etcd.url().trim_start_matches("http://").parse().unwrap();
-    let relay = Relay::start(target).await;
+    let relay = Relay::start(target).await.unwrap();
     let ns = "compacted";
     let dir = tempfile::tempdir().unwrap();
     let store = connect(&etcd.url()).await;

@@ -1,8 +1,9 @@
-//! Real etcd servers for tests: the shared one that `scripts/test.sh` starts
-//! (found through [`TEST_ETCD_ENV`]), and private ones a test starts, stops
-//! and restarts itself ([`LocalEtcd`]) when it needs to take etcd down or
-//! configure it (TLS with client certificates, extra flags such as auth
-//! settings).
+//! Real etcd servers for tests and `eretes chaos`: the shared one that
+//! `scripts/test.sh` starts (found through [`TEST_ETCD_ENV`]), private ones
+//! a test starts, stops and restarts itself ([`LocalEtcd`]) when it needs to
+//! take etcd down or configure it (TLS with client certificates, extra flags
+//! such as auth settings), clusters of several members ([`EtcdCluster`]),
+//! and a TCP [`Relay`] that cuts one client's link to one member.
 //!
 //! Tests that need etcd fail loudly when it is missing; they never skip.
 //!
@@ -10,6 +11,12 @@
 //! it takes certificates as PEM bytes and never makes them: the certificate
 //! generator (`rcgen`) is a dev-dependency, used by `tests/common` of this
 //! crate, and stays out of every non-test build without a cargo feature.
+
+mod cluster;
+mod relay;
+
+pub use cluster::EtcdCluster;
+pub use relay::Relay;
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
