@@ -56,7 +56,7 @@ pub struct SubmitArgs {
     #[arg(long)]
     group: Option<String>,
     /// Attempts for a run that exits non-zero.
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=100))]
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=eretes_exec::MAX_ATTEMPTS as i64))]
     max_attempts: Option<u32>,
     /// Restart it whenever it exits, like a service.
     #[arg(long)]

@@ -123,6 +123,12 @@ pub struct AgentArgs {
     /// From SIGTERM to SIGKILL when a task is stopped, in milliseconds.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(0..=3_600_000))]
     stop_grace_ms: u64,
+    /// Takeovers (claims after an owner that died or lost its lease
+    /// without releasing) after which a task is parked as failed: a task
+    /// that kills its agent every time stops at this many. `eretes chaos`
+    /// raises it, since its faults take tasks over without their fault.
+    #[arg(long, default_value_t = eretes_protocol::DEFAULT_TAKEOVER_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
+    takeover_limit: u32,
     /// The store: embedded (durable, in --data-dir) unless --etcd is given.
     #[command(flatten)]
     store: StoreArgs,
@@ -294,6 +300,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         config.max_running = max_running as usize;
     }
     config.handler_grace = exec_grace(args.stop_grace_ms);
+    config.takeover_limit = args.takeover_limit;
     // A drain waits for every task's own grace (and then some), rather than
     // dropping handlers while their processes are still being stopped.
     config.shutdown_timeout = config
