@@ -12,6 +12,9 @@
 //!   the embedded store that survives a node's abrupt death and rebalances
 //!   onto a fresh node, with every figure measured by an observer;
 //! * `eretes bench SCENARIO [--json]` — the benchmarks behind BENCHMARKS.md;
+//! * `eretes chaos [--agents N] [--duration D] [--seed N] [--json]` — a
+//!   Jepsen-style run of real agents on a real etcd cluster under faults,
+//!   checked by a fenced witness (`chaos/`);
 //! * `eretes supervise` (hidden) — the supervisor every process task runs
 //!   under (`eretes_exec::supervisor`), started by the agent, never by hand.
 //!
@@ -25,6 +28,7 @@ use clap::{Parser, Subcommand};
 
 mod agent;
 mod bench;
+mod chaos;
 mod client;
 mod cluster;
 mod demo;
@@ -71,6 +75,9 @@ enum Command {
     Demo(demo::DemoArgs),
     /// Run a benchmark scenario and report its figures.
     Bench(bench::BenchArgs),
+    /// Check the guarantees under faults: real agents on a real etcd
+    /// cluster, a witness workload, a nemesis and a checker.
+    Chaos(chaos::ChaosArgs),
     /// Task graphs: `eretes graph regression` runs taskgraph's regression
     /// job while killing nodes.
     Graph(graph::GraphArgs),
@@ -85,6 +92,9 @@ fn main() -> Result<()> {
     // process task under: before clap, logging and the async runtime, none
     // of which a supervisor needs (it stays small and starts fast).
     eretes_exec::supervisor::run_if_invoked();
+    // `eretes chaos-witness …`, the program of a chaos run's tasks: a
+    // small synchronous loop, started by the hundred.
+    chaos::witness::run_if_invoked();
     // The agent's secrets leave its environment before any thread or child
     // exists: no task may inherit them or read them from its /proc entries.
     // (The other commands are clients: they read ERETES_TOKEN to send it.)
@@ -124,6 +134,7 @@ fn main() -> Result<()> {
             Command::Demo(args) => demo::run(args).await.map(|()| 0),
             Command::Bench(args) => bench::run(args).await.map(|()| 0),
             Command::Graph(args) => graph::run(args).await,
+            Command::Chaos(args) => chaos::run(args).await,
             Command::WitnessNode(args) => witness_node::run(args).await.map(|()| 0),
         }
     });
