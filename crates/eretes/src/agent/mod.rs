@@ -23,11 +23,11 @@ use std::time::Duration;
 use anyhow::{anyhow, bail, Context, Result};
 use clap::Args;
 use eretes_exec::{AllowList, ExecConfig, ProcessHandler};
-use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName};
+use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, ProtocolError};
 use eretes_runtime::balancer::FairBalancer;
-use eretes_runtime::{Node, NodeConfig, StateMachine};
+use eretes_runtime::{Node, NodeConfig, StartError, StateMachine};
 use eretes_store::embedded::{EmbeddedOptions, EmbeddedStore};
-use eretes_store::Store;
+use eretes_store::{Store, StoreError};
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -311,12 +311,17 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     // lease it held can go now, so its tasks move at once (not after the
     // TTL) and this agent can register under the same name.
     let lease_file = data_dir.join(LEASE_FILE);
+    // etcd answered the connection's probe, but a member dying or a leader
+    // changing now fails single calls: the start's calls are retried for
+    // up to START_RETRIES rather than ending the agent.
+    let retry_until = tokio::time::Instant::now() + START_RETRIES;
     if let Some(previous) = read_lease_file(&lease_file, &name) {
         let coordinator = Coordinator::new(store.clone(), namespace.clone());
-        match coordinator
-            .revoke_previous_registration(&name, previous)
-            .await
-        {
+        let revoked = retry_unavailable(retry_until, "revoking the previous agent's lease", || {
+            coordinator.revoke_previous_registration(&name, previous)
+        })
+        .await;
+        match revoked {
             Ok(true) => info!(
                 lease = format!("{previous:#x}"),
                 "revoked the lease of this data directory's previous agent: its tasks move now"
@@ -327,12 +332,14 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             }
         }
     }
-    let node = Node::start(
-        store.clone(),
-        config,
-        handler,
-        Box::new(FairBalancer::default()),
-    )
+    let node = retry_unavailable(retry_until, "registering the node", || {
+        Node::start(
+            store.clone(),
+            config.clone(),
+            handler.clone(),
+            Box::new(FairBalancer::default()),
+        )
+    })
     .await
     .with_context(|| format!("starting node {name}"))?;
     tokio::spawn(keep_lease_file(
@@ -462,6 +469,49 @@ async fn keep_lease_file(
 
 /// The runtime's grace for a stopped handler: the executor's own SIGTERM
 /// grace plus time to reap the group.
+/// How long the agent's start retries store calls that found etcd
+/// unavailable (a member down, an election) before it gives up.
+const START_RETRIES: Duration = Duration::from_secs(30);
+
+/// Errors that say the store could not be reached, as opposed to a refusal.
+trait Unavailable {
+    fn is_unavailable(&self) -> bool;
+}
+
+impl Unavailable for ProtocolError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, ProtocolError::Store(StoreError::Unavailable(_)))
+    }
+}
+
+impl Unavailable for StartError {
+    fn is_unavailable(&self) -> bool {
+        matches!(self, StartError::Protocol(error) if error.is_unavailable())
+    }
+}
+
+/// `call`, again every 500 ms while it fails because the store is
+/// unavailable, until `until`; its last answer.
+async fn retry_unavailable<T, E, F>(
+    until: tokio::time::Instant,
+    what: &str,
+    mut call: impl FnMut() -> F,
+) -> Result<T, E>
+where
+    E: Unavailable + std::fmt::Display,
+    F: std::future::Future<Output = Result<T, E>>,
+{
+    loop {
+        match call().await {
+            Err(error) if error.is_unavailable() && tokio::time::Instant::now() < until => {
+                warn!(%error, "{what}: the store is unavailable; again in 500 ms");
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 fn exec_grace(stop_grace_ms: u64) -> Duration {
     Duration::from_millis(stop_grace_ms) + Duration::from_secs(2)
 }
