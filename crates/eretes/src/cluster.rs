@@ -114,7 +114,17 @@ impl Cluster {
 
     /// Start node `name`.
     pub async fn add_node(&mut self, name: &str) -> Result<()> {
-        let config = quick_node_config(NodeName::new(name)?, self.ns.clone(), self.lease_ttl);
+        self.add_node_with(name, |_| {}).await
+    }
+
+    /// Start node `name`, its configuration changed by `configure` first.
+    pub async fn add_node_with(
+        &mut self,
+        name: &str,
+        configure: impl FnOnce(&mut NodeConfig),
+    ) -> Result<()> {
+        let mut config = quick_node_config(NodeName::new(name)?, self.ns.clone(), self.lease_ttl);
+        configure(&mut config);
         let balancer: Box<dyn Balancer> = if self.rebalance {
             Box::new(FairBalancer::default())
         } else {

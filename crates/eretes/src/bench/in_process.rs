@@ -62,7 +62,7 @@ pub(super) async fn throughput(args: &BenchArgs) -> Result<serde_json::Value> {
 }
 
 /// Resident set size of this process, in bytes, from /proc/self/statm.
-fn resident_bytes() -> Result<u64> {
+pub(super) fn resident_bytes() -> Result<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").context("reading /proc/self/statm")?;
     let pages: u64 = statm
         .split_whitespace()

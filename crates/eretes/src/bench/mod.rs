@@ -9,6 +9,7 @@ mod graph;
 mod idle;
 mod in_process;
 mod list;
+mod scale;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -50,6 +51,11 @@ enum Scenario {
     /// 100,000): the latency of a page of its task list, against one read
     /// of the whole namespace in the same run.
     List,
+    /// N in-process nodes (default 10) claim M idle tasks (default
+    /// 100,000), then a tenth of them die and rejoin: times, moves against
+    /// the minimum, spread, store requests per node, memory (embedded or
+    /// etcd).
+    Scale,
     /// Task graphs: data requests per second between two nodes, pooled and
     /// with a connection per request (`--tasks` is the number of requests,
     /// default 20,000).
@@ -72,8 +78,9 @@ pub struct BenchArgs {
     /// 50,000 for memory, 10,000 for claim, 1,000 for failover).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=2_000_000))]
     tasks: Option<u32>,
-    /// Nodes to run (default: 1 for throughput and memory, 3 otherwise).
-    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=64))]
+    /// Nodes to run (default: 1 for throughput and memory, 10 for scale, 3
+    /// otherwise).
+    #[arg(long, value_parser = clap::value_parser!(u16).range(1..=2000))]
     nodes: Option<u16>,
     /// How long the steady scenario counts requests, in seconds (the default
     /// spans one periodic resync).
@@ -125,6 +132,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::GraphData => graph::data(&args).await?,
         Scenario::GraphFailover => graph::failover(&args).await?,
         Scenario::GraphEpochs => graph::epochs(&args).await?,
+        Scenario::Scale => scale::scale(&args).await?,
         Scenario::Claim | Scenario::Failover | Scenario::Steady => {
             in_process::on_any_store(&args).await?
         }

@@ -1,0 +1,308 @@
+//! `eretes bench scale`: N in-process nodes on one store (embedded, or etcd
+//! with `--etcd`) claim M idle tasks submitted beforehand; then a tenth of
+//! the nodes die abruptly and, once their tasks run elsewhere, rejoin under
+//! their names. Real timers and real leases (TTL 2 s), the real protocol;
+//! the nodes are simulated only in that they share one process and one
+//! store client.
+//!
+//! Reported: the time until every task runs, and until the cluster is
+//! balanced (no ownership change for 3 s); the spread (most minus fewest
+//! tasks on a live node); the ownership moves after the deaths against the
+//! minimum (the dead nodes' tasks, and the rejoined nodes' fair share); the
+//! store requests per second, per node, while claiming and in a quiet
+//! window; the process's resident memory per task and node (every node's
+//! view of the cluster and the idle handlers, the store's own copy aside);
+//! and what one more node that serves another group costs per task (its
+//! view of tasks it will never run).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use eretes_protocol::{decode, GroupName, OwnerRecord};
+use eretes_store::counting::{CountingStore, RequestCounts};
+use eretes_store::{DeleteRequest, EventKind, KeyRange, Store, StoreExt};
+use futures::StreamExt;
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::{nodes, BenchArgs};
+use crate::cluster::{Cluster, Work};
+
+/// The nodes' lease TTL.
+const TTL: Duration = Duration::from_secs(2);
+
+/// No ownership change for this long counts as balanced.
+const QUIET: Duration = Duration::from_secs(3);
+
+/// How long the observer node gets to load its view before memory is read.
+const OBSERVER_SETTLE: Duration = Duration::from_secs(3);
+
+/// The quiet window whose store requests are counted.
+const STEADY_WINDOW: Duration = Duration::from_secs(10);
+
+/// Who owns what, from a watch on the owner keys.
+#[derive(Default)]
+struct Owners {
+    /// Task key → owning node.
+    owner: HashMap<Box<str>, Arc<str>>,
+    /// Owner records written (claims) so far.
+    claims: u64,
+    last_change: Option<Instant>,
+}
+
+impl Owners {
+    fn per_node(&self) -> HashMap<&str, usize> {
+        let mut counts = HashMap::new();
+        for node in self.owner.values() {
+            *counts.entry(node.as_ref()).or_default() += 1;
+        }
+        counts
+    }
+}
+
+/// Run the scenario.
+pub(super) async fn scale(args: &BenchArgs) -> Result<serde_json::Value> {
+    let tasks = args.tasks.unwrap_or(100_000) as usize;
+    let node_count = args.nodes.unwrap_or(10);
+    // The embedded store in memory: the figures are the nodes', not a disk's.
+    let store = args.store.open().await?;
+    let on = if args.store.is_etcd() {
+        "etcd"
+    } else {
+        "embedded"
+    };
+    let ns = format!("bench-scale-{:08x}", rand::random::<u32>());
+    let outcome = measure(store.clone(), &ns, tasks, node_count, on).await;
+    // Whatever happened, the namespace goes (it matters on etcd).
+    let _ = store
+        .delete(DeleteRequest::new(KeyRange::prefix(format!("{ns}/"))))
+        .await;
+    outcome
+}
+
+async fn measure(
+    store: Arc<dyn Store>,
+    ns: &str,
+    tasks: usize,
+    node_count: u16,
+    on: &str,
+) -> Result<serde_json::Value> {
+    let counting = Arc::new(CountingStore::new(store));
+    let mut cluster = Cluster::new(counting.clone(), ns, Work::Idle, TTL)?;
+    let submitted = Instant::now();
+    cluster.submit("scale", tasks).await?;
+    let submit_s = submitted.elapsed().as_secs_f64();
+    let rss_before = retained_bytes()?;
+    let owners = watch_owners(counting.as_ref(), &cluster).await?;
+
+    // Every node starts; the clock runs until every task has an owner.
+    let started = Instant::now();
+    let counts_before = counting.counts();
+    super::add_nodes(&mut cluster, node_count).await?;
+    let limit = Duration::from_secs(600);
+    wait_for(&owners, limit, "every task runs", |o| {
+        o.owner.len() == tasks
+    })
+    .await?;
+    let all_run = started.elapsed();
+    let claiming = counting.counts().since(&counts_before);
+    let balanced = wait_quiet(&owners, limit).await? - started;
+    let spread_first = spread(&owners, node_count as usize);
+    let rss_running = retained_bytes()?;
+    // One more node, serving a group no task is in: what it costs is its
+    // view of tasks it will never run.
+    cluster
+        .add_node_with("observer", |config| {
+            config.groups = vec![GroupName::new("bench-scale-observer").expect("a valid group")]
+        })
+        .await?;
+    tokio::time::sleep(OBSERVER_SETTLE).await;
+    let observer_bytes = retained_bytes()?.saturating_sub(rss_running) as f64 / tasks as f64;
+    if let Some(observer) = cluster.nodes.remove("observer") {
+        observer.shutdown().await;
+    }
+    let steady_before = counting.counts();
+    tokio::time::sleep(STEADY_WINDOW).await;
+    let steady = counting.counts().since(&steady_before);
+
+    // A tenth of the nodes die; once their tasks run elsewhere they rejoin.
+    let victims: Vec<String> = nodes(node_count)
+        .into_iter()
+        .take((node_count as usize / 10).max(1))
+        .collect();
+    let (orphans, claims_before) = {
+        let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+        let orphans = owners
+            .owner
+            .values()
+            .filter(|node| victims.iter().any(|v| v.as_str() == node.as_ref()))
+            .count();
+        (orphans, owners.claims)
+    };
+    let killed = Instant::now();
+    for victim in &victims {
+        if let Some(node) = cluster.nodes.remove(victim) {
+            node.kill();
+        }
+    }
+    wait_for(&owners, limit, "every orphan runs on a survivor", |o| {
+        o.owner.len() == tasks
+            && o.owner
+                .values()
+                .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
+    })
+    .await?;
+    let recovered = killed.elapsed();
+    for victim in &victims {
+        cluster.add_node(victim).await?;
+    }
+    let rebalanced = wait_quiet(&owners, limit).await? - killed;
+    let spread_after = spread(&owners, node_count as usize);
+    let moves = owners.lock().unwrap_or_else(|e| e.into_inner()).claims - claims_before;
+    let minimum = orphans + victims.len() * (tasks / node_count as usize);
+    cluster.shutdown().await;
+
+    let per_node = |counts: &RequestCounts, seconds: f64| {
+        counts.total() as f64 / seconds / f64::from(node_count)
+    };
+    let claim_rate = tasks as f64 / all_run.as_secs_f64();
+    let claiming_per_node = per_node(&claiming, all_run.as_secs_f64());
+    let steady_per_node = per_node(&steady, STEADY_WINDOW.as_secs_f64());
+    let view_bytes =
+        rss_running.saturating_sub(rss_before) as f64 / tasks as f64 / f64::from(node_count);
+    println!(
+        "scale ({on}): {node_count} nodes, {tasks} tasks (submitted in {submit_s:.1} s): all run \
+         after {:.2} s ({claim_rate:.0} claims/s), balanced after {:.2} s, spread {spread_first}; \
+         {:.1} store requests/s per node while claiming, {steady_per_node:.2}/s in a quiet \
+         window; {view_bytes:.0} bytes of resident memory per task per node, and \
+         {observer_bytes:.0} per task for one more node that serves none of them. {} nodes killed: \
+         their {orphans} tasks ran elsewhere after {:.2} s; rejoined and balanced after {:.2} s \
+         with {moves} moves (minimum {minimum}), spread {spread_after}",
+        all_run.as_secs_f64(),
+        balanced.as_secs_f64(),
+        claiming_per_node,
+        victims.len(),
+        recovered.as_secs_f64(),
+        rebalanced.as_secs_f64(),
+    );
+    Ok(json!({
+        "scenario": "scale",
+        "store": on,
+        "nodes": node_count,
+        "tasks": tasks,
+        "timers": "real",
+        "lease_ttl_ms": TTL.as_millis() as u64,
+        "all_run_ms": all_run.as_millis() as u64,
+        "claims_per_s": claim_rate.round(),
+        "balanced_ms": balanced.as_millis() as u64,
+        "spread": spread_first,
+        "store_requests_per_s_per_node_claiming": (claiming_per_node * 10.0).round() / 10.0,
+        "store_requests_per_s_per_node_quiet": (steady_per_node * 100.0).round() / 100.0,
+        "rss_bytes_per_task_per_node": view_bytes.round(),
+        "other_group_node_bytes_per_task": observer_bytes.round(),
+        "killed": victims.len(),
+        "orphans": orphans,
+        "recovered_ms": recovered.as_millis() as u64,
+        "rebalanced_ms": rebalanced.as_millis() as u64,
+        "moves": moves,
+        "min_moves": minimum,
+        "spread_after": spread_after,
+    }))
+}
+
+/// Start following the owner keys of `cluster`'s namespace.
+async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<Owners>>> {
+    let prefix = cluster.ns.owners_prefix();
+    let from = store.get_prefix(&prefix).await?.revision + 1;
+    let mut stream = store.watch(KeyRange::prefix(&prefix), from).await?;
+    let owners: Arc<Mutex<Owners>> = Arc::default();
+    let tracked = owners.clone();
+    tokio::spawn(async move {
+        while let Some(Ok(batch)) = stream.next().await {
+            let mut owners = tracked.lock().unwrap_or_else(|e| e.into_inner());
+            for event in batch {
+                let key: Box<str> = event.kv.key.as_str().into();
+                match event.kind {
+                    EventKind::Put => {
+                        let Ok(record) = decode::<OwnerRecord>("owner", &key, &event.kv.value)
+                        else {
+                            continue;
+                        };
+                        if event.kv.version == 1 {
+                            owners.claims += 1;
+                        }
+                        owners.owner.insert(key, record.node.as_str().into());
+                    }
+                    EventKind::Delete => {
+                        owners.owner.remove(&key);
+                    }
+                }
+                owners.last_change = Some(Instant::now());
+            }
+        }
+    });
+    Ok(owners)
+}
+
+async fn wait_for(
+    owners: &Mutex<Owners>,
+    limit: Duration,
+    what: &str,
+    done: impl Fn(&Owners) -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if done(&owners.lock().unwrap_or_else(|e| e.into_inner())) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("timed out after {limit:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// When ownership last changed, once it has not changed for [`QUIET`].
+async fn wait_quiet(owners: &Mutex<Owners>, limit: Duration) -> Result<Instant> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let last = owners
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .last_change
+            .context("no ownership change was seen")?;
+        if last.elapsed() >= QUIET {
+            return Ok(last);
+        }
+        if Instant::now() > deadline {
+            bail!("ownership still changed after {limit:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Most minus fewest tasks on a node, over `nodes` live nodes (a node with
+/// none counts as 0).
+fn spread(owners: &Mutex<Owners>, nodes: usize) -> usize {
+    let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+    let counts = owners.per_node();
+    let most = counts.values().copied().max().unwrap_or(0);
+    let fewest = if counts.len() < nodes {
+        0
+    } else {
+        counts.values().copied().min().unwrap_or(0)
+    };
+    most - fewest
+}
+
+/// Resident memory once the allocator has returned its free pages: what
+/// the process holds, not what a transient peak (a node's first read of the
+/// whole namespace) left in the allocator's free lists.
+fn retained_bytes() -> Result<u64> {
+    // SAFETY: malloc_trim takes a plain integer and only touches the
+    // allocator's own free lists, under its own locks.
+    unsafe { libc::malloc_trim(0) };
+    super::in_process::resident_bytes()
+}
