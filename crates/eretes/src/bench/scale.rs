@@ -66,6 +66,9 @@ impl Owners {
 pub(super) async fn scale(args: &BenchArgs) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(100_000) as usize;
     let node_count = args.nodes.unwrap_or(10);
+    if node_count < 2 {
+        bail!("--nodes {node_count}: the scale benchmark kills a tenth of the nodes (at least one) and needs a survivor, so at least 2");
+    }
     // The embedded store in memory: the figures are the nodes', not a disk's.
     let store = args.store.open().await?;
     let on = if args.store.is_etcd() {
@@ -107,6 +110,7 @@ async fn measure(
     })
     .await?;
     let all_run = started.elapsed();
+    let relists_claiming = relists(&cluster);
     let claiming = counting.counts().since(&counts_before);
     let balanced = wait_quiet(&owners, limit).await? - started;
     let spread_first = spread(&owners, node_count as usize);
@@ -161,6 +165,7 @@ async fn measure(
     let rebalanced = wait_quiet(&owners, limit).await? - killed;
     let spread_after = spread(&owners, node_count as usize);
     let moves = owners.lock().unwrap_or_else(|e| e.into_inner()).claims - claims_before;
+    let relists_total = relists(&cluster);
     let minimum = orphans + victims.len() * (tasks / node_count as usize);
     cluster.shutdown().await;
 
@@ -209,6 +214,8 @@ async fn measure(
         "moves": moves,
         "min_moves": minimum,
         "spread_after": spread_after,
+        "relists_while_claiming": relists_claiming,
+        "relists": relists_total,
     }))
 }
 
@@ -305,4 +312,13 @@ fn retained_bytes() -> Result<u64> {
     // allocator's own free lists, under its own locks.
     unsafe { libc::malloc_trim(0) };
     super::in_process::resident_bytes()
+}
+
+/// Re-lists after a broken or compacted watch, over the cluster's live nodes.
+fn relists(cluster: &Cluster) -> u64 {
+    cluster
+        .nodes
+        .values()
+        .map(|node| node.stats().snapshot().relists)
+        .sum()
 }
