@@ -109,6 +109,9 @@ pub struct Report {
     pub agent_crashes: u64,
     /// The longest time a task that should run had no run.
     pub max_unavailable_ms: u64,
+    /// Where that was: the task, the gap, and the faults around it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_unavailable_at: Option<String>,
     /// Tasks that completed.
     pub completed: u64,
     /// Runs seen by the sink.
@@ -155,7 +158,20 @@ pub fn check(evidence: &Evidence) -> Report {
     check_stale_writes(evidence, &history, &mut report, &mut violations);
     check_sequence_gaps(evidence, &runs, &history, &mut report, &mut violations);
     check_endings(evidence, &history, &mut report, &mut violations);
-    report.max_unavailable_ms = longest_unavailable(evidence) / 1000;
+    if let Some(gap) = longest_unavailable(evidence) {
+        report.max_unavailable_ms = (gap.to - gap.from) / 1000;
+        let mut at = format!(
+            "task {} had no write from {} to {}",
+            gap.task,
+            clock(gap.from),
+            clock(gap.to)
+        );
+        let nearby = faults_near(evidence, gap.to);
+        if !nearby.is_empty() {
+            let _ = write!(at, "; faults around then: {nearby}");
+        }
+        report.max_unavailable_at = Some(at);
+    }
     if evidence.agent_crashes > 0 {
         violations.push((
             0,
@@ -413,11 +429,18 @@ pub fn ends_well(task: &PlannedTask, state: FinalState) -> bool {
     }
 }
 
+/// A time a task had no write.
+struct Gap<'a> {
+    task: &'a str,
+    from: u64,
+    to: u64,
+}
+
 /// The longest gap between two writes of a task that should have been
-/// running, in µs: from its first write until it reported done (or was
-/// killed), or until the end of the checks for a permanent task; gaps
-/// that overlap a pause of the task do not count.
-fn longest_unavailable(evidence: &Evidence) -> u64 {
+/// running: from its first write until it reported done, or until the end
+/// of the checks for a permanent task; gaps that overlap a pause of the
+/// task, and tasks a kill was sent to, do not count.
+fn longest_unavailable(evidence: &Evidence) -> Option<Gap<'_>> {
     let mut times: HashMap<&str, Vec<u64>> = HashMap::new();
     let mut done: HashMap<&str, u64> = HashMap::new();
     for recorded in &evidence.writes {
@@ -431,7 +454,7 @@ fn longest_unavailable(evidence: &Evidence) -> u64 {
             }
         }
     }
-    let mut longest = 0;
+    let mut longest: Option<Gap> = None;
     for task in &evidence.tasks {
         if task.kill_sent {
             continue;
@@ -454,8 +477,15 @@ fn longest_unavailable(evidence: &Evidence) -> u64 {
                 .paused
                 .iter()
                 .any(|&(from, to)| from < at && to > previous);
-            if !paused && at > previous {
-                longest = longest.max(at - previous);
+            let longer = longest
+                .as_ref()
+                .is_none_or(|gap| at - previous > gap.to - gap.from);
+            if !paused && at > previous && longer {
+                longest = Some(Gap {
+                    task: &task.id,
+                    from: previous,
+                    to: at,
+                });
             }
             previous = previous.max(at);
         }
@@ -599,6 +629,12 @@ mod tests {
         assert_eq!(report.faults["kill"], 1);
         // From the last write of epoch 10 (1.1 s) to the first of 20 (5 s).
         assert_eq!(report.max_unavailable_ms, 3900);
+        let at = report.max_unavailable_at.unwrap();
+        assert!(
+            at.starts_with("task t had no write from 00:00:01.100 to 00:00:05.000"),
+            "{at}"
+        );
+        assert!(at.contains("kill a0"), "{at}");
         assert_eq!(report.first_violation, None);
     }
 

@@ -532,6 +532,9 @@ fn print_report(report: &checker::Report) {
         report.completed,
         report.max_unavailable_ms
     );
+    if let Some(at) = &report.max_unavailable_at {
+        println!("the longest wait: {at}");
+    }
     if report.ok {
         println!("every guarantee held");
     }
