@@ -217,7 +217,7 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
     let deadline = started + args.duration;
     let mut next_fault = started + nemesis.next_pause();
     let mut steps = std::mem::take(&mut workload.steps).into_iter().peekable();
-    let mut retries: Vec<(Instant, Steer, u32)> = Vec::new();
+    let mut retries: Vec<(Instant, Steer)> = Vec::new();
     while Instant::now() < deadline {
         nemesis
             .heal_due(&mut agents, &mut cluster, &settings, false)
@@ -228,19 +228,19 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
             next_fault = Instant::now() + nemesis.next_pause();
         }
         let now = Instant::now();
-        let mut due: Vec<(Steer, u32)> = Vec::new();
+        let mut due: Vec<Steer> = Vec::new();
         while let Some((_, step)) = steps.next_if(|(at, _)| started + *at <= now) {
-            due.push((step, 0));
+            due.push(step);
         }
-        retries.retain(|(at, step, tries)| {
+        retries.retain(|(at, step)| {
             if *at <= now {
-                due.push((*step, *tries));
+                due.push(*step);
                 false
             } else {
                 true
             }
         });
-        for (step, tries) in due {
+        for step in due {
             if !take_step(
                 step,
                 &mut workload.tasks,
@@ -250,7 +250,7 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
             )
             .await?
             {
-                retries.push((Instant::now() + Duration::from_millis(500), step, tries + 1));
+                retries.push((Instant::now() + Duration::from_millis(500), step));
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
@@ -263,7 +263,7 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
         .await;
     let owed: Vec<Steer> = steps
         .map(|(_, step)| step)
-        .chain(retries.into_iter().map(|(_, step, _)| step))
+        .chain(retries.into_iter().map(|(_, step)| step))
         .filter(|step| matches!(step, Steer::Submit(_) | Steer::Resume(_)))
         .collect();
     let settle_limit = Duration::from_secs(30) + ttl * 10;
