@@ -1000,15 +1000,9 @@ impl MainLoop {
                 .min(share_of_room);
             let mut batch = Vec::new();
             let share = self.claim_share(&group);
-            let wanted = free.min(
-                self.config
-                    .max_claims_in_flight
-                    .saturating_sub(self.claiming.len()),
-            );
-            for id in self.candidates(&group, share, wanted) {
-                if free == 0 || self.claiming.len() >= self.config.max_claims_in_flight {
-                    break;
-                }
+            while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {
+                let candidate = self.next_candidate(&group, share);
+                let Some(id) = candidate else { break };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
                     ClaimDecision::Claim => {
                         if let Some(basis) = self.cache.claim_basis(&id) {
@@ -1046,59 +1040,30 @@ impl MainLoop {
         Some((rank as u64, serving.len() as u64))
     }
 
-    /// Up to `wanted` tasks of `group` to claim, in order: the oldest
-    /// eligible ones among this node's share, looking a bounded way ahead,
-    /// then the oldest eligible ones of all. Without shares every node
-    /// would try the same oldest tasks at once, and a batch that loses one
-    /// compare falls back to one transaction per task; with them, nodes
-    /// contend only for leftovers.
-    ///
-    /// One pass over the unowned index per claim round, not one per task:
-    /// a search per candidate, from the oldest task each time, made a round
-    /// cost the look-ahead (128 × nodes) times the batch, and a cluster of
-    /// 100 nodes could not claim 100,000 tasks in ten minutes
-    /// (`eretes bench scale`).
-    fn candidates(
-        &self,
-        group: &GroupName,
-        share: Option<(u64, u64)>,
-        wanted: usize,
-    ) -> Vec<TaskId> {
+    /// The next task of `group` to claim: the oldest eligible one among this
+    /// node's share, looking a bounded way ahead, else the oldest eligible
+    /// one of all. Without shares every node would try the same oldest tasks
+    /// at once, and a batch that loses one compare falls back to one
+    /// transaction per task; with them, nodes contend only for leftovers.
+    fn next_candidate(&self, group: &GroupName, share: Option<(u64, u64)>) -> Option<TaskId> {
         let eligible =
             |id: &&TaskId| !self.ignored.contains_key(*id) && !self.claiming.contains(*id);
-        let mut picked: Vec<TaskId> = Vec::with_capacity(wanted);
-        if wanted == 0 {
-            return picked;
-        }
         if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
             let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
             // The share test first: it is a modulo, the eligibility test two
             // map lookups.
-            picked.extend(
-                self.cache
-                    .unowned_spread(group)
-                    .take(look_ahead)
-                    .filter(|(spread, _)| spread % nodes == rank)
-                    .map(|(_, id)| id)
-                    .filter(eligible)
-                    .take(wanted)
-                    .cloned(),
-            );
+            let mine = self
+                .cache
+                .unowned_spread(group)
+                .take(look_ahead)
+                .filter(|(spread, _)| spread % nodes == rank)
+                .map(|(_, id)| id)
+                .find(eligible);
+            if let Some(id) = mine {
+                return Some(id.clone());
+            }
         }
-        if picked.len() < wanted {
-            let mine: std::collections::HashSet<TaskId> = picked.iter().cloned().collect();
-            let rest = wanted - picked.len();
-            picked.extend(
-                self.cache
-                    .unowned(group)
-                    .filter(eligible)
-                    .filter(|id| !mine.contains(*id))
-                    .take(rest)
-                    .cloned()
-                    .collect::<Vec<_>>(),
-            );
-        }
-        picked
+        self.cache.unowned(group).find(eligible).cloned()
     }
 
     /// Claim `batch` (tasks of `group`) in one transaction where possible.
