@@ -3,11 +3,6 @@
 //! It answers the runtime's two hot questions cheaply: "which tasks of my
 //! groups are unowned, oldest first?" and "how loaded is each group?" (the
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
-//!
-//! It keeps tasks of the groups this node serves only: a task of another
-//! group is decoded (to learn its group) and dropped, and so are its owner
-//! and run records. A node's memory for the cluster's tasks therefore grows
-//! with its own groups, not with the cluster (`eretes bench scale`).
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -99,8 +94,6 @@ pub(crate) fn spread_hash(id: &TaskId) -> u64 {
 pub(crate) struct Cache {
     ns: Namespace,
     me: NodeName,
-    /// The groups this node serves: tasks of others are not kept.
-    served: Vec<GroupName>,
     entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
     /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
@@ -111,12 +104,11 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    pub fn new(ns: Namespace, me: NodeName, served: Vec<GroupName>) -> Self {
+    pub fn new(ns: Namespace, me: NodeName) -> Self {
         Cache {
             ns,
             view: ClusterView::new(me.clone()),
             me,
-            served,
             entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
@@ -125,25 +117,10 @@ impl Cache {
 
     /// Rebuild from a full listing, keeping the running-task part of the view.
     pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
-        let mut fresh = Cache::new(self.ns.clone(), self.me.clone(), self.served.clone());
+        let mut fresh = Cache::new(self.ns.clone(), self.me.clone());
         fresh.view.running = self.view.running.clone();
-        // Task records first: a listing is in key order, where `owners/`
-        // and `runs/` come before `tasks/`, and the records of a task are
-        // kept only once its task record says it is of a served group.
-        let tasks_prefix = self.ns.tasks_prefix();
-        let (tasks, others): (Vec<&KeyValue>, Vec<&KeyValue>) =
-            kvs.iter().partition(|kv| kv.key.starts_with(&tasks_prefix));
-        let changes = tasks
-            .into_iter()
-            .chain(others)
-            .map(|kv| fresh.apply_put(kv))
-            .collect();
+        let changes = kvs.iter().map(|kv| fresh.apply_put(kv)).collect();
         (fresh, changes)
-    }
-
-    /// Whether this node serves `group`.
-    fn serves(&self, group: &GroupName) -> bool {
-        self.served.iter().any(|served| served == group)
     }
 
     pub fn task(&self, id: &TaskId) -> Option<&CachedTask> {
@@ -216,12 +193,6 @@ impl Cache {
         };
         match kind {
             KeyKind::Task(id) => match decode_task(&kv.key, &kv.value) {
-                Ok(record) if !self.serves(&record.spec.group) => {
-                    // Another group's task (a task's group never changes,
-                    // but a deleted id may come back in another group).
-                    self.forget(&id);
-                    Change::None
-                }
                 Ok(mut record) => {
                     let id = self.shared_task_id(id);
                     record.spec.group = self.shared_group(record.spec.group);
@@ -242,8 +213,6 @@ impl Cache {
                 }
             },
             KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                // This node never runs another group's task.
-                Ok(record) if !self.serves(&record.group) => Change::None,
                 Ok(record) => {
                     let id = self.shared_task_id(id);
                     let owner = CachedOwner {
@@ -259,9 +228,6 @@ impl Cache {
                 }
                 Err(e) => Change::Malformed(e.to_string()),
             },
-            // Kept for tasks of served groups only, whose task record comes
-            // first (a claim or release writes it after the submission).
-            KeyKind::Run(id) if !self.entries.contains_key(&id) => Change::None,
             KeyKind::Run(id) => match decode::<RunRecord>("run", &kv.key, &kv.value) {
                 Ok(mut record) => {
                     let id = self.shared_task_id(id);
@@ -437,15 +403,6 @@ impl Cache {
         }
     }
 
-    /// Drop everything cached about `id`.
-    fn forget(&mut self, id: &TaskId) {
-        self.remove_task(id);
-        if self.owner(id).is_some() {
-            self.set_owner(id, None);
-        }
-        self.entries.remove(id);
-    }
-
     fn remove_task(&mut self, id: &TaskId) {
         let Some(entry) = self.entries.get_mut(id) else {
             return;
@@ -583,7 +540,7 @@ mod tests {
         let ns = Namespace::new("t").unwrap();
         let me = NodeName::new("me").unwrap();
         let other = NodeName::new("other").unwrap();
-        let mut cache = Cache::new(ns.clone(), me.clone(), vec![GroupName::default()]);
+        let mut cache = Cache::new(ns.clone(), me.clone());
         let g = GroupName::default();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let id = TaskId::new(*id).unwrap();
@@ -618,7 +575,7 @@ mod tests {
     fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
         let ns = Namespace::new("t").unwrap();
         let me = NodeName::new("me").unwrap();
-        let mut cache = Cache::new(ns.clone(), me.clone(), vec![GroupName::default()]);
+        let mut cache = Cache::new(ns.clone(), me.clone());
         let id = TaskId::new("a").unwrap();
         let run = encode(&RunRecord {
             claims: 1,
@@ -655,7 +612,7 @@ mod tests {
     #[test]
     fn garbage_is_reported_not_fatal() {
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), vec![GroupName::default()]);
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
         for (key, value) in [
             ("t/tasks/x", b"{not json".to_vec()),
             ("t/tasks/bad id", task_value("default")),
@@ -681,7 +638,7 @@ mod tests {
         // `etcdctl put NS/nodes/ghost '{...}'`: a valid record that nothing
         // will ever delete. It must not count in anyone's fair share.
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), vec![GroupName::default()]);
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
         let record = encode(&NodeRecord {
             groups: vec![GroupName::default()],
             started_at_ms: 1,
@@ -707,7 +664,7 @@ mod tests {
     #[test]
     fn a_task_record_over_the_spec_limit_is_malformed_and_unclaimable() {
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), vec![GroupName::default()]);
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
         let huge = serde_json::json!({
             "spec": { "group": "default", "properties": "x".repeat(eretes_protocol::MAX_SPEC_BYTES) },
             "submitted_at_ms": 1,
@@ -727,60 +684,5 @@ mod tests {
         let change = cache.apply_put(&kv("t/tasks/huge", task_value("default"), 6, 5));
         assert!(!matches!(change, Change::Malformed(_)), "{change:?}");
         assert_eq!(cache.unowned(&GroupName::default()).count(), 1);
-    }
-
-    #[test]
-    fn tasks_of_groups_the_node_does_not_serve_are_not_kept() {
-        let ns = Namespace::new("t").unwrap();
-        let me = NodeName::new("me").unwrap();
-        let (mine, theirs) = (
-            GroupName::new("mine").unwrap(),
-            GroupName::new("theirs").unwrap(),
-        );
-        let run = encode(&RunRecord::default());
-        let owner = |group: &GroupName| {
-            encode(&OwnerRecord {
-                node: NodeName::new("other").unwrap(),
-                group: group.clone(),
-            })
-        };
-        // A listing in key order (owners and runs before tasks), as a
-        // resync reads it: one task of each group, both owned, with runs.
-        let listing = vec![
-            kv("t/owners/a", owner(&mine), 10, 10),
-            kv("t/owners/b", owner(&theirs), 11, 11),
-            kv("t/runs/a", run.clone(), 10, 10),
-            kv("t/runs/b", run.clone(), 11, 11),
-            kv("t/tasks/a", task_value("mine"), 2, 2),
-            kv("t/tasks/b", task_value("theirs"), 3, 3),
-            kv("t/tasks/c", task_value("theirs"), 4, 4),
-        ];
-        let empty = Cache::new(ns.clone(), me, vec![mine.clone()]);
-        let (mut cache, _) = empty.rebuild(&listing);
-        let a = TaskId::new("a").unwrap();
-        assert_eq!(
-            cache.entries.len(),
-            1,
-            "only the served group's task is kept"
-        );
-        assert!(cache.owner(&a).is_some());
-        assert_eq!(
-            cache.entries[&a].run.as_ref().map(|(rev, _)| *rev),
-            Some(10)
-        );
-        assert_eq!(cache.view.group(&theirs).unowned, 0);
-        assert_eq!(cache.unowned(&theirs).count(), 0);
-        // From the watch: another group's task, owner and run change nothing.
-        cache.apply_put(&kv("t/tasks/d", task_value("theirs"), 20, 20));
-        cache.apply_put(&kv("t/owners/d", owner(&theirs), 21, 21));
-        cache.apply_put(&kv("t/runs/d", run, 21, 21));
-        assert_eq!(cache.entries.len(), 1);
-        // A served task still comes and goes as before.
-        cache.apply_put(&kv("t/tasks/e", task_value("mine"), 22, 22));
-        assert_eq!(cache.unowned(&mine).count(), 1);
-        // An id deleted and submitted again in another group is forgotten.
-        cache.apply_put(&kv("t/tasks/e", task_value("theirs"), 23, 23));
-        assert_eq!(cache.unowned(&mine).count(), 0);
-        assert_eq!(cache.entries.len(), 1);
     }
 }

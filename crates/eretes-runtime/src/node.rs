@@ -350,11 +350,7 @@ impl MainLoop {
         let mut main = MainLoop {
             fence_publisher,
             fence_deadline,
-            cache: Cache::new(
-                config.namespace.clone(),
-                config.name.clone(),
-                config.groups.clone(),
-            ),
+            cache: Cache::new(config.namespace.clone(), config.name.clone()),
             my_groups: config.groups.clone(),
             next_balance: now + config.balance_interval,
             next_resync: now + config.resync_interval,
