@@ -479,7 +479,7 @@ fn longest_unavailable(evidence: &Evidence) -> Option<Gap<'_>> {
                 .any(|&(from, to)| from < at && to > previous);
             let longer = longest
                 .as_ref()
-                .is_none_or(|gap| at - previous > gap.to - gap.from);
+                .is_none_or(|gap| at.saturating_sub(previous) > gap.to - gap.from);
             if !paused && at > previous && longer {
                 longest = Some(Gap {
                     task: &task.id,

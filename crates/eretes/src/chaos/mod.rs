@@ -112,6 +112,10 @@ enum Steer {
 struct Workload {
     tasks: Vec<PlannedTask>,
     steps: Vec<(Duration, Steer)>,
+    /// How long after its pause went through each paused task is resumed
+    /// (a resume is queued only then: task commands apply in queue order,
+    /// and a resume queued before its pause would leave the task paused).
+    resume_after: HashMap<usize, Duration>,
 }
 
 impl Workload {
@@ -124,6 +128,7 @@ impl Workload {
         let permanent = (tasks / 4).max(1);
         let mut planned = Vec::with_capacity(tasks);
         let mut steps = Vec::new();
+        let mut resume_after = HashMap::new();
         for index in 0..tasks {
             let work = if index < permanent {
                 0
@@ -138,9 +143,8 @@ impl Workload {
             steps.push((submit, Steer::Submit(index)));
             if rng.gen_bool(0.1) {
                 let pause = submit + Duration::from_millis(rng.gen_range(500..3000));
-                let resume = pause + Duration::from_millis(rng.gen_range(1000..2500));
                 steps.push((pause, Steer::Pause(index)));
-                steps.push((resume, Steer::Resume(index)));
+                resume_after.insert(index, Duration::from_millis(rng.gen_range(1000..2500)));
             } else if work > 0 && rng.gen_bool(0.05) {
                 let kill = submit + Duration::from_millis(rng.gen_range(500..2000));
                 steps.push((kill, Steer::Kill(index)));
@@ -156,6 +160,7 @@ impl Workload {
         Workload {
             tasks: planned,
             steps,
+            resume_after,
         }
     }
 }
@@ -218,6 +223,12 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
     let mut next_fault = started + nemesis.next_pause();
     let mut steps = std::mem::take(&mut workload.steps).into_iter().peekable();
     let mut retries: Vec<(Instant, Steer)> = Vec::new();
+    // Pauses sent at least once: one may have been queued although its
+    // answer was lost, so each of these tasks is resumed at the end.
+    let mut pauses_tried = std::collections::BTreeSet::new();
+    // Which agent takes a request: a stream of its own, so that the
+    // nemesis's schedule depends on the seed alone.
+    let mut routing = StdRng::seed_from_u64(seed ^ 0x9e37_79b9_7f4a_7c15);
     while Instant::now() < deadline {
         nemesis
             .heal_due(&mut agents, &mut cluster, &settings, false)
@@ -241,30 +252,42 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
             }
         });
         for step in due {
-            if !take_step(
+            if let Steer::Pause(index) = step {
+                pauses_tried.insert(index);
+            }
+            let taken = take_step(
                 step,
                 &mut workload.tasks,
                 &agents,
-                nemesis.rng(),
+                &mut routing,
                 (&settings.binary, &sink_path),
             )
-            .await?
-            {
-                retries.push((Instant::now() + Duration::from_millis(500), step));
+            .await?;
+            match step {
+                _ if !taken => {
+                    retries.push((Instant::now() + Duration::from_millis(500), step));
+                }
+                Steer::Pause(index) => {
+                    let after = workload.resume_after[&index];
+                    retries.push((Instant::now() + after, Steer::Resume(index)));
+                }
+                _ => {}
             }
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
-    // Heal everything, then finish the workload: every submission and
-    // resume still owed (pauses and kills not taken yet are dropped).
+    // Heal everything, then finish the workload: every submission still
+    // owed, and a resume for every task a pause was sent to (pauses and
+    // kills not taken yet are dropped).
     nemesis
         .heal_due(&mut agents, &mut cluster, &settings, true)
         .await;
     let owed: Vec<Steer> = steps
         .map(|(_, step)| step)
         .chain(retries.into_iter().map(|(_, step)| step))
-        .filter(|step| matches!(step, Steer::Submit(_) | Steer::Resume(_)))
+        .filter(|step| matches!(step, Steer::Submit(_)))
+        .chain(pauses_tried.into_iter().map(Steer::Resume))
         .collect();
     let settle_limit = Duration::from_secs(30) + ttl * 10;
     let settle_deadline = Instant::now() + settle_limit;
@@ -273,7 +296,7 @@ pub async fn run(args: ChaosArgs) -> Result<i32> {
             step,
             &mut workload.tasks,
             &agents,
-            nemesis.rng(),
+            &mut routing,
             (&settings.binary, &sink_path),
         )
         .await?
@@ -380,6 +403,11 @@ async fn take_step(
     let index = match step {
         Steer::Submit(i) | Steer::Pause(i) | Steer::Resume(i) | Steer::Kill(i) => i,
     };
+    if let Steer::Kill(_) = step {
+        // Counted from the first attempt: one whose answer was lost may
+        // have been queued, and the task may end killed.
+        tasks[index].kill_sent = true;
+    }
     for agent in order {
         let task = &mut tasks[index];
         let call = async {
@@ -429,8 +457,7 @@ async fn take_step(
                             window.1 = now_us();
                         }
                     }
-                    Steer::Kill(_) => task.kill_sent = true,
-                    Steer::Submit(_) => {}
+                    Steer::Kill(_) | Steer::Submit(_) => {}
                 }
                 return Ok(true);
             }

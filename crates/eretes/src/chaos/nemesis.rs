@@ -22,6 +22,10 @@ use tokio::time::Instant;
 use super::agents::{Agent, AgentSettings};
 use crate::witness::now_us;
 
+/// The longest a node command may take (the client has no timeout of its
+/// own past connecting, and a frozen agent never answers).
+const COMMAND_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// A kind of fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum FaultKind {
@@ -134,12 +138,6 @@ impl Nemesis {
     pub fn next_pause(&mut self) -> Duration {
         let base = Duration::from_secs(2).max(self.ttl);
         base.mul_f64(self.rng.gen_range(0.5..1.5))
-    }
-
-    /// A number drawn from the nemesis's own stream (the workload's
-    /// choices use it too, so one seed decides the whole run).
-    pub fn rng(&mut self) -> &mut StdRng {
-        &mut self.rng
     }
 
     fn impaired_agents(&self, agents: &[Agent]) -> usize {
@@ -277,12 +275,12 @@ impl Nemesis {
                 // Any live agent can queue a command for any node.
                 let node = agents[index].name.clone();
                 let sender = healthy.choose(&mut self.rng).copied().unwrap_or(index);
-                if agents[sender]
-                    .client
-                    .node_command(&node, &action)
-                    .await
-                    .is_err()
-                {
+                let sent = tokio::time::timeout(
+                    COMMAND_TIMEOUT,
+                    agents[sender].client.node_command(&node, &action),
+                )
+                .await;
+                if !matches!(sent, Ok(Ok(()))) {
                     return None;
                 }
                 if matches!(action, NodeAction::Balance) {
@@ -347,13 +345,15 @@ impl Nemesis {
                     // Through any agent that answers, the node's own first.
                     let node = agents[index].name.clone();
                     let mut sent = false;
+                    // A stopped agent accepts connections and never answers:
+                    // skip those, and bound every call.
                     for sender in std::iter::once(index).chain(0..agents.len()) {
-                        if agents[sender]
-                            .client
-                            .node_command(&node, &NodeAction::Unfreeze)
-                            .await
-                            .is_ok()
-                        {
+                        let agent = &agents[sender];
+                        if agent.frozen || agent.pid().is_none() {
+                            continue;
+                        }
+                        let call = agent.client.node_command(&node, &NodeAction::Unfreeze);
+                        if let Ok(Ok(())) = tokio::time::timeout(COMMAND_TIMEOUT, call).await {
                             sent = true;
                             break;
                         }
