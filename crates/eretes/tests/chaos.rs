@@ -1,6 +1,6 @@
 //! `eretes chaos` as a user runs it: three real agents on a real three-member
 //! etcd cluster, every fault kind for 30 s, and the checker's verdict. One
-//! run has a fixed seed (the same schedule every time); the other takes its
+//! run has a fixed seed (the same draws of faults every time); the other takes its
 //! seed from the clock, so that each run of the suite tries a new schedule,
 //! and prints it on failure so that the failure can be repeated with
 //! `eretes chaos --seed N`.
