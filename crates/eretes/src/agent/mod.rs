@@ -467,8 +467,6 @@ async fn keep_lease_file(
     }
 }
 
-/// The runtime's grace for a stopped handler: the executor's own SIGTERM
-/// grace plus time to reap the group.
 /// How long the agent's start retries store calls that found etcd
 /// unavailable (a member down, an election) before it gives up.
 const START_RETRIES: Duration = Duration::from_secs(30);
@@ -512,6 +510,8 @@ where
     }
 }
 
+/// The runtime's grace for a stopped handler: the executor's own SIGTERM
+/// grace plus time to reap the group.
 fn exec_grace(stop_grace_ms: u64) -> Duration {
     Duration::from_millis(stop_grace_ms) + Duration::from_secs(2)
 }
