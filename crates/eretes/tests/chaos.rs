@@ -152,6 +152,10 @@ fn bad_arguments_are_refused_with_their_name() {
         (vec!["--agents", "0"], "--agents"),
         (vec!["--etcd-members", "9"], "--etcd-members"),
         (vec!["--lease-ttl-ms", "10"], "--lease-ttl-ms"),
+        (
+            vec!["--tasks", "5000", "--duration", "24h"],
+            "keeps in memory",
+        ),
     ] {
         let output = Command::new(env!("CARGO_BIN_EXE_eretes"))
             .arg("chaos")

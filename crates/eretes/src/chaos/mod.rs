@@ -57,6 +57,10 @@ use sink::Sink;
 
 use crate::witness::now_us;
 
+/// The most witness writes a run may make (tasks × seconds × 10): about
+/// 3 GB of records in the checker.
+const MAX_WRITES: u64 = 15_000_000;
+
 /// The namespace a chaos run uses on its own etcd.
 const NAMESPACE: &str = "chaos";
 
@@ -167,6 +171,17 @@ impl Workload {
 
 /// Run `eretes chaos`; the process's exit code (1 when a guarantee failed).
 pub async fn run(args: ChaosArgs) -> Result<i32> {
+    // The checker keeps every write in memory (about 200 bytes each, ten a
+    // second per task): refuse a run that would not fit.
+    let writes = u64::from(args.tasks) * args.duration.as_secs() * 10;
+    if writes > MAX_WRITES {
+        bail!(
+            "--tasks {} for --duration {:?} would make about {writes} witness writes, which the \
+             checker keeps in memory; at most {MAX_WRITES} (for example 200 tasks for 2h)",
+            args.tasks,
+            args.duration
+        );
+    }
     let seed = args.seed.unwrap_or_else(now_us);
     let kinds = if args.faults.is_empty() {
         FaultKind::ALL.to_vec()
