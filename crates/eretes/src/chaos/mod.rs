@@ -467,8 +467,11 @@ async fn take_step(
             Ok(Ok(())) => {
                 match step {
                     Steer::Pause(_) => task.paused.push((sent_us, u64::MAX)),
+                    // Closes the open pause window only: the resume sent to
+                    // every paused task at the end must not stretch one
+                    // that was closed long before.
                     Steer::Resume(_) => {
-                        if let Some(window) = task.paused.last_mut() {
+                        if let Some(window) = task.paused.last_mut().filter(|w| w.1 == u64::MAX) {
                             window.1 = now_us();
                         }
                     }
