@@ -27,7 +27,7 @@ use eretes_protocol::{Coordinator, GroupName, Namespace, NodeName, ProtocolError
 use eretes_runtime::balancer::FairBalancer;
 use eretes_runtime::{Node, NodeConfig, StartError, StateMachine};
 use eretes_store::embedded::{EmbeddedOptions, EmbeddedStore};
-use eretes_store::{Store, StoreError};
+use eretes_store::Store;
 use tokio::signal::unix::{signal, SignalKind};
 use tracing::{info, warn};
 
@@ -478,7 +478,7 @@ trait Unavailable {
 
 impl Unavailable for ProtocolError {
     fn is_unavailable(&self) -> bool {
-        matches!(self, ProtocolError::Store(StoreError::Unavailable(_)))
+        matches!(self, ProtocolError::Store(error) if error.is_transient())
     }
 }
 

@@ -27,7 +27,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{nodes, BenchArgs};
+use super::{nodes, wait_until, BenchArgs};
 use crate::cluster::{Cluster, Work};
 
 /// The nodes' lease TTL.
@@ -104,15 +104,11 @@ async fn measure(
     let started = Instant::now();
     let counts_before = counting.counts();
     super::add_nodes(&mut cluster, node_count).await?;
-    let limit = Duration::from_secs(600);
-    wait_for(&owners, limit, "every task runs", |o| {
-        o.owner.len() == tasks
-    })
-    .await?;
+    wait_until("every task runs", || lock(&owners).owner.len() == tasks).await?;
     let all_run = started.elapsed();
     let relists_claiming = relists(&cluster);
     let claiming = counting.counts().since(&counts_before);
-    let balanced = wait_quiet(&owners, limit).await? - started;
+    let balanced = wait_quiet(&owners, super::LIMIT).await? - started;
     let spread_first = spread(&owners, node_count as usize);
     let rss_running = retained_bytes()?;
     // One more node, serving a group no task is in: what it costs is its
@@ -137,7 +133,7 @@ async fn measure(
         .take((node_count as usize / 10).max(1))
         .collect();
     let (orphans, claims_before) = {
-        let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+        let owners = lock(&owners);
         let orphans = owners
             .owner
             .values()
@@ -151,9 +147,11 @@ async fn measure(
             node.kill();
         }
     }
-    wait_for(&owners, limit, "every orphan runs on a survivor", |o| {
-        o.owner.len() == tasks
-            && o.owner
+    wait_until("every orphan runs on a survivor", || {
+        let owners = lock(&owners);
+        owners.owner.len() == tasks
+            && owners
+                .owner
                 .values()
                 .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
     })
@@ -162,9 +160,9 @@ async fn measure(
     for victim in &victims {
         cluster.add_node(victim).await?;
     }
-    let rebalanced = wait_quiet(&owners, limit).await? - killed;
+    let rebalanced = wait_quiet(&owners, super::LIMIT).await? - killed;
     let spread_after = spread(&owners, node_count as usize);
-    let moves = owners.lock().unwrap_or_else(|e| e.into_inner()).claims - claims_before;
+    let moves = lock(&owners).claims - claims_before;
     let relists_total = relists(&cluster);
     let minimum = orphans + victims.len() * (tasks / node_count as usize);
     cluster.shutdown().await;
@@ -228,7 +226,7 @@ async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<
     let tracked = owners.clone();
     tokio::spawn(async move {
         while let Some(Ok(batch)) = stream.next().await {
-            let mut owners = tracked.lock().unwrap_or_else(|e| e.into_inner());
+            let mut owners = lock(&tracked);
             for event in batch {
                 let key: Box<str> = event.kv.key.as_str().into();
                 match event.kind {
@@ -253,24 +251,6 @@ async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<
     Ok(owners)
 }
 
-async fn wait_for(
-    owners: &Mutex<Owners>,
-    limit: Duration,
-    what: &str,
-    done: impl Fn(&Owners) -> bool,
-) -> Result<()> {
-    let deadline = Instant::now() + limit;
-    loop {
-        if done(&owners.lock().unwrap_or_else(|e| e.into_inner())) {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("timed out after {limit:?} waiting until {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// When ownership last changed, once it has not changed for [`QUIET`].
 async fn wait_quiet(owners: &Mutex<Owners>, limit: Duration) -> Result<Instant> {
     let deadline = Instant::now() + limit;
@@ -293,7 +273,7 @@ async fn wait_quiet(owners: &Mutex<Owners>, limit: Duration) -> Result<Instant> 
 /// Most minus fewest tasks on a node, over `nodes` live nodes (a node with
 /// none counts as 0).
 fn spread(owners: &Mutex<Owners>, nodes: usize) -> usize {
-    let owners = owners.lock().unwrap_or_else(|e| e.into_inner());
+    let owners = lock(owners);
     let counts = owners.per_node();
     let most = counts.values().copied().max().unwrap_or(0);
     let fewest = if counts.len() < nodes {
@@ -321,4 +301,8 @@ fn relists(cluster: &Cluster) -> u64 {
         .values()
         .map(|node| node.stats().snapshot().relists)
         .sum()
+}
+
+fn lock(owners: &Mutex<Owners>) -> std::sync::MutexGuard<'_, Owners> {
+    owners.lock().unwrap_or_else(|e| e.into_inner())
 }
