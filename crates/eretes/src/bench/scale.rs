@@ -255,9 +255,7 @@ async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<
 async fn wait_quiet(owners: &Mutex<Owners>, limit: Duration) -> Result<Instant> {
     let deadline = Instant::now() + limit;
     loop {
-        let last = owners
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
+        let last = lock(owners)
             .last_change
             .context("no ownership change was seen")?;
         if last.elapsed() >= QUIET {
