@@ -65,6 +65,6 @@ pub use records::{
     decode, decode_node, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome,
     OwnerRecord, ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
-pub use task_index::{TaskIndex, TaskQuery};
+pub use task_index::{TaskIndex, TaskPosition, TaskQuery};
 pub use task_state::{MachineLoad, QueuedCommand};
 pub use views::{NodeView, Snapshot, TaskState, TaskView};

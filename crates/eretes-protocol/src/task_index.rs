@@ -58,6 +58,15 @@ impl TaskQuery {
     }
 }
 
+/// Where one task stands in the index ([`TaskIndex::position`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TaskPosition {
+    /// Its state.
+    pub state: TaskState,
+    /// The node that owns it and the claim's epoch, while one does.
+    pub owner: Option<(NodeName, Revision)>,
+}
+
 /// Every task and live node of a namespace at one revision.
 #[derive(Debug, Clone)]
 pub struct TaskIndex {
@@ -67,7 +76,7 @@ pub struct TaskIndex {
     nodes: BTreeMap<NodeName, NodeRecord>,
     /// Tasks each node runs, kept as entries change so that the node list
     /// does not scan every task.
-    running: HashMap<NodeName, usize>,
+    running: HashMap<NodeName, BTreeMap<GroupName, usize>>,
     /// Keys whose value (or whose key) does not fit the layout.
     malformed: BTreeSet<String>,
 }
@@ -110,10 +119,11 @@ impl Entry {
         }
     }
 
-    /// The node this entry counts as running on: a live task with an owner.
-    fn running_on(&self) -> Option<&NodeName> {
+    /// The node this entry counts as running on, and its group: a live
+    /// task with an owner.
+    fn running_on(&self) -> Option<(&NodeName, &GroupName)> {
         match (&self.spec, &self.result, &self.owner) {
-            (Some(_), None, Some((node, _))) => Some(node),
+            (Some((group, _)), None, Some((node, _))) => Some((node, group)),
             _ => None,
         }
     }
@@ -142,6 +152,8 @@ impl Entry {
             error: None,
             sleeping_until_ms: None,
             errors: Vec::new(),
+            submitted_at_ms: (record.submitted_at_ms > 0).then_some(record.submitted_at_ms),
+            finished_at_ms: None,
         };
         Some(view.with_machine(machine))
     }
@@ -247,6 +259,18 @@ impl TaskIndex {
         (tasks, next)
     }
 
+    /// Where task `id` stands: its state and, while a node owns it (a live
+    /// task), that node and the claim's epoch. `None` if the index holds no such task.
+    /// The agent diffs it around each watch batch to tell runs that start
+    /// and end.
+    pub fn position(&self, id: &TaskId) -> Option<TaskPosition> {
+        let entry = self.tasks.get(id)?;
+        let state = entry.state()?;
+        // An ended task's leftover owner key is no run.
+        let owner = entry.running_on().and(entry.owner.clone());
+        Some(TaskPosition { state, owner })
+    }
+
     /// Every live node, by name, with how many tasks each runs.
     pub fn nodes(&self) -> Vec<NodeView> {
         self.nodes
@@ -255,7 +279,11 @@ impl TaskIndex {
                 name: name.clone(),
                 groups: record.groups.clone(),
                 started_at_ms: record.started_at_ms,
-                running: self.running.get(name).copied().unwrap_or(0),
+                running: self
+                    .running
+                    .get(name)
+                    .map_or(0, |groups| groups.values().sum()),
+                running_by_group: self.running.get(name).cloned().unwrap_or_default(),
                 max_running: record.max_running,
             })
             .collect()
@@ -400,23 +428,34 @@ impl TaskIndex {
     /// the entry once nothing of it is left.
     fn update(&mut self, id: TaskId, change: impl FnOnce(&mut Entry)) {
         let entry = self.tasks.entry(id.clone()).or_default();
-        let before = entry.running_on().cloned();
+        let owned = |(node, group): (&NodeName, &GroupName)| (node.clone(), group.clone());
+        let before = entry.running_on().map(owned);
         change(entry);
-        let after = entry.running_on().cloned();
+        let after = entry.running_on().map(owned);
         if entry.is_empty() {
             self.tasks.remove(&id);
         }
         if before != after {
-            if let Some(node) = before {
-                if let Some(count) = self.running.get_mut(&node) {
-                    *count -= 1;
-                    if *count == 0 {
+            if let Some((node, group)) = before {
+                if let Some(groups) = self.running.get_mut(&node) {
+                    if let Some(count) = groups.get_mut(&group) {
+                        *count -= 1;
+                        if *count == 0 {
+                            groups.remove(&group);
+                        }
+                    }
+                    if groups.is_empty() {
                         self.running.remove(&node);
                     }
                 }
             }
-            if let Some(node) = after {
-                *self.running.entry(node).or_default() += 1;
+            if let Some((node, group)) = after {
+                *self
+                    .running
+                    .entry(node)
+                    .or_default()
+                    .entry(group)
+                    .or_default() += 1;
             }
         }
     }
@@ -445,5 +484,7 @@ pub(crate) fn ended(id: TaskId, result: ResultRecord) -> TaskView {
         error: result.error,
         sleeping_until_ms: None,
         errors: Vec::new(),
+        submitted_at_ms: None,
+        finished_at_ms: (result.finished_at_ms > 0).then_some(result.finished_at_ms),
     }
 }

@@ -122,6 +122,13 @@ pub struct TaskView {
     /// The newest errors its handler reported, oldest first (a live task).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub errors: Vec<ErrorEntry>,
+    /// When it was submitted, milliseconds since the Unix epoch (a live
+    /// task whose record has the time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_at_ms: Option<u64>,
+    /// When it ended, milliseconds since the Unix epoch (an ended task).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at_ms: Option<u64>,
 }
 
 impl TaskView {
@@ -150,6 +157,9 @@ pub struct NodeView {
     pub started_at_ms: u64,
     /// Tasks it runs now.
     pub running: usize,
+    /// Of those, how many each group has.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub running_by_group: BTreeMap<GroupName, usize>,
     /// Most tasks it runs at once over all its groups, if it has a limit.
     pub max_running: Option<u64>,
 }
@@ -242,6 +252,8 @@ impl Coordinator {
             error: None,
             sleeping_until_ms: None,
             errors: Vec::new(),
+            submitted_at_ms: (record.submitted_at_ms > 0).then_some(record.submitted_at_ms),
+            finished_at_ms: None,
         };
         Ok(Some(view.with_machine(machine)))
     }

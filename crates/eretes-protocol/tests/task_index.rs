@@ -172,6 +172,26 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
             .filter(|t| !t.state.is_terminal() && t.node.as_ref() == Some(&node.name))
             .count();
         prop_assert_eq!(node.running, live, "running on {}", node.name);
+        // And per group, summing to the total.
+        let mut by_group = std::collections::BTreeMap::new();
+        for task in read.tasks.values() {
+            if !task.state.is_terminal() && task.node.as_ref() == Some(&node.name) {
+                *by_group.entry(task.group.clone()).or_insert(0usize) += 1;
+            }
+        }
+        prop_assert_eq!(&node.running_by_group, &by_group, "groups on {}", node.name);
+    }
+
+    // A task's position is its view's state, node and epoch.
+    for id in IDS {
+        let id: TaskId = id.parse().unwrap();
+        let position = index.position(&id);
+        let view = read.tasks.get(&id);
+        prop_assert_eq!(position.as_ref().map(|p| p.state), view.map(|v| v.state));
+        if let (Some(position), Some(view)) = (position, view) {
+            let owned = (!view.state.is_terminal()).then(|| view.node.clone().zip(view.epoch));
+            prop_assert_eq!(position.owner, owned.flatten(), "position of {}", id);
+        }
     }
 
     // Pages of two, filtered or not, are the snapshot's tasks in order.
