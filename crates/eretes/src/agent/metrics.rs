@@ -10,13 +10,14 @@
 //! | `eretes_store_request_seconds`, `eretes_store_request_errors_total` | histogram, counter: every request to the store | `op` |
 
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use async_trait::async_trait;
 use eretes_protocol::{ProtocolError, TaskIndex, TaskState};
-use eretes_runtime::NodeStats;
+use eretes_runtime::{NodeStats, NodeStatsSnapshot};
 use eretes_store::{
     DeleteRequest, DeleteResponse, GetRequest, GetResponse, KeyRange, LeaseGrant, LeaseId,
     PutRequest, PutResponse, Revision, Store, StoreResult, Txn, TxnResponse, WatchStream,
@@ -62,6 +63,11 @@ impl Metrics {
         }
     }
 
+    /// This agent's node's counters now.
+    pub fn node_stats(&self) -> NodeStatsSnapshot {
+        self.stats.snapshot()
+    }
+
     /// The Prometheus text exposition, with task counts read now.
     pub async fn render(&self) -> Result<String, ProtocolError> {
         let counts = self.tasks.read(TaskIndex::counts).await?;
@@ -102,6 +108,18 @@ impl Metrics {
             metrics::counter!(name).absolute(value);
         }
         Ok(self.handle.render())
+    }
+}
+
+/// How long the latest lease renewal answered in, in microseconds (0: none
+/// yet). One per process, as the agent runs one node.
+static LAST_RENEWAL_US: AtomicU64 = AtomicU64::new(0);
+
+/// How long the latest lease renewal through a [`MeteredStore`] took.
+pub fn last_lease_renewal() -> Option<Duration> {
+    match LAST_RENEWAL_US.load(Ordering::Relaxed) {
+        0 => None,
+        us => Some(Duration::from_micros(us)),
     }
 }
 
@@ -149,7 +167,13 @@ impl Store for MeteredStore {
         timed("lease_grant", self.inner.lease_grant(ttl)).await
     }
     async fn lease_keepalive(&self, lease: LeaseId) -> StoreResult<Duration> {
-        timed("lease_keepalive", self.inner.lease_keepalive(lease)).await
+        let started = Instant::now();
+        let renewed = timed("lease_keepalive", self.inner.lease_keepalive(lease)).await;
+        if renewed.is_ok() {
+            let us = started.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+            LAST_RENEWAL_US.store(us, Ordering::Relaxed);
+        }
+        renewed
     }
     async fn lease_revoke(&self, lease: LeaseId) -> StoreResult<()> {
         timed("lease_revoke", self.inner.lease_revoke(lease)).await

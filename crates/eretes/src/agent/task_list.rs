@@ -15,10 +15,12 @@ use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
-use eretes_protocol::{Coordinator, ProtocolError, TaskIndex};
-use eretes_store::{Revision, StoreError};
+use eretes_protocol::{Coordinator, KeyKind, ProtocolError, TaskId, TaskIndex};
+use eretes_store::{Revision, StoreError, WatchEvent};
 use futures::StreamExt;
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
+
+use super::run_history::RunHistory;
 use tracing::{debug, warn};
 
 /// Longest a request waits for the watch to deliver this agent's own
@@ -27,6 +29,21 @@ pub const CATCH_UP: Duration = Duration::from_secs(2);
 
 /// First and longest pause before the index is read again after a failure.
 const RELOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
+
+/// Most task ids one [`TaskChanges`] names; a batch that touches more says
+/// only that everything may have changed.
+pub const MAX_CHANGED_IDS: usize = 200;
+
+/// What one watch batch (or a reload) changed, for the dashboard's live
+/// stream ([`LiveTasks::subscribe`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskChanges {
+    /// These tasks changed (at most [`MAX_CHANGED_IDS`]).
+    Tasks(Arc<[TaskId]>),
+    /// The index was loaded anew, or more tasks changed than are named:
+    /// anything may differ.
+    All,
+}
 
 /// The watch-kept task index and what the API needs to read it consistently.
 pub struct LiveTasks {
@@ -39,6 +56,10 @@ pub struct LiveTasks {
     written: AtomicI64,
     /// Reads that went to the store because the index was not current.
     store_reads: AtomicU64,
+    /// The runs the watch saw start and end.
+    runs: RunHistory,
+    /// What each applied batch changed, for live views.
+    changes: broadcast::Sender<TaskChanges>,
 }
 
 impl LiveTasks {
@@ -51,6 +72,8 @@ impl LiveTasks {
             revision: watch::channel(0).0,
             written: AtomicI64::new(0),
             store_reads: AtomicU64::new(0),
+            runs: RunHistory::default(),
+            changes: broadcast::channel(64).0,
         });
         tokio::spawn(follow(Arc::downgrade(&live)));
         live
@@ -93,10 +116,55 @@ impl LiveTasks {
         self.store_reads.load(Ordering::Relaxed)
     }
 
+    /// The runs of the tasks this agent's watch saw start and end.
+    pub fn runs(&self) -> &RunHistory {
+        &self.runs
+    }
+
+    /// What later watch batches change, as they are applied. A receiver
+    /// that falls behind gets `Lagged` and should treat it as
+    /// [`TaskChanges::All`].
+    pub fn subscribe(&self) -> broadcast::Receiver<TaskChanges> {
+        self.changes.subscribe()
+    }
+
     fn publish(&self, index: Option<TaskIndex>) {
         let revision = index.as_ref().map_or(0, TaskIndex::revision);
         *self.index.write().expect("not poisoned") = index;
         self.revision.send_replace(revision);
+        // Nobody listening is no error.
+        let _ = self.changes.send(TaskChanges::All);
+    }
+
+    /// Apply one watch batch to `index`, noting the runs it started and
+    /// ended, and what it changed.
+    fn apply_batch(&self, index: &mut TaskIndex, batch: &[WatchEvent]) -> TaskChanges {
+        let ns = self.coordinator.namespace();
+        let mut touched: Vec<TaskId> = batch
+            .iter()
+            .filter_map(|event| match ns.parse(&event.kv.key) {
+                Ok(
+                    KeyKind::Task(id)
+                    | KeyKind::Owner(id)
+                    | KeyKind::Result(id)
+                    | KeyKind::State(id),
+                ) => Some(id),
+                _ => None,
+            })
+            .collect();
+        touched.sort_unstable();
+        touched.dedup();
+        let before: Vec<_> = touched.iter().map(|id| index.position(id)).collect();
+        batch.iter().for_each(|event| index.apply(event));
+        for (id, before) in touched.iter().zip(&before) {
+            self.runs
+                .note(id, before.as_ref(), index.position(id).as_ref());
+        }
+        if touched.len() > MAX_CHANGED_IDS {
+            TaskChanges::All
+        } else {
+            TaskChanges::Tasks(touched.into())
+        }
     }
 }
 
@@ -150,7 +218,8 @@ async fn follow_once(
             let Some(index) = guard.as_mut() else {
                 return Ok(());
             };
-            batch.iter().for_each(|event| index.apply(event));
+            let changes = tasks.apply_batch(index, &batch);
+            let _ = tasks.changes.send(changes);
             index.revision()
         };
         tasks.revision.send_replace(revision);
