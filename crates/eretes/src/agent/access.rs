@@ -78,8 +78,9 @@ pub async fn require_token(
         return next.run(request).await;
     };
     let path = request.uri().path();
-    let open =
-        matches!(path, "/healthz" | "/readyz") || (access.metrics_public && path == "/metrics");
+    let open = matches!(path, "/healthz" | "/readyz")
+        || (access.metrics_public && path == "/metrics")
+        || super::ui::is_static(path);
     if open {
         return next.run(request).await;
     }

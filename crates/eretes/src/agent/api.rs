@@ -22,6 +22,8 @@
 //! | `POST /v1/nodes/{name}/commands` | queue a node command |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | `GET /metrics` | Prometheus text format (see [`super::metrics`]) |
+//! | `GET /v1/events`, `GET /v1/summary`, `GET /v1/tasks/{id}/runs` | the dashboard's live views (see [`super::live`]) |
+//! | `GET /`, `GET /ui/` | the dashboard (see [`super::ui`]) |
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -96,6 +98,8 @@ pub fn router(state: ApiState) -> Router {
         )
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus))
+        .merge(super::live::routes())
+        .merge(super::ui::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })

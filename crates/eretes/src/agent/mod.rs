@@ -9,11 +9,14 @@
 
 pub mod access;
 pub mod api;
+pub mod live;
 pub mod logs;
 pub mod memory;
 pub mod metrics;
+pub mod run_history;
 pub mod server;
 pub mod task_list;
+pub mod ui;
 
 use std::net::SocketAddr;
 use std::path::PathBuf;

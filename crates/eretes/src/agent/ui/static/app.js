@@ -1,0 +1,627 @@
+// The eretes dashboard. Plain JavaScript, no dependencies: it reads the
+// agent's API (/v1/...) with the token the user typed (kept in this tab's
+// session storage, sent as a bearer token, never put in a URL), follows the
+// agent's change stream (/v1/events) to re-read only the rows it shows, and
+// draws every value with textContent, never as HTML.
+"use strict";
+
+const TOKEN_KEY = "eretes.token";
+const PAGE = 100;
+const STATES = ["pending", "running", "sleeping", "paused", "fault", "done", "failed", "killed"];
+const SAMPLE_EVERY_MS = 2000;
+const SAMPLES_KEPT = 150; // five minutes
+const RETRY_MS = 2000;
+
+// ---------------------------------------------------------------- helpers
+
+/** An element with attributes (on* as listeners) and children. */
+function el(tag, attrs, ...children) {
+  const node = document.createElement(tag);
+  for (const [name, value] of Object.entries(attrs || {})) {
+    if (value === undefined || value === null || value === false) continue;
+    if (name.startsWith("on")) node.addEventListener(name.slice(2), value);
+    else if (name === "text") node.textContent = value;
+    else node.setAttribute(name, value === true ? "" : value);
+  }
+  for (const child of children.flat()) {
+    if (child === undefined || child === null) continue;
+    node.append(child instanceof Node ? child : document.createTextNode(String(child)));
+  }
+  return node;
+}
+
+function stateBadge(state) {
+  return el("span", { class: `state state-${state}`, "data-state": state, text: state });
+}
+
+function ago(ms) {
+  if (!ms) return "—";
+  const s = Math.max(0, Math.round((Date.now() - ms) / 1000));
+  if (s < 120) return `${s} s`;
+  if (s < 7200) return `${Math.round(s / 60)} min`;
+  if (s < 172800) return `${Math.round(s / 3600)} h`;
+  return `${Math.round(s / 86400)} d`;
+}
+
+function when(ms) {
+  return ms ? new Date(ms).toLocaleString() : "—";
+}
+
+function command(properties) {
+  if (!properties || typeof properties !== "object") return "";
+  const spec = properties.process || properties;
+  const words = [spec.program, ...(spec.args || [])].filter((w) => w !== undefined);
+  return words.length ? words.join(" ") : JSON.stringify(properties);
+}
+
+function notice(text, kind) {
+  const box = document.getElementById("notice");
+  box.textContent = text || "";
+  box.className = kind || "";
+  box.hidden = !text;
+}
+
+// ------------------------------------------------------------------- API
+
+/** An answer the API refused, with its code and message. */
+class ApiError extends Error {
+  constructor(status, code, message) {
+    super(message);
+    this.status = status;
+    this.code = code;
+  }
+}
+
+function authHeaders() {
+  const token = sessionStorage.getItem(TOKEN_KEY);
+  return token ? { Authorization: `Bearer ${token}` } : {};
+}
+
+async function api(method, path, body) {
+  const headers = authHeaders();
+  if (body !== undefined) headers["Content-Type"] = "application/json";
+  const response = await fetch(path, {
+    method,
+    headers,
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  if (response.status === 204) return null;
+  const text = await response.text();
+  let data = null;
+  try {
+    data = text ? JSON.parse(text) : null;
+  } catch (_) {
+    data = null;
+  }
+  if (!response.ok) {
+    const error = (data && data.error) || {};
+    if (response.status === 401) askForToken();
+    throw new ApiError(response.status, error.code || "error", error.message || `${response.status} ${response.statusText}`);
+  }
+  return data;
+}
+
+/** Run an action; say on the page what happened. */
+async function act(what, call) {
+  try {
+    await call();
+    notice(`${what}: sent`, "info");
+    return true;
+  } catch (error) {
+    notice(`${what} refused: ${error.message}`);
+    return false;
+  }
+}
+
+function askForToken() {
+  const form = document.getElementById("token-form");
+  form.hidden = false;
+}
+
+document.getElementById("token-form").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const input = document.getElementById("token-input");
+  sessionStorage.setItem(TOKEN_KEY, input.value);
+  input.value = "";
+  document.getElementById("token-form").hidden = true;
+  notice("");
+  changes.restart();
+  render();
+});
+
+// ------------------------------------------------------ the change stream
+
+/** Follows GET /v1/events (with fetch: EventSource cannot send a token). */
+const changes = {
+  controller: null,
+  listeners: new Set(),
+
+  restart() {
+    if (this.controller) this.controller.abort();
+    this.controller = new AbortController();
+    this.follow(this.controller.signal);
+  },
+
+  status(ok, text) {
+    const live = document.getElementById("live");
+    live.textContent = text;
+    live.className = `live ${ok ? "ok" : "down"}`;
+  },
+
+  async follow(signal) {
+    while (!signal.aborted) {
+      try {
+        const response = await fetch("/v1/events", { headers: authHeaders(), signal });
+        if (response.status === 401) {
+          this.status(false, "needs a token");
+          askForToken();
+          return;
+        }
+        if (!response.ok) throw new Error(`${response.status}`);
+        this.status(true, "live");
+        // The stream may have missed changes while it was down.
+        this.emit({ all: true });
+        const reader = response.body.getReader();
+        const decoder = new TextDecoder();
+        let buffer = "";
+        for (;;) {
+          const { value, done } = await reader.read();
+          if (done) break;
+          buffer += decoder.decode(value, { stream: true });
+          let end;
+          while ((end = buffer.indexOf("\n\n")) >= 0) {
+            this.dispatch(buffer.slice(0, end));
+            buffer = buffer.slice(end + 2);
+          }
+        }
+      } catch (error) {
+        if (signal.aborted) return;
+      }
+      this.status(false, "reconnecting…");
+      await new Promise((resolve) => setTimeout(resolve, RETRY_MS));
+    }
+  },
+
+  dispatch(block) {
+    let event = "message";
+    const data = [];
+    for (const line of block.split("\n")) {
+      if (line.startsWith("event:")) event = line.slice(6).trim();
+      else if (line.startsWith("data:")) data.push(line.slice(5).trimStart());
+    }
+    if (event !== "change" || !data.length) return;
+    try {
+      this.emit(JSON.parse(data.join("\n")));
+    } catch (_) {
+      // A malformed event is skipped; the next one carries on.
+    }
+  },
+
+  emit(change) {
+    for (const listener of this.listeners) listener(change);
+  },
+};
+
+// ---------------------------------------------- cluster figures over time
+
+/** Samples GET /v1/summary every few seconds for the cluster view's charts. */
+const sampler = {
+  samples: [],
+  latest: null,
+
+  async sample() {
+    try {
+      const summary = await api("GET", "/v1/summary");
+      this.latest = summary;
+      this.samples.push({ at: summary.at_ms, counters: summary.counters, states: summary.states });
+      if (this.samples.length > SAMPLES_KEPT) this.samples.shift();
+      if (current && current.onSample) current.onSample(summary);
+    } catch (_) {
+      // Shown by the views that need it; the sampler tries again.
+    }
+  },
+
+  /** Per-second rates of one counter between consecutive samples. */
+  rates(counter) {
+    const out = [];
+    for (let i = 1; i < this.samples.length; i++) {
+      const a = this.samples[i - 1];
+      const b = this.samples[i];
+      const seconds = (b.at - a.at) / 1000;
+      if (seconds <= 0) continue;
+      out.push(Math.max(0, (b.counters[counter] - a.counters[counter]) / seconds));
+    }
+    return out;
+  },
+};
+
+function chart(title, values, id) {
+  const width = 300;
+  const height = 80;
+  // One sample is drawn as a flat line, not as nothing.
+  if (values.length === 1) values = [values[0], values[0]];
+  const top = Math.max(1, ...values);
+  const step = values.length > 1 ? width / (SAMPLES_KEPT - 1) : 0;
+  const start = width - step * (values.length - 1);
+  const points = values
+    .map((v, i) => `${(start + i * step).toFixed(1)},${(height - (v / top) * (height - 4) - 2).toFixed(1)}`)
+    .join(" ");
+  const svg = document.createElementNS("http://www.w3.org/2000/svg", "svg");
+  svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
+  svg.setAttribute("role", "img");
+  svg.setAttribute("aria-label", `${title} over the last five minutes`);
+  svg.setAttribute("preserveAspectRatio", "none");
+  const baseline = document.createElementNS("http://www.w3.org/2000/svg", "line");
+  for (const [name, value] of [["x1", 0], ["y1", height - 1], ["x2", width], ["y2", height - 1]]) baseline.setAttribute(name, value);
+  const line = document.createElementNS("http://www.w3.org/2000/svg", "polyline");
+  line.setAttribute("points", points);
+  svg.append(baseline, line);
+  const last = values.length ? values[values.length - 1] : 0;
+  return el(
+    "div",
+    { class: "chart", id },
+    el("div", {}, el("strong", { text: title }), " ", el("span", { class: "muted", text: `now ${last.toFixed(1)}/s, peak ${Math.max(0, ...values).toFixed(1)}/s` })),
+    svg,
+  );
+}
+
+// ----------------------------------------------------------------- views
+
+let current = null;
+
+function parseHash() {
+  const hash = location.hash.replace(/^#/, "") || "/tasks";
+  const [path, query] = hash.split("?");
+  return { path, params: new URLSearchParams(query || "") };
+}
+
+/** The task list: one page at a time, re-read when the stream names a row
+ *  of it (or a task that would fall inside it). */
+function tasksView(params) {
+  const filters = {
+    state: params.get("state") || "",
+    group: params.get("group") || "",
+  };
+  const cursors = [""]; // the `after` of each page seen
+  let page = { tasks: [], next: null };
+  let reload = null;
+
+  const tbody = el("tbody");
+  const status = el("span", { class: "muted", id: "page-status" });
+  const prev = el("button", { type: "button", id: "page-prev", onclick: () => { if (cursors.length > 1) { cursors.pop(); load(); } } }, "← Previous");
+  const next = el("button", { type: "button", id: "page-next", onclick: () => { if (page.next) { cursors.push(page.next); load(); } } }, "Next →");
+
+  const stateSelect = el("select", { id: "filter-state", onchange: () => applyFilters() },
+    el("option", { value: "", text: "every state" }),
+    STATES.map((s) => el("option", { value: s, selected: s === filters.state, text: s })));
+  const groupInput = el("input", { id: "filter-group", value: filters.group, placeholder: "every group", onchange: () => applyFilters() });
+  const searchInput = el("input", { id: "search-id", placeholder: "task id" });
+  const searchForm = el("form", { class: "controls", onsubmit: (event) => { event.preventDefault(); search(); } },
+    el("label", {}, "State", stateSelect),
+    el("label", {}, "Group", groupInput),
+    el("label", {}, "Find a task by id", searchInput),
+    el("button", { type: "submit", id: "search-go" }, "Open"));
+
+  function applyFilters() {
+    const query = new URLSearchParams();
+    if (stateSelect.value) query.set("state", stateSelect.value);
+    if (groupInput.value.trim()) query.set("group", groupInput.value.trim());
+    location.hash = `#/tasks${query.toString() ? `?${query}` : ""}`;
+  }
+
+  async function search() {
+    const id = searchInput.value.trim();
+    if (!id) return;
+    try {
+      await api("GET", `/v1/tasks/${encodeURIComponent(id)}`);
+      location.hash = `#/task/${encodeURIComponent(id)}`;
+    } catch (error) {
+      notice(`${id}: ${error.message}`);
+    }
+  }
+
+  async function load() {
+    const query = new URLSearchParams({ limit: String(PAGE) });
+    if (filters.state) query.set("state", filters.state);
+    if (filters.group) query.set("group", filters.group);
+    const after = cursors[cursors.length - 1];
+    if (after) query.set("after", after);
+    try {
+      page = await api("GET", `/v1/tasks?${query}`);
+    } catch (error) {
+      status.textContent = `cannot list tasks: ${error.message}`;
+      return;
+    }
+    const rows = page.tasks.map((task) =>
+      el("tr", { "data-id": task.id },
+        el("td", { class: "id" }, el("a", { href: `#/task/${encodeURIComponent(task.id)}`, text: task.id })),
+        el("td", { class: "state" }, stateBadge(task.state)),
+        el("td", { text: task.group }),
+        el("td", { class: "node", text: task.node || "—" }),
+        el("td", { text: task.epoch ?? "—" }),
+        el("td", { text: ago(task.submitted_at_ms) }),
+        el("td", { class: "command", text: command(task.properties) })));
+    tbody.replaceChildren(...rows);
+    if (!rows.length) tbody.append(el("tr", {}, el("td", { colspan: "7", class: "muted", text: "no tasks" })));
+    status.textContent = `page ${cursors.length}, ${page.tasks.length} task${page.tasks.length === 1 ? "" : "s"}`;
+    prev.disabled = cursors.length <= 1;
+    next.disabled = !page.next;
+  }
+
+  /** Whether a change to these tasks can alter the page shown. */
+  function touches(change) {
+    if (change.all) return true;
+    const after = cursors[cursors.length - 1];
+    const last = page.tasks.length ? page.tasks[page.tasks.length - 1].id : null;
+    return change.ids.some((id) =>
+      page.tasks.some((task) => task.id === id) ||
+      ((!after || id > after) && (!page.next || (last !== null && id <= last))));
+  }
+
+  const root = el("section", { "aria-labelledby": "tasks-title" },
+    el("h2", { id: "tasks-title", text: "Tasks" }),
+    searchForm,
+    el("table", { id: "tasks" },
+      el("thead", {}, el("tr", {}, ["id", "state", "group", "node", "epoch", "age", "command"].map((h) => el("th", { scope: "col", text: h })))),
+      tbody),
+    el("div", { class: "pager" }, prev, next, status));
+
+  return {
+    root,
+    start: load,
+    onChange(change) {
+      if (!touches(change) || reload) return;
+      reload = setTimeout(() => { reload = null; load(); }, 100);
+    },
+    stop() { clearTimeout(reload); },
+  };
+}
+
+/** One task: its facts, runs, actions and the tail of its log. */
+function taskView(id) {
+  const facts = el("dl", { class: "facts", id: "task-facts" });
+  const runsBody = el("tbody");
+  const runFacts = el("p", { class: "muted", id: "run-facts" });
+  const errors = el("ul", { id: "task-errors" });
+  const log = el("pre", { class: "log", id: "task-log", "aria-live": "off" });
+  const logStatus = el("span", { class: "muted", id: "log-status" });
+  const streamSelect = el("select", { id: "log-stream", onchange: () => followLog() },
+    el("option", { value: "stdout", text: "stdout" }), el("option", { value: "stderr", text: "stderr" }));
+  const sleepInput = el("input", { id: "sleep-seconds", type: "number", min: "1", value: "60", size: "6", "aria-label": "seconds to sleep" });
+  let logController = null;
+  let reload = null;
+  const path = `/v1/tasks/${encodeURIComponent(id)}`;
+
+  function send(body, what) {
+    return act(`${what} ${id}`, () => api("POST", `${path}/commands`, body)).then(() => load());
+  }
+
+  let removeArmed = false;
+  const removeButton = el("button", { type: "button", class: "danger", id: "action-remove", onclick: async () => {
+    if (!removeArmed) {
+      removeArmed = true;
+      removeButton.textContent = "Really remove?";
+      return;
+    }
+    if (await act(`remove ${id}`, () => api("DELETE", path))) location.hash = "#/tasks";
+  } }, "Remove");
+
+  const actions = el("div", { class: "actions" },
+    el("button", { type: "button", id: "action-pause", onclick: () => send({ command: "pause" }, "pause") }, "Pause"),
+    el("button", { type: "button", id: "action-resume", onclick: () => send({ command: "resume" }, "resume") }, "Resume"),
+    el("span", {}, sleepInput, " s ",
+      el("button", { type: "button", id: "action-sleep", onclick: () => {
+        const seconds = Number(sleepInput.value);
+        if (!Number.isFinite(seconds) || seconds <= 0) { notice("sleep: give a positive number of seconds"); return; }
+        send({ command: "sleep", duration_ms: Math.round(seconds * 1000) }, "sleep");
+      } }, "Sleep")),
+    el("button", { type: "button", class: "danger", id: "action-kill", onclick: () => send({ command: "kill" }, "kill") }, "Kill"),
+    removeButton);
+
+  async function load() {
+    let task;
+    try {
+      task = await api("GET", path);
+    } catch (error) {
+      facts.replaceChildren(el("dt", { text: "error" }), el("dd", { text: error.message }));
+      return;
+    }
+    const rows = [
+      ["state", stateBadge(task.state)],
+      ["group", task.group],
+      ["node", task.node || "—"],
+      ["epoch", task.epoch ?? "—"],
+      ["submitted", task.submitted_at_ms ? `${when(task.submitted_at_ms)} (${ago(task.submitted_at_ms)} ago)` : "—"],
+      ["ended", task.finished_at_ms ? when(task.finished_at_ms) : "—"],
+      ["command", el("span", { class: "mono", text: command(task.properties) })],
+    ];
+    if (task.sleeping_until_ms) rows.push(["sleeps until", when(task.sleeping_until_ms)]);
+    if (task.result !== undefined) rows.push(["result", el("span", { class: "mono", text: JSON.stringify(task.result) })]);
+    if (task.error) rows.push(["error", task.error]);
+    facts.replaceChildren(...rows.flatMap(([k, v]) => [el("dt", { text: k }), el("dd", { "data-fact": k }, v)]));
+    errors.replaceChildren(...(task.errors || []).map((e) => el("li", { text: `${when(e.at_ms)}: ${e.message}` })));
+    if (!(task.errors || []).length) errors.append(el("li", { class: "muted", text: "none" }));
+    try {
+      const runs = await api("GET", `${path}/runs`);
+      runsBody.replaceChildren(...runs.runs.map((run) =>
+        el("tr", {}, el("td", { text: run.kind }), el("td", { text: run.node }), el("td", { text: run.epoch }), el("td", { text: when(run.at_ms) }))));
+      if (!runs.runs.length) runsBody.append(el("tr", {}, el("td", { colspan: "4", class: "muted", text: "no run seen by this agent" })));
+      const checkpoint = runs.checkpoint ? `${runs.checkpoint.bytes} bytes (revision ${runs.checkpoint.revision})` : "none";
+      runFacts.textContent = `attempts ${runs.claims ?? "—"}, takeovers ${runs.takeovers ?? "—"}, checkpoint ${checkpoint}`;
+    } catch (error) {
+      runFacts.textContent = `runs: ${error.message}`;
+    }
+  }
+
+  async function followLog() {
+    if (logController) logController.abort();
+    logController = new AbortController();
+    const signal = logController.signal;
+    log.textContent = "";
+    logStatus.textContent = "following…";
+    try {
+      const response = await fetch(`${path}/logs?stream=${streamSelect.value}&tail=200&follow=true`, { headers: authHeaders(), signal });
+      if (!response.ok) {
+        const data = await response.json().catch(() => ({}));
+        logStatus.textContent = `log: ${(data.error && data.error.message) || response.status}`;
+        if (response.status === 401) askForToken();
+        return;
+      }
+      const reader = response.body.getReader();
+      const decoder = new TextDecoder();
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
+        log.append(decoder.decode(value, { stream: true }));
+        // Keep at most the last 200 KB on the page.
+        if (log.textContent.length > 200000) log.textContent = log.textContent.slice(-150000);
+        if (atBottom) log.scrollTop = log.scrollHeight;
+      }
+      logStatus.textContent = "the task has ended; this is all of its log here";
+    } catch (error) {
+      if (!signal.aborted) logStatus.textContent = `log: ${error.message}`;
+    }
+  }
+
+  const root = el("section", { "aria-labelledby": "task-title" },
+    el("h2", { id: "task-title" }, "Task ", el("span", { class: "mono", text: id })),
+    facts,
+    actions,
+    el("h2", { text: "Runs" }),
+    runFacts,
+    el("table", { id: "task-runs" },
+      el("thead", {}, el("tr", {}, ["what", "node", "epoch", "when"].map((h) => el("th", { scope: "col", text: h })))),
+      runsBody),
+    el("h2", { text: "Recent errors" }),
+    errors,
+    el("h2", {}, "Log ", streamSelect, " ", logStatus),
+    log);
+
+  return {
+    root,
+    start() { load(); followLog(); },
+    onChange(change) {
+      if (reload || !(change.all || change.ids.includes(id))) return;
+      reload = setTimeout(() => { reload = null; load(); }, 100);
+    },
+    stop() {
+      clearTimeout(reload);
+      if (logController) logController.abort();
+    },
+  };
+}
+
+/** Live nodes, with commands. */
+function nodesView() {
+  const tbody = el("tbody");
+  const status = el("p", { class: "muted", id: "nodes-status" });
+  let reload = null;
+
+  function nodeCommand(name, what) {
+    return act(`${what} ${name}`, () => api("POST", `/v1/nodes/${encodeURIComponent(name)}/commands`, { command: what })).then(() => load());
+  }
+
+  async function load() {
+    let nodes;
+    try {
+      nodes = (await api("GET", "/v1/nodes")).nodes;
+    } catch (error) {
+      status.textContent = `cannot list nodes: ${error.message}`;
+      return;
+    }
+    const own = sampler.latest;
+    tbody.replaceChildren(...nodes.map((node) => {
+      const here = own && own.node === node.name;
+      return el("tr", { "data-node": node.name },
+        el("td", { class: "mono", text: node.name + (here ? " (this agent)" : "") }),
+        el("td", { class: "groups", text: node.groups.map((g) => `${g} (${(node.running_by_group || {})[g] || 0} running)`).join(", ") }),
+        el("td", { class: "running", text: node.running + (node.max_running ? ` / ${node.max_running}` : "") }),
+        el("td", { class: "frozen", text: here ? (own.frozen ? "frozen" : "claiming") : "—" }),
+        el("td", { text: here && own.lease_renewal_ms != null ? `${own.lease_renewal_ms.toFixed(1)} ms` : "—" }),
+        el("td", { text: ago(node.started_at_ms) }),
+        el("td", { class: "node-actions" },
+          ["freeze", "unfreeze", "balance", "drain"].map((what) =>
+            el("button", { type: "button", "data-command": what, class: what === "drain" ? "danger" : null, onclick: () => nodeCommand(node.name, what) }, what))));
+    }));
+    status.textContent = `${nodes.length} live node${nodes.length === 1 ? "" : "s"}`;
+  }
+
+  const root = el("section", { "aria-labelledby": "nodes-title" },
+    el("h2", { id: "nodes-title", text: "Nodes" }),
+    status,
+    el("table", { id: "nodes" },
+      el("thead", {}, el("tr", {}, ["node", "groups", "running", "status", "lease renewal", "up", "commands"].map((h) => el("th", { scope: "col", text: h })))),
+      tbody),
+    el("p", { class: "muted", text: "Frozen and lease renewal are known for this agent's own node; drain freezes the node and hands its tasks to the others." }));
+
+  return {
+    root,
+    start: load,
+    onChange(change) {
+      if (reload) return;
+      reload = setTimeout(() => { reload = null; load(); }, 500);
+    },
+    onSample: () => load(),
+    stop() { clearTimeout(reload); },
+  };
+}
+
+/** Counts by state and rates over the last minutes. */
+function clusterView() {
+  const body = el("div", { id: "cluster" });
+
+  function draw() {
+    const summary = sampler.latest;
+    if (!summary) {
+      body.replaceChildren(el("p", { class: "muted", text: "reading the agent's figures…" }));
+      return;
+    }
+    const cards = el("div", { class: "cards", id: "state-counts" },
+      STATES.map((s) => el("div", { class: "card", "data-state": s }, el("div", { class: "n", text: summary.states[s] ?? 0 }), el("div", { class: "k" }, stateBadge(s)))));
+    const groups = el("table", { id: "group-counts" },
+      el("thead", {}, el("tr", {}, el("th", { text: "group" }), STATES.map((s) => el("th", { text: s })))),
+      el("tbody", {}, Object.entries(summary.groups).map(([group, counts]) =>
+        el("tr", {}, el("td", { text: group }), STATES.map((s) => el("td", { text: counts[s] ?? 0 }))))));
+    body.replaceChildren(
+      el("h2", { text: "Tasks by state" }), cards,
+      el("h2", { text: `This agent's node (${summary.node}), last five minutes` }),
+      chart("claims", sampler.rates("claims"), "chart-claims"),
+      chart("failovers", sampler.rates("takeovers"), "chart-failovers"),
+      chart("completions", sampler.rates("completions"), "chart-completions"),
+      el("h2", { text: "Tasks by group" }), groups);
+  }
+
+  return {
+    root: el("section", { "aria-label": "Cluster" }, body),
+    start: draw,
+    onChange() {},
+    onSample: draw,
+    stop() {},
+  };
+}
+
+function render() {
+  const { path, params } = parseHash();
+  if (current) current.stop();
+  let view;
+  if (path.startsWith("/task/")) view = taskView(decodeURIComponent(path.slice("/task/".length)));
+  else if (path === "/nodes") view = nodesView();
+  else if (path === "/cluster") view = clusterView();
+  else view = tasksView(params);
+  current = view;
+  for (const link of document.querySelectorAll("nav a")) {
+    const here = path === link.getAttribute("href").slice(1) || (path.startsWith("/task/") && link.id === "nav-tasks");
+    if (here) link.setAttribute("aria-current", "page");
+    else link.removeAttribute("aria-current");
+  }
+  document.getElementById("view").replaceChildren(view.root);
+  view.start();
+}
+
+changes.listeners.add((change) => { if (current) current.onChange(change); });
+window.addEventListener("hashchange", () => { notice(""); render(); });
+render();
+changes.restart();
+sampler.sample();
+setInterval(() => sampler.sample(), SAMPLE_EVERY_MS);
