@@ -444,3 +444,77 @@ async fn with_a_token_the_page_asks_for_it_and_says_when_an_action_is_refused() 
     assert!(script_errors.is_empty(), "script errors: {script_errors:?}");
     browser.close().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_graph_is_drawn_with_its_tasks_states() {
+    use eretes_graph::{regression::Regression, JobName, JobSpec, Jobs};
+    use eretes_protocol::{Coordinator, GroupName, Namespace};
+
+    let ns = format!("dashboard-graph-{}", std::process::id());
+    common::remove_namespace(&ns).await;
+    let url = eretes_etcd::testing::test_etcd_url();
+    let dir = tempfile::tempdir().unwrap();
+    // The agent serves `default`; the job's tasks are of group `graph`,
+    // which no node serves here: they stay pending.
+    let agent = Agent::start(
+        &dir.path().join("agent"),
+        &["--etcd", &url, "--namespace", &ns],
+    )
+    .await;
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    let jobs = Jobs::new(Coordinator::new(store, Namespace::new(&ns).unwrap()));
+    let spec = JobSpec {
+        kind: "regression".into(),
+        tasks: 7,
+        group: GroupName::new("graph").unwrap(),
+        properties: Regression::properties(10),
+        backups: 0,
+    };
+    jobs.start(&JobName::new("tree").unwrap(), &spec)
+        .await
+        .unwrap();
+
+    let browser = Browser::start().await;
+    let page = browser.client();
+    page.goto(&format!("{}/ui/#/graphs", agent.url))
+        .await
+        .unwrap();
+    browser
+        .text_when(r#"#jobs tr[data-job="tree"]"#, |s| s.contains("regression"))
+        .await;
+    browser.click(r##"#jobs tr[data-job="tree"] a"##).await;
+    browser
+        .text_when("#graph-facts", |s| s.contains("7 tasks, 6 links"))
+        .await;
+    let drawn = page
+        .find_all(Locator::Css(
+            r#"svg.topology g.graph-task[data-state="pending"]"#,
+        ))
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(drawn, 7, "every task drawn, coloured as pending");
+    let edges = page
+        .find_all(Locator::Css("svg.topology line.graph-edge"))
+        .await
+        .unwrap()
+        .len();
+    assert_eq!(edges, 6);
+    browser.screenshot("graph").await;
+    // A task of the graph opens its page.
+    browser
+        .click(r#"svg.topology g.graph-task[data-index="3"]"#)
+        .await;
+    browser
+        .text_when("#task-title", |s| s.contains("tree.3"))
+        .await;
+    let console = browser.console().await;
+    let errors: Vec<_> = console
+        .iter()
+        .filter(|(level, _, _)| level == "SEVERE")
+        .collect();
+    assert!(errors.is_empty(), "errors in the console: {errors:?}");
+    browser.close().await;
+    drop(agent);
+    common::remove_namespace(&ns).await;
+}

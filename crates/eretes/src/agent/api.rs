@@ -23,6 +23,7 @@
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | `GET /metrics` | Prometheus text format (see [`super::metrics`]) |
 //! | `GET /v1/events`, `GET /v1/summary`, `GET /v1/tasks/{id}/runs` | the dashboard's live views (see [`super::live`]) |
+//! | `GET /v1/jobs`, `GET /v1/jobs/{name}` | task graphs of the namespace (see [`super::jobs`]) |
 //! | `GET /`, `GET /ui/` | the dashboard (see [`super::ui`]) |
 
 use std::path::PathBuf;
@@ -99,6 +100,7 @@ pub fn router(state: ApiState) -> Router {
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus))
         .merge(super::live::routes())
+        .merge(super::jobs::routes())
         .merge(super::ui::routes())
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")

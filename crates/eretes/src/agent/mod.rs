@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod api;
+pub mod jobs;
 pub mod live;
 pub mod logs;
 pub mod memory;

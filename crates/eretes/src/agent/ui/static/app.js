@@ -601,6 +601,146 @@ function clusterView() {
   };
 }
 
+const STATE_FILL = {
+  pending: "#fff4d6", running: "#dcf5e3", sleeping: "#e8eefc", paused: "#e8eefc",
+  fault: "#fde4e1", done: "#e6e6e6", failed: "#fde4e1", killed: "#fde4e1",
+};
+const MAX_DRAWN = 2000;
+
+function svgEl(tag, attrs) {
+  const node = document.createElementNS("http://www.w3.org/2000/svg", tag);
+  for (const [name, value] of Object.entries(attrs || {})) node.setAttribute(name, value);
+  return node;
+}
+
+/** A stable colour per node name. */
+function nodeColour(name) {
+  let hash = 0;
+  for (const c of name || "") hash = (hash * 31 + c.charCodeAt(0)) >>> 0;
+  return name ? `hsl(${hash % 360}, 65%, 38%)` : "#9aa3ad";
+}
+
+/** The task graphs of the namespace. */
+function graphsView() {
+  const tbody = el("tbody");
+  const status = el("p", { class: "muted", id: "graphs-status" });
+
+  async function load() {
+    let list;
+    try {
+      list = await api("GET", "/v1/jobs");
+    } catch (error) {
+      status.textContent = `cannot list jobs: ${error.message}`;
+      return;
+    }
+    tbody.replaceChildren(...list.jobs.map((job) =>
+      el("tr", { "data-job": job.name },
+        el("td", { class: "id" }, el("a", { href: `#/graph/${encodeURIComponent(job.name)}`, text: job.name })),
+        el("td", { text: job.spec.kind }),
+        el("td", { text: job.spec.tasks }),
+        el("td", { text: job.spec.group }),
+        el("td", { text: job.epoch ? `${job.epoch.epoch}${job.epoch.shutdown ? " (shut down)" : ""}` : "—" }))));
+    status.textContent = list.jobs.length ? `${list.jobs.length} job${list.jobs.length === 1 ? "" : "s"}` : "no task graphs in this namespace";
+  }
+
+  return {
+    root: el("section", { "aria-labelledby": "graphs-title" },
+      el("h2", { id: "graphs-title", text: "Task graphs" }),
+      status,
+      el("table", { id: "jobs" },
+        el("thead", {}, el("tr", {}, ["job", "kind", "tasks", "group", "epoch"].map((h) => el("th", { scope: "col", text: h })))),
+        tbody)),
+    start: load,
+    onChange() {},
+    stop() {},
+  };
+}
+
+/** One job's topology: tasks in layers from task 0, filled by state,
+ *  outlined in their node's colour. */
+function graphView(name) {
+  const body = el("div", { id: "graph" });
+  let reload = null;
+
+  async function load() {
+    let job;
+    try {
+      job = await api("GET", `/v1/jobs/${encodeURIComponent(name)}`);
+    } catch (error) {
+      body.replaceChildren(el("p", { text: `${name}: ${error.message}` }));
+      return;
+    }
+    const tasks = job.tasks.slice(0, MAX_DRAWN);
+    const neighbours = new Map(tasks.map((t) => [t.index, []]));
+    for (const edge of job.edges) {
+      if (neighbours.has(edge.from) && neighbours.has(edge.to)) {
+        neighbours.get(edge.from).push(edge.to);
+        neighbours.get(edge.to).push(edge.from);
+      }
+    }
+    // Layers by distance from task 0; tasks it does not reach go last.
+    const depth = new Map([[0, 0]]);
+    const queue = neighbours.has(0) ? [0] : [];
+    while (queue.length) {
+      const task = queue.shift();
+      for (const next of neighbours.get(task)) {
+        if (!depth.has(next)) { depth.set(next, depth.get(task) + 1); queue.push(next); }
+      }
+    }
+    const deepest = Math.max(0, ...depth.values());
+    const layers = [];
+    for (const t of tasks) {
+      const d = depth.has(t.index) ? depth.get(t.index) : deepest + 1;
+      (layers[d] = layers[d] || []).push(t);
+    }
+    const width = Math.max(600, ...layers.map((l) => (l ? l.length * 56 : 0)));
+    const height = layers.length * 80 + 20;
+    const at = new Map();
+    layers.forEach((layer, d) => (layer || []).forEach((t, i) =>
+      at.set(t.index, { x: ((i + 0.5) * width) / layer.length, y: 40 + d * 80 })));
+    const svg = svgEl("svg", { viewBox: `0 0 ${width} ${height}`, role: "img", "aria-label": `topology of ${name}`, class: "topology" });
+    for (const edge of job.edges) {
+      const a = at.get(edge.from);
+      const b = at.get(edge.to);
+      if (a && b) svg.append(svgEl("line", { class: "graph-edge", x1: a.x, y1: a.y, x2: b.x, y2: b.y, "data-link": edge.link }));
+    }
+    for (const t of tasks) {
+      const p = at.get(t.index);
+      const state = t.state || "unknown";
+      const group = svgEl("g", { class: "graph-task", "data-index": t.index, "data-state": state, "data-node": t.node || "" });
+      const title = svgEl("title", {});
+      title.textContent = `${t.id}: ${state}${t.node ? ` on ${t.node}` : ""}`;
+      group.append(title,
+        svgEl("circle", { cx: p.x, cy: p.y, r: 18, fill: STATE_FILL[state] || "#fff", stroke: nodeColour(t.node), "stroke-width": 3 }));
+      const label = svgEl("text", { x: p.x, y: p.y + 4, "text-anchor": "middle" });
+      label.textContent = t.index;
+      group.append(label);
+      group.addEventListener("click", () => { location.hash = `#/task/${encodeURIComponent(t.id)}`; });
+      svg.append(group);
+    }
+    const nodes = [...new Set(tasks.map((t) => t.node).filter(Boolean))].sort();
+    body.replaceChildren(
+      el("p", { class: "muted", id: "graph-facts", text: `${job.kind}, ${job.tasks.length} tasks, ${job.edges.length} links, epoch ${job.epoch ? job.epoch.epoch : "—"}${job.topology_known ? "" : " (this agent does not know the kind's topology)"}${job.tasks.length > MAX_DRAWN ? `; the first ${MAX_DRAWN} tasks drawn` : ""}` }),
+      el("p", { class: "legend" }, "Fill: the task's state. Outline: its node — ",
+        nodes.length ? nodes.map((n) => el("span", { class: "node-key", style: null }, el("span", { class: "swatch", "data-node": n }), n, " ")) : "none runs"),
+      svg);
+    for (const swatch of body.querySelectorAll(".swatch")) swatch.style.background = nodeColour(swatch.dataset.node);
+  }
+
+  return {
+    root: el("section", { "aria-labelledby": "graph-title" },
+      el("h2", { id: "graph-title" }, "Task graph ", el("span", { class: "mono", text: name })),
+      body),
+    start: load,
+    onChange(change) {
+      const mine = change.all || change.ids.some((id) => id.startsWith(`${name}.`));
+      if (!mine || reload) return;
+      reload = setTimeout(() => { reload = null; load(); }, 250);
+    },
+    stop() { clearTimeout(reload); },
+  };
+}
+
 function render() {
   const { path, params } = parseHash();
   if (current) current.stop();
@@ -608,10 +748,14 @@ function render() {
   if (path.startsWith("/task/")) view = taskView(decodeURIComponent(path.slice("/task/".length)));
   else if (path === "/nodes") view = nodesView();
   else if (path === "/cluster") view = clusterView();
+  else if (path === "/graphs") view = graphsView();
+  else if (path.startsWith("/graph/")) view = graphView(decodeURIComponent(path.slice("/graph/".length)));
   else view = tasksView(params);
   current = view;
   for (const link of document.querySelectorAll("nav a")) {
-    const here = path === link.getAttribute("href").slice(1) || (path.startsWith("/task/") && link.id === "nav-tasks");
+    const here = path === link.getAttribute("href").slice(1) ||
+      (path.startsWith("/task/") && link.id === "nav-tasks") ||
+      (path.startsWith("/graph/") && link.id === "nav-graphs");
     if (here) link.setAttribute("aria-current", "page");
     else link.removeAttribute("aria-current");
   }
