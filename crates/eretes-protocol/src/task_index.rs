@@ -77,6 +77,9 @@ pub struct TaskIndex {
     /// Tasks each node runs, kept as entries change so that the node list
     /// does not scan every task.
     running: HashMap<NodeName, BTreeMap<GroupName, usize>>,
+    /// Tasks per group and state, kept as entries change so that counting
+    /// (metrics, the dashboard) does not scan every task.
+    counts: BTreeMap<(GroupName, TaskState), usize>,
     /// Keys whose value (or whose key) does not fit the layout.
     malformed: BTreeSet<String>,
 }
@@ -176,6 +179,7 @@ impl TaskIndex {
             tasks: BTreeMap::new(),
             nodes: BTreeMap::new(),
             running: HashMap::new(),
+            counts: BTreeMap::new(),
             malformed: BTreeSet::new(),
         }
     }
@@ -206,18 +210,13 @@ impl TaskIndex {
 
     /// How many tasks there are, in every state.
     pub fn task_count(&self) -> usize {
-        self.tasks.values().filter(|e| e.state().is_some()).count()
+        self.counts.values().sum()
     }
 
-    /// How many tasks each group has in each state.
+    /// How many tasks each group has in each state (kept as the index
+    /// changes: O(groups × states), not O(tasks)).
     pub fn counts(&self) -> BTreeMap<(GroupName, TaskState), usize> {
-        let mut counts = BTreeMap::new();
-        for entry in self.tasks.values() {
-            if let (Some(state), Some(group)) = (entry.state(), entry.group()) {
-                *counts.entry((group.clone(), state)).or_default() += 1;
-            }
-        }
-        counts
+        self.counts.clone()
     }
 
     /// Apply one watch event of this namespace.
@@ -429,11 +428,27 @@ impl TaskIndex {
     fn update(&mut self, id: TaskId, change: impl FnOnce(&mut Entry)) {
         let entry = self.tasks.entry(id.clone()).or_default();
         let owned = |(node, group): (&NodeName, &GroupName)| (node.clone(), group.clone());
+        let counted = |entry: &Entry| Some((entry.group()?.clone(), entry.state()?));
         let before = entry.running_on().map(owned);
+        let was = counted(entry);
         change(entry);
         let after = entry.running_on().map(owned);
+        let is = counted(entry);
         if entry.is_empty() {
             self.tasks.remove(&id);
+        }
+        if was != is {
+            if let Some(key) = was {
+                if let Some(count) = self.counts.get_mut(&key) {
+                    *count -= 1;
+                    if *count == 0 {
+                        self.counts.remove(&key);
+                    }
+                }
+            }
+            if let Some(key) = is {
+                *self.counts.entry(key).or_default() += 1;
+            }
         }
         if before != after {
             if let Some((node, group)) = before {

@@ -160,4 +160,33 @@ async fn ambiguous_requests_and_foreign_hosts_are_refused() {
     let request =
         format!("GET http://{host}/v1/tasks HTTP/1.1\nHost: {host}\nConnection: close\n\n");
     assert_eq!(raw(&agent, &request), 200);
+    // A change a browser sends for another site's page is refused; the
+    // same from the agent's own page (or from a client that is no browser)
+    // goes through.
+    for foreign in [
+        "Origin: http://evil.example".to_string(),
+        "Sec-Fetch-Site: cross-site".to_string(),
+        "Sec-Fetch-Site: same-site".to_string(),
+    ] {
+        assert_eq!(
+            call(&agent, "POST", "/v1/tasks", &[foreign.as_str()]),
+            403,
+            "{foreign}"
+        );
+    }
+    let own = format!("Origin: http://{host}");
+    assert_eq!(
+        call(
+            &agent,
+            "POST",
+            "/v1/tasks",
+            &[own.as_str(), "Sec-Fetch-Site: same-origin"]
+        ),
+        201
+    );
+    // Reads are not changes.
+    assert_eq!(
+        call(&agent, "GET", "/v1/tasks", &["Sec-Fetch-Site: cross-site"]),
+        200
+    );
 }

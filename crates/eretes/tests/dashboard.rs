@@ -14,6 +14,8 @@
 
 mod common;
 
+use std::future::Future;
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -27,12 +29,55 @@ const CHROMEDRIVER: &str = "/usr/bin/chromedriver";
 const CHROMIUM: &str = "/usr/bin/chromium";
 /// Longest any one wait on the page lasts.
 const PATIENCE: Duration = Duration::from_secs(30);
+/// Longest a whole test lasts (a hung browser or driver fails it).
+const TEST_LIMIT: Duration = Duration::from_secs(300);
+
+/// One browser at a time: three Chromiums at once on a 2-core CI machine
+/// would make every wait in them a race.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Run a test's body alone and within [`TEST_LIMIT`]; on timeout the body
+/// is dropped, and with it the browser and the agent.
+async fn bounded(body: impl Future<Output = ()>) {
+    let _alone = ONE_BROWSER.lock().await;
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .unwrap_or_else(|_| panic!("the test did not finish within {TEST_LIMIT:?}"));
+}
+
+/// Kills chromedriver's process group, and every process started with the
+/// test's browser profile (Chromium's own children may leave the group),
+/// when dropped: on success, failure or timeout alike.
+struct DriverGuard {
+    driver: Child,
+    profile: tempfile::TempDir,
+}
+
+impl Drop for DriverGuard {
+    fn drop(&mut self) {
+        let group = self.driver.id() as libc::pid_t;
+        // SAFETY: killpg takes plain integers; the group is chromedriver's
+        // own (process_group(0) at spawn).
+        unsafe { libc::killpg(group, libc::SIGKILL) };
+        let _ = self.driver.wait();
+        let marker = self.profile.path().as_os_str().as_encoded_bytes().to_vec();
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<libc::pid_t>() else {
+                continue;
+            };
+            let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+            if cmdline.windows(marker.len()).any(|window| window == marker) {
+                // SAFETY: kill takes plain integers.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
+    }
+}
 
 /// A headless Chromium under its chromedriver; both stopped when dropped.
 struct Browser {
-    driver: Child,
     client: Option<Client>,
-    _profile: tempfile::TempDir,
+    _driver: DriverGuard,
 }
 
 impl Browser {
@@ -48,9 +93,14 @@ impl Browser {
             .arg(format!("--port={port}"))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
+            .process_group(0)
             .spawn()
             .expect("starting chromedriver");
-        let profile = tempfile::tempdir().unwrap();
+        let guard = DriverGuard {
+            driver,
+            profile: tempfile::tempdir().unwrap(),
+        };
+        let profile = guard.profile.path().to_path_buf();
         // The flags keep Chromium off the network (this machine's is
         // closed: without them it keeps trying Google's hosts).
         let capabilities = json!({
@@ -60,9 +110,10 @@ impl Browser {
                 "args": [
                     "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic",
                     "--no-first-run", "--disable-background-networking",
+                    "--disable-breakpad", "--disable-crash-reporter",
                     "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage",
                     "--window-size=1280,900",
-                    format!("--user-data-dir={}", profile.path().display()),
+                    format!("--user-data-dir={}", profile.display()),
                 ],
             },
             "goog:loggingPrefs": { "browser": "ALL" },
@@ -78,9 +129,8 @@ impl Browser {
             {
                 Ok(client) => {
                     return Browser {
-                        driver,
                         client: Some(client),
-                        _profile: profile,
+                        _driver: guard,
                     }
                 }
                 // chromedriver is still starting.
@@ -88,7 +138,7 @@ impl Browser {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        panic!("no WebDriver session within 10 s: {last_error}");
+        panic!("no WebDriver session after 100 tries: {last_error}");
     }
 
     fn client(&self) -> &Client {
@@ -98,11 +148,11 @@ impl Browser {
     /// The browser's console since the last call: `(level, source, message)`.
     async fn console(&self) -> Vec<(String, String, String)> {
         let entries = self.client().issue_cmd(BrowserLog).await.unwrap();
-        entries
+        let entries = entries
             .as_array()
-            .cloned()
-            .unwrap_or_default()
-            .into_iter()
+            .unwrap_or_else(|| panic!("the console log is no list: {entries}"));
+        entries
+            .iter()
             .map(|entry| {
                 let field = |name: &str| entry[name].as_str().unwrap_or("").to_string();
                 (field("level"), field("source"), field("message"))
@@ -170,11 +220,28 @@ impl Browser {
     }
 }
 
-impl Drop for Browser {
-    fn drop(&mut self) {
-        let _ = self.driver.kill();
-        let _ = self.driver.wait();
-    }
+/// Assert the console holds no error, then that it can: a probe error
+/// written now is what the next read finds (so an empty log means quiet,
+/// not deaf).
+async fn assert_console_clean(browser: &Browser, allow_network: bool) {
+    let console = browser.console().await;
+    let errors: Vec<_> = console
+        .iter()
+        .filter(|(level, source, _)| level == "SEVERE" && !(allow_network && source == "network"))
+        .collect();
+    assert!(errors.is_empty(), "errors in the console: {errors:?}");
+    browser
+        .client()
+        .execute("console.error('eretes-console-probe');", vec![])
+        .await
+        .unwrap();
+    let probed = browser.console().await;
+    assert!(
+        probed.iter().any(
+            |(level, _, message)| level == "SEVERE" && message.contains("eretes-console-probe")
+        ),
+        "the console probe was not seen: {probed:?}"
+    );
 }
 
 /// chromedriver's `POST /session/{id}/se/log` for the browser's console.
@@ -220,10 +287,31 @@ fn state_of(id: &str) -> String {
     format!(r#"#tasks tr[data-id="{id}"] td.state"#)
 }
 
+/// The highest `tick-N` in a log's text.
+fn last_tick(log: &str) -> u32 {
+    log.split_whitespace()
+        .filter_map(|word| word.strip_prefix("tick-")?.parse().ok())
+        .max()
+        .unwrap_or(0)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_dashboard_shows_live_tasks_and_steers_them() {
+    bounded(shows_live_tasks_and_steers_them()).await;
+}
+
+async fn shows_live_tasks_and_steers_them() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("agent"), &[]).await;
+    // The static files carry their content security policy.
+    let page_response = reqwest::get(format!("{}/ui/", agent.url)).await.unwrap();
+    let policy = page_response.headers()["content-security-policy"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert!(policy.contains("script-src 'self'"), "{policy}");
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+
     agent.ok(&[
         "submit",
         "--id",
@@ -231,12 +319,23 @@ async fn the_dashboard_shows_live_tasks_and_steers_them() {
         "--",
         "sh",
         "-c",
-        "echo hello-from-the-task; exec sleep 600",
+        "i=0; while true; do i=$((i+1)); echo tick-$i; sleep 1; done",
     ]);
     agent.ok(&["submit", "--id", "quick", "--", "true"]);
     for n in 1..=3 {
         agent.ok(&["submit", "--id", &format!("idle-{n}"), "--", "sleep", "600"]);
     }
+    // Markup in a task's command and output is shown as text, never run.
+    let markup = "<img src=x onerror=window.injected=1>";
+    agent.ok(&[
+        "submit",
+        "--id",
+        "markup",
+        "--",
+        "sh",
+        "-c",
+        &format!("echo '{markup}'; exec sleep 600"),
+    ]);
     let browser = Browser::start().await;
     let page = browser.client();
     page.goto(&format!("{}/ui/", agent.url)).await.unwrap();
@@ -255,6 +354,11 @@ async fn the_dashboard_shows_live_tasks_and_steers_them() {
         .text_when(r#"#tasks tr[data-id="hello"] td.node"#, |s| !s.is_empty())
         .await;
     assert_eq!(node, "a1");
+    browser
+        .text_when(r#"#tasks tr[data-id="markup"] td.command"#, |s| {
+            s.contains(markup)
+        })
+        .await;
     browser.screenshot("tasks").await;
 
     // A task submitted now appears without a reload: a mark set on this
@@ -272,19 +376,30 @@ async fn the_dashboard_shows_live_tasks_and_steers_them() {
         .unwrap();
     assert_eq!(same_document, json!(true), "the page was reloaded");
 
-    // A task's page: its facts, its runs and its log's tail.
+    // Found by its id: its facts, its runs, and its log followed live (a
+    // line printed after the page opened shows up on it).
+    page.find(Locator::Css("#search-id"))
+        .await
+        .unwrap()
+        .send_keys("hello")
+        .await
+        .unwrap();
+    browser.click("#search-go").await;
+    let first = last_tick(
+        &browser
+            .text_when("#task-log", |log| last_tick(log) > 0)
+            .await,
+    );
     browser
-        .click(r##"#tasks tr[data-id="hello"] td.id a"##)
-        .await;
-    browser
-        .text_when("#task-log", |log| log.contains("hello-from-the-task"))
+        .text_when("#task-log", |log| last_tick(log) > first)
         .await;
     browser
         .text_when("#task-runs tbody", |runs| runs.contains("started"))
         .await;
     browser.screenshot("task").await;
 
-    // Pause from the page: the CLI sees it, and so does the page.
+    // Pause and resume from the page: the CLI sees each, and so does the
+    // page.
     browser.click("#action-pause").await;
     wait_cli_state(&agent, "hello", "paused").await;
     browser
@@ -293,33 +408,84 @@ async fn the_dashboard_shows_live_tasks_and_steers_them() {
     browser
         .text_when("#task-runs tbody", |runs| runs.contains("paused"))
         .await;
-
-    // Nodes: drain this agent's node from the page.
-    browser.click("#nav-nodes").await;
+    browser.click("#action-resume").await;
+    wait_cli_state(&agent, "hello", "running").await;
     browser
-        // The paused task stays with its node.
-        .text_when(r#"#nodes tr[data-node="a1"] td.running"#, |s| s == "5")
+        .text_when(r#"[data-fact="state"]"#, |s| s == "running")
+        .await;
+
+    // The task with markup: its output is text too; kill it, then remove it.
+    page.goto(&format!("{}/ui/#/task/markup", agent.url))
+        .await
+        .unwrap();
+    browser
+        .text_when("#task-log", |log| log.contains(markup))
+        .await;
+    browser.click("#action-kill").await;
+    wait_cli_state(&agent, "markup", "killed").await;
+    browser
+        .text_when(r#"[data-fact="state"]"#, |s| s == "killed")
+        .await;
+    browser.click("#action-remove").await;
+    browser
+        .text_when("#action-remove", |s| s.contains("Really"))
+        .await;
+    browser.click("#action-remove").await;
+    browser
+        .text_when("#notice", |s| s.contains("removed markup"))
+        .await;
+    let gone = agent.cli(&["show", "markup"]);
+    assert!(!gone.status.success(), "markup is still there");
+    let injected = page
+        .execute("return window.injected === undefined;", vec![])
+        .await
+        .unwrap();
+    assert_eq!(injected, json!(true), "markup in a task ran as HTML");
+
+    // Nodes: freeze and unfreeze, then drain this agent's node.
+    browser.click("#nav-nodes").await;
+    let node_row = r#"#nodes tr[data-node="a1"]"#;
+    browser
+        .text_when(&format!("{node_row} td.running"), |s| s == "5")
+        .await;
+    browser
+        .click(&format!(r#"{node_row} button[data-command="freeze"]"#))
+        .await;
+    browser
+        .text_when(&format!("{node_row} td.frozen"), |s| s == "frozen")
+        .await;
+    browser
+        .click(&format!(r#"{node_row} button[data-command="unfreeze"]"#))
+        .await;
+    browser
+        .text_when(&format!("{node_row} td.frozen"), |s| s == "claiming")
         .await;
     browser.screenshot("nodes").await;
     browser
-        .click(r#"#nodes tr[data-node="a1"] button[data-command="drain"]"#)
+        .click(&format!(r#"{node_row} button[data-command="drain"]"#))
         .await;
     // Drained: the node let its tasks go and claims none (the only node).
-    for id in ["idle-1", "idle-2", "idle-3", "late"] {
+    for id in ["hello", "idle-1", "idle-2", "idle-3", "late"] {
         wait_cli_state(&agent, id, "pending").await;
     }
     browser
-        .text_when(r#"#nodes tr[data-node="a1"] td.frozen"#, |s| s == "frozen")
+        .text_when(&format!("{node_row} td.frozen"), |s| s == "frozen")
         .await;
 
-    // The cluster's counts.
+    // The cluster's counts, and the rates drawn from the samples.
     browser.click("#nav-cluster").await;
     browser
-        .text_when(r#"#state-counts [data-state="pending"] .n"#, |s| s == "4")
+        .text_when(r#"#state-counts [data-state="pending"] .n"#, |s| s == "5")
         .await;
-    browser
-        .text_when("#chart-claims", |s| s.contains("/s"))
-        .await;
+    let points = page
+        .find(Locator::Css("#chart-claims polyline"))
+        .await
+        .unwrap()
+        .attr("points")
+        .await
+        .unwrap()
+        .unwrap_or_default();
+    assert!(points.split_whitespace().count() >= 2, "{points:?}");
     browser.screenshot("cluster").await;
 
     // Pages: 130 tasks of a group nobody serves, 100 to a page, filtered
@@ -359,31 +525,47 @@ async fn the_dashboard_shows_live_tasks_and_steers_them() {
         .unwrap()
         .len();
     assert_eq!(rows, 30);
+    browser.click("#page-prev").await;
+    browser
+        .text_when("#page-status", |s| s == "page 1, 100 tasks")
+        .await;
+    browser
+        .text_when(&state_of("many-000"), |s| s == "pending")
+        .await;
 
-    let console = browser.console().await;
-    let errors: Vec<_> = console
-        .iter()
-        .filter(|(level, _, _)| level == "SEVERE")
-        .collect();
-    assert!(errors.is_empty(), "errors in the console: {errors:?}");
+    assert_console_clean(&browser, false).await;
     browser.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_token_the_page_asks_for_it_and_says_when_an_action_is_refused() {
+    bounded(asks_for_the_token_and_says_when_refused()).await;
+}
+
+async fn asks_for_the_token_and_says_when_refused() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(
         &dir.path().join("agent"),
         &["--token", "write-secret", "--read-token", "read-secret"],
     )
     .await;
-    let submitted = Command::new(BIN)
-        .args(["submit", "--id", "guarded", "--", "sleep", "600"])
-        .env("ERETES_AGENT", &agent.url)
-        .env("ERETES_TOKEN", "write-secret")
-        .output()
-        .unwrap();
+    let cli = |args: &[&str], token: &str| {
+        Command::new(BIN)
+            .args(args)
+            .env("ERETES_AGENT", &agent.url)
+            .env("ERETES_TOKEN", token)
+            .output()
+            .unwrap()
+    };
+    let submitted = cli(
+        &["submit", "--id", "guarded", "--", "sleep", "600"],
+        "write-secret",
+    );
     assert!(submitted.status.success(), "{submitted:?}");
+    let state = |cli_output: std::process::Output| {
+        let shown: Value = serde_json::from_slice(&cli_output.stdout).unwrap();
+        shown["state"].as_str().unwrap().to_string()
+    };
     let browser = Browser::start().await;
     let page = browser.client();
     page.goto(&format!("{}/ui/", agent.url)).await.unwrap();
@@ -422,31 +604,53 @@ async fn with_a_token_the_page_asks_for_it_and_says_when_an_action_is_refused() 
         .text_when("#notice", |s| s.contains("refused"))
         .await;
     assert!(said.contains("--token"), "{said}");
-    let guarded = Command::new(BIN)
-        .args(["show", "--json", "guarded"])
-        .env("ERETES_AGENT", &agent.url)
-        .env("ERETES_TOKEN", "read-secret")
-        .output()
-        .unwrap();
-    let shown: Value = serde_json::from_slice(&guarded.stdout).unwrap();
-    assert_eq!(shown["state"], "running", "{shown}");
+    let now = cli(&["show", "--json", "guarded"], "read-secret");
+    assert_eq!(state(now), "running");
 
-    // The token never went into a URL.
-    let url = page.current_url().await.unwrap();
-    assert!(!url.as_str().contains("secret"), "{url}");
+    // The token is kept in this tab only, and never went into a URL.
+    let kept = page
+        .execute(
+            "return [location.href, document.referrer, localStorage.length, \
+             sessionStorage.getItem('eretes.token')];",
+            vec![],
+        )
+        .await
+        .unwrap();
+    assert_eq!(kept[2], json!(0), "{kept}");
+    assert_eq!(kept[3], json!("read-secret"), "{kept}");
+    for url in [&kept[0], &kept[1]] {
+        assert!(!url.as_str().unwrap_or("").contains("secret"), "{kept}");
+    }
+
+    // With the agent's own token, the same button acts.
+    page.execute(
+        "sessionStorage.setItem('eretes.token', 'write-secret');",
+        vec![],
+    )
+    .await
+    .unwrap();
+    page.refresh().await.unwrap();
+    browser.click("#action-pause").await;
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while state(cli(&["show", "--json", "guarded"], "read-secret")) != "paused" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the pause with the token never took"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // The refusals are network answers in the console, not script errors.
-    let console = browser.console().await;
-    let script_errors: Vec<_> = console
-        .iter()
-        .filter(|(level, source, _)| level == "SEVERE" && source != "network")
-        .collect();
-    assert!(script_errors.is_empty(), "script errors: {script_errors:?}");
+    assert_console_clean(&browser, true).await;
     browser.close().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_graph_is_drawn_with_its_tasks_states() {
+    bounded(draws_a_task_graph()).await;
+}
+
+async fn draws_a_task_graph() {
     use eretes_graph::{regression::Regression, JobName, JobSpec, Jobs};
     use eretes_protocol::{Coordinator, GroupName, Namespace};
 
@@ -508,12 +712,7 @@ async fn a_task_graph_is_drawn_with_its_tasks_states() {
     browser
         .text_when("#task-title", |s| s.contains("tree.3"))
         .await;
-    let console = browser.console().await;
-    let errors: Vec<_> = console
-        .iter()
-        .filter(|(level, _, _)| level == "SEVERE")
-        .collect();
-    assert!(errors.is_empty(), "errors in the console: {errors:?}");
+    assert_console_clean(&browser, false).await;
     browser.close().await;
     drop(agent);
     common::remove_namespace(&ns).await;

@@ -62,6 +62,46 @@ pub async fn refuse_ambiguous(request: Request, next: Next) -> Response {
     next.run(request).await
 }
 
+/// Refuse a change (any method but GET and HEAD) that a browser says it
+/// sends on behalf of another site's page: `Sec-Fetch-Site: cross-site` or
+/// `same-site`, or an `Origin` that is not this agent's `Host`. The
+/// dashboard's own calls are same-origin; a foreign page has no business
+/// steering tasks, whether or not the agent has a token (without one, its
+/// browser on the agent's machine is on loopback). Clients that are not
+/// browsers send neither header and are not affected.
+pub async fn refuse_cross_site_changes(request: Request, next: Next) -> Response {
+    if matches!(*request.method(), Method::GET | Method::HEAD) {
+        return next.run(request).await;
+    }
+    match cross_site(request.headers()) {
+        Some(refusal) => ApiError::new(StatusCode::FORBIDDEN, "forbidden", refusal).into_response(),
+        None => next.run(request).await,
+    }
+}
+
+/// Why these request headers say the request comes from another site's
+/// page, if they do.
+fn cross_site(headers: &axum::http::HeaderMap) -> Option<String> {
+    let header = |name: &str| headers.get(name).and_then(|value| value.to_str().ok());
+    let fetch_site = header("sec-fetch-site");
+    let foreign_fetch = matches!(fetch_site, Some("cross-site" | "same-site"));
+    let host = header("host").unwrap_or("");
+    let foreign_origin = header("origin").is_some_and(|origin| {
+        let authority = origin
+            .strip_prefix("http://")
+            .or_else(|| origin.strip_prefix("https://"))
+            .unwrap_or(origin);
+        authority != host
+    });
+    (foreign_fetch || foreign_origin).then(|| {
+        format!(
+            "a change sent from another site's page is refused (Origin {:?}, Sec-Fetch-Site {:?})",
+            header("origin").unwrap_or(""),
+            fetch_site.unwrap_or("")
+        )
+    })
+}
+
 fn twice(name: &HeaderName) -> Response {
     ApiError::invalid(format!("the request has more than one {name} header")).into_response()
 }

@@ -81,6 +81,9 @@ pub struct ApiState {
     pub tasks: Arc<LiveTasks>,
     /// What `/metrics` reports.
     pub metrics: std::sync::Arc<super::metrics::Metrics>,
+    /// True once the agent stops serving: streams that never end by
+    /// themselves (`/v1/events`) end then, so shutdown need not wait on them.
+    pub stopping: watch::Receiver<bool>,
 }
 
 /// The router with every route, the body limit and the token check.
@@ -113,6 +116,7 @@ pub fn router(state: ApiState) -> Router {
             state.clone(),
             access::check_host,
         ))
+        .layer(middleware::from_fn(access::refuse_cross_site_changes))
         .layer(middleware::from_fn(access::refuse_ambiguous))
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)

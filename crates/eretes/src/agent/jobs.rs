@@ -3,7 +3,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /v1/jobs` | every job: name, kind, tasks, epoch |
-//! | `GET /v1/jobs/{name}` | one job: each task's state and node, and the edges of its topology in the current job epoch (for the kinds this binary knows: `regression`; another kind's job is listed with its tasks and no edges) |
+//! | `GET /v1/jobs/{name}` | one job: each task's state and node (from the agent's watch-kept index), and the edges of its topology in the current job epoch (for the kinds this binary knows: `regression`; another kind's job is listed with its tasks and no edges) |
 //!
 //! The agent runs process tasks, not graph tasks: a job's tasks run on the
 //! graph nodes that serve its group. The agent shows them because they are
@@ -56,8 +56,10 @@ fn topology(spec: &JobSpec) -> Option<Arc<dyn Topology>> {
     }
 }
 
-/// Every `(from, to, link)` of `topology` over `tasks` tasks in `epoch`,
-/// each pair once per link, at most [`MAX_EDGES`]; and whether it was cut.
+/// Every `(from, to, link)` of `topology` over `tasks` tasks in `epoch`:
+/// each pair of tasks once, under the first link that joins them (a link
+/// and its reverse, such as parent and children, are one edge); at most
+/// [`MAX_EDGES`], and whether it was cut.
 fn edges(topology: &dyn Topology, tasks: u32, epoch: JobEpoch) -> (Vec<(u32, u32, String)>, bool) {
     let mut seen = BTreeSet::new();
     let mut out = Vec::new();
@@ -89,48 +91,45 @@ async fn list(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
 
 async fn show(State(state): State<ApiState>, Path(name): Path<String>) -> ApiResult<Json<Value>> {
     let job = JobName::new(name).map_err(ApiError::from)?;
-    let status = Jobs::new(state.coordinator.clone())
-        .status(&job)
+    let jobs = Jobs::new(state.coordinator.clone());
+    // The job's two records from the store; its tasks' states and nodes
+    // from the watch-kept index (no read of every result value).
+    let spec = jobs
+        .job(&job)
         .await?
         .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?;
-    let epoch = status.epoch.as_ref().map_or(JobEpoch(0), |e| e.epoch);
-    let ids: Vec<_> = status
-        .tasks
-        .iter()
-        .map(|t| graph_task_id(&job, t.index))
+    let epoch = jobs.epoch(&job).await?;
+    let ids: Vec<_> = (0..spec.tasks)
+        .map(|index| graph_task_id(&job, index))
         .collect();
-    let states = state
+    let positions = state
         .tasks
-        .read(|index| {
-            ids.iter()
-                .map(|id| index.position(id).map(|p| p.state.name()))
-                .collect::<Vec<_>>()
-        })
+        .read(|index| ids.iter().map(|id| index.position(id)).collect::<Vec<_>>())
         .await?;
-    let tasks: Vec<Value> = status
-        .tasks
+    let tasks: Vec<Value> = ids
         .iter()
-        .zip(ids.iter().zip(states))
-        .map(|(task, (id, task_state))| {
+        .zip(positions)
+        .enumerate()
+        .map(|(index, (id, position))| {
             json!({
-                "index": task.index,
+                "index": index,
                 "id": id,
-                "state": task_state,
-                "node": task.node,
-                "backups": task.backups,
+                "state": position.as_ref().map(|p| p.state.name()),
+                "node": position.and_then(|p| p.owner).map(|(node, _)| node),
             })
         })
         .collect();
-    let known = topology(&status.spec);
+    let known = topology(&spec);
+    let at = epoch.as_ref().map_or(JobEpoch(0), |e| e.epoch);
     let (edges, cut) = known
         .as_deref()
-        .map(|t| edges(t, status.spec.tasks, epoch))
+        .map(|t| edges(t, spec.tasks, at))
         .unwrap_or_default();
     Ok(Json(json!({
         "name": job,
-        "kind": status.spec.kind,
-        "group": status.spec.group,
-        "epoch": status.epoch,
+        "kind": spec.kind,
+        "group": spec.group,
+        "epoch": epoch,
         "tasks": tasks,
         "topology_known": known.is_some(),
         "edges": edges.into_iter().map(|(from, to, link)| json!({ "from": from, "to": to, "link": link })).collect::<Vec<_>>(),

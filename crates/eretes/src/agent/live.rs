@@ -3,7 +3,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `GET /v1/events` | server-sent events: `change` with `{"ids": [...]}` (the tasks that changed, at most 200) or `{"all": true}`, at most one every [`COALESCE`], from the agent's watch of the namespace; a keep-alive comment every 15 s |
-//! | `GET /v1/summary` | this agent's node (frozen, running, lease renewal latency, counters) and the cluster's task counts by state and by group, from the watch-kept index |
+//! | `GET /v1/summary` | this agent's node (frozen, running, the latest successful lease renewal's latency and age, counters) and the cluster's task counts by state and by group, kept by the watch-kept index as it changes |
 //! | `GET /v1/tasks/{id}/runs` | a task's runs as this agent's watch saw them start and end ([`super::run_history`]), its claim and takeover counts, and its checkpoint's size |
 //!
 //! The stream names what changed, not what it changed to: a page reads the
@@ -21,7 +21,7 @@ use axum::routing::get;
 use axum::{Json, Router};
 use eretes_protocol::{decode, now_ms, RunRecord, TaskId, TaskIndex, TaskState};
 use eretes_store::StoreExt;
-use futures::Stream;
+use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
 use tokio::sync::broadcast::Receiver;
@@ -106,7 +106,13 @@ async fn events(
             .data(gathered.to_json().to_string());
         Some((Ok(event), receiver))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+    let mut stopping = state.stopping.clone();
+    let stopped = async move {
+        // A dropped sender is a stop too.
+        let _ = stopping.wait_for(|stop| *stop).await;
+    };
+    Sse::new(stream.take_until(stopped))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
 async fn summary(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
@@ -122,14 +128,16 @@ async fn summary(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
             .or_default() += count;
     }
     let status = state.status.borrow().clone();
+    let (now, renewal) = (now_ms(), last_lease_renewal());
     Ok(Json(json!({
-        "at_ms": now_ms(),
+        "at_ms": now,
         "node": state.node,
         "registered": status.registered,
         "frozen": status.frozen,
         "running": status.running,
         "live_nodes": status.live_nodes,
-        "lease_renewal_ms": last_lease_renewal().map(|d| d.as_secs_f64() * 1000.0),
+        "lease_renewal_ms": renewal.map(|(took, _)| took.as_secs_f64() * 1000.0),
+        "lease_renewed_ms_ago": renewal.map(|(_, at_ms)| now.saturating_sub(at_ms)),
         "counters": state.metrics.node_stats(),
         "states": states,
         "groups": groups,

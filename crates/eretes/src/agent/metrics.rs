@@ -111,15 +111,22 @@ impl Metrics {
     }
 }
 
-/// How long the latest lease renewal answered in, in microseconds (0: none
-/// yet). One per process, as the agent runs one node.
+/// How long the latest successful lease renewal answered in, in
+/// microseconds (0: none yet), and when it was, in milliseconds since the
+/// Unix epoch. One per process, as the agent runs one node.
 static LAST_RENEWAL_US: AtomicU64 = AtomicU64::new(0);
+static LAST_RENEWAL_AT_MS: AtomicU64 = AtomicU64::new(0);
 
-/// How long the latest lease renewal through a [`MeteredStore`] took.
-pub fn last_lease_renewal() -> Option<Duration> {
+/// How long the latest successful lease renewal through a [`MeteredStore`]
+/// took, and when it answered (ms since the Unix epoch): a renewal long
+/// ago says the node is failing to renew, however fast that one was.
+pub fn last_lease_renewal() -> Option<(Duration, u64)> {
     match LAST_RENEWAL_US.load(Ordering::Relaxed) {
         0 => None,
-        us => Some(Duration::from_micros(us)),
+        us => Some((
+            Duration::from_micros(us),
+            LAST_RENEWAL_AT_MS.load(Ordering::Relaxed),
+        )),
     }
 }
 
@@ -171,6 +178,7 @@ impl Store for MeteredStore {
         let renewed = timed("lease_keepalive", self.inner.lease_keepalive(lease)).await;
         if renewed.is_ok() {
             let us = started.elapsed().as_micros().clamp(1, u64::MAX as u128) as u64;
+            LAST_RENEWAL_AT_MS.store(eretes_protocol::now_ms(), Ordering::Relaxed);
             LAST_RENEWAL_US.store(us, Ordering::Relaxed);
         }
         renewed

@@ -367,7 +367,11 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     let bound = listener.local_addr()?;
     let coordinator = Coordinator::new(store, namespace);
     let tasks = task_list::LiveTasks::start(coordinator.clone());
+    // Set once the node has drained: the API stops, and long-lived
+    // responses (the dashboard's change streams) end with it.
+    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
     let state = api::ApiState {
+        stopping: drained_rx.clone(),
         metrics: Arc::new(metrics::Metrics::new(
             recorder,
             node.stats().clone(),
@@ -400,7 +404,6 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
 
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
-    let (drained_tx, drained_rx) = tokio::sync::watch::channel(false);
     let limits = server::ServerLimits {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         max_connections: args.max_connections as usize,

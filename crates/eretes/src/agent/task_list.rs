@@ -16,7 +16,7 @@ use std::sync::{Arc, RwLock, Weak};
 use std::time::Duration;
 
 use eretes_protocol::{Coordinator, KeyKind, ProtocolError, TaskId, TaskIndex};
-use eretes_store::{Revision, StoreError, WatchEvent};
+use eretes_store::{EventKind, Revision, StoreError, WatchEvent};
 use futures::StreamExt;
 use tokio::sync::{broadcast, watch};
 
@@ -73,7 +73,7 @@ impl LiveTasks {
             written: AtomicI64::new(0),
             store_reads: AtomicU64::new(0),
             runs: RunHistory::default(),
-            changes: broadcast::channel(64).0,
+            changes: broadcast::channel(1024).0,
         });
         tokio::spawn(follow(Arc::downgrade(&live)));
         live
@@ -132,38 +132,62 @@ impl LiveTasks {
         let revision = index.as_ref().map_or(0, TaskIndex::revision);
         *self.index.write().expect("not poisoned") = index;
         self.revision.send_replace(revision);
-        // Nobody listening is no error.
-        let _ = self.changes.send(TaskChanges::All);
+        // A new index may differ anywhere (nobody listening is no error).
+        // Not when it is dropped: readers then go to the store, and telling
+        // every page to read again at that moment would only add to that.
+        if revision > 0 {
+            let _ = self.changes.send(TaskChanges::All);
+        }
     }
 
     /// Apply one watch batch to `index`, noting the runs it started and
-    /// ended, and what it changed.
+    /// ended, and what it changed. A batch may hold several revisions (the
+    /// embedded store commits writes in groups); each revision is one
+    /// transaction, and is diffed on its own.
     fn apply_batch(&self, index: &mut TaskIndex, batch: &[WatchEvent]) -> TaskChanges {
         let ns = self.coordinator.namespace();
-        let mut touched: Vec<TaskId> = batch
-            .iter()
-            .filter_map(|event| match ns.parse(&event.kv.key) {
-                Ok(
-                    KeyKind::Task(id)
-                    | KeyKind::Owner(id)
-                    | KeyKind::Result(id)
-                    | KeyKind::State(id),
-                ) => Some(id),
-                _ => None,
-            })
-            .collect();
-        touched.sort_unstable();
-        touched.dedup();
-        let before: Vec<_> = touched.iter().map(|id| index.position(id)).collect();
-        batch.iter().for_each(|event| index.apply(event));
-        for (id, before) in touched.iter().zip(&before) {
-            self.runs
-                .note(id, before.as_ref(), index.position(id).as_ref());
+        let mut changed: Vec<TaskId> = Vec::new();
+        for revision in batch.chunk_by(|a, b| a.kv.mod_revision == b.kv.mod_revision) {
+            let mut touched: Vec<TaskId> = Vec::new();
+            // Tasks whose run record this transaction wrote: an owner that
+            // went with such a write was released by its node; one that
+            // went alone was lost with its lease.
+            let mut run_written: Vec<TaskId> = Vec::new();
+            for event in revision {
+                match ns.parse(&event.kv.key) {
+                    Ok(
+                        KeyKind::Task(id)
+                        | KeyKind::Owner(id)
+                        | KeyKind::Result(id)
+                        | KeyKind::State(id),
+                    ) => touched.push(id),
+                    Ok(KeyKind::Run(id)) => {
+                        if event.kind == EventKind::Put {
+                            run_written.push(id.clone());
+                        }
+                        changed.push(id);
+                    }
+                    Ok(KeyKind::Checkpoint(id)) => changed.push(id),
+                    _ => {}
+                }
+            }
+            touched.sort_unstable();
+            touched.dedup();
+            let before: Vec<_> = touched.iter().map(|id| index.position(id)).collect();
+            revision.iter().for_each(|event| index.apply(event));
+            for (id, before) in touched.iter().zip(&before) {
+                let released = run_written.contains(id);
+                self.runs
+                    .note(id, before.as_ref(), index.position(id).as_ref(), released);
+            }
+            changed.extend(touched);
         }
-        if touched.len() > MAX_CHANGED_IDS {
+        changed.sort_unstable();
+        changed.dedup();
+        if changed.len() > MAX_CHANGED_IDS {
             TaskChanges::All
         } else {
-            TaskChanges::Tasks(touched.into())
+            TaskChanges::Tasks(changed.into())
         }
     }
 }
@@ -304,6 +328,86 @@ mod tests {
         assert_eq!(seen[1], ("t00".to_string(), TaskState::Running));
         assert_eq!(seen.last().unwrap().0, "zz");
         assert_eq!(live.store_reads(), 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn runs_are_told_apart_per_transaction_and_changes_are_broadcast() {
+        use eretes_store::{KeyRange, Txn, TxnOp};
+        let store: Arc<dyn Store> = EmbeddedStore::new();
+        let ns = Namespace::new("runs").unwrap();
+        let coordinator = Coordinator::new(store.clone(), ns.clone());
+        let live = LiveTasks::start(coordinator.clone());
+        let mut loaded = live.revision.subscribe();
+        loaded.wait_for(|&at| at > 0).await.unwrap();
+        let mut changes = live.subscribe();
+        let id: TaskId = "t".parse().unwrap();
+        let spec = TaskSpec::new(GroupName::default(), json!({}));
+        let submitted = coordinator.submit(&id, &spec).await.unwrap();
+        let owner = |lease| {
+            TxnOp::Put(
+                PutRequest::new(ns.owner(&id), r#"{"node":"n1","group":"default"}"#)
+                    .with_lease(lease),
+            )
+        };
+        let run = || {
+            TxnOp::Put(PutRequest::new(
+                ns.run(&id),
+                r#"{"claims":1,"takeovers":0,"open":true}"#,
+            ))
+        };
+        // A claim (owner and run record in one transaction), then the
+        // owner's lease expires: lost.
+        let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+        store
+            .txn(Txn::new().and_then(owner(lease)).and_then(run()))
+            .await
+            .unwrap();
+        store.lease_revoke(lease).await.unwrap();
+        // Another claim, then a release: the owner goes with a run record.
+        let lease = store.lease_grant(Duration::from_secs(30)).await.unwrap().id;
+        store
+            .txn(Txn::new().and_then(owner(lease)).and_then(run()))
+            .await
+            .unwrap();
+        let released = store
+            .txn(
+                Txn::new()
+                    .and_then(TxnOp::Delete(eretes_store::DeleteRequest::new(
+                        KeyRange::key(ns.owner(&id)),
+                    )))
+                    .and_then(run()),
+            )
+            .await
+            .unwrap();
+        live.wrote(released.revision);
+        live.read(|_| ()).await.unwrap();
+        let kinds: Vec<(&str, i64)> = live
+            .runs()
+            .of(&id)
+            .into_iter()
+            .map(|event| (event.kind, event.epoch))
+            .collect();
+        assert_eq!(kinds.len(), 4, "{kinds:?}");
+        assert_eq!(
+            kinds.iter().map(|(kind, _)| *kind).collect::<Vec<_>>(),
+            ["started", "lost", "started", "released"]
+        );
+        assert!(
+            kinds[0].1 > submitted && kinds[2].1 > kinds[0].1,
+            "{kinds:?}"
+        );
+        // What changed was named, task by task.
+        let mut named = Vec::new();
+        while let Ok(change) = changes.try_recv() {
+            match change {
+                TaskChanges::Tasks(ids) => named.extend(ids.iter().cloned()),
+                TaskChanges::All => panic!("a small change said everything changed"),
+            }
+        }
+        assert!(
+            !named.is_empty() && named.iter().all(|named| named == &id),
+            "{named:?}"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -49,8 +49,10 @@ function when(ms) {
 
 function command(properties) {
   if (!properties || typeof properties !== "object") return "";
-  const spec = properties.process || properties;
-  const words = [spec.program, ...(spec.args || [])].filter((w) => w !== undefined);
+  const spec = properties.process && typeof properties.process === "object" ? properties.process : properties;
+  // Whatever a library submitted: only strings are words of a command.
+  const args = Array.isArray(spec.args) ? spec.args : [];
+  const words = [spec.program, ...args].filter((w) => typeof w === "string");
   return words.length ? words.join(" ") : JSON.stringify(properties);
 }
 
@@ -137,9 +139,14 @@ const changes = {
   listeners: new Set(),
 
   restart() {
-    if (this.controller) this.controller.abort();
+    this.stop();
     this.controller = new AbortController();
     this.follow(this.controller.signal);
+  },
+
+  stop() {
+    if (this.controller) this.controller.abort();
+    this.controller = null;
   },
 
   status(ok, text) {
@@ -167,7 +174,8 @@ const changes = {
         for (;;) {
           const { value, done } = await reader.read();
           if (done) break;
-          buffer += decoder.decode(value, { stream: true });
+          // Lines may end in \r\n (the SSE format allows it).
+          buffer += decoder.decode(value, { stream: true }).replace(/\r\n?/g, "\n");
           let end;
           while ((end = buffer.indexOf("\n\n")) >= 0) {
             this.dispatch(buffer.slice(0, end));
@@ -288,8 +296,8 @@ function tasksView(params) {
 
   const tbody = el("tbody");
   const status = el("span", { class: "muted", id: "page-status" });
-  const prev = el("button", { type: "button", id: "page-prev", onclick: () => { if (cursors.length > 1) { cursors.pop(); load(); } } }, "← Previous");
-  const next = el("button", { type: "button", id: "page-next", onclick: () => { if (page.next) { cursors.push(page.next); load(); } } }, "Next →");
+  const prev = el("button", { type: "button", id: "page-prev", disabled: true, onclick: () => { if (cursors.length > 1 && !prev.disabled) { cursors.pop(); load(); } } }, "← Previous");
+  const next = el("button", { type: "button", id: "page-next", disabled: true, onclick: () => { if (page.next && !next.disabled) { cursors.push(page.next); load(); } } }, "Next →");
 
   const stateSelect = el("select", { id: "filter-state", onchange: () => applyFilters() },
     el("option", { value: "", text: "every state" }),
@@ -320,18 +328,30 @@ function tasksView(params) {
     }
   }
 
+  let loads = 0;
+
   async function load() {
+    const mine = ++loads;
+    prev.disabled = true;
+    next.disabled = true;
     const query = new URLSearchParams({ limit: String(PAGE) });
     if (filters.state) query.set("state", filters.state);
     if (filters.group) query.set("group", filters.group);
     const after = cursors[cursors.length - 1];
     if (after) query.set("after", after);
+    let answer;
     try {
-      page = await api("GET", `/v1/tasks?${query}`);
+      answer = await api("GET", `/v1/tasks?${query}`);
     } catch (error) {
-      status.textContent = `cannot list tasks: ${error.message}`;
+      if (mine === loads) {
+        status.textContent = `cannot list tasks: ${error.message}`;
+        prev.disabled = cursors.length <= 1;
+      }
       return;
     }
+    // A later load (a click, a change) was sent since: its answer counts.
+    if (mine !== loads) return;
+    page = answer;
     const rows = page.tasks.map((task) =>
       el("tr", { "data-id": task.id },
         el("td", { class: "id" }, el("a", { href: `#/task/${encodeURIComponent(task.id)}`, text: task.id })),
@@ -397,13 +417,26 @@ function taskView(id) {
   }
 
   let removeArmed = false;
+  let removing = false;
   const removeButton = el("button", { type: "button", class: "danger", id: "action-remove", onclick: async () => {
     if (!removeArmed) {
       removeArmed = true;
       removeButton.textContent = "Really remove?";
+      // Disarmed again unless confirmed soon.
+      setTimeout(() => { removeArmed = false; removeButton.textContent = "Remove"; }, 5000);
       return;
     }
-    if (await act(`remove ${id}`, () => api("DELETE", path))) location.hash = "#/tasks";
+    // Its page is not read again while it goes (that read would be a 404).
+    removing = true;
+    clearTimeout(reload);
+    reload = null;
+    if (await act(`remove ${id}`, () => api("DELETE", path))) {
+      location.hash = "#/tasks";
+      // After the navigation, which clears notices.
+      setTimeout(() => notice(`removed ${id}`, "info"), 0);
+    } else {
+      removing = false;
+    }
   } }, "Remove");
 
   const actions = el("div", { class: "actions" },
@@ -418,11 +451,16 @@ function taskView(id) {
     el("button", { type: "button", class: "danger", id: "action-kill", onclick: () => send({ command: "kill" }, "kill") }, "Kill"),
     removeButton);
 
+  let loads = 0;
+
   async function load() {
+    const mine = ++loads;
     let task;
     try {
       task = await api("GET", path);
+      if (mine !== loads) return;
     } catch (error) {
+      if (mine !== loads) return;
       facts.replaceChildren(el("dt", { text: "error" }), el("dd", { text: error.message }));
       return;
     }
@@ -443,6 +481,7 @@ function taskView(id) {
     if (!(task.errors || []).length) errors.append(el("li", { class: "muted", text: "none" }));
     try {
       const runs = await api("GET", `${path}/runs`);
+      if (mine !== loads) return;
       runsBody.replaceChildren(...runs.runs.map((run) =>
         el("tr", {}, el("td", { text: run.kind }), el("td", { text: run.node }), el("td", { text: run.epoch }), el("td", { text: when(run.at_ms) }))));
       if (!runs.runs.length) runsBody.append(el("tr", {}, el("td", { colspan: "4", class: "muted", text: "no run seen by this agent" })));
@@ -471,6 +510,8 @@ function taskView(id) {
       const decoder = new TextDecoder();
       for (;;) {
         const { value, done } = await reader.read();
+        // Another stream was chosen, or the view left, while this read waited.
+        if (signal.aborted) return;
         if (done) break;
         const atBottom = log.scrollTop + log.clientHeight >= log.scrollHeight - 4;
         log.append(decoder.decode(value, { stream: true }));
@@ -502,7 +543,7 @@ function taskView(id) {
     root,
     start() { load(); followLog(); },
     onChange(change) {
-      if (reload || !(change.all || change.ids.includes(id))) return;
+      if (removing || reload || !(change.all || change.ids.includes(id))) return;
       reload = setTimeout(() => { reload = null; load(); }, 100);
     },
     stop() {
@@ -538,7 +579,7 @@ function nodesView() {
         el("td", { class: "groups", text: node.groups.map((g) => `${g} (${(node.running_by_group || {})[g] || 0} running)`).join(", ") }),
         el("td", { class: "running", text: node.running + (node.max_running ? ` / ${node.max_running}` : "") }),
         el("td", { class: "frozen", text: here ? (own.frozen ? "frozen" : "claiming") : "—" }),
-        el("td", { text: here && own.lease_renewal_ms != null ? `${own.lease_renewal_ms.toFixed(1)} ms` : "—" }),
+        el("td", { class: "lease", text: here && own.lease_renewal_ms != null ? `${own.lease_renewal_ms.toFixed(1)} ms, ${Math.round(own.lease_renewed_ms_ago / 1000)} s ago` : "—" }),
         el("td", { text: ago(node.started_at_ms) }),
         el("td", { class: "node-actions" },
           ["freeze", "unfreeze", "balance", "drain"].map((what) =>
@@ -735,21 +776,30 @@ function graphView(name) {
     onChange(change) {
       const mine = change.all || change.ids.some((id) => id.startsWith(`${name}.`));
       if (!mine || reload) return;
-      reload = setTimeout(() => { reload = null; load(); }, 250);
+      // A graph is redrawn at most every 2 s, however busy its job.
+      reload = setTimeout(() => { reload = null; load(); }, 2000);
     },
     stop() { clearTimeout(reload); },
   };
+}
+
+function decoded(text) {
+  try {
+    return decodeURIComponent(text);
+  } catch (_) {
+    return text;
+  }
 }
 
 function render() {
   const { path, params } = parseHash();
   if (current) current.stop();
   let view;
-  if (path.startsWith("/task/")) view = taskView(decodeURIComponent(path.slice("/task/".length)));
+  if (path.startsWith("/task/")) view = taskView(decoded(path.slice("/task/".length)));
   else if (path === "/nodes") view = nodesView();
   else if (path === "/cluster") view = clusterView();
   else if (path === "/graphs") view = graphsView();
-  else if (path.startsWith("/graph/")) view = graphView(decodeURIComponent(path.slice("/graph/".length)));
+  else if (path.startsWith("/graph/")) view = graphView(decoded(path.slice("/graph/".length)));
   else view = tasksView(params);
   current = view;
   for (const link of document.querySelectorAll("nav a")) {
@@ -768,4 +818,25 @@ window.addEventListener("hashchange", () => { notice(""); render(); });
 render();
 changes.restart();
 sampler.sample();
-setInterval(() => sampler.sample(), SAMPLE_EVERY_MS);
+// One sample at a time, and none while the tab is hidden.
+(async function sampleForever() {
+  for (;;) {
+    await new Promise((resolve) => setTimeout(resolve, SAMPLE_EVERY_MS));
+    if (!document.hidden) await sampler.sample();
+  }
+})();
+
+// A hidden tab gives its connections back: the browser allows six to the
+// agent (HTTP/1.1) over all its tabs, and each tab's change stream (and a
+// followed log) holds one for as long as it is open.
+document.addEventListener("visibilitychange", () => {
+  if (document.hidden) {
+    changes.stop();
+    if (current) current.stop();
+    changes.status(false, "paused while hidden");
+  } else {
+    changes.restart();
+    // The same view, where it was (the same page of the list, say).
+    if (current) current.start();
+  }
+});
