@@ -49,7 +49,7 @@ pub mod testing;
 mod watch;
 
 pub use options::{EtcdOptions, EtcdTls, OptionsError};
-pub use store::EtcdStore;
+pub use store::{EtcdStore, MAX_RESPONSE_BYTES, READ_PAGE_KEYS};
 
 /// Re-exported for the error type of every call.
 pub use eretes_store::StoreError;

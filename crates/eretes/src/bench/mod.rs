@@ -96,6 +96,11 @@ pub struct BenchArgs {
     /// instead of this one (to compare two builds in the same session).
     #[arg(long, value_name = "PATH")]
     agent_binary: Option<std::path::PathBuf>,
+    /// The scale scenario: the nodes' lease TTL in milliseconds (default
+    /// 2,000, so that the deaths are over quickly; the agent's default is
+    /// 10,000).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
+    lease_ttl_ms: Option<u64>,
 }
 
 /// The longest a benchmark may run before it gives up.

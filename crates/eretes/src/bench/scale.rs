@@ -1,7 +1,7 @@
 //! `eretes bench scale`: N in-process nodes on one store (embedded, or etcd
 //! with `--etcd`) claim M idle tasks submitted beforehand; then a tenth of
 //! the nodes die abruptly and, once their tasks run elsewhere, rejoin under
-//! their names. Real timers and real leases (TTL 2 s), the real protocol;
+//! their names. Real timers and real leases (TTL 2 s, or `--lease-ttl-ms`), the real protocol;
 //! the nodes are simulated only in that they share one process and one
 //! store client.
 //!
@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use super::{nodes, wait_until, BenchArgs};
 use crate::cluster::{Cluster, Work};
 
-/// The nodes' lease TTL.
+/// The nodes' lease TTL unless `--lease-ttl-ms` gives one.
 const TTL: Duration = Duration::from_secs(2);
 
 /// No ownership change for this long counts as balanced.
@@ -77,7 +77,8 @@ pub(super) async fn scale(args: &BenchArgs) -> Result<serde_json::Value> {
         "embedded"
     };
     let ns = format!("bench-scale-{:08x}", rand::random::<u32>());
-    let outcome = measure(store.clone(), &ns, tasks, node_count, on).await;
+    let ttl = args.lease_ttl_ms.map_or(TTL, Duration::from_millis);
+    let outcome = measure(store.clone(), &ns, tasks, node_count, on, ttl).await;
     // Whatever happened, the namespace goes (it matters on etcd).
     let _ = store
         .delete(DeleteRequest::new(KeyRange::prefix(format!("{ns}/"))))
@@ -91,9 +92,10 @@ async fn measure(
     tasks: usize,
     node_count: u16,
     on: &str,
+    ttl: Duration,
 ) -> Result<serde_json::Value> {
     let counting = Arc::new(CountingStore::new(store));
-    let mut cluster = Cluster::new(counting.clone(), ns, Work::Idle, TTL)?;
+    let mut cluster = Cluster::new(counting.clone(), ns, Work::Idle, ttl)?;
     let submitted = Instant::now();
     cluster.submit("scale", tasks).await?;
     let submit_s = submitted.elapsed().as_secs_f64();
@@ -108,7 +110,7 @@ async fn measure(
     let all_run = started.elapsed();
     let relists_claiming = relists(&cluster);
     let claiming = counting.counts().since(&counts_before);
-    let balanced = wait_quiet(&owners, super::LIMIT).await? - started;
+    let balanced = wait_balanced(&owners, node_count as usize, super::LIMIT).await? - started;
     let spread_first = spread(&owners, node_count as usize);
     let rss_running = retained_bytes()?;
     // One more node, serving a group no task is in: what it costs is its
@@ -160,7 +162,7 @@ async fn measure(
     for victim in &victims {
         cluster.add_node(victim).await?;
     }
-    let rebalanced = wait_quiet(&owners, super::LIMIT).await? - killed;
+    let rebalanced = wait_balanced(&owners, node_count as usize, super::LIMIT).await? - killed;
     let spread_after = spread(&owners, node_count as usize);
     let moves = lock(&owners).claims - claims_before;
     let relists_total = relists(&cluster);
@@ -196,7 +198,7 @@ async fn measure(
         "nodes": node_count,
         "tasks": tasks,
         "timers": "real",
-        "lease_ttl_ms": TTL.as_millis() as u64,
+        "lease_ttl_ms": ttl.as_millis() as u64,
         "all_run_ms": all_run.as_millis() as u64,
         "claims_per_s": claim_rate.round(),
         "balanced_ms": balanced.as_millis() as u64,
@@ -252,17 +254,21 @@ async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<
 }
 
 /// When ownership last changed, once it has not changed for [`QUIET`].
-async fn wait_quiet(owners: &Mutex<Owners>, limit: Duration) -> Result<Instant> {
+async fn wait_balanced(owners: &Mutex<Owners>, nodes: usize, limit: Duration) -> Result<Instant> {
     let deadline = Instant::now() + limit;
     loop {
         let last = lock(owners)
             .last_change
             .context("no ownership change was seen")?;
-        if last.elapsed() >= QUIET {
+        // Balanced: at most one task apart, and no move for a while (a
+        // quiet spell alone is not enough: a balancer may move tasks in
+        // rounds, with pauses between them).
+        let spread = spread(owners, nodes);
+        if last.elapsed() >= QUIET && spread <= 1 {
             return Ok(last);
         }
         if Instant::now() > deadline {
-            bail!("ownership still changed after {limit:?}");
+            bail!("not balanced after {limit:?}: spread {spread}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
