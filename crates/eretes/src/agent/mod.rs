@@ -314,6 +314,11 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     // and the process handler above killed what it left running: the
     // lease it held can go now, so its tasks move at once (not after the
     // TTL) and this agent can register under the same name.
+    // The API's address is taken before the node registers: an agent that
+    // cannot listen must not first claim tasks and leave its lease behind.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("--listen {}", args.listen))?;
     let lease_file = data_dir.join(LEASE_FILE);
     // etcd answered the connection's probe, but a member dying or a leader
     // changing now fails single calls: the start's calls are retried for
@@ -361,9 +366,6 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         args.log_retention,
     ));
 
-    let listener = tokio::net::TcpListener::bind(args.listen)
-        .await
-        .with_context(|| format!("--listen {}", args.listen))?;
     let bound = listener.local_addr()?;
     let coordinator = Coordinator::new(store, namespace);
     let tasks = task_list::LiveTasks::start(coordinator.clone());
@@ -490,8 +492,17 @@ impl Unavailable for ProtocolError {
 }
 
 impl Unavailable for StartError {
+    /// Store errors that may pass, and a name held by a live lease: at
+    /// start that is most often this agent's own earlier registration (a
+    /// start that failed after registering, or a crash before `node.lease`
+    /// was written), which expires within the TTL. An agent that really
+    /// shares its name with a live one is refused once the retries end.
     fn is_unavailable(&self) -> bool {
-        matches!(self, StartError::Protocol(error) if error.is_unavailable())
+        match self {
+            StartError::Protocol(ProtocolError::NameTaken { .. }) => true,
+            StartError::Protocol(error) => error.is_unavailable(),
+            StartError::Config(_) => false,
+        }
     }
 }
 
@@ -509,7 +520,7 @@ where
     loop {
         match call().await {
             Err(error) if error.is_unavailable() && tokio::time::Instant::now() < until => {
-                warn!(%error, "{what}: the store is unavailable; again in 500 ms");
+                warn!(%error, "{what}: not yet; again in 500 ms");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             answer => return answer,

@@ -56,7 +56,7 @@ impl Agent {
                 .with_context(|| format!("an etcd member's address {member}"))?;
             relays.push(Relay::start(target).await.context("starting a relay")?);
         }
-        let port = eretes_etcd::testing::free_port();
+        let port = listen_port();
         let name = format!("a{index}");
         let client = AgentClient::new(&format!("http://127.0.0.1:{port}"), None)?;
         let mut agent = Agent {
@@ -220,4 +220,26 @@ pub async fn wait_ready(agents: &mut [Agent], limit: Duration, logs: &Path) -> R
         }
     }
     Ok(())
+}
+
+/// A loopback port for an agent's API that stays free while the agent is
+/// down: below the kernel's ephemeral range, so that no outgoing connection
+/// (another agent's, a relay's) takes it as its source port between a kill
+/// and the restart on the same port. (Seen: a restarted agent refused with
+/// "Address already in use", counted as a crash.)
+fn listen_port() -> u16 {
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32_768);
+    const LOWEST: u16 = 10_000;
+    if ephemeral_from > LOWEST {
+        for _ in 0..1_000 {
+            let port = LOWEST + rand::random::<u16>() % (ephemeral_from - LOWEST);
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+                return port;
+            }
+        }
+    }
+    eretes_etcd::testing::free_port()
 }
