@@ -20,7 +20,7 @@ use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::routing::get;
 use axum::{Json, Router};
 use eretes_protocol::{decode, now_ms, RunRecord, TaskId, TaskIndex, TaskState};
-use eretes_store::StoreExt;
+use eretes_store::{GetRequest, KeyRange, Txn, TxnOp, TxnOpResponse};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use tokio::sync::broadcast::error::{RecvError, TryRecvError};
@@ -147,17 +147,23 @@ async fn summary(State(state): State<ApiState>) -> ApiResult<Json<Value>> {
 async fn runs(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<Value>> {
     let id = task_id(&id)?;
     let (store, ns) = (state.coordinator.store(), state.coordinator.namespace());
-    let record = store
-        .get_key(&ns.run(&id))
+    // Both records in one round trip, at one revision.
+    let get = |key: String| TxnOp::Get(GetRequest::new(KeyRange::key(key)));
+    let read = Txn::new()
+        .and_then(get(ns.run(&id)))
+        .and_then(get(ns.checkpoint(&id)));
+    let response = store
+        .txn(read)
         .await
         .map_err(eretes_protocol::ProtocolError::from)?;
+    let mut found = response.responses.into_iter().map(|answer| match answer {
+        TxnOpResponse::Get(mut got) => got.kvs.pop(),
+        _ => None,
+    });
+    let (record, checkpoint) = (found.next().flatten(), found.next().flatten());
     // A record that does not decode is shown as absent, not as an error:
     // the page still has the rest to show.
     let record = record.and_then(|kv| decode::<RunRecord>("run", &kv.key, &kv.value).ok());
-    let checkpoint = store
-        .get_key(&ns.checkpoint(&id))
-        .await
-        .map_err(eretes_protocol::ProtocolError::from)?;
     Ok(Json(json!({
         "task": id,
         "runs": state.tasks.runs().of(&id),
