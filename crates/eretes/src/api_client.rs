@@ -194,6 +194,25 @@ impl AgentClient {
         self.call(Method::POST, "/v1/tasks", Some(body)).await
     }
 
+    /// Submit a Kubernetes task (run as a Job by an agent started with
+    /// `--kubernetes`), with `id` (made up when `None`) in `group`
+    /// (`default` when `None`).
+    pub async fn submit_kubernetes(
+        &self,
+        id: Option<&str>,
+        group: Option<&str>,
+        spec: &eretes_kube::KubeSpec,
+    ) -> Result<TaskView, ClientError> {
+        let mut body = json!({ "kubernetes": spec });
+        if let Some(id) = id {
+            body["id"] = json!(checked(id)?.as_str());
+        }
+        if let Some(group) = group {
+            body["group"] = json!(group);
+        }
+        self.call(Method::POST, "/v1/tasks", Some(body)).await
+    }
+
     /// One task.
     pub async fn show(&self, id: &str) -> Result<TaskView, ClientError> {
         let id = checked(id)?;

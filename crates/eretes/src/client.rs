@@ -9,6 +9,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Args, Subcommand};
 use eretes::{AgentClient, Command, Output, Submit};
+use eretes_kube::KubeSpec;
+use eretes_protocol::TaskView;
 use futures::StreamExt;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::{json, Value};
@@ -77,8 +79,25 @@ pub struct SubmitArgs {
     /// Print the task as JSON.
     #[arg(long)]
     json: bool,
+    /// Run it as a Kubernetes Job of this image (on an agent started with
+    /// --kubernetes): PROGRAM ARGS become the container's command, or the
+    /// image's own runs when none is given.
+    #[arg(long, value_name = "IMAGE")]
+    image: Option<String>,
+    /// A Kubernetes task's whole spec, from a JSON file (the "kubernetes"
+    /// object of the API: resources, tolerations, a pod template…); the
+    /// other options lie over it.
+    #[arg(long, value_name = "FILE")]
+    kubernetes_spec: Option<PathBuf>,
+    /// The Kubernetes namespace of its Job (default: the agent's).
+    #[arg(long, value_name = "NS")]
+    kubernetes_namespace: Option<String>,
     /// PROGRAM ARGS..: run as is, with no shell (write `sh -c '...'` for one).
-    #[arg(required = true, last = true, value_name = "PROGRAM ARGS")]
+    #[arg(
+        required_unless_present_any = ["image", "kubernetes_spec"],
+        last = true,
+        value_name = "PROGRAM ARGS"
+    )]
     command: Vec<String>,
     #[command(flatten)]
     agent: AgentUrl,
@@ -404,6 +423,16 @@ pub async fn task(args: TaskArgs) -> Result<i32> {
 /// `eretes submit [OPTIONS] -- PROGRAM ARGS..`.
 pub async fn submit(args: SubmitArgs) -> Result<i32> {
     let client = args.agent.client()?;
+    if args.image.is_some() || args.kubernetes_spec.is_some() {
+        let spec = kubernetes_spec(&args)?;
+        let submitted = client
+            .submit_kubernetes(args.id.as_deref(), args.group.as_deref(), &spec)
+            .await?;
+        return finish_submit(&client, submitted, args.wait, args.json).await;
+    }
+    if args.kubernetes_namespace.is_some() {
+        bail!("--kubernetes-namespace is for Kubernetes tasks (--image or --kubernetes-spec)");
+    }
     let (program, rest) = args.command.split_first().expect("clap requires a program");
     let mut task = Submit::new(program.clone(), rest.to_vec());
     task.id = args.id;
@@ -427,8 +456,18 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
         task.spec.timeout_ms = Some(millis);
     }
     let submitted = client.submit(&task).await?;
-    if !args.wait {
-        if args.json {
+    finish_submit(&client, submitted, args.wait, args.json).await
+}
+
+/// Print a submitted task, or wait for its end and print that.
+async fn finish_submit(
+    client: &AgentClient,
+    submitted: TaskView,
+    wait: bool,
+    json: bool,
+) -> Result<i32> {
+    if !wait {
+        if json {
             println!("{}", serde_json::to_string_pretty(&submitted)?);
         } else {
             println!("{}", submitted.id);
@@ -436,12 +475,68 @@ pub async fn submit(args: SubmitArgs) -> Result<i32> {
         return Ok(0);
     }
     let view = document(&client.wait(submitted.id.as_str()).await?)?;
-    if args.json {
+    if json {
         println!("{}", serde_json::to_string_pretty(&view)?);
     } else {
         print_outcome(&view);
     }
     Ok(exit_code(&view))
+}
+
+/// The Kubernetes spec `eretes submit --image/--kubernetes-spec` asks for:
+/// the file's, with the command line's options over it, checked here so a
+/// mistake is named before anything is sent.
+fn kubernetes_spec(args: &SubmitArgs) -> Result<KubeSpec> {
+    let mut value = match &args.kubernetes_spec {
+        Some(path) => {
+            let text = std::fs::read_to_string(path)
+                .with_context(|| format!("--kubernetes-spec {}", path.display()))?;
+            serde_json::from_str::<Value>(&text)
+                .with_context(|| format!("--kubernetes-spec {}: not JSON", path.display()))?
+        }
+        None => json!({}),
+    };
+    let Some(object) = value.as_object_mut() else {
+        bail!("--kubernetes-spec: the file must hold a JSON object");
+    };
+    if let Some(image) = &args.image {
+        object.insert("image".into(), json!(image));
+    }
+    if let Some((program, rest)) = args.command.split_first() {
+        object.insert("command".into(), json!([program]));
+        object.insert("args".into(), json!(rest));
+    }
+    if let Some(ns) = &args.kubernetes_namespace {
+        object.insert("namespace".into(), json!(ns));
+    }
+    if let Some(attempts) = args.max_attempts {
+        object.insert("max_attempts".into(), json!(attempts));
+    }
+    if let Some(timeout) = args.timeout {
+        // A Job's deadline is in whole seconds: a part second counts as one.
+        let seconds = timeout.as_secs() + u64::from(timeout.subsec_nanos() > 0);
+        object.insert("active_deadline_seconds".into(), json!(seconds));
+    }
+    if !args.env.is_empty() {
+        let env = object
+            .entry("env")
+            .or_insert_with(|| json!({}))
+            .as_object_mut()
+            .ok_or_else(|| anyhow!("--kubernetes-spec: \"env\" must be an object"))?;
+        for pair in &args.env {
+            let Some((name, value)) = pair.split_once('=') else {
+                bail!("--env {pair:?} is not KEY=VALUE");
+            };
+            env.insert(name.to_string(), json!(value));
+        }
+    }
+    if args.permanent {
+        bail!("--permanent is for process tasks: a Kubernetes task runs until its Job ends");
+    }
+    if args.cwd.is_some() {
+        bail!("--cwd is for process tasks: set a Kubernetes task's workingDir in --kubernetes-spec's pod_template");
+    }
+    Ok(KubeSpec::from_value(&value)?)
 }
 
 /// `eretes ls [--state S] [--group G] [--limit N] [--after ID] [--json]`.
@@ -540,11 +635,21 @@ fn text(value: &Value) -> String {
         .unwrap_or_else(|| value.to_string())
 }
 
-/// The process spec of a task as a command line.
+/// What a task runs as a command line: a process's program and arguments,
+/// or a Kubernetes task's image, command and arguments.
 fn command_line(task: &Value) -> String {
-    let process = &task["properties"]["process"];
-    let mut words = vec![text(&process["program"])];
-    words.extend(process["args"].as_array().into_iter().flatten().map(text));
+    let properties = &task["properties"];
+    let mut words = Vec::new();
+    if let Some(kubernetes) = properties.get("kubernetes") {
+        words.push(format!("[{}]", text(&kubernetes["image"])));
+        for field in ["command", "args"] {
+            words.extend(kubernetes[field].as_array().into_iter().flatten().map(text));
+        }
+    } else {
+        let process = &properties["process"];
+        words.push(text(&process["program"]));
+        words.extend(process["args"].as_array().into_iter().flatten().map(text));
+    }
     let line = words.join(" ");
     if line.chars().count() > 60 {
         format!("{}…", line.chars().take(59).collect::<String>())

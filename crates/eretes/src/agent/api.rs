@@ -229,12 +229,45 @@ pub struct SubmitRequest {
     pub process: ProcessSpec,
 }
 
+/// The body of `POST /v1/tasks` for a Kubernetes task:
+/// `{"id": ..., "group": ..., "kubernetes": {...}}` (see
+/// [`eretes_kube::KubeSpec`]).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SubmitKubernetesRequest {
+    /// The task's id; one is made up when absent.
+    #[serde(default)]
+    pub id: Option<String>,
+    /// Its group (`default` when absent).
+    #[serde(default)]
+    pub group: Option<String>,
+    /// What to run, checked by [`eretes_kube::KubeSpec::from_value`] (which
+    /// refuses unknown fields at any depth).
+    pub kubernetes: serde_json::Value,
+}
+
 async fn submit(
     State(state): State<ApiState>,
-    body: Result<Json<SubmitRequest>, JsonRejection>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
-    let Json(request) = body?;
-    let id = match &request.id {
+    let Json(body) = body?;
+    // A body naming "kubernetes" is a Kubernetes task; any other a process.
+    let (id, group, properties) = if body.get(eretes_kube::PROPERTIES_KEY).is_some() {
+        let request: SubmitKubernetesRequest =
+            serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
+        let spec = eretes_kube::KubeSpec::from_value(&request.kubernetes)
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        (request.id, request.group, spec.to_properties())
+    } else {
+        let request: SubmitRequest =
+            serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
+        request
+            .process
+            .validate()
+            .map_err(|e| ApiError::invalid(e.to_string()))?;
+        (request.id, request.group, request.process.to_properties())
+    };
+    let id = match &id {
         Some(id) => task_id(id)?,
         None => TaskId::new(format!(
             "task-{}-{:06x}",
@@ -243,15 +276,11 @@ async fn submit(
         ))
         .expect("generated ids are valid"),
     };
-    let group = match &request.group {
+    let group = match &group {
         Some(group) => GroupName::new(group).map_err(|e| ApiError::invalid(e.to_string()))?,
         None => GroupName::default_group(),
     };
-    request
-        .process
-        .validate()
-        .map_err(|e| ApiError::invalid(e.to_string()))?;
-    let spec = TaskSpec::new(group, request.process.to_properties());
+    let spec = TaskSpec::new(group, properties);
     let revision = state.coordinator.submit(&id, &spec).await?;
     state.tasks.wrote(revision);
     let view = state

@@ -9,6 +9,7 @@
 
 pub mod access;
 pub mod api;
+pub mod executors;
 pub mod jobs;
 pub mod live;
 pub mod logs;
@@ -37,6 +38,7 @@ use tracing::{info, warn};
 
 use crate::secrets;
 use crate::store_args::StoreArgs;
+use executors::Executors;
 
 /// Options of `eretes agent`.
 #[derive(Debug, Args)]
@@ -133,9 +135,90 @@ pub struct AgentArgs {
     /// raises it, since its faults take tasks over without their fault.
     #[arg(long, default_value_t = eretes_protocol::DEFAULT_TAKEOVER_LIMIT, value_parser = clap::value_parser!(u32).range(1..))]
     takeover_limit: u32,
+    /// Kubernetes tasks (`eretes submit --image ...`) and where they run.
+    #[command(flatten)]
+    kubernetes: KubernetesArgs,
     /// The store: embedded (durable, in --data-dir) unless --etcd is given.
     #[command(flatten)]
     store: StoreArgs,
+}
+
+/// The agent's options for Kubernetes tasks.
+#[derive(Debug, Args)]
+pub struct KubernetesArgs {
+    /// Run Kubernetes tasks as Jobs, with the in-cluster service account, or
+    /// with --kubeconfig (else $KUBECONFIG or ~/.kube/config). Needs
+    /// --allow-images.
+    #[arg(long)]
+    kubernetes: bool,
+    /// The kubeconfig file to reach the cluster with.
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The Kubernetes namespace of Jobs whose spec names none (default: the
+    /// kubeconfig's or the service account's namespace).
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    kubernetes_namespace: Option<String>,
+    /// Images Kubernetes tasks may run (comma-separated): an exact
+    /// reference, or a prefix ending with '/' (a registry or repository).
+    #[arg(
+        long,
+        value_name = "IMAGE,..",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    allow_images: Vec<String>,
+}
+
+impl KubernetesArgs {
+    /// The Kubernetes executor these options ask for, connected; `None`
+    /// without --kubernetes.
+    async fn handler(
+        &self,
+        namespace: &Namespace,
+        exec: &ExecConfig,
+    ) -> Result<Option<eretes_kube::KubeHandler>> {
+        if !self.kubernetes {
+            return Ok(None);
+        }
+        let allow_images = eretes_kube::AllowImages::new(self.allow_images.iter().cloned())
+            .map_err(|e| anyhow!("{e}"))?;
+        if allow_images.is_empty() {
+            bail!("--kubernetes needs --allow-images IMAGE,..: the images its tasks may run");
+        }
+        let config = match &self.kubeconfig {
+            Some(path) => {
+                let file = kube::config::Kubeconfig::read_from(path)
+                    .map_err(|e| anyhow!("--kubeconfig {}: {e}", path.display()))?;
+                kube::Config::from_custom_kubeconfig(file, &Default::default())
+                    .await
+                    .map_err(|e| anyhow!("--kubeconfig {}: {e}", path.display()))?
+            }
+            None => kube::Config::infer()
+                .await
+                .map_err(|e| anyhow!("--kubernetes: no cluster configuration found: {e}"))?,
+        };
+        let default_namespace = match &self.kubernetes_namespace {
+            Some(ns) if eretes_kube::names::is_dns_label(ns) => ns.clone(),
+            Some(ns) => bail!("--kubernetes-namespace {ns:?} is not a DNS-1123 label"),
+            None => config.default_namespace.clone(),
+        };
+        let client = kube::Client::try_from(config)
+            .map_err(|e| anyhow!("--kubernetes: cannot make a client: {e}"))?;
+        info!(namespace = %default_namespace, "running Kubernetes tasks as Jobs");
+        Ok(Some(eretes_kube::KubeHandler::new(
+            eretes_kube::KubeConfig {
+                client,
+                namespace: namespace.clone(),
+                default_namespace,
+                allow_images,
+                stop_grace: exec.stop_grace,
+                logs_dir: exec.logs_dir(),
+                log_cap: exec.log_cap,
+                tail_bytes: exec.tail_bytes,
+                retry_backoff: exec.retry_backoff,
+            },
+        )))
+    }
 }
 
 /// The host's name made into a valid node name, or `agent`.
@@ -287,10 +370,14 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         exec.run_as = Some(eretes_exec::RunAs::lookup(user).map_err(|e| anyhow!("--run-as: {e}"))?);
     }
     let logs_dir = exec.logs_dir();
-    // Process tasks run as task state machines: task commands steer them,
-    // and their state and checkpoints live in the store.
+    let kubernetes = args.kubernetes.handler(&namespace, &exec).await?;
+    // Tasks run as task state machines: task commands steer them, and
+    // their state and checkpoints live in the store.
     let handler = Arc::new(StateMachine::new(
-        ProcessHandler::new(exec).context("preparing the data directory")?,
+        Executors {
+            process: ProcessHandler::new(exec).context("preparing the data directory")?,
+            kubernetes,
+        },
         Coordinator::new(store.clone(), namespace.clone()),
     ));
 

@@ -49,6 +49,14 @@ function when(ms) {
 
 function command(properties) {
   if (!properties || typeof properties !== "object") return "";
+  const kube = properties.kubernetes;
+  if (kube && typeof kube === "object") {
+    // A Kubernetes task: its image, then the container's command and args.
+    const words = [kube.command, kube.args]
+      .flatMap((list) => (Array.isArray(list) ? list : []))
+      .filter((w) => typeof w === "string");
+    return ["[" + String(kube.image) + "]", ...words].join(" ");
+  }
   const spec = properties.process && typeof properties.process === "object" ? properties.process : properties;
   // Whatever a library submitted: only strings are words of a command.
   const args = Array.isArray(spec.args) ? spec.args : [];
