@@ -30,9 +30,9 @@ pub struct JobIdentity {
     pub annotations: BTreeMap<String, String>,
     /// `ERETES_*` variables, after the spec's own.
     pub env: Vec<(String, String)>,
-    /// The pod's `terminationGracePeriodSeconds` unless its template sets
-    /// one: a Job's delete does not pass its own grace on to its pods, so
-    /// the agent's stop grace is set on the pod.
+    /// The pod's `terminationGracePeriodSeconds` (a template's own is
+    /// capped to it): a Job's delete does not pass its own grace on to its
+    /// pods, so the agent's stop grace is set on the pod.
     pub termination_grace_seconds: i64,
 }
 
@@ -50,9 +50,14 @@ pub fn build_job(spec: &KubeSpec, identity: &JobIdentity) -> Job {
         .extend(identity.annotations.clone());
     let pod = template.spec.get_or_insert_with(PodSpec::default);
     pod.restart_policy = Some("Never".into());
-    if pod.termination_grace_period_seconds.is_none() {
-        pod.termination_grace_period_seconds = Some(identity.termination_grace_seconds);
-    }
+    // At most the stop grace: a template's longer one would keep a killed
+    // task's pod (and the next run, which waits for it) for that long.
+    pod.termination_grace_period_seconds = Some(
+        pod.termination_grace_period_seconds
+            .map_or(identity.termination_grace_seconds, |own| {
+                own.clamp(1, identity.termination_grace_seconds)
+            }),
+    );
     if let Some(account) = &spec.service_account {
         pod.service_account_name = Some(account.clone());
     }

@@ -43,6 +43,8 @@
 //!     namespace: ns.clone(),
 //!     default_namespace: "batch".into(),
 //!     allow_images: AllowImages::new(["registry.example.com/jobs/"]).unwrap(),
+//!     allow_namespaces: Vec::new(),
+//!     allow_service_accounts: Vec::new(),
 //!     stop_grace: Duration::from_secs(10),
 //!     logs_dir: "/var/lib/eretes/logs".into(),
 //!     log_cap: 64 << 20,
@@ -70,7 +72,10 @@ mod images;
 mod job;
 mod logs;
 pub mod names;
+mod objects;
+mod reaper;
 mod retry;
+mod run;
 mod spec;
 #[cfg(feature = "testing")]
 pub mod testing;
@@ -78,7 +83,8 @@ pub mod testing;
 pub use handler::{KubeConfig, KubeHandler};
 pub use images::{AllowImages, AllowImagesError};
 pub use job::{build_job, JobIdentity, CONTAINER, FINISHED_JOB_TTL_SECONDS};
+pub use reaper::{Reaper, REAP_INTERVAL};
 pub use spec::{
-    KubeSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ATTEMPTS, MAX_DEADLINE_SECONDS, MAX_SPEC_BYTES,
-    PROPERTIES_KEY,
+    images, KubeSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ATTEMPTS, MAX_DEADLINE_SECONDS,
+    MAX_SPEC_BYTES, PROPERTIES_KEY,
 };

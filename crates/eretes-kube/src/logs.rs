@@ -113,7 +113,12 @@ pub async fn follow(
         }
         tokio::select! {
             _ = tokio::time::sleep(REOPEN_WAIT) => {}
-            _ = ended.changed() => {}
+            changed = ended.changed() => {
+                // The run is gone without saying it ended: so is this.
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
     warn!(pod, "gave up following the pod's log");

@@ -231,15 +231,7 @@ impl KubeSpec {
             )));
         }
         if let Some(template) = &self.pod_template {
-            let restart = template
-                .spec
-                .as_ref()
-                .and_then(|spec| spec.restart_policy.as_deref());
-            if let Some(policy) = restart.filter(|policy| *policy != "Never") {
-                return Err(SpecError(format!(
-                    "pod_template.spec.restartPolicy is {policy:?}: eretes retries a task itself, so its Jobs' pods use \"Never\""
-                )));
-            }
+            check_template(template)?;
         }
         Ok(())
     }
@@ -276,6 +268,137 @@ impl KubeSpec {
         }
         Ok(())
     }
+}
+
+/// Label keys eretes and the Job controller set: a template may not.
+const RESERVED_LABEL_PREFIXES: [&str; 4] = [
+    "eretes.io/",
+    "batch.kubernetes.io/",
+    "app.kubernetes.io/managed-by",
+    "controller-uid",
+];
+
+/// What a pod template may not say: the things eretes decides (names,
+/// finalizers that would keep a deleted pod, the labels its fencing selects
+/// by, the restart policy, the service account, which the agent's own
+/// allow list covers) and the ways out of a container's sandbox (the host's
+/// namespaces and paths, privileged containers), which no image allow list
+/// could make safe.
+fn check_template(template: &PodTemplateSpec) -> Result<(), SpecError> {
+    if let Some(meta) = &template.metadata {
+        let encoded = serde_json::to_value(meta).unwrap_or_default();
+        if let Some(field) = encoded
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(field, _)| field)
+            .find(|field| !matches!(field.as_str(), "labels" | "annotations"))
+        {
+            return Err(SpecError(format!(
+                "pod_template.metadata.{field}: only labels and annotations may be set"
+            )));
+        }
+        for (key, value) in meta.labels.iter().flatten() {
+            if !is_label_key(key) || !is_label_value(value) {
+                return Err(SpecError(format!(
+                    "pod_template.metadata.labels: {key:?}={value:?} is not a label"
+                )));
+            }
+            if key == "job-name"
+                || RESERVED_LABEL_PREFIXES
+                    .iter()
+                    .any(|prefix| key.starts_with(prefix))
+            {
+                return Err(SpecError(format!(
+                    "pod_template.metadata.labels: {key:?} is set by eretes or Kubernetes"
+                )));
+            }
+        }
+    }
+    let Some(pod) = &template.spec else {
+        return Ok(());
+    };
+    if let Some(policy) = pod.restart_policy.as_deref().filter(|p| *p != "Never") {
+        return Err(SpecError(format!(
+            "pod_template.spec.restartPolicy is {policy:?}: eretes retries a task itself, so its Jobs' pods use \"Never\""
+        )));
+    }
+    if pod.service_account_name.is_some() || pod.service_account.is_some() {
+        return Err(SpecError(
+            "pod_template.spec.serviceAccountName: use service_account (the agent checks it against --allow-service-accounts)".into(),
+        ));
+    }
+    for (field, set) in [
+        ("hostNetwork", pod.host_network),
+        ("hostPID", pod.host_pid),
+        ("hostIPC", pod.host_ipc),
+    ] {
+        if set == Some(true) {
+            return Err(SpecError(format!(
+                "pod_template.spec.{field}: a task's pod may not share the host's namespaces"
+            )));
+        }
+    }
+    if let Some(volume) = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|volume| volume.host_path.is_some())
+    {
+        return Err(SpecError(format!(
+            "pod_template.spec.volumes: {:?} is a hostPath; a task's pod may not mount the host's files",
+            volume.name
+        )));
+    }
+    if pod
+        .ephemeral_containers
+        .as_ref()
+        .is_some_and(|c| !c.is_empty())
+    {
+        return Err(SpecError(
+            "pod_template.spec.ephemeralContainers: not allowed in a Job's pod".into(),
+        ));
+    }
+    let containers = pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten());
+    let mut names = std::collections::BTreeSet::new();
+    for container in containers {
+        if !names.insert(container.name.as_str()) {
+            return Err(SpecError(format!(
+                "pod_template.spec: two containers are named {:?}",
+                container.name
+            )));
+        }
+        let context = container.security_context.as_ref();
+        if context.and_then(|c| c.privileged) == Some(true) {
+            return Err(SpecError(format!(
+                "pod_template.spec: container {:?} is privileged",
+                container.name
+            )));
+        }
+        if let Some(image) = &container.image {
+            check_image(image)?;
+        }
+    }
+    Ok(())
+}
+
+/// Every image `spec` runs: its own, and those of the pod template's other
+/// containers and init containers (each must be on the agent's list).
+pub fn images(spec: &KubeSpec) -> Vec<&str> {
+    let mut images = vec![spec.image.as_str()];
+    if let Some(pod) = spec.pod_template.as_ref().and_then(|t| t.spec.as_ref()) {
+        images.extend(
+            pod.containers
+                .iter()
+                .chain(pod.init_containers.iter().flatten())
+                .filter(|container| container.name != crate::job::CONTAINER)
+                .filter_map(|container| container.image.as_deref()),
+        );
+    }
+    images
 }
 
 /// An image reference as a container may name it: not empty, not too long,
@@ -325,6 +448,18 @@ mod tests {
         assert_eq!(
             KubeSpec::from_properties(&spec.to_properties()).unwrap(),
             spec
+        );
+    }
+
+    #[test]
+    fn every_image_of_the_pod_is_listed() {
+        let spec = parse(json!({"image": "registry.test/jobs/main:1", "pod_template": {"spec": {
+            "containers": [{"name": "main", "image": "ignored:1"}, {"name": "side", "image": "proxy:1"}],
+            "initContainers": [{"name": "init", "image": "setup:1"}]}}}))
+        .unwrap();
+        assert_eq!(
+            images(&spec),
+            ["registry.test/jobs/main:1", "proxy:1", "setup:1"]
         );
     }
 
@@ -391,6 +526,53 @@ mod tests {
         for (value, expected) in cases {
             let error = parse(value.clone()).unwrap_err();
             assert!(error.0.contains(expected), "{value}: {error}");
+        }
+        let template_cases = [
+            (
+                json!({"metadata": {"finalizers": ["x/y"]}, "spec": {"containers": []}}),
+                "only labels and annotations",
+            ),
+            (
+                json!({"metadata": {"labels": {"eretes.io/epoch": "9"}}}),
+                "set by eretes",
+            ),
+            (
+                json!({"metadata": {"labels": {"job-name": "other"}}}),
+                "set by eretes",
+            ),
+            (
+                json!({"spec": {"containers": [], "hostNetwork": true}}),
+                "hostNetwork",
+            ),
+            (
+                json!({"spec": {"containers": [], "hostPID": true}}),
+                "hostPID",
+            ),
+            (
+                json!({"spec": {"containers": [], "volumes": [{"name": "root", "hostPath": {"path": "/"}}]}}),
+                "hostPath",
+            ),
+            (
+                json!({"spec": {"containers": [{"name": "x", "image": "busybox", "securityContext": {"privileged": true}}]}}),
+                "privileged",
+            ),
+            (
+                json!({"spec": {"containers": [], "initContainers": [{"name": "i", "securityContext": {"privileged": true}}]}}),
+                "privileged",
+            ),
+            (
+                json!({"spec": {"containers": [], "serviceAccountName": "eretes-agent"}}),
+                "service_account",
+            ),
+            (
+                json!({"spec": {"containers": [{"name": "a"}, {"name": "a"}]}}),
+                "two containers",
+            ),
+        ];
+        for (template, expected) in template_cases {
+            let error =
+                parse(json!({"image": "busybox", "pod_template": template.clone()})).unwrap_err();
+            assert!(error.0.contains(expected), "{template}: {error}");
         }
         let huge = "x".repeat(MAX_SPEC_BYTES);
         let error = parse(json!({"image": "busybox", "args": [huge]})).unwrap_err();

@@ -6,7 +6,7 @@
 use std::path::{Path, PathBuf};
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -30,6 +30,7 @@ fn strict<T: DeserializeOwned>(document: &Value) -> Result<T, String> {
 /// The objects of one YAML text, each checked by its kind.
 #[derive(Default)]
 struct Objects {
+    namespaces: Vec<Namespace>,
     deployments: Vec<Deployment>,
     services: Vec<Service>,
     accounts: Vec<ServiceAccount>,
@@ -43,6 +44,7 @@ fn read(text: &str, objects: &mut Objects) -> Result<(), String> {
         let kind = document["kind"].as_str().unwrap_or_default();
         let api = document["apiVersion"].as_str().unwrap_or_default();
         match (api, kind) {
+            ("v1", "Namespace") => objects.namespaces.push(strict(document)?),
             ("apps/v1", "Deployment") => objects.deployments.push(strict(document)?),
             ("v1", "Service") => objects.services.push(strict(document)?),
             ("v1", "ServiceAccount") => objects.accounts.push(strict(document)?),
@@ -98,19 +100,36 @@ fn the_deploy_yaml_is_valid_and_complete() {
         "{args:?}"
     );
 
-    // The service account exists and its Role is bound to it.
-    assert!(objects
-        .accounts
+    // The service account exists beside the agents, and its Role is bound
+    // to it in the Jobs' namespace, which is another one, with the
+    // restricted Pod Security Standard.
+    let agents_ns = deployment.metadata.namespace.as_deref().unwrap();
+    assert!(objects.accounts.iter().any(|a| {
+        a.metadata.name.as_deref() == Some(account)
+            && a.metadata.namespace.as_deref() == Some(agents_ns)
+    }));
+    let jobs_ns = args
         .iter()
-        .any(|a| a.metadata.name.as_deref() == Some(account)));
+        .find_map(|a| a.strip_prefix("--kubernetes-namespace="))
+        .unwrap();
+    assert_ne!(jobs_ns, agents_ns);
+    let jobs_namespace = objects
+        .namespaces
+        .iter()
+        .find(|n| n.metadata.name.as_deref() == Some(jobs_ns))
+        .unwrap();
+    assert_eq!(
+        jobs_namespace.metadata.labels.as_ref().unwrap()["pod-security.kubernetes.io/enforce"],
+        "restricted"
+    );
     let role = &objects.roles[0];
     let binding = &objects.bindings[0];
+    assert_eq!(role.metadata.namespace.as_deref(), Some(jobs_ns));
+    assert_eq!(binding.metadata.namespace.as_deref(), Some(jobs_ns));
     assert_eq!(binding.role_ref.name, role.metadata.name.clone().unwrap());
-    assert!(binding
-        .subjects
-        .iter()
-        .flatten()
-        .any(|s| s.kind == "ServiceAccount" && s.name == account));
+    assert!(binding.subjects.iter().flatten().any(|s| {
+        s.kind == "ServiceAccount" && s.name == account && s.namespace.as_deref() == Some(agents_ns)
+    }));
 
     // The Role grants every call the executor makes.
     let grants = |group: &str, resource: &str, verb: &str| {

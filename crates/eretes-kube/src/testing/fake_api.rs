@@ -260,6 +260,26 @@ impl FakeApiServer {
             path_prefix: path_prefix.to_string(),
             status,
             remaining: count,
+            after_serving: false,
+        });
+    }
+
+    /// Like [`fail_next`](Self::fail_next), but each matching request is
+    /// served first and only its answer replaced by `status`: a create that
+    /// happened although the client saw it fail (a lost response).
+    pub fn lose_next_answers(
+        &self,
+        method: Option<&str>,
+        path_prefix: &str,
+        status: u16,
+        count: usize,
+    ) {
+        lock(&self.shared).faults.push(Fault {
+            method: method.map(str::to_string),
+            path_prefix: path_prefix.to_string(),
+            status,
+            remaining: count,
+            after_serving: true,
         });
     }
 

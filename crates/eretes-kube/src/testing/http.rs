@@ -110,24 +110,36 @@ pub(crate) async fn handle(
     body: Bytes,
 ) -> Response {
     let path = uri.path().to_string();
-    {
+    let lost_answer = {
         let mut st = lock(&shared);
         let full = uri
             .path_and_query()
             .map_or_else(|| path.clone(), |p| p.as_str().to_string());
         st.requests.push((method.to_string(), full));
-        if let Some(code) = st.take_fault(method.as_str(), &path) {
-            return ApiError::fault(code, &path).into_response();
+        match st.take_fault(method.as_str(), &path) {
+            Some((code, false)) => return ApiError::fault(code, &path).into_response(),
+            Some((code, true)) => Some(code),
+            None => None,
         }
+    };
+    if let Some(code) = lost_answer {
+        // Served, but the client is told otherwise.
+        let _ = serve(&shared, &method, &uri, &path, &body);
+        return ApiError::fault(code, &path).into_response();
     }
-    let params = match Query::<Vec<(String, String)>>::try_from_uri(&uri) {
+    serve(&shared, &method, &uri, &path, &body)
+}
+
+/// Parse and dispatch one request.
+fn serve(shared: &Arc<Shared>, method: &Method, uri: &Uri, path: &str, body: &[u8]) -> Response {
+    let params = match Query::<Vec<(String, String)>>::try_from_uri(uri) {
         Ok(Query(q)) => Params(q),
         Err(e) => return ApiError::bad_request(e.body_text()).into_response(),
     };
-    let Some(target) = route(&path) else {
+    let Some(target) = route(path) else {
         return ApiError::no_route().into_response();
     };
-    dispatch(&shared, &method, target, &params, &body).unwrap_or_else(IntoResponse::into_response)
+    dispatch(shared, method, target, &params, body).unwrap_or_else(IntoResponse::into_response)
 }
 
 fn dispatch(

@@ -238,6 +238,8 @@ pub(crate) struct Fault {
     pub path_prefix: String,
     pub status: u16,
     pub remaining: usize,
+    /// Serve the request, then answer with the fault (a lost answer).
+    pub after_serving: bool,
 }
 
 /// The kubelet's side of a pod: its log, and the channels to its task.
@@ -470,7 +472,7 @@ impl State {
     }
 
     /// Takes an armed fault matching this request, if any.
-    pub(crate) fn take_fault(&mut self, method: &str, path: &str) -> Option<u16> {
+    pub(crate) fn take_fault(&mut self, method: &str, path: &str) -> Option<(u16, bool)> {
         let fault = self.faults.iter_mut().find(|f| {
             f.remaining > 0
                 && f.method
@@ -479,9 +481,9 @@ impl State {
                 && path.starts_with(&f.path_prefix)
         })?;
         fault.remaining -= 1;
-        let status = fault.status;
+        let answer = (fault.status, fault.after_serving);
         self.faults.retain(|f| f.remaining > 0);
-        Some(status)
+        Some(answer)
     }
 }
 

@@ -167,6 +167,24 @@ pub struct KubernetesArgs {
         requires = "kubernetes"
     )]
     allow_images: Vec<String>,
+    /// Kubernetes namespaces a task's spec may name besides the agent's
+    /// (comma-separated); the Role must be bound in each.
+    #[arg(
+        long,
+        value_name = "NS,..",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    allow_kubernetes_namespaces: Vec<String>,
+    /// Service accounts a task's pod may run as (comma-separated); without
+    /// it, the namespace's default account. Never list the agent's own.
+    #[arg(
+        long,
+        value_name = "NAME,..",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    allow_service_accounts: Vec<String>,
 }
 
 impl KubernetesArgs {
@@ -185,7 +203,17 @@ impl KubernetesArgs {
         if allow_images.is_empty() {
             bail!("--kubernetes needs --allow-images IMAGE,..: the images its tasks may run");
         }
-        let config = match &self.kubeconfig {
+        for ns in &self.allow_kubernetes_namespaces {
+            if !eretes_kube::names::is_dns_label(ns) {
+                bail!("--allow-kubernetes-namespaces: {ns:?} is not a DNS-1123 label");
+            }
+        }
+        for account in &self.allow_service_accounts {
+            if !eretes_kube::names::is_dns_subdomain(account) {
+                bail!("--allow-service-accounts: {account:?} is not a DNS-1123 subdomain");
+            }
+        }
+        let mut config = match &self.kubeconfig {
             Some(path) => {
                 let file = kube::config::Kubeconfig::read_from(path)
                     .map_err(|e| anyhow!("--kubeconfig {}: {e}", path.display()))?;
@@ -202,6 +230,10 @@ impl KubernetesArgs {
             Some(ns) => bail!("--kubernetes-namespace {ns:?} is not a DNS-1123 label"),
             None => config.default_namespace.clone(),
         };
+        // A watch is a long poll of up to 290 s; a connection silent for
+        // longer is dead (one-shot calls have their own shorter bound).
+        config.read_timeout = Some(Duration::from_secs(330));
+        config.connect_timeout = Some(Duration::from_secs(10));
         let client = kube::Client::try_from(config)
             .map_err(|e| anyhow!("--kubernetes: cannot make a client: {e}"))?;
         info!(namespace = %default_namespace, "running Kubernetes tasks as Jobs");
@@ -211,6 +243,8 @@ impl KubernetesArgs {
                 namespace: namespace.clone(),
                 default_namespace,
                 allow_images,
+                allow_namespaces: self.allow_kubernetes_namespaces.clone(),
+                allow_service_accounts: self.allow_service_accounts.clone(),
                 stop_grace: exec.stop_grace,
                 logs_dir: exec.logs_dir(),
                 log_cap: exec.log_cap,
@@ -371,6 +405,19 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     }
     let logs_dir = exec.logs_dir();
     let kubernetes = args.kubernetes.handler(&namespace, &exec).await?;
+    if let Some(kubernetes) = &kubernetes {
+        // Jobs of tasks that ended or were removed while their delete
+        // could not be made.
+        let reaper = eretes_kube::Reaper::new(kubernetes.config());
+        let coordinator = Coordinator::new(store.clone(), namespace.clone());
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(eretes_kube::REAP_INTERVAL);
+            loop {
+                every.tick().await;
+                reaper.sweep(&coordinator).await;
+            }
+        });
+    }
     // Tasks run as task state machines: task commands steer them, and
     // their state and checkpoints live in the store.
     let handler = Arc::new(StateMachine::new(
