@@ -7,6 +7,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use eretes_etcd::testing::Relay;
 use eretes_kube::names::job_name;
 use eretes_kube::testing::fake_api::{FakeApiServer, JobEventKind, PodScript};
 use eretes_kube::{AllowImages, KubeConfig, KubeHandler, KubeSpec, Reaper};
@@ -79,6 +80,24 @@ impl Cluster {
         Node::start(self.store.clone(), config, handler, Box::new(DumbBalancer))
             .await
             .unwrap()
+    }
+
+    /// A node whose API calls go through a relay the test can cut.
+    async fn relayed_node(&self, name: &str) -> (Relay, NodeHandle) {
+        let address = self
+            .api
+            .url()
+            .trim_start_matches("http://")
+            .parse()
+            .unwrap();
+        let relay = Relay::start(address).await.unwrap();
+        let mut config = kube::Config::new(relay.url().parse().unwrap());
+        config.default_namespace = "default".into();
+        let client = kube::Client::try_from(config).unwrap();
+        let node = self
+            .node_with(name, Duration::from_secs(10), self.config_for(client))
+            .await;
+        (relay, node)
     }
 
     async fn submit(&self, id: &str, spec: &KubeSpec) {
@@ -453,19 +472,7 @@ async fn an_unreachable_api_server_is_waited_out_without_a_second_job() {
         run_for: Duration::from_secs(2),
         ..exits(0, &["done"])
     });
-    let address = cluster
-        .api
-        .url()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let relay = eretes_etcd::testing::Relay::start(address).await.unwrap();
-    let mut config = kube::Config::new(relay.url().parse().unwrap());
-    config.default_namespace = "default".into();
-    let client = kube::Client::try_from(config).unwrap();
-    let node = cluster
-        .node_with("n1", Duration::from_secs(10), cluster.config_for(client))
-        .await;
+    let (relay, node) = cluster.relayed_node("n1").await;
     // Cut before the task arrives: the run waits, the task stays running.
     relay.cut();
     cluster.submit("patient", &spec()).await;
@@ -732,19 +739,7 @@ async fn a_sidecar_image_off_the_allow_list_is_refused() {
 async fn the_reaper_deletes_the_job_of_a_task_removed_while_the_api_was_down() {
     let cluster = Cluster::start().await;
     cluster.api.set_kubelet(|_: &Job| runs_for_ever());
-    let address = cluster
-        .api
-        .url()
-        .trim_start_matches("http://")
-        .parse()
-        .unwrap();
-    let relay = eretes_etcd::testing::Relay::start(address).await.unwrap();
-    let mut config = kube::Config::new(relay.url().parse().unwrap());
-    config.default_namespace = "default".into();
-    let client = kube::Client::try_from(config).unwrap();
-    let node = cluster
-        .node_with("n1", Duration::from_secs(10), cluster.config_for(client))
-        .await;
+    let (relay, node) = cluster.relayed_node("n1").await;
     cluster.submit("abandoned", &spec()).await;
     cluster
         .wait_jobs("the Job runs", |jobs| jobs.len() == 1)
