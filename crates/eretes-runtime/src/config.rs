@@ -41,8 +41,9 @@ pub struct NodeConfig {
     pub handler_grace: Duration,
     /// Upper bound on a graceful shutdown. Default 30 s.
     pub shutdown_timeout: Duration,
-    /// Tasks being claimed at once, over every claim transaction in flight.
-    /// Default 128.
+    /// Most tasks being claimed at once, over every claim transaction in
+    /// flight. Default 128. The node lets fewer be in flight while claim
+    /// transactions are slow (see `NodeStats::claim_window`).
     pub max_claims_in_flight: usize,
     /// Most tasks one claim transaction carries when several are claimable
     /// at once; 1 claims them one by one. Default and upper bound:

@@ -155,6 +155,10 @@ impl Node {
         let lease = register(&coordinator, &config, &record).await?;
         info!(node = %config.name, lease = format!("{lease:#x}"), "node registered");
         let stats = Arc::new(NodeStats::default());
+        stats.claim_window.store(
+            config.max_claims_in_flight as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(NodeStatus::default());
         let name = config.name.clone();
@@ -296,7 +300,10 @@ struct MainLoop {
     running: HashMap<TaskId, Running>,
     handlers: JoinSet<(TaskId, Exit)>,
     /// Claim transactions in flight, each for one or more tasks.
-    claims: FuturesUnordered<BoxFuture<'static, Vec<ClaimResult>>>,
+    /// Claim transactions in flight; each reports how long it took.
+    claims: FuturesUnordered<BoxFuture<'static, (Duration, Vec<ClaimResult>)>>,
+    /// Tasks that may be being claimed at once now (see [`Node::pace_claims`]).
+    claim_window: usize,
     claiming: HashSet<TaskId>,
     /// Runs that ended and whose end is not yet being written; written in
     /// batches at the end of each loop iteration.
@@ -376,6 +383,7 @@ impl MainLoop {
             running: HashMap::new(),
             handlers: JoinSet::new(),
             claims: FuturesUnordered::new(),
+            claim_window: config.max_claims_in_flight,
             claiming: HashSet::new(),
             unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
@@ -460,7 +468,8 @@ impl MainLoop {
                         self.on_joined(joined);
                     }
                 }
-                Some(results) = self.claims.next(), if !self.claims.is_empty() => {
+                Some((took, results)) = self.claims.next(), if !self.claims.is_empty() => {
+                    self.pace_claims(took);
                     for result in results {
                         self.on_claim(result);
                     }
@@ -996,7 +1005,7 @@ impl MainLoop {
                 .min(share_of_room);
             let mut batch = Vec::new();
             let share = self.claim_share(&group);
-            while free > 0 && self.claiming.len() < self.config.max_claims_in_flight {
+            while free > 0 && self.claiming.len() < self.claim_window {
                 let candidate = self.next_candidate(&group, share);
                 let Some(id) = candidate else { break };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
@@ -1072,8 +1081,10 @@ impl MainLoop {
         let coordinator = self.coordinator.clone();
         let node = self.config.name.clone();
         self.claims.push(off_loop(async move {
+            let sent = Instant::now();
             let outcomes = coordinator.claim_batch(&node, lease, &batch).await;
-            batch
+            let took = sent.elapsed();
+            let results = batch
                 .into_iter()
                 .zip(outcomes)
                 .map(|((id, _), outcome)| ClaimResult {
@@ -1081,8 +1092,31 @@ impl MainLoop {
                     group: group.clone(),
                     outcome,
                 })
-                .collect()
+                .collect();
+            (took, results)
         }));
+    }
+
+    /// Fewer claims in flight while the store is slow to answer them, more
+    /// again when it is quick. A store that applies writes in order (etcd)
+    /// answers a lease renewal only after the writes queued before it: a
+    /// burst of claims from many nodes (a rejoin, a large submit) can keep
+    /// its queue long enough that renewals miss the TTL and every node
+    /// fences itself. A claim transaction slower than a twentieth of the
+    /// TTL halves the window (down to one batch); a quicker one grows it by
+    /// a batch, up to `max_claims_in_flight`.
+    fn pace_claims(&mut self, took: Duration) {
+        let batch = self.config.claim_batch.max(1);
+        let most = self.config.max_claims_in_flight;
+        self.claim_window = if took > self.config.lease_ttl / 20 {
+            (self.claim_window / 2).max(batch.min(most))
+        } else {
+            (self.claim_window + batch).min(most)
+        };
+        self.stats.claim_window.store(
+            self.claim_window as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
     }
 
     fn on_claim(&mut self, result: ClaimResult) {

@@ -32,6 +32,11 @@ pub struct NodeStats {
     pub store_errors: AtomicU64,
     /// Watch restarts (stream error, compaction) followed by a re-list.
     pub relists: AtomicU64,
+    /// Claims this node lets be in flight now (a gauge): the configured
+    /// most, halved whenever a claim transaction takes longer than a
+    /// twentieth of the lease TTL, and grown back by a batch when one is
+    /// quick.
+    pub claim_window: AtomicU64,
 }
 
 impl NodeStats {
@@ -63,6 +68,7 @@ impl NodeStats {
             malformed_skipped: read(&self.malformed_skipped),
             store_errors: read(&self.store_errors),
             relists: read(&self.relists),
+            claim_window: read(&self.claim_window),
         }
     }
 }
@@ -97,4 +103,7 @@ pub struct NodeStatsSnapshot {
     pub store_errors: u64,
     /// See [`NodeStats::relists`].
     pub relists: u64,
+    /// See [`NodeStats::claim_window`].
+    #[serde(default)]
+    pub claim_window: u64,
 }
