@@ -777,3 +777,41 @@ async fn the_reaper_deletes_the_job_of_a_task_removed_while_the_api_was_down() {
     assert_eq!(reaper.sweep(&cluster.coordinator).await, 0);
     keeper.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_pod_whose_image_cannot_be_pulled_fails_the_attempt() {
+    let cluster = Cluster::start().await;
+    cluster.api.set_kubelet(|_: &Job| PodScript {
+        pending_for: Duration::from_secs(600),
+        ..runs_for_ever()
+    });
+    let node = cluster.node("n1", Duration::from_secs(10)).await;
+    let mut spec = spec();
+    spec.max_attempts = 1;
+    cluster.submit("typo", &spec).await;
+    let mut pod = None;
+    for _ in 0..600 {
+        pod = cluster.api.pods("default").first().cloned();
+        if pod.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let pod = pod.expect("the Job's pod within 30 s");
+    assert!(cluster.api.set_waiting(
+        "default",
+        pod.metadata.name.as_deref().unwrap(),
+        "ImagePullBackOff",
+        "Back-off pulling image"
+    ));
+    let result = cluster.result("typo").await;
+    let error = result.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("ImagePullBackOff: Back-off pulling image"),
+        "{error}"
+    );
+    cluster
+        .wait_jobs("the stuck Job is gone", |jobs| jobs.is_empty())
+        .await;
+    node.shutdown().await;
+}

@@ -30,11 +30,12 @@ use axum::Router;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+use k8s_openapi::api::core::v1::{ConfigMap, ContainerState, ContainerStateWaiting, Pod};
 use tokio::net::TcpListener;
 use tokio::task::{JoinHandle, JoinSet};
 
 use super::deletion::DeleteOpts;
+use super::kubelet::set_pod_state;
 use super::store::{lock, Fault, Key, Kind, Obj, Shared, State};
 
 /// The longest grace period the fake really waits: a pod deleted with a
@@ -288,6 +289,27 @@ impl FakeApiServer {
     /// and ends, and a watch from an older resourceVersion gets the same.
     pub fn expire_watches(&self) {
         lock(&self.shared).expire();
+    }
+
+    /// Marks pod `name`'s container as waiting for `reason` (say
+    /// `ImagePullBackOff`), as a kubelet does when it cannot start it (give
+    /// the pod's script a long `pending_for`, or the kubelet starts it
+    /// anyway). Returns whether the pod existed.
+    pub fn set_waiting(&self, namespace: &str, name: &str, reason: &str, message: &str) -> bool {
+        let waiting = ContainerState {
+            waiting: Some(ContainerStateWaiting {
+                reason: Some(reason.to_string()),
+                message: Some(message.to_string()),
+            }),
+            ..Default::default()
+        };
+        lock(&self.shared)
+            .update(&Key::new(Kind::Pod, namespace, name), |object| {
+                if let Obj::Pod(pod) = object {
+                    set_pod_state(pod, "Pending", waiting);
+                }
+            })
+            .is_some()
     }
 
     /// Deletes a Job as `kubectl delete job` would (Background propagation).
