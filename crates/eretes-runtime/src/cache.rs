@@ -119,8 +119,33 @@ impl Cache {
     pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
         let mut fresh = Cache::new(self.ns.clone(), self.me.clone());
         fresh.view.running = self.view.running.clone();
-        let changes = kvs.iter().map(|kv| fresh.apply_put(kv)).collect();
+        let changes = kvs
+            .iter()
+            .map(|kv| match self.unchanged_task(kv) {
+                // The record this cache holds, shared rather than decoded
+                // again: a running task's handler holds it too, and a copy
+                // per periodic resync would double what every running task
+                // costs (its properties are most of that).
+                Some((id, task)) => {
+                    fresh.put_task(id, task);
+                    Change::None
+                }
+                None => fresh.apply_put(kv),
+            })
+            .collect();
         (fresh, changes)
+    }
+
+    /// The cached task (and its id) that `kv` puts again unchanged: a task
+    /// key whose revisions are the ones cached.
+    fn unchanged_task(&self, kv: &KeyValue) -> Option<(TaskId, CachedTask)> {
+        let Ok(KeyKind::Task(id)) = self.ns.parse(&kv.key) else {
+            return None;
+        };
+        let (id, entry) = self.entries.get_key_value(&id)?;
+        let task = entry.task.as_ref()?;
+        (task.revision == kv.mod_revision && task.order == kv.create_revision)
+            .then(|| (id.clone(), task.clone()))
     }
 
     pub fn task(&self, id: &TaskId) -> Option<&CachedTask> {
@@ -569,6 +594,34 @@ mod tests {
         cache.apply_delete(&ns.task(&a), 12);
         assert_eq!(cache.view.group(&g).unowned, 2);
         assert_eq!(cache.view.group(&g).total(), 2);
+    }
+
+    #[test]
+    fn a_resync_shares_unchanged_task_records_and_decodes_changed_ones() {
+        let ns = Namespace::new("t").unwrap();
+        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
+        let (a, b) = (TaskId::new("a").unwrap(), TaskId::new("b").unwrap());
+        let listing = [
+            kv(&ns.task(&a), task_value("default"), 2, 2),
+            kv(&ns.task(&b), task_value("default"), 3, 3),
+        ];
+        for kv in &listing {
+            cache.apply_put(kv);
+        }
+        // `b` was replaced since (a new revision, another group).
+        let relisted = [
+            listing[0].clone(),
+            kv(&ns.task(&b), task_value("other"), 3, 7),
+        ];
+        let (fresh, _) = cache.rebuild(&relisted);
+        assert!(Arc::ptr_eq(
+            &fresh.task(&a).unwrap().record,
+            &cache.task(&a).unwrap().record
+        ));
+        let b_now = fresh.task(&b).unwrap();
+        assert_eq!(b_now.revision, 7);
+        assert_eq!(b_now.record.spec.group.as_str(), "other");
+        assert_eq!(fresh.unowned(&GroupName::default()).count(), 1);
     }
 
     #[test]
