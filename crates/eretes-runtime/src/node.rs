@@ -775,6 +775,7 @@ impl MainLoop {
     fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
         match result {
             Ok(sync) => {
+                NodeStats::bump(&self.stats.listings);
                 let (cache, changes) = self.cache.rebuild(&sync.kvs);
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
