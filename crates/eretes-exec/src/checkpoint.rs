@@ -148,22 +148,31 @@ impl CheckpointFile {
     /// [`CHECKPOINT_POLL`]), or a failed save is due again; never sooner
     /// than [`CHECKPOINT_POLL`] after the last look. Cancel-safe.
     pub(crate) async fn changed(&mut self) {
+        // Every idle run waits here: the watch is waited for by polling,
+        // which keeps nothing in this future, and the timers (a poll where
+        // the file is not watched, the pause between two looks) are boxed,
+        // so that they take room only while they run.
         if !self.due {
             match &self.watched {
                 Some(watched) if !watched.broken() && !self.retry => {
-                    watched.changed.notified().await
+                    std::future::poll_fn(|cx| watched.changed.poll_take(cx)).await
                 }
-                _ => tokio::time::sleep(CHECKPOINT_POLL).await,
+                _ => Box::pin(tokio::time::sleep(CHECKPOINT_POLL)).await,
             }
             // Kept if this future is dropped while it waits below.
             self.due = true;
         }
         if let Some(looked_at) = self.looked_at {
-            tokio::time::sleep_until(looked_at + CHECKPOINT_POLL).await;
+            let next = looked_at + CHECKPOINT_POLL;
+            if next > Instant::now() {
+                Box::pin(tokio::time::sleep_until(next)).await;
+            }
         }
     }
 
     /// Save the file as the task's checkpoint if the process changed it.
+    /// Cancel-safe: the look counts only once it is over, so a look cut
+    /// short (the run ended meanwhile) is made again by the next one.
     pub(crate) async fn sync(&mut self, task: &str, checkpointer: &Checkpointer) {
         self.looked_at = Some(Instant::now());
         self.retry = false;
@@ -172,15 +181,16 @@ impl CheckpointFile {
         if stamp.is_none() || stamp == self.seen {
             return;
         }
-        self.seen = stamp;
         let bytes = match self.read() {
             Ok(bytes) => bytes,
             Err(error) => {
+                self.seen = stamp;
                 warn!(task, %error, "cannot read the task's checkpoint file");
                 return;
             }
         };
         if bytes.len() > MAX_CHECKPOINT_BYTES {
+            self.seen = stamp;
             warn!(
                 task,
                 limit = MAX_CHECKPOINT_BYTES,
@@ -189,11 +199,15 @@ impl CheckpointFile {
             return;
         }
         if self.saved.as_ref() == Some(&bytes) {
+            self.seen = stamp;
             return;
         }
         // Bounded, so a slow store cannot hold off stopping the process.
         match tokio::time::timeout(SAVE_TIMEOUT, checkpointer.save(bytes.clone())).await {
-            Ok(Ok(())) => self.saved = Some(bytes),
+            Ok(Ok(())) => {
+                self.seen = stamp;
+                self.saved = Some(bytes);
+            }
             outcome => {
                 let error = match outcome {
                     Ok(Err(error)) => error.to_string(),

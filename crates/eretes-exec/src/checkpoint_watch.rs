@@ -15,10 +15,11 @@ use std::ffi::OsString;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
+use std::task::{Context, Poll};
 
+use futures::task::AtomicWaker;
 use futures::StreamExt;
 use inotify::{EventMask, Inotify, WatchDescriptor, WatchMask, Watches};
-use tokio::sync::Notify;
 use tracing::warn;
 
 /// What the watch looks for in a checkpoint directory: a file renamed into
@@ -46,7 +47,7 @@ struct Shared {
     /// Set when reading events failed: runs poll from then on.
     broken: AtomicBool,
     /// The wake-up of each watched file's run.
-    files: Mutex<HashMap<FileKey, Arc<Notify>>>,
+    files: Mutex<HashMap<FileKey, Arc<Signal>>>,
 }
 
 /// A run's watched checkpoint file; unwatched when dropped.
@@ -54,7 +55,7 @@ pub(crate) struct Watched {
     shared: Arc<Shared>,
     key: FileKey,
     /// Notified when the file may have changed.
-    pub changed: Arc<Notify>,
+    pub changed: Arc<Signal>,
 }
 
 impl Watched {
@@ -97,7 +98,7 @@ impl CheckpointWatcher {
             }
         };
         let key = (wd, name.to_os_string());
-        let changed = Arc::new(Notify::new());
+        let changed = Arc::new(Signal::default());
         shared
             .files
             .lock()
@@ -108,6 +109,37 @@ impl CheckpointWatcher {
             key,
             changed,
         })
+    }
+}
+
+/// A wake-up that keeps one permit, like `tokio::sync::Notify` with one
+/// waiter, but waited for by polling ([`Signal::poll_take`]): the waiting
+/// future holds no state of its own, and every idle run waits on one.
+#[derive(Default)]
+pub(crate) struct Signal {
+    set: AtomicBool,
+    waker: AtomicWaker,
+}
+
+impl Signal {
+    /// Wake the waiter, or the next one if none waits now.
+    pub(crate) fn notify(&self) {
+        self.set.store(true, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// Ready (taking the permit) once notified since the last take.
+    pub(crate) fn poll_take(&self, cx: &mut Context<'_>) -> Poll<()> {
+        if self.set.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // A notification between the look above and the registration.
+        if self.set.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 }
 
@@ -144,12 +176,12 @@ fn start() -> Option<Arc<Shared>> {
             match event {
                 Ok(event) if event.mask.contains(EventMask::Q_OVERFLOW) => {
                     // Events were lost: every run looks at its file.
-                    files.values().for_each(|changed| changed.notify_one());
+                    files.values().for_each(|changed| changed.notify());
                 }
                 Ok(event) => {
                     if let Some(name) = event.name {
                         if let Some(changed) = files.get(&(event.wd, name)) {
-                            changed.notify_one();
+                            changed.notify();
                         }
                     }
                 }
@@ -172,7 +204,7 @@ impl Drop for ReaderEnded {
         if let Some(shared) = self.0.upgrade() {
             shared.broken.store(true, Ordering::Relaxed);
             let files = shared.files.lock().unwrap_or_else(|e| e.into_inner());
-            files.values().for_each(|changed| changed.notify_one());
+            files.values().for_each(|changed| changed.notify());
         }
     }
 }

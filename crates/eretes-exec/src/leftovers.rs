@@ -33,8 +33,9 @@ const SWEEP_LIMIT: Duration = Duration::from_secs(10);
 /// task and the epoch, as their environment carries them.
 #[derive(Debug, Clone)]
 pub(crate) struct RunMarker {
-    pub agent_dir: String,
-    pub task: String,
+    /// Shared by every run of the agent (each running task holds a marker).
+    pub agent_dir: std::sync::Arc<str>,
+    pub task: eretes_protocol::TaskId,
     pub epoch: i64,
 }
 
@@ -202,7 +203,7 @@ mod tests {
         let (mut mine, mut other) = (spawn("7"), spawn("8"));
         let marker = RunMarker {
             agent_dir: "/marker/test".into(),
-            task: "t".into(),
+            task: eretes_protocol::TaskId::new("t").unwrap(),
             epoch: 7,
         };
         assert_eq!(kill_marked(&marker), 1);

@@ -1,12 +1,13 @@
 //! [`ProcessHandler`]: a task's work as a process tree under a supervisor
 //! process of its own (see [`crate::supervisor`]).
 
+use std::future::Future;
 use std::os::unix::ffi::OsStrExt;
+use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::Arc;
 use std::time::Duration;
 
-use async_trait::async_trait;
 use eretes_protocol::TaskRecord;
 use eretes_runtime::{ErrorPolicy, FenceDeadline, StateContext, StatefulHandler, Step};
 use serde_json::json;
@@ -55,7 +56,12 @@ pub struct ProcessHandler {
     watcher: CheckpointWatcher,
     /// Where running process groups are recorded.
     records: Arc<GroupRecords>,
+    /// The data directory as runs' markers carry it.
+    agent_dir: Arc<str>,
 }
+
+/// Longest the end of an attempt waits for a checkpoint save under way.
+const SAVE_DRAIN: Duration = Duration::from_secs(10);
 
 /// Errors of a process task count for this long (its attempts are counted
 /// over its whole life, for any practical purpose).
@@ -79,7 +85,9 @@ impl ProcessHandler {
             warn!(killed, "killed processes a previous agent left running");
         }
         let records = Arc::new(GroupRecords::new(config.groups_dir()));
+        let agent_dir = Arc::from(config.data_dir.to_string_lossy());
         Ok(ProcessHandler {
+            agent_dir,
             config,
             gates: RunGates::default(),
             warm: WarmPool::default(),
@@ -102,10 +110,38 @@ enum Ended {
     TimedOut(Duration),
 }
 
-#[async_trait]
 impl StatefulHandler for ProcessHandler {
-    async fn run(&self, ctx: StateContext) -> Step {
-        let id = ctx.task.id.clone();
+    // Written out rather than through `#[async_trait]`, whose async block
+    // would hold `ctx` twice (moved in, then bound again) for as long as
+    // the task runs: this block holds it once, and `run_task` borrows it.
+    fn run<'life0, 'async_trait>(
+        &'life0 self,
+        ctx: StateContext,
+    ) -> Pin<Box<dyn Future<Output = Step> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move { self.run_task(&ctx).await })
+    }
+
+    fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
+        let spec = ProcessSpec::from_properties(&task.spec.properties).ok()?;
+        let (first_backoff, longest_backoff) = self.config.retry_backoff;
+        Some(ErrorPolicy {
+            max_errors: spec.max_attempts as usize,
+            window: ATTEMPT_WINDOW,
+            first_backoff,
+            longest_backoff,
+        })
+    }
+}
+
+impl ProcessHandler {
+    /// One run of a task: check its spec, prepare its checkpoint file, and
+    /// run it once (or for ever, if permanent).
+    async fn run_task(&self, ctx: &StateContext) -> Step {
+        let id = &ctx.task.id;
         let spec = match ProcessSpec::from_properties(&ctx.task.task.spec.properties) {
             Ok(spec) => spec,
             Err(error) => return Step::Fatal(error.to_string()),
@@ -130,45 +166,38 @@ impl StatefulHandler for ProcessHandler {
             }
         }
         let logs = self.config.logs_dir().join(id.as_str());
-        let name = format!("{id}.{}", ctx.task.epoch);
-        let root = self.config.checkpoints_dir();
-        let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
-        let prepared = Box::pin(CheckpointFile::prepare(
-            &root,
-            &name,
-            ctx.checkpoint.clone(),
-            owner,
-            &self.watcher,
-        ))
-        .await;
-        let mut checkpoint = match prepared {
-            Ok(file) => file,
-            Err(error) => {
-                return Step::Error(format!("cannot prepare the checkpoint file: {error}"))
+        // In a block of its own: what only the preparation needs is gone
+        // before the run's long wait, so it takes no room in its state.
+        let mut checkpoint = {
+            let name = format!("{id}.{}", ctx.task.epoch);
+            let root = self.config.checkpoints_dir();
+            let owner = self.config.run_as.as_ref().map(|user| (user.uid, user.gid));
+            match Box::pin(CheckpointFile::prepare(
+                &root,
+                &name,
+                ctx.checkpoint.clone(),
+                owner,
+                &self.watcher,
+            ))
+            .await
+            {
+                Ok(file) => file,
+                Err(error) => {
+                    return Step::Error(format!("cannot prepare the checkpoint file: {error}"))
+                }
             }
         };
         let step = if spec.permanent {
-            self.serve(&ctx, &spec, &logs, &mut checkpoint).await
+            // Boxed: its loop's state would otherwise set this future's
+            // size for every task, permanent or not.
+            Box::pin(self.serve(ctx, &spec, &logs, &mut checkpoint)).await
         } else {
-            self.once(&ctx, &spec, &logs, &mut checkpoint).await
+            self.once(ctx, &spec, &logs, &mut checkpoint).await
         };
         drop(checkpoint);
         step
     }
 
-    fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
-        let spec = ProcessSpec::from_properties(&task.spec.properties).ok()?;
-        let (first_backoff, longest_backoff) = self.config.retry_backoff;
-        Some(ErrorPolicy {
-            max_errors: spec.max_attempts as usize,
-            window: ATTEMPT_WINDOW,
-            first_backoff,
-            longest_backoff,
-        })
-    }
-}
-
-impl ProcessHandler {
     /// One attempt of a task that ends: exit 0 completes it, anything else
     /// is an error for the state machine's policy.
     async fn once(
@@ -271,11 +300,9 @@ impl ProcessHandler {
         let task = &ctx.task;
         // No run of a task starts while its previous run here is alive.
         let gate = tokio::select! {
-            gate = self.gates.enter(task.id.as_str()) => gate,
+            gate = self.gates.enter(&task.id) => gate,
             _ = task.cancel.cancelled() => return Ok(Ended::Stopped),
         };
-        // Cancelled with the task, or alone when the attempt times out.
-        let attempt_cancel = task.cancel.child_token();
         let mut fence = if self.config.fence_processes {
             task.fence.clone()
         } else {
@@ -326,12 +353,12 @@ impl ProcessHandler {
             launch,
             records: Arc::clone(&self.records),
             marker: RunMarker {
-                agent_dir: self.config.data_dir.to_string_lossy().into_owned(),
-                task: task.id.to_string(),
+                agent_dir: Arc::clone(&self.agent_dir),
+                task: task.id.clone(),
                 epoch: task.epoch,
             },
             fence,
-            cancel: attempt_cancel.clone(),
+            cancel: task.cancel.clone(),
         };
         let warm = self.warm.take(&self.config)?;
         // The next run's supervisor starts while this one starts its task.
@@ -341,24 +368,59 @@ impl ProcessHandler {
         // checkpoint saves and the end are short states that would
         // otherwise set that size for every idle task.
         let mut supervised = Box::pin(Supervised::launch(warm, plan, gate, refill)).await?;
-        // Deadlines and the stop reach the supervisor on their own (see
-        // `LaunchPlan`); this loop saves checkpoints until the end, and
-        // stops the attempt if it outlives its timeout.
-        let timeout = tokio::time::sleep(spec.timeout().unwrap_or(Duration::MAX / 4));
-        tokio::pin!(timeout);
+        // This loop waits for the end in `Supervised::report`, which
+        // forwards the deadline and the task's stop to the supervisor
+        // meanwhile; beside it, never in its place, it saves checkpoints
+        // and stops the attempt if it outlives its timeout. (A timer only
+        // when there is a timeout: every idle run holds this state.)
+        let mut timeout = spec
+            .timeout()
+            .map(|limit| Box::pin(tokio::time::sleep(limit)));
         let mut timed_out = false;
-        let report = loop {
-            tokio::select! {
-                report = supervised.report() => match report {
-                    Ok(Report::Ended { .. }) | Err(_) => break report,
-                    Ok(_) => {}
-                },
-                _ = &mut timeout, if spec.timeout_ms.is_some() && !timed_out => {
-                    timed_out = true;
-                    attempt_cancel.cancel();
+        let report = {
+            let (id, checkpointer) = (task.id.as_str(), &ctx.checkpointer);
+            // Whether a save is under way (its write may be in the store's
+            // hands already).
+            let saving = std::sync::atomic::AtomicBool::new(false);
+            // Never ends; dropped after the loop, between saves.
+            let saves = async {
+                loop {
+                    checkpoint.changed().await;
+                    saving.store(true, std::sync::atomic::Ordering::Relaxed);
+                    Box::pin(checkpoint.sync(id, checkpointer)).await;
+                    saving.store(false, std::sync::atomic::Ordering::Relaxed);
                 }
-                () = checkpoint.changed() => Box::pin(checkpoint.sync(task.id.as_str(), &ctx.checkpointer)).await,
+            };
+            tokio::pin!(saves);
+            let report = loop {
+                tokio::select! {
+                    report = supervised.report() => match report {
+                        Ok(Report::Ended { .. }) | Err(_) => break report,
+                        Ok(_) => {}
+                    },
+                    () = expiry(&mut timeout), if !timed_out => {
+                        timed_out = true;
+                        // This attempt only: the task's token stays as it is.
+                        supervised.stop();
+                    }
+                    () = &mut saves => {}
+                }
+            };
+            // A save under way is finished, not dropped: a dropped write
+            // could still land after the final save below and put older
+            // bytes back. (The supervisor has ended: nothing waits on it.)
+            if saving.load(std::sync::atomic::Ordering::Relaxed) {
+                let finish = std::future::poll_fn(|cx| {
+                    let _ = saves.as_mut().poll(cx);
+                    if saving.load(std::sync::atomic::Ordering::Relaxed) {
+                        std::task::Poll::Pending
+                    } else {
+                        std::task::Poll::Ready(())
+                    }
+                });
+                let _ = tokio::time::timeout(SAVE_DRAIN, finish).await;
             }
+            report
         };
         let end = Box::pin(supervised.finish(report)).await;
         // What the process saved on its way out (on SIGTERM, say).
@@ -397,6 +459,14 @@ impl ProcessHandler {
             }
             SupervisorEnd::Crashed(how) => Ended::SupervisorDied(how),
         })
+    }
+}
+
+/// Resolves when `timeout` (if any) expires; never without one.
+async fn expiry(timeout: &mut Option<Pin<Box<tokio::time::Sleep>>>) {
+    match timeout {
+        Some(timeout) => timeout.await,
+        None => std::future::pending().await,
     }
 }
 

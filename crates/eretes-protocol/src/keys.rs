@@ -37,8 +37,9 @@ const GRAPH: &str = "graph/";
 /// Nothing eretes does touches keys outside it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Namespace {
-    /// The prefix with its trailing `/`.
-    root: String,
+    /// The prefix with its trailing `/`. Shared: every coordinator holds
+    /// one, and a running task's checkpointer holds a coordinator.
+    root: arcstr::ArcStr,
 }
 
 impl Namespace {
@@ -57,7 +58,7 @@ impl Namespace {
             });
         }
         Ok(Namespace {
-            root: format!("{name}/"),
+            root: arcstr::ArcStr::from(format!("{name}/")),
         })
     }
 
@@ -150,7 +151,7 @@ impl Namespace {
             reason: why.to_string(),
         };
         let rest = key
-            .strip_prefix(self.root.as_str())
+            .strip_prefix(&*self.root)
             .ok_or_else(|| malformed("outside the namespace"))?;
         let task = |id: &str| TaskId::new(id).map_err(|e| malformed(&e.to_string()));
         let node = |name: &str| NodeName::new(name).map_err(|e| malformed(&e.to_string()));

@@ -100,7 +100,16 @@ pub fn boottime_ns() -> u64 {
 /// outside a node).
 #[derive(Debug, Clone)]
 pub struct FenceDeadline {
-    receiver: watch::Receiver<Option<Deadline>>,
+    inner: Fence,
+}
+
+/// A deadline that moves (the node's), or one that never does: the latter
+/// needs no channel, which costs some 360 bytes of the heap per run (the
+/// agent on its embedded store runs every process task without one).
+#[derive(Debug, Clone)]
+enum Fence {
+    Fixed(Option<Deadline>),
+    Moving(watch::Receiver<Option<Deadline>>),
 }
 
 impl FenceDeadline {
@@ -111,27 +120,47 @@ impl FenceDeadline {
 
     /// A deadline that never moves from `at`.
     pub fn fixed(at: Option<Deadline>) -> Self {
-        // The sender is dropped: `changed` then waits for ever.
+        // `changed` waits for ever.
         FenceDeadline {
-            receiver: watch::channel(at).1,
+            inner: Fence::Fixed(at),
         }
     }
 
     /// A deadline moved through the returned sender (the node keeps it).
     pub fn channel(at: Option<Deadline>) -> (watch::Sender<Option<Deadline>>, Self) {
         let (sender, receiver) = watch::channel(at);
-        (sender, FenceDeadline { receiver })
+        (
+            sender,
+            FenceDeadline {
+                inner: Fence::Moving(receiver),
+            },
+        )
+    }
+
+    /// Whether the deadline can move (it came from [`FenceDeadline::channel`]):
+    /// if not, [`FenceDeadline::changed`] never returns, and need not be
+    /// waited for.
+    pub fn moves(&self) -> bool {
+        matches!(self.inner, Fence::Moving(_))
     }
 
     /// The deadline now, marking it seen.
     pub fn current(&mut self) -> Option<Deadline> {
-        *self.receiver.borrow_and_update()
+        match &mut self.inner {
+            Fence::Fixed(at) => *at,
+            Fence::Moving(receiver) => *receiver.borrow_and_update(),
+        }
     }
 
     /// Wait until the deadline moves, and return it. Never returns once the
-    /// node is gone (the deadline last published stands).
+    /// node is gone (the deadline last published stands), nor for a fixed
+    /// deadline. Cancel-safe.
     pub async fn changed(&mut self) -> Option<Deadline> {
-        if self.receiver.changed().await.is_err() {
+        let moved = match &mut self.inner {
+            Fence::Moving(receiver) => receiver.changed().await.is_ok(),
+            Fence::Fixed(_) => false,
+        };
+        if !moved {
             std::future::pending::<()>().await;
         }
         self.current()

@@ -17,15 +17,17 @@
 //!   tried again later; it never ends the task.
 
 use std::collections::VecDeque;
+use std::future::Future;
 use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_trait::async_trait;
 use eretes_protocol::machine::{transition, MAX_ERRORS_KEPT};
 use eretes_protocol::{
-    now_ms, Coordinator, MachineState, Message, ProtocolError, QueuedCommand, StateRecord,
-    TaskRecord,
+    now_ms, Coordinator, MachineLoad, MachineState, Message, ProtocolError, QueuedCommand,
+    StateRecord, TaskId, TaskRecord,
 };
 use futures::FutureExt;
 use serde_json::Value;
@@ -124,7 +126,10 @@ pub enum Step {
 #[derive(Debug, Clone)]
 pub struct Checkpointer {
     coordinator: Coordinator,
-    ctx: TaskContext,
+    /// The task and the run's epoch: all it needs of the run's context
+    /// (a copy of the whole context would be held by every running task).
+    id: TaskId,
+    epoch: i64,
     latest: Arc<Mutex<Option<Vec<u8>>>>,
 }
 
@@ -136,9 +141,9 @@ impl Checkpointer {
     /// has lost the task.
     pub async fn save(&self, checkpoint: Vec<u8>) -> Result<(), ProtocolError> {
         self.coordinator
-            .save_checkpoint(&self.ctx.id, self.ctx.epoch, &checkpoint)
+            .save_checkpoint(&self.id, self.epoch, &checkpoint)
             .await?;
-        debug!(task = %self.ctx.id, bytes = checkpoint.len(), "checkpoint saved");
+        debug!(task = %self.id, bytes = checkpoint.len(), "checkpoint saved");
         *self.latest.lock().expect("not poisoned") = Some(checkpoint);
         Ok(())
     }
@@ -197,6 +202,22 @@ impl<H: StatefulHandler> StateMachine<H> {
     }
 }
 
+/// Drive `handling` to its end while `work` keeps being polled; `handling`'s
+/// answer, and `work`'s step if it finished meanwhile.
+async fn while_working<T, W: std::future::Future<Output = Step>>(
+    handling: impl std::future::Future<Output = T>,
+    mut work: std::pin::Pin<&mut W>,
+) -> (T, Option<Step>) {
+    tokio::pin!(handling);
+    let mut finished = None;
+    loop {
+        tokio::select! {
+            answer = &mut handling => return (answer, finished),
+            step = work.as_mut(), if finished.is_none() => finished = Some(step),
+        }
+    }
+}
+
 /// Why a run of the machine stops early: the store failed, or the task is
 /// no longer ours. Either way the task is given back and nothing is lost:
 /// what was not written is still queued or still in its old state.
@@ -205,7 +226,7 @@ struct Interrupted;
 /// One run of the machine for one claim.
 struct Run<'a, H> {
     machine: &'a StateMachine<H>,
-    ctx: TaskContext,
+    ctx: &'a TaskContext,
     policy: ErrorPolicy,
     record: StateRecord,
     queue: VecDeque<QueuedCommand>,
@@ -214,12 +235,34 @@ struct Run<'a, H> {
     wake: Option<(u64, Instant)>,
 }
 
-#[async_trait]
 impl<H: StatefulHandler> Handler for StateMachine<H> {
-    async fn run(&self, ctx: TaskContext) -> HandlerOutcome {
+    // Written out rather than through `#[async_trait]`, whose async block
+    // would hold `ctx` twice (moved in, then bound again) for as long as
+    // the task runs: this block holds it once, and the machine borrows it.
+    fn run<'life0, 'async_trait>(
+        &'life0 self,
+        ctx: TaskContext,
+    ) -> Pin<Box<dyn Future<Output = HandlerOutcome> + Send + 'async_trait>>
+    where
+        'life0: 'async_trait,
+        Self: 'async_trait,
+    {
+        Box::pin(async move { self.run_machine(&ctx).await })
+    }
+}
+
+impl<H: StatefulHandler> StateMachine<H> {
+    /// One claim's run of the machine.
+    async fn run_machine(&self, ctx: &TaskContext) -> HandlerOutcome {
         // Subscribe before loading, so a command queued in between rings.
         let subscription = ctx.subscribe_commands();
-        let load = match self.coordinator.load_machine(&ctx.id).await {
+        // Taken apart at once: a whole load would keep its room in this
+        // future (held as long as the task runs) for the fields moved out.
+        let MachineLoad {
+            state,
+            checkpoint,
+            commands,
+        } = match self.coordinator.load_machine(&ctx.id).await {
             Ok(load) => load,
             Err(error) => {
                 warn!(task = %ctx.id, %error, "cannot load the task's state; releasing it to try again later");
@@ -228,7 +271,7 @@ impl<H: StatefulHandler> Handler for StateMachine<H> {
         };
         // A record nobody can read may have said paused or killed: park the
         // task rather than run it, and say why, until a user resumes it.
-        let (record, malformed) = match load.state {
+        let (record, malformed) = match state {
             Ok(record) => (record, false),
             Err(malformed) => {
                 warn!(task = %ctx.id, %malformed, "the task's state record is malformed; pausing the task until it is resumed");
@@ -249,13 +292,13 @@ impl<H: StatefulHandler> Handler for StateMachine<H> {
             ctx,
             policy,
             record,
-            queue: load.commands.into(),
-            latest: Arc::new(Mutex::new(load.checkpoint)),
+            queue: commands.into(),
+            latest: Arc::new(Mutex::new(checkpoint)),
             wake: None,
         };
         if malformed {
             let record = run.record.clone();
-            if run.write(record, None).await.is_err() {
+            if Box::pin(run.write(record, None)).await.is_err() {
                 return HandlerOutcome::Release;
             }
         }
@@ -295,20 +338,12 @@ impl<H: StatefulHandler> Run<'_, H> {
                     }
                     Box::pin(self.persist(&message, None)).await?;
                 }
-                MachineState::Paused => {
-                    tokio::select! {
-                        _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
-                        _ = commands.rung() => Box::pin(self.refill()).await?,
-                    }
-                }
-                MachineState::Sleeping { until_ms } => {
-                    let wake_at = self.wake_at(until_ms);
-                    tokio::select! {
-                        _ = self.ctx.cancel.cancelled() => return Ok(HandlerOutcome::Release),
-                        _ = commands.rung() => Box::pin(self.refill()).await?,
-                        _ = tokio::time::sleep_until(wake_at) => {
-                            Box::pin(self.persist(&Message::Run, None)).await?;
-                        }
+                // Boxed, as the handler's run is: this future is held for
+                // as long as the task runs, and these waits would otherwise
+                // set its size for every running task.
+                MachineState::Paused | MachineState::Sleeping { .. } => {
+                    if let Some(outcome) = Box::pin(self.rest(commands)).await? {
+                        return Ok(outcome);
                     }
                 }
                 MachineState::Killed => return Ok(HandlerOutcome::Killed),
@@ -325,6 +360,33 @@ impl<H: StatefulHandler> Run<'_, H> {
                 MachineState::Completed => return Ok(HandlerOutcome::Done(Value::Null)),
             }
         }
+    }
+
+    /// Wait, paused or sleeping, for a command, the wake-up time or the
+    /// runtime's stop. `Some` when the task's run is over.
+    async fn rest(
+        &mut self,
+        commands: &CommandSubscription,
+    ) -> Result<Option<HandlerOutcome>, Interrupted> {
+        match self.record.state {
+            MachineState::Sleeping { until_ms } => {
+                let wake_at = self.wake_at(until_ms);
+                tokio::select! {
+                    _ = self.ctx.cancel.cancelled() => return Ok(Some(HandlerOutcome::Release)),
+                    _ = commands.rung() => Box::pin(self.refill()).await?,
+                    _ = tokio::time::sleep_until(wake_at) => {
+                        Box::pin(self.persist(&Message::Run, None)).await?;
+                    }
+                }
+            }
+            _ => {
+                tokio::select! {
+                    _ = self.ctx.cancel.cancelled() => return Ok(Some(HandlerOutcome::Release)),
+                    _ = commands.rung() => Box::pin(self.refill()).await?,
+                }
+            }
+        }
+        Ok(None)
     }
 
     /// When to wake from a sleep until `until_ms`, measured once per sleep
@@ -346,6 +408,17 @@ impl<H: StatefulHandler> Run<'_, H> {
 
     /// Run the handler until it returns, the runtime cancels it, or a command
     /// interrupts it. `Some` when the task's run is over.
+    /// Read the task's queued commands and apply those that do not
+    /// interrupt a run; whether one does (then the run is stopped).
+    async fn handle_commands(&mut self) -> Result<bool, Interrupted> {
+        Box::pin(self.refill()).await?;
+        if self.queue.iter().any(interrupts_a_run) {
+            debug!(task = %self.ctx.id, "a command interrupts the run");
+            return Ok(true);
+        }
+        Box::pin(self.apply_queued()).await.map(|()| false)
+    }
+
     async fn run_handler(
         &mut self,
         commands: &CommandSubscription,
@@ -361,7 +434,8 @@ impl<H: StatefulHandler> Run<'_, H> {
             recent_errors,
             checkpointer: Checkpointer {
                 coordinator: self.machine.coordinator.clone(),
-                ctx: self.ctx.clone(),
+                id: self.ctx.id.clone(),
+                epoch: self.ctx.epoch,
                 latest: self.latest.clone(),
             },
         };
@@ -381,20 +455,21 @@ impl<H: StatefulHandler> Run<'_, H> {
             tokio::select! {
                 step = &mut work => break step,
                 _ = commands.rung(), if !interrupted => {
-                    let handled = match Box::pin(self.refill()).await {
-                        Ok(()) if self.queue.iter().any(interrupts_a_run) => {
-                            debug!(task = %self.ctx.id, "a command interrupts the run");
-                            Ok(true)
-                        }
-                        Ok(()) => Box::pin(self.apply_queued()).await.map(|()| false),
-                        Err(error) => Err(error),
-                    };
+                    // The work is polled while the commands are handled:
+                    // a process task's run forwards the fencing deadline
+                    // and the stop to its supervisor only while polled, and
+                    // these store calls may take seconds.
+                    let handling = Box::pin(self.handle_commands());
+                    let (handled, finished) = while_working(handling, work.as_mut()).await;
                     // On a store error the run still stops the proper way
                     // (cancelled, waited for), then the task is given back.
                     failed = handled.is_err();
                     if handled.unwrap_or(true) {
                         interrupted = true;
                         cancel.cancel();
+                    }
+                    if let Some(step) = finished {
+                        break step;
                     }
                 }
             }
@@ -486,7 +561,7 @@ impl<H: StatefulHandler> Run<'_, H> {
         let mut record = self.record.clone();
         let mut changed = false;
         for message in messages {
-            changed |= apply_message(&self.ctx, &mut record, message);
+            changed |= apply_message(self.ctx, &mut record, message);
         }
         if !changed && applied.is_none() {
             return Ok(());

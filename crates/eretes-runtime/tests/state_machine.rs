@@ -21,6 +21,9 @@ use eretes_store::faults::FaultyStore;
 use eretes_store::{PutRequest, Store};
 use serde_json::json;
 
+/// When the `tick` probe ran (one test uses it).
+static TICKS: Mutex<Vec<tokio::time::Instant>> = Mutex::new(Vec::new());
+
 /// What the probe saw of one run.
 #[derive(Debug, Clone)]
 struct Seen {
@@ -82,6 +85,15 @@ impl StatefulHandler for Probe {
                 Step::Sleep(Duration::from_secs(5))
             }
             "nap" => Step::Complete(json!("rested")),
+            "tick" => loop {
+                // Notes when it is polled, every 100 ms, until stopped.
+                tokio::select! {
+                    _ = task.cancel.cancelled() => return Step::Release,
+                    _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                        TICKS.lock().unwrap().push(tokio::time::Instant::now());
+                    }
+                }
+            },
             _ => {
                 let mut n: u64 = checkpoint.map_or(0, |c| c.parse().unwrap());
                 loop {
@@ -631,4 +643,51 @@ async fn a_sleep_to_the_end_of_time_sleeps_and_still_obeys_commands() {
     assert_eq!(machines.runs_of("z").len(), 1, "still asleep an hour later");
     machines.command("z", TaskCommand::Kill).await;
     assert_eq!(machines.result("z").await.outcome, Outcome::Killed);
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_work_is_polled_while_slow_commands_are_handled() {
+    // A process task's run forwards the fencing deadline and stops to its
+    // supervisor only while it is polled: handling a command (store calls
+    // that can take seconds) must not stop polling it.
+    let inner = EmbeddedStore::new();
+    let faulty = FaultyStore::new(inner.clone());
+    let mut machines = Machines::new(faulty.clone());
+    machines.start("a", faulty.clone()).await;
+    machines
+        .cluster
+        .submit("ticker", json!({"mode": "tick"}))
+        .await;
+    eventually("ticker runs", Duration::from_secs(5), || {
+        machines.running("ticker")
+    })
+    .await;
+    faulty.set_txn_latency(Duration::from_secs(3));
+    // Resume of a running task: taken (a 3 s transaction) and discarded,
+    // the run goes on.
+    machines.command("ticker", TaskCommand::Resume).await;
+    let from = tokio::time::Instant::now();
+    eventually_async(&machines, "the command is taken", |m| async move {
+        m.queued("ticker").await == 0
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let ticks: Vec<_> = TICKS
+        .lock()
+        .unwrap()
+        .iter()
+        .copied()
+        .filter(|at| *at >= from)
+        .collect();
+    assert!(ticks.len() > 20, "{} ticks", ticks.len());
+    let longest = ticks
+        .windows(2)
+        .map(|pair| pair[1] - pair[0])
+        .max()
+        .unwrap();
+    assert!(
+        longest < Duration::from_secs(1),
+        "the run was not polled for {longest:?}"
+    );
+    assert!(machines.running("ticker"), "the run went on");
 }

@@ -3,15 +3,17 @@
 //! up if the supervisor itself died.
 
 use std::collections::HashMap;
+use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, Weak};
+use std::task::{Context, Poll};
 use std::time::Duration;
 
+use eretes_protocol::TaskId;
 use eretes_runtime::FenceDeadline;
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::OwnedMutexGuard;
-use tokio::task::AbortHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -41,14 +43,24 @@ pub(crate) enum SupervisorEnd {
 }
 
 /// One running supervisor.
+///
+/// Deadlines and the stop are written to it from [`Supervised::report`],
+/// while it waits for the supervisor's next report: the run's own loop
+/// (`ProcessHandler::attempt`) always waits there, and does its other work
+/// (checkpoint saves) beside it, never instead of it, so nothing the
+/// handler does delays them. (They were written by a task of each run's
+/// own, which cost every running task about a kilobyte.)
 pub(crate) struct Supervised {
     /// Until reaped.
     child: Option<SupervisorChild>,
-    reports: Lines<BufReader<OwnedReadHalf>>,
-    /// The task that writes to the supervisor (deadlines and the stop,
-    /// which so never wait for the handler's loop); aborting it closes our
-    /// end of the socket, and the supervisor kills the tree.
-    forwarder: Option<AbortHandle>,
+    /// Its socket: reports in, orders out.
+    socket: Socket,
+    /// The deadline to forward as it moves.
+    fence: FenceDeadline,
+    /// The stop is sent once this fires (or [`Supervised::stop`] is called).
+    cancel: CancellationToken,
+    /// The stop was queued.
+    stop_sent: bool,
     /// The task's leader: its pid, process group and session.
     leader: libc::pid_t,
     marker: RunMarker,
@@ -58,8 +70,9 @@ pub(crate) struct Supervised {
     /// The leader's process group in `<data-dir>/groups/`, for the next
     /// agent if this one dies; blanked once the supervisor is reaped.
     record: Option<GroupRecord>,
-    /// An end reported in place of the start (fenced before it began).
-    pending_end: Option<Report>,
+    /// An end reported in place of the start (fenced before it began);
+    /// boxed, as it is rare and a run holds this struct while it idles.
+    pending_end: Option<Box<Report>>,
     /// The output streams' ends, reported just before the end.
     outputs: Vec<StreamEnd>,
 }
@@ -76,26 +89,6 @@ pub(crate) struct LaunchPlan {
     pub fence: FenceDeadline,
     /// Cancelled when the run is to stop.
     pub cancel: CancellationToken,
-}
-
-/// Write the fence deadline whenever it moves, and a stop once `cancel`
-/// fires, to the supervisor. Runs as a task of its own, so that nothing the
-/// handler does (a slow checkpoint save) delays them.
-async fn forward(mut writer: OwnedWriteHalf, mut fence: FenceDeadline, cancel: CancellationToken) {
-    let mut stopped = false;
-    loop {
-        let order = tokio::select! {
-            at = fence.changed() => Order::Deadline(at.map(|at| at.boottime_ns)),
-            _ = cancel.cancelled(), if !stopped => {
-                stopped = true;
-                Order::Stop
-            }
-        };
-        if writer.write_all(order.encode().as_bytes()).await.is_err() {
-            // The supervisor is gone; its end shows in the reports.
-            return;
-        }
-    }
 }
 
 /// A supervisor started ahead of its run, waiting for its launch: its
@@ -132,13 +125,19 @@ impl Supervised {
         let (reader, mut writer) = socket.into_split();
         let written = writer.write_all(plan.launch.encode().as_bytes()).await;
         sent();
-        let forwarder = tokio::spawn(forward(writer, plan.fence, plan.cancel)).abort_handle();
+        // From here on, `report` forwards the deadline and the stop.
         let mut supervised = Supervised {
             child: Some(child),
-            // Reports are short lines, and a run keeps this buffer for its
-            // whole life: not the default 8 KiB.
-            reports: BufReader::with_capacity(REPORT_BUFFER, reader).lines(),
-            forwarder: Some(forwarder),
+            socket: Socket {
+                reader,
+                inbox: Vec::new(),
+                read_closed: false,
+                writer: Some(writer),
+                outbox: Vec::new(),
+            },
+            fence: plan.fence,
+            cancel: plan.cancel,
+            stop_sent: false,
             leader: 0,
             marker: plan.marker,
             gate: Some(gate),
@@ -166,7 +165,7 @@ impl Supervised {
             }
             // Ended at once: fenced before it began. `finish` reads it.
             Ok(Ok(end @ Report::Ended { .. })) => {
-                supervised.pending_end = Some(end);
+                supervised.pending_end = Some(Box::new(end));
                 Ok(supervised)
             }
             Ok(Ok(Report::Failed(text))) => {
@@ -190,22 +189,56 @@ impl Supervised {
 
     /// The supervisor's next report (output streams' ends are kept for
     /// [`Supervised::finish`], not returned); an error once its socket
-    /// closed or it said something it should not. Cancel-safe.
+    /// closed or it said something it should not. Meanwhile, writes the
+    /// fence deadline to the supervisor whenever it moves, and the stop
+    /// once the run's cancel token fires. Cancel-safe: what was read or
+    /// not yet written is kept for the next call.
     pub(crate) async fn report(&mut self) -> Result<Report, String> {
         if let Some(end) = self.pending_end.take() {
-            return Ok(end);
+            return Ok(*end);
         }
         loop {
-            let report = match self.reports.next_line().await {
-                Ok(Some(line)) if line.len() <= MAX_OUTPUT_LINE => Report::decode(&line),
-                Ok(Some(_)) => Err("a report longer than any report".into()),
-                Ok(None) => Err("its socket closed".into()),
-                Err(error) => Err(format!("its socket failed: {error}")),
-            };
-            match report {
-                Ok(Report::Output(end)) => self.outputs.push(end),
-                report => return report,
+            if let Some(line) = self.socket.next_line()? {
+                let report = match std::str::from_utf8(&line) {
+                    Ok(line) => Report::decode(line),
+                    Err(error) => Err(format!("its socket failed: {error}")),
+                };
+                match report {
+                    Ok(Report::Output(end)) => self.outputs.push(end),
+                    report => return report,
+                }
+                continue;
             }
+            let ordering = self.socket.writer.is_some();
+            let moves = self.fence.moves();
+            // The socket is polled by hand, which keeps no state in this
+            // future (the waits below keep theirs): a run idles here.
+            let socket = &mut self.socket;
+            tokio::select! {
+                io = std::future::poll_fn(|cx| socket.poll_io(cx)) => io?,
+                at = moved(&mut self.fence), if ordering && moves => {
+                    self.order(&Order::Deadline(at.map(|at| at.boottime_ns)));
+                }
+                () = self.cancel.cancelled(), if ordering && !self.stop_sent => self.stop(),
+            }
+        }
+    }
+
+    /// Send the stop (SIGTERM, the grace period, SIGKILL) once; it goes out
+    /// from [`Supervised::report`].
+    pub(crate) fn stop(&mut self) {
+        if !self.stop_sent {
+            self.stop_sent = true;
+            self.order(&Order::Stop);
+        }
+    }
+
+    /// Queue `order` for the supervisor (nothing once its socket is closed).
+    fn order(&mut self, order: &Order) {
+        if self.socket.writer.is_some() {
+            self.socket
+                .outbox
+                .extend_from_slice(order.encode().as_bytes());
         }
     }
 
@@ -258,9 +291,7 @@ impl Supervised {
 
     /// Stop writing to the supervisor and wait for it to exit; how it ended.
     async fn wait_supervisor(&mut self) -> String {
-        if let Some(forwarder) = self.forwarder.take() {
-            forwarder.abort();
-        }
+        self.close_orders();
         match self.child.take() {
             Some(mut child) => match child.wait().await {
                 Ok(status) => describe(status),
@@ -281,9 +312,7 @@ impl Supervised {
     /// Reap the supervisor in the background, then release the run's gate
     /// and record.
     fn reap_later(&mut self) {
-        if let Some(forwarder) = self.forwarder.take() {
-            forwarder.abort();
-        }
+        self.close_orders();
         let Some(mut child) = self.child.take() else {
             return;
         };
@@ -300,11 +329,119 @@ impl Supervised {
     }
 }
 
+impl Supervised {
+    /// Write no more orders: our end of the socket is shut for writing, and
+    /// a supervisor whose run is not over kills the tree at once.
+    fn close_orders(&mut self) {
+        self.socket.writer = None;
+        self.socket.outbox = Vec::new();
+    }
+}
+
+/// The fence deadline once it moved. Its wait is boxed: a run idles in
+/// [`Supervised::report`], and a fence that never moves (no lease: the
+/// embedded store) is then not waited for at all, and takes no room.
+async fn moved(fence: &mut FenceDeadline) -> Option<eretes_runtime::Deadline> {
+    Box::pin(fence.changed()).await
+}
+
+/// A supervisor's socket, from the agent's side.
+struct Socket {
+    /// Where its reports come from.
+    reader: OwnedReadHalf,
+    /// What was read of a report line not complete yet: empty, with no
+    /// capacity, between reports (a run keeps no read buffer while it
+    /// idles).
+    inbox: Vec<u8>,
+    /// The socket said end of file.
+    read_closed: bool,
+    /// Where orders go; dropped (which closes our end of the socket, and
+    /// the supervisor kills the tree) once the run is over, or when a
+    /// write failed (the supervisor is gone: its end shows in the reports).
+    writer: Option<OwnedWriteHalf>,
+    /// Orders not written yet (empty, with no capacity, while none wait).
+    outbox: Vec<u8>,
+}
+
+impl Socket {
+    /// Write what orders wait, and read until a report line is complete,
+    /// the socket ends or fails. Ready once there is something for
+    /// [`Socket::next_line`] to look at. Cancel-safe: what was read or
+    /// written is accounted for before it returns.
+    fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), String>> {
+        while let Some(writer) = self.writer.as_mut().filter(|_| !self.outbox.is_empty()) {
+            match Pin::new(writer).poll_write(cx, &self.outbox) {
+                Poll::Ready(Ok(n)) if n > 0 => {
+                    self.outbox.drain(..n);
+                    if self.outbox.is_empty() {
+                        self.outbox = Vec::new();
+                    }
+                }
+                Poll::Ready(_) => {
+                    // The supervisor is gone; its end shows in the reports.
+                    self.writer = None;
+                    self.outbox = Vec::new();
+                }
+                Poll::Pending => break,
+            }
+        }
+        // On the stack for this call only: nothing is kept between reads.
+        let mut buffer = [0u8; REPORT_BUFFER];
+        loop {
+            let mut read = ReadBuf::new(&mut buffer);
+            match Pin::new(&mut self.reader).poll_read(cx, &mut read) {
+                Poll::Ready(Ok(())) if read.filled().is_empty() => {
+                    self.read_closed = true;
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Ready(Ok(())) => {
+                    let filled = read.filled();
+                    self.inbox.extend_from_slice(filled);
+                    if filled.contains(&b'\n') || self.inbox.len() > MAX_OUTPUT_LINE {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(error)) if error.kind() == std::io::ErrorKind::Interrupted => {}
+                Poll::Ready(Err(error)) => {
+                    return Poll::Ready(Err(format!("its socket failed: {error}")))
+                }
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    /// The next complete report line read, if any (or the rest at the end
+    /// of the stream); an error once the stream ended or a line grew
+    /// longer than any report.
+    fn next_line(&mut self) -> Result<Option<Vec<u8>>, String> {
+        if let Some(at) = self.inbox.iter().position(|&byte| byte == b'\n') {
+            if at > MAX_OUTPUT_LINE {
+                return Err("a report longer than any report".into());
+            }
+            let mut line: Vec<u8> = self.inbox.drain(..=at).collect();
+            line.pop();
+            if self.inbox.is_empty() {
+                self.inbox = Vec::new();
+            }
+            return Ok(Some(line));
+        }
+        if self.inbox.len() > MAX_OUTPUT_LINE {
+            return Err("a report longer than any report".into());
+        }
+        if self.read_closed {
+            return match std::mem::take(&mut self.inbox) {
+                line if line.is_empty() => Err("its socket closed".into()),
+                line => Ok(Some(line)),
+            };
+        }
+        Ok(None)
+    }
+}
+
 impl Drop for Supervised {
-    /// Dropped before its end (the runtime gave up on the handler): the
-    /// forwarder's abort closes the socket, and the supervisor kills the
-    /// tree at once. The gate and
-    /// the record are kept until it has exited.
+    /// Dropped before its end (the runtime gave up on the handler): closing
+    /// the socket's write side makes the supervisor kill the tree at once.
+    /// The gate and the record are kept until it has exited.
     fn drop(&mut self) {
         self.reap_later();
     }
@@ -367,7 +504,9 @@ pub(crate) struct RunGates {
 
 #[derive(Debug, Default)]
 struct Gates {
-    by_task: HashMap<String, Weak<tokio::sync::Mutex<()>>>,
+    /// By the task's id, which shares the id's text (a `String` key would
+    /// be one more allocation per running task).
+    by_task: HashMap<TaskId, Weak<tokio::sync::Mutex<()>>>,
     /// Forget gates nobody holds once the map grows past this.
     prune_at: usize,
 }
@@ -375,16 +514,14 @@ struct Gates {
 impl RunGates {
     /// Wait until no earlier run of `task` is alive here; the guard keeps
     /// later runs waiting until it is dropped.
-    pub(crate) async fn enter(&self, task: &str) -> OwnedMutexGuard<()> {
+    pub(crate) async fn enter(&self, task: &TaskId) -> OwnedMutexGuard<()> {
         let gate = {
             let mut gates = self.gates.lock().expect("not poisoned");
             match gates.by_task.get(task).and_then(Weak::upgrade) {
                 Some(gate) => gate,
                 None => {
                     let gate = Arc::new(tokio::sync::Mutex::new(()));
-                    gates
-                        .by_task
-                        .insert(task.to_string(), Arc::downgrade(&gate));
+                    gates.by_task.insert(task.clone(), Arc::downgrade(&gate));
                     if gates.by_task.len() > gates.prune_at {
                         gates.by_task.retain(|_, gate| gate.strong_count() > 0);
                         gates.prune_at = (gates.by_task.len() * 2).max(64);
@@ -397,8 +534,8 @@ impl RunGates {
     }
 }
 
-/// The read buffer of a supervisor's reports (a line longer than this is
-/// read in several fills).
+/// How much of a supervisor's reports is read at a time (on the stack: a
+/// line longer than this is read in several reads).
 const REPORT_BUFFER: usize = 512;
 
 #[cfg(test)]
@@ -408,13 +545,14 @@ mod tests {
     #[tokio::test]
     async fn a_run_waits_for_the_previous_run_of_its_task_only() {
         let gates = RunGates::default();
-        let first = gates.enter("a").await;
-        let other = tokio::time::timeout(Duration::from_secs(5), gates.enter("b")).await;
+        let id = |name: &str| TaskId::new(name).unwrap();
+        let first = gates.enter(&id("a")).await;
+        let other = tokio::time::timeout(Duration::from_secs(5), gates.enter(&id("b"))).await;
         assert!(other.is_ok(), "another task does not wait");
-        let blocked = tokio::time::timeout(Duration::from_millis(50), gates.enter("a")).await;
+        let blocked = tokio::time::timeout(Duration::from_millis(50), gates.enter(&id("a"))).await;
         assert!(blocked.is_err(), "the same task waits");
         drop(first);
-        let next = tokio::time::timeout(Duration::from_secs(5), gates.enter("a")).await;
+        let next = tokio::time::timeout(Duration::from_secs(5), gates.enter(&id("a"))).await;
         assert!(next.is_ok(), "and goes on once the first is gone");
     }
 
@@ -422,7 +560,7 @@ mod tests {
     async fn gates_nobody_holds_are_forgotten() {
         let gates = RunGates::default();
         for n in 0..1000 {
-            drop(gates.enter(&format!("t{n}")).await);
+            drop(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
         }
         assert!(gates.gates.lock().unwrap().by_task.len() <= 128);
     }

@@ -75,7 +75,7 @@ impl Spawner {
                 // when the supervisor dies: no copy may stay here.
                 drop(command);
                 return Ok(NewSupervisor {
-                    child: SupervisorChild::Spawned(child),
+                    child: SupervisorChild::Spawned(Box::new(child)),
                     control: ours,
                 });
             }
@@ -215,8 +215,9 @@ fn supervisor_command(config: &ExecConfig, extra: Option<&str>) -> Command {
 
 /// A supervisor process, the agent's child either way.
 pub(crate) enum SupervisorChild {
-    /// Exec'd by the agent.
-    Spawned(Child),
+    /// Exec'd by the agent (boxed: a `Child` is some 160 bytes, and every
+    /// running task holds this while it idles; most supervisors are forked).
+    Spawned(Box<Child>),
     /// Forked by the fork server.
     Forked(Forked),
 }
