@@ -33,6 +33,9 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     // Settled: the agent's own start is over.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let baseline_kib = status_field(pid, "VmRSS:")?;
+    // Anonymous memory (the heap) apart: the rest is mostly the binary's
+    // pages, which more code run maps in.
+    let baseline_anon_kib = status_field(pid, "RssAnon:")?;
     for n in 0..tasks {
         http.post(format!("{url}/v1/tasks"))
             .json(&json!({ "id": format!("idle-{n}"), "program": "sleep", "args": ["3600"] }))
@@ -69,9 +72,12 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     let cpu_percent = ticks as f64 / per_second / seconds * 100.0;
     let threads = status_field(pid, "Threads:")?;
     let running_kib = status_field(pid, "VmRSS:")?;
+    let running_anon_kib = status_field(pid, "RssAnon:")?;
     let supervisors = super::agent::supervisors_of(pid);
     let supervisor_pss_kib: u64 = supervisors.iter().filter_map(|&child| pss_kib(child)).sum();
     let per_task_kib = running_kib.saturating_sub(baseline_kib) as f64 / tasks as f64;
+    let anon_per_task_kib =
+        running_anon_kib.saturating_sub(baseline_anon_kib) as f64 / tasks as f64;
     let supervisor_per_task_kib = supervisor_pss_kib as f64 / supervisors.len().max(1) as f64;
     println!(
         "{tasks} idle `sleep` tasks: the agent uses {cpu_percent:.2}% of a core over {seconds:.0} s \
@@ -118,6 +124,7 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
         "baseline_rss_kib": baseline_kib,
         "running_rss_kib": running_kib,
         "agent_kib_per_task": (per_task_kib * 10.0).round() / 10.0,
+        "agent_anon_kib_per_task": (anon_per_task_kib * 10.0).round() / 10.0,
         "supervisor_pss_kib_per_task": supervisor_per_task_kib.round(),
         "total_kib_per_task": (per_task_kib + supervisor_per_task_kib).round(),
         "removal_s": (removed_in.as_secs_f64() * 10.0).round() / 10.0,
