@@ -63,11 +63,6 @@ pub struct ProcessHandler {
 /// Longest the end of an attempt waits for a checkpoint save under way.
 const SAVE_DRAIN: Duration = Duration::from_secs(10);
 
-/// Errors of a process task count for this long (its attempts are counted
-/// over its whole life, for any practical purpose).
-/// A year of 365.25 days, which error messages print as `1year`.
-const ATTEMPT_WINDOW: Duration = Duration::from_secs(31_557_600);
-
 impl ProcessHandler {
     /// A handler with `config`. Creates its directories and kills the
     /// processes a previous agent on the same data directory left behind
@@ -127,13 +122,10 @@ impl StatefulHandler for ProcessHandler {
 
     fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
         let spec = ProcessSpec::from_properties(&task.spec.properties).ok()?;
-        let (first_backoff, longest_backoff) = self.config.retry_backoff;
-        Some(ErrorPolicy {
-            max_errors: spec.max_attempts as usize,
-            window: ATTEMPT_WINDOW,
-            first_backoff,
-            longest_backoff,
-        })
+        Some(ErrorPolicy::attempts(
+            spec.max_attempts,
+            self.config.retry_backoff,
+        ))
     }
 }
 

@@ -11,10 +11,6 @@ use eretes_runtime::{ErrorPolicy, StateContext, StatefulHandler, Step};
 use crate::images::AllowImages;
 use crate::run::Run;
 use crate::spec::{images, KubeSpec};
-/// Errors of a Kubernetes task count for this long (its attempts are
-/// counted over its whole life, as a process task's are).
-const ATTEMPT_WINDOW: Duration = Duration::from_secs(31_557_600);
-
 /// What a [`KubeHandler`] needs: the API, where Jobs go, which images may
 /// run, and how to stop them.
 #[derive(Clone)]
@@ -140,12 +136,9 @@ impl StatefulHandler for KubeHandler {
 
     fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
         let spec = KubeSpec::from_properties(&task.spec.properties).ok()?;
-        let (first_backoff, longest_backoff) = self.config.retry_backoff;
-        Some(ErrorPolicy {
-            max_errors: spec.max_attempts as usize,
-            window: ATTEMPT_WINDOW,
-            first_backoff,
-            longest_backoff,
-        })
+        Some(ErrorPolicy::attempts(
+            spec.max_attempts,
+            self.config.retry_backoff,
+        ))
     }
 }

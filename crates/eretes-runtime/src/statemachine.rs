@@ -69,6 +69,26 @@ impl Default for ErrorPolicy {
 }
 
 impl ErrorPolicy {
+    /// A window as long as a task's life, for any practical purpose: a year
+    /// of 365.25 days, which error messages print as `1year`.
+    pub const LIFETIME: Duration = Duration::from_secs(31_557_600);
+
+    /// A policy that fails a task at its `max_attempts`-th error over its
+    /// whole life, backing off from `first_backoff` up to
+    /// `longest_backoff` in between (what executors whose specs name a
+    /// number of attempts use).
+    pub fn attempts(
+        max_attempts: u32,
+        (first_backoff, longest_backoff): (Duration, Duration),
+    ) -> Self {
+        ErrorPolicy {
+            max_errors: max_attempts as usize,
+            window: Self::LIFETIME,
+            first_backoff,
+            longest_backoff,
+        }
+    }
+
     /// How many of `record`'s errors fall within the window at `now_ms`.
     pub fn recent_errors(&self, record: &StateRecord, now_ms: u64) -> usize {
         record.errors_since(now_ms.saturating_sub(millis(self.window)))
