@@ -42,6 +42,18 @@ pub struct KubeConfig {
     pub retry_backoff: (Duration, Duration),
 }
 
+impl KubeConfig {
+    /// The Kubernetes namespaces Jobs may be in: the default one and the
+    /// allowed ones.
+    pub fn namespaces(&self) -> Vec<String> {
+        let mut namespaces = vec![self.default_namespace.clone()];
+        namespaces.extend(self.allow_namespaces.iter().cloned());
+        namespaces.sort();
+        namespaces.dedup();
+        namespaces
+    }
+}
+
 /// Runs each task's [`KubeSpec`] as a Kubernetes Job, as the work of a task
 /// state machine (wrap it in [`eretes_runtime::StateMachine`]).
 ///
@@ -103,15 +115,6 @@ impl KubeHandler {
             }
         }
         Ok(())
-    }
-
-    /// The Kubernetes namespaces this agent's Jobs may be in.
-    pub fn namespaces(&self) -> Vec<String> {
-        let mut namespaces = vec![self.config.default_namespace.clone()];
-        namespaces.extend(self.config.allow_namespaces.iter().cloned());
-        namespaces.sort();
-        namespaces.dedup();
-        namespaces
     }
 
     /// The configuration.

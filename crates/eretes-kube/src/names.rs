@@ -30,7 +30,7 @@ pub const NODE_ANNOTATION: &str = "eretes.io/node";
 /// whole fits [`MAX_JOB_NAME`].
 pub fn job_name(namespace: &Namespace, task: &TaskId, epoch: i64) -> String {
     let hash = short_hash(&[
-        namespace_name(namespace).as_bytes(),
+        namespace.name().as_bytes(),
         task.as_str().as_bytes(),
         epoch.to_string().as_bytes(),
     ]);
@@ -61,11 +61,6 @@ pub fn job_name(namespace: &Namespace, task: &TaskId, epoch: i64) -> String {
     }
 }
 
-/// The namespace's name (its key prefix without the `/`).
-fn namespace_name(namespace: &Namespace) -> &str {
-    namespace.root().trim_end_matches('/')
-}
-
 /// `value` as a label value when it is one, else `h-` and a hash of it, so
 /// that the label selects exactly what it names either way.
 pub fn label_value(value: &str) -> String {
@@ -76,17 +71,21 @@ pub fn label_value(value: &str) -> String {
     }
 }
 
+/// The labels that select every Job (and pod) eretes made for
+/// `namespace`.
+pub fn namespace_labels(namespace: &Namespace) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
+        (NAMESPACE_LABEL.to_string(), label_value(namespace.name())),
+    ])
+}
+
 /// The labels that select every Job (and pod) of `task` in `namespace`,
 /// whatever its epoch.
 pub fn task_labels(namespace: &Namespace, task: &TaskId) -> BTreeMap<String, String> {
-    BTreeMap::from([
-        (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-        (
-            NAMESPACE_LABEL.to_string(),
-            label_value(namespace_name(namespace)),
-        ),
-        (TASK_LABEL.to_string(), label_value(task.as_str())),
-    ])
+    let mut labels = namespace_labels(namespace);
+    labels.insert(TASK_LABEL.to_string(), label_value(task.as_str()));
+    labels
 }
 
 /// `labels` as a label selector (`a=b,c=d`).

@@ -18,7 +18,7 @@ use kube::Api;
 use tracing::{info, warn};
 
 use crate::handler::KubeConfig;
-use crate::names::{label_value, selector, MANAGED_BY, NAMESPACE_LABEL, TASK_ID_ANNOTATION};
+use crate::names::{namespace_labels, selector, TASK_ID_ANNOTATION};
 use crate::retry::with_retries;
 
 /// How often the agent sweeps.
@@ -35,21 +35,10 @@ pub struct Reaper {
 impl Reaper {
     /// A reaper of the Jobs a handler with `config` makes.
     pub fn new(config: &KubeConfig) -> Reaper {
-        let labels = [
-            (MANAGED_BY.0.to_string(), MANAGED_BY.1.to_string()),
-            (
-                NAMESPACE_LABEL.to_string(),
-                label_value(config.namespace.root().trim_end_matches('/')),
-            ),
-        ];
-        let mut namespaces = vec![config.default_namespace.clone()];
-        namespaces.extend(config.allow_namespaces.iter().cloned());
-        namespaces.sort();
-        namespaces.dedup();
         Reaper {
             client: config.client.clone(),
-            selector: selector(&labels.into_iter().collect()),
-            namespaces,
+            selector: selector(&namespace_labels(&config.namespace)),
+            namespaces: config.namespaces(),
             grace_seconds: u32::try_from(config.stop_grace.as_secs())
                 .unwrap_or(u32::MAX)
                 .max(1),

@@ -97,6 +97,23 @@ fn watch_status(error: &watcher::Error) -> Option<u16> {
     }
 }
 
+/// Delete `kind` `name` with `params`, through transient failures; whether
+/// the API accepted it (or it was gone already).
+async fn delete<K>(api: &Api<K>, kind: &str, name: &str, params: &DeleteParams) -> bool
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    let what = format!("deleting {kind} {name}");
+    match with_retries(&what, CALL_BUDGET, || false, || api.delete(name, params)).await {
+        Ok(_) => true,
+        Err(error) if error.status_code() == Some(404) => true,
+        Err(error) => {
+            warn!(kind, name, %error, "cannot delete it");
+            false
+        }
+    }
+}
+
 impl Run {
     /// The run of `ctx`'s claim for `spec`.
     pub fn new(config: &KubeConfig, ctx: &StateContext, spec: &KubeSpec) -> Run {
@@ -433,41 +450,13 @@ impl Run {
     /// next decision tries again.
     async fn delete_job(&self, name: &str, grace: u32) -> bool {
         let params = DeleteParams::foreground().grace_period(grace.max(MIN_GRACE_SECONDS));
-        let answer = with_retries(
-            "deleting a Job",
-            CALL_BUDGET,
-            || false,
-            || self.jobs.delete(name, &params),
-        )
-        .await;
-        match answer {
-            Ok(_) => true,
-            Err(error) if error.status_code() == Some(404) => true,
-            Err(error) => {
-                warn!(job = name, %error, "cannot delete the Job");
-                false
-            }
-        }
+        delete(&self.jobs, "Job", name, &params).await
     }
 
     /// Delete pod `name` with `grace` seconds; whether the API accepted it.
     async fn delete_pod(&self, name: &str, grace: u32) -> bool {
         let params = DeleteParams::background().grace_period(grace.max(MIN_GRACE_SECONDS));
-        let answer = with_retries(
-            "deleting a pod",
-            CALL_BUDGET,
-            || false,
-            || self.pods.delete(name, &params),
-        )
-        .await;
-        match answer {
-            Ok(_) => true,
-            Err(error) if error.status_code() == Some(404) => true,
-            Err(error) => {
-                warn!(pod = name, %error, "cannot delete the pod");
-                false
-            }
-        }
+        delete(&self.pods, "pod", name, &params).await
     }
 
     /// Follow `pod`'s log into the task's log file until `ended` (and the

@@ -67,6 +67,11 @@ impl Namespace {
         &self.root
     }
 
+    /// The namespace's name, as given to [`Namespace::new`].
+    pub fn name(&self) -> &str {
+        &self.root[..self.root.len() - 1]
+    }
+
     fn join(&self, kind: &str, rest: &str) -> String {
         let mut key = String::with_capacity(self.root.len() + kind.len() + rest.len());
         key.push_str(&self.root);

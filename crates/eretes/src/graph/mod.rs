@@ -133,9 +133,8 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
     };
     let report = match etcd.filter(|_| args.processes) {
         Some(url) => {
-            let mut fleet =
-                processes::ProcessFleet::new(ns.root().trim_end_matches('/'), &url, args.lease_ttl)
-                    .context("a directory for the node processes' counters")?;
+            let mut fleet = processes::ProcessFleet::new(ns.name(), &url, args.lease_ttl)
+                .context("a directory for the node processes' counters")?;
             run_regression_on(&mut fleet, store.clone(), ns.clone(), options).await
         }
         None => run_regression(store.clone(), ns.clone(), options).await,
