@@ -184,6 +184,34 @@ fn the_agent_refuses_kubernetes_without_an_image_list_or_a_cluster() {
         ],
     );
     assert!(refused.contains("--kubeconfig"), "{refused}");
+    // Allow lists of names that cannot be Kubernetes names.
+    let refused = agent_refuses(
+        &data,
+        &[
+            "--kubernetes",
+            "--allow-images",
+            "busybox:1.36",
+            "--allow-kubernetes-namespaces",
+            "Not_A_Label",
+        ],
+    );
+    assert!(
+        refused.contains("--allow-kubernetes-namespaces"),
+        "{refused}"
+    );
+    let refused = agent_refuses(
+        &data,
+        &[
+            "--kubernetes",
+            "--allow-images",
+            "busybox:1.36",
+            "--allow-service-accounts",
+            "bad account",
+        ],
+    );
+    assert!(refused.contains("--allow-service-accounts"), "{refused}");
+    let refused = agent_refuses(&data, &["--kubernetes", "--allow-images", "a b"]);
+    assert!(refused.contains("--allow-images"), "{refused}");
     // A Kubernetes option without --kubernetes is a usage error.
     let output = std::process::Command::new(common::BIN)
         .args(["agent", "--data-dir"])
