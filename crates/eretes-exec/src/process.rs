@@ -121,7 +121,7 @@ impl StatefulHandler for ProcessHandler {
     }
 
     fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
-        let spec = ProcessSpec::from_properties(&task.spec.properties).ok()?;
+        let spec = ProcessSpec::from_properties(&task.spec.properties.value()).ok()?;
         Some(ErrorPolicy::attempts(
             spec.max_attempts,
             self.config.retry_backoff,
@@ -134,7 +134,7 @@ impl ProcessHandler {
     /// run it once (or for ever, if permanent).
     async fn run_task(&self, ctx: &StateContext) -> Step {
         let id = &ctx.task.id;
-        let spec = match ProcessSpec::from_properties(&ctx.task.task.spec.properties) {
+        let spec = match ProcessSpec::from_properties(&ctx.task.task.spec.properties.value()) {
             Ok(spec) => spec,
             Err(error) => return Step::Fatal(error.to_string()),
         };

@@ -480,7 +480,7 @@ async fn drive_job(
     // A result record keeps its task's spec, whose properties name its index.
     let root = results
         .iter()
-        .find(|result| result.spec.properties["graph"]["index"] == 0)
+        .find(|result| result.spec.properties.value()["graph"]["index"] == 0)
         .map(findings_of)
         .unwrap_or_default();
     let counters = fleet.counters();

@@ -126,7 +126,7 @@ impl KubeHandler {
 #[async_trait]
 impl StatefulHandler for KubeHandler {
     async fn run(&self, ctx: StateContext) -> Step {
-        let spec = match KubeSpec::from_properties(&ctx.task.task.spec.properties) {
+        let spec = match KubeSpec::from_properties(&ctx.task.task.spec.properties.value()) {
             Ok(spec) => spec,
             Err(error) => return Step::Fatal(error.to_string()),
         };
@@ -138,7 +138,7 @@ impl StatefulHandler for KubeHandler {
     }
 
     fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
-        let spec = KubeSpec::from_properties(&task.spec.properties).ok()?;
+        let spec = KubeSpec::from_properties(&task.spec.properties.value()).ok()?;
         Some(ErrorPolicy::attempts(
             spec.max_attempts,
             self.config.retry_backoff,

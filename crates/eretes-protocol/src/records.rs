@@ -27,13 +27,103 @@ pub struct TaskSpec {
     pub group: GroupName,
     /// Anything the handler needs (JSON). `null` when absent.
     #[serde(default)]
-    pub properties: Value,
+    pub properties: Properties,
 }
 
 impl TaskSpec {
     /// A spec in `group` with `properties`.
-    pub fn new(group: GroupName, properties: Value) -> Self {
-        TaskSpec { group, properties }
+    pub fn new(group: GroupName, properties: impl Into<Properties>) -> Self {
+        TaskSpec {
+            group,
+            properties: properties.into(),
+        }
+    }
+}
+
+/// A task's properties: any JSON value, held as its compact JSON text.
+///
+/// Every node keeps the record of each task it sees, and a running task's
+/// record for as long as it runs; a decoded [`Value`] costs a B-tree node
+/// of some 600 bytes per JSON object, the text a few dozen. Handlers
+/// decode what they need once, when a run starts ([`Properties::value`],
+/// [`Properties::parse`]). Serialized, it is the same JSON value again, so
+/// stored records and API bodies are unchanged.
+#[derive(Clone, Default, PartialEq, Eq, Hash)]
+pub struct Properties(Option<Box<str>>);
+
+impl Properties {
+    /// `null`.
+    pub const NULL: Properties = Properties(None);
+
+    /// The properties `value` holds.
+    pub fn new(value: &Value) -> Self {
+        match value {
+            Value::Null => Properties::NULL,
+            value => Properties(Some(value.to_string().into_boxed_str())),
+        }
+    }
+
+    /// The properties, decoded.
+    pub fn value(&self) -> Value {
+        self.parse().unwrap_or(Value::Null)
+    }
+
+    /// The properties decoded as a `T`.
+    pub fn parse<T: DeserializeOwned>(&self) -> Result<T, serde_json::Error> {
+        serde_json::from_str(self.json())
+    }
+
+    /// The compact JSON text (`null` when absent).
+    pub fn json(&self) -> &str {
+        self.0.as_deref().unwrap_or("null")
+    }
+
+    /// Whether they are `null`.
+    pub fn is_null(&self) -> bool {
+        self.0.is_none()
+    }
+}
+
+impl From<Value> for Properties {
+    fn from(value: Value) -> Self {
+        Properties::new(&value)
+    }
+}
+
+impl From<&Value> for Properties {
+    fn from(value: &Value) -> Self {
+        Properties::new(value)
+    }
+}
+
+impl PartialEq<Value> for Properties {
+    fn eq(&self, other: &Value) -> bool {
+        self.value() == *other
+    }
+}
+
+impl std::fmt::Debug for Properties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.json())
+    }
+}
+
+impl Serialize for Properties {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        // Through a Value, so that any serializer (not only serde_json's)
+        // gets the JSON value rather than a string.
+        match &self.0 {
+            None => serializer.serialize_unit(),
+            Some(_) => self.value().serialize(serializer),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Properties {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        // A Value first: records flatten their spec, and serde's flatten
+        // buffers the fields, which rules out borrowing the raw text.
+        Value::deserialize(deserializer).map(Properties::from)
     }
 }
 

@@ -11,7 +11,7 @@ use crate::coordinator::Coordinator;
 use crate::error::ProtocolError;
 use crate::ids::{GroupName, NodeName, TaskId};
 use crate::machine::{ErrorEntry, MachineState, StateRecord};
-use crate::records::{decode, decode_task, OwnerRecord, ResultRecord};
+use crate::records::{decode, decode_task, OwnerRecord, Properties, ResultRecord};
 use crate::task_index::{ended, TaskIndex};
 
 /// Where a task is in its life.
@@ -103,7 +103,7 @@ pub struct TaskView {
     /// Its state.
     pub state: TaskState,
     /// Its properties as submitted.
-    pub properties: Value,
+    pub properties: Properties,
     /// The node running it (running) or that ended it (done, failed).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub node: Option<NodeName>,

@@ -683,3 +683,41 @@ async fn a_full_batch_of_run_ends_fits_the_stores_operation_limit() {
         .unwrap();
     assert_eq!(killed.outcome, Outcome::Killed);
 }
+
+#[tokio::test]
+async fn properties_are_stored_and_read_back_as_the_json_value_submitted() {
+    let (store, coordinator) = setup();
+    let submitted =
+        json!({"process": {"program": "sleep", "args": ["3600"]}, "n": 1.5, "t": [true, null]});
+    let id = TaskId::new("props").unwrap();
+    coordinator
+        .submit(&id, &spec(submitted.clone()))
+        .await
+        .unwrap();
+    // The stored value is the JSON object itself, not a string holding it.
+    let kv = store
+        .get_key(&coordinator.namespace().task(&id))
+        .await
+        .unwrap()
+        .unwrap();
+    let stored: serde_json::Value = serde_json::from_slice(&kv.value).unwrap();
+    assert_eq!(stored["properties"], submitted);
+    // Read back through the flattened record: the same value, held as text.
+    let record: TaskRecord = decode("task", &kv.key, &kv.value).unwrap();
+    assert_eq!(record.spec.properties.value(), submitted);
+    assert_eq!(record.spec.properties, submitted);
+    assert_eq!(record.spec.properties.json(), submitted.to_string());
+    let args: serde_json::Value = record.spec.properties.parse().unwrap();
+    assert_eq!(args["process"]["args"][0], "3600");
+    // Absent properties are null, and null is not stored as text.
+    let bare: TaskRecord = serde_json::from_str(r#"{"submitted_at_ms": 1}"#).unwrap();
+    assert!(bare.spec.properties.is_null());
+    assert_eq!(bare.spec.properties.json(), "null");
+    assert_eq!(
+        serde_json::to_value(&bare.spec).unwrap()["properties"],
+        serde_json::Value::Null
+    );
+    // Equal values are equal properties whichever way they were written.
+    let reordered: Properties = serde_json::from_str(r#"{ "b": 2, "a": 1 }"#).unwrap();
+    assert_eq!(reordered, Properties::new(&json!({"a": 1, "b": 2})));
+}

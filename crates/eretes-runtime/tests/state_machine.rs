@@ -69,9 +69,8 @@ impl StatefulHandler for Probe {
             .lock()
             .unwrap()
             .push(ctx.checkpointer.clone());
-        let mode = task.task.spec.properties["mode"]
-            .as_str()
-            .unwrap_or("count");
+        let properties = task.task.spec.properties.value();
+        let mode = properties["mode"].as_str().unwrap_or("count");
         match mode {
             "flaky" => Step::Error("boom".into()),
             "panic" => panic!("probe panic"),

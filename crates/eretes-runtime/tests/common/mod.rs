@@ -32,7 +32,7 @@ impl Handler for ScriptedHandler {
         let _run = self
             .observer
             .start(ctx.id.as_str(), ctx.node.as_str(), ctx.epoch);
-        let props = &ctx.task.spec.properties;
+        let props = &ctx.task.spec.properties.value();
         match props.get("mode").and_then(|m| m.as_str()).unwrap_or("idle") {
             "done" => HandlerOutcome::Done(json!({"node": ctx.node.as_str(), "epoch": ctx.epoch})),
             "fail" => HandlerOutcome::Failed("scripted failure".into()),

@@ -34,7 +34,7 @@ impl StatefulHandler for Executors {
         'life0: 'async_trait,
         Self: 'async_trait,
     {
-        if !KubeSpec::is_in(&ctx.task.task.spec.properties) {
+        if !KubeSpec::is_in(&ctx.task.task.spec.properties.value()) {
             return self.process.run(ctx);
         }
         match &self.kubernetes {
@@ -44,7 +44,7 @@ impl StatefulHandler for Executors {
     }
 
     fn error_policy(&self, task: &TaskRecord) -> Option<ErrorPolicy> {
-        if !KubeSpec::is_in(&task.spec.properties) {
+        if !KubeSpec::is_in(&task.spec.properties.value()) {
             return self.process.error_policy(task);
         }
         self.kubernetes.as_ref()?.error_policy(task)
