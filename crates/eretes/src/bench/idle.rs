@@ -102,13 +102,17 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     let removed_in = removing.elapsed();
     tokio::time::sleep(GIVE_BACK).await;
     let after_kib = status_field(pid, "VmRSS:")?;
+    let after_anon_kib = status_field(pid, "RssAnon:")?;
     let after_over_baseline = after_kib as f64 / baseline_kib as f64;
+    let anon_after_over_baseline = after_anon_kib as f64 / baseline_anon_kib.max(1) as f64;
     println!(
         "removed, and their processes gone, in {:.1} s; {} s later the agent's RSS is {after_kib} \
-         KiB ({:.0}% of the baseline)",
+         KiB ({:.0}% of the baseline), its heap {after_anon_kib} KiB ({:.0}% of the baseline's \
+         {baseline_anon_kib} KiB)",
         removed_in.as_secs_f64(),
         GIVE_BACK.as_secs(),
-        after_over_baseline * 100.0
+        after_over_baseline * 100.0,
+        anon_after_over_baseline * 100.0
     );
     if supervisors.len() < tasks {
         bail!(
@@ -130,6 +134,9 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
         "removal_s": (removed_in.as_secs_f64() * 10.0).round() / 10.0,
         "rss_after_removal_kib": after_kib,
         "rss_after_removal_over_baseline": (after_over_baseline * 100.0).round() / 100.0,
+        "baseline_anon_kib": baseline_anon_kib,
+        "anon_after_removal_kib": after_anon_kib,
+        "anon_after_removal_over_baseline": (anon_after_over_baseline * 100.0).round() / 100.0,
     }))
 }
 
