@@ -720,4 +720,13 @@ async fn properties_are_stored_and_read_back_as_the_json_value_submitted() {
     // Equal values are equal properties whichever way they were written.
     let reordered: Properties = serde_json::from_str(r#"{ "b": 2, "a": 1 }"#).unwrap();
     assert_eq!(reordered, Properties::new(&json!({"a": 1, "b": 2})));
+    // Floats survive any number of trips through the text, to the last bit.
+    let float =
+        json!({"x": 1.5777777777770001_f64, "y": 5e-324_f64, "z": 1.7976931348623157e308_f64});
+    let mut properties = Properties::new(&float);
+    for _ in 0..5 {
+        properties = serde_json::from_str(&serde_json::to_string(&properties).unwrap()).unwrap();
+    }
+    assert_eq!(properties.value(), float);
+    assert_eq!(properties.value()["x"].as_f64(), Some(1.5777777777770001));
 }
