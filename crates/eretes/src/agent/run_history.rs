@@ -7,7 +7,7 @@
 //! itself keeps only each task's counts (`runs/<id>`: claims, takeovers),
 //! which the task's page shows beside it.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::sync::Mutex;
 
 use eretes_protocol::{now_ms, NodeName, TaskId, TaskPosition, TaskState};
@@ -39,7 +39,41 @@ pub struct RunEvent {
 /// The ring of the latest run events.
 #[derive(Debug, Default)]
 pub struct RunHistory {
-    events: Mutex<VecDeque<RunEvent>>,
+    ring: Mutex<Ring>,
+}
+
+/// The events, and how many of them each task has: a task with none (most
+/// tasks of a large namespace, and every task never run) is deleted or
+/// looked up without a pass over the ring, which the watch would otherwise
+/// make for every deleted task while holding the lock.
+#[derive(Debug, Default)]
+struct Ring {
+    events: VecDeque<RunEvent>,
+    per_task: HashMap<TaskId, u32>,
+}
+
+impl Ring {
+    fn push(&mut self, event: RunEvent) {
+        *self.per_task.entry(event.task.clone()).or_default() += 1;
+        self.events.push_back(event);
+        while self.events.len() > RUN_EVENTS {
+            let Some(oldest) = self.events.pop_front() else {
+                break;
+            };
+            if let Some(count) = self.per_task.get_mut(&oldest.task) {
+                *count -= 1;
+                if *count == 0 {
+                    self.per_task.remove(&oldest.task);
+                }
+            }
+        }
+    }
+
+    fn forget(&mut self, task: &TaskId) {
+        if self.per_task.remove(task).is_some() {
+            self.events.retain(|event| &event.task != task);
+        }
+    }
 }
 
 impl RunHistory {
@@ -57,25 +91,24 @@ impl RunHistory {
         let owner = |position: Option<&TaskPosition>| position.and_then(|p| p.owner.clone());
         let (was, is) = (owner(before), owner(after));
         let at_ms = now_ms();
-        let mut events = self.events.lock().expect("not poisoned");
+        let mut ring = self.ring.lock().expect("not poisoned");
         if before.is_some() && after.is_none() {
             // Deleted: its history goes with it (a task submitted again
             // under the id starts with none).
-            events.retain(|event| &event.task != task);
+            ring.forget(task);
             return;
         }
         if was == is {
             let state = |position: Option<&TaskPosition>| position.map(|p| p.state);
             if let (Some((node, epoch)), Some(now)) = (is, state(after)) {
                 if state(before) != Some(now) && !now.is_terminal() {
-                    events.push_back(RunEvent {
+                    ring.push(RunEvent {
                         task: task.clone(),
                         kind: now.name(),
                         node,
                         epoch,
                         at_ms,
                     });
-                    trim(&mut events);
                 }
             }
             return;
@@ -89,7 +122,7 @@ impl RunHistory {
                 _ if released => "released",
                 _ => "lost",
             };
-            events.push_back(RunEvent {
+            ring.push(RunEvent {
                 task: task.clone(),
                 kind,
                 node,
@@ -98,7 +131,7 @@ impl RunHistory {
             });
         }
         if let Some((node, epoch)) = is {
-            events.push_back(RunEvent {
+            ring.push(RunEvent {
                 task: task.clone(),
                 kind: "started",
                 node,
@@ -106,19 +139,26 @@ impl RunHistory {
                 at_ms,
             });
         }
-        trim(&mut events);
     }
 
     /// The events of `task` the ring still holds, oldest first.
     pub fn of(&self, task: &TaskId) -> Vec<RunEvent> {
-        let events = self.events.lock().expect("not poisoned");
-        events.iter().filter(|e| &e.task == task).cloned().collect()
+        let ring = self.ring.lock().expect("not poisoned");
+        if !ring.per_task.contains_key(task) {
+            return Vec::new();
+        }
+        ring.events
+            .iter()
+            .filter(|e| &e.task == task)
+            .cloned()
+            .collect()
     }
-}
 
-fn trim(events: &mut VecDeque<RunEvent>) {
-    while events.len() > RUN_EVENTS {
-        events.pop_front();
+    /// How many tasks have events in the ring (the counts' map, which must
+    /// not outgrow the ring).
+    #[cfg(test)]
+    fn tasks_held(&self) -> usize {
+        self.ring.lock().expect("not poisoned").per_task.len()
     }
 }
 
@@ -217,5 +257,84 @@ mod tests {
         assert_eq!(kept.len(), RUN_EVENTS - 1);
         assert_eq!(kept[0].epoch, 1, "the oldest event went first");
         assert_eq!(history.of(&old).len(), 1);
+    }
+
+    #[test]
+    fn tasks_pushed_out_of_the_ring_or_deleted_leave_no_count_behind() {
+        let history = RunHistory::default();
+        let ids: Vec<TaskId> = (0..RUN_EVENTS * 2)
+            .map(|n| format!("t{n}").parse().unwrap())
+            .collect();
+        let running = at(TaskState::Running, Some(("a", 1)));
+        for id in &ids {
+            history.note(id, None, Some(&running), true);
+        }
+        // Each task's one event: the first half were pushed out.
+        assert_eq!(history.tasks_held(), RUN_EVENTS);
+        assert!(history.of(&ids[0]).is_empty());
+        assert_eq!(history.of(&ids[RUN_EVENTS]).len(), 1);
+        // Deleting a task the ring no longer holds changes nothing.
+        history.note(&ids[0], Some(&running), None, false);
+        assert_eq!(history.tasks_held(), RUN_EVENTS);
+        // Deleting one it holds drops its events and its count, only its.
+        let last = &ids[RUN_EVENTS * 2 - 1];
+        history.note(last, Some(&running), None, false);
+        assert!(history.of(last).is_empty());
+        assert_eq!(history.tasks_held(), RUN_EVENTS - 1);
+        assert_eq!(history.of(&ids[RUN_EVENTS * 2 - 2]).len(), 1);
+        // Submitted again under the same id, it starts a history of its own.
+        history.note(last, None, Some(&running), true);
+        assert_eq!(history.of(last).len(), 1);
+        // A task with several events is counted once and forgotten whole.
+        let busy: TaskId = "busy".parse().unwrap();
+        for epoch in 0..5 {
+            history.note(
+                &busy,
+                None,
+                Some(&at(TaskState::Running, Some(("b", epoch)))),
+                true,
+            );
+        }
+        assert_eq!(history.of(&busy).len(), 5);
+        history.note(&busy, Some(&running), None, false);
+        assert!(history.of(&busy).is_empty());
+        // What the ring holds and what it counts agree: it was full before
+        // the busy task's five events went.
+        let ring = history.ring.lock().unwrap();
+        assert_eq!(ring.events.len(), RUN_EVENTS - 5);
+        let mut counted: HashMap<TaskId, u32> = HashMap::new();
+        for event in &ring.events {
+            *counted.entry(event.task.clone()).or_default() += 1;
+        }
+        assert_eq!(counted, ring.per_task);
+    }
+
+    /// A measurement, not a check (`cargo test --release -p eretes --bin
+    /// eretes deleting_tasks -- --ignored --nocapture`): with the ring
+    /// full, the watch deletes 100,000 tasks that never ran, as a
+    /// namespace's clean-up does.
+    #[test]
+    #[ignore]
+    fn deleting_tasks_with_a_full_ring() {
+        let history = RunHistory::default();
+        let running = at(TaskState::Running, Some(("a", 1)));
+        for n in 0..RUN_EVENTS {
+            let id: TaskId = format!("ran-{n}").parse().unwrap();
+            history.note(&id, None, Some(&running), true);
+        }
+        let pending = at(TaskState::Pending, None);
+        let ids: Vec<TaskId> = (0..100_000)
+            .map(|n| format!("pending-{n}").parse().unwrap())
+            .collect();
+        let started = std::time::Instant::now();
+        for id in &ids {
+            history.note(id, Some(&pending), None, false);
+        }
+        let elapsed = started.elapsed();
+        println!(
+            "100,000 deletes with {RUN_EVENTS} events in the ring: {:.1} ms ({:.2} µs each)",
+            elapsed.as_secs_f64() * 1e3,
+            elapsed.as_secs_f64() * 1e6 / 100_000.0
+        );
     }
 }
