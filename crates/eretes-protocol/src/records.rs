@@ -47,7 +47,9 @@ impl TaskSpec {
 /// of some 600 bytes per JSON object, the text a few dozen. Handlers
 /// decode what they need once, when a run starts ([`Properties::value`],
 /// [`Properties::parse`]). Serialized, it is the same JSON value again, so
-/// stored records and API bodies are unchanged.
+/// stored records and API bodies are unchanged. Two are equal when their
+/// texts are; object keys are written sorted, so that is equality of the
+/// JSON values, but for `-0.0` against `0.0`.
 #[derive(Clone, Default, PartialEq, Eq, Hash)]
 pub struct Properties(Option<Box<str>>);
 
