@@ -1,0 +1,271 @@
+//! Claiming: which unowned tasks this node asks the balancer about, the
+//! claim transactions in flight and their outcomes, the ignore list, and
+//! the balancer's releases.
+
+use std::time::Duration;
+
+use eretes_protocol::{ClaimBasis, ClaimOutcome, GroupName, RunEnd, TaskId};
+use eretes_store::LeaseId;
+use tokio::time::Instant;
+use tracing::{info, warn};
+
+use crate::balancer::ClaimDecision;
+use crate::cache::Change;
+use crate::stats::NodeStats;
+
+use super::{off_loop, ClaimResult, MainLoop, StopReason};
+
+impl MainLoop {
+    pub(super) fn try_claims(&mut self) {
+        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+            return;
+        };
+        if self.frozen || self.shutting_down.is_some() || self.watch.is_none() {
+            return;
+        }
+        // Each pass starts with the next group, so that under an agent-wide
+        // limit no group waits for ever behind another that always has work.
+        let groups = self.my_groups.len();
+        self.claim_rotation = (self.claim_rotation + 1) % groups;
+        for step in 0..groups {
+            let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
+            // Under an agent-wide limit, the room left is shared among the
+            // groups still to come in this pass (what one leaves unused
+            // goes to the next), so no group takes every slot.
+            let share_of_room = if self.config.max_running == usize::MAX {
+                usize::MAX
+            } else {
+                let running: usize = self.busy.values().sum();
+                (self.config.max_running.saturating_sub(running)).div_ceil(groups - step)
+            };
+            let mut free = self
+                .config
+                .slots_for(&group)
+                .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
+                .min(share_of_room);
+            let mut batch = Vec::new();
+            let share = self.claim_share(&group);
+            while free > 0 && self.claiming.len() < self.claim_window {
+                let candidate = self.next_candidate(&group, share);
+                let Some(id) = candidate else { break };
+                match self.balancer.can_claim(&id, &group, &self.cache.view) {
+                    ClaimDecision::Claim => {
+                        if let Some(basis) = self.cache.claim_basis(&id) {
+                            // Counted as this node's at once, so the balancer's
+                            // next decision sees it.
+                            self.cache.set_mine(&id, &group, 0);
+                            self.claiming.insert(id.clone());
+                            *self.busy.entry(group.clone()).or_default() += 1;
+                            batch.push((id, basis));
+                            free -= 1;
+                        }
+                        if batch.len() >= self.config.claim_batch {
+                            self.launch_claims(lease, group.clone(), std::mem::take(&mut batch));
+                        }
+                    }
+                    ClaimDecision::RetryAfter(delay) => {
+                        self.ignore_for(&id, delay);
+                        self.deferred.insert(group.clone(), id);
+                        break;
+                    }
+                    ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
+                }
+            }
+            if !batch.is_empty() {
+                self.launch_claims(lease, group, batch);
+            }
+        }
+    }
+
+    /// This node's share of `group`'s unowned tasks: its rank among the
+    /// group's serving nodes and their number, if it is one of them.
+    pub(super) fn claim_share(&self, group: &GroupName) -> Option<(u64, u64)> {
+        let serving = &self.cache.view.groups.get(group)?.serving;
+        let rank = serving.iter().position(|n| *n == self.config.name)?;
+        Some((rank as u64, serving.len() as u64))
+    }
+
+    /// The next task of `group` to claim: the oldest eligible one among this
+    /// node's share, looking a bounded way ahead, else the oldest eligible
+    /// one of all. Without shares every node would try the same oldest tasks
+    /// at once, and a batch that loses one compare falls back to one
+    /// transaction per task; with them, nodes contend only for leftovers.
+    pub(super) fn next_candidate(
+        &self,
+        group: &GroupName,
+        share: Option<(u64, u64)>,
+    ) -> Option<TaskId> {
+        let eligible =
+            |id: &&TaskId| !self.ignored.contains_key(*id) && !self.claiming.contains(*id);
+        if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
+            let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
+            // The share test first: it is a modulo, the eligibility test two
+            // map lookups.
+            let mine = self
+                .cache
+                .unowned_spread(group)
+                .take(look_ahead)
+                .filter(|(spread, _)| spread % nodes == rank)
+                .map(|(_, id)| id)
+                .find(eligible);
+            if let Some(id) = mine {
+                return Some(id.clone());
+            }
+        }
+        self.cache.unowned(group).find(eligible).cloned()
+    }
+
+    /// Claim `batch` (tasks of `group`) in one transaction where possible.
+    pub(super) fn launch_claims(
+        &mut self,
+        lease: LeaseId,
+        group: GroupName,
+        batch: Vec<(TaskId, ClaimBasis)>,
+    ) {
+        let coordinator = self.coordinator.clone();
+        let node = self.config.name.clone();
+        self.claims.push(off_loop(async move {
+            let sent = Instant::now();
+            let outcomes = coordinator.claim_batch(&node, lease, &batch).await;
+            let took = sent.elapsed();
+            let results = batch
+                .into_iter()
+                .zip(outcomes)
+                .map(|((id, _), outcome)| ClaimResult {
+                    id,
+                    group: group.clone(),
+                    outcome,
+                })
+                .collect();
+            (took, results)
+        }));
+    }
+
+    /// Fewer claims in flight while the store is slow to answer them, more
+    /// again when it is quick. A store that applies writes in order (etcd)
+    /// answers a lease renewal only after the writes queued before it: a
+    /// burst of claims from many nodes (a rejoin, a large submit) can keep
+    /// its queue long enough that renewals miss the TTL and every node
+    /// fences itself. A claim transaction slower than a twentieth of the
+    /// TTL halves the window (down to one batch); a quicker one grows it by
+    /// a batch, up to `max_claims_in_flight`.
+    pub(super) fn pace_claims(&mut self, took: Duration) {
+        let batch = self.config.claim_batch.max(1);
+        let most = self.config.max_claims_in_flight;
+        self.claim_window = if took > self.config.lease_ttl / 20 {
+            (self.claim_window / 2).max(batch.min(most))
+        } else {
+            (self.claim_window + batch).min(most)
+        };
+        self.stats.claim_window.store(
+            self.claim_window as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+    }
+
+    pub(super) fn on_claim(&mut self, result: ClaimResult) {
+        let ClaimResult { id, group, outcome } = result;
+        self.claiming.remove(&id);
+        match outcome {
+            Ok(ClaimOutcome::Claimed(claim)) => {
+                NodeStats::bump(&self.stats.claims);
+                if claim.takeover {
+                    NodeStats::bump(&self.stats.takeovers);
+                }
+                self.cache.set_mine(&id, &group, claim.epoch);
+                if self.frozen || self.shutting_down.is_some() {
+                    // Frozen, drained or draining since the claim left: give
+                    // the task straight back instead of starting it.
+                    self.finish(claim, RunEnd::Released);
+                } else {
+                    self.start_handler(claim);
+                }
+            }
+            Ok(ClaimOutcome::Parked { takeovers }) => {
+                NodeStats::bump(&self.stats.parked);
+                warn!(node = %self.config.name, task = %id, takeovers, "task parked as failed after too many takeovers");
+                self.cache.clear_tentative(&id);
+                self.release_slot(&group);
+            }
+            Ok(ClaimOutcome::Lost(keys)) => {
+                NodeStats::bump(&self.stats.claim_conflicts);
+                self.cache.clear_tentative(&id);
+                self.lift_deferral(&group);
+                // Bring the cache up to what the store said, so the next
+                // attempt (if any) starts from the truth instead of waiting
+                // for the watch to catch up.
+                let ns = self.config.namespace.clone();
+                let updates = [
+                    (ns.task(&id), keys.task),
+                    (ns.owner(&id), keys.owner),
+                    (ns.run(&id), keys.run),
+                ];
+                for (key, kv) in updates {
+                    let change = match kv {
+                        Some(kv) => self.cache.apply_put(&kv),
+                        None => self.cache.apply_delete(&key, 0),
+                    };
+                    if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
+                        self.on_change(change);
+                    }
+                }
+                if self.cache.claim_basis(&id).is_some() {
+                    // Still looks claimable (say its owner record is garbage
+                    // the cache cannot read): back off rather than spin.
+                    self.ignore_for(&id, self.config.release_ignore);
+                }
+                self.release_slot(&group);
+            }
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, task = %id, %error, "claim failed; will retry");
+                self.cache.clear_tentative(&id);
+                self.ignore_for(&id, Duration::from_secs(1));
+                self.release_slot(&group);
+            }
+        }
+    }
+
+    pub(super) fn ignore_for(&mut self, id: &TaskId, delay: Duration) {
+        if let Some(key) = self.ignored.get(id) {
+            self.ignore.reset(key, delay);
+        } else {
+            let key = self.ignore.insert(id.clone(), delay);
+            self.ignored.insert(id.clone(), key);
+        }
+    }
+
+    /// Run the balancer shortly: a node joined or left.
+    pub(super) fn balance_soon(&mut self) {
+        let soon = Instant::now() + self.config.membership_balance_delay;
+        self.next_balance = self.next_balance.min(soon);
+    }
+
+    /// The group's counts changed: let the balancer judge its deferred task again.
+    pub(super) fn lift_deferral(&mut self, group: &GroupName) {
+        if let Some(id) = self.deferred.remove(group) {
+            if let Some(key) = self.ignored.remove(&id) {
+                self.ignore.remove(&key);
+            }
+        }
+    }
+
+    pub(super) fn release_slot(&mut self, group: &GroupName) {
+        if let Some(count) = self.busy.get_mut(group) {
+            *count = count.saturating_sub(1);
+        }
+    }
+
+    pub(super) fn balance(&mut self) {
+        if self.lease.is_none() || self.shutting_down.is_some() {
+            return;
+        }
+        let releases = self.balancer.balance(&self.cache.view);
+        if !releases.is_empty() {
+            info!(node = %self.config.name, count = releases.len(), "balancer releases tasks");
+        }
+        for id in releases {
+            self.stop_task(&id, StopReason::Release);
+        }
+    }
+}

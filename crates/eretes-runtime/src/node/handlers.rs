@@ -1,0 +1,191 @@
+//! Handlers: starting a claimed task's run, stopping it, and writing how
+//! it ended (fenced by its epoch, many ends per transaction).
+
+use std::panic::AssertUnwindSafe;
+use std::time::Duration;
+
+use eretes_protocol::{Claim, Coordinator, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH};
+use eretes_store::Revision;
+use futures::FutureExt;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::balancer::RunningTask;
+use crate::handler::{HandlerOutcome, TaskContext};
+use crate::stats::NodeStats;
+
+use super::{off_loop, panic_message, Exit, MainLoop, Running, StopReason};
+
+impl MainLoop {
+    pub(super) fn start_handler(&mut self, claim: Claim) {
+        let cancel = CancellationToken::new();
+        let ctx = TaskContext {
+            id: claim.task.clone(),
+            task: claim.record.clone(),
+            epoch: claim.epoch,
+            node: self.config.name.clone(),
+            claims: claim.run.claims,
+            cancel: cancel.clone(),
+            commands: self.command_signals.clone(),
+            fence: self.fence_deadline.clone(),
+        };
+        self.cache.view.running.insert(
+            claim.task.clone(),
+            RunningTask {
+                group: claim.record.spec.group.clone(),
+                epoch: claim.epoch,
+                claimed_at: Instant::now(),
+            },
+        );
+        let handler = self.handler.clone();
+        let id = claim.task.clone();
+        let abort = self.handlers.spawn(async move {
+            let exit = match AssertUnwindSafe(handler.run(ctx)).catch_unwind().await {
+                Ok(outcome) => Exit::Returned(outcome),
+                Err(panic) => Exit::Panicked(panic_message(&*panic)),
+            };
+            (id, exit)
+        });
+        self.running.insert(
+            claim.task.clone(),
+            Running {
+                claim,
+                cancel,
+                abort,
+                stop: None,
+            },
+        );
+    }
+
+    pub(super) fn stop_task(&mut self, id: &TaskId, reason: StopReason) {
+        if let Some(running) = self.running.get_mut(id) {
+            if running.stop.is_none() {
+                self.overdue
+                    .insert((id.clone(), running.claim.epoch), self.config.handler_grace);
+            }
+            // A stronger reason (nothing may be written) wins over a release.
+            if running.stop.is_none() || reason != StopReason::Release {
+                running.stop = Some(reason);
+            }
+            running.cancel.cancel();
+        }
+    }
+
+    pub(super) fn on_handler_exit(&mut self, id: TaskId, exit: Exit) {
+        let Some(running) = self.running.remove(&id) else {
+            return;
+        };
+        let group = running.claim.record.spec.group.clone();
+        if let Some(task) = self.cache.view.running.remove(&id) {
+            metrics::histogram!("eretes_handler_run_seconds", "group" => group.to_string())
+                .record(task.claimed_at.elapsed().as_secs_f64());
+        }
+        let finish = match (running.stop, exit) {
+            (Some(StopReason::Gone | StopReason::Fenced), _) => None,
+            (_, Exit::Returned(HandlerOutcome::Done(result))) => Some(RunEnd::Done(result)),
+            // The kill is already persisted in the task's state: retire it.
+            (_, Exit::Returned(HandlerOutcome::Killed)) => Some(RunEnd::Killed),
+            // Asked to stop: an error or panic on the way out is not the
+            // task's failure, so give it back.
+            (Some(StopReason::Release), _)
+            | (_, Exit::Returned(HandlerOutcome::Release))
+            | (_, Exit::Abandoned) => Some(RunEnd::Released),
+            (None, Exit::Returned(HandlerOutcome::Failed(reason))) => Some(RunEnd::Failed(reason)),
+            (None, Exit::Panicked(message)) => {
+                Some(RunEnd::Failed(format!("handler panicked: {message}")))
+            }
+        };
+        match finish {
+            Some(finish) => self.finish(running.claim, finish),
+            None => self.release_slot(&group),
+        }
+    }
+
+    /// Queue the write of how a run ended (fenced by its epoch); its slot is
+    /// freed once the write is done.
+    pub(super) fn finish(&mut self, claim: Claim, end: RunEnd) {
+        match &end {
+            RunEnd::Done(_) => NodeStats::bump(&self.stats.completions),
+            RunEnd::Failed(_) | RunEnd::Killed => NodeStats::bump(&self.stats.failures),
+            RunEnd::Released => {
+                NodeStats::bump(&self.stats.releases);
+                // Whoever asked for the release, let another node have it.
+                let delay = self.config.release_ignore;
+                self.ignore_for(&claim.task, delay);
+            }
+        }
+        self.unfinished.push((claim, end));
+    }
+
+    /// Write the queued run ends, many per transaction.
+    pub(super) fn write_run_ends(&mut self) {
+        while !self.unfinished.is_empty() {
+            let take = self.unfinished.len().min(MAX_FINISH_BATCH);
+            let batch: Vec<(Claim, RunEnd)> = self.unfinished.drain(..take).collect();
+            let coordinator = self.coordinator.clone();
+            self.finishing.push(off_loop(async move {
+                let groups = batch
+                    .iter()
+                    .map(|(claim, _)| claim.record.spec.group.clone())
+                    .collect();
+                let results = coordinator.end_runs(&batch).await;
+                // Store errors are retried one by one; the rest are final.
+                let retries = batch.into_iter().zip(results).filter_map(|((claim, end), result)| {
+                    match result {
+                        Ok(()) | Err(ProtocolError::NotOwner { .. }) => None,
+                        Err(error) => {
+                            warn!(task = %claim.task, %error, "could not record the end of a run; retrying");
+                            let coordinator = &coordinator;
+                            Some(async move { end_with_retries(coordinator, &claim, end).await })
+                        }
+                    }
+                });
+                futures::future::join_all(retries).await;
+                groups
+            }));
+        }
+    }
+
+    /// A cancelled handler's grace period is over: abort it if that run
+    /// still has not returned.
+    pub(super) fn on_grace_over(&mut self, id: TaskId, epoch: Revision) {
+        let overdue = self
+            .running
+            .get(&id)
+            .is_some_and(|r| r.claim.epoch == epoch && r.stop.is_some());
+        if overdue {
+            warn!(node = %self.config.name, task = %id, grace = ?self.config.handler_grace, "handler ignored cancellation past its grace period; aborting it");
+            self.abort_handler(id);
+        }
+    }
+
+    pub(super) fn abort_handler(&mut self, id: TaskId) {
+        if let Some(running) = self.running.get(&id) {
+            running.abort.abort();
+            self.aborted.insert(running.abort.id(), id);
+        }
+    }
+}
+
+/// Write how a run ended, retrying store errors with capped backoff for as
+/// long as the node holds the task: giving up would leave the owner record
+/// under a live lease and strand the task. Fencing, shutdown or a kill drop
+/// this future. A fenced write (someone else owns the task now) is final.
+async fn end_with_retries(coordinator: &Coordinator, claim: &Claim, end: RunEnd) {
+    let mut backoff = Duration::from_millis(50);
+    for attempt in 1u64.. {
+        tokio::time::sleep(backoff).await;
+        match coordinator.end_run(claim, end.clone()).await {
+            Ok(()) => return,
+            Err(ProtocolError::NotOwner { .. }) => {
+                debug!(task = %claim.task, epoch = claim.epoch, "run end refused: no longer the owner");
+                return;
+            }
+            Err(error) => {
+                warn!(task = %claim.task, attempt, %error, "could not record the end of a run; retrying");
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The node's cache kept current: the listing of the namespace (first, on a
+//! watch restart, and every resync), the watch that continues it, and what
+//! each change means for the node.
+
+use std::time::Duration;
+
+use eretes_protocol::{ProtocolError, TaskId};
+use eretes_store::{EventKind, StoreError};
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::cache::{CachedOwner, Change};
+use crate::stats::NodeStats;
+
+use super::{MainLoop, StopReason, Sync};
+
+impl MainLoop {
+    pub(super) fn start_sync(&mut self) {
+        self.sync_at = None;
+        if self.lease.is_none() {
+            return;
+        }
+        let coordinator = self.coordinator.clone();
+        self.syncing = Some(Box::pin(async move {
+            let listing = coordinator.list_namespace().await?;
+            let watch = coordinator.watch_namespace(listing.revision + 1).await?;
+            Ok(Sync {
+                kvs: listing.kvs,
+                revision: listing.revision,
+                watch,
+            })
+        }));
+    }
+
+    pub(super) fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
+        match result {
+            Ok(sync) => {
+                NodeStats::bump(&self.stats.listings);
+                let (cache, changes) = self.cache.rebuild(&sync.kvs);
+                let membership_changed = cache.node_names() != self.cache.node_names();
+                self.cache = cache;
+                if membership_changed {
+                    self.balance_soon();
+                }
+                self.watch = Some(sync.watch);
+                let count = std::mem::replace(&mut self.count_listing_malformed, false);
+                self.commands.clear();
+                for change in changes {
+                    match change {
+                        // Handled above by comparing the node sets.
+                        Change::Membership { .. } => {}
+                        Change::Malformed(_) if !count => {}
+                        change => self.on_change(change),
+                    }
+                }
+                // Anything running here whose owner record is not ours any more
+                // was lost while the watch was down.
+                let lost: Vec<TaskId> = self
+                    .running
+                    .iter()
+                    // A claim newer than the listing is not in it; only older
+                    // ones can have been lost.
+                    .filter(|(id, r)| {
+                        r.claim.epoch <= sync.revision
+                            && self.cache.owner(id).map(|o| o.epoch) != Some(r.claim.epoch)
+                    })
+                    .map(|(id, _)| id.clone())
+                    .collect();
+                for id in lost {
+                    self.stop_task(&id, StopReason::Gone);
+                }
+                // Claims newer than the listing stay counted as ours until the
+                // watch delivers their owner records.
+                for running in self.running.values() {
+                    if running.claim.epoch > sync.revision {
+                        let group = &running.claim.record.spec.group;
+                        self.cache
+                            .set_mine(&running.claim.task, group, running.claim.epoch);
+                    }
+                }
+                for id in &self.claiming {
+                    if let Some(task) = self.cache.task(id) {
+                        let group = task.record.spec.group.clone();
+                        self.cache.set_mine(id, &group, 0);
+                    }
+                }
+            }
+            Err(error) => {
+                NodeStats::bump(&self.stats.store_errors);
+                warn!(node = %self.config.name, %error, "listing the namespace failed; retrying");
+                self.sync_at = Some(Instant::now() + Duration::from_millis(500));
+            }
+        }
+    }
+
+    pub(super) fn on_watch(&mut self, batch: Option<Result<eretes_store::WatchBatch, StoreError>>) {
+        match batch {
+            Some(Ok(events)) => {
+                for event in events {
+                    let change = match event.kind {
+                        EventKind::Put => self.cache.apply_put(&event.kv),
+                        EventKind::Delete => self
+                            .cache
+                            .apply_delete(&event.kv.key, event.kv.mod_revision),
+                    };
+                    self.on_change(change);
+                }
+            }
+            other => {
+                // Compaction, a stream error or the end of the stream: list
+                // again and watch from the listing's revision. Nothing is
+                // missed because the listing is the state after every event.
+                let why = match other {
+                    Some(Err(error)) => error.to_string(),
+                    _ => "watch stream ended".to_string(),
+                };
+                NodeStats::bump(&self.stats.relists);
+                warn!(node = %self.config.name, why, "watch interrupted; re-listing");
+                self.watch = None;
+                self.count_listing_malformed = true;
+                if self.syncing.is_none() {
+                    self.start_sync();
+                }
+            }
+        }
+    }
+
+    pub(super) fn on_change(&mut self, change: Change) {
+        match change {
+            Change::None => {}
+            Change::Malformed(what) => {
+                NodeStats::bump(&self.stats.malformed_skipped);
+                warn!(node = %self.config.name, what, "skipping malformed entry");
+            }
+            Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
+            Change::OwnerChanged { task, owner } => {
+                if owner.is_none() {
+                    if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone())
+                    {
+                        self.lift_deferral(&group);
+                    }
+                }
+                let Some(running) = self.running.get(&task) else {
+                    return;
+                };
+                let ours = matches!(&owner, Some(CachedOwner { epoch, .. }) if *epoch == running.claim.epoch);
+                if !ours && running.stop.is_none() {
+                    // Our owner record vanished without our doing: the task was
+                    // deleted or our lease is gone. Stop without writing.
+                    self.stop_task(&task, StopReason::Gone);
+                }
+            }
+            Change::Membership { node, joined } => {
+                if node == self.config.name && !joined && self.lease.is_some() {
+                    self.fence("this node's registration disappeared from the store");
+                    return;
+                }
+                debug!(node = %self.config.name, peer = %node, joined, "membership changed");
+                self.balance_soon();
+            }
+            Change::TaskCommand(task) => self.command_signals.ring(&task),
+            Change::Command {
+                key,
+                revision,
+                present,
+            } => {
+                if present {
+                    self.commands.insert(revision, key);
+                } else {
+                    self.commands.retain(|_, k| *k != key);
+                }
+            }
+        }
+    }
+}
