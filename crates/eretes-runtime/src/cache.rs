@@ -4,7 +4,7 @@
 //! groups are unowned, oldest first?" and "how loaded is each group?" (the
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
@@ -99,6 +99,17 @@ pub(crate) struct Cache {
     /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
     /// so that picking a node's share of them costs no hashing.
     unowned: HashMap<GroupName, BTreeSet<(Revision, u64, TaskId)>>,
+    /// Unowned tasks per group that the node holds back from claiming for a
+    /// while (its ignore list: skipped by the balancer, just released, a
+    /// claim that failed). They still count as unowned in the view, but are
+    /// no candidates, so a claim pass never walks past them: with every
+    /// candidate search starting from the oldest task, each held task would
+    /// cost every search a step, and a pass that skips many tasks would be
+    /// quadratic in them.
+    held: HashMap<GroupName, BTreeSet<(Revision, u64, TaskId)>>,
+    /// The ids held back, whether their task is cached now or not (it may
+    /// appear again, say after a resync, and must then be held back too).
+    held_ids: HashSet<TaskId>,
     /// The balancer's view: loads per group and this node's running tasks.
     pub view: ClusterView,
 }
@@ -112,6 +123,8 @@ impl Cache {
             entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
+            held: HashMap::new(),
+            held_ids: HashSet::new(),
         }
     }
 
@@ -119,6 +132,7 @@ impl Cache {
     pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
         let mut fresh = Cache::new(self.ns.clone(), self.me.clone());
         fresh.view.running = self.view.running.clone();
+        fresh.held_ids = self.held_ids.clone();
         let changes = kvs
             .iter()
             .map(|kv| match self.unchanged_task(kv) {
@@ -197,12 +211,65 @@ impl Cache {
         })
     }
 
-    /// Unowned tasks of `group`, oldest first.
+    /// Keep `id` out of the claim candidates until [`Cache::end_hold`]; it
+    /// stays counted as unowned.
+    pub fn hold_back(&mut self, id: &TaskId) {
+        if !self.held_ids.insert(id.clone()) {
+            return;
+        }
+        if let Some((group, key)) = self.unowned_key(id) {
+            let moved = self
+                .unowned
+                .get_mut(&group)
+                .is_some_and(|set| set.remove(&key));
+            if moved {
+                self.held.entry(group).or_default().insert(key);
+            }
+        }
+    }
+
+    /// Make `id` a claim candidate again, if it is an unowned task.
+    pub fn end_hold(&mut self, id: &TaskId) {
+        if !self.held_ids.remove(id) {
+            return;
+        }
+        if let Some((group, key)) = self.unowned_key(id) {
+            let moved = self
+                .held
+                .get_mut(&group)
+                .is_some_and(|set| set.remove(&key));
+            if moved {
+                self.unowned.entry(group).or_default().insert(key);
+            }
+        }
+    }
+
+    /// Tasks held back now, in every group (what [`Cache::hold_back`] keeps
+    /// out of the candidates).
+    #[cfg(test)]
+    fn held_back(&self) -> usize {
+        self.held.values().map(BTreeSet::len).sum()
+    }
+
+    /// The group and index key of `id` if it is a cached task without owner.
+    fn unowned_key(&self, id: &TaskId) -> Option<(GroupName, (Revision, u64, TaskId))> {
+        let entry = self.entries.get(id)?;
+        let task = entry.task.as_ref()?;
+        if entry.owner.is_some() {
+            return None;
+        }
+        let group = task.record.spec.group.clone();
+        Some((group, (task.order, spread_hash(id), id.clone())))
+    }
+
+    /// Unowned tasks of `group` that are claim candidates (not held back),
+    /// oldest first.
     pub fn unowned(&self, group: &GroupName) -> impl Iterator<Item = &TaskId> {
         self.unowned_spread(group).map(|(_, id)| id)
     }
 
-    /// Unowned tasks of `group`, oldest first, with their [`spread_hash`].
+    /// Unowned tasks of `group` that are claim candidates, oldest first, with
+    /// their [`spread_hash`].
     pub fn unowned_spread(&self, group: &GroupName) -> impl Iterator<Item = (u64, &TaskId)> {
         self.unowned
             .get(group)
@@ -478,12 +545,20 @@ impl Cache {
     }
 
     fn mark_unowned(&mut self, group: &GroupName, order: Revision, id: &TaskId, unowned: bool) {
-        let set = self.unowned.entry(group.clone()).or_default();
         let entry = (order, spread_hash(id), id.clone());
         let changed = if unowned {
-            set.insert(entry)
+            let index = if self.held_ids.contains(id) {
+                &mut self.held
+            } else {
+                &mut self.unowned
+            };
+            index.entry(group.clone()).or_default().insert(entry)
         } else {
-            set.remove(&entry)
+            let mut removed = false;
+            for index in [&mut self.unowned, &mut self.held] {
+                removed |= index.get_mut(group).is_some_and(|set| set.remove(&entry));
+            }
+            removed
         };
         if changed {
             let load = self.view.groups.entry(group.clone()).or_default();
@@ -594,6 +669,50 @@ mod tests {
         cache.apply_delete(&ns.task(&a), 12);
         assert_eq!(cache.view.group(&g).unowned, 2);
         assert_eq!(cache.view.group(&g).total(), 2);
+    }
+
+    #[test]
+    fn held_back_tasks_are_no_candidates_but_still_count_as_unowned() {
+        let ns = Namespace::new("t").unwrap();
+        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
+        let g = GroupName::default();
+        let id = |name: &str| TaskId::new(name).unwrap();
+        let put = |cache: &mut Cache, name: &str, rev: Revision| {
+            cache.apply_put(&kv(&ns.task(&id(name)), task_value("default"), rev, rev));
+        };
+        put(&mut cache, "a", 2);
+        put(&mut cache, "b", 3);
+        cache.hold_back(&id("a"));
+        // Held before its task is known: held once it appears.
+        cache.hold_back(&id("c"));
+        put(&mut cache, "c", 4);
+        let candidates =
+            |cache: &Cache| cache.unowned(&g).map(|t| t.to_string()).collect::<Vec<_>>();
+        assert_eq!(candidates(&cache), ["b"]);
+        assert_eq!(cache.view.group(&g).unowned, 3);
+        assert_eq!(cache.held_back(), 2);
+        // A resync keeps them held.
+        let kvs: Vec<KeyValue> = [("a", 2), ("b", 3), ("c", 4)]
+            .iter()
+            .map(|(name, rev)| kv(&ns.task(&id(name)), task_value("default"), *rev, *rev))
+            .collect();
+        let (mut cache, _) = cache.rebuild(&kvs);
+        assert_eq!(candidates(&cache), ["b"]);
+        assert_eq!(cache.view.group(&g).unowned, 3);
+        // An owner takes a held task out of the unowned count, and its
+        // loss puts it back, still held.
+        cache.set_mine(&id("c"), &g, 0);
+        assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (2, 1));
+        cache.clear_tentative(&id("c"));
+        assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (3, 2));
+        cache.end_hold(&id("a"));
+        assert_eq!(candidates(&cache), ["a", "b"]);
+        // A held task that is deleted leaves both the index and the count.
+        cache.apply_delete(&ns.task(&id("c")), 9);
+        assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (2, 0));
+        cache.end_hold(&id("c"));
+        assert_eq!(candidates(&cache), ["a", "b"]);
+        assert_eq!(cache.view.group(&g).unowned, 2);
     }
 
     #[test]

@@ -124,8 +124,11 @@ impl ClusterView {
 pub enum ClaimDecision {
     /// Claim it.
     Claim,
-    /// Do not claim it; ask again after this long (the task goes on the
-    /// runtime's ignore list until then).
+    /// Claim nothing of this group now: ask again after this long, or
+    /// sooner when the group's counts change in a way that may let this
+    /// node claim (a task lost its owner, a claim was lost, a node joined
+    /// or left). For a decision about the group or the node (its share,
+    /// its resources), not this task.
     RetryAfter(Duration),
     /// Not this task for now (ask again after this long), but go on with
     /// the group's others: for a decision about one task, not the group

@@ -29,6 +29,9 @@ impl MainLoop {
         self.claim_rotation = (self.claim_rotation + 1) % groups;
         for step in 0..groups {
             let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
+            if self.waiting.contains_key(&group) {
+                continue;
+            }
             // Under an agent-wide limit, the room left is shared among the
             // groups still to come in this pass (what one leaves unused
             // goes to the next), so no group takes every slot.
@@ -64,8 +67,12 @@ impl MainLoop {
                         }
                     }
                     ClaimDecision::RetryAfter(delay) => {
-                        self.ignore_for(&id, delay);
-                        self.deferred.insert(group.clone(), id);
+                        // A wait is about the group (this node's share of
+                        // it, its resources), not this task: asking about
+                        // the next task at every event until the counts
+                        // change would only put one task after another on
+                        // the ignore list.
+                        self.waiting.insert(group.clone(), Instant::now() + delay);
                         break;
                     }
                     ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
@@ -95,8 +102,10 @@ impl MainLoop {
         group: &GroupName,
         share: Option<(u64, u64)>,
     ) -> Option<TaskId> {
-        let eligible =
-            |id: &&TaskId| !self.ignored.contains_key(*id) && !self.claiming.contains(*id);
+        // Ignored tasks are held back by the cache, and a claim in flight
+        // counts as owned, so neither is among the candidates; the check
+        // only guards against the two ever disagreeing.
+        let eligible = |id: &&TaskId| !self.claiming.contains(*id);
         if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
             let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
             // The share test first: it is a modulo, the eligibility test two
@@ -190,7 +199,7 @@ impl MainLoop {
             Ok(ClaimOutcome::Lost(keys)) => {
                 NodeStats::bump(&self.stats.claim_conflicts);
                 self.cache.clear_tentative(&id);
-                self.lift_deferral(&group);
+                self.stop_waiting(&group);
                 // Bring the cache up to what the store said, so the next
                 // attempt (if any) starts from the truth instead of waiting
                 // for the watch to catch up.
@@ -233,21 +242,20 @@ impl MainLoop {
             let key = self.ignore.insert(id.clone(), delay);
             self.ignored.insert(id.clone(), key);
         }
+        self.cache.hold_back(id);
     }
 
     /// Run the balancer shortly: a node joined or left.
+    /// Every share changes with the membership, so no group waits either.
     pub(super) fn balance_soon(&mut self) {
         let soon = Instant::now() + self.config.membership_balance_delay;
         self.next_balance = self.next_balance.min(soon);
+        self.waiting.clear();
     }
 
-    /// The group's counts changed: let the balancer judge its deferred task again.
-    pub(super) fn lift_deferral(&mut self, group: &GroupName) {
-        if let Some(id) = self.deferred.remove(group) {
-            if let Some(key) = self.ignored.remove(&id) {
-                self.ignore.remove(&key);
-            }
-        }
+    /// The group's counts changed: let the balancer judge it again now.
+    pub(super) fn stop_waiting(&mut self, group: &GroupName) {
+        self.waiting.remove(group);
     }
 
     pub(super) fn release_slot(&mut self, group: &GroupName) {

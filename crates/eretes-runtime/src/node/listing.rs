@@ -137,7 +137,7 @@ impl MainLoop {
                 if owner.is_none() {
                     if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone())
                     {
-                        self.lift_deferral(&group);
+                        self.stop_waiting(&group);
                     }
                 }
                 let Some(running) = self.running.get(&task) else {

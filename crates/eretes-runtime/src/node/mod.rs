@@ -322,12 +322,14 @@ struct MainLoop {
     busy: HashMap<GroupName, usize>,
     /// Which group the next claiming pass starts with.
     claim_rotation: usize,
+    /// When each ignored task becomes a claim candidate again. While it is
+    /// ignored the cache holds it back from the candidates.
     ignore: DelayQueue<TaskId>,
     ignored: HashMap<TaskId, tokio_util::time::delay_queue::Key>,
-    /// The task the balancer last deferred, per group. Counts change when a
-    /// claim is lost or a task loses its owner; the deferral is then lifted at
-    /// once instead of waiting for its deadline.
-    deferred: HashMap<GroupName, TaskId>,
+    /// Groups the balancer said to wait with ([`ClaimDecision::RetryAfter`]),
+    /// until when. Counts change when a claim is lost, a task loses its
+    /// owner or a node joins or leaves; the wait then ends at once.
+    waiting: HashMap<GroupName, Instant>,
 
     /// Handlers waiting for task commands.
     command_signals: CommandSignals,
@@ -399,7 +401,7 @@ impl MainLoop {
             claim_rotation: 0,
             ignore: DelayQueue::new(),
             ignored: HashMap::new(),
-            deferred: HashMap::new(),
+            waiting: HashMap::new(),
             commands: BTreeMap::new(),
             command_signals: CommandSignals::default(),
             command_retry_at: None,
@@ -494,7 +496,7 @@ impl MainLoop {
                 Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
                     let id = expired.into_inner();
                     self.ignored.remove(&id);
-                    self.deferred.retain(|_, deferred| *deferred != id);
+                    self.cache.end_hold(&id);
                 }
                 result = async { self.syncing.as_mut().unwrap().await }, if self.syncing.is_some() => {
                     self.syncing = None;
@@ -547,6 +549,7 @@ impl MainLoop {
             self.command_retry_at,
             self.fence_abort_at,
             self.shutting_down.as_ref().map(|(_, at)| *at),
+            self.waiting.values().min().copied(),
         ]
         .into_iter()
         .flatten()
@@ -585,6 +588,7 @@ impl MainLoop {
         }
         // Every due deadline is cleared or moved here, so the loop's single
         // timer never stays armed in the past.
+        self.waiting.retain(|_, until| *until > now);
         if self.command_retry_at.is_some_and(|at| at <= now) {
             self.command_retry_at = None;
         }

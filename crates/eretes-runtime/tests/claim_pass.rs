@@ -1,0 +1,163 @@
+//! What a claim pass asks the balancer, and what it costs, when the balancer
+//! says "not this task" (skip) or "not now" (wait): paused tokio time on the
+//! embedded store, plus one ignored release-mode measurement.
+
+mod common;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use eretes_protocol::{GroupName, TaskId};
+use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView};
+use eretes_store::embedded::EmbeddedStore;
+use tokio::time::Instant;
+
+/// How often the balancer was asked about each task.
+type Asked = Arc<Mutex<HashMap<String, u32>>>;
+
+/// A balancer that answers from the task's number (`t0042` is 42): odd
+/// tasks get `odd`, even ones `even`. It never releases.
+struct ByParity {
+    odd: ClaimDecision,
+    even: ClaimDecision,
+    asked: Asked,
+}
+
+impl Balancer for ByParity {
+    fn can_claim(&mut self, task: &TaskId, _: &GroupName, _: &ClusterView) -> ClaimDecision {
+        *self
+            .asked
+            .lock()
+            .unwrap()
+            .entry(task.to_string())
+            .or_default() += 1;
+        let number: u64 = task.as_str()[1..]
+            .parse()
+            .expect("tasks are named t<number>");
+        if number % 2 == 1 {
+            self.odd
+        } else {
+            self.even
+        }
+    }
+
+    fn balance(&mut self, _: &ClusterView) -> Vec<TaskId> {
+        Vec::new()
+    }
+}
+
+async fn node_with(cluster: &mut Cluster, odd: ClaimDecision, even: ClaimDecision) -> Asked {
+    let asked = Asked::default();
+    let config = cluster.config("a");
+    let balancer = ByParity {
+        odd,
+        even,
+        asked: asked.clone(),
+    };
+    cluster
+        .start_with(cluster.store.clone(), config, Box::new(balancer))
+        .await;
+    asked
+}
+
+fn times_asked(asked: &Asked, filter: impl Fn(u64) -> bool) -> Vec<u32> {
+    asked
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(task, _)| filter(task[1..].parse().unwrap()))
+        .map(|(_, count)| *count)
+        .collect()
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_skipped_task_is_asked_about_once_per_skip_while_the_others_are_claimed() {
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    cluster.submit_idle(1000).await;
+    let asked = node_with(
+        &mut cluster,
+        ClaimDecision::Skip(Duration::from_secs(10)),
+        ClaimDecision::Claim,
+    )
+    .await;
+    eventually("the 500 even tasks run", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 500
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let odd = times_asked(&asked, |n| n % 2 == 1);
+    assert_eq!(odd.len(), 500, "every skipped task was asked about");
+    assert!(odd.iter().all(|&n| n == 1), "asked again within the skip");
+    // Once the skip is over they are candidates again, and asked once more.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let odd = times_asked(&asked, |n| n % 2 == 1);
+    assert!(
+        odd.iter().all(|&n| n == 2),
+        "after the skip each is asked once more: {:?}",
+        odd.iter().fold(HashMap::<u32, usize>::new(), |mut m, n| {
+            *m.entry(*n).or_default() += 1;
+            m
+        })
+    );
+    assert!(times_asked(&asked, |n| n % 2 == 0).iter().all(|&n| n == 1));
+    assert_eq!(cluster.observer.running_tasks(), 500);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_balancer_that_waits_is_asked_again_after_its_wait_not_on_every_event() {
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    let wait = Duration::from_secs(1);
+    let asked = node_with(
+        &mut cluster,
+        ClaimDecision::RetryAfter(wait),
+        ClaimDecision::RetryAfter(wait),
+    )
+    .await;
+    // Every submission is an event the node's loop wakes for.
+    let started = Instant::now();
+    cluster.submit_idle(400).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let waits = (started.elapsed().as_millis() / wait.as_millis()) as u32 + 1;
+    let total: u32 = times_asked(&asked, |_| true).iter().sum();
+    assert!(
+        total <= waits,
+        "asked {total} times in {:?}: more than once per wait of {wait:?}",
+        started.elapsed()
+    );
+    assert!(total >= 1, "never asked");
+    assert_eq!(cluster.observer.running_tasks(), 0);
+}
+
+/// Not a test: a measurement (`cargo test --release -p eretes-runtime --test
+/// claim_pass -- --ignored --nocapture`). 20,000 tasks the balancer skips,
+/// each older than one of 20,000 it lets this node claim: the time until all
+/// of the latter run, in real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_claiming_past_skipped_tasks() {
+    for _ in 0..3 {
+        let mut cluster = Cluster::new(EmbeddedStore::new());
+        cluster.submit_idle(40_000).await;
+        let started = Instant::now();
+        node_with(
+            &mut cluster,
+            ClaimDecision::Skip(Duration::from_secs(600)),
+            ClaimDecision::Claim,
+        )
+        .await;
+        let deadline = started + Duration::from_secs(600);
+        while cluster.observer.running_tasks() < 20_000 {
+            assert!(Instant::now() < deadline, "not claimed within 600 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!(
+            "claimed 20,000 tasks past 20,000 skipped ones in {} ms",
+            started.elapsed().as_millis()
+        );
+        for node in cluster.nodes.values() {
+            node.kill();
+        }
+    }
+}
