@@ -145,6 +145,14 @@ impl Namespace {
     pub fn nodes_prefix(&self) -> String {
         self.join(NODES, "")
     }
+    /// `<ns>/runs/`
+    pub fn runs_prefix(&self) -> String {
+        self.join(RUNS, "")
+    }
+    /// `<ns>/task-commands/`: every task's command queue.
+    pub fn task_commands_prefix(&self) -> String {
+        self.join(TASK_COMMANDS, "")
+    }
 
     /// Classify a key of this namespace. `Err` names what is wrong with a key
     /// that is inside the namespace but does not fit the layout (for example a

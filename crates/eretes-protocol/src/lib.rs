@@ -46,6 +46,7 @@ mod coordinator;
 mod error;
 mod ids;
 mod keys;
+mod listing;
 pub mod machine;
 mod records;
 mod task_index;
@@ -60,6 +61,7 @@ pub use coordinator::{
 pub use error::ProtocolError;
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
+pub use listing::NodeListing;
 pub use machine::{MachineState, Message, StateRecord, TaskCommand};
 pub use records::{
     decode, decode_node, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome,

@@ -57,6 +57,8 @@ impl TaskEntry {
 pub(crate) enum Change {
     /// Nothing beyond the cache.
     None,
+    /// A task of this group appeared (submitted, or first seen).
+    TaskAdded(GroupName),
     /// A task disappeared (completed or deleted).
     TaskGone(TaskId),
     /// A task's owner record changed or vanished; `owner` is the new owner.
@@ -288,6 +290,7 @@ impl Cache {
                 Ok(mut record) => {
                     let id = self.shared_task_id(id);
                     record.spec.group = self.shared_group(record.spec.group);
+                    let added = self.task(&id).is_none().then(|| record.spec.group.clone());
                     self.put_task(
                         id,
                         CachedTask {
@@ -296,7 +299,7 @@ impl Cache {
                             order: kv.create_revision,
                         },
                     );
-                    Change::None
+                    added.map_or(Change::None, Change::TaskAdded)
                 }
                 Err(e) => {
                     // Garbage over a task key makes it unclaimable, not fatal.

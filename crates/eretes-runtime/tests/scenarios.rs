@@ -535,6 +535,12 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
             .unwrap();
     }
     cluster.start_dumb("a").await;
+    // A listing reads only the kinds a node keeps; what it does not read
+    // (an unknown kind here) is seen, and counted, once the watch is on.
+    eventually("the node has listed", Duration::from_secs(5), || {
+        NodeStats::get(&cluster.node("a").stats().listings) > 0
+    })
+    .await;
     for (key, value) in &garbage[2..] {
         cluster
             .store

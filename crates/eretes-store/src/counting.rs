@@ -50,6 +50,9 @@ pub struct RequestCounts {
     pub compact: u64,
     /// Batches received on watch streams: pushed by the store, not requested.
     pub watch_batches: u64,
+    /// Keys that range reads returned (not a request count: what the reads
+    /// cost the store and the network).
+    pub keys_read: u64,
 }
 
 impl RequestCounts {
@@ -79,6 +82,7 @@ impl RequestCounts {
             watch: self.watch - earlier.watch,
             compact: self.compact - earlier.compact,
             watch_batches: self.watch_batches - earlier.watch_batches,
+            keys_read: self.keys_read - earlier.keys_read,
         }
     }
 }
@@ -95,6 +99,7 @@ struct Counters {
     watch: AtomicU64,
     compact: AtomicU64,
     watch_batches: Arc<AtomicU64>,
+    keys_read: AtomicU64,
 }
 
 fn bump(counter: &AtomicU64) {
@@ -131,6 +136,7 @@ impl<S: Store> CountingStore<S> {
             watch: read(&c.watch),
             compact: read(&c.compact),
             watch_batches: read(&c.watch_batches),
+            keys_read: read(&c.keys_read),
         }
     }
 }
@@ -139,7 +145,11 @@ impl<S: Store> CountingStore<S> {
 impl<S: Store> Store for CountingStore<S> {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         bump(&self.counters.get);
-        self.inner.get(request).await
+        let response = self.inner.get(request).await?;
+        self.counters
+            .keys_read
+            .fetch_add(response.kvs.len() as u64, Ordering::Relaxed);
+        Ok(response)
     }
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {
         bump(&self.counters.put);

@@ -24,6 +24,7 @@ pub struct FaultyStore<S: ?Sized> {
     keepalives_blocked: AtomicBool,
     outage: AtomicBool,
     txn_latency_us: AtomicU64,
+    read_latency_us: AtomicU64,
     /// Reads whose range starts with this prefix fail.
     failing_reads: Mutex<Option<String>>,
 }
@@ -36,6 +37,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             keepalives_blocked: AtomicBool::new(false),
             outage: AtomicBool::new(false),
             txn_latency_us: AtomicU64::new(0),
+            read_latency_us: AtomicU64::new(0),
             failing_reads: Mutex::new(None),
         })
     }
@@ -58,6 +60,14 @@ impl<S: Store + ?Sized> FaultyStore<S> {
     /// cluster, which an in-process store answering at once hides.
     pub fn set_txn_latency(&self, latency: Duration) {
         self.txn_latency_us
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Delay every range read (not the gets inside transactions) by
+    /// `latency`, on tokio's clock: a listing made of several reads then
+    /// spans writes made in between, as it does on a busy etcd.
+    pub fn set_read_latency(&self, latency: Duration) {
+        self.read_latency_us
             .store(latency.as_micros() as u64, Ordering::SeqCst);
     }
 
@@ -100,6 +110,10 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         self.check()?;
         self.check_read(&request.range)?;
+        let latency = self.read_latency_us.load(Ordering::SeqCst);
+        if latency > 0 {
+            tokio::time::sleep(Duration::from_micros(latency)).await;
+        }
         self.inner.get(request).await
     }
     async fn put(&self, request: PutRequest) -> StoreResult<PutResponse> {

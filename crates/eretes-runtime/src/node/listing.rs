@@ -21,28 +21,38 @@ impl MainLoop {
             return;
         }
         let coordinator = self.coordinator.clone();
+        let me = self.config.name.clone();
         self.syncing = Some(Box::pin(async move {
-            let listing = coordinator.list_namespace().await?;
-            let watch = coordinator.watch_namespace(listing.revision + 1).await?;
-            Ok(Sync {
-                kvs: listing.kvs,
-                revision: listing.revision,
-                watch,
-            })
+            let listing = coordinator.list_for_node(&me).await?;
+            // The whole namespace, so that garbage anywhere in it is seen
+            // (and counted) when it is written.
+            let watch = coordinator
+                .watch_namespace(listing.first_revision() + 1)
+                .await?;
+            Ok(Sync { listing, watch })
         }));
     }
 
     pub(super) fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
         match result {
-            Ok(sync) => {
+            Ok(Sync { mut listing, watch }) => {
                 NodeStats::bump(&self.stats.listings);
-                let (cache, changes) = self.cache.rebuild(&sync.kvs);
+                let kvs = std::mem::take(&mut listing.kvs);
+                let owners_read = listing
+                    .revision_of(&self.config.namespace.owners_prefix())
+                    .unwrap_or_else(|| listing.last_revision());
+                let (cache, changes) = self.cache.rebuild(&kvs);
+                drop(kvs);
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
                 if membership_changed {
                     self.balance_soon();
                 }
-                self.watch = Some(sync.watch);
+                self.watch = Some(watch);
+                // Until the watch is past the last read, some of its events
+                // are in the listing already.
+                self.listed =
+                    (listing.first_revision() < listing.last_revision()).then_some(listing);
                 let count = std::mem::replace(&mut self.count_listing_malformed, false);
                 self.commands.clear();
                 for change in changes {
@@ -61,7 +71,7 @@ impl MainLoop {
                     // A claim newer than the listing is not in it; only older
                     // ones can have been lost.
                     .filter(|(id, r)| {
-                        r.claim.epoch <= sync.revision
+                        r.claim.epoch <= owners_read
                             && self.cache.owner(id).map(|o| o.epoch) != Some(r.claim.epoch)
                     })
                     .map(|(id, _)| id.clone())
@@ -72,7 +82,7 @@ impl MainLoop {
                 // Claims newer than the listing stay counted as ours until the
                 // watch delivers their owner records.
                 for running in self.running.values() {
-                    if running.claim.epoch > sync.revision {
+                    if running.claim.epoch > owners_read {
                         let group = &running.claim.record.spec.group;
                         self.cache
                             .set_mine(&running.claim.task, group, running.claim.epoch);
@@ -97,6 +107,15 @@ impl MainLoop {
         match batch {
             Some(Ok(events)) => {
                 for event in events {
+                    if let Some(listing) = &self.listed {
+                        let revision = event.kv.mod_revision;
+                        if revision > listing.last_revision() {
+                            self.listed = None;
+                        } else if !listing.is_newer(&event.kv.key, revision) {
+                            // Its kind was read after this change.
+                            continue;
+                        }
+                    }
                     let change = match event.kind {
                         EventKind::Put => self.cache.apply_put(&event.kv),
                         EventKind::Delete => self
@@ -132,6 +151,8 @@ impl MainLoop {
                 NodeStats::bump(&self.stats.malformed_skipped);
                 warn!(node = %self.config.name, what, "skipping malformed entry");
             }
+            // One more task may raise this node's share of the group.
+            Change::TaskAdded(group) => self.stop_waiting(&group),
             Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
             Change::OwnerChanged { task, owner } => {
                 if owner.is_none() {

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eretes_protocol::{
-    now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeName, NodeRecord,
-    ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
+    now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeListing, NodeName,
+    NodeRecord, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
 };
 use eretes_store::{LeaseId, Revision, Store, WatchStream};
 use futures::future::BoxFuture;
@@ -242,10 +242,9 @@ struct ClaimResult {
     outcome: Result<ClaimOutcome, ProtocolError>,
 }
 
-/// A full listing plus the watch that continues it.
+/// A node's listing plus the watch that continues it.
 struct Sync {
-    kvs: Vec<eretes_store::KeyValue>,
-    revision: Revision,
+    listing: NodeListing,
     watch: WatchStream,
 }
 
@@ -299,6 +298,10 @@ struct MainLoop {
     /// Handlers this node aborted, by tokio task id, until their exit is seen.
     aborted: HashMap<tokio::task::Id, TaskId>,
     watch: Option<WatchStream>,
+    /// The last listing's reads (no keys), while the watch may still deliver
+    /// events that some of its reads already saw; dropped once the watch is
+    /// past them all.
+    listed: Option<NodeListing>,
     syncing: Option<BoxFuture<'static, Result<Sync, ProtocolError>>>,
     sync_at: Option<Instant>,
     /// Count malformed keys of the next listing (the first one, and after a
@@ -387,6 +390,7 @@ impl MainLoop {
             overdue: DelayQueue::new(),
             aborted: HashMap::new(),
             watch: None,
+            listed: None,
             syncing: None,
             sync_at: Some(now),
             count_listing_malformed: true,

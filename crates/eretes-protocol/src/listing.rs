@@ -1,0 +1,139 @@
+//! A node's listing: the keys its cache keeps, read kind by kind.
+//!
+//! A node acts on nodes, its own command queue, tasks, owners, runs and task
+//! commands. Results, states, checkpoints and the task graph's keys grow
+//! with the cluster's history and its checkpoints, not with the work a node
+//! can take; a node reads none of them when it lists (first, after a watch
+//! interruption, and every resync). Reading the whole namespace did, and at
+//! a million finished tasks every node read a million results every 30 s.
+//!
+//! Each kind is one prefix read, so each has its own revision: no store
+//! call reads several prefixes at one revision. A watch that continues the
+//! listing starts after the first read's revision, and an event continues
+//! the listing only when it is newer than the read of its kind
+//! ([`NodeListing::is_newer`]); older events are in the listing already.
+
+use eretes_store::{KeyValue, Revision, StoreExt};
+
+use crate::coordinator::Coordinator;
+use crate::error::ProtocolError;
+use crate::ids::NodeName;
+
+/// What a node's listing read: every key, and the revision of each prefix's read.
+#[derive(Debug, Default)]
+pub struct NodeListing {
+    /// Every key read, prefix after prefix.
+    pub kvs: Vec<KeyValue>,
+    /// Each prefix read and the store's revision at that read, in read order.
+    reads: Vec<(String, Revision)>,
+}
+
+impl NodeListing {
+    /// The revision of the first read: a watch from one past it misses
+    /// nothing any read left out.
+    pub fn first_revision(&self) -> Revision {
+        self.reads.iter().map(|(_, r)| *r).min().unwrap_or(0)
+    }
+
+    /// The revision of the last read: every watch event past it is newer
+    /// than the whole listing.
+    pub fn last_revision(&self) -> Revision {
+        self.reads.iter().map(|(_, r)| *r).max().unwrap_or(0)
+    }
+
+    /// The revision at which the keys of `key`'s kind were read, if the
+    /// listing read them.
+    pub fn revision_of(&self, key: &str) -> Option<Revision> {
+        self.reads
+            .iter()
+            .find(|(prefix, _)| key.starts_with(prefix.as_str()))
+            .map(|(_, revision)| *revision)
+    }
+
+    /// Whether a change of `key` at `revision` is news to this listing: true
+    /// unless the listing read `key`'s kind at that revision or later.
+    pub fn is_newer(&self, key: &str, revision: Revision) -> bool {
+        self.revision_of(key).is_none_or(|read| revision > read)
+    }
+}
+
+impl Coordinator {
+    /// The prefixes a node's cache keeps (see the module's docs): nodes,
+    /// `node`'s command queue, owners, runs, tasks and task commands.
+    pub fn node_listing_prefixes(&self, node: &NodeName) -> Vec<String> {
+        let ns = self.namespace();
+        vec![
+            ns.nodes_prefix(),
+            ns.node_commands(node),
+            ns.owners_prefix(),
+            ns.runs_prefix(),
+            ns.tasks_prefix(),
+            ns.task_commands_prefix(),
+        ]
+    }
+
+    /// Read what `node`'s cache keeps, one prefix after another.
+    pub async fn list_for_node(&self, node: &NodeName) -> Result<NodeListing, ProtocolError> {
+        let mut listing = NodeListing::default();
+        for prefix in self.node_listing_prefixes(node) {
+            let response = self.store().get_prefix(&prefix).await?;
+            listing.kvs.extend(response.kvs);
+            listing.reads.push((prefix, response.revision));
+        }
+        Ok(listing)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Namespace;
+    use eretes_store::embedded::EmbeddedStore;
+    use eretes_store::{PutRequest, Store};
+
+    #[tokio::test]
+    async fn a_node_lists_only_what_it_keeps_and_knows_each_reads_revision() {
+        let store = EmbeddedStore::new();
+        let ns = Namespace::new("n").unwrap();
+        let coordinator = Coordinator::new(store.clone(), ns);
+        let me = NodeName::new("me").unwrap();
+        for key in [
+            "n/nodes/me",
+            "n/node-commands/me/1",
+            "n/node-commands/other/1",
+            "n/owners/a",
+            "n/runs/a",
+            "n/tasks/a",
+            "n/task-commands/a/1",
+            "n/results/b",
+            "n/states/a",
+            "n/checkpoints/a",
+            "n/graph/jobs/j",
+            "n/unknown/x",
+            "o/tasks/a",
+        ] {
+            store.put(PutRequest::new(key, "v")).await.unwrap();
+        }
+        let listing = coordinator.list_for_node(&me).await.unwrap();
+        let mut keys: Vec<&str> = listing.kvs.iter().map(|kv| kv.key.as_str()).collect();
+        keys.sort();
+        assert_eq!(
+            keys,
+            [
+                "n/node-commands/me/1",
+                "n/nodes/me",
+                "n/owners/a",
+                "n/runs/a",
+                "n/task-commands/a/1",
+                "n/tasks/a"
+            ]
+        );
+        let read = listing.revision_of("n/tasks/a").unwrap();
+        assert!(!listing.is_newer("n/tasks/a", read));
+        assert!(listing.is_newer("n/tasks/a", read + 1));
+        // Kinds it did not read are always news.
+        assert!(listing.is_newer("n/results/b", 1));
+        assert_eq!(listing.revision_of("n/node-commands/other/1"), None);
+        assert!(listing.first_revision() <= listing.last_revision());
+    }
+}

@@ -1,0 +1,119 @@
+//! A node's listing reads only the kinds of keys it keeps, kind by kind,
+//! and the watch that continues it stays exact: paused tokio time on the
+//! embedded store.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::*;
+use eretes_protocol::{NodeName, TaskId};
+use eretes_runtime::balancer::FairBalancer;
+use eretes_store::counting::CountingStore;
+use eretes_store::embedded::EmbeddedStore;
+use eretes_store::faults::FaultyStore;
+use eretes_store::{PutRequest, Store, StoreExt};
+use serde_json::json;
+
+#[tokio::test(start_paused = true)]
+async fn a_resync_reads_only_the_kinds_a_node_keeps() {
+    let inner = EmbeddedStore::new();
+    let counting = Arc::new(CountingStore::new(inner.clone()));
+    let mut cluster = Cluster::new(inner.clone());
+    // History a node does not act on: results, states, checkpoints and the
+    // task graph's keys of 2,000 tasks that ran before.
+    for i in 0..2000 {
+        for kind in ["results", "states", "checkpoints", "graph/meta"] {
+            let key = format!("test/{kind}/old{i:04}");
+            inner.put(PutRequest::new(key, "{}")).await.unwrap();
+        }
+    }
+    cluster.submit_idle(10).await;
+    let config = cluster.config("a");
+    cluster
+        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
+        .await;
+    eventually("the 10 tasks run", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+    let before = counting.counts();
+    // One periodic resync (every 30 s).
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let read = counting.counts().since(&before).keys_read;
+    let mut kept = 0;
+    for prefix in cluster
+        .coordinator
+        .node_listing_prefixes(&NodeName::new("a").unwrap())
+    {
+        kept += inner.get_prefix(&prefix).await.unwrap().kvs.len() as u64;
+    }
+    // The node's record, and the task, owner and run record of each task.
+    assert_eq!(kept, 31);
+    assert_eq!(
+        read, kept,
+        "a resync read {read} keys; the node keeps {kept}"
+    );
+    assert_eq!(cluster.observer.running_tasks(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn listings_that_span_writes_keep_the_cache_exact() {
+    // Each read of a listing takes 100 ms, and nodes list every 250 ms: the
+    // six reads of nearly every listing straddle the writes below, so each
+    // kind is read at another revision and the watch delivers changes some
+    // reads have seen already.
+    let faulty = FaultyStore::new(EmbeddedStore::new());
+    faulty.set_read_latency(Duration::from_millis(100));
+    let mut cluster = Cluster::new(faulty.clone());
+    cluster.submit_idle(100).await;
+    for name in ["a", "b"] {
+        let mut config = cluster.config(name);
+        config.resync_interval = Duration::from_millis(250);
+        cluster
+            .start_with(faulty.clone(), config, Box::new(FairBalancer::default()))
+            .await;
+    }
+    eventually("the 100 tasks run", Duration::from_secs(20), || {
+        cluster.observer.running_tasks() == 100
+    })
+    .await;
+    let running = || -> BTreeSet<String> {
+        ["a", "b"]
+            .iter()
+            .flat_map(|node| cluster.observer.running_on(node))
+            .collect()
+    };
+    // Churn: delete one task and submit another every 50 ms, for 5 s. Each
+    // change reaches the nodes through the watch, whichever reads of a
+    // listing saw it already: it takes effect at once, not at the next
+    // listing (600 ms later).
+    for i in 0..100 {
+        let (old, new) = (format!("t{i:04}"), format!("n{i:04}"));
+        cluster
+            .coordinator
+            .delete(&TaskId::new(old.clone()).unwrap())
+            .await
+            .unwrap();
+        cluster.submit(&new, json!({})).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let now = running();
+        assert!(
+            !now.contains(&old),
+            "{old} still runs 50 ms after its deletion"
+        );
+        assert!(
+            now.contains(&new),
+            "{new} does not run 50 ms after its submission"
+        );
+    }
+    let expected: BTreeSet<String> = (0..100).map(|i| format!("n{i:04}")).collect();
+    assert_eq!(running(), expected);
+    // And stay so, through many more listings.
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    assert_eq!(running(), expected);
+    assert_eq!(cluster.observer.overlaps(), 0);
+    assert_eq!(spread(&cluster.observer, &["a", "b"]), 0);
+}
