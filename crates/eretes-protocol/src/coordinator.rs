@@ -11,11 +11,11 @@ use serde_json::Value;
 
 use crate::commands::NodeCommand;
 use crate::error::ProtocolError;
-use crate::ids::{NodeName, TaskId};
+use crate::ids::{GroupName, NodeName, TaskId};
 use crate::keys::Namespace;
 use crate::records::{
-    decode, decode_node, encode, encode_task, now_ms, NodeRecord, Outcome, OwnerRecord,
-    ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES,
+    decode, decode_node, decode_task, encode, encode_task, now_ms, MalformedValue, NodeRecord,
+    Outcome, OwnerRecord, ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES,
 };
 
 /// How many takeovers (claims after an owner that never released) a task
@@ -24,10 +24,15 @@ pub const DEFAULT_TAKEOVER_LIMIT: u32 = 5;
 
 /// What a claimant saw of a task when it decided to claim it. The claim
 /// transaction checks that nothing changed since.
+///
+/// It holds no task record: the claim reads the record in its own
+/// transaction, at the revision it checks. So a node need not keep every
+/// task's record (properties and all) in its view of the cluster, only what
+/// a claim checks.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ClaimBasis {
-    /// The task record as seen, and its mod revision.
-    pub task: Arc<TaskRecord>,
+    /// The task's group (from its record as seen).
+    pub group: GroupName,
     /// `mod_revision` of `tasks/<id>`.
     pub task_revision: Revision,
     /// `runs/<id>` as seen: its mod revision (0 = absent) and value.
@@ -37,8 +42,9 @@ pub struct ClaimBasis {
 }
 
 /// The most tasks one claim transaction carries. Each task adds three
-/// compares and two writes, so a full batch stays within etcd's default
-/// limit of 128 compares and 128 operations per transaction.
+/// compares, two writes and the read of its record, so a full batch stays
+/// within etcd's default limit of 128 compares and 128 operations per
+/// transaction.
 pub const MAX_CLAIM_BATCH: usize = 32;
 
 /// The most runs one transaction ends. A completion adds one compare and
@@ -59,7 +65,8 @@ pub enum RunEnd {
     Released,
 }
 
-/// One claim's checks and writes.
+/// One claim's checks and writes (and, for a claim that runs the task, the
+/// read of its record, last).
 struct ClaimPlan {
     compares: Vec<Compare>,
     writes: Vec<TxnOp>,
@@ -309,12 +316,16 @@ impl Coordinator {
 
     /// What claiming `id` for `node` checks and writes. Shared by the single
     /// and the batched claim so both write exactly the same records.
+    ///
+    /// A claim that parks the task writes its result, which holds the spec:
+    /// `spec` must then be the record's (read at `basis.task_revision`).
     fn plan_claim(
         &self,
         node: &NodeName,
         lease: LeaseId,
         id: &TaskId,
         basis: &ClaimBasis,
+        spec: Option<&TaskSpec>,
     ) -> ClaimPlan {
         let (task_key, owner_key, run_key) = (self.ns.task(id), self.ns.owner(id), self.ns.run(id));
         let takeovers = basis.run.takeovers + u32::from(basis.run.open);
@@ -332,11 +343,12 @@ impl Coordinator {
         if takeovers <= self.takeover_limit {
             let owner = OwnerRecord {
                 node: node.clone(),
-                group: basis.task.spec.group.clone(),
+                group: basis.group.clone(),
             };
             let writes = vec![
                 TxnOp::Put(PutRequest::new(owner_key, encode(&owner)).with_lease(lease)),
                 put(run_key, encode(&run)),
+                get(task_key),
             ];
             return ClaimPlan {
                 compares,
@@ -359,7 +371,9 @@ impl Coordinator {
                  (limit {}); suspected poison task",
                 self.takeover_limit
             )),
-            spec: basis.task.spec.clone(),
+            spec: spec
+                .cloned()
+                .unwrap_or_else(|| TaskSpec::new(basis.group.clone(), Value::Null)),
             epoch: 0,
             node: node.clone(),
             runs: parked_run,
@@ -391,7 +405,15 @@ impl Coordinator {
         id: &TaskId,
         basis: &ClaimBasis,
     ) -> Result<ClaimOutcome, ProtocolError> {
-        let plan = self.plan_claim(node, lease, id, basis);
+        let mut plan = self.plan_claim(node, lease, id, basis, None);
+        if plan.parked.is_some() {
+            // Parking writes the result, spec included: read the record
+            // first; the transaction checks it is still the one read.
+            let Some(spec) = self.task_spec_at(id, basis).await? else {
+                return self.lost(id).await;
+            };
+            plan = self.plan_claim(node, lease, id, basis, Some(&spec));
+        }
         let txn = Txn {
             compares: plan.compares,
             success: plan.writes,
@@ -413,14 +435,79 @@ impl Coordinator {
         if let Some(takeovers) = plan.parked {
             return Ok(ClaimOutcome::Parked { takeovers });
         }
+        let record = self
+            .claimed_record(id, response.revision, response.responses.last())
+            .await?;
         Ok(ClaimOutcome::Claimed(Claim {
             task: id.clone(),
             epoch: response.revision,
             node: node.clone(),
-            record: basis.task.clone(),
+            record,
             run: plan.run,
             takeover: basis.run.open,
         }))
+    }
+
+    /// The spec of `id`'s record if it is still at the basis' revision.
+    async fn task_spec_at(
+        &self,
+        id: &TaskId,
+        basis: &ClaimBasis,
+    ) -> Result<Option<TaskSpec>, ProtocolError> {
+        let key = self.ns.task(id);
+        let Some(kv) = self.store.get_key(&key).await? else {
+            return Ok(None);
+        };
+        if kv.mod_revision != basis.task_revision {
+            return Ok(None);
+        }
+        // Garbage cannot be claimed, but its takeovers can still park it:
+        // its result then has no properties.
+        Ok(Some(decode_task(&key, &kv.value).map_or_else(
+            |_| TaskSpec::new(basis.group.clone(), Value::Null),
+            |record| record.spec,
+        )))
+    }
+
+    /// What a claim that did not happen finds in the task's keys now.
+    async fn lost(&self, id: &TaskId) -> Result<ClaimOutcome, ProtocolError> {
+        let read = |key: String| async move { self.store.get_key(&key).await };
+        Ok(ClaimOutcome::Lost(TaskKeys {
+            task: read(self.ns.task(id)).await?,
+            owner: read(self.ns.owner(id)).await?,
+            run: read(self.ns.run(id)).await?,
+        }))
+    }
+
+    /// The task record a claim at `epoch` read (`read`, its transaction's
+    /// answer to the record's get). The claim checked the record's revision,
+    /// so it is the record the claimant decided on; were it garbage anyway
+    /// (a basis made by hand), the claim is undone and the record named.
+    async fn claimed_record(
+        &self,
+        id: &TaskId,
+        epoch: Revision,
+        read: Option<&TxnOpResponse>,
+    ) -> Result<Arc<TaskRecord>, ProtocolError> {
+        let key = self.ns.task(id);
+        let decoded = match got(read) {
+            Some(kv) => decode_task(&key, &kv.value),
+            None => Err(MalformedValue {
+                kind: "task",
+                key: key.clone(),
+                reason: "the claim read no record".into(),
+            }),
+        };
+        match decoded {
+            Ok(record) => Ok(Arc::new(record)),
+            Err(why) => {
+                let undo = Txn::new()
+                    .when(self.fence_epoch(id, epoch))
+                    .and_then(delete(self.ns.owner(id)));
+                self.store.txn(undo).await?;
+                Err(ProtocolError::Malformed(why))
+            }
+        }
     }
 
     /// Claim several tasks in one transaction: every task's checks must hold,
@@ -461,7 +548,7 @@ impl Coordinator {
         }
         let plans: Vec<ClaimPlan> = tasks
             .iter()
-            .map(|(id, basis)| self.plan_claim(node, lease, id, basis))
+            .map(|(id, basis)| self.plan_claim(node, lease, id, basis, None))
             .collect();
         if plans.iter().any(|plan| plan.parked.is_some()) {
             return one_by_one().await;
@@ -471,23 +558,29 @@ impl Coordinator {
         for plan in plans {
             txn.compares.extend(plan.compares);
             txn.success.extend(plan.writes);
-            runs.push(plan.run);
+            // The index of this task's record read, its plan's last op.
+            runs.push((plan.run, txn.success.len() - 1));
         }
         match self.store.txn(txn).await {
-            Ok(response) if response.succeeded => tasks
-                .iter()
-                .zip(runs)
-                .map(|((id, basis), run)| {
-                    Ok(ClaimOutcome::Claimed(Claim {
-                        task: id.clone(),
-                        epoch: response.revision,
-                        node: node.clone(),
-                        record: basis.task.clone(),
-                        run,
-                        takeover: basis.run.open,
-                    }))
-                })
-                .collect(),
+            Ok(response) if response.succeeded => {
+                let mut outcomes = Vec::with_capacity(tasks.len());
+                for ((id, basis), (run, read)) in tasks.iter().zip(runs) {
+                    let record = self
+                        .claimed_record(id, response.revision, response.responses.get(read))
+                        .await;
+                    outcomes.push(record.map(|record| {
+                        ClaimOutcome::Claimed(Claim {
+                            task: id.clone(),
+                            epoch: response.revision,
+                            node: node.clone(),
+                            record,
+                            run,
+                            takeover: basis.run.open,
+                        })
+                    }));
+                }
+                outcomes
+            }
             Ok(_) => one_by_one().await,
             Err(error) => tasks
                 .iter()

@@ -31,7 +31,10 @@ async fn basis(coordinator: &Coordinator, store: &Arc<dyn Store>, id: &TaskId) -
         .await
         .unwrap();
     ClaimBasis {
-        task: Arc::new(decode("task", &kv.key, &kv.value).unwrap()),
+        group: decode::<TaskRecord>("task", &kv.key, &kv.value)
+            .unwrap()
+            .spec
+            .group,
         task_revision: kv.mod_revision,
         run_revision: run.as_ref().map_or(0, |r| r.mod_revision),
         run: run
@@ -317,6 +320,8 @@ async fn a_batch_claims_every_task_in_one_revision_and_splits_past_the_limit() {
         let claim = claimed(outcome);
         assert_eq!(&claim.task, id, "outcomes are in input order");
         assert_eq!(claim.epoch, if n < MAX_CLAIM_BATCH { first } else { last });
+        // The basis holds no record: the claim read each task's own.
+        assert_eq!(claim.record.spec.properties, json!(n), "task {id}");
         let owner = store
             .get_key(&coordinator.namespace().owner(id))
             .await
@@ -385,6 +390,40 @@ async fn a_batch_with_a_task_past_the_takeover_limit_parks_it_and_claims_the_res
     claimed(&outcomes[2]);
     let result = coordinator.result(&tasks[0].0).await.unwrap().unwrap();
     assert_eq!(result.outcome, Outcome::Failed);
+    // Its result keeps the spec, read by the claim that parked it.
+    assert_eq!(result.spec.properties, json!(0));
+    assert_eq!(claimed(&outcomes[2]).record.spec.properties, json!(2));
+}
+
+#[tokio::test]
+async fn a_claim_whose_record_cannot_be_read_is_undone_and_says_why() {
+    let (store, coordinator) = setup();
+    let id = TaskId::new("garbled").unwrap();
+    let key = coordinator.namespace().task(&id);
+    // Garbage under a task key (written around the protocol), and a basis
+    // made by hand that does not know it.
+    let put = store
+        .put(PutRequest::new(key.clone(), "{not json"))
+        .await
+        .unwrap();
+    let basis = ClaimBasis {
+        group: GroupName::default(),
+        task_revision: put.revision,
+        run_revision: 0,
+        run: Default::default(),
+    };
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let node = NodeName::new("a").unwrap();
+    let outcome = coordinator.claim(&node, lease, &id, &basis).await;
+    match outcome {
+        Err(ProtocolError::Malformed(value)) => assert_eq!(value.key, key),
+        other => panic!("expected the record named as malformed, got {other:?}"),
+    }
+    // No owner is left behind, and the garbage is untouched.
+    let ns = coordinator.namespace();
+    assert!(store.get_key(&ns.owner(&id)).await.unwrap().is_none());
+    let kv = store.get_key(&key).await.unwrap().unwrap();
+    assert_eq!(kv.value, b"{not json");
 }
 
 #[tokio::test]

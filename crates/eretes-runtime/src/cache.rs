@@ -5,21 +5,23 @@
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
 
 use std::collections::{BTreeSet, HashMap, HashSet};
-use std::sync::Arc;
 
 use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
 use eretes_protocol::{
     decode, decode_node, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName,
-    NodeRecord, OwnerRecord, ResultRecord, RunRecord, TaskId, TaskRecord,
+    NodeRecord, OwnerRecord, ResultRecord, RunRecord, TaskId,
 };
 use eretes_store::{KeyValue, Revision};
 
 use crate::balancer::ClusterView;
 
-/// A pending or running task as cached.
+/// A pending or running task as cached: what a claim checks, not the
+/// record. The record (properties and all) is read by the claim's own
+/// transaction, so a node's view costs the same whatever tasks carry.
 #[derive(Debug, Clone)]
 pub(crate) struct CachedTask {
-    pub record: Arc<TaskRecord>,
+    /// Its group (one shared copy of each group's name).
+    pub group: GroupName,
     /// `mod_revision` of `tasks/<id>`; the claim checks it is unchanged.
     pub revision: Revision,
     /// `create_revision`: claims go oldest first.
@@ -138,10 +140,8 @@ impl Cache {
         let changes = kvs
             .iter()
             .map(|kv| match self.unchanged_task(kv) {
-                // The record this cache holds, shared rather than decoded
-                // again: a running task's handler holds it too, and a copy
-                // per periodic resync would double what every running task
-                // costs (its properties are most of that).
+                // Unchanged since it was decoded and checked: not decoded
+                // again.
                 Some((id, task)) => {
                     fresh.put_task(id, task);
                     Change::None
@@ -206,7 +206,7 @@ impl Cache {
         }
         let (run_revision, run) = entry.run.clone().unwrap_or_default();
         Some(ClaimBasis {
-            task: task.record.clone(),
+            group: task.group.clone(),
             task_revision: task.revision,
             run_revision,
             run,
@@ -260,7 +260,7 @@ impl Cache {
         if entry.owner.is_some() {
             return None;
         }
-        let group = task.record.spec.group.clone();
+        let group = task.group.clone();
         Some((group, (task.order, spread_hash(id), id.clone())))
     }
 
@@ -287,14 +287,14 @@ impl Cache {
         };
         match kind {
             KeyKind::Task(id) => match decode_task(&kv.key, &kv.value) {
-                Ok(mut record) => {
+                Ok(record) => {
                     let id = self.shared_task_id(id);
-                    record.spec.group = self.shared_group(record.spec.group);
-                    let added = self.task(&id).is_none().then(|| record.spec.group.clone());
+                    let group = self.shared_group(record.spec.group);
+                    let added = self.task(&id).is_none().then(|| group.clone());
                     self.put_task(
                         id,
                         CachedTask {
-                            record: Arc::new(record),
+                            group,
                             revision: kv.mod_revision,
                             order: kv.create_revision,
                         },
@@ -490,7 +490,7 @@ impl Cache {
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
         self.remove_task(&id);
-        let (group, order) = (task.record.spec.group.clone(), task.order);
+        let (group, order) = (task.group.clone(), task.order);
         let entry = self.entry(&id);
         entry.task = Some(task);
         if entry.owner.is_none() {
@@ -505,7 +505,7 @@ impl Cache {
         let owned = entry.owner.is_some();
         if let Some(old) = entry.task.take() {
             if !owned {
-                self.mark_unowned(&old.record.spec.group, old.order, id, false);
+                self.mark_unowned(&old.group, old.order, id, false);
             }
         }
         self.forget_if_empty(id);
@@ -519,7 +519,7 @@ impl Cache {
         // owner appears or disappears.
         let moved = match &entry.task {
             Some(task) if previous.is_some() != current.is_some() => {
-                Some((task.record.spec.group.clone(), task.order))
+                Some((task.group.clone(), task.order))
             }
             _ => None,
         };
@@ -618,7 +618,7 @@ fn saturating_usize(limit: u64) -> usize {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eretes_protocol::{encode, TaskSpec};
+    use eretes_protocol::{encode, TaskRecord, TaskSpec};
 
     fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
         KeyValue {
@@ -719,7 +719,7 @@ mod tests {
     }
 
     #[test]
-    fn a_resync_shares_unchanged_task_records_and_decodes_changed_ones() {
+    fn a_resync_keeps_unchanged_tasks_and_decodes_changed_ones() {
         let ns = Namespace::new("t").unwrap();
         let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
         let (a, b) = (TaskId::new("a").unwrap(), TaskId::new("b").unwrap());
@@ -736,13 +736,10 @@ mod tests {
             kv(&ns.task(&b), task_value("other"), 3, 7),
         ];
         let (fresh, _) = cache.rebuild(&relisted);
-        assert!(Arc::ptr_eq(
-            &fresh.task(&a).unwrap().record,
-            &cache.task(&a).unwrap().record
-        ));
+        assert_eq!(fresh.task(&a).unwrap().revision, 2);
         let b_now = fresh.task(&b).unwrap();
         assert_eq!(b_now.revision, 7);
-        assert_eq!(b_now.record.spec.group.as_str(), "other");
+        assert_eq!(b_now.group.as_str(), "other");
         assert_eq!(fresh.unowned(&GroupName::default()).count(), 1);
     }
 

@@ -8,7 +8,7 @@ use std::time::Duration;
 use common::*;
 use eretes_protocol::{
     ClaimBasis, ClaimOutcome, Coordinator, GroupName, Namespace, NodeCommand, NodeName, Outcome,
-    TaskId, TaskRecord, TaskSpec,
+    TaskId, TaskSpec,
 };
 use eretes_runtime::balancer::{min_moves, DumbBalancer, FairBalancer};
 use eretes_runtime::NodeStats;
@@ -56,10 +56,7 @@ async fn submit_with_basis(coordinator: &Coordinator, id: &TaskId) -> (i64, Clai
     let spec = TaskSpec::new(GroupName::default(), json!({}));
     let revision = coordinator.submit(id, &spec).await.unwrap();
     let basis = ClaimBasis {
-        task: Arc::new(TaskRecord {
-            spec,
-            submitted_at_ms: 0,
-        }),
+        group: spec.group,
         task_revision: revision,
         run_revision: 0,
         run: Default::default(),

@@ -176,8 +176,15 @@ impl MainLoop {
         let ClaimResult { id, group, outcome } = result;
         self.claiming.remove(&id);
         match outcome {
-            Ok(ClaimOutcome::Claimed(claim)) => {
+            Ok(ClaimOutcome::Claimed(mut claim)) => {
                 NodeStats::bump(&self.stats.claims);
+                // The claim decoded the record afresh: share the node's copy
+                // of the group's name instead of keeping one per run.
+                if let Some(record) = std::sync::Arc::get_mut(&mut claim.record) {
+                    if record.spec.group == group {
+                        record.spec.group = group.clone();
+                    }
+                }
                 if claim.takeover {
                     NodeStats::bump(&self.stats.takeovers);
                 }

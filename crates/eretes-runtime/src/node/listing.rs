@@ -90,7 +90,7 @@ impl MainLoop {
                 }
                 for id in &self.claiming {
                     if let Some(task) = self.cache.task(id) {
-                        let group = task.record.spec.group.clone();
+                        let group = task.group.clone();
                         self.cache.set_mine(id, &group, 0);
                     }
                 }
@@ -156,8 +156,7 @@ impl MainLoop {
             Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
             Change::OwnerChanged { task, owner } => {
                 if owner.is_none() {
-                    if let Some(group) = self.cache.task(&task).map(|t| t.record.spec.group.clone())
-                    {
+                    if let Some(group) = self.cache.task(&task).map(|t| t.group.clone()) {
                         self.stop_waiting(&group);
                     }
                 }
