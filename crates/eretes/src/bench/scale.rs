@@ -100,6 +100,7 @@ async fn measure(
     cluster.submit("scale", tasks).await?;
     let submit_s = submitted.elapsed().as_secs_f64();
     let rss_before = retained_bytes()?;
+    let heap_before = heap_in_use();
     let owners = watch_owners(counting.as_ref(), &cluster).await?;
 
     // Every node starts; the clock runs until every task has an owner.
@@ -113,6 +114,7 @@ async fn measure(
     let balanced = wait_balanced(&owners, node_count as usize, super::LIMIT).await? - started;
     let spread_first = spread(&owners, node_count as usize);
     let rss_running = retained_bytes()?;
+    let heap_running = heap_in_use();
     // One more node, serving a group no task is in: what it costs is its
     // view of tasks it will never run.
     cluster
@@ -122,6 +124,7 @@ async fn measure(
         .await?;
     tokio::time::sleep(OBSERVER_SETTLE).await;
     let observer_bytes = retained_bytes()?.saturating_sub(rss_running) as f64 / tasks as f64;
+    let observer_heap = heap_in_use().saturating_sub(heap_running) as f64 / tasks as f64;
     if let Some(observer) = cluster.nodes.remove("observer") {
         observer.shutdown().await;
     }
@@ -207,6 +210,11 @@ async fn measure(
         "store_requests_per_s_per_node_quiet": (steady_per_node * 100.0).round() / 100.0,
         "rss_bytes_per_task_per_node": view_bytes.round(),
         "other_group_node_bytes_per_task": observer_bytes.round(),
+        "heap_bytes_per_task_per_node": (heap_running.saturating_sub(heap_before) as f64
+            / tasks as f64
+            / f64::from(node_count))
+        .round(),
+        "other_group_node_heap_bytes_per_task": observer_heap.round(),
         "killed": victims.len(),
         "orphans": orphans,
         "recovered_ms": recovered.as_millis() as u64,
@@ -286,6 +294,17 @@ fn spread(owners: &Mutex<Owners>, nodes: usize) -> usize {
         counts.values().copied().min().unwrap_or(0)
     };
     most - fewest
+}
+
+/// Bytes the allocator has handed out and not had back (glibc's
+/// `mallinfo2`: blocks in use in its arenas plus its mmapped blocks): what
+/// the nodes' data takes, without the free pages that fragmentation keeps
+/// resident, which the resident figures include.
+fn heap_in_use() -> u64 {
+    // SAFETY: mallinfo2 takes no arguments and only reads the allocator's
+    // own statistics, under its own locks.
+    let info = unsafe { libc::mallinfo2() };
+    (info.uordblks + info.hblkhd) as u64
 }
 
 /// Resident memory once the allocator has returned its free pages: what
