@@ -8,8 +8,8 @@ use std::time::Duration;
 
 use eretes_protocol::{GroupName, NodeName, TaskId};
 use eretes_runtime::balancer::{
-    fair_targets, min_moves, Balancer, ClaimDecision, ClusterView, FairBalancer, FairConfig,
-    GroupLoad, RunningTask,
+    fair_target_of, fair_targets, fair_targets_in, min_moves, Balancer, ClaimDecision, ClusterView,
+    FairBalancer, FairConfig, GroupLoad, RunningTask,
 };
 use proptest::prelude::*;
 use tokio::time::Instant;
@@ -50,6 +50,47 @@ fn counts_strategy() -> impl Strategy<Value = Vec<usize>> {
 }
 
 proptest! {
+    #[test]
+    fn one_nodes_target_is_its_entry_of_every_nodes_targets(
+        counts_and_limits in prop::collection::vec(
+            (0..=12usize, prop_oneof![Just(None), (0..=12usize).prop_map(Some)]),
+            1..=8,
+        ),
+        elsewhere in prop::collection::vec(0..=6usize, 8),
+        max_running in prop::collection::vec(prop_oneof![Just(None), (0..=20usize).prop_map(Some)], 8),
+        unowned in 0..=40usize,
+    ) {
+        let counts: Vec<usize> = counts_and_limits.iter().map(|(owned, _)| *owned).collect();
+        let mut load = load_of(&counts, unowned, false);
+        for (i, &(_, limit)) in counts_and_limits.iter().enumerate() {
+            if let Some(limit) = limit {
+                load.limit.insert(node(i), limit);
+            }
+        }
+        // Another group's tasks count against each node's max_running.
+        let mut other = GroupLoad::default();
+        for (i, owned) in elsewhere.iter().take(counts.len()).enumerate() {
+            other.serving.insert(node(i));
+            other.owned.insert(node(i), *owned);
+        }
+        let mut view = ClusterView::new(node(0));
+        view.groups.insert(group(), load);
+        view.groups.insert(GroupName::new("other").unwrap(), other);
+        for (i, most) in max_running.iter().take(counts.len()).enumerate() {
+            if let Some(most) = most {
+                view.max_running.insert(node(i), *most);
+            }
+        }
+        let all = fair_targets_in(&view, &group());
+        for i in 0..counts.len() + 1 {
+            prop_assert_eq!(
+                fair_target_of(&view, &group(), &node(i)),
+                all.get(&node(i)).copied(),
+                "node {}", i
+            );
+        }
+    }
+
     #[test]
     fn targets_are_fair_and_add_up(
         counts in counts_strategy(),

@@ -161,3 +161,49 @@ async fn measure_claiming_past_skipped_tasks() {
         }
     }
 }
+
+/// Not a test: a measurement (`cargo test --release -p eretes-runtime --test
+/// claim_pass -- --ignored --nocapture`). What the fair balancer's answer
+/// to one claim costs with 1,000 nodes serving the group: this node's
+/// target alone, against every node's targets (what it computed before),
+/// in the same run.
+#[test]
+#[ignore]
+fn measure_fair_decisions_at_a_thousand_nodes() {
+    use eretes_protocol::NodeName;
+    use eretes_runtime::balancer::{fair_target_of, fair_targets_in, FairBalancer, GroupLoad};
+    let group = GroupName::default();
+    let mut load = GroupLoad::default();
+    for i in 0..1000 {
+        let node = NodeName::new(format!("n{i:04}")).unwrap();
+        load.serving.insert(node.clone());
+        load.owned.insert(node, 100 + i % 7);
+    }
+    load.unowned = 5000;
+    let me = NodeName::new("n0500").unwrap();
+    let mut view = ClusterView::new(me.clone());
+    view.groups.insert(group.clone(), load);
+    let task = TaskId::new("t").unwrap();
+    let calls = 20_000;
+    for _ in 0..3 {
+        let started = std::time::Instant::now();
+        let mut balancer = FairBalancer::default();
+        for _ in 0..calls {
+            std::hint::black_box(balancer.can_claim(&task, &group, &view));
+        }
+        let decision = started.elapsed() / calls;
+        let started = std::time::Instant::now();
+        for _ in 0..calls {
+            std::hint::black_box(fair_targets_in(&view, &group).get(&me).copied());
+        }
+        let every_target = started.elapsed() / calls;
+        assert_eq!(
+            fair_target_of(&view, &group, &me),
+            fair_targets_in(&view, &group).get(&me).copied()
+        );
+        println!(
+            "fair can_claim at 1,000 nodes: {decision:?} a decision; every node's targets: \
+             {every_target:?}"
+        );
+    }
+}

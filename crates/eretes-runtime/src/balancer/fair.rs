@@ -102,7 +102,7 @@ impl FairBalancer {
         now: Instant,
     ) -> usize {
         let me = &view.me;
-        let Some(target) = fair_targets_in(view, group).get(me).copied() else {
+        let Some(target) = fair_target_of(view, group, me) else {
             return 0;
         };
         let excess = load.owned_by(me).saturating_sub(target);
@@ -136,9 +136,8 @@ impl Balancer for FairBalancer {
         view: &ClusterView,
     ) -> ClaimDecision {
         let below_share = view.groups.get(group).is_some_and(|load| {
-            fair_targets_in(view, group)
-                .get(&view.me)
-                .is_some_and(|&target| load.owned_by(&view.me) < target)
+            fair_target_of(view, group, &view.me)
+                .is_some_and(|target| load.owned_by(&view.me) < target)
         });
         if below_share {
             ClaimDecision::Claim
@@ -218,14 +217,20 @@ pub fn fair_targets_in(view: &ClusterView, group: &GroupName) -> BTreeMap<NodeNa
     }
 }
 
+/// What water-filling leaves: the nodes capped at their room, and the even
+/// share of the rest among the others (`base` each, one more for the
+/// `extra` of them that own the most).
+struct Shares<'a> {
+    capped: Vec<(&'a NodeName, usize)>,
+    open: Vec<&'a NodeName>,
+    base: usize,
+    extra: usize,
+}
+
 /// Water-filling: nodes whose room is below the even share of what is left
-/// get their room; the rest is split evenly among the others, the one-more
-/// going to those that own the most.
-fn capped_targets(
-    load: &GroupLoad,
-    room: impl Fn(&NodeName) -> usize,
-) -> BTreeMap<NodeName, usize> {
-    let mut targets = BTreeMap::new();
+/// get their room; the rest is split evenly among the others.
+fn water_fill<'a>(load: &'a GroupLoad, room: impl Fn(&NodeName) -> usize) -> Shares<'a> {
+    let mut capped = Vec::new();
     let mut open: Vec<(&NodeName, usize)> =
         load.serving.iter().map(|node| (node, room(node))).collect();
     let mut left = load.total();
@@ -237,23 +242,66 @@ fn capped_targets(
             break;
         }
         for (node, room) in full {
-            targets.insert(node.clone(), room);
+            capped.push((node, room));
             left -= room;
         }
     }
-    if open.is_empty() {
-        return targets;
+    let (base, extra) = match open.len() {
+        0 => (0, 0),
+        n => (left / n, left % n),
+    };
+    Shares {
+        capped,
+        open: open.into_iter().map(|(node, _)| node).collect(),
+        base,
+        extra,
     }
-    let (base, extra) = (left / open.len(), left % open.len());
-    let mut ranked: Vec<(&NodeName, usize)> = open
-        .into_iter()
-        .map(|(node, _)| (node, load.owned_by(node)))
+}
+
+/// The order in which open nodes get the one more: those that own the most
+/// first, then by name.
+fn rank_key<'a>(load: &GroupLoad, node: &'a NodeName) -> (Reverse<usize>, &'a NodeName) {
+    (Reverse(load.owned_by(node)), node)
+}
+
+/// Every serving node's target (see [`fair_targets`]).
+fn capped_targets(
+    load: &GroupLoad,
+    room: impl Fn(&NodeName) -> usize,
+) -> BTreeMap<NodeName, usize> {
+    let shares = water_fill(load, room);
+    let mut targets: BTreeMap<NodeName, usize> = shares
+        .capped
+        .iter()
+        .map(|(node, room)| ((*node).clone(), *room))
         .collect();
-    ranked.sort_by(|a, b| (Reverse(a.1), a.0).cmp(&(Reverse(b.1), b.0)));
-    for (rank, (node, _)) in ranked.into_iter().enumerate() {
-        targets.insert(node.clone(), base + usize::from(rank < extra));
+    let mut ranked = shares.open;
+    ranked.sort_by_key(|node| rank_key(load, node));
+    for (rank, node) in ranked.into_iter().enumerate() {
+        targets.insert(node.clone(), shares.base + usize::from(rank < shares.extra));
     }
     targets
+}
+
+/// `node`'s entry of [`fair_targets_in`] alone, in one pass over the
+/// serving nodes: no sort and no map of every node's target. A claim asks
+/// the balancer about one node, itself, once per task it claims; at a
+/// thousand serving nodes, building every target for it cost a sort and a
+/// thousand map entries per claim.
+pub fn fair_target_of(view: &ClusterView, group: &GroupName, node: &NodeName) -> Option<usize> {
+    let load = view.groups.get(group)?;
+    let shares = water_fill(load, |n| view.room_for(n, group));
+    if let Some((_, room)) = shares.capped.iter().find(|(n, _)| *n == node) {
+        return Some(*room);
+    }
+    let mine = shares.open.iter().find(|n| **n == node)?;
+    let key = rank_key(load, mine);
+    let rank = shares
+        .open
+        .iter()
+        .filter(|other| rank_key(load, other) < key)
+        .count();
+    Some(shares.base + usize::from(rank < shares.extra))
 }
 
 /// The fewest tasks that serving nodes must release to bring the group to its

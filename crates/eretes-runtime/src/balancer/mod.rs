@@ -23,7 +23,9 @@ mod fair;
 mod resource;
 
 pub use dumb::DumbBalancer;
-pub use fair::{fair_targets, fair_targets_in, min_moves, FairBalancer, FairConfig};
+pub use fair::{
+    fair_target_of, fair_targets, fair_targets_in, min_moves, FairBalancer, FairConfig,
+};
 pub use resource::{
     ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler,
 };
