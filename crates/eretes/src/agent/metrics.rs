@@ -4,7 +4,7 @@
 //! |---|---|---|
 //! | `eretes_tasks` | gauge: tasks in the cluster, counted at scrape time in the agent's task index; every state (`pending`, `running`, `sleeping`, `paused`, `fault`, `done`, `failed`, `killed`) of every group seen, 0 included | `state`, `group` |
 //! | `eretes_claims_total`, `eretes_claim_conflicts_total`, `eretes_failovers_total`, `eretes_releases_total`, `eretes_completions_total`, `eretes_failures_total` (failed or killed), `eretes_fences_total`, `eretes_malformed_skipped_total`, `eretes_node_commands_rejected_total` | counters of this agent's node | — |
-//! | `eretes_task_list_store_reads_total` | counter: list, node and task-count reads answered from the store because the agent's task index was loading or behind | — |
+//! | `eretes_task_list_store_reads_total` | counter: reads of the store made for list, node and task-count requests because the agent's task index was loading or behind (one at a time; requests that come while one is made share the next) | — |
 //! | `eretes_lease_renewal_seconds`, `eretes_lease_renewal_failures_total` | histogram, counter | — |
 //! | `eretes_handler_run_seconds` | histogram: how long runs lasted | `group` |
 //! | `eretes_store_request_seconds`, `eretes_store_request_errors_total` | histogram, counter: every request to the store | `op` |

@@ -9,7 +9,10 @@
 //! and nodes' claims and state changes, appear after the watch's delay
 //! (milliseconds). While the index is loading, or after its watch broke and
 //! until it has been read again, or when it is more than [`CATCH_UP`] behind,
-//! requests read the store directly as before: correct, O(namespace).
+//! requests read the store directly as before: correct, O(namespace). One
+//! such read at a time: the requests that arrive while it is made share the
+//! next one, so a burst of requests while a large index loads costs two reads
+//! of the namespace, not one per request.
 
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, Weak};
@@ -54,8 +57,11 @@ pub struct LiveTasks {
     revision: watch::Sender<Revision>,
     /// The highest revision of a write this agent's API acknowledged.
     written: AtomicI64,
-    /// Reads that went to the store because the index was not current.
+    /// Reads of the store made because the index was not current.
     store_reads: AtomicU64,
+    /// The last such read (when it started, and what it read), which the
+    /// requests that asked before it started share; one read at a time.
+    store_read: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<TaskIndex>)>>,
     /// The runs the watch saw start and end.
     runs: RunHistory,
     /// What each applied batch changed, for live views.
@@ -72,6 +78,7 @@ impl LiveTasks {
             revision: watch::channel(0).0,
             written: AtomicI64::new(0),
             store_reads: AtomicU64::new(0),
+            store_read: tokio::sync::Mutex::new(None),
             runs: RunHistory::default(),
             changes: broadcast::channel(1024).0,
         });
@@ -89,6 +96,7 @@ impl LiveTasks {
     /// acknowledged: the live one once it has caught up (within
     /// [`CATCH_UP`]), else one read from the store now.
     pub async fn read<R>(&self, read: impl FnOnce(&TaskIndex) -> R) -> Result<R, ProtocolError> {
+        let asked = tokio::time::Instant::now();
         let needed = self.written.load(Ordering::Acquire);
         let mut revision = self.revision.subscribe();
         // Wait while the index is loaded but behind; not while it is
@@ -102,16 +110,44 @@ impl LiveTasks {
             let index = self.index.read().expect("not poisoned");
             // The follower may have dropped the index since; then read anew.
             if let Some(index) = index.as_ref().filter(|i| i.revision() >= needed) {
-                return Ok(read(index));
+                let answer = read(index);
+                // The live index serves again: a store read kept for
+                // requests made while it did not is of no more use (one
+                // waiting for it has its own copy), and may be large.
+                if let Ok(mut last) = self.store_read.try_lock() {
+                    last.take();
+                }
+                return Ok(answer);
+            }
+        }
+        Ok(read(&*self.read_store(asked, needed).await?))
+    }
+
+    /// The namespace read from the store, for a request made at `asked`
+    /// that needs the writes up to `needed`: a read that started after the
+    /// request was made (as fresh as its own would be), else a new one.
+    async fn read_store(
+        &self,
+        asked: tokio::time::Instant,
+        needed: Revision,
+    ) -> Result<Arc<TaskIndex>, ProtocolError> {
+        let mut last = self.store_read.lock().await;
+        if let Some((started, index)) = last.as_ref() {
+            if *started >= asked && index.revision() >= needed {
+                return Ok(index.clone());
             }
         }
         debug!(needed, "the task index is not current; reading the store");
+        let started = tokio::time::Instant::now();
         self.store_reads.fetch_add(1, Ordering::Relaxed);
-        Ok(read(&self.coordinator.read_index().await?))
+        let index = Arc::new(self.coordinator.read_index().await?);
+        *last = Some((started, index.clone()));
+        Ok(index)
     }
 
-    /// How many reads went to the store because the index was loading,
-    /// broken or behind.
+    /// How many reads of the store were made because the index was
+    /// loading, broken or behind (requests that came while one was made
+    /// share the next).
     pub fn store_reads(&self) -> u64 {
         self.store_reads.load(Ordering::Relaxed)
     }
@@ -428,5 +464,35 @@ mod tests {
         assert!(live.read(ids).await.unwrap().is_empty());
         assert_eq!(started.elapsed(), CATCH_UP);
         assert_eq!(live.store_reads(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_while_the_index_loads_share_reads_of_the_store() {
+        use eretes_store::faults::FaultyStore;
+        // Every read of the namespace takes a second (it is one
+        // transaction), as a large one does.
+        let faulty = FaultyStore::new(EmbeddedStore::new());
+        let coordinator = Coordinator::new(faulty.clone(), Namespace::new("live").unwrap());
+        let spec = TaskSpec::new(GroupName::default(), json!({}));
+        for n in 0..10 {
+            let id = format!("t{n}").parse().unwrap();
+            coordinator.submit(&id, &spec).await.unwrap();
+        }
+        faulty.set_txn_latency(Duration::from_secs(1));
+        let live = LiveTasks::start(coordinator.clone());
+        // 20 requests while the index loads, then 20 more half a second
+        // into the first store read.
+        let first = futures::future::join_all((0..20).map(|_| live.read(ids)));
+        let second = async {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            futures::future::join_all((0..20).map(|_| live.read(ids))).await
+        };
+        let (first, second) = tokio::join!(first, second);
+        for listed in first.into_iter().chain(second) {
+            assert_eq!(listed.unwrap().len(), 10);
+        }
+        // The first read serves the first burst, the one after it every
+        // request that came while the first was made: two, not forty.
+        assert_eq!(live.store_reads(), 2);
     }
 }
