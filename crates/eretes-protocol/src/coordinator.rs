@@ -436,7 +436,7 @@ impl Coordinator {
             return Ok(ClaimOutcome::Parked { takeovers });
         }
         let record = self
-            .claimed_record(id, response.revision, response.responses.last())
+            .claimed_record(id, basis, response.revision, response.responses.last())
             .await?;
         Ok(ClaimOutcome::Claimed(Claim {
             task: id.clone(),
@@ -482,10 +482,14 @@ impl Coordinator {
     /// The task record a claim at `epoch` read (`read`, its transaction's
     /// answer to the record's get). The claim checked the record's revision,
     /// so it is the record the claimant decided on; were it garbage anyway
-    /// (a basis made by hand), the claim is undone and the record named.
+    /// (a basis made by hand), the claim is undone (its owner record
+    /// deleted, its run record put back as `basis` saw it, fenced by the
+    /// epoch) and the record named. Should the undo itself fail, the owner
+    /// record goes with the claimant's lease.
     async fn claimed_record(
         &self,
         id: &TaskId,
+        basis: &ClaimBasis,
         epoch: Revision,
         read: Option<&TxnOpResponse>,
     ) -> Result<Arc<TaskRecord>, ProtocolError> {
@@ -501,9 +505,16 @@ impl Coordinator {
         match decoded {
             Ok(record) => Ok(Arc::new(record)),
             Err(why) => {
+                let run_key = self.ns.run(id);
+                let run = if basis.run_revision == 0 {
+                    delete(run_key)
+                } else {
+                    put(run_key, encode(&basis.run))
+                };
                 let undo = Txn::new()
                     .when(self.fence_epoch(id, epoch))
-                    .and_then(delete(self.ns.owner(id)));
+                    .and_then(delete(self.ns.owner(id)))
+                    .and_then(run);
                 self.store.txn(undo).await?;
                 Err(ProtocolError::Malformed(why))
             }
@@ -566,7 +577,7 @@ impl Coordinator {
                 let mut outcomes = Vec::with_capacity(tasks.len());
                 for ((id, basis), (run, read)) in tasks.iter().zip(runs) {
                     let record = self
-                        .claimed_record(id, response.revision, response.responses.get(read))
+                        .claimed_record(id, basis, response.revision, response.responses.get(read))
                         .await;
                     outcomes.push(record.map(|record| {
                         ClaimOutcome::Claimed(Claim {

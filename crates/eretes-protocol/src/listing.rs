@@ -58,16 +58,23 @@ impl NodeListing {
 }
 
 impl Coordinator {
-    /// The prefixes a node's cache keeps (see the module's docs): nodes,
-    /// `node`'s command queue, owners, runs, tasks and task commands.
+    /// The prefixes a node's cache keeps (see the module's docs), in the
+    /// order they are read: nodes, `node`'s command queue, tasks, owners,
+    /// runs and task commands.
+    ///
+    /// Tasks before their owners and run records: a task submitted and
+    /// claimed between two reads is then either missing (its put comes by
+    /// the watch) or listed with its owner, never listed as unowned while
+    /// it is owned, which would send the node after a claim that must fail
+    /// (and take a batch's other claims down to one transaction each).
     pub fn node_listing_prefixes(&self, node: &NodeName) -> Vec<String> {
         let ns = self.namespace();
         vec![
             ns.nodes_prefix(),
             ns.node_commands(node),
+            ns.tasks_prefix(),
             ns.owners_prefix(),
             ns.runs_prefix(),
-            ns.tasks_prefix(),
             ns.task_commands_prefix(),
         ]
     }

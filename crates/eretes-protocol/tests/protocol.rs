@@ -419,9 +419,10 @@ async fn a_claim_whose_record_cannot_be_read_is_undone_and_says_why() {
         Err(ProtocolError::Malformed(value)) => assert_eq!(value.key, key),
         other => panic!("expected the record named as malformed, got {other:?}"),
     }
-    // No owner is left behind, and the garbage is untouched.
+    // No owner or run record is left behind, and the garbage is untouched.
     let ns = coordinator.namespace();
     assert!(store.get_key(&ns.owner(&id)).await.unwrap().is_none());
+    assert!(store.get_key(&ns.run(&id)).await.unwrap().is_none());
     let kv = store.get_key(&key).await.unwrap().unwrap();
     assert_eq!(kv.value, b"{not json");
 }

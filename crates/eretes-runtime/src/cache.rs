@@ -67,6 +67,9 @@ pub(crate) enum Change {
     OwnerChanged {
         task: TaskId,
         owner: Option<CachedOwner>,
+        /// The group of the owner record that vanished, if one did: its
+        /// node owns one task fewer there.
+        freed: Option<GroupName>,
     },
     /// A node joined or left (or changed its groups).
     Membership { node: NodeName, joined: bool },
@@ -319,6 +322,7 @@ impl Cache {
                     Change::OwnerChanged {
                         task: id,
                         owner: Some(owner),
+                        freed: None,
                     }
                 }
                 Err(e) => Change::Malformed(e.to_string()),
@@ -430,12 +434,14 @@ impl Cache {
                 Change::TaskGone(id)
             }
             KeyKind::Owner(id) => {
-                if self.owner(&id).is_some() {
+                let freed = self.owner(&id).map(|owner| owner.group.clone());
+                if freed.is_some() {
                     self.set_owner(&id, None);
                 }
                 Change::OwnerChanged {
                     task: id,
                     owner: None,
+                    freed,
                 }
             }
             KeyKind::Run(id) => {

@@ -130,6 +130,49 @@ async fn a_balancer_that_waits_is_asked_again_after_its_wait_not_on_every_event(
     assert_eq!(cluster.observer.running_tasks(), 0);
 }
 
+#[tokio::test(start_paused = true)]
+async fn a_fair_node_at_its_share_claims_again_as_soon_as_a_run_ends() {
+    // Five slots, fifty tasks of 20 ms each. The watch trails the writes'
+    // answers by 5 ms, as etcd's does: a slot frees when the write of a
+    // run's end is answered, while the node still sees the run's owner
+    // record, so it is at its share (its room) and the balancer says wait.
+    // The wait must end when the owner record's deletion arrives, not
+    // 250 ms later.
+    let faulty = eretes_store::faults::FaultyStore::new(EmbeddedStore::new());
+    faulty.set_watch_latency(Duration::from_millis(5));
+    let mut cluster = Cluster::new(faulty.clone());
+    for i in 0..50 {
+        cluster
+            .submit(
+                &format!("w{i:02}"),
+                serde_json::json!({"mode": "work", "ms": 20}),
+            )
+            .await;
+    }
+    let mut config = cluster.config("a");
+    config.slots = 5;
+    cluster
+        .start_with(
+            faulty.clone(),
+            config,
+            Box::new(eretes_runtime::balancer::FairBalancer::default()),
+        )
+        .await;
+    let started = Instant::now();
+    let done = || eretes_runtime::NodeStats::get(&cluster.node("a").stats().completions);
+    // Ten rounds of 20 ms: with a wait of the fair balancer's 250 ms after
+    // most runs it would take seconds.
+    eventually("the 50 tasks complete", Duration::from_secs(10), || {
+        done() == 50
+    })
+    .await;
+    assert!(
+        started.elapsed() < Duration::from_millis(600),
+        "50 runs of 20 ms in 5 slots took {:?}",
+        started.elapsed()
+    );
+}
+
 /// Not a test: a measurement (`cargo test --release -p eretes-runtime --test
 /// claim_pass -- --ignored --nocapture`). 20,000 tasks the balancer skips,
 /// each older than one of 20,000 it lets this node claim: the time until all

@@ -25,6 +25,7 @@ pub struct FaultyStore<S: ?Sized> {
     outage: AtomicBool,
     txn_latency_us: AtomicU64,
     read_latency_us: AtomicU64,
+    watch_latency_us: AtomicU64,
     /// Reads whose range starts with this prefix fail.
     failing_reads: Mutex<Option<String>>,
 }
@@ -38,6 +39,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             outage: AtomicBool::new(false),
             txn_latency_us: AtomicU64::new(0),
             read_latency_us: AtomicU64::new(0),
+            watch_latency_us: AtomicU64::new(0),
             failing_reads: Mutex::new(None),
         })
     }
@@ -68,6 +70,15 @@ impl<S: Store + ?Sized> FaultyStore<S> {
     /// spans writes made in between, as it does on a busy etcd.
     pub fn set_read_latency(&self, latency: Duration) {
         self.read_latency_us
+            .store(latency.as_micros() as u64, Ordering::SeqCst);
+    }
+
+    /// Deliver every batch of watches opened from now on `latency` late, on
+    /// tokio's clock, as etcd's watch stream trails the answers to the
+    /// writes it reports: a writer then hears of its own write's success
+    /// before its watch does.
+    pub fn set_watch_latency(&self, latency: Duration) {
+        self.watch_latency_us
             .store(latency.as_micros() as u64, Ordering::SeqCst);
     }
 
@@ -154,7 +165,29 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
     }
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         self.check()?;
-        self.inner.watch(range, start_revision).await
+        let stream = self.inner.watch(range, start_revision).await?;
+        let latency = Duration::from_micros(self.watch_latency_us.load(Ordering::SeqCst));
+        if latency.is_zero() {
+            return Ok(stream);
+        }
+        // Each batch waits its latency from when the store sent it, in order.
+        let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = stream;
+        tokio::spawn(async move {
+            use futures::StreamExt;
+            while let Some(batch) = stream.next().await {
+                let due = tokio::time::Instant::now() + latency;
+                if sender.send((due, batch)).is_err() {
+                    return;
+                }
+            }
+        });
+        let delayed = futures::stream::unfold(receiver, |mut receiver| async move {
+            let (due, batch) = receiver.recv().await?;
+            tokio::time::sleep_until(due).await;
+            Some((batch, receiver))
+        });
+        Ok(Box::pin(delayed))
     }
     async fn compact(&self, revision: Revision) -> StoreResult<()> {
         self.check()?;

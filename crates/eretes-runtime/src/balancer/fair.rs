@@ -27,10 +27,11 @@ use super::{Balancer, ClaimDecision, ClusterView, GroupLoad, RunningTask};
 /// Settings of a [`FairBalancer`].
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FairConfig {
-    /// How long a task this node declined (because it already holds its fair
-    /// share) stays on the runtime's ignore list before it is offered again.
-    /// Default: 250 ms. Short, so a share that grows (a node left, tasks were
-    /// submitted) is noticed quickly.
+    /// How long the group waits after this node declined a task because it
+    /// already holds its fair share ([`ClaimDecision::RetryAfter`]), unless
+    /// its counts change first. Default: 250 ms. Short, so a share that
+    /// grows in a way the runtime does not see as a change is noticed
+    /// quickly.
     pub claim_retry: Duration,
     /// While a group still has unowned tasks, this node releases more tasks of
     /// that group only if at least this long has passed since its own last

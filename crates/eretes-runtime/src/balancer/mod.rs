@@ -128,8 +128,8 @@ pub enum ClaimDecision {
     Claim,
     /// Claim nothing of this group now: ask again after this long, or
     /// sooner when the group's counts change in a way that may let this
-    /// node claim (a task lost its owner, a claim was lost, a node joined
-    /// or left). For a decision about the group or the node (its share,
+    /// node claim (an owner record of the group went, a claim was lost, a
+    /// task of the group appeared, a node joined or left). For a decision about the group or the node (its share,
     /// its resources), not this task.
     RetryAfter(Duration),
     /// Not this task for now (ask again after this long), but go on with

@@ -40,8 +40,9 @@ pub struct ResourceConfig {
     /// Above this share of CPU busy (0.0–1.0), stop claiming and shed tasks.
     /// Default: 0.95.
     pub cpu_limit: f64,
-    /// How long a task declined because of load stays on the runtime's ignore
-    /// list. Default: 5 s (load changes slowly; asking often costs samples).
+    /// How long the group waits after a task was declined because of load
+    /// ([`ClaimDecision::RetryAfter`]), unless its counts change first.
+    /// Default: 5 s (load changes slowly; asking often costs samples).
     pub claim_retry: Duration,
 }
 

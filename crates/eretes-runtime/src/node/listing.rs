@@ -154,11 +154,13 @@ impl MainLoop {
             // One more task may raise this node's share of the group.
             Change::TaskAdded(group) => self.stop_waiting(&group),
             Change::TaskGone(id) => self.stop_task(&id, StopReason::Gone),
-            Change::OwnerChanged { task, owner } => {
-                if owner.is_none() {
-                    if let Some(group) = self.cache.task(&task).map(|t| t.group.clone()) {
-                        self.stop_waiting(&group);
-                    }
+            Change::OwnerChanged { task, owner, freed } => {
+                // An owner went (a release, a completion, a lease that
+                // expired): that node's count, and maybe this one's share,
+                // moved. Taken from the owner record, since a completion
+                // removes the task before its owner.
+                if let Some(group) = freed {
+                    self.stop_waiting(&group);
                 }
                 let Some(running) = self.running.get(&task) else {
                     return;
