@@ -216,6 +216,14 @@ impl Cache {
         })
     }
 
+    /// Give back the spare room of the tables a burst of tasks grew.
+    pub fn shrink_if_sparse(&mut self) {
+        use crate::sparse::Sparse;
+        self.entries.shrink_if_sparse();
+        self.held_ids.shrink_if_sparse();
+        self.view.running.shrink_if_sparse();
+    }
+
     /// Keep `id` out of the claim candidates until [`Cache::end_hold`]; it
     /// stays counted as unowned.
     pub fn hold_back(&mut self, id: &TaskId) {

@@ -519,6 +519,9 @@ impl MainLoop {
             self.next_command();
             self.try_claims();
             self.write_run_ends();
+            // A few comparisons each turn; a table is rebuilt only when it
+            // is under a quarter full, so at most O(1) amortized per entry.
+            self.shrink_if_sparse();
         }
     }
 
@@ -608,6 +611,26 @@ impl MainLoop {
             if self.syncing.is_none() && self.lease.is_some() {
                 self.start_sync();
             }
+        }
+    }
+
+    /// Give back what a burst of tasks left in the loop's tables and queues
+    /// once they are mostly empty (see `crate::sparse`).
+    fn shrink_if_sparse(&mut self) {
+        use crate::sparse::Sparse;
+        self.running.shrink_if_sparse();
+        self.aborted.shrink_if_sparse();
+        self.claiming.shrink_if_sparse();
+        self.ignored.shrink_if_sparse();
+        self.cache.shrink_if_sparse();
+        self.command_signals.shrink_if_sparse();
+        // Compacting moves entries and so changes their keys, which
+        // `ignored` holds: only an empty queue is compacted.
+        if self.ignore.is_empty() && self.ignore.capacity() > 64 {
+            self.ignore.compact();
+        }
+        if self.overdue.is_empty() && self.overdue.capacity() > 64 {
+            self.overdue.compact();
         }
     }
 
