@@ -75,6 +75,7 @@ impl Drop for Watched {
             .is_some_and(|changed| Arc::ptr_eq(changed, &self.changed))
         {
             files.remove(&self.key);
+            eretes_runtime::sparse::Sparse::shrink_if_sparse(&mut *files);
         }
         // A private directory's watch goes with the directory (the kernel
         // drops it when the directory is removed); the shared one stays.

@@ -48,7 +48,7 @@ mod handler;
 mod lease;
 mod node;
 pub mod observer;
-mod sparse;
+pub mod sparse;
 pub mod statemachine;
 mod stats;
 

@@ -4,7 +4,8 @@
 //! A hash map keeps the largest capacity it ever had: a node that once ran
 //! 20,000 tasks would keep tables for 20,000 in its running set, its cache
 //! and its command subscriptions for as long as it lives, and the
-//! allocator could not return the pages around them either. The node's
+//! allocator could not return the pages around them either. Handlers that
+//! keep a table per running task (`eretes-exec`'s) use it too. The node's
 //! loop shrinks them once they are mostly empty (it checks each turn; a
 //! table is rebuilt only after it lost three quarters of its entries).
 
@@ -15,7 +16,7 @@ use std::hash::Hash;
 const SMALLEST: usize = 64;
 
 /// A collection with spare capacity to give back.
-pub(crate) trait Sparse {
+pub trait Sparse {
     /// Shrink to twice the entries held (so that the next few inserts do
     /// not grow it again at once) when under a quarter of it is used.
     fn shrink_if_sparse(&mut self);

@@ -66,7 +66,7 @@ pub(crate) struct Supervised {
     marker: RunMarker,
     /// Held until the supervisor is reaped: the next run of the same task
     /// on this agent waits for it.
-    gate: Option<OwnedMutexGuard<()>>,
+    gate: Option<RunGate>,
     /// The leader's process group in `<data-dir>/groups/`, for the next
     /// agent if this one dies; blanked once the supervisor is reaped.
     record: Option<GroupRecord>,
@@ -118,7 +118,7 @@ impl Supervised {
     pub(crate) async fn launch(
         warm: Warm,
         plan: LaunchPlan,
-        gate: OwnedMutexGuard<()>,
+        gate: RunGate,
         sent: impl FnOnce(),
     ) -> std::io::Result<Supervised> {
         let Warm { child, socket } = warm;
@@ -499,22 +499,58 @@ impl WarmPool {
 /// of its previous run on this agent has exited.
 #[derive(Debug, Default)]
 pub(crate) struct RunGates {
-    gates: Mutex<Gates>,
+    gates: Arc<Mutex<Gates>>,
 }
 
 #[derive(Debug, Default)]
 struct Gates {
     /// By the task's id, which shares the id's text (a `String` key would
-    /// be one more allocation per running task).
+    /// be one more allocation per running task). An entry leaves with the
+    /// last run that holds or waits for its gate, so the table holds the
+    /// tasks running here, not every task that ever ran.
     by_task: HashMap<TaskId, Weak<tokio::sync::Mutex<()>>>,
-    /// Forget gates nobody holds once the map grows past this.
+    /// Past this many entries, forget gates nobody holds: a run cancelled
+    /// while it waited for a gate that was then let go leaves its entry.
     prune_at: usize,
 }
 
+/// A run's hold on its task's gate: later runs of the task wait until it is
+/// dropped, and the last one to go takes the gate out of the table.
+#[derive(Debug)]
+pub(crate) struct RunGate {
+    guard: Option<OwnedMutexGuard<()>>,
+    task: TaskId,
+    gates: Arc<Mutex<Gates>>,
+}
+
+impl Drop for RunGate {
+    fn drop(&mut self) {
+        let Some(guard) = self.guard.take() else {
+            return;
+        };
+        // Under the table's lock, so that no run takes the gate between
+        // the count and the removal.
+        let mut gates = self.gates.lock().expect("not poisoned");
+        let gate = OwnedMutexGuard::mutex(&guard).clone();
+        drop(guard);
+        // Only `gate` left: nobody holds or waits for it.
+        if Arc::strong_count(&gate) == 1 {
+            let ours = gates
+                .by_task
+                .get(&self.task)
+                .is_some_and(|entry| std::ptr::eq(entry.as_ptr(), Arc::as_ptr(&gate)));
+            if ours {
+                gates.by_task.remove(&self.task);
+                eretes_runtime::sparse::Sparse::shrink_if_sparse(&mut gates.by_task);
+            }
+        }
+    }
+}
+
 impl RunGates {
-    /// Wait until no earlier run of `task` is alive here; the guard keeps
+    /// Wait until no earlier run of `task` is alive here; the gate keeps
     /// later runs waiting until it is dropped.
-    pub(crate) async fn enter(&self, task: &TaskId) -> OwnedMutexGuard<()> {
+    pub(crate) async fn enter(&self, task: &TaskId) -> RunGate {
         let gate = {
             let mut gates = self.gates.lock().expect("not poisoned");
             match gates.by_task.get(task).and_then(Weak::upgrade) {
@@ -530,7 +566,14 @@ impl RunGates {
                 }
             }
         };
-        gate.lock_owned().await
+        // Dropped before it is locked (the run was cancelled while it
+        // waited), the waiter's Arc goes with it and the holder's drop
+        // then finds the count it needs.
+        RunGate {
+            guard: Some(gate.lock_owned().await),
+            task: task.clone(),
+            gates: self.gates.clone(),
+        }
     }
 }
 
@@ -559,9 +602,37 @@ mod tests {
     #[tokio::test]
     async fn gates_nobody_holds_are_forgotten() {
         let gates = RunGates::default();
-        for n in 0..1000 {
-            drop(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
-        }
-        assert!(gates.gates.lock().unwrap().by_task.len() <= 128);
+        let held: Vec<RunGate> = {
+            let mut held = Vec::new();
+            for n in 0..1000 {
+                held.push(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
+            }
+            held
+        };
+        assert_eq!(gates.gates.lock().unwrap().by_task.len(), 1000);
+        drop(held);
+        let table = &gates.gates.lock().unwrap().by_task;
+        assert!(table.is_empty());
+        assert!(table.capacity() <= 64, "{} left", table.capacity());
+    }
+
+    #[tokio::test]
+    async fn a_gate_someone_waits_for_stays_until_the_last_run_goes() {
+        let gates = Arc::new(RunGates::default());
+        let id = TaskId::new("a").unwrap();
+        let first = gates.enter(&id).await;
+        let waiting = tokio::spawn({
+            let (gates, id) = (gates.clone(), id.clone());
+            async move { gates.enter(&id).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        drop(first);
+        let second = waiting.await.unwrap();
+        assert_eq!(gates.gates.lock().unwrap().by_task.len(), 1);
+        // A third run still waits for the second: the entry was not lost.
+        let third = tokio::time::timeout(Duration::from_millis(50), gates.enter(&id)).await;
+        assert!(third.is_err(), "the third run waits for the second");
+        drop(second);
+        assert!(gates.gates.lock().unwrap().by_task.is_empty());
     }
 }
