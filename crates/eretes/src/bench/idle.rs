@@ -3,7 +3,8 @@
 //! window, the agent's CPU time (from `/proc/<pid>/stat`), its threads and
 //! its resident memory above the baseline it had before the tasks, per
 //! task; the supervisors' proportional set size; and after every task is
-//! removed, how much of that memory the agent gave back 30 s later.
+//! removed, how much of that memory the agent gave back 30 s later, and
+//! 75 s later, once the store's minute of watch history has expired.
 
 use std::time::Duration;
 
@@ -19,6 +20,11 @@ const QUIET_WINDOW: Duration = Duration::from_secs(20);
 
 /// How long after the tasks are removed its memory is read again.
 const GIVE_BACK: Duration = Duration::from_secs(30);
+
+/// A second reading, once the embedded store's watch history (the values
+/// of the last minute's writes, [`eretes_store::embedded::DEFAULT_HISTORY_AGE`])
+/// no longer holds the removals, and the agent gave the freed pages back.
+const AFTER_HISTORY: Duration = Duration::from_secs(75);
 
 /// Idle process tasks: CPU, threads and memory of the agent.
 pub(super) async fn idle(args: &BenchArgs) -> Result<serde_json::Value> {
@@ -114,6 +120,15 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
         after_over_baseline * 100.0,
         anon_after_over_baseline * 100.0
     );
+    tokio::time::sleep(AFTER_HISTORY - GIVE_BACK).await;
+    let later_kib = status_field(pid, "VmRSS:")?;
+    let later_anon_kib = status_field(pid, "RssAnon:")?;
+    let later_over_baseline = later_kib as f64 / baseline_kib as f64;
+    println!(
+        "{} s after: RSS {later_kib} KiB ({:.0}% of the baseline), heap {later_anon_kib} KiB",
+        AFTER_HISTORY.as_secs(),
+        later_over_baseline * 100.0
+    );
     if supervisors.len() < tasks {
         bail!(
             "only {} of {tasks} supervisors were found",
@@ -137,6 +152,9 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
         "baseline_anon_kib": baseline_anon_kib,
         "anon_after_removal_kib": after_anon_kib,
         "anon_after_removal_over_baseline": (anon_after_over_baseline * 100.0).round() / 100.0,
+        "rss_75s_after_removal_kib": later_kib,
+        "rss_75s_after_removal_over_baseline": (later_over_baseline * 100.0).round() / 100.0,
+        "anon_75s_after_removal_kib": later_anon_kib,
     }))
 }
 
