@@ -30,6 +30,9 @@ use tracing::{debug, warn};
 /// acknowledged writes before it reads the store directly instead.
 pub const CATCH_UP: Duration = Duration::from_secs(2);
 
+/// What a read of the store for requests came to.
+type StoreRead = Result<Arc<TaskIndex>, ProtocolError>;
+
 /// First and longest pause before the index is read again after a failure.
 const RELOAD_BACKOFF: (Duration, Duration) = (Duration::from_millis(100), Duration::from_secs(5));
 
@@ -59,9 +62,10 @@ pub struct LiveTasks {
     written: AtomicI64,
     /// Reads of the store made because the index was not current.
     store_reads: AtomicU64,
-    /// The last such read (when it started, and what it read), which the
-    /// requests that asked before it started share; one read at a time.
-    store_read: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<TaskIndex>)>>,
+    /// The last such read (when it started, and what it read or how it
+    /// failed), which the requests that asked before it started share; one
+    /// read at a time.
+    store_read: tokio::sync::Mutex<Option<(tokio::time::Instant, StoreRead)>>,
     /// The runs the watch saw start and end.
     runs: RunHistory,
     /// What each applied batch changed, for live views.
@@ -132,17 +136,22 @@ impl LiveTasks {
         needed: Revision,
     ) -> Result<Arc<TaskIndex>, ProtocolError> {
         let mut last = self.store_read.lock().await;
-        if let Some((started, index)) = last.as_ref() {
-            if *started >= asked && index.revision() >= needed {
-                return Ok(index.clone());
+        if let Some((_, read)) = last.as_ref().filter(|(started, _)| *started >= asked) {
+            match read {
+                Ok(index) if index.revision() >= needed => return Ok(index.clone()),
+                // A store that failed a read begun after this request was
+                // made fails it too: the requests queued behind one read
+                // do not each wait for the store's timeout in turn.
+                Err(error) => return Err(error.clone()),
+                Ok(_) => {}
             }
         }
         debug!(needed, "the task index is not current; reading the store");
         let started = tokio::time::Instant::now();
         self.store_reads.fetch_add(1, Ordering::Relaxed);
-        let index = Arc::new(self.coordinator.read_index().await?);
-        *last = Some((started, index.clone()));
-        Ok(index)
+        let read = self.coordinator.read_index().await.map(Arc::new);
+        *last = Some((started, read.clone()));
+        read
     }
 
     /// How many reads of the store were made because the index was
@@ -166,6 +175,14 @@ impl LiveTasks {
 
     fn publish(&self, index: Option<TaskIndex>) {
         let revision = index.as_ref().map_or(0, TaskIndex::revision);
+        if revision > 0 {
+            // Requests read the live index from now on: a store read kept
+            // for them would only hold a copy of the namespace (one in
+            // flight is dropped by the next request the live index serves).
+            if let Ok(mut last) = self.store_read.try_lock() {
+                last.take();
+            }
+        }
         *self.index.write().expect("not poisoned") = index;
         self.revision.send_replace(revision);
         // A new index may differ anywhere (nobody listening is no error).
@@ -494,5 +511,25 @@ mod tests {
         // The first read serves the first burst, the one after it every
         // request that came while the first was made: two, not forty.
         assert_eq!(live.store_reads(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn requests_that_share_a_failed_read_fail_together() {
+        use eretes_store::faults::FaultyStore;
+        let faulty = FaultyStore::new(EmbeddedStore::new());
+        let coordinator = Coordinator::new(faulty.clone(), Namespace::new("live").unwrap());
+        faulty.set_outage(true);
+        let live = LiveTasks::start(coordinator.clone());
+        let answers = futures::future::join_all((0..20).map(|_| live.read(ids))).await;
+        assert!(answers.iter().all(Result::is_err), "{answers:?}");
+        assert_eq!(
+            live.store_reads(),
+            1,
+            "one failed read, not one per request"
+        );
+        // Once the store is back, a new request reads it again.
+        faulty.set_outage(false);
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(live.read(ids).await.is_ok());
     }
 }
