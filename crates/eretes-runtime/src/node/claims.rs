@@ -108,8 +108,8 @@ impl MainLoop {
         let eligible = |id: &&TaskId| !self.claiming.contains(*id);
         if let Some((rank, nodes)) = share.filter(|(_, nodes)| *nodes > 1) {
             let look_ahead = self.config.max_claims_in_flight * nodes as usize * 2;
-            // The share test first: it is a modulo, the eligibility test two
-            // map lookups.
+            // The share test first: it is a modulo, the eligibility test a
+            // set lookup.
             let mine = self
                 .cache
                 .unowned_spread(group)
