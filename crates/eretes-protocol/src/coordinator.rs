@@ -409,9 +409,7 @@ impl Coordinator {
         if plan.parked.is_some() {
             // Parking writes the result, spec included: read the record
             // first; the transaction checks it is still the one read.
-            let Some(spec) = self.task_spec_at(id, basis).await? else {
-                return self.lost(id).await;
-            };
+            let spec = self.task_spec_at(id, basis).await?;
             plan = self.plan_claim(node, lease, id, basis, Some(&spec));
         }
         let txn = Txn {
@@ -435,64 +433,56 @@ impl Coordinator {
         if let Some(takeovers) = plan.parked {
             return Ok(ClaimOutcome::Parked { takeovers });
         }
-        let record = self
-            .claimed_record(id, basis, response.revision, response.responses.last())
-            .await?;
-        Ok(ClaimOutcome::Claimed(Claim {
-            task: id.clone(),
-            epoch: response.revision,
-            node: node.clone(),
-            record,
-            run: plan.run,
-            takeover: basis.run.open,
-        }))
+        self.claimed(
+            node,
+            id,
+            basis,
+            response.revision,
+            plan.run,
+            response.responses.last(),
+        )
+        .await
     }
 
-    /// The spec of `id`'s record if it is still at the basis' revision.
+    /// The spec to park `id` with: its record's, if the record is still at
+    /// the basis' revision. Otherwise any will do: the parking transaction's
+    /// compare then fails, and its failure branch reads the keys back.
     async fn task_spec_at(
         &self,
         id: &TaskId,
         basis: &ClaimBasis,
-    ) -> Result<Option<TaskSpec>, ProtocolError> {
+    ) -> Result<TaskSpec, ProtocolError> {
         let key = self.ns.task(id);
-        let Some(kv) = self.store.get_key(&key).await? else {
-            return Ok(None);
-        };
-        if kv.mod_revision != basis.task_revision {
-            return Ok(None);
-        }
-        // Garbage cannot be claimed, but its takeovers can still park it:
-        // its result then has no properties.
-        Ok(Some(decode_task(&key, &kv.value).map_or_else(
-            |_| TaskSpec::new(basis.group.clone(), Value::Null),
+        let record = self
+            .store
+            .get_key(&key)
+            .await?
+            .filter(|kv| kv.mod_revision == basis.task_revision)
+            // Garbage cannot be claimed, but its takeovers can still park
+            // it: its result then has no properties.
+            .and_then(|kv| decode_task(&key, &kv.value).ok());
+        Ok(record.map_or_else(
+            || TaskSpec::new(basis.group.clone(), Value::Null),
             |record| record.spec,
-        )))
+        ))
     }
 
-    /// What a claim that did not happen finds in the task's keys now.
-    async fn lost(&self, id: &TaskId) -> Result<ClaimOutcome, ProtocolError> {
-        let read = |key: String| async move { self.store.get_key(&key).await };
-        Ok(ClaimOutcome::Lost(TaskKeys {
-            task: read(self.ns.task(id)).await?,
-            owner: read(self.ns.owner(id)).await?,
-            run: read(self.ns.run(id)).await?,
-        }))
-    }
-
-    /// The task record a claim at `epoch` read (`read`, its transaction's
-    /// answer to the record's get). The claim checked the record's revision,
-    /// so it is the record the claimant decided on; were it garbage anyway
-    /// (a basis made by hand), the claim is undone (its owner record
-    /// deleted, its run record put back as `basis` saw it, fenced by the
-    /// epoch) and the record named. Should the undo itself fail, the owner
-    /// record goes with the claimant's lease.
-    async fn claimed_record(
+    /// The claim of `id` at `epoch`, with the task record its transaction
+    /// read (`read`, the answer to the record's get). The claim checked the
+    /// record's revision, so it is the record the claimant decided on; were
+    /// it garbage anyway (a basis made by hand), the claim is undone (its
+    /// owner record deleted, its run record put back as `basis` saw it,
+    /// fenced by the epoch) and the record named. Should the undo itself
+    /// fail, the owner record goes with the claimant's lease.
+    async fn claimed(
         &self,
+        node: &NodeName,
         id: &TaskId,
         basis: &ClaimBasis,
         epoch: Revision,
+        run: RunRecord,
         read: Option<&TxnOpResponse>,
-    ) -> Result<Arc<TaskRecord>, ProtocolError> {
+    ) -> Result<ClaimOutcome, ProtocolError> {
         let key = self.ns.task(id);
         let decoded = match got(read) {
             Some(kv) => decode_task(&key, &kv.value),
@@ -503,7 +493,14 @@ impl Coordinator {
             }),
         };
         match decoded {
-            Ok(record) => Ok(Arc::new(record)),
+            Ok(record) => Ok(ClaimOutcome::Claimed(Claim {
+                task: id.clone(),
+                epoch,
+                node: node.clone(),
+                record: Arc::new(record),
+                run,
+                takeover: basis.run.open,
+            })),
             Err(why) => {
                 let run_key = self.ns.run(id);
                 let run = if basis.run_revision == 0 {
@@ -576,19 +573,11 @@ impl Coordinator {
             Ok(response) if response.succeeded => {
                 let mut outcomes = Vec::with_capacity(tasks.len());
                 for ((id, basis), (run, read)) in tasks.iter().zip(runs) {
-                    let record = self
-                        .claimed_record(id, basis, response.revision, response.responses.get(read))
-                        .await;
-                    outcomes.push(record.map(|record| {
-                        ClaimOutcome::Claimed(Claim {
-                            task: id.clone(),
-                            epoch: response.revision,
-                            node: node.clone(),
-                            record,
-                            run,
-                            takeover: basis.run.open,
-                        })
-                    }));
+                    let read = response.responses.get(read);
+                    outcomes.push(
+                        self.claimed(node, id, basis, response.revision, run, read)
+                            .await,
+                    );
                 }
                 outcomes
             }

@@ -4,7 +4,7 @@
 //! groups are unowned, oldest first?" and "how loaded is each group?" (the
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap};
 
 use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
 use eretes_protocol::{
@@ -13,7 +13,10 @@ use eretes_protocol::{
 };
 use eretes_store::{KeyValue, Revision};
 
+use tokio_util::time::delay_queue::Key as IgnoreKey;
+
 use crate::balancer::ClusterView;
+use crate::sparse::Sparse;
 
 /// A pending or running task as cached: what a claim checks, not the
 /// record. The record (properties and all) is read by the claim's own
@@ -115,8 +118,10 @@ pub(crate) struct Cache {
     /// quadratic in them.
     held: HashMap<GroupName, BTreeSet<(Revision, u64, TaskId)>>,
     /// The ids held back, whether their task is cached now or not (it may
-    /// appear again, say after a resync, and must then be held back too).
-    held_ids: HashSet<TaskId>,
+    /// appear again, say after a resync, and must then be held back too),
+    /// each with its entry in the node's queue of ignore deadlines: the
+    /// node's ignore list is this map.
+    held_ids: HashMap<TaskId, IgnoreKey>,
     /// The balancer's view: loads per group and this node's running tasks.
     pub view: ClusterView,
 }
@@ -131,7 +136,7 @@ impl Cache {
             nodes: HashMap::new(),
             unowned: HashMap::new(),
             held: HashMap::new(),
-            held_ids: HashSet::new(),
+            held_ids: HashMap::new(),
         }
     }
 
@@ -188,6 +193,7 @@ impl Cache {
     fn forget_if_empty(&mut self, id: &TaskId) {
         if self.entries.get(id).is_some_and(TaskEntry::is_empty) {
             self.entries.remove(id);
+            self.entries.shrink_if_sparse();
         }
     }
 
@@ -216,44 +222,41 @@ impl Cache {
         })
     }
 
-    /// Give back the spare room of the tables a burst of tasks grew.
-    pub fn shrink_if_sparse(&mut self) {
-        use crate::sparse::Sparse;
-        self.entries.shrink_if_sparse();
-        self.held_ids.shrink_if_sparse();
-        self.view.running.shrink_if_sparse();
+    /// The key of `id`'s ignore deadline, if it is held back.
+    pub fn held_key(&self, id: &TaskId) -> Option<IgnoreKey> {
+        self.held_ids.get(id).copied()
     }
 
-    /// Keep `id` out of the claim candidates until [`Cache::end_hold`]; it
-    /// stays counted as unowned.
-    pub fn hold_back(&mut self, id: &TaskId) {
-        if !self.held_ids.insert(id.clone()) {
-            return;
-        }
-        if let Some((group, key)) = self.unowned_key(id) {
-            let moved = self
-                .unowned
-                .get_mut(&group)
-                .is_some_and(|set| set.remove(&key));
-            if moved {
-                self.held.entry(group).or_default().insert(key);
-            }
+    /// Keep `id` out of the claim candidates until [`Cache::end_hold`]
+    /// (`deadline` is its entry in the node's ignore queue); it stays
+    /// counted as unowned.
+    pub fn hold_back(&mut self, id: &TaskId, deadline: IgnoreKey) {
+        if self.held_ids.insert(id.clone(), deadline).is_none() {
+            self.move_index_entry(id, true);
         }
     }
 
     /// Make `id` a claim candidate again, if it is an unowned task.
     pub fn end_hold(&mut self, id: &TaskId) {
-        if !self.held_ids.remove(id) {
-            return;
+        if self.held_ids.remove(id).is_some() {
+            self.held_ids.shrink_if_sparse();
+            self.move_index_entry(id, false);
         }
-        if let Some((group, key)) = self.unowned_key(id) {
-            let moved = self
-                .held
-                .get_mut(&group)
-                .is_some_and(|set| set.remove(&key));
-            if moved {
-                self.unowned.entry(group).or_default().insert(key);
-            }
+    }
+
+    /// Move `id`'s entry to the held index (`held`) or back to the
+    /// candidates, if it is an unowned task.
+    fn move_index_entry(&mut self, id: &TaskId, held: bool) {
+        let Some((group, key)) = self.unowned_key(id) else {
+            return;
+        };
+        let (from, to) = if held {
+            (&mut self.unowned, &mut self.held)
+        } else {
+            (&mut self.held, &mut self.unowned)
+        };
+        if from.get_mut(&group).is_some_and(|set| set.remove(&key)) {
+            to.entry(group).or_default().insert(key);
         }
     }
 
@@ -564,7 +567,7 @@ impl Cache {
     fn mark_unowned(&mut self, group: &GroupName, order: Revision, id: &TaskId, unowned: bool) {
         let entry = (order, spread_hash(id), id.clone());
         let changed = if unowned {
-            let index = if self.held_ids.contains(id) {
+            let index = if self.held_ids.contains_key(id) {
                 &mut self.held
             } else {
                 &mut self.unowned
@@ -688,8 +691,11 @@ mod tests {
         assert_eq!(cache.view.group(&g).total(), 2);
     }
 
-    #[test]
-    fn held_back_tasks_are_no_candidates_but_still_count_as_unowned() {
+    #[tokio::test]
+    async fn held_back_tasks_are_no_candidates_but_still_count_as_unowned() {
+        // Stands for the node's queue of ignore deadlines.
+        let mut deadlines = tokio_util::time::DelayQueue::new();
+        let mut deadline = || deadlines.insert((), std::time::Duration::from_secs(60));
         let ns = Namespace::new("t").unwrap();
         let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
         let g = GroupName::default();
@@ -699,9 +705,9 @@ mod tests {
         };
         put(&mut cache, "a", 2);
         put(&mut cache, "b", 3);
-        cache.hold_back(&id("a"));
+        cache.hold_back(&id("a"), deadline());
         // Held before its task is known: held once it appears.
-        cache.hold_back(&id("c"));
+        cache.hold_back(&id("c"), deadline());
         put(&mut cache, "c", 4);
         let candidates =
             |cache: &Cache| cache.unowned(&g).map(|t| t.to_string()).collect::<Vec<_>>();

@@ -190,15 +190,6 @@ impl CommandSignals {
         }
     }
 
-    /// Give back the table's spare room once most subscriptions are gone.
-    pub(crate) fn shrink_if_sparse(&self) {
-        use crate::sparse::Sparse;
-        self.waiting
-            .lock()
-            .expect("not poisoned")
-            .shrink_if_sparse();
-    }
-
     /// A command for task `id` was queued: ring its subscription, if any.
     pub fn ring(&self, id: &TaskId) {
         if let Some(notify) = self.waiting.lock().expect("not poisoned").get(id) {
@@ -232,6 +223,7 @@ impl Drop for CommandSubscription {
             .is_some_and(|notify| Arc::ptr_eq(notify, &self.notify))
         {
             waiting.remove(&self.id);
+            crate::sparse::Sparse::shrink_if_sparse(&mut *waiting);
         }
     }
 }

@@ -5,9 +5,9 @@
 //! 20,000 tasks would keep tables for 20,000 in its running set, its cache
 //! and its command subscriptions for as long as it lives, and the
 //! allocator could not return the pages around them either. Handlers that
-//! keep a table per running task (`eretes-exec`'s) use it too. The node's
-//! loop shrinks them once they are mostly empty (it checks each turn; a
-//! table is rebuilt only after it lost three quarters of its entries).
+//! keep a table per running task (`eretes-exec`'s) use it too. Each such
+//! table is checked where entries leave it, and rebuilt only once it lost
+//! three quarters of them: O(1) amortized per entry.
 
 use std::collections::{HashMap, HashSet};
 use std::hash::Hash;

@@ -566,9 +566,9 @@ impl RunGates {
                 }
             }
         };
-        // Dropped before it is locked (the run was cancelled while it
-        // waited), the waiter's Arc goes with it and the holder's drop
-        // then finds the count it needs.
+        // A run cancelled while it waits drops its Arc here. Should the
+        // holder have gone first, its entry stays until the task's next
+        // run replaces it or the prune above forgets it.
         RunGate {
             guard: Some(gate.lock_owned().await),
             task: task.clone(),
@@ -602,13 +602,10 @@ mod tests {
     #[tokio::test]
     async fn gates_nobody_holds_are_forgotten() {
         let gates = RunGates::default();
-        let held: Vec<RunGate> = {
-            let mut held = Vec::new();
-            for n in 0..1000 {
-                held.push(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
-            }
-            held
-        };
+        let mut held = Vec::new();
+        for n in 0..1000 {
+            held.push(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
+        }
         assert_eq!(gates.gates.lock().unwrap().by_task.len(), 1000);
         drop(held);
         let table = &gates.gates.lock().unwrap().by_task;

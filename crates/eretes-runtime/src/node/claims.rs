@@ -11,6 +11,7 @@ use tracing::{info, warn};
 
 use crate::balancer::ClaimDecision;
 use crate::cache::Change;
+use crate::sparse::Sparse;
 use crate::stats::NodeStats;
 
 use super::{off_loop, ClaimResult, MainLoop, StopReason};
@@ -175,6 +176,7 @@ impl MainLoop {
     pub(super) fn on_claim(&mut self, result: ClaimResult) {
         let ClaimResult { id, group, outcome } = result;
         self.claiming.remove(&id);
+        self.claiming.shrink_if_sparse();
         match outcome {
             Ok(ClaimOutcome::Claimed(mut claim)) => {
                 NodeStats::bump(&self.stats.claims);
@@ -242,14 +244,16 @@ impl MainLoop {
         }
     }
 
+    /// Put `id` on the ignore list for `delay` (from now, if it is on it
+    /// already): the cache holds it back from the candidates until then.
     pub(super) fn ignore_for(&mut self, id: &TaskId, delay: Duration) {
-        if let Some(key) = self.ignored.get(id) {
-            self.ignore.reset(key, delay);
-        } else {
-            let key = self.ignore.insert(id.clone(), delay);
-            self.ignored.insert(id.clone(), key);
+        match self.cache.held_key(id) {
+            Some(key) => self.ignore.reset(&key, delay),
+            None => {
+                let key = self.ignore.insert(id.clone(), delay);
+                self.cache.hold_back(id, key);
+            }
         }
-        self.cache.hold_back(id);
     }
 
     /// Run the balancer shortly: a node joined or left.

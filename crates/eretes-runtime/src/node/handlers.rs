@@ -13,6 +13,7 @@ use tracing::{debug, warn};
 
 use crate::balancer::RunningTask;
 use crate::handler::{HandlerOutcome, TaskContext};
+use crate::sparse::Sparse;
 use crate::stats::NodeStats;
 
 use super::{off_loop, panic_message, Exit, MainLoop, Running, StopReason};
@@ -76,8 +77,11 @@ impl MainLoop {
         let Some(running) = self.running.remove(&id) else {
             return;
         };
+        self.running.shrink_if_sparse();
         let group = running.claim.record.spec.group.clone();
-        if let Some(task) = self.cache.view.running.remove(&id) {
+        let task = self.cache.view.running.remove(&id);
+        self.cache.view.running.shrink_if_sparse();
+        if let Some(task) = task {
             metrics::histogram!("eretes_handler_run_seconds", "group" => group.to_string())
                 .record(task.claimed_at.elapsed().as_secs_f64());
         }

@@ -326,9 +326,9 @@ struct MainLoop {
     /// Which group the next claiming pass starts with.
     claim_rotation: usize,
     /// When each ignored task becomes a claim candidate again. While it is
-    /// ignored the cache holds it back from the candidates.
+    /// ignored the cache holds it back from the candidates, and keeps its
+    /// key in this queue (`Cache::held_key`).
     ignore: DelayQueue<TaskId>,
-    ignored: HashMap<TaskId, tokio_util::time::delay_queue::Key>,
     /// Groups the balancer said to wait with ([`ClaimDecision::RetryAfter`]),
     /// until when. Counts change when a claim is lost, a task loses its
     /// owner or a node joins or leaves; the wait then ends at once.
@@ -404,7 +404,6 @@ impl MainLoop {
             busy: HashMap::new(),
             claim_rotation: 0,
             ignore: DelayQueue::new(),
-            ignored: HashMap::new(),
             waiting: HashMap::new(),
             commands: BTreeMap::new(),
             command_signals: CommandSignals::default(),
@@ -496,11 +495,14 @@ impl MainLoop {
                 Some(expired) = self.overdue.next(), if !self.overdue.is_empty() => {
                     let (id, epoch) = expired.into_inner();
                     self.on_grace_over(id, epoch);
+                    compact_if_empty(&mut self.overdue);
                 }
                 Some(expired) = self.ignore.next(), if !self.ignore.is_empty() => {
                     let id = expired.into_inner();
-                    self.ignored.remove(&id);
                     self.cache.end_hold(&id);
+                    // Keys of this queue are kept by the cache; an empty
+                    // queue has none to move.
+                    compact_if_empty(&mut self.ignore);
                 }
                 result = async { self.syncing.as_mut().unwrap().await }, if self.syncing.is_some() => {
                     self.syncing = None;
@@ -519,9 +521,6 @@ impl MainLoop {
             self.next_command();
             self.try_claims();
             self.write_run_ends();
-            // A few comparisons each turn; a table is rebuilt only when it
-            // is under a quarter full, so at most O(1) amortized per entry.
-            self.shrink_if_sparse();
         }
     }
 
@@ -614,26 +613,6 @@ impl MainLoop {
         }
     }
 
-    /// Give back what a burst of tasks left in the loop's tables and queues
-    /// once they are mostly empty (see `crate::sparse`).
-    fn shrink_if_sparse(&mut self) {
-        use crate::sparse::Sparse;
-        self.running.shrink_if_sparse();
-        self.aborted.shrink_if_sparse();
-        self.claiming.shrink_if_sparse();
-        self.ignored.shrink_if_sparse();
-        self.cache.shrink_if_sparse();
-        self.command_signals.shrink_if_sparse();
-        // Compacting moves entries and so changes their keys, which
-        // `ignored` holds: only an empty queue is compacted.
-        if self.ignore.is_empty() && self.ignore.capacity() > 64 {
-            self.ignore.compact();
-        }
-        if self.overdue.is_empty() && self.overdue.capacity() > 64 {
-            self.overdue.compact();
-        }
-    }
-
     fn publish_status(&self) {
         let status = NodeStatus {
             registered: self.lease.is_some(),
@@ -647,6 +626,15 @@ impl MainLoop {
             *current = status;
             changed
         });
+    }
+}
+
+/// Give back a queue's room once it is empty, as [`crate::sparse`] does for
+/// tables. Compacting moves entries, which changes their keys: an empty
+/// queue has none.
+fn compact_if_empty<T>(queue: &mut DelayQueue<T>) {
+    if queue.is_empty() && queue.capacity() > 64 {
+        queue.compact();
     }
 }
 

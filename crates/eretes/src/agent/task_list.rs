@@ -115,12 +115,8 @@ impl LiveTasks {
             // The follower may have dropped the index since; then read anew.
             if let Some(index) = index.as_ref().filter(|i| i.revision() >= needed) {
                 let answer = read(index);
-                // The live index serves again: a store read kept for
-                // requests made while it did not is of no more use (one
-                // waiting for it has its own copy), and may be large.
-                if let Ok(mut last) = self.store_read.try_lock() {
-                    last.take();
-                }
+                // One made while the live index came back.
+                self.forget_store_read();
                 return Ok(answer);
             }
         }
@@ -154,6 +150,16 @@ impl LiveTasks {
         read
     }
 
+    /// Drop the last store read, once the live index serves requests again:
+    /// it is of no more use (a request waiting for it has its own copy) and
+    /// may be a large copy of the namespace. One still being made is not
+    /// waited for; the next request the live index serves drops it.
+    fn forget_store_read(&self) {
+        if let Ok(mut last) = self.store_read.try_lock() {
+            last.take();
+        }
+    }
+
     /// How many reads of the store were made because the index was
     /// loading, broken or behind (requests that came while one was made
     /// share the next).
@@ -176,12 +182,7 @@ impl LiveTasks {
     fn publish(&self, index: Option<TaskIndex>) {
         let revision = index.as_ref().map_or(0, TaskIndex::revision);
         if revision > 0 {
-            // Requests read the live index from now on: a store read kept
-            // for them would only hold a copy of the namespace (one in
-            // flight is dropped by the next request the live index serves).
-            if let Ok(mut last) = self.store_read.try_lock() {
-                last.take();
-            }
+            self.forget_store_read();
         }
         *self.index.write().expect("not poisoned") = index;
         self.revision.send_replace(revision);
