@@ -512,26 +512,60 @@ async fn shows_live_tasks_and_steers_them() {
     browser
         .text_when(&state_of("many-099"), |s| s == "pending")
         .await;
-    browser.click("#page-next").await;
-    browser
-        .text_when("#page-status", |s| s == "page 2, 30 tasks")
-        .await;
-    browser
-        .text_when(&state_of("many-129"), |s| s == "pending")
-        .await;
-    let rows = page
-        .find_all(Locator::Css("#tasks tbody tr"))
-        .await
-        .unwrap()
-        .len();
-    assert_eq!(rows, 30);
-    browser.click("#page-prev").await;
-    browser
-        .text_when("#page-status", |s| s == "page 1, 100 tasks")
-        .await;
-    browser
-        .text_when(&state_of("many-000"), |s| s == "pending")
-        .await;
+    // Submissions past the last row keep asking the page to refresh while
+    // it is paged: a click during a refresh must still move the page.
+    let (stop_churn, mut churn_stopped) = tokio::sync::oneshot::channel::<()>();
+    let churn = tokio::spawn({
+        let http = http.clone();
+        let url = agent.url.clone();
+        async move {
+            for n in 0..2_000 {
+                if churn_stopped.try_recv().is_ok() {
+                    return n;
+                }
+                http.post(format!("{url}/v1/tasks"))
+                    .json(
+                        &json!({ "id": format!("zz-{n:04}"), "group": "churn", "program": "true" }),
+                    )
+                    .send()
+                    .await
+                    .unwrap()
+                    .error_for_status()
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            2_000
+        }
+    });
+    // Back and forth a few times: each click has a chance to land while
+    // the page refreshes.
+    for round in 0..6 {
+        browser.click("#page-next").await;
+        browser
+            .text_when("#page-status", |s| s == "page 2, 30 tasks")
+            .await;
+        browser
+            .text_when(&state_of("many-129"), |s| s == "pending")
+            .await;
+        if round == 0 {
+            let rows = page
+                .find_all(Locator::Css("#tasks tbody tr"))
+                .await
+                .unwrap()
+                .len();
+            assert_eq!(rows, 30);
+        }
+        browser.click("#page-prev").await;
+        browser
+            .text_when("#page-status", |s| s == "page 1, 100 tasks")
+            .await;
+        browser
+            .text_when(&state_of("many-000"), |s| s == "pending")
+            .await;
+    }
+    let _ = stop_churn.send(());
+    let churned = churn.await.unwrap();
+    assert!(churned > 0, "no submission churned the page");
 
     assert_console_clean(&browser, false).await;
     browser.close().await;

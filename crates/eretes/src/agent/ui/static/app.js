@@ -338,10 +338,16 @@ function tasksView(params) {
 
   let loads = 0;
 
-  async function load() {
+  /** Read the page at the last cursor. A move to another page
+   *  (`navigating`) holds the buttons until it lands, so a second click
+   *  cannot push the same cursor twice; a refresh the stream asked for
+   *  leaves them as they are, so a click during it is not lost. */
+  async function load(navigating = true) {
     const mine = ++loads;
-    prev.disabled = true;
-    next.disabled = true;
+    if (navigating) {
+      prev.disabled = true;
+      next.disabled = true;
+    }
     const query = new URLSearchParams({ limit: String(PAGE) });
     if (filters.state) query.set("state", filters.state);
     if (filters.group) query.set("group", filters.group);
@@ -396,10 +402,10 @@ function tasksView(params) {
 
   return {
     root,
-    start: load,
+    start: () => load(),
     onChange(change) {
       if (!touches(change) || reload) return;
-      reload = setTimeout(() => { reload = null; load(); }, 100);
+      reload = setTimeout(() => { reload = null; load(false); }, 100);
     },
     stop() { clearTimeout(reload); },
   };
