@@ -29,6 +29,15 @@ use crate::ExecConfig;
 /// be gone.
 const SWEEP_LIMIT: Duration = Duration::from_secs(10);
 
+/// Scans in a row, [`SWEEP_PAUSE`] apart, that must find no marked process
+/// before a sweep ends. One is not proof: a process in the middle of
+/// `exec` shows an empty environment for a moment (the kernel fills in the
+/// new one after the old memory is gone), so a scan can miss it.
+const QUIET_SCANS: u32 = 2;
+
+/// The pause between two scans of a sweep.
+const SWEEP_PAUSE: Duration = Duration::from_millis(20);
+
 /// What marks the processes of one run: the agent's data directory, the
 /// task and the epoch, as their environment carries them.
 #[derive(Debug, Clone)]
@@ -63,22 +72,24 @@ pub(crate) fn kill_marked(marker: &RunMarker) -> usize {
 /// After a run's supervisor died: SIGKILL the run's process group (led by
 /// `leader`, if a marked process is still in it, so that a recycled group
 /// id is never hit) and every process marked with the run, again and again
-/// until none is found (a process may fork meanwhile), within a bound.
-/// Returns how many were killed.
+/// until [`QUIET_SCANS`] scans in a row find none (a process may fork
+/// meanwhile), within a bound. Returns how many were killed.
 pub(crate) async fn kill_run(leader: libc::pid_t, marker: &RunMarker) -> usize {
     let wanted = marker.variables();
     let started = Instant::now();
     let mut killed = 0;
+    let mut quiet_scans = 0;
     loop {
         if leader > 1 && group_has_marked_process(leader, &wanted) {
             signal_group(leader, libc::SIGKILL);
         }
         let found = kill_marked(marker);
-        if found == 0 || started.elapsed() > SWEEP_LIMIT {
+        killed += found;
+        quiet_scans = if found == 0 { quiet_scans + 1 } else { 0 };
+        if quiet_scans >= QUIET_SCANS || started.elapsed() > SWEEP_LIMIT {
             return killed;
         }
-        killed += found;
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        tokio::time::sleep(SWEEP_PAUSE).await;
     }
 }
 
@@ -109,16 +120,18 @@ pub(crate) fn kill_leftovers(config: &ExecConfig) -> usize {
     // Until none is left (a dying supervisor may still fork-race its tree),
     // within a bound: a process stuck in the kernel cannot be waited for.
     let started = Instant::now();
+    let mut quiet_scans = 0;
     loop {
         let found = marked_processes(&marker);
-        if found.is_empty() || started.elapsed() > SWEEP_LIMIT {
-            return killed;
-        }
         killed += found.len();
+        quiet_scans = if found.is_empty() { quiet_scans + 1 } else { 0 };
         for pid in found {
             kill(pid);
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if quiet_scans >= QUIET_SCANS || started.elapsed() > SWEEP_LIMIT {
+            return killed;
+        }
+        std::thread::sleep(SWEEP_PAUSE);
     }
 }
 
@@ -206,6 +219,17 @@ mod tests {
             task: eretes_protocol::TaskId::new("t").unwrap(),
             epoch: 7,
         };
+        // `spawn` returns once `exec` began, and the new environment shows
+        // only a moment later (the sweeps scan twice for it): the test
+        // of which processes match waits until both show theirs.
+        for child in [&mine, &other] {
+            let dir = std::path::PathBuf::from(format!("/proc/{}", child.id()));
+            let shown = || has_all(&dir, &["ERETES_TASK_ID=t".to_string()]);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !shown() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        }
         assert_eq!(kill_marked(&marker), 1);
         assert!(mine.wait().unwrap().code().is_none(), "killed");
         assert!(other.try_wait().unwrap().is_none(), "another run lives");
