@@ -2,8 +2,8 @@
 //! etcd-client's, and etcd's errors mapped onto [`StoreError`].
 
 use eretes_store::{
-    Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse, GetRequest, GetResponse,
-    KeyRange, KeyValue, PutRequest, PutResponse, StoreError, TxnOp, TxnOpResponse,
+    prefix_end, Compare, CompareOp, CompareTarget, DeleteRequest, DeleteResponse, GetRequest,
+    GetResponse, KeyRange, KeyValue, PutRequest, PutResponse, StoreError, TxnOp, TxnOpResponse,
 };
 use etcd_client as etcd;
 
@@ -26,20 +26,21 @@ pub(crate) fn header_revision(header: Option<&etcd::ResponseHeader>) -> i64 {
     header.map_or(0, |h| h.revision())
 }
 
-/// The key etcd is sent for `range`, and whether it is a prefix (etcd's
-/// range end is then derived by the client's `with_prefix`).
-pub(crate) fn range_key(range: &KeyRange) -> (String, bool) {
+/// The key etcd is sent for `range`, and its range end (`None` for a
+/// single key).
+pub(crate) fn range_bounds(range: &KeyRange) -> (String, Option<Vec<u8>>) {
     match range {
-        KeyRange::Key(key) => (key.clone(), false),
-        KeyRange::Prefix(prefix) => (prefix.clone(), true),
+        KeyRange::Key(key) => (key.clone(), None),
+        KeyRange::Prefix(prefix) => (prefix.clone(), Some(prefix_end(prefix))),
+        KeyRange::Span { start, end } => (start.clone(), Some(end.clone().into_bytes())),
     }
 }
 
 pub(crate) fn get_options(request: &GetRequest) -> (String, etcd::GetOptions) {
-    let (key, prefix) = range_key(&request.range);
+    let (key, end) = range_bounds(&request.range);
     let mut options = etcd::GetOptions::new();
-    if prefix {
-        options = options.with_prefix();
+    if let Some(end) = end {
+        options = options.with_range(end);
     }
     if let Some(limit) = request.limit {
         options = options.with_limit(i64::try_from(limit).unwrap_or(i64::MAX));
@@ -78,10 +79,10 @@ pub(crate) fn put_response(response: &etcd::PutResponse) -> PutResponse {
 }
 
 pub(crate) fn delete_options(request: &DeleteRequest) -> (String, etcd::DeleteOptions) {
-    let (key, prefix) = range_key(&request.range);
+    let (key, end) = range_bounds(&request.range);
     let mut options = etcd::DeleteOptions::new();
-    if prefix {
-        options = options.with_prefix();
+    if let Some(end) = end {
+        options = options.with_range(end);
     }
     if request.prev_kv {
         options = options.with_prev_key();

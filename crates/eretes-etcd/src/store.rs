@@ -300,28 +300,19 @@ pub const MAX_RESPONSE_BYTES: usize = 1 << 30;
 /// etcd fenced itself while one node listed).
 pub const READ_PAGE_KEYS: usize = 2_000;
 
-/// The end of etcd's range for every key that starts with `prefix`: the
-/// prefix with its last byte below 0xff incremented (bytes after it
-/// dropped), or `\0` (to the end of the keyspace) when there is none.
-fn prefix_end(prefix: &str) -> Vec<u8> {
-    let mut end = prefix.as_bytes().to_vec();
-    while let Some(last) = end.pop() {
-        if last < 0xff {
-            end.push(last + 1);
-            return end;
-        }
-    }
-    vec![0]
-}
-
 impl EtcdStore {
-    /// A prefix read in pages of [`READ_PAGE_KEYS`] keys, every page at the
+    /// A read of the keys from `start` to `end` in pages of
+    /// [`READ_PAGE_KEYS`] keys, every page at the
     /// first one's revision: the answer a single read at that revision
     /// gives (`count` the range's size then, `more` whether `limit` cut
     /// it). A compaction past that revision between two pages fails the
     /// read as `Compacted`; the caller reads again.
-    async fn get_paged(&self, prefix: &str, limit: Option<usize>) -> StoreResult<GetResponse> {
-        let end = prefix_end(prefix);
+    async fn get_paged(
+        &self,
+        start: String,
+        end: Vec<u8>,
+        limit: Option<usize>,
+    ) -> StoreResult<GetResponse> {
         let mut kv = self.kv();
         let mut answer = GetResponse {
             kvs: Vec::new(),
@@ -329,7 +320,7 @@ impl EtcdStore {
             more: false,
             revision: 0,
         };
-        let mut from = prefix.as_bytes().to_vec();
+        let mut from = start.into_bytes();
         loop {
             let wanted = limit.map_or(READ_PAGE_KEYS, |limit| {
                 (limit - answer.kvs.len()).min(READ_PAGE_KEYS)
@@ -379,9 +370,9 @@ impl EtcdStore {
 impl Store for EtcdStore {
     async fn get(&self, request: GetRequest) -> StoreResult<GetResponse> {
         check_range(&request.range)?;
-        if let KeyRange::Prefix(prefix) = &request.range {
+        if let (start, Some(end)) = convert::range_bounds(&request.range) {
             if !request.count_only && request.limit.is_none_or(|limit| limit > READ_PAGE_KEYS) {
-                return self.get_paged(prefix, request.limit).await;
+                return self.get_paged(start, end, request.limit).await;
             }
         }
         let (key, options) = convert::get_options(&request);

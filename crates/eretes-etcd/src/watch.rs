@@ -11,7 +11,7 @@ use etcd_client as etcd;
 use futures::StreamExt;
 use tracing::{debug, warn};
 
-use crate::convert::{classify, key_value, range_key, watch_refusal};
+use crate::convert::{classify, key_value, range_bounds, watch_refusal};
 
 /// How long a broken watch keeps trying to resume before it gives up and
 /// reports `Unavailable` (the runtime then lists again). Longer than a
@@ -92,10 +92,10 @@ impl Watch {
     /// Create the etcd watch from `next_revision` and wait for its
     /// confirmation.
     async fn create_once(&mut self) -> StoreResult<()> {
-        let (key, prefix) = range_key(&self.range);
+        let (key, end) = range_bounds(&self.range);
         let mut options = etcd::WatchOptions::new().with_prev_key();
-        if prefix {
-            options = options.with_prefix();
+        if let Some(end) = end {
+            options = options.with_range(end);
         }
         if self.next_revision > 0 {
             options = options.with_start_revision(self.next_revision);

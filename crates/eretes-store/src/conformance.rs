@@ -53,6 +53,7 @@ pub const CASES: &[&str] = &[
     "get_single_key",
     "get_prefix_limit_count_more",
     "prefix_boundaries",
+    "span_boundaries",
     "put_prev_kv_and_revisions",
     "empty_key_rejected",
     "delete_key_and_prefix",
@@ -129,6 +130,7 @@ macro_rules! conformance_tests {
             get_single_key
             get_prefix_limit_count_more
             prefix_boundaries
+            span_boundaries
             put_prev_kv_and_revisions
             empty_key_rejected
             delete_key_and_prefix
@@ -566,6 +568,90 @@ pub async fn prefix_boundaries(store: Arc<dyn Store>, prefix: &str) {
         keys(&rest.kvs),
         vec![k(prefix, "a"), k(prefix, "a0"), k(prefix, "ab/x")],
         "keys outside a/ survive its deletion"
+    );
+}
+
+/// A span holds the keys from its start up to, not including, its end:
+/// reads, limits, watches, deletes and a transaction's put-inside-delete
+/// check all see the same keys; an empty span is refused.
+pub async fn span_boundaries(store: Arc<dyn Store>, prefix: &str) {
+    let store = &*store;
+    let names = ["a", "a/x", "b", "b/x", "b/y", "c/x", "c0", "d"];
+    for name in names {
+        put(store, &k(prefix, name), "1").await;
+    }
+    let end = String::from_utf8(crate::prefix_end(&k(prefix, "c/"))).expect("ASCII");
+    assert_eq!(end, k(prefix, "c0"), "the end of prefix c/");
+    let span = || KeyRange::span(k(prefix, "b/"), end.clone());
+    let inside = vec![k(prefix, "b/x"), k(prefix, "b/y"), k(prefix, "c/x")];
+
+    let got = get(store, GetRequest::new(span())).await;
+    assert_eq!(keys(&got.kvs), inside, "get of the span");
+    assert_eq!((got.count, got.more), (3, false));
+    let limited = get(store, GetRequest::new(span()).with_limit(2)).await;
+    assert_eq!(keys(&limited.kvs), &inside[..2], "get of the span, limit 2");
+    assert_eq!((limited.count, limited.more), (3, true));
+
+    let mut stream = watch(store, span(), 0).await;
+    for name in names {
+        put(store, &k(prefix, name), "2").await;
+    }
+    let marker = k(prefix, "c/zz-marker");
+    put(store, &marker, "m").await;
+    let seen = events_until(&mut stream, &marker, "span watch").await;
+    let wanted: Vec<(EventKind, &str, &str)> = inside
+        .iter()
+        .map(|key| (EventKind::Put, key.as_str(), "2"))
+        .collect();
+    assert_eq!(shape(&seen), expect(&wanted), "only keys in the span");
+
+    // A put inside the span and a delete of it in one transaction: refused.
+    expect_invalid(
+        store
+            .txn(
+                Txn::new()
+                    .and_then(put_op(&k(prefix, "b/new"), "1"))
+                    .and_then(TxnOp::Delete(DeleteRequest::new(span()))),
+            )
+            .await,
+        "put inside a deleted span",
+    );
+    // A put at its end is outside it.
+    txn(
+        store,
+        Txn::new()
+            .and_then(put_op(&k(prefix, "c0"), "3"))
+            .and_then(TxnOp::Delete(DeleteRequest::new(KeyRange::key(k(
+                prefix, "d",
+            ))))),
+    )
+    .await;
+
+    let deleted = store
+        .delete(DeleteRequest::new(span()).with_prev_kv())
+        .await
+        .expect("delete of the span");
+    assert_eq!(deleted.deleted, 4, "the span's three keys and the marker");
+    let rest = get(store, GetRequest::new(KeyRange::prefix(prefix))).await;
+    assert_eq!(
+        keys(&rest.kvs),
+        vec![
+            k(prefix, "a"),
+            k(prefix, "a/x"),
+            k(prefix, "b"),
+            k(prefix, "c0")
+        ],
+        "keys outside the span survive its deletion"
+    );
+
+    let empty = KeyRange::span(k(prefix, "b/"), k(prefix, "b/"));
+    expect_invalid(
+        store.get(GetRequest::new(empty.clone())).await,
+        "an empty span",
+    );
+    expect_invalid(
+        store.watch(empty, 0).await.map(|_| ()),
+        "a watch of an empty span",
     );
 }
 

@@ -50,6 +50,8 @@ pub struct RequestCounts {
     pub compact: u64,
     /// Batches received on watch streams: pushed by the store, not requested.
     pub watch_batches: u64,
+    /// Events in those batches: every change the watches carried.
+    pub watch_events: u64,
     /// Keys that range reads returned (not a request count: what the reads
     /// cost the store and the network).
     pub keys_read: u64,
@@ -82,6 +84,7 @@ impl RequestCounts {
             watch: self.watch - earlier.watch,
             compact: self.compact - earlier.compact,
             watch_batches: self.watch_batches - earlier.watch_batches,
+            watch_events: self.watch_events - earlier.watch_events,
             keys_read: self.keys_read - earlier.keys_read,
         }
     }
@@ -99,6 +102,7 @@ struct Counters {
     watch: AtomicU64,
     compact: AtomicU64,
     watch_batches: Arc<AtomicU64>,
+    watch_events: Arc<AtomicU64>,
     keys_read: AtomicU64,
 }
 
@@ -136,6 +140,7 @@ impl<S: Store> CountingStore<S> {
             watch: read(&c.watch),
             compact: read(&c.compact),
             watch_batches: read(&c.watch_batches),
+            watch_events: read(&c.watch_events),
             keys_read: read(&c.keys_read),
         }
     }
@@ -178,10 +183,14 @@ impl<S: Store> Store for CountingStore<S> {
     async fn watch(&self, range: KeyRange, start_revision: Revision) -> StoreResult<WatchStream> {
         bump(&self.counters.watch);
         let batches = self.counters.watch_batches.clone();
+        let events = self.counters.watch_events.clone();
         let stream = self.inner.watch(range, start_revision).await?;
         Ok(stream
-            .inspect(move |_| {
+            .inspect(move |batch| {
                 bump(&batches);
+                if let Ok(batch) = batch {
+                    events.fetch_add(batch.len() as u64, Ordering::Relaxed);
+                }
             })
             .boxed())
     }

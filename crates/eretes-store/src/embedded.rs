@@ -582,12 +582,8 @@ impl State {
         &'a self,
         range: &'a KeyRange,
     ) -> impl Iterator<Item = (&'a ArcStr, &'a Entry)> + 'a {
-        let start = match range {
-            KeyRange::Key(key) => key.as_str(),
-            KeyRange::Prefix(prefix) => prefix.as_str(),
-        };
         self.kvs
-            .range::<str, _>((Bound::Included(start), Bound::Unbounded))
+            .range::<str, _>((Bound::Included(range.start()), Bound::Unbounded))
             .take_while(move |(key, _)| range.contains(key))
     }
 
@@ -824,7 +820,7 @@ impl State {
     ) -> DeleteResponse {
         let removed: Vec<(ArcStr, Entry)> = match range {
             KeyRange::Key(key) => self.kvs.remove_entry(key.as_str()).into_iter().collect(),
-            KeyRange::Prefix(_) => {
+            KeyRange::Prefix(_) | KeyRange::Span { .. } => {
                 let keys: Vec<ArcStr> = self.scan(range).map(|(key, _)| key.clone()).collect();
                 keys.into_iter()
                     .filter_map(|key| self.kvs.remove(&key).map(|entry| (key, entry)))

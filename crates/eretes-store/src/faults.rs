@@ -91,9 +91,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
 
     fn check_read(&self, range: &KeyRange) -> StoreResult<()> {
         let failing = self.failing_reads.lock().expect("not poisoned");
-        let start = match range {
-            KeyRange::Key(key) | KeyRange::Prefix(key) => key,
-        };
+        let start = range.start();
         match failing.as_deref() {
             Some(prefix) if start.starts_with(prefix) => {
                 Err(StoreError::Unavailable("injected read failure".into()))

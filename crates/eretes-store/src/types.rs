@@ -37,6 +37,16 @@ pub enum KeyRange {
     /// Every key that starts with this prefix. Prefixes used by eretes always
     /// end with `/`, so `tasks/a/` never matches `tasks/ab/`.
     Prefix(String),
+    /// Every key from `start` (included) to `end` (excluded), in byte
+    /// order: etcd's `[key, range_end)`. It takes several prefixes that sort
+    /// next to each other in one range, so one watch can follow them and
+    /// not the prefixes around them.
+    Span {
+        /// The first key of the range.
+        start: String,
+        /// The first key after the range.
+        end: String,
+    },
 }
 
 impl KeyRange {
@@ -50,13 +60,44 @@ impl KeyRange {
         KeyRange::Prefix(prefix.into())
     }
 
+    /// The keys from `start` (included) to `end` (excluded).
+    pub fn span(start: impl Into<String>, end: impl Into<String>) -> Self {
+        KeyRange::Span {
+            start: start.into(),
+            end: end.into(),
+        }
+    }
+
     /// Whether `key` falls in this range.
     pub fn contains(&self, key: &str) -> bool {
         match self {
             KeyRange::Key(k) => k == key,
             KeyRange::Prefix(p) => key.starts_with(p.as_str()),
+            KeyRange::Span { start, end } => start.as_str() <= key && key < end.as_str(),
         }
     }
+
+    /// The first key the range can hold: where a scan of it starts.
+    pub fn start(&self) -> &str {
+        match self {
+            KeyRange::Key(key) | KeyRange::Prefix(key) | KeyRange::Span { start: key, .. } => key,
+        }
+    }
+}
+
+/// The first key after every key that starts with `prefix` (etcd's range
+/// end for a prefix): its last byte below 0xff raised by one, the bytes
+/// after it dropped. `[0]` (etcd's "to the end of the key space") when there
+/// is no such byte, as for the empty prefix.
+pub fn prefix_end(prefix: &str) -> Vec<u8> {
+    let mut end = prefix.as_bytes().to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
 }
 
 /// A range read.
@@ -390,3 +431,27 @@ pub struct WatchEvent {
 /// What a watch stream yields: the events of one or more revisions, in
 /// revision order, or an error that ends the stream.
 pub type WatchBatch = Vec<WatchEvent>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_prefix_ends_where_its_last_byte_is_raised() {
+        assert_eq!(prefix_end("ns/tasks/"), b"ns/tasks0");
+        // Byte-wise, as etcd compares keys, even where the result is no
+        // longer UTF-8.
+        assert_eq!(prefix_end("a\u{7f}"), vec![b'a', 0x80]);
+        // Nothing to raise: to the end of the key space, as etcd reads [0].
+        assert_eq!(prefix_end(""), vec![0]);
+    }
+
+    #[test]
+    fn a_span_holds_its_start_and_not_its_end() {
+        let span = KeyRange::span("b/", "c0");
+        assert_eq!(span.start(), "b/");
+        for (key, inside) in [("b", false), ("b/", true), ("c/zz", true), ("c0", false)] {
+            assert_eq!(span.contains(key), inside, "{key}");
+        }
+    }
+}

@@ -18,12 +18,23 @@ pub fn check_key(key: &str) -> StoreResult<()> {
     }
 }
 
-/// A single-key range must name a key; a prefix may be empty (everything).
+/// A single-key range must name a key; a prefix may be empty (everything);
+/// a span must name its first key and end after it.
 pub fn check_range(range: &KeyRange) -> StoreResult<()> {
     match range {
         KeyRange::Key(key) => check_key(key),
         // An empty prefix is the whole key space, as etcd's "\0" range end.
         KeyRange::Prefix(_) => Ok(()),
+        KeyRange::Span { start, end } => {
+            check_key(start)?;
+            if end <= start {
+                // etcd reads such a range as empty; asking for one is a bug.
+                return Err(invalid(format!(
+                    "the range's end {end:?} is not after its start {start:?}"
+                )));
+            }
+            Ok(())
+        }
     }
 }
 
@@ -62,12 +73,9 @@ fn check_branch(ops: &[TxnOp]) -> StoreResult<()> {
                         return Err(duplicate(key));
                     }
                 }
-                KeyRange::Prefix(prefix) => {
-                    let first = puts.partition_point(|put| *put < prefix.as_str());
-                    if let Some(put) = puts
-                        .get(first)
-                        .filter(|put| put.starts_with(prefix.as_str()))
-                    {
+                range => {
+                    let first = puts.partition_point(|put| *put < range.start());
+                    if let Some(put) = puts.get(first).filter(|put| range.contains(put)) {
                         return Err(duplicate(put));
                     }
                 }
