@@ -80,7 +80,7 @@ pub const CHECKPOINT_FILE_ENV: &str = "ERETES_CHECKPOINT_FILE";
 
 /// The least time between two looks at a running process's checkpoint
 /// file, which bounds how often it is saved: every save is a store write
-/// that every node's watch of the namespace carries. The file is watched
+/// that every watch of checkpoints carries (each agent's task index). The file is watched
 /// (inotify), so an unchanged file costs nothing; where it cannot be
 /// watched, it is looked at this often.
 pub const CHECKPOINT_POLL: std::time::Duration = std::time::Duration::from_secs(1);

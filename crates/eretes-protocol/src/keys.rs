@@ -149,6 +149,10 @@ impl Namespace {
     pub fn runs_prefix(&self) -> String {
         self.join(RUNS, "")
     }
+    /// `<ns>/node-commands/`: every node's command queue.
+    pub fn node_commands_prefix(&self) -> String {
+        self.join(NODE_COMMANDS, "")
+    }
     /// `<ns>/task-commands/`: every task's command queue.
     pub fn task_commands_prefix(&self) -> String {
         self.join(TASK_COMMANDS, "")

@@ -7,13 +7,20 @@
 //! interruption, and every resync). Reading the whole namespace did, and at
 //! a million finished tasks every node read a million results every 30 s.
 //!
+//! A node's watch follows one range, from `node-commands/` through `tasks/`
+//! ([`Coordinator::node_watch_range`]). It holds every kind the node lists,
+//! and the few kinds that sort among them (results, states, other nodes'
+//! command queues), which the node skips. It leaves out checkpoints and the
+//! task graph's keys: what running tasks write as they progress reaches the
+//! nodes that read it, not every node of the cluster.
+//!
 //! Each kind is one prefix read, so each has its own revision: no store
 //! call reads several prefixes at one revision. A watch that continues the
 //! listing starts after the first read's revision, and an event continues
 //! the listing only when it is newer than the read of its kind
 //! ([`NodeListing::is_newer`]); older events are in the listing already.
 
-use eretes_store::{KeyValue, Revision, StoreExt};
+use eretes_store::{prefix_end, KeyRange, KeyValue, Revision, StoreExt, WatchStream};
 
 use crate::coordinator::Coordinator;
 use crate::error::ProtocolError;
@@ -79,6 +86,23 @@ impl Coordinator {
         ]
     }
 
+    /// The keys a node's watch follows (see the module's docs): from the
+    /// first key under `node-commands/` to the last under `tasks/`.
+    pub fn node_watch_range(&self) -> KeyRange {
+        let ns = self.namespace();
+        let end = String::from_utf8(prefix_end(&ns.tasks_prefix()))
+            .expect("a namespace's prefixes end with an ASCII '/'");
+        KeyRange::span(ns.node_commands_prefix(), end)
+    }
+
+    /// Watch [`Coordinator::node_watch_range`] from `revision` on.
+    pub async fn watch_for_node(&self, revision: Revision) -> Result<WatchStream, ProtocolError> {
+        Ok(self
+            .store()
+            .watch(self.node_watch_range(), revision)
+            .await?)
+    }
+
     /// Read what `node`'s cache keeps, one prefix after another.
     pub async fn list_for_node(&self, node: &NodeName) -> Result<NodeListing, ProtocolError> {
         let mut listing = NodeListing::default();
@@ -94,6 +118,7 @@ impl Coordinator {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ids::TaskId;
     use crate::keys::Namespace;
     use eretes_store::embedded::EmbeddedStore;
     use eretes_store::{PutRequest, Store};
@@ -142,5 +167,36 @@ mod tests {
         assert!(listing.is_newer("n/results/b", 1));
         assert_eq!(listing.revision_of("n/node-commands/other/1"), None);
         assert!(listing.first_revision() <= listing.last_revision());
+    }
+
+    #[test]
+    fn a_nodes_watch_holds_what_it_lists_and_not_checkpoints_or_graphs() {
+        let ns = Namespace::new("n").unwrap();
+        let coordinator = Coordinator::new(EmbeddedStore::new(), ns.clone());
+        let range = coordinator.node_watch_range();
+        let (id, node) = (TaskId::new("a").unwrap(), NodeName::new("me").unwrap());
+        let listed = [
+            ns.node(&node),
+            format!("{}1", ns.node_commands(&node)),
+            ns.task(&id),
+            ns.owner(&id),
+            ns.run(&id),
+            format!("{}1", ns.task_commands(&id)),
+        ];
+        for key in &listed {
+            assert!(range.contains(key), "{key} is listed, so watched");
+        }
+        // Every prefix the node lists lies in the range.
+        for prefix in coordinator.node_listing_prefixes(&node) {
+            assert!(range.contains(&prefix), "{prefix}");
+        }
+        for key in [
+            ns.checkpoint(&id),
+            format!("{}jobs/j", ns.graph_prefix()),
+            "o/tasks/a".to_string(),
+            "n/tasks0".to_string(),
+        ] {
+            assert!(!range.contains(&key), "{key} is not watched");
+        }
     }
 }

@@ -60,6 +60,52 @@ async fn a_resync_reads_only_the_kinds_a_node_keeps() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn checkpoints_and_graph_keys_never_reach_a_nodes_watch() {
+    let inner = EmbeddedStore::new();
+    let counting = Arc::new(CountingStore::new(inner.clone()));
+    let mut cluster = Cluster::new(inner.clone());
+    cluster.submit_idle(10).await;
+    let config = cluster.config("a");
+    cluster
+        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
+        .await;
+    eventually("the 10 tasks run", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+    let before = counting.counts();
+    // Each running task saves a checkpoint 100 times, and the graph layer
+    // writes as much: 2,000 writes no node acts on.
+    for round in 0..100 {
+        for i in 0..10 {
+            let checkpoint = format!("test/checkpoints/t{i:04}");
+            inner
+                .put(PutRequest::new(checkpoint, format!("{round}")))
+                .await
+                .unwrap();
+            let graph = format!("test/graph/jobs/j{i}/epoch");
+            inner
+                .put(PutRequest::new(graph, format!("{round}")))
+                .await
+                .unwrap();
+        }
+    }
+    // Then one change the node acts on: a task submitted.
+    cluster.submit("after", json!({})).await;
+    eventually("the new task runs", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 11
+    })
+    .await;
+    let carried = counting.counts().since(&before).watch_events;
+    // The new task's record, its owner and its run record (put twice: by
+    // the submission and the claim), and nothing of the 2,000 writes.
+    assert!(
+        (3..=5).contains(&carried),
+        "the node's watch carried {carried} events"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn listings_that_span_writes_keep_the_cache_exact() {
     // Each read of a listing takes 100 ms, and nodes list every 250 ms: the
     // six reads of nearly every listing straddle the writes below, so each

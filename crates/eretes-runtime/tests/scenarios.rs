@@ -522,6 +522,9 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
         ("test/tasks/x", "{not json"),
         ("test/owners/y", "[]"),
         ("test/nodes/z", "{}"),
+        // A kind nobody knows, among those a node watches.
+        ("test/queue/what", "1"),
+        // Outside what a node watches: neither read nor counted.
         ("test/unknown/what", "1"),
     ];
     for (key, value) in &garbage[..2] {
@@ -533,7 +536,8 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
     }
     cluster.start_dumb("a").await;
     // A listing reads only the kinds a node keeps; what it does not read
-    // (an unknown kind here) is seen, and counted, once the watch is on.
+    // but watches (an unknown kind here) is seen, and counted, once the
+    // watch is on.
     eventually("the node has listed", Duration::from_secs(5), || {
         NodeStats::get(&cluster.node("a").stats().listings) > 0
     })
@@ -545,6 +549,14 @@ async fn malformed_entries_are_skipped_and_counted_and_the_node_keeps_working() 
             .await
             .unwrap();
     }
+    // A checkpoint over the limit: counted when nodes watched the whole
+    // namespace; a node's watch no longer carries checkpoints.
+    let huge = "x".repeat(eretes_protocol::machine::MAX_CHECKPOINT_BYTES + 1);
+    cluster
+        .store
+        .put(PutRequest::new("test/checkpoints/huge", huge))
+        .await
+        .unwrap();
     cluster
         .store
         .put(PutRequest::new(

@@ -684,7 +684,8 @@ async fn garbage_written_with_etcdctl_is_skipped_and_counted_and_every_node_keep
         (format!("{ns}/tasks/huge-5"), huge_task),
         (format!("{ns}/owners/before-0000-x"), b"\xff\xfe".to_vec()),
         (format!("{ns}/nodes/ghost"), b"not json".to_vec()),
-        (format!("{ns}/mystery/key"), b"?".to_vec()),
+        // A kind nobody knows, among those the nodes watch.
+        (format!("{ns}/queue/key"), b"?".to_vec()),
         (
             format!("{ns}/node-commands/n1/c1"),
             br#"{"command":"stop_task"}"#.to_vec(),

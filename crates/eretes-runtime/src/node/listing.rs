@@ -24,10 +24,8 @@ impl MainLoop {
         let me = self.config.name.clone();
         self.syncing = Some(Box::pin(async move {
             let listing = coordinator.list_for_node(&me).await?;
-            // The whole namespace, so that garbage anywhere in it is seen
-            // (and counted) when it is written.
             let watch = coordinator
-                .watch_namespace(listing.first_revision() + 1)
+                .watch_for_node(listing.first_revision() + 1)
                 .await?;
             Ok(Sync { listing, watch })
         }));
