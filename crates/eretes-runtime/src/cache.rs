@@ -3,8 +3,16 @@
 //! It answers the runtime's two hot questions cheaply: "which tasks of my
 //! groups are unowned, oldest first?" and "how loaded is each group?" (the
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
+//!
+//! Only the groups the node serves are kept task by task. Of every other
+//! group it keeps how many tasks each node owns (a node's `--max-running`
+//! counts its tasks of every group, and every node must work out the same
+//! room for it), counted from owner records as they come and go, with the
+//! record a delete removed (the watch's `prev_kv`) saying whose count
+//! drops. A node that serves one group of a hundred thus holds nothing per
+//! task of the other ninety-nine.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 
 use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
 use eretes_protocol::{
@@ -104,6 +112,12 @@ pub(crate) fn spread_hash(id: &TaskId) -> u64 {
 pub(crate) struct Cache {
     ns: Namespace,
     me: NodeName,
+    /// The groups this node serves: the only ones kept task by task.
+    serves: HashSet<GroupName>,
+    /// While a listing is applied: the tasks it holds of groups this node
+    /// does not serve, so that their run records are skipped too (a run
+    /// record does not name its group). Empty otherwise.
+    skipped_in_listing: HashSet<TaskId>,
     entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
     /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
@@ -127,11 +141,14 @@ pub(crate) struct Cache {
 }
 
 impl Cache {
-    pub fn new(ns: Namespace, me: NodeName) -> Self {
+    /// An empty cache for node `me`, which serves `groups`.
+    pub fn new(ns: Namespace, me: NodeName, groups: &[GroupName]) -> Self {
         Cache {
             ns,
             view: ClusterView::new(me.clone()),
             me,
+            serves: groups.iter().cloned().collect(),
+            skipped_in_listing: HashSet::new(),
             entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
@@ -142,7 +159,10 @@ impl Cache {
 
     /// Rebuild from a full listing, keeping the running-task part of the view.
     pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
-        let mut fresh = Cache::new(self.ns.clone(), self.me.clone());
+        let mut fresh = Cache {
+            serves: self.serves.clone(),
+            ..Cache::new(self.ns.clone(), self.me.clone(), &[])
+        };
         fresh.view.running = self.view.running.clone();
         fresh.held_ids = self.held_ids.clone();
         let changes = kvs
@@ -154,10 +174,36 @@ impl Cache {
                     fresh.put_task(id, task);
                     Change::None
                 }
-                None => fresh.apply_put(kv),
+                None => fresh.apply_listed(kv),
             })
             .collect();
+        fresh.skipped_in_listing = HashSet::new();
         (fresh, changes)
+    }
+
+    /// Apply a key of a listing. Listings read tasks before runs, so a run
+    /// record of a task listed in a group this node does not serve is known
+    /// to be one and skipped. A run record of a task the listing did not
+    /// hold (submitted after tasks were read) is kept, since its task may
+    /// be served: the watch brings the task, but not this run record,
+    /// which the listing already read.
+    fn apply_listed(&mut self, kv: &KeyValue) -> Change {
+        match self.ns.parse(&kv.key) {
+            Ok(KeyKind::Task(id)) => {
+                let change = self.apply_put(kv);
+                if !self.entries.contains_key(&id) {
+                    self.skipped_in_listing.insert(id);
+                }
+                change
+            }
+            Ok(KeyKind::Run(id)) if self.skipped_in_listing.contains(&id) => Change::None,
+            Ok(KeyKind::Run(id)) => {
+                // Kept even when its task is not (yet) known: see above.
+                self.entry(&id);
+                self.apply_put(kv)
+            }
+            _ => self.apply_put(kv),
+        }
     }
 
     /// The cached task (and its id) that `kv` puts again unchanged: a task
@@ -301,6 +347,15 @@ impl Cache {
         };
         match kind {
             KeyKind::Task(id) => match decode_task(&kv.key, &kv.value) {
+                Ok(record) if !self.serves.contains(&record.spec.group) => {
+                    // Another group's: nothing of it is kept (a run record
+                    // cached before its task was known goes).
+                    if let Some(entry) = self.entries.get_mut(&id) {
+                        entry.run = None;
+                    }
+                    self.remove_task(&id);
+                    Change::None
+                }
                 Ok(record) => {
                     let id = self.shared_task_id(id);
                     let group = self.shared_group(record.spec.group);
@@ -322,6 +377,17 @@ impl Cache {
                 }
             },
             KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                Ok(record) if !self.keeps_owner(&id, &record) => {
+                    // Another group's: counted, not kept. An owner record is
+                    // created, never rewritten; should one be, the count
+                    // stays as it was (the same owner, most likely).
+                    if kv.version == 1 {
+                        let group = self.shared_group(record.group);
+                        let node = self.shared_node(record.node);
+                        self.adjust_owned(&group, &node, true);
+                    }
+                    Change::None
+                }
                 Ok(record) => {
                     let id = self.shared_task_id(id);
                     let owner = CachedOwner {
@@ -338,20 +404,26 @@ impl Cache {
                 }
                 Err(e) => Change::Malformed(e.to_string()),
             },
-            KeyKind::Run(id) => match decode::<RunRecord>("run", &kv.key, &kv.value) {
-                Ok(mut record) => {
-                    let id = self.shared_task_id(id);
-                    record.node = record.node.map(|node| self.shared_node(node));
-                    self.entry(&id).run = Some((kv.mod_revision, record));
-                    Change::None
+            // A run record is written by claims and run ends, after its
+            // task: one whose task is not kept is another group's.
+            KeyKind::Run(id) if !self.entries.contains_key(&id) => Change::None,
+            KeyKind::Run(id) => {
+                let id = self.shared_task_id(id);
+                match decode::<RunRecord>("run", &kv.key, &kv.value) {
+                    Ok(mut record) => {
+                        record.node = record.node.map(|node| self.shared_node(node));
+                        self.entry(&id).run = Some((kv.mod_revision, record));
+                        Change::None
+                    }
+                    Err(e) => {
+                        // Claims compare the run record's revision, so keep
+                        // it even when the value is garbage: the claim then
+                        // starts from zero.
+                        self.entry(&id).run = Some((kv.mod_revision, RunRecord::default()));
+                        Change::Malformed(e.to_string())
+                    }
                 }
-                Err(e) => {
-                    // Claims compare the run record's revision, so keep it even
-                    // when the value is garbage: the claim then starts from zero.
-                    self.entry(&id).run = Some((kv.mod_revision, RunRecord::default()));
-                    Change::Malformed(e.to_string())
-                }
-            },
+            }
             // What nodes do not act on is still checked, so that garbage
             // anywhere in the layout is counted and logged, not ignored.
             KeyKind::Result(_) => match decode::<ResultRecord>("result", &kv.key, &kv.value) {
@@ -434,8 +506,15 @@ impl Cache {
         known.cloned().unwrap_or(group)
     }
 
-    /// Apply a delete of `key` (its previous value does not matter).
-    pub fn apply_delete(&mut self, key: &str, revision: Revision) -> Change {
+    /// Apply a delete of `key`; `previous` is the value it removed, when
+    /// the store said (a watch's `prev_kv`): the owner record of a group
+    /// this node counts but does not keep says whose count drops.
+    pub fn apply_delete(
+        &mut self,
+        key: &str,
+        revision: Revision,
+        previous: Option<&KeyValue>,
+    ) -> Change {
         let Ok(kind) = self.ns.parse(key) else {
             return Change::None; // deleting garbage is no news
         };
@@ -445,9 +524,16 @@ impl Cache {
                 Change::TaskGone(id)
             }
             KeyKind::Owner(id) => {
-                let freed = self.owner(&id).map(|owner| owner.group.clone());
+                let mut freed = self.owner(&id).map(|owner| owner.group.clone());
                 if freed.is_some() {
                     self.set_owner(&id, None);
+                } else if let Some(record) = previous
+                    .and_then(|kv| decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok())
+                    .filter(|record| !self.keeps_owner(&id, record))
+                {
+                    let group = self.shared_group(record.group);
+                    self.adjust_owned(&group, &record.node, false);
+                    freed = Some(group);
                 }
                 Change::OwnerChanged {
                     task: id,
@@ -503,6 +589,12 @@ impl Cache {
         {
             self.set_owner(id, None);
         }
+    }
+
+    /// Whether the owner record `record` of `id` is kept task by task: one
+    /// of a group this node serves, or of a task it keeps all the same.
+    fn keeps_owner(&self, id: &TaskId, record: &OwnerRecord) -> bool {
+        self.serves.contains(&record.group) || self.entries.contains_key(id)
     }
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
@@ -648,6 +740,11 @@ mod tests {
         }
     }
 
+    /// The groups the tests' nodes serve.
+    fn served() -> Vec<GroupName> {
+        vec![GroupName::default(), GroupName::new("other").unwrap()]
+    }
+
     fn task_value(group: &str) -> Vec<u8> {
         encode(&TaskRecord {
             spec: TaskSpec::new(GroupName::new(group).unwrap(), serde_json::Value::Null),
@@ -660,7 +757,7 @@ mod tests {
         let ns = Namespace::new("t").unwrap();
         let me = NodeName::new("me").unwrap();
         let other = NodeName::new("other").unwrap();
-        let mut cache = Cache::new(ns.clone(), me.clone());
+        let mut cache = Cache::new(ns.clone(), me.clone(), &served());
         let g = GroupName::default();
         for (i, id) in ["a", "b", "c"].iter().enumerate() {
             let id = TaskId::new(*id).unwrap();
@@ -684,9 +781,9 @@ mod tests {
         assert_eq!(cache.view.group(&g).owned_by(&me), 1);
         cache.clear_tentative(&TaskId::new("b").unwrap());
         assert_eq!(cache.view.group(&g).owned_by(&me), 0);
-        cache.apply_delete(&ns.owner(&a), 11);
+        cache.apply_delete(&ns.owner(&a), 11, None);
         assert_eq!(cache.view.group(&g).unowned, 3);
-        cache.apply_delete(&ns.task(&a), 12);
+        cache.apply_delete(&ns.task(&a), 12, None);
         assert_eq!(cache.view.group(&g).unowned, 2);
         assert_eq!(cache.view.group(&g).total(), 2);
     }
@@ -697,7 +794,7 @@ mod tests {
         let mut deadlines = tokio_util::time::DelayQueue::new();
         let mut deadline = || deadlines.insert((), std::time::Duration::from_secs(60));
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
+        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
         let g = GroupName::default();
         let id = |name: &str| TaskId::new(name).unwrap();
         let put = |cache: &mut Cache, name: &str, rev: Revision| {
@@ -731,7 +828,7 @@ mod tests {
         cache.end_hold(&id("a"));
         assert_eq!(candidates(&cache), ["a", "b"]);
         // A held task that is deleted leaves both the index and the count.
-        cache.apply_delete(&ns.task(&id("c")), 9);
+        cache.apply_delete(&ns.task(&id("c")), 9, None);
         assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (2, 0));
         cache.end_hold(&id("c"));
         assert_eq!(candidates(&cache), ["a", "b"]);
@@ -739,9 +836,89 @@ mod tests {
     }
 
     #[test]
+    fn other_groups_are_counted_per_node_and_not_kept_per_task() {
+        let ns = Namespace::new("t").unwrap();
+        let me = NodeName::new("me").unwrap();
+        let other = NodeName::new("other").unwrap();
+        let mut cache = Cache::new(ns.clone(), me.clone(), &[GroupName::default()]);
+        let elsewhere = GroupName::new("elsewhere").unwrap();
+        let run = encode(&RunRecord {
+            claims: 1,
+            ..RunRecord::default()
+        });
+        let owner = encode(&OwnerRecord {
+            node: other.clone(),
+            group: elsewhere.clone(),
+        });
+        let ids: Vec<TaskId> = (0..50)
+            .map(|i| TaskId::new(format!("e{i}")).unwrap())
+            .collect();
+        for (i, id) in ids.iter().enumerate() {
+            let rev = 10 * i as Revision + 2;
+            let changes = [
+                cache.apply_put(&kv(&ns.task(id), task_value("elsewhere"), rev, rev)),
+                cache.apply_put(&kv(&ns.owner(id), owner.clone(), rev + 1, rev + 1)),
+                cache.apply_put(&kv(&ns.run(id), run.clone(), rev, rev + 1)),
+            ];
+            assert!(changes.iter().all(|c| *c == Change::None), "{changes:?}");
+        }
+        // Nothing per task; the owner's count, for `--max-running`.
+        assert!(cache.entries.is_empty());
+        assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 50);
+        assert_eq!(cache.view.group(&elsewhere).unowned, 0);
+        // A delete says whose count drops through the record it removed.
+        let owner_kv = kv(&ns.owner(&ids[0]), owner.clone(), 3, 3);
+        let change = cache.apply_delete(&ns.owner(&ids[0]), 600, Some(&owner_kv));
+        assert!(
+            matches!(&change, Change::OwnerChanged { freed: Some(g), .. } if *g == elsewhere),
+            "{change:?}"
+        );
+        assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+        // Without it, nothing is known to drop.
+        cache.apply_delete(&ns.owner(&ids[1]), 601, None);
+        assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+        cache.apply_delete(&ns.task(&ids[2]), 602, None);
+        assert!(cache.entries.is_empty());
+
+        // A listing: tasks, then owners, then runs. A run record of a task
+        // listed elsewhere is skipped; one whose task the listing missed
+        // (submitted after tasks were read) is kept until that task shows
+        // up, in a group served or not.
+        let (late_mine, late_other) = (
+            TaskId::new("late-1").unwrap(),
+            TaskId::new("late-2").unwrap(),
+        );
+        let listing = [
+            kv(&ns.task(&ids[3]), task_value("elsewhere"), 32, 32),
+            kv(&ns.owner(&ids[3]), owner.clone(), 33, 33),
+            kv(&ns.run(&ids[3]), run.clone(), 32, 33),
+            kv(&ns.run(&late_mine), run.clone(), 700, 700),
+            kv(&ns.run(&late_other), run.clone(), 701, 701),
+        ];
+        let (mut fresh, _) = cache.rebuild(&listing);
+        assert_eq!(fresh.view.group(&elsewhere).owned_by(&other), 1);
+        assert_eq!(
+            fresh.entries.len(),
+            2,
+            "the two runs the listing could not place"
+        );
+        assert!(fresh.skipped_in_listing.is_empty());
+        fresh.apply_put(&kv(&ns.task(&late_mine), task_value("default"), 699, 699));
+        let basis = fresh.claim_basis(&late_mine).expect("claimable");
+        assert_eq!((basis.run_revision, basis.run.claims), (700, 1));
+        fresh.apply_put(&kv(
+            &ns.task(&late_other),
+            task_value("elsewhere"),
+            698,
+            698,
+        ));
+        assert_eq!(fresh.entries.len(), 1);
+    }
+
+    #[test]
     fn a_resync_keeps_unchanged_tasks_and_decodes_changed_ones() {
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap());
+        let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
         let (a, b) = (TaskId::new("a").unwrap(), TaskId::new("b").unwrap());
         let listing = [
             kv(&ns.task(&a), task_value("default"), 2, 2),
@@ -767,7 +944,7 @@ mod tests {
     fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
         let ns = Namespace::new("t").unwrap();
         let me = NodeName::new("me").unwrap();
-        let mut cache = Cache::new(ns.clone(), me.clone());
+        let mut cache = Cache::new(ns.clone(), me.clone(), &served());
         let id = TaskId::new("a").unwrap();
         let run = encode(&RunRecord {
             claims: 1,
@@ -784,19 +961,19 @@ mod tests {
         cache.apply_put(&kv(&ns.run(&id), run, 3, 3));
         let basis_when_owned = cache.claim_basis(&id);
         assert!(basis_when_owned.is_none(), "an owned task is not claimable");
-        cache.apply_delete(&ns.owner(&id), 4);
+        cache.apply_delete(&ns.owner(&id), 4, None);
         let basis = cache
             .claim_basis(&id)
             .expect("claimable once the owner is gone");
         assert_eq!((basis.run_revision, basis.run.claims), (3, 1));
         // Completion deletes the three keys in any order; the entry must go
         // with the last of them, or a long-lived node would leak one per task.
-        cache.apply_delete(&ns.task(&id), 5);
+        cache.apply_delete(&ns.task(&id), 5, None);
         assert!(
             cache.entries.contains_key(&id),
             "the run record is still cached"
         );
-        cache.apply_delete(&ns.run(&id), 5);
+        cache.apply_delete(&ns.run(&id), 5, None);
         assert!(cache.entries.is_empty());
         assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
     }
@@ -804,7 +981,7 @@ mod tests {
     #[test]
     fn garbage_is_reported_not_fatal() {
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
         for (key, value) in [
             ("t/tasks/x", b"{not json".to_vec()),
             ("t/tasks/bad id", task_value("default")),
@@ -830,7 +1007,7 @@ mod tests {
         // `etcdctl put NS/nodes/ghost '{...}'`: a valid record that nothing
         // will ever delete. It must not count in anyone's fair share.
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
         let record = encode(&NodeRecord {
             groups: vec![GroupName::default()],
             started_at_ms: 1,
@@ -856,7 +1033,7 @@ mod tests {
     #[test]
     fn a_task_record_over_the_spec_limit_is_malformed_and_unclaimable() {
         let ns = Namespace::new("t").unwrap();
-        let mut cache = Cache::new(ns, NodeName::new("me").unwrap());
+        let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
         let huge = serde_json::json!({
             "spec": { "group": "default", "properties": "x".repeat(eretes_protocol::MAX_SPEC_BYTES) },
             "submitted_at_ms": 1,

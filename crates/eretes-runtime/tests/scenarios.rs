@@ -757,6 +757,71 @@ async fn max_running_limits_a_node_across_its_groups_and_serves_each() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_node_counts_what_others_run_in_groups_it_does_not_serve() {
+    // `small` serves a and b and runs one task at a time; `big` serves only
+    // a, so it keeps nothing per task of b but must still count what
+    // `small` runs there: that is what leaves `small` no room for a.
+    let mut cluster = Cluster::new(embedded());
+    let (a, b) = (GroupName::new("a").unwrap(), GroupName::new("b").unwrap());
+    let mut small = cluster.config("small");
+    small.groups = vec![a.clone(), b.clone()];
+    small.max_running = 1;
+    cluster
+        .start_with(
+            cluster.store.clone(),
+            small,
+            Box::new(FairBalancer::default()),
+        )
+        .await;
+    let coordinator = cluster.coordinator.clone();
+    let submit = |id: &str, group: &GroupName| {
+        let (coordinator, id) = (coordinator.clone(), TaskId::new(id).unwrap());
+        let spec = TaskSpec::new(group.clone(), json!({"mode": "idle"}));
+        async move { coordinator.submit(&id, &spec).await.unwrap() }
+    };
+    submit("b-0", &b).await;
+    eventually("small runs b-0", Duration::from_secs(10), || {
+        cluster.observer.running_on("small") == ["b-0"]
+    })
+    .await;
+    let mut big = cluster.config("big");
+    big.groups = vec![a.clone()];
+    big.balance_interval = Duration::from_secs(5);
+    // No resync in the test's time: the counts must follow the watch alone.
+    big.resync_interval = Duration::from_secs(3600);
+    cluster
+        .start_with(
+            cluster.store.clone(),
+            big,
+            Box::new(FairBalancer::default()),
+        )
+        .await;
+    for n in 0..4 {
+        submit(&format!("a-{n}"), &a).await;
+    }
+    // `small` has no room, so `big` runs all four.
+    eventually("big runs the four of a", Duration::from_secs(60), || {
+        cluster.observer.running_on("big").len() == 4
+    })
+    .await;
+    // b-0 goes: `big` learns it from the owner record the delete removed,
+    // counts `small`'s room again, and leaves it its share of a.
+    cluster
+        .coordinator
+        .delete(&TaskId::new("b-0").unwrap())
+        .await
+        .unwrap();
+    eventually("small runs one of a", Duration::from_secs(120), || {
+        let small = cluster.observer.running_on("small");
+        small.len() == 1 && small[0].starts_with("a-")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!(cluster.observer.running_on("big").len(), 3);
+    assert_eq!(cluster.observer.running_tasks(), 4);
+}
+
+#[tokio::test(start_paused = true)]
 async fn fair_shares_count_with_nodes_limits_so_no_task_waits_beside_room() {
     // A small node (one task at a time, over both groups) and a big one,
     // both fair: the big one takes what the small one has no room for.

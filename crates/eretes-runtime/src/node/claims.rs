@@ -221,7 +221,7 @@ impl MainLoop {
                 for (key, kv) in updates {
                     let change = match kv {
                         Some(kv) => self.cache.apply_put(&kv),
-                        None => self.cache.apply_delete(&key, 0),
+                        None => self.cache.apply_delete(&key, 0, None),
                     };
                     if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
                         self.on_change(change);

@@ -116,9 +116,11 @@ impl MainLoop {
                     }
                     let change = match event.kind {
                         EventKind::Put => self.cache.apply_put(&event.kv),
-                        EventKind::Delete => self
-                            .cache
-                            .apply_delete(&event.kv.key, event.kv.mod_revision),
+                        EventKind::Delete => self.cache.apply_delete(
+                            &event.kv.key,
+                            event.kv.mod_revision,
+                            event.prev_kv.as_ref(),
+                        ),
                     };
                     self.on_change(change);
                 }

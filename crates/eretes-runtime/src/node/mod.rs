@@ -370,7 +370,11 @@ impl MainLoop {
         let mut main = MainLoop {
             fence_publisher,
             fence_deadline,
-            cache: Cache::new(config.namespace.clone(), config.name.clone()),
+            cache: Cache::new(
+                config.namespace.clone(),
+                config.name.clone(),
+                &config.groups,
+            ),
             my_groups: config.groups.clone(),
             next_balance: now + config.balance_interval,
             next_resync: now + config.resync_interval,
