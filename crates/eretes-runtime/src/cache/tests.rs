@@ -1,0 +1,329 @@
+//! The cache's unit tests: what each key change does to the view.
+
+use super::*;
+use eretes_protocol::{encode, TaskRecord, TaskSpec};
+
+fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
+    KeyValue {
+        key: key.into(),
+        value,
+        create_revision: create,
+        mod_revision: modr,
+        version: 1,
+        lease: 0,
+    }
+}
+
+/// The groups the tests' nodes serve.
+fn served() -> Vec<GroupName> {
+    vec![GroupName::default(), GroupName::new("other").unwrap()]
+}
+
+fn task_value(group: &str) -> Vec<u8> {
+    encode(&TaskRecord {
+        spec: TaskSpec::new(GroupName::new(group).unwrap(), serde_json::Value::Null),
+        submitted_at_ms: 0,
+    })
+}
+
+#[test]
+fn counts_follow_owners_and_tasks() {
+    let ns = Namespace::new("t").unwrap();
+    let me = NodeName::new("me").unwrap();
+    let other = NodeName::new("other").unwrap();
+    let mut cache = Cache::new(ns.clone(), me.clone(), &served());
+    let g = GroupName::default();
+    for (i, id) in ["a", "b", "c"].iter().enumerate() {
+        let id = TaskId::new(*id).unwrap();
+        let rev = i as Revision + 2;
+        cache.apply_put(&kv(&ns.task(&id), task_value("default"), rev, rev));
+    }
+    assert_eq!(cache.view.group(&g).unowned, 3);
+    let a = TaskId::new("a").unwrap();
+    let owner = encode(&OwnerRecord {
+        node: other.clone(),
+        group: g.clone(),
+    });
+    cache.apply_put(&kv(&ns.owner(&a), owner, 10, 10));
+    assert_eq!(cache.view.group(&g).unowned, 2);
+    assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+    assert_eq!(
+        cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
+        ["b", "c"]
+    );
+    cache.set_mine(&TaskId::new("b").unwrap(), &g, 0);
+    assert_eq!(cache.view.group(&g).owned_by(&me), 1);
+    cache.clear_tentative(&TaskId::new("b").unwrap());
+    assert_eq!(cache.view.group(&g).owned_by(&me), 0);
+    cache.apply_delete(&ns.owner(&a), 11, None);
+    assert_eq!(cache.view.group(&g).unowned, 3);
+    cache.apply_delete(&ns.task(&a), 12, None);
+    assert_eq!(cache.view.group(&g).unowned, 2);
+    assert_eq!(cache.view.group(&g).total(), 2);
+}
+
+#[tokio::test]
+async fn held_back_tasks_are_no_candidates_but_still_count_as_unowned() {
+    // Stands for the node's queue of ignore deadlines.
+    let mut deadlines = tokio_util::time::DelayQueue::new();
+    let mut deadline = || deadlines.insert((), std::time::Duration::from_secs(60));
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let id = |name: &str| TaskId::new(name).unwrap();
+    let put = |cache: &mut Cache, name: &str, rev: Revision| {
+        cache.apply_put(&kv(&ns.task(&id(name)), task_value("default"), rev, rev));
+    };
+    put(&mut cache, "a", 2);
+    put(&mut cache, "b", 3);
+    cache.hold_back(&id("a"), deadline());
+    // Held before its task is known: held once it appears.
+    cache.hold_back(&id("c"), deadline());
+    put(&mut cache, "c", 4);
+    let candidates = |cache: &Cache| cache.unowned(&g).map(|t| t.to_string()).collect::<Vec<_>>();
+    assert_eq!(candidates(&cache), ["b"]);
+    assert_eq!(cache.view.group(&g).unowned, 3);
+    assert_eq!(cache.held_back(), 2);
+    // A resync keeps them held.
+    let kvs: Vec<KeyValue> = [("a", 2), ("b", 3), ("c", 4)]
+        .iter()
+        .map(|(name, rev)| kv(&ns.task(&id(name)), task_value("default"), *rev, *rev))
+        .collect();
+    let (mut cache, _) = cache.rebuild(&kvs);
+    assert_eq!(candidates(&cache), ["b"]);
+    assert_eq!(cache.view.group(&g).unowned, 3);
+    // An owner takes a held task out of the unowned count, and its
+    // loss puts it back, still held.
+    cache.set_mine(&id("c"), &g, 0);
+    assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (2, 1));
+    cache.clear_tentative(&id("c"));
+    assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (3, 2));
+    cache.end_hold(&id("a"));
+    assert_eq!(candidates(&cache), ["a", "b"]);
+    // A held task that is deleted leaves both the index and the count.
+    cache.apply_delete(&ns.task(&id("c")), 9, None);
+    assert_eq!((cache.view.group(&g).unowned, cache.held_back()), (2, 0));
+    cache.end_hold(&id("c"));
+    assert_eq!(candidates(&cache), ["a", "b"]);
+    assert_eq!(cache.view.group(&g).unowned, 2);
+}
+
+#[test]
+fn other_groups_are_counted_per_node_and_not_kept_per_task() {
+    let ns = Namespace::new("t").unwrap();
+    let me = NodeName::new("me").unwrap();
+    let other = NodeName::new("other").unwrap();
+    let mut cache = Cache::new(ns.clone(), me.clone(), &[GroupName::default()]);
+    let elsewhere = GroupName::new("elsewhere").unwrap();
+    let run = encode(&RunRecord {
+        claims: 1,
+        ..RunRecord::default()
+    });
+    let owner = encode(&OwnerRecord {
+        node: other.clone(),
+        group: elsewhere.clone(),
+    });
+    let ids: Vec<TaskId> = (0..50)
+        .map(|i| TaskId::new(format!("e{i}")).unwrap())
+        .collect();
+    for (i, id) in ids.iter().enumerate() {
+        let rev = 10 * i as Revision + 2;
+        let changes = [
+            cache.apply_put(&kv(&ns.task(id), task_value("elsewhere"), rev, rev)),
+            cache.apply_put(&kv(&ns.owner(id), owner.clone(), rev + 1, rev + 1)),
+            cache.apply_put(&kv(&ns.run(id), run.clone(), rev, rev + 1)),
+        ];
+        assert!(changes.iter().all(|c| *c == Change::None), "{changes:?}");
+    }
+    // Nothing per task; the owner's count, for `--max-running`.
+    assert!(cache.entries.is_empty());
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 50);
+    assert_eq!(cache.view.group(&elsewhere).unowned, 0);
+    // A delete says whose count drops through the record it removed.
+    let owner_kv = kv(&ns.owner(&ids[0]), owner.clone(), 3, 3);
+    let change = cache.apply_delete(&ns.owner(&ids[0]), 600, Some(&owner_kv));
+    assert!(
+        matches!(&change, Change::OwnerChanged { freed: Some(g), .. } if *g == elsewhere),
+        "{change:?}"
+    );
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+    // Without it, nothing is known to drop.
+    cache.apply_delete(&ns.owner(&ids[1]), 601, None);
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+    cache.apply_delete(&ns.task(&ids[2]), 602, None);
+    assert!(cache.entries.is_empty());
+
+    // A listing: tasks, then owners, then runs. A run record of a task
+    // listed elsewhere is skipped; one whose task the listing missed
+    // (submitted after tasks were read) is kept until that task shows
+    // up, in a group served or not.
+    let (late_mine, late_other) = (
+        TaskId::new("late-1").unwrap(),
+        TaskId::new("late-2").unwrap(),
+    );
+    let listing = [
+        kv(&ns.task(&ids[3]), task_value("elsewhere"), 32, 32),
+        kv(&ns.owner(&ids[3]), owner.clone(), 33, 33),
+        kv(&ns.run(&ids[3]), run.clone(), 32, 33),
+        kv(&ns.run(&late_mine), run.clone(), 700, 700),
+        kv(&ns.run(&late_other), run.clone(), 701, 701),
+    ];
+    let (mut fresh, _) = cache.rebuild(&listing);
+    assert_eq!(fresh.view.group(&elsewhere).owned_by(&other), 1);
+    assert_eq!(
+        fresh.entries.len(),
+        2,
+        "the two runs the listing could not place"
+    );
+    assert!(fresh.skipped_in_listing.is_empty());
+    fresh.apply_put(&kv(&ns.task(&late_mine), task_value("default"), 699, 699));
+    let basis = fresh.claim_basis(&late_mine).expect("claimable");
+    assert_eq!((basis.run_revision, basis.run.claims), (700, 1));
+    fresh.apply_put(&kv(
+        &ns.task(&late_other),
+        task_value("elsewhere"),
+        698,
+        698,
+    ));
+    assert_eq!(fresh.entries.len(), 1);
+}
+
+#[test]
+fn a_resync_keeps_unchanged_tasks_and_decodes_changed_ones() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let (a, b) = (TaskId::new("a").unwrap(), TaskId::new("b").unwrap());
+    let listing = [
+        kv(&ns.task(&a), task_value("default"), 2, 2),
+        kv(&ns.task(&b), task_value("default"), 3, 3),
+    ];
+    for kv in &listing {
+        cache.apply_put(kv);
+    }
+    // `b` was replaced since (a new revision, another group).
+    let relisted = [
+        listing[0].clone(),
+        kv(&ns.task(&b), task_value("other"), 3, 7),
+    ];
+    let (fresh, _) = cache.rebuild(&relisted);
+    assert_eq!(fresh.task(&a).unwrap().revision, 2);
+    let b_now = fresh.task(&b).unwrap();
+    assert_eq!(b_now.revision, 7);
+    assert_eq!(b_now.group.as_str(), "other");
+    assert_eq!(fresh.unowned(&GroupName::default()).count(), 1);
+}
+
+#[test]
+fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
+    let ns = Namespace::new("t").unwrap();
+    let me = NodeName::new("me").unwrap();
+    let mut cache = Cache::new(ns.clone(), me.clone(), &served());
+    let id = TaskId::new("a").unwrap();
+    let run = encode(&RunRecord {
+        claims: 1,
+        takeovers: 0,
+        open: true,
+        node: Some(me.clone()),
+    });
+    let owner = encode(&OwnerRecord {
+        node: me.clone(),
+        group: GroupName::default(),
+    });
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    cache.apply_put(&kv(&ns.owner(&id), owner, 3, 3));
+    cache.apply_put(&kv(&ns.run(&id), run, 3, 3));
+    let basis_when_owned = cache.claim_basis(&id);
+    assert!(basis_when_owned.is_none(), "an owned task is not claimable");
+    cache.apply_delete(&ns.owner(&id), 4, None);
+    let basis = cache
+        .claim_basis(&id)
+        .expect("claimable once the owner is gone");
+    assert_eq!((basis.run_revision, basis.run.claims), (3, 1));
+    // Completion deletes the three keys in any order; the entry must go
+    // with the last of them, or a long-lived node would leak one per task.
+    cache.apply_delete(&ns.task(&id), 5, None);
+    assert!(
+        cache.entries.contains_key(&id),
+        "the run record is still cached"
+    );
+    cache.apply_delete(&ns.run(&id), 5, None);
+    assert!(cache.entries.is_empty());
+    assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+}
+
+#[test]
+fn garbage_is_reported_not_fatal() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
+    for (key, value) in [
+        ("t/tasks/x", b"{not json".to_vec()),
+        ("t/tasks/bad id", task_value("default")),
+        ("t/owners/x", b"[]".to_vec()),
+        ("t/nodes/n", b"{}".to_vec()),
+        ("t/unknown/x", b"1".to_vec()),
+        ("t/results/x", b"done!".to_vec()),
+        ("t/states/x", b"{\"state\": \"dancing\"}".to_vec()),
+        (
+            "t/task-commands/x/1",
+            b"{\"command\": \"explode\"}".to_vec(),
+        ),
+        ("t/checkpoints/x", vec![b'x'; MAX_CHECKPOINT_BYTES + 1]),
+    ] {
+        let change = cache.apply_put(&kv(key, value, 5, 5));
+        assert!(matches!(change, Change::Malformed(_)), "{key}: {change:?}");
+    }
+    assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+}
+
+#[test]
+fn a_node_record_without_a_lease_is_no_live_node() {
+    // `etcdctl put NS/nodes/ghost '{...}'`: a valid record that nothing
+    // will ever delete. It must not count in anyone's fair share.
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
+    let record = encode(&NodeRecord {
+        groups: vec![GroupName::default()],
+        started_at_ms: 1,
+        max_running: None,
+        slots: Default::default(),
+    });
+    let change = cache.apply_put(&kv("t/nodes/ghost", record.clone(), 5, 5));
+    match change {
+        Change::Malformed(why) => assert!(why.contains("not attached to a lease"), "{why}"),
+        other => panic!("a ghost node was taken for live: {other:?}"),
+    }
+    assert!(cache.node_names().is_empty());
+    let mut leased = kv("t/nodes/real", record, 6, 6);
+    leased.lease = 42;
+    let change = cache.apply_put(&leased);
+    assert!(
+        matches!(change, Change::Membership { joined: true, .. }),
+        "{change:?}"
+    );
+    assert_eq!(cache.node_names().len(), 1);
+}
+
+#[test]
+fn a_task_record_over_the_spec_limit_is_malformed_and_unclaimable() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
+    let huge = serde_json::json!({
+        "spec": { "group": "default", "properties": "x".repeat(eretes_protocol::MAX_SPEC_BYTES) },
+        "submitted_at_ms": 1,
+    });
+    let change = cache.apply_put(&kv(
+        "t/tasks/huge",
+        serde_json::to_vec(&huge).unwrap(),
+        5,
+        5,
+    ));
+    match change {
+        Change::Malformed(why) => assert!(why.contains("the limit is 65536 bytes"), "{why}"),
+        other => panic!("a huge task record was accepted: {other:?}"),
+    }
+    assert_eq!(cache.unowned(&GroupName::default()).count(), 0);
+    // The same record at a legal size is accepted.
+    let change = cache.apply_put(&kv("t/tasks/huge", task_value("default"), 6, 5));
+    assert!(!matches!(change, Change::Malformed(_)), "{change:?}");
+    assert_eq!(cache.unowned(&GroupName::default()).count(), 1);
+}
