@@ -48,6 +48,51 @@ pub(crate) struct CachedOwner {
     pub epoch: Revision,
 }
 
+/// A run record as cached: what the next claim checks and counts on, in
+/// 16 bytes. Not the record (32 bytes with its `Option` and the last
+/// claimant's name): every cached task has an entry, and most have a run
+/// record, so the difference is paid once per task of the node's groups.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct CachedRun {
+    /// `mod_revision` of `runs/<id>`; 0 when there is none (a key's
+    /// revision is never 0).
+    revision: Revision,
+    claims: u32,
+    /// The takeovers, and in the top bit whether the last claim is still
+    /// open.
+    takeovers_open: u32,
+}
+
+impl CachedRun {
+    const OPEN: u32 = 1 << 31;
+
+    /// The counts of `record`, at `revision`. Takeovers beyond 2³¹ − 1
+    /// (never reached: a task is parked after a handful) are held at that.
+    fn new(revision: Revision, record: &RunRecord) -> Self {
+        let takeovers = record.takeovers.min(Self::OPEN - 1);
+        CachedRun {
+            revision,
+            claims: record.claims,
+            takeovers_open: takeovers | if record.open { Self::OPEN } else { 0 },
+        }
+    }
+
+    fn is_present(&self) -> bool {
+        self.revision != 0
+    }
+
+    /// The record a claim starts from. The last claimant is not cached: a
+    /// claim writes its own, and nothing else a claim writes reads it.
+    fn record(&self) -> RunRecord {
+        RunRecord {
+            claims: self.claims,
+            takeovers: self.takeovers_open & !Self::OPEN,
+            open: self.takeovers_open & Self::OPEN != 0,
+            node: None,
+        }
+    }
+}
+
 /// Everything cached about one task id. One entry per task (rather than one
 /// map per key kind) keeps a running task's footprint small: the id is held
 /// once and hashed once per event.
@@ -55,13 +100,13 @@ pub(crate) struct CachedOwner {
 struct TaskEntry {
     task: Option<CachedTask>,
     owner: Option<CachedOwner>,
-    /// The run record and its `mod_revision`.
-    run: Option<(Revision, RunRecord)>,
+    /// The run record's counts and its `mod_revision`.
+    run: CachedRun,
 }
 
 impl TaskEntry {
     fn is_empty(&self) -> bool {
-        self.task.is_none() && self.owner.is_none() && self.run.is_none()
+        self.task.is_none() && self.owner.is_none() && !self.run.is_present()
     }
 }
 
@@ -259,12 +304,11 @@ impl Cache {
         if entry.owner.is_some() {
             return None;
         }
-        let (run_revision, run) = entry.run.clone().unwrap_or_default();
         Some(ClaimBasis {
             group: task.group.clone(),
             task_revision: task.revision,
-            run_revision,
-            run,
+            run_revision: entry.run.revision,
+            run: entry.run.record(),
         })
     }
 
@@ -351,7 +395,7 @@ impl Cache {
                     // Another group's: nothing of it is kept (a run record
                     // cached before its task was known goes).
                     if let Some(entry) = self.entries.get_mut(&id) {
-                        entry.run = None;
+                        entry.run = CachedRun::default();
                     }
                     self.remove_task(&id);
                     Change::None
@@ -410,16 +454,16 @@ impl Cache {
             KeyKind::Run(id) => {
                 let id = self.shared_task_id(id);
                 match decode::<RunRecord>("run", &kv.key, &kv.value) {
-                    Ok(mut record) => {
-                        record.node = record.node.map(|node| self.shared_node(node));
-                        self.entry(&id).run = Some((kv.mod_revision, record));
+                    Ok(record) => {
+                        self.entry(&id).run = CachedRun::new(kv.mod_revision, &record);
                         Change::None
                     }
                     Err(e) => {
                         // Claims compare the run record's revision, so keep
                         // it even when the value is garbage: the claim then
                         // starts from zero.
-                        self.entry(&id).run = Some((kv.mod_revision, RunRecord::default()));
+                        self.entry(&id).run =
+                            CachedRun::new(kv.mod_revision, &RunRecord::default());
                         Change::Malformed(e.to_string())
                     }
                 }
@@ -543,7 +587,7 @@ impl Cache {
             }
             KeyKind::Run(id) => {
                 if let Some(entry) = self.entries.get_mut(&id) {
-                    entry.run = None;
+                    entry.run = CachedRun::default();
                     self.forget_if_empty(&id);
                 }
                 Change::None

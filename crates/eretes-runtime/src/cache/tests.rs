@@ -252,6 +252,35 @@ fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
 }
 
 #[test]
+fn a_claim_starts_from_the_run_records_counts() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let id = TaskId::new("a").unwrap();
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let fresh = cache.claim_basis(&id).expect("claimable");
+    assert_eq!((fresh.run_revision, fresh.run), (0, RunRecord::default()));
+    for (open, revision) in [(true, 9), (false, 11)] {
+        let record = RunRecord {
+            claims: 7,
+            takeovers: 5,
+            open,
+            node: Some(NodeName::new("gone").unwrap()),
+        };
+        cache.apply_put(&kv(&ns.run(&id), encode(&record), 3, revision));
+        let basis = cache.claim_basis(&id).expect("claimable");
+        // The counts and the revision the claim compares, not the claimant.
+        assert_eq!(basis.run_revision, revision);
+        assert_eq!(
+            basis.run,
+            RunRecord {
+                node: None,
+                ..record
+            }
+        );
+    }
+}
+
+#[test]
 fn garbage_is_reported_not_fatal() {
     let ns = Namespace::new("t").unwrap();
     let mut cache = Cache::new(ns, NodeName::new("me").unwrap(), &served());
