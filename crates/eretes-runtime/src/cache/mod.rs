@@ -104,6 +104,9 @@ struct TaskEntry {
     run: CachedRun,
 }
 
+// Every task of a node's groups has an entry: keep it at a cache line.
+const _: () = assert!(std::mem::size_of::<TaskEntry>() <= 64);
+
 impl TaskEntry {
     fn is_empty(&self) -> bool {
         self.task.is_none() && self.owner.is_none() && !self.run.is_present()
