@@ -386,7 +386,22 @@ impl Cache {
             .flat_map(|set| set.iter().map(|(_, spread, id)| (*spread, id)))
     }
 
-    /// Apply a put of `kv`.
+    /// Apply `kv` as read outside the watch (what a lost claim's
+    /// transaction read back): as a put, except an owner record this node
+    /// only counts, which is left to the watch. The watch brings that same
+    /// put, before or after, and counting it here too would count it twice.
+    pub fn apply_read(&mut self, kv: &KeyValue) -> Change {
+        if let Ok(KeyKind::Owner(id)) = self.ns.parse(&kv.key) {
+            if let Ok(record) = decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                if !self.keeps_owner(&id, &record) {
+                    return Change::None;
+                }
+            }
+        }
+        self.apply_put(kv)
+    }
+
+    /// Apply a put of `kv`, as the watch or a listing brings it.
     pub fn apply_put(&mut self, kv: &KeyValue) -> Change {
         let kind = match self.ns.parse(&kv.key) {
             Ok(kind) => kind,

@@ -150,6 +150,21 @@ fn other_groups_are_counted_per_node_and_not_kept_per_task() {
     // Without it, nothing is known to drop.
     cache.apply_delete(&ns.owner(&ids[1]), 601, None);
     assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+    // An owner record a lost claim read back is the watch's to count: it
+    // brings the same put, and the count goes up once.
+    let moved = TaskId::new("moved").unwrap();
+    let read_back = [
+        kv(&ns.task(&moved), task_value("elsewhere"), 590, 590),
+        kv(&ns.owner(&moved), owner.clone(), 591, 591),
+    ];
+    for kv in &read_back {
+        assert_eq!(cache.apply_read(kv), Change::None);
+    }
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
+    cache.apply_put(&read_back[1]);
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 50);
+    cache.apply_delete(&ns.owner(&moved), 603, Some(&read_back[1]));
+    assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
     cache.apply_delete(&ns.task(&ids[2]), 602, None);
     assert!(cache.entries.is_empty());
 

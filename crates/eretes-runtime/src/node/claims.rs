@@ -220,7 +220,7 @@ impl MainLoop {
                 ];
                 for (key, kv) in updates {
                     let change = match kv {
-                        Some(kv) => self.cache.apply_put(&kv),
+                        Some(kv) => self.cache.apply_read(&kv),
                         None => self.cache.apply_delete(&key, 0, None),
                     };
                     if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
