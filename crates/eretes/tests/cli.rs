@@ -186,6 +186,28 @@ fn throughput_bench_ends_with_one_json_object() {
 }
 
 #[test]
+fn scale_bench_reports_a_recovery_as_lease_expiry_then_claims() {
+    let report = last_json(&["bench", "scale", "--nodes", "2", "--tasks", "100", "--json"]);
+    assert_eq!(
+        (report["tasks"].as_u64(), report["killed"].as_u64()),
+        (Some(100), Some(1))
+    );
+    let orphans = report["orphans"].as_u64().unwrap();
+    assert!((40..=60).contains(&orphans), "{report}");
+    let [recovered, expired, claimed] = ["recovered_ms", "lease_expired_ms", "orphans_claimed_ms"]
+        .map(|k| report[k].as_u64().unwrap());
+    // The victim's lease outlives the kill by up to its TTL (2 s), and
+    // only then can the survivor claim.
+    assert!(expired > 0 && expired <= recovered, "{report}");
+    assert_eq!(expired + claimed, recovered, "{report}");
+    assert!(
+        report["moves"].as_u64() >= report["min_moves"].as_u64(),
+        "{report}"
+    );
+    assert!(report["spread_after"].as_u64().unwrap() <= 1, "{report}");
+}
+
+#[test]
 fn agent_bench_runs_a_real_agent_and_reports_both_figures() {
     let report = last_json(&["bench", "agent", "--tasks", "5", "--json"]);
     assert_eq!(report["tasks"], 5);
