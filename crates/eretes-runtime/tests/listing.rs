@@ -17,6 +17,23 @@ use eretes_store::faults::FaultyStore;
 use eretes_store::{PutRequest, Store, StoreExt};
 use serde_json::json;
 
+/// Submit 10 idle tasks and start node `a`, whose requests go through
+/// `counting`; return once it runs all 10.
+async fn run_ten_tasks_on_a_counted_node(
+    cluster: &mut Cluster,
+    counting: &Arc<CountingStore<Arc<EmbeddedStore>>>,
+) {
+    cluster.submit_idle(10).await;
+    let config = cluster.config("a");
+    cluster
+        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
+        .await;
+    eventually("the 10 tasks run", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+}
+
 #[tokio::test(start_paused = true)]
 async fn a_resync_reads_only_the_kinds_a_node_keeps() {
     let inner = EmbeddedStore::new();
@@ -30,15 +47,7 @@ async fn a_resync_reads_only_the_kinds_a_node_keeps() {
             inner.put(PutRequest::new(key, "{}")).await.unwrap();
         }
     }
-    cluster.submit_idle(10).await;
-    let config = cluster.config("a");
-    cluster
-        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
-        .await;
-    eventually("the 10 tasks run", Duration::from_secs(5), || {
-        cluster.observer.running_tasks() == 10
-    })
-    .await;
+    run_ten_tasks_on_a_counted_node(&mut cluster, &counting).await;
     let before = counting.counts();
     // One periodic resync (every 30 s).
     tokio::time::sleep(Duration::from_secs(31)).await;
@@ -64,15 +73,7 @@ async fn checkpoints_and_graph_keys_never_reach_a_nodes_watch() {
     let inner = EmbeddedStore::new();
     let counting = Arc::new(CountingStore::new(inner.clone()));
     let mut cluster = Cluster::new(inner.clone());
-    cluster.submit_idle(10).await;
-    let config = cluster.config("a");
-    cluster
-        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
-        .await;
-    eventually("the 10 tasks run", Duration::from_secs(5), || {
-        cluster.observer.running_tasks() == 10
-    })
-    .await;
+    run_ten_tasks_on_a_counted_node(&mut cluster, &counting).await;
     let before = counting.counts();
     // Each running task saves a checkpoint 100 times, and the graph layer
     // writes as much: 2,000 writes no node acts on.
