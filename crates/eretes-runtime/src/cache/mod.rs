@@ -43,8 +43,11 @@ pub(crate) struct CachedTask {
 /// in flight, counted as owned so the balancer does not overshoot.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct CachedOwner {
+    /// The node the record names.
     pub node: NodeName,
+    /// The group the record names (the task's, when it was claimed).
     pub group: GroupName,
+    /// The claim's epoch: the record's `create_revision` (0: in flight).
     pub epoch: Revision,
 }
 
@@ -266,10 +269,12 @@ impl Cache {
             .then(|| (id.clone(), task.clone()))
     }
 
+    /// The cached task `id`, if it is one of this node's groups' tasks.
     pub fn task(&self, id: &TaskId) -> Option<&CachedTask> {
         self.entries.get(id)?.task.as_ref()
     }
 
+    /// The cached owner of `id`, if it is kept (see [`Cache::apply_put`]).
     pub fn owner(&self, id: &TaskId) -> Option<&CachedOwner> {
         self.entries.get(id)?.owner.as_ref()
     }
@@ -296,6 +301,7 @@ impl Cache {
         self.nodes.keys().collect()
     }
 
+    /// How many live nodes the cache knows (node records present).
     pub fn live_nodes(&self) -> usize {
         self.nodes.len()
     }
