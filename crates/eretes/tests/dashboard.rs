@@ -182,6 +182,15 @@ impl Browser {
         );
     }
 
+    /// How many elements `css` selects now.
+    async fn count(&self, css: &str) -> usize {
+        self.client()
+            .find_all(Locator::Css(css))
+            .await
+            .unwrap_or_else(|error| panic!("finding {css}: {error}"))
+            .len()
+    }
+
     /// Click the element `css` selects; again if the page redrew it
     /// between the find and the click (a stale element).
     async fn click(&self, css: &str) {
@@ -548,11 +557,7 @@ async fn shows_live_tasks_and_steers_them() {
             .text_when(&state_of("many-129"), |s| s == "pending")
             .await;
         if round == 0 {
-            let rows = page
-                .find_all(Locator::Css("#tasks tbody tr"))
-                .await
-                .unwrap()
-                .len();
+            let rows = browser.count("#tasks tbody tr").await;
             assert_eq!(rows, 30);
         }
         browser.click("#page-prev").await;
@@ -724,19 +729,11 @@ async fn draws_a_task_graph() {
     browser
         .text_when("#graph-facts", |s| s.contains("7 tasks, 6 links"))
         .await;
-    let drawn = page
-        .find_all(Locator::Css(
-            r#"svg.topology g.graph-task[data-state="pending"]"#,
-        ))
-        .await
-        .unwrap()
-        .len();
+    let drawn = browser
+        .count(r#"svg.topology g.graph-task[data-state="pending"]"#)
+        .await;
     assert_eq!(drawn, 7, "every task drawn, coloured as pending");
-    let edges = page
-        .find_all(Locator::Css("svg.topology line.graph-edge"))
-        .await
-        .unwrap()
-        .len();
+    let edges = browser.count("svg.topology line.graph-edge").await;
     assert_eq!(edges, 6);
     browser.screenshot("graph").await;
     // A task of the graph opens its page.
