@@ -1,12 +1,12 @@
 //! [`BackupBalancer`]: a lost primary's task goes to the node holding its
 //! backup first.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Weak;
 use std::time::Duration;
 
 use eretes_protocol::{GroupName, TaskId};
-use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView};
+use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView, RunningTask};
 use tokio::time::Instant;
 
 use super::TAKEOVER_GRACE;
@@ -85,14 +85,113 @@ impl Balancer for BackupBalancer {
     }
 
     fn balance(&mut self, view: &ClusterView) -> Vec<TaskId> {
-        self.inner.balance(view)
+        let picked = self.inner.balance(view);
+        match self.node.upgrade() {
+            Some(node) if !picked.is_empty() && node.view.is_loaded() => {
+                let backed_up_elsewhere = |task: &TaskId| {
+                    node.view
+                        .backups(task)
+                        .keys()
+                        .any(|holder| *holder != node.name && node.view.address(holder).is_some())
+                };
+                prefer_hot_releases(picked, view, backed_up_elsewhere)
+            }
+            _ => picked,
+        }
     }
+}
+
+/// `picked` (what the wrapped balancer releases), with each task whose
+/// release would restart it cold swapped, while there are any, for another
+/// running task of its group whose release is `hot` (a live node elsewhere
+/// holds its backup and takes it over), the newest such task first.
+///
+/// The fair balancer releases the newest tasks, and right after a failover
+/// those are the ones this node has just taken over from its backups: a
+/// membership change (the dead node gone, a new one come) would give them
+/// straight back, to be restarted cold elsewhere, and lose the hot standby
+/// the failover was for.
+fn prefer_hot_releases(
+    picked: Vec<TaskId>,
+    view: &ClusterView,
+    hot: impl Fn(&TaskId) -> bool,
+) -> Vec<TaskId> {
+    let chosen: HashSet<&TaskId> = picked.iter().collect();
+    let mut spares: Vec<(&TaskId, &RunningTask)> = view
+        .running
+        .iter()
+        .filter(|(id, _)| !chosen.contains(id) && hot(id))
+        .collect();
+    spares.sort_by(|(a_id, a), (b_id, b)| {
+        (b.claimed_at, b.epoch, *b_id).cmp(&(a.claimed_at, a.epoch, *a_id))
+    });
+    let mut spares: Vec<(TaskId, &GroupName)> = spares
+        .into_iter()
+        .map(|(id, task)| (id.clone(), &task.group))
+        .collect();
+    picked
+        .iter()
+        .map(|task| {
+            let group = view.running.get(task).map(|running| &running.group);
+            if hot(task) {
+                return task.clone();
+            }
+            match spares.iter().position(|(_, spare)| Some(*spare) == group) {
+                Some(at) => spares.remove(at).0,
+                None => task.clone(),
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
     use eretes_runtime::balancer::DumbBalancer;
+
+    #[tokio::test(start_paused = true)]
+    async fn releases_go_to_tasks_a_backup_takes_over() {
+        let me = eretes_protocol::NodeName::new("me").unwrap();
+        let mut view = ClusterView::new(me);
+        let (group, other) = (GroupName::default(), GroupName::new("other").unwrap());
+        // Claimed one after another: `old` first, `promoted` last.
+        for (id, group) in [
+            ("old", &group),
+            ("elsewhere", &other),
+            ("mid", &group),
+            ("promoted", &group),
+            ("also-promoted", &group),
+        ] {
+            tokio::time::advance(Duration::from_secs(1)).await;
+            view.running.insert(
+                TaskId::new(id).unwrap(),
+                RunningTask {
+                    group: group.clone(),
+                    epoch: 1,
+                    claimed_at: Instant::now(),
+                },
+            );
+        }
+        let hot = |task: &TaskId| ["old", "mid", "elsewhere"].contains(&task.as_str());
+        let ids = |names: &[&str]| -> Vec<TaskId> {
+            names.iter().map(|n| TaskId::new(*n).unwrap()).collect()
+        };
+        // Cold picks go to hot tasks of their group, the newest first.
+        assert_eq!(
+            prefer_hot_releases(ids(&["promoted", "also-promoted"]), &view, hot),
+            ids(&["mid", "old"])
+        );
+        // A hot pick stays, and is not picked twice.
+        assert_eq!(
+            prefer_hot_releases(ids(&["promoted", "mid"]), &view, hot),
+            ids(&["old", "mid"])
+        );
+        // No hot task of the group left: the pick stands.
+        assert_eq!(
+            prefer_hot_releases(ids(&["promoted", "also-promoted", "mid"]), &view, hot),
+            ids(&["old", "also-promoted", "mid"])
+        );
+    }
 
     #[tokio::test(start_paused = true)]
     async fn each_failover_of_a_task_gets_the_whole_grace() {
