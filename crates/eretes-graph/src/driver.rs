@@ -396,6 +396,8 @@ async fn drive_job(
     let mut kills = 0;
     let mut seen_epoch = 0;
     let mut killed_at_epoch = false;
+    // When the kill at an epoch became due, if it waits for backups.
+    let mut kill_due: Option<Instant> = None;
     let mut next_kill = options.kill_every.map(|every| Instant::now() + every);
     let mut results = Vec::new();
     // When each node was killed, and the tasks it owned then.
@@ -437,15 +439,30 @@ async fn drive_job(
         if epoch > seen_epoch {
             seen_epoch = epoch;
             // The driver may see the job only after it moved past the epoch.
-            if options.kill_at_epoch.is_some_and(|at| epoch >= at) && !killed_at_epoch {
-                killed_at_epoch = true;
-                victims.extend(owner_of(&coordinator, &job, 0).await?);
+            if options.kill_at_epoch.is_some_and(|at| epoch >= at) && kill_due.is_none() {
+                kill_due = Some(Instant::now());
             }
             if options.kill_rate > 0.0 {
                 for index in 0..options.tasks {
                     if rand::thread_rng().gen_bool(options.kill_rate) {
                         victims.extend(owner_of(&coordinator, &job, index).await?);
                     }
+                }
+            }
+        }
+        if let Some(due) = kill_due.filter(|_| !killed_at_epoch) {
+            // With backups, the kill at an epoch waits (a bounded while)
+            // until every task of the root's node has a backup on another
+            // live node: what it measures is a takeover by backups, and a
+            // task that just moved has none until its new primary brings
+            // one up.
+            if let Some(victim) = owner_of(&coordinator, &job, 0).await? {
+                let ready = options.backups == 0
+                    || due.elapsed() > BACKUP_WAIT
+                    || backed_up(&jobs, &job, &victim, &fleet.live()).await?;
+                if ready {
+                    killed_at_epoch = true;
+                    victims.push(victim);
                 }
             }
         }
@@ -539,6 +556,31 @@ fn restarts_after_kills(
         }
     }
     restarts
+}
+
+/// The longest a kill at an epoch waits for the victim's tasks' backups.
+const BACKUP_WAIT: Duration = Duration::from_secs(10);
+
+/// Whether every unfinished task of `job` that `victim` runs has a backup
+/// on another node of `live`.
+async fn backed_up(
+    jobs: &Jobs,
+    job: &JobName,
+    victim: &NodeName,
+    live: &[NodeName],
+) -> Result<bool, GraphError> {
+    let Some(status) = jobs.status(job).await? else {
+        return Ok(true);
+    };
+    Ok(status
+        .tasks
+        .iter()
+        .filter(|task| !task.ended && task.node.as_ref() == Some(victim))
+        .all(|task| {
+            task.backups
+                .iter()
+                .any(|holder| holder != victim && live.contains(holder))
+        }))
 }
 
 /// The unfinished tasks `node` owns now.
