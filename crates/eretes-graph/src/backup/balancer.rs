@@ -6,7 +6,7 @@ use std::sync::Weak;
 use std::time::Duration;
 
 use eretes_protocol::{GroupName, TaskId};
-use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView, RunningTask};
+use eretes_runtime::balancer::{newest_first, Balancer, ClaimDecision, ClusterView};
 use tokio::time::Instant;
 
 use super::TAKEOVER_GRACE;
@@ -117,25 +117,18 @@ fn prefer_hot_releases(
     hot: impl Fn(&TaskId) -> bool,
 ) -> Vec<TaskId> {
     let chosen: HashSet<&TaskId> = picked.iter().collect();
-    let mut spares: Vec<(&TaskId, &RunningTask)> = view
-        .running
-        .iter()
-        .filter(|(id, _)| !chosen.contains(id) && hot(id))
-        .collect();
-    spares.sort_by(|(a_id, a), (b_id, b)| {
-        (b.claimed_at, b.epoch, *b_id).cmp(&(a.claimed_at, a.epoch, *a_id))
-    });
-    let mut spares: Vec<(TaskId, &GroupName)> = spares
+    let mut spares: Vec<(TaskId, &GroupName)> = newest_first(view, |_| true)
         .into_iter()
-        .map(|(id, task)| (id.clone(), &task.group))
+        .filter(|id| !chosen.contains(id) && hot(id))
+        .filter_map(|id| view.running.get(&id).map(|task| (id, &task.group)))
         .collect();
     picked
         .iter()
         .map(|task| {
-            let group = view.running.get(task).map(|running| &running.group);
             if hot(task) {
                 return task.clone();
             }
+            let group = view.running.get(task).map(|running| &running.group);
             match spares.iter().position(|(_, spare)| Some(*spare) == group) {
                 Some(at) => spares.remove(at).0,
                 None => task.clone(),
@@ -147,7 +140,7 @@ fn prefer_hot_releases(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use eretes_runtime::balancer::DumbBalancer;
+    use eretes_runtime::balancer::{DumbBalancer, RunningTask};
 
     #[tokio::test(start_paused = true)]
     async fn releases_go_to_tasks_a_backup_takes_over() {

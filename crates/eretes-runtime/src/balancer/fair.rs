@@ -331,7 +331,7 @@ fn serving_spread(load: &GroupLoad) -> usize {
 /// This node's tasks that match `keep`, the most recently claimed first (ties:
 /// larger epoch, then larger id). Releasing from the front disturbs the least
 /// work: those tasks have run the shortest time.
-pub(super) fn newest_first(view: &ClusterView, keep: impl Fn(&RunningTask) -> bool) -> Vec<TaskId> {
+pub fn newest_first(view: &ClusterView, keep: impl Fn(&RunningTask) -> bool) -> Vec<TaskId> {
     let mut tasks: Vec<(&TaskId, &RunningTask)> =
         view.running.iter().filter(|(_, task)| keep(task)).collect();
     tasks.sort_by(|(a_id, a), (b_id, b)| {

@@ -24,7 +24,8 @@ mod resource;
 
 pub use dumb::DumbBalancer;
 pub use fair::{
-    fair_target_of, fair_targets, fair_targets_in, min_moves, FairBalancer, FairConfig,
+    fair_target_of, fair_targets, fair_targets_in, min_moves, newest_first, FairBalancer,
+    FairConfig,
 };
 pub use resource::{
     ProcSampler, ResourceBalancer, ResourceConfig, ResourceSample, ResourceSampler,
