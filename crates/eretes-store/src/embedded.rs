@@ -327,6 +327,21 @@ impl EmbeddedStore {
         self.lock().compact_revision
     }
 
+    /// How long a revision stays in the watch history at most
+    /// ([`EmbeddedOptions::history_age`]).
+    pub fn history_age(&self) -> Duration {
+        self.lock().history_age
+    }
+
+    /// Drop, now, the watch history older than [`Self::history_age`] (the
+    /// latest revision stays), as the next write or lease renewal would:
+    /// for a caller that wants what it held freed at a time of its choosing
+    /// (the agent, before it gives freed memory back to the system) rather
+    /// than at a renewal that a long lease TTL may put minutes away.
+    pub fn expire_history(&self) {
+        self.lock().trim_old_history();
+    }
+
     /// How many watchers are registered. A dropped watch stream is noticed
     /// (and unregistered) at the next write, so this may briefly count it.
     pub fn watcher_count(&self) -> usize {

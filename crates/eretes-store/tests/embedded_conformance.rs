@@ -366,6 +366,25 @@ async fn history_older_than_its_age_is_compacted_at_the_next_write_or_renewal() 
     assert_eq!(store.compact_revision(), 4);
 }
 
+#[tokio::test]
+async fn expire_history_drops_aged_history_without_a_write_or_renewal() {
+    // Real time: the age is measured on the system's clock.
+    let age = Duration::from_millis(200);
+    let store = EmbeddedStore::with_options(EmbeddedOptions::default().with_history_age(age));
+    assert_eq!(store.history_age(), age);
+    for value in ["1", "2", "3"] {
+        store.put(put("k", value)).await.unwrap(); // revisions 2, 3, 4
+    }
+    store.expire_history();
+    assert_eq!(store.compact_revision(), 0, "young history is kept");
+    std::thread::sleep(age * 2);
+    store.expire_history();
+    assert_eq!(store.compact_revision(), 4, "all but the latest revision");
+    assert_eq!(store.revision(), 4, "expiring writes nothing");
+    let mut stream = store.watch(KeyRange::key("k"), 4).await.unwrap();
+    assert_eq!(next_batch(&mut stream).await[0].kv.mod_revision, 4);
+}
+
 #[tokio::test(start_paused = true)]
 async fn compact_errors_are_exact() {
     let store = EmbeddedStore::new();

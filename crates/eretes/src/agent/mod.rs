@@ -361,7 +361,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         None => {
             let embedded = EmbeddedStore::open_durable(
                 &data_dir.join("store.redb"),
-                EmbeddedOptions::default(),
+                EmbeddedOptions::default().with_history_age(memory::AGENT_HISTORY_AGE),
             )
             .context("opening the embedded store")?;
             (embedded.clone(), Some(embedded))
@@ -493,6 +493,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     tokio::spawn(memory::return_freed_memory(
         node.stats().clone(),
         node.status(),
+        embedded.clone(),
     ));
     tokio::spawn(logs::sweep_logs(
         logs_dir.clone(),
