@@ -4,7 +4,7 @@
 //! its resident memory above the baseline it had before the tasks, per
 //! task; the supervisors' proportional set size; and after every task is
 //! removed, how much of that memory the agent gave back 30 s later, and
-//! 75 s later, once the store's minute of watch history has expired.
+//! 75 s later.
 
 use std::time::Duration;
 
@@ -21,9 +21,11 @@ const QUIET_WINDOW: Duration = Duration::from_secs(20);
 /// How long after the tasks are removed its memory is read again.
 const GIVE_BACK: Duration = Duration::from_secs(30);
 
-/// A second reading, once the embedded store's watch history (the values
-/// of the last minute's writes, [`eretes_store::embedded::DEFAULT_HISTORY_AGE`])
-/// no longer holds the removals, and the agent gave the freed pages back.
+/// A second reading, well after the agent's store has let go of the
+/// removals (it keeps 20 s of watch history,
+/// [`crate::agent::memory::AGENT_HISTORY_AGE`], where an
+/// embedded store's default is a minute) and the agent gave the freed pages
+/// back.
 const AFTER_HISTORY: Duration = Duration::from_secs(75);
 
 /// Idle process tasks: CPU, threads and memory of the agent.
