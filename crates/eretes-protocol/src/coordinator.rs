@@ -149,7 +149,7 @@ fn put(key: String, value: Vec<u8>) -> TxnOp {
     TxnOp::Put(PutRequest::new(key, value))
 }
 
-fn delete(key: String) -> TxnOp {
+pub(crate) fn delete(key: String) -> TxnOp {
     TxnOp::Delete(DeleteRequest::new(KeyRange::Key(key)))
 }
 

@@ -20,6 +20,9 @@
 //! * **Takeovers** (claims after an owner that never released) are counted per
 //!   task; past the limit the task is parked as failed.
 //! * **Node commands** are queued per node and each applied once.
+//! * **Expiry** ([`Coordinator::ended_before`], [`Coordinator::delete_ended`]):
+//!   ended tasks whose result is older than a retention are deleted, each
+//!   only if its result is still the one read.
 //! * **The task state machine** ([`machine`]): states, messages and the
 //!   transition table; task commands queued per task and applied in order,
 //!   each once, by the owner, in the fenced transaction that writes the
@@ -44,6 +47,7 @@
 mod commands;
 mod coordinator;
 mod error;
+mod expiry;
 mod ids;
 mod keys;
 mod listing;
@@ -59,6 +63,7 @@ pub use coordinator::{
     MAX_CLAIM_BATCH, MAX_FINISH_BATCH,
 };
 pub use error::ProtocolError;
+pub use expiry::{Expired, ExpiredPage, EXPIRY_PAGE};
 pub use ids::{GroupName, NodeName, TaskId, MAX_ID_LEN};
 pub use keys::{KeyKind, MalformedKey, Namespace};
 pub use listing::NodeListing;

@@ -9,57 +9,8 @@ use eretes_store::embedded::EmbeddedStore;
 use eretes_store::{PutRequest, Store, StoreExt};
 use serde_json::json;
 
-fn setup() -> (Arc<dyn Store>, Coordinator) {
-    let store: Arc<dyn Store> = EmbeddedStore::new();
-    let coordinator = Coordinator::new(store.clone(), Namespace::new("p").unwrap());
-    (store, coordinator)
-}
-
-fn spec(properties: serde_json::Value) -> TaskSpec {
-    TaskSpec::new(GroupName::default(), properties)
-}
-
-/// What a claimant would see of `id` right now.
-async fn basis(coordinator: &Coordinator, store: &Arc<dyn Store>, id: &TaskId) -> ClaimBasis {
-    let kv = store
-        .get_key(&coordinator.namespace().task(id))
-        .await
-        .unwrap()
-        .unwrap();
-    let run = store
-        .get_key(&coordinator.namespace().run(id))
-        .await
-        .unwrap();
-    ClaimBasis {
-        group: decode::<TaskRecord>("task", &kv.key, &kv.value)
-            .unwrap()
-            .spec
-            .group,
-        task_revision: kv.mod_revision,
-        run_revision: run.as_ref().map_or(0, |r| r.mod_revision),
-        run: run
-            .map(|r| decode("run", &r.key, &r.value).unwrap())
-            .unwrap_or_default(),
-    }
-}
-
-async fn claim(
-    coordinator: &Coordinator,
-    store: &Arc<dyn Store>,
-    id: &TaskId,
-    node: &str,
-) -> Claim {
-    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
-    let basis = basis(coordinator, store, id).await;
-    match coordinator
-        .claim(&NodeName::new(node).unwrap(), lease, id, &basis)
-        .await
-        .unwrap()
-    {
-        ClaimOutcome::Claimed(claim) => claim,
-        other => panic!("expected a claim, got {other:?}"),
-    }
-}
+mod common;
+use common::*;
 
 #[tokio::test]
 async fn an_oversized_spec_is_refused_with_its_size_and_nothing_is_written() {
@@ -276,33 +227,6 @@ async fn a_garbage_result_is_reported_as_malformed() {
 
 /// Submit `count` tasks named `<prefix>-<n>` and return their ids with what a
 /// claimant sees of them.
-async fn submitted(
-    coordinator: &Coordinator,
-    store: &Arc<dyn Store>,
-    prefix: &str,
-    count: usize,
-) -> Vec<(TaskId, ClaimBasis)> {
-    let mut tasks = Vec::new();
-    for n in 0..count {
-        let id = TaskId::new(format!("{prefix}-{n:03}")).unwrap();
-        coordinator.submit(&id, &spec(json!(n))).await.unwrap();
-        tasks.push(id);
-    }
-    let mut with_basis = Vec::new();
-    for id in tasks {
-        let basis = basis(coordinator, store, &id).await;
-        with_basis.push((id, basis));
-    }
-    with_basis
-}
-
-fn claimed(outcome: &Result<ClaimOutcome, ProtocolError>) -> &Claim {
-    match outcome {
-        Ok(ClaimOutcome::Claimed(claim)) => claim,
-        other => panic!("expected a claim, got {other:?}"),
-    }
-}
-
 #[tokio::test]
 async fn a_batch_claims_every_task_in_one_revision_and_splits_past_the_limit() {
     let (store, coordinator) = setup();
