@@ -68,6 +68,14 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         ),
         (&["task", "t", "sleep", "soon"][..], "invalid value 'soon'"),
         (&["task", "t", "sleep", "0ms"][..], "longer than 0"),
+        (
+            &["agent", "--result-retention", "10ms"][..],
+            "shorter than the shortest retention, 1s",
+        ),
+        (
+            &["agent", "--result-retention", "a week"][..],
+            "give a duration such as 7d or 12h, or `forever`",
+        ),
         (&["task", "t/..", "pause"][..], "invalid task id"),
         (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
         (

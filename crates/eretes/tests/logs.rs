@@ -121,6 +121,59 @@ async fn logs_go_with_their_task_and_after_the_retention() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ended_tasks_go_after_the_result_retention_and_running_ones_stay() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let agent = Agent::start(
+        &data,
+        &["--result-retention", "2s", "--log-retention", "1h"],
+    )
+    .await;
+    let logs = |id: &str| data.join("logs").join(id);
+    agent.ok(&["submit", "--id", "ended", "--wait", "--", "echo", "done"]);
+    let failed = agent.cli(&[
+        "submit",
+        "--id",
+        "failed",
+        "--max-attempts",
+        "1",
+        "--wait",
+        "--",
+        "false",
+    ]);
+    assert!(!failed.status.success(), "false failed");
+    agent.ok(&[
+        "submit",
+        "--id",
+        "alive",
+        "--",
+        "sh",
+        "-c",
+        "echo up; sleep 1000",
+    ]);
+    common::wait_until("the running task logged", || {
+        std::fs::read(logs("alive").join("stdout.log")).is_ok_and(|log| !log.is_empty())
+    })
+    .await;
+    assert!(logs("ended").exists());
+    // Ended tasks go once older than the retention, result and all (their
+    // logs follow at the next log sweep: a task that no longer exists
+    // keeps none); a running task stays, however old.
+    common::wait_until("the ended tasks are deleted", || {
+        ["ended", "failed"]
+            .iter()
+            .all(|id| !agent.cli(&["show", id]).status.success())
+    })
+    .await;
+    let alive: serde_json::Value =
+        serde_json::from_str(&agent.ok(&["show", "alive", "--json"])).unwrap();
+    assert_eq!(alive["state"], "running");
+    assert_eq!(agent.ok(&["logs", "alive"]), "up\n");
+    // The ids are free again.
+    agent.ok(&["submit", "--id", "ended", "--wait", "--", "true"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_followed_log_goes_on_across_its_rotation() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]).await;

@@ -10,6 +10,7 @@
 pub mod access;
 pub mod api;
 pub mod executors;
+pub mod expiry;
 pub mod jobs;
 pub mod live;
 pub mod logs;
@@ -117,6 +118,11 @@ pub struct AgentArgs {
     /// a deleted task's logs go at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     log_retention: Duration,
+    /// How long an ended task (done, failed, killed) is kept, result and
+    /// all, before this agent deletes it (7d, 12h…; at least 1s), or
+    /// `forever`.
+    #[arg(long, value_parser = expiry::parse_retention, default_value = "7d")]
+    result_retention: expiry::Retention,
     /// Serve /metrics without a token (with --token).
     #[arg(long)]
     metrics_public: bool,
@@ -499,6 +505,10 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         logs_dir.clone(),
         Coordinator::new(store.clone(), namespace.clone()),
         args.log_retention,
+    ));
+    tokio::spawn(expiry::expire_ended_tasks(
+        Coordinator::new(store.clone(), namespace.clone()),
+        args.result_retention,
     ));
 
     let bound = listener.local_addr()?;

@@ -1,0 +1,135 @@
+//! Ended tasks go once they are older than the result retention
+//! (`--result-retention`, 7 days by default; `forever` keeps them).
+//!
+//! A task that ended (done, failed, killed) leaves its result record,
+//! which `eretes show`, `eretes wait` and the dashboard read. Kept forever,
+//! results are what an agent's store grows by with every task it ever
+//! ran — on the embedded store, which holds the namespace in memory, some
+//! 800 bytes each for the life of the agent. Every quarter of the retention
+//! (at least every second, at most every hour) the agent reads the results
+//! page by page and deletes each one that ended before the retention's
+//! cutoff, only if it is still the result it read (see
+//! [`eretes_protocol::Coordinator::delete_ended`]); the task's logs follow
+//! at the log sweep. Agents sharing a namespace each sweep it; a result
+//! goes at the first sweep of the agent with the shortest retention.
+
+use std::time::Duration;
+
+use eretes_protocol::{now_ms, Coordinator, ProtocolError};
+use tracing::{info, warn};
+
+/// What `--result-retention` says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Retention {
+    /// Ended tasks are deleted once they ended this long ago.
+    For(Duration),
+    /// Ended tasks stay until they are removed.
+    Forever,
+}
+
+/// The shortest retention: an ended task stays at least this long, so that
+/// whoever waits for it can read its result.
+pub const MIN_RETENTION: Duration = Duration::from_secs(1);
+
+/// Parse `--result-retention`: `forever`, or a duration (`7d`, `12h`,
+/// `30s`) of at least [`MIN_RETENTION`].
+pub fn parse_retention(text: &str) -> Result<Retention, String> {
+    if text == "forever" {
+        return Ok(Retention::Forever);
+    }
+    let retention = humantime::parse_duration(text)
+        .map_err(|error| format!("{error}: give a duration such as 7d or 12h, or `forever`"))?;
+    if retention < MIN_RETENTION {
+        return Err(format!(
+            "{text} is shorter than the shortest retention, {}",
+            humantime::format_duration(MIN_RETENTION)
+        ));
+    }
+    Ok(Retention::For(retention))
+}
+
+/// How often the results are swept for `retention`: a quarter of it,
+/// between a second and an hour (a sweep reads every result).
+fn sweep_every(retention: Duration) -> Duration {
+    (retention / 4).clamp(Duration::from_secs(1), Duration::from_secs(3600))
+}
+
+/// Delete ended tasks older than `retention`, sweeping until the agent
+/// exits; with [`Retention::Forever`], return at once.
+pub async fn expire_ended_tasks(coordinator: Coordinator, retention: Retention) {
+    let Retention::For(retention) = retention else {
+        return;
+    };
+    let every = sweep_every(retention);
+    loop {
+        tokio::time::sleep(every).await;
+        let age = u64::try_from(retention.as_millis()).unwrap_or(u64::MAX);
+        let cutoff_ms = now_ms().saturating_sub(age);
+        match sweep(&coordinator, cutoff_ms).await {
+            Ok(0) => {}
+            Ok(deleted) => info!(
+                deleted,
+                "deleted ended tasks older than the result retention"
+            ),
+            Err(error) => {
+                warn!(%error, "sweeping ended tasks failed; trying again at the next sweep")
+            }
+        }
+    }
+}
+
+/// One pass over every result: delete those that ended before `cutoff_ms`;
+/// how many were deleted.
+async fn sweep(coordinator: &Coordinator, cutoff_ms: u64) -> Result<usize, ProtocolError> {
+    let (mut after, mut deleted) = (None::<String>, 0);
+    loop {
+        let page = coordinator
+            .ended_before(cutoff_ms, after.as_deref())
+            .await?;
+        for expired in &page.expired {
+            if coordinator.delete_ended(expired).await? {
+                deleted += 1;
+            }
+        }
+        match page.next {
+            Some(next) => after = Some(next),
+            None => return Ok(deleted),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retention_is_a_duration_of_a_second_or_more_or_forever() {
+        assert_eq!(parse_retention("forever"), Ok(Retention::Forever));
+        assert_eq!(
+            parse_retention("7d"),
+            Ok(Retention::For(Duration::from_secs(7 * 86_400)))
+        );
+        assert_eq!(
+            parse_retention("1s"),
+            Ok(Retention::For(Duration::from_secs(1)))
+        );
+        let short = parse_retention("500ms").unwrap_err();
+        assert!(short.contains("500ms") && short.contains("1s"), "{short}");
+        let garbled = parse_retention("a week").unwrap_err();
+        assert!(garbled.contains("forever"), "{garbled}");
+        assert!(parse_retention("").is_err());
+    }
+
+    #[test]
+    fn sweeps_come_every_quarter_of_the_retention_within_bounds() {
+        assert_eq!(sweep_every(Duration::from_secs(2)), Duration::from_secs(1));
+        assert_eq!(
+            sweep_every(Duration::from_secs(60)),
+            Duration::from_secs(15)
+        );
+        assert_eq!(
+            sweep_every(Duration::from_secs(7 * 86_400)),
+            Duration::from_secs(3600)
+        );
+    }
+}
