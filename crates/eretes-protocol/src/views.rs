@@ -3,7 +3,9 @@
 
 use std::collections::BTreeMap;
 
-use eretes_store::{GetRequest, KeyRange, Revision, Txn, TxnOp, TxnOpResponse};
+use eretes_store::{
+    GetRequest, KeyRange, Revision, Txn, TxnOp, TxnOpResponse, TxnResponse, WatchStream,
+};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -187,6 +189,22 @@ impl Coordinator {
     /// Read every task and node in one transaction (one revision) into an
     /// index that watch events can then keep current.
     pub async fn read_index(&self) -> Result<TaskIndex, ProtocolError> {
+        let response = self.read_index_keys().await?;
+        Ok(self.index_from(&response))
+    }
+
+    /// [`Coordinator::read_index`], and a watch of the namespace from the
+    /// revision after the read, started before the read is decoded: the
+    /// watch needs the store's history to reach back only as far as the
+    /// read itself, however long decoding a large namespace takes.
+    pub async fn read_and_watch_index(&self) -> Result<(TaskIndex, WatchStream), ProtocolError> {
+        let response = self.read_index_keys().await?;
+        let watch = self.watch_namespace(response.revision + 1).await?;
+        Ok((self.index_from(&response), watch))
+    }
+
+    /// The keys an index is made of, in one transaction.
+    async fn read_index_keys(&self) -> Result<TxnResponse, ProtocolError> {
         let ns = self.namespace();
         let prefixes = [
             ns.tasks_prefix(),
@@ -201,12 +219,16 @@ impl Coordinator {
                 prefix.clone(),
             ))));
         }
-        let response = self.store().txn(txn).await?;
+        Ok(self.store().txn(txn).await?)
+    }
+
+    /// The index of what [`Coordinator::read_index_keys`] read.
+    fn index_from(&self, response: &TxnResponse) -> TaskIndex {
         let kvs = response.responses.iter().flat_map(|r| match r {
             TxnOpResponse::Get(get) => get.kvs.as_slice(),
             _ => &[],
         });
-        Ok(TaskIndex::from_read(ns.clone(), response.revision, kvs))
+        TaskIndex::from_read(self.namespace().clone(), response.revision, kvs)
     }
 
     /// One task, read in one transaction; `None` if there is no such task.

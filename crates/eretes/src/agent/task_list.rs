@@ -278,8 +278,9 @@ async fn follow_once(
     };
     let coordinator = tasks.coordinator.clone();
     drop(tasks);
-    let index = coordinator.read_index().await?;
-    let mut events = coordinator.watch_namespace(index.revision() + 1).await?;
+    // The watch starts before the read is decoded: the store's history (20 s
+    // on the agent's embedded store) must reach back to the read only.
+    let (index, mut events) = coordinator.read_and_watch_index().await?;
     let Some(tasks) = live.upgrade() else {
         return Ok(());
     };
