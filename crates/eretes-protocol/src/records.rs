@@ -179,7 +179,9 @@ pub enum Outcome {
 }
 
 /// The terminal record of a task (`results/<id>`). It keeps the spec, so a
-/// retired task is never lost: it can be read back or resubmitted.
+/// retired task can be read back or resubmitted until it is removed (by
+/// `delete`, or by an agent's result retention:
+/// [`crate::Coordinator::delete_ended`]).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ResultRecord {
     /// Done or failed.

@@ -11,6 +11,9 @@ use serde_json::json;
 mod common;
 use common::*;
 
+/// Results per page here: small, so that a few hundred tasks span pages.
+const PAGE: usize = 100;
+
 /// Submit, claim and end `count` tasks named `<prefix>-NNN` as done.
 async fn ended(
     coordinator: &Coordinator,
@@ -36,7 +39,7 @@ async fn all_expired(coordinator: &Coordinator, cutoff_ms: u64) -> (Vec<Expired>
     let (mut expired, mut pages, mut after) = (Vec::new(), 0, None::<String>);
     loop {
         let page = coordinator
-            .ended_before(cutoff_ms, after.as_deref())
+            .ended_before(cutoff_ms, after.as_deref(), PAGE)
             .await
             .unwrap();
         pages += 1;
@@ -53,7 +56,7 @@ async fn all_expired(coordinator: &Coordinator, cutoff_ms: u64) -> (Vec<Expired>
 async fn ended_tasks_are_found_page_by_page_by_when_they_ended_and_deleted() {
     let (store, coordinator) = setup();
     let before = now_ms();
-    let ids = ended(&coordinator, &store, "t", EXPIRY_PAGE * 2 + 100).await;
+    let ids = ended(&coordinator, &store, "t", PAGE * 2 + 10).await;
     // A running task has no result: never a candidate.
     let running = submitted(&coordinator, &store, "live", 1).await;
     claim(&coordinator, &store, &running[0].0, "a").await;
@@ -61,7 +64,7 @@ async fn ended_tasks_are_found_page_by_page_by_when_they_ended_and_deleted() {
     let (none, _) = all_expired(&coordinator, before).await;
     assert!(none.is_empty(), "nothing ended before the cutoff");
     let (expired, pages) = all_expired(&coordinator, now_ms() + 1).await;
-    assert_eq!(pages, 3, "pages of {EXPIRY_PAGE}");
+    assert_eq!(pages, 3, "pages of {PAGE}");
     let found: Vec<&str> = expired.iter().map(|e| e.id.as_str()).collect();
     let mut in_key_order: Vec<&str> = ids.iter().map(TaskId::as_str).collect();
     in_key_order.sort_unstable();

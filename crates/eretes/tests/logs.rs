@@ -156,9 +156,8 @@ async fn ended_tasks_go_after_the_result_retention_and_running_ones_stay() {
     })
     .await;
     assert!(logs("ended").exists());
-    // Ended tasks go once older than the retention, result and all (their
-    // logs follow at the next log sweep: a task that no longer exists
-    // keeps none); a running task stays, however old.
+    // Ended tasks go once older than the retention, result and all; a
+    // running task stays, however old.
     common::wait_until("the ended tasks are deleted", || {
         ["ended", "failed"]
             .iter()
@@ -169,8 +168,14 @@ async fn ended_tasks_go_after_the_result_retention_and_running_ones_stay() {
         serde_json::from_str(&agent.ok(&["show", "alive", "--json"])).unwrap();
     assert_eq!(alive["state"], "running");
     assert_eq!(agent.ok(&["logs", "alive"]), "up\n");
-    // The ids are free again.
-    agent.ok(&["submit", "--id", "ended", "--wait", "--", "true"]);
+    // Their logs went with them, so a task submitted again under the id
+    // (which is free again) logs afresh.
+    common::wait_until("the deleted tasks' logs are removed", || {
+        !logs("ended").exists()
+    })
+    .await;
+    agent.ok(&["submit", "--id", "ended", "--wait", "--", "echo", "again"]);
+    assert_eq!(agent.ok(&["logs", "ended"]), "again\n");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -10,12 +10,14 @@ use eretes_store::embedded::EmbeddedStore;
 use eretes_store::{Store, StoreExt};
 use serde_json::json;
 
+/// An empty embedded store and a coordinator of namespace `p` on it.
 pub fn setup() -> (Arc<dyn Store>, Coordinator) {
     let store: Arc<dyn Store> = EmbeddedStore::new();
     let coordinator = Coordinator::new(store.clone(), Namespace::new("p").unwrap());
     (store, coordinator)
 }
 
+/// A spec of the default group with `properties`.
 pub fn spec(properties: serde_json::Value) -> TaskSpec {
     TaskSpec::new(GroupName::default(), properties)
 }
@@ -44,6 +46,7 @@ pub async fn basis(coordinator: &Coordinator, store: &Arc<dyn Store>, id: &TaskI
     }
 }
 
+/// Claim `id` for `node` under a new lease; panics unless claimed.
 pub async fn claim(
     coordinator: &Coordinator,
     store: &Arc<dyn Store>,
@@ -62,6 +65,8 @@ pub async fn claim(
     }
 }
 
+/// Submit `count` tasks `<prefix>-NNN`, each with what a claimant sees
+/// of it.
 pub async fn submitted(
     coordinator: &Coordinator,
     store: &Arc<dyn Store>,
@@ -82,6 +87,7 @@ pub async fn submitted(
     with_basis
 }
 
+/// The claim of `outcome`; panics unless it is one.
 pub fn claimed(outcome: &Result<ClaimOutcome, ProtocolError>) -> &Claim {
     match outcome {
         Ok(ClaimOutcome::Claimed(claim)) => claim,

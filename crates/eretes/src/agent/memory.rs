@@ -16,6 +16,7 @@
 //! which no trim can return while they live. An idle agent does no other
 //! periodic work for it than one look at three counters every 5 s.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -47,7 +48,8 @@ pub const AGENT_HISTORY_AGE: Duration = Duration::from_secs(20);
 
 /// Trim the heap on the first [`SETTLE_TRIMS`] looks, [`TRIM_EVERY`]
 /// apart, after the node's runs (`stats`, and how many run now: a deleted
-/// task's run ends without a count of its own) last moved; and, with an
+/// task's run ends without a count of its own) last moved, or the result
+/// retention last deleted ended tasks (`expired` counts them); and, with an
 /// embedded `store`, once more on the first look after its watch history
 /// has aged past that activity (the history expired first, so that what
 /// it held is free). Runs until the agent exits.
@@ -55,8 +57,16 @@ pub async fn return_freed_memory(
     stats: Arc<NodeStats>,
     status: watch::Receiver<NodeStatus>,
     store: Option<Arc<EmbeddedStore>>,
+    expired: Arc<AtomicU64>,
 ) {
-    let activity = || (counted_runs(&stats), status.borrow().running);
+    // Ended tasks the result retention deleted free memory as runs do.
+    let activity = || {
+        (
+            counted_runs(&stats),
+            status.borrow().running,
+            expired.load(Ordering::Relaxed),
+        )
+    };
     let listings = || NodeStats::get(&stats.listings);
     let mut schedule = TrimSchedule::new(store.as_ref().map(|store| store.history_age()));
     let mut seen = activity();
@@ -102,7 +112,9 @@ enum Trim {
 #[derive(Debug)]
 struct TrimSchedule {
     /// Looks since the runs last moved; `u32::MAX` before they ever did.
-    quiet_looks: u32,
+    since_activity: u32,
+    /// Settling trims still due (after activity, or one after a listing).
+    settle_left: u32,
     /// The look after activity at which the store's history no longer holds
     /// its writes: the history's age, and one look more for the writes that
     /// ended the activity. `None` without an embedded store.
@@ -114,7 +126,8 @@ struct TrimSchedule {
 impl TrimSchedule {
     fn new(history_age: Option<Duration>) -> Self {
         TrimSchedule {
-            quiet_looks: u32::MAX,
+            since_activity: u32::MAX,
+            settle_left: 0,
             history_look: history_age.map(|age| looks_within(age) + 1),
             history_expired: true,
         }
@@ -122,24 +135,27 @@ impl TrimSchedule {
 
     fn look(&mut self, runs_moved: bool, listed: bool) -> Trim {
         if runs_moved {
-            self.quiet_looks = 0;
+            self.since_activity = 0;
+            self.settle_left = SETTLE_TRIMS;
             self.history_expired = false;
             return Trim::None;
         }
+        self.since_activity = self.since_activity.saturating_add(1);
         // A listing since the last look: one more trim (now, the listing
         // being over), unless trims are still due anyway.
         if listed {
-            self.quiet_looks = self.quiet_looks.min(SETTLE_TRIMS - 1);
+            self.settle_left = self.settle_left.max(1);
         }
-        self.quiet_looks = self.quiet_looks.saturating_add(1);
+        let settle = self.settle_left > 0;
+        self.settle_left = self.settle_left.saturating_sub(1);
         let history_due = !self.history_expired
             && self
                 .history_look
-                .is_some_and(|look| self.quiet_looks >= look);
+                .is_some_and(|look| self.since_activity >= look);
         if history_due {
             self.history_expired = true;
             Trim::HistoryThenHeap
-        } else if self.quiet_looks <= SETTLE_TRIMS {
+        } else if settle {
             Trim::Heap
         } else {
             Trim::None
@@ -237,6 +253,16 @@ mod tests {
         quiet(&mut schedule, 10);
         assert_eq!(schedule.look(false, true), Trim::Heap);
         assert!(quiet(&mut schedule, 10).iter().all(|&t| t == Trim::None));
+    }
+
+    #[test]
+    fn a_listing_does_not_put_the_history_trim_off() {
+        let mut schedule = TrimSchedule::new(Some(AGENT_HISTORY_AGE));
+        schedule.look(true, false);
+        quiet(&mut schedule, 3);
+        assert_eq!(schedule.look(false, true), Trim::Heap, "the listing's trim");
+        assert_eq!(schedule.look(false, true), Trim::HistoryThenHeap);
+        assert_eq!(schedule.look(false, false), Trim::None);
     }
 
     #[test]

@@ -496,10 +496,14 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         lease_file.clone(),
         name.clone(),
     ));
+    // Ended tasks the result retention deleted: activity the memory
+    // return follows.
+    let expired = Arc::new(std::sync::atomic::AtomicU64::new(0));
     tokio::spawn(memory::return_freed_memory(
         node.stats().clone(),
         node.status(),
         embedded.clone(),
+        expired.clone(),
     ));
     tokio::spawn(logs::sweep_logs(
         logs_dir.clone(),
@@ -509,6 +513,8 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     tokio::spawn(expiry::expire_ended_tasks(
         Coordinator::new(store.clone(), namespace.clone()),
         args.result_retention,
+        logs_dir.clone(),
+        expired,
     ));
 
     let bound = listener.local_addr()?;
