@@ -43,6 +43,15 @@ impl BenchAgent {
     /// Start an agent named `bench` on `data_dir` (this binary, or the
     /// one `--agent-binary` names) and wait until it is ready.
     pub async fn start(args: &BenchArgs, data_dir: PathBuf) -> Result<BenchAgent> {
+        Self::start_with(args, data_dir, &[]).await
+    }
+
+    /// [`BenchAgent::start`], with `extra` arguments for the agent.
+    pub async fn start_with(
+        args: &BenchArgs,
+        data_dir: PathBuf,
+        extra: &[&str],
+    ) -> Result<BenchAgent> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
@@ -55,6 +64,7 @@ impl BenchAgent {
             .arg("--data-dir")
             .arg(&data_dir)
             .args(["--listen", &format!("127.0.0.1:{port}"), "--name", "bench"])
+            .args(extra)
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .kill_on_drop(true)
@@ -146,7 +156,7 @@ async fn measure_agent(url: &str, tasks: usize, agent_pid: i32) -> Result<serde_
 
 /// Submissions per second of `count` `true` tasks to `group` by 8 clients
 /// at once (ids `<prefix>-<n>`).
-async fn submit_rate(
+pub(super) async fn submit_rate(
     http: &reqwest::Client,
     url: &str,
     prefix: &str,

@@ -161,7 +161,7 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
 }
 
 /// A `Name: value kB`-style field of `/proc/<pid>/status`, as a number.
-fn status_field(pid: i32, field: &str) -> Result<u64> {
+pub(super) fn status_field(pid: i32, field: &str) -> Result<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     status
         .lines()

@@ -5,6 +5,7 @@
 //! etcd; [`agent`] measures a real `eretes agent` through its HTTP API.
 
 mod agent;
+mod ended;
 mod graph;
 mod idle;
 mod in_process;
@@ -47,6 +48,10 @@ enum Scenario {
     /// its CPU use, threads and memory per task, the supervisors' memory,
     /// and the memory given back 30 s after the tasks are removed.
     Idle,
+    /// Two real `eretes agent`s, one keeping ended tasks forever and one
+    /// deleting them 10 s after they end: each runs three rounds of N
+    /// `true` tasks (default 10,000), and its heap is read after each.
+    Ended,
     /// A real `eretes agent` whose store holds N pending tasks (default
     /// 100,000): the latency of a page of its task list, against one read
     /// of the whole namespace in the same run.
@@ -115,6 +120,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             | Scenario::ClusterClaim
             | Scenario::Agent
             | Scenario::Idle
+            | Scenario::Ended
             | Scenario::List
             | Scenario::GraphData
             | Scenario::GraphFailover
@@ -133,6 +139,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
         Scenario::ClusterClaim => in_process::cluster_claim(&args).await?,
         Scenario::Agent => agent::agent(&args).await?,
         Scenario::Idle => idle::idle(&args).await?,
+        Scenario::Ended => ended::ended(&args).await?,
         Scenario::List => list::list(&args).await?,
         Scenario::GraphData => graph::data(&args).await?,
         Scenario::GraphFailover => graph::failover(&args).await?,
