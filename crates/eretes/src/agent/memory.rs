@@ -13,8 +13,9 @@
 //! wrote ([`AGENT_HISTORY_AGE`] after the runs last moved): until then the
 //! history keeps every value the burst wrote or deleted — for 2,000 removed
 //! tasks, some 6,000 keys and values spread over every page the burst used,
-//! which no trim can return while they live. An idle agent does no other
-//! periodic work for it than one look at three counters every 5 s.
+//! which no trim can return while they live. The result retention's
+//! deletions count as activity too. An idle agent does no other periodic
+//! work for it than one look at a few counters every 5 s.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -37,9 +38,10 @@ const SETTLE_TRIMS: u32 = 3;
 /// history (the store's default is a minute).
 ///
 /// The history serves the agent's own readers (the node, the task list),
-/// which start a watch from the revision of a listing they have just read:
-/// a listing of 100,000 tasks takes well under a second, so 20 s is a wide
-/// margin, and a reader later than that re-lists. Under load the store's
+/// which start a watch from the revision of a read they have just made, as
+/// soon as it returns (the task list before it decodes the read): reading
+/// 100,000 tasks takes well under a second, so 20 s is a wide margin, and
+/// a reader later than that reads again. Under load the store's
 /// limit of 10,000 revisions is the tighter bound anyway (ten seconds at
 /// 1,000 writes per second). What the age bounds is how long an agent
 /// that has gone quiet keeps the values its last burst wrote: this is the
