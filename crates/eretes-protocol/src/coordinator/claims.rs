@@ -1,0 +1,283 @@
+//! Claims: the single claim, the batch that carries up to
+//! [`MAX_CLAIM_BATCH`] tasks in one transaction (and falls back to one
+//! transaction per task when any would fail), and the read-back of a claim
+//! that lost.
+
+use super::*;
+
+impl Coordinator {
+    /// What claiming `id` for `node` checks and writes. Shared by the single
+    /// and the batched claim so both write exactly the same records.
+    ///
+    /// A claim that parks the task writes its result, which holds the spec:
+    /// `spec` must then be the record's (read at `basis.task_revision`).
+    pub(super) fn plan_claim(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        id: &TaskId,
+        basis: &ClaimBasis,
+        spec: Option<&TaskSpec>,
+    ) -> ClaimPlan {
+        let (task_key, owner_key, run_key) = (self.ns.task(id), self.ns.owner(id), self.ns.run(id));
+        let takeovers = basis.run.takeovers + u32::from(basis.run.open);
+        let run = RunRecord {
+            claims: basis.run.claims + 1,
+            takeovers,
+            open: true,
+            node: Some(node.clone()),
+        };
+        let compares = vec![
+            Compare::mod_revision_is(task_key.clone(), basis.task_revision),
+            Compare::absent(owner_key.clone()),
+            Compare::mod_revision_is(run_key.clone(), basis.run_revision),
+        ];
+        if takeovers <= self.takeover_limit {
+            let owner = OwnerRecord {
+                node: node.clone(),
+                group: basis.group.clone(),
+            };
+            let writes = vec![
+                TxnOp::Put(PutRequest::new(owner_key, encode(&owner)).with_lease(lease)),
+                put(run_key, encode(&run)),
+                get(task_key),
+            ];
+            return ClaimPlan {
+                compares,
+                writes,
+                run,
+                parked: None,
+            };
+        }
+        // A parked task never ran under this claim: record the takeovers, not a run.
+        let parked_run = RunRecord {
+            claims: basis.run.claims,
+            open: false,
+            ..run.clone()
+        };
+        let result = ResultRecord {
+            outcome: Outcome::Failed,
+            result: Value::Null,
+            error: Some(format!(
+                "parked: its owners died or lost their lease {takeovers} times while running it \
+                 (limit {}); suspected poison task",
+                self.takeover_limit
+            )),
+            spec: spec
+                .cloned()
+                .unwrap_or_else(|| TaskSpec::new(basis.group.clone(), Value::Null)),
+            epoch: 0,
+            node: node.clone(),
+            runs: parked_run,
+            finished_at_ms: now_ms(),
+        };
+        let mut writes = vec![
+            delete(task_key),
+            delete(run_key),
+            put(self.ns.result(id), encode(&result)),
+        ];
+        writes.extend(self.forget_machine(id));
+        ClaimPlan {
+            compares,
+            writes,
+            run,
+            parked: Some(takeovers),
+        }
+    }
+
+    /// Claim a task for `node` under its `lease`: one transaction that checks
+    /// the task still exists as seen, has no owner and its run record is as
+    /// seen, then writes the owner record (under the lease) and the run record.
+    /// If the previous owner never released the task, this claim is a takeover;
+    /// past the takeover limit the task is retired as failed instead.
+    pub async fn claim(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        id: &TaskId,
+        basis: &ClaimBasis,
+    ) -> Result<ClaimOutcome, ProtocolError> {
+        let mut plan = self.plan_claim(node, lease, id, basis, None);
+        if plan.parked.is_some() {
+            // Parking writes the result, spec included: read the record
+            // first; the transaction checks it is still the one read.
+            let spec = self.task_spec_at(id, basis).await?;
+            plan = self.plan_claim(node, lease, id, basis, Some(&spec));
+        }
+        let txn = Txn {
+            compares: plan.compares,
+            success: plan.writes,
+            failure: vec![
+                get(self.ns.task(id)),
+                get(self.ns.owner(id)),
+                get(self.ns.run(id)),
+            ],
+        };
+        let response = self.store.txn(txn).await?;
+        if !response.succeeded {
+            let mut responses = response.responses.iter();
+            return Ok(ClaimOutcome::Lost(TaskKeys {
+                task: got(responses.next()),
+                owner: got(responses.next()),
+                run: got(responses.next()),
+            }));
+        }
+        if let Some(takeovers) = plan.parked {
+            return Ok(ClaimOutcome::Parked { takeovers });
+        }
+        self.claimed(
+            node,
+            id,
+            basis,
+            response.revision,
+            plan.run,
+            response.responses.last(),
+        )
+        .await
+    }
+
+    /// The spec to park `id` with: its record's, if the record is still at
+    /// the basis' revision. Otherwise any will do: the parking transaction's
+    /// compare then fails, and its failure branch reads the keys back.
+    pub(super) async fn task_spec_at(
+        &self,
+        id: &TaskId,
+        basis: &ClaimBasis,
+    ) -> Result<TaskSpec, ProtocolError> {
+        let key = self.ns.task(id);
+        let record = self
+            .store
+            .get_key(&key)
+            .await?
+            .filter(|kv| kv.mod_revision == basis.task_revision)
+            // Garbage cannot be claimed, but its takeovers can still park
+            // it: its result then has no properties.
+            .and_then(|kv| decode_task(&key, &kv.value).ok());
+        Ok(record.map_or_else(
+            || TaskSpec::new(basis.group.clone(), Value::Null),
+            |record| record.spec,
+        ))
+    }
+
+    /// The claim of `id` at `epoch`, with the task record its transaction
+    /// read (`read`, the answer to the record's get). The claim checked the
+    /// record's revision, so it is the record the claimant decided on; were
+    /// it garbage anyway (a basis made by hand), the claim is undone (its
+    /// owner record deleted, its run record put back as `basis` saw it,
+    /// fenced by the epoch) and the record named. Should the undo itself
+    /// fail, the owner record goes with the claimant's lease.
+    pub(super) async fn claimed(
+        &self,
+        node: &NodeName,
+        id: &TaskId,
+        basis: &ClaimBasis,
+        epoch: Revision,
+        run: RunRecord,
+        read: Option<&TxnOpResponse>,
+    ) -> Result<ClaimOutcome, ProtocolError> {
+        let key = self.ns.task(id);
+        let decoded = match got(read) {
+            Some(kv) => decode_task(&key, &kv.value),
+            None => Err(MalformedValue {
+                kind: "task",
+                key: key.clone(),
+                reason: "the claim read no record".into(),
+            }),
+        };
+        match decoded {
+            Ok(record) => Ok(ClaimOutcome::Claimed(Claim {
+                task: id.clone(),
+                epoch,
+                node: node.clone(),
+                record: Arc::new(record),
+                run,
+                takeover: basis.run.open,
+            })),
+            Err(why) => {
+                let run_key = self.ns.run(id);
+                let run = if basis.run_revision == 0 {
+                    delete(run_key)
+                } else {
+                    put(run_key, encode(&basis.run))
+                };
+                let undo = Txn::new()
+                    .when(self.fence_epoch(id, epoch))
+                    .and_then(delete(self.ns.owner(id)))
+                    .and_then(run);
+                self.store.txn(undo).await?;
+                Err(ProtocolError::Malformed(why))
+            }
+        }
+    }
+
+    /// Claim several tasks in one transaction: every task's checks must hold,
+    /// and then every task is claimed at the same revision (which is each
+    /// one's epoch). When the transaction fails because some other node got
+    /// to one of the tasks first, or when a task is due to be parked, each
+    /// task is claimed on its own instead, so one contested task never costs
+    /// the others their claim. At most [`MAX_CLAIM_BATCH`] tasks go into one
+    /// transaction; larger batches are split. Outcomes are in input order.
+    pub async fn claim_batch(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        tasks: &[(TaskId, ClaimBasis)],
+    ) -> Vec<Result<ClaimOutcome, ProtocolError>> {
+        let mut outcomes = Vec::with_capacity(tasks.len());
+        for chunk in tasks.chunks(MAX_CLAIM_BATCH) {
+            outcomes.extend(self.claim_chunk(node, lease, chunk).await);
+        }
+        outcomes
+    }
+
+    pub(super) async fn claim_chunk(
+        &self,
+        node: &NodeName,
+        lease: LeaseId,
+        tasks: &[(TaskId, ClaimBasis)],
+    ) -> Vec<Result<ClaimOutcome, ProtocolError>> {
+        let one_by_one = || {
+            futures::future::join_all(
+                tasks
+                    .iter()
+                    .map(|(id, basis)| self.claim(node, lease, id, basis)),
+            )
+        };
+        if tasks.len() < 2 {
+            return one_by_one().await;
+        }
+        let plans: Vec<ClaimPlan> = tasks
+            .iter()
+            .map(|(id, basis)| self.plan_claim(node, lease, id, basis, None))
+            .collect();
+        if plans.iter().any(|plan| plan.parked.is_some()) {
+            return one_by_one().await;
+        }
+        let mut txn = Txn::new();
+        let mut runs = Vec::with_capacity(plans.len());
+        for plan in plans {
+            txn.compares.extend(plan.compares);
+            txn.success.extend(plan.writes);
+            // The index of this task's record read, its plan's last op.
+            runs.push((plan.run, txn.success.len() - 1));
+        }
+        match self.store.txn(txn).await {
+            Ok(response) if response.succeeded => {
+                let mut outcomes = Vec::with_capacity(tasks.len());
+                for ((id, basis), (run, read)) in tasks.iter().zip(runs) {
+                    let read = response.responses.get(read);
+                    outcomes.push(
+                        self.claimed(node, id, basis, response.revision, run, read)
+                            .await,
+                    );
+                }
+                outcomes
+            }
+            Ok(_) => one_by_one().await,
+            Err(error) => tasks
+                .iter()
+                .map(|_| Err(ProtocolError::Store(error.clone())))
+                .collect(),
+        }
+    }
+}
