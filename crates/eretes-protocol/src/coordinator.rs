@@ -151,7 +151,7 @@ fn put(key: String, value: Vec<u8>) -> TxnOp {
     TxnOp::Put(PutRequest::new(key, value))
 }
 
-pub(crate) fn delete(key: String) -> TxnOp {
+fn delete(key: String) -> TxnOp {
     TxnOp::Delete(DeleteRequest::new(KeyRange::Key(key)))
 }
 
@@ -225,16 +225,10 @@ impl Coordinator {
     /// and stops the running instance. [`ProtocolError::NotFound`] if there was
     /// nothing to delete. Returns the revision of the delete.
     pub async fn delete(&self, id: &TaskId) -> Result<Revision, ProtocolError> {
-        let txn = Txn::new()
-            .and_then(delete(self.ns.task(id)))
-            .and_then(delete(self.ns.owner(id)))
-            .and_then(delete(self.ns.run(id)))
-            .and_then(delete(self.ns.result(id)));
-        let txn = self
-            .forget_machine(id)
-            .into_iter()
-            .fold(txn, |txn, op| txn.and_then(op));
-        let response = self.store.txn(txn).await?;
+        let response = self
+            .store
+            .txn(self.delete_every_key(Txn::new(), id))
+            .await?;
         let deleted: i64 = response
             .responses
             .iter()
@@ -302,6 +296,20 @@ impl Coordinator {
                 lease: lease.unwrap_or(0),
             }),
         }
+    }
+
+    /// `txn` with the deletes of every key kept under `id`: its task,
+    /// owner, run and result records and its state machine. Shared by
+    /// delete and by the expiry of ended tasks.
+    pub(crate) fn delete_every_key(&self, txn: Txn, id: &TaskId) -> Txn {
+        let txn = txn
+            .and_then(delete(self.ns.task(id)))
+            .and_then(delete(self.ns.owner(id)))
+            .and_then(delete(self.ns.run(id)))
+            .and_then(delete(self.ns.result(id)));
+        self.forget_machine(id)
+            .into_iter()
+            .fold(txn, |txn, op| txn.and_then(op))
     }
 
     /// The deletes that remove a task's state machine: its state, its

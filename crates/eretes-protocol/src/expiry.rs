@@ -18,7 +18,7 @@
 use eretes_store::{prefix_end, Compare, GetRequest, KeyRange, Revision, Txn};
 use serde::Deserialize;
 
-use crate::coordinator::{delete, Coordinator};
+use crate::coordinator::Coordinator;
 use crate::error::ProtocolError;
 use crate::ids::TaskId;
 use crate::keys::KeyKind;
@@ -112,14 +112,8 @@ impl Coordinator {
                 ns.result(id),
                 expired.result_revision,
             ))
-            .when(Compare::absent(ns.task(id)))
-            .and_then(delete(ns.result(id)))
-            .and_then(delete(ns.owner(id)))
-            .and_then(delete(ns.run(id)));
-        let txn = self
-            .forget_machine(id)
-            .into_iter()
-            .fold(txn, |txn, op| txn.and_then(op));
+            .when(Compare::absent(ns.task(id)));
+        let txn = self.delete_every_key(txn, id);
         Ok(self.store().txn(txn).await?.succeeded)
     }
 }
