@@ -455,10 +455,12 @@ async fn drive_job(
             // until every task of the root's node has a backup on another
             // live node: what it measures is a takeover by backups, and a
             // task that just moved has none until its new primary brings
-            // one up.
+            // one up. It never waits past the job's last epochs: the job
+            // goes on meanwhile, and a kill after its end measures nothing.
             if let Some(victim) = owner_of(&coordinator, &job, 0).await? {
                 let ready = options.backups == 0
                     || due.elapsed() > BACKUP_WAIT
+                    || seen_epoch + LAST_EPOCHS >= options.epochs
                     || backed_up(&jobs, &job, &victim, &fleet.live()).await?;
                 if ready {
                     killed_at_epoch = true;
@@ -560,6 +562,10 @@ fn restarts_after_kills(
 
 /// The longest a kill at an epoch waits for the victim's tasks' backups.
 const BACKUP_WAIT: Duration = Duration::from_secs(10);
+
+/// A kill at an epoch that waits for backups is made anyway once the job
+/// has this few epochs left.
+const LAST_EPOCHS: u64 = 5;
 
 /// Whether every unfinished task of `job` that `victim` runs has a backup
 /// on another node of `live`.
