@@ -42,12 +42,21 @@ pub struct NodeStats {
     /// a burst of allocation that an agent may want to return afterwards.
     /// Not in [`NodeStatsSnapshot`], whose JSON stays as it was.
     pub listings: AtomicU64,
+    /// Tasks whose keys this node read before claiming them: tasks another
+    /// node's owner record had held, which the node kept only a count of.
+    /// Not in [`NodeStatsSnapshot`] either.
+    pub task_reads: AtomicU64,
 }
 
 impl NodeStats {
     /// Add one to `counter`.
     pub(crate) fn bump(counter: &AtomicU64) {
         counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Add `n` to `counter`.
+    pub(crate) fn add(counter: &AtomicU64, n: u64) {
+        counter.fetch_add(n, Ordering::Relaxed);
     }
 
     /// Read `counter`.

@@ -176,6 +176,12 @@ async fn a_dead_nodes_tasks_move_after_its_lease_expires_and_not_before() {
         "failover took {failover:?}"
     );
     assert_eq!(cluster.observer.overlaps(), 0);
+    // b kept only a count of what a ran; it read each orphan once, then
+    // claimed it, without a lost claim.
+    let b = cluster.node("b").stats();
+    assert_eq!(NodeStats::get(&b.task_reads), 20);
+    assert_eq!(NodeStats::get(&b.claims), 20);
+    assert_eq!(NodeStats::get(&b.claim_conflicts), 0);
 }
 
 /// A cluster on an embedded store whose node `a` reaches the store through a

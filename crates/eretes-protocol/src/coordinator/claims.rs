@@ -1,7 +1,7 @@
 //! Claims: the single claim, the batch that carries up to
 //! [`MAX_CLAIM_BATCH`] tasks in one transaction (and falls back to one
-//! transaction per task when any would fail), and the read-back of a claim
-//! that lost.
+//! transaction per task when any would fail), the read-back of a claim
+//! that lost, and the read of what a claim checks.
 
 use super::*;
 
@@ -208,6 +208,34 @@ impl Coordinator {
                 Err(ProtocolError::Malformed(why))
             }
         }
+    }
+
+    /// Read what a claim of each of `ids` checks: its task, owner and run
+    /// records, each id's three in one transaction with up to
+    /// [`MAX_CLAIM_BATCH`] others (three reads per task stay under etcd's
+    /// default limit of 128 operations per transaction). A node reads this
+    /// for a task whose owner went while the node kept only a count of what
+    /// that owner ran (see the runtime's cache), before it claims the task.
+    /// Answers are in input order.
+    pub async fn read_task_keys(&self, ids: &[TaskId]) -> Result<Vec<TaskKeys>, ProtocolError> {
+        let mut answers = Vec::with_capacity(ids.len());
+        for chunk in ids.chunks(MAX_CLAIM_BATCH) {
+            let txn = chunk.iter().fold(Txn::new(), |txn, id| {
+                txn.and_then(get(self.ns.task(id)))
+                    .and_then(get(self.ns.owner(id)))
+                    .and_then(get(self.ns.run(id)))
+            });
+            let response = self.store.txn(txn).await?;
+            let mut responses = response.responses.iter();
+            for _ in chunk {
+                answers.push(TaskKeys {
+                    task: got(responses.next()),
+                    owner: got(responses.next()),
+                    run: got(responses.next()),
+                });
+            }
+        }
+        Ok(answers)
     }
 
     /// Claim several tasks in one transaction: every task's checks must hold,

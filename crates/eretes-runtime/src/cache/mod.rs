@@ -4,20 +4,30 @@
 //! groups are unowned, oldest first?" and "how loaded is each group?" (the
 //! [`ClusterView`] the balancer reads). Every update is O(log n).
 //!
-//! Only the groups the node serves are kept task by task. Of every other
-//! group it keeps how many tasks each node owns (a node's `--max-running`
-//! counts its tasks of every group, and every node must work out the same
-//! room for it), counted from owner records as they come and go, with the
-//! record a delete removed (the watch's `prev_kv`) saying whose count
-//! drops. A node that serves one group of a hundred thus holds nothing per
-//! task of the other ninety-nine.
+//! Only the groups the node serves are kept task by task, and of those only
+//! the tasks a claim could be about: the unowned ones and this node's own.
+//! Of every task another node owns, in any group, it keeps a count per node
+//! and group (a node's `--max-running` counts its tasks of every group, and
+//! every node must work out the same room for it), counted from owner
+//! records as they come and go, with the record a delete removed (the
+//! watch's `prev_kv`) saying whose count drops. A node that serves one
+//! group of a hundred thus holds nothing per task of the other ninety-nine,
+//! and of its own group's tasks nothing per task that another node runs.
+//!
+//! When another node's owner record of a task of a served group goes
+//! without its task (a release, an expired lease), the task is unowned
+//! again, and the node knows its id and group, but not what a claim checks
+//! (the task's and run record's revisions, the run counts): the task is
+//! cached *unread* (see [`CachedTask::is_unread`]), counted as unowned and a
+//! claim candidate, and the node reads its keys
+//! (`Coordinator::read_task_keys`) when it is about to claim it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
 use eretes_protocol::machine::{StateRecord, TaskCommand, MAX_CHECKPOINT_BYTES};
 use eretes_protocol::{
     decode, decode_node, decode_task, ClaimBasis, GroupName, KeyKind, Namespace, NodeName,
-    NodeRecord, OwnerRecord, ResultRecord, RunRecord, TaskId,
+    NodeRecord, OwnerRecord, ResultRecord, RunRecord, TaskId, TaskKeys,
 };
 use eretes_store::{KeyValue, Revision};
 
@@ -34,9 +44,23 @@ pub(crate) struct CachedTask {
     /// Its group (one shared copy of each group's name).
     pub group: GroupName,
     /// `mod_revision` of `tasks/<id>`; the claim checks it is unchanged.
+    /// [`UNREAD`] until the node has read the task.
     pub revision: Revision,
-    /// `create_revision`: claims go oldest first.
+    /// `create_revision`: claims go oldest first. For an unread task, the
+    /// `create_revision` of the owner record whose delete freed it (later
+    /// than its task's, so such tasks come after older unowned ones).
     pub order: Revision,
+}
+
+/// The revision of a task the node knows only from its owner record's
+/// delete: no key has revision 0.
+const UNREAD: Revision = 0;
+
+impl CachedTask {
+    /// Whether the node must read the task's keys before it can claim it.
+    pub fn is_unread(&self) -> bool {
+        self.revision == UNREAD
+    }
 }
 
 /// An owner record as cached. `epoch == 0` marks this node's own claim still
@@ -165,10 +189,16 @@ pub(crate) struct Cache {
     me: NodeName,
     /// The groups this node serves: the only ones kept task by task.
     serves: HashSet<GroupName>,
-    /// While a listing is applied: the tasks it holds of groups this node
-    /// does not serve, so that their run records are skipped too (a run
-    /// record does not name its group). Empty otherwise.
+    /// While a listing is applied: the tasks it holds that this node does
+    /// not keep (of groups it does not serve, or owned by another node), so
+    /// that their run records are skipped too (a run record names neither
+    /// its group nor its owner). Empty otherwise.
     skipped_in_listing: HashSet<TaskId>,
+    /// The last task key deleted that had no cached task, and the revision
+    /// of its delete. A task's end deletes its task and then its owner
+    /// record in one revision; the owner record's delete then frees no
+    /// task, and must not leave an unread one behind.
+    last_uncached_delete: Option<(TaskId, Revision)>,
     entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
     /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
@@ -200,6 +230,7 @@ impl Cache {
             me,
             serves: groups.iter().cloned().collect(),
             skipped_in_listing: HashSet::new(),
+            last_uncached_delete: None,
             entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
@@ -243,6 +274,28 @@ impl Cache {
             Ok(KeyKind::Task(id)) => {
                 let change = self.apply_put(kv);
                 if !self.entries.contains_key(&id) {
+                    self.skipped_in_listing.insert(id);
+                }
+                change
+            }
+            Ok(KeyKind::Owner(id)) => {
+                let listed = self.entries.contains_key(&id);
+                if !listed {
+                    // A task submitted after tasks were read, and claimed
+                    // before owners were: the watch brings its put, which
+                    // must find it owned. Kept with its owner record, as
+                    // the node's own are, until that record goes.
+                    if let Ok(record) = decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                        if self.serves.contains(&record.group) {
+                            return self.keep_owner(id, record, kv);
+                        }
+                    }
+                }
+                // Tasks are listed before owners: another node's owner
+                // record takes a listed task out of the cache, and its run
+                // record is then skipped too.
+                let change = self.apply_put(kv);
+                if listed && !self.entries.contains_key(&id) {
                     self.skipped_in_listing.insert(id);
                 }
                 change
@@ -306,11 +359,12 @@ impl Cache {
         self.nodes.len()
     }
 
-    /// What a claim of `id` must check, if it looks claimable.
+    /// What a claim of `id` must check, if it looks claimable and has been
+    /// read (see [`Cache::is_unread`]).
     pub fn claim_basis(&self, id: &TaskId) -> Option<ClaimBasis> {
         let entry = self.entries.get(id)?;
         let task = entry.task.as_ref()?;
-        if entry.owner.is_some() {
+        if entry.owner.is_some() || task.is_unread() {
             return None;
         }
         Some(ClaimBasis {
@@ -319,6 +373,15 @@ impl Cache {
             run_revision: entry.run.revision,
             run: entry.run.record(),
         })
+    }
+
+    /// Whether `id` is an unowned task whose keys the node must read before
+    /// it can claim it: one freed by another node's owner record's delete.
+    pub fn is_unread(&self, id: &TaskId) -> bool {
+        self.entries
+            .get(id)
+            .and_then(|entry| entry.task.as_ref())
+            .is_some_and(CachedTask::is_unread)
     }
 
     /// The key of `id`'s ignore deadline, if it is held back.
@@ -392,19 +455,56 @@ impl Cache {
             .flat_map(|set| set.iter().map(|(_, spread, id)| (*spread, id)))
     }
 
-    /// Apply `kv` as read outside the watch (what a lost claim's
-    /// transaction read back): as a put, except an owner record this node
-    /// only counts, which is left to the watch. The watch brings that same
-    /// put, before or after, and counting it here too would count it twice.
-    pub fn apply_read(&mut self, kv: &KeyValue) -> Change {
-        if let Ok(KeyKind::Owner(id)) = self.ns.parse(&kv.key) {
-            if let Ok(record) = decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                if !self.keeps_owner(&id, &record) {
-                    return Change::None;
-                }
-            }
+    /// Apply the keys of `id` as read outside the watch (what a lost
+    /// claim's transaction read back, or the read of an unread task), when
+    /// the cache still holds `id`: if it does not, the watch has moved past
+    /// the read (the task was claimed by another node, or went).
+    ///
+    /// Another node's owner record takes the task out of the cache without
+    /// counting it: the watch brings that same put, before or after, and
+    /// counts it then. So does an unread task's read, unless the read is
+    /// older than the owner record's delete that made the task unread.
+    pub fn apply_read_back(&mut self, id: &TaskId, keys: &TaskKeys) -> Vec<Change> {
+        let Some(entry) = self.entries.get(id) else {
+            return Vec::new();
+        };
+        if entry
+            .owner
+            .as_ref()
+            .is_some_and(|owner| owner.node != self.me)
+        {
+            // Kept with another node's owner record (see `apply_listed`),
+            // which the watch will take away: no candidate, nothing to read.
+            return Vec::new();
         }
-        self.apply_put(kv)
+        let others = keys.owner.as_ref().and_then(|kv| {
+            decode::<OwnerRecord>("owner", &kv.key, &kv.value)
+                .ok()
+                .filter(|record| record.node != self.me)
+                .map(|_| kv.create_revision)
+        });
+        if let Some(claimed_at) = others {
+            let freed_since = entry
+                .task
+                .as_ref()
+                .is_some_and(|task| task.is_unread() && task.order >= claimed_at);
+            if !freed_since {
+                self.forget_taken(id);
+            }
+            return Vec::new();
+        }
+        let ns = &self.ns;
+        let keys = [
+            (ns.task(id), keys.task.as_ref()),
+            (ns.owner(id), keys.owner.as_ref()),
+            (ns.run(id), keys.run.as_ref()),
+        ];
+        keys.into_iter()
+            .map(|(key, kv)| match kv {
+                Some(kv) => self.apply_put(kv),
+                None => self.apply_delete(&key, UNREAD, None),
+            })
+            .collect()
     }
 
     /// Apply a put of `kv`, as the watch or a listing brings it.
@@ -445,31 +545,33 @@ impl Cache {
                 }
             },
             KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                Ok(record) if !self.keeps_owner(&id, &record) => {
-                    // Another group's: counted, not kept. An owner record is
-                    // created, never rewritten; should one be, the count
-                    // stays as it was (the same owner, most likely).
+                Ok(record) if record.node != self.me => {
+                    // Another node's claim: counted, not kept. The task, if
+                    // cached (unowned, or claimed by this node in vain),
+                    // leaves the cache. An owner record is created, never
+                    // rewritten; should one be, the count stays as it was
+                    // (the same owner, most likely).
+                    let cached = self.entries.contains_key(&id);
+                    self.forget_taken(&id);
+                    let group = self.shared_group(record.group);
+                    let node = self.shared_node(record.node);
                     if kv.version == 1 {
-                        let group = self.shared_group(record.group);
-                        let node = self.shared_node(record.node);
                         self.adjust_owned(&group, &node, true);
                     }
-                    Change::None
-                }
-                Ok(record) => {
-                    let id = self.shared_task_id(id);
-                    let owner = CachedOwner {
-                        node: self.shared_node(record.node),
-                        group: self.shared_group(record.group),
-                        epoch: kv.create_revision,
-                    };
-                    self.set_owner(&id, Some(owner.clone()));
+                    if !cached {
+                        return Change::None;
+                    }
                     Change::OwnerChanged {
                         task: id,
-                        owner: Some(owner),
+                        owner: Some(CachedOwner {
+                            node,
+                            group,
+                            epoch: kv.create_revision,
+                        }),
                         freed: None,
                     }
                 }
+                Ok(record) => self.keep_owner(id, record, kv),
                 Err(e) => Change::Malformed(e.to_string()),
             },
             // A run record is written by claims and run ends, after its
@@ -588,6 +690,9 @@ impl Cache {
         };
         match kind {
             KeyKind::Task(id) => {
+                if self.task(&id).is_none() && revision != UNREAD {
+                    self.last_uncached_delete = Some((id.clone(), revision));
+                }
                 self.remove_task(&id);
                 Change::TaskGone(id)
             }
@@ -595,12 +700,30 @@ impl Cache {
                 let mut freed = self.owner(&id).map(|owner| owner.group.clone());
                 if freed.is_some() {
                     self.set_owner(&id, None);
-                } else if let Some(record) = previous
-                    .and_then(|kv| decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok())
-                    .filter(|record| !self.keeps_owner(&id, record))
+                } else if let Some((record, claimed_at)) = previous
+                    .and_then(|kv| {
+                        decode::<OwnerRecord>("owner", &kv.key, &kv.value)
+                            .ok()
+                            .map(|record| (record, kv.create_revision))
+                    })
+                    .filter(|(record, _)| record.node != self.me)
                 {
+                    // Another node's claim, counted and not kept.
                     let group = self.shared_group(record.group);
                     self.adjust_owned(&group, &record.node, false);
+                    let task_went =
+                        self.last_uncached_delete.as_ref() == Some(&(id.clone(), revision));
+                    if self.serves.contains(&group) && !task_went && self.task(&id).is_none() {
+                        // Unowned again (released, or its owner's lease
+                        // expired): a claim candidate, to be read first.
+                        let task = CachedTask {
+                            group: group.clone(),
+                            revision: UNREAD,
+                            order: claimed_at,
+                        };
+                        let id = self.shared_task_id(id.clone());
+                        self.put_task(id, task);
+                    }
                     freed = Some(group);
                 }
                 Change::OwnerChanged {
@@ -659,10 +782,35 @@ impl Cache {
         }
     }
 
-    /// Whether the owner record `record` of `id` is kept task by task: one
-    /// of a group this node serves, or of a task it keeps all the same.
-    fn keeps_owner(&self, id: &TaskId, record: &OwnerRecord) -> bool {
-        self.serves.contains(&record.group) || self.entries.contains_key(id)
+    /// Keep the owner record `record` (put as `kv`) of `id` in its entry.
+    fn keep_owner(&mut self, id: TaskId, record: OwnerRecord, kv: &KeyValue) -> Change {
+        let id = self.shared_task_id(id);
+        let owner = CachedOwner {
+            node: self.shared_node(record.node),
+            group: self.shared_group(record.group),
+            epoch: kv.create_revision,
+        };
+        self.set_owner(&id, Some(owner.clone()));
+        Change::OwnerChanged {
+            task: id,
+            owner: Some(owner),
+            freed: None,
+        }
+    }
+
+    /// Take `id` out of the cache: another node claimed it. Whatever the
+    /// entry counted (unowned, or this node's claim in flight) is uncounted;
+    /// the new owner's count is the caller's.
+    fn forget_taken(&mut self, id: &TaskId) {
+        let Some(entry) = self.entries.remove(id) else {
+            return;
+        };
+        match (&entry.owner, &entry.task) {
+            (Some(owner), _) => self.adjust_owned(&owner.group, &owner.node, false),
+            (None, Some(task)) => self.mark_unowned(&task.group, task.order, id, false),
+            (None, None) => {}
+        }
+        self.entries.shrink_if_sparse();
     }
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {

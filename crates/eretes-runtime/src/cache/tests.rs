@@ -44,9 +44,12 @@ fn counts_follow_owners_and_tasks() {
         node: other.clone(),
         group: g.clone(),
     });
-    cache.apply_put(&kv(&ns.owner(&a), owner, 10, 10));
+    let owner_kv = kv(&ns.owner(&a), owner, 10, 10);
+    cache.apply_put(&owner_kv);
     assert_eq!(cache.view.group(&g).unowned, 2);
     assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+    // Another node's task is counted, not kept.
+    assert!(cache.task(&a).is_none() && !cache.entries.contains_key(&a));
     assert_eq!(
         cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
         ["b", "c"]
@@ -55,11 +58,158 @@ fn counts_follow_owners_and_tasks() {
     assert_eq!(cache.view.group(&g).owned_by(&me), 1);
     cache.clear_tentative(&TaskId::new("b").unwrap());
     assert_eq!(cache.view.group(&g).owned_by(&me), 0);
-    cache.apply_delete(&ns.owner(&a), 11, None);
+    // Its owner goes (the watch's delete, with the record it removed): the
+    // task is unowned again, a candidate after the older ones, but unread.
+    cache.apply_delete(&ns.owner(&a), 11, Some(&owner_kv));
     assert_eq!(cache.view.group(&g).unowned, 3);
+    assert_eq!(cache.view.group(&g).owned_by(&other), 0);
+    assert_eq!(
+        cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
+        ["b", "c", "a"]
+    );
+    assert!(cache.is_unread(&a) && cache.claim_basis(&a).is_none());
+    // Read, it is claimable, in its place among the oldest.
+    let keys = TaskKeys {
+        task: Some(kv(&ns.task(&a), task_value("default"), 2, 2)),
+        owner: None,
+        run: Some(kv(&ns.run(&a), encode(&RunRecord::default()), 10, 10)),
+    };
+    cache.apply_read_back(&a, &keys);
+    let basis = cache.claim_basis(&a).expect("read and claimable");
+    assert_eq!((basis.task_revision, basis.run_revision), (2, 10));
+    assert_eq!(
+        cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
+        ["a", "b", "c"]
+    );
     cache.apply_delete(&ns.task(&a), 12, None);
     assert_eq!(cache.view.group(&g).unowned, 2);
     assert_eq!(cache.view.group(&g).total(), 2);
+}
+
+#[test]
+fn a_listing_keeps_nothing_per_task_another_node_runs_but_what_the_watch_must_find() {
+    let ns = Namespace::new("t").unwrap();
+    let cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let other = NodeName::new("other").unwrap();
+    let (a, b) = (TaskId::new("a").unwrap(), TaskId::new("b").unwrap());
+    let owner = encode(&OwnerRecord {
+        node: other.clone(),
+        group: g.clone(),
+    });
+    let run = encode(&RunRecord {
+        claims: 1,
+        takeovers: 0,
+        open: true,
+        node: Some(other.clone()),
+    });
+    // Tasks, then owners, then runs: `a` listed and owned; `b` submitted
+    // after tasks were read, and claimed before owners were.
+    let listing = [
+        kv(&ns.task(&a), task_value("default"), 2, 2),
+        kv(&ns.owner(&a), owner.clone(), 3, 3),
+        kv(&ns.owner(&b), owner.clone(), 6, 6),
+        kv(&ns.run(&a), run.clone(), 3, 3),
+        kv(&ns.run(&b), run.clone(), 6, 6),
+    ];
+    let (mut cache, _) = cache.rebuild(&listing);
+    assert!(!cache.entries.contains_key(&a), "another node runs a");
+    assert_eq!(cache.view.group(&g).owned_by(&other), 2);
+    assert_eq!(cache.view.group(&g).unowned, 0);
+    // The watch brings b's put: owned, no candidate.
+    cache.apply_put(&kv(&ns.task(&b), task_value("default"), 5, 5));
+    assert_eq!(cache.unowned(&g).count(), 0);
+    assert_eq!(cache.view.group(&g).total(), 2);
+    // b's owner goes: unowned, and claimable at once (its task was seen).
+    let change = cache.apply_delete(&ns.owner(&b), 7, Some(&listing[2]));
+    assert!(
+        matches!(&change, Change::OwnerChanged { freed: Some(group), .. } if *group == g),
+        "{change:?}"
+    );
+    assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+    assert_eq!(
+        cache.claim_basis(&b).map(|basis| basis.task_revision),
+        Some(5)
+    );
+}
+
+#[test]
+fn a_task_that_ends_under_another_node_leaves_nothing_unread() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let other = NodeName::new("other").unwrap();
+    let id = TaskId::new("a").unwrap();
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let owner = encode(&OwnerRecord {
+        node: other.clone(),
+        group: g.clone(),
+    });
+    let owner_kv = kv(&ns.owner(&id), owner, 3, 3);
+    cache.apply_put(&owner_kv);
+    // Its end deletes the task, then its owner record, in one revision.
+    cache.apply_delete(&ns.task(&id), 9, None);
+    cache.apply_delete(&ns.owner(&id), 9, Some(&owner_kv));
+    assert!(cache.entries.is_empty());
+    assert_eq!(cache.view.group(&g).total(), 0);
+}
+
+#[test]
+fn a_read_back_never_undoes_what_the_watch_brought_since() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let other = NodeName::new("other").unwrap();
+    let id = TaskId::new("a").unwrap();
+    let task_kv = kv(&ns.task(&id), task_value("default"), 2, 2);
+    let owner_kv = kv(
+        &ns.owner(&id),
+        encode(&OwnerRecord {
+            node: other.clone(),
+            group: g.clone(),
+        }),
+        5,
+        5,
+    );
+    cache.apply_put(&task_kv);
+    // This node's claim is in flight when another node's wins; the lost
+    // claim's read-back (with that owner) arrives before the watch's put.
+    cache.set_mine(&id, &g, 0);
+    cache.clear_tentative(&id);
+    let claimed = TaskKeys {
+        task: Some(task_kv.clone()),
+        owner: Some(owner_kv.clone()),
+        run: None,
+    };
+    assert_eq!(cache.apply_read_back(&id, &claimed), []);
+    assert!(!cache.entries.contains_key(&id));
+    assert_eq!(cache.view.group(&g).unowned, 0);
+    // The watch's put counts it, once.
+    cache.apply_put(&owner_kv);
+    assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+    assert_eq!(cache.view.group(&g).total(), 1);
+    // Its owner's lease expires: unread. A read older than that delete
+    // (it still saw the owner) must not take the task away again.
+    cache.apply_delete(&ns.owner(&id), 8, Some(&owner_kv));
+    assert!(cache.is_unread(&id));
+    assert_eq!(cache.apply_read_back(&id, &claimed), []);
+    assert!(cache.is_unread(&id));
+    assert_eq!(cache.view.group(&g).unowned, 1);
+    // A read that saw a newer claim does.
+    let newer = TaskKeys {
+        owner: Some(kv(&ns.owner(&id), owner_kv.value.clone(), 9, 9)),
+        ..claimed.clone()
+    };
+    cache.apply_read_back(&id, &newer);
+    assert!(!cache.entries.contains_key(&id));
+    assert_eq!(cache.view.group(&g).total(), 0);
+    // A read-back for a task no longer cached changes nothing.
+    let fresh = TaskKeys {
+        owner: None,
+        ..claimed
+    };
+    assert_eq!(cache.apply_read_back(&id, &fresh), []);
+    assert!(cache.entries.is_empty());
 }
 
 #[tokio::test]
@@ -157,9 +307,13 @@ fn other_groups_are_counted_per_node_and_not_kept_per_task() {
         kv(&ns.task(&moved), task_value("elsewhere"), 590, 590),
         kv(&ns.owner(&moved), owner.clone(), 591, 591),
     ];
-    for kv in &read_back {
-        assert_eq!(cache.apply_read(kv), Change::None);
-    }
+    let keys = TaskKeys {
+        task: Some(read_back[0].clone()),
+        owner: Some(read_back[1].clone()),
+        run: None,
+    };
+    assert_eq!(cache.apply_read_back(&moved, &keys), []);
+    assert!(cache.entries.is_empty());
     assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
     cache.apply_put(&read_back[1]);
     assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 50);

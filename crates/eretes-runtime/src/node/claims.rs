@@ -48,23 +48,36 @@ impl MainLoop {
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
                 .min(share_of_room);
             let mut batch = Vec::new();
+            let mut reads = Vec::new();
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.claim_window {
                 let candidate = self.next_candidate(&group, share);
                 let Some(id) = candidate else { break };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
                     ClaimDecision::Claim => {
-                        if let Some(basis) = self.cache.claim_basis(&id) {
-                            // Counted as this node's at once, so the balancer's
-                            // next decision sees it.
-                            self.cache.set_mine(&id, &group, 0);
-                            self.claiming.insert(id.clone());
-                            *self.busy.entry(group.clone()).or_default() += 1;
-                            batch.push((id, basis));
-                            free -= 1;
+                        let basis = self.cache.claim_basis(&id);
+                        if basis.is_none() && !self.cache.is_unread(&id) {
+                            // Never so for a candidate; should it be, the
+                            // task is held back rather than picked again.
+                            self.ignore_for(&id, self.config.release_ignore);
+                            continue;
+                        }
+                        // Counted as this node's at once, so the balancer's
+                        // next decision sees it; a task read first is
+                        // counted so too, as a claim of it follows.
+                        self.cache.set_mine(&id, &group, 0);
+                        self.claiming.insert(id.clone());
+                        *self.busy.entry(group.clone()).or_default() += 1;
+                        free -= 1;
+                        match basis {
+                            Some(basis) => batch.push((id, basis)),
+                            None => reads.push(id),
                         }
                         if batch.len() >= self.config.claim_batch {
                             self.launch_claims(lease, group.clone(), std::mem::take(&mut batch));
+                        }
+                        if reads.len() >= self.config.claim_batch {
+                            self.launch_reads(group.clone(), std::mem::take(&mut reads));
                         }
                     }
                     ClaimDecision::RetryAfter(delay) => {
@@ -80,7 +93,10 @@ impl MainLoop {
                 }
             }
             if !batch.is_empty() {
-                self.launch_claims(lease, group, batch);
+                self.launch_claims(lease, group.clone(), batch);
+            }
+            if !reads.is_empty() {
+                self.launch_reads(group, reads);
             }
         }
     }
@@ -145,6 +161,39 @@ impl MainLoop {
                     id,
                     group: group.clone(),
                     outcome,
+                    read_only: false,
+                })
+                .collect();
+            (took, results)
+        }));
+    }
+
+    /// Read what a claim of each of `ids` (unread tasks of `group`) checks,
+    /// in one transaction where possible. Each answer comes back as a lost
+    /// claim's would, with the keys read; the claim follows once the cache
+    /// has them.
+    pub(super) fn launch_reads(&mut self, group: GroupName, ids: Vec<TaskId>) {
+        NodeStats::add(&self.stats.task_reads, ids.len() as u64);
+        let coordinator = self.coordinator.clone();
+        self.claims.push(off_loop(async move {
+            let sent = Instant::now();
+            let answers = coordinator.read_task_keys(&ids).await;
+            let took = sent.elapsed();
+            let results = match answers {
+                Ok(keys) => ids
+                    .into_iter()
+                    .zip(keys)
+                    .map(|(id, keys)| (id, Ok(ClaimOutcome::Lost(keys))))
+                    .collect::<Vec<_>>(),
+                Err(error) => ids.into_iter().map(|id| (id, Err(error.clone()))).collect(),
+            };
+            let results = results
+                .into_iter()
+                .map(|(id, outcome)| ClaimResult {
+                    id,
+                    group: group.clone(),
+                    outcome,
+                    read_only: true,
                 })
                 .collect();
             (took, results)
@@ -174,7 +223,12 @@ impl MainLoop {
     }
 
     pub(super) fn on_claim(&mut self, result: ClaimResult) {
-        let ClaimResult { id, group, outcome } = result;
+        let ClaimResult {
+            id,
+            group,
+            outcome,
+            read_only,
+        } = result;
         self.claiming.remove(&id);
         self.claiming.shrink_if_sparse();
         match outcome {
@@ -206,30 +260,30 @@ impl MainLoop {
                 self.release_slot(&group);
             }
             Ok(ClaimOutcome::Lost(keys)) => {
-                NodeStats::bump(&self.stats.claim_conflicts);
+                if !read_only {
+                    NodeStats::bump(&self.stats.claim_conflicts);
+                }
                 self.cache.clear_tentative(&id);
                 self.stop_waiting(&group);
                 // Bring the cache up to what the store said, so the next
                 // attempt (if any) starts from the truth instead of waiting
                 // for the watch to catch up.
-                let ns = self.config.namespace.clone();
-                let updates = [
-                    (ns.task(&id), keys.task),
-                    (ns.owner(&id), keys.owner),
-                    (ns.run(&id), keys.run),
-                ];
-                for (key, kv) in updates {
-                    let change = match kv {
-                        Some(kv) => self.cache.apply_read(&kv),
-                        None => self.cache.apply_delete(&key, 0, None),
-                    };
+                for change in self.cache.apply_read_back(&id, &keys) {
                     if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
                         self.on_change(change);
                     }
                 }
-                if self.cache.claim_basis(&id).is_some() {
-                    // Still looks claimable (say its owner record is garbage
-                    // the cache cannot read): back off rather than spin.
+                // A lost claim that still looks claimable (say its owner
+                // record is garbage the cache cannot read), or a read that
+                // left the task unread (it said nothing the cache could
+                // use): back off rather than spin. A task read and found
+                // claimable is claimed by the next pass.
+                let spin = if read_only {
+                    self.cache.is_unread(&id)
+                } else {
+                    self.cache.claim_basis(&id).is_some()
+                };
+                if spin {
                     self.ignore_for(&id, self.config.release_ignore);
                 }
                 self.release_slot(&group);

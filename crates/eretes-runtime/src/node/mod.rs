@@ -240,6 +240,9 @@ struct ClaimResult {
     id: TaskId,
     group: GroupName,
     outcome: Result<ClaimOutcome, ProtocolError>,
+    /// The read of an unread task's keys (see `Cache::is_unread`), not a
+    /// claim: its outcome is [`ClaimOutcome::Lost`] with what was read.
+    read_only: bool,
 }
 
 /// A node's listing plus the watch that continues it.
