@@ -12,8 +12,10 @@
 //! store requests per second, per node, while claiming and in a quiet
 //! window; the process's resident memory per task and node (every node's
 //! view of the cluster and the idle handlers, the store's own copy aside);
-//! and what one more node that serves another group costs per task (its
-//! view of tasks it will never run).
+//! what one more node that serves another group costs per task (its view of
+//! tasks it will never run); and what one more node of the tasks' own group
+//! costs per task when it has no room to run any (`--slots 0`): its view of
+//! the group, without a handler.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -21,6 +23,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use eretes_protocol::{decode, GroupName, OwnerRecord};
+use eretes_runtime::NodeStats;
 use eretes_store::counting::{CountingStore, RequestCounts};
 use eretes_store::{DeleteRequest, EventKind, KeyRange, Store, StoreExt};
 use futures::StreamExt;
@@ -131,6 +134,17 @@ async fn measure(
     if let Some(observer) = cluster.nodes.remove("observer") {
         observer.shutdown().await;
     }
+    // One more node of the tasks' group, with no slot: its view of a group
+    // whose every task runs elsewhere.
+    let heap_without = heap_in_use();
+    cluster
+        .add_node_with("full", |config| config.slots = 0)
+        .await?;
+    tokio::time::sleep(OBSERVER_SETTLE).await;
+    let full_node_heap = heap_in_use().saturating_sub(heap_without) as f64 / tasks as f64;
+    if let Some(full) = cluster.nodes.remove("full") {
+        full.shutdown().await;
+    }
     let steady_before = counting.counts();
     tokio::time::sleep(STEADY_WINDOW).await;
     let steady = counting.counts().since(&steady_before);
@@ -181,6 +195,13 @@ async fn measure(
     let spread_after = spread(&owners, node_count as usize);
     let moves = lock(&owners).claims - claims_before;
     let relists_total = relists(&cluster);
+    // Orphans read before their claim (a node keeps only counts of what
+    // another node runs).
+    let task_reads: u64 = cluster
+        .nodes
+        .values()
+        .map(|node| NodeStats::get(&node.stats().task_reads))
+        .sum();
     let minimum = orphans + victims.len() * (tasks / node_count as usize);
     cluster.shutdown().await;
 
@@ -197,7 +218,9 @@ async fn measure(
          after {:.2} s ({claim_rate:.0} claims/s), balanced after {:.2} s, spread {spread_first}; \
          {:.1} store requests/s per node while claiming, {steady_per_node:.2}/s in a quiet \
          window; {view_bytes:.0} bytes of resident memory per task per node, and \
-         {observer_bytes:.0} per task for one more node that serves none of them. {} nodes killed: \
+         {observer_bytes:.0} per task for one more node that serves none of them; \
+         {full_node_heap:.0} bytes of heap per task for one more node of their group without a \
+         slot. {} nodes killed: \
          their {orphans} tasks ran elsewhere after {:.2} s (their leases expired after {:.2} s); rejoined and balanced after {:.2} s \
          with {moves} moves (minimum {minimum}), spread {spread_after}",
         all_run.as_secs_f64(),
@@ -228,6 +251,8 @@ async fn measure(
             / f64::from(node_count))
         .round(),
         "other_group_node_heap_bytes_per_task": observer_heap.round(),
+        "same_group_node_without_slots_heap_bytes_per_task": full_node_heap.round(),
+        "task_reads": task_reads,
         "killed": victims.len(),
         "orphans": orphans,
         "recovered_ms": recovered.as_millis() as u64,
