@@ -47,8 +47,8 @@ pub(crate) struct CachedTask {
     /// [`UNREAD`] until the node has read the task.
     pub revision: Revision,
     /// `create_revision`: claims go oldest first. For an unread task, the
-    /// `create_revision` of the owner record whose delete freed it (later
-    /// than its task's, so such tasks come after older unowned ones).
+    /// `create_revision` of the owner record whose delete freed it (a read
+    /// that saw that record is older than the delete).
     pub order: Revision,
 }
 
@@ -60,6 +60,18 @@ impl CachedTask {
     /// Whether the node must read the task's keys before it can claim it.
     pub fn is_unread(&self) -> bool {
         self.revision == UNREAD
+    }
+
+    /// Where the task stands among the candidates: by age, and an unread
+    /// task before all. Its read then puts it in its place, so that a task
+    /// that ran keeps its turn among those that wait, instead of waiting
+    /// behind every task submitted before it lost its owner.
+    fn rank(&self) -> Revision {
+        if self.is_unread() {
+            UNREAD
+        } else {
+            self.order
+        }
     }
 }
 
@@ -437,7 +449,7 @@ impl Cache {
             return None;
         }
         let group = task.group.clone();
-        Some((group, (task.order, spread_hash(id), id.clone())))
+        Some((group, (task.rank(), spread_hash(id), id.clone())))
     }
 
     /// Unowned tasks of `group` that are claim candidates (not held back),
@@ -807,7 +819,7 @@ impl Cache {
         };
         match (&entry.owner, &entry.task) {
             (Some(owner), _) => self.adjust_owned(&owner.group, &owner.node, false),
-            (None, Some(task)) => self.mark_unowned(&task.group, task.order, id, false),
+            (None, Some(task)) => self.mark_unowned(&task.group, task.rank(), id, false),
             (None, None) => {}
         }
         self.entries.shrink_if_sparse();
@@ -815,7 +827,7 @@ impl Cache {
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
         self.remove_task(&id);
-        let (group, order) = (task.group.clone(), task.order);
+        let (group, order) = (task.group.clone(), task.rank());
         let entry = self.entry(&id);
         entry.task = Some(task);
         if entry.owner.is_none() {
@@ -830,7 +842,7 @@ impl Cache {
         let owned = entry.owner.is_some();
         if let Some(old) = entry.task.take() {
             if !owned {
-                self.mark_unowned(&old.group, old.order, id, false);
+                self.mark_unowned(&old.group, old.rank(), id, false);
             }
         }
         self.forget_if_empty(id);
@@ -844,7 +856,7 @@ impl Cache {
         // owner appears or disappears.
         let moved = match &entry.task {
             Some(task) if previous.is_some() != current.is_some() => {
-                Some((task.group.clone(), task.order))
+                Some((task.group.clone(), task.rank()))
             }
             _ => None,
         };

@@ -59,13 +59,16 @@ fn counts_follow_owners_and_tasks() {
     cache.clear_tentative(&TaskId::new("b").unwrap());
     assert_eq!(cache.view.group(&g).owned_by(&me), 0);
     // Its owner goes (the watch's delete, with the record it removed): the
-    // task is unowned again, a candidate after the older ones, but unread.
-    cache.apply_delete(&ns.owner(&a), 11, Some(&owner_kv));
-    assert_eq!(cache.view.group(&g).unowned, 3);
+    // task is unowned again, unread, and the first candidate, so that its
+    // read puts it in its place.
+    let d = TaskId::new("d").unwrap();
+    cache.apply_put(&kv(&ns.task(&d), task_value("default"), 11, 11));
+    cache.apply_delete(&ns.owner(&a), 12, Some(&owner_kv));
+    assert_eq!(cache.view.group(&g).unowned, 4);
     assert_eq!(cache.view.group(&g).owned_by(&other), 0);
     assert_eq!(
         cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
-        ["b", "c", "a"]
+        ["a", "b", "c", "d"]
     );
     assert!(cache.is_unread(&a) && cache.claim_basis(&a).is_none());
     // Read, it is claimable, in its place among the oldest.
@@ -79,9 +82,10 @@ fn counts_follow_owners_and_tasks() {
     assert_eq!((basis.task_revision, basis.run_revision), (2, 10));
     assert_eq!(
         cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c"]
+        ["a", "b", "c", "d"]
     );
-    cache.apply_delete(&ns.task(&a), 12, None);
+    cache.apply_delete(&ns.task(&d), 13, None);
+    cache.apply_delete(&ns.task(&a), 13, None);
     assert_eq!(cache.view.group(&g).unowned, 2);
     assert_eq!(cache.view.group(&g).total(), 2);
 }
