@@ -113,6 +113,9 @@ pub struct TaskKeys {
     pub owner: Option<KeyValue>,
     /// `runs/<id>`, if present.
     pub run: Option<KeyValue>,
+    /// The store's revision when the keys were read: a cache that has
+    /// seen a change of them after it knows the read is older.
+    pub revision: Revision,
 }
 
 /// What a claim attempt came to.

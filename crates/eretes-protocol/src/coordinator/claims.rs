@@ -120,6 +120,7 @@ impl Coordinator {
                 task: got(responses.next()),
                 owner: got(responses.next()),
                 run: got(responses.next()),
+                revision: response.revision,
             }));
         }
         if let Some(takeovers) = plan.parked {
@@ -232,6 +233,7 @@ impl Coordinator {
                     task: got(responses.next()),
                     owner: got(responses.next()),
                     run: got(responses.next()),
+                    revision: response.revision,
                 });
             }
         }

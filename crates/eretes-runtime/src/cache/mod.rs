@@ -179,6 +179,11 @@ pub(crate) enum Change {
     },
     /// A command was queued for this task.
     TaskCommand(TaskId),
+    /// An owner record of a task the cache does not hold went, and the
+    /// store did not say whose it was (no `prev_kv`, or one that does not
+    /// decode): only a listing can tell whether a task is unowned now and
+    /// whose count drops.
+    OwnerGoneUnseen(TaskId),
     /// The key or value was malformed and skipped.
     Malformed(String),
 }
@@ -211,6 +216,10 @@ pub(crate) struct Cache {
     /// record in one revision; the owner record's delete then frees no
     /// task, and must not leave an unread one behind.
     last_uncached_delete: Option<(TaskId, Revision)>,
+    /// The revision of the last read of the listing the cache was built
+    /// from: a read of a task's keys older than it may be older than what
+    /// the listing holds, and is not applied.
+    listed_through: Revision,
     entries: HashMap<TaskId, TaskEntry>,
     nodes: HashMap<NodeName, NodeRecord>,
     /// Unowned tasks per group, oldest first, each with its [`spread_hash`]
@@ -243,6 +252,7 @@ impl Cache {
             serves: groups.iter().cloned().collect(),
             skipped_in_listing: HashSet::new(),
             last_uncached_delete: None,
+            listed_through: 0,
             entries: HashMap::new(),
             nodes: HashMap::new(),
             unowned: HashMap::new(),
@@ -251,10 +261,12 @@ impl Cache {
         }
     }
 
-    /// Rebuild from a full listing, keeping the running-task part of the view.
-    pub fn rebuild(&self, kvs: &[KeyValue]) -> (Cache, Vec<Change>) {
+    /// Rebuild from a full listing whose last read was at `listed_through`,
+    /// keeping the running-task part of the view.
+    pub fn rebuild(&self, kvs: &[KeyValue], listed_through: Revision) -> (Cache, Vec<Change>) {
         let mut fresh = Cache {
             serves: self.serves.clone(),
+            listed_through,
             ..Cache::new(self.ns.clone(), self.me.clone(), &[])
         };
         fresh.view.running = self.view.running.clone();
@@ -468,26 +480,37 @@ impl Cache {
     }
 
     /// Apply the keys of `id` as read outside the watch (what a lost
-    /// claim's transaction read back, or the read of an unread task), when
-    /// the cache still holds `id`: if it does not, the watch has moved past
+    /// claim's transaction read back, or the read of an unread task), unless
+    /// the cache knows of a change since the read; `None` then. The cache
+    /// must hold `id` as a task: if it does not, the watch has moved past
     /// the read (the task was claimed by another node, or went).
     ///
-    /// Another node's owner record takes the task out of the cache without
+    /// A read is older than what the cache holds when it is older than the
+    /// listing the cache was built from, than the task the cache holds (a
+    /// task deleted and submitted again under the same id), or, for an
+    /// unread task, than the delete of the owner record that freed it (the
+    /// read still shows that record). Another node's owner record in a
+    /// read that is not older takes the task out of the cache without
     /// counting it: the watch brings that same put, before or after, and
-    /// counts it then. So does an unread task's read, unless the read is
-    /// older than the owner record's delete that made the task unread.
-    pub fn apply_read_back(&mut self, id: &TaskId, keys: &TaskKeys) -> Vec<Change> {
-        let Some(entry) = self.entries.get(id) else {
-            return Vec::new();
-        };
+    /// counts it then. A run record is applied only if the cache holds none
+    /// newer.
+    pub fn apply_read_back(&mut self, id: &TaskId, keys: &TaskKeys) -> Option<Vec<Change>> {
+        if keys.revision < self.listed_through {
+            return None;
+        }
+        let entry = self.entries.get(id)?;
         if entry
             .owner
             .as_ref()
             .is_some_and(|owner| owner.node != self.me)
         {
             // Kept with another node's owner record (see `apply_listed`),
-            // which the watch will take away: no candidate, nothing to read.
-            return Vec::new();
+            // which the watch will take away: no candidate.
+            return None;
+        }
+        let task = entry.task.as_ref()?;
+        if !task.is_unread() && task.order > keys.revision {
+            return None;
         }
         let others = keys.owner.as_ref().and_then(|kv| {
             decode::<OwnerRecord>("owner", &kv.key, &kv.value)
@@ -496,27 +519,34 @@ impl Cache {
                 .map(|_| kv.create_revision)
         });
         if let Some(claimed_at) = others {
-            let freed_since = entry
-                .task
-                .as_ref()
-                .is_some_and(|task| task.is_unread() && task.order >= claimed_at);
-            if !freed_since {
-                self.forget_taken(id);
+            if task.is_unread() && claimed_at <= task.order {
+                return None;
             }
-            return Vec::new();
+            self.forget_taken(id);
+            return Some(Vec::new());
         }
+        let run_is_newer = |kv: Option<&KeyValue>| match kv {
+            Some(kv) => kv.mod_revision >= entry.run.revision,
+            None => entry.run.revision <= keys.revision,
+        };
+        let apply_run = run_is_newer(keys.run.as_ref());
         let ns = &self.ns;
-        let keys = [
+        let mut updates = vec![
             (ns.task(id), keys.task.as_ref()),
             (ns.owner(id), keys.owner.as_ref()),
-            (ns.run(id), keys.run.as_ref()),
         ];
-        keys.into_iter()
-            .map(|(key, kv)| match kv {
-                Some(kv) => self.apply_put(kv),
-                None => self.apply_delete(&key, UNREAD, None),
-            })
-            .collect()
+        if apply_run {
+            updates.push((ns.run(id), keys.run.as_ref()));
+        }
+        Some(
+            updates
+                .into_iter()
+                .map(|(key, kv)| match kv {
+                    Some(kv) => self.apply_put(kv),
+                    None => self.apply_delete(&key, UNREAD, None),
+                })
+                .collect(),
+        )
     }
 
     /// Apply a put of `kv`, as the watch or a listing brings it.
@@ -567,7 +597,8 @@ impl Cache {
                     self.forget_taken(&id);
                     let group = self.shared_group(record.group);
                     let node = self.shared_node(record.node);
-                    if kv.version == 1 {
+                    // A cached task's count went with it: count it again.
+                    if kv.version == 1 || cached {
                         self.adjust_owned(&group, &node, true);
                     }
                     if !cached {
@@ -710,21 +741,25 @@ impl Cache {
             }
             KeyKind::Owner(id) => {
                 let mut freed = self.owner(&id).map(|owner| owner.group.clone());
+                let task_went = self.last_uncached_delete.as_ref() == Some(&(id.clone(), revision));
+                let removed = previous.and_then(|kv| {
+                    decode::<OwnerRecord>("owner", &kv.key, &kv.value)
+                        .ok()
+                        .map(|record| (record, kv.create_revision))
+                });
                 if freed.is_some() {
                     self.set_owner(&id, None);
-                } else if let Some((record, claimed_at)) = previous
-                    .and_then(|kv| {
-                        decode::<OwnerRecord>("owner", &kv.key, &kv.value)
-                            .ok()
-                            .map(|record| (record, kv.create_revision))
-                    })
-                    .filter(|(record, _)| record.node != self.me)
+                } else if removed.is_none() && revision != UNREAD && !task_went {
+                    // The watch did not say whose record went (no
+                    // `prev_kv`, or garbage): a task may be unowned that
+                    // the cache does not hold, and a count is off.
+                    return Change::OwnerGoneUnseen(id);
+                } else if let Some((record, claimed_at)) =
+                    removed.filter(|(record, _)| record.node != self.me)
                 {
                     // Another node's claim, counted and not kept.
                     let group = self.shared_group(record.group);
                     self.adjust_owned(&group, &record.node, false);
-                    let task_went =
-                        self.last_uncached_delete.as_ref() == Some(&(id.clone(), revision));
                     if self.serves.contains(&group) && !task_went && self.task(&id).is_none() {
                         // Unowned again (released, or its owner's lease
                         // expired): a claim candidate, to be read first.

@@ -76,8 +76,9 @@ fn counts_follow_owners_and_tasks() {
         task: Some(kv(&ns.task(&a), task_value("default"), 2, 2)),
         owner: None,
         run: Some(kv(&ns.run(&a), encode(&RunRecord::default()), 10, 10)),
+        revision: 12,
     };
-    cache.apply_read_back(&a, &keys);
+    assert!(cache.apply_read_back(&a, &keys).is_some());
     let basis = cache.claim_basis(&a).expect("read and claimable");
     assert_eq!((basis.task_revision, basis.run_revision), (2, 10));
     assert_eq!(
@@ -116,7 +117,7 @@ fn a_listing_keeps_nothing_per_task_another_node_runs_but_what_the_watch_must_fi
         kv(&ns.run(&a), run.clone(), 3, 3),
         kv(&ns.run(&b), run.clone(), 6, 6),
     ];
-    let (mut cache, _) = cache.rebuild(&listing);
+    let (mut cache, _) = cache.rebuild(&listing, 0);
     assert!(!cache.entries.contains_key(&a), "another node runs a");
     assert_eq!(cache.view.group(&g).owned_by(&other), 2);
     assert_eq!(cache.view.group(&g).unowned, 0);
@@ -158,6 +159,28 @@ fn a_task_that_ends_under_another_node_leaves_nothing_unread() {
     assert_eq!(cache.view.group(&g).total(), 0);
 }
 
+/// The keys of `id` as read at `revision`: its task record (created at
+/// `task`, if any), another node's owner record (created at `owner`, if
+/// any), no run record.
+fn read_at(
+    ns: &Namespace,
+    id: &TaskId,
+    task: Option<Revision>,
+    owner: Option<Revision>,
+    revision: Revision,
+) -> TaskKeys {
+    let owner_value = encode(&OwnerRecord {
+        node: NodeName::new("other").unwrap(),
+        group: GroupName::default(),
+    });
+    TaskKeys {
+        task: task.map(|rev| kv(&ns.task(id), task_value("default"), rev, rev)),
+        owner: owner.map(|rev| kv(&ns.owner(id), owner_value.clone(), rev, rev)),
+        run: None,
+        revision,
+    }
+}
+
 #[test]
 fn a_read_back_never_undoes_what_the_watch_brought_since() {
     let ns = Namespace::new("t").unwrap();
@@ -166,26 +189,14 @@ fn a_read_back_never_undoes_what_the_watch_brought_since() {
     let other = NodeName::new("other").unwrap();
     let id = TaskId::new("a").unwrap();
     let task_kv = kv(&ns.task(&id), task_value("default"), 2, 2);
-    let owner_kv = kv(
-        &ns.owner(&id),
-        encode(&OwnerRecord {
-            node: other.clone(),
-            group: g.clone(),
-        }),
-        5,
-        5,
-    );
+    let claimed = read_at(&ns, &id, Some(2), Some(5), 6);
+    let owner_kv = claimed.owner.clone().unwrap();
     cache.apply_put(&task_kv);
     // This node's claim is in flight when another node's wins; the lost
     // claim's read-back (with that owner) arrives before the watch's put.
     cache.set_mine(&id, &g, 0);
     cache.clear_tentative(&id);
-    let claimed = TaskKeys {
-        task: Some(task_kv.clone()),
-        owner: Some(owner_kv.clone()),
-        run: None,
-    };
-    assert_eq!(cache.apply_read_back(&id, &claimed), []);
+    assert_eq!(cache.apply_read_back(&id, &claimed), Some(vec![]));
     assert!(!cache.entries.contains_key(&id));
     assert_eq!(cache.view.group(&g).unowned, 0);
     // The watch's put counts it, once.
@@ -193,27 +204,116 @@ fn a_read_back_never_undoes_what_the_watch_brought_since() {
     assert_eq!(cache.view.group(&g).owned_by(&other), 1);
     assert_eq!(cache.view.group(&g).total(), 1);
     // Its owner's lease expires: unread. A read older than that delete
-    // (it still saw the owner) must not take the task away again.
+    // (it still saw the owner) changes nothing, and says so.
     cache.apply_delete(&ns.owner(&id), 8, Some(&owner_kv));
     assert!(cache.is_unread(&id));
-    assert_eq!(cache.apply_read_back(&id, &claimed), []);
+    assert_eq!(cache.apply_read_back(&id, &claimed), None);
     assert!(cache.is_unread(&id));
     assert_eq!(cache.view.group(&g).unowned, 1);
-    // A read that saw a newer claim does.
-    let newer = TaskKeys {
-        owner: Some(kv(&ns.owner(&id), owner_kv.value.clone(), 9, 9)),
-        ..claimed.clone()
-    };
-    cache.apply_read_back(&id, &newer);
+    // A read that saw a newer claim takes it away; the watch counts it.
+    let newer = read_at(&ns, &id, Some(2), Some(9), 9);
+    assert_eq!(cache.apply_read_back(&id, &newer), Some(vec![]));
     assert!(!cache.entries.contains_key(&id));
     assert_eq!(cache.view.group(&g).total(), 0);
     // A read-back for a task no longer cached changes nothing.
-    let fresh = TaskKeys {
-        owner: None,
-        ..claimed
-    };
-    assert_eq!(cache.apply_read_back(&id, &fresh), []);
+    let unowned = read_at(&ns, &id, Some(2), None, 9);
+    assert_eq!(cache.apply_read_back(&id, &unowned), None);
     assert!(cache.entries.is_empty());
+}
+
+#[test]
+fn a_read_back_older_than_a_resubmission_or_a_listing_is_not_applied() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let id = TaskId::new("a").unwrap();
+    // The task is claimed elsewhere at 5, deleted at 8 and submitted again
+    // at 9, all seen by the watch before a read-back taken at 6 arrives: it
+    // shows the first incarnation's owner, or no task at all.
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 9, 9));
+    for stale in [
+        read_at(&ns, &id, Some(2), Some(5), 6),
+        read_at(&ns, &id, None, None, 6),
+    ] {
+        assert_eq!(cache.apply_read_back(&id, &stale), None);
+        assert_eq!(cache.claim_basis(&id).map(|b| b.task_revision), Some(9));
+        assert_eq!(cache.view.group(&g).unowned, 1);
+    }
+    // A listing through revision 20 holds the task unowned; a read-back
+    // taken before it (another node's claim, released since) is older.
+    let listing = [kv(&ns.task(&id), task_value("default"), 9, 9)];
+    let (mut cache, _) = cache.rebuild(&listing, 20);
+    assert_eq!(
+        cache.apply_read_back(&id, &read_at(&ns, &id, Some(9), Some(12), 15)),
+        None
+    );
+    assert_eq!(cache.view.group(&g).unowned, 1);
+    // One taken after it applies.
+    let later = read_at(&ns, &id, Some(9), Some(21), 22);
+    assert_eq!(cache.apply_read_back(&id, &later), Some(vec![]));
+    assert_eq!(cache.view.group(&g).unowned, 0);
+}
+
+#[test]
+fn a_read_back_keeps_a_newer_run_record() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let id = TaskId::new("a").unwrap();
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let run = |claims| {
+        encode(&RunRecord {
+            claims,
+            ..RunRecord::default()
+        })
+    };
+    cache.apply_put(&kv(&ns.run(&id), run(3), 2, 12));
+    // Read at 10: an older run record, then none at all.
+    let mut keys = read_at(&ns, &id, Some(2), None, 10);
+    keys.run = Some(kv(&ns.run(&id), run(2), 2, 8));
+    assert!(cache.apply_read_back(&id, &keys).is_some());
+    keys.run = None;
+    assert!(cache.apply_read_back(&id, &keys).is_some());
+    let basis = cache.claim_basis(&id).unwrap();
+    assert_eq!((basis.run_revision, basis.run.claims), (12, 3));
+}
+
+#[test]
+fn an_owner_record_gone_unseen_asks_for_a_listing_and_a_rewritten_one_counts_once() {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let g = GroupName::default();
+    let other = NodeName::new("other").unwrap();
+    let id = TaskId::new("a").unwrap();
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let mut owner_kv = read_at(&ns, &id, None, Some(5), 5).owner.unwrap();
+    cache.apply_put(&owner_kv);
+    // Rewritten (nothing does; garbage or a hand-made write): one count.
+    owner_kv.version = 2;
+    owner_kv.mod_revision = 6;
+    cache.apply_put(&owner_kv);
+    assert_eq!(cache.view.group(&g).owned_by(&other), 1);
+    // Its delete without the record it removed, or with garbage.
+    let garbage = KeyValue {
+        value: b"not json".to_vec(),
+        ..owner_kv.clone()
+    };
+    for previous in [None, Some(&garbage)] {
+        assert_eq!(
+            cache.apply_delete(&ns.owner(&id), 7, previous),
+            Change::OwnerGoneUnseen(id.clone())
+        );
+    }
+    // Not so when the task went first in the same revision (its end), nor
+    // for what a read-back found absent.
+    cache.apply_delete(&ns.task(&id), 8, None);
+    assert!(matches!(
+        cache.apply_delete(&ns.owner(&id), 8, None),
+        Change::OwnerChanged { freed: None, .. }
+    ));
+    assert!(matches!(
+        cache.apply_delete(&ns.owner(&id), 0, None),
+        Change::OwnerChanged { freed: None, .. }
+    ));
 }
 
 #[tokio::test]
@@ -243,7 +343,7 @@ async fn held_back_tasks_are_no_candidates_but_still_count_as_unowned() {
         .iter()
         .map(|(name, rev)| kv(&ns.task(&id(name)), task_value("default"), *rev, *rev))
         .collect();
-    let (mut cache, _) = cache.rebuild(&kvs);
+    let (mut cache, _) = cache.rebuild(&kvs, 0);
     assert_eq!(candidates(&cache), ["b"]);
     assert_eq!(cache.view.group(&g).unowned, 3);
     // An owner takes a held task out of the unowned count, and its
@@ -315,8 +415,9 @@ fn other_groups_are_counted_per_node_and_not_kept_per_task() {
         task: Some(read_back[0].clone()),
         owner: Some(read_back[1].clone()),
         run: None,
+        revision: 592,
     };
-    assert_eq!(cache.apply_read_back(&moved, &keys), []);
+    assert_eq!(cache.apply_read_back(&moved, &keys), None);
     assert!(cache.entries.is_empty());
     assert_eq!(cache.view.group(&elsewhere).owned_by(&other), 49);
     cache.apply_put(&read_back[1]);
@@ -341,7 +442,7 @@ fn other_groups_are_counted_per_node_and_not_kept_per_task() {
         kv(&ns.run(&late_mine), run.clone(), 700, 700),
         kv(&ns.run(&late_other), run.clone(), 701, 701),
     ];
-    let (mut fresh, _) = cache.rebuild(&listing);
+    let (mut fresh, _) = cache.rebuild(&listing, 0);
     assert_eq!(fresh.view.group(&elsewhere).owned_by(&other), 1);
     assert_eq!(
         fresh.entries.len(),
@@ -378,7 +479,7 @@ fn a_resync_keeps_unchanged_tasks_and_decodes_changed_ones() {
         listing[0].clone(),
         kv(&ns.task(&b), task_value("other"), 3, 7),
     ];
-    let (fresh, _) = cache.rebuild(&relisted);
+    let (fresh, _) = cache.rebuild(&relisted, 0);
     assert_eq!(fresh.task(&a).unwrap().revision, 2);
     let b_now = fresh.task(&b).unwrap();
     assert_eq!(b_now.revision, 7);

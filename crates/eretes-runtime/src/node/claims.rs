@@ -268,7 +268,9 @@ impl MainLoop {
                 // Bring the cache up to what the store said, so the next
                 // attempt (if any) starts from the truth instead of waiting
                 // for the watch to catch up.
-                for change in self.cache.apply_read_back(&id, &keys) {
+                let applied = self.cache.apply_read_back(&id, &keys);
+                let stale = applied.is_none();
+                for change in applied.into_iter().flatten() {
                     if !matches!(change, Change::TaskGone(_) | Change::OwnerChanged { .. }) {
                         self.on_change(change);
                     }
@@ -277,9 +279,10 @@ impl MainLoop {
                 // record is garbage the cache cannot read), or a read that
                 // left the task unread (it said nothing the cache could
                 // use): back off rather than spin. A task read and found
-                // claimable is claimed by the next pass.
+                // claimable is claimed by the next pass, and one whose read
+                // was older than what the cache knows is read again.
                 let spin = if read_only {
-                    self.cache.is_unread(&id)
+                    !stale && self.cache.is_unread(&id)
                 } else {
                     self.cache.claim_basis(&id).is_some()
                 };

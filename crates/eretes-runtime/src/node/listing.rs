@@ -14,6 +14,10 @@ use crate::stats::NodeStats;
 
 use super::{MainLoop, StopReason, Sync};
 
+/// How soon a node resyncs after an owner record went unseen
+/// ([`Change::OwnerGoneUnseen`]); also the most often it does so for them.
+const UNSEEN_OWNER_RESYNC: Duration = Duration::from_secs(1);
+
 impl MainLoop {
     pub(super) fn start_sync(&mut self) {
         self.sync_at = None;
@@ -39,7 +43,7 @@ impl MainLoop {
                 let owners_read = listing
                     .revision_of(&self.config.namespace.owners_prefix())
                     .unwrap_or_else(|| listing.last_revision());
-                let (cache, changes) = self.cache.rebuild(&kvs);
+                let (cache, changes) = self.cache.rebuild(&kvs, listing.last_revision());
                 drop(kvs);
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
@@ -181,6 +185,15 @@ impl MainLoop {
                 self.balance_soon();
             }
             Change::TaskCommand(task) => self.command_signals.ring(&task),
+            Change::OwnerGoneUnseen(task) => {
+                // Both stores send `prev_kv`; should one not, resync soon
+                // (at most once a second) rather than leave a freed task
+                // unclaimed until the periodic resync.
+                NodeStats::bump(&self.stats.malformed_skipped);
+                warn!(node = %self.config.name, %task, "an owner record went without the record it removed; resyncing soon");
+                let soon = Instant::now() + UNSEEN_OWNER_RESYNC;
+                self.next_resync = self.next_resync.min(soon);
+            }
             Change::Command {
                 key,
                 revision,
