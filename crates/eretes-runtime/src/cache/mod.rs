@@ -47,8 +47,13 @@ pub(crate) struct CachedTask {
     /// [`UNREAD`] until the node has read the task.
     pub revision: Revision,
     /// `create_revision`: claims go oldest first. For an unread task, the
-    /// `create_revision` of the owner record whose delete freed it (a read
-    /// that saw that record is older than the delete).
+    /// `create_revision` of the owner record whose delete freed it: later
+    /// than its task's, so it comes after the tasks that waited since
+    /// before that claim, until its read puts it in its place. (Ranking
+    /// unread tasks first instead put every task a node had read behind
+    /// every unread one: the node's reads went past its look-ahead, and
+    /// 10,000 orphans were read 4.5 times each.) A read that saw that owner
+    /// record is older than its delete.
     pub order: Revision,
 }
 
@@ -60,18 +65,6 @@ impl CachedTask {
     /// Whether the node must read the task's keys before it can claim it.
     pub fn is_unread(&self) -> bool {
         self.revision == UNREAD
-    }
-
-    /// Where the task stands among the candidates: by age, and an unread
-    /// task before all. Its read then puts it in its place, so that a task
-    /// that ran keeps its turn among those that wait, instead of waiting
-    /// behind every task submitted before it lost its owner.
-    fn rank(&self) -> Revision {
-        if self.is_unread() {
-            UNREAD
-        } else {
-            self.order
-        }
     }
 }
 
@@ -461,7 +454,7 @@ impl Cache {
             return None;
         }
         let group = task.group.clone();
-        Some((group, (task.rank(), spread_hash(id), id.clone())))
+        Some((group, (task.order, spread_hash(id), id.clone())))
     }
 
     /// Unowned tasks of `group` that are claim candidates (not held back),
@@ -854,7 +847,7 @@ impl Cache {
         };
         match (&entry.owner, &entry.task) {
             (Some(owner), _) => self.adjust_owned(&owner.group, &owner.node, false),
-            (None, Some(task)) => self.mark_unowned(&task.group, task.rank(), id, false),
+            (None, Some(task)) => self.mark_unowned(&task.group, task.order, id, false),
             (None, None) => {}
         }
         self.entries.shrink_if_sparse();
@@ -862,7 +855,7 @@ impl Cache {
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
         self.remove_task(&id);
-        let (group, order) = (task.group.clone(), task.rank());
+        let (group, order) = (task.group.clone(), task.order);
         let entry = self.entry(&id);
         entry.task = Some(task);
         if entry.owner.is_none() {
@@ -877,7 +870,7 @@ impl Cache {
         let owned = entry.owner.is_some();
         if let Some(old) = entry.task.take() {
             if !owned {
-                self.mark_unowned(&old.group, old.rank(), id, false);
+                self.mark_unowned(&old.group, old.order, id, false);
             }
         }
         self.forget_if_empty(id);
@@ -891,7 +884,7 @@ impl Cache {
         // owner appears or disappears.
         let moved = match &entry.task {
             Some(task) if previous.is_some() != current.is_some() => {
-                Some((task.group.clone(), task.rank()))
+                Some((task.group.clone(), task.order))
             }
             _ => None,
         };

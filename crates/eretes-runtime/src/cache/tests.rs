@@ -59,8 +59,8 @@ fn counts_follow_owners_and_tasks() {
     cache.clear_tentative(&TaskId::new("b").unwrap());
     assert_eq!(cache.view.group(&g).owned_by(&me), 0);
     // Its owner goes (the watch's delete, with the record it removed): the
-    // task is unowned again, unread, and the first candidate, so that its
-    // read puts it in its place.
+    // task is unowned again, unread, and ranks as if submitted when it was
+    // claimed, until its read puts it in its place.
     let d = TaskId::new("d").unwrap();
     cache.apply_put(&kv(&ns.task(&d), task_value("default"), 11, 11));
     cache.apply_delete(&ns.owner(&a), 12, Some(&owner_kv));
@@ -68,7 +68,7 @@ fn counts_follow_owners_and_tasks() {
     assert_eq!(cache.view.group(&g).owned_by(&other), 0);
     assert_eq!(
         cache.unowned(&g).map(|t| t.as_str()).collect::<Vec<_>>(),
-        ["a", "b", "c", "d"]
+        ["b", "c", "a", "d"]
     );
     assert!(cache.is_unread(&a) && cache.claim_basis(&a).is_none());
     // Read, it is claimable, in its place among the oldest.
