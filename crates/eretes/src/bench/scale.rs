@@ -105,6 +105,10 @@ async fn measure(
     let submitted = Instant::now();
     cluster.submit("scale", tasks).await?;
     let submit_s = submitted.elapsed().as_secs_f64();
+    // A node of the tasks' group with no slot, while every task waits: its
+    // view of a backlog (each task a claim candidate).
+    let heap_without = heap_in_use();
+    let backlog_node_heap = view_of_node_without_slots(&mut cluster, tasks, heap_without).await?;
     let rss_before = retained_bytes()?;
     let heap_before = heap_in_use();
     let owners = watch_owners(counting.as_ref(), &cluster).await?;
@@ -134,17 +138,9 @@ async fn measure(
     if let Some(observer) = cluster.nodes.remove("observer") {
         observer.shutdown().await;
     }
-    // One more node of the tasks' group, with no slot: its view of a group
-    // whose every task runs elsewhere.
+    // The same once every task runs elsewhere.
     let heap_without = heap_in_use();
-    cluster
-        .add_node_with("full", |config| config.slots = 0)
-        .await?;
-    tokio::time::sleep(OBSERVER_SETTLE).await;
-    let full_node_heap = heap_in_use().saturating_sub(heap_without) as f64 / tasks as f64;
-    if let Some(full) = cluster.nodes.remove("full") {
-        full.shutdown().await;
-    }
+    let full_node_heap = view_of_node_without_slots(&mut cluster, tasks, heap_without).await?;
     let steady_before = counting.counts();
     tokio::time::sleep(STEADY_WINDOW).await;
     let steady = counting.counts().since(&steady_before);
@@ -220,7 +216,7 @@ async fn measure(
          window; {view_bytes:.0} bytes of resident memory per task per node, and \
          {observer_bytes:.0} per task for one more node that serves none of them; \
          {full_node_heap:.0} bytes of heap per task for one more node of their group without a \
-         slot. {} nodes killed: \
+         slot ({backlog_node_heap:.0} while they all waited). {} nodes killed: \
          their {orphans} tasks ran elsewhere after {:.2} s (their leases expired after {:.2} s); rejoined and balanced after {:.2} s \
          with {moves} moves (minimum {minimum}), spread {spread_after}",
         all_run.as_secs_f64(),
@@ -252,6 +248,7 @@ async fn measure(
         .round(),
         "other_group_node_heap_bytes_per_task": observer_heap.round(),
         "same_group_node_without_slots_heap_bytes_per_task": full_node_heap.round(),
+        "same_group_node_without_slots_backlog_heap_bytes_per_task": backlog_node_heap.round(),
         "task_reads": task_reads,
         "killed": victims.len(),
         "orphans": orphans,
@@ -359,6 +356,25 @@ fn retained_bytes() -> Result<u64> {
 }
 
 /// Re-lists after a broken or compacted watch, over the cluster's live nodes.
+/// The heap per task of one more node of the tasks' group that has no slot
+/// (so it claims nothing and moves nothing): its view of the group, read
+/// against `heap_without`, the heap before it started.
+async fn view_of_node_without_slots(
+    cluster: &mut Cluster,
+    tasks: usize,
+    heap_without: u64,
+) -> Result<f64> {
+    cluster
+        .add_node_with("no-slot", |config| config.slots = 0)
+        .await?;
+    tokio::time::sleep(OBSERVER_SETTLE).await;
+    let per_task = heap_in_use().saturating_sub(heap_without) as f64 / tasks as f64;
+    if let Some(node) = cluster.nodes.remove("no-slot") {
+        node.shutdown().await;
+    }
+    Ok(per_task)
+}
+
 fn relists(cluster: &Cluster) -> u64 {
     cluster
         .nodes
