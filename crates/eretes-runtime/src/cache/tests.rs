@@ -26,6 +26,15 @@ fn task_value(group: &str) -> Vec<u8> {
     })
 }
 
+/// Node `me`'s cache holding one task, `a`, submitted at revision 2.
+fn cache_with_task_a() -> (Namespace, Cache, TaskId) {
+    let ns = Namespace::new("t").unwrap();
+    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let id = TaskId::new("a").unwrap();
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    (ns, cache, id)
+}
+
 #[test]
 fn counts_follow_owners_and_tasks() {
     let ns = Namespace::new("t").unwrap();
@@ -140,12 +149,9 @@ fn a_listing_keeps_nothing_per_task_another_node_runs_but_what_the_watch_must_fi
 
 #[test]
 fn a_task_that_ends_under_another_node_leaves_nothing_unread() {
-    let ns = Namespace::new("t").unwrap();
-    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let (ns, mut cache, id) = cache_with_task_a();
     let g = GroupName::default();
     let other = NodeName::new("other").unwrap();
-    let id = TaskId::new("a").unwrap();
-    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
     let owner = encode(&OwnerRecord {
         node: other.clone(),
         group: g.clone(),
@@ -256,10 +262,7 @@ fn a_read_back_older_than_a_resubmission_or_a_listing_is_not_applied() {
 
 #[test]
 fn a_read_back_keeps_a_newer_run_record() {
-    let ns = Namespace::new("t").unwrap();
-    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
-    let id = TaskId::new("a").unwrap();
-    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let (ns, mut cache, id) = cache_with_task_a();
     let run = |claims| {
         encode(&RunRecord {
             claims,
@@ -279,12 +282,9 @@ fn a_read_back_keeps_a_newer_run_record() {
 
 #[test]
 fn an_owner_record_gone_unseen_asks_for_a_listing_and_a_rewritten_one_counts_once() {
-    let ns = Namespace::new("t").unwrap();
-    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
+    let (ns, mut cache, id) = cache_with_task_a();
     let g = GroupName::default();
     let other = NodeName::new("other").unwrap();
-    let id = TaskId::new("a").unwrap();
-    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
     let mut owner_kv = read_at(&ns, &id, None, Some(5), 5).owner.unwrap();
     cache.apply_put(&owner_kv);
     // Rewritten (nothing does; garbage or a hand-made write): one count.
@@ -527,10 +527,7 @@ fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
 
 #[test]
 fn a_claim_starts_from_the_run_records_counts() {
-    let ns = Namespace::new("t").unwrap();
-    let mut cache = Cache::new(ns.clone(), NodeName::new("me").unwrap(), &served());
-    let id = TaskId::new("a").unwrap();
-    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 2, 2));
+    let (ns, mut cache, id) = cache_with_task_a();
     let fresh = cache.claim_basis(&id).expect("claimable");
     assert_eq!((fresh.run_revision, fresh.run), (0, RunRecord::default()));
     for (open, revision) in [(true, 9), (false, 11)] {
