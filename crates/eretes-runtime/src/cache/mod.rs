@@ -296,22 +296,22 @@ impl Cache {
                 change
             }
             Ok(KeyKind::Owner(id)) => {
+                let record = match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
+                    Ok(record) => record,
+                    Err(e) => return Change::Malformed(e.to_string()),
+                };
                 let listed = self.entries.contains_key(&id);
-                if !listed {
+                if !listed && self.serves.contains(&record.group) {
                     // A task submitted after tasks were read, and claimed
                     // before owners were: the watch brings its put, which
                     // must find it owned. Kept with its owner record, as
                     // the node's own are, until that record goes.
-                    if let Ok(record) = decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                        if self.serves.contains(&record.group) {
-                            return self.keep_owner(id, record, kv);
-                        }
-                    }
+                    return self.keep_owner(id, record, kv);
                 }
                 // Tasks are listed before owners: another node's owner
                 // record takes a listed task out of the cache, and its run
                 // record is then skipped too.
-                let change = self.apply_put(kv);
+                let change = self.put_owner(id.clone(), record, kv);
                 if listed && !self.entries.contains_key(&id) {
                     self.skipped_in_listing.insert(id);
                 }
@@ -580,34 +580,7 @@ impl Cache {
                 }
             },
             KeyKind::Owner(id) => match decode::<OwnerRecord>("owner", &kv.key, &kv.value) {
-                Ok(record) if record.node != self.me => {
-                    // Another node's claim: counted, not kept. The task, if
-                    // cached (unowned, or claimed by this node in vain),
-                    // leaves the cache. An owner record is created, never
-                    // rewritten; should one be, the count stays as it was
-                    // (the same owner, most likely).
-                    let cached = self.entries.contains_key(&id);
-                    self.forget_taken(&id);
-                    let group = self.shared_group(record.group);
-                    let node = self.shared_node(record.node);
-                    // A cached task's count went with it: count it again.
-                    if kv.version == 1 || cached {
-                        self.adjust_owned(&group, &node, true);
-                    }
-                    if !cached {
-                        return Change::None;
-                    }
-                    Change::OwnerChanged {
-                        task: id,
-                        owner: Some(CachedOwner {
-                            node,
-                            group,
-                            epoch: kv.create_revision,
-                        }),
-                        freed: None,
-                    }
-                }
-                Ok(record) => self.keep_owner(id, record, kv),
+                Ok(record) => self.put_owner(id, record, kv),
                 Err(e) => Change::Malformed(e.to_string()),
             },
             // A run record is written by claims and run ends, after its
@@ -819,6 +792,37 @@ impl Cache {
             .is_some_and(|o| o.epoch == 0 && o.node == self.me)
         {
             self.set_owner(id, None);
+        }
+    }
+
+    /// Apply the owner record `record` of `id`, put as `kv`: this node's is
+    /// kept; another node's is counted, not kept, and the task, if cached
+    /// (unowned, or claimed by this node in vain), leaves the cache. An
+    /// owner record is created, never rewritten; should one be, the count
+    /// stays as it was (the same owner, most likely).
+    fn put_owner(&mut self, id: TaskId, record: OwnerRecord, kv: &KeyValue) -> Change {
+        if record.node == self.me {
+            return self.keep_owner(id, record, kv);
+        }
+        let cached = self.entries.contains_key(&id);
+        self.forget_taken(&id);
+        let group = self.shared_group(record.group);
+        let node = self.shared_node(record.node);
+        // A cached task's count went with it: count it again.
+        if kv.version == 1 || cached {
+            self.adjust_owned(&group, &node, true);
+        }
+        if !cached {
+            return Change::None;
+        }
+        Change::OwnerChanged {
+            task: id,
+            owner: Some(CachedOwner {
+                node,
+                group,
+                epoch: kv.create_revision,
+            }),
+            freed: None,
         }
     }
 

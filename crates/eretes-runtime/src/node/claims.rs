@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use eretes_protocol::{ClaimBasis, ClaimOutcome, GroupName, RunEnd, TaskId};
+use eretes_protocol::{ClaimBasis, ClaimOutcome, GroupName, ProtocolError, RunEnd, TaskId};
 use eretes_store::LeaseId;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -153,18 +153,8 @@ impl MainLoop {
         self.claims.push(off_loop(async move {
             let sent = Instant::now();
             let outcomes = coordinator.claim_batch(&node, lease, &batch).await;
-            let took = sent.elapsed();
-            let results = batch
-                .into_iter()
-                .zip(outcomes)
-                .map(|((id, _), outcome)| ClaimResult {
-                    id,
-                    group: group.clone(),
-                    outcome,
-                    read_only: false,
-                })
-                .collect();
-            (took, results)
+            let ids = batch.into_iter().map(|(id, _)| id);
+            (sent.elapsed(), claim_results(&group, ids, outcomes, false))
         }));
     }
 
@@ -177,26 +167,14 @@ impl MainLoop {
         let coordinator = self.coordinator.clone();
         self.claims.push(off_loop(async move {
             let sent = Instant::now();
-            let answers = coordinator.read_task_keys(&ids).await;
-            let took = sent.elapsed();
-            let results = match answers {
-                Ok(keys) => ids
+            let outcomes = match coordinator.read_task_keys(&ids).await {
+                Ok(read) => read
                     .into_iter()
-                    .zip(keys)
-                    .map(|(id, keys)| (id, Ok(ClaimOutcome::Lost(keys))))
-                    .collect::<Vec<_>>(),
-                Err(error) => ids.into_iter().map(|id| (id, Err(error.clone()))).collect(),
+                    .map(|keys| Ok(ClaimOutcome::Lost(keys)))
+                    .collect(),
+                Err(error) => vec![Err(error); ids.len()],
             };
-            let results = results
-                .into_iter()
-                .map(|(id, outcome)| ClaimResult {
-                    id,
-                    group: group.clone(),
-                    outcome,
-                    read_only: true,
-                })
-                .collect();
-            (took, results)
+            (sent.elapsed(), claim_results(&group, ids, outcomes, true))
         }));
     }
 
@@ -344,4 +322,22 @@ impl MainLoop {
             self.stop_task(&id, StopReason::Release);
         }
     }
+}
+
+/// One [`ClaimResult`] per task of `group`, from its outcome.
+fn claim_results(
+    group: &GroupName,
+    ids: impl IntoIterator<Item = TaskId>,
+    outcomes: Vec<Result<ClaimOutcome, ProtocolError>>,
+    read_only: bool,
+) -> Vec<ClaimResult> {
+    ids.into_iter()
+        .zip(outcomes)
+        .map(|(id, outcome)| ClaimResult {
+            id,
+            group: group.clone(),
+            outcome,
+            read_only,
+        })
+        .collect()
 }
