@@ -1,7 +1,8 @@
 //! The cache's unit tests: what each key change does to the view.
 
 use super::*;
-use eretes_protocol::{encode, TaskRecord, TaskSpec};
+use eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
+use eretes_protocol::{encode, TaskKeys, TaskRecord, TaskSpec};
 
 fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
     KeyValue {
