@@ -41,6 +41,22 @@ impl MainLoop {
         }
     }
 
+    /// Apply every lease event the keepalive has already sent: the biased
+    /// main loop looks at its timers before its channels, and a renewal
+    /// that came in while the loop was busy must count before the deadline
+    /// it moves is judged.
+    pub(super) fn apply_waiting_renewals(&mut self) {
+        while let Some(lease) = &mut self.lease {
+            match lease.events.try_recv() {
+                Ok(event) => self.on_lease_event(Some(event)),
+                Err(tokio::sync::mpsc::error::TryRecvError::Empty) => return,
+                Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => {
+                    return self.on_lease_event(None)
+                }
+            }
+        }
+    }
+
     /// Self-fencing: stop every handler and drop every claim before the lease
     /// can expire at the store, then register again.
     pub(super) fn fence(&mut self, why: &str) {

@@ -574,6 +574,12 @@ impl MainLoop {
     fn on_timers(&mut self) {
         let now = Instant::now();
         if self.lease.as_ref().is_some_and(|l| l.fence_at <= now) {
+            // A busy loop may wake past the deadline with a renewal already
+            // waiting in the channel (the keepalive runs as its own task):
+            // that renewal moves the deadline, so it is applied first.
+            self.apply_waiting_renewals();
+        }
+        if self.lease.as_ref().is_some_and(|l| l.fence_at <= now) {
             self.fence("lease could not be renewed in time");
         }
         if self.fence_abort_at.is_some_and(|at| at <= now) {
