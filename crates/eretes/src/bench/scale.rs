@@ -15,7 +15,10 @@
 //! what one more node that serves another group costs per task (its view of
 //! tasks it will never run); and what one more node of the tasks' own group
 //! costs per task when it has no room to run any (`--slots 0`): its view of
-//! the group, without a handler.
+//! the group, without a handler; and how often the nodes fenced. A run in
+//! which a task was parked (taken over past the takeover limit, after fences
+//! on an overloaded machine) fails at once, naming the fences, since the
+//! task will never run again.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -23,14 +26,14 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use eretes_protocol::{decode, GroupName, OwnerRecord};
-use eretes_runtime::NodeStats;
+use eretes_runtime::{NodeHandle, NodeStats};
 use eretes_store::counting::{CountingStore, RequestCounts};
 use eretes_store::{DeleteRequest, EventKind, KeyRange, Store, StoreExt};
 use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{nodes, wait_until, BenchArgs};
+use super::{nodes, BenchArgs};
 use crate::cluster::{Cluster, Work};
 
 /// The nodes' lease TTL unless `--lease-ttl-ms` gives one.
@@ -117,11 +120,16 @@ async fn measure(
     let started = Instant::now();
     let counts_before = counting.counts();
     super::add_nodes(&mut cluster, node_count).await?;
-    wait_until("every task runs", || lock(&owners).owner.len() == tasks).await?;
+    let mut killed_nodes = KilledNodes::default();
+    wait_for("every task runs", &cluster, &killed_nodes, || {
+        lock(&owners).owner.len() == tasks
+    })
+    .await?;
     let all_run = started.elapsed();
     let relists_claiming = relists(&cluster);
     let claiming = counting.counts().since(&counts_before);
-    let balanced = wait_balanced(&owners, node_count as usize, super::LIMIT).await? - started;
+    let balanced =
+        wait_balanced(&owners, node_count as usize, &cluster, &killed_nodes).await? - started;
     let spread_first = spread(&owners, node_count as usize);
     let rss_running = retained_bytes()?;
     let heap_running = heap_in_use();
@@ -163,17 +171,23 @@ async fn measure(
     let killed = Instant::now();
     for victim in &victims {
         if let Some(node) = cluster.nodes.remove(victim) {
+            killed_nodes.count(&node);
             node.kill();
         }
     }
-    wait_until("every orphan runs on a survivor", || {
-        let owners = lock(&owners);
-        owners.owner.len() == tasks
-            && owners
-                .owner
-                .values()
-                .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
-    })
+    wait_for(
+        "every orphan runs on a survivor",
+        &cluster,
+        &killed_nodes,
+        || {
+            let owners = lock(&owners);
+            owners.owner.len() == tasks
+                && owners
+                    .owner
+                    .values()
+                    .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
+        },
+    )
     .await?;
     let recovered = killed.elapsed();
     // Recovery is the lease's expiry, which depends on where in its
@@ -187,7 +201,8 @@ async fn measure(
     for victim in &victims {
         cluster.add_node(victim).await?;
     }
-    let rebalanced = wait_balanced(&owners, node_count as usize, super::LIMIT).await? - killed;
+    let rebalanced =
+        wait_balanced(&owners, node_count as usize, &cluster, &killed_nodes).await? - killed;
     let spread_after = spread(&owners, node_count as usize);
     let moves = lock(&owners).claims - claims_before;
     let relists_total = relists(&cluster);
@@ -199,6 +214,7 @@ async fn measure(
         .map(|node| NodeStats::get(&node.stats().task_reads))
         .sum();
     let minimum = orphans + victims.len() * (tasks / node_count as usize);
+    let (fences, _) = fences_and_parked(&cluster, &killed_nodes);
     cluster.shutdown().await;
 
     let per_node = |counts: &RequestCounts, seconds: f64| {
@@ -218,7 +234,7 @@ async fn measure(
          {full_node_heap:.0} bytes of heap per task for one more node of their group without a \
          slot ({backlog_node_heap:.0} while they all waited). {} nodes killed: \
          their {orphans} tasks ran elsewhere after {:.2} s (their leases expired after {:.2} s); rejoined and balanced after {:.2} s \
-         with {moves} moves (minimum {minimum}), spread {spread_after}",
+         with {moves} moves (minimum {minimum}), spread {spread_after}; {fences} fences",
         all_run.as_secs_f64(),
         balanced.as_secs_f64(),
         claiming_per_node,
@@ -261,6 +277,7 @@ async fn measure(
         "spread_after": spread_after,
         "relists_while_claiming": relists_claiming,
         "relists": relists_total,
+        "fences": fences,
     }))
 }
 
@@ -299,10 +316,79 @@ async fn watch_owners(store: &dyn Store, cluster: &Cluster) -> Result<Arc<Mutex<
     Ok(owners)
 }
 
-/// When ownership last changed, once it has not changed for [`QUIET`].
-async fn wait_balanced(owners: &Mutex<Owners>, nodes: usize, limit: Duration) -> Result<Instant> {
+/// Counters of the nodes the run killed, kept past their handles.
+#[derive(Default)]
+struct KilledNodes {
+    fences: u64,
+    parked: u64,
+}
+
+impl KilledNodes {
+    fn count(&mut self, node: &NodeHandle) {
+        let stats = node.stats().snapshot();
+        self.fences += stats.fences;
+        self.parked += stats.parked;
+    }
+}
+
+/// Fences and parked tasks over every node of the run, killed ones included.
+fn fences_and_parked(cluster: &Cluster, killed: &KilledNodes) -> (u64, u64) {
+    cluster
+        .nodes
+        .values()
+        .fold((killed.fences, killed.parked), |(fences, parked), node| {
+            let stats = node.stats().snapshot();
+            (fences + stats.fences, parked + stats.parked)
+        })
+}
+
+/// Fail at once when a task was parked: it will never run again, so a wait
+/// for every task to run would last the whole limit and then say nothing of
+/// why.
+fn no_task_parked(cluster: &Cluster, killed: &KilledNodes) -> Result<()> {
+    let (fences, parked) = fences_and_parked(cluster, killed);
+    if parked > 0 {
+        bail!(
+            "{parked} tasks were parked as failed (taken over more often than the takeover \
+             limit allows) and will never run: the nodes fenced {fences} times, and each fence \
+             leaves the node's tasks to be taken over. The process could not renew the nodes' \
+             leases in time; try a longer --lease-ttl-ms or fewer nodes"
+        );
+    }
+    Ok(())
+}
+
+/// Poll `done` every 10 ms until it holds; fail naming `what` after
+/// [`super::LIMIT`], or as soon as a task is parked.
+async fn wait_for(
+    what: &str,
+    cluster: &Cluster,
+    killed: &KilledNodes,
+    mut done: impl FnMut() -> bool,
+) -> Result<()> {
+    let deadline = Instant::now() + super::LIMIT;
+    while !done() {
+        no_task_parked(cluster, killed)?;
+        if Instant::now() > deadline {
+            bail!("timed out after {:?} waiting until {what}", super::LIMIT);
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(())
+}
+
+/// When ownership last changed, once it has not changed for [`QUIET`] (fail
+/// after [`super::LIMIT`], or as soon as a task is parked).
+async fn wait_balanced(
+    owners: &Mutex<Owners>,
+    nodes: usize,
+    cluster: &Cluster,
+    killed: &KilledNodes,
+) -> Result<Instant> {
+    let limit = super::LIMIT;
     let deadline = Instant::now() + limit;
     loop {
+        no_task_parked(cluster, killed)?;
         let last = lock(owners)
             .last_change
             .context("no ownership change was seen")?;
