@@ -54,6 +54,16 @@ pub struct NodeConfig {
     pub release_ignore: Duration,
     /// Takeovers after which a task is parked as failed. Default 5.
     pub takeover_limit: u32,
+    /// Where the lease keepalive runs. Default `None`: on the node's own
+    /// runtime, as a task of its own. A handle to another runtime (a thread
+    /// of its own) keeps renewals on time when the node's runtime is
+    /// saturated: many nodes in one process, or handlers that hog their
+    /// worker threads. It protects the whole renewal only with a store
+    /// whose client does its I/O in the calling task (the embedded store);
+    /// etcd's client sends through a connection task on the runtime that
+    /// created it. Under paused tokio time it must stay `None`: another
+    /// runtime's clock is not paused.
+    pub keepalive_runtime: Option<tokio::runtime::Handle>,
 }
 
 impl NodeConfig {
@@ -79,6 +89,7 @@ impl NodeConfig {
             claim_batch: MAX_CLAIM_BATCH,
             release_ignore: Duration::from_secs(5),
             takeover_limit: DEFAULT_TAKEOVER_LIMIT,
+            keepalive_runtime: None,
         }
     }
 

@@ -426,12 +426,16 @@ impl MainLoop {
 
     fn start_lease(&mut self, id: LeaseId) {
         let (tx, events) = mpsc::unbounded_channel();
-        let keepalive = tokio::spawn(keep_alive(
+        let renewing = keep_alive(
             self.coordinator.store().clone(),
             id,
             self.config.keepalive_interval,
             tx,
-        ));
+        );
+        let keepalive = match &self.config.keepalive_runtime {
+            Some(runtime) => runtime.spawn(renewing),
+            None => tokio::spawn(renewing),
+        };
         // The lease was granted (or last renewed) no earlier than now minus the
         // grant's round trip; counting from now would be optimistic by that
         // much, which the margin covers.
