@@ -1,7 +1,7 @@
 //! An in-process cluster on one store, shared by the demo and the benchmarks.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{Context, Result};
@@ -73,6 +73,31 @@ pub struct Cluster {
     pub rebalance: bool,
 }
 
+/// The runtime every in-process node's lease keepalive runs on: one thread
+/// of its own for the process. The nodes stand for machines that each have
+/// their own CPU; sharing one process's workers, a hundred nodes' listings
+/// and claims would hold their renewals back past the fence deadline, and
+/// the fences (each one freeing a node's tasks for takeovers) would measure
+/// the simulation rather than the protocol.
+fn keepalive_runtime() -> Result<tokio::runtime::Handle> {
+    static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
+    if let Some(runtime) = RUNTIME.get() {
+        return Ok(runtime.handle().clone());
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .thread_name("eretes-keepalive")
+        .enable_all()
+        .build()
+        .context("starting the nodes' keepalive thread")?;
+    // Two nodes starting at once may both build one; the loser's is dropped
+    // off the async context, on a thread of its own.
+    if let Err(spare) = RUNTIME.set(runtime) {
+        std::thread::spawn(move || drop(spare));
+    }
+    Ok(RUNTIME.get().expect("set above").handle().clone())
+}
+
 /// How many tasks a cluster node claims at once, at most.
 pub const CLAIMS_IN_FLIGHT: usize = 64;
 
@@ -124,6 +149,7 @@ impl Cluster {
         configure: impl FnOnce(&mut NodeConfig),
     ) -> Result<()> {
         let mut config = quick_node_config(NodeName::new(name)?, self.ns.clone(), self.lease_ttl);
+        config.keepalive_runtime = Some(keepalive_runtime()?);
         configure(&mut config);
         let balancer: Box<dyn Balancer> = if self.rebalance {
             Box::new(FairBalancer::default())
