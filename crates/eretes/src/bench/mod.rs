@@ -169,7 +169,16 @@ fn bench_cluster(work: Work) -> Result<(Arc<EmbeddedStore>, Cluster)> {
 
 /// Start `count` nodes in `cluster`.
 async fn add_nodes(cluster: &mut Cluster, count: u16) -> Result<()> {
-    for name in nodes(count) {
+    let started = Instant::now();
+    let mut next_progress = started + Duration::from_secs(10);
+    for (done, name) in nodes(count).into_iter().enumerate() {
+        if Instant::now() > next_progress {
+            next_progress += Duration::from_secs(10);
+            eprintln!(
+                "starting nodes after {:.0} s: {done} of {count} started",
+                started.elapsed().as_secs_f64()
+            );
+        }
         cluster.add_node(&name).await?;
     }
     Ok(())

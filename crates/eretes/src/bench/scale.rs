@@ -45,6 +45,9 @@ const QUIET: Duration = Duration::from_secs(3);
 /// How long the observer node gets to load its view before memory is read.
 const OBSERVER_SETTLE: Duration = Duration::from_secs(3);
 
+/// How often a long wait says how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// The quiet window whose store requests are counted.
 const STEADY_WINDOW: Duration = Duration::from_secs(10);
 
@@ -121,9 +124,19 @@ async fn measure(
     let counts_before = counting.counts();
     super::add_nodes(&mut cluster, node_count).await?;
     let mut killed_nodes = KilledNodes::default();
-    wait_for("every task runs", &cluster, &killed_nodes, || {
-        lock(&owners).owner.len() == tasks
-    })
+    let owned = || {
+        format!(
+            "{} of {tasks} tasks have an owner",
+            lock(&owners).owner.len()
+        )
+    };
+    wait_for(
+        "every task runs",
+        &cluster,
+        &killed_nodes,
+        || lock(&owners).owner.len() == tasks,
+        owned,
+    )
     .await?;
     let all_run = started.elapsed();
     let relists_claiming = relists(&cluster);
@@ -187,6 +200,7 @@ async fn measure(
                     .values()
                     .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
         },
+        owned,
     )
     .await?;
     let recovered = killed.elapsed();
@@ -358,19 +372,32 @@ fn no_task_parked(cluster: &Cluster, killed: &KilledNodes) -> Result<()> {
     Ok(())
 }
 
-/// Poll `done` every 10 ms until it holds; fail naming `what` after
+/// Poll `done` every 10 ms until it holds, saying on stderr every
+/// [`PROGRESS_EVERY`] how far it got (`progress`); fail naming `what` after
 /// [`super::LIMIT`], or as soon as a task is parked.
 async fn wait_for(
     what: &str,
     cluster: &Cluster,
     killed: &KilledNodes,
     mut done: impl FnMut() -> bool,
+    progress: impl Fn() -> String,
 ) -> Result<()> {
-    let deadline = Instant::now() + super::LIMIT;
+    let started = Instant::now();
+    let deadline = started + super::LIMIT;
+    let mut next_progress = started + PROGRESS_EVERY;
     while !done() {
         no_task_parked(cluster, killed)?;
         if Instant::now() > deadline {
             bail!("timed out after {:?} waiting until {what}", super::LIMIT);
+        }
+        if Instant::now() > next_progress {
+            next_progress += PROGRESS_EVERY;
+            let (fences, _) = fences_and_parked(cluster, killed);
+            eprintln!(
+                "still waiting until {what} after {:.0} s: {}, {fences} fences so far",
+                started.elapsed().as_secs_f64(),
+                progress()
+            );
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -386,7 +413,9 @@ async fn wait_balanced(
     killed: &KilledNodes,
 ) -> Result<Instant> {
     let limit = super::LIMIT;
-    let deadline = Instant::now() + limit;
+    let started = Instant::now();
+    let deadline = started + limit;
+    let mut next_progress = started + PROGRESS_EVERY;
     loop {
         no_task_parked(cluster, killed)?;
         let last = lock(owners)
@@ -401,6 +430,16 @@ async fn wait_balanced(
         }
         if Instant::now() > deadline {
             bail!("not balanced after {limit:?}: spread {spread}");
+        }
+        if Instant::now() > next_progress {
+            next_progress += PROGRESS_EVERY;
+            let (fences, _) = fences_and_parked(cluster, killed);
+            let claims = lock(owners).claims;
+            eprintln!(
+                "still waiting until balanced after {:.0} s: spread {spread}, {claims} claims \
+                 and {fences} fences so far",
+                started.elapsed().as_secs_f64()
+            );
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
