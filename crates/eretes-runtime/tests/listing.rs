@@ -164,3 +164,48 @@ async fn listings_that_span_writes_keep_the_cache_exact() {
     assert_eq!(cluster.observer.overlaps(), 0);
     assert_eq!(spread(&cluster.observer, &["a", "b"]), 0);
 }
+
+/// Listings over `window` of a node whose store answers every read after
+/// `read_latency`, once it runs 10 tasks.
+async fn listings_with_read_latency(read_latency: Duration, window: Duration) -> u64 {
+    let inner = EmbeddedStore::new();
+    let faulty = FaultyStore::new(inner.clone());
+    let mut cluster = Cluster::new(inner.clone());
+    cluster.submit_idle(10).await;
+    faulty.set_read_latency(read_latency);
+    let config = cluster.config("a");
+    cluster
+        .start_with(faulty.clone(), config, Box::new(FairBalancer::default()))
+        .await;
+    eventually("the 10 tasks run", Duration::from_secs(60), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+    let stats = cluster.node("a").stats().clone();
+    let before = eretes_runtime::NodeStats::get(&stats.listings);
+    tokio::time::sleep(window).await;
+    assert_eq!(cluster.observer.running_tasks(), 10, "nothing stopped");
+    eretes_runtime::NodeStats::get(&stats.listings) - before
+}
+
+/// The periodic resync (default every 30 s) re-reads everything a node
+/// keeps. When a sync takes long (a slow store here; many tasks, or a busy
+/// machine, elsewhere), the next one comes at least 100 times that later,
+/// at most 10 intervals: the safety net stays a small share of the work.
+#[tokio::test(start_paused = true)]
+async fn slow_listings_space_the_periodic_resyncs() {
+    let window = Duration::from_secs(600);
+    // Quick reads: one resync every 30 s.
+    let quick = listings_with_read_latency(Duration::ZERO, window).await;
+    assert!(
+        (18..=21).contains(&quick),
+        "{quick} listings in 600 s with quick reads"
+    );
+    // Each listing takes at least six reads of 1 s: resyncs every 300 s,
+    // the most they are stretched to.
+    let slow = listings_with_read_latency(Duration::from_secs(1), window).await;
+    assert!(
+        (1..=3).contains(&slow),
+        "{slow} listings in 600 s with listings of 6 s or more"
+    );
+}

@@ -18,6 +18,15 @@ use super::{MainLoop, StopReason, Sync};
 /// ([`Change::OwnerGoneUnseen`]); also the most often it does so for them.
 const UNSEEN_OWNER_RESYNC: Duration = Duration::from_secs(1);
 
+/// A periodic resync comes at least this many times what the last sync
+/// took after it: the safety net costs at most about 1 % of the node's time
+/// (and of its share of the store's).
+const RESYNC_COST_SHARE: u32 = 100;
+
+/// However long syncs take, a periodic resync comes within this many
+/// `resync_interval`s (5 minutes with the default 30 s).
+const RESYNC_STRETCH_MAX: u32 = 10;
+
 impl MainLoop {
     pub(super) fn start_sync(&mut self) {
         self.sync_at = None;
@@ -26,6 +35,7 @@ impl MainLoop {
         }
         let coordinator = self.coordinator.clone();
         let me = self.config.name.clone();
+        self.sync_started = Some(Instant::now());
         self.syncing = Some(Box::pin(async move {
             let listing = coordinator.list_for_node(&me).await?;
             let watch = coordinator
@@ -33,6 +43,25 @@ impl MainLoop {
                 .await?;
             Ok(Sync { listing, watch })
         }));
+    }
+
+    /// Put the next periodic resync at least [`RESYNC_COST_SHARE`] times
+    /// what the sync just done took (from its start to its rebuild, waits
+    /// for the store and for a busy runtime included), at most
+    /// [`RESYNC_STRETCH_MAX`] resync intervals away. A resync reads and
+    /// rebuilds everything the node keeps: with many tasks, many nodes or
+    /// a slow store, a fixed interval makes that safety net the node's (and
+    /// the store's) main work.
+    fn space_resyncs(&mut self) {
+        let Some(started) = self.sync_started.take() else {
+            return;
+        };
+        let now = Instant::now();
+        let took = now - started;
+        let spaced = (took * RESYNC_COST_SHARE)
+            .min(self.config.resync_interval * RESYNC_STRETCH_MAX)
+            .max(self.config.resync_interval);
+        self.next_resync = self.next_resync.max(now + spaced);
     }
 
     pub(super) fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
@@ -45,6 +74,7 @@ impl MainLoop {
                     .unwrap_or_else(|| listing.last_revision());
                 let (cache, changes) = self.cache.rebuild(&kvs, listing.last_revision());
                 drop(kvs);
+                self.space_resyncs();
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
                 if membership_changed {
