@@ -18,17 +18,14 @@ use eretes_store::{PutRequest, Store, StoreExt};
 use serde_json::json;
 
 /// Submit 10 idle tasks and start node `a`, whose requests go through
-/// `counting`; return once it runs all 10.
-async fn run_ten_tasks_on_a_counted_node(
-    cluster: &mut Cluster,
-    counting: &Arc<CountingStore<Arc<EmbeddedStore>>>,
-) {
+/// `store`; return once it runs all 10 (within `limit`).
+async fn run_ten_tasks_on_node_a(cluster: &mut Cluster, store: Arc<dyn Store>, limit: Duration) {
     cluster.submit_idle(10).await;
     let config = cluster.config("a");
     cluster
-        .start_with(counting.clone(), config, Box::new(FairBalancer::default()))
+        .start_with(store, config, Box::new(FairBalancer::default()))
         .await;
-    eventually("the 10 tasks run", Duration::from_secs(5), || {
+    eventually("the 10 tasks run", limit, || {
         cluster.observer.running_tasks() == 10
     })
     .await;
@@ -47,7 +44,7 @@ async fn a_resync_reads_only_the_kinds_a_node_keeps() {
             inner.put(PutRequest::new(key, "{}")).await.unwrap();
         }
     }
-    run_ten_tasks_on_a_counted_node(&mut cluster, &counting).await;
+    run_ten_tasks_on_node_a(&mut cluster, counting.clone(), Duration::from_secs(5)).await;
     let before = counting.counts();
     // One periodic resync (every 30 s).
     tokio::time::sleep(Duration::from_secs(31)).await;
@@ -73,7 +70,7 @@ async fn checkpoints_and_graph_keys_never_reach_a_nodes_watch() {
     let inner = EmbeddedStore::new();
     let counting = Arc::new(CountingStore::new(inner.clone()));
     let mut cluster = Cluster::new(inner.clone());
-    run_ten_tasks_on_a_counted_node(&mut cluster, &counting).await;
+    run_ten_tasks_on_node_a(&mut cluster, counting.clone(), Duration::from_secs(5)).await;
     let before = counting.counts();
     // Each running task saves a checkpoint 100 times, and the graph layer
     // writes as much: 2,000 writes no node acts on.
@@ -171,16 +168,8 @@ async fn listings_with_read_latency(read_latency: Duration, window: Duration) ->
     let inner = EmbeddedStore::new();
     let faulty = FaultyStore::new(inner.clone());
     let mut cluster = Cluster::new(inner.clone());
-    cluster.submit_idle(10).await;
     faulty.set_read_latency(read_latency);
-    let config = cluster.config("a");
-    cluster
-        .start_with(faulty.clone(), config, Box::new(FairBalancer::default()))
-        .await;
-    eventually("the 10 tasks run", Duration::from_secs(60), || {
-        cluster.observer.running_tasks() == 10
-    })
-    .await;
+    run_ten_tasks_on_node_a(&mut cluster, faulty.clone(), Duration::from_secs(60)).await;
     let stats = cluster.node("a").stats().clone();
     let before = eretes_runtime::NodeStats::get(&stats.listings);
     tokio::time::sleep(window).await;
