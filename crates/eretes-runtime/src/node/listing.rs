@@ -35,27 +35,28 @@ impl MainLoop {
         }
         let coordinator = self.coordinator.clone();
         let me = self.config.name.clone();
-        self.sync_started = Some(Instant::now());
+        let started = Instant::now();
         self.syncing = Some(Box::pin(async move {
             let listing = coordinator.list_for_node(&me).await?;
             let watch = coordinator
                 .watch_for_node(listing.first_revision() + 1)
                 .await?;
-            Ok(Sync { listing, watch })
+            Ok(Sync {
+                listing,
+                watch,
+                started,
+            })
         }));
     }
 
     /// Put the next periodic resync at least [`RESYNC_COST_SHARE`] times
-    /// what the sync just done took (from its start to its rebuild, waits
+    /// what the sync that began at `started` took (to its rebuild, waits
     /// for the store and for a busy runtime included), at most
     /// [`RESYNC_STRETCH_MAX`] resync intervals away. A resync reads and
     /// rebuilds everything the node keeps: with many tasks, many nodes or
     /// a slow store, a fixed interval makes that safety net the node's (and
     /// the store's) main work.
-    fn space_resyncs(&mut self) {
-        let Some(started) = self.sync_started.take() else {
-            return;
-        };
+    fn space_resyncs(&mut self, started: Instant) {
         let now = Instant::now();
         let took = now - started;
         let spaced = (took * RESYNC_COST_SHARE)
@@ -66,7 +67,11 @@ impl MainLoop {
 
     pub(super) fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
         match result {
-            Ok(Sync { mut listing, watch }) => {
+            Ok(Sync {
+                mut listing,
+                watch,
+                started,
+            }) => {
                 NodeStats::bump(&self.stats.listings);
                 let kvs = std::mem::take(&mut listing.kvs);
                 let owners_read = listing
@@ -74,7 +79,7 @@ impl MainLoop {
                     .unwrap_or_else(|| listing.last_revision());
                 let (cache, changes) = self.cache.rebuild(&kvs, listing.last_revision());
                 drop(kvs);
-                self.space_resyncs();
+                self.space_resyncs(started);
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
                 if membership_changed {

@@ -249,6 +249,8 @@ struct ClaimResult {
 struct Sync {
     listing: NodeListing,
     watch: WatchStream,
+    /// When the sync started: what it took spaces the periodic resyncs.
+    started: Instant,
 }
 
 /// A node command's key and, if this node took it, its value.
@@ -307,9 +309,6 @@ struct MainLoop {
     listed: Option<NodeListing>,
     syncing: Option<BoxFuture<'static, Result<Sync, ProtocolError>>>,
     sync_at: Option<Instant>,
-    /// When the sync in flight started: its cost (listing and rebuild)
-    /// spaces the periodic resyncs (see [`RESYNC_COST_SHARE`]).
-    sync_started: Option<Instant>,
     /// Count malformed keys of the next listing (the first one, and after a
     /// watch restart); periodic resyncs re-read the same keys and do not.
     count_listing_malformed: bool,
@@ -403,7 +402,6 @@ impl MainLoop {
             listed: None,
             syncing: None,
             sync_at: Some(now),
-            sync_started: None,
             count_listing_malformed: true,
             running: HashMap::new(),
             handlers: JoinSet::new(),
