@@ -111,6 +111,9 @@ pub struct BenchArgs {
 /// The longest a benchmark may run before it gives up.
 const LIMIT: Duration = Duration::from_secs(600);
 
+/// How often a long wait says on stderr how far it got.
+const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+
 /// Run a benchmark.
 pub async fn run(args: BenchArgs) -> Result<()> {
     let embedded_only = matches!(
@@ -170,10 +173,10 @@ fn bench_cluster(work: Work) -> Result<(Arc<EmbeddedStore>, Cluster)> {
 /// Start `count` nodes in `cluster`.
 async fn add_nodes(cluster: &mut Cluster, count: u16) -> Result<()> {
     let started = Instant::now();
-    let mut next_progress = started + Duration::from_secs(10);
+    let mut next_progress = started + PROGRESS_EVERY;
     for (done, name) in nodes(count).into_iter().enumerate() {
         if Instant::now() > next_progress {
-            next_progress += Duration::from_secs(10);
+            next_progress += PROGRESS_EVERY;
             eprintln!(
                 "starting nodes after {:.0} s: {done} of {count} started",
                 started.elapsed().as_secs_f64()

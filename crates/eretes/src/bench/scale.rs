@@ -33,7 +33,7 @@ use futures::StreamExt;
 use serde_json::json;
 use tokio::time::Instant;
 
-use super::{nodes, BenchArgs};
+use super::{nodes, BenchArgs, PROGRESS_EVERY};
 use crate::cluster::{Cluster, Work};
 
 /// The nodes' lease TTL unless `--lease-ttl-ms` gives one.
@@ -45,8 +45,8 @@ const QUIET: Duration = Duration::from_secs(3);
 /// How long the observer node gets to load its view before memory is read.
 const OBSERVER_SETTLE: Duration = Duration::from_secs(3);
 
-/// How often a long wait says how far it got.
-const PROGRESS_EVERY: Duration = Duration::from_secs(10);
+/// How often a wait for the owners to reach a state looks at them.
+const POLL: Duration = Duration::from_millis(10);
 
 /// The quiet window whose store requests are counted.
 const STEADY_WINDOW: Duration = Duration::from_secs(10);
@@ -134,7 +134,8 @@ async fn measure(
         "every task runs",
         &cluster,
         &killed_nodes,
-        || lock(&owners).owner.len() == tasks,
+        POLL,
+        || Ok(lock(&owners).owner.len() == tasks),
         owned,
     )
     .await?;
@@ -192,13 +193,14 @@ async fn measure(
         "every orphan runs on a survivor",
         &cluster,
         &killed_nodes,
+        POLL,
         || {
             let owners = lock(&owners);
-            owners.owner.len() == tasks
+            Ok(owners.owner.len() == tasks
                 && owners
                     .owner
                     .values()
-                    .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref()))
+                    .all(|node| !victims.iter().any(|v| v.as_str() == node.as_ref())))
         },
         owned,
     )
@@ -372,23 +374,28 @@ fn no_task_parked(cluster: &Cluster, killed: &KilledNodes) -> Result<()> {
     Ok(())
 }
 
-/// Poll `done` every 10 ms until it holds, saying on stderr every
+/// Poll `done` every `poll` until it holds, saying on stderr every
 /// [`PROGRESS_EVERY`] how far it got (`progress`); fail naming `what` after
-/// [`super::LIMIT`], or as soon as a task is parked.
+/// [`super::LIMIT`], as soon as a task is parked, or when `done` fails.
 async fn wait_for(
     what: &str,
     cluster: &Cluster,
     killed: &KilledNodes,
-    mut done: impl FnMut() -> bool,
+    poll: Duration,
+    mut done: impl FnMut() -> Result<bool>,
     progress: impl Fn() -> String,
 ) -> Result<()> {
     let started = Instant::now();
     let deadline = started + super::LIMIT;
     let mut next_progress = started + PROGRESS_EVERY;
-    while !done() {
+    while !done()? {
         no_task_parked(cluster, killed)?;
         if Instant::now() > deadline {
-            bail!("timed out after {:?} waiting until {what}", super::LIMIT);
+            bail!(
+                "timed out after {:?} waiting until {what}: {}",
+                super::LIMIT,
+                progress()
+            );
         }
         if Instant::now() > next_progress {
             next_progress += PROGRESS_EVERY;
@@ -399,7 +406,7 @@ async fn wait_for(
                 progress()
             );
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(poll).await;
     }
     Ok(())
 }
@@ -412,37 +419,27 @@ async fn wait_balanced(
     cluster: &Cluster,
     killed: &KilledNodes,
 ) -> Result<Instant> {
-    let limit = super::LIMIT;
-    let started = Instant::now();
-    let deadline = started + limit;
-    let mut next_progress = started + PROGRESS_EVERY;
-    loop {
-        no_task_parked(cluster, killed)?;
-        let last = lock(owners)
+    let last_change = || {
+        lock(owners)
             .last_change
-            .context("no ownership change was seen")?;
+            .context("no ownership change was seen")
+    };
+    wait_for(
+        "the cluster is balanced",
+        cluster,
+        killed,
+        Duration::from_millis(100),
         // Balanced: at most one task apart, and no move for a while (a
         // quiet spell alone is not enough: a balancer may move tasks in
         // rounds, with pauses between them).
-        let spread = spread(owners, nodes);
-        if last.elapsed() >= QUIET && spread <= 1 {
-            return Ok(last);
-        }
-        if Instant::now() > deadline {
-            bail!("not balanced after {limit:?}: spread {spread}");
-        }
-        if Instant::now() > next_progress {
-            next_progress += PROGRESS_EVERY;
-            let (fences, _) = fences_and_parked(cluster, killed);
+        || Ok(last_change()?.elapsed() >= QUIET && spread(owners, nodes) <= 1),
+        || {
             let claims = lock(owners).claims;
-            eprintln!(
-                "still waiting until balanced after {:.0} s: spread {spread}, {claims} claims \
-                 and {fences} fences so far",
-                started.elapsed().as_secs_f64()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+            format!("spread {}, {claims} claims", spread(owners, nodes))
+        },
+    )
+    .await?;
+    last_change()
 }
 
 /// Most minus fewest tasks on a node, over `nodes` live nodes (a node with
