@@ -118,7 +118,17 @@ fn main() -> Result<()> {
     } else {
         logs.init();
     }
-    let runtime = tokio::runtime::Runtime::new()?;
+    if matches!(cli.command, Command::Agent(_)) {
+        agent::allocator::tune();
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        // A worker flushes its malloc cache when the agent's memory return
+        // asks (nothing else asks: for other commands, one atomic load).
+        .on_thread_park(|| {
+            agent::allocator::flush_thread_cache_if_asked();
+        })
+        .build()?;
     let outcome = runtime.block_on(async {
         match cli.command {
             Command::Agent(args) => agent::run(*args, secrets).await.map(|()| 0),

@@ -4,7 +4,9 @@
 //! process task costs the agent about half, and its supervisor a third, of
 //! what they cost under mimalloc (BENCHMARKS.md). glibc keeps what is freed
 //! in its arenas for reuse, so after a burst of tasks ends the agent asks it
-//! to return the free pages (`malloc_trim`): three times, 5, 10 and 15 s
+//! to return the free pages (the workers' malloc caches flushed, then
+//! `malloc_trim`: how, and why both, in [`super::allocator`]): three
+//! times, 5, 10 and 15 s
 //! after the node's runs last started or ended, and once 5 s after each
 //! listing of the namespace (the periodic resync, every 30 s by default,
 //! rebuilds the node's cache: with 2,000 running tasks that left about
@@ -24,6 +26,8 @@ use std::time::Duration;
 use eretes_runtime::{NodeStats, NodeStatus};
 use eretes_store::embedded::EmbeddedStore;
 use tokio::sync::watch;
+
+use super::allocator;
 
 /// How often the node's activity is looked at.
 pub const TRIM_EVERY: Duration = Duration::from_secs(5);
@@ -88,13 +92,7 @@ pub async fn return_freed_memory(
             }
         }
         tracing::debug!("returning freed memory to the system");
-        // It walks the heap: not on a runtime thread.
-        let _ = tokio::task::spawn_blocking(|| {
-            // SAFETY: malloc_trim takes a plain integer and only touches the
-            // allocator's own free lists, under its own locks.
-            unsafe { libc::malloc_trim(0) }
-        })
-        .await;
+        allocator::return_free_pages().await;
     }
 }
 

@@ -8,6 +8,7 @@
 //! deregistered, the API closed); a second one exits at once.
 
 pub mod access;
+pub mod allocator;
 pub mod api;
 pub mod executors;
 pub mod expiry;
