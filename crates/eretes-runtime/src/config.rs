@@ -30,7 +30,9 @@ pub struct NodeConfig {
     pub fence_margin: Duration,
     /// How often the lease is renewed. Default: a third of the TTL.
     pub keepalive_interval: Duration,
-    /// How often the node re-lists everything and retries missed claims. Default 30 s.
+    /// How often the node re-lists everything and retries missed claims. Default 30 s;
+    /// each wait is spread by a quarter either way, so that nodes started
+    /// together do not re-list together, and stretched when listings are slow.
     pub resync_interval: Duration,
     /// How often the balancer runs. Default 30 s.
     pub balance_interval: Duration,

@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use eretes_protocol::{ProtocolError, TaskId};
+use eretes_protocol::{NodeName, ProtocolError, TaskId};
 use eretes_store::{EventKind, StoreError};
 use tokio::time::Instant;
 use tracing::{debug, warn};
@@ -26,6 +26,26 @@ const RESYNC_COST_SHARE: u32 = 100;
 /// However long syncs take, a periodic resync comes within this many
 /// `resync_interval`s (5 minutes with the default 30 s).
 const RESYNC_STRETCH_MAX: u32 = 10;
+
+/// Periodic resyncs are spread over this share of `resync_interval` either
+/// way (22.5 to 37.5 s with the default 30 s). Nodes started together (a
+/// cluster's boot, the in-process nodes of `eretes bench scale`) otherwise
+/// re-list at the same moments for ever: a hundred nodes re-listing 30,000
+/// tasks at once kept a bench's orphans unclaimed for 10 s.
+const RESYNC_JITTER: f64 = 0.25;
+
+/// The wait from one periodic resync of node `name` to the next, after it
+/// made `listings` listings: `interval` spread by [`RESYNC_JITTER`], by a
+/// hash of the two rather than a random draw, so that nodes differ from one
+/// another but a run under paused time repeats itself.
+pub(super) fn resync_delay(name: &NodeName, listings: u64, interval: Duration) -> Duration {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    (name.as_str(), listings).hash(&mut hasher);
+    // The hash's top 53 bits, as a fraction in [0, 1).
+    let fraction = (hasher.finish() >> 11) as f64 / (1u64 << 53) as f64;
+    interval.mul_f64(1.0 - RESYNC_JITTER + 2.0 * RESYNC_JITTER * fraction)
+}
 
 impl MainLoop {
     pub(super) fn start_sync(&mut self) {
@@ -61,8 +81,17 @@ impl MainLoop {
         let took = now - started;
         let spaced = (took * RESYNC_COST_SHARE)
             .min(self.config.resync_interval * RESYNC_STRETCH_MAX)
-            .max(self.config.resync_interval);
+            .max(self.resync_delay());
         self.next_resync = self.next_resync.max(now + spaced);
+    }
+
+    /// The wait until this node's next periodic resync ([`resync_delay`]).
+    pub(super) fn resync_delay(&self) -> Duration {
+        resync_delay(
+            &self.config.name,
+            NodeStats::get(&self.stats.listings),
+            self.config.resync_interval,
+        )
     }
 
     pub(super) fn on_sync(&mut self, result: Result<Sync, ProtocolError>) {
@@ -241,5 +270,46 @@ impl MainLoop {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resyncs_are_spread_around_their_interval_and_differ_between_nodes() {
+        let interval = Duration::from_secs(30);
+        let (low, high) = (interval.mul_f64(0.75), interval.mul_f64(1.25));
+        let node = |i: u32| NodeName::new(format!("node-{i}")).unwrap();
+        let firsts: Vec<Duration> = (1..=100)
+            .map(|i| resync_delay(&node(i), 0, interval))
+            .collect();
+        assert!(firsts.iter().all(|d| (low..high).contains(d)));
+        // A hundred nodes started together: their first resyncs spread over
+        // most of the 15 s the jitter allows, not at one moment.
+        let earliest = firsts.iter().min().unwrap();
+        let latest = firsts.iter().max().unwrap();
+        assert!(
+            *latest - *earliest > Duration::from_secs(12),
+            "{earliest:?} to {latest:?}"
+        );
+        // One node's waits change from one listing to the next, and stay
+        // in bounds; the mean stays the interval.
+        let waits: Vec<Duration> = (0..1000)
+            .map(|listings| resync_delay(&node(1), listings, interval))
+            .collect();
+        assert!(waits.iter().all(|d| (low..high).contains(d)));
+        let mean = waits.iter().sum::<Duration>() / 1000;
+        assert!(
+            mean > interval.mul_f64(0.97) && mean < interval.mul_f64(1.03),
+            "{mean:?}"
+        );
+        // The same node and count give the same wait: paused-time runs
+        // repeat.
+        assert_eq!(
+            resync_delay(&node(7), 3, interval),
+            resync_delay(&node(7), 3, interval)
+        );
     }
 }

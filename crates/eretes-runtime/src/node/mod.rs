@@ -382,7 +382,7 @@ impl MainLoop {
             ),
             my_groups: config.groups.clone(),
             next_balance: now + config.balance_interval,
-            next_resync: now + config.resync_interval,
+            next_resync: now + listing::resync_delay(&config.name, 0, config.resync_interval),
             coordinator,
             record,
             handler,
@@ -625,7 +625,7 @@ impl MainLoop {
             self.balance();
         }
         if self.next_resync <= now {
-            self.next_resync = now + self.config.resync_interval;
+            self.next_resync = now + self.resync_delay();
             if self.syncing.is_none() && self.lease.is_some() {
                 self.start_sync();
             }

@@ -229,6 +229,13 @@ async fn measure(
         .values()
         .map(|node| NodeStats::get(&node.stats().task_reads))
         .sum();
+    // Claims that lost to another node's (the nodes that survive and the
+    // ones that rejoin, counted from their start).
+    let claim_conflicts: u64 = cluster
+        .nodes
+        .values()
+        .map(|node| NodeStats::get(&node.stats().claim_conflicts))
+        .sum();
     let minimum = orphans + victims.len() * (tasks / node_count as usize);
     let (fences, _) = fences_and_parked(&cluster, &killed_nodes);
     cluster.shutdown().await;
@@ -282,6 +289,7 @@ async fn measure(
         "same_group_node_without_slots_heap_bytes_per_task": full_node_heap.round(),
         "same_group_node_without_slots_backlog_heap_bytes_per_task": backlog_node_heap.round(),
         "task_reads": task_reads,
+        "claim_conflicts": claim_conflicts,
         "killed": victims.len(),
         "orphans": orphans,
         "recovered_ms": recovered.as_millis() as u64,
