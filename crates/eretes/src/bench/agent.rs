@@ -197,13 +197,7 @@ const SUPERVISED: usize = 20;
 /// KiB: what each costs once the pages it shares with the agent and the
 /// other supervisors are divided among them.
 async fn supervisor_pss(url: &str, http: &reqwest::Client, agent_pid: i32) -> Result<f64> {
-    for n in 0..SUPERVISED {
-        http.post(format!("{url}/v1/tasks"))
-            .json(&json!({ "id": format!("resident-{n}"), "program": "sleep", "args": ["600"] }))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    super::idle::submit_sleeping_tasks(http, url, "resident", SUPERVISED, 600).await?;
     let supervisors = || supervisors_of(agent_pid);
     wait_until("every resident task runs", || {
         supervisors().len() >= SUPERVISED

@@ -146,6 +146,28 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     }))
 }
 
+/// Submit `count` tasks that run `sleep SECONDS`, `{prefix}-0` onwards.
+pub(super) async fn submit_sleeping_tasks(
+    http: &reqwest::Client,
+    url: &str,
+    prefix: &str,
+    count: usize,
+    seconds: u32,
+) -> Result<()> {
+    for n in 0..count {
+        http.post(format!("{url}/v1/tasks"))
+            .json(&json!({
+                "id": format!("{prefix}-{n}"),
+                "program": "sleep",
+                "args": [seconds.to_string()],
+            }))
+            .send()
+            .await?
+            .error_for_status()?;
+    }
+    Ok(())
+}
+
 /// Submit `count` tasks that sleep for an hour, `{prefix}-0` onwards, and
 /// wait until every one runs.
 async fn start_sleeping_tasks(
@@ -154,13 +176,7 @@ async fn start_sleeping_tasks(
     prefix: &str,
     count: usize,
 ) -> Result<()> {
-    for n in 0..count {
-        http.post(format!("{url}/v1/tasks"))
-            .json(&json!({ "id": format!("{prefix}-{n}"), "program": "sleep", "args": ["3600"] }))
-            .send()
-            .await?
-            .error_for_status()?;
-    }
+    submit_sleeping_tasks(http, url, prefix, count, 3600).await?;
     // The agent's count, not a scan of /proc: with tens of thousands of
     // processes a scan takes longer than the wait between two.
     let ready = format!("{url}/readyz");
