@@ -5,12 +5,11 @@
 //! what they cost under mimalloc (BENCHMARKS.md). glibc keeps what is freed
 //! in its arenas for reuse, so after a burst of tasks ends the agent asks it
 //! to return the free pages (the workers' malloc caches flushed, then
-//! `malloc_trim`: how, and why both, in [`super::allocator`]): three
-//! times, 5, 10 and 15 s
-//! after the node's runs last started or ended, and once 5 s after each
-//! listing of the namespace (the periodic resync, every 30 s by default,
-//! rebuilds the node's cache: with 2,000 running tasks that left about
-//! 1 MB of freed pages resident). On the embedded store one more trim
+//! `malloc_trim`: how, and why both, in [`super::allocator`]): three times,
+//! 5, 10 and 15 s after the node's runs last started or ended, and once 5 s
+//! after each listing of the namespace (the periodic resync, every 30 s by
+//! default, rebuilds the node's cache: with 2,000 running tasks that left
+//! about 1 MB of freed pages resident). On the embedded store one more trim
 //! follows once the store's watch history no longer holds what the burst
 //! wrote ([`AGENT_HISTORY_AGE`] after the runs last moved): until then the
 //! history keeps every value the burst wrote or deleted — for 2,000 removed
