@@ -49,23 +49,47 @@ const MIN_ARENAS: usize = 2;
 /// the trim threshold turns glibc's dynamic adjustment off for both,
 /// leaving the mmap threshold at its initial 128 KiB), and one arena per
 /// core, at least [`MIN_ARENAS`] (point 4).
+/// A parameter the operator set in the environment (`MALLOC_ARENA_MAX`,
+/// say, or through `GLIBC_TUNABLES`) is theirs, and left alone.
 pub fn tune() {
     let cores = std::thread::available_parallelism().map_or(1, usize::from);
     let arenas = libc::c_int::try_from(cores.max(MIN_ARENAS)).unwrap_or(libc::c_int::MAX);
-    for (parameter, value, what) in [
+    let tunables = std::env::var("GLIBC_TUNABLES").unwrap_or_default();
+    for (parameter, value, what, variable, tunable) in [
         (
             libc::M_TRIM_THRESHOLD,
             FIXED_THRESHOLD,
             "a fixed trim threshold",
+            "MALLOC_TRIM_THRESHOLD_",
+            "glibc.malloc.trim_threshold",
         ),
-        (libc::M_ARENA_MAX, arenas, "an arena limit"),
+        (
+            libc::M_ARENA_MAX,
+            arenas,
+            "an arena limit",
+            "MALLOC_ARENA_MAX",
+            "glibc.malloc.arena_max",
+        ),
     ] {
+        if set_by_operator(std::env::var_os(variable).is_some(), &tunables, tunable) {
+            continue;
+        }
         // SAFETY: mallopt takes two integers and only sets the allocator's
         // own parameters, under its own lock.
         if unsafe { libc::mallopt(parameter, value) } != 1 {
             tracing::warn!("the allocator refused {what}");
         }
     }
+}
+
+/// Whether the operator set a malloc parameter: its environment variable
+/// is set, or `tunables` (the value of `GLIBC_TUNABLES`, colon-separated
+/// `name=value` pairs) names `tunable`.
+fn set_by_operator(variable_set: bool, tunables: &str, tunable: &str) -> bool {
+    variable_set
+        || tunables
+            .split(':')
+            .any(|pair| pair.split('=').next() == Some(tunable))
 }
 
 /// How long [`return_free_pages`] waits for the runtime's workers to flush
@@ -243,6 +267,29 @@ mod tests {
             "the flush returned {} of {cached_bytes} cached bytes ({line})",
             before - after.min(before)
         );
+    }
+
+    #[test]
+    fn parameters_the_operator_set_are_left_alone() {
+        let arena_max = "glibc.malloc.arena_max";
+        assert!(!set_by_operator(false, "", arena_max));
+        assert!(set_by_operator(true, "", arena_max), "MALLOC_ARENA_MAX");
+        assert!(set_by_operator(
+            false,
+            "glibc.malloc.tcache_count=0:glibc.malloc.arena_max=4",
+            arena_max
+        ));
+        // Another tunable, or one whose name only starts the same, is not it.
+        assert!(!set_by_operator(
+            false,
+            "glibc.malloc.tcache_count=0",
+            arena_max
+        ));
+        assert!(!set_by_operator(
+            false,
+            "glibc.malloc.arena_max_x=1",
+            arena_max
+        ));
     }
 
     #[test]
