@@ -34,10 +34,11 @@ const RESYNC_STRETCH_MAX: u32 = 10;
 /// tasks at once kept a bench's orphans unclaimed for 10 s.
 const RESYNC_JITTER: f64 = 0.25;
 
-/// The wait from one periodic resync of node `name` to the next, after it
-/// made `listings` listings: `interval` spread by [`RESYNC_JITTER`], by a
-/// hash of the two rather than a random draw, so that nodes differ from one
-/// another but a run under paused time repeats itself.
+/// The wait from one periodic resync of node `name` to the next, counted
+/// from a listing that followed `listings` others: `interval` spread by
+/// [`RESYNC_JITTER`], by a hash of the two rather than a random draw, so
+/// that nodes differ from one another but a run under paused time repeats
+/// itself.
 pub(super) fn resync_delay(name: &NodeName, listings: u64, interval: Duration) -> Duration {
     use std::hash::{Hash, Hasher};
     let mut hasher = std::hash::DefaultHasher::new();
@@ -101,14 +102,17 @@ impl MainLoop {
                 watch,
                 started,
             }) => {
-                NodeStats::bump(&self.stats.listings);
                 let kvs = std::mem::take(&mut listing.kvs);
                 let owners_read = listing
                     .revision_of(&self.config.namespace.owners_prefix())
                     .unwrap_or_else(|| listing.last_revision());
                 let (cache, changes) = self.cache.rebuild(&kvs, listing.last_revision());
                 drop(kvs);
+                // Before the count moves on: the wait it draws is the one
+                // the periodic resync drew when it started this listing, so
+                // the two agree rather than the later of two draws winning.
                 self.space_resyncs(started);
+                NodeStats::bump(&self.stats.listings);
                 let membership_changed = cache.node_names() != self.cache.node_names();
                 self.cache = cache;
                 if membership_changed {
