@@ -69,9 +69,9 @@ pub use keys::{KeyKind, MalformedKey, Namespace};
 pub use listing::NodeListing;
 pub use machine::{MachineState, Message, StateRecord, TaskCommand};
 pub use records::{
-    decode, decode_node, decode_task, encode, now_ms, MalformedValue, NodeRecord, Outcome,
-    OwnerRecord, Properties, ResultRecord, RunRecord, TaskRecord, TaskSpec, MAX_RESULT_BYTES,
-    MAX_SPEC_BYTES,
+    decode, decode_node, decode_task, encode, encode_task, now_ms, MalformedValue, NodeRecord,
+    Outcome, OwnerRecord, Properties, ResultRecord, RunRecord, TaskRecord, TaskSpec,
+    MAX_RESULT_BYTES, MAX_SPEC_BYTES,
 };
 pub use task_index::{TaskIndex, TaskPosition, TaskQuery};
 pub use task_state::{MachineLoad, QueuedCommand};

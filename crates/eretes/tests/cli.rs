@@ -151,7 +151,41 @@ fn claim_and_failover_benches_run_on_etcd() {
         if scenario == "failover" {
             assert_eq!(report["overlaps"], 0);
         }
+        if scenario == "claim" {
+            // Every node was up before the first task existed: nothing
+            // claimed had to be handed back.
+            assert_eq!(report["released"], 0, "{report}");
+            assert_eq!(report["nodes"], 3, "{report}");
+            // Read from etcd's /metrics: each claimed task reached at least
+            // the three nodes' watches.
+            let events = report["etcd_watch_events_per_claim"].as_f64();
+            assert!(events.is_some_and(|e| e >= 3.0), "{report}");
+        }
     }
+}
+
+#[test]
+fn a_claim_bench_given_an_etcd_pid_that_is_no_process_stops_before_it_starts() {
+    let url = eretes_etcd::testing::test_etcd_url();
+    // No process has this pid: pid_max is at most 2^22.
+    let output = eretes(&[
+        "bench",
+        "claim",
+        "--etcd",
+        &url,
+        "--etcd-pid",
+        "2147483647",
+        "--tasks",
+        "10",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("--etcd-pid 2147483647"), "{stderr}");
+    // Without --etcd there is no etcd to watch.
+    let output = eretes(&["bench", "claim", "--etcd-pid", "1"]);
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("--etcd"), "{stderr}");
 }
 
 #[test]

@@ -63,14 +63,12 @@ async fn measure_idle(url: String, pid: i32, tasks: usize) -> Result<serde_json:
     start_sleeping_tasks(&http, &url, "idle", tasks).await?;
     // Let the starts' work (logs, checkpoint files, store writes) finish.
     tokio::time::sleep(Duration::from_secs(5)).await;
-    let before = cpu_ticks(pid)?;
+    let before = cpu_seconds(pid)?;
     let started = Instant::now();
     tokio::time::sleep(QUIET_WINDOW).await;
-    let ticks = cpu_ticks(pid)? - before;
+    let busy = cpu_seconds(pid)? - before;
     let seconds = started.elapsed().as_secs_f64();
-    // SAFETY: sysconf has no preconditions.
-    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    let cpu_percent = ticks as f64 / per_second / seconds * 100.0;
+    let cpu_percent = busy / seconds * 100.0;
     let threads = status_field(pid, "Threads:")?;
     let running_kib = status_field(pid, "VmRSS:")?;
     let running_anon_kib = status_field(pid, "RssAnon:")?;
@@ -231,6 +229,13 @@ pub(super) fn status_field(pid: i32, field: &str) -> Result<u64> {
         .find(|line| line.starts_with(field))
         .and_then(|line| line.split_whitespace().nth(1)?.parse().ok())
         .with_context(|| format!("{field} of process {pid}"))
+}
+
+/// User and system CPU time of `pid` (its threads included), in seconds.
+pub(super) fn cpu_seconds(pid: i32) -> Result<f64> {
+    // SAFETY: sysconf has no preconditions.
+    let per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(cpu_ticks(pid)? as f64 / per_second)
 }
 
 /// User and system CPU time of `pid` (its threads included), in clock ticks.

@@ -6,6 +6,7 @@
 
 mod agent;
 mod ended;
+mod etcd_load;
 mod graph;
 mod idle;
 mod in_process;
@@ -32,8 +33,9 @@ enum Scenario {
     Memory,
     /// A 3-node in-process cluster claims tasks submitted beforehand.
     ClusterClaim,
-    /// Three nodes claim 10,000 submitted tasks, against plain
-    /// create-if-absent transactions at the same concurrency (embedded or etcd).
+    /// N nodes (default 3), all up and seeing each other, claim 10,000
+    /// tasks submitted in batches, against plain create-if-absent
+    /// transactions at the same concurrency (embedded or etcd).
     Claim,
     /// A node owning 1,000 tasks is killed; time until all run elsewhere
     /// (embedded or etcd).
@@ -106,6 +108,10 @@ pub struct BenchArgs {
     /// 10,000).
     #[arg(long, value_parser = clap::value_parser!(u64).range(1_000..=600_000))]
     lease_ttl_ms: Option<u64>,
+    /// The claim scenario on etcd: the etcd server's process id on this
+    /// machine, so that the CPU etcd spent on the claims is reported.
+    #[arg(long, value_name = "PID", requires = "etcd")]
+    etcd_pid: Option<u32>,
 }
 
 /// The longest a benchmark may run before it gives up.
