@@ -37,6 +37,11 @@ pub struct NodeStats {
     /// twentieth of the lease TTL, and grown back by a batch when one is
     /// quick.
     pub claim_window: AtomicU64,
+    /// Run-end transactions this node lets be in flight now (a gauge): at
+    /// most 8, halved whenever one takes longer than a twentieth of the
+    /// lease TTL, and grown back by one when one is quick. Not in
+    /// [`NodeStatsSnapshot`].
+    pub end_window: AtomicU64,
     /// Listings of the whole namespace applied (the first, each periodic
     /// resync and each re-list), each of which rebuilds the node's cache:
     /// a burst of allocation that an agent may want to return afterwards.

@@ -8,10 +8,13 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use eretes_protocol::NodeCommand;
 use eretes_runtime::balancer::DumbBalancer;
 use eretes_runtime::NodeStats;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
+use eretes_store::StoreExt;
+use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
 async fn slow_claim_transactions_shrink_the_claims_in_flight_and_quick_ones_grow_them() {
@@ -49,5 +52,75 @@ async fn slow_claim_transactions_shrink_the_claims_in_flight_and_quick_ones_grow
         "the window stayed at {}",
         window(&cluster)
     );
+    assert_eq!(cluster.observer.overlaps(), 0);
+}
+
+/// How many tasks have an owner record, read past the injected latency.
+async fn owned(store: &FaultyStore<EmbeddedStore>) -> usize {
+    store
+        .inner()
+        .get_prefix("test/owners/")
+        .await
+        .unwrap()
+        .kvs
+        .len()
+}
+
+/// Wait until no task has an owner record: every run end was written.
+async fn until_every_end_is_written(store: &FaultyStore<EmbeddedStore>, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while owned(store).await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks still owned after {limit:?}",
+            owned(store).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_burst_of_run_ends_goes_out_a_window_at_a_time_and_slow_ones_shrink_it() {
+    let faulty = FaultyStore::new(EmbeddedStore::new());
+    let mut cluster = Cluster::new(faulty.clone());
+    cluster.submit_idle(2000).await;
+    let config = cluster.config("a").with_lease_ttl(Duration::from_secs(2));
+    cluster
+        .start_with(faulty.clone(), config, Box::new(DumbBalancer))
+        .await;
+    eventually("all 2000 tasks run", Duration::from_secs(60), || {
+        cluster.observer.running_tasks() == 2000
+    })
+    .await;
+    let window = |cluster: &Cluster| NodeStats::get(&cluster.node("a").stats().end_window);
+    assert_eq!(window(&cluster), 8);
+
+    // Every task released at once (a drain, as a rebalance does with a
+    // share of them), while the store takes 300 ms to answer a
+    // transaction: more than a twentieth of the 2 s TTL.
+    faulty.set_txn_latency(Duration::from_millis(300));
+    faulty.reset_most_txns_in_flight();
+    cluster.node("a").command(NodeCommand::Drain);
+    until_every_end_is_written(&faulty, Duration::from_secs(600)).await;
+    // 125 transactions of 16 ends; sent all at once before.
+    let most = faulty.most_txns_in_flight();
+    assert!(
+        most <= 8,
+        "{most} run-end transactions were in flight at once"
+    );
+    assert_eq!(window(&cluster), 1, "slow ends shrink the window to one");
+    assert_eq!(NodeStats::get(&cluster.node("a").stats().releases), 2000);
+
+    // Quick again: the tasks are claimed back and released once more, and
+    // the window grows back to the most.
+    faulty.set_txn_latency(Duration::from_millis(5));
+    cluster.node("a").command(NodeCommand::Unfreeze);
+    eventually("all 2000 tasks run again", Duration::from_secs(120), || {
+        cluster.observer.running_tasks() == 2000
+    })
+    .await;
+    cluster.node("a").command(NodeCommand::Drain);
+    until_every_end_is_written(&faulty, Duration::from_secs(120)).await;
+    assert_eq!(window(&cluster), 8, "quick ends grow the window back");
     assert_eq!(cluster.observer.overlaps(), 0);
 }

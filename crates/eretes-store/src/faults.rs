@@ -28,6 +28,10 @@ pub struct FaultyStore<S: ?Sized> {
     watch_latency_us: AtomicU64,
     /// Reads whose range starts with this prefix fail.
     failing_reads: Mutex<Option<String>>,
+    /// Transactions passed on and not answered yet, and the most there
+    /// were at once since the last reset.
+    txns_in_flight: AtomicU64,
+    most_txns_in_flight: AtomicU64,
 }
 
 impl<S: Store + ?Sized> FaultyStore<S> {
@@ -41,6 +45,8 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             read_latency_us: AtomicU64::new(0),
             watch_latency_us: AtomicU64::new(0),
             failing_reads: Mutex::new(None),
+            txns_in_flight: AtomicU64::new(0),
+            most_txns_in_flight: AtomicU64::new(0),
         })
     }
 
@@ -105,12 +111,47 @@ impl<S: Store + ?Sized> FaultyStore<S> {
         &self.inner
     }
 
+    /// The most transactions that were in flight through this store at
+    /// once (sent and not answered yet) since the last
+    /// [`FaultyStore::reset_most_txns_in_flight`].
+    pub fn most_txns_in_flight(&self) -> u64 {
+        self.most_txns_in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Start counting [`FaultyStore::most_txns_in_flight`] again from the
+    /// transactions in flight now.
+    pub fn reset_most_txns_in_flight(&self) {
+        self.most_txns_in_flight
+            .store(self.txns_in_flight.load(Ordering::SeqCst), Ordering::SeqCst);
+    }
+
     fn check(&self) -> StoreResult<()> {
         if self.outage.load(Ordering::SeqCst) {
             Err(StoreError::Unavailable("injected outage".into()))
         } else {
             Ok(())
         }
+    }
+}
+
+/// One call counted in a gauge while it lasts, however it ends (a caller
+/// that drops the future counts too).
+struct InFlight<'a> {
+    gauge: &'a AtomicU64,
+    /// The gauge just after this call entered.
+    now: u64,
+}
+
+impl<'a> InFlight<'a> {
+    fn enter(gauge: &'a AtomicU64) -> Self {
+        let now = gauge.fetch_add(1, Ordering::SeqCst) + 1;
+        InFlight { gauge, now }
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.gauge.fetch_sub(1, Ordering::SeqCst);
     }
 }
 
@@ -140,6 +181,9 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
                 self.check_read(&get.range)?;
             }
         }
+        let in_flight = InFlight::enter(&self.txns_in_flight);
+        self.most_txns_in_flight
+            .fetch_max(in_flight.now, Ordering::SeqCst);
         let latency = self.txn_latency_us.load(Ordering::SeqCst);
         if latency > 0 {
             tokio::time::sleep(Duration::from_micros(latency)).await;

@@ -18,6 +18,10 @@ use crate::stats::NodeStats;
 
 use super::{off_loop, panic_message, Exit, MainLoop, Running, StopReason};
 
+/// The most run-end transactions (of up to [`MAX_FINISH_BATCH`] ends each)
+/// a node has in flight at once: 128 ends, as many as its claims.
+pub(super) const MAX_END_TXNS_IN_FLIGHT: usize = 8;
+
 impl MainLoop {
     pub(super) fn start_handler(&mut self, claim: Claim) {
         let cancel = CancellationToken::new();
@@ -122,13 +126,15 @@ impl MainLoop {
         self.unfinished.push((claim, end));
     }
 
-    /// Write the queued run ends, many per transaction.
+    /// Write the queued run ends, many per transaction, with at most the
+    /// end window's transactions in flight; the rest wait their turn here.
     pub(super) fn write_run_ends(&mut self) {
-        while !self.unfinished.is_empty() {
+        while !self.unfinished.is_empty() && self.finishing.len() < self.end_window {
             let take = self.unfinished.len().min(MAX_FINISH_BATCH);
             let batch: Vec<(Claim, RunEnd)> = self.unfinished.drain(..take).collect();
             let coordinator = self.coordinator.clone();
             self.finishing.push(off_loop(async move {
+                let started = Instant::now();
                 let groups = batch
                     .iter()
                     .map(|(claim, _)| claim.record.spec.group.clone())
@@ -146,9 +152,31 @@ impl MainLoop {
                     }
                 });
                 futures::future::join_all(retries).await;
-                groups
+                (started.elapsed(), groups)
             }));
         }
+    }
+
+    /// Fewer run-end transactions in flight while the store is slow to
+    /// answer them, more again when it is quick: the same rule as the
+    /// claims' window ([`MainLoop::pace_claims`]), and for the same reason.
+    /// When a node rejoins a cluster of 100,000 tasks on etcd, each of nine
+    /// nodes releases some 1,100 tasks at once; sent all together, their
+    /// 630 transactions kept etcd's apply queue long enough that every
+    /// node's lease renewal failed ("waiting for the applied index took
+    /// too long") and all ten fenced themselves, which released more. A
+    /// transaction (its retries included) slower than a twentieth of the
+    /// TTL halves the window, down to one; a quicker one grows it by one,
+    /// up to [`MAX_END_TXNS_IN_FLIGHT`].
+    pub(super) fn pace_run_ends(&mut self, took: Duration) {
+        self.end_window = if took > self.config.lease_ttl / 20 {
+            (self.end_window / 2).max(1)
+        } else {
+            (self.end_window + 1).min(MAX_END_TXNS_IN_FLIGHT)
+        };
+        self.stats
+            .end_window
+            .store(self.end_window as u64, std::sync::atomic::Ordering::Relaxed);
     }
 
     /// A cancelled handler's grace period is over: abort it if that run

@@ -167,6 +167,10 @@ impl Node {
             config.max_claims_in_flight as u64,
             std::sync::atomic::Ordering::Relaxed,
         );
+        stats.end_window.store(
+            handlers::MAX_END_TXNS_IN_FLIGHT as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
         let (control_tx, control_rx) = mpsc::unbounded_channel();
         let (status_tx, status_rx) = watch::channel(NodeStatus::default());
         let name = config.name.clone();
@@ -325,7 +329,12 @@ struct MainLoop {
     /// batches at the end of each loop iteration.
     unfinished: Vec<(Claim, RunEnd)>,
     /// Writes of run ends in flight; each yields the groups whose slots it frees.
-    finishing: FuturesUnordered<BoxFuture<'static, Vec<GroupName>>>,
+    /// Run-end transactions in flight: how long each took, and the groups
+    /// of its runs, whose slots it frees.
+    finishing: FuturesUnordered<BoxFuture<'static, (Duration, Vec<GroupName>)>>,
+    /// How many run-end transactions may be in flight now
+    /// ([`MainLoop::pace_run_ends`]).
+    end_window: usize,
     /// Tasks claiming, running or finishing, per group: what slots limit.
     busy: HashMap<GroupName, usize>,
     /// Which group the next claiming pass starts with.
@@ -410,6 +419,7 @@ impl MainLoop {
             claiming: HashSet::new(),
             unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
+            end_window: handlers::MAX_END_TXNS_IN_FLIGHT,
             busy: HashMap::new(),
             claim_rotation: 0,
             ignore: DelayQueue::new(),
@@ -500,7 +510,8 @@ impl MainLoop {
                         self.on_claim(result);
                     }
                 }
-                Some(groups) = self.finishing.next(), if !self.finishing.is_empty() => {
+                Some((took, groups)) = self.finishing.next(), if !self.finishing.is_empty() => {
+                    self.pace_run_ends(took);
                     for group in &groups {
                         self.release_slot(group);
                     }
