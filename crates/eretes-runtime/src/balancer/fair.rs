@@ -63,7 +63,9 @@ impl Default for FairConfig {
 /// * **claim** only while this node owns fewer tasks of the group than its
 ///   share; at its share it defers, so a less loaded node takes the task;
 /// * **release** the excess over its share, the most recently claimed tasks
-///   first (they have done the least work), but only when the serving nodes'
+///   first (they have done the least work); the excess of the tasks it still
+///   runs, so that tasks it is already giving back (their owner records
+///   stay until their ends are written) are not counted twice; but only when the serving nodes'
 ///   counts differ by two or more (hysteresis: within one is balanced), and,
 ///   while the group has unowned tasks, only after [`FairConfig::pace`] since
 ///   this node's last release of that group (pacing: let the released tasks
@@ -106,7 +108,18 @@ impl FairBalancer {
         let Some(target) = fair_target_of(view, group, me) else {
             return 0;
         };
-        let excess = load.owned_by(me).saturating_sub(target);
+        // What this node still runs, not what the store says it owns: a
+        // task it released keeps its owner record until the end of its run
+        // is written, and counting it again released it twice. (When a node
+        // rejoined 100,000 tasks on a slow etcd, each balance pass of the
+        // nine others released their whole excess again while the last
+        // pass's ends still waited, 3,222 tasks for an excess of 1,111.)
+        let running_here = view
+            .running
+            .values()
+            .filter(|task| task.group == *group)
+            .count();
+        let excess = load.owned_by(me).min(running_here).saturating_sub(target);
         if excess == 0 {
             return 0;
         }
@@ -630,10 +643,28 @@ mod tests {
 
     #[test]
     fn never_releases_more_than_it_runs() {
-        // The counts say 5 but the node runs only one task of the group.
+        // The counts say 5 but the node runs only one task of the group: the
+        // other four are on their way out (ends not written yet), and what
+        // it runs is below its share of 3.
         let mut b = FairBalancer::default();
         let v = view("a", load(&[("a", 5), ("b", 0)], 0), 1);
-        assert_eq!(b.balance(&v), vec![task("t0")]);
+        assert!(b.balance(&v).is_empty());
+        // Runs 4 of the 5 it owns: one above its share.
+        let v = view("a", load(&[("a", 5), ("b", 0)], 0), 4);
+        assert_eq!(b.balance(&v), vec![task("t3")]);
+    }
+
+    #[test]
+    fn tasks_whose_release_is_still_being_written_are_not_released_again() {
+        // 13 over 2 nodes: share 7 (+1 to "a"). "a" released 5 of its 12;
+        // their owner records stay until the ends are written, so the
+        // counts still say 12 while it runs 7. The next pass (no unowned
+        // task yet, so no pacing) must release nothing more.
+        let mut b = FairBalancer::default();
+        let first = view("a", load(&[("a", 12), ("b", 1)], 0), 12);
+        assert_eq!(b.balance(&first).len(), 5);
+        let pending = view("a", load(&[("a", 12), ("b", 1)], 0), 7);
+        assert!(b.balance(&pending).is_empty(), "released twice");
     }
 
     #[tokio::test(start_paused = true)]
