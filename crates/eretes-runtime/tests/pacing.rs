@@ -13,7 +13,6 @@ use eretes_runtime::balancer::DumbBalancer;
 use eretes_runtime::NodeStats;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
-use eretes_store::StoreExt;
 use tokio::time::Instant;
 
 #[tokio::test(start_paused = true)]
@@ -57,13 +56,7 @@ async fn slow_claim_transactions_shrink_the_claims_in_flight_and_quick_ones_grow
 
 /// How many tasks have an owner record, read past the injected latency.
 async fn owned(store: &FaultyStore<EmbeddedStore>) -> usize {
-    store
-        .inner()
-        .get_prefix("test/owners/")
-        .await
-        .unwrap()
-        .kvs
-        .len()
+    keys_under(store.inner().as_ref(), "test/owners/").await
 }
 
 /// Wait until no task has an owner record: every run end was written.
@@ -122,5 +115,41 @@ async fn a_burst_of_run_ends_goes_out_a_window_at_a_time_and_slow_ones_shrink_it
     cluster.node("a").command(NodeCommand::Drain);
     until_every_end_is_written(&faulty, Duration::from_secs(120)).await;
     assert_eq!(window(&cluster), 8, "quick ends grow the window back");
+    assert_eq!(cluster.observer.overlaps(), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn releases_still_being_written_are_not_released_again_by_the_next_balance() {
+    let faulty = FaultyStore::new(EmbeddedStore::new());
+    let mut cluster = Cluster::new(faulty.clone());
+    cluster.submit_idle(1000).await;
+    cluster.start_fair("a").await;
+    eventually("all 1000 tasks run on a", Duration::from_secs(60), || {
+        cluster.observer.running_tasks() == 1000
+    })
+    .await;
+    // From here every transaction takes 400 ms: a's 500 run ends take
+    // many 5 s balance passes to write (the end window shrinks to one
+    // transaction of 16), and a's owner records stay until they are.
+    faulty.set_txn_latency(Duration::from_millis(400));
+    cluster.start_fair("b").await;
+    let runs = |cluster: &Cluster, node: &str| {
+        cluster
+            .observer
+            .running_per_node()
+            .get(node)
+            .copied()
+            .unwrap_or(0)
+    };
+    eventually("each node runs 500", Duration::from_secs(300), || {
+        runs(&cluster, "a") == 500 && runs(&cluster, "b") == 500
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert_eq!((runs(&cluster, "a"), runs(&cluster, "b")), (500, 500));
+    // The least that balances 1000/0: 500 moves, all a's.
+    let releases = |node: &str| NodeStats::get(&cluster.node(node).stats().releases);
+    assert_eq!(releases("a"), 500, "a released more than its excess");
+    assert_eq!(releases("b"), 0);
     assert_eq!(cluster.observer.overlaps(), 0);
 }
