@@ -153,3 +153,31 @@ async fn releases_still_being_written_are_not_released_again_by_the_next_balance
     assert_eq!(releases("b"), 0);
     assert_eq!(cluster.observer.overlaps(), 0);
 }
+
+#[tokio::test(start_paused = true)]
+async fn run_ends_the_store_refused_are_retried_until_written() {
+    let faulty = FaultyStore::new(EmbeddedStore::new());
+    let mut cluster = Cluster::new(faulty.clone());
+    cluster.submit_idle(40).await;
+    let config = cluster.config("a");
+    cluster
+        .start_with(faulty.clone(), config, Box::new(DumbBalancer))
+        .await;
+    eventually("all 40 tasks run", Duration::from_secs(30), || {
+        cluster.observer.running_tasks() == 40
+    })
+    .await;
+    // The store refuses everything for 400 ms (less than the fence
+    // deadline) just as every task is released: each end's first write
+    // fails, and is retried outside the end window until it is written.
+    faulty.set_outage(true);
+    cluster.node("a").command(NodeCommand::Drain);
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(owned(&faulty).await, 40, "nothing written in the outage");
+    faulty.set_outage(false);
+    until_every_end_is_written(&faulty, Duration::from_secs(30)).await;
+    let stats = cluster.node("a").stats();
+    assert_eq!(NodeStats::get(&stats.releases), 40);
+    assert_eq!(NodeStats::get(&stats.fences), 0);
+    assert_eq!(cluster.observer.overlaps(), 0);
+}

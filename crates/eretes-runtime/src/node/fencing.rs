@@ -81,6 +81,7 @@ impl MainLoop {
         }
         self.unfinished.clear();
         self.finishing.clear();
+        self.retrying_ends.clear();
         self.busy.clear();
         for running in self.running.values() {
             *self

@@ -4,7 +4,9 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use eretes_protocol::{Claim, Coordinator, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH};
+use eretes_protocol::{
+    Claim, Coordinator, GroupName, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
+};
 use eretes_store::Revision;
 use futures::FutureExt;
 use tokio::time::Instant;
@@ -21,6 +23,17 @@ use super::{off_loop, panic_message, Exit, MainLoop, Running, StopReason};
 /// The most run-end transactions (of up to [`MAX_FINISH_BATCH`] ends each)
 /// a node has in flight at once: 128 ends, as many as its claims.
 pub(super) const MAX_END_TXNS_IN_FLIGHT: usize = 8;
+
+/// What one run-end transaction came back with.
+pub(super) struct EndsWritten {
+    /// How long the store took to answer it.
+    took: Duration,
+    /// The groups of the runs it ended (or found ended by another owner):
+    /// their slots are free.
+    groups: Vec<GroupName>,
+    /// The runs whose ends it could not write, to retry one by one.
+    failed: Vec<(Claim, RunEnd)>,
+}
 
 impl MainLoop {
     pub(super) fn start_handler(&mut self, claim: Claim) {
@@ -135,24 +148,44 @@ impl MainLoop {
             let coordinator = self.coordinator.clone();
             self.finishing.push(off_loop(async move {
                 let started = Instant::now();
-                let groups = batch
-                    .iter()
-                    .map(|(claim, _)| claim.record.spec.group.clone())
-                    .collect();
                 let results = coordinator.end_runs(&batch).await;
+                let mut written = EndsWritten {
+                    took: started.elapsed(),
+                    groups: Vec::with_capacity(batch.len()),
+                    failed: Vec::new(),
+                };
                 // Store errors are retried one by one; the rest are final.
-                let retries = batch.into_iter().zip(results).filter_map(|((claim, end), result)| {
+                for ((claim, end), result) in batch.into_iter().zip(results) {
                     match result {
-                        Ok(()) | Err(ProtocolError::NotOwner { .. }) => None,
+                        Ok(()) | Err(ProtocolError::NotOwner { .. }) => {
+                            written.groups.push(claim.record.spec.group.clone());
+                        }
                         Err(error) => {
                             warn!(task = %claim.task, %error, "could not record the end of a run; retrying");
-                            let coordinator = &coordinator;
-                            Some(async move { end_with_retries(coordinator, &claim, end).await })
+                            written.failed.push((claim, end));
                         }
                     }
-                });
-                futures::future::join_all(retries).await;
-                (started.elapsed(), groups)
+                }
+                written
+            }));
+        }
+    }
+
+    /// A run-end transaction came back: pace the window by it, free the
+    /// slots of the ends it wrote, and retry the ones it could not write.
+    /// The retries run outside the window (each one end at a time, with its
+    /// own backoff), so that an end the store keeps refusing cannot hold a
+    /// window of one, and with it every other end of the node, for ever.
+    pub(super) fn on_ends_written(&mut self, written: EndsWritten) {
+        self.pace_run_ends(written.took);
+        for group in &written.groups {
+            self.release_slot(group);
+        }
+        for (claim, end) in written.failed {
+            let coordinator = self.coordinator.clone();
+            self.retrying_ends.push(off_loop(async move {
+                end_with_retries(&coordinator, &claim, end).await;
+                claim.record.spec.group.clone()
             }));
         }
     }

@@ -329,9 +329,11 @@ struct MainLoop {
     /// batches at the end of each loop iteration.
     unfinished: Vec<(Claim, RunEnd)>,
     /// Writes of run ends in flight; each yields the groups whose slots it frees.
-    /// Run-end transactions in flight: how long each took, and the groups
-    /// of its runs, whose slots it frees.
-    finishing: FuturesUnordered<BoxFuture<'static, (Duration, Vec<GroupName>)>>,
+    /// Run-end transactions in flight, each one of the end window's.
+    finishing: FuturesUnordered<BoxFuture<'static, handlers::EndsWritten>>,
+    /// Run ends that a transaction could not write, each retried on its own
+    /// until it is (outside the end window); each gives its run's group.
+    retrying_ends: FuturesUnordered<BoxFuture<'static, GroupName>>,
     /// How many run-end transactions may be in flight now
     /// ([`MainLoop::pace_run_ends`]).
     end_window: usize,
@@ -419,6 +421,7 @@ impl MainLoop {
             claiming: HashSet::new(),
             unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
+            retrying_ends: FuturesUnordered::new(),
             end_window: handlers::MAX_END_TXNS_IN_FLIGHT,
             busy: HashMap::new(),
             claim_rotation: 0,
@@ -510,11 +513,11 @@ impl MainLoop {
                         self.on_claim(result);
                     }
                 }
-                Some((took, groups)) = self.finishing.next(), if !self.finishing.is_empty() => {
-                    self.pace_run_ends(took);
-                    for group in &groups {
-                        self.release_slot(group);
-                    }
+                Some(written) = self.finishing.next(), if !self.finishing.is_empty() => {
+                    self.on_ends_written(written);
+                }
+                Some(group) = self.retrying_ends.next(), if !self.retrying_ends.is_empty() => {
+                    self.release_slot(&group);
                 }
                 Some(expired) = self.overdue.next(), if !self.overdue.is_empty() => {
                     let (id, epoch) = expired.into_inner();

@@ -22,6 +22,7 @@ impl MainLoop {
         if self.shutting_down.is_none()
             || !self.running.is_empty()
             || !self.finishing.is_empty()
+            || !self.retrying_ends.is_empty()
             || !self.unfinished.is_empty()
             || !self.claims.is_empty()
         {
@@ -38,6 +39,7 @@ impl MainLoop {
         self.running.clear();
         self.unfinished.clear();
         self.finishing.clear();
+        self.retrying_ends.clear();
         self.claims.clear();
     }
 
