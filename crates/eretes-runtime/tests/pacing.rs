@@ -155,29 +155,42 @@ async fn releases_still_being_written_are_not_released_again_by_the_next_balance
 }
 
 #[tokio::test(start_paused = true)]
-async fn run_ends_the_store_refused_are_retried_until_written() {
+async fn ends_the_store_keeps_refusing_do_not_hold_back_the_others() {
     let faulty = FaultyStore::new(EmbeddedStore::new());
     let mut cluster = Cluster::new(faulty.clone());
-    cluster.submit_idle(40).await;
+    cluster.submit_idle(200).await;
     let config = cluster.config("a");
     cluster
         .start_with(faulty.clone(), config, Box::new(DumbBalancer))
         .await;
-    eventually("all 40 tasks run", Duration::from_secs(30), || {
-        cluster.observer.running_tasks() == 40
+    eventually("all 200 tasks run", Duration::from_secs(30), || {
+        cluster.observer.running_tasks() == 200
     })
     .await;
-    // The store refuses everything for 400 ms (less than the fence
-    // deadline) just as every task is released: each end's first write
-    // fails, and is retried outside the end window until it is written.
-    faulty.set_outage(true);
+    // The store refuses, for good, every transaction that ends one of half
+    // the tasks (t0000 to t0099), and with it every batch that holds one.
+    // The other half must still be written, each on its own after its
+    // batch failed, and the refused ones kept trying.
+    faulty.fail_txns_comparing(Some("test/owners/t00"));
     cluster.node("a").command(NodeCommand::Drain);
-    tokio::time::sleep(Duration::from_millis(400)).await;
-    assert_eq!(owned(&faulty).await, 40, "nothing written in the outage");
-    faulty.set_outage(false);
-    until_every_end_is_written(&faulty, Duration::from_secs(30)).await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    while owned(&faulty).await > 100 {
+        assert!(
+            Instant::now() < deadline,
+            "{} tasks still owned: refused ends held back the others",
+            owned(&faulty).await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let still_owned = keys_under(faulty.inner().as_ref(), "test/owners/t00").await;
+    assert_eq!(still_owned, 100, "only the refused ends are left");
+    // Failed transactions count as slow: the window is down to one.
     let stats = cluster.node("a").stats();
-    assert_eq!(NodeStats::get(&stats.releases), 40);
+    assert_eq!(NodeStats::get(&stats.end_window), 1);
+    // Once the store takes them, they are written too.
+    faulty.fail_txns_comparing(None);
+    until_every_end_is_written(&faulty, Duration::from_secs(60)).await;
+    assert_eq!(NodeStats::get(&stats.releases), 200);
     assert_eq!(NodeStats::get(&stats.fences), 0);
     assert_eq!(cluster.observer.overlaps(), 0);
 }

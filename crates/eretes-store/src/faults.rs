@@ -28,6 +28,8 @@ pub struct FaultyStore<S: ?Sized> {
     watch_latency_us: AtomicU64,
     /// Reads whose range starts with this prefix fail.
     failing_reads: Mutex<Option<String>>,
+    /// Transactions that compare a key starting with this prefix fail.
+    failing_txns: Mutex<Option<String>>,
     /// Transactions passed on and not answered yet, and the most there
     /// were at once since the last reset.
     txns_in_flight: AtomicU64,
@@ -45,6 +47,7 @@ impl<S: Store + ?Sized> FaultyStore<S> {
             read_latency_us: AtomicU64::new(0),
             watch_latency_us: AtomicU64::new(0),
             failing_reads: Mutex::new(None),
+            failing_txns: Mutex::new(None),
             txns_in_flight: AtomicU64::new(0),
             most_txns_in_flight: AtomicU64::new(0),
         })
@@ -109,6 +112,12 @@ impl<S: Store + ?Sized> FaultyStore<S> {
     /// The wrapped store.
     pub fn inner(&self) -> &Arc<S> {
         &self.inner
+    }
+
+    /// Make every transaction that compares a key starting with `prefix`
+    /// fail (`None`: none), as a store that keeps refusing one write would.
+    pub fn fail_txns_comparing(&self, prefix: Option<&str>) {
+        *self.failing_txns.lock().expect("not poisoned") = prefix.map(str::to_string);
     }
 
     /// The most transactions that were in flight through this store at
@@ -179,6 +188,14 @@ impl<S: Store + ?Sized> Store for FaultyStore<S> {
         for op in txn.success.iter().chain(&txn.failure) {
             if let TxnOp::Get(get) = op {
                 self.check_read(&get.range)?;
+            }
+        }
+        if let Some(prefix) = self.failing_txns.lock().expect("not poisoned").as_deref() {
+            if let Some(compare) = txn.compares.iter().find(|c| c.key.starts_with(prefix)) {
+                return Err(StoreError::Unavailable(format!(
+                    "injected failure of a transaction comparing {}",
+                    compare.key
+                )));
             }
         }
         let in_flight = InFlight::enter(&self.txns_in_flight);

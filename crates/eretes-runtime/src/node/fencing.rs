@@ -82,6 +82,7 @@ impl MainLoop {
         self.unfinished.clear();
         self.finishing.clear();
         self.retrying_ends.clear();
+        self.ends_to_retry.clear();
         self.busy.clear();
         for running in self.running.values() {
             *self

@@ -31,6 +31,8 @@ pub(super) struct EndsWritten {
     /// The groups of the runs it ended (or found ended by another owner):
     /// their slots are free.
     groups: Vec<GroupName>,
+    /// The tasks whose release it wrote.
+    released: Vec<TaskId>,
     /// The runs whose ends it could not write, to retry one by one.
     failed: Vec<(Claim, RunEnd)>,
 }
@@ -140,9 +142,17 @@ impl MainLoop {
     }
 
     /// Write the queued run ends, many per transaction, with at most the
-    /// end window's transactions in flight; the rest wait their turn here.
+    /// end window's transactions in flight (all of [`MAX_END_TXNS_IN_FLIGHT`]
+    /// while shutting down, which has a deadline); the rest wait their turn
+    /// here. Then start the retries that have a retry slot.
     pub(super) fn write_run_ends(&mut self) {
-        while !self.unfinished.is_empty() && self.finishing.len() < self.end_window {
+        self.retry_run_ends();
+        let window = if self.shutting_down.is_some() {
+            MAX_END_TXNS_IN_FLIGHT
+        } else {
+            self.end_window
+        };
+        while !self.unfinished.is_empty() && self.finishing.len() < window {
             let take = self.unfinished.len().min(MAX_FINISH_BATCH);
             let batch: Vec<(Claim, RunEnd)> = self.unfinished.drain(..take).collect();
             let coordinator = self.coordinator.clone();
@@ -152,12 +162,16 @@ impl MainLoop {
                 let mut written = EndsWritten {
                     took: started.elapsed(),
                     groups: Vec::with_capacity(batch.len()),
+                    released: Vec::new(),
                     failed: Vec::new(),
                 };
                 // Store errors are retried one by one; the rest are final.
                 for ((claim, end), result) in batch.into_iter().zip(results) {
                     match result {
                         Ok(()) | Err(ProtocolError::NotOwner { .. }) => {
+                            if result.is_ok() && end == RunEnd::Released {
+                                written.released.push(claim.task.clone());
+                            }
                             written.groups.push(claim.record.spec.group.clone());
                         }
                         Err(error) => {
@@ -171,22 +185,76 @@ impl MainLoop {
         }
     }
 
-    /// A run-end transaction came back: pace the window by it, free the
-    /// slots of the ends it wrote, and retry the ones it could not write.
-    /// The retries run outside the window (each one end at a time, with its
-    /// own backoff), so that an end the store keeps refusing cannot hold a
-    /// window of one, and with it every other end of the node, for ever.
+    /// A run-end transaction came back: pace the window by it (one that
+    /// failed counts as slow: a store that refuses writes is not one to
+    /// send more to), free the slots of the ends it wrote, hold back what
+    /// it released from this node's claims for the release's full ignore
+    /// time from now (the end may have waited in the queue), and queue the
+    /// ends it could not write for a retry.
     pub(super) fn on_ends_written(&mut self, written: EndsWritten) {
-        self.pace_run_ends(written.took);
+        let took = if written.failed.is_empty() {
+            written.took
+        } else {
+            self.config.lease_ttl
+        };
+        self.pace_run_ends(took);
         for group in &written.groups {
             self.release_slot(group);
         }
-        for (claim, end) in written.failed {
-            let coordinator = self.coordinator.clone();
-            self.retrying_ends.push(off_loop(async move {
-                end_with_retries(&coordinator, &claim, end).await;
-                claim.record.spec.group.clone()
+        let delay = self.config.release_ignore;
+        for id in &written.released {
+            self.ignore_for(id, delay);
+        }
+        self.ends_to_retry
+            .extend(written.failed.into_iter().map(|(claim, end)| EndToRetry {
+                claim,
+                end,
+                wait: FIRST_END_RETRY_WAIT,
+                attempt: 1,
             }));
+    }
+
+    /// A retried end came back. Written, or refused because another node
+    /// owns the task now (final and harmless): its slot is free. Refused
+    /// by the store again: it goes to the back of the queue with twice the
+    /// wait, so an end the store keeps refusing takes a retry slot for one
+    /// try at a time and the others behind it get theirs. Retried for as
+    /// long as the node holds the task: giving up would leave the owner
+    /// record under a live lease and strand the task.
+    pub(super) fn on_end_retried(&mut self, EndRetried { mut retry, result }: EndRetried) {
+        match result {
+            Ok(()) | Err(ProtocolError::NotOwner { .. }) => {
+                if let Err(ProtocolError::NotOwner { .. }) = result {
+                    debug!(task = %retry.claim.task, epoch = retry.claim.epoch, "run end refused: no longer the owner");
+                } else if retry.end == RunEnd::Released {
+                    let delay = self.config.release_ignore;
+                    self.ignore_for(&retry.claim.task, delay);
+                }
+                self.release_slot(&retry.claim.record.spec.group);
+            }
+            Err(error) => {
+                warn!(task = %retry.claim.task, attempt = retry.attempt, %error, "could not record the end of a run; retrying");
+                retry.attempt += 1;
+                retry.wait = (retry.wait * 2).min(MAX_END_RETRY_WAIT);
+                self.ends_to_retry.push_back(retry);
+            }
+        }
+    }
+
+    /// Start the retries of ends a transaction could not write, each one
+    /// end on its own after its wait, at most [`MAX_END_TXNS_IN_FLIGHT`] at
+    /// once. They have slots of their own, apart from the end window, and
+    /// an end refused again goes to the back of the queue
+    /// ([`MainLoop::on_end_retried`]): an end the store keeps refusing
+    /// would otherwise hold a window shrunk to one, and with it every other
+    /// end of the node, for ever.
+    fn retry_run_ends(&mut self) {
+        while self.retrying_ends.len() < MAX_END_TXNS_IN_FLIGHT {
+            let Some(retry) = self.ends_to_retry.pop_front() else {
+                return;
+            };
+            self.retrying_ends
+                .push(off_loop(retry_end(self.coordinator.clone(), retry)));
         }
     }
 
@@ -198,9 +266,9 @@ impl MainLoop {
     /// 630 transactions kept etcd's apply queue long enough that every
     /// node's lease renewal failed ("waiting for the applied index took
     /// too long") and all ten fenced themselves, which released more. A
-    /// transaction (its retries included) slower than a twentieth of the
-    /// TTL halves the window, down to one; a quicker one grows it by one,
-    /// up to [`MAX_END_TXNS_IN_FLIGHT`].
+    /// transaction slower than a twentieth of the TTL, or one that failed,
+    /// halves the window, down to one; a quicker one grows it by one, up to
+    /// [`MAX_END_TXNS_IN_FLIGHT`].
     pub(super) fn pace_run_ends(&mut self, took: Duration) {
         self.end_window = if took > self.config.lease_ttl / 20 {
             (self.end_window / 2).max(1)
@@ -233,24 +301,32 @@ impl MainLoop {
     }
 }
 
-/// Write how a run ended, retrying store errors with capped backoff for as
-/// long as the node holds the task: giving up would leave the owner record
-/// under a live lease and strand the task. Fencing, shutdown or a kill drop
-/// this future. A fenced write (someone else owns the task now) is final.
-async fn end_with_retries(coordinator: &Coordinator, claim: &Claim, end: RunEnd) {
-    let mut backoff = Duration::from_millis(50);
-    for attempt in 1u64.. {
-        tokio::time::sleep(backoff).await;
-        match coordinator.end_run(claim, end.clone()).await {
-            Ok(()) => return,
-            Err(ProtocolError::NotOwner { .. }) => {
-                debug!(task = %claim.task, epoch = claim.epoch, "run end refused: no longer the owner");
-                return;
-            }
-            Err(error) => {
-                warn!(task = %claim.task, attempt, %error, "could not record the end of a run; retrying");
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-            }
-        }
-    }
+/// The first wait before an end a transaction could not write is tried
+/// again on its own; each failure doubles it, up to [`MAX_END_RETRY_WAIT`].
+const FIRST_END_RETRY_WAIT: Duration = Duration::from_millis(50);
+
+/// The longest wait between two tries of an end the store refused.
+const MAX_END_RETRY_WAIT: Duration = Duration::from_secs(5);
+
+/// An end waiting to be tried again on its own, and how long to wait first.
+pub(super) struct EndToRetry {
+    claim: Claim,
+    end: RunEnd,
+    wait: Duration,
+    /// Tries so far, for the log.
+    attempt: u64,
+}
+
+/// One retry's outcome.
+pub(super) struct EndRetried {
+    retry: EndToRetry,
+    result: Result<(), ProtocolError>,
+}
+
+/// Wait, then try to write one end. Fencing, shutdown's timeout or a kill
+/// drop this future; the main loop queues the end again if it failed.
+async fn retry_end(coordinator: Coordinator, retry: EndToRetry) -> EndRetried {
+    tokio::time::sleep(retry.wait).await;
+    let result = coordinator.end_run(&retry.claim, retry.end.clone()).await;
+    EndRetried { retry, result }
 }

@@ -10,7 +10,7 @@
 //! in one file per concern: [`claims`], [`handlers`], [`fencing`],
 //! [`listing`] (the cache's listing and watch), [`commands`] and [`shutdown`].
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
@@ -331,9 +331,11 @@ struct MainLoop {
     /// Writes of run ends in flight; each yields the groups whose slots it frees.
     /// Run-end transactions in flight, each one of the end window's.
     finishing: FuturesUnordered<BoxFuture<'static, handlers::EndsWritten>>,
-    /// Run ends that a transaction could not write, each retried on its own
-    /// until it is (outside the end window); each gives its run's group.
-    retrying_ends: FuturesUnordered<BoxFuture<'static, GroupName>>,
+    /// Run ends that a transaction could not write, waiting for a retry
+    /// slot ([`MainLoop::retry_run_ends`]).
+    ends_to_retry: VecDeque<handlers::EndToRetry>,
+    /// Run ends being tried again, each on its own.
+    retrying_ends: FuturesUnordered<BoxFuture<'static, handlers::EndRetried>>,
     /// How many run-end transactions may be in flight now
     /// ([`MainLoop::pace_run_ends`]).
     end_window: usize,
@@ -421,6 +423,7 @@ impl MainLoop {
             claiming: HashSet::new(),
             unfinished: Vec::new(),
             finishing: FuturesUnordered::new(),
+            ends_to_retry: VecDeque::new(),
             retrying_ends: FuturesUnordered::new(),
             end_window: handlers::MAX_END_TXNS_IN_FLIGHT,
             busy: HashMap::new(),
@@ -516,8 +519,8 @@ impl MainLoop {
                 Some(written) = self.finishing.next(), if !self.finishing.is_empty() => {
                     self.on_ends_written(written);
                 }
-                Some(group) = self.retrying_ends.next(), if !self.retrying_ends.is_empty() => {
-                    self.release_slot(&group);
+                Some(retried) = self.retrying_ends.next(), if !self.retrying_ends.is_empty() => {
+                    self.on_end_retried(retried);
                 }
                 Some(expired) = self.overdue.next(), if !self.overdue.is_empty() => {
                     let (id, epoch) = expired.into_inner();

@@ -23,6 +23,7 @@ impl MainLoop {
             || !self.running.is_empty()
             || !self.finishing.is_empty()
             || !self.retrying_ends.is_empty()
+            || !self.ends_to_retry.is_empty()
             || !self.unfinished.is_empty()
             || !self.claims.is_empty()
         {
@@ -40,6 +41,7 @@ impl MainLoop {
         self.unfinished.clear();
         self.finishing.clear();
         self.retrying_ends.clear();
+        self.ends_to_retry.clear();
         self.claims.clear();
     }
 
