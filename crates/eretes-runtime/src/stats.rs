@@ -38,8 +38,8 @@ pub struct NodeStats {
     /// quick.
     pub claim_window: AtomicU64,
     /// Run-end transactions this node lets be in flight now (a gauge): at
-    /// most 8, halved whenever one takes longer than a twentieth of the
-    /// lease TTL, and grown back by one when one is quick. Not in
+    /// most 8, halved whenever one fails or takes longer than a twentieth
+    /// of the lease TTL, and grown back by one when one is quick. Not in
     /// [`NodeStatsSnapshot`].
     pub end_window: AtomicU64,
     /// Listings of the whole namespace applied (the first, each periodic
