@@ -4,9 +4,7 @@
 use std::panic::AssertUnwindSafe;
 use std::time::Duration;
 
-use eretes_protocol::{
-    Claim, Coordinator, GroupName, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
-};
+use eretes_protocol::{Claim, Coordinator, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH};
 use eretes_store::Revision;
 use futures::FutureExt;
 use tokio::time::Instant;
@@ -28,13 +26,8 @@ pub(super) const MAX_END_TXNS_IN_FLIGHT: usize = 8;
 pub(super) struct EndsWritten {
     /// How long the store took to answer it.
     took: Duration,
-    /// The groups of the runs it ended (or found ended by another owner):
-    /// their slots are free.
-    groups: Vec<GroupName>,
-    /// The tasks whose release it wrote.
-    released: Vec<TaskId>,
-    /// The runs whose ends it could not write, to retry one by one.
-    failed: Vec<(Claim, RunEnd)>,
+    /// Each end it carried, with its outcome.
+    ends: Vec<EndTried>,
 }
 
 impl MainLoop {
@@ -159,84 +152,76 @@ impl MainLoop {
             self.finishing.push(off_loop(async move {
                 let started = Instant::now();
                 let results = coordinator.end_runs(&batch).await;
-                let mut written = EndsWritten {
-                    took: started.elapsed(),
-                    groups: Vec::with_capacity(batch.len()),
-                    released: Vec::new(),
-                    failed: Vec::new(),
-                };
-                // Store errors are retried one by one; the rest are final.
-                for ((claim, end), result) in batch.into_iter().zip(results) {
-                    match result {
-                        Ok(()) | Err(ProtocolError::NotOwner { .. }) => {
-                            if result.is_ok() && end == RunEnd::Released {
-                                written.released.push(claim.task.clone());
-                            }
-                            written.groups.push(claim.record.spec.group.clone());
-                        }
-                        Err(error) => {
-                            warn!(task = %claim.task, %error, "could not record the end of a run; retrying");
-                            written.failed.push((claim, end));
-                        }
-                    }
-                }
-                written
+                let took = started.elapsed();
+                let ends = batch
+                    .into_iter()
+                    .zip(results)
+                    .map(|((claim, end), result)| EndTried {
+                        end: EndToRetry {
+                            claim,
+                            end,
+                            wait: Duration::ZERO,
+                            attempt: 0,
+                        },
+                        result,
+                    })
+                    .collect();
+                EndsWritten { took, ends }
             }));
         }
     }
 
     /// A run-end transaction came back: pace the window by it (one that
     /// failed counts as slow: a store that refuses writes is not one to
-    /// send more to), free the slots of the ends it wrote, hold back what
-    /// it released from this node's claims for the release's full ignore
-    /// time from now (the end may have waited in the queue), and queue the
-    /// ends it could not write for a retry.
-    pub(super) fn on_ends_written(&mut self, written: EndsWritten) {
-        let took = if written.failed.is_empty() {
-            written.took
-        } else {
-            self.config.lease_ttl
-        };
-        self.pace_run_ends(took);
-        for group in &written.groups {
-            self.release_slot(group);
+    /// send more to), then settle each of its ends.
+    pub(super) fn on_ends_written(&mut self, EndsWritten { took, ends }: EndsWritten) {
+        let failed = ends
+            .iter()
+            .any(|tried| !matches!(tried.result, Ok(()) | Err(ProtocolError::NotOwner { .. })));
+        self.pace_run_ends(if failed { self.config.lease_ttl } else { took });
+        for tried in ends {
+            self.settle_end(tried);
         }
-        let delay = self.config.release_ignore;
-        for id in &written.released {
-            self.ignore_for(id, delay);
-        }
-        self.ends_to_retry
-            .extend(written.failed.into_iter().map(|(claim, end)| EndToRetry {
-                claim,
-                end,
-                wait: FIRST_END_RETRY_WAIT,
-                attempt: 1,
-            }));
     }
 
-    /// A retried end came back. Written, or refused because another node
-    /// owns the task now (final and harmless): its slot is free. Refused
-    /// by the store again: it goes to the back of the queue with twice the
-    /// wait, so an end the store keeps refusing takes a retry slot for one
-    /// try at a time and the others behind it get theirs. Retried for as
-    /// long as the node holds the task: giving up would leave the owner
-    /// record under a live lease and strand the task.
-    pub(super) fn on_end_retried(&mut self, EndRetried { mut retry, result }: EndRetried) {
+    /// An end came back from the store, from its transaction or a retry.
+    /// Written, or refused because another node owns the task now (final
+    /// and harmless): its slot is free, and a written release holds the
+    /// task back from this node's claims for the full ignore time from now
+    /// (the end may have waited in the queue). Refused by the store: it
+    /// goes to the back of the retry queue, first after 50 ms, then twice
+    /// the wait each time, so an end the store keeps refusing takes a
+    /// retry slot for one try at a time and the others behind it get
+    /// theirs. Retried for as long as the node holds the task: giving up
+    /// would leave the owner record under a live lease and strand the task.
+    pub(super) fn settle_end(
+        &mut self,
+        EndTried {
+            end: mut pending,
+            result,
+        }: EndTried,
+    ) {
         match result {
-            Ok(()) | Err(ProtocolError::NotOwner { .. }) => {
-                if let Err(ProtocolError::NotOwner { .. }) = result {
-                    debug!(task = %retry.claim.task, epoch = retry.claim.epoch, "run end refused: no longer the owner");
-                } else if retry.end == RunEnd::Released {
+            Ok(()) => {
+                if pending.end == RunEnd::Released {
                     let delay = self.config.release_ignore;
-                    self.ignore_for(&retry.claim.task, delay);
+                    self.ignore_for(&pending.claim.task, delay);
                 }
-                self.release_slot(&retry.claim.record.spec.group);
+                self.release_slot(&pending.claim.record.spec.group);
+            }
+            Err(ProtocolError::NotOwner { .. }) => {
+                debug!(task = %pending.claim.task, epoch = pending.claim.epoch, "run end refused: no longer the owner");
+                self.release_slot(&pending.claim.record.spec.group);
             }
             Err(error) => {
-                warn!(task = %retry.claim.task, attempt = retry.attempt, %error, "could not record the end of a run; retrying");
-                retry.attempt += 1;
-                retry.wait = (retry.wait * 2).min(MAX_END_RETRY_WAIT);
-                self.ends_to_retry.push_back(retry);
+                pending.attempt += 1;
+                warn!(task = %pending.claim.task, attempt = pending.attempt, %error, "could not record the end of a run; retrying");
+                pending.wait = if pending.wait.is_zero() {
+                    FIRST_END_RETRY_WAIT
+                } else {
+                    (pending.wait * 2).min(MAX_END_RETRY_WAIT)
+                };
+                self.ends_to_retry.push_back(pending);
             }
         }
     }
@@ -245,7 +230,7 @@ impl MainLoop {
     /// end on its own after its wait, at most [`MAX_END_TXNS_IN_FLIGHT`] at
     /// once. They have slots of their own, apart from the end window, and
     /// an end refused again goes to the back of the queue
-    /// ([`MainLoop::on_end_retried`]): an end the store keeps refusing
+    /// ([`MainLoop::settle_end`]): an end the store keeps refusing
     /// would otherwise hold a window shrunk to one, and with it every other
     /// end of the node, for ever.
     fn retry_run_ends(&mut self) {
@@ -308,25 +293,27 @@ const FIRST_END_RETRY_WAIT: Duration = Duration::from_millis(50);
 /// The longest wait between two tries of an end the store refused.
 const MAX_END_RETRY_WAIT: Duration = Duration::from_secs(5);
 
-/// An end waiting to be tried again on its own, and how long to wait first.
+/// A run end still to be written, and how long to wait before its next
+/// try on its own.
 pub(super) struct EndToRetry {
     claim: Claim,
     end: RunEnd,
+    /// Zero until a try failed.
     wait: Duration,
-    /// Tries so far, for the log.
+    /// Tries that failed so far, for the log.
     attempt: u64,
 }
 
-/// One retry's outcome.
-pub(super) struct EndRetried {
-    retry: EndToRetry,
+/// One try of an end, and its outcome.
+pub(super) struct EndTried {
+    end: EndToRetry,
     result: Result<(), ProtocolError>,
 }
 
 /// Wait, then try to write one end. Fencing, shutdown's timeout or a kill
 /// drop this future; the main loop queues the end again if it failed.
-async fn retry_end(coordinator: Coordinator, retry: EndToRetry) -> EndRetried {
+async fn retry_end(coordinator: Coordinator, retry: EndToRetry) -> EndTried {
     tokio::time::sleep(retry.wait).await;
     let result = coordinator.end_run(&retry.claim, retry.end.clone()).await;
-    EndRetried { retry, result }
+    EndTried { end: retry, result }
 }

@@ -328,14 +328,13 @@ struct MainLoop {
     /// Runs that ended and whose end is not yet being written; written in
     /// batches at the end of each loop iteration.
     unfinished: Vec<(Claim, RunEnd)>,
-    /// Writes of run ends in flight; each yields the groups whose slots it frees.
     /// Run-end transactions in flight, each one of the end window's.
     finishing: FuturesUnordered<BoxFuture<'static, handlers::EndsWritten>>,
     /// Run ends that a transaction could not write, waiting for a retry
     /// slot ([`MainLoop::retry_run_ends`]).
     ends_to_retry: VecDeque<handlers::EndToRetry>,
     /// Run ends being tried again, each on its own.
-    retrying_ends: FuturesUnordered<BoxFuture<'static, handlers::EndRetried>>,
+    retrying_ends: FuturesUnordered<BoxFuture<'static, handlers::EndTried>>,
     /// How many run-end transactions may be in flight now
     /// ([`MainLoop::pace_run_ends`]).
     end_window: usize,
@@ -520,7 +519,7 @@ impl MainLoop {
                     self.on_ends_written(written);
                 }
                 Some(retried) = self.retrying_ends.next(), if !self.retrying_ends.is_empty() => {
-                    self.on_end_retried(retried);
+                    self.settle_end(retried);
                 }
                 Some(expired) = self.overdue.next(), if !self.overdue.is_empty() => {
                     let (id, epoch) = expired.into_inner();
