@@ -278,6 +278,13 @@ async fn a_contested_task_in_a_batch_does_not_cost_the_others_their_claim() {
             assert_eq!(claimed(outcome).node.as_str(), "a");
         }
     }
+    // The failed transaction read every task back, and the four still
+    // claimable went again together: one epoch (one per task before).
+    let epochs: std::collections::BTreeSet<_> = [0, 1, 3, 4]
+        .iter()
+        .map(|&n| claimed(&outcomes[n]).epoch)
+        .collect();
+    assert_eq!(epochs.len(), 1, "{epochs:?}");
 }
 
 #[tokio::test]

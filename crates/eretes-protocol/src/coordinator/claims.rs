@@ -243,10 +243,14 @@ impl Coordinator {
     /// Claim several tasks in one transaction: every task's checks must hold,
     /// and then every task is claimed at the same revision (which is each
     /// one's epoch). When the transaction fails because some other node got
-    /// to one of the tasks first, or when a task is due to be parked, each
-    /// task is claimed on its own instead, so one contested task never costs
-    /// the others their claim. At most [`MAX_CLAIM_BATCH`] tasks go into one
-    /// transaction; larger batches are split. Outcomes are in input order.
+    /// to one of the tasks first, its failure branch has read every task's
+    /// keys: the tasks whose checks failed come back `Lost` with them, and
+    /// the others are claimed again in one transaction (up to
+    /// [`BATCH_ATTEMPTS`] in all), then one by one. So one contested task
+    /// never costs the others their claim, nor the store a transaction per
+    /// task. A task due to be parked makes each task be claimed on its own.
+    /// At most [`MAX_CLAIM_BATCH`] tasks go into one transaction; larger
+    /// batches are split. Outcomes are in input order.
     pub async fn claim_batch(
         &self,
         node: &NodeName,
@@ -266,48 +270,103 @@ impl Coordinator {
         lease: LeaseId,
         tasks: &[(TaskId, ClaimBasis)],
     ) -> Vec<Result<ClaimOutcome, ProtocolError>> {
-        let one_by_one = || {
-            futures::future::join_all(
-                tasks
-                    .iter()
-                    .map(|(id, basis)| self.claim(node, lease, id, basis)),
-            )
-        };
-        if tasks.len() < 2 {
-            return one_by_one().await;
-        }
         let plans: Vec<ClaimPlan> = tasks
             .iter()
             .map(|(id, basis)| self.plan_claim(node, lease, id, basis, None))
             .collect();
-        if plans.iter().any(|plan| plan.parked.is_some()) {
-            return one_by_one().await;
-        }
-        let mut txn = Txn::new();
-        let mut runs = Vec::with_capacity(plans.len());
-        for plan in plans {
-            txn.compares.extend(plan.compares);
-            txn.success.extend(plan.writes);
-            // The index of this task's record read, its plan's last op.
-            runs.push((plan.run, txn.success.len() - 1));
-        }
-        match self.store.txn(txn).await {
-            Ok(response) if response.succeeded => {
-                let mut outcomes = Vec::with_capacity(tasks.len());
-                for ((id, basis), (run, read)) in tasks.iter().zip(runs) {
+        let mut outcomes: Vec<Option<Result<ClaimOutcome, ProtocolError>>> =
+            tasks.iter().map(|_| None).collect();
+        // Indexes of the tasks still to claim.
+        let mut pending: Vec<usize> = (0..tasks.len()).collect();
+        let parks = plans.iter().any(|plan| plan.parked.is_some());
+        for _ in 0..BATCH_ATTEMPTS {
+            if parks || pending.len() < 2 {
+                break;
+            }
+            let mut txn = Txn::new();
+            // Per task, the index of its record's read: its plan's last op.
+            let mut reads = Vec::with_capacity(pending.len());
+            for &index in &pending {
+                let plan = &plans[index];
+                txn.compares.extend(plan.compares.iter().cloned());
+                txn.success.extend(plan.writes.iter().cloned());
+                reads.push(txn.success.len() - 1);
+                let id = &tasks[index].0;
+                txn.failure.push(get(self.ns.task(id)));
+                txn.failure.push(get(self.ns.owner(id)));
+                txn.failure.push(get(self.ns.run(id)));
+            }
+            let response = match self.store.txn(txn).await {
+                Ok(response) => response,
+                Err(error) => {
+                    for &index in &pending {
+                        outcomes[index] = Some(Err(ProtocolError::Store(error.clone())));
+                    }
+                    pending.clear();
+                    break;
+                }
+            };
+            if response.succeeded {
+                for (&index, read) in pending.iter().zip(reads) {
+                    let (id, basis) = &tasks[index];
                     let read = response.responses.get(read);
-                    outcomes.push(
+                    let run = plans[index].run.clone();
+                    outcomes[index] = Some(
                         self.claimed(node, id, basis, response.revision, run, read)
                             .await,
                     );
                 }
-                outcomes
+                pending.clear();
+                break;
             }
-            Ok(_) => one_by_one().await,
-            Err(error) => tasks
-                .iter()
-                .map(|_| Err(ProtocolError::Store(error.clone())))
-                .collect(),
+            // Some task's check failed: the failure branch read every
+            // task's keys at that revision. The tasks whose checks failed
+            // are lost, with what was read; the others go again together.
+            let mut responses = response.responses.iter();
+            let before = pending.len();
+            pending.retain(|&index| {
+                let keys = TaskKeys {
+                    task: got(responses.next()),
+                    owner: got(responses.next()),
+                    run: got(responses.next()),
+                    revision: response.revision,
+                };
+                if claimable_as_seen(&keys, &tasks[index].1) {
+                    return true;
+                }
+                outcomes[index] = Some(Ok(ClaimOutcome::Lost(keys)));
+                false
+            });
+            if pending.len() == before {
+                // Every check held when read back: the store and this
+                // reading disagree; claim each on its own.
+                break;
+            }
         }
+        let singles = futures::future::join_all(pending.iter().map(|&index| {
+            let (id, basis) = &tasks[index];
+            self.claim(node, lease, id, basis)
+        }))
+        .await;
+        for (&index, outcome) in pending.iter().zip(singles) {
+            outcomes[index] = Some(outcome);
+        }
+        outcomes
+            .into_iter()
+            .map(|outcome| outcome.expect("every task has an outcome"))
+            .collect()
     }
+}
+
+/// How many transactions a batch of claims tries, each without the tasks
+/// the one before lost, before the tasks left are claimed one by one.
+const BATCH_ATTEMPTS: usize = 3;
+
+/// Whether a claim of a task at `basis` would pass its checks against
+/// `keys`: the task as seen, no owner, the run record as seen.
+fn claimable_as_seen(keys: &TaskKeys, basis: &ClaimBasis) -> bool {
+    let revision = |kv: &Option<KeyValue>| kv.as_ref().map_or(0, |kv| kv.mod_revision);
+    revision(&keys.task) == basis.task_revision
+        && keys.owner.is_none()
+        && revision(&keys.run) == basis.run_revision
 }
