@@ -2,6 +2,7 @@
 //! [`Store`], so every backend gets the same guarantees.
 
 mod claims;
+mod legacy;
 
 use std::sync::Arc;
 
@@ -37,7 +38,7 @@ pub struct ClaimBasis {
     pub group: GroupName,
     /// `mod_revision` of `tasks/<id>`.
     pub task_revision: Revision,
-    /// `runs/<id>` as seen: its mod revision (0 = absent) and value.
+    /// `claims/<id>` (the run record) as seen: its mod revision (0 = absent) and value.
     pub run_revision: Revision,
     /// The run record seen (default when absent).
     pub run: RunRecord,
@@ -111,7 +112,7 @@ pub struct TaskKeys {
     pub task: Option<KeyValue>,
     /// `owners/<id>`, if present.
     pub owner: Option<KeyValue>,
-    /// `runs/<id>`, if present.
+    /// `claims/<id>` (the run record), if present.
     pub run: Option<KeyValue>,
     /// The store's revision when the keys were read: a cache that has
     /// seen a change of them after it knows the read is older.

@@ -3,7 +3,7 @@
 //! ```text
 //! <ns>/tasks/<id>                 task record (group + properties); exists while pending or running
 //! <ns>/owners/<id>                owner record, under the owner node's lease; epoch = its create revision
-//! <ns>/runs/<id>                  claim bookkeeping: claims, takeovers, whether the last run ended cleanly
+//! <ns>/claims/<id>                run record: claims, takeovers, whether the last run ended cleanly
 //! <ns>/results/<id>               terminal record: done (with result) or failed (with reason), plus the spec
 //! <ns>/nodes/<name>               node record, under the node's lease
 //! <ns>/node-commands/<name>/<uid> one pending command for a node; deleted when taken
@@ -14,6 +14,13 @@
 //!
 //! Every prefix ends with `/`, and identifiers cannot contain `/`, so a prefix
 //! read or delete for one id or node can never reach another's keys.
+//!
+//! Run records live under `claims/`, which sorts before `node-commands/`,
+//! so that a node's watch (one range, `node-commands/` through `tasks/`)
+//! does not carry them: only the claimant needs a claim's run record, and
+//! it carried one event per claim to every node. Builds before the move
+//! kept them under `runs/` ([`Namespace::legacy_runs_prefix`]); nodes move
+//! what they find there (`Coordinator::move_legacy_run_records`).
 
 use std::fmt;
 
@@ -23,7 +30,9 @@ use crate::ids::{NodeName, TaskId};
 /// The kinds of keys below a namespace, each a fixed path segment.
 const TASKS: &str = "tasks/";
 const OWNERS: &str = "owners/";
-const RUNS: &str = "runs/";
+const RUNS: &str = "claims/";
+/// Where builds before the move kept run records.
+const LEGACY_RUNS: &str = "runs/";
 const RESULTS: &str = "results/";
 const NODES: &str = "nodes/";
 const NODE_COMMANDS: &str = "node-commands/";
@@ -88,7 +97,7 @@ impl Namespace {
     pub fn owner(&self, id: &TaskId) -> String {
         self.join(OWNERS, id.as_str())
     }
-    /// `<ns>/runs/<id>`
+    /// `<ns>/claims/<id>`: the run record.
     pub fn run(&self, id: &TaskId) -> String {
         self.join(RUNS, id.as_str())
     }
@@ -145,9 +154,14 @@ impl Namespace {
     pub fn nodes_prefix(&self) -> String {
         self.join(NODES, "")
     }
-    /// `<ns>/runs/`
+    /// `<ns>/claims/`: every run record.
     pub fn runs_prefix(&self) -> String {
         self.join(RUNS, "")
+    }
+    /// `<ns>/runs/`: where builds before the move to `claims/` kept run
+    /// records.
+    pub fn legacy_runs_prefix(&self) -> String {
+        self.join(LEGACY_RUNS, "")
     }
     /// `<ns>/node-commands/`: every node's command queue.
     pub fn node_commands_prefix(&self) -> String {
@@ -178,6 +192,8 @@ impl Namespace {
             Ok(KeyKind::Owner(task(id)?))
         } else if let Some(id) = rest.strip_prefix(RUNS) {
             Ok(KeyKind::Run(task(id)?))
+        } else if let Some(id) = rest.strip_prefix(LEGACY_RUNS) {
+            Ok(KeyKind::LegacyRun(task(id)?))
         } else if let Some(id) = rest.strip_prefix(RESULTS) {
             Ok(KeyKind::Result(task(id)?))
         } else if let Some(name) = rest.strip_prefix(NODES) {
@@ -217,8 +233,11 @@ pub enum KeyKind {
     Task(TaskId),
     /// `owners/<id>`
     Owner(TaskId),
-    /// `runs/<id>`
+    /// `claims/<id>`: the run record.
     Run(TaskId),
+    /// `runs/<id>`: a run record where builds before the move to `claims/`
+    /// kept it, still to be moved (`Coordinator::move_legacy_run_records`).
+    LegacyRun(TaskId),
     /// `results/<id>`
     Result(TaskId),
     /// `nodes/<name>`
@@ -263,7 +282,10 @@ mod tests {
         assert_eq!(ns.task(&id), "prod/tasks/a");
         assert_eq!(ns.parse(&ns.task(&id)), Ok(KeyKind::Task(id.clone())));
         assert_eq!(ns.parse(&ns.owner(&id)), Ok(KeyKind::Owner(id.clone())));
+        assert_eq!(ns.run(&id), "prod/claims/a");
         assert_eq!(ns.parse(&ns.run(&id)), Ok(KeyKind::Run(id.clone())));
+        let legacy = format!("{}a", ns.legacy_runs_prefix());
+        assert_eq!(ns.parse(&legacy), Ok(KeyKind::LegacyRun(id.clone())));
         assert_eq!(ns.parse(&ns.result(&id)), Ok(KeyKind::Result(id.clone())));
         assert_eq!(ns.parse(&ns.node(&node)), Ok(KeyKind::Node(node.clone())));
         let command = format!("{}x1", ns.node_commands(&node));
@@ -285,6 +307,8 @@ mod tests {
             ns.root().to_string(),
             ns.tasks_prefix(),
             ns.owners_prefix(),
+            ns.runs_prefix(),
+            ns.legacy_runs_prefix(),
             ns.results_prefix(),
             ns.nodes_prefix(),
             ns.node_commands(&node),

@@ -1,18 +1,22 @@
 //! A node's listing: the keys its cache keeps, read kind by kind.
 //!
-//! A node acts on nodes, its own command queue, tasks, owners, runs and task
-//! commands. Results, states, checkpoints and the task graph's keys grow
+//! A node acts on nodes, its own command queue, tasks, owners, run records
+//! and task commands. Results, states, checkpoints and the task graph's keys grow
 //! with the cluster's history and its checkpoints, not with the work a node
 //! can take; a node reads none of them when it lists (first, after a watch
 //! interruption, and every resync). Reading the whole namespace did, and at
 //! a million finished tasks every node read a million results every 30 s.
 //!
 //! A node's watch follows one range, from `node-commands/` through `tasks/`
-//! ([`Coordinator::node_watch_range`]). It holds every kind the node lists,
-//! and the few kinds that sort among them (results, states, other nodes'
-//! command queues), which the node skips. It leaves out checkpoints and the
-//! task graph's keys: what running tasks write as they progress reaches the
-//! nodes that read it, not every node of the cluster.
+//! ([`Coordinator::node_watch_range`]). It holds every kind the node lists
+//! but run records, and the few kinds that sort among them (results,
+//! states, other nodes' command queues), which the node skips. It leaves
+//! out checkpoints and the task graph's keys: what running tasks write as
+//! they progress reaches the nodes that read it, not every node of the
+//! cluster. It leaves out run records (`claims/`) too: every claim writes
+//! one, and only the claimant needs it; a node reads a task's run record
+//! before it claims a task that was owned since its listing (see the
+//! runtime's cache).
 //!
 //! Each kind is one prefix read, so each has its own revision: no store
 //! call reads several prefixes at one revision. A watch that continues the
@@ -67,7 +71,7 @@ impl NodeListing {
 impl Coordinator {
     /// The prefixes a node's cache keeps (see the module's docs), in the
     /// order they are read: nodes, `node`'s command queue, tasks, owners,
-    /// runs and task commands.
+    /// run records and task commands.
     ///
     /// Tasks before their owners and run records: a task submitted and
     /// claimed between two reads is then either missing (its put comes by
@@ -134,7 +138,8 @@ mod tests {
             "n/node-commands/me/1",
             "n/node-commands/other/1",
             "n/owners/a",
-            "n/runs/a",
+            "n/claims/a",
+            "n/runs/b",
             "n/tasks/a",
             "n/task-commands/a/1",
             "n/results/b",
@@ -152,10 +157,10 @@ mod tests {
         assert_eq!(
             keys,
             [
+                "n/claims/a",
                 "n/node-commands/me/1",
                 "n/nodes/me",
                 "n/owners/a",
-                "n/runs/a",
                 "n/task-commands/a/1",
                 "n/tasks/a"
             ]
@@ -170,7 +175,7 @@ mod tests {
     }
 
     #[test]
-    fn a_nodes_watch_holds_what_it_lists_and_not_checkpoints_or_graphs() {
+    fn a_nodes_watch_holds_what_it_lists_but_run_records_and_not_checkpoints_or_graphs() {
         let ns = Namespace::new("n").unwrap();
         let coordinator = Coordinator::new(EmbeddedStore::new(), ns.clone());
         let range = coordinator.node_watch_range();
@@ -180,17 +185,21 @@ mod tests {
             format!("{}1", ns.node_commands(&node)),
             ns.task(&id),
             ns.owner(&id),
-            ns.run(&id),
             format!("{}1", ns.task_commands(&id)),
         ];
         for key in &listed {
             assert!(range.contains(key), "{key} is listed, so watched");
         }
-        // Every prefix the node lists lies in the range.
+        // Every prefix the node lists lies in the range, but the run records'.
         for prefix in coordinator.node_listing_prefixes(&node) {
-            assert!(range.contains(&prefix), "{prefix}");
+            assert_eq!(
+                range.contains(&prefix),
+                prefix != ns.runs_prefix(),
+                "{prefix}"
+            );
         }
         for key in [
+            ns.run(&id),
             ns.checkpoint(&id),
             format!("{}jobs/j", ns.graph_prefix()),
             "o/tasks/a".to_string(),

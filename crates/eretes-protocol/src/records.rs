@@ -150,7 +150,7 @@ pub struct OwnerRecord {
     pub group: GroupName,
 }
 
-/// Claim bookkeeping of a task (`runs/<id>`), written by each claim and by a
+/// Claim bookkeeping of a task (`claims/<id>`), written by each claim and by a
 /// clean release. A claim that finds `open == true` knows the previous owner
 /// never released: it died or lost its lease, and that counts as a takeover.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]

@@ -160,10 +160,12 @@ fn claim_and_failover_benches_run_on_etcd() {
             let released = report["released"].as_u64().expect("released");
             assert!(released <= 30, "{report}");
             assert_eq!(report["nodes"], 3, "{report}");
-            // Read from etcd's /metrics: each claimed task reached at least
-            // the three nodes' watches.
+            // Read from etcd's /metrics: each claimed task reached the three
+            // nodes' watches twice (its submission and its owner record),
+            // and the benchmark's own watch once; not with its run record,
+            // which no node watches (3 events per node and claim before).
             let events = report["etcd_watch_events_per_claim"].as_f64();
-            assert!(events.is_some_and(|e| e >= 3.0), "{report}");
+            assert!(events.is_some_and(|e| (6.0..9.0).contains(&e)), "{report}");
         }
     }
 }

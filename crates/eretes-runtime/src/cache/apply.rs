@@ -143,6 +143,9 @@ impl Cache {
                     }
                 }
             }
+            // Moved to `claims/` before each listing, and never read where
+            // it was (see `Coordinator::move_legacy_run_records`).
+            KeyKind::LegacyRun(_) => Change::None,
             // What nodes do not act on is still checked, so that garbage
             // anywhere in the layout is counted and logged, not ignored.
             KeyKind::Result(_) => match decode::<ResultRecord>("result", &kv.key, &kv.value) {
@@ -242,6 +245,11 @@ impl Cache {
                 if self.task(&id).is_none() && revision != UNREAD {
                     self.last_uncached_delete = Some((id.clone(), revision));
                 }
+                // Every delete of a task deletes its run record in the same
+                // transaction, and the watch does not carry run records.
+                if let Some(entry) = self.entries.get_mut(&id) {
+                    entry.run = CachedRun::default();
+                }
                 self.remove_task(&id);
                 Change::TaskGone(id)
             }
@@ -253,8 +261,22 @@ impl Cache {
                         .ok()
                         .map(|record| (record, kv.create_revision))
                 });
-                if freed.is_some() {
+                if let Some(group) = freed.clone() {
+                    let epoch = self.owner(&id).map_or(UNREAD, |owner| owner.epoch);
                     self.set_owner(&id, None);
+                    if self.task(&id).is_some() {
+                        // Unowned again, and its run record was rewritten
+                        // with this delete (a release), or is still open (an
+                        // expired lease): the watch does not carry run
+                        // records, so the task is read again before a claim.
+                        let task = CachedTask {
+                            group,
+                            revision: UNREAD,
+                            order: epoch,
+                        };
+                        let id = self.shared_task_id(id.clone());
+                        self.put_task(id, task);
+                    }
                 } else if removed.is_none() && revision != UNREAD && !task_went {
                     // The watch did not say whose record went (no
                     // `prev_kv`, or garbage): a task may be unowned that
@@ -292,7 +314,7 @@ impl Cache {
                 }
                 Change::None
             }
-            KeyKind::Result(_) => Change::None,
+            KeyKind::LegacyRun(_) | KeyKind::Result(_) => Change::None,
             KeyKind::Node(name) => match self.remove_node(&name) {
                 true => Change::Membership {
                     node: name,

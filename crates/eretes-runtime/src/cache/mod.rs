@@ -85,7 +85,7 @@ pub(crate) struct CachedOwner {
 /// record, so the difference is paid once per task of the node's groups.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 struct CachedRun {
-    /// `mod_revision` of `runs/<id>`; 0 when there is none (a key's
+    /// `mod_revision` of `claims/<id>`; 0 when there is none (a key's
     /// revision is never 0).
     revision: Revision,
     claims: u32,

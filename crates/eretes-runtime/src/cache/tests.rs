@@ -135,17 +135,30 @@ fn a_listing_keeps_nothing_per_task_another_node_runs_but_what_the_watch_must_fi
     cache.apply_put(&kv(&ns.task(&b), task_value("default"), 5, 5));
     assert_eq!(cache.unowned(&g).count(), 0);
     assert_eq!(cache.view.group(&g).total(), 2);
-    // b's owner goes: unowned, and claimable at once (its task was seen).
+    // b's owner goes: unowned, and read again before a claim (the watch
+    // does not carry the run record its end rewrote).
     let change = cache.apply_delete(&ns.owner(&b), 7, Some(&listing[2]));
     assert!(
         matches!(&change, Change::OwnerChanged { freed: Some(group), .. } if *group == g),
         "{change:?}"
     );
     assert_eq!(cache.view.group(&g).owned_by(&other), 1);
-    assert_eq!(
-        cache.claim_basis(&b).map(|basis| basis.task_revision),
-        Some(5)
-    );
+    assert_eq!(cache.view.group(&g).unowned, 1);
+    assert!(cache.is_unread(&b) && cache.claim_basis(&b).is_none());
+    let released = RunRecord {
+        open: false,
+        ..decode::<RunRecord>("run", "r", &run).unwrap()
+    };
+    let read = TaskKeys {
+        task: Some(kv(&ns.task(&b), task_value("default"), 5, 5)),
+        owner: None,
+        run: Some(kv(&ns.run(&b), encode(&released), 6, 7)),
+        revision: 7,
+    };
+    cache.apply_read_back(&b, &read).expect("applied");
+    let basis = cache.claim_basis(&b).expect("claimable once read");
+    assert_eq!((basis.task_revision, basis.run_revision), (5, 7));
+    assert_eq!((basis.run.claims, basis.run.open), (1, false));
 }
 
 #[test]
@@ -510,20 +523,22 @@ fn a_task_entry_is_forgotten_once_all_its_keys_are_gone() {
     let basis_when_owned = cache.claim_basis(&id);
     assert!(basis_when_owned.is_none(), "an owned task is not claimable");
     cache.apply_delete(&ns.owner(&id), 4, None);
-    let basis = cache
-        .claim_basis(&id)
-        .expect("claimable once the owner is gone");
-    assert_eq!((basis.run_revision, basis.run.claims), (3, 1));
-    // Completion deletes the three keys in any order; the entry must go
-    // with the last of them, or a long-lived node would leak one per task.
-    cache.apply_delete(&ns.task(&id), 5, None);
     assert!(
-        cache.entries.contains_key(&id),
-        "the run record is still cached"
+        cache.is_unread(&id) && cache.claim_basis(&id).is_none(),
+        "unowned, and read before a claim: its run record changed unseen"
     );
-    cache.apply_delete(&ns.run(&id), 5, None);
+    // Completion deletes its task, owner and run records in one
+    // transaction; the watch brings the first two (run records are not
+    // watched), and the entry must go with them, or a long-lived node would
+    // leak one per task.
+    cache.apply_delete(&ns.task(&id), 5, None);
     assert!(cache.entries.is_empty());
     assert_eq!(cache.view.group(&GroupName::default()).total(), 0);
+    // A listed run record goes with its task too.
+    cache.apply_put(&kv(&ns.task(&id), task_value("default"), 6, 6));
+    cache.apply_put(&kv(&ns.run(&id), encode(&RunRecord::default()), 7, 7));
+    cache.apply_delete(&ns.task(&id), 8, None);
+    assert!(cache.entries.is_empty());
 }
 
 #[test]

@@ -58,6 +58,13 @@ impl MainLoop {
         let me = self.config.name.clone();
         let started = Instant::now();
         self.syncing = Some(Box::pin(async move {
+            let moved = coordinator.move_legacy_run_records().await?;
+            if moved > 0 {
+                tracing::info!(
+                    moved,
+                    "moved run records an older build kept under runs/ to claims/"
+                );
+            }
             let listing = coordinator.list_for_node(&me).await?;
             let watch = coordinator
                 .watch_for_node(listing.first_revision() + 1)

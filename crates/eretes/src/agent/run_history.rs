@@ -4,7 +4,7 @@
 //! come and go. A task's history is what of it the ring still holds: the
 //! runs since this agent started, up to the ring's size (on a busy cluster,
 //! the last minutes), and it goes when the task is deleted. The store
-//! itself keeps only each task's counts (`runs/<id>`: claims, takeovers),
+//! itself keeps only each task's counts (`claims/<id>`: claims, takeovers),
 //! which the task's page shows beside it.
 
 use std::collections::{HashMap, VecDeque};
