@@ -1,6 +1,7 @@
 //! What a claim pass asks the balancer, and what it costs, when the balancer
-//! says "not this task" (skip) or "not now" (wait): paused tokio time on the
-//! embedded store, plus one ignored release-mode measurement.
+//! says "not this task" (skip) or "not now" (wait), and how many
+//! transactions a pass sends while tasks keep arriving: paused tokio time on
+//! the embedded store, plus one ignored release-mode measurement.
 
 mod common;
 
@@ -10,8 +11,13 @@ use std::time::Duration;
 
 use common::*;
 use eretes_protocol::{GroupName, TaskId};
+use eretes_runtime::balancer::DumbBalancer;
 use eretes_runtime::balancer::{Balancer, ClaimDecision, ClusterView};
+use eretes_runtime::NodeStats;
+use eretes_store::counting::CountingStore;
 use eretes_store::embedded::EmbeddedStore;
+use eretes_store::faults::FaultyStore;
+use eretes_store::Store;
 use tokio::time::Instant;
 
 /// How often the balancer was asked about each task.
@@ -171,6 +177,96 @@ async fn a_fair_node_at_its_share_claims_again_as_soon_as_a_run_ends() {
         "50 runs of 20 ms in 5 slots took {:?}",
         started.elapsed()
     );
+}
+
+/// A node whose store takes `latency` to answer each transaction, counting
+/// the requests it sends.
+async fn start_counted(
+    cluster: &mut Cluster,
+    name: &str,
+    latency: Duration,
+) -> Arc<CountingStore<Arc<FaultyStore<dyn Store>>>> {
+    let faulty = FaultyStore::new(cluster.store.clone());
+    faulty.set_txn_latency(latency);
+    let counting = Arc::new(CountingStore::new(faulty));
+    let config = cluster.config(name);
+    cluster
+        .start_with(counting.clone(), config, Box::new(DumbBalancer))
+        .await;
+    counting
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_that_arrive_while_a_claim_is_in_flight_go_in_one_batch() {
+    // A store that takes 50 ms per transaction, and a task submitted every
+    // millisecond: each pass finds one new task. Sent at once, each would
+    // be a transaction of its own (320); held while a claim is in flight,
+    // the next pass sends what arrived meanwhile, 32 to a transaction.
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    let node = start_counted(&mut cluster, "a", Duration::from_millis(50)).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before = node.counts();
+    for i in 0..320 {
+        cluster
+            .submit(&format!("t{i:04}"), serde_json::json!({}))
+            .await;
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    eventually("the 320 tasks run", Duration::from_secs(10), || {
+        cluster.observer.running_tasks() == 320
+    })
+    .await;
+    let txns = node.counts().since(&before).txn;
+    assert!(
+        (10..=40).contains(&txns),
+        "{txns} transactions claimed 320 tasks"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn claims_lost_to_other_nodes_cost_a_batch_one_more_transaction_not_one_per_task() {
+    // Four nodes, each store answer 20 ms late, 2,000 tasks submitted 20
+    // to a millisecond. A node whose own share ran out goes for the
+    // others', which they are claiming that moment, so batches lose
+    // compares. A batch that lost one used to claim each of its tasks on
+    // its own; now the tasks still claimable go again in one transaction.
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    let mut stores = Vec::new();
+    for name in ["a", "b", "c", "d"] {
+        stores.push(start_counted(&mut cluster, name, Duration::from_millis(20)).await);
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let before: Vec<_> = stores.iter().map(|store| store.counts()).collect();
+    for i in 0..2_000 {
+        cluster
+            .submit(&format!("t{i:04}"), serde_json::json!({}))
+            .await;
+        if i % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+    }
+    eventually("the 2,000 tasks run", Duration::from_secs(30), || {
+        cluster.observer.running_tasks() == 2_000
+    })
+    .await;
+    let conflicts: u64 = ["a", "b", "c", "d"]
+        .iter()
+        .map(|name| NodeStats::get(&cluster.node(name).stats().claim_conflicts))
+        .sum();
+    let txns: u64 = stores
+        .iter()
+        .zip(&before)
+        .map(|(store, before)| store.counts().since(before).txn)
+        .sum();
+    assert!(
+        conflicts >= 100,
+        "only {conflicts} claims lost: no contention"
+    );
+    assert!(
+        txns <= 200,
+        "{txns} transactions claimed 2,000 tasks ({conflicts} claims lost)"
+    );
+    assert_eq!(cluster.observer.overlaps(), 0);
 }
 
 /// Not a test: a measurement (`cargo test --release -p eretes-runtime --test

@@ -18,19 +18,20 @@ use super::{off_loop, ClaimResult, MainLoop, StopReason};
 
 impl MainLoop {
     pub(super) fn try_claims(&mut self) {
-        let Some(lease) = self.lease.as_ref().map(|l| l.id) else {
+        let blocked = self.frozen || self.shutting_down.is_some() || self.watch.is_none();
+        let Some(lease) = self.lease.as_ref().map(|l| l.id).filter(|_| !blocked) else {
+            self.withdraw_held_batches();
             return;
         };
-        if self.frozen || self.shutting_down.is_some() || self.watch.is_none() {
-            return;
-        }
         // Each pass starts with the next group, so that under an agent-wide
         // limit no group waits for ever behind another that always has work.
         let groups = self.my_groups.len();
         self.claim_rotation = (self.claim_rotation + 1) % groups;
         for step in 0..groups {
             let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
+            let mut batch = self.held_batches.remove(&group).unwrap_or_default();
             if self.waiting.contains_key(&group) {
+                self.send_or_hold(lease, group, batch);
                 continue;
             }
             // Under an agent-wide limit, the room left is shared among the
@@ -47,7 +48,6 @@ impl MainLoop {
                 .slots_for(&group)
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
                 .min(share_of_room);
-            let mut batch = Vec::new();
             let mut reads = Vec::new();
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.claim_window {
@@ -92,11 +92,40 @@ impl MainLoop {
                     ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
                 }
             }
-            if !batch.is_empty() {
-                self.launch_claims(lease, group.clone(), batch);
-            }
             if !reads.is_empty() {
-                self.launch_reads(group, reads);
+                self.launch_reads(group.clone(), reads);
+            }
+            self.send_or_hold(lease, group, batch);
+        }
+    }
+
+    /// Send `batch` (tasks of `group` marked as being claimed), or hold it
+    /// for the next pass if it is not full and this node has a claim or
+    /// read in flight: the pass that the answer brings sends it, with what
+    /// that pass adds. Sent at once, every submission that the nodes' shares
+    /// split N ways became N small transactions, and the store's work per
+    /// claim grew with the nodes. Nothing waits long: an answer ends the
+    /// wait, and a node with nothing in flight sends at once.
+    fn send_or_hold(&mut self, lease: LeaseId, group: GroupName, batch: Vec<(TaskId, ClaimBasis)>) {
+        if batch.is_empty() {
+            return;
+        }
+        if batch.len() < self.config.claim_batch && !self.claims.is_empty() {
+            self.held_batches.insert(group, batch);
+        } else {
+            self.launch_claims(lease, group, batch);
+        }
+    }
+
+    /// Give up every held batch (the node can claim nothing now: frozen,
+    /// shutting down, fenced or between watches): each task is a candidate
+    /// again.
+    fn withdraw_held_batches(&mut self) {
+        for (group, batch) in std::mem::take(&mut self.held_batches) {
+            for (id, _) in batch {
+                self.cache.clear_tentative(&id);
+                self.claiming.remove(&id);
+                self.release_slot(&group);
             }
         }
     }
@@ -112,8 +141,9 @@ impl MainLoop {
     /// The next task of `group` to claim: the oldest eligible one among this
     /// node's share, looking a bounded way ahead, else the oldest eligible
     /// one of all. Without shares every node would try the same oldest tasks
-    /// at once, and a batch that loses one compare falls back to one
-    /// transaction per task; with them, nodes contend only for leftovers.
+    /// at once, and their batches would lose compares to each other; with
+    /// them, nodes contend only for leftovers, and a batch that loses some
+    /// costs one more transaction (see `Coordinator::claim_batch`).
     pub(super) fn next_candidate(
         &self,
         group: &GroupName,

@@ -76,6 +76,7 @@ impl MainLoop {
         // Writes in flight were made under the old lease; their outcome no
         // longer matters (the epoch fences them), so forget them.
         self.claims.clear();
+        self.held_batches.clear();
         for id in self.claiming.drain() {
             self.cache.clear_tentative(&id);
         }

@@ -17,8 +17,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eretes_protocol::{
-    now_ms, Claim, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeListing, NodeName,
-    NodeRecord, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
+    now_ms, Claim, ClaimBasis, ClaimOutcome, Coordinator, GroupName, NodeCommand, NodeListing,
+    NodeName, NodeRecord, ProtocolError, RunEnd, TaskId, MAX_FINISH_BATCH,
 };
 use eretes_store::{LeaseId, Revision, Store, WatchStream};
 use futures::future::BoxFuture;
@@ -350,6 +350,10 @@ struct MainLoop {
     /// until when. Counts change when a claim is lost, a task loses its
     /// owner or a node joins or leaves; the wait then ends at once.
     waiting: HashMap<GroupName, Instant>,
+    /// Per group, a claim batch not full yet, held while a claim or read of
+    /// this node is in flight (see `MainLoop::send_or_hold`). Its tasks are
+    /// marked as being claimed.
+    held_batches: HashMap<GroupName, Vec<(TaskId, ClaimBasis)>>,
 
     /// Handlers waiting for task commands.
     command_signals: CommandSignals,
@@ -429,6 +433,7 @@ impl MainLoop {
             claim_rotation: 0,
             ignore: DelayQueue::new(),
             waiting: HashMap::new(),
+            held_batches: HashMap::new(),
             commands: BTreeMap::new(),
             command_signals: CommandSignals::default(),
             command_retry_at: None,
