@@ -12,6 +12,7 @@ use eretes_protocol::{
 };
 use eretes_runtime::balancer::{min_moves, DumbBalancer, FairBalancer};
 use eretes_runtime::NodeStats;
+use eretes_store::counting::CountingStore;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
 use eretes_store::{PutRequest, Store, StoreExt};
@@ -986,13 +987,15 @@ async fn nodes_claiming_together_take_their_own_shares_and_rarely_collide() {
     // oldest tasks and most batches would lose a compare.
     let faulty = FaultyStore::new(EmbeddedStore::new());
     faulty.set_txn_latency(Duration::from_millis(5));
+    let counting = Arc::new(CountingStore::new(faulty.clone()));
     let mut cluster = Cluster::new(faulty.clone());
     cluster.submit_idle(3000).await;
+    let before = counting.counts();
     for name in ["a", "b", "c"] {
         let mut config = cluster.config(name);
         config.max_claims_in_flight = 64;
         cluster
-            .start_with(faulty.clone(), config, Box::new(DumbBalancer))
+            .start_with(counting.clone(), config, Box::new(DumbBalancer))
             .await;
     }
     eventually("all 3000 tasks run", Duration::from_secs(60), || {
@@ -1008,9 +1011,15 @@ async fn nodes_claiming_together_take_their_own_shares_and_rarely_collide() {
     let claims = total(|s| &s.claims);
     let conflicts = total(|s| &s.claim_conflicts);
     assert_eq!(claims, 3000);
+    let txns = counting.counts().since(&before).txn;
+    // Without shares, 2,880 of the 3,000 claims collided. What is left
+    // costs a batch one more transaction (a lost batch goes again without
+    // its lost tasks): 3,000 claims take 94 transactions of 32 at best
+    // (106 measured).
     assert!(
-        conflicts * 20 <= claims,
-        "{conflicts} claim conflicts for {claims} claims (more than 5%)"
+        conflicts * 10 <= claims,
+        "{conflicts} claim conflicts for {claims} claims (more than 10%)"
     );
+    assert!(txns <= 150, "{txns} transactions for {claims} claims");
     assert_eq!(cluster.observer.overlaps(), 0);
 }
