@@ -107,21 +107,15 @@ impl Coordinator {
         let txn = Txn {
             compares: plan.compares,
             success: plan.writes,
-            failure: vec![
-                get(self.ns.task(id)),
-                get(self.ns.owner(id)),
-                get(self.ns.run(id)),
-            ],
+            failure: self.task_key_reads(id).to_vec(),
         };
         let response = self.store.txn(txn).await?;
         if !response.succeeded {
             let mut responses = response.responses.iter();
-            return Ok(ClaimOutcome::Lost(TaskKeys {
-                task: got(responses.next()),
-                owner: got(responses.next()),
-                run: got(responses.next()),
-                revision: response.revision,
-            }));
+            return Ok(ClaimOutcome::Lost(task_keys_read(
+                &mut responses,
+                response.revision,
+            )));
         }
         if let Some(takeovers) = plan.parked {
             return Ok(ClaimOutcome::Parked { takeovers });
@@ -221,20 +215,14 @@ impl Coordinator {
     pub async fn read_task_keys(&self, ids: &[TaskId]) -> Result<Vec<TaskKeys>, ProtocolError> {
         let mut answers = Vec::with_capacity(ids.len());
         for chunk in ids.chunks(MAX_CLAIM_BATCH) {
-            let txn = chunk.iter().fold(Txn::new(), |txn, id| {
-                txn.and_then(get(self.ns.task(id)))
-                    .and_then(get(self.ns.owner(id)))
-                    .and_then(get(self.ns.run(id)))
-            });
+            let mut txn = Txn::new();
+            for id in chunk {
+                txn.success.extend(self.task_key_reads(id));
+            }
             let response = self.store.txn(txn).await?;
             let mut responses = response.responses.iter();
             for _ in chunk {
-                answers.push(TaskKeys {
-                    task: got(responses.next()),
-                    owner: got(responses.next()),
-                    run: got(responses.next()),
-                    revision: response.revision,
-                });
+                answers.push(task_keys_read(&mut responses, response.revision));
             }
         }
         Ok(answers)
@@ -291,10 +279,7 @@ impl Coordinator {
                 txn.compares.extend(plan.compares.iter().cloned());
                 txn.success.extend(plan.writes.iter().cloned());
                 reads.push(txn.success.len() - 1);
-                let id = &tasks[index].0;
-                txn.failure.push(get(self.ns.task(id)));
-                txn.failure.push(get(self.ns.owner(id)));
-                txn.failure.push(get(self.ns.run(id)));
+                txn.failure.extend(self.task_key_reads(&tasks[index].0));
             }
             let response = match self.store.txn(txn).await {
                 Ok(response) => response,
@@ -325,12 +310,7 @@ impl Coordinator {
             let mut responses = response.responses.iter();
             let before = pending.len();
             pending.retain(|&index| {
-                let keys = TaskKeys {
-                    task: got(responses.next()),
-                    owner: got(responses.next()),
-                    run: got(responses.next()),
-                    revision: response.revision,
-                };
+                let keys = task_keys_read(&mut responses, response.revision);
                 if claimable_as_seen(&keys, &tasks[index].1) {
                     return true;
                 }
@@ -355,6 +335,32 @@ impl Coordinator {
             .into_iter()
             .map(|outcome| outcome.expect("every task has an outcome"))
             .collect()
+    }
+}
+
+impl Coordinator {
+    /// The reads of what a claim of `id` checks: its task, owner and run
+    /// records, in the order [`task_keys_read`] takes their answers.
+    fn task_key_reads(&self, id: &TaskId) -> [TxnOp; 3] {
+        [
+            get(self.ns.task(id)),
+            get(self.ns.owner(id)),
+            get(self.ns.run(id)),
+        ]
+    }
+}
+
+/// One task's keys from the next three answers of `responses`, as
+/// [`Coordinator::task_key_reads`] asked for them, read at `revision`.
+fn task_keys_read<'a>(
+    responses: &mut impl Iterator<Item = &'a TxnOpResponse>,
+    revision: Revision,
+) -> TaskKeys {
+    TaskKeys {
+        task: got(responses.next()),
+        owner: got(responses.next()),
+        run: got(responses.next()),
+        revision,
     }
 }
 
