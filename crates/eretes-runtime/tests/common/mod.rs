@@ -177,3 +177,14 @@ pub fn spread(observer: &Observer, nodes: &[&str]) -> usize {
         .collect();
     counts.iter().max().unwrap() - counts.iter().min().unwrap()
 }
+
+/// Submit a task whose handler ignores cancellation, and wait until it runs.
+pub async fn run_stubborn_task(cluster: &Cluster) {
+    cluster
+        .submit("stubborn", json!({"mode": "stubborn"}))
+        .await;
+    eventually("it runs", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 1
+    })
+    .await;
+}
