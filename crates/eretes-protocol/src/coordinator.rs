@@ -50,6 +50,12 @@ pub struct ClaimBasis {
 /// transaction.
 pub const MAX_CLAIM_BATCH: usize = 32;
 
+/// The most tasks [`Coordinator::submit_batch`] writes in one transaction.
+/// Each task adds two compares (its task and its result absent), one write
+/// and, for the failure branch, two reads: 64 stay within etcd's default
+/// limit of 128 compares and 128 operations per branch.
+pub const MAX_SUBMIT_BATCH: usize = 64;
+
 /// The most runs one transaction ends. A completion adds one compare and
 /// seven writes, so a full batch stays within etcd's default limit of 128.
 pub const MAX_FINISH_BATCH: usize = 16;
@@ -222,6 +228,59 @@ impl Coordinator {
         } else {
             Err(ProtocolError::AlreadyExists(id.to_string()))
         }
+    }
+
+    /// Submit several tasks in one transaction: every one of them is
+    /// written, at one revision, or none is. Fails with
+    /// [`ProtocolError::InvalidBatch`] for an empty batch, one of more than
+    /// [`MAX_SUBMIT_BATCH`] tasks or one that names an id twice, and with
+    /// [`ProtocolError::AlreadyExists`] naming the first task of the batch
+    /// that is pending, running or retired with a result; nothing is
+    /// written then. Returns the revision of the submission.
+    ///
+    /// What it writes and checks per task is what [`Coordinator::submit`]
+    /// does; a node sees the batch's tasks in one watch response, and can
+    /// claim them together.
+    pub async fn submit_batch(
+        &self,
+        tasks: &[(TaskId, TaskSpec)],
+    ) -> Result<Revision, ProtocolError> {
+        if tasks.is_empty() || tasks.len() > MAX_SUBMIT_BATCH {
+            return Err(ProtocolError::InvalidBatch(format!(
+                "{} tasks; a batch holds 1 to {MAX_SUBMIT_BATCH}",
+                tasks.len()
+            )));
+        }
+        let mut ids = std::collections::HashSet::with_capacity(tasks.len());
+        if let Some((id, _)) = tasks.iter().find(|(id, _)| !ids.insert(id)) {
+            return Err(ProtocolError::InvalidBatch(format!("task {id} appears twice")));
+        }
+        let mut txn = Txn::new();
+        for (id, spec) in tasks {
+            let value = encode_task(id, spec)?;
+            let (task_key, result_key) = (self.ns.task(id), self.ns.result(id));
+            txn = txn
+                .when(Compare::absent(task_key.clone()))
+                .when(Compare::absent(result_key.clone()))
+                .and_then(put(task_key.clone(), value))
+                // Read back only when a compare failed: which task it was.
+                .or_else(get(task_key))
+                .or_else(get(result_key));
+        }
+        let response = self.store.txn(txn).await?;
+        if response.succeeded {
+            return Ok(response.revision);
+        }
+        let mut reads = response.responses.iter();
+        let taken = tasks.iter().find(|_| {
+            let task = got(reads.next());
+            let result = got(reads.next());
+            task.is_some() || result.is_some()
+        });
+        // None found: the one that existed went between the compare and the
+        // read, which one transaction does not allow; named as the batch.
+        let id = taken.map_or_else(|| tasks[0].0.to_string(), |(id, _)| id.to_string());
+        Err(ProtocolError::AlreadyExists(id))
     }
 
     /// Delete a task in whatever state it is, with its owner record, run

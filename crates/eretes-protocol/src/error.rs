@@ -18,6 +18,9 @@ pub enum ProtocolError {
     /// A task spec is malformed or too large.
     #[error("invalid task spec: {0}")]
     InvalidSpec(String),
+    /// A batch of tasks to submit is empty, too large, or names an id twice.
+    #[error("invalid batch of tasks: {0}")]
+    InvalidBatch(String),
     /// A task with this id already exists (pending, running or retired with a result).
     #[error("task {0} already exists")]
     AlreadyExists(String),

@@ -60,7 +60,7 @@ mod views;
 pub use commands::NodeCommand;
 pub use coordinator::{
     Claim, ClaimBasis, ClaimOutcome, Coordinator, RunEnd, TaskKeys, DEFAULT_TAKEOVER_LIMIT,
-    MAX_CLAIM_BATCH, MAX_FINISH_BATCH,
+    MAX_CLAIM_BATCH, MAX_FINISH_BATCH, MAX_SUBMIT_BATCH,
 };
 pub use error::ProtocolError;
 pub use expiry::{Expired, ExpiredPage, EXPIRY_PAGE};

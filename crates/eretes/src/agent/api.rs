@@ -159,6 +159,7 @@ impl From<ProtocolError> for ApiError {
         match error {
             ProtocolError::InvalidId { .. }
             | ProtocolError::InvalidSpec(_)
+            | ProtocolError::InvalidBatch(_)
             | ProtocolError::InvalidCommand(_) => ApiError::invalid(message),
             ProtocolError::AlreadyExists(_) => {
                 ApiError::new(StatusCode::CONFLICT, "already_exists", message)

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use eretes_protocol::{encode_task, GroupName, TaskId, TaskSpec, MAX_CLAIM_BATCH};
+use eretes_protocol::{GroupName, TaskId, TaskSpec, MAX_CLAIM_BATCH, MAX_SUBMIT_BATCH};
 use eretes_runtime::NodeStats;
 use eretes_store::counting::CountingStore;
 use eretes_store::{
@@ -234,10 +234,6 @@ async fn raw_create_rate(
     Ok(count as f64 / started.elapsed().as_secs_f64())
 }
 
-/// Tasks a submitter writes in one transaction in [`claim`]: two compares
-/// each (task and result absent), within etcd's default `--max-txn-ops` (128).
-const SUBMIT_BATCH: usize = 64;
-
 /// N nodes claim M tasks; in the same run, the rate of plain
 /// create-if-absent transactions at the concurrency the nodes' claim
 /// pipelines can reach (each node has `CLAIMS_IN_FLIGHT / MAX_CLAIM_BATCH`
@@ -248,8 +244,8 @@ const SUBMIT_BATCH: usize = 64;
 /// nearly all of them alone and then handed most back, so the figure
 /// measured start-up and rebalancing, and fell with the nodes (16,451
 /// claims/s at 1 node, 3,874 at 10, on etcd). The tasks are then written
-/// in transactions of [`SUBMIT_BATCH`], the same keys and checks as
-/// `Coordinator::submit`, faster than the nodes claim them; the clock runs
+/// in batches of [`MAX_SUBMIT_BATCH`] (`Coordinator::submit_batch`),
+/// faster than the nodes claim them; the clock runs
 /// from the first submission until every task has an owner.
 async fn claim(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(10_000) as usize;
@@ -359,15 +355,16 @@ async fn claim(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serd
 }
 
 /// Submit `count` tasks named `<prefix>-<n>` to the default group, in
-/// transactions of [`SUBMIT_BATCH`], eight at a time. Each transaction
-/// writes what `Coordinator::submit` writes and checks what it checks.
+/// batches of [`MAX_SUBMIT_BATCH`] (`Coordinator::submit_batch`), eight
+/// batches at a time.
 async fn submit_in_batches(cluster: &Cluster, prefix: &str, count: usize) -> Result<()> {
     const SUBMITTERS: usize = 8;
     let spec = TaskSpec::new(GroupName::default(), serde_json::Value::Null);
-    let batches: Vec<Vec<usize>> = (0..count)
-        .collect::<Vec<_>>()
-        .chunks(SUBMIT_BATCH)
-        .map(<[usize]>::to_vec)
+    let batches: Vec<Vec<(TaskId, TaskSpec)>> = (0..count)
+        .map(|n| Ok((TaskId::new(format!("{prefix}-{n:07}"))?, spec.clone())))
+        .collect::<Result<Vec<_>>>()?
+        .chunks(MAX_SUBMIT_BATCH)
+        .map(<[_]>::to_vec)
         .collect();
     let next = std::sync::atomic::AtomicUsize::new(0);
     let submitter = || async {
@@ -376,18 +373,11 @@ async fn submit_in_batches(cluster: &Cluster, prefix: &str, count: usize) -> Res
             let Some(batch) = batches.get(index) else {
                 return anyhow::Ok(());
             };
-            let mut txn = Txn::new();
-            for n in batch {
-                let id = TaskId::new(format!("{prefix}-{n:07}"))?;
-                let key = cluster.ns.task(&id);
-                txn = txn
-                    .when(Compare::absent(key.clone()))
-                    .when(Compare::absent(cluster.ns.result(&id)))
-                    .and_then(TxnOp::Put(PutRequest::new(key, encode_task(&id, &spec)?)));
-            }
-            if !cluster.store.txn(txn).await?.succeeded {
-                bail!("a task of submission batch {index} already existed in a fresh namespace");
-            }
+            cluster
+                .coordinator
+                .submit_batch(batch)
+                .await
+                .with_context(|| format!("submission batch {index} in a fresh namespace"))?;
         }
     };
     futures::future::try_join_all((0..SUBMITTERS).map(|_| submitter())).await?;
