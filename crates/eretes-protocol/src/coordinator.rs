@@ -60,6 +60,11 @@ pub const MAX_SUBMIT_BATCH: usize = 64;
 /// seven writes, so a full batch stays within etcd's default limit of 128.
 pub const MAX_FINISH_BATCH: usize = 16;
 
+/// How many transactions [`Coordinator::end_runs`] tries for one batch,
+/// each without the runs the one before found fenced, before the runs left
+/// are ended one by one.
+const END_ATTEMPTS: usize = 3;
+
 /// How a run ends, as [`Coordinator::end_run`] records it.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RunEnd {
@@ -253,7 +258,9 @@ impl Coordinator {
         }
         let mut ids = std::collections::HashSet::with_capacity(tasks.len());
         if let Some((id, _)) = tasks.iter().find(|(id, _)| !ids.insert(id)) {
-            return Err(ProtocolError::InvalidBatch(format!("task {id} appears twice")));
+            return Err(ProtocolError::InvalidBatch(format!(
+                "task {id} appears twice"
+            )));
         }
         let mut txn = Txn::new();
         for (id, spec) in tasks {
@@ -434,10 +441,14 @@ impl Coordinator {
     }
 
     /// End several runs in one transaction, every write fenced by its own
-    /// claim's epoch. If any one of them is no longer owned, each run is
-    /// ended on its own instead, so a stale claim never blocks the others.
-    /// At most [`MAX_FINISH_BATCH`] runs go into one transaction; larger
-    /// batches are split. Results are in input order.
+    /// claim's epoch. If any one of them is no longer owned, the
+    /// transaction's failure branch has read every run's owner record: the
+    /// runs found fenced fail with [`ProtocolError::NotOwner`] and the
+    /// others go again together (at most [`END_ATTEMPTS`] transactions),
+    /// then on their own, so a stale claim never blocks the others and
+    /// costs the batch one more transaction, not one per run. At most
+    /// [`MAX_FINISH_BATCH`] runs go into one transaction; larger batches are
+    /// split. Results are in input order.
     pub async fn end_runs(&self, runs: &[(Claim, RunEnd)]) -> Vec<Result<(), ProtocolError>> {
         let mut results = Vec::with_capacity(runs.len());
         for chunk in runs.chunks(MAX_FINISH_BATCH) {
@@ -447,28 +458,58 @@ impl Coordinator {
     }
 
     async fn end_chunk(&self, runs: &[(Claim, RunEnd)]) -> Vec<Result<(), ProtocolError>> {
-        let one_by_one = || {
-            futures::future::join_all(
-                runs.iter()
-                    .map(|(claim, end)| self.end_run(claim, end.clone())),
-            )
-        };
-        if runs.len() < 2 {
-            return one_by_one().await;
+        let mut results: Vec<Option<Result<(), ProtocolError>>> = vec![None; runs.len()];
+        let mut left: Vec<usize> = (0..runs.len()).collect();
+        for _ in 0..END_ATTEMPTS {
+            if left.len() < 2 {
+                break;
+            }
+            let mut txn = Txn::new();
+            for &index in &left {
+                let (claim, end) = &runs[index];
+                txn.compares.push(self.fence(claim));
+                txn.success.extend(self.end_writes(claim, end));
+                txn.failure.push(get(self.ns.owner(&claim.task)));
+            }
+            let outcome = match self.store.txn(txn).await {
+                Ok(response) if response.succeeded => Ok(()),
+                Ok(response) => {
+                    let mut owners = response.responses.iter();
+                    let before = left.len();
+                    left.retain(|&index| {
+                        let claim = &runs[index].0;
+                        let owned = got(owners.next())
+                            .is_some_and(|owner| owner.create_revision == claim.epoch);
+                        if !owned {
+                            results[index] = Some(Err(not_owner(claim)));
+                        }
+                        owned
+                    });
+                    if left.len() == before {
+                        // Every fence held when read, yet one failed: not
+                        // within one transaction; each run alone settles it.
+                        break;
+                    }
+                    continue;
+                }
+                Err(error) => Err(ProtocolError::Store(error)),
+            };
+            for index in left.drain(..) {
+                results[index] = Some(outcome.clone());
+            }
         }
-        let mut txn = Txn::new();
-        for (claim, end) in runs {
-            txn.compares.push(self.fence(claim));
-            txn.success.extend(self.end_writes(claim, end));
+        let alone = futures::future::join_all(
+            left.iter()
+                .map(|&index| self.end_run(&runs[index].0, runs[index].1.clone())),
+        )
+        .await;
+        for (index, result) in left.into_iter().zip(alone) {
+            results[index] = Some(result);
         }
-        match self.store.txn(txn).await {
-            Ok(response) if response.succeeded => runs.iter().map(|_| Ok(())).collect(),
-            Ok(_) => one_by_one().await,
-            Err(error) => runs
-                .iter()
-                .map(|_| Err(ProtocolError::Store(error.clone())))
-                .collect(),
-        }
+        results
+            .into_iter()
+            .map(|result| result.expect("every run ended, fenced or failed"))
+            .collect()
     }
 
     /// The writes that end a run (without the fence).

@@ -412,6 +412,49 @@ async fn ending_runs_in_a_batch_fences_each_run_by_its_own_epoch() {
 }
 
 #[tokio::test]
+async fn a_batch_end_with_fenced_runs_costs_one_more_transaction_not_one_per_run() {
+    let inner: Arc<dyn Store> = EmbeddedStore::new();
+    let counting = Arc::new(eretes_store::counting::CountingStore::new(inner));
+    let store: Arc<dyn Store> = counting.clone();
+    let coordinator = Coordinator::new(store.clone(), Namespace::new("p").unwrap());
+    let tasks = submitted(&coordinator, &store, "f", MAX_FINISH_BATCH).await;
+    let lease = store.lease_grant(Duration::from_secs(5)).await.unwrap().id;
+    let claims: Vec<Claim> = coordinator
+        .claim_batch(&NodeName::new("a").unwrap(), lease, &tasks)
+        .await
+        .iter()
+        .map(|outcome| claimed(outcome).clone())
+        .collect();
+    // Every third run is fenced: its task was deleted under it.
+    let fenced: Vec<usize> = (0..MAX_FINISH_BATCH).step_by(3).collect();
+    for &n in &fenced {
+        coordinator.delete(&tasks[n].0).await.unwrap();
+    }
+    let ends: Vec<(Claim, RunEnd)> = claims
+        .into_iter()
+        .map(|claim| (claim, RunEnd::Done(json!("ok"))))
+        .collect();
+    let (txns, revision) = (
+        counting.counts().txn,
+        store.current_revision().await.unwrap(),
+    );
+    let results = coordinator.end_runs(&ends).await;
+    for (n, result) in results.iter().enumerate() {
+        match fenced.contains(&n) {
+            true => assert!(matches!(result, Err(ProtocolError::NotOwner { .. }))),
+            false => assert_eq!(result, &Ok(()), "run {n}"),
+        }
+    }
+    // The batch, then the runs still owned together: two transactions
+    // (before the failure branch read the owners: 1 + one per run, 17),
+    // and one revision for all of them.
+    assert_eq!(counting.counts().txn - txns, 2);
+    assert_eq!(store.current_revision().await.unwrap(), revision + 1);
+    let results = store.get_prefix("p/results/").await.unwrap().kvs;
+    assert_eq!(results.len(), MAX_FINISH_BATCH - fenced.len());
+}
+
+#[tokio::test]
 async fn a_successful_batch_end_is_one_revision() {
     let (store, coordinator) = setup();
     let tasks = submitted(&coordinator, &store, "r", 6).await;

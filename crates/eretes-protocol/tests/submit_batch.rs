@@ -54,7 +54,10 @@ async fn a_batch_naming_a_pending_or_retired_task_writes_nothing_and_names_it() 
 
     // A retired task (its result kept, its task record gone) counts too.
     let retired = TaskId::new("c-05").unwrap();
-    coordinator.submit(&retired, &spec(json!({}))).await.unwrap();
+    coordinator
+        .submit(&retired, &spec(json!({})))
+        .await
+        .unwrap();
     let claim = claim(&coordinator, &store, &retired, "a").await;
     coordinator.complete(&claim, json!("done")).await.unwrap();
     let error = coordinator.submit_batch(&batch("c", 8)).await.unwrap_err();
@@ -74,7 +77,10 @@ async fn an_empty_oversized_or_repeating_batch_is_refused_before_any_write() {
     };
     for (tasks, expected) in [
         (Vec::new(), "0 tasks; a batch holds 1 to 64"),
-        (batch("o", MAX_SUBMIT_BATCH + 1), "65 tasks; a batch holds 1 to 64"),
+        (
+            batch("o", MAX_SUBMIT_BATCH + 1),
+            "65 tasks; a batch holds 1 to 64",
+        ),
         (repeating, "task r-01 appears twice"),
         (oversized_spec, "spec is"),
     ] {
