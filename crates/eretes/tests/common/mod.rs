@@ -7,6 +7,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
+use serde_json::Value;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_eretes");
 
 /// A running `eretes agent`; SIGKILLed when dropped.
@@ -176,4 +178,54 @@ pub fn agent_refuses(data_dir: &Path, args: &[&str]) -> String {
         .unwrap();
     assert_eq!(output.status.code(), Some(1), "{args:?}: {output:?}");
     String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// `/metrics` parsed by a real Prometheus text parser (Python's
+/// prometheus_client, which `scripts/test.sh` installs as Debian's
+/// python3-prometheus-client): every sample, as `[name, labels, value]`.
+pub fn parse_prometheus(text: &str) -> Vec<(String, serde_json::Map<String, Value>, f64)> {
+    const PARSER: &str = "import json, sys\n\
+        from prometheus_client.parser import text_string_to_metric_families\n\
+        out = [[s.name, s.labels, s.value] for f in text_string_to_metric_families(sys.stdin.read()) for s in f.samples]\n\
+        print(json.dumps(out))\n";
+    let mut child = Command::new("/usr/bin/python3")
+        .args(["-c", PARSER])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("Debian's python3 (scripts/test.sh installs python3-prometheus-client)");
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "the Prometheus parser refused /metrics: {}\n{text}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let samples: Vec<(String, serde_json::Map<String, Value>, f64)> =
+        serde_json::from_slice(&output.stdout).unwrap();
+    samples
+}
+
+/// The parsed `show ID --json` of a task.
+pub fn view(agent: &Agent, id: &str) -> Value {
+    serde_json::from_str(&agent.ok(&["show", id, "--json"])).unwrap()
+}
+
+/// The state `ls --json` gives task `id`.
+pub fn listed_state(agent: &Agent, id: &str) -> Value {
+    let listed: Value = serde_json::from_str(&agent.ok(&["ls", "--json"])).unwrap();
+    listed["tasks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|task| task["id"] == id)
+        .map(|task| task["state"].clone())
+        .unwrap_or(Value::Null)
 }
