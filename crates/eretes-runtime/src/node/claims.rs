@@ -23,12 +23,17 @@ impl MainLoop {
             self.withdraw_held_batches();
             return;
         };
-        // Each pass starts with the next group, so that under an agent-wide
-        // limit no group waits for ever behind another that always has work.
+        // A pass starts with the group after the last one that claimed, so
+        // that under an agent-wide limit the groups take the room that
+        // frees in turn, and none waits behind another that always has
+        // work. (Turning by one group per pass instead gave the room to
+        // whichever group the count of passes between two runs' ends
+        // favoured: with one slot, the same group three times in a row.)
         let groups = self.my_groups.len();
-        self.claim_rotation = (self.claim_rotation + 1) % groups;
+        let first = self.claim_rotation % groups;
         for step in 0..groups {
-            let group = self.my_groups[(self.claim_rotation + step) % groups].clone();
+            let index = (first + step) % groups;
+            let group = self.my_groups[index].clone();
             let mut batch = self.held_batches.remove(&group).unwrap_or_default();
             if self.waiting.contains_key(&group) {
                 self.send_or_hold(lease, group, batch);
@@ -49,6 +54,7 @@ impl MainLoop {
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
                 .min(share_of_room);
             let mut reads = Vec::new();
+            let busy_before = self.busy.get(&group).copied().unwrap_or(0);
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.claim_window {
                 let candidate = self.next_candidate(&group, share);
@@ -91,6 +97,9 @@ impl MainLoop {
                     }
                     ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
                 }
+            }
+            if busy_before != self.busy.get(&group).copied().unwrap_or(0) {
+                self.claim_rotation = index + 1;
             }
             if !reads.is_empty() {
                 self.launch_reads(group.clone(), reads);

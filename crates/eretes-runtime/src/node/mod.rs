@@ -340,7 +340,8 @@ struct MainLoop {
     end_window: usize,
     /// Tasks claiming, running or finishing, per group: what slots limit.
     busy: HashMap<GroupName, usize>,
-    /// Which group the next claiming pass starts with.
+    /// Which group the next claiming pass starts with: the one after the
+    /// last group that claimed.
     claim_rotation: usize,
     /// When each ignored task becomes a claim candidate again. While it is
     /// ignored the cache holds it back from the candidates, and keeps its
