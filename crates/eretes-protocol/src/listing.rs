@@ -20,11 +20,9 @@
 //!
 //! Each kind is one prefix read, so each has its own revision: no store
 //! call reads several prefixes at one revision. A watch that continues the
-//! listing must start no later than just after the first read's revision
-//! (the runtime opens it before it lists, from the next write), and an
-//! event continues the listing only when it is newer than the read of its
-//! kind ([`NodeListing::is_newer`]); older events are in the listing
-//! already.
+//! listing starts after the first read's revision, and an event continues
+//! the listing only when it is newer than the read of its kind
+//! ([`NodeListing::is_newer`]); older events are in the listing already.
 
 use eretes_store::{prefix_end, KeyRange, KeyValue, Revision, StoreExt, WatchStream};
 

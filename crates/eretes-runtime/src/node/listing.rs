@@ -5,9 +5,7 @@
 use std::time::Duration;
 
 use eretes_protocol::{NodeName, ProtocolError, TaskId};
-use eretes_store::{EventKind, StoreError, WatchStream};
-use futures::StreamExt;
-use tokio::sync::mpsc;
+use eretes_store::{EventKind, StoreError};
 use tokio::time::Instant;
 use tracing::{debug, warn};
 
@@ -50,32 +48,6 @@ pub(super) fn resync_delay(name: &NodeName, listings: u64, interval: Duration) -
     interval.mul_f64(1.0 - RESYNC_JITTER + 2.0 * RESYNC_JITTER * fraction)
 }
 
-/// `watch`, read as fast as the store sends it by a task of its own, into a
-/// queue that the returned stream takes from. The node's main loop reads its
-/// watch only between other work, and not at all while it lists the
-/// namespace; a watch left unread falls behind at the store, and etcd then
-/// serves it from its disk in a loop that costs every client of that etcd
-/// (see `start_sync`). The queue holds what the loop has yet to take: the
-/// changes that came during a listing, at most. The task ends with the
-/// stream, or when the returned stream is dropped.
-pub(super) fn read_ahead(mut watch: WatchStream) -> WatchStream {
-    let (queue, mut taken) = mpsc::unbounded_channel();
-    tokio::spawn(async move {
-        loop {
-            let item = tokio::select! {
-                _ = queue.closed() => return,
-                item = watch.next() => item,
-            };
-            let Some(item) = item else { return };
-            let last = item.is_err();
-            if queue.send(item).is_err() || last {
-                return;
-            }
-        }
-    });
-    futures::stream::poll_fn(move |cx| taken.poll_recv(cx)).boxed()
-}
-
 impl MainLoop {
     pub(super) fn start_sync(&mut self) {
         self.sync_at = None;
@@ -93,18 +65,10 @@ impl MainLoop {
                     "moved run records an older build kept under runs/ to claims/"
                 );
             }
-            // The watch first, from the next write, read from then on by a
-            // task of its own; then the listing, whose reads all come after
-            // the watch's start, so that together they miss nothing. The
-            // other way round (a watch from the listing's first revision,
-            // opened once the listing is read), a listing that takes seconds
-            // starts the watch that far behind: etcd (3.4, 3.5) brings a
-            // watch that is behind up to date by reading every revision it
-            // still owes, ten times a second, and delivering a thousand. With
-            // ten nodes re-listing 100,000 tasks, that kept etcd on both
-            // cores for minutes.
-            let watch = read_ahead(coordinator.watch_for_node(0).await?);
             let listing = coordinator.list_for_node(&me).await?;
+            let watch = coordinator
+                .watch_for_node(listing.first_revision() + 1)
+                .await?;
             Ok(Sync {
                 listing,
                 watch,
@@ -164,7 +128,8 @@ impl MainLoop {
                 self.watch = Some(watch);
                 // Until the watch is past the last read, some of its events
                 // are in the listing already.
-                self.listed = Some(listing);
+                self.listed =
+                    (listing.first_revision() < listing.last_revision()).then_some(listing);
                 let count = std::mem::replace(&mut self.count_listing_malformed, false);
                 self.commands.clear();
                 for change in changes {
