@@ -443,11 +443,44 @@ async fn wait_balanced(
         || Ok(last_change()?.elapsed() >= QUIET && spread(owners, nodes) <= 1),
         || {
             let claims = lock(owners).claims;
-            format!("spread {}, {claims} claims", spread(owners, nodes))
+            format!(
+                "spread {}, {claims} claims; {}",
+                spread(owners, nodes),
+                extremes(owners, cluster)
+            )
         },
     )
     .await?;
     last_change()
+}
+
+/// The nodes that own the most and the fewest tasks, each with what it
+/// runs and how many nodes it sees: when a cluster stays unbalanced, which
+/// node holds on to its excess (or does not claim) and why.
+fn extremes(owners: &Mutex<Owners>, cluster: &Cluster) -> String {
+    let owners = lock(owners);
+    let counts = owners.per_node();
+    let describe = |name: &str| {
+        let owned = counts.get(name).copied().unwrap_or(0);
+        match cluster.nodes.get(name) {
+            Some(node) => {
+                let status = node.status().borrow().clone();
+                format!(
+                    "{name} owns {owned}, runs {}, sees {} nodes",
+                    status.running, status.live_nodes
+                )
+            }
+            None => format!("{name} owns {owned} (not a live node)"),
+        }
+    };
+    let mut names: Vec<&str> = cluster.nodes.keys().map(String::as_str).collect();
+    names.sort_by_key(|name| (counts.get(name).copied().unwrap_or(0), *name));
+    match (names.first(), names.last()) {
+        (Some(fewest), Some(most)) => {
+            format!("most: {}; fewest: {}", describe(most), describe(fewest))
+        }
+        _ => String::new(),
+    }
 }
 
 /// Most minus fewest tasks on a node, over `nodes` live nodes (a node with
