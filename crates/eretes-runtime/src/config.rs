@@ -32,7 +32,8 @@ pub struct NodeConfig {
     pub keepalive_interval: Duration,
     /// How often the node re-lists everything and retries missed claims. Default 30 s;
     /// each wait is spread by a quarter either way, so that nodes started
-    /// together do not re-list together, and stretched when listings are slow.
+    /// together do not re-list together, and stretched when listings are slow
+    /// or the cluster has more than 10 live nodes (by nodes / 10, up to 10 ×).
     pub resync_interval: Duration,
     /// How often the balancer runs. Default 30 s.
     pub balance_interval: Duration,

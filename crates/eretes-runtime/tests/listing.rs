@@ -196,6 +196,45 @@ async fn slow_listings_space_the_periodic_resyncs() {
     );
 }
 
+/// Every node's periodic resync reads every task: in a cluster of more
+/// than 10 nodes each node resyncs that many times less often (25 nodes:
+/// every third interval), at most every 10 intervals, so that the cluster's
+/// resyncs stay about 10 listings of the namespace per interval.
+#[tokio::test(start_paused = true)]
+async fn a_large_cluster_spaces_each_nodes_periodic_resyncs() {
+    let window = Duration::from_secs(900);
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    cluster.submit_idle(25).await;
+    let names: Vec<String> = (0..25).map(|n| format!("n{n:02}")).collect();
+    for name in &names {
+        cluster.start_fair(name).await;
+    }
+    eventually("every node sees the 25", Duration::from_secs(30), || {
+        cluster
+            .nodes
+            .values()
+            .all(|node| node.status().borrow().live_nodes == 25)
+    })
+    .await;
+    let listings = || -> u64 {
+        cluster
+            .nodes
+            .values()
+            .map(|node| eretes_runtime::NodeStats::get(&node.stats().listings))
+            .sum()
+    };
+    let before = listings();
+    tokio::time::sleep(window).await;
+    let per_node = (listings() - before) as f64 / 25.0;
+    // 900 s at one resync every 90 s (±25 %), and the first after 30 s:
+    // 10 each, where a node alone resyncs every 30 s (30 in 900 s).
+    assert!(
+        (8.0..=13.0).contains(&per_node),
+        "{per_node} listings per node in 900 s"
+    );
+    assert_eq!(cluster.observer.running_tasks(), 25, "nothing stopped");
+}
+
 #[tokio::test(start_paused = true)]
 async fn run_records_an_older_build_kept_under_runs_are_moved_and_still_count() {
     let inner = EmbeddedStore::new();

@@ -27,6 +27,15 @@ const RESYNC_COST_SHARE: u32 = 100;
 /// `resync_interval`s (5 minutes with the default 30 s).
 const RESYNC_STRETCH_MAX: u32 = 10;
 
+/// Periodic resyncs of a cluster of more nodes than this come that many
+/// times less often per node (at most [`RESYNC_STRETCH_MAX`] intervals
+/// apart), so that the cluster's resyncs read the namespace about this many
+/// times per `resync_interval` rather than once per node: every node's
+/// listing reads every task, and at 300 nodes × 30,000 tasks the periodic
+/// resyncs were most of the nodes' work (5 listings of 90,000 keys a
+/// second).
+const RESYNC_NODES_PER_INTERVAL: usize = 10;
+
 /// Periodic resyncs are spread over this share of `resync_interval` either
 /// way (22.5 to 37.5 s with the default 30 s). Nodes started together (a
 /// cluster's boot, the in-process nodes of `eretes bench scale`) otherwise
@@ -93,12 +102,19 @@ impl MainLoop {
         self.next_resync = self.next_resync.max(now + spaced);
     }
 
-    /// The wait until this node's next periodic resync ([`resync_delay`]).
+    /// The wait until this node's next periodic resync ([`resync_delay`]),
+    /// from an interval stretched by the cluster's size
+    /// ([`RESYNC_NODES_PER_INTERVAL`]).
     pub(super) fn resync_delay(&self) -> Duration {
+        let stretch = self
+            .cache
+            .live_nodes()
+            .div_ceil(RESYNC_NODES_PER_INTERVAL)
+            .clamp(1, RESYNC_STRETCH_MAX as usize);
         resync_delay(
             &self.config.name,
             NodeStats::get(&self.stats.listings),
-            self.config.resync_interval,
+            self.config.resync_interval * stretch as u32,
         )
     }
 
