@@ -81,21 +81,30 @@ pub struct Cluster {
 /// the simulation rather than the protocol.
 fn keepalive_runtime() -> Result<tokio::runtime::Handle> {
     static RUNTIME: OnceLock<tokio::runtime::Runtime> = OnceLock::new();
-    if let Some(runtime) = RUNTIME.get() {
+    thread_runtime(&RUNTIME, "eretes-keepalive")
+}
+
+/// The runtime in `slot`, started on first use: one worker thread named
+/// `name`, for work that must not wait behind the process's other tasks.
+pub(crate) fn thread_runtime(
+    slot: &'static OnceLock<tokio::runtime::Runtime>,
+    name: &str,
+) -> Result<tokio::runtime::Handle> {
+    if let Some(runtime) = slot.get() {
         return Ok(runtime.handle().clone());
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(1)
-        .thread_name("eretes-keepalive")
+        .thread_name(name)
         .enable_all()
         .build()
-        .context("starting the nodes' keepalive thread")?;
-    // Two nodes starting at once may both build one; the loser's is dropped
-    // off the async context, on a thread of its own.
-    if let Err(spare) = RUNTIME.set(runtime) {
+        .with_context(|| format!("starting the {name} thread"))?;
+    // Two callers at once may both build one; the loser's is dropped off the
+    // async context, on a thread of its own.
+    if let Err(spare) = slot.set(runtime) {
         std::thread::spawn(move || drop(spare));
     }
-    Ok(RUNTIME.get().expect("set above").handle().clone())
+    Ok(slot.get().expect("set above").handle().clone())
 }
 
 /// How many tasks a cluster node claims at once, at most.
