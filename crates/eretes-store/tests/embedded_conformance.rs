@@ -58,17 +58,8 @@ fn every_case_is_listed() {
     }
 }
 
-fn put(key: &str, value: &str) -> PutRequest {
-    PutRequest::new(key, value)
-}
-
-async fn next_batch(stream: &mut WatchStream) -> WatchBatch {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("a watch item in time")
-        .expect("the stream goes on")
-        .expect("no watch error")
-}
+mod common;
+use common::{next_batch, put};
 
 #[tokio::test(start_paused = true)]
 async fn revisions_start_at_one_and_advance_by_exactly_one() {

@@ -7,21 +7,11 @@ use std::time::Duration;
 
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::*;
-use futures::StreamExt;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-fn put(key: &str, value: &str) -> PutRequest {
-    PutRequest::new(key, value)
-}
-
-async fn next_batch(stream: &mut WatchStream) -> WatchBatch {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("a watch item in time")
-        .expect("the stream goes on")
-        .expect("no watch error")
-}
+mod common;
+use common::{next_batch, put};
 
 #[derive(Default)]
 struct Model {
