@@ -149,10 +149,11 @@ impl MainLoop {
 
     /// The next task of `group` to claim: the oldest eligible one among this
     /// node's share, else among the next rank's share, and so on, looking a
-    /// bounded way ahead; else the oldest eligible one of all. Without shares every node would try the same oldest tasks
-    /// at once, and their batches would lose compares to each other; with
-    /// them, nodes contend only for leftovers, and a batch that loses some
-    /// costs one more transaction (see `Coordinator::claim_batch`).
+    /// bounded way ahead; else the oldest eligible one of all. Without
+    /// shares every node would try the same oldest tasks at once, and their
+    /// batches would lose compares to each other; with them, nodes contend
+    /// only for leftovers, and a batch that loses some costs one more
+    /// transaction (see `Coordinator::claim_batch`).
     pub(super) fn next_candidate(
         &self,
         group: &GroupName,
