@@ -205,17 +205,7 @@ async fn a_large_cluster_spaces_each_nodes_periodic_resyncs() {
     let window = Duration::from_secs(900);
     let mut cluster = Cluster::new(EmbeddedStore::new());
     cluster.submit_idle(25).await;
-    let names: Vec<String> = (0..25).map(|n| format!("n{n:02}")).collect();
-    for name in &names {
-        cluster.start_fair(name).await;
-    }
-    eventually("every node sees the 25", Duration::from_secs(30), || {
-        cluster
-            .nodes
-            .values()
-            .all(|node| node.status().borrow().live_nodes == 25)
-    })
-    .await;
+    start_fair_nodes(&mut cluster, 25).await;
     let listings = || -> u64 {
         cluster
             .nodes

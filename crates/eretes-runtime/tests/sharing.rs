@@ -344,17 +344,7 @@ async fn nodes_claiming_together_take_their_own_shares_and_rarely_collide() {
 #[tokio::test(start_paused = true)]
 async fn orphans_are_read_by_few_of_many_survivors() {
     let mut cluster = Cluster::new(embedded());
-    let names: Vec<String> = (0..200).map(|n| format!("n{n:02}")).collect();
-    for name in &names {
-        cluster.start_fair(name).await;
-    }
-    eventually("every node sees the 200", Duration::from_secs(30), || {
-        cluster
-            .nodes
-            .values()
-            .all(|node| node.status().borrow().live_nodes == 200)
-    })
-    .await;
+    let names = start_fair_nodes(&mut cluster, 200).await;
     cluster.submit_idle(2_000).await;
     eventually("10 tasks run on each node", Duration::from_secs(60), || {
         let per_node = cluster.observer.running_per_node();

@@ -188,3 +188,24 @@ pub async fn run_stubborn_task(cluster: &Cluster) {
     })
     .await;
 }
+
+/// Start `count` nodes named `n00`, `n01`, … with the fair balancer, and
+/// wait until each sees them all; returns their names.
+pub async fn start_fair_nodes(cluster: &mut Cluster, count: usize) -> Vec<String> {
+    let names: Vec<String> = (0..count).map(|n| format!("n{n:02}")).collect();
+    for name in &names {
+        cluster.start_fair(name).await;
+    }
+    eventually(
+        "every node sees the others",
+        Duration::from_secs(30),
+        || {
+            cluster
+                .nodes
+                .values()
+                .all(|node| node.status().borrow().live_nodes == count)
+        },
+    )
+    .await;
+    names
+}
