@@ -18,6 +18,7 @@ use eretes_store::counting::CountingStore;
 use eretes_store::embedded::EmbeddedStore;
 use eretes_store::faults::FaultyStore;
 use eretes_store::Store;
+use serde_json::json;
 use tokio::time::Instant;
 
 /// How often the balancer was asked about each task.
@@ -134,6 +135,88 @@ async fn a_balancer_that_waits_is_asked_again_after_its_wait_not_on_every_event(
     );
     assert!(total >= 1, "never asked");
     assert_eq!(cluster.observer.running_tasks(), 0);
+}
+
+/// A balancer that puts `first` first ([`Balancer::claim_first`]), lets
+/// this node claim those of them not in `refused`, and makes the group wait
+/// for anything else.
+struct PutsFirst {
+    first: Vec<TaskId>,
+    refused: Vec<TaskId>,
+    wait: Duration,
+    asked: Asked,
+}
+
+impl Balancer for PutsFirst {
+    fn can_claim(&mut self, task: &TaskId, _: &GroupName, _: &ClusterView) -> ClaimDecision {
+        *self
+            .asked
+            .lock()
+            .unwrap()
+            .entry(task.to_string())
+            .or_default() += 1;
+        if self.first.contains(task) && !self.refused.contains(task) {
+            ClaimDecision::Claim
+        } else {
+            ClaimDecision::RetryAfter(self.wait)
+        }
+    }
+
+    fn balance(&mut self, _: &ClusterView) -> Vec<TaskId> {
+        Vec::new()
+    }
+
+    fn claim_first(&mut self, _: &GroupName, _: &ClusterView) -> Vec<TaskId> {
+        self.first.clone()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn tasks_a_balancer_puts_first_are_claimed_while_the_group_waits() {
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    cluster.submit_idle(100).await;
+    let ids = |names: &[&str]| -> Vec<TaskId> {
+        names.iter().map(|n| TaskId::new(*n).unwrap()).collect()
+    };
+    let asked = Asked::default();
+    let wait = Duration::from_secs(60);
+    let balancer = PutsFirst {
+        // Two of them are submitted later; one of those is refused.
+        first: ids(&["t0150", "t0090", "t0120", "t0095"]),
+        refused: ids(&["t0120"]),
+        wait,
+        asked: asked.clone(),
+    };
+    let config = cluster.config("a");
+    cluster
+        .start_with(cluster.store.clone(), config, Box::new(balancer))
+        .await;
+    // The tasks put first are asked first; then the oldest task's answer
+    // makes the group wait for a minute.
+    eventually("t0090 and t0095 run", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 2
+    })
+    .await;
+    let mut running = cluster.observer.running_on("a");
+    running.sort();
+    assert_eq!(running, ["t0090", "t0095"]);
+    // One that appears while the group waits is claimed; the events the
+    // submissions bring ask no other task again, and the refused one once:
+    // it is held back for the wait.
+    for i in 100..=150 {
+        cluster.submit(&format!("t{i:04}"), json!({})).await;
+    }
+    eventually("t0150 runs", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 3
+    })
+    .await;
+    let count = |name: &str| asked.lock().unwrap().get(name).copied().unwrap_or(0);
+    assert_eq!(count("t0120"), 1, "the refused task, asked within its wait");
+    let others: u32 = times_asked(&asked, |n| ![90, 95, 120, 150].contains(&n))
+        .iter()
+        .sum();
+    assert_eq!(others, 1, "only the oldest task was asked, once");
+    assert_eq!(count("t0150"), 1);
 }
 
 #[tokio::test(start_paused = true)]

@@ -84,6 +84,20 @@ impl Balancer for BackupBalancer {
         self.inner.can_claim(task, group, view)
     }
 
+    /// The tasks this node holds a backup of, asked about before the
+    /// group's others: while this node is at its fair share, the wrapped
+    /// balancer's wait for any other task of the group would keep them
+    /// from being asked, and once [`TAKEOVER_GRACE`] ran out another node
+    /// restarted them cold.
+    fn claim_first(&mut self, group: &GroupName, view: &ClusterView) -> Vec<TaskId> {
+        let mut first = self.inner.claim_first(group, view);
+        if let Some(node) = self.node.upgrade() {
+            // The runtime passes over those whose primary still runs.
+            first.extend(node.replicas.lock().expect("not poisoned").keys().cloned());
+        }
+        first
+    }
+
     fn balance(&mut self, view: &ClusterView) -> Vec<TaskId> {
         let picked = self.inner.balance(view);
         match self.node.upgrade() {

@@ -148,4 +148,18 @@ pub trait Balancer: Send + 'static {
     /// Tasks this node should release now (the runtime stops their handlers
     /// and releases them). Called every balance interval and on demand.
     fn balance(&mut self, view: &ClusterView) -> Vec<TaskId>;
+
+    /// Tasks of `group` that a claim pass asks [`Balancer::can_claim`]
+    /// about before any other candidate, in this order, and even while the
+    /// group waits after a [`ClaimDecision::RetryAfter`]: tasks this node
+    /// has a reason of its own to take (a hot standby of them, say). Those
+    /// that are not unowned candidates now (owned, held back, being
+    /// claimed) are passed over. Without this, a wait that another task's
+    /// answer brought (this node is at its fair share) kept such a task
+    /// from being asked at all. Called only while the group has unowned
+    /// candidates. None by default.
+    fn claim_first(&mut self, group: &GroupName, view: &ClusterView) -> Vec<TaskId> {
+        let _ = (group, view);
+        Vec::new()
+    }
 }

@@ -400,6 +400,19 @@ impl Cache {
             .is_some_and(CachedTask::is_unread)
     }
 
+    /// Whether `group` has unowned tasks that are claim candidates.
+    pub fn has_candidates(&self, group: &GroupName) -> bool {
+        self.unowned.get(group).is_some_and(|set| !set.is_empty())
+    }
+
+    /// Whether `id` is an unowned task of `group` that is a claim candidate
+    /// (not held back).
+    pub fn is_candidate(&self, id: &TaskId, group: &GroupName) -> bool {
+        self.entries.get(id).is_some_and(|entry| {
+            entry.owner.is_none() && entry.task.as_ref().is_some_and(|task| task.group == *group)
+        }) && !self.held_ids.contains_key(id)
+    }
+
     /// The key of `id`'s ignore deadline, if it is held back.
     pub fn held_key(&self, id: &TaskId) -> Option<IgnoreKey> {
         self.held_ids.get(id).copied()

@@ -2,6 +2,7 @@
 //! claim transactions in flight and their outcomes, the ignore list, and
 //! the balancer's releases.
 
+use std::collections::VecDeque;
 use std::time::Duration;
 
 use eretes_protocol::{ClaimBasis, ClaimOutcome, GroupName, ProtocolError, RunEnd, TaskId};
@@ -35,7 +36,19 @@ impl MainLoop {
             let index = (first + step) % groups;
             let group = self.my_groups[index].clone();
             let mut batch = self.held_batches.remove(&group).unwrap_or_default();
-            if self.waiting.contains_key(&group) {
+            let mut waiting = self.waiting.contains_key(&group);
+            // Only while the group has candidates: a balancer's list may be
+            // long (every backup a node holds), and most passes have none.
+            let mut asked_first: VecDeque<TaskId> = if self.cache.has_candidates(&group) {
+                self.balancer
+                    .claim_first(&group, &self.cache.view)
+                    .into_iter()
+                    .filter(|id| self.cache.is_candidate(id, &group) && !self.claiming.contains(id))
+                    .collect()
+            } else {
+                VecDeque::new()
+            };
+            if waiting && asked_first.is_empty() {
                 self.send_or_hold(lease, group, batch);
                 continue;
             }
@@ -57,8 +70,16 @@ impl MainLoop {
             let busy_before = self.busy.get(&group).copied().unwrap_or(0);
             let share = self.claim_share(&group);
             while free > 0 && self.claiming.len() < self.claim_window {
-                let candidate = self.next_candidate(&group, share);
-                let Some(id) = candidate else { break };
+                // A wait keeps the group's other tasks from being asked,
+                // not those the balancer puts first.
+                let candidate = match asked_first.pop_front() {
+                    Some(id) => Some((id, true)),
+                    None if waiting => None,
+                    None => self.next_candidate(&group, share).map(|id| (id, false)),
+                };
+                let Some((id, put_first)) = candidate else {
+                    break;
+                };
                 match self.balancer.can_claim(&id, &group, &self.cache.view) {
                     ClaimDecision::Claim => {
                         let basis = self.cache.claim_basis(&id);
@@ -91,9 +112,17 @@ impl MainLoop {
                         // it, its resources), not this task: asking about
                         // the next task at every event until the counts
                         // change would only put one task after another on
-                        // the ignore list.
-                        self.waiting.insert(group.clone(), Instant::now() + delay);
-                        break;
+                        // the ignore list. So the group waits, and only
+                        // the tasks put first are asked from here.
+                        if put_first {
+                            // Asked at every pass while the group waits
+                            // otherwise: held back for the wait instead.
+                            self.ignore_for(&id, delay);
+                        }
+                        if !waiting {
+                            self.waiting.insert(group.clone(), Instant::now() + delay);
+                            waiting = true;
+                        }
                     }
                     ClaimDecision::Skip(delay) => self.ignore_for(&id, delay),
                 }
