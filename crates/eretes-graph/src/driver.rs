@@ -3,7 +3,7 @@
 //! under new names), and counts what happened. `eretes graph regression`
 //! and the tests use it.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,6 +105,12 @@ pub struct RegressionReport {
     pub primary_takeover_ms: Option<u64>,
     /// Tasks of killed nodes that started again cold (`init`).
     pub cold_restarts: u64,
+    /// Of `cold_restarts`, those of tasks that had a backup on a live node
+    /// when their node was killed: each is a takeover that should have
+    /// happened. (A task that had none, say one that had just moved, or
+    /// whose kill stopped waiting for its backups, restarts cold by
+    /// design.)
+    pub cold_restarts_of_backed_tasks: u64,
     /// Median time from a node's kill until one of its tasks ran again
     /// after a cold start (none without cold restarts).
     pub cold_restart_ms: Option<u64>,
@@ -400,8 +406,9 @@ async fn drive_job(
     let mut kill_due: Option<Instant> = None;
     let mut next_kill = options.kill_every.map(|every| Instant::now() + every);
     let mut results = Vec::new();
-    // When each node was killed, and the tasks it owned then.
-    let mut kill_log: Vec<(u64, Vec<eretes_protocol::TaskId>)> = Vec::new();
+    // When each node was killed, and the tasks it owned then, each with
+    // whether it had a backup on another live node.
+    let mut kill_log: Vec<KilledNode> = Vec::new();
     loop {
         if started.elapsed() > options.timeout {
             let mut waiting = Vec::new();
@@ -480,7 +487,21 @@ async fn drive_job(
         for victim in victims {
             if fleet.live().contains(&victim) {
                 let owned = tasks_owned_by(&coordinator, &victim).await?;
-                kill_log.push((eretes_protocol::now_ms(), owned));
+                let backed = if options.backups > 0 {
+                    backed_up_tasks(&jobs, &job, &victim, &fleet.live()).await?
+                } else {
+                    HashSet::new()
+                };
+                kill_log.push(KilledNode {
+                    at_ms: eretes_protocol::now_ms(),
+                    tasks: owned
+                        .into_iter()
+                        .map(|task| {
+                            let backed = backed.contains(&task);
+                            (task, backed)
+                        })
+                        .collect(),
+                });
                 fleet.kill(&victim).await?;
                 kills += 1;
                 fleet.start_node().await?;
@@ -507,8 +528,8 @@ async fn drive_job(
     let median_of = |promoted: bool| {
         let mut times: Vec<u64> = restarts
             .iter()
-            .filter(|(_, was_promoted)| *was_promoted == promoted)
-            .map(|(ms, _)| *ms)
+            .filter(|restart| restart.promoted == promoted)
+            .map(|restart| restart.after_ms)
             .collect();
         times.sort_unstable();
         (times.len() as u64, times.get(times.len() / 2).copied())
@@ -534,26 +555,47 @@ async fn drive_job(
         primary_takeovers,
         primary_takeover_ms,
         cold_restarts,
+        cold_restarts_of_backed_tasks: restarts
+            .iter()
+            .filter(|restart| !restart.promoted && restart.backed)
+            .count() as u64,
         cold_restart_ms,
         elapsed_ms,
     })
 }
 
-/// For each task of each killed node, the time from the kill to its next
-/// run's start, and whether a backup took over: (ms, promoted).
-fn restarts_after_kills(
-    kills: &[(u64, Vec<eretes_protocol::TaskId>)],
-    starts: &[RunStart],
-) -> Vec<(u64, bool)> {
+/// A node the driver killed: when, and the tasks it owned then, each with
+/// whether another live node held a backup of it.
+struct KilledNode {
+    at_ms: u64,
+    tasks: Vec<(eretes_protocol::TaskId, bool)>,
+}
+
+/// A killed node's task running again.
+struct Restart {
+    /// From the kill to the next run's start.
+    after_ms: u64,
+    /// Whether a backup took over.
+    promoted: bool,
+    /// Whether another live node held a backup of it at the kill.
+    backed: bool,
+}
+
+/// For each task of each killed node, its next run's start after the kill.
+fn restarts_after_kills(kills: &[KilledNode], starts: &[RunStart]) -> Vec<Restart> {
     let mut restarts = Vec::new();
-    for (killed_at, tasks) in kills {
-        for task in tasks {
+    for killed in kills {
+        for (task, backed) in &killed.tasks {
             let next = starts
                 .iter()
-                .filter(|start| start.task == *task && start.at_ms >= *killed_at)
+                .filter(|start| start.task == *task && start.at_ms >= killed.at_ms)
                 .min_by_key(|start| start.at_ms);
             if let Some(start) = next {
-                restarts.push((start.at_ms - killed_at, start.promoted));
+                restarts.push(Restart {
+                    after_ms: start.at_ms - killed.at_ms,
+                    promoted: start.promoted,
+                    backed: *backed,
+                });
             }
         }
     }
@@ -582,11 +624,33 @@ async fn backed_up(
         .tasks
         .iter()
         .filter(|task| !task.ended && task.node.as_ref() == Some(victim))
-        .all(|task| {
-            task.backups
-                .iter()
-                .any(|holder| holder != victim && live.contains(holder))
-        }))
+        .all(|task| has_live_backup(task, victim, live)))
+}
+
+/// The tasks of `job` with a backup on a node of `live` other than
+/// `victim`.
+async fn backed_up_tasks(
+    jobs: &Jobs,
+    job: &JobName,
+    victim: &NodeName,
+    live: &[NodeName],
+) -> Result<HashSet<eretes_protocol::TaskId>, GraphError> {
+    let Some(status) = jobs.status(job).await? else {
+        return Ok(HashSet::new());
+    };
+    Ok(status
+        .tasks
+        .iter()
+        .filter(|task| has_live_backup(task, victim, live))
+        .map(|task| graph_task_id(job, task.index))
+        .collect())
+}
+
+/// Whether a node of `live` other than `victim` holds a backup of `task`.
+fn has_live_backup(task: &crate::jobs::TaskStatus, victim: &NodeName, live: &[NodeName]) -> bool {
+    task.backups
+        .iter()
+        .any(|holder| holder != victim && live.contains(holder))
 }
 
 /// The unfinished tasks `node` owns now.
@@ -621,4 +685,42 @@ async fn owner_of(
         .task_view(&graph_task_id(job, index))
         .await?
         .and_then(|view| view.node.filter(|_| !view.state.is_terminal())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use eretes_protocol::TaskId;
+
+    #[test]
+    fn each_killed_task_counts_its_next_run_after_the_kill() {
+        let id = |name: &str| TaskId::new(name).unwrap();
+        let start = |task: &str, at_ms: u64, promoted: bool| RunStart {
+            task: id(task),
+            at_ms,
+            promoted,
+        };
+        let kills = [KilledNode {
+            at_ms: 1_000,
+            tasks: vec![(id("j.0"), true), (id("j.1"), true), (id("j.2"), false)],
+        }];
+        let starts = [
+            // Before the kill: not a restart.
+            start("j.0", 500, false),
+            start("j.0", 1_400, true),
+            // Only the first run after the kill counts.
+            start("j.1", 1_900, false),
+            start("j.1", 2_500, true),
+            start("j.2", 1_200, false),
+        ];
+        let restarts = restarts_after_kills(&kills, &starts);
+        let seen: Vec<(u64, bool, bool)> = restarts
+            .iter()
+            .map(|r| (r.after_ms, r.promoted, r.backed))
+            .collect();
+        assert_eq!(
+            seen,
+            [(400, true, true), (900, false, true), (200, false, false)]
+        );
+    }
 }

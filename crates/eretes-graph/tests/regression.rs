@@ -114,6 +114,6 @@ async fn with_a_backup_per_task_the_roots_backup_takes_over() {
     // The killed node ran the root at least, and each of its tasks had a
     // backup elsewhere (four nodes, one backup each).
     assert!(report.primary_takeovers >= 1, "{report:?}");
-    assert_eq!(report.cold_restarts, 0, "{report:?}");
+    assert_eq!(report.cold_restarts_of_backed_tasks, 0, "{report:?}");
     assert!(report.primary_takeover_ms.is_some(), "{report:?}");
 }

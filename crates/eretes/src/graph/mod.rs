@@ -164,11 +164,13 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
     if report.backups > 0 {
         let ms = |median: Option<u64>| median.map_or("-".to_string(), |ms| format!("{ms} ms"));
         println!(
-            "failovers after kills: {} by a backup (median {} from the kill), {} cold (median {})",
+            "failovers after kills: {} by a backup (median {} from the kill), {} cold (median {}; \
+             {} of them had a backup at the kill)",
             report.primary_takeovers,
             ms(report.primary_takeover_ms),
             report.cold_restarts,
-            ms(report.cold_restart_ms)
+            ms(report.cold_restart_ms),
+            report.cold_restarts_of_backed_tasks
         );
     }
     if args.json {
