@@ -7,7 +7,7 @@
 //!   (`agent/api.rs`) and Prometheus metrics;
 //! * `submit`, `ls`, `show`, `wait`, `logs`, `rm`, `nodes`, `node`, and
 //!   `task ID pause|resume|sleep DURATION|kill` — the CLI that talks to an
-//!   agent (`client.rs`);
+//!   agent (`client/`);
 //! * `eretes demo [--nodes N] [--tasks M] [--json]` — an in-process cluster on
 //!   the embedded store that survives a node's abrupt death and rebalances
 //!   onto a fresh node, with every figure measured by an observer;
