@@ -3,6 +3,8 @@
 
 #![allow(dead_code)] // each test file uses its own part
 
+pub mod cluster;
+
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
