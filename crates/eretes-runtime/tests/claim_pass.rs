@@ -137,11 +137,13 @@ async fn a_balancer_that_waits_is_asked_again_after_its_wait_not_on_every_event(
     assert_eq!(cluster.observer.running_tasks(), 0);
 }
 
-/// A balancer that puts `first` first ([`Balancer::claim_first`]), lets
-/// this node claim those of them not in `refused`, and makes the group wait
-/// for anything else.
+/// A balancer that puts `first` first ([`Balancer::claim_first`]). Of
+/// those, it skips each of `skip_once` for 100 ms the first time it is
+/// asked, refuses `refused` (the group waits), and lets this node claim the
+/// rest; for any other task the group waits.
 struct PutsFirst {
     first: Vec<TaskId>,
+    skip_once: Vec<TaskId>,
     refused: Vec<TaskId>,
     wait: Duration,
     asked: Asked,
@@ -149,16 +151,18 @@ struct PutsFirst {
 
 impl Balancer for PutsFirst {
     fn can_claim(&mut self, task: &TaskId, _: &GroupName, _: &ClusterView) -> ClaimDecision {
-        *self
-            .asked
-            .lock()
-            .unwrap()
-            .entry(task.to_string())
-            .or_default() += 1;
-        if self.first.contains(task) && !self.refused.contains(task) {
-            ClaimDecision::Claim
-        } else {
+        let times = {
+            let mut asked = self.asked.lock().unwrap();
+            let times = asked.entry(task.to_string()).or_default();
+            *times += 1;
+            *times
+        };
+        if !self.first.contains(task) || self.refused.contains(task) {
             ClaimDecision::RetryAfter(self.wait)
+        } else if self.skip_once.contains(task) && times == 1 {
+            ClaimDecision::Skip(Duration::from_millis(100))
+        } else {
+            ClaimDecision::Claim
         }
     }
 
@@ -181,8 +185,10 @@ async fn tasks_a_balancer_puts_first_are_claimed_while_the_group_waits() {
     let asked = Asked::default();
     let wait = Duration::from_secs(60);
     let balancer = PutsFirst {
-        // Two of them are submitted later; one of those is refused.
-        first: ids(&["t0150", "t0090", "t0120", "t0095"]),
+        // Two of them are submitted later, and one of those is refused;
+        // t0090 is skipped the first time, and named twice.
+        first: ids(&["t0150", "t0090", "t0120", "t0095", "t0090"]),
+        skip_once: ids(&["t0090"]),
         refused: ids(&["t0120"]),
         wait,
         asked: asked.clone(),
@@ -191,8 +197,10 @@ async fn tasks_a_balancer_puts_first_are_claimed_while_the_group_waits() {
     cluster
         .start_with(cluster.store.clone(), config, Box::new(balancer))
         .await;
-    // The tasks put first are asked first; then the oldest task's answer
-    // makes the group wait for a minute.
+    let count = |name: &str| asked.lock().unwrap().get(name).copied().unwrap_or(0);
+    // The first pass claims t0095, skips t0090, and then the oldest task's
+    // answer makes the group wait for a minute. When the skip ends, t0090
+    // is asked again within that wait, and claimed.
     eventually("t0090 and t0095 run", Duration::from_secs(5), || {
         cluster.observer.running_tasks() == 2
     })
@@ -200,9 +208,14 @@ async fn tasks_a_balancer_puts_first_are_claimed_while_the_group_waits() {
     let mut running = cluster.observer.running_on("a");
     running.sort();
     assert_eq!(running, ["t0090", "t0095"]);
-    // One that appears while the group waits is claimed; the events the
-    // submissions bring ask no other task again, and the refused one once:
-    // it is held back for the wait.
+    assert_eq!(count("t0090"), 2, "skipped once, then claimed");
+    assert_eq!(count("t0000"), 1, "the oldest task, asked once");
+    let others: u32 = times_asked(&asked, |n| ![0, 90, 95].contains(&n))
+        .iter()
+        .sum();
+    assert_eq!(others, 0, "no other task was asked");
+    // New tasks end the wait; of them, the one put first and allowed is
+    // claimed, and the refused one is asked.
     for i in 100..=150 {
         cluster.submit(&format!("t{i:04}"), json!({})).await;
     }
@@ -210,13 +223,26 @@ async fn tasks_a_balancer_puts_first_are_claimed_while_the_group_waits() {
         cluster.observer.running_tasks() == 3
     })
     .await;
-    let count = |name: &str| asked.lock().unwrap().get(name).copied().unwrap_or(0);
-    assert_eq!(count("t0120"), 1, "the refused task, asked within its wait");
-    let others: u32 = times_asked(&asked, |n| ![90, 95, 120, 150].contains(&n))
-        .iter()
-        .sum();
-    assert_eq!(others, 1, "only the oldest task was asked, once");
     assert_eq!(count("t0150"), 1);
+    assert!(count("t0120") >= 1, "the refused task was asked");
+    // While the group waits again, events that change no count (here,
+    // task states written) bring passes that ask the refused task no more.
+    let refused_asks = count("t0120");
+    for i in 0..20 {
+        let state = serde_json::to_vec(&json!({"state": "runnable"})).unwrap();
+        cluster
+            .store
+            .put(eretes_store::PutRequest::new(
+                cluster.ns.state(&TaskId::new(format!("t{i:04}")).unwrap()),
+                state,
+            ))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(count("t0120"), refused_asks, "asked again within its wait");
+    assert_eq!(cluster.observer.running_tasks(), 3);
 }
 
 #[tokio::test(start_paused = true)]

@@ -37,21 +37,6 @@ impl MainLoop {
             let group = self.my_groups[index].clone();
             let mut batch = self.held_batches.remove(&group).unwrap_or_default();
             let mut waiting = self.waiting.contains_key(&group);
-            // Only while the group has candidates: a balancer's list may be
-            // long (every backup a node holds), and most passes have none.
-            let mut asked_first: VecDeque<TaskId> = if self.cache.has_candidates(&group) {
-                self.balancer
-                    .claim_first(&group, &self.cache.view)
-                    .into_iter()
-                    .filter(|id| self.cache.is_candidate(id, &group) && !self.claiming.contains(id))
-                    .collect()
-            } else {
-                VecDeque::new()
-            };
-            if waiting && asked_first.is_empty() {
-                self.send_or_hold(lease, group, batch);
-                continue;
-            }
             // Under an agent-wide limit, the room left is shared among the
             // groups still to come in this pass (what one leaves unused
             // goes to the next), so no group takes every slot.
@@ -66,6 +51,23 @@ impl MainLoop {
                 .slots_for(&group)
                 .saturating_sub(self.busy.get(&group).copied().unwrap_or(0))
                 .min(share_of_room);
+            // Only with room to claim and candidates to claim: a balancer's
+            // list may be long (every backup a node holds).
+            let room = free > 0 && self.claiming.len() < self.claim_window;
+            let mut asked_first: VecDeque<TaskId> = if room && self.cache.has_candidates(&group) {
+                let waited = self.first_waited.get(&group);
+                self.balancer
+                    .claim_first(&group, &self.cache.view)
+                    .into_iter()
+                    .filter(|id| !waited.is_some_and(|waited| waited.contains(id)))
+                    .collect()
+            } else {
+                VecDeque::new()
+            };
+            if waiting && asked_first.is_empty() {
+                self.send_or_hold(lease, group, batch);
+                continue;
+            }
             let mut reads = Vec::new();
             let busy_before = self.busy.get(&group).copied().unwrap_or(0);
             let share = self.claim_share(&group);
@@ -73,6 +75,13 @@ impl MainLoop {
                 // A wait keeps the group's other tasks from being asked,
                 // not those the balancer puts first.
                 let candidate = match asked_first.pop_front() {
+                    // Checked as it comes up: an earlier decision of this
+                    // pass may have taken it (or the list named it twice).
+                    Some(id)
+                        if !self.cache.is_candidate(&id, &group) || self.claiming.contains(&id) =>
+                    {
+                        continue;
+                    }
                     Some(id) => Some((id, true)),
                     None if waiting => None,
                     None => self.next_candidate(&group, share).map(|id| (id, false)),
@@ -116,8 +125,11 @@ impl MainLoop {
                         // the tasks put first are asked from here.
                         if put_first {
                             // Asked at every pass while the group waits
-                            // otherwise: held back for the wait instead.
-                            self.ignore_for(&id, delay);
+                            // otherwise: left alone until the wait ends.
+                            self.first_waited
+                                .entry(group.clone())
+                                .or_default()
+                                .insert(id.clone());
                         }
                         if !waiting {
                             self.waiting.insert(group.clone(), Instant::now() + delay);
@@ -375,11 +387,13 @@ impl MainLoop {
         let soon = Instant::now() + self.config.membership_balance_delay;
         self.next_balance = self.next_balance.min(soon);
         self.waiting.clear();
+        self.first_waited.clear();
     }
 
     /// The group's counts changed: let the balancer judge it again now.
     pub(super) fn stop_waiting(&mut self, group: &GroupName) {
         self.waiting.remove(group);
+        self.first_waited.remove(group);
     }
 
     pub(super) fn release_slot(&mut self, group: &GroupName) {

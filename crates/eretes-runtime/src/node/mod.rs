@@ -351,6 +351,11 @@ struct MainLoop {
     /// until when. Counts change when a claim is lost, a task loses its
     /// owner or a node joins or leaves; the wait then ends at once.
     waiting: HashMap<GroupName, Instant>,
+    /// Per waiting group, the tasks the balancer put first
+    /// ([`Balancer::claim_first`](crate::balancer::Balancer::claim_first))
+    /// and then told to wait for: not asked again until the group's wait
+    /// ends, so that its passes do not ask about them at every event.
+    first_waited: HashMap<GroupName, HashSet<TaskId>>,
     /// Per group, a claim batch not full yet, held while a claim or read of
     /// this node is in flight (see `MainLoop::send_or_hold`). Its tasks are
     /// marked as being claimed.
@@ -434,6 +439,7 @@ impl MainLoop {
             claim_rotation: 0,
             ignore: DelayQueue::new(),
             waiting: HashMap::new(),
+            first_waited: HashMap::new(),
             held_batches: HashMap::new(),
             commands: BTreeMap::new(),
             command_signals: CommandSignals::default(),
@@ -636,6 +642,9 @@ impl MainLoop {
         // Every due deadline is cleared or moved here, so the loop's single
         // timer never stays armed in the past.
         self.waiting.retain(|_, until| *until > now);
+        let waiting = &self.waiting;
+        self.first_waited
+            .retain(|group, _| waiting.contains_key(group));
         if self.command_retry_at.is_some_and(|at| at <= now) {
             self.command_retry_at = None;
         }
