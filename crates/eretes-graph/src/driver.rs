@@ -3,7 +3,7 @@
 //! under new names), and counts what happened. `eretes graph regression`
 //! and the tests use it.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
@@ -105,12 +105,15 @@ pub struct RegressionReport {
     pub primary_takeover_ms: Option<u64>,
     /// Tasks of killed nodes that started again cold (`init`).
     pub cold_restarts: u64,
-    /// Of `cold_restarts`, those of tasks that had a backup on a live node
-    /// when their node was killed: each is a takeover that should have
-    /// happened. (A task that had none, say one that had just moved, or
-    /// whose kill stopped waiting for its backups, restarts cold by
-    /// design.)
+    /// Of `cold_restarts`, those of tasks that had a backup of their
+    /// current run on a node that outlived the kill, when their node was
+    /// killed: each is a takeover that should have happened. (A task that
+    /// had none, say one that had just moved, or whose kill stopped waiting
+    /// for its backups, restarts cold by design.)
     pub cold_restarts_of_backed_tasks: u64,
+    /// Tasks of killed nodes that had no such backup when their node was
+    /// killed (with backups asked for; 0 without).
+    pub tasks_unbacked_at_kill: u64,
     /// Median time from a node's kill until one of its tasks ran again
     /// after a cold start (none without cold restarts).
     pub cold_restart_ms: Option<u64>,
@@ -484,23 +487,17 @@ async fn drive_job(
         }
         victims.sort();
         victims.dedup();
+        // A backup on a node killed in the same turn takes nothing over.
+        let survivors: Vec<NodeName> = fleet
+            .live()
+            .into_iter()
+            .filter(|node| !victims.contains(node))
+            .collect();
         for victim in victims {
             if fleet.live().contains(&victim) {
-                let owned = tasks_owned_by(&coordinator, &victim).await?;
-                let backed = if options.backups > 0 {
-                    backed_up_tasks(&jobs, &job, &victim, &fleet.live()).await?
-                } else {
-                    HashSet::new()
-                };
                 kill_log.push(KilledNode {
                     at_ms: eretes_protocol::now_ms(),
-                    tasks: owned
-                        .into_iter()
-                        .map(|task| {
-                            let backed = backed.contains(&task);
-                            (task, backed)
-                        })
-                        .collect(),
+                    tasks: tasks_of(&jobs, &job, &victim, &survivors).await?,
                 });
                 fleet.kill(&victim).await?;
                 kills += 1;
@@ -559,6 +556,15 @@ async fn drive_job(
             .iter()
             .filter(|restart| !restart.promoted && restart.backed)
             .count() as u64,
+        tasks_unbacked_at_kill: if options.backups > 0 {
+            kill_log
+                .iter()
+                .flat_map(|killed| &killed.tasks)
+                .filter(|(_, backed)| !backed)
+                .count() as u64
+        } else {
+            0
+        },
         cold_restart_ms,
         elapsed_ms,
     })
@@ -627,22 +633,29 @@ async fn backed_up(
         .all(|task| has_live_backup(task, victim, live)))
 }
 
-/// The tasks of `job` with a backup on a node of `live` other than
-/// `victim`.
-async fn backed_up_tasks(
+/// The unfinished tasks of `job` that `victim` runs now, each with whether
+/// a node of `live` other than `victim` holds a backup of its run: one
+/// consistent read, so that a task that just moved is judged by its new
+/// run's backups.
+async fn tasks_of(
     jobs: &Jobs,
     job: &JobName,
     victim: &NodeName,
     live: &[NodeName],
-) -> Result<HashSet<eretes_protocol::TaskId>, GraphError> {
+) -> Result<Vec<(eretes_protocol::TaskId, bool)>, GraphError> {
     let Some(status) = jobs.status(job).await? else {
-        return Ok(HashSet::new());
+        return Ok(Vec::new());
     };
     Ok(status
         .tasks
         .iter()
-        .filter(|task| has_live_backup(task, victim, live))
-        .map(|task| graph_task_id(job, task.index))
+        .filter(|task| !task.ended && task.node.as_ref() == Some(victim))
+        .map(|task| {
+            (
+                graph_task_id(job, task.index),
+                has_live_backup(task, victim, live),
+            )
+        })
         .collect())
 }
 
@@ -651,29 +664,6 @@ fn has_live_backup(task: &crate::jobs::TaskStatus, victim: &NodeName, live: &[No
     task.backups
         .iter()
         .any(|holder| holder != victim && live.contains(holder))
-}
-
-/// The unfinished tasks `node` owns now.
-async fn tasks_owned_by(
-    coordinator: &Coordinator,
-    node: &NodeName,
-) -> Result<Vec<eretes_protocol::TaskId>, GraphError> {
-    let prefix = coordinator.namespace().owners_prefix();
-    let owners = coordinator
-        .store()
-        .get(eretes_store::GetRequest::new(KeyRange::prefix(
-            prefix.clone(),
-        )))
-        .await?;
-    Ok(owners
-        .kvs
-        .iter()
-        .filter(|kv| {
-            eretes_protocol::decode::<eretes_protocol::OwnerRecord>("owner", &kv.key, &kv.value)
-                .is_ok_and(|owner| owner.node == *node)
-        })
-        .filter_map(|kv| eretes_protocol::TaskId::new(&kv.key[prefix.len()..]).ok())
-        .collect())
 }
 
 async fn owner_of(

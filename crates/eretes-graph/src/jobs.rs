@@ -16,7 +16,9 @@ use serde_json::json;
 use crate::ids::{
     graph_task_id, parse_graph_task_id, valid_link, GraphKey, GraphKeys, JobEpoch, JobName,
 };
-use crate::model::{EpochRecord, JobSpec, MetaRecord, MAX_BACKUPS, MAX_JOB_TASKS, MAX_META_BYTES};
+use crate::model::{
+    BackupRecord, EpochRecord, JobSpec, MetaRecord, MAX_BACKUPS, MAX_JOB_TASKS, MAX_META_BYTES,
+};
 use crate::GraphError;
 
 /// The store side of jobs, for one namespace.
@@ -68,7 +70,9 @@ pub struct TaskStatus {
     pub node: Option<NodeName>,
     /// Whether it has ended (its result is recorded).
     pub ended: bool,
-    /// The nodes holding a backup of it.
+    /// The nodes holding a backup of its current run (of its last run,
+    /// while no node runs it): a backup recorded for an earlier run, not
+    /// yet cleaned up by the current one, cannot take over and is left out.
     pub backups: Vec<NodeName>,
 }
 
@@ -275,12 +279,15 @@ impl Jobs {
             let (of, index) = parse_graph_task_id(&id)?;
             (of == *job).then_some(index as usize)
         };
+        // Each running task's claim epoch: its owner record's creation.
+        let mut claim_epochs: Vec<Option<i64>> = vec![None; tasks.len()];
         for kv in got(&response.responses, 2) {
             let owner = decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok();
-            if let (Some(task), Some(owner)) =
-                (index_of(&kv.key).and_then(|i| tasks.get_mut(i)), owner)
-            {
-                task.node = Some(owner.node);
+            if let (Some(index), Some(owner)) = (index_of(&kv.key), owner) {
+                if let Some(task) = tasks.get_mut(index) {
+                    task.node = Some(owner.node);
+                    claim_epochs[index] = Some(kv.create_revision);
+                }
             }
         }
         for kv in got(&response.responses, 3) {
@@ -288,12 +295,28 @@ impl Jobs {
                 task.ended = true;
             }
         }
+        // Each task's backup records, with the claim epoch of the run each
+        // backs up.
+        let mut records: Vec<Vec<(NodeName, i64)>> = vec![Vec::new(); tasks.len()];
         for kv in got(&response.responses, 4) {
-            if let Some(GraphKey::Backup(_, index, node)) = self.keys.parse(&kv.key) {
-                if let Some(task) = tasks.get_mut(index as usize) {
-                    task.backups.push(node);
-                }
+            let Some(GraphKey::Backup(_, index, node)) = self.keys.parse(&kv.key) else {
+                continue;
+            };
+            let Ok(record) = decode::<BackupRecord>("backup", &kv.key, &kv.value) else {
+                continue;
+            };
+            if let Some(held) = records.get_mut(index as usize) {
+                held.push((node, record.primary_claim_epoch));
             }
+        }
+        for ((task, held), claim_epoch) in tasks.iter_mut().zip(records).zip(claim_epochs) {
+            // The current run's, or while none runs, the last run's.
+            let run = claim_epoch.or_else(|| held.iter().map(|(_, epoch)| *epoch).max());
+            task.backups = held
+                .into_iter()
+                .filter(|(_, epoch)| Some(*epoch) == run)
+                .map(|(node, _)| node)
+                .collect();
         }
         Ok(Some(JobStatus {
             name: job.clone(),

@@ -165,12 +165,13 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         let ms = |median: Option<u64>| median.map_or("-".to_string(), |ms| format!("{ms} ms"));
         println!(
             "failovers after kills: {} by a backup (median {} from the kill), {} cold (median {}; \
-             {} of them had a backup at the kill)",
+             {} of them had a backup at the kill); {} tasks had none at their kill",
             report.primary_takeovers,
             ms(report.primary_takeover_ms),
             report.cold_restarts,
             ms(report.cold_restart_ms),
-            report.cold_restarts_of_backed_tasks
+            report.cold_restarts_of_backed_tasks,
+            report.tasks_unbacked_at_kill
         );
     }
     if args.json {
