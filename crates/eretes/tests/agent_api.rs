@@ -40,6 +40,22 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
         ),
         (
             http.post(&tasks)
+                .header("content-type", "application/json")
+                .body(r#"{"id": "first", "id": "second", "program": "true"}"#),
+            400,
+            "invalid_request",
+            "duplicate field `id`",
+        ),
+        (
+            http.post(&tasks)
+                .header("content-type", "application/json")
+                .body(r#"{"program": "true", "program": "false"}"#),
+            400,
+            "invalid_request",
+            "duplicate field `program`",
+        ),
+        (
+            http.post(&tasks)
                 .json(&json!({"program": "true", "group": "a/b"})),
             400,
             "invalid_request",

@@ -1,6 +1,8 @@
-//! Clients cannot hold the agent: half-sent requests and idle keep-alive
-//! connections are closed after the header-read timeout, connections past
-//! the cap are closed at once (logged once), and the API keeps answering.
+//! Clients cannot hold the agent: half-sent requests (heads or bodies) and
+//! idle keep-alive connections are closed after the header-read timeout,
+//! a declared body over the limit is refused before it is read,
+//! connections past the cap are closed at once (logged once), and the API
+//! keeps answering.
 
 use std::time::Duration;
 
@@ -111,4 +113,69 @@ async fn tasks_start_with_the_open_file_limit_the_agent_was_given() {
         "ulimit -Sn",
     ]);
     assert_eq!(agent.ok(&["logs", "limits"]), "512\n");
+}
+
+/// Everything `stream` receives until the agent closes it, if it does
+/// within `limit`.
+async fn answer_then_close(stream: &mut TcpStream, limit: Duration) -> Option<String> {
+    let mut answer = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut buffer)).await {
+            Err(_) => return None,
+            Ok(Ok(0)) | Ok(Err(_)) => return Some(String::from_utf8_lossy(&answer).into_owned()),
+            Ok(Ok(read)) => answer.extend_from_slice(&buffer[..read]),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_sent_bodies_get_a_408_and_oversized_ones_a_413_before_they_are_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &["--header-timeout-ms", "2000"]).await;
+    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    // 50 submissions that send a whole head and part of the body, then
+    // stop: each held its connection for ever before.
+    let mut half_sent = Vec::new();
+    for i in 0..50 {
+        let mut stream = TcpStream::connect(address).await.unwrap();
+        let head = format!(
+            "POST /v1/tasks HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+             Content-Length: 1000\r\n\r\n{{\"id\": \"half-{i}\", "
+        );
+        stream.write_all(head.as_bytes()).await.unwrap();
+        half_sent.push(stream);
+    }
+    for stream in &mut half_sent {
+        let answer = answer_then_close(stream, Duration::from_secs(15))
+            .await
+            .expect("a half-sent body's connection is closed");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+        assert!(answer.contains("did not arrive within 2000 ms"), "{answer}");
+    }
+    // A declared length over the limit is refused before any body comes.
+    let mut oversized = TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: 104857600\r\n\r\n"
+    );
+    oversized.write_all(head.as_bytes()).await.unwrap();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(1), oversized.read(&mut buffer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    // Nothing was written, and the API answers.
+    let listed = agent.ok(&["ls", "--json"]);
+    assert!(!listed.contains("half-"), "{listed}");
+    let health = reqwest::Client::new()
+        .get(format!("{}/healthz", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
 }

@@ -249,19 +249,25 @@ pub struct SubmitKubernetesRequest {
 
 async fn submit(
     State(state): State<ApiState>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    body: Result<Json<Box<serde_json::value::RawValue>>, JsonRejection>,
 ) -> ApiResult<(StatusCode, Json<TaskView>)> {
     let Json(body) = body?;
+    let text = body.get();
     // A body naming "kubernetes" is a Kubernetes task; any other a process.
-    let (id, group, properties) = if body.get(eretes_kube::PROPERTIES_KEY).is_some() {
+    // Each request type is read from the text itself, which refuses a field
+    // named twice: read through a `Value` first, the last one won, and
+    // `{"id": "a", "id": "b"}` submitted `b`.
+    let kind: serde_json::Value =
+        serde_json::from_str(text).map_err(|e| ApiError::invalid(e.to_string()))?;
+    let (id, group, properties) = if kind.get(eretes_kube::PROPERTIES_KEY).is_some() {
         let request: SubmitKubernetesRequest =
-            serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| ApiError::invalid(e.to_string()))?;
         let spec = eretes_kube::KubeSpec::from_value(&request.kubernetes)
             .map_err(|e| ApiError::invalid(e.to_string()))?;
         (request.id, request.group, spec.to_properties())
     } else {
         let request: SubmitRequest =
-            serde_json::from_value(body).map_err(|e| ApiError::invalid(e.to_string()))?;
+            serde_json::from_str(text).map_err(|e| ApiError::invalid(e.to_string()))?;
         request
             .process
             .validate()

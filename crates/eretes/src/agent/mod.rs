@@ -109,7 +109,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "NAME,..", value_delimiter = ',')]
     pass_env: Vec<String>,
     /// A client must send a whole request head (or start its next request
-    /// on an idle connection) within this many milliseconds.
+    /// on an idle connection) within this many milliseconds, and then the
+    /// request's whole body within as many again.
     #[arg(long, default_value_t = 10_000, value_parser = clap::value_parser!(u64).range(100..=600_000))]
     header_timeout_ms: u64,
     /// Most API connections served at once; more are closed.

@@ -10,6 +10,12 @@
 //!   within it, and an idle keep-alive connection must start its next
 //!   request within it; otherwise it is closed. Half-sent requests cannot
 //!   pile up.
+//! * **Body deadline.** A request's whole body must then arrive within the
+//!   same time (every body the API takes is small and read whole), or the
+//!   request gets a 408 and its connection is closed; a declared length
+//!   over the API's limit gets a 413 before any of it is read. Without
+//!   this, a head followed by half a body held its connection for as long
+//!   as the client liked, and 1,024 of them shut the API out.
 //! * **Connection cap.** At most `max_connections` are served at once; one
 //!   more is closed at once (logged once per burst), rather than the agent
 //!   running out of file descriptors and failing everything.
@@ -22,12 +28,20 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::body::Body;
+use axum::extract::Request;
+use axum::http::{header, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::Router;
+use http_body::Body as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{watch, Semaphore};
 use tracing::{debug, warn};
+
+use super::api::{ApiError, MAX_BODY_BYTES};
 
 /// How the server treats its clients.
 #[derive(Debug, Clone, Copy)]
@@ -73,6 +87,10 @@ pub async fn serve(
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
+    let body_timeout = limits.header_timeout;
+    let router = router.layer(middleware::from_fn(move |request: Request, next: Next| {
+        read_body_within(request, next, body_timeout)
+    }));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let at_cap = Arc::new(AtomicBool::new(false));
     let mut connections = tokio::task::JoinSet::new();
@@ -124,4 +142,62 @@ pub async fn serve(
         });
     }
     while connections.join_next().await.is_some() {}
+}
+
+/// Read `request`'s whole body within `timeout` before it goes on to its
+/// handler (see the module's "Body deadline").
+async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Response {
+    let declared = request
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.parse::<u64>().ok());
+    if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
+        return too_large();
+    }
+    if request.body().size_hint().exact() == Some(0) {
+        return next.run(request).await;
+    }
+    let (parts, body) = request.into_parts();
+    match tokio::time::timeout(timeout, axum::body::to_bytes(body, MAX_BODY_BYTES)).await {
+        Ok(Ok(bytes)) => {
+            next.run(Request::from_parts(parts, Body::from(bytes)))
+                .await
+        }
+        Ok(Err(error)) if over_limit(&error) => too_large(),
+        Ok(Err(error)) => {
+            ApiError::invalid(format!("cannot read the request body: {error}")).into_response()
+        }
+        Err(_) => ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "request_timeout",
+            format!(
+                "the request body did not arrive within {} ms of its head",
+                timeout.as_millis()
+            ),
+        )
+        .into_response(),
+    }
+}
+
+/// Whether reading a body failed because it is longer than the limit.
+fn over_limit(error: &axum::Error) -> bool {
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(error);
+    while let Some(error) = cause {
+        if error.is::<http_body_util::LengthLimitError>() {
+            return true;
+        }
+        cause = error.source();
+    }
+    false
+}
+
+/// The API's answer to a body over [`MAX_BODY_BYTES`].
+fn too_large() -> Response {
+    ApiError::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload_too_large",
+        format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes"),
+    )
+    .into_response()
 }
