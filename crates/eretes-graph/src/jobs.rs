@@ -16,9 +16,7 @@ use serde_json::json;
 use crate::ids::{
     graph_task_id, parse_graph_task_id, valid_link, GraphKey, GraphKeys, JobEpoch, JobName,
 };
-use crate::model::{
-    BackupRecord, EpochRecord, JobSpec, MetaRecord, MAX_BACKUPS, MAX_JOB_TASKS, MAX_META_BYTES,
-};
+use crate::model::{BackupRecord, EpochRecord, JobSpec, MetaRecord, MAX_META_BYTES};
 use crate::GraphError;
 
 /// The store side of jobs, for one namespace.
@@ -115,21 +113,7 @@ impl Jobs {
     /// job exists), then its tasks `<job>.0` … as eretes tasks of
     /// `spec.group`, which nodes serving that group claim.
     pub async fn start(&self, job: &JobName, spec: &JobSpec) -> Result<(), GraphError> {
-        if spec.tasks == 0 || spec.tasks > MAX_JOB_TASKS {
-            return Err(GraphError::Invalid(format!(
-                "a job has 1-{MAX_JOB_TASKS} tasks, not {}",
-                spec.tasks
-            )));
-        }
-        if spec.backups > MAX_BACKUPS {
-            return Err(GraphError::Invalid(format!(
-                "a job has 0-{MAX_BACKUPS} backups per task, not {}",
-                spec.backups
-            )));
-        }
-        if spec.kind.is_empty() || spec.kind.len() > 64 {
-            return Err(GraphError::Invalid("a job's kind is 1-64 bytes".into()));
-        }
+        spec.check().map_err(GraphError::Invalid)?;
         let record = encode(spec);
         if record.len() > MAX_SPEC_BYTES {
             return Err(GraphError::Invalid(format!(
@@ -164,12 +148,16 @@ impl Jobs {
     /// Remove `job`: its tasks (stopped wherever they run), record, epoch
     /// and meta. [`GraphError::NoSuchJob`] if there is no record.
     pub async fn remove(&self, job: &JobName) -> Result<(), GraphError> {
-        let spec = self
-            .job(job)
-            .await?
-            .ok_or_else(|| GraphError::NoSuchJob(job.to_string()))?;
-        for index in 0..spec.tasks {
-            match self.coordinator.delete(&graph_task_id(job, index)).await {
+        let tasks: Vec<TaskId> = match self.job(job).await {
+            Ok(Some(spec)) => (0..spec.tasks).map(|i| graph_task_id(job, i)).collect(),
+            Ok(None) => return Err(GraphError::NoSuchJob(job.to_string())),
+            // A record out of a job's bounds (written by hand, say) still
+            // goes, with the tasks the store holds under the job's name.
+            Err(GraphError::Malformed(_)) => self.stored_tasks(job).await?,
+            Err(error) => return Err(error),
+        };
+        for task in &tasks {
+            match self.coordinator.delete(task).await {
                 Ok(_) | Err(ProtocolError::NotFound(_)) => {}
                 Err(error) => return Err(error.into()),
             }
@@ -191,9 +179,36 @@ impl Jobs {
         Ok(())
     }
 
+    /// The ids of the tasks the store holds for `job`, in one read.
+    async fn stored_tasks(&self, job: &JobName) -> Result<Vec<TaskId>, GraphError> {
+        let prefix = self.coordinator.namespace().tasks_prefix();
+        // Job names have no `.`, so `<job>.` is this job's tasks and no other's.
+        let response = self
+            .coordinator
+            .store()
+            .get(GetRequest::new(KeyRange::prefix(format!("{prefix}{job}."))))
+            .await?;
+        Ok(response
+            .kvs
+            .iter()
+            .filter_map(|kv| TaskId::new(&kv.key[prefix.len()..]).ok())
+            .filter(|id| parse_graph_task_id(id).is_some_and(|(of, _)| of == *job))
+            .collect())
+    }
+
     /// The record of `job`, if it exists.
     pub async fn job(&self, job: &JobName) -> Result<Option<JobSpec>, GraphError> {
-        self.read("job", self.keys.job(job)).await
+        let key = self.keys.job(job);
+        let response = self
+            .coordinator
+            .store()
+            .get(GetRequest::new(KeyRange::key(key.clone())))
+            .await?;
+        response
+            .kvs
+            .first()
+            .map(|kv| decode_job(&kv.key, &kv.value))
+            .transpose()
     }
 
     /// The epoch record of `job`, if it exists.
@@ -228,7 +243,7 @@ impl Jobs {
             }
         }
         for kv in got(&response.responses, 0) {
-            match (self.keys.parse(&kv.key), decode("job", &kv.key, &kv.value)) {
+            match (self.keys.parse(&kv.key), decode_job(&kv.key, &kv.value)) {
                 (Some(GraphKey::Job(name)), Ok(spec)) => list.jobs.push(JobSummary {
                     epoch: epochs.remove(&name),
                     name,
@@ -262,7 +277,7 @@ impl Jobs {
         let Some(kv) = got(&response.responses, 0).first() else {
             return Ok(None);
         };
-        let spec: JobSpec = decode("job", &kv.key, &kv.value).map_err(malformed)?;
+        let spec = decode_job(&kv.key, &kv.value)?;
         let epoch = got(&response.responses, 1)
             .first()
             .and_then(|kv| decode::<EpochRecord>("job epoch", &kv.key, &kv.value).ok());
@@ -488,4 +503,13 @@ impl Jobs {
 
 fn malformed(error: eretes_protocol::MalformedValue) -> GraphError {
     GraphError::Malformed(error.to_string())
+}
+
+/// A job's record as read from the store, decoded and within a job's
+/// bounds ([`JobSpec::check`]), or an error naming its key.
+fn decode_job(key: &str, value: &[u8]) -> Result<JobSpec, GraphError> {
+    let spec: JobSpec = decode("job", key, value).map_err(malformed)?;
+    spec.check()
+        .map_err(|reason| GraphError::Malformed(format!("job record {key}: {reason}")))?;
+    Ok(spec)
 }

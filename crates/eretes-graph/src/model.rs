@@ -31,6 +31,33 @@ pub struct JobSpec {
     pub backups: u32,
 }
 
+impl JobSpec {
+    /// Whether the spec is within the bounds a job may have: 1 to
+    /// [`MAX_JOB_TASKS`] tasks, at most [`MAX_BACKUPS`] backups, a kind
+    /// of 1–64 bytes. Checked when a job starts, and whenever a job's
+    /// record is read from the store: a record written by hand with four
+    /// billion tasks made `graph show` allocate for each of them and
+    /// `graph rm` delete them one by one.
+    pub fn check(&self) -> Result<(), String> {
+        if self.tasks == 0 || self.tasks > MAX_JOB_TASKS {
+            return Err(format!(
+                "a job has 1-{MAX_JOB_TASKS} tasks, not {}",
+                self.tasks
+            ));
+        }
+        if self.backups > MAX_BACKUPS {
+            return Err(format!(
+                "a job has 0-{MAX_BACKUPS} backups per task, not {}",
+                self.backups
+            ));
+        }
+        if self.kind.is_empty() || self.kind.len() > 64 {
+            return Err("a job's kind is 1-64 bytes".into());
+        }
+        Ok(())
+    }
+}
+
 /// Most tasks a job may have.
 pub const MAX_JOB_TASKS: u32 = 10_000;
 

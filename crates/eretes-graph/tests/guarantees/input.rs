@@ -182,3 +182,57 @@ async fn bad_input_is_refused_as_invalid_and_overwrites_nothing() {
         started.elapsed()
     );
 }
+
+/// A job record in the store out of a job's bounds (written by hand, or by
+/// a bad build) is reported as malformed, naming its key, wherever it is
+/// read: it is never obeyed. `remove` still takes it away, with the tasks
+/// stored under the job's name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_job_record_out_of_bounds_is_malformed_and_can_still_be_removed() {
+    let cluster = Cluster::new(kind(|_| {
+        Arc::new(BadTask {
+            log: Arc::new(Mutex::new(BadLog::default())),
+        })
+    }));
+    let jobs = cluster.jobs.clone();
+    let name = JobName::new("huge").unwrap();
+    jobs.start(&name, &spec(KIND, 2)).await.unwrap();
+    let key = jobs.keys().job(&name);
+    let store = jobs.coordinator().store().clone();
+    for record in [
+        r#"{"kind":"k","tasks":4294967295,"group":"graph","properties":null,"backups":0}"#,
+        r#"{"kind":"k","tasks":0,"group":"graph","properties":null,"backups":0}"#,
+        r#"{"kind":"k","tasks":2,"group":"graph","properties":null,"backups":9}"#,
+    ] {
+        store
+            .put(eretes_store::PutRequest::new(key.clone(), record.as_bytes().to_vec()))
+            .await
+            .unwrap();
+        for (what, answer) in [
+            ("job", jobs.job(&name).await.map(|_| ())),
+            ("status", jobs.status(&name).await.map(|_| ())),
+        ] {
+            match answer {
+                Err(GraphError::Malformed(message)) => {
+                    assert!(message.contains(&key), "{what}: {message}")
+                }
+                other => panic!("{what} of {record}: expected Malformed, got {other:?}"),
+            }
+        }
+        let listed = jobs.list().await.unwrap();
+        assert!(listed.jobs.is_empty(), "{record}");
+        assert_eq!(listed.malformed, 1, "{record}");
+    }
+    jobs.remove(&name).await.unwrap();
+    assert_eq!(jobs.job(&name).await.unwrap(), None);
+    for index in 0..2 {
+        assert!(
+            jobs.coordinator()
+                .task_view(&graph_task_id(&name, index))
+                .await
+                .unwrap()
+                .is_none(),
+            "task {index} removed with the job"
+        );
+    }
+}
