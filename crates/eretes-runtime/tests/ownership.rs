@@ -507,3 +507,56 @@ async fn a_garbage_owner_record_blocks_its_task_without_a_claim_storm() {
     assert_eq!(cluster.observer.runs().len(), 0, "an owned task is not run");
     assert!(!cluster.node("a").is_stopped());
 }
+
+/// A node whose registration is overwritten with something that is not
+/// one fences itself, says it is not registered, and registers again once
+/// the key is free: before, it went on as a registered node that every
+/// other reader (and its own next listing) did not see, and claimed
+/// nothing more.
+#[tokio::test(start_paused = true)]
+async fn a_node_whose_registration_is_overwritten_registers_again_and_claims() {
+    let mut cluster = Cluster::new(EmbeddedStore::new());
+    cluster.submit_idle(5).await;
+    cluster.start_dumb("a").await;
+    eventually("a runs 5", Duration::from_secs(5), || {
+        cluster.observer.running_tasks() == 5
+    })
+    .await;
+    cluster
+        .store
+        .put(eretes_store::PutRequest::new(
+            "test/nodes/a",
+            b"not a node record".to_vec(),
+        ))
+        .await
+        .unwrap();
+    let stats = cluster.node("a").stats();
+    eventually("a fences itself", Duration::from_secs(10), || {
+        NodeStats::get(&stats.fences) == 1
+    })
+    .await;
+    for i in 5..10 {
+        cluster.submit(&format!("t{i:04}"), json!({})).await;
+    }
+    // The value was put without a lease: it holds the name until an
+    // operator deletes it, as any record without a lease does.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert!(!cluster.node("a").status().borrow().registered);
+    assert_eq!(cluster.observer.running_tasks(), 0);
+    cluster
+        .store
+        .delete(eretes_store::DeleteRequest::new(
+            eretes_store::KeyRange::key("test/nodes/a"),
+        ))
+        .await
+        .unwrap();
+    eventually("a runs all 10", Duration::from_secs(30), || {
+        cluster.observer.running_tasks() == 10
+    })
+    .await;
+    let record = cluster.store.get_key("test/nodes/a").await.unwrap();
+    let record = record.expect("registered again");
+    serde_json::from_slice::<eretes_protocol::NodeRecord>(&record.value)
+        .expect("a node record again");
+    assert_eq!(cluster.observer.overlaps(), 0);
+}

@@ -161,6 +161,18 @@ impl Cache {
                         Change::None
                     }
                 }
+                // This node's own registration overwritten with something
+                // that is not one: as good as gone. Kept as it was, the
+                // node went on as registered while every other reader (and
+                // its own next listing) saw no such node, and it claimed
+                // nothing more.
+                Err(_) if name == self.me => {
+                    self.remove_node(&name);
+                    Change::Membership {
+                        node: name,
+                        joined: false,
+                    }
+                }
                 Err(e) => Change::Malformed(e.to_string()),
             },
             KeyKind::NodeCommand(name) if name == self.me => Change::Command {

@@ -137,7 +137,14 @@ impl MainLoop {
                 self.space_resyncs(started);
                 NodeStats::bump(&self.stats.listings);
                 let membership_changed = cache.node_names() != self.cache.node_names();
+                let registered = cache.node_names().contains(&self.config.name);
                 self.cache = cache;
+                if !registered && self.lease.is_some() {
+                    // Registered before it listed: the record is gone, or
+                    // is no longer one (see `Cache::apply_put`).
+                    self.fence("this node's registration is missing from the store, or is not one");
+                    return;
+                }
                 if membership_changed {
                     self.balance_soon();
                 }
@@ -269,7 +276,9 @@ impl MainLoop {
             }
             Change::Membership { node, joined } => {
                 if node == self.config.name && !joined && self.lease.is_some() {
-                    self.fence("this node's registration disappeared from the store");
+                    self.fence(
+                        "this node's registration disappeared from the store, or was overwritten",
+                    );
                     return;
                 }
                 debug!(node = %self.config.name, peer = %node, joined, "membership changed");
