@@ -121,6 +121,27 @@ fn main() -> Result<()> {
     if matches!(cli.command, Command::Agent(_)) {
         agent::allocator::tune();
     }
+    if matches!(
+        cli.command,
+        Command::Submit(_)
+            | Command::Ls(_)
+            | Command::Show(_)
+            | Command::Wait(_)
+            | Command::Logs(_)
+            | Command::Rm(_)
+            | Command::Nodes(_)
+            | Command::Node(_)
+            | Command::Task(_)
+    ) {
+        // The client commands print for a reader that may go away (`ls |
+        // head`): they end quietly there, as other command-line tools do,
+        // rather than panic at the next print (Rust ignores SIGPIPE).
+        // SAFETY: restores one signal's default action, before any thread
+        // of this process exists.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // A worker flushes its malloc cache when the agent's memory return

@@ -408,3 +408,38 @@ async fn sigterm_drains_the_agent_and_a_second_signal_exits_at_once() {
         "128 + SIGTERM"
     );
 }
+
+/// A client command whose reader goes away (`eretes logs ID | head -c1`)
+/// ends quietly, as other command-line tools do, instead of panicking at
+/// its next print.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_whose_reader_goes_away_ends_without_a_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    // 512 KiB of output: far more than a pipe holds.
+    agent.ok(&[
+        "submit",
+        "--id",
+        "loud",
+        "--wait",
+        "--",
+        "sh",
+        "-c",
+        "head -c 524288 /dev/zero | tr '\\0' x",
+    ]);
+    let mut logs = Command::new(BIN)
+        .args(["logs", "loud"])
+        .env("ERETES_AGENT", &agent.url)
+        .env_remove("ERETES_TOKEN")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The reader closes its end at once.
+    drop(logs.stdout.take());
+    let output = logs.wait_with_output().unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    use std::os::unix::process::ExitStatusExt;
+    assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
+}

@@ -77,6 +77,8 @@ fn bad_arguments_are_refused_with_a_clear_error() {
             "give a duration such as 7d or 12h, or `forever`",
         ),
         (&["task", "t/..", "pause"][..], "invalid task id"),
+        (&["node", "..", "freeze"][..], "invalid node name \"..\""),
+        (&["node", "a1", "stop-task", "a/b"][..], "invalid task id \"a/b\""),
         (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
         (
             &[

@@ -103,6 +103,15 @@ fn bad_arguments_are_refused_by_name() {
         (&["--tasks", "0"][..], "--tasks"),
         (&["--lease-ttl", "10ms"][..], "--lease-ttl"),
         (&["--kill-every", "soon"][..], "--kill-every"),
+        (
+            &["--kill-every", "0s"][..],
+            "--kill-every 0s is shorter than the lease TTL",
+        ),
+        (
+            &["--kill-at-epoch", "11"][..],
+            "--kill-at-epoch 11 is not one of the job's epochs",
+        ),
+        (&["--timeout", "0s"][..], "--timeout 0s is too short"),
     ] {
         let output = Command::new(BIN)
             .args(["graph", "regression"])

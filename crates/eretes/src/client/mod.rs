@@ -195,8 +195,9 @@ pub struct NodesArgs {
 /// Options of `eretes node`.
 #[derive(Debug, Args)]
 pub struct NodeArgs {
-    /// The node.
-    node: String,
+    /// The node (checked here: a name such as `..` would otherwise make
+    /// another URL of the request).
+    node: eretes_protocol::NodeName,
     /// What it should do.
     #[command(subcommand)]
     action: NodeAction,
@@ -218,7 +219,7 @@ pub enum NodeAction {
     /// Stop one task there and release it.
     StopTask {
         /// The task.
-        id: String,
+        id: eretes_protocol::TaskId,
     },
 }
 
@@ -351,11 +352,11 @@ pub async fn node(args: NodeArgs) -> Result<i32> {
         NodeAction::Unfreeze => eretes::NodeAction::Unfreeze,
         NodeAction::Balance => eretes::NodeAction::Balance,
         NodeAction::Drain => eretes::NodeAction::Drain,
-        NodeAction::StopTask { id } => eretes::NodeAction::StopTask(id.clone()),
+        NodeAction::StopTask { id } => eretes::NodeAction::StopTask(id.to_string()),
     };
     args.agent
         .client()?
-        .node_command(&args.node, &action)
+        .node_command(args.node.as_str(), &action)
         .await?;
     println!("sent to {}", args.node);
     Ok(0)

@@ -117,6 +117,31 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
     if args.lease_ttl < Duration::from_millis(300) {
         bail!("--lease-ttl must be at least 300ms");
     }
+    // A kill more often than a lease can expire only kills replacements
+    // before they do anything.
+    if let Some(every) = args.kill_every.filter(|every| *every < args.lease_ttl) {
+        bail!(
+            "--kill-every {} is shorter than the lease TTL ({}): no node would live long enough to \
+             take a task over",
+            humantime::format_duration(every),
+            humantime::format_duration(args.lease_ttl)
+        );
+    }
+    if let Some(at) = args
+        .kill_at_epoch
+        .filter(|at| *at == 0 || *at > args.epochs)
+    {
+        bail!(
+            "--kill-at-epoch {at} is not one of the job's epochs (1 to --epochs {})",
+            args.epochs
+        );
+    }
+    if args.timeout < Duration::from_secs(1) {
+        bail!(
+            "--timeout {} is too short for any job: give at least 1s",
+            humantime::format_duration(args.timeout)
+        );
+    }
     let store = args.store.open().await?;
     // A namespace of its own, removed afterwards: runs never meet.
     let ns = Namespace::new(&format!("graph-regression-{:08x}", rand::random::<u32>()))?;
