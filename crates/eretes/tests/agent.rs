@@ -443,3 +443,41 @@ async fn a_client_whose_reader_goes_away_ends_without_a_panic() {
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(output.status.signal(), Some(libc::SIGPIPE), "{stderr}");
 }
+
+/// An agent that refuses its arguments leaves no data directory behind
+/// (one it did not make stays, as it was).
+#[test]
+fn an_agent_that_does_not_start_leaves_no_data_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    for (args, expected) in [
+        (&["--etcd", "http://127.0.0.1:1"][..], "cannot reach etcd"),
+        (&["--run-as", "no-such-user-here"][..], "--run-as"),
+        (&["--listen", "203.0.113.1:1"][..], "--listen"),
+    ] {
+        let data = dir.path().join("new");
+        let output = Command::new(BIN)
+            .arg("agent")
+            .arg("--data-dir")
+            .arg(&data)
+            .args(args)
+            .args(["--token", "t"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{args:?} started");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains(expected), "{args:?}: {stderr}");
+        assert!(!data.exists(), "{args:?} left {}", data.display());
+    }
+    let existing = dir.path().join("existing");
+    std::fs::create_dir(&existing).unwrap();
+    std::fs::write(existing.join("mine"), "kept").unwrap();
+    let output = Command::new(BIN)
+        .arg("agent")
+        .arg("--data-dir")
+        .arg(&existing)
+        .args(["--etcd", "http://127.0.0.1:1"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert_eq!(std::fs::read_to_string(existing.join("mine")).unwrap(), "kept");
+}

@@ -340,6 +340,9 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         Some(name) => PathBuf::from(format!("./eretes-data-{name}")),
         None => PathBuf::from("./eretes-data"),
     });
+    // A directory made here goes again if the agent does not start (a
+    // refused --etcd, --run-as, --listen …): nothing is left half-made.
+    let mut made_here = MadeHere((!data_dir.exists()).then(|| data_dir.clone()));
     std::fs::create_dir_all(&data_dir)
         .with_context(|| format!("creating --data-dir {}", data_dir.display()))?;
     let data_dir = data_dir.canonicalize().context("--data-dir")?;
@@ -555,6 +558,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             }),
         },
     };
+    made_here.keep();
     info!(node = %name, listen = %bound, data_dir = %data_dir.display(), "agent ready");
 
     let mut terminate = signal(SignalKind::terminate())?;
@@ -685,4 +689,24 @@ where
 /// grace plus time to reap the group.
 fn exec_grace(stop_grace_ms: u64) -> Duration {
     Duration::from_millis(stop_grace_ms) + Duration::from_secs(2)
+}
+
+/// A data directory the agent made at its start, removed (with what the
+/// start put in it) when dropped before [`MadeHere::keep`]: an agent that
+/// refuses its arguments leaves nothing behind.
+struct MadeHere(Option<PathBuf>);
+
+impl MadeHere {
+    /// The agent started: the directory stays.
+    fn keep(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for MadeHere {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
 }
