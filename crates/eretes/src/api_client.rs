@@ -160,14 +160,30 @@ pub struct AgentClient {
 }
 
 impl AgentClient {
-    /// A client of the agent at `url` (`http://…` or `https://…`), sending
-    /// `token` with every call if given.
+    /// A client of the agent at `url` (`http://HOST:PORT`, perhaps with a
+    /// path before the API's), sending `token` with every call if given.
     pub fn new(url: &str, token: Option<String>) -> Result<AgentClient, ClientError> {
         let base = url.trim_end_matches('/').to_string();
-        if !(base.starts_with("http://") || base.starts_with("https://")) {
-            return Err(ClientError::Invalid(format!(
-                "the agent's address {base:?} must start with http:// or https://"
-            )));
+        let invalid =
+            |why: &str| ClientError::Invalid(format!("the agent's address {url:?} {why}"));
+        if !base.contains("://") {
+            return Err(invalid("must start with http://"));
+        }
+        let parsed = reqwest::Url::parse(&base)
+            .map_err(|error| invalid(&format!("is not a URL: {error}")))?;
+        match parsed.scheme() {
+            "http" => {}
+            "https" => return Err(invalid(
+                "is https: this client speaks plain HTTP only (the agent serves no TLS either); \
+                     reach a remote agent through a tunnel or a proxy on loopback",
+            )),
+            _ => return Err(invalid("must start with http://")),
+        }
+        if parsed.host_str().is_none_or(str::is_empty) {
+            return Err(invalid("names no host"));
+        }
+        if parsed.query().is_some() || parsed.fragment().is_some() {
+            return Err(invalid("must not have a query or a fragment"));
         }
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))

@@ -479,5 +479,8 @@ fn an_agent_that_does_not_start_leaves_no_data_directory() {
         .output()
         .unwrap();
     assert!(!output.status.success());
-    assert_eq!(std::fs::read_to_string(existing.join("mine")).unwrap(), "kept");
+    assert_eq!(
+        std::fs::read_to_string(existing.join("mine")).unwrap(),
+        "kept"
+    );
 }

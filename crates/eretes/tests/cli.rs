@@ -78,6 +78,9 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         ),
         (&["task", "t/..", "pause"][..], "invalid task id"),
         (&["node", "..", "freeze"][..], "invalid node name \"..\""),
+        (&["ls", "--agent", "https://127.0.0.1:1"][..], "speaks plain HTTP only"),
+        (&["ls", "--agent", "http://h/p?x"][..], "must not have a query"),
+        (&["ls", "--agent", "127.0.0.1:7070"][..], "must start with http://"),
         (&["node", "a1", "stop-task", "a/b"][..], "invalid task id \"a/b\""),
         (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
         (

@@ -103,6 +103,18 @@ async fn secret_options_are_checked() {
         ),
         (vec!["--read-token", "r"], "--read-token needs --token"),
         (vec!["--token", " "], "--token (or ERETES_TOKEN) is empty"),
+        (
+            vec!["--token", "a\nb"],
+            "--token: a token is visible ASCII characters only",
+        ),
+        (
+            vec!["--token", "t", "--read-token", "r s"],
+            "--read-token: a token is visible ASCII",
+        ),
+        (
+            vec!["--token", "same", "--read-token", "same"],
+            "--read-token is the same as --token",
+        ),
         (vec!["--pass-env", "A=B"], "--pass-env \"A=B\""),
         (vec!["--pass-env", "ERETES_TOKEN"], "not one of eretes' own"),
     ] {

@@ -304,6 +304,19 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     if args.read_token.is_some() && args.token.is_none() {
         bail!("--read-token needs --token (or --token-file): without one, everything is open");
     }
+    for (flag, token) in [("--token", &args.token), ("--read-token", &args.read_token)] {
+        // It travels in an HTTP header: a token no client can send would
+        // shut every client out.
+        if let Some(bad) = token
+            .as_deref()
+            .and_then(|token| token.chars().find(|c| !c.is_ascii_graphic()))
+        {
+            bail!("{flag}: a token is visible ASCII characters only (it is sent in an HTTP header), not {bad:?}");
+        }
+    }
+    if args.read_token.is_some() && args.read_token == args.token {
+        bail!("--read-token is the same as --token: it would give readers every right");
+    }
     args.store.etcd_password = secrets::taken(&secrets, "ERETES_ETCD_PASSWORD");
     for name in &args.pass_env {
         if name.is_empty() || name.contains(['=', '\0']) || name.starts_with("ERETES_") {
