@@ -88,7 +88,22 @@ async fn a_task_that_keeps_failing_fails_after_max_attempts_with_the_reason() {
         .await;
     let error = agent.result("missing").await.error.unwrap();
     assert!(
-        error.contains("cannot start \"/no/such/program\""),
+        error.contains("the last: cannot start \"/no/such/program\": No such file or directory"),
+        "{error}"
+    );
+    // A missing working directory is named as such, not as the program.
+    let mut elsewhere = ProcessSpec {
+        max_attempts: 1,
+        ..ProcessSpec::new("true", vec![])
+    };
+    elsewhere.cwd = Some("/no/such/dir".into());
+    agent.submit("elsewhere", elsewhere.to_properties()).await;
+    let error = agent.result("elsewhere").await.error.unwrap();
+    assert!(
+        error.contains(
+            "the last: cannot start \"true\": its working directory \"/no/such/dir\": No such file \
+             or directory"
+        ),
         "{error}"
     );
     agent.node.shutdown().await;

@@ -120,6 +120,18 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
             "unknown command",
         ),
         (
+            http.get(format!("{tasks}/%FF")),
+            400,
+            "invalid_request",
+            "Invalid URL",
+        ),
+        (
+            http.put(&tasks).json(&json!({})),
+            405,
+            "method_not_allowed",
+            "Method Not Allowed",
+        ),
+        (
             http.get(format!("{}/v2/everything", agent.url)),
             404,
             "not_found",

@@ -167,7 +167,20 @@ pub(crate) fn supervise() -> std::io::Result<()> {
     let leader = match spawned {
         Ok(child) => child.id() as libc::pid_t,
         Err(error) => {
-            let text = format!("cannot start {:?}: {error}", launch.program);
+            // The reason only: the agent's message names the program. A
+            // working directory that cannot be entered fails the spawn as
+            // a missing program would: say which it was.
+            let text = match launch.cwd.as_ref().map(std::fs::metadata) {
+                Some(Err(cwd_error)) => format!(
+                    "its working directory {:?}: {cwd_error}",
+                    launch.cwd.as_ref().expect("just read")
+                ),
+                Some(Ok(metadata)) if !metadata.is_dir() => format!(
+                    "its working directory {:?} is not a directory",
+                    launch.cwd.as_ref().expect("just read")
+                ),
+                _ => error.to_string(),
+            };
             let _ = control.write_all(Report::Failed(text).encode().as_bytes());
             return Ok(());
         }

@@ -205,7 +205,10 @@ async fn a_job_record_out_of_bounds_is_malformed_and_can_still_be_removed() {
         r#"{"kind":"k","tasks":2,"group":"graph","properties":null,"backups":9}"#,
     ] {
         store
-            .put(eretes_store::PutRequest::new(key.clone(), record.as_bytes().to_vec()))
+            .put(eretes_store::PutRequest::new(
+                key.clone(),
+                record.as_bytes().to_vec(),
+            ))
             .await
             .unwrap();
         for (what, answer) in [

@@ -153,7 +153,7 @@ async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Re
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return too_large();
+        return closing(too_large());
     }
     if request.body().size_hint().exact() == Some(0) {
         return next.run(request).await;
@@ -164,20 +164,33 @@ async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Re
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Ok(Err(error)) if over_limit(&error) => too_large(),
+        Ok(Err(error)) if over_limit(&error) => closing(too_large()),
         Ok(Err(error)) => {
             ApiError::invalid(format!("cannot read the request body: {error}")).into_response()
         }
-        Err(_) => ApiError::new(
-            StatusCode::REQUEST_TIMEOUT,
-            "request_timeout",
-            format!(
-                "the request body did not arrive within {} ms of its head",
-                timeout.as_millis()
-            ),
-        )
-        .into_response(),
+        Err(_) => closing(
+            ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "request_timeout",
+                format!(
+                    "the request body did not arrive within {} ms of its head",
+                    timeout.as_millis()
+                ),
+            )
+            .into_response(),
+        ),
     }
+}
+
+/// `response`, saying that the connection closes after it: the rest of
+/// the request's body is not read, so the connection cannot carry another
+/// request, and a client that did not know would send its next one into
+/// a closed connection.
+fn closing(mut response: Response) -> Response {
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response
 }
 
 /// Whether reading a body failed because it is longer than the limit.
