@@ -67,7 +67,8 @@ pub mod supervisor;
 pub use process::ProcessHandler;
 pub use run_as::RunAs;
 pub use spec::{
-    ProcessSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ARGS, MAX_ATTEMPTS, MAX_PROGRAM_BYTES,
+    is_env_name, ProcessSpec, SpecError, DEFAULT_ATTEMPTS, MAX_ARGS, MAX_ATTEMPTS,
+    MAX_PROGRAM_BYTES,
 };
 pub use supervisor::SupervisorProgram;
 

@@ -20,6 +20,15 @@ pub const MAX_ATTEMPTS: u32 = eretes_protocol::machine::MAX_ERRORS_KEPT as u32;
 pub const DEFAULT_ATTEMPTS: u32 = 3;
 /// Most environment variables a process task may set.
 pub const MAX_ENV: usize = 256;
+/// Whether `name` is a variable name a task's environment may hold:
+/// letters, digits and `_`, not starting with a digit.
+pub fn is_env_name(name: &str) -> bool {
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+}
+
 /// Most bytes of names and values a process task's environment may hold.
 pub const MAX_ENV_BYTES: usize = 32 * 1024;
 /// Longest per-attempt timeout (a year), in milliseconds.
@@ -154,12 +163,7 @@ impl ProcessSpec {
             )));
         }
         for (name, value) in &self.env {
-            let well_formed = name
-                .chars()
-                .next()
-                .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-                && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
-            if !well_formed {
+            if !is_env_name(name) {
                 return Err(SpecError(format!(
                     "env name {name:?} is not letters, digits and _ (not starting with a digit)"
                 )));

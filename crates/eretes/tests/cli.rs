@@ -81,6 +81,7 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         (&["ls", "--agent", "https://127.0.0.1:1"][..], "speaks plain HTTP only"),
         (&["ls", "--agent", "http://h/p?x"][..], "must not have a query"),
         (&["ls", "--agent", "127.0.0.1:7070"][..], "must start with http://"),
+        (&["ls", "--group", "a/b"][..], "invalid group name \"a/b\""),
         (&["node", "a1", "stop-task", "a/b"][..], "invalid task id \"a/b\""),
         (&["demo", "--etcd-user", "root"][..], "--etcd <URL,..>"),
         (

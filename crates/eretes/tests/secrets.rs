@@ -117,6 +117,18 @@ async fn secret_options_are_checked() {
         ),
         (vec!["--pass-env", "A=B"], "--pass-env \"A=B\""),
         (vec!["--pass-env", "ERETES_TOKEN"], "not one of eretes' own"),
+        (
+            vec!["--allow-env", "A=B"],
+            "--allow-env \"A=B\": a variable name",
+        ),
+        (
+            vec!["--allow-env", "1A"],
+            "--allow-env \"1A\": a variable name",
+        ),
+        (
+            vec!["--allow", "sh,,true"],
+            "--allow \"\": not a program name",
+        ),
     ] {
         let stderr = common::agent_refuses(&dir.path().join("data"), &args);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");

@@ -323,6 +323,24 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             bail!("--pass-env {name:?}: a variable name, without '=', not one of eretes' own");
         }
     }
+    for name in &args.allow_env {
+        if !eretes_exec::is_env_name(name) || name.starts_with("ERETES_") {
+            bail!(
+                "--allow-env {name:?}: a variable name (letters, digits and _, not starting with a \
+                 digit), not one of eretes' own"
+            );
+        }
+    }
+    if let Some(empty) = args
+        .allow
+        .iter()
+        .flatten()
+        .find(|program| program.trim().is_empty() || program.contains('\0'))
+    {
+        bail!(
+            "--allow {empty:?}: not a program name (the list is comma-separated names, none empty)"
+        );
+    }
     let namespace = Namespace::new(&args.namespace).context("--namespace")?;
     let name =
         NodeName::new(args.name.clone().unwrap_or_else(default_node_name)).context("--name")?;

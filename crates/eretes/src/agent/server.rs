@@ -187,9 +187,10 @@ async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Re
 /// request, and a client that did not know would send its next one into
 /// a closed connection.
 fn closing(mut response: Response) -> Response {
-    response
-        .headers_mut()
-        .insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+    response.headers_mut().insert(
+        header::CONNECTION,
+        header::HeaderValue::from_static("close"),
+    );
     response
 }
 

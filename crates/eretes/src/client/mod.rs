@@ -118,7 +118,7 @@ pub struct LsArgs {
     state: Option<String>,
     /// Only tasks of this group.
     #[arg(long)]
-    group: Option<String>,
+    group: Option<eretes_protocol::GroupName>,
     /// At most this many tasks (default: all). When more follow, the id to
     /// go on from is printed to standard error.
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
@@ -524,7 +524,7 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
         .client()?
         .list_up_to(
             args.state.as_deref(),
-            args.group.as_deref(),
+            args.group.as_ref().map(|group| group.as_str()),
             args.after.as_deref(),
             most,
         )
