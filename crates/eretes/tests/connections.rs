@@ -179,3 +179,29 @@ async fn half_sent_bodies_get_a_408_and_oversized_ones_a_413_before_they_are_rea
         .unwrap();
     assert!(health.status().is_success());
 }
+
+/// A request the token check refuses is answered at once, its body unread:
+/// the body deadline (and its buffer) is only for requests that pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_request_is_answered_before_its_body_is_read() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &["--header-timeout-ms", "5000", "--token", "s3cret"],
+    )
+    .await;
+    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    let mut stream = TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "POST /v1/tasks HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000\r\n\r\n{{\"id\": "
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    let mut buffer = [0u8; 4096];
+    let read = tokio::time::timeout(Duration::from_secs(2), stream.read(&mut buffer))
+        .await
+        .expect("answered without waiting for the body")
+        .unwrap();
+    let answer = String::from_utf8_lossy(&buffer[..read]);
+    assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
+}

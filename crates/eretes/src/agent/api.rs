@@ -86,8 +86,9 @@ pub struct ApiState {
     pub stopping: watch::Receiver<bool>,
 }
 
-/// The router with every route, the body limit and the token check.
-pub fn router(state: ApiState) -> Router {
+/// The router with every route, the body limit and deadline
+/// (`body_timeout`), and the token check.
+pub fn router(state: ApiState, body_timeout: Duration) -> Router {
     Router::new()
         .route("/v1/tasks", post(submit).get(list))
         .route("/v1/tasks/{id}", get(show).delete(remove))
@@ -108,6 +109,12 @@ pub fn router(state: ApiState) -> Router {
         .fallback(|| async {
             ApiError::new(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
         })
+        // Inside the checks below: what they refuse is not read.
+        .layer(middleware::from_fn(
+            move |request: axum::extract::Request, next: middleware::Next| {
+                super::server::read_body_within(request, next, body_timeout)
+            },
+        ))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             access::require_token,
@@ -156,7 +163,7 @@ async fn errors_as_json(response: Response) -> Response {
     let mut answer = ApiError::new(status, code, message).into_response();
     for (name, value) in &parts.headers {
         if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            answer.headers_mut().insert(name.clone(), value.clone());
+            answer.headers_mut().append(name.clone(), value.clone());
         }
     }
     answer

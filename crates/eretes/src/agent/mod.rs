@@ -371,11 +371,21 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         Some(name) => PathBuf::from(format!("./eretes-data-{name}")),
         None => PathBuf::from("./eretes-data"),
     });
-    // A directory made here goes again if the agent does not start (a
-    // refused --etcd, --run-as, --listen …): nothing is left half-made.
-    let mut made_here = MadeHere((!data_dir.exists()).then(|| data_dir.clone()));
-    std::fs::create_dir_all(&data_dir)
-        .with_context(|| format!("creating --data-dir {}", data_dir.display()))?;
+    // Made by this process only if its own create_dir made it: a directory
+    // that existed (or that another agent started at the same moment made
+    // first, or a symbolic link) is never taken for one made here.
+    if let Some(parent) = data_dir.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating --data-dir {}", data_dir.display()))?;
+    }
+    let made = match std::fs::create_dir(&data_dir) {
+        Ok(()) => true,
+        Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => false,
+        Err(error) => {
+            return Err(error)
+                .with_context(|| format!("creating --data-dir {}", data_dir.display()))
+        }
+    };
     let data_dir = data_dir.canonicalize().context("--data-dir")?;
     // One agent per data directory: a second would clean up the first's
     // process groups as leftovers and share its logs (with --etcd nothing
@@ -390,6 +400,10 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
             data_dir.display()
         );
     }
+    // A directory made here goes again if the agent does not start (a
+    // refused --etcd, --run-as, --listen …): nothing is left half-made.
+    // Only once its lock is held: until then another agent may use it.
+    let mut made_here = MadeHere(made.then(|| data_dir.clone()));
 
     let recorder = metrics::Metrics::install()?;
     // Under a file-size limit (RLIMIT_FSIZE), a write past it must fail
@@ -600,7 +614,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     };
     let server = tokio::spawn(server::serve(
         listener,
-        api::router(state),
+        api::router(state, Duration::from_millis(args.header_timeout_ms)),
         limits,
         drained_rx,
     ));

@@ -31,7 +31,7 @@ use std::time::Duration;
 use axum::body::Body;
 use axum::extract::Request;
 use axum::http::{header, StatusCode};
-use axum::middleware::{self, Next};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
 use http_body::Body as _;
@@ -87,10 +87,6 @@ pub async fn serve(
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let body_timeout = limits.header_timeout;
-    let router = router.layer(middleware::from_fn(move |request: Request, next: Next| {
-        read_body_within(request, next, body_timeout)
-    }));
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let at_cap = Arc::new(AtomicBool::new(false));
     let mut connections = tokio::task::JoinSet::new();
@@ -145,8 +141,10 @@ pub async fn serve(
 }
 
 /// Read `request`'s whole body within `timeout` before it goes on to its
-/// handler (see the module's "Body deadline").
-async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Response {
+/// handler (see the module's "Body deadline"). Layered inside the token
+/// and host checks (`api::router`): a request they refuse is answered
+/// without its body being read.
+pub(super) async fn read_body_within(request: Request, next: Next, timeout: Duration) -> Response {
     let declared = request
         .headers()
         .get(header::CONTENT_LENGTH)
