@@ -167,3 +167,69 @@ fn bad_arguments_are_refused_with_their_name() {
         assert!(stderr.contains(named), "{args:?}: {stderr}");
     }
 }
+
+/// An interrupted run (Ctrl-C) stops its agents and etcd members and
+/// removes its files, as a finished one does: its temporary directory is
+/// empty once it has exited, and no process of it is left.
+#[test]
+fn an_interrupted_run_leaves_nothing_behind() {
+    let _turn = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    let tmp = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_eretes"))
+        .args([
+            "chaos",
+            "--agents",
+            "2",
+            "--tasks",
+            "4",
+            "--duration",
+            "60s",
+        ])
+        .env("TMPDIR", tmp.path())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Interrupted while it starts or runs: its directories exist by then.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while std::fs::read_dir(tmp.path()).unwrap().count() < 2 {
+        assert!(Instant::now() < deadline, "the run made no directories");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    // SAFETY: kill(2) on our own child's pid.
+    unsafe {
+        libc::kill(child.id() as libc::pid_t, libc::SIGINT);
+    }
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "the interrupted run did not end");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut stderr = String::new();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let left: Vec<_> = std::fs::read_dir(tmp.path())
+        .unwrap()
+        .map(|entry| entry.unwrap().file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    let processes = Command::new("pgrep")
+        .args(["-f", &tmp.path().display().to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        processes.stdout.is_empty(),
+        "processes left: {}",
+        String::from_utf8_lossy(&processes.stdout)
+    );
+}
