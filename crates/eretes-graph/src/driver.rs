@@ -623,14 +623,8 @@ async fn backed_up(
     victim: &NodeName,
     live: &[NodeName],
 ) -> Result<bool, GraphError> {
-    let Some(status) = jobs.status(job).await? else {
-        return Ok(true);
-    };
-    Ok(status
-        .tasks
-        .iter()
-        .filter(|task| !task.ended && task.node.as_ref() == Some(victim))
-        .all(|task| has_live_backup(task, victim, live)))
+    let tasks = tasks_of(jobs, job, victim, live).await?;
+    Ok(tasks.iter().all(|(_, backed)| *backed))
 }
 
 /// The unfinished tasks of `job` that `victim` runs now, each with whether

@@ -25,6 +25,24 @@ async fn closed_within(stream: &mut TcpStream, limit: Duration) -> bool {
     }
 }
 
+/// The agent's socket address (a name lookup per connection would be
+/// slow enough, with hundreds of them, for the first to time out before the
+/// last connects).
+fn socket_address(agent: &Agent) -> std::net::SocketAddr {
+    agent.url.trim_start_matches("http://").parse().unwrap()
+}
+
+/// The API answers a health check.
+async fn assert_answers(agent: &Agent) {
+    let health = reqwest::Client::new()
+        .get(format!("{}/healthz", agent.url))
+        .timeout(Duration::from_secs(10))
+        .send()
+        .await
+        .unwrap();
+    assert!(health.status().is_success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn half_sent_and_idle_connections_are_closed_and_the_api_stays_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -34,7 +52,7 @@ async fn half_sent_and_idle_connections_are_closed_and_the_api_stays_up() {
         &["--header-timeout-ms", "3000", "--max-connections", "200"],
     )
     .await;
-    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    let address = socket_address(&agent);
     // 300 connections that each send half a request head and stop (to a
     // socket address: a name lookup per connection would be slow enough
     // for the first to time out before the last connects).
@@ -54,14 +72,7 @@ async fn half_sent_and_idle_connections_are_closed_and_the_api_stays_up() {
         }
     }
     assert_eq!(closed, 300, "every half-sent request is closed");
-    let http = reqwest::Client::new();
-    let health = http
-        .get(format!("{}/healthz", agent.url))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
-    assert!(health.status().is_success());
+    assert_answers(&agent).await;
     let log = agent.log();
     assert_eq!(
         log.matches("connection cap is reached").count(),
@@ -134,7 +145,7 @@ async fn answer_then_close(stream: &mut TcpStream, limit: Duration) -> Option<St
 async fn half_sent_bodies_get_a_408_and_oversized_ones_a_413_before_they_are_read() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &["--header-timeout-ms", "2000"]).await;
-    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    let address = socket_address(&agent);
     // 50 submissions that send a whole head and part of the body, then
     // stop: each held its connection for ever before.
     let mut half_sent = Vec::new();
@@ -171,13 +182,7 @@ async fn half_sent_bodies_get_a_408_and_oversized_ones_a_413_before_they_are_rea
     // Nothing was written, and the API answers.
     let listed = agent.ok(&["ls", "--json"]);
     assert!(!listed.contains("half-"), "{listed}");
-    let health = reqwest::Client::new()
-        .get(format!("{}/healthz", agent.url))
-        .timeout(Duration::from_secs(10))
-        .send()
-        .await
-        .unwrap();
-    assert!(health.status().is_success());
+    assert_answers(&agent).await;
 }
 
 /// A request the token check refuses is answered at once, its body unread:
@@ -190,7 +195,7 @@ async fn a_refused_request_is_answered_before_its_body_is_read() {
         &["--header-timeout-ms", "5000", "--token", "s3cret"],
     )
     .await;
-    let address: std::net::SocketAddr = agent.url.trim_start_matches("http://").parse().unwrap();
+    let address = socket_address(&agent);
     let mut stream = TcpStream::connect(address).await.unwrap();
     let head = format!(
         "POST /v1/tasks HTTP/1.1\r\nHost: {address}\r\nContent-Type: application/json\r\n\

@@ -187,6 +187,15 @@ impl ApiError {
         }
     }
 
+    /// A 413 `payload_too_large`: a body over [`MAX_BODY_BYTES`].
+    pub fn too_large() -> Self {
+        Self::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes"),
+        )
+    }
+
     /// A 400 `invalid_request`.
     pub fn invalid(message: impl Into<String>) -> Self {
         Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
@@ -228,8 +237,10 @@ impl From<ProtocolError> for ApiError {
 impl From<JsonRejection> for ApiError {
     fn from(rejection: JsonRejection) -> Self {
         let status = rejection.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            return ApiError::too_large();
+        }
         let code = match status {
-            StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
             StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
             _ => "invalid_request",
         };
@@ -239,11 +250,7 @@ impl From<JsonRejection> for ApiError {
         } else {
             status
         };
-        let message = if status == StatusCode::PAYLOAD_TOO_LARGE {
-            format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes")
-        } else {
-            rejection.body_text()
-        };
+        let message = rejection.body_text();
         ApiError::new(status, code, message)
     }
 }

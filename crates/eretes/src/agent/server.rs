@@ -151,7 +151,7 @@ pub(super) async fn read_body_within(request: Request, next: Next, timeout: Dura
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.parse::<u64>().ok());
     if declared.is_some_and(|length| length > MAX_BODY_BYTES as u64) {
-        return closing(too_large());
+        return closing(ApiError::too_large().into_response());
     }
     if request.body().size_hint().exact() == Some(0) {
         return next.run(request).await;
@@ -162,7 +162,7 @@ pub(super) async fn read_body_within(request: Request, next: Next, timeout: Dura
             next.run(Request::from_parts(parts, Body::from(bytes)))
                 .await
         }
-        Ok(Err(error)) if over_limit(&error) => closing(too_large()),
+        Ok(Err(error)) if over_limit(&error) => closing(ApiError::too_large().into_response()),
         Ok(Err(error)) => {
             ApiError::invalid(format!("cannot read the request body: {error}")).into_response()
         }
@@ -202,14 +202,4 @@ fn over_limit(error: &axum::Error) -> bool {
         cause = error.source();
     }
     false
-}
-
-/// The API's answer to a body over [`MAX_BODY_BYTES`].
-fn too_large() -> Response {
-    ApiError::new(
-        StatusCode::PAYLOAD_TOO_LARGE,
-        "payload_too_large",
-        format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes"),
-    )
-    .into_response()
 }
