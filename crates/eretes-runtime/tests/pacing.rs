@@ -184,14 +184,11 @@ async fn ends_the_store_keeps_refusing_do_not_hold_back_the_others() {
     }
     let still_owned = keys_under(faulty.inner().as_ref(), "test/owners/t00").await;
     assert_eq!(still_owned, 100, "only the refused ends are left");
-    // Failed transactions count as slow: the refused ends, retried, keep
-    // the window at one. (The last of the others' ends, written just
-    // before, may have grown it by one for a moment.)
+    // (How failed and slow ends shrink the window is the burst test's
+    // subject: here the accepted ends that follow each failure grow it
+    // again, by as many as come in a row, so its value at this point
+    // depends on their order, which failed CI twice.)
     let stats = cluster.node("a").stats();
-    eventually("the window is down to one", Duration::from_secs(30), || {
-        NodeStats::get(&stats.end_window) == 1
-    })
-    .await;
     // Once the store takes them, they are written too.
     faulty.fail_txns_comparing(None);
     until_every_end_is_written(&faulty, Duration::from_secs(60)).await;
