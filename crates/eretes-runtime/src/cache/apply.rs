@@ -32,11 +32,7 @@ impl Cache {
             return None;
         }
         let entry = self.entries.get(id)?;
-        if entry
-            .owner
-            .as_ref()
-            .is_some_and(|owner| owner.node != self.me)
-        {
+        if entry.owner().is_some_and(|owner| owner.node != self.me) {
             // Kept with another node's owner record (see `apply_listed`),
             // which the watch will take away: no candidate.
             return None;
@@ -58,9 +54,10 @@ impl Cache {
             self.forget_taken(id);
             return Some(Vec::new());
         }
+        let cached_run = entry.run().revision;
         let run_is_newer = |kv: Option<&KeyValue>| match kv {
-            Some(kv) => kv.mod_revision >= entry.run.revision,
-            None => entry.run.revision <= keys.revision,
+            Some(kv) => kv.mod_revision >= cached_run,
+            None => cached_run <= keys.revision,
         };
         let apply_run = run_is_newer(keys.run.as_ref());
         let ns = &self.ns;
@@ -94,7 +91,7 @@ impl Cache {
                     // Another group's: nothing of it is kept (a run record
                     // cached before its task was known goes).
                     if let Some(entry) = self.entries.get_mut(&id) {
-                        entry.run = CachedRun::default();
+                        entry.set_run(CachedRun::default());
                     }
                     self.remove_task(&id);
                     Change::None
@@ -130,15 +127,16 @@ impl Cache {
                 let id = self.shared_task_id(id);
                 match decode::<RunRecord>("run", &kv.key, &kv.value) {
                     Ok(record) => {
-                        self.entry(&id).run = CachedRun::new(kv.mod_revision, &record);
+                        self.entry(&id)
+                            .set_run(CachedRun::new(kv.mod_revision, &record));
                         Change::None
                     }
                     Err(e) => {
                         // Claims compare the run record's revision, so keep
                         // it even when the value is garbage: the claim then
                         // starts from zero.
-                        self.entry(&id).run =
-                            CachedRun::new(kv.mod_revision, &RunRecord::default());
+                        self.entry(&id)
+                            .set_run(CachedRun::new(kv.mod_revision, &RunRecord::default()));
                         Change::Malformed(e.to_string())
                     }
                 }
@@ -260,7 +258,7 @@ impl Cache {
                 // Every delete of a task deletes its run record in the same
                 // transaction, and the watch does not carry run records.
                 if let Some(entry) = self.entries.get_mut(&id) {
-                    entry.run = CachedRun::default();
+                    entry.set_run(CachedRun::default());
                 }
                 self.remove_task(&id);
                 Change::TaskGone(id)
@@ -321,7 +319,7 @@ impl Cache {
             }
             KeyKind::Run(id) => {
                 if let Some(entry) = self.entries.get_mut(&id) {
-                    entry.run = CachedRun::default();
+                    entry.set_run(CachedRun::default());
                     self.forget_if_empty(&id);
                 }
                 Change::None
