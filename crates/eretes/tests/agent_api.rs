@@ -120,6 +120,20 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
             "unknown command",
         ),
         (
+            http.post(format!("{}/v1/nodes/a1/commands", agent.url))
+                .json(&json!({"command": "drain", "task": "t"})),
+            400,
+            "invalid_request",
+            "parameter of stop-task only, not of drain",
+        ),
+        (
+            http.post(format!("{}/v1/nodes/a1/commands", agent.url))
+                .json(&json!({"command": "stop-task", "task": "missing"})),
+            404,
+            "not_found",
+            "task missing not found",
+        ),
+        (
             http.get(format!("{tasks}/%FF")),
             400,
             "invalid_request",
@@ -194,6 +208,55 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
         .await
         .unwrap();
     assert_eq!(once["properties"]["process"]["program"], "true");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_task_is_taken_only_for_a_task_the_node_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let http = reqwest::Client::new();
+    let tasks = format!("{}/v1/tasks", agent.url);
+    let stop = |task: &str| {
+        http.post(format!("{}/v1/nodes/a1/commands", agent.url))
+            .json(&json!({"command": "stop-task", "task": task}))
+            .send()
+    };
+    for (id, group) in [("waits", "nobody"), ("runs", "default")] {
+        let submitted = http
+            .post(&tasks)
+            .json(&json!({"id": id, "program": "sleep", "args": ["30"], "group": group}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(submitted.status().as_u16(), 201);
+    }
+    // Pending (its group has no node): nothing to stop, and nothing queued.
+    let refused = stop("waits").await.unwrap();
+    assert_eq!(refused.status().as_u16(), 409);
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "not_running_here");
+    assert_eq!(
+        body["error"]["message"],
+        "task waits is not running on any node"
+    );
+    let mut state = Value::Null;
+    for _ in 0..300 {
+        let view: Value = http
+            .get(format!("{tasks}/runs"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        state = view["state"].clone();
+        if state == "running" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(state, "running", "the task never ran");
+    assert_eq!(stop("runs").await.unwrap().status().as_u16(), 202);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -19,7 +19,7 @@
 //! | `GET /v1/tasks/{id}/logs?stream=&tail=&follow=` | its stdout or stderr on this agent (last `tail` lines; `follow` until it ends) |
 //! | `POST /v1/tasks/{id}/commands` | queue a task command: `{"command": "pause"}`, `"resume"`, `"kill"`, or `{"command": "sleep", "duration_ms": N}` (or `"until_ms"`); 202, 404 for no such task, 409 once it has ended |
 //! | `GET /v1/nodes` | live nodes |
-//! | `POST /v1/nodes/{name}/commands` | queue a node command |
+//! | `POST /v1/nodes/{name}/commands` | queue a node command: `{"command": "drain"}` (or `freeze`, `unfreeze`, `balance`), or `{"command": "stop-task", "task": ID}`; 202, 404 for no such live node or task, 409 when the task does not run on that node |
 //! | `GET /healthz`, `GET /readyz` | liveness, readiness |
 //! | `GET /metrics` | Prometheus text format (see [`super::metrics`]) |
 //! | `GET /v1/events`, `GET /v1/summary`, `GET /v1/tasks/{id}/runs` | the dashboard's live views (see [`super::live`]) |
@@ -39,8 +39,8 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eretes_exec::ProcessSpec;
 use eretes_protocol::{
-    Coordinator, GroupName, NodeCommand, NodeName, ProtocolError, TaskCommand, TaskId, TaskIndex,
-    TaskQuery, TaskSpec, TaskState, TaskView,
+    decode, Coordinator, GroupName, NodeCommand, NodeName, OwnerRecord, ProtocolError, TaskCommand,
+    TaskId, TaskIndex, TaskQuery, TaskSpec, TaskState, TaskView,
 };
 use eretes_runtime::NodeStatus;
 use eretes_store::{KeyRange, StoreError};
@@ -508,9 +508,15 @@ async fn node_command(
     let node = NodeName::new(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
     let wire = json!({
         "command": request.command.replace('-', "_"),
-        "parameters": request.task.map(|task| json!({ "task": task })).unwrap_or(json!({})),
+        "parameters": request.task.as_ref().map(|task| json!({ "task": task })).unwrap_or(json!({})),
     });
     let command = NodeCommand::decode(wire.to_string().as_bytes())?;
+    if request.task.is_some() && !matches!(command, NodeCommand::StopTask(_)) {
+        return Err(ApiError::invalid(format!(
+            "\"task\" is a parameter of stop-task only, not of {}",
+            request.command
+        )));
+    }
     // Only to a live node: a command for a name nobody has would wait for
     // whoever takes that name next.
     if !state.coordinator.node_is_live(&node).await? {
@@ -520,8 +526,43 @@ async fn node_command(
             format!("no live node is named {node}"),
         ));
     }
+    if let NodeCommand::StopTask(task) = &command {
+        check_runs_on(&state.coordinator, task, &node).await?;
+    }
     state.coordinator.send_node_command(&node, &command).await?;
     Ok(StatusCode::ACCEPTED)
+}
+
+/// Refuse a stop-task for a task that does not run on `node` now: queued,
+/// the node would pass over it, and a 202 would say it was done. (A task
+/// that moves between this read and the node taking the command is passed
+/// over the same way; that race is the command's, not the caller's.)
+async fn check_runs_on(coordinator: &Coordinator, task: &TaskId, node: &NodeName) -> ApiResult<()> {
+    let keys = coordinator
+        .read_task_keys(std::slice::from_ref(task))
+        .await?
+        .into_iter()
+        .next();
+    let Some(keys) = keys.filter(|keys| keys.task.is_some()) else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("task {task} not found"),
+        ));
+    };
+    let owner = keys
+        .owner
+        .and_then(|kv| decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok());
+    let message = match owner {
+        Some(owner) if owner.node == *node => return Ok(()),
+        Some(owner) => format!("task {task} runs on node {}, not on {node}", owner.node),
+        None => format!("task {task} is not running on any node"),
+    };
+    Err(ApiError::new(
+        StatusCode::CONFLICT,
+        "not_running_here",
+        message,
+    ))
 }
 
 /// The body of `POST /v1/tasks/{id}/commands`: a command, and for `sleep`
