@@ -208,6 +208,12 @@ impl TaskIndex {
         self.malformed.len()
     }
 
+    /// The keys of the first `most` entries skipped as malformed, in key
+    /// order.
+    pub fn malformed_keys(&self, most: usize) -> Vec<String> {
+        self.malformed.iter().take(most).cloned().collect()
+    }
+
     /// How many tasks there are, in every state.
     pub fn task_count(&self) -> usize {
         self.counts.values().sum()

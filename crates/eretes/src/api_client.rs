@@ -142,7 +142,6 @@ pub enum Output {
     Stderr,
 }
 
-/// A client of one agent.
 /// A page of the task list.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 pub struct TaskPage {
@@ -150,8 +149,29 @@ pub struct TaskPage {
     pub tasks: Vec<TaskView>,
     /// The id to pass as `after` for the next page; `None` on the last.
     pub next: Option<String>,
+    /// How many records in the store do not decode, and so are in no page.
+    #[serde(default)]
+    pub malformed: usize,
+    /// The keys of the first few of them.
+    #[serde(default)]
+    pub malformed_keys: Vec<String>,
 }
 
+/// Tasks read page after page ([`AgentClient::list_up_to`]).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TaskListing {
+    /// The tasks, in id order.
+    pub tasks: Vec<TaskView>,
+    /// If more follow, the id to pass as `after` to go on.
+    pub more_after: Option<String>,
+    /// How many records in the store do not decode, and so are in no
+    /// listing, as the last page read counted them.
+    pub malformed: usize,
+    /// The keys of the first few of them.
+    pub malformed_keys: Vec<String>,
+}
+
+/// A client of one agent.
 #[derive(Debug, Clone)]
 pub struct AgentClient {
     base: String,
@@ -244,7 +264,7 @@ impl AgentClient {
     ) -> Result<Vec<TaskView>, ClientError> {
         self.list_up_to(state, group, None, usize::MAX)
             .await
-            .map(|(tasks, _)| tasks)
+            .map(|listing| listing.tasks)
     }
 
     /// Up to `most` tasks (of `state` and `group`, if given) whose ids sort
@@ -256,21 +276,27 @@ impl AgentClient {
         group: Option<&str>,
         after: Option<&str>,
         most: usize,
-    ) -> Result<(Vec<TaskView>, Option<String>), ClientError> {
-        let mut tasks = Vec::new();
-        let mut after = after.map(str::to_string);
-        while tasks.len() < most {
-            let limit = (most - tasks.len()).min(PAGE);
+    ) -> Result<TaskListing, ClientError> {
+        let mut listing = TaskListing {
+            tasks: Vec::new(),
+            more_after: after.map(str::to_string),
+            malformed: 0,
+            malformed_keys: Vec::new(),
+        };
+        while listing.tasks.len() < most {
+            let limit = (most - listing.tasks.len()).min(PAGE);
             let page = self
-                .list_page(state, group, after.as_deref(), limit)
+                .list_page(state, group, listing.more_after.as_deref(), limit)
                 .await?;
-            tasks.extend(page.tasks);
-            match page.next {
-                Some(next) => after = Some(next),
-                None => return Ok((tasks, None)),
+            listing.tasks.extend(page.tasks);
+            listing.malformed = page.malformed;
+            listing.malformed_keys = page.malformed_keys;
+            listing.more_after = page.next;
+            if listing.more_after.is_none() {
+                break;
             }
         }
-        Ok((tasks, after))
+        Ok(listing)
     }
 
     /// One page: at most `limit` (1–1000) tasks of `state` and `group`, if

@@ -298,6 +298,63 @@ async fn agents_on_etcd_honour_groups_and_slots_and_a_task_waits_for_its_group()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ls_says_how_many_records_do_not_decode_and_names_them() {
+    use eretes_store::{PutRequest, Store};
+    let url = eretes_etcd::testing::test_etcd_url();
+    let ns = format!("ls-garbage-{:08x}", rand::random::<u32>());
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("a1"),
+        &["--etcd", url.as_str(), "--namespace", ns.as_str()],
+    )
+    .await;
+    agent.ok(&["submit", "--id", "fine", "--group", "nobody", "--", "true"]);
+    let store = eretes_etcd::testing::connect_test_etcd().await;
+    for (id, value) in [("broken", &b"{\"spec\": "[..]), ("listy", &b"[1, 2]"[..])] {
+        store
+            .put(PutRequest::new(format!("{ns}/tasks/{id}"), value))
+            .await
+            .unwrap();
+    }
+    let listed = |args: &[&str]| {
+        let mut all = vec!["ls"];
+        all.extend(args);
+        let output = agent.cli(&all);
+        assert!(output.status.success(), "{output:?}");
+        (
+            String::from_utf8(output.stdout).unwrap(),
+            String::from_utf8(output.stderr).unwrap(),
+        )
+    };
+    let mut seen = (String::new(), String::new());
+    for _ in 0..100 {
+        seen = listed(&[]);
+        if seen.1.contains("2 record(s)") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let (stdout, stderr) = seen;
+    assert!(
+        stdout.contains("fine") && !stdout.contains("broken"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!(
+            "2 record(s) in the store do not decode and are not listed; \
+             the first: {ns}/tasks/broken, {ns}/tasks/listy"
+        )),
+        "{stderr}"
+    );
+    let (json, _) = listed(&["--json"]);
+    let page: Value = serde_json::from_str(&json).unwrap();
+    assert_eq!(page["malformed"], 2, "{page}");
+    assert_eq!(page["tasks"].as_array().unwrap().len(), 1, "{page}");
+    drop(agent);
+    common::remove_namespace(&ns).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_follow_streams_a_running_tasks_output_until_it_ends() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]).await;

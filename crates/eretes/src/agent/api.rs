@@ -362,6 +362,9 @@ struct ListQuery {
     after: Option<String>,
 }
 
+/// How many keys of records that do not decode a page names.
+const MALFORMED_NAMED: usize = 5;
+
 /// A page of tasks.
 #[derive(Debug, Serialize)]
 struct TaskPage {
@@ -369,6 +372,18 @@ struct TaskPage {
     /// Pass as `after` for the next page; absent on the last.
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<TaskId>,
+    /// How many records in the store do not decode, and so are in no page
+    /// (a client that lists everything must not take its list for all);
+    /// absent when none.
+    #[serde(skip_serializing_if = "is_zero")]
+    malformed: usize,
+    /// The keys of the first [`MALFORMED_NAMED`] of them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    malformed_keys: Vec<String>,
+}
+
+fn is_zero(count: &usize) -> bool {
+    *count == 0
 }
 
 async fn list(
@@ -399,8 +414,24 @@ async fn list(
         group: query.group,
         limit,
     };
-    let (tasks, next) = state.tasks.read(|index| index.page(&query)).await?;
-    Ok(Json(TaskPage { tasks, next }))
+    let (tasks, next, malformed, malformed_keys) = state
+        .tasks
+        .read(|index| {
+            let (tasks, next) = index.page(&query);
+            (
+                tasks,
+                next,
+                index.malformed(),
+                index.malformed_keys(MALFORMED_NAMED),
+            )
+        })
+        .await?;
+    Ok(Json(TaskPage {
+        tasks,
+        next,
+        malformed,
+        malformed_keys,
+    }))
 }
 
 async fn show(State(state): State<ApiState>, Path(id): Path<String>) -> ApiResult<Json<TaskView>> {

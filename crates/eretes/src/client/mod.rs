@@ -519,7 +519,7 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
     let most = args
         .limit
         .map_or(usize::MAX, |n| n.try_into().unwrap_or(usize::MAX));
-    let (tasks, more_after) = args
+    let listing = args
         .agent
         .client()?
         .list_up_to(
@@ -529,14 +529,25 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
             most,
         )
         .await?;
-    if let Some(after) = &more_after {
+    if let Some(after) = &listing.more_after {
         eprintln!("more tasks follow: eretes ls --after {after}");
     }
-    let tasks = document(&tasks)?;
+    if listing.malformed > 0 {
+        eprintln!(
+            "warning: {} record(s) in the store do not decode and are not listed; the first: {}",
+            listing.malformed,
+            listing.malformed_keys.join(", ")
+        );
+    }
+    let tasks = document(&listing.tasks)?;
     if args.json {
         let mut page = json!({ "tasks": tasks });
-        if let Some(after) = more_after {
+        if let Some(after) = listing.more_after {
             page["next"] = json!(after);
+        }
+        if listing.malformed > 0 {
+            page["malformed"] = json!(listing.malformed);
+            page["malformed_keys"] = json!(listing.malformed_keys);
         }
         println!("{}", serde_json::to_string_pretty(&page)?);
         return Ok(0);
