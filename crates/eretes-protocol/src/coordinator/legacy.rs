@@ -20,14 +20,20 @@ impl Coordinator {
     /// A record moves only if it is still as read and nothing is under its
     /// new key yet; otherwise it is deleted if still as read (the record
     /// under `claims/` is newer), or left for the next call (it changed).
-    /// Keys under `runs/` that name no valid task id are left alone.
+    /// Keys under `runs/` that name no valid task id, and values that are
+    /// no run record, are left alone: moved, garbage would become a run
+    /// record that every claim of its task reads.
     pub async fn move_legacy_run_records(&self) -> Result<usize, ProtocolError> {
         let listed = self.store.get_prefix(&self.ns.legacy_runs_prefix()).await?;
         let legacy: Vec<(TaskId, KeyValue)> = listed
             .kvs
             .into_iter()
             .filter_map(|kv| match self.ns.parse(&kv.key) {
-                Ok(KeyKind::LegacyRun(id)) => Some((id, kv)),
+                Ok(KeyKind::LegacyRun(id))
+                    if decode::<RunRecord>("run", &kv.key, &kv.value).is_ok() =>
+                {
+                    Some((id, kv))
+                }
                 _ => None,
             })
             .collect();
@@ -110,12 +116,16 @@ mod tests {
             ))
             .await
             .unwrap();
-        // Garbage under runs/ is not a run record of any task: left alone.
+        // Garbage under runs/ is not a run record of any task: left alone,
+        // whether its key names no task or its value is no run record.
         let garbage = format!("{}a/b", coordinator.namespace().legacy_runs_prefix());
-        store
-            .put(PutRequest::new(garbage.clone(), b"x".to_vec()))
-            .await
-            .unwrap();
+        let not_a_record = legacy_key(&coordinator, "t40");
+        for key in [&garbage, &not_a_record] {
+            store
+                .put(PutRequest::new(key.clone(), b"x".to_vec()))
+                .await
+                .unwrap();
+        }
 
         assert_eq!(coordinator.move_legacy_run_records().await.unwrap(), 39);
 
@@ -124,7 +134,13 @@ mod tests {
             .await
             .unwrap();
         let left: Vec<&str> = left.kvs.iter().map(|kv| kv.key.as_str()).collect();
-        assert_eq!(left, vec![garbage.as_str()]);
+        assert_eq!(left, vec![garbage.as_str(), not_a_record.as_str()]);
+        let t40 = TaskId::new("t40").unwrap();
+        assert!(store
+            .get_key(&coordinator.namespace().run(&t40))
+            .await
+            .unwrap()
+            .is_none());
         for n in 0..40 {
             let id = TaskId::new(format!("t{n}")).unwrap();
             let kv = store
