@@ -42,8 +42,11 @@ pub struct JobSummary {
     pub name: JobName,
     /// Its record as started.
     pub spec: JobSpec,
-    /// Its epoch record (`None` only if it was lost).
+    /// Its epoch record (`None` only if it was lost, or is malformed).
     pub epoch: Option<EpochRecord>,
+    /// Why its epoch record, which is there, could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch_malformed: Option<String>,
 }
 
 /// A job now: [`Jobs::status`].
@@ -53,8 +56,11 @@ pub struct JobStatus {
     pub name: JobName,
     /// Its record as started.
     pub spec: JobSpec,
-    /// Its epoch record.
+    /// Its epoch record (`None` if it was lost, or is malformed).
     pub epoch: Option<EpochRecord>,
+    /// Why its epoch record, which is there, could not be read.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub epoch_malformed: Option<String>,
     /// Each task, by index.
     pub tasks: Vec<TaskStatus>,
 }
@@ -231,6 +237,7 @@ impl Jobs {
         let response = self.coordinator.store().txn(txn).await?;
         let mut list = JobList::default();
         let mut epochs = BTreeMap::new();
+        let mut malformed_epochs = BTreeMap::new();
         for kv in got(&response.responses, 1) {
             match (
                 self.keys.parse(&kv.key),
@@ -239,6 +246,10 @@ impl Jobs {
                 (Some(GraphKey::Epoch(job)), Ok(record)) => {
                     epochs.insert(job, record);
                 }
+                (Some(GraphKey::Epoch(job)), Err(error)) => {
+                    malformed_epochs.insert(job, error.to_string());
+                    list.malformed += 1;
+                }
                 _ => list.malformed += 1,
             }
         }
@@ -246,6 +257,7 @@ impl Jobs {
             match (self.keys.parse(&kv.key), decode_job(&kv.key, &kv.value)) {
                 (Some(GraphKey::Job(name)), Ok(spec)) => list.jobs.push(JobSummary {
                     epoch: epochs.remove(&name),
+                    epoch_malformed: malformed_epochs.remove(&name),
                     name,
                     spec,
                 }),
@@ -278,9 +290,13 @@ impl Jobs {
             return Ok(None);
         };
         let spec = decode_job(&kv.key, &kv.value)?;
-        let epoch = got(&response.responses, 1)
-            .first()
-            .and_then(|kv| decode::<EpochRecord>("job epoch", &kv.key, &kv.value).ok());
+        let (epoch, epoch_malformed) = match got(&response.responses, 1).first() {
+            None => (None, None),
+            Some(kv) => match decode::<EpochRecord>("job epoch", &kv.key, &kv.value) {
+                Ok(record) => (Some(record), None),
+                Err(error) => (None, Some(error.to_string())),
+            },
+        };
         let mut tasks: Vec<TaskStatus> = (0..spec.tasks)
             .map(|index| TaskStatus {
                 index,
@@ -337,6 +353,7 @@ impl Jobs {
             name: job.clone(),
             spec,
             epoch,
+            epoch_malformed,
             tasks,
         }))
     }

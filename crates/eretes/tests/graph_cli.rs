@@ -193,6 +193,32 @@ async fn jobs_are_listed_shown_and_removed_on_etcd() {
     assert_ne!(code, Some(0));
     assert!(err.contains("--etcd"), "{err}");
 
+    // An epoch record overwritten with garbage is said to be malformed,
+    // not missing.
+    {
+        use eretes_store::{PutRequest, Store, StoreExt};
+        let all = store.get_prefix(&format!("{namespace}/")).await.unwrap();
+        let epoch_key = all
+            .kvs
+            .iter()
+            .map(|kv| kv.key.clone())
+            .find(|key| key.ends_with("/epochs/tree"))
+            .expect("the job's epoch record");
+        store
+            .put(PutRequest::new(epoch_key, b"{\"epoch\": \"x\"}".to_vec()))
+            .await
+            .unwrap();
+    }
+    let (code, out, err) = graph(&[&["ls"][..], &at].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.contains("epoch record malformed"), "{out}");
+    let (code, out, err) = graph(&[&["show", "tree"][..], &at].concat());
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        out.contains("job epoch - (its record is malformed:"),
+        "{out}"
+    );
+
     let (code, out, err) = graph(&[&["rm", "tree"][..], &at].concat());
     assert_eq!(code, Some(0), "{err}");
     assert!(out.contains("removed job tree"), "{out}");

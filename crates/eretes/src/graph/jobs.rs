@@ -63,6 +63,7 @@ pub async fn list(args: JobsStore) -> Result<i32> {
         let (epoch, state) = match job.epoch {
             Some(record) if record.shutdown => (record.epoch.0.to_string(), "shut down"),
             Some(record) => (record.epoch.0.to_string(), "running"),
+            None if job.epoch_malformed.is_some() => ("-".into(), "epoch record malformed"),
             None => ("-".into(), "no epoch record"),
         };
         println!(
@@ -90,9 +91,11 @@ pub async fn show(args: JobArgs) -> Result<i32> {
         println!("{}", serde_json::to_string(&status)?);
         return Ok(0);
     }
-    let epoch = status
-        .epoch
-        .map_or("-".into(), |record| record.epoch.0.to_string());
+    let epoch = match (&status.epoch, &status.epoch_malformed) {
+        (Some(record), _) => record.epoch.0.to_string(),
+        (None, Some(error)) => format!("- (its record is malformed: {error})"),
+        (None, None) => "- (no epoch record)".into(),
+    };
     let ended = status.tasks.iter().filter(|task| task.ended).count();
     println!(
         "job {name}: kind {}, {} tasks ({ended} ended), {} backups per task, group {}, job epoch {epoch}{}",
