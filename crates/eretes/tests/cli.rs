@@ -54,6 +54,18 @@ fn bad_arguments_are_refused_with_a_clear_error() {
         (&["demo", "--tasks", "lots"][..], "invalid digit"),
         (&["bench", "warp-speed"][..], "invalid value 'warp-speed'"),
         (
+            &["bench", "failover", "--nodes", "1"][..],
+            "kills one node and needs a survivor, so at least 2",
+        ),
+        (
+            &["bench", "agent", "--nodes", "4"][..],
+            "the agent benchmark runs a fixed set of nodes",
+        ),
+        (
+            &["bench", "claim", "--lease-ttl-ms", "5000"][..],
+            "--lease-ttl-ms is for the scale benchmark only",
+        ),
+        (
             &["bench", "throughput", "--etcd", "http://127.0.0.1:1"][..],
             "measures the embedded store only",
         ),

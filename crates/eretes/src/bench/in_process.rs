@@ -389,7 +389,7 @@ async fn submit_in_batches(cluster: &Cluster, prefix: &str, count: usize) -> Res
 /// what they claim (no rebalancing), so the victim owns every task.
 async fn failover(args: &BenchArgs, store: Arc<dyn Store>, ns: &str) -> Result<serde_json::Value> {
     let tasks = args.tasks.unwrap_or(1_000) as usize;
-    let node_count = args.nodes.unwrap_or(3).max(2);
+    let node_count = args.nodes.unwrap_or(3);
     let ttl = Duration::from_secs(2);
     let mut cluster = Cluster::new(store, ns, Work::Observed, ttl)?;
     cluster.rebalance = false;

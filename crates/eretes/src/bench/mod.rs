@@ -75,6 +75,14 @@ enum Scenario {
     GraphEpochs,
 }
 
+impl Scenario {
+    /// The scenario's name, as given on the command line.
+    fn name(self) -> String {
+        self.to_possible_value()
+            .map_or_else(|| format!("{self:?}"), |value| value.get_name().to_string())
+    }
+}
+
 /// Options of `eretes bench`.
 #[derive(Debug, Args)]
 pub struct BenchArgs {
@@ -135,11 +143,35 @@ pub async fn run(args: BenchArgs) -> Result<()> {
             | Scenario::GraphFailover
             | Scenario::GraphEpochs
     );
+    let takes_nodes = matches!(
+        args.scenario,
+        Scenario::Throughput
+            | Scenario::Memory
+            | Scenario::ClusterClaim
+            | Scenario::Claim
+            | Scenario::Failover
+            | Scenario::Scale
+    );
+    if let Some(nodes) = args.nodes {
+        if !takes_nodes {
+            bail!(
+                "--nodes: the {} benchmark runs a fixed set of nodes; \
+                 --nodes is for throughput, memory, cluster-claim, claim, failover and scale",
+                args.scenario.name()
+            );
+        }
+        if matches!(args.scenario, Scenario::Failover) && nodes < 2 {
+            bail!("--nodes {nodes}: the failover benchmark kills one node and needs a survivor, so at least 2");
+        }
+    }
+    if args.lease_ttl_ms.is_some() && !matches!(args.scenario, Scenario::Scale) {
+        bail!("--lease-ttl-ms is for the scale benchmark only");
+    }
     if embedded_only && args.store.is_etcd() {
         bail!(
-            "--etcd: the {:?} benchmark measures the embedded store only; \
+            "--etcd: the {} benchmark measures the embedded store only; \
              on etcd, run `eretes bench claim`, `failover` or `steady`",
-            args.scenario
+            args.scenario.name()
         );
     }
     let report = match args.scenario {
