@@ -124,6 +124,31 @@ fn bad_arguments_are_refused_by_name() {
     }
 }
 
+#[test]
+fn a_node_process_refuses_a_stats_file_it_cannot_write_before_it_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let missing = dir.path().join("no-such-dir").join("stats.json");
+    for (stats_file, expected) in [
+        (dir.path().to_path_buf(), "is a directory"),
+        (missing, "No such file or directory"),
+    ] {
+        let output = Command::new(BIN)
+            .args(["graph", "node", "--namespace", "n", "--name", "n1"])
+            .arg("--stats-file")
+            .arg(&stats_file)
+            // Nothing listens there: the refusal comes before any store.
+            .args(["--etcd", "http://127.0.0.1:1"])
+            .output()
+            .unwrap();
+        assert!(!output.status.success(), "{stats_file:?} was taken");
+        let stderr = String::from_utf8(output.stderr).unwrap();
+        assert!(
+            stderr.contains("--stats-file cannot be written") && stderr.contains(expected),
+            "{stats_file:?}: {stderr}"
+        );
+    }
+}
+
 /// Run `eretes graph ARGS`: its exit code, stdout and stderr.
 fn graph(args: &[&str]) -> (Option<i32>, String, String) {
     let output = Command::new(env!("CARGO_BIN_EXE_eretes"))

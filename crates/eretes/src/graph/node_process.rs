@@ -50,6 +50,10 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
     }
     let ns = Namespace::new(&args.namespace).context("--namespace")?;
     let name = NodeName::new(&args.name).context("--name")?;
+    // Before the node registers: a file that cannot be written would
+    // otherwise stop it only after it claimed tasks.
+    write_stats(&args.stats_file, NodeReport::default())
+        .context("--stats-file cannot be written")?;
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let store = args.store.open().await?;
@@ -85,6 +89,9 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
 }
 
 fn write_stats(path: &Path, report: NodeReport) -> Result<()> {
+    if path.is_dir() {
+        bail!("{} is a directory", path.display());
+    }
     let temporary = path.with_extension("tmp");
     std::fs::write(&temporary, serde_json::to_vec(&report)?)
         .and_then(|()| std::fs::rename(&temporary, path))
