@@ -266,6 +266,57 @@ async fn without_fence_processes_the_deadline_kills_nothing() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_stops_its_supervisor_still_dies_with_its_dropped_handler() {
+    // A task running as the agent's own user can SIGSTOP its supervisor
+    // (its parent), which then never reads the end of its socket: the
+    // agent kills it, and the tree, when it does not exit. The supervisor
+    // reports the start before the task's shell runs, so the pause only
+    // keeps the stop after that report.
+    let stubborn = StubbornRun::start_after(
+        "stops-its-supervisor",
+        FenceDeadline::none(),
+        |_| {},
+        "sleep 0.3; kill -STOP $PPID; ",
+    )
+    .await;
+    let (leader, background, run) = (stubborn.leader, stubborn.background, stubborn.run);
+    let supervisor = parent_of(leader);
+    wait_until(
+        "the task stopped its supervisor",
+        Duration::from_secs(10),
+        || state_of(supervisor).as_deref() == Some("T"),
+    )
+    .await;
+    stubborn.cancel.cancel(); // the stop order, which nobody reads...
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(alive(leader) && alive(background), "nothing stopped them");
+    run.abort(); // ...and the runtime gives up on the handler.
+    let _ = run.await;
+    wait_until(
+        "the stopped supervisor and the whole tree die with the dropped handler",
+        Duration::from_secs(20),
+        || !alive(supervisor) && !alive(leader) && !alive(background),
+    )
+    .await;
+    wait_until(
+        "the run's record goes once its supervisor is reaped",
+        Duration::from_secs(20),
+        || no_group_recorded(&stubborn.dir.path().join("groups")),
+    )
+    .await;
+}
+
+/// The state letter of process `pid` (`R`, `S`, `T` for stopped, ...), if
+/// it exists.
+fn state_of(pid: i32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat[stat.rfind(')')? + 1..]
+        .split_whitespace()
+        .next()
+        .map(str::to_string)
+}
+
 /// A run of a task started by hand, outside a node (as a node would for a
 /// claim), whose shell ignores SIGTERM and has a background child; the
 /// stop grace period is a minute.
@@ -283,6 +334,16 @@ impl StubbornRun {
         fence: FenceDeadline,
         tune: impl FnOnce(&mut ExecConfig),
     ) -> StubbornRun {
+        StubbornRun::start_after(id, fence, tune, "").await
+    }
+
+    /// The same, its shell running `prelude` first.
+    async fn start_after(
+        id: &str,
+        fence: FenceDeadline,
+        tune: impl FnOnce(&mut ExecConfig),
+        prelude: &str,
+    ) -> StubbornRun {
         let dir = tempfile::tempdir().unwrap();
         let mut exec = config(dir.path(), AllowList::Any);
         exec.stop_grace = Duration::from_secs(60);
@@ -293,7 +354,7 @@ impl StubbornRun {
             Coordinator::new(store, Namespace::new("exec").unwrap()),
         );
         let script = format!(
-            "trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
+            "{prelude}trap '' TERM; cd {}; sleep 1000 & echo $! > background.pid; echo $$ > leader.pid; wait",
             dir.path().display()
         );
         let spec = ProcessSpec::new("sh", vec!["-c".into(), script]);

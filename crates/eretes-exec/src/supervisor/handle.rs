@@ -25,6 +25,20 @@ use crate::ExecConfig;
 /// The longest a new supervisor may take to say that the task started.
 const START_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// How long a supervisor whose run is over (it reported the end) may take
+/// to exit before it is killed.
+const EXIT_AFTER_END: Duration = Duration::from_secs(5);
+
+/// How long a supervisor dropped before its end (the runtime gave up on
+/// the handler: fenced, or a stop that ran past its grace) may take to
+/// exit once its socket closed before it is killed, with what is left of
+/// its tree. A live one kills the tree at once; one that does not exit is
+/// stopped (a task running as the agent's user can SIGSTOP it) or stuck,
+/// and would never read the socket's end. Short: the runtime drops a
+/// fenced handler halfway between the fence deadline and the earliest
+/// expiry of the lease.
+const EXIT_AFTER_DROP: Duration = Duration::from_millis(100);
+
 /// How a supervised run ended, as the agent saw it.
 #[derive(Debug)]
 pub(crate) enum SupervisorEnd {
@@ -249,7 +263,7 @@ impl Supervised {
         loop {
             match report {
                 Ok(Report::Ended { status, cause }) => {
-                    self.reap_later();
+                    self.reap_later(EXIT_AFTER_END);
                     return SupervisorEnd::Ended {
                         status: exit_status(status),
                         cause,
@@ -310,16 +324,29 @@ impl Supervised {
 
 impl Supervised {
     /// Reap the supervisor in the background, then release the run's gate
-    /// and record.
-    fn reap_later(&mut self) {
+    /// and record. One that has not exited `within` that is killed first,
+    /// and so is whatever is left of the run's tree (as after a crash).
+    fn reap_later(&mut self, within: Duration) {
         self.close_orders();
         let Some(mut child) = self.child.take() else {
             return;
         };
         let gate = self.gate.take();
         let record = self.record.take();
+        let (leader, marker) = (self.leader, self.marker.clone());
         let reap = async move {
-            let _ = child.wait().await;
+            if tokio::time::timeout(within, child.wait()).await.is_err() {
+                child.kill();
+                let _ = child.wait().await;
+                let killed = leftovers::kill_run(leader, &marker).await;
+                warn!(
+                    task = %marker.task,
+                    epoch = marker.epoch,
+                    killed,
+                    "the task's supervisor did not exit within {within:?} of its run's end \
+                     (stopped by the task?); it and the run's processes were killed"
+                );
+            }
             drop(gate);
             drop(record);
         };
@@ -440,10 +467,11 @@ impl Socket {
 
 impl Drop for Supervised {
     /// Dropped before its end (the runtime gave up on the handler): closing
-    /// the socket's write side makes the supervisor kill the tree at once.
-    /// The gate and the record are kept until it has exited.
+    /// the socket's write side makes the supervisor kill the tree at once;
+    /// one that does not exit is killed with the tree
+    /// ([`EXIT_AFTER_DROP`]). The gate and the record are kept until then.
     fn drop(&mut self) {
-        self.reap_later();
+        self.reap_later(EXIT_AFTER_DROP);
     }
 }
 
