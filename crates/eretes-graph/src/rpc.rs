@@ -124,6 +124,30 @@ impl Graph for Service {
     }
 }
 
+/// Requests one connection may have in flight at once (its HTTP/2
+/// streams): tonic's default is no limit, and each request may buffer a
+/// message of up to 4 MB while it arrives.
+const STREAMS_PER_CONNECTION: u32 = 32;
+
+/// Requests the server works on at once, over every connection; the rest
+/// wait, their bodies held back by HTTP/2's flow control. With the 4 MB
+/// message limit, what requests can make the server buffer is bounded by
+/// this × 4 MB (one peer opening hundreds of streams of almost 4 MB each
+/// grew a node by 1.6 GB before).
+const REQUESTS_IN_FLIGHT: usize = 64;
+
+/// The longest a request may take, its message's arrival included: longer
+/// than any caller waits for one ([`ATTEMPT_TIMEOUT`]), so only a request
+/// that nobody waits for any more is cut.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// Idle connections are pinged this often, and closed when a ping is not
+/// answered within [`PING_TIMEOUT`].
+const PING_EVERY: Duration = Duration::from_secs(20);
+
+/// See [`PING_EVERY`].
+const PING_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// Serve data requests for `node` on `listener` until `stop` fires.
 pub(crate) fn spawn_server(
     node: Weak<NodeShared>,
@@ -133,6 +157,14 @@ pub(crate) fn spawn_server(
     let service = GraphServer::new(Service { node });
     tokio::spawn(async move {
         let served = tonic::transport::Server::builder()
+            .max_concurrent_streams(STREAMS_PER_CONNECTION)
+            .concurrency_limit_per_connection(STREAMS_PER_CONNECTION as usize)
+            .timeout(REQUEST_TIMEOUT)
+            .http2_keepalive_interval(Some(PING_EVERY))
+            .http2_keepalive_timeout(Some(PING_TIMEOUT))
+            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
+                REQUESTS_IN_FLIGHT,
+            ))
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),

@@ -337,6 +337,41 @@ fn refused_at(outcome: &data_reply::Outcome) -> Option<u64> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_gets_32_streams_and_requests_beyond_them_wait_their_turn() {
+    let (_, kind) = direct_kind();
+    let mut cluster = Cluster::new(kind);
+    let node = cluster.add(1).await;
+    let graph = cluster.graph(&node).clone();
+    // What the server announces: without it, one peer could open hundreds
+    // of streams, each buffering a message of almost 4 MB.
+    let tcp = tokio::net::TcpStream::connect(graph.address())
+        .await
+        .unwrap();
+    let (_send, mut connection) = h2::client::handshake(tcp).await.unwrap();
+    // The connection is driven until its settings arrived (it never ends
+    // on its own while the server is up).
+    let _ = tokio::time::timeout(Duration::from_millis(500), &mut connection).await;
+    assert_eq!(connection.max_concurrent_send_streams(), 32);
+    // 200 requests at once on one connection: the ones past the cap wait,
+    // and every one is answered (refused: no task runs).
+    let client = GraphClient::connect(format!("http://{}", graph.address()))
+        .await
+        .unwrap();
+    let answers = futures::future::join_all((0..200).map(|n| {
+        let mut client = client.clone();
+        async move { client.data(request("nojob", 0, 0, n, "m")).await }
+    }))
+    .await;
+    for answer in answers {
+        let outcome = answer.expect("answered").into_inner().outcome;
+        assert!(
+            matches!(outcome, Some(data_reply::Outcome::Refused(_))),
+            "{outcome:?}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_request_to_a_node_that_does_not_run_the_task_is_refused() {
     let started = Instant::now();
     let (log, kind) = direct_kind();

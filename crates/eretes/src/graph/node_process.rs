@@ -54,6 +54,10 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
     // otherwise stop it only after it claimed tasks.
     write_stats(&args.stats_file, NodeReport::default())
         .context("--stats-file cannot be written")?;
+    // Its data server takes a descriptor per peer connection, as the agent's
+    // API does: at a soft limit of 1,024, a thousand idle connections left
+    // it none to write its counters with.
+    crate::agent::server::raise_open_file_limit();
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
     let store = args.store.open().await?;
@@ -78,7 +82,13 @@ pub async fn run(args: GraphNodeArgs) -> Result<()> {
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
         tokio::select! {
-            _ = tick.tick() => write_stats(&args.stats_file, NodeReport::of(&graph))?,
+            _ = tick.tick() => {
+                // A write that fails (no descriptor free, a full disk) is
+                // retried at the next tick; the node runs on meanwhile.
+                if let Err(error) = write_stats(&args.stats_file, NodeReport::of(&graph)) {
+                    tracing::warn!(error = format!("{error:#}"), "cannot write the node's counters");
+                }
+            }
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
         }
