@@ -40,12 +40,24 @@ pub(super) fn exit_code(view: &Value) -> i32 {
         .unwrap_or(1)
 }
 
-/// A JSON value as text: a string as itself, anything else as JSON.
+/// A JSON value as text for a terminal: a string as itself, anything else
+/// as JSON, with control characters escaped (`\u{1b}`, `\n`): whoever
+/// submits a task chooses its command, and an escape sequence printed raw
+/// could erase or rewrite the lines another user reads.
 pub(super) fn text(value: &Value) -> String {
-    value
+    let raw = value
         .as_str()
         .map(str::to_string)
-        .unwrap_or_else(|| value.to_string())
+        .unwrap_or_else(|| value.to_string());
+    if !raw.chars().any(char::is_control) {
+        return raw;
+    }
+    raw.chars()
+        .map(|c| match c.is_control() {
+            true => c.escape_default().to_string(),
+            false => c.to_string(),
+        })
+        .collect()
 }
 
 /// What a task runs as a command line: a process's program and arguments,
@@ -79,7 +91,10 @@ pub(super) fn print_outcome(view: &Value) {
         _ => println!(
             "{} failed: {}",
             text(&view["id"]),
-            view["error"].as_str().unwrap_or("(no reason given)")
+            match &view["error"] {
+                Value::Null => "(no reason given)".to_string(),
+                error => text(error),
+            }
         ),
     }
 }
@@ -173,5 +188,23 @@ mod tests {
             .as_millis() as u64;
         assert_eq!(from_now(now + 90_000), "in 1m 30s");
         assert!(from_now(now - 60_000).ends_with(" ago"));
+    }
+
+    #[test]
+    fn control_characters_a_submitter_chose_are_shown_escaped() {
+        // Erase the line, go back to its start, print a row of one's own.
+        let task = serde_json::json!({
+            "properties": {"process": {
+                "program": "sh",
+                "args": ["-c", "true\u{1b}[2K\rfake-task  done"],
+            }},
+        });
+        assert_eq!(
+            command_line(&task),
+            "sh -c true\\u{1b}[2K\\rfake-task  done"
+        );
+        assert_eq!(text(&serde_json::json!("a\nb\tc")), "a\\nb\\tc");
+        assert_eq!(text(&serde_json::json!("plain é")), "plain é");
+        assert_eq!(text(&serde_json::json!(3)), "3");
     }
 }
