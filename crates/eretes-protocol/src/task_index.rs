@@ -44,6 +44,10 @@ pub struct TaskQuery {
     pub group: Option<String>,
     /// At most this many tasks.
     pub limit: usize,
+    /// And only as many as fit in about this many bytes of JSON (at least
+    /// one): a page of a thousand tasks whose properties are large would
+    /// otherwise be built whole in memory for each request.
+    pub max_bytes: usize,
 }
 
 impl TaskQuery {
@@ -54,6 +58,7 @@ impl TaskQuery {
             state: None,
             group: None,
             limit,
+            max_bytes: usize::MAX,
         }
     }
 }
@@ -242,7 +247,7 @@ impl TaskIndex {
             Some(after) => Bound::Excluded(after),
             None => Bound::Unbounded,
         };
-        let mut matching = self
+        let matching = self
             .tasks
             .range::<TaskId, _>((start, Bound::Unbounded))
             .filter(|(_, entry)| {
@@ -256,11 +261,23 @@ impl TaskIndex {
                         .is_none_or(|g| entry.group().is_some_and(|own| own.as_str() == g))
             })
             .filter_map(|(id, entry)| entry.view(id));
-        let tasks: Vec<TaskView> = matching.by_ref().take(query.limit).collect();
-        let next = match matching.next() {
-            Some(_) => tasks.last().map(|task| task.id.clone()),
-            None => None,
-        };
+        let mut tasks: Vec<TaskView> = Vec::new();
+        let mut bytes = 0usize;
+        let mut more = false;
+        for view in matching {
+            let weight = view.weight();
+            let full = tasks.len() == query.limit
+                || (!tasks.is_empty() && bytes.saturating_add(weight) > query.max_bytes);
+            if full {
+                more = true;
+                break;
+            }
+            bytes = bytes.saturating_add(weight);
+            tasks.push(view);
+        }
+        let next = more
+            .then(|| tasks.last().map(|task| task.id.clone()))
+            .flatten();
         (tasks, next)
     }
 

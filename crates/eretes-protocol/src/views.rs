@@ -134,6 +134,21 @@ pub struct TaskView {
 }
 
 impl TaskView {
+    /// About how many bytes of JSON the view takes: its variable parts
+    /// (properties, result, errors) and a fixed allowance for the rest.
+    pub fn weight(&self) -> usize {
+        const FIXED: usize = 256;
+        FIXED
+            + self.properties.json().len()
+            + self.result.as_ref().map_or(0, json_weight)
+            + self.error.as_ref().map_or(0, String::len)
+            + self
+                .errors
+                .iter()
+                .map(|entry| entry.message.len() + 32)
+                .sum::<usize>()
+    }
+
     /// Fold a live task's persisted machine state into its view.
     pub(crate) fn with_machine(mut self, record: Option<StateRecord>) -> TaskView {
         let owned = self.node.is_some();
@@ -278,5 +293,27 @@ impl Coordinator {
             finished_at_ms: None,
         };
         Ok(Some(view.with_machine(machine)))
+    }
+}
+
+/// About how many bytes of JSON `value` takes (its text and numbers, a few
+/// bytes for each punctuation), without writing it.
+fn json_weight(value: &Value) -> usize {
+    match value {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 20,
+        Value::String(text) => text.len() + 2,
+        Value::Array(items) => {
+            2 + items
+                .iter()
+                .map(|item| json_weight(item) + 1)
+                .sum::<usize>()
+        }
+        Value::Object(fields) => {
+            2 + fields
+                .iter()
+                .map(|(name, item)| name.len() + 4 + json_weight(item))
+                .sum::<usize>()
+        }
     }
 }

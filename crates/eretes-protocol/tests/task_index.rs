@@ -194,30 +194,42 @@ async fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         }
     }
 
-    // Pages of two, filtered or not, are the snapshot's tasks in order.
-    for state in [None, Some(TaskState::Running), Some(TaskState::Done)] {
-        for group in [None, Some("g1".to_string())] {
-            let mut query = TaskQuery::new(2);
-            query.state = state;
-            query.group = group.clone();
-            let mut paged = Vec::new();
-            for _ in 0..=IDS.len() {
-                let (tasks, next) = index.page(&query);
-                paged.extend(tasks);
-                match next {
-                    Some(next) => query.after = Some(next),
-                    None => break,
-                }
+    // Pages of two, filtered or not, are the snapshot's tasks in order; so
+    // are pages that a byte budget cuts to one task each (never to none).
+    for (state, group, max_bytes) in [None, Some(TaskState::Running), Some(TaskState::Done)]
+        .into_iter()
+        .flat_map(|state| [None, Some("g1".to_string())].map(|group| (state, group)))
+        .flat_map(|(state, group)| [usize::MAX, 1].map(|bytes| (state, group.clone(), bytes)))
+    {
+        let mut query = TaskQuery::new(2);
+        query.state = state;
+        query.group = group.clone();
+        query.max_bytes = max_bytes;
+        let mut paged = Vec::new();
+        for _ in 0..=IDS.len() {
+            let (tasks, next) = index.page(&query);
+            prop_assert!(
+                !tasks.is_empty() || next.is_none(),
+                "an empty page says more follow"
+            );
+            prop_assert!(
+                max_bytes == usize::MAX || tasks.len() <= 1,
+                "over the byte budget"
+            );
+            paged.extend(tasks);
+            match next {
+                Some(next) => query.after = Some(next),
+                None => break,
             }
-            let expected: Vec<TaskView> = read
-                .tasks
-                .values()
-                .filter(|t| state.is_none_or(|s| t.state == s))
-                .filter(|t| group.as_deref().is_none_or(|g| t.group.as_str() == g))
-                .cloned()
-                .collect();
-            prop_assert_eq!(paged, expected);
         }
+        let expected: Vec<TaskView> = read
+            .tasks
+            .values()
+            .filter(|t| state.is_none_or(|s| t.state == s))
+            .filter(|t| group.as_deref().is_none_or(|g| t.group.as_str() == g))
+            .cloned()
+            .collect();
+        prop_assert_eq!(paged, expected);
     }
     Ok(())
 }

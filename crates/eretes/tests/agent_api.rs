@@ -211,6 +211,49 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_of_large_tasks_is_cut_by_its_size_and_says_where_to_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(&dir.path().join("data"), &[]).await;
+    let http = reqwest::Client::new();
+    let tasks = format!("{}/v1/tasks", agent.url);
+    let big = "x".repeat(60_000);
+    for n in 0..24 {
+        let submitted = http
+            .post(&tasks)
+            .json(&json!({"id": format!("big-{n}"), "group": "nobody", "program": "echo", "args": [big]}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(submitted.status().as_u16(), 201);
+    }
+    let mut seen = Vec::new();
+    let mut after: Option<String> = None;
+    for _ in 0..24 {
+        let mut url = format!("{tasks}?limit=1000&group=nobody");
+        if let Some(after) = &after {
+            url.push_str(&format!("&after={after}"));
+        }
+        let page: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        let ids: Vec<String> = page["tasks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|task| task["id"].as_str().unwrap().to_string())
+            .collect();
+        // About 1 MiB a page: some 17 of these tasks fit, never all 24.
+        assert!(!ids.is_empty() && ids.len() < 24, "{ids:?}");
+        seen.extend(ids);
+        match page["next"].as_str() {
+            Some(next) => after = Some(next.to_string()),
+            None => break,
+        }
+    }
+    let mut expected: Vec<String> = (0..24).map(|n| format!("big-{n}")).collect();
+    expected.sort();
+    assert_eq!(seen, expected);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_task_is_taken_only_for_a_task_the_node_runs() {
     let dir = tempfile::tempdir().unwrap();
     let agent = Agent::start(&dir.path().join("data"), &[]).await;

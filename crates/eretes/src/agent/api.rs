@@ -12,7 +12,7 @@
 //! | method and path | what |
 //! |---|---|
 //! | `POST /v1/tasks` | submit a process task |
-//! | `GET /v1/tasks?state=&group=&limit=&after=` | list, filtered, paginated by id (`limit` 1–1000, default 100; `next` in the answer is the `after` of the next page); served from the agent's watch-kept index ([`super::task_list`]): O(page), and it holds every submit and removal this agent acknowledged before |
+//! | `GET /v1/tasks?state=&group=&limit=&after=` | list, filtered, paginated by id (`limit` 1–1000, default 100, and about 1 MiB of tasks at most, at least one; `next` in the answer is the `after` of the next page; `malformed` counts records that do not decode); served from the agent's watch-kept index ([`super::task_list`]): O(page), and it holds every submit and removal this agent acknowledged before |
 //! | `GET /v1/tasks/{id}` | one task |
 //! | `DELETE /v1/tasks/{id}` | delete it (stops it wherever it runs) |
 //! | `GET /v1/tasks/{id}/wait?timeout_s=` | long-poll until it ends |
@@ -362,6 +362,12 @@ struct ListQuery {
     after: Option<String>,
 }
 
+/// About the most bytes of tasks a page of the list holds (at least one
+/// task): a thousand tasks of 60 KB each made 60 MB pages, built whole for
+/// each request, which a reader that reads nothing can make the agent hold
+/// per connection. A shorter page says `next` as a full one does.
+const MAX_PAGE_BYTES: usize = 1 << 20;
+
 /// How many keys of records that do not decode a page names.
 const MALFORMED_NAMED: usize = 5;
 
@@ -413,6 +419,7 @@ async fn list(
         state: wanted_state,
         group: query.group,
         limit,
+        max_bytes: MAX_PAGE_BYTES,
     };
     let (tasks, next, malformed, malformed_keys) = state
         .tasks
