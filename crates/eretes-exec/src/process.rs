@@ -103,7 +103,17 @@ enum Ended {
     SupervisorDied(String),
     /// It ran past the spec's timeout and was stopped.
     TimedOut(Duration),
+    /// Its supervisor stopped it on a SIGTERM that the agent did not send
+    /// (the task's own `kill $PPID`, say), and the agent did not stop.
+    StoppedFromOutside,
 }
+
+/// How long an attempt whose supervisor stopped it on a SIGTERM the agent
+/// did not send waits for the agent's own stop before it counts as failed:
+/// a service manager stopping the machine's agent signals every process
+/// of it at once, supervisors too, and the agent's drain then stops the
+/// run (a release) within moments.
+const OUTSIDE_STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl StatefulHandler for ProcessHandler {
     // Written out rather than through `#[async_trait]`, whose async block
@@ -209,6 +219,12 @@ impl ProcessHandler {
                         "the task's supervisor {how}; its processes were killed (attempt {attempt})"
                     ))
                 }
+                Ok(Ended::StoppedFromOutside) => {
+                    return Step::Error(format!(
+                        "its supervisor was sent SIGTERM by another process than the agent \
+                         (the task itself?), and stopped it (attempt {attempt})"
+                    ))
+                }
                 Ok(Ended::TimedOut(limit)) => {
                     return Step::Error(format!(
                         "timed out after {} and was stopped (attempt {attempt})",
@@ -258,6 +274,9 @@ impl ProcessHandler {
                 }
                 Ok(Ended::SupervisorDied(how)) => {
                     warn!(task = %ctx.task.id, supervisor = how, retry_in = ?backoff, "the permanent task's supervisor died; restarting");
+                }
+                Ok(Ended::StoppedFromOutside) => {
+                    warn!(task = %ctx.task.id, retry_in = ?backoff, "the permanent task's supervisor was sent SIGTERM by another process than the agent; restarting");
                 }
                 Ok(Ended::TimedOut(limit)) => {
                     info!(task = %ctx.task.id, timeout = ?limit, retry_in = ?backoff, "permanent task timed out; restarting");
@@ -420,13 +439,25 @@ impl ProcessHandler {
         // A stop the task itself asked for (release, command) is a stop; one
         // only this attempt's timeout asked for is the attempt's failure.
         // (An exit or a fence that raced the timeout is what it was.)
-        if timed_out && !task.cancel.is_cancelled() {
-            if let SupervisorEnd::Ended {
-                cause: Cause::Stopped,
-                ..
-            } = end
-            {
+        if let SupervisorEnd::Ended {
+            cause: Cause::Stopped,
+            ..
+        } = end
+        {
+            if timed_out && !task.cancel.is_cancelled() {
                 return Ok(Ended::TimedOut(spec.timeout().unwrap_or_default()));
+            }
+            // Neither the node nor the timeout asked: a SIGTERM to the
+            // supervisor from elsewhere. Counted as a stop only if the
+            // agent's own stop follows it (it is shutting down); otherwise
+            // a task that signals its supervisor would be released and
+            // claimed again for ever, its attempts never counted.
+            if !timed_out
+                && tokio::time::timeout(OUTSIDE_STOP_WAIT, task.cancel.cancelled())
+                    .await
+                    .is_err()
+            {
+                return Ok(Ended::StoppedFromOutside);
             }
         }
         Ok(match end {

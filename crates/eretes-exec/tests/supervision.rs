@@ -156,6 +156,30 @@ async fn a_killed_supervisor_takes_the_tree_with_it_and_the_run_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_sigterms_its_supervisor_fails_the_attempt_rather_than_moving_for_ever() {
+    // A SIGTERM the agent did not send stops the run, but is no release:
+    // released, the task was claimed again and again, its attempts never
+    // counted, and it never ended.
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh(
+            "terminates-its-supervisor",
+            "kill $PPID; sleep 30",
+            |spec| spec.max_attempts = 1,
+        )
+        .await;
+    let result = agent.result("terminates-its-supervisor").await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let error = result.error.clone().unwrap_or_default();
+    assert!(
+        error.contains("sent SIGTERM by another process than the agent"),
+        "{error}"
+    );
+    assert_eq!(result.runs.claims, 1, "claimed once: {result:?}");
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_supervisor_kills_the_tree_at_a_fence_deadline_nobody_extends() {
     // A node publishes its deadline; here it is published once, then never
     // extended, as by a frozen agent. The supervisor acts on its own.
