@@ -121,6 +121,28 @@ async fn logs_go_with_their_task_and_after_the_retention() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn what_a_removed_task_prints_while_it_stops_does_not_bring_its_logs_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // The helper's stop grace, 500 ms; logs kept for the default week.
+    let agent = Agent::start(&data, &[]).await;
+    let logs = data.join("logs").join("polite");
+    let pid_file = dir.path().join("polite.pid");
+    // Silent until its SIGTERM, which it answers a moment later: after
+    // rm removed its (not yet made) logs.
+    let script = format!(
+        "trap 'sleep 0.3; echo goodbye; exit 0' TERM; echo $$ > {}; \
+         while :; do sleep 0.1; done",
+        pid_file.display()
+    );
+    agent.ok(&["submit", "--id", "polite", "--", "sh", "-c", &script]);
+    common::wait_until("the task runs", || pid_file.exists()).await;
+    agent.ok(&["rm", "polite"]);
+    common::wait_until("its goodbye made its log directory again", || logs.exists()).await;
+    common::wait_until("the directory is removed once more", || !logs.exists()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ended_tasks_go_after_the_result_retention_and_running_ones_stay() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");

@@ -73,6 +73,10 @@ pub struct ApiState {
     pub embedded: Option<std::sync::Arc<eretes_store::embedded::EmbeddedStore>>,
     /// Where this agent keeps task logs.
     pub logs_dir: PathBuf,
+    /// How long a removed task's run here may take to stop (the handlers'
+    /// grace): what it prints meanwhile makes its log directory again,
+    /// which is removed once more after this.
+    pub stop_grace: Duration,
     /// This agent's node name.
     pub node: eretes_protocol::NodeName,
     /// Who may call what.
@@ -453,8 +457,22 @@ async fn remove(State(state): State<ApiState>, Path(id): Path<String>) -> ApiRes
     let id = task_id(&id)?;
     let revision = state.coordinator.delete(&id).await?;
     state.tasks.wrote(revision);
-    // Its logs here go with it (other agents' sweeps remove theirs).
+    // Its logs here go with it (other agents' sweeps remove theirs); and
+    // once more when its run here has had its grace to stop, since what
+    // it prints while it stops (a SIGTERM handler's goodbye) makes them
+    // again. Not if the id was submitted again meanwhile.
     super::logs::remove_logs(&state.logs_dir, &id).await;
+    let (logs_dir, coordinator, grace) = (
+        state.logs_dir.clone(),
+        state.coordinator.clone(),
+        state.stop_grace,
+    );
+    tokio::spawn(async move {
+        tokio::time::sleep(grace + Duration::from_secs(1)).await;
+        if let Ok(None) = coordinator.task_view(&id).await {
+            super::logs::remove_logs(&logs_dir, &id).await;
+        }
+    });
     Ok(StatusCode::NO_CONTENT)
 }
 

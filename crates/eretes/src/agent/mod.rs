@@ -585,6 +585,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
         status: node.status(),
         embedded,
         logs_dir,
+        stop_grace: exec_grace(args.stop_grace_ms),
         node: name.clone(),
         access: access::Access {
             token: args.token.clone(),
