@@ -43,8 +43,13 @@ fn in_process_nodes_with_a_kill_at_epoch_one() {
     assert!(report["failovers"].as_u64().unwrap() >= 1, "{report}");
 }
 
+/// Held by the tests that run node processes: one looks for any left
+/// running, which the other's would be.
+static NODE_PROCESSES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 #[test]
 fn node_processes_killed_with_sigkill_lose_nothing() {
+    let _alone = NODE_PROCESSES.lock().unwrap_or_else(|e| e.into_inner());
     let etcd = eretes_etcd::testing::test_etcd_url();
     let (code, report) = regression(&[
         "--processes",
@@ -92,6 +97,65 @@ fn node_processes_killed_with_sigkill_lose_nothing() {
         "node processes left running: {}",
         String::from_utf8_lossy(&left.stdout)
     );
+}
+
+#[test]
+fn an_interrupted_regression_leaves_no_node_process_behind() {
+    let _alone = NODE_PROCESSES.lock().unwrap_or_else(|e| e.into_inner());
+    let etcd = eretes_etcd::testing::test_etcd_url();
+    let mut driver = Command::new(BIN)
+        .args(["graph", "regression", "--processes", "--etcd", &etcd])
+        .args(["--epochs", "100000", "--timeout", "120s"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let children = || -> Vec<i32> {
+        let out = Command::new("pgrep")
+            .args(["-P", &driver.id().to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout)
+            .split_whitespace()
+            .filter_map(|pid| pid.parse().ok())
+            .collect()
+    };
+    let mut nodes = Vec::new();
+    for _ in 0..300 {
+        nodes = children();
+        if nodes.len() >= 4 {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(nodes.len() >= 4, "the run's node processes: {nodes:?}");
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(driver.id() as i32, libc::SIGTERM) };
+    let mut status = None;
+    for _ in 0..300 {
+        status = driver.try_wait().unwrap();
+        if status.is_some() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let Some(status) = status else {
+        let _ = driver.kill();
+        panic!("the driver did not end within 30 s of SIGTERM");
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut driver.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("interrupted"), "{stderr}");
+    let alive = |pid: i32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    for _ in 0..100 {
+        if !nodes.iter().any(|&pid| alive(pid)) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left: Vec<i32> = nodes.into_iter().filter(|&pid| alive(pid)).collect();
+    assert!(left.is_empty(), "node processes left running: {left:?}");
 }
 
 #[test]

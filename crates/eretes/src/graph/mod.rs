@@ -156,20 +156,40 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         backups: args.backups,
         timeout: args.timeout,
     };
-    let report = match etcd.filter(|_| args.processes) {
-        Some(url) => {
-            let mut fleet = processes::ProcessFleet::new(ns.name(), &url, args.lease_ttl)
-                .context("a directory for the node processes' counters")?;
-            run_regression_on(&mut fleet, store.clone(), ns.clone(), options).await
+    let processes = etcd.filter(|_| args.processes);
+    let run = async {
+        match processes {
+            Some(url) => {
+                let mut fleet = processes::ProcessFleet::new(ns.name(), &url, args.lease_ttl)
+                    .context("a directory for the node processes' counters")?;
+                run_regression_on(&mut fleet, store.clone(), ns.clone(), options)
+                    .await
+                    .context("the regression")
+            }
+            None => run_regression(store.clone(), ns.clone(), options)
+                .await
+                .context("the regression"),
         }
-        None => run_regression(store.clone(), ns.clone(), options).await,
+    };
+    // Interrupted (Ctrl-C, SIGTERM), the run is dropped where it stands, so
+    // its node processes are killed with their fleet, and its namespace is
+    // removed as at its end (killed by the signal, it left both behind).
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let report = tokio::select! {
+        report = run => Some(report),
+        _ = tokio::signal::ctrl_c() => None,
+        _ = terminate.recv() => None,
     };
     let removed = store
         .delete(eretes_store::DeleteRequest::new(
             eretes_store::KeyRange::prefix(ns.root()),
         ))
         .await;
-    let report = report.context("the regression")?;
+    let Some(report) = report else {
+        removed.context("removing the run's namespace")?;
+        bail!("interrupted; the run's node processes and its namespace are gone");
+    };
+    let report = report?;
     removed.context("removing the run's namespace")?;
     println!(
         "regression: {} tasks, {} of {} epochs verified, {} wrong sums; {} kills, {} failovers; \
