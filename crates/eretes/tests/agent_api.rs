@@ -199,15 +199,13 @@ async fn bad_requests_get_clear_4xx_errors_and_write_nothing() {
         .await
         .unwrap();
     assert_eq!(second.status().as_u16(), 409);
-    let once: Value = http
-        .get(format!("{tasks}/once"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let once = get_json(&http, format!("{tasks}/once")).await;
     assert_eq!(once["properties"]["process"]["program"], "true");
+}
+
+/// GET `url`; its body as JSON.
+async fn get_json(http: &reqwest::Client, url: String) -> Value {
+    http.get(url).send().await.unwrap().json().await.unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -233,7 +231,7 @@ async fn a_page_of_large_tasks_is_cut_by_its_size_and_says_where_to_go_on() {
         if let Some(after) = &after {
             url.push_str(&format!("&after={after}"));
         }
-        let page: Value = http.get(url).send().await.unwrap().json().await.unwrap();
+        let page = get_json(&http, url).await;
         let ids: Vec<String> = page["tasks"]
             .as_array()
             .unwrap()
@@ -284,14 +282,7 @@ async fn stop_task_is_taken_only_for_a_task_the_node_runs() {
     );
     let mut state = Value::Null;
     for _ in 0..300 {
-        let view: Value = http
-            .get(format!("{tasks}/runs"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let view = get_json(&http, format!("{tasks}/runs")).await;
         state = view["state"].clone();
         if state == "running" {
             break;
