@@ -126,15 +126,13 @@ impl Graph for Service {
 
 /// Requests one connection may have in flight at once (its HTTP/2
 /// streams): tonic's default is no limit, and each request may buffer a
-/// message of up to 4 MB while it arrives.
+/// message of up to 4 MB while it arrives (one peer opening hundreds of
+/// streams of almost 4 MB each grew a node by 1.6 GB). Not a limit over
+/// all connections: a data request may wait long for its answer (a parent
+/// for its children's), holding its place, and a node's places all held
+/// by requests waiting on another node whose places are held the same way
+/// would stall both until their callers give up.
 const STREAMS_PER_CONNECTION: u32 = 32;
-
-/// Requests the server works on at once, over every connection; the rest
-/// wait, their bodies held back by HTTP/2's flow control. With the 4 MB
-/// message limit, what requests can make the server buffer is bounded by
-/// this × 4 MB (one peer opening hundreds of streams of almost 4 MB each
-/// grew a node by 1.6 GB before).
-const REQUESTS_IN_FLIGHT: usize = 64;
 
 /// The longest a request may take, its message's arrival included: longer
 /// than any caller waits for one ([`ATTEMPT_TIMEOUT`]), so only a request
@@ -162,9 +160,6 @@ pub(crate) fn spawn_server(
             .timeout(REQUEST_TIMEOUT)
             .http2_keepalive_interval(Some(PING_EVERY))
             .http2_keepalive_timeout(Some(PING_TIMEOUT))
-            .layer(tower::limit::GlobalConcurrencyLimitLayer::new(
-                REQUESTS_IN_FLIGHT,
-            ))
             .add_service(service)
             .serve_with_incoming_shutdown(
                 tonic::transport::server::TcpIncoming::from(listener),
