@@ -115,6 +115,10 @@ enum Ended {
 /// run (a release) within moments.
 const OUTSIDE_STOP_WAIT: Duration = Duration::from_secs(2);
 
+/// What a supervisor has, beyond the stop's grace, to report the end of a
+/// run it was told to stop.
+const STOP_REPORT_MARGIN: Duration = Duration::from_secs(2);
+
 impl StatefulHandler for ProcessHandler {
     // Written out rather than through `#[async_trait]`, whose async block
     // would hold `ctx` twice (moved in, then bound again) for as long as
@@ -388,6 +392,11 @@ impl ProcessHandler {
             .timeout()
             .map(|limit| Box::pin(tokio::time::sleep(limit)));
         let mut timed_out = false;
+        // After the timeout's stop: how long the supervisor has to end the
+        // run (the grace, and a margin to report) before it counts as
+        // dead. One the task stopped (SIGSTOP) never reads the stop, and
+        // the run would wait for ever; as dead, it is killed with the tree.
+        let mut stop_wait: Option<Pin<Box<tokio::time::Sleep>>> = None;
         let report = {
             let (id, checkpointer) = (task.id.as_str(), &ctx.checkpointer);
             // Whether a save is under way (its write may be in the store's
@@ -413,6 +422,15 @@ impl ProcessHandler {
                         timed_out = true;
                         // This attempt only: the task's token stays as it is.
                         supervised.stop();
+                        stop_wait = Some(Box::pin(tokio::time::sleep(
+                            self.config.stop_grace + STOP_REPORT_MARGIN,
+                        )));
+                    }
+                    () = expiry(&mut stop_wait) => {
+                        break Err(format!(
+                            "did not end the run within {} of its timeout's stop (stopped?)",
+                            humantime::format_duration(self.config.stop_grace + STOP_REPORT_MARGIN)
+                        ));
                     }
                     () = &mut saves => {}
                 }
@@ -439,6 +457,11 @@ impl ProcessHandler {
         // A stop the task itself asked for (release, command) is a stop; one
         // only this attempt's timeout asked for is the attempt's failure.
         // (An exit or a fence that raced the timeout is what it was.)
+        // A supervisor that had to be killed after the timeout's stop (see
+        // `stop_wait`) ended a run that timed out all the same.
+        if timed_out && !task.cancel.is_cancelled() && matches!(end, SupervisorEnd::Crashed(_)) {
+            return Ok(Ended::TimedOut(spec.timeout().unwrap_or_default()));
+        }
         if let SupervisorEnd::Ended {
             cause: Cause::Stopped,
             ..

@@ -156,6 +156,33 @@ async fn a_killed_supervisor_takes_the_tree_with_it_and_the_run_is_retried() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_that_stops_its_supervisor_still_ends_at_its_timeout() {
+    // The timeout's stop goes to a supervisor that reads nothing; after
+    // the grace (500 ms here) and 2 s more, the agent kills it and the tree.
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh(
+            "stops-and-times-out",
+            "sleep 0.3; echo $$ > leader.pid; kill -STOP $PPID; sleep 1000",
+            |spec| {
+                spec.timeout_ms = Some(1000);
+                spec.max_attempts = 1;
+            },
+        )
+        .await;
+    let leader = pid_in(&agent.path("leader.pid")).await;
+    let result = agent.result("stops-and-times-out").await;
+    assert_eq!(result.outcome, Outcome::Failed, "{result:?}");
+    let error = result.error.clone().unwrap_or_default();
+    assert!(error.contains("timed out after 1s"), "{error}");
+    wait_until("the tree is gone", Duration::from_secs(10), || {
+        !alive(leader)
+    })
+    .await;
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_sigterms_its_supervisor_fails_the_attempt_rather_than_moving_for_ever() {
     // A SIGTERM the agent did not send stops the run, but is no release:
     // released, the task was claimed again and again, its attempts never

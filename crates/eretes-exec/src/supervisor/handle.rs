@@ -32,12 +32,18 @@ const EXIT_AFTER_END: Duration = Duration::from_secs(5);
 /// How long a supervisor dropped before its end (the runtime gave up on
 /// the handler: fenced, or a stop that ran past its grace) may take to
 /// exit once its socket closed before it is killed, with what is left of
-/// its tree. A live one kills the tree at once; one that does not exit is
-/// stopped (a task running as the agent's user can SIGSTOP it) or stuck,
-/// and would never read the socket's end. Short: the runtime drops a
+/// its tree. A live one kills the tree at once, and by then it has
+/// usually done so already (at the fence deadline, or in the stop's
+/// grace); one that is stopped (a task running as the agent's user can
+/// SIGSTOP it) would never read the socket's end, and is killed as soon as
+/// it is seen stopped ([`STOPPED_CHECK`]), since the runtime drops a
 /// fenced handler halfway between the fence deadline and the earliest
 /// expiry of the lease.
-const EXIT_AFTER_DROP: Duration = Duration::from_millis(100);
+const EXIT_AFTER_DROP: Duration = Duration::from_secs(2);
+
+/// How often a supervisor waited for is looked at for having exited or
+/// being stopped.
+const STOPPED_CHECK: Duration = Duration::from_millis(20);
 
 /// How a supervised run ended, as the agent saw it.
 #[derive(Debug)]
@@ -335,7 +341,20 @@ impl Supervised {
         let record = self.record.take();
         let (leader, marker) = (self.leader, self.marker.clone());
         let reap = async move {
-            if tokio::time::timeout(within, child.wait()).await.is_err() {
+            let exited = tokio::time::timeout(within, async {
+                loop {
+                    if child.has_exited() {
+                        return true;
+                    }
+                    if child.is_stopped() {
+                        return false;
+                    }
+                    tokio::time::sleep(STOPPED_CHECK).await;
+                }
+            })
+            .await
+            .unwrap_or(false);
+            if !exited {
                 child.kill();
                 let _ = child.wait().await;
                 let killed = leftovers::kill_run(leader, &marker).await;

@@ -236,13 +236,33 @@ pub(crate) struct Forked {
 const REAP_FALLBACK: Duration = Duration::from_millis(100);
 
 impl SupervisorChild {
-    /// SIGKILL it (nothing once it was reaped: its pid may be another's).
-    pub(crate) fn kill(&self) {
-        let pid = match self {
+    /// Its pid, until it is reaped.
+    fn pid(&self) -> Option<libc::pid_t> {
+        match self {
             SupervisorChild::Spawned(child) => child.id().map(|pid| pid as libc::pid_t),
             SupervisorChild::Forked(forked) => forked.pid,
+        }
+    }
+
+    /// Whether it is stopped (SIGSTOP, or traced): it acts on nothing until
+    /// continued.
+    pub(crate) fn is_stopped(&self) -> bool {
+        let Some(pid) = self.pid() else {
+            return false;
         };
-        if let Some(pid) = pid {
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            return false;
+        };
+        // The state follows the command name, which may hold anything but
+        // ends at the last ')'.
+        stat.rfind(')')
+            .and_then(|end| stat[end + 1..].split_whitespace().next())
+            .is_some_and(|state| state == "T" || state == "t")
+    }
+
+    /// SIGKILL it (nothing once it was reaped: its pid may be another's).
+    pub(crate) fn kill(&self) {
+        if let Some(pid) = self.pid() {
             // SAFETY: kill(2) has no memory-safety preconditions; the child
             // is not reaped yet, so its pid is still its own.
             unsafe { libc::kill(pid, libc::SIGKILL) };
