@@ -469,7 +469,11 @@ async fn remove(State(state): State<ApiState>, Path(id): Path<String>) -> ApiRes
     );
     tokio::spawn(async move {
         tokio::time::sleep(grace + Duration::from_secs(1)).await;
-        if let Ok(None) = coordinator.task_view(&id).await {
+        // Most removed tasks never ran here: no read of the store for them.
+        let made_again = tokio::fs::try_exists(logs_dir.join(id.as_str()))
+            .await
+            .unwrap_or(true);
+        if made_again && matches!(coordinator.task_view(&id).await, Ok(None)) {
             super::logs::remove_logs(&logs_dir, &id).await;
         }
     });

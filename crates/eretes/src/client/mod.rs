@@ -536,7 +536,13 @@ pub async fn ls(args: LsArgs) -> Result<i32> {
         eprintln!(
             "warning: {} record(s) in the store do not decode and are not listed; the first: {}",
             listing.malformed,
-            listing.malformed_keys.join(", ")
+            // Keys from the store, which may hold anything.
+            listing
+                .malformed_keys
+                .iter()
+                .map(|key| text(&json!(key)))
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     let tasks = document(&listing.tasks)?;

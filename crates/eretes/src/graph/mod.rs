@@ -180,11 +180,20 @@ async fn regression(args: RegressionArgs) -> Result<i32> {
         _ = tokio::signal::ctrl_c() => None,
         _ = terminate.recv() => None,
     };
-    let removed = store
-        .delete(eretes_store::DeleteRequest::new(
+    // Bounded: a store that stopped answering must not keep an interrupted
+    // run (whose signal handlers stay installed) from ending.
+    let removed = tokio::time::timeout(
+        Duration::from_secs(30),
+        store.delete(eretes_store::DeleteRequest::new(
             eretes_store::KeyRange::prefix(ns.root()),
+        )),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(eretes_store::StoreError::Unavailable(
+            "the store did not answer within 30 s".into(),
         ))
-        .await;
+    });
     let Some(report) = report else {
         removed.context("removing the run's namespace")?;
         bail!("interrupted; the run's node processes and its namespace are gone");
