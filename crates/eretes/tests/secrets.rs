@@ -129,6 +129,14 @@ async fn secret_options_are_checked() {
             vec!["--allow", "sh,,true"],
             "--allow \"\": not a program name",
         ),
+        (
+            vec!["--allow-env", "FOO"],
+            "--allow-env applies only with --allow",
+        ),
+        (
+            vec!["--log-retention", "0s"],
+            "--log-retention 0s: at least 1s",
+        ),
     ] {
         let stderr = common::agent_refuses(&dir.path().join("data"), &args);
         assert!(stderr.contains(expected), "{args:?}: {stderr}");

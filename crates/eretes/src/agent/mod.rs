@@ -96,7 +96,8 @@ pub struct AgentArgs {
     #[arg(long, value_name = "FILE")]
     read_token_file: Option<PathBuf>,
     /// Variables a task's spec may set when --allow restricts programs
-    /// (comma-separated names; any without an allow list).
+    /// (comma-separated names; only with --allow: without an allow list a
+    /// spec may set any).
     #[arg(long, value_name = "NAME,..", value_delimiter = ',')]
     allow_env: Vec<String>,
     /// Run every task as this user (its groups and home) instead of the
@@ -116,8 +117,8 @@ pub struct AgentArgs {
     /// Most API connections served at once; more are closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
-    /// How long an ended task's logs are kept on this agent (24h, 30m…);
-    /// a deleted task's logs go at once.
+    /// How long an ended task's logs are kept on this agent (24h, 30m…;
+    /// at least 1s); a deleted task's logs go at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
     log_retention: Duration,
     /// How long an ended task (done, failed, killed) is kept, result and
@@ -330,6 +331,18 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
                  digit), not one of eretes' own"
             );
         }
+    }
+    if !args.allow_env.is_empty() && args.allow.is_none() {
+        bail!(
+            "--allow-env applies only with --allow: without an allow list, a task may set any \
+             variable, and the list would restrict nothing"
+        );
+    }
+    if args.log_retention < Duration::from_secs(1) {
+        bail!(
+            "--log-retention {}: at least 1s (a deleted task's logs go at once whatever it is)",
+            humantime::format_duration(args.log_retention)
+        );
     }
     if let Some(empty) = args
         .allow
