@@ -33,13 +33,21 @@ const BUCKETS: &[f64] = &[
     60.0, 300.0, 900.0, 3600.0,
 ];
 
+/// How long a group's task gauges stay after its last task went: scrapes
+/// in that time see them at 0, later ones no more. (Every group ever seen
+/// was reported for good: a group per batch of tasks, created and deleted,
+/// grew the scrape and the recorder without end.)
+const GONE_GROUP_GAUGES: Duration = Duration::from_secs(600);
+
 /// The recorder and what a scrape reads.
 pub struct Metrics {
     handle: PrometheusHandle,
     stats: Arc<NodeStats>,
     tasks: Arc<LiveTasks>,
-    /// Every group reported so far: each of its states is reported, as 0
-    /// when empty, rather than left at its last value or missing.
+    /// The groups reported: each of its states is reported, as 0 when
+    /// empty, rather than left at its last value or missing. A group with
+    /// no task left is reported at 0 once more, then left to the
+    /// recorder's idle timeout ([`GONE_GROUP_GAUGES`]).
     reported: std::sync::Mutex<BTreeSet<String>>,
 }
 
@@ -64,6 +72,10 @@ impl Metrics {
     /// upkeep on the current runtime.
     pub fn install() -> Result<PrometheusHandle> {
         let handle = PrometheusBuilder::new()
+            .idle_timeout(
+                metrics_util::MetricKindMask::GAUGE,
+                Some(GONE_GROUP_GAUGES),
+            )
             .set_buckets(BUCKETS)
             .context("histogram buckets")?
             .install_recorder()
@@ -97,13 +109,16 @@ impl Metrics {
         {
             let mut reported = self.reported.lock().expect("not poisoned");
             reported.extend(counts.keys().map(|(group, _)| group.clone()));
-            for group in reported.iter() {
+            reported.retain(|group| {
+                let mut any = false;
                 for state in TaskState::ALL {
                     let count = counts.get(&(group.clone(), state)).copied().unwrap_or(0);
+                    any |= count > 0;
                     metrics::gauge!("eretes_tasks", "state" => state.name(), "group" => group.clone())
                         .set(count as f64);
                 }
-            }
+                any
+            });
         }
         let stats = self.stats.snapshot();
         for (name, value) in [
