@@ -362,8 +362,8 @@ impl Supervised {
                     task = %marker.task,
                     epoch = marker.epoch,
                     killed,
-                    "the task's supervisor did not exit within {within:?} of its run's end \
-                     (stopped by the task?); it and the run's processes were killed"
+                    "the task's supervisor was stopped (by the task?), or did not exit within \
+                     {within:?} of its run's end; it and the run's processes were killed"
                 );
             }
             drop(gate);

@@ -72,10 +72,7 @@ impl Metrics {
     /// upkeep on the current runtime.
     pub fn install() -> Result<PrometheusHandle> {
         let handle = PrometheusBuilder::new()
-            .idle_timeout(
-                metrics_util::MetricKindMask::GAUGE,
-                Some(GONE_GROUP_GAUGES),
-            )
+            .idle_timeout(metrics_util::MetricKindMask::GAUGE, Some(GONE_GROUP_GAUGES))
             .set_buckets(BUCKETS)
             .context("histogram buckets")?
             .install_recorder()
