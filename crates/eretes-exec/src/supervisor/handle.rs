@@ -269,7 +269,8 @@ impl Supervised {
         loop {
             match report {
                 Ok(Report::Ended { status, cause }) => {
-                    self.reap_later(EXIT_AFTER_END);
+                    // Its tree is gone: nothing of the task is left to stop it.
+                    self.reap_later(EXIT_AFTER_END, false);
                     return SupervisorEnd::Ended {
                         status: exit_status(status),
                         cause,
@@ -331,8 +332,10 @@ impl Supervised {
 impl Supervised {
     /// Reap the supervisor in the background, then release the run's gate
     /// and record. One that has not exited `within` that is killed first,
-    /// and so is whatever is left of the run's tree (as after a crash).
-    fn reap_later(&mut self, within: Duration) {
+    /// and so is whatever is left of the run's tree (as after a crash); with
+    /// `stop_check`, also one seen stopped meanwhile. (Without it the wait
+    /// is the SIGCHLD-driven one: every run's end takes this path.)
+    fn reap_later(&mut self, within: Duration, stop_check: bool) {
         self.close_orders();
         let Some(mut child) = self.child.take() else {
             return;
@@ -341,19 +344,23 @@ impl Supervised {
         let record = self.record.take();
         let (leader, marker) = (self.leader, self.marker.clone());
         let reap = async move {
-            let exited = tokio::time::timeout(within, async {
-                loop {
-                    if child.has_exited() {
-                        return true;
+            let exited = if stop_check {
+                tokio::time::timeout(within, async {
+                    loop {
+                        if child.has_exited() {
+                            return true;
+                        }
+                        if child.is_stopped() {
+                            return false;
+                        }
+                        tokio::time::sleep(STOPPED_CHECK).await;
                     }
-                    if child.is_stopped() {
-                        return false;
-                    }
-                    tokio::time::sleep(STOPPED_CHECK).await;
-                }
-            })
-            .await
-            .unwrap_or(false);
+                })
+                .await
+                .unwrap_or(false)
+            } else {
+                tokio::time::timeout(within, child.wait()).await.is_ok()
+            };
             if !exited {
                 child.kill();
                 let _ = child.wait().await;
@@ -490,7 +497,7 @@ impl Drop for Supervised {
     /// one that does not exit is killed with the tree
     /// ([`EXIT_AFTER_DROP`]). The gate and the record are kept until then.
     fn drop(&mut self) {
-        self.reap_later(EXIT_AFTER_DROP);
+        self.reap_later(EXIT_AFTER_DROP, true);
     }
 }
 
