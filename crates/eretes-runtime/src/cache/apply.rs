@@ -99,7 +99,8 @@ impl Cache {
                 Ok(record) => {
                     let id = self.shared_task_id(id);
                     let group = self.shared_group(record.spec.group);
-                    let added = self.task(&id).is_none().then(|| group.clone());
+                    let added =
+                        (self.task(&id).is_none() && !self.is_spilled(&id)).then(|| group.clone());
                     self.put_task(
                         id,
                         CachedTask {
@@ -355,11 +356,14 @@ impl Cache {
             return self.keep_owner(id, record, kv);
         }
         let cached = self.entries.contains_key(&id);
-        self.forget_taken(&id);
+        // A spilled task is counted as unowned, not kept as an entry: its
+        // new owner is counted as a kept task's is, and nothing else needs
+        // telling.
+        let spilled = self.forget_taken(&id) && !cached;
         let group = self.shared_group(record.group);
         let node = self.shared_node(record.node);
         // A cached task's count went with it: count it again.
-        if kv.version == 1 || cached {
+        if kv.version == 1 || cached || spilled {
             self.adjust_owned(&group, &node, true);
         }
         if !cached {

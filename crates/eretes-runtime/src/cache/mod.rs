@@ -21,6 +21,12 @@
 //! cached *unread* (see [`CachedTask::is_unread`]), counted as unowned and a
 //! claim candidate, and the node reads its keys
 //! (`Coordinator::read_task_keys`) when it is about to claim it.
+//!
+//! Of a group's unowned tasks, only the oldest few thousand (the *window*)
+//! are kept as entries; the rest are spilled to the group's [`Backlog`],
+//! which holds their ids and submission revisions in about 40 bytes a task,
+//! and are taken back, oldest first, as claims drain the window. A spilled
+//! task still counts as unowned, and the watch's events still find it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -34,6 +40,9 @@ use tokio_util::time::delay_queue::Key as IgnoreKey;
 
 use crate::balancer::ClusterView;
 use crate::sparse::Sparse;
+
+use backlog::Backlog;
+use spill::MIN_WINDOW;
 
 /// A pending or running task as cached: what a claim checks, not the
 /// record. The record (properties and all) is read by the claim's own
@@ -296,6 +305,16 @@ pub(crate) struct Cache {
     /// each with its entry in the node's queue of ignore deadlines: the
     /// node's ignore list is this map.
     held_ids: HashMap<TaskId, IgnoreKey>,
+    /// Per group, the unowned tasks beyond the window (see the module's
+    /// docs), counted as unowned in the view like the window's.
+    spilled: HashMap<GroupName, Backlog>,
+    /// At least this many unowned tasks per group are kept as entries
+    /// ([`MIN_WINDOW`]; smaller in tests).
+    min_window: usize,
+    /// Whether tasks beyond the window are spilled now: not while a listing
+    /// is applied, whose keys come in id order, not submission order (the
+    /// excess is spilled at its end).
+    spilling: bool,
     /// The balancer's view: loads per group and this node's running tasks.
     pub view: ClusterView,
 }
@@ -316,6 +335,9 @@ impl Cache {
             unowned: HashMap::new(),
             held: HashMap::new(),
             held_ids: HashMap::new(),
+            spilled: HashMap::new(),
+            min_window: MIN_WINDOW,
+            spilling: true,
         }
     }
 
@@ -325,6 +347,8 @@ impl Cache {
         let mut fresh = Cache {
             serves: self.serves.clone(),
             listed_through,
+            min_window: self.min_window,
+            spilling: false,
             ..Cache::new(self.ns.clone(), self.me.clone(), &[])
         };
         fresh.view.running = self.view.running.clone();
@@ -342,6 +366,8 @@ impl Cache {
             })
             .collect();
         fresh.skipped_in_listing = HashSet::new();
+        fresh.spilling = true;
+        fresh.spill_excess();
         fresh.pack_indexes();
         (fresh, changes)
     }
@@ -529,7 +555,10 @@ impl Cache {
             (&mut self.held, &mut self.unowned)
         };
         if from.get_mut(&group).is_some_and(|set| set.remove(&key)) {
-            to.entry(group).or_default().insert(key);
+            to.entry(group.clone()).or_default().insert(key);
+            if held {
+                self.refill(&group);
+            }
         }
     }
 
@@ -591,9 +620,10 @@ impl Cache {
     /// Take `id` out of the cache: another node claimed it. Whatever the
     /// entry counted (unowned, or this node's claim in flight) is uncounted;
     /// the new owner's count is the caller's.
-    fn forget_taken(&mut self, id: &TaskId) {
+    /// Returns whether the cache held it (an entry, or a spilled task).
+    fn forget_taken(&mut self, id: &TaskId) -> bool {
         let Some(entry) = self.entries.remove(id) else {
-            return;
+            return self.drop_spilled(id);
         };
         match (entry.owner(), &entry.task) {
             (Some(owner), _) => self.adjust_owned(&owner.group, &owner.node, false),
@@ -601,9 +631,18 @@ impl Cache {
             (None, None) => {}
         }
         self.entries.shrink_if_sparse();
+        true
     }
 
     fn put_task(&mut self, id: TaskId, task: CachedTask) {
+        if self.put_spilled(&id, &task) || self.spill(&id, &task) {
+            return;
+        }
+        self.place_task(id, task);
+    }
+
+    /// Keep `task` as an entry (in the window, if unowned).
+    fn place_task(&mut self, id: TaskId, task: CachedTask) {
         self.remove_task(&id);
         let (group, order) = (task.group.clone(), task.order);
         let entry = self.entry(&id);
@@ -615,6 +654,7 @@ impl Cache {
 
     fn remove_task(&mut self, id: &TaskId) {
         let Some(entry) = self.entries.get_mut(id) else {
+            self.drop_spilled(id);
             return;
         };
         let owned = entry.owner().is_some();
@@ -627,6 +667,7 @@ impl Cache {
     }
 
     fn set_owner(&mut self, id: &TaskId, owner: Option<CachedOwner>) {
+        self.take_back(id);
         let entry = self.entry(id);
         let previous = entry.replace_owner(owner);
         let current = entry.owner().cloned();
@@ -679,12 +720,20 @@ impl Cache {
             removed
         };
         if changed {
-            let load = self.view.groups.entry(group.clone()).or_default();
-            if unowned {
-                load.unowned += 1;
-            } else {
-                load.unowned -= 1;
+            self.count_unowned(group, unowned);
+            if !unowned {
+                self.refill(group);
             }
+        }
+    }
+
+    /// Count one unowned task of `group` more (or fewer).
+    fn count_unowned(&mut self, group: &GroupName, more: bool) {
+        let load = self.view.groups.entry(group.clone()).or_default();
+        if more {
+            load.unowned += 1;
+        } else {
+            load.unowned -= 1;
         }
     }
 
@@ -731,5 +780,9 @@ fn saturating_usize(limit: u64) -> usize {
 }
 
 mod apply;
+mod backlog;
+mod spill;
+#[cfg(test)]
+mod spill_tests;
 #[cfg(test)]
 mod tests;

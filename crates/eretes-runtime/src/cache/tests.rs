@@ -4,7 +4,7 @@ use super::*;
 use eretes_protocol::machine::MAX_CHECKPOINT_BYTES;
 use eretes_protocol::{encode, TaskKeys, TaskRecord, TaskSpec};
 
-fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
+pub(super) fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
     KeyValue {
         key: key.into(),
         value,
@@ -16,11 +16,11 @@ fn kv(key: &str, value: Vec<u8>, create: Revision, modr: Revision) -> KeyValue {
 }
 
 /// The groups the tests' nodes serve.
-fn served() -> Vec<GroupName> {
+pub(super) fn served() -> Vec<GroupName> {
     vec![GroupName::default(), GroupName::new("other").unwrap()]
 }
 
-fn task_value(group: &str) -> Vec<u8> {
+pub(super) fn task_value(group: &str) -> Vec<u8> {
     encode(&TaskRecord {
         spec: TaskSpec::new(GroupName::new(group).unwrap(), serde_json::Value::Null),
         submitted_at_ms: 0,

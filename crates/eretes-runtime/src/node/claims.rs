@@ -74,7 +74,12 @@ impl MainLoop {
             while free > 0 && self.claiming.len() < self.claim_window {
                 // A wait keeps the group's other tasks from being asked,
                 // not those the balancer puts first.
-                let candidate = match asked_first.pop_front() {
+                let first = asked_first.pop_front();
+                if let Some(id) = &first {
+                    // Asked for by name: back from the backlog, if spilled.
+                    self.cache.take_back(id);
+                }
+                let candidate = match first {
                     // Checked as it comes up: an earlier decision of this
                     // pass may have taken it (or the list named it twice).
                     Some(id)

@@ -189,6 +189,9 @@ impl MainLoop {
                     }
                 }
                 for id in &self.claiming {
+                    // A claim in flight is this node's, whether the listing
+                    // left its task in the window or spilled it.
+                    self.cache.take_back(id);
                     if let Some(task) = self.cache.task(id) {
                         let group = task.group.clone();
                         self.cache.set_mine(id, &group, 0);
