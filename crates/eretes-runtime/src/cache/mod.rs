@@ -315,6 +315,9 @@ pub(crate) struct Cache {
     /// is applied, whose keys come in id order, not submission order (the
     /// excess is spilled at its end).
     spilling: bool,
+    /// Whether a candidate that leaves the window now brings no spilled
+    /// task back (see [`Cache::place_task`]).
+    refill_paused: bool,
     /// The balancer's view: loads per group and this node's running tasks.
     pub view: ClusterView,
 }
@@ -338,6 +341,7 @@ impl Cache {
             spilled: HashMap::new(),
             min_window: MIN_WINDOW,
             spilling: true,
+            refill_paused: false,
         }
     }
 
@@ -643,7 +647,11 @@ impl Cache {
 
     /// Keep `task` as an entry (in the window, if unowned).
     fn place_task(&mut self, id: TaskId, task: CachedTask) {
+        // A task put again (read back, rewritten) leaves the window only
+        // to come back at once: no spilled task is taken back for it.
+        let paused = std::mem::replace(&mut self.refill_paused, true);
         self.remove_task(&id);
+        self.refill_paused = paused;
         let (group, order) = (task.group.clone(), task.order);
         let entry = self.entry(&id);
         entry.task = Some(task);

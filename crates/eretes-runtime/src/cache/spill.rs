@@ -56,17 +56,19 @@ impl Cache {
         self.min_window.max(serving.saturating_mul(WINDOW_PER_NODE))
     }
 
-    /// The unowned tasks of `group` kept as entries: candidates and held.
-    fn window_len(&self, group: &GroupName) -> usize {
+    /// The claim candidates of `group` in the window. Tasks held back are
+    /// not counted: however many the node holds back, the window keeps its
+    /// candidates (else a node whose balancer skipped a window's worth
+    /// would see nothing to claim while its backlog waited).
+    fn candidates(&self, group: &GroupName) -> usize {
         self.unowned.get(group).map_or(0, BTreeSet::len)
-            + self.held.get(group).map_or(0, BTreeSet::len)
     }
 
     /// The group whose backlog holds `id`, if one does.
     fn spilled_group(&self, id: &TaskId) -> Option<GroupName> {
         self.spilled
             .iter()
-            .find(|(_, backlog)| backlog.contains(id.as_str()))
+            .find(|(_, backlog)| !backlog.is_empty() && backlog.contains(id.as_str()))
             .map(|(group, _)| group.clone())
     }
 
@@ -136,7 +138,7 @@ impl Cache {
             return false;
         }
         let waiting = self.spilled.get(&task.group).map_or(0, Backlog::len);
-        if waiting == 0 && self.window_len(&task.group) < self.window(&task.group) {
+        if waiting == 0 && self.candidates(&task.group) < self.window(&task.group) {
             return false;
         }
         let backlog = self.spilled.entry(task.group.clone()).or_default();
@@ -192,18 +194,21 @@ impl Cache {
         );
     }
 
-    /// Take the oldest spilled tasks of `group` back into the window while
-    /// it has fewer than half the window's candidates: claims drained it.
+    /// Take the oldest spilled tasks of `group` back into the window until
+    /// it has its number of candidates again: one for each that a claim
+    /// took, so that a claim pass looks at as many candidates as when the
+    /// node kept them all (its look-ahead, 2 × 128 claims in flight per
+    /// node, is [`WINDOW_PER_NODE`] per node). At most [`MIN_WINDOW`] at a
+    /// time, so that no one event stalls the node's loop (a window of 1,000
+    /// nodes is 256,000 tasks); the next candidate to go brings more.
     pub(super) fn refill(&mut self, group: &GroupName) {
-        if self.spilled.get(group).is_none_or(Backlog::is_empty) {
+        if self.refill_paused || self.spilled.get(group).is_none_or(Backlog::is_empty) {
             return;
         }
         let window = self.window(group);
-        let candidates = |cache: &Cache| cache.unowned.get(group).map_or(0, BTreeSet::len);
-        if candidates(self) * 2 >= window {
-            return;
-        }
-        while candidates(self) < window {
+        let mut room = MIN_WINDOW;
+        while self.candidates(group) < window && room > 0 {
+            room -= 1;
             let Some(taken) = self.spilled.get_mut(group).and_then(Backlog::pop_oldest) else {
                 break;
             };
@@ -223,13 +228,12 @@ impl Cache {
         let groups: Vec<GroupName> = self.unowned.keys().cloned().collect();
         for group in groups {
             let window = self.window(&group);
-            if self.window_len(&group) <= window {
+            if self.candidates(&group) <= window {
                 continue;
             }
-            let keep = window.saturating_sub(self.held.get(&group).map_or(0, BTreeSet::len));
             let excess: Vec<_> = self.unowned[&group]
                 .iter()
-                .skip(keep)
+                .skip(window)
                 .filter(|(order, _, id)| {
                     let entry = &self.entries[id];
                     entry.claimed.is_none()

@@ -57,8 +57,8 @@ fn a_backlog_beyond_the_window_is_spilled_and_comes_back_oldest_first() {
     assert_eq!(cache.spilled_count(), 6);
     assert_eq!(candidates(&cache), ["t-001", "t-002", "t-003", "t-004"]);
     assert!(cache.is_spilled(&id(5)) && cache.task(&id(5)).is_none());
-    // This node claims the three oldest: the window, down to one
-    // candidate, takes the next oldest back.
+    // This node claims the three oldest: for each, the window takes the
+    // next oldest back.
     for n in 1..=3 {
         cache.set_mine(&id(n), &g, 0);
     }
@@ -69,6 +69,10 @@ fn a_backlog_beyond_the_window_is_spilled_and_comes_back_oldest_first() {
     );
     let basis = cache.claim_basis(&id(5)).expect("claimable as spilled");
     assert_eq!(basis.task_revision, 5);
+    // A window task put again (rewritten, or read back) takes no spilled
+    // task back with it.
+    cache.apply_put(&task_kv(4, 11));
+    assert_eq!(cache.unowned(&g).count(), 4);
     assert_eq!(cache.view.group(&g).unowned, 7);
     assert_eq!(cache.view.group(&g).owned_by(&me()), 3);
     assert_eq!(cache.spilled_count(), 3);
@@ -146,11 +150,57 @@ fn a_listing_spills_the_newest_of_what_a_claim_could_take() {
     assert!(cache.is_spilled(&id(13)));
 }
 
+#[test]
+fn a_batch_spills_and_held_tasks_leave_the_window_its_candidates() {
+    let g = GroupName::default();
+    let mut cache = Cache::new(ns(), me(), &served()).with_window(2);
+    // Six tasks submitted in one transaction share a revision.
+    for n in 1..=6 {
+        cache.apply_put(&kv(&ns().task(&id(n)), task_value("default"), 7, 7));
+    }
+    assert_eq!(
+        (cache.spilled_count(), cache.view.group(&g).unowned),
+        (4, 6)
+    );
+    // The node holds back both candidates: two more come back to be
+    // candidates, and so after a listing.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _context = runtime.enter();
+    let mut deadlines = tokio_util::time::DelayQueue::new();
+    for task in candidates(&cache) {
+        let task = TaskId::new(task).unwrap();
+        cache.hold_back(
+            &task,
+            deadlines.insert((), std::time::Duration::from_secs(60)),
+        );
+    }
+    assert_eq!(cache.unowned(&g).count(), 2);
+    assert_eq!(cache.spilled_count(), 2);
+    let listing: Vec<KeyValue> = (1..=6)
+        .map(|n| kv(&ns().task(&id(n)), task_value("default"), 7, 7))
+        .collect();
+    let (cache, _) = cache.rebuild(&listing, 7);
+    assert_eq!(cache.unowned(&g).count(), 2);
+    assert_eq!(
+        (cache.spilled_count(), cache.view.group(&g).unowned),
+        (2, 6)
+    );
+}
+
 /// What the watch and the node do to a cache, for the property below.
 #[derive(Debug, Clone)]
 enum Step {
     /// A new task is submitted.
     Submit,
+    /// Tasks are submitted in one transaction (one revision).
+    SubmitBatch(usize),
+    /// The node holds the `n`th unowned task back (its ignore list).
+    Hold(usize),
+    /// The node's `n`th hold ends.
+    EndHold(usize),
     /// Another node claims the `n`th unowned task (by id).
     OtherClaims(usize),
     /// The `n`th unowned task is deleted.
@@ -168,6 +218,9 @@ enum Step {
 fn step() -> impl Strategy<Value = Step> {
     prop_oneof![
         4 => Just(Step::Submit),
+        2 => (2..6usize).prop_map(Step::SubmitBatch),
+        1 => any::<usize>().prop_map(Step::Hold),
+        1 => any::<usize>().prop_map(Step::EndHold),
         2 => any::<usize>().prop_map(Step::OtherClaims),
         1 => any::<usize>().prop_map(Step::Delete),
         1 => any::<usize>().prop_map(Step::Rewrite),
@@ -197,9 +250,47 @@ impl Store {
         put
     }
 
+    /// Put new keys in one transaction.
+    fn put_batch(&mut self, keys: Vec<String>, value: Vec<u8>) -> Vec<KeyValue> {
+        self.revision += 1;
+        keys.into_iter()
+            .map(|key| {
+                let put = kv(&key, value.clone(), self.revision, self.revision);
+                self.keys.insert(key, put.clone());
+                put
+            })
+            .collect()
+    }
+
     fn delete(&mut self, key: &str) -> (Revision, Option<KeyValue>) {
         self.revision += 1;
         (self.revision, self.keys.remove(key))
+    }
+}
+
+/// Read back every unread candidate of `cache` from `store`, as the node
+/// would before claiming it, until none is left (a read can bring another
+/// task into the window).
+fn read_unread(cache: &mut Cache, store: &Store) {
+    let g = GroupName::default();
+    for _ in 0..8 {
+        let unread: Vec<TaskId> = cache
+            .unowned(&g)
+            .filter(|id| cache.is_unread(id))
+            .cloned()
+            .collect();
+        if unread.is_empty() {
+            return;
+        }
+        for task in unread {
+            let keys = TaskKeys {
+                task: store.keys.get(&ns().task(&task)).cloned(),
+                owner: store.keys.get(&ns().owner(&task)).cloned(),
+                run: store.keys.get(&ns().run(&task)).cloned(),
+                revision: store.revision,
+            };
+            cache.apply_read_back(&task, &keys);
+        }
     }
 }
 
@@ -216,6 +307,11 @@ proptest! {
         let mut store = Store::default();
         let mut next = 0i64;
         let mut mine: Vec<TaskId> = Vec::new();
+        let mut held: Vec<TaskId> = Vec::new();
+        // Stands for the node's queue of ignore deadlines.
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_time().build().unwrap();
+        let _context = runtime.enter();
+        let mut deadlines = tokio_util::time::DelayQueue::new();
         for step in steps {
             let unowned = whole.all_unowned(&g);
             let nth = |n: usize| (!unowned.is_empty())
@@ -227,6 +323,24 @@ proptest! {
                     next += 1;
                     puts.push(store.put(ns().task(&id(next)), task_value("default")));
                 }
+                Step::SubmitBatch(count) => {
+                    let keys = (0..count).map(|_| {
+                        next += 1;
+                        ns().task(&id(next))
+                    }).collect();
+                    puts.extend(store.put_batch(keys, task_value("default")));
+                }
+                Step::Hold(n) => if let Some(task) = nth(n) {
+                    let key = deadlines.insert((), std::time::Duration::from_secs(60));
+                    spilling.hold_back(&task, key);
+                    whole.hold_back(&task, key);
+                    held.push(task);
+                },
+                Step::EndHold(n) => if !held.is_empty() {
+                    let task = held.remove(n % held.len());
+                    spilling.end_hold(&task);
+                    whole.end_hold(&task);
+                },
                 Step::OtherClaims(n) => if let Some(task) = nth(n) {
                     let record = OwnerRecord { node: other(), group: g.clone() };
                     puts.push(store.put(ns().owner(&task), encode(&record)));
@@ -275,20 +389,13 @@ proptest! {
                 spilling.apply_delete(key, *revision, previous.as_ref());
                 whole.apply_delete(key, *revision, previous.as_ref());
             }
-            // Unread tasks (released ones) are read back as the node would.
-            for cache in [&mut spilling, &mut whole] {
-                let unread: Vec<TaskId> = cache.unowned(&g).filter(|id| cache.is_unread(id)).cloned().collect();
-                for task in unread {
-                    let keys = TaskKeys {
-                        task: store.keys.get(&ns().task(&task)).cloned(),
-                        owner: store.keys.get(&ns().owner(&task)).cloned(),
-                        run: store.keys.get(&ns().run(&task)).cloned(),
-                        revision: store.revision,
-                    };
-                    cache.apply_read_back(&task, &keys);
-                }
-            }
+            // Unread tasks (released ones, rewritten ones back from the
+            // backlog) are read back as the node would.
+            read_unread(&mut spilling, &store);
+            read_unread(&mut whole, &store);
             prop_assert_eq!(spilling.all_unowned(&g), whole.all_unowned(&g));
+            prop_assert_eq!(spilling.has_candidates(&g), whole.has_candidates(&g),
+                "a candidate whenever one that keeps everything has one");
             let (a, b) = (spilling.view.group(&g), whole.view.group(&g));
             prop_assert_eq!(a.unowned, b.unowned);
             prop_assert_eq!(a.unowned, whole.all_unowned(&g).len());
