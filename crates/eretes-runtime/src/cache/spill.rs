@@ -195,12 +195,13 @@ impl Cache {
     }
 
     /// Take the oldest spilled tasks of `group` back into the window until
-    /// it has its number of candidates again: one for each that a claim
-    /// took, so that a claim pass looks at as many candidates as when the
-    /// node kept them all (its look-ahead, 2 × 128 claims in flight per
-    /// node, is [`WINDOW_PER_NODE`] per node). At most [`MIN_WINDOW`] at a
-    /// time, so that no one event stalls the node's loop (a window of 1,000
-    /// nodes is 256,000 tasks); the next candidate to go brings more.
+    /// it has its number of candidates again: one for each that left
+    /// (claimed, held back, gone), so that a claim pass looks at as many
+    /// candidates as when the node kept them all (its look-ahead, 2 × 128
+    /// claims in flight per node, is [`WINDOW_PER_NODE`] per node). At most
+    /// [`MIN_WINDOW`] in one call, so that a window grown at once (nodes
+    /// joined: at 1,000 nodes it is 256,000 tasks) fills over the next
+    /// events rather than stalling the node's loop in one.
     pub(super) fn refill(&mut self, group: &GroupName) {
         if self.refill_paused || self.spilled.get(group).is_none_or(Backlog::is_empty) {
             return;
