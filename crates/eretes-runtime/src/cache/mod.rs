@@ -24,9 +24,10 @@
 //!
 //! Of a group's unowned tasks, only the oldest few thousand (the *window*)
 //! are kept as entries; the rest are spilled to the group's [`Backlog`],
-//! which holds their ids and submission revisions in about 40 bytes a task,
-//! and are taken back, oldest first, as claims drain the window. A spilled
-//! task still counts as unowned, and the watch's events still find it.
+//! which holds their ids and submission revisions in 35–50 bytes a task
+//! (against some 129 as an entry), and are taken back, oldest first, one
+//! for each candidate that leaves the window (`spill.rs`). A spilled task
+//! still counts as unowned, and the watch's events still find it.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -623,8 +624,8 @@ impl Cache {
 
     /// Take `id` out of the cache: another node claimed it. Whatever the
     /// entry counted (unowned, or this node's claim in flight) is uncounted;
-    /// the new owner's count is the caller's.
-    /// Returns whether the cache held it (an entry, or a spilled task).
+    /// the new owner's count is the caller's. Returns whether the cache
+    /// held it (an entry, or a spilled task).
     fn forget_taken(&mut self, id: &TaskId) -> bool {
         let Some(entry) = self.entries.remove(id) else {
             return self.drop_spilled(id);
