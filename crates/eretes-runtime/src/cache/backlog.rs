@@ -98,13 +98,11 @@ impl Backlog {
 
     /// Add `id`, submitted at `order`, as the newest task (a batch's tasks
     /// share one revision). Refused (false) when it is older than a task
-    /// held, which would break the
-    /// oldest-first order, or when the text would outgrow its 4 GiB of
-    /// positions: the cache then keeps the task in its window.
+    /// held, which would break the oldest-first order, or when the text
+    /// would outgrow its 4 GiB of positions: the cache then keeps the task
+    /// in its window. (An emptied backlog was cleared by the removal that
+    /// emptied it, so it takes any revision again.)
     pub fn push(&mut self, id: &str, order: Revision) -> bool {
-        if self.is_empty() {
-            self.clear();
-        }
         if self.newest().is_some_and(|newest| newest > order) {
             return false;
         }

@@ -68,15 +68,13 @@ impl Cache {
     fn spilled_group(&self, id: &TaskId) -> Option<GroupName> {
         self.spilled
             .iter()
-            .find(|(_, backlog)| !backlog.is_empty() && backlog.contains(id.as_str()))
+            .find(|(_, backlog)| backlog.contains(id.as_str()))
             .map(|(group, _)| group.clone())
     }
 
     /// Whether `id` is an unowned task held in its group's backlog.
     pub(crate) fn is_spilled(&self, id: &TaskId) -> bool {
-        self.spilled
-            .values()
-            .any(|backlog| backlog.contains(id.as_str()))
+        self.spilled_group(id).is_some()
     }
 
     /// Spilled tasks, in every group.
@@ -120,7 +118,8 @@ impl Cache {
             }
             return true;
         }
-        self.drop_spilled(id);
+        backlog.remove(id.as_str());
+        self.count_unowned(&group, false);
         false
     }
 
