@@ -426,7 +426,14 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     // SAFETY: signal(2) with SIG_IGN installs no handler.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     let (store, embedded): (Arc<dyn Store>, _) = match &args.store.etcd {
-        Some(_) => (args.store.open().await?, None),
+        // An etcd out of reach at the start (a partition, a member down, a
+        // machine booting before its network) is waited for as the start's
+        // other calls are; a refusal (credentials, TLS) ends the agent.
+        Some(_) => {
+            let until = tokio::time::Instant::now() + START_RETRIES;
+            let connected = retry_unavailable(until, "connecting to etcd", || args.store.open());
+            (connected.await?, None)
+        }
         None => {
             let embedded = EmbeddedStore::open_durable(
                 &data_dir.join("store.redb"),
@@ -701,6 +708,15 @@ trait Unavailable {
     fn is_unavailable(&self) -> bool;
 }
 
+/// A failed connection to the store, with its context: unavailable when
+/// the store's own error says so.
+impl Unavailable for anyhow::Error {
+    fn is_unavailable(&self) -> bool {
+        self.downcast_ref::<eretes_store::StoreError>()
+            .is_some_and(eretes_store::StoreError::is_transient)
+    }
+}
+
 impl Unavailable for ProtocolError {
     fn is_unavailable(&self) -> bool {
         matches!(self, ProtocolError::Store(error) if error.is_transient())
@@ -736,7 +752,7 @@ where
     loop {
         match call().await {
             Err(error) if error.is_unavailable() && tokio::time::Instant::now() < until => {
-                warn!(%error, "{what}: not yet; again in 500 ms");
+                warn!(error = %format_args!("{error:#}"), "{what}: not yet; again in 500 ms");
                 tokio::time::sleep(Duration::from_millis(500)).await;
             }
             answer => return answer,
@@ -767,5 +783,22 @@ impl Drop for MadeHere {
         if let Some(dir) = self.0.take() {
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unavailable;
+    use anyhow::Context;
+    use eretes_store::StoreError;
+
+    #[test]
+    fn an_unreachable_store_is_waited_for_and_a_refusal_is_not() {
+        let failed = |error: StoreError| Err::<(), _>(error).context("connecting to etcd at x");
+        let unreachable = failed(StoreError::Unavailable("connection reset".into()));
+        assert!(unreachable.unwrap_err().is_unavailable());
+        let refused = failed(StoreError::Denied("authentication failed".into()));
+        assert!(!refused.unwrap_err().is_unavailable());
+        assert!(!anyhow::anyhow!("--etcd: not a URL").is_unavailable());
     }
 }
