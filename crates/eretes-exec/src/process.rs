@@ -363,6 +363,8 @@ impl ProcessHandler {
                 cap: self.config.log_cap,
                 tail_bytes: self.config.tail_bytes,
             }),
+            // Its supervisor may run the next run here too.
+            again: true,
         };
         let plan = LaunchPlan {
             launch,
@@ -451,7 +453,10 @@ impl ProcessHandler {
             }
             report
         };
-        let end = Box::pin(supervised.finish(report)).await;
+        let (end, warm) = Box::pin(supervised.finish(report)).await;
+        if let Some(warm) = warm {
+            self.warm.give_back(warm);
+        }
         // What the process saved on its way out (on SIGTERM, say).
         Box::pin(checkpoint.sync(task.id.as_str(), &ctx.checkpointer)).await;
         // A stop the task itself asked for (release, command) is a stop; one

@@ -65,28 +65,34 @@ async fn supervisors_are_the_agents_children_and_a_killed_fork_server_is_replace
     // What it made lives on: the running task is untouched.
     assert!(alive(supervisor) && alive(leader));
 
-    // Later runs still start (the one kept ready, then one exec'd while
-    // the dead fork server is found out, then a new fork server's).
+    // Later runs still start: the one kept ready, then one exec'd while
+    // the dead fork server is found out, then a new fork server's (each
+    // of these runs holds its supervisor: none comes back for another).
+    let mut leaders = Vec::new();
     for n in 0..4 {
         let id = format!("after-{n}");
-        agent.submit_sh(&id, "echo fine", |_| {}).await;
-        let result = agent.result(&id).await;
-        assert_eq!(result.outcome, Outcome::Done, "{result:?}");
-        assert_eq!(result.result["stdout_tail"], "fine\n");
+        agent
+            .submit_sh(&id, &format!("echo $$ > {id}.pid; exec sleep 1000"), |_| {})
+            .await;
+        leaders.push(pid_in(&agent.path(&format!("{id}.pid"))).await);
     }
     let servers = fork_servers();
     assert_eq!(servers.len(), 1, "a new fork server: {servers:?}");
     assert_ne!(servers[0], first);
     assert!(alive(leader), "the first task still runs");
+    agent.submit_sh("short", "echo fine", |_| {}).await;
+    let result = agent.result("short").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["stdout_tail"], "fine\n");
     agent.node.shutdown().await;
     wait_until("the task's tree is gone", Duration::from_secs(10), || {
-        !alive(leader) && !alive(supervisor)
+        !alive(leader) && !alive(supervisor) && leaders.iter().all(|&pid| !alive(pid))
     })
     .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_supervisor_program_without_a_fork_server_is_execd_for_every_run() {
+async fn a_supervisor_program_without_a_fork_server_is_execd_instead() {
     // A wrapper that fails as a fork server and execs the real supervisor
     // otherwise.
     let script =

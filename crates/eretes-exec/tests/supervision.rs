@@ -35,6 +35,23 @@ async fn agent_process() {
     };
     let dir = PathBuf::from(dir);
     let (coordinator, _node) = start_node(config(&dir, AllowList::Any)).await;
+    // A run that ends first: its supervisor then waits for another run.
+    let mut before = ProcessSpec::new("sh", vec!["-c".into(), "echo $PPID > before.ppid".into()]);
+    before.cwd = Some(dir.clone());
+    let before_id = TaskId::new("before").unwrap();
+    coordinator
+        .submit(
+            &before_id,
+            &TaskSpec::new(GroupName::default(), before.to_properties()),
+        )
+        .await
+        .unwrap();
+    for _ in 0..400 {
+        if coordinator.result(&before_id).await.unwrap().is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let mut spec = ProcessSpec::new(
         "sh",
         vec![
@@ -88,6 +105,22 @@ async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
     ];
     let supervisor = parent_of(tree[0]);
     assert!(tree.iter().all(|&pid| alive(pid)));
+    // Every process the agent started: the fork server, the task's
+    // supervisor, and those waiting for a run (the first run's among them,
+    // unless it took this one).
+    let agent_pid = agent.id() as i32;
+    let started: Vec<i32> = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|&pid| parent(pid) == Some(agent_pid) && alive(pid))
+        .collect();
+    let first_supervisor = pid_in(&dir.path().join("before.ppid")).await;
+    assert!(
+        started.contains(&first_supervisor),
+        "the first run's supervisor waits for a run, or runs this one: {started:?}"
+    );
+    assert!(started.len() >= 3, "{started:?}");
 
     agent.kill().unwrap(); // SIGKILL: no clean-up of its own
     agent.wait().unwrap();
@@ -97,6 +130,12 @@ async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
         "the whole tree and its supervisor die with the agent",
         Duration::from_secs(1),
         || tree.iter().all(|&pid| !alive(pid)) && !alive(supervisor),
+    )
+    .await;
+    wait_until(
+        "every process the agent started ends with it",
+        Duration::from_secs(1),
+        || started.iter().all(|&pid| !alive(pid)),
     )
     .await;
 }

@@ -1,13 +1,13 @@
 //! The agent's side of a supervisor: start it ahead of its run, launch the
-//! run, push deadlines and stops to it, read how the run ended, and clean
-//! up if the supervisor itself died.
+//! run, push deadlines and stops to it, read how the run ended, keep it for
+//! another run, and clean up if the supervisor itself died.
 
 use std::collections::HashMap;
 use std::pin::Pin;
 use std::process::ExitStatus;
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use eretes_protocol::TaskId;
 use eretes_runtime::FenceDeadline;
@@ -44,6 +44,16 @@ const EXIT_AFTER_DROP: Duration = Duration::from_secs(2);
 /// How often a supervisor waited for is looked at for having exited or
 /// being stopped.
 const STOPPED_CHECK: Duration = Duration::from_millis(20);
+
+/// Supervisors kept for later runs at most, once theirs ended: enough for
+/// the runs that start while as many end (each one kept saves a fork, an
+/// exit and a reap), few enough to cost little (some 50 KiB each,
+/// `BENCHMARKS.md`).
+const MAX_IDLE: usize = 16;
+
+/// How long a supervisor kept for a later run waits for one; past this,
+/// all but one are let go (a burst's supervisors do not outlive it).
+const IDLE_KEEP: Duration = Duration::from_secs(30);
 
 /// How a supervised run ended, as the agent saw it.
 #[derive(Debug)]
@@ -84,8 +94,8 @@ pub(crate) struct Supervised {
     /// The task's leader: its pid, process group and session.
     leader: libc::pid_t,
     marker: RunMarker,
-    /// Held until the supervisor is reaped: the next run of the same task
-    /// on this agent waits for it.
+    /// Held until the supervisor is reaped or back for another run (its
+    /// tree gone): the next run of the same task on this agent waits for it.
     gate: Option<RunGate>,
     /// The leader's process group in `<data-dir>/groups/`, for the next
     /// agent if this one dies; blanked once the supervisor is reaped.
@@ -149,7 +159,7 @@ impl Supervised {
         let mut supervised = Supervised {
             child: Some(child),
             socket: Socket {
-                reader,
+                reader: Some(reader),
                 inbox: Vec::new(),
                 read_closed: false,
                 writer: Some(writer),
@@ -262,25 +272,57 @@ impl Supervised {
         }
     }
 
-    /// Wait for the supervisor's end report (ignoring anything else). The
-    /// supervisor, whose tree is gone then, is reaped in the background:
-    /// the run's gate and record are held until it has exited.
-    pub(crate) async fn finish(mut self, mut report: Result<Report, String>) -> SupervisorEnd {
+    /// Wait for the supervisor's end report (ignoring anything else). Its
+    /// tree is gone then. A supervisor that said it takes another run comes
+    /// back, to be handed one ([`WarmPool::give_back`]), and the run's gate
+    /// and record are let go at once; any other is reaped in the
+    /// background, and they are held until it has exited.
+    pub(crate) async fn finish(
+        mut self,
+        mut report: Result<Report, String>,
+    ) -> (SupervisorEnd, Option<Warm>) {
         loop {
             match report {
-                Ok(Report::Ended { status, cause }) => {
-                    // Its tree is gone: nothing of the task is left to stop it.
-                    self.reap_later(EXIT_AFTER_END, false);
-                    return SupervisorEnd::Ended {
+                Ok(Report::Ended {
+                    status,
+                    cause,
+                    again,
+                }) => {
+                    let end = SupervisorEnd::Ended {
                         status: exit_status(status),
                         cause,
                         outputs: std::mem::take(&mut self.outputs),
                     };
+                    let warm = if again { self.take_back() } else { None };
+                    if warm.is_none() {
+                        // Its tree is gone: nothing of the task is left to stop it.
+                        self.reap_later(EXIT_AFTER_END, false);
+                    }
+                    return (end, warm);
                 }
                 Ok(_) => report = self.report().await,
-                Err(error) => return self.crashed(error).await,
+                Err(error) => return (self.crashed(error).await, None),
             }
         }
+    }
+
+    /// The supervisor back for another run, its run's gate and record let
+    /// go; `None` if its socket is not as a new one's would be (closed, or
+    /// holding more than the end).
+    fn take_back(&mut self) -> Option<Warm> {
+        let socket = &mut self.socket;
+        if socket.read_closed || !socket.inbox.is_empty() || socket.writer.is_none() {
+            return None;
+        }
+        let child = self.child.take()?;
+        let writer = socket.writer.take().expect("looked at above");
+        // Orders not written yet were for the run that ended.
+        socket.outbox = Vec::new();
+        let reader = socket.reader.take().expect("not closed");
+        socket.read_closed = true;
+        let socket = reader.reunite(writer).ok()?;
+        self.release();
+        Some(Warm { child, socket })
     }
 
     /// The supervisor died without reporting the end: its leader went with
@@ -400,8 +442,9 @@ async fn moved(fence: &mut FenceDeadline) -> Option<eretes_runtime::Deadline> {
 
 /// A supervisor's socket, from the agent's side.
 struct Socket {
-    /// Where its reports come from.
-    reader: OwnedReadHalf,
+    /// Where its reports come from; taken (and the socket counted as
+    /// closed) when the supervisor goes back for another run.
+    reader: Option<OwnedReadHalf>,
     /// What was read of a report line not complete yet: empty, with no
     /// capacity, between reports (a run keeps no read buffer while it
     /// idles).
@@ -440,9 +483,13 @@ impl Socket {
         }
         // On the stack for this call only: nothing is kept between reads.
         let mut buffer = [0u8; REPORT_BUFFER];
+        let Some(reader) = self.reader.as_mut() else {
+            self.read_closed = true;
+            return Poll::Ready(Ok(()));
+        };
         loop {
             let mut read = ReadBuf::new(&mut buffer);
-            match Pin::new(&mut self.reader).poll_read(cx, &mut read) {
+            match Pin::new(&mut *reader).poll_read(cx, &mut read) {
                 Poll::Ready(Ok(())) if read.filled().is_empty() => {
                     self.read_closed = true;
                     return Poll::Ready(Ok(()));
@@ -513,44 +560,101 @@ pub(crate) fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// At most one [`Warm`] supervisor kept ready for the next run.
+/// Supervisors ready for a run: one started ahead of the next run, and
+/// those whose run ended and that take another ([`MAX_IDLE`] at most, for
+/// [`IDLE_KEEP`]).
 #[derive(Default)]
 pub(crate) struct WarmPool {
-    ready: Mutex<Option<Warm>>,
+    idle: Arc<Mutex<Idle>>,
     spawner: Spawner,
 }
 
+/// The supervisors a pool holds.
+#[derive(Default)]
+struct Idle {
+    /// The one ready longest first.
+    ready: Vec<(Warm, Instant)>,
+    /// A task lets go of those idle too long.
+    pruning: bool,
+}
+
 impl WarmPool {
-    /// The ready supervisor, or a new one.
+    /// The supervisor ready last (its pages are the likeliest still in
+    /// memory), or a new one.
     pub(crate) fn take(&self, config: &ExecConfig) -> std::io::Result<Warm> {
-        // A ready one that died meanwhile (killed while idle) is not handed out.
-        let ready = self.ready.lock().expect("not poisoned").take();
-        match ready {
-            Some(mut warm) => {
-                if warm.child.has_exited() {
-                    Warm::spawn(&self.spawner, config)
-                } else {
-                    Ok(warm)
-                }
+        loop {
+            let ready = self.idle.lock().expect("not poisoned").ready.pop();
+            let Some((mut warm, _)) = ready else {
+                return Warm::spawn(&self.spawner, config);
+            };
+            // One that died meanwhile (killed while idle) is not handed out
+            // (and is reaped by the look).
+            if !warm.child.has_exited() {
+                return Ok(warm);
             }
-            None => Warm::spawn(&self.spawner, config),
         }
     }
 
     /// Start the next one, unless one is ready.
     pub(crate) fn refill(&self, config: &ExecConfig) {
-        let mut ready = self.ready.lock().expect("not poisoned");
-        if ready.is_none() {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        if idle.ready.is_empty() {
             match Warm::spawn(&self.spawner, config) {
-                Ok(warm) => *ready = Some(warm),
+                Ok(warm) => idle.ready.push((warm, Instant::now())),
                 Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
+            }
+        }
+    }
+
+    /// Keep `warm`, whose run ended, for a later run (or let it go, if
+    /// enough are kept): its socket closing ends it.
+    pub(crate) fn give_back(&self, warm: Warm) {
+        let mut idle = self.idle.lock().expect("not poisoned");
+        if idle.ready.len() >= MAX_IDLE {
+            return;
+        }
+        idle.ready.push((warm, Instant::now()));
+        if idle.ready.len() > 1 && !idle.pruning {
+            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+                idle.pruning = true;
+                runtime.spawn(prune(Arc::downgrade(&self.idle)));
             }
         }
     }
 }
 
-/// One gate per task id: a run of a task starts only once the supervisor
-/// of its previous run on this agent has exited.
+/// Every [`IDLE_KEEP`], let go of the supervisors idle for longer, but the
+/// last one ready; ends once one or none is left (or the pool is gone).
+async fn prune(idle: Weak<Mutex<Idle>>) {
+    loop {
+        tokio::time::sleep(IDLE_KEEP).await;
+        let Some(idle) = idle.upgrade() else {
+            return;
+        };
+        let mut idle = idle.lock().expect("not poisoned");
+        let_go_of_idle(&mut idle.ready, IDLE_KEEP, Instant::now());
+        if idle.ready.len() <= 1 {
+            idle.ready.shrink_to_fit();
+            idle.pruning = false;
+            return;
+        }
+    }
+}
+
+/// Drop what was idle (ready since the instant beside it) for `keep` or
+/// longer at `now`, but the last one, which was ready last.
+fn let_go_of_idle<T>(ready: &mut Vec<(T, Instant)>, keep: Duration, now: Instant) {
+    let newest = ready.len().saturating_sub(1);
+    let mut index = 0;
+    ready.retain(|(_, since)| {
+        index += 1;
+        index > newest || now.saturating_duration_since(*since) < keep
+    });
+}
+
+/// One gate per task id: a run of a task starts only once its previous
+/// run on this agent is over: its supervisor reported the whole tree gone
+/// and came back for another run, or exited.
 #[derive(Debug, Default)]
 pub(crate) struct RunGates {
     gates: Arc<Mutex<Gates>>,
@@ -638,6 +742,29 @@ const REPORT_BUFFER: usize = 512;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn idle_supervisors_go_once_idle_too_long_but_the_last_ready() {
+        let start = Instant::now();
+        let at = |seconds| start + Duration::from_secs(seconds);
+        let keep = Duration::from_secs(30);
+        let mut ready = vec![(1, at(0)), (2, at(10)), (3, at(20))];
+        let_go_of_idle(&mut ready, keep, at(25));
+        assert_eq!(
+            ready,
+            [(1, at(0)), (2, at(10)), (3, at(20))],
+            "none too old"
+        );
+        let_go_of_idle(&mut ready, keep, at(35));
+        assert_eq!(ready, [(2, at(10)), (3, at(20))]);
+        let_go_of_idle(&mut ready, keep, at(100));
+        assert_eq!(ready, [(3, at(20))], "the last one ready stays");
+        let_go_of_idle(&mut ready, keep, at(1000));
+        assert_eq!(ready, [(3, at(20))]);
+        let mut none: Vec<(u8, Instant)> = Vec::new();
+        let_go_of_idle(&mut none, keep, at(1000));
+        assert!(none.is_empty());
+    }
 
     #[tokio::test]
     async fn a_run_waits_for_the_previous_run_of_its_task_only() {

@@ -38,7 +38,10 @@
 //! agent's own child, or exec'd where that cannot be, and hands it the run
 //! over the socket ([`wire::Launch`]: program,
 //! arguments, directory, environment additions, logs, grace period, first
-//! deadline). The supervisor reads the task's output itself and keeps its
+//! deadline). Once the run's tree is gone and its end reported, the
+//! supervisor waits for another run: the agent keeps a few such for its
+//! next runs (`handle.rs`, [`wire`]'s `again`), which saves a fork and an
+//! exit per run. The supervisor reads the task's output itself and keeps its
 //! logs (`output.rs`). The supervisor reports the leader's pid, then how the run ended: the
 //! leader's wait status and whether it exited by itself, was stopped, or was
 //! fenced ([`wire`]). A supervisor that dies itself (`kill -9`) takes the

@@ -225,29 +225,35 @@ impl TaskStreams {
 
     /// How each stream ended: the writer is told that no more comes, and
     /// waited for at most `limit` (a log on a disk that does not answer
-    /// cannot hold up the report: its stream then says so).
-    pub(super) fn ends(mut self, limit: Duration) -> Vec<StreamEnd> {
+    /// cannot hold up the report: its stream then says so). The flag says
+    /// whether the writer finished: if not, its thread still holds the
+    /// logs, and this process must not take another run.
+    pub(super) fn ends(mut self, limit: Duration) -> (Vec<StreamEnd>, bool) {
         if let Some(writer) = self.writer.take() {
             drop(writer.chunks);
-            return writer.ends.recv_timeout(limit).unwrap_or_else(|_| {
-                STREAMS
-                    .into_iter()
-                    .map(|stream| StreamEnd {
-                        stream,
-                        tail: String::new(),
-                        error: Some(format!(
-                            "its log was still being written {} s after the task ended",
-                            limit.as_secs()
-                        )),
-                    })
-                    .collect()
-            });
+            return match writer.ends.recv_timeout(limit) {
+                Ok(ends) => (ends, true),
+                Err(_) => {
+                    let ends = STREAMS
+                        .into_iter()
+                        .map(|stream| StreamEnd {
+                            stream,
+                            tail: String::new(),
+                            error: Some(format!(
+                                "its log was still being written {} s after the task ended",
+                                limit.as_secs()
+                            )),
+                        })
+                        .collect();
+                    (ends, false)
+                }
+            };
         }
         let logs = self
             .logs
             .take()
             .expect("the logs, or the writer that took them");
-        stream_ends(&logs)
+        (stream_ends(&logs), true)
     }
 }
 

@@ -26,12 +26,13 @@ const KILL_RESCAN: Duration = Duration::from_millis(50);
 /// process outside it (one the task handed its pipe to) can still hold it.
 const OUTPUT_DRAIN: Duration = Duration::from_secs(2);
 
-/// Wait for the run to launch, then supervise it until every process of
-/// its tree is gone.
+/// Wait for a run to launch, then supervise it until every process of its
+/// tree is gone; again for as long as the agent hands this process runs
+/// ([`Launch::again`]).
 pub(crate) fn supervise() -> std::io::Result<()> {
     // SAFETY: fd 0 is the agent's end of the socket, handed to this process
     // as its stdin; nothing else in this process uses fd 0.
-    let mut control = unsafe { UnixStream::from_raw_fd(0) };
+    let control = unsafe { UnixStream::from_raw_fd(0) };
     // Whether SIGTERM stops the run: not if it was ignored when the agent
     // started this process (SIGINT and SIGHUP never do: a terminal's
     // hang-up or Ctrl-C is the agent's business, which drains).
@@ -50,181 +51,234 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         return Err(std::io::Error::last_os_error());
     }
     let timer = BootTimer::new()?;
-    // Started ahead of its run: wait for it (the agent's end closing first
-    // means it was not needed).
-    let (launch, pending) = match read_launch(&mut control)? {
-        Some(Ok(launched)) => launched,
-        Some(Err(error)) => {
-            let _ = control.write_all(Report::Failed(error).encode().as_bytes());
-            return Ok(());
-        }
-        None => return Ok(()),
+    let mut holder = Holder {
+        control,
+        signals,
+        timer,
+        term_stops,
+        // SAFETY: getpid(2) has no preconditions.
+        me: unsafe { libc::getpid() },
+        carried: Vec::new(),
     };
-    let deadline = (launch.deadline_ns != 0).then_some(launch.deadline_ns);
-    if deadline.is_some_and(|at| at <= boottime_ns()) {
-        // Fenced before it began: nothing is started.
-        let report = Report::Ended {
-            status: 0,
-            cause: Cause::Fenced,
+    loop {
+        // Started ahead of its run: wait for it (the agent's end closing
+        // first means it was not needed, or no more runs come).
+        let carried = std::mem::take(&mut holder.carried);
+        let (launch, pending) = match read_launch(&mut holder.control, carried)? {
+            Some(Ok(launched)) => launched,
+            Some(Err(error)) => {
+                let _ = holder
+                    .control
+                    .write_all(Report::Failed(error).encode().as_bytes());
+                return Ok(());
+            }
+            None => return Ok(()),
         };
-        let _ = control.write_all(report.encode().as_bytes());
-        return Ok(());
-    }
-    // SAFETY: getpid(2) has no preconditions.
-    let me = unsafe { libc::getpid() };
-    let mut command = Command::new(&launch.program);
-    command.args(&launch.args).stdin(Stdio::null());
-    // The task's output: pipes into its logs, or nowhere.
-    let mut streams = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
-        Ok(Some((streams, stdout, stderr))) => {
-            command.stdout(stdout).stderr(stderr);
-            Some(streams)
-        }
-        Ok(None) => {
-            command.stdout(Stdio::null()).stderr(Stdio::null());
-            None
-        }
-        Err(error) => {
-            let text = format!("cannot make the task's output pipes: {error}");
-            let _ = control.write_all(Report::Failed(text).encode().as_bytes());
+        // A signal that came while no run was here is not this run's (a
+        // SIGTERM to an idle supervisor stops nothing).
+        holder.signals.drain_stop_signal(false);
+        holder.timer.clear();
+        if !holder.run(launch, &pending)? {
             return Ok(());
         }
-    };
-    for (name, value) in &launch.env {
-        command.env(name, OsStr::from_bytes(value));
     }
-    if let Some(cwd) = &launch.cwd {
-        command.current_dir(cwd);
-    }
-    let identity = launch.run_as.as_ref().map(|user| {
-        command
-            .env("HOME", &user.home)
-            .env("USER", &user.name)
-            .env("LOGNAME", &user.name);
-        (user.uid, user.gid, user.groups.clone())
-    });
-    let open_files = launch.open_files;
-    // SAFETY: runs in the child between fork and exec, and calls only
-    // async-signal-safe functions (sigemptyset, sigprocmask, signal, setsid,
-    // prctl, getppid, _exit, getrlimit, setrlimit, setgroups, setgid,
-    // setuid).
-    unsafe {
-        command.pre_exec(move || {
-            // The mask is inherited across exec: the task must not start
-            // with this process's signals blocked (it would never see
-            // SIGTERM).
-            let mut empty: libc::sigset_t = std::mem::zeroed();
-            libc::sigemptyset(&mut empty);
-            if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-                return Err(std::io::Error::last_os_error());
+}
+
+/// What a supervisor keeps from one run to the next.
+struct Holder {
+    /// The agent's socket.
+    control: UnixStream,
+    /// SIGCHLD and the stop signals.
+    signals: SignalFd,
+    /// The deadline's timer.
+    timer: BootTimer,
+    /// Whether SIGTERM to this process stops the run.
+    term_stops: bool,
+    me: libc::pid_t,
+    /// What was read of an order line when the last run ended.
+    carried: Vec<u8>,
+}
+
+impl Holder {
+    /// Start `launch` (with the orders read behind it), supervise it until
+    /// its tree is gone, and report its end. True if this process takes
+    /// another run.
+    fn run(&mut self, launch: Launch, pending: &[u8]) -> std::io::Result<bool> {
+        let control = &mut self.control;
+        let deadline = (launch.deadline_ns != 0).then_some(launch.deadline_ns);
+        if deadline.is_some_and(|at| at <= boottime_ns()) {
+            // Fenced before it began: nothing is started.
+            let report = Report::Ended {
+                status: 0,
+                cause: Cause::Fenced,
+                again: launch.again,
+            };
+            let sent = control.write_all(report.encode().as_bytes()).is_ok();
+            return Ok(sent && launch.again);
+        }
+        let me = self.me;
+        let mut command = Command::new(&launch.program);
+        command.args(&launch.args).stdin(Stdio::null());
+        // The task's output: pipes into its logs, or nowhere.
+        let mut streams = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
+            Ok(Some((streams, stdout, stderr))) => {
+                command.stdout(stdout).stderr(stderr);
+                Some(streams)
             }
-            // So is an ignored signal: the agent ignores SIGXFSZ (its
-            // writes past a file-size limit must fail, not kill it), but a
-            // task gets the default action, as any program expects.
-            if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
-                return Err(std::io::Error::last_os_error());
+            Ok(None) => {
+                command.stdout(Stdio::null()).stderr(Stdio::null());
+                None
             }
-            // A session and a process group of its own (pgid = sid = pid).
-            if libc::setsid() < 0 {
-                return Err(std::io::Error::last_os_error());
+            Err(error) => {
+                let text = format!("cannot make the task's output pipes: {error}");
+                let _ = control.write_all(Report::Failed(text).encode().as_bytes());
+                return Ok(false);
             }
-            // If the supervisor dies (kill -9), the leader goes with it.
-            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                return Err(std::io::Error::last_os_error());
-            }
-            if libc::getppid() != me {
-                libc::_exit(1);
-            }
-            // The open-file limit the agent was started with, not the one
-            // it raised for itself.
-            if let Some(soft) = open_files {
-                let mut limit = libc::rlimit {
-                    rlim_cur: 0,
-                    rlim_max: 0,
-                };
-                if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                    limit.rlim_cur = soft.min(limit.rlim_max);
-                    libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                }
-            }
-            // The task's user, groups first (after setuid they could not be
-            // changed); the parent-death signal survives this.
-            if let Some((uid, gid, groups)) = &identity {
-                if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                    || libc::setgid(*gid) != 0
-                    || libc::setuid(*uid) != 0
-                {
+        };
+        for (name, value) in &launch.env {
+            command.env(name, OsStr::from_bytes(value));
+        }
+        if let Some(cwd) = &launch.cwd {
+            command.current_dir(cwd);
+        }
+        let identity = launch.run_as.as_ref().map(|user| {
+            command
+                .env("HOME", &user.home)
+                .env("USER", &user.name)
+                .env("LOGNAME", &user.name);
+            (user.uid, user.gid, user.groups.clone())
+        });
+        let open_files = launch.open_files;
+        // SAFETY: runs in the child between fork and exec, and calls only
+        // async-signal-safe functions (sigemptyset, sigprocmask, signal, setsid,
+        // prctl, getppid, _exit, getrlimit, setrlimit, setgroups, setgid,
+        // setuid).
+        unsafe {
+            command.pre_exec(move || {
+                // The mask is inherited across exec: the task must not start
+                // with this process's signals blocked (it would never see
+                // SIGTERM).
+                let mut empty: libc::sigset_t = std::mem::zeroed();
+                libc::sigemptyset(&mut empty);
+                if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-            }
-            Ok(())
-        });
-    }
-    let spawned = command.spawn();
-    // The command holds this process's copies of the pipes' write ends:
-    // the streams end only once no copy is left.
-    drop(command);
-    let leader = match spawned {
-        Ok(child) => child.id() as libc::pid_t,
-        Err(error) => {
-            // The reason only: the agent's message names the program. A
-            // working directory that cannot be entered fails the spawn as
-            // a missing program would: say which it was.
-            let text = match launch.cwd.as_ref().map(std::fs::metadata) {
-                Some(Err(cwd_error)) => format!(
-                    "its working directory {:?}: {cwd_error}",
-                    launch.cwd.as_ref().expect("just read")
-                ),
-                Some(Ok(metadata)) if !metadata.is_dir() => format!(
-                    "its working directory {:?} is not a directory",
-                    launch.cwd.as_ref().expect("just read")
-                ),
-                _ => error.to_string(),
-            };
-            let _ = control.write_all(Report::Failed(text).encode().as_bytes());
-            return Ok(());
+                // So is an ignored signal: the agent ignores SIGXFSZ (its
+                // writes past a file-size limit must fail, not kill it), but a
+                // task gets the default action, as any program expects.
+                if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // A session and a process group of its own (pgid = sid = pid).
+                if libc::setsid() < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // If the supervisor dies (kill -9), the leader goes with it.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                if libc::getppid() != me {
+                    libc::_exit(1);
+                }
+                // The open-file limit the agent was started with, not the one
+                // it raised for itself.
+                if let Some(soft) = open_files {
+                    let mut limit = libc::rlimit {
+                        rlim_cur: 0,
+                        rlim_max: 0,
+                    };
+                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
+                        limit.rlim_cur = soft.min(limit.rlim_max);
+                        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+                    }
+                }
+                // The task's user, groups first (after setuid they could not be
+                // changed); the parent-death signal survives this.
+                if let Some((uid, gid, groups)) = &identity {
+                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
+                        || libc::setgid(*gid) != 0
+                        || libc::setuid(*uid) != 0
+                    {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
         }
-    };
-    // The agent may be gone already; the socket's end says so below.
-    let _ = control.write_all(Report::Started(leader).encode().as_bytes());
-    let mut run = Run {
-        me,
-        leader,
-        status: None,
-        cause: Cause::Exited,
-        deadline,
-        grace: Duration::from_millis(launch.grace_ms),
-        term_stops,
-        kill_at: None,
-        killing: false,
-        last_scan: Instant::now(),
-        control_open: true,
-        pending: Vec::new(),
-        discarding: false,
-    };
-    // Orders the agent sent right behind the launch.
-    run.take_orders(&pending);
-    if let Err(error) = run.watch(&mut control, &signals, &timer, streams.as_mut()) {
-        // Never leave while the tree lives, whatever failed.
-        run.kill_and_reap();
-        return Err(error);
-    }
-    if run.control_open {
+        let spawned = command.spawn();
+        // The command holds this process's copies of the pipes' write ends:
+        // the streams end only once no copy is left.
+        drop(command);
+        let leader = match spawned {
+            Ok(child) => child.id() as libc::pid_t,
+            Err(error) => {
+                // The reason only: the agent's message names the program. A
+                // working directory that cannot be entered fails the spawn as
+                // a missing program would: say which it was.
+                let text = match launch.cwd.as_ref().map(std::fs::metadata) {
+                    Some(Err(cwd_error)) => format!(
+                        "its working directory {:?}: {cwd_error}",
+                        launch.cwd.as_ref().expect("just read")
+                    ),
+                    Some(Ok(metadata)) if !metadata.is_dir() => format!(
+                        "its working directory {:?} is not a directory",
+                        launch.cwd.as_ref().expect("just read")
+                    ),
+                    _ => error.to_string(),
+                };
+                let _ = control.write_all(Report::Failed(text).encode().as_bytes());
+                return Ok(false);
+            }
+        };
+        // The agent may be gone already; the socket's end says so below.
+        let _ = control.write_all(Report::Started(leader).encode().as_bytes());
+        let mut run = Run {
+            me,
+            leader,
+            status: None,
+            cause: Cause::Exited,
+            deadline,
+            grace: Duration::from_millis(launch.grace_ms),
+            term_stops: self.term_stops,
+            kill_at: None,
+            killing: false,
+            last_scan: Instant::now(),
+            control_open: true,
+            pending: Vec::new(),
+            discarding: false,
+        };
+        // Orders the agent sent right behind the launch.
+        run.take_orders(pending);
+        if let Err(error) = run.watch(control, &self.signals, &self.timer, streams.as_mut()) {
+            // Never leave while the tree lives, whatever failed.
+            run.kill_and_reap();
+            return Err(error);
+        }
+        if !run.control_open {
+            return Ok(false);
+        }
+        self.carried = std::mem::take(&mut run.pending);
         let mut reports = String::new();
+        // Nothing of the run may outlive it here if another is to come:
+        // a log writer that did not finish still holds its logs.
+        let mut again = launch.again;
         if let Some(mut streams) = streams.take() {
             streams.drain(OUTPUT_DRAIN);
-            for end in streams.ends(OUTPUT_DRAIN) {
+            let (ends, finished) = streams.ends(OUTPUT_DRAIN);
+            again &= finished;
+            for end in ends {
                 reports.push_str(&Report::Output(end).encode());
             }
         }
         let end = Report::Ended {
             status: run.status.unwrap_or(0),
             cause: run.cause,
+            again,
         };
         reports.push_str(&end.encode());
-        let _ = control.write_all(reports.as_bytes());
+        let sent = control.write_all(reports.as_bytes()).is_ok();
+        Ok(sent && again)
     }
-    Ok(())
 }
 
 /// Whether `signal` was ignored (SIG_IGN) when this process started.
@@ -501,25 +555,26 @@ impl Run {
     }
 }
 
-/// Read the launch line; `None` if the socket closed first. Returns the
-/// bytes read past it too (orders sent right behind it).
+/// Read the launch line, after `line` (what was read past the last run's
+/// orders); `None` if the socket closed first. Returns the bytes read past
+/// it too (orders sent right behind it). Orders before it are dropped:
+/// they were for a run that ended before they came.
 #[allow(clippy::type_complexity)]
 fn read_launch(
     control: &mut UnixStream,
+    mut line: Vec<u8>,
 ) -> std::io::Result<Option<Result<(Launch, Vec<u8>), String>>> {
-    let mut line = Vec::new();
     let mut buffer = [0u8; 8192];
     loop {
-        let read = match control.read(&mut buffer) {
-            Ok(0) => return Ok(None),
-            Ok(read) => read,
-            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(error) => return Err(error),
-        };
-        line.extend_from_slice(&buffer[..read]);
-        if let Some(end) = line.iter().position(|&byte| byte == b'\n') {
+        while let Some(end) = line.iter().position(|&byte| byte == b'\n') {
             let rest = line.split_off(end + 1);
-            let launch = std::str::from_utf8(&line[..end])
+            line.truncate(end);
+            let text = std::str::from_utf8(&line);
+            if text.is_ok_and(|text| Order::decode(text).is_ok()) {
+                line = rest;
+                continue;
+            }
+            let launch = text
                 .map_err(|_| "the launch is not UTF-8".to_string())
                 .and_then(Launch::decode);
             return Ok(Some(launch.map(|launch| (launch, rest))));
@@ -529,6 +584,13 @@ fn read_launch(
                 "the launch is longer than {MAX_LAUNCH} bytes"
             ))));
         }
+        let read = match control.read(&mut buffer) {
+            Ok(0) => return Ok(None),
+            Ok(read) => read,
+            Err(error) if error.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(error) => return Err(error),
+        };
+        line.extend_from_slice(&buffer[..read]);
     }
 }
 
@@ -655,5 +717,53 @@ impl BootTimer {
                 8,
             );
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn launch_line(program: &str) -> String {
+        Launch {
+            program: program.into(),
+            args: Vec::new(),
+            cwd: None,
+            env: Vec::new(),
+            grace_ms: 0,
+            deadline_ns: 0,
+            run_as: None,
+            open_files: None,
+            logs: None,
+            again: true,
+        }
+        .encode()
+    }
+
+    #[test]
+    fn orders_for_a_run_that_ended_are_dropped_before_the_next_launch() {
+        let (mut agent, mut supervisor) = UnixStream::pair().unwrap();
+        // The end of an order the last run read half of, two whole ones
+        // that crossed its end report, the launch, and an order for it.
+        let carried = b"deadline 12".to_vec();
+        let sent = format!("34\nstop\ndeadline 0\n{}deadline 99\n", launch_line("true"));
+        agent.write_all(sent.as_bytes()).unwrap();
+        let (launch, rest) = read_launch(&mut supervisor, carried)
+            .unwrap()
+            .expect("a launch")
+            .expect("a good one");
+        assert_eq!(launch.program, "true");
+        assert_eq!(rest, b"deadline 99\n");
+    }
+
+    #[test]
+    fn anything_else_before_a_launch_is_refused_and_an_end_is_none() {
+        let (mut agent, mut supervisor) = UnixStream::pair().unwrap();
+        agent.write_all(b"hello\n").unwrap();
+        let refused = read_launch(&mut supervisor, Vec::new()).unwrap().unwrap();
+        assert!(refused.is_err(), "{refused:?}");
+        agent.write_all(b"stop\n").unwrap();
+        drop(agent);
+        assert!(read_launch(&mut supervisor, Vec::new()).unwrap().is_none());
     }
 }

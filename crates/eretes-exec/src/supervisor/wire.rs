@@ -1,12 +1,13 @@
 //! What the agent and a supervisor say over their socket: one line per
 //! message, ASCII words and decimal numbers.
 //!
-//! Agent → supervisor: first, once, the run to start ([`Launch`]):
+//! Agent → supervisor: first the run to start ([`Launch`]):
 //!
 //! * `launch JSON` — the program, its arguments, directory and environment
 //!   additions, where its output goes, the stop grace period and the first
 //!   deadline. A supervisor is started ahead of its run and waits for this
-//!   line, so that its start is not on a task's start path.
+//!   line, so that its start is not on a task's start path; orders before
+//!   it (for a run that ended as they were sent) are dropped.
 //!
 //! Then ([`Order`]):
 //!
@@ -22,8 +23,17 @@
 //! * `output JSON` — once the tree is gone, for each of stdout and stderr:
 //!   the end of what the run wrote to it, and why its log could not be
 //!   written, if it could not ([`StreamEnd`]).
-//! * `ended STATUS CAUSE` — the whole tree is gone; `STATUS` is the leader's
-//!   raw wait status, `CAUSE` one of `exited`, `stopped`, `fenced`.
+//! * `ended STATUS CAUSE [again]` — the whole tree is gone; `STATUS` is the
+//!   leader's raw wait status, `CAUSE` one of `exited`, `stopped`, `fenced`.
+//!   With `again` (only if the launch allowed it, [`Launch::again`]), the
+//!   supervisor waits for another `launch` on the same socket, as a new one
+//!   would; without, it exits.
+//!
+//! **Why again.** A supervisor that takes one run and exits costs a fork,
+//! its first touches of the binary's pages, and an exit and a reap per
+//! run: under short tasks, a fifth of the machine. One whose run is over
+//! has nothing of it left (no process, no descriptor, no thread), so the
+//! agent hands it the next run instead.
 
 use std::os::unix::process::ExitStatusExt;
 use std::process::ExitStatus;
@@ -69,6 +79,11 @@ pub struct Launch {
     /// absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub logs: Option<LaunchLogs>,
+    /// The agent may hand this supervisor another run once this one ended:
+    /// it then says `again` in its end report and waits for the next
+    /// launch. (Absent, as an older agent sends it: it exits.)
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub again: bool,
 }
 
 /// The logs a run writes: `stdout.log` and `stderr.log` in a directory,
@@ -193,6 +208,8 @@ pub enum Report {
         status: i32,
         /// Why it ended.
         cause: Cause,
+        /// The supervisor waits for another launch (it exits otherwise).
+        again: bool,
     },
 }
 
@@ -215,7 +232,14 @@ impl Report {
                 let json = serde_json::to_string(end).expect("a stream's end serialises");
                 format!("output {json}\n")
             }
-            Report::Ended { status, cause } => format!("ended {status} {}\n", cause.word()),
+            Report::Ended {
+                status,
+                cause,
+                again,
+            } => {
+                let again = if *again { " again" } else { "" };
+                format!("ended {status} {}{again}\n", cause.word())
+            }
         }
     }
 
@@ -240,13 +264,22 @@ impl Report {
                 let status = status
                     .parse()
                     .map_err(|_| format!("bad status in {line:?}"))?;
+                let (cause, again) = match cause.split_once(' ') {
+                    Some((cause, "again")) => (cause, true),
+                    Some(_) => return Err(format!("bad end {line:?}")),
+                    None => (cause, false),
+                };
                 let cause = match cause {
                     "exited" => Cause::Exited,
                     "stopped" => Cause::Stopped,
                     "fenced" => Cause::Fenced,
                     _ => return Err(format!("bad cause in {line:?}")),
                 };
-                Ok(Report::Ended { status, cause })
+                Ok(Report::Ended {
+                    status,
+                    cause,
+                    again,
+                })
             }
             _ => Err(format!("unknown report {line:?}")),
         }
@@ -279,13 +312,22 @@ mod tests {
                 cap: 10 << 20,
                 tail_bytes: 4096,
             }),
+            again: true,
         };
         let line = launch.encode();
         assert_eq!(line.matches('\n').count(), 1, "one line");
-        assert_eq!(Launch::decode(line.trim_end()), Ok(launch));
+        assert_eq!(Launch::decode(line.trim_end()), Ok(launch.clone()));
         for bad in ["stop", "launch", "launch {}", "launch {\"program\":1}"] {
             assert!(Launch::decode(bad).is_err(), "{bad:?}");
         }
+        // An older agent's launch says nothing of another run: none.
+        let older = Launch {
+            again: false,
+            ..launch
+        };
+        let line = older.encode();
+        assert!(!line.contains("again"), "{line}");
+        assert_eq!(Launch::decode(line.trim_end()), Ok(older));
     }
 
     #[test]
@@ -314,14 +356,22 @@ mod tests {
             Report::Ended {
                 status: 256,
                 cause: Cause::Exited,
+                again: false,
+            },
+            Report::Ended {
+                status: 0,
+                cause: Cause::Exited,
+                again: true,
             },
             Report::Ended {
                 status: 9,
                 cause: Cause::Fenced,
+                again: true,
             },
             Report::Ended {
                 status: 15,
                 cause: Cause::Stopped,
+                again: false,
             },
         ] {
             let line = report.encode();
@@ -350,6 +400,9 @@ mod tests {
             "ended 0",
             "ended x exited",
             "ended 0 vanished",
+            "ended 0 exited later",
+            "ended 0 exited again again",
+            "ended 0 again",
             "output",
             "output {}",
             "output {\"stream\":\"stdin\",\"tail\":\"\"}",

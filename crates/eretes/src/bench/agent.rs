@@ -264,6 +264,7 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         run_as: None,
         open_files: None,
         logs: None,
+        again: false,
     }
     .encode();
     let (mut direct, mut supervised) = (Vec::new(), Vec::new());
