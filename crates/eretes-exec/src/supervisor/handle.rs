@@ -2,21 +2,19 @@
 //! run, push deadlines and stops to it, read how the run ended, keep it for
 //! another run, and clean up if the supervisor itself died.
 
-use std::collections::HashMap;
 use std::pin::Pin;
 use std::process::ExitStatus;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use eretes_protocol::TaskId;
 use eretes_runtime::FenceDeadline;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
-use tokio::sync::OwnedMutexGuard;
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
+use super::gates::RunGate;
 use super::spawner::{Spawner, SupervisorChild};
 use super::wire::{exit_status, Cause, Launch, Order, Report, StreamEnd, MAX_OUTPUT_LINE};
 use crate::leftovers::{self, GroupRecord, GroupRecords, RunMarker};
@@ -44,16 +42,6 @@ const EXIT_AFTER_DROP: Duration = Duration::from_secs(2);
 /// How often a supervisor waited for is looked at for having exited or
 /// being stopped.
 const STOPPED_CHECK: Duration = Duration::from_millis(20);
-
-/// Supervisors kept for later runs at most, once theirs ended: enough for
-/// the runs that start while as many end (each one kept saves a fork, an
-/// exit and a reap), few enough to cost little (some 50 KiB each,
-/// `BENCHMARKS.md`).
-const MAX_IDLE: usize = 16;
-
-/// How long a supervisor kept for a later run waits for one; past this,
-/// all but one are let go (a burst's supervisors do not outlive it).
-const IDLE_KEEP: Duration = Duration::from_secs(30);
 
 /// How a supervised run ended, as the agent saw it.
 #[derive(Debug)]
@@ -125,13 +113,13 @@ pub(crate) struct LaunchPlan {
 /// start is then off the task's start path. Dropped unused, its socket
 /// closes and it exits.
 pub(crate) struct Warm {
-    child: SupervisorChild,
+    pub(super) child: SupervisorChild,
     socket: tokio::net::UnixStream,
 }
 
 impl Warm {
     /// A new supervisor from `spawner`, its stdin our socket.
-    fn spawn(spawner: &Spawner, config: &ExecConfig) -> std::io::Result<Warm> {
+    pub(super) fn spawn(spawner: &Spawner, config: &ExecConfig) -> std::io::Result<Warm> {
         let new = spawner.spawn(config)?;
         new.control.set_nonblocking(true)?;
         Ok(Warm {
@@ -274,7 +262,7 @@ impl Supervised {
 
     /// Wait for the supervisor's end report (ignoring anything else). Its
     /// tree is gone then. A supervisor that said it takes another run comes
-    /// back, to be handed one ([`WarmPool::give_back`]), and the run's gate
+    /// back, to be handed one ([`super::WarmPool::give_back`]), and the run's gate
     /// and record are let go at once; any other is reaped in the
     /// background, and they are held until it has exited.
     pub(crate) async fn finish(
@@ -560,257 +548,6 @@ pub(crate) fn describe(status: ExitStatus) -> String {
     }
 }
 
-/// Supervisors ready for a run: one started ahead of the next run, and
-/// those whose run ended and that take another ([`MAX_IDLE`] at most, for
-/// [`IDLE_KEEP`]).
-#[derive(Default)]
-pub(crate) struct WarmPool {
-    idle: Arc<Mutex<Idle>>,
-    spawner: Spawner,
-}
-
-/// The supervisors a pool holds.
-#[derive(Default)]
-struct Idle {
-    /// The one ready longest first.
-    ready: Vec<(Warm, Instant)>,
-    /// A task lets go of those idle too long.
-    pruning: bool,
-}
-
-impl WarmPool {
-    /// The supervisor ready last (its pages are the likeliest still in
-    /// memory), or a new one.
-    pub(crate) fn take(&self, config: &ExecConfig) -> std::io::Result<Warm> {
-        loop {
-            let ready = self.idle.lock().expect("not poisoned").ready.pop();
-            let Some((mut warm, _)) = ready else {
-                return Warm::spawn(&self.spawner, config);
-            };
-            // One that died meanwhile (killed while idle) is not handed out
-            // (and is reaped by the look).
-            if !warm.child.has_exited() {
-                return Ok(warm);
-            }
-        }
-    }
-
-    /// Start the next one, unless one is ready.
-    pub(crate) fn refill(&self, config: &ExecConfig) {
-        let mut idle = self.idle.lock().expect("not poisoned");
-        if idle.ready.is_empty() {
-            match Warm::spawn(&self.spawner, config) {
-                Ok(warm) => idle.ready.push((warm, Instant::now())),
-                Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
-            }
-        }
-    }
-
-    /// Keep `warm`, whose run ended, for a later run (or let it go, if
-    /// enough are kept): its socket closing ends it.
-    pub(crate) fn give_back(&self, warm: Warm) {
-        let mut idle = self.idle.lock().expect("not poisoned");
-        if idle.ready.len() >= MAX_IDLE {
-            return;
-        }
-        idle.ready.push((warm, Instant::now()));
-        if idle.ready.len() > 1 && !idle.pruning {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                idle.pruning = true;
-                runtime.spawn(prune(Arc::downgrade(&self.idle)));
-            }
-        }
-    }
-}
-
-/// Every [`IDLE_KEEP`], let go of the supervisors idle for longer, but the
-/// last one ready; ends once one or none is left (or the pool is gone).
-async fn prune(idle: Weak<Mutex<Idle>>) {
-    loop {
-        tokio::time::sleep(IDLE_KEEP).await;
-        let Some(idle) = idle.upgrade() else {
-            return;
-        };
-        let mut idle = idle.lock().expect("not poisoned");
-        let_go_of_idle(&mut idle.ready, IDLE_KEEP, Instant::now());
-        if idle.ready.len() <= 1 {
-            idle.ready.shrink_to_fit();
-            idle.pruning = false;
-            return;
-        }
-    }
-}
-
-/// Drop what was idle (ready since the instant beside it) for `keep` or
-/// longer at `now`, but the last one, which was ready last.
-fn let_go_of_idle<T>(ready: &mut Vec<(T, Instant)>, keep: Duration, now: Instant) {
-    let newest = ready.len().saturating_sub(1);
-    let mut index = 0;
-    ready.retain(|(_, since)| {
-        index += 1;
-        index > newest || now.saturating_duration_since(*since) < keep
-    });
-}
-
-/// One gate per task id: a run of a task starts only once its previous
-/// run on this agent is over: its supervisor reported the whole tree gone
-/// and came back for another run, or exited.
-#[derive(Debug, Default)]
-pub(crate) struct RunGates {
-    gates: Arc<Mutex<Gates>>,
-}
-
-#[derive(Debug, Default)]
-struct Gates {
-    /// By the task's id, which shares the id's text (a `String` key would
-    /// be one more allocation per running task). An entry leaves with the
-    /// last run that holds or waits for its gate, so the table holds the
-    /// tasks running here, not every task that ever ran.
-    by_task: HashMap<TaskId, Weak<tokio::sync::Mutex<()>>>,
-    /// Past this many entries, forget gates nobody holds: a run cancelled
-    /// while it waited for a gate that was then let go leaves its entry.
-    prune_at: usize,
-}
-
-/// A run's hold on its task's gate: later runs of the task wait until it is
-/// dropped, and the last one to go takes the gate out of the table.
-#[derive(Debug)]
-pub(crate) struct RunGate {
-    guard: Option<OwnedMutexGuard<()>>,
-    task: TaskId,
-    gates: Arc<Mutex<Gates>>,
-}
-
-impl Drop for RunGate {
-    fn drop(&mut self) {
-        let Some(guard) = self.guard.take() else {
-            return;
-        };
-        // Under the table's lock, so that no run takes the gate between
-        // the count and the removal.
-        let mut gates = self.gates.lock().expect("not poisoned");
-        let gate = OwnedMutexGuard::mutex(&guard).clone();
-        drop(guard);
-        // Only `gate` left: nobody holds or waits for it.
-        if Arc::strong_count(&gate) == 1 {
-            let ours = gates
-                .by_task
-                .get(&self.task)
-                .is_some_and(|entry| std::ptr::eq(entry.as_ptr(), Arc::as_ptr(&gate)));
-            if ours {
-                gates.by_task.remove(&self.task);
-                eretes_runtime::sparse::Sparse::shrink_if_sparse(&mut gates.by_task);
-            }
-        }
-    }
-}
-
-impl RunGates {
-    /// Wait until no earlier run of `task` is alive here; the gate keeps
-    /// later runs waiting until it is dropped.
-    pub(crate) async fn enter(&self, task: &TaskId) -> RunGate {
-        let gate = {
-            let mut gates = self.gates.lock().expect("not poisoned");
-            match gates.by_task.get(task).and_then(Weak::upgrade) {
-                Some(gate) => gate,
-                None => {
-                    let gate = Arc::new(tokio::sync::Mutex::new(()));
-                    gates.by_task.insert(task.clone(), Arc::downgrade(&gate));
-                    if gates.by_task.len() > gates.prune_at {
-                        gates.by_task.retain(|_, gate| gate.strong_count() > 0);
-                        gates.prune_at = (gates.by_task.len() * 2).max(64);
-                    }
-                    gate
-                }
-            }
-        };
-        // A run cancelled while it waits drops its Arc here. Should the
-        // holder have gone first, its entry stays until the task's next
-        // run replaces it or the prune above forgets it.
-        RunGate {
-            guard: Some(gate.lock_owned().await),
-            task: task.clone(),
-            gates: self.gates.clone(),
-        }
-    }
-}
-
 /// How much of a supervisor's reports is read at a time (on the stack: a
 /// line longer than this is read in several reads).
 const REPORT_BUFFER: usize = 512;
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn idle_supervisors_go_once_idle_too_long_but_the_last_ready() {
-        let start = Instant::now();
-        let at = |seconds| start + Duration::from_secs(seconds);
-        let keep = Duration::from_secs(30);
-        let mut ready = vec![(1, at(0)), (2, at(10)), (3, at(20))];
-        let_go_of_idle(&mut ready, keep, at(25));
-        assert_eq!(
-            ready,
-            [(1, at(0)), (2, at(10)), (3, at(20))],
-            "none too old"
-        );
-        let_go_of_idle(&mut ready, keep, at(35));
-        assert_eq!(ready, [(2, at(10)), (3, at(20))]);
-        let_go_of_idle(&mut ready, keep, at(100));
-        assert_eq!(ready, [(3, at(20))], "the last one ready stays");
-        let_go_of_idle(&mut ready, keep, at(1000));
-        assert_eq!(ready, [(3, at(20))]);
-        let mut none: Vec<(u8, Instant)> = Vec::new();
-        let_go_of_idle(&mut none, keep, at(1000));
-        assert!(none.is_empty());
-    }
-
-    #[tokio::test]
-    async fn a_run_waits_for_the_previous_run_of_its_task_only() {
-        let gates = RunGates::default();
-        let id = |name: &str| TaskId::new(name).unwrap();
-        let first = gates.enter(&id("a")).await;
-        let other = tokio::time::timeout(Duration::from_secs(5), gates.enter(&id("b"))).await;
-        assert!(other.is_ok(), "another task does not wait");
-        let blocked = tokio::time::timeout(Duration::from_millis(50), gates.enter(&id("a"))).await;
-        assert!(blocked.is_err(), "the same task waits");
-        drop(first);
-        let next = tokio::time::timeout(Duration::from_secs(5), gates.enter(&id("a"))).await;
-        assert!(next.is_ok(), "and goes on once the first is gone");
-    }
-
-    #[tokio::test]
-    async fn gates_nobody_holds_are_forgotten() {
-        let gates = RunGates::default();
-        let mut held = Vec::new();
-        for n in 0..1000 {
-            held.push(gates.enter(&TaskId::new(format!("t{n}")).unwrap()).await);
-        }
-        assert_eq!(gates.gates.lock().unwrap().by_task.len(), 1000);
-        drop(held);
-        let table = &gates.gates.lock().unwrap().by_task;
-        assert!(table.is_empty());
-        assert!(table.capacity() <= 64, "{} left", table.capacity());
-    }
-
-    #[tokio::test]
-    async fn a_gate_someone_waits_for_stays_until_the_last_run_goes() {
-        let gates = Arc::new(RunGates::default());
-        let id = TaskId::new("a").unwrap();
-        let first = gates.enter(&id).await;
-        let waiting = tokio::spawn({
-            let (gates, id) = (gates.clone(), id.clone());
-            async move { gates.enter(&id).await }
-        });
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        drop(first);
-        let second = waiting.await.unwrap();
-        assert_eq!(gates.gates.lock().unwrap().by_task.len(), 1);
-        // A third run still waits for the second: the entry was not lost.
-        let third = tokio::time::timeout(Duration::from_millis(50), gates.enter(&id)).await;
-        assert!(third.is_err(), "the third run waits for the second");
-        drop(second);
-        assert!(gates.gates.lock().unwrap().by_task.is_empty());
-    }
-}

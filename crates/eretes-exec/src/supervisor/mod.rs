@@ -40,7 +40,7 @@
 //! arguments, directory, environment additions, logs, grace period, first
 //! deadline). Once the run's tree is gone and its end reported, the
 //! supervisor waits for another run: the agent keeps a few such for its
-//! next runs (`handle.rs`, [`wire`]'s `again`), which saves a fork and an
+//! next runs (`pool.rs`, [`wire`]'s `again`), which saves a fork and an
 //! exit per run. The supervisor reads the task's output itself and keeps its
 //! logs (`output.rs`). The supervisor reports the leader's pid, then how the run ended: the
 //! leader's wait status and whether it exited by itself, was stopped, or was
@@ -55,7 +55,9 @@
 //! that does.
 
 mod fork_server;
+mod gates;
 mod handle;
+mod pool;
 mod spawner;
 mod streams;
 mod supervise;
@@ -66,7 +68,9 @@ use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
 pub use fork_server::FORK_SERVER_ARG;
-pub(crate) use handle::{describe, LaunchPlan, RunGates, Supervised, SupervisorEnd, WarmPool};
+pub(crate) use gates::RunGates;
+pub(crate) use handle::{describe, LaunchPlan, Supervised, SupervisorEnd};
+pub(crate) use pool::WarmPool;
 pub(crate) use tree::{signal_group, stat_fields};
 
 /// The argument that makes a binary a supervisor (`eretes supervise …`).
