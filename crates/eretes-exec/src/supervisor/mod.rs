@@ -57,6 +57,7 @@
 mod fork_server;
 mod gates;
 mod handle;
+mod leader;
 mod pool;
 mod spawner;
 mod streams;

@@ -3,17 +3,17 @@
 //! stop signals, a `CLOCK_BOOTTIME` timerfd for the deadline, and the
 //! task's stdout and stderr pipes) and no async runtime.
 
-use std::ffi::OsStr;
+use std::collections::BTreeMap;
+use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::net::UnixStream;
-use std::os::unix::process::CommandExt;
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use eretes_runtime::boottime_ns;
 
+use super::leader::{self, LeaderSpec};
 use super::streams::TaskStreams;
 use super::tree::signal_tree;
 use super::wire::{Cause, Launch, Order, Report, MAX_LAUNCH, MAX_LINE};
@@ -117,100 +117,48 @@ impl Holder {
             return Ok(sent && launch.again);
         }
         let me = self.me;
-        let mut command = Command::new(&launch.program);
-        command.args(&launch.args).stdin(Stdio::null());
         // The task's output: pipes into its logs, or nowhere.
-        let mut streams = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
-            Ok(Some((streams, stdout, stderr))) => {
-                command.stdout(stdout).stderr(stderr);
-                Some(streams)
-            }
-            Ok(None) => {
-                command.stdout(Stdio::null()).stderr(Stdio::null());
-                None
-            }
+        let (mut streams, outputs) = match launch.logs.as_ref().map(TaskStreams::open).transpose() {
+            Ok(Some((streams, stdout, stderr))) => (Some(streams), Some((stdout, stderr))),
+            Ok(None) => (None, None),
             Err(error) => {
                 let text = format!("cannot make the task's output pipes: {error}");
                 let _ = control.write_all(Report::Failed(text).encode().as_bytes());
                 return Ok(false);
             }
         };
+        // This process's environment, with the run's additions.
+        let mut env: BTreeMap<OsString, OsString> = std::env::vars_os().collect();
         for (name, value) in &launch.env {
-            command.env(name, OsStr::from_bytes(value));
+            env.insert(name.into(), OsStr::from_bytes(value).into());
         }
-        if let Some(cwd) = &launch.cwd {
-            command.current_dir(cwd);
+        if let Some(user) = &launch.run_as {
+            for (name, value) in [
+                ("HOME", &user.home),
+                ("USER", &user.name),
+                ("LOGNAME", &user.name),
+            ] {
+                env.insert(name.into(), value.into());
+            }
         }
-        let identity = launch.run_as.as_ref().map(|user| {
-            command
-                .env("HOME", &user.home)
-                .env("USER", &user.name)
-                .env("LOGNAME", &user.name);
-            (user.uid, user.gid, user.groups.clone())
+        let spawned = leader::spawn(LeaderSpec {
+            program: &launch.program,
+            args: &launch.args,
+            env,
+            cwd: launch.cwd.as_deref(),
+            stdout: outputs.as_ref().map(|(stdout, _)| stdout.as_raw_fd()),
+            stderr: outputs.as_ref().map(|(_, stderr)| stderr.as_raw_fd()),
+            open_files: launch.open_files,
+            identity: launch
+                .run_as
+                .as_ref()
+                .map(|user| (user.uid, user.gid, user.groups.as_slice())),
         });
-        let open_files = launch.open_files;
-        // SAFETY: runs in the child between fork and exec, and calls only
-        // async-signal-safe functions (sigemptyset, sigprocmask, signal, setsid,
-        // prctl, getppid, _exit, getrlimit, setrlimit, setgroups, setgid,
-        // setuid).
-        unsafe {
-            command.pre_exec(move || {
-                // The mask is inherited across exec: the task must not start
-                // with this process's signals blocked (it would never see
-                // SIGTERM).
-                let mut empty: libc::sigset_t = std::mem::zeroed();
-                libc::sigemptyset(&mut empty);
-                if libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut()) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // So is an ignored signal: the agent ignores SIGXFSZ (its
-                // writes past a file-size limit must fail, not kill it), but a
-                // task gets the default action, as any program expects.
-                if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // A session and a process group of its own (pgid = sid = pid).
-                if libc::setsid() < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // If the supervisor dies (kill -9), the leader goes with it.
-                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::getppid() != me {
-                    libc::_exit(1);
-                }
-                // The open-file limit the agent was started with, not the one
-                // it raised for itself.
-                if let Some(soft) = open_files {
-                    let mut limit = libc::rlimit {
-                        rlim_cur: 0,
-                        rlim_max: 0,
-                    };
-                    if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-                        limit.rlim_cur = soft.min(limit.rlim_max);
-                        libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-                    }
-                }
-                // The task's user, groups first (after setuid they could not be
-                // changed); the parent-death signal survives this.
-                if let Some((uid, gid, groups)) = &identity {
-                    if libc::setgroups(groups.len(), groups.as_ptr()) != 0
-                        || libc::setgid(*gid) != 0
-                        || libc::setuid(*uid) != 0
-                    {
-                        return Err(std::io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let spawned = command.spawn();
-        // The command holds this process's copies of the pipes' write ends:
-        // the streams end only once no copy is left.
-        drop(command);
+        // This process's copies of the pipes' write ends: the streams end
+        // only once no copy is left.
+        drop(outputs);
         let leader = match spawned {
-            Ok(child) => child.id() as libc::pid_t,
+            Ok(pid) => pid,
             Err(error) => {
                 // The reason only: the agent's message names the program. A
                 // working directory that cannot be entered fails the spawn as
