@@ -140,6 +140,112 @@ async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
     .await;
 }
 
+/// With [`AGENT_DIR`], the user [`leader_after_supervisor`]'s agent runs
+/// its task as (none: its own).
+const RUN_AS: &str = "ERETES_EXEC_TEST_RUN_AS";
+
+/// Not a test on its own: the agent that the next test freezes. It runs
+/// one task that is `sleep`, and says "ready" once it runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "the frozen agent test's child process"]
+async fn frozen_agent_process() {
+    let Ok(dir) = std::env::var(AGENT_DIR) else {
+        return;
+    };
+    let dir = PathBuf::from(dir);
+    let mut exec = config(&dir, AllowList::Any);
+    if let Ok(user) = std::env::var(RUN_AS) {
+        exec.run_as = Some(eretes_exec::RunAs::lookup(&user).unwrap());
+    }
+    let (coordinator, _node) = start_node(exec).await;
+    let mut spec = ProcessSpec::new(
+        "sh",
+        vec!["-c".into(), "echo $$ > leader.pid; exec sleep 1000".into()],
+    );
+    spec.cwd = Some(dir.clone());
+    coordinator
+        .submit(
+            &TaskId::new("sleeper").unwrap(),
+            &TaskSpec::new(GroupName::default(), spec.to_properties()),
+        )
+        .await
+        .unwrap();
+    pid_in(&dir.join("leader.pid")).await;
+    println!("ready");
+    tokio::time::sleep(Duration::from_secs(1000)).await;
+}
+
+/// Start [`frozen_agent_process`] (as `user`'s tasks, if given), freeze it,
+/// kill its task's supervisor: the leader dies by its parent-death signal
+/// alone, the agent being in no state to sweep.
+async fn leader_after_supervisor(user: Option<&str>) {
+    let dir = tempfile::tempdir().unwrap();
+    // The task may run as another user: it writes its pid here.
+    std::fs::set_permissions(
+        dir.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .unwrap();
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args([
+            "--exact",
+            "frozen_agent_process",
+            "--ignored",
+            "--nocapture",
+        ])
+        .env(AGENT_DIR, dir.path())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null());
+    if let Some(user) = user {
+        command.env(RUN_AS, user);
+    }
+    let mut agent = command.spawn().unwrap();
+    let stdout = agent.stdout.take().unwrap();
+    let ready = std::thread::spawn(move || {
+        BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+            .any(|line| line == "ready")
+    });
+    wait_until("the agent runs its task", Duration::from_secs(30), || {
+        ready.is_finished()
+    })
+    .await;
+    assert!(ready.join().unwrap(), "the agent said ready");
+    let leader = pid_in(&dir.path().join("leader.pid")).await;
+    let supervisor = parent_of(leader);
+    let agent_pid = agent.id() as i32;
+    assert_eq!(parent_of(supervisor), agent_pid);
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe {
+        libc::kill(agent_pid, libc::SIGSTOP);
+        libc::kill(supervisor, libc::SIGKILL);
+    }
+    let died = tokio::time::timeout(Duration::from_secs(2), async {
+        while alive(leader) {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    agent.kill().unwrap(); // a stopped process dies of SIGKILL too
+    agent.wait().unwrap();
+    assert!(
+        died.is_ok(),
+        "the leader (as {user:?}) outlived its supervisor while the agent was frozen"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_dies_with_its_killed_supervisor_while_the_agent_is_frozen() {
+    leader_after_supervisor(None).await;
+    // The kernel clears a parent-death signal set before a change of user.
+    // SAFETY: geteuid(2) has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        leader_after_supervisor(Some("nobody")).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_that_ends_takes_the_daemon_it_started_with_it() {
     let agent = Agent::start(AllowList::Any, |_| {}).await;

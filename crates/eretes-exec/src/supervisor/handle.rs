@@ -295,17 +295,20 @@ impl Supervised {
     }
 
     /// The supervisor back for another run, its run's gate and record let
-    /// go; `None` if its socket is not as a new one's would be (closed, or
-    /// holding more than the end).
+    /// go; `None` if its socket is not as a new one's would be: closed,
+    /// holding more than the end, or with orders not yet written (part of
+    /// one may be, and the next launch would follow that part).
     fn take_back(&mut self) -> Option<Warm> {
         let socket = &mut self.socket;
-        if socket.read_closed || !socket.inbox.is_empty() || socket.writer.is_none() {
+        if socket.read_closed
+            || !socket.inbox.is_empty()
+            || !socket.outbox.is_empty()
+            || socket.writer.is_none()
+        {
             return None;
         }
         let child = self.child.take()?;
         let writer = socket.writer.take().expect("looked at above");
-        // Orders not written yet were for the run that ended.
-        socket.outbox = Vec::new();
         let reader = socket.reader.take().expect("not closed");
         socket.read_closed = true;
         let socket = reader.reunite(writer).ok()?;

@@ -22,7 +22,10 @@
 //! reports a failure through memory it
 //! shares with the supervisor, then `_exit`s; the supervisor reads it once
 //! the clone returns, which `CLONE_VFORK` delays until the child has either
-//! exec'd or exited.
+//! exec'd or exited. One of its changes reaches the supervisor: a change
+//! of user marks the memory they share as not dumpable, so a supervisor
+//! that started a `--run-as` task writes no core dump (it runs as root,
+//! whose processes only root may trace either way).
 //!
 //! The program is looked up as `execvp` does: in the `PATH` of the task's
 //! environment (or `/bin:/usr/bin`), an `EACCES` remembered while the
@@ -46,7 +49,8 @@ const DEFAULT_SEARCH: &[u8] = b"/bin:/usr/bin";
 pub(super) struct LeaderSpec<'a> {
     /// The program: a path if it holds a `/`, a name to look up otherwise.
     pub program: &'a str,
-    /// Its arguments (its name is the first, as `Command` makes it).
+    /// Its arguments, after its name (which `argv[0]` is, as `Command`
+    /// makes it).
     pub args: &'a [String],
     /// Its whole environment.
     pub env: BTreeMap<OsString, OsString>,
@@ -91,8 +95,78 @@ struct Prepared {
 
 const SHELL: &std::ffi::CStr = c"/bin/sh";
 
-/// Start the leader; its pid. Its exit is the caller's to reap (SIGCHLD).
-pub(super) fn spawn(spec: LeaderSpec<'_>) -> std::io::Result<libc::pid_t> {
+/// The memory a leader's child runs its few calls on, kept for the next:
+/// its pages, once touched, are not touched anew (nor left dirty in the
+/// heap) by each run. Below it, a page that faults.
+pub(super) struct ChildStack {
+    /// The mapping: the guard page, then the stack.
+    base: *mut libc::c_void,
+}
+
+impl ChildStack {
+    /// Map one.
+    pub(super) fn new() -> std::io::Result<ChildStack> {
+        // SAFETY: an anonymous private mapping of a size, at no address
+        // asked for; the result is checked.
+        let base = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                GUARD + CHILD_STACK,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if base == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error());
+        }
+        let stack = ChildStack { base };
+        // SAFETY: the first page of the mapping just made.
+        if unsafe { libc::mprotect(base, GUARD, libc::PROT_NONE) } != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(stack)
+    }
+
+    /// Where the child's stack starts (it grows down), 16-byte aligned as
+    /// the ABI asks (a mapping is page-aligned).
+    fn top(&mut self) -> *mut libc::c_void {
+        self.base
+            .cast::<u8>()
+            .wrapping_add(GUARD + CHILD_STACK)
+            .cast()
+    }
+}
+
+impl Drop for ChildStack {
+    fn drop(&mut self) {
+        // SAFETY: the mapping made in `new`, used by nothing any more.
+        unsafe { libc::munmap(self.base, GUARD + CHILD_STACK) };
+    }
+}
+
+/// The system calls that set a process's groups, group and user with ids
+/// of 32 bits (on 32-bit x86 and ARM the plain ones take 16).
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SET_GROUPS: libc::c_long = libc::SYS_setgroups32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SET_GID: libc::c_long = libc::SYS_setgid32;
+#[cfg(any(target_arch = "x86", target_arch = "arm"))]
+const SET_UID: libc::c_long = libc::SYS_setuid32;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SET_GROUPS: libc::c_long = libc::SYS_setgroups;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SET_GID: libc::c_long = libc::SYS_setgid;
+#[cfg(not(any(target_arch = "x86", target_arch = "arm")))]
+const SET_UID: libc::c_long = libc::SYS_setuid;
+
+/// The guard page below a child's stack.
+const GUARD: usize = 4096;
+
+/// Start the leader on `stack`; its pid. Its exit is the caller's to reap
+/// (SIGCHLD).
+pub(super) fn spawn(spec: LeaderSpec<'_>, stack: &mut ChildStack) -> std::io::Result<libc::pid_t> {
     let cstring = |bytes: &[u8]| {
         CString::new(bytes).map_err(|_| {
             std::io::Error::new(
@@ -160,17 +234,15 @@ pub(super) fn spawn(spec: LeaderSpec<'_>) -> std::io::Result<libc::pid_t> {
         failed_errno: AtomicI32::new(0),
         failed: AtomicBool::new(false),
     };
-    let mut stack = Vec::<u8>::with_capacity(CHILD_STACK);
-    // The top of the stack (it grows down), 16-byte aligned as the ABI asks.
-    let top = (stack.as_mut_ptr() as usize + CHILD_STACK) & !15;
     // SAFETY: the child runs `leader_main` on `stack`, which outlives it
     // (CLONE_VFORK: this call returns only once the child exec'd or
-    // exited), with `prepared`, which it only reads but for the failure
+    // exited) and which nothing else uses meanwhile (it is borrowed
+    // mutably), with `prepared`, which it only reads but for the failure
     // fields and the shell slot, which nothing else touches meanwhile.
     let pid = unsafe {
         libc::clone(
             leader_main,
-            top as *mut libc::c_void,
+            stack.top(),
             libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
             std::ptr::addr_of_mut!(prepared).cast(),
         )
@@ -188,7 +260,6 @@ pub(super) fn spawn(spec: LeaderSpec<'_>) -> std::io::Result<libc::pid_t> {
         {}
         return Err(std::io::Error::from_raw_os_error(errno));
     }
-    drop(stack);
     Ok(pid)
 }
 
@@ -264,13 +335,6 @@ extern "C" fn leader_main(arg: *mut libc::c_void) -> libc::c_int {
         if libc::setsid() < 0 {
             fail(prepared);
         }
-        // If the supervisor dies (kill -9), the leader goes with it.
-        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
-            fail(prepared);
-        }
-        if libc::getppid() != this.parent {
-            libc::_exit(1);
-        }
         // The open-file limit the agent was started with, not the one it
         // raised for itself.
         if let Some(soft) = this.open_files {
@@ -284,15 +348,25 @@ extern "C" fn leader_main(arg: *mut libc::c_void) -> libc::c_int {
             }
         }
         // The task's user, groups first (after setuid they could not be
-        // changed); the parent-death signal survives this. Raw calls: they
-        // change this process only (see the module's page).
+        // changed). Raw calls: they change this process only (see the
+        // module's page).
         if let Some((uid, gid, groups, count)) = this.identity {
-            if libc::syscall(libc::SYS_setgroups, count, groups) != 0
-                || libc::syscall(libc::SYS_setgid, gid) != 0
-                || libc::syscall(libc::SYS_setuid, uid) != 0
+            if libc::syscall(SET_GROUPS, count, groups) != 0
+                || libc::syscall(SET_GID, gid) != 0
+                || libc::syscall(SET_UID, uid) != 0
             {
                 fail(prepared);
             }
+        }
+        // If the supervisor dies (kill -9), the leader goes with it. After
+        // the user changed: the kernel clears the parent-death signal of a
+        // process whose user or group changes.
+        if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+            fail(prepared);
+        }
+        // The supervisor died before that: nothing would kill this process.
+        if libc::getppid() != this.parent {
+            libc::_exit(1);
         }
         // As execvp: the first candidate that runs; EACCES is remembered
         // (it wins over a later ENOENT); an error other than "not here"
@@ -348,16 +422,19 @@ mod tests {
         // SAFETY: pipe2 returned two new descriptors that nothing else owns.
         let (reader, writer) =
             unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-        let pid = spawn(LeaderSpec {
-            program,
-            args: &args,
-            env: whole,
-            cwd,
-            stdout: Some(writer.as_raw_fd()),
-            stderr: None,
-            open_files: None,
-            identity: None,
-        })?;
+        let pid = spawn(
+            LeaderSpec {
+                program,
+                args: &args,
+                env: whole,
+                cwd,
+                stdout: Some(writer.as_raw_fd()),
+                stderr: None,
+                open_files: None,
+                identity: None,
+            },
+            &mut ChildStack::new()?,
+        )?;
         drop(writer);
         let mut output = String::new();
         std::fs::File::from(reader)
@@ -414,8 +491,21 @@ mod tests {
         // must not inherit.
         // SAFETY: signal(2) with SIG_IGN installs no handler.
         unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        // As the supervisor does: SIGTERM and SIGCHLD blocked (in this
+        // thread, whose mask the child starts from).
+        // SAFETY: sigset_t is plain data, set up by sigemptyset/sigaddset;
+        // pthread_sigmask changes this thread's mask only.
+        let previous = unsafe {
+            let mut blocked: libc::sigset_t = std::mem::zeroed();
+            let mut previous: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut blocked);
+            libc::sigaddset(&mut blocked, libc::SIGTERM);
+            libc::sigaddset(&mut blocked, libc::SIGCHLD);
+            libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut previous);
+            previous
+        };
         let dir = tempfile::tempdir().unwrap();
-        let (code, output) = run(
+        let ran = run(
             "sh",
             &[
                 "-c",
@@ -424,8 +514,10 @@ mod tests {
             ],
             &[("MARK", "here")],
             Some(dir.path().to_str().unwrap()),
-        )
-        .unwrap();
+        );
+        // SAFETY: as above, `previous` being this thread's earlier mask.
+        unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+        let (code, output) = ran.unwrap();
         assert_eq!(code, 0, "{output}");
         let lines: Vec<&str> = output.lines().collect();
         assert_eq!(lines[0], "here");
@@ -448,7 +540,7 @@ mod tests {
     fn the_leader_runs_as_the_tasks_user_and_this_process_stays_as_it_was() {
         // SAFETY: geteuid(2) has no preconditions.
         if unsafe { libc::geteuid() } != 0 {
-            eprintln!("not root: the user cannot change; tests/run_as.rs checks the refusal");
+            eprintln!("not root: the user cannot change (crates/eretes/tests/run_as.rs checks the refusal)");
             return;
         }
         let groups_of_this_process = || {
@@ -475,16 +567,19 @@ mod tests {
             // SAFETY: getuid(2) has no preconditions.
             tell.send(unsafe { libc::getuid() }).unwrap();
         });
-        let pid = spawn(LeaderSpec {
-            program: "sh",
-            args: &["-c".to_string(), "id -u; id -g; id -G".to_string()],
-            env: std::env::vars_os().collect(),
-            cwd: Some("/"),
-            stdout: Some(writer.as_raw_fd()),
-            stderr: None,
-            open_files: None,
-            identity: Some((65534, 65534, &groups)),
-        })
+        let pid = spawn(
+            LeaderSpec {
+                program: "sh",
+                args: &["-c".to_string(), "id -u; id -g; id -G".to_string()],
+                env: std::env::vars_os().collect(),
+                cwd: Some("/"),
+                stdout: Some(writer.as_raw_fd()),
+                stderr: None,
+                open_files: None,
+                identity: Some((65534, 65534, &groups)),
+            },
+            &mut ChildStack::new().unwrap(),
+        )
         .unwrap();
         drop(writer);
         let mut output = String::new();

@@ -55,19 +55,21 @@ impl WarmPool {
         }
     }
 
-    /// Start the next one, unless one is ready.
+    /// Start the next one, unless one is ready. (Not under the pool's
+    /// lock: a stuck fork server may take seconds to fail, and the runs
+    /// that end meanwhile give theirs back.)
     pub(crate) fn refill(&self, config: &ExecConfig) {
-        let mut idle = self.idle.lock().expect("not poisoned");
-        if idle.ready.is_empty() {
-            match Warm::spawn(&self.spawner, config) {
-                Ok(warm) => idle.ready.push((warm, Instant::now())),
-                Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
-            }
+        if !self.idle.lock().expect("not poisoned").ready.is_empty() {
+            return;
+        }
+        match Warm::spawn(&self.spawner, config) {
+            Ok(warm) => self.give_back(warm),
+            Err(error) => warn!(%error, "cannot start a supervisor ahead of its run"),
         }
     }
 
-    /// Keep `warm`, whose run ended, for a later run (or let it go, if
-    /// enough are kept): its socket closing ends it.
+    /// Keep `warm` (a new one, or one whose run ended) for a later run, or
+    /// let it go if enough are kept: its socket closing ends it.
     pub(crate) fn give_back(&self, warm: Warm) {
         let mut idle = self.idle.lock().expect("not poisoned");
         if idle.ready.len() >= MAX_IDLE {

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use eretes_runtime::boottime_ns;
 
-use super::leader::{self, LeaderSpec};
+use super::leader::{self, ChildStack, LeaderSpec};
 use super::streams::TaskStreams;
 use super::tree::signal_tree;
 use super::wire::{Cause, Launch, Order, Report, MAX_LAUNCH, MAX_LINE};
@@ -59,6 +59,7 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         // SAFETY: getpid(2) has no preconditions.
         me: unsafe { libc::getpid() },
         carried: Vec::new(),
+        child_stack: ChildStack::new()?,
     };
     loop {
         // Started ahead of its run: wait for it (the agent's end closing
@@ -81,6 +82,14 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         if !holder.run(launch, &pending)? {
             return Ok(());
         }
+        // What the run allocated is free again: its pages go back, so that
+        // a supervisor that ran a thousand runs costs what a new one does.
+        #[cfg(target_env = "gnu")]
+        // SAFETY: malloc_trim takes a plain integer, and locks the
+        // allocator's arenas itself.
+        unsafe {
+            libc::malloc_trim(0);
+        }
     }
 }
 
@@ -97,6 +106,8 @@ struct Holder {
     me: libc::pid_t,
     /// What was read of an order line when the last run ended.
     carried: Vec<u8>,
+    /// Where the leader's start runs.
+    child_stack: ChildStack,
 }
 
 impl Holder {
@@ -113,6 +124,8 @@ impl Holder {
                 cause: Cause::Fenced,
                 again: launch.again,
             };
+            // Orders read behind the launch may end in part of one.
+            self.carried = pending.to_vec();
             let sent = control.write_all(report.encode().as_bytes()).is_ok();
             return Ok(sent && launch.again);
         }
@@ -141,19 +154,22 @@ impl Holder {
                 env.insert(name.into(), value.into());
             }
         }
-        let spawned = leader::spawn(LeaderSpec {
-            program: &launch.program,
-            args: &launch.args,
-            env,
-            cwd: launch.cwd.as_deref(),
-            stdout: outputs.as_ref().map(|(stdout, _)| stdout.as_raw_fd()),
-            stderr: outputs.as_ref().map(|(_, stderr)| stderr.as_raw_fd()),
-            open_files: launch.open_files,
-            identity: launch
-                .run_as
-                .as_ref()
-                .map(|user| (user.uid, user.gid, user.groups.as_slice())),
-        });
+        let spawned = leader::spawn(
+            LeaderSpec {
+                program: &launch.program,
+                args: &launch.args,
+                env,
+                cwd: launch.cwd.as_deref(),
+                stdout: outputs.as_ref().map(|(stdout, _)| stdout.as_raw_fd()),
+                stderr: outputs.as_ref().map(|(_, stderr)| stderr.as_raw_fd()),
+                open_files: launch.open_files,
+                identity: launch
+                    .run_as
+                    .as_ref()
+                    .map(|user| (user.uid, user.gid, user.groups.as_slice())),
+            },
+            &mut self.child_stack,
+        );
         // This process's copies of the pipes' write ends: the streams end
         // only once no copy is left.
         drop(outputs);
