@@ -221,16 +221,24 @@ pub(super) fn pss_kib(pid: i32) -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// The supervisors the agent `agent_pid` runs (its children but its
-/// supervisors' fork server).
+/// The supervisors the agent `agent_pid` runs that supervise a run: its
+/// children but its supervisors' fork server, that have a child of their
+/// own (one started ahead, or kept for a later run, has none).
 pub(super) fn supervisors_of(agent_pid: i32) -> Vec<i32> {
     let fork_server = eretes_exec::supervisor::FORK_SERVER_ARG.as_bytes();
-    std::fs::read_dir("/proc")
+    let processes: Vec<(i32, Option<i32>)> = std::fs::read_dir("/proc")
         .into_iter()
         .flatten()
         .flatten()
         .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter(|&pid| parent_of(pid) == Some(agent_pid))
+        .map(|pid| (pid, parent_of(pid)))
+        .collect();
+    let parents: std::collections::HashSet<i32> =
+        processes.iter().filter_map(|&(_, parent)| parent).collect();
+    processes
+        .into_iter()
+        .filter(|&(pid, parent)| parent == Some(agent_pid) && parents.contains(&pid))
+        .map(|(pid, _)| pid)
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|line| !line.split(|&byte| byte == 0).any(|arg| arg == fork_server))

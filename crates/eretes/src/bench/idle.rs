@@ -211,8 +211,9 @@ async fn remove_sleeping_tasks(
             .error_for_status()?;
     }
     let deadline = Instant::now() + Duration::from_secs(300);
-    // One supervisor is kept started ahead, for the next task.
-    while super::agent::supervisors_of(pid).len() > 1 {
+    // Until no supervisor runs one of them (those kept for later runs,
+    // and the one started ahead, run none).
+    while !super::agent::supervisors_of(pid).is_empty() {
         if Instant::now() > deadline {
             bail!("the removed tasks' supervisors still run after 300 s");
         }
