@@ -6,7 +6,7 @@
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -76,16 +76,19 @@ async fn agent_process() {
     tokio::time::sleep(Duration::from_secs(1000)).await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut agent = Command::new(std::env::current_exe().unwrap())
-        .args(["--exact", "agent_process", "--ignored", "--nocapture"])
-        .env(AGENT_DIR, dir.path())
+/// Run this binary's ignored test `name` as an agent in `dir` (its tasks
+/// as `user`, if given), until it says "ready".
+async fn start_agent_process(name: &str, dir: &std::path::Path, user: Option<&str>) -> Child {
+    let mut command = Command::new(std::env::current_exe().unwrap());
+    command
+        .args(["--exact", name, "--ignored", "--nocapture"])
+        .env(AGENT_DIR, dir)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+        .stderr(Stdio::null());
+    if let Some(user) = user {
+        command.env(RUN_AS, user);
+    }
+    let mut agent = command.spawn().unwrap();
     let stdout = agent.stdout.take().unwrap();
     let ready = std::thread::spawn(move || {
         BufReader::new(stdout)
@@ -98,6 +101,13 @@ async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
     })
     .await;
     assert!(ready.join().unwrap(), "the agent said ready");
+    agent
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_whole_task_tree_dies_within_a_second() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = start_agent_process("agent_process", dir.path(), None).await;
     let tree = [
         pid_in(&dir.path().join("leader.pid")).await,
         pid_in(&dir.path().join("background.pid")).await,
@@ -186,33 +196,7 @@ async fn leader_after_supervisor(user: Option<&str>) {
         std::os::unix::fs::PermissionsExt::from_mode(0o777),
     )
     .unwrap();
-    let mut command = Command::new(std::env::current_exe().unwrap());
-    command
-        .args([
-            "--exact",
-            "frozen_agent_process",
-            "--ignored",
-            "--nocapture",
-        ])
-        .env(AGENT_DIR, dir.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null());
-    if let Some(user) = user {
-        command.env(RUN_AS, user);
-    }
-    let mut agent = command.spawn().unwrap();
-    let stdout = agent.stdout.take().unwrap();
-    let ready = std::thread::spawn(move || {
-        BufReader::new(stdout)
-            .lines()
-            .map_while(Result::ok)
-            .any(|line| line == "ready")
-    });
-    wait_until("the agent runs its task", Duration::from_secs(30), || {
-        ready.is_finished()
-    })
-    .await;
-    assert!(ready.join().unwrap(), "the agent said ready");
+    let mut agent = start_agent_process("frozen_agent_process", dir.path(), user).await;
     let leader = pid_in(&dir.path().join("leader.pid")).await;
     let supervisor = parent_of(leader);
     let agent_pid = agent.id() as i32;

@@ -415,6 +415,17 @@ mod tests {
         for (name, value) in env {
             whole.insert(name.into(), value.into());
         }
+        run_with(program, args, whole, cwd, None)
+    }
+
+    /// [`run`] with the whole environment given, as `identity` if given.
+    fn run_with(
+        program: &str,
+        args: &[&str],
+        env: BTreeMap<OsString, OsString>,
+        cwd: Option<&str>,
+        identity: Option<(libc::uid_t, libc::gid_t, &[libc::gid_t])>,
+    ) -> std::io::Result<(i32, String)> {
         let args: Vec<String> = args.iter().map(|arg| arg.to_string()).collect();
         let mut fds = [0; 2];
         // SAFETY: pipe2 writes two descriptors into `fds`.
@@ -426,12 +437,12 @@ mod tests {
             LeaderSpec {
                 program,
                 args: &args,
-                env: whole,
+                env,
                 cwd,
                 stdout: Some(writer.as_raw_fd()),
                 stderr: None,
                 open_files: None,
-                identity: None,
+                identity,
             },
             &mut ChildStack::new()?,
         )?;
@@ -553,12 +564,6 @@ mod tests {
         };
         let before = groups_of_this_process();
         let groups = [65534, 4242];
-        let mut fds = [0; 2];
-        // SAFETY: pipe2 writes two descriptors into `fds`.
-        assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
-        // SAFETY: pipe2 returned two new descriptors that nothing else owns.
-        let (reader, writer) =
-            unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
         // A second thread of this process, to see that it keeps its user.
         let (ask, asked) = std::sync::mpsc::channel::<()>();
         let (tell, told) = std::sync::mpsc::channel();
@@ -567,28 +572,15 @@ mod tests {
             // SAFETY: getuid(2) has no preconditions.
             tell.send(unsafe { libc::getuid() }).unwrap();
         });
-        let pid = spawn(
-            LeaderSpec {
-                program: "sh",
-                args: &["-c".to_string(), "id -u; id -g; id -G".to_string()],
-                env: std::env::vars_os().collect(),
-                cwd: Some("/"),
-                stdout: Some(writer.as_raw_fd()),
-                stderr: None,
-                open_files: None,
-                identity: Some((65534, 65534, &groups)),
-            },
-            &mut ChildStack::new().unwrap(),
+        let (code, output) = run_with(
+            "sh",
+            &["-c", "id -u; id -g; id -G"],
+            std::env::vars_os().collect(),
+            Some("/"),
+            Some((65534, 65534, &groups)),
         )
         .unwrap();
-        drop(writer);
-        let mut output = String::new();
-        std::fs::File::from(reader)
-            .read_to_string(&mut output)
-            .unwrap();
-        let mut status = 0;
-        // SAFETY: waitpid writes one int, which `status` is.
-        assert_eq!(unsafe { libc::waitpid(pid, &mut status, 0) }, pid);
+        assert_eq!(code, 0, "{output}");
         assert_eq!(output, "65534\n65534\n65534 4242\n");
         // SAFETY: getuid(2) has no preconditions.
         assert_eq!(unsafe { libc::getuid() }, 0, "this thread is still root");
