@@ -82,8 +82,9 @@ pub(crate) fn supervise() -> std::io::Result<()> {
         if !holder.run(launch, &pending)? {
             return Ok(());
         }
-        // What the run allocated is free again: its pages go back, so that
-        // a supervisor that ran a thousand runs costs what a new one does.
+        // What the run allocated is free again: the pages it can, the heap
+        // gives back (halving what a reused supervisor's heap holds; its
+        // stack's deepest pages stay, BENCHMARKS.md).
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim takes a plain integer, and locks the
         // allocator's arenas itself.
