@@ -72,10 +72,8 @@ impl CheckpointFile {
             Some(dir) => dir.join("checkpoint"),
             None => root.join(name),
         };
-        match tokio::fs::remove_file(&path).await {
-            Err(error) if error.kind() != std::io::ErrorKind::NotFound => return Err(error),
-            _ => {}
-        }
+        // Whatever the last run left there, a directory too.
+        remove_any(&path)?;
         if let Some(bytes) = &latest {
             // A new file, never through a link.
             let mut file = std::fs::OpenOptions::new()
@@ -236,11 +234,56 @@ impl Drop for CheckpointFile {
     /// The run is over (or was dropped): its checkpoint is in the store, so
     /// the file and any half-written replacement go.
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-        let _ = std::fs::remove_file(self.temporary());
+        let _ = remove_any(&self.path);
+        let _ = remove_any(&self.temporary());
         if let Some(dir) = &self.private_dir {
             // Never follows links inside the directory.
             let _ = std::fs::remove_dir_all(dir);
         }
+    }
+}
+
+/// Remove what is at `path`: a file, a link (not what it points at), or a
+/// directory with all in it (links inside not followed) — a task may make
+/// any of them where its checkpoint file goes. Nothing there is no error.
+fn remove_any(path: &Path) -> std::io::Result<()> {
+    let removed = match std::fs::symlink_metadata(path) {
+        Ok(metadata) if metadata.is_dir() => std::fs::remove_dir_all(path),
+        Ok(_) => std::fs::remove_file(path),
+        Err(error) => Err(error),
+    };
+    match removed {
+        Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn whatever_a_task_left_at_its_checkpoint_path_goes_but_not_through_a_link() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = dir.path().join("outside");
+        std::fs::create_dir(&outside).unwrap();
+        std::fs::write(outside.join("keep"), "kept").unwrap();
+        let tree = dir.path().join("checkpoint.tmp");
+        std::fs::create_dir_all(tree.join("deeper")).unwrap();
+        std::fs::write(tree.join("deeper/file"), "x").unwrap();
+        std::os::unix::fs::symlink(&outside, tree.join("link")).unwrap();
+        let link = dir.path().join("checkpoint");
+        std::os::unix::fs::symlink(&outside, &link).unwrap();
+        let file = dir.path().join("plain");
+        std::fs::write(&file, "x").unwrap();
+        for path in [&tree, &link, &file] {
+            remove_any(path).unwrap();
+            assert!(std::fs::symlink_metadata(path).is_err(), "{path:?} is gone");
+        }
+        assert_eq!(
+            std::fs::read_to_string(outside.join("keep")).unwrap(),
+            "kept"
+        );
+        remove_any(&dir.path().join("never-there")).unwrap();
     }
 }

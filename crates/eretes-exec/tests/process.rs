@@ -511,3 +511,31 @@ echo 2 > "$ERETES_CHECKPOINT_FILE"; exec sleep 600"#;
         "saved while the process runs, not at its end"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn directories_a_task_makes_where_its_checkpoint_goes_are_removed() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    // The first attempt leaves a tree where the checkpoint's replacement
+    // goes and a directory where the checkpoint itself goes, and fails;
+    // the second must still start, and leave nothing either.
+    agent
+        .submit_sh(
+            "dirs",
+            "if [ \"$ERETES_ATTEMPT\" = 1 ]; then \
+               mkdir -p \"$ERETES_CHECKPOINT_FILE.tmp/inner\" && echo x > \"$ERETES_CHECKPOINT_FILE.tmp/inner/f\" \
+               && rm -f \"$ERETES_CHECKPOINT_FILE\" && mkdir \"$ERETES_CHECKPOINT_FILE\" && exit 1; \
+             fi; echo second",
+            |spec| spec.max_attempts = 2,
+        )
+        .await;
+    let result = agent.result("dirs").await;
+    assert_eq!(result.outcome, Outcome::Done, "{result:?}");
+    assert_eq!(result.result["stdout_tail"], "second\n");
+    let left: Vec<_> = std::fs::read_dir(agent.path("checkpoints"))
+        .unwrap()
+        .flatten()
+        .map(|entry| entry.file_name())
+        .collect();
+    assert!(left.is_empty(), "left behind: {left:?}");
+    agent.node.shutdown().await;
+}
