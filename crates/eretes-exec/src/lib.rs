@@ -64,6 +64,7 @@ mod run_as;
 mod spec;
 pub mod supervisor;
 
+pub use output::log_rotation;
 pub use process::ProcessHandler;
 pub use run_as::RunAs;
 pub use spec::{

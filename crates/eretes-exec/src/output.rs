@@ -26,11 +26,33 @@ use std::path::{Path, PathBuf};
 /// The most bytes of a stream's end a result keeps, whatever the agent asks.
 pub const MAX_TAIL: usize = 16 * 1024;
 
+/// How the line a rotated log starts with begins.
+const ROTATION_NOTE: &str = "[eretes: this log reached ";
+
+/// Which rotation of its task's log a log file began with, from its first
+/// bytes: the number its first line gives, and 0 for a log's first file
+/// (or one rotated before the notes were numbered). A reader that follows
+/// the log knows from it whether parts rotated away before it read them.
+pub fn log_rotation(head: &[u8]) -> u64 {
+    let Some(rest) = head.strip_prefix(ROTATION_NOTE.as_bytes()) else {
+        return 0;
+    };
+    let line = rest.split(|&byte| byte == b'\n').next().unwrap_or_default();
+    std::str::from_utf8(line)
+        .ok()
+        .and_then(|line| line.split_once("(rotation "))
+        .and_then(|(_, after)| after.split_once(')'))
+        .and_then(|(number, _)| number.parse().ok())
+        .unwrap_or(0)
+}
+
 /// The log file being written, and how much it holds.
 struct Log {
     path: PathBuf,
     file: File,
     size: u64,
+    /// The rotation this file began with ([`log_rotation`]).
+    rotation: u64,
 }
 
 impl Log {
@@ -38,12 +60,22 @@ impl Log {
         let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
+            .read(true)
             .open(path)?;
         let size = file.metadata()?.len();
+        // An earlier attempt's log, appended to: its numbering goes on.
+        let rotation = if size > 0 {
+            let mut head = [0u8; 256];
+            let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)?;
+            log_rotation(&head[..read])
+        } else {
+            0
+        };
         Ok(Log {
             path: path.to_path_buf(),
             file,
             size,
+            rotation,
         })
     }
 
@@ -56,9 +88,11 @@ impl Log {
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
+        let rotation = self.rotation + 1;
         *self = Log::open(&self.path)?;
+        self.rotation = rotation;
         let note = format!(
-            "[eretes: this log reached {cap} bytes; the {cap} before this line are in {name}, anything older was dropped]\n"
+            "{ROTATION_NOTE}{cap} bytes (rotation {rotation}); the {cap} before this line are in {name}, anything older was dropped]\n"
         );
         self.file.write_all(note.as_bytes())?;
         self.size += note.len() as u64;
@@ -222,6 +256,37 @@ mod tests {
         let kept = format!("{}{}", body(&older), body(&newest));
         assert!(input.ends_with(kept.as_bytes()), "a gap between the files");
         assert!(kept.len() > 100_000);
+    }
+
+    #[test]
+    fn each_rotation_is_numbered_in_the_file_it_starts_and_appends_go_on_counting() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("out.log");
+        let head = |name: &str| std::fs::read(dir.path().join(name)).unwrap();
+        let mut line = vec![b'y'; 999];
+        line.push(b'\n');
+        let mut output = OutputLog::open(log.clone(), 5_000, 10);
+        for _ in 0..6 {
+            output.push(&line);
+        }
+        assert_eq!(log_rotation(&head("out.log")), 1);
+        drop(output);
+        // The next attempt appends, and numbers on from the file it finds.
+        let mut output = OutputLog::open(log.clone(), 5_000, 10);
+        for _ in 0..5 {
+            output.push(&line);
+        }
+        assert_eq!(log_rotation(&head("out.log.1")), 1);
+        assert_eq!(log_rotation(&head("out.log")), 2);
+        assert_eq!(log_rotation(b"no note\n"), 0);
+        assert_eq!(
+            log_rotation(b"[eretes: this log reached 5 bytes; the 5 before\n"),
+            0
+        );
+        assert_eq!(
+            log_rotation(b"[eretes: this log reached 5 bytes (rotation x)\n"),
+            0
+        );
     }
 
     #[test]

@@ -190,7 +190,10 @@ async fn rotated(file: &File, path: &std::path::Path) -> bool {
 /// What the file grows by past `offset`, read from where the last read
 /// stopped every [`FOLLOW_POLL`], until the task has ended and one last
 /// read found nothing new. A new run replaces the log: start over; a
-/// rotation moves it: go on in the new file once the old one is read. With
+/// rotation moves it: go on in the part after the one read (the older
+/// part, if the log rotated again meanwhile, then the new file). Parts
+/// that rotated away before they could be read are said to be missing, in
+/// a line of their own: each part's first line numbers its rotation. With
 /// no file yet, follow the one the task's first output creates.
 fn follow(
     file: Option<File>,
@@ -199,76 +202,131 @@ fn follow(
     coordinator: eretes_protocol::Coordinator,
     id: eretes_protocol::TaskId,
 ) -> impl futures::Stream<Item = std::io::Result<axum::body::Bytes>> {
-    futures::stream::unfold(
-        (file, offset, false),
-        move |(mut file, mut offset, mut ended)| {
-            let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
-            async move {
-                loop {
-                    let Some(open) = &mut file else {
-                        // The log appeared: from its start, and from its
-                        // older part's if it rotated already (this run's:
-                        // a new run removes both), which is read first.
-                        let mut older = path.clone().into_os_string();
-                        older.push(".1");
-                        let first = match File::open(&older).await {
-                            Ok(older) => Ok(older),
-                            Err(_) => File::open(&path).await,
-                        };
-                        if let Ok(new) = first {
-                            file = Some(new);
-                            offset = 0;
-                            continue;
-                        }
-                        if ended {
-                            return None;
-                        }
-                        ended = task_ended(&coordinator, &id).await;
-                        if !ended {
-                            tokio::time::sleep(FOLLOW_POLL).await;
-                        }
-                        continue;
+    let state = Following {
+        file,
+        offset,
+        ended: false,
+        rotation: None,
+    };
+    futures::stream::unfold(state, move |mut state| {
+        let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
+        let mut older = path.clone().into_os_string();
+        older.push(".1");
+        let older = std::path::PathBuf::from(older);
+        async move {
+            loop {
+                let Some(open) = &mut state.file else {
+                    // The log appeared: from its start, and from its older
+                    // part's if it rotated already (this run's: a new run
+                    // removes both), which is read first.
+                    let first = match File::open(&older).await {
+                        Ok(older) => Ok(older),
+                        Err(_) => File::open(&path).await,
                     };
-                    let length = open.metadata().await.map(|m| m.len()).unwrap_or(offset);
-                    if length <= offset && rotated(open, &path).await {
-                        // The log was rotated (or replaced by a new run's):
-                        // what was read is now the older part; go on in
-                        // the new file.
-                        if let Ok(new) = File::open(&path).await {
-                            file = Some(new);
-                            offset = 0;
-                            continue;
-                        }
+                    if let Ok(new) = first {
+                        state.file = Some(new);
+                        state.offset = 0;
+                        continue;
                     }
-                    if length < offset {
-                        offset = 0;
-                    }
-                    if length > offset {
-                        let mut chunk = vec![0; (length - offset).min(BLOCK as u64) as usize];
-                        let read = match open.seek(SeekFrom::Start(offset)).await {
-                            Ok(_) => open.read(&mut chunk).await.unwrap_or(0),
-                            Err(_) => 0,
-                        };
-                        if read > 0 {
-                            chunk.truncate(read);
-                            offset += read as u64;
-                            return Some((
-                                Ok(axum::body::Bytes::from(chunk)),
-                                (file, offset, ended),
-                            ));
-                        }
-                    }
-                    if ended {
+                    if state.ended {
                         return None;
                     }
-                    ended = task_ended(&coordinator, &id).await;
-                    if !ended {
+                    state.ended = task_ended(&coordinator, &id).await;
+                    if !state.ended {
                         tokio::time::sleep(FOLLOW_POLL).await;
                     }
+                    continue;
+                };
+                let rotation = match state.rotation {
+                    Some(rotation) => rotation,
+                    None => *state.rotation.insert(rotation_of(open).await),
+                };
+                let length = open
+                    .metadata()
+                    .await
+                    .map(|m| m.len())
+                    .unwrap_or(state.offset);
+                if length <= state.offset && rotated(open, &path).await {
+                    // The log was rotated (or replaced by a new run's):
+                    // what was read is the older part, or older still.
+                    let next = match File::open(&older).await {
+                        Ok(part) if !same_file(open, &part).await => Some(part),
+                        _ => File::open(&path).await.ok(),
+                    };
+                    if let Some(mut next) = next {
+                        let started = rotation_of(&mut next).await;
+                        state.file = Some(next);
+                        state.offset = 0;
+                        state.rotation = Some(started);
+                        // A lower number: a new run's log, started over.
+                        let missing = started.saturating_sub(rotation + 1);
+                        if missing > 0 {
+                            let note = format!(
+                                "[eretes: {missing} part(s) of this log rotated away before they \
+                                 could be read; their output is missing here]\n"
+                            );
+                            return Some((Ok(axum::body::Bytes::from(note)), state));
+                        }
+                        continue;
+                    }
+                }
+                if length < state.offset {
+                    state.offset = 0;
+                }
+                if length > state.offset {
+                    let mut chunk = vec![0; (length - state.offset).min(BLOCK as u64) as usize];
+                    let read = match open.seek(SeekFrom::Start(state.offset)).await {
+                        Ok(_) => open.read(&mut chunk).await.unwrap_or(0),
+                        Err(_) => 0,
+                    };
+                    if read > 0 {
+                        chunk.truncate(read);
+                        state.offset += read as u64;
+                        return Some((Ok(axum::body::Bytes::from(chunk)), state));
+                    }
+                }
+                if state.ended {
+                    return None;
+                }
+                state.ended = task_ended(&coordinator, &id).await;
+                if !state.ended {
+                    tokio::time::sleep(FOLLOW_POLL).await;
                 }
             }
-        },
-    )
+        }
+    })
+}
+
+/// Where a followed log stands.
+struct Following {
+    /// The part being read, once there is one.
+    file: Option<File>,
+    /// How much of it was sent.
+    offset: u64,
+    /// The task had ended at the last look.
+    ended: bool,
+    /// The rotation the part being read began with, once read.
+    rotation: Option<u64>,
+}
+
+/// The rotation `file` began with ([`eretes_exec::log_rotation`]), from
+/// its first bytes (read where they are: the reader seeks before reading).
+async fn rotation_of(file: &mut File) -> u64 {
+    let mut head = [0u8; 256];
+    let read = match file.seek(SeekFrom::Start(0)).await {
+        Ok(_) => file.read(&mut head).await.unwrap_or(0),
+        Err(_) => 0,
+    };
+    eretes_exec::log_rotation(&head[..read])
+}
+
+/// Whether two open files are the same file.
+async fn same_file(one: &File, other: &File) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (one.metadata().await, other.metadata().await) {
+        (Ok(one), Ok(other)) => (one.dev(), one.ino()) == (other.dev(), other.ino()),
+        _ => false,
+    }
 }
 
 /// Whether task `id` has ended (or is gone); not if the store cannot say.
@@ -328,6 +386,72 @@ mod tests {
             .filter(|(_, byte)| **byte == b'\n')
             .nth(lines - 1)
             .map_or(0, |(at, _)| at + 1)
+    }
+
+    /// Everything [`follow`] sends from `file` at `offset` on, for a task
+    /// that does not exist (so, ended).
+    async fn followed(file: File, offset: u64, path: &std::path::Path) -> String {
+        let store: std::sync::Arc<dyn eretes_store::Store> =
+            eretes_store::embedded::EmbeddedStore::new();
+        let coordinator = eretes_protocol::Coordinator::new(
+            store,
+            eretes_protocol::Namespace::new("logs").unwrap(),
+        );
+        let id = eretes_protocol::TaskId::new("gone").unwrap();
+        let chunks: Vec<_> = follow(Some(file), offset, path.to_path_buf(), coordinator, id)
+            .collect()
+            .await;
+        let bytes: Vec<u8> = chunks
+            .into_iter()
+            .flat_map(|chunk| chunk.unwrap().to_vec())
+            .collect();
+        String::from_utf8(bytes).unwrap()
+    }
+
+    /// Rotate `path` as the supervisor does: to `.1`, and a new file that
+    /// starts with the numbered note, then `body`.
+    fn rotate(path: &std::path::Path, rotation: u64, body: &str) {
+        let mut older = path.as_os_str().to_owned();
+        older.push(".1");
+        std::fs::rename(path, older).unwrap();
+        let note = format!(
+            "[eretes: this log reached 10 bytes (rotation {rotation}); the 10 before this line \
+             are in stdout.log.1, anything older was dropped]\n"
+        );
+        std::fs::write(path, format!("{note}{body}")).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_followed_log_goes_on_in_the_next_part_and_says_which_parts_it_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        // Once: the follower reads on in the new file, nothing missing.
+        std::fs::write(&path, "first\n").unwrap();
+        let file = File::open(&path).await.unwrap();
+        rotate(&path, 1, "second\n");
+        let text = followed(file, 6, &path).await;
+        assert!(
+            text.ends_with("anything older was dropped]\nsecond\n"),
+            "{text}"
+        );
+        assert!(!text.contains("missing"), "{text}");
+
+        // Three times while the follower waited: the part after its own is
+        // gone, the one after that is the older part now, then the newest.
+        std::fs::write(&path, "first\n").unwrap();
+        let file = File::open(&path).await.unwrap();
+        rotate(&path, 1, "lost\n");
+        rotate(&path, 2, "older\n");
+        rotate(&path, 3, "newest\n");
+        let text = followed(file, 6, &path).await;
+        let missing = text
+            .find("1 part(s) of this log rotated away")
+            .expect(&text);
+        let older = text.find("older\n").expect(&text);
+        let newest = text.find("newest\n").expect(&text);
+        assert!(missing < older && older < newest, "{text}");
+        assert!(!text.contains("lost"), "{text}");
+        assert_eq!(text.matches("missing here").count(), 1, "{text}");
     }
 
     #[tokio::test]
