@@ -72,8 +72,12 @@ impl CheckpointFile {
             Some(dir) => dir.join("checkpoint"),
             None => root.join(name),
         };
-        // Whatever the last run left there, a directory too.
+        // Whatever the last run left there, a directory too (and at the
+        // replacement's name: a run the agent could not clean up after).
         remove_any(&path)?;
+        let mut temporary = path.clone().into_os_string();
+        temporary.push(".tmp");
+        remove_any(Path::new(&temporary))?;
         if let Some(bytes) = &latest {
             // A new file, never through a link.
             let mut file = std::fs::OpenOptions::new()

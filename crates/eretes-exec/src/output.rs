@@ -63,8 +63,12 @@ impl Log {
             .read(true)
             .open(path)?;
         let size = file.metadata()?.len();
-        // An earlier attempt's log, appended to: its numbering goes on.
-        let rotation = if size > 0 {
+        // An earlier attempt's log, appended to: its numbering goes on. (A
+        // log with no older part is part 0, whatever the task printed
+        // first.)
+        let mut older = path.as_os_str().to_owned();
+        older.push(".1");
+        let rotation = if size > 0 && Path::new(&older).exists() {
             let mut head = [0u8; 256];
             let read = std::os::unix::fs::FileExt::read_at(&file, &mut head, 0)?;
             log_rotation(&head[..read])
@@ -88,7 +92,7 @@ impl Log {
             .file_name()
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
-        let rotation = self.rotation + 1;
+        let rotation = self.rotation.saturating_add(1);
         *self = Log::open(&self.path)?;
         self.rotation = rotation;
         let note = format!(

@@ -207,6 +207,7 @@ fn follow(
         offset,
         ended: false,
         rotation: None,
+        expected: None,
     };
     futures::stream::unfold(state, move |mut state| {
         let (coordinator, id, path) = (coordinator.clone(), id.clone(), path.clone());
@@ -226,6 +227,9 @@ fn follow(
                     if let Ok(new) = first {
                         state.file = Some(new);
                         state.offset = 0;
+                        // Whatever part this is, those before it were
+                        // this run's too.
+                        state.expected = Some(0);
                         continue;
                     }
                     if state.ended {
@@ -237,10 +241,25 @@ fn follow(
                     }
                     continue;
                 };
-                let rotation = match state.rotation {
-                    Some(rotation) => rotation,
-                    None => *state.rotation.insert(rotation_of(open).await),
-                };
+                // The part's number, once its first line is there (a
+                // part is created empty, then given its note).
+                if state.rotation.is_none() {
+                    state.rotation = rotation_of(open).await;
+                    if let Some(started) = state.rotation {
+                        let missing = state
+                            .expected
+                            .take()
+                            .map_or(0, |expected| started.saturating_sub(expected));
+                        if missing > 0 {
+                            // A new run's parts count from 0 again: at least.
+                            let note = format!(
+                                "[eretes: at least {missing} part(s) of this log rotated away \
+                                 before they could be read; their output is missing here]\n"
+                            );
+                            return Some((Ok(axum::body::Bytes::from(note)), state));
+                        }
+                    }
+                }
                 let length = open
                     .metadata()
                     .await
@@ -253,20 +272,17 @@ fn follow(
                         Ok(part) if !same_file(open, &part).await => Some(part),
                         _ => File::open(&path).await.ok(),
                     };
-                    if let Some(mut next) = next {
-                        let started = rotation_of(&mut next).await;
+                    if let Some(next) = next {
+                        // By now the part read has its first line.
+                        let read = match state.rotation {
+                            Some(read) => read,
+                            None => rotation_of(open).await.unwrap_or(0),
+                        };
                         state.file = Some(next);
                         state.offset = 0;
-                        state.rotation = Some(started);
+                        state.rotation = None;
                         // A lower number: a new run's log, started over.
-                        let missing = started.saturating_sub(rotation + 1);
-                        if missing > 0 {
-                            let note = format!(
-                                "[eretes: {missing} part(s) of this log rotated away before they \
-                                 could be read; their output is missing here]\n"
-                            );
-                            return Some((Ok(axum::body::Bytes::from(note)), state));
-                        }
+                        state.expected = Some(read.saturating_add(1));
                         continue;
                     }
                 }
@@ -305,27 +321,33 @@ struct Following {
     offset: u64,
     /// The task had ended at the last look.
     ended: bool,
-    /// The rotation the part being read began with, once read.
+    /// The rotation the part being read began with, once its first line
+    /// was there to read.
     rotation: Option<u64>,
+    /// The rotation the part being read should have begun with, until it
+    /// is known (then a higher one says parts were missed).
+    expected: Option<u64>,
 }
 
 /// The rotation `file` began with ([`eretes_exec::log_rotation`]), from
-/// its first bytes (read where they are: the reader seeks before reading).
-async fn rotation_of(file: &mut File) -> u64 {
+/// its first bytes (read where they are: the reader seeks before reading);
+/// `None` while it is empty.
+async fn rotation_of(file: &mut File) -> Option<u64> {
     let mut head = [0u8; 256];
     let read = match file.seek(SeekFrom::Start(0)).await {
         Ok(_) => file.read(&mut head).await.unwrap_or(0),
         Err(_) => 0,
     };
-    eretes_exec::log_rotation(&head[..read])
+    (read > 0).then(|| eretes_exec::log_rotation(&head[..read]))
 }
 
-/// Whether two open files are the same file.
+/// Whether two open files are the same file (taken as so if either
+/// cannot say: the older part is then not read again).
 async fn same_file(one: &File, other: &File) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (one.metadata().await, other.metadata().await) {
         (Ok(one), Ok(other)) => (one.dev(), one.ino()) == (other.dev(), other.ino()),
-        _ => false,
+        _ => true,
     }
 }
 
@@ -388,19 +410,23 @@ mod tests {
             .map_or(0, |(at, _)| at + 1)
     }
 
-    /// Everything [`follow`] sends from `file` at `offset` on, for a task
-    /// that does not exist (so, ended).
-    async fn followed(file: File, offset: u64, path: &std::path::Path) -> String {
+    fn coordinator() -> eretes_protocol::Coordinator {
         let store: std::sync::Arc<dyn eretes_store::Store> =
             eretes_store::embedded::EmbeddedStore::new();
-        let coordinator = eretes_protocol::Coordinator::new(
-            store,
-            eretes_protocol::Namespace::new("logs").unwrap(),
-        );
+        eretes_protocol::Coordinator::new(store, eretes_protocol::Namespace::new("logs").unwrap())
+    }
+
+    /// Everything [`follow`] sends from `file` (if any) at `offset` on,
+    /// for a task that does not exist (so, ended).
+    async fn followed(file: Option<File>, offset: u64, path: &std::path::Path) -> String {
         let id = eretes_protocol::TaskId::new("gone").unwrap();
-        let chunks: Vec<_> = follow(Some(file), offset, path.to_path_buf(), coordinator, id)
-            .collect()
-            .await;
+        collected(follow(file, offset, path.to_path_buf(), coordinator(), id)).await
+    }
+
+    async fn collected(
+        stream: impl futures::Stream<Item = std::io::Result<axum::body::Bytes>>,
+    ) -> String {
+        let chunks: Vec<_> = stream.collect().await;
         let bytes: Vec<u8> = chunks
             .into_iter()
             .flat_map(|chunk| chunk.unwrap().to_vec())
@@ -429,7 +455,7 @@ mod tests {
         std::fs::write(&path, "first\n").unwrap();
         let file = File::open(&path).await.unwrap();
         rotate(&path, 1, "second\n");
-        let text = followed(file, 6, &path).await;
+        let text = followed(Some(file), 6, &path).await;
         assert!(
             text.ends_with("anything older was dropped]\nsecond\n"),
             "{text}"
@@ -443,7 +469,7 @@ mod tests {
         rotate(&path, 1, "lost\n");
         rotate(&path, 2, "older\n");
         rotate(&path, 3, "newest\n");
-        let text = followed(file, 6, &path).await;
+        let text = followed(Some(file), 6, &path).await;
         let missing = text
             .find("1 part(s) of this log rotated away")
             .expect(&text);
@@ -452,6 +478,62 @@ mod tests {
         assert!(missing < older && older < newest, "{text}");
         assert!(!text.contains("lost"), "{text}");
         assert_eq!(text.matches("missing here").count(), 1, "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_log_that_appears_rotated_already_says_what_it_missed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        std::fs::write(&path, "part 0\n").unwrap();
+        rotate(&path, 1, "part 1\n");
+        rotate(&path, 2, "part 2\n");
+        let text = followed(None, 0, &path).await;
+        let missing = text.find("at least 1 part(s)").expect(&text);
+        let one = text.find("part 1\n").expect(&text);
+        let two = text.find("part 2\n").expect(&text);
+        assert!(missing < one && one < two, "{text}");
+        assert!(!text.contains("part 0"), "{text}");
+    }
+
+    #[tokio::test]
+    async fn a_part_found_before_its_first_line_is_numbered_once_it_has_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stdout.log");
+        std::fs::write(&path, "first\n").unwrap();
+        let file = File::open(&path).await.unwrap();
+        // Rotated, and the new part not yet given its note, while the task
+        // still runs: the follower must not take it for part 0.
+        let mut older = path.as_os_str().to_owned();
+        older.push(".1");
+        std::fs::rename(&path, &older).unwrap();
+        std::fs::write(&path, "").unwrap();
+        let coordinator = coordinator();
+        let id = eretes_protocol::TaskId::new("running").unwrap();
+        let spec = eretes_protocol::TaskSpec::new(
+            eretes_protocol::GroupName::default(),
+            serde_json::json!({}),
+        );
+        coordinator.submit(&id, &spec).await.unwrap();
+        let stream = follow(Some(file), 6, path.clone(), coordinator.clone(), id.clone());
+        let reader = tokio::spawn(collected(stream));
+        tokio::time::sleep(FOLLOW_POLL * 2).await;
+        let note = "[eretes: this log reached 10 bytes (rotation 1); the 10 before this line \
+                    are in stdout.log.1, anything older was dropped]\n";
+        std::fs::write(&path, format!("{note}second\n")).unwrap();
+        tokio::time::sleep(FOLLOW_POLL * 2).await;
+        // The next rotation, which the follower sees in time: nothing missed.
+        rotate(&path, 2, "third\n");
+        tokio::time::sleep(FOLLOW_POLL * 2).await;
+        coordinator.delete(&id).await.unwrap();
+        let text = tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            text.contains("second\n") && text.ends_with("third\n"),
+            "{text}"
+        );
+        assert!(!text.contains("missing"), "{text}");
     }
 
     #[tokio::test]
