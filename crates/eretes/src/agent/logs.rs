@@ -180,11 +180,16 @@ pub(crate) async fn logs(
 
 /// Whether `path` is no longer the file `file` has open (the log rotated).
 async fn rotated(file: &File, path: &std::path::Path) -> bool {
-    use std::os::unix::fs::MetadataExt;
     match (file.metadata().await, tokio::fs::metadata(path).await) {
-        (Ok(open), Ok(current)) => (open.dev(), open.ino()) != (current.dev(), current.ino()),
+        (Ok(open), Ok(current)) => file_id(&open) != file_id(&current),
         _ => false,
     }
+}
+
+/// What tells one file from another: its device and inode.
+fn file_id(metadata: &std::fs::Metadata) -> (u64, u64) {
+    use std::os::unix::fs::MetadataExt;
+    (metadata.dev(), metadata.ino())
 }
 
 /// What the file grows by past `offset`, read from where the last read
@@ -344,9 +349,8 @@ async fn rotation_of(file: &mut File) -> Option<u64> {
 /// Whether two open files are the same file (taken as so if either
 /// cannot say: the older part is then not read again).
 async fn same_file(one: &File, other: &File) -> bool {
-    use std::os::unix::fs::MetadataExt;
     match (one.metadata().await, other.metadata().await) {
-        (Ok(one), Ok(other)) => (one.dev(), one.ino()) == (other.dev(), other.ino()),
+        (Ok(one), Ok(other)) => file_id(&one) == file_id(&other),
         _ => true,
     }
 }

@@ -259,12 +259,10 @@ pub(super) fn parent_of(pid: i32) -> Option<i32> {
         .ok()
 }
 
-/// Median, over `runs` runs, of `true` under one supervisor of this binary
-/// that takes run after run (launched, reported, its end read): what a run
-/// costs when the agent hands it a supervisor whose last run ended, in
-/// milliseconds.
-async fn reused_supervisor_cost(runs: usize) -> Result<f64> {
-    let launch = eretes_exec::supervisor::wire::Launch {
+/// The launch line of a run of `true` (with `again`: the supervisor then
+/// waits for another).
+fn launch_of_true(again: bool) -> String {
+    eretes_exec::supervisor::wire::Launch {
         program: "true".into(),
         args: Vec::new(),
         cwd: None,
@@ -274,16 +272,30 @@ async fn reused_supervisor_cost(runs: usize) -> Result<f64> {
         run_as: None,
         open_files: None,
         logs: None,
-        again: true,
+        again,
     }
-    .encode();
+    .encode()
+}
+
+/// A supervisor of this binary, exec'd, and our end of its socket.
+fn start_supervisor() -> Result<(std::os::unix::net::UnixStream, tokio::process::Child)> {
     let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-    let mut child = tokio::process::Command::new(std::env::current_exe()?)
+    let child = tokio::process::Command::new(std::env::current_exe()?)
         .arg(eretes_exec::supervisor::SUBCOMMAND)
         .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
             theirs,
         )))
         .spawn()?;
+    Ok((ours, child))
+}
+
+/// Median, over `runs` runs, of `true` under one supervisor of this binary
+/// that takes run after run (launched, reported, its end read): what a run
+/// costs when the agent hands it a supervisor whose last run ended, in
+/// milliseconds.
+async fn reused_supervisor_cost(runs: usize) -> Result<f64> {
+    let launch = launch_of_true(true);
+    let (ours, mut child) = start_supervisor()?;
     let timings = tokio::task::spawn_blocking(move || -> Result<Vec<f64>> {
         use std::io::BufRead;
         let mut reports = std::io::BufReader::new(ours.try_clone()?);
@@ -324,19 +336,7 @@ async fn reused_supervisor_cost(runs: usize) -> Result<f64> {
 /// ahead of it): the supervisor's extra cost per task start, in
 /// milliseconds.
 async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
-    let launch = eretes_exec::supervisor::wire::Launch {
-        program: "true".into(),
-        args: Vec::new(),
-        cwd: None,
-        env: Vec::new(),
-        grace_ms: 1000,
-        deadline_ns: 0,
-        run_as: None,
-        open_files: None,
-        logs: None,
-        again: false,
-    }
-    .encode();
+    let launch = launch_of_true(false);
     let (mut direct, mut supervised) = (Vec::new(), Vec::new());
     for _ in 0..runs {
         let started = Instant::now();
@@ -344,13 +344,7 @@ async fn supervisor_start_cost(runs: usize) -> Result<(f64, f64)> {
         direct.push(started.elapsed().as_secs_f64() * 1000.0);
 
         let started = Instant::now();
-        let (ours, theirs) = std::os::unix::net::UnixStream::pair()?;
-        let mut child = tokio::process::Command::new(std::env::current_exe()?)
-            .arg(eretes_exec::supervisor::SUBCOMMAND)
-            .stdin(std::process::Stdio::from(std::os::fd::OwnedFd::from(
-                theirs,
-            )))
-            .spawn()?;
+        let (ours, mut child) = start_supervisor()?;
         let launch = launch.clone();
         // The supervisor reports and exits; its socket then reads as closed.
         tokio::task::spawn_blocking(move || {
