@@ -520,8 +520,11 @@ mod tests {
             "sh",
             &[
                 "-c",
+                // The masks are read by the leader itself, after an exec:
+                // read from the shell, they raced its fork of grep, during
+                // which the shell blocks every signal.
                 "echo \"$MARK\"; pwd; cut -d' ' -f6 /proc/$$/stat; echo $$; \
-                 grep -E '^(SigIgn|SigBlk)' /proc/$$/status",
+                 exec grep -E '^(SigIgn|SigBlk)' /proc/self/status",
             ],
             &[("MARK", "here")],
             Some(dir.path().to_str().unwrap()),
