@@ -144,6 +144,58 @@ async fn a_sigterm_to_an_idle_supervisor_stops_no_later_run() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_idle_supervisor_is_not_handed_a_run_and_is_ended() {
+    // A task running as the agent's user can SIGSTOP the supervisors that
+    // wait for later runs. Handed a run, a stopped one would hold it for
+    // the whole start timeout and fail its first attempt.
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    agent
+        .submit_sh("first", "echo $PPID > first.ppid", |_| {})
+        .await;
+    assert_eq!(agent.result("first").await.outcome, Outcome::Done);
+    let stopped = pid_in(&agent.path("first.ppid")).await;
+    wait_until(
+        "the supervisor waits for another run",
+        Duration::from_secs(5),
+        || supervisors_of(agent.dir.path()).contains(&stopped),
+    )
+    .await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    wait_until("it is stopped", Duration::from_secs(5), || {
+        std::fs::read_to_string(format!("/proc/{stopped}/stat")).is_ok_and(|stat| {
+            stat[stat.rfind(')').unwrap() + 1..]
+                .split_whitespace()
+                .next()
+                == Some("T")
+        })
+    })
+    .await;
+    agent
+        .submit_sh(
+            "second",
+            "echo $ERETES_ATTEMPT >> second.attempts; echo $PPID > second.ppid",
+            |_| {},
+        )
+        .await;
+    let second = agent.result("second").await;
+    assert_eq!(second.outcome, Outcome::Done, "{second:?}");
+    assert_ne!(pid_in(&agent.path("second.ppid")).await, stopped);
+    assert_eq!(
+        read(&agent, "second.attempts"),
+        "1\n",
+        "the first attempt started: it did not wait on the stopped supervisor"
+    );
+    wait_until(
+        "the stopped supervisor is killed and reaped",
+        Duration::from_secs(10),
+        || !Path::new(&format!("/proc/{stopped}")).exists(),
+    )
+    .await;
+    agent.node.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supervisors_kept_for_later_runs_are_bounded() {
     let agent = Agent::start(AllowList::Any, |_| {}).await;
     const RUNS: usize = 24;

@@ -48,10 +48,17 @@ impl WarmPool {
                 return Warm::spawn(&self.spawner, config);
             };
             // One that died meanwhile (killed while idle) is not handed out
-            // (and is reaped by the look).
-            if !warm.child.has_exited() {
-                return Ok(warm);
+            // (and is reaped by the look); nor is one stopped meanwhile (a
+            // task running as the agent's user can SIGSTOP it): its run
+            // would wait the whole start timeout.
+            if warm.child.has_exited() {
+                continue;
             }
+            if warm.child.is_stopped() {
+                let_go(warm);
+                continue;
+            }
+            return Ok(warm);
         }
     }
 
@@ -73,6 +80,8 @@ impl WarmPool {
     pub(crate) fn give_back(&self, warm: Warm) {
         let mut idle = self.idle.lock().expect("not poisoned");
         if idle.ready.len() >= MAX_IDLE {
+            drop(idle);
+            let_go(warm);
             return;
         }
         idle.ready.push((warm, Instant::now()));
@@ -93,25 +102,45 @@ async fn prune(idle: Weak<Mutex<Idle>>) {
         let Some(idle) = idle.upgrade() else {
             return;
         };
-        let mut idle = idle.lock().expect("not poisoned");
-        let_go_of_idle(&mut idle.ready, IDLE_KEEP, Instant::now());
-        if idle.ready.len() <= 1 {
-            idle.ready.shrink_to_fit();
-            idle.pruning = false;
+        let (gone, last) = {
+            let mut idle = idle.lock().expect("not poisoned");
+            let gone = idle_too_long(&mut idle.ready, IDLE_KEEP, Instant::now());
+            let last = idle.ready.len() <= 1;
+            if last {
+                idle.ready.shrink_to_fit();
+                idle.pruning = false;
+            }
+            (gone, last)
+        };
+        gone.into_iter().for_each(|(warm, _)| let_go(warm));
+        if last {
             return;
         }
     }
 }
 
-/// Drop what was idle (ready since the instant beside it) for `keep` or
-/// longer at `now`, but the last one, which was ready last.
-fn let_go_of_idle<T>(ready: &mut Vec<(T, Instant)>, keep: Duration, now: Instant) {
+/// Take out what was idle (ready since the instant beside it) for `keep`
+/// or longer at `now`, but the last one, which was ready last.
+fn idle_too_long<T>(
+    ready: &mut Vec<(T, Instant)>,
+    keep: Duration,
+    now: Instant,
+) -> Vec<(T, Instant)> {
     let newest = ready.len().saturating_sub(1);
     let mut index = 0;
-    ready.retain(|(_, since)| {
-        index += 1;
-        index > newest || now.saturating_duration_since(*since) < keep
-    });
+    ready
+        .extract_if(.., |(_, since)| {
+            index += 1;
+            index <= newest && now.saturating_duration_since(*since) >= keep
+        })
+        .collect()
+}
+
+/// End an idle supervisor: SIGKILL, since one that was stopped (see
+/// [`WarmPool::take`]) would never read its socket's close; it has no run,
+/// so nothing of a task's is lost. Dropping it reaps it in the background.
+fn let_go(warm: Warm) {
+    warm.child.kill();
 }
 
 #[cfg(test)]
@@ -124,20 +153,20 @@ mod tests {
         let at = |seconds| start + Duration::from_secs(seconds);
         let keep = Duration::from_secs(30);
         let mut ready = vec![(1, at(0)), (2, at(10)), (3, at(20))];
-        let_go_of_idle(&mut ready, keep, at(25));
+        assert!(idle_too_long(&mut ready, keep, at(25)).is_empty());
         assert_eq!(
             ready,
             [(1, at(0)), (2, at(10)), (3, at(20))],
             "none too old"
         );
-        let_go_of_idle(&mut ready, keep, at(35));
+        assert_eq!(idle_too_long(&mut ready, keep, at(35)), [(1, at(0))]);
         assert_eq!(ready, [(2, at(10)), (3, at(20))]);
-        let_go_of_idle(&mut ready, keep, at(100));
+        assert_eq!(idle_too_long(&mut ready, keep, at(100)), [(2, at(10))]);
         assert_eq!(ready, [(3, at(20))], "the last one ready stays");
-        let_go_of_idle(&mut ready, keep, at(1000));
+        assert!(idle_too_long(&mut ready, keep, at(1000)).is_empty());
         assert_eq!(ready, [(3, at(20))]);
         let mut none: Vec<(u8, Instant)> = Vec::new();
-        let_go_of_idle(&mut none, keep, at(1000));
+        assert!(idle_too_long(&mut none, keep, at(1000)).is_empty());
         assert!(none.is_empty());
     }
 }
