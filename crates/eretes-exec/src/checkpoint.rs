@@ -252,7 +252,15 @@ impl Drop for CheckpointFile {
 /// any of them where its checkpoint file goes. Nothing there is no error.
 fn remove_any(path: &Path) -> std::io::Result<()> {
     let removed = match std::fs::symlink_metadata(path) {
-        Ok(metadata) if metadata.is_dir() => std::fs::remove_dir_all(path),
+        Ok(metadata) if metadata.is_dir() => match std::fs::remove_dir_all(path) {
+            // A directory inside that its owner (the task, as the agent's
+            // user) made unwritable: the agent, as its owner, may open it
+            // up again.
+            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+                open_up(path).and_then(|()| std::fs::remove_dir_all(path))
+            }
+            removed => removed,
+        },
         Ok(_) => std::fs::remove_file(path),
         Err(error) => Err(error),
     };
@@ -260,6 +268,32 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
         Err(error) if error.kind() != std::io::ErrorKind::NotFound => Err(error),
         _ => Ok(()),
     }
+}
+
+/// Make directory `top` and every directory under it readable, writable
+/// and searchable by its owner (links not followed; without recursion, as a
+/// task may nest directories deeply). One this process does not own is an
+/// error.
+fn open_up(top: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut pending = vec![top.to_path_buf()];
+    while let Some(dir) = pending.pop() {
+        let metadata = std::fs::symlink_metadata(&dir)?;
+        if !metadata.is_dir() {
+            continue;
+        }
+        let mode = metadata.permissions().mode();
+        if mode & 0o700 != 0o700 {
+            std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(mode | 0o700))?;
+        }
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                pending.push(entry.path());
+            }
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -289,5 +323,65 @@ mod tests {
             "kept"
         );
         remove_any(&dir.path().join("never-there")).unwrap();
+    }
+
+    /// Run `check` in a thread of its own without the capabilities that let
+    /// root ignore file modes (capabilities are per thread to the kernel),
+    /// so that it meets them as a task's owner that is not root would.
+    fn as_an_owner_without_privileges(check: impl FnOnce() + Send + 'static) {
+        std::thread::spawn(move || {
+            #[repr(C)]
+            struct Header {
+                version: u32,
+                pid: libc::c_int,
+            }
+            #[repr(C)]
+            #[derive(Clone, Copy, Default)]
+            struct Data {
+                effective: u32,
+                permitted: u32,
+                inheritable: u32,
+            }
+            const VERSION_3: u32 = 0x2008_0522;
+            let mut header = Header {
+                version: VERSION_3,
+                pid: 0,
+            };
+            let mut data = [Data::default(); 2];
+            // SAFETY: capget/capset read and write the header and two data
+            // structs of version 3, which these are; pid 0 is this thread.
+            unsafe {
+                assert_eq!(libc::syscall(libc::SYS_capget, &mut header, &mut data), 0);
+                let overrides = (1 << 1) | (1 << 2) | (1 << 3); // DAC_OVERRIDE, DAC_READ_SEARCH, FOWNER
+                data[0].effective &= !overrides;
+                assert_eq!(libc::syscall(libc::SYS_capset, &mut header, &data), 0);
+            }
+            check();
+        })
+        .join()
+        .unwrap();
+    }
+
+    #[test]
+    fn directories_a_task_made_unwritable_go_too() {
+        as_an_owner_without_privileges(directories_made_unwritable_are_removed);
+    }
+
+    fn directories_made_unwritable_are_removed() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let tree = dir.path().join("checkpoint");
+        std::fs::create_dir_all(tree.join("locked/deeper")).unwrap();
+        std::fs::write(tree.join("locked/deeper/file"), "x").unwrap();
+        std::fs::write(tree.join("locked/file"), "x").unwrap();
+        for (path, mode) in [("locked/deeper", 0o000), ("locked", 0o500), ("", 0o500)] {
+            std::fs::set_permissions(tree.join(path), std::fs::Permissions::from_mode(mode))
+                .unwrap();
+        }
+        // Unprivileged indeed: the plain removal fails.
+        let refused = std::fs::remove_dir_all(&tree).unwrap_err();
+        assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);
+        remove_any(&tree).unwrap();
+        assert!(std::fs::symlink_metadata(&tree).is_err(), "it is gone");
     }
 }
