@@ -52,6 +52,7 @@ pub mod driver;
 pub mod frames;
 mod handle;
 mod ids;
+mod incoming;
 mod jobs;
 mod model;
 mod node;

@@ -16,6 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::handle::TaskHandle;
 use crate::ids::{graph_task_id, JobEpoch, JobName};
+use crate::incoming::{FIRST_BYTES_WITHIN, MAX_CONNECTIONS};
 use crate::node::NodeShared;
 use crate::proto::graph_client::GraphClient;
 use crate::proto::graph_server::{Graph, GraphServer};
@@ -162,7 +163,7 @@ pub(crate) fn spawn_server(
             .http2_keepalive_timeout(Some(PING_TIMEOUT))
             .add_service(service)
             .serve_with_incoming_shutdown(
-                tonic::transport::server::TcpIncoming::from(listener),
+                crate::incoming::capped(listener, MAX_CONNECTIONS, FIRST_BYTES_WITHIN),
                 stop.cancelled_owned(),
             )
             .await;
