@@ -13,8 +13,8 @@
 //! (the client side pools one per peer node), so the cap is about a
 //! thousand peers.
 
-use std::io;
 use std::future::Future;
+use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};

@@ -210,3 +210,79 @@ async fn a_refused_request_is_answered_before_its_body_is_read() {
     let answer = String::from_utf8_lossy(&buffer[..read]);
     assert!(answer.starts_with("HTTP/1.1 401"), "{answer}");
 }
+
+/// A connection to `address` from loopback address `from` (all of
+/// 127.0.0.0/8 is this machine's, so each is a peer of its own).
+async fn connect_from(from: [u8; 4], address: std::net::SocketAddr) -> TcpStream {
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.bind(std::net::SocketAddr::from((from, 0))).unwrap();
+    socket.connect(address).await.unwrap()
+}
+
+/// Send a health check on `stream`; whether a 200 came back.
+async fn healthy_on(stream: &mut TcpStream, address: std::net::SocketAddr) -> bool {
+    let request = format!("GET /healthz HTTP/1.1\r\nHost: {address}\r\n\r\n");
+    if stream.write_all(request.as_bytes()).await.is_err() {
+        return false;
+    }
+    let mut response = [0u8; 1024];
+    match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut response)).await {
+        Ok(Ok(read)) => String::from_utf8_lossy(&response[..read]).starts_with("HTTP/1.1 200"),
+        _ => false,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_peer_cannot_take_every_connection() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = Agent::start(
+        &dir.path().join("data"),
+        &[
+            "--header-timeout-ms",
+            "60000",
+            "--max-connections",
+            "20",
+            "--max-connections-per-peer",
+            "5",
+        ],
+    )
+    .await;
+    let address = socket_address(&agent);
+    // One peer's five connections, each served and then kept open.
+    let mut held = Vec::new();
+    for _ in 0..5 {
+        let mut stream = connect_from([127, 0, 0, 2], address).await;
+        assert!(healthy_on(&mut stream, address).await);
+        held.push(stream);
+    }
+    // Its sixth is closed at once, unanswered.
+    let mut sixth = connect_from([127, 0, 0, 2], address).await;
+    assert!(!healthy_on(&mut sixth, address).await);
+    assert!(closed_within(&mut sixth, Duration::from_secs(10)).await);
+    // Another peer is served meanwhile.
+    let mut other = connect_from([127, 0, 0, 3], address).await;
+    assert!(
+        healthy_on(&mut other, address).await,
+        "another peer is served"
+    );
+    // Once one of the first peer's ends, it may open another.
+    drop(held.pop());
+    let log = agent.log();
+    assert_eq!(
+        log.matches("a peer holds as many API connections as one may")
+            .count(),
+        1,
+        "{log}"
+    );
+    let mut again = None;
+    for _ in 0..100 {
+        let mut stream = connect_from([127, 0, 0, 2], address).await;
+        if healthy_on(&mut stream, address).await {
+            again = Some(stream);
+            break;
+        }
+        // The agent sees the close a moment after the drop.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(again.is_some(), "a place freed is a place to take");
+}

@@ -117,6 +117,11 @@ pub struct AgentArgs {
     /// Most API connections served at once; more are closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_connections: u32,
+    /// Most API connections served at once from one IP address (capped by
+    /// --max-connections); more from it are closed. Behind a proxy, where
+    /// every client has the proxy's address, set it to --max-connections.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    max_connections_per_peer: u32,
     /// How long an ended task's logs are kept on this agent (24h, 30m…;
     /// at least 1s); a deleted task's logs go at once.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "24h")]
@@ -632,6 +637,7 @@ pub async fn run(mut args: AgentArgs, secrets: Vec<(&'static str, String)>) -> R
     let limits = server::ServerLimits {
         header_timeout: Duration::from_millis(args.header_timeout_ms),
         max_connections: args.max_connections as usize,
+        max_connections_per_peer: args.max_connections_per_peer as usize,
     };
     let server = tokio::spawn(server::serve(
         listener,

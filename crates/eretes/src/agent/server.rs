@@ -19,11 +19,17 @@
 //! * **Connection cap.** At most `max_connections` are served at once; one
 //!   more is closed at once (logged once per burst), rather than the agent
 //!   running out of file descriptors and failing everything.
+//! * **Per-peer cap.** At most `max_connections_per_peer` of them from one
+//!   IP address, so that one client (a token holder's runaway script, or
+//!   anyone who can reach the port and keeps sending requests within the
+//!   header timeout) cannot take every place.
 //! * **Open-file limit.** The soft limit is raised to the hard one at
 //!   start, so the cap, not the kernel, is what binds.
 //! * **Drain.** Once asked to stop, no connection is accepted and the open
 //!   ones finish what they were doing (bounded by the caller).
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -51,6 +57,45 @@ pub struct ServerLimits {
     pub header_timeout: Duration,
     /// Connections served at once.
     pub max_connections: usize,
+    /// Connections served at once from one IP address.
+    pub max_connections_per_peer: usize,
+}
+
+/// How many connections each peer address holds.
+type PeerCounts = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
+
+/// One connection's place in its peer's count, given back when dropped.
+struct PeerPlace {
+    counts: PeerCounts,
+    peer: IpAddr,
+}
+
+impl PeerPlace {
+    /// A place for one more connection from `peer`, unless it holds `max`.
+    fn take(counts: &PeerCounts, peer: IpAddr, max: usize) -> Option<PeerPlace> {
+        let mut held = counts.lock().expect("not poisoned");
+        let count = held.entry(peer).or_insert(0);
+        if *count >= max {
+            return None;
+        }
+        *count += 1;
+        Some(PeerPlace {
+            counts: counts.clone(),
+            peer,
+        })
+    }
+}
+
+impl Drop for PeerPlace {
+    fn drop(&mut self) {
+        let mut held = self.counts.lock().expect("not poisoned");
+        if let Some(count) = held.get_mut(&self.peer) {
+            *count -= 1;
+            if *count == 0 {
+                held.remove(&self.peer);
+            }
+        }
+    }
 }
 
 /// Raise the soft open-file limit to the hard one; the soft limit before
@@ -89,6 +134,8 @@ pub async fn serve(
 ) {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let at_cap = Arc::new(AtomicBool::new(false));
+    let peers = PeerCounts::default();
+    let mut peer_at_cap = false;
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
@@ -104,6 +151,20 @@ pub async fn serve(
             _ = async { drop(stop.wait_for(|stop| *stop).await) } => break,
         };
         while connections.try_join_next().is_some() {}
+        let Some(peer_place) = PeerPlace::take(&peers, peer.ip(), limits.max_connections_per_peer)
+        else {
+            if !std::mem::replace(&mut peer_at_cap, true) {
+                warn!(
+                    %peer,
+                    max = limits.max_connections_per_peer,
+                    "a peer holds as many API connections as one may; its new ones are closed \
+                     until some end"
+                );
+            }
+            drop(stream);
+            continue;
+        };
+        peer_at_cap = false;
         let Ok(permit) = permits.clone().try_acquire_owned() else {
             if !at_cap.swap(true, Ordering::Relaxed) {
                 warn!(
@@ -118,7 +179,7 @@ pub async fn serve(
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop.clone();
         connections.spawn(async move {
-            let _permit = permit;
+            let _places = (permit, peer_place);
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
