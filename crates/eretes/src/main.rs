@@ -4,7 +4,7 @@
 //! parses the command line and nothing below it does. It offers:
 //!
 //! * `eretes agent` — one node running process tasks, with the HTTP API
-//!   (`agent/api.rs`) and Prometheus metrics;
+//!   (`agent/api/`) and Prometheus metrics;
 //! * `submit`, `ls`, `show`, `wait`, `logs`, `rm`, `nodes`, `node`, and
 //!   `task ID pause|resume|sleep DURATION|kill` — the CLI that talks to an
 //!   agent (`client/`);

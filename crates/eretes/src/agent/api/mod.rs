@@ -39,15 +39,22 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use eretes_exec::ProcessSpec;
 use eretes_protocol::{
-    decode, Coordinator, GroupName, NodeCommand, NodeName, OwnerRecord, ProtocolError, TaskCommand,
-    TaskId, TaskIndex, TaskQuery, TaskSpec, TaskState, TaskView,
+    Coordinator, GroupName, ProtocolError, TaskCommand, TaskId, TaskQuery, TaskSpec, TaskState,
+    TaskView,
 };
 use eretes_runtime::NodeStatus;
-use eretes_store::{KeyRange, StoreError};
+use eretes_store::KeyRange;
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 use tokio::sync::watch;
+
+mod error;
+mod nodes;
+
+use error::errors_as_json;
+pub use error::ApiError;
+pub(crate) use error::{task_id, ApiResult};
 
 use super::access::{self, Access};
 use super::task_list::LiveTasks;
@@ -99,14 +106,13 @@ pub fn router(state: ApiState, body_timeout: Duration) -> Router {
         .route("/v1/tasks/{id}/wait", get(wait))
         .route("/v1/tasks/{id}/logs", get(super::logs::logs))
         .route("/v1/tasks/{id}/commands", post(task_command))
-        .route("/v1/nodes", get(nodes))
-        .route("/v1/nodes/{name}/commands", post(node_command))
         .route(
             "/healthz",
             get(|| async { Json(json!({ "status": "ok" })) }),
         )
         .route("/readyz", get(ready))
         .route("/metrics", get(prometheus))
+        .merge(nodes::routes())
         .merge(super::live::routes())
         .merge(super::jobs::routes())
         .merge(super::ui::routes())
@@ -132,145 +138,6 @@ pub fn router(state: ApiState, body_timeout: Duration) -> Router {
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .layer(middleware::map_response(errors_as_json))
         .with_state(state)
-}
-
-/// Every error the API answers is `{"error": {...}}`, those that axum
-/// makes itself too (a path parameter that is not UTF-8, a method a route
-/// does not take): their plain-text or empty bodies become the message.
-async fn errors_as_json(response: Response) -> Response {
-    let status = response.status();
-    let is_json = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/json"));
-    if !(status.is_client_error() || status.is_server_error()) || is_json {
-        return response;
-    }
-    let (parts, body) = response.into_parts();
-    let text = axum::body::to_bytes(body, 16 * 1024)
-        .await
-        .map(|bytes| String::from_utf8_lossy(&bytes).trim().to_string())
-        .unwrap_or_default();
-    let code = match status {
-        StatusCode::NOT_FOUND => "not_found",
-        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
-        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
-        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-        status if status.is_client_error() => "invalid_request",
-        _ => "internal",
-    };
-    let message = if text.is_empty() {
-        status.canonical_reason().unwrap_or("error").to_string()
-    } else {
-        text
-    };
-    let mut answer = ApiError::new(status, code, message).into_response();
-    for (name, value) in &parts.headers {
-        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
-            answer.headers_mut().append(name.clone(), value.clone());
-        }
-    }
-    answer
-}
-
-/// An error response: `{"error": {"code": ..., "message": ...}}`.
-#[derive(Debug)]
-pub struct ApiError {
-    status: StatusCode,
-    code: &'static str,
-    message: String,
-}
-
-impl ApiError {
-    /// An error with this status, code and message.
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-        }
-    }
-
-    /// A 413 `payload_too_large`: a body over [`MAX_BODY_BYTES`].
-    pub fn too_large() -> Self {
-        Self::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "payload_too_large",
-            format!("the request body is too large: the limit is {MAX_BODY_BYTES} bytes"),
-        )
-    }
-
-    /// A 400 `invalid_request`.
-    pub fn invalid(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request", message)
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let body = json!({ "error": { "code": self.code, "message": self.message } });
-        (self.status, Json(body)).into_response()
-    }
-}
-
-impl From<ProtocolError> for ApiError {
-    fn from(error: ProtocolError) -> Self {
-        let message = error.to_string();
-        match error {
-            ProtocolError::InvalidId { .. }
-            | ProtocolError::InvalidSpec(_)
-            | ProtocolError::InvalidBatch(_)
-            | ProtocolError::InvalidCommand(_) => ApiError::invalid(message),
-            ProtocolError::AlreadyExists(_) => {
-                ApiError::new(StatusCode::CONFLICT, "already_exists", message)
-            }
-            ProtocolError::NotFound(_) => {
-                ApiError::new(StatusCode::NOT_FOUND, "not_found", message)
-            }
-            ProtocolError::TaskEnded(_) => {
-                ApiError::new(StatusCode::CONFLICT, "task_ended", message)
-            }
-            ProtocolError::Store(StoreError::Unavailable(_)) => {
-                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
-            }
-            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
-        }
-    }
-}
-
-impl From<JsonRejection> for ApiError {
-    fn from(rejection: JsonRejection) -> Self {
-        let status = rejection.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            return ApiError::too_large();
-        }
-        let code = match status {
-            StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
-            _ => "invalid_request",
-        };
-        // Unprocessable (valid JSON, wrong shape) is a bad request here.
-        let status = if status == StatusCode::UNPROCESSABLE_ENTITY {
-            StatusCode::BAD_REQUEST
-        } else {
-            status
-        };
-        let message = rejection.body_text();
-        ApiError::new(status, code, message)
-    }
-}
-
-impl From<QueryRejection> for ApiError {
-    fn from(rejection: QueryRejection) -> Self {
-        ApiError::invalid(rejection.body_text())
-    }
-}
-
-/// What a handler answers.
-pub(crate) type ApiResult<T> = Result<T, ApiError>;
-
-/// A task id from a path, or a 400 naming what is wrong with it.
-pub(crate) fn task_id(id: &str) -> ApiResult<TaskId> {
-    TaskId::new(id).map_err(|e| ApiError::invalid(e.to_string()))
 }
 
 /// The body of `POST /v1/tasks`.
@@ -541,88 +408,6 @@ async fn wait(
             still_watching = change => watching &= still_watching,
         }
     }
-}
-
-/// Query of `GET /v1/tasks/{id}/logs`.
-/// Live nodes.
-async fn nodes(State(state): State<ApiState>) -> ApiResult<Json<serde_json::Value>> {
-    let nodes = state.tasks.read(TaskIndex::nodes).await?;
-    Ok(Json(json!({ "nodes": nodes })))
-}
-
-/// The body of `POST /v1/nodes/{name}/commands`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CommandRequest {
-    command: String,
-    #[serde(default)]
-    task: Option<String>,
-}
-
-async fn node_command(
-    State(state): State<ApiState>,
-    Path(name): Path<String>,
-    body: Result<Json<CommandRequest>, JsonRejection>,
-) -> ApiResult<StatusCode> {
-    let Json(request) = body?;
-    let node = NodeName::new(&name).map_err(|e| ApiError::invalid(e.to_string()))?;
-    let wire = json!({
-        "command": request.command.replace('-', "_"),
-        "parameters": request.task.as_ref().map(|task| json!({ "task": task })).unwrap_or(json!({})),
-    });
-    let command = NodeCommand::decode(wire.to_string().as_bytes())?;
-    if request.task.is_some() && !matches!(command, NodeCommand::StopTask(_)) {
-        return Err(ApiError::invalid(format!(
-            "\"task\" is a parameter of stop-task only, not of {}",
-            request.command
-        )));
-    }
-    // Only to a live node: a command for a name nobody has would wait for
-    // whoever takes that name next.
-    if !state.coordinator.node_is_live(&node).await? {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no live node is named {node}"),
-        ));
-    }
-    if let NodeCommand::StopTask(task) = &command {
-        check_runs_on(&state.coordinator, task, &node).await?;
-    }
-    state.coordinator.send_node_command(&node, &command).await?;
-    Ok(StatusCode::ACCEPTED)
-}
-
-/// Refuse a stop-task for a task that does not run on `node` now: queued,
-/// the node would pass over it, and a 202 would say it was done. (A task
-/// that moves between this read and the node taking the command is passed
-/// over the same way; that race is the command's, not the caller's.)
-async fn check_runs_on(coordinator: &Coordinator, task: &TaskId, node: &NodeName) -> ApiResult<()> {
-    let keys = coordinator
-        .read_task_keys(std::slice::from_ref(task))
-        .await?
-        .into_iter()
-        .next();
-    let Some(keys) = keys.filter(|keys| keys.task.is_some()) else {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("task {task} not found"),
-        ));
-    };
-    let owner = keys
-        .owner
-        .and_then(|kv| decode::<OwnerRecord>("owner", &kv.key, &kv.value).ok());
-    let message = match owner {
-        Some(owner) if owner.node == *node => return Ok(()),
-        Some(owner) => format!("task {task} runs on node {}, not on {node}", owner.node),
-        None => format!("task {task} is not running on any node"),
-    };
-    Err(ApiError::new(
-        StatusCode::CONFLICT,
-        "not_running_here",
-        message,
-    ))
 }
 
 /// The body of `POST /v1/tasks/{id}/commands`: a command, and for `sleep`
