@@ -96,9 +96,9 @@ async fn a_supervisor_takes_the_next_run_with_nothing_of_the_last() {
     agent.node.shutdown().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_sigterm_to_an_idle_supervisor_stops_no_later_run() {
-    let agent = Agent::start(AllowList::Any, |_| {}).await;
+/// The supervisor of a run `agent` made and ended, once it waits for
+/// another run.
+async fn an_idle_supervisor(agent: &Agent) -> i32 {
     agent
         .submit_sh("first", "echo $PPID > first.ppid", |_| {})
         .await;
@@ -110,6 +110,13 @@ async fn a_sigterm_to_an_idle_supervisor_stops_no_later_run() {
         || supervisors_of(agent.dir.path()).contains(&supervisor),
     )
     .await;
+    supervisor
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigterm_to_an_idle_supervisor_stops_no_later_run() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    let supervisor = an_idle_supervisor(&agent).await;
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(supervisor, libc::SIGTERM) };
     // Delivered (blocked, so pending) before the next launch comes.
@@ -149,17 +156,7 @@ async fn a_stopped_idle_supervisor_is_not_handed_a_run_and_is_ended() {
     // wait for later runs. Handed a run, a stopped one would hold it for
     // the whole start timeout and fail its first attempt.
     let agent = Agent::start(AllowList::Any, |_| {}).await;
-    agent
-        .submit_sh("first", "echo $PPID > first.ppid", |_| {})
-        .await;
-    assert_eq!(agent.result("first").await.outcome, Outcome::Done);
-    let stopped = pid_in(&agent.path("first.ppid")).await;
-    wait_until(
-        "the supervisor waits for another run",
-        Duration::from_secs(5),
-        || supervisors_of(agent.dir.path()).contains(&stopped),
-    )
-    .await;
+    let stopped = an_idle_supervisor(&agent).await;
     // SAFETY: kill(2) has no memory-safety preconditions.
     unsafe { libc::kill(stopped, libc::SIGSTOP) };
     wait_until("it is stopped", Duration::from_secs(5), || {
