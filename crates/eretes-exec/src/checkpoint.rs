@@ -255,8 +255,14 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
         Ok(metadata) if metadata.is_dir() => match std::fs::remove_dir_all(path) {
             // A directory inside that its owner (the task, as the agent's
             // user) made unwritable: the agent, as its owner, may open it
-            // up again.
-            Err(error) if error.kind() == std::io::ErrorKind::PermissionDenied => {
+            // up again. Not with the power to change any file's mode (root):
+            // the walk goes by path, and a task racing it could swap a link
+            // in, whose target would then be changed; such an agent's own
+            // removal fails only where even root is refused (a FUSE mount).
+            Err(error)
+                if error.kind() == std::io::ErrorKind::PermissionDenied
+                    && !may_change_any_files_mode() =>
+            {
                 open_up(path).and_then(|()| std::fs::remove_dir_all(path))
             }
             removed => removed,
@@ -270,10 +276,28 @@ fn remove_any(path: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Whether this thread may change the mode of files it does not own
+/// (CAP_FOWNER in its effective set: capabilities are per thread).
+fn may_change_any_files_mode() -> bool {
+    const CAP_FOWNER: u32 = 3;
+    std::fs::read_to_string("/proc/thread-self/status")
+        .ok()
+        .and_then(|status| {
+            let effective = status
+                .lines()
+                .find_map(|line| line.strip_prefix("CapEff:"))?;
+            u64::from_str_radix(effective.trim(), 16).ok()
+        })
+        // Unreadable: assume the power, and do not walk.
+        .is_none_or(|effective| effective & (1 << CAP_FOWNER) != 0)
+}
+
 /// Make directory `top` and every directory under it readable, writable
-/// and searchable by its owner (links not followed; without recursion, as a
-/// task may nest directories deeply). One this process does not own is an
-/// error.
+/// and searchable by its owner (without recursion, as a task may nest
+/// directories deeply). An entry that is a link is not followed, but the
+/// walk goes by path: called only without the power to change the mode of
+/// files one does not own, so a link swapped in meanwhile gains a task
+/// nothing. One this process does not own is an error.
 fn open_up(top: &Path) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
     let mut pending = vec![top.to_path_buf()];
@@ -378,6 +402,7 @@ mod tests {
             std::fs::set_permissions(tree.join(path), std::fs::Permissions::from_mode(mode))
                 .unwrap();
         }
+        assert!(!may_change_any_files_mode());
         // Unprivileged indeed: the plain removal fails.
         let refused = std::fs::remove_dir_all(&tree).unwrap_err();
         assert_eq!(refused.kind(), std::io::ErrorKind::PermissionDenied);

@@ -193,6 +193,25 @@ async fn a_stopped_idle_supervisor_is_not_handed_a_run_and_is_ended() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_supervisors_end_with_their_agent_even_stopped() {
+    let agent = Agent::start(AllowList::Any, |_| {}).await;
+    let stopped = an_idle_supervisor(&agent).await;
+    // SAFETY: kill(2) has no memory-safety preconditions.
+    unsafe { libc::kill(stopped, libc::SIGSTOP) };
+    let Agent { node, dir, .. } = agent;
+    node.shutdown().await;
+    wait_until(
+        "the idle supervisors are ended and reaped",
+        Duration::from_secs(10),
+        || {
+            !Path::new(&format!("/proc/{stopped}")).exists()
+                && supervisors_of(dir.path()).is_empty()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn supervisors_kept_for_later_runs_are_bounded() {
     let agent = Agent::start(AllowList::Any, |_| {}).await;
     const RUNS: usize = 24;

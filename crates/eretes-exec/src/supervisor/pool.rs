@@ -94,6 +94,20 @@ impl WarmPool {
     }
 }
 
+impl Drop for WarmPool {
+    /// The idle supervisors go with the pool (the prune task holds it
+    /// weakly), ended as any it lets go: one stopped would outlive it.
+    fn drop(&mut self) {
+        let mut idle = self
+            .idle
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let ready = std::mem::take(&mut idle.ready);
+        drop(idle);
+        ready.into_iter().for_each(|(warm, _)| let_go(warm));
+    }
+}
+
 /// Every [`IDLE_KEEP`], let go of the supervisors idle for longer, but the
 /// last one ready; ends once one or none is left (or the pool is gone).
 async fn prune(idle: Weak<Mutex<Idle>>) {
