@@ -1,97 +1,119 @@
-//! The data server's connections: at most [`MAX_CONNECTIONS`] at once, and
-//! each must send its first bytes within [`FIRST_BYTES_WITHIN`].
+//! The data server's connections: at most [`MAX_CONNECTIONS`] at once, at
+//! most [`MAX_CONNECTIONS_PER_PEER`] of them from one peer (an IPv4 address
+//! or an IPv6 /64, [`eretes_runtime::admission`]), and each must send
+//! HTTP/2's whole connection preface within [`PREFACE_WITHIN`].
 //!
 //! Without a cap, every connection a peer opened held a descriptor and up
-//! to [`super::rpc`]'s 32 streams of buffered messages for as long as it
-//! lasted: enough of them ran the node out of descriptors or memory. A cap
-//! alone would let silent connections (never a byte of HTTP/2's preface,
-//! which hyper waits for without a deadline) fill it and shut real peers
-//! out; hence the first-bytes deadline. Once a connection speaks HTTP/2,
-//! its pings (`PING_EVERY`) close it if its peer stops answering.
+//! to `rpc`'s 32 streams of buffered messages for as long as it lasted:
+//! enough of them ran the node out of descriptors or memory. A cap alone
+//! would let silent connections fill it and shut real peers out: hyper
+//! waits for the preface without a deadline, and its pings, which close a
+//! connection whose peer stops answering, start only once the preface is
+//! in. Hence the preface deadline, counted in bytes: a connection that
+//! sends one byte and stops is closed too.
 //!
-//! Legitimately, a node holds one connection from each peer that calls it
-//! (the client side pools one per peer node), so the cap is about a
-//! thousand peers.
+//! Legitimately, a node holds one connection from each peer node that
+//! calls it (the client side pools one per peer node).
 
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use eretes_runtime::admission::{Admitted, ConnectionCaps, Refused};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use tracing::warn;
 
 /// Connections the data server holds at once; one more is closed at once.
 pub(crate) const MAX_CONNECTIONS: usize = 1024;
 
-/// A new connection's first bytes must arrive within this, or it is
-/// closed.
-pub(crate) const FIRST_BYTES_WITHIN: Duration = Duration::from_secs(10);
+/// Connections one peer may hold at once: a node holds one to each peer
+/// node, and several nodes may share an address (one machine, or a NAT).
+pub(crate) const MAX_CONNECTIONS_PER_PEER: usize = 64;
+
+/// A new connection's preface must arrive within this, or it is closed.
+pub(crate) const PREFACE_WITHIN: Duration = Duration::from_secs(10);
+
+/// The length of HTTP/2's connection preface, `PRI * HTTP/2.0…`.
+const PREFACE_BYTES: usize = 24;
 
 /// How long accepting pauses after it failed (out of descriptors, say), so
 /// that it never spins.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(100);
 
-/// The connections `listener` accepts, `max` at most at once (one over is
-/// closed, logged once per burst), each closed unless it sends a byte
-/// within `first_bytes_within`. Never yields an error: tonic's server
-/// stops at one, and a failed accept is only waited out.
+/// The connections `listener` accepts that `caps` take (a refusal is
+/// logged once per burst), each closed unless its first [`PREFACE_BYTES`]
+/// arrive within `preface_within`. Never yields an error: a failed accept
+/// is only waited out (tonic would go on too, but log it only at trace
+/// level).
 pub(crate) fn capped(
     listener: TcpListener,
-    max: usize,
-    first_bytes_within: Duration,
+    caps: ConnectionCaps,
+    preface_within: Duration,
 ) -> impl Stream<Item = io::Result<CappedConnection>> {
-    let permits = Arc::new(Semaphore::new(max));
-    futures::stream::unfold(
-        (listener, permits, false),
-        move |(listener, permits, mut at_cap)| async move {
-            loop {
-                let stream = match listener.accept().await {
-                    Ok((stream, _peer)) => stream,
-                    Err(error) => {
-                        warn!(%error, "the graph data server cannot accept a connection");
-                        tokio::time::sleep(ACCEPT_PAUSE).await;
-                        continue;
-                    }
-                };
-                let Ok(permit) = permits.clone().try_acquire_owned() else {
-                    if !at_cap {
-                        at_cap = true;
-                        warn!(
-                            max,
-                            "the graph data server's connection cap is reached; new connections \
-                             are closed until some end"
-                        );
-                    }
+    futures::stream::unfold((listener, caps), move |(listener, caps)| async move {
+        loop {
+            let (stream, peer) = match listener.accept().await {
+                Ok(accepted) => accepted,
+                // A client that reset before its connection was accepted.
+                Err(error) if error.kind() == io::ErrorKind::ConnectionAborted => continue,
+                Err(error) => {
+                    warn!(%error, "the graph data server cannot accept a connection");
+                    tokio::time::sleep(ACCEPT_PAUSE).await;
                     continue;
-                };
-                at_cap = false;
-                // Requests and answers are small messages each waited for:
-                // not held back to be coalesced.
-                let _ = stream.set_nodelay(true);
-                let connection = CappedConnection {
-                    stream,
-                    _permit: permit,
-                    first_bytes: Some(Box::pin(tokio::time::sleep(first_bytes_within))),
-                };
-                return Some((Ok(connection), (listener, permits, at_cap)));
-            }
-        },
-    )
+                }
+            };
+            let places = match caps.admit(peer.ip()) {
+                Ok(places) => places,
+                Err(Refused::Total {
+                    first_of_burst: true,
+                }) => {
+                    warn!(
+                        max = MAX_CONNECTIONS,
+                        "the graph data server's connection cap is reached; new connections \
+                         are closed until some end"
+                    );
+                    continue;
+                }
+                Err(Refused::Peer {
+                    first_of_burst: true,
+                }) => {
+                    warn!(
+                        %peer,
+                        max = MAX_CONNECTIONS_PER_PEER,
+                        "a peer holds as many graph data connections as one may; its new ones \
+                         are closed until some end"
+                    );
+                    continue;
+                }
+                Err(_) => continue,
+            };
+            // Requests and answers are small messages each waited for:
+            // not held back to be coalesced.
+            let _ = stream.set_nodelay(true);
+            let connection = CappedConnection {
+                stream,
+                _places: places,
+                preface_left: PREFACE_BYTES,
+                preface_deadline: Box::pin(tokio::time::sleep(preface_within)),
+            };
+            return Some((Ok(connection), (listener, caps)));
+        }
+    })
 }
 
-/// An accepted connection, holding its place under the cap until dropped.
+/// An accepted connection, holding its places under the caps until
+/// dropped.
 pub(crate) struct CappedConnection {
     stream: TcpStream,
-    _permit: OwnedSemaphorePermit,
-    /// Until the first byte arrives.
-    first_bytes: Option<Pin<Box<tokio::time::Sleep>>>,
+    _places: Admitted,
+    /// Bytes of the preface still to come (0 once it is in).
+    preface_left: usize,
+    preface_deadline: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl AsyncRead for CappedConnection {
@@ -103,13 +125,18 @@ impl AsyncRead for CappedConnection {
         let this = self.get_mut();
         let before = buf.filled().len();
         let read = Pin::new(&mut this.stream).poll_read(cx, buf);
-        if let Some(deadline) = &mut this.first_bytes {
+        if this.preface_left > 0 {
             match &read {
-                Poll::Ready(Ok(())) if buf.filled().len() > before => this.first_bytes = None,
-                Poll::Pending if deadline.as_mut().poll(cx).is_ready() => {
+                Poll::Ready(Ok(())) => {
+                    let arrived = buf.filled().len() - before;
+                    this.preface_left = this.preface_left.saturating_sub(arrived);
+                }
+                // Looked at only while the reader waits: what arrived in
+                // time is never refused for being read late.
+                Poll::Pending if this.preface_deadline.as_mut().poll(cx).is_ready() => {
                     return Poll::Ready(Err(io::Error::new(
                         io::ErrorKind::TimedOut,
-                        "no bytes within the first-bytes deadline",
+                        "the HTTP/2 preface did not arrive in time",
                     )));
                 }
                 _ => {}
@@ -166,8 +193,8 @@ mod tests {
     /// Accept from a capped listener in the background; the accepted
     /// connections come out of the channel.
     async fn serve(
-        max: usize,
-        first_bytes_within: Duration,
+        caps: ConnectionCaps,
+        preface_within: Duration,
     ) -> (
         std::net::SocketAddr,
         tokio::sync::mpsc::UnboundedReceiver<CappedConnection>,
@@ -176,7 +203,7 @@ mod tests {
         let address = listener.local_addr().unwrap();
         let (accepted, connections) = tokio::sync::mpsc::unbounded_channel();
         tokio::spawn(async move {
-            let incoming = capped(listener, max, first_bytes_within);
+            let incoming = capped(listener, caps, preface_within);
             futures::pin_mut!(incoming);
             while let Some(connection) = incoming.next().await {
                 if accepted.send(connection.unwrap()).is_err() {
@@ -185,6 +212,16 @@ mod tests {
             }
         });
         (address, connections)
+    }
+
+    /// A connection to `address` from loopback address 127.0.0.`host` (all
+    /// of 127.0.0.0/8 is this machine's, so each is a peer of its own).
+    async fn connect_from(host: u8, address: std::net::SocketAddr) -> TcpStream {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket
+            .bind(std::net::SocketAddr::from(([127, 0, 0, host], 0)))
+            .unwrap();
+        socket.connect(address).await.unwrap()
     }
 
     /// Whether the server closed `client` (end of stream or a reset),
@@ -197,48 +234,85 @@ mod tests {
         )
     }
 
-    #[tokio::test]
-    async fn connections_over_the_cap_are_closed_until_one_ends() {
-        let (address, mut connections) = serve(2, Duration::from_secs(60)).await;
-        let mut clients = Vec::new();
-        let mut held = Vec::new();
-        for _ in 0..2 {
-            clients.push(TcpStream::connect(address).await.unwrap());
-            held.push(connections.recv().await.unwrap());
-        }
-        let mut over = TcpStream::connect(address).await.unwrap();
-        assert!(closed_by_the_server(&mut over).await, "the third is closed");
-        assert!(connections.try_recv().is_err(), "and not handed out");
-        drop(held.pop());
-        let mut after = TcpStream::connect(address).await.unwrap();
-        let mut served = connections.recv().await.unwrap();
-        after.write_all(b"x").await.unwrap();
-        let mut byte = [0u8; 1];
-        served.read_exact(&mut byte).await.unwrap();
-        assert_eq!(&byte, b"x", "one place freed, one more served");
+    /// Whether `byte` sent by `client` reaches `served`.
+    async fn carries(client: &mut TcpStream, served: &mut CappedConnection, byte: u8) -> bool {
+        client.write_all(&[byte]).await.unwrap();
+        let mut read = [0u8; 1];
+        served.read_exact(&mut read).await.is_ok() && read[0] == byte
     }
 
     #[tokio::test]
-    async fn a_connection_that_sends_nothing_is_closed_and_one_that_speaks_is_not() {
-        let within = Duration::from_millis(300);
-        let (address, mut connections) = serve(4, within).await;
-        let _silent_client = TcpStream::connect(address).await.unwrap();
-        let mut silent = connections.recv().await.unwrap();
-        let mut byte = [0u8; 1];
-        let error = tokio::time::timeout(Duration::from_secs(10), silent.read(&mut byte))
-            .await
-            .expect("the deadline ends the read")
-            .unwrap_err();
-        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+    async fn connections_over_the_cap_are_closed_until_one_ends() {
+        let (address, mut connections) =
+            serve(ConnectionCaps::new(2, 10), Duration::from_secs(60)).await;
+        let mut clients = Vec::new();
+        let mut held = Vec::new();
+        for host in [2, 3] {
+            clients.push(connect_from(host, address).await);
+            held.push(connections.recv().await.unwrap());
+        }
+        let mut over = connect_from(4, address).await;
+        assert!(closed_by_the_server(&mut over).await, "the third is closed");
+        assert!(connections.try_recv().is_err(), "and not handed out");
+        drop(held.pop());
+        let mut after = connect_from(4, address).await;
+        let mut served = connections.recv().await.unwrap();
+        assert!(
+            carries(&mut after, &mut served, b'x').await,
+            "one place freed, one more served"
+        );
+    }
 
-        let mut speaking_client = TcpStream::connect(address).await.unwrap();
+    #[tokio::test]
+    async fn one_peer_cannot_take_every_place() {
+        let (address, mut connections) =
+            serve(ConnectionCaps::new(10, 1), Duration::from_secs(60)).await;
+        let _first = connect_from(2, address).await;
+        let _held = connections.recv().await.unwrap();
+        let mut second = connect_from(2, address).await;
+        assert!(closed_by_the_server(&mut second).await);
+        let mut other = connect_from(3, address).await;
+        let mut served = connections.recv().await.unwrap();
+        assert!(carries(&mut other, &mut served, b'y').await);
+    }
+
+    #[tokio::test]
+    async fn a_connection_without_its_whole_preface_in_time_is_closed() {
+        let within = Duration::from_millis(300);
+        let (address, mut connections) = serve(ConnectionCaps::new(8, 8), within).await;
+        let preface_timed_out = |connection: CappedConnection| async move {
+            let mut connection = connection;
+            let mut buffer = [0u8; 64];
+            loop {
+                match tokio::time::timeout(Duration::from_secs(10), connection.read(&mut buffer))
+                    .await
+                    .expect("the deadline ends the reads")
+                {
+                    Ok(0) => return false,
+                    Ok(_) => continue,
+                    Err(error) => return error.kind() == io::ErrorKind::TimedOut,
+                }
+            }
+        };
+        let _silent = connect_from(2, address).await;
+        assert!(preface_timed_out(connections.recv().await.unwrap()).await);
+        let mut one_byte = connect_from(3, address).await;
+        one_byte.write_all(b"P").await.unwrap();
+        assert!(
+            preface_timed_out(connections.recv().await.unwrap()).await,
+            "one byte of the preface is not the preface"
+        );
+
+        let mut speaking_client = connect_from(4, address).await;
         let mut speaking = connections.recv().await.unwrap();
-        speaking_client.write_all(b"a").await.unwrap();
-        speaking.read_exact(&mut byte).await.unwrap();
-        // Quiet for longer than the deadline after its first byte: kept.
+        speaking_client
+            .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+            .await
+            .unwrap();
+        let mut preface = [0u8; PREFACE_BYTES];
+        speaking.read_exact(&mut preface).await.unwrap();
+        // Quiet for longer than the deadline after its preface: kept.
         tokio::time::sleep(within * 2).await;
-        speaking_client.write_all(b"b").await.unwrap();
-        speaking.read_exact(&mut byte).await.unwrap();
-        assert_eq!(&byte, b"b");
+        assert!(carries(&mut speaking_client, &mut speaking, b'b').await);
     }
 }

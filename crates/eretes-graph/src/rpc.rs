@@ -16,7 +16,7 @@ use tonic::{Request, Response, Status};
 
 use crate::handle::TaskHandle;
 use crate::ids::{graph_task_id, JobEpoch, JobName};
-use crate::incoming::{FIRST_BYTES_WITHIN, MAX_CONNECTIONS};
+use crate::incoming::{MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER, PREFACE_WITHIN};
 use crate::node::NodeShared;
 use crate::proto::graph_client::GraphClient;
 use crate::proto::graph_server::{Graph, GraphServer};
@@ -24,6 +24,7 @@ use crate::proto::{
     data_reply, BackupReply, BackupRequest, DataReply, DataRequest, HandoverReply, HandoverRequest,
     Refusal, UpdateRequest,
 };
+use eretes_runtime::admission::ConnectionCaps;
 
 /// Longest one attempt of a data request waits for its answer; then the
 /// caller retries (the server runs a request once per run anyway).
@@ -163,7 +164,11 @@ pub(crate) fn spawn_server(
             .http2_keepalive_timeout(Some(PING_TIMEOUT))
             .add_service(service)
             .serve_with_incoming_shutdown(
-                crate::incoming::capped(listener, MAX_CONNECTIONS, FIRST_BYTES_WITHIN),
+                crate::incoming::capped(
+                    listener,
+                    ConnectionCaps::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_PEER),
+                    PREFACE_WITHIN,
+                ),
                 stop.cancelled_owned(),
             )
             .await;

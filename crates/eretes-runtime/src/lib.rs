@@ -41,6 +41,7 @@
 //! # });
 //! ```
 
+pub mod admission;
 pub mod balancer;
 mod cache;
 mod config;

@@ -20,7 +20,8 @@
 //!   more is closed at once (logged once per burst), rather than the agent
 //!   running out of file descriptors and failing everything.
 //! * **Per-peer cap.** At most `max_connections_per_peer` of them from one
-//!   IP address, so that one client (a token holder's runaway script, or
+//!   peer (an IPv4 address or an IPv6 /64, see
+//!   [`eretes_runtime::admission`]), so that one client (a token holder's runaway script, or
 //!   anyone who can reach the port and keeps sending requests within the
 //!   header timeout) cannot take every place.
 //! * **Open-file limit.** The soft limit is raised to the hard one at
@@ -28,10 +29,6 @@
 //! * **Drain.** Once asked to stop, no connection is accepted and the open
 //!   ones finish what they were doing (bounded by the caller).
 
-use std::collections::HashMap;
-use std::net::IpAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::Body;
@@ -40,11 +37,12 @@ use axum::http::{header, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::Router;
+use eretes_runtime::admission::{ConnectionCaps, Refused};
 use http_body::Body as _;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::watch;
 use tracing::{debug, warn};
 
 use super::api::{ApiError, MAX_BODY_BYTES};
@@ -59,43 +57,6 @@ pub struct ServerLimits {
     pub max_connections: usize,
     /// Connections served at once from one IP address.
     pub max_connections_per_peer: usize,
-}
-
-/// How many connections each peer address holds.
-type PeerCounts = Arc<std::sync::Mutex<HashMap<IpAddr, usize>>>;
-
-/// One connection's place in its peer's count, given back when dropped.
-struct PeerPlace {
-    counts: PeerCounts,
-    peer: IpAddr,
-}
-
-impl PeerPlace {
-    /// A place for one more connection from `peer`, unless it holds `max`.
-    fn take(counts: &PeerCounts, peer: IpAddr, max: usize) -> Option<PeerPlace> {
-        let mut held = counts.lock().expect("not poisoned");
-        let count = held.entry(peer).or_insert(0);
-        if *count >= max {
-            return None;
-        }
-        *count += 1;
-        Some(PeerPlace {
-            counts: counts.clone(),
-            peer,
-        })
-    }
-}
-
-impl Drop for PeerPlace {
-    fn drop(&mut self) {
-        let mut held = self.counts.lock().expect("not poisoned");
-        if let Some(count) = held.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
-                held.remove(&self.peer);
-            }
-        }
-    }
 }
 
 /// Raise the soft open-file limit to the hard one; the soft limit before
@@ -132,15 +93,14 @@ pub async fn serve(
     limits: ServerLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let permits = Arc::new(Semaphore::new(limits.max_connections));
-    let at_cap = Arc::new(AtomicBool::new(false));
-    let peers = PeerCounts::default();
-    let mut peer_at_cap = false;
+    let caps = ConnectionCaps::new(limits.max_connections, limits.max_connections_per_peer);
     let mut connections = tokio::task::JoinSet::new();
     loop {
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
+                // A client that reset before its connection was accepted.
+                Err(error) if error.kind() == std::io::ErrorKind::ConnectionAborted => continue,
                 Err(error) => {
                     // Out of descriptors, say: wait a moment, never spin.
                     warn!(%error, "cannot accept a connection");
@@ -151,35 +111,35 @@ pub async fn serve(
             _ = async { drop(stop.wait_for(|stop| *stop).await) } => break,
         };
         while connections.try_join_next().is_some() {}
-        let Some(peer_place) = PeerPlace::take(&peers, peer.ip(), limits.max_connections_per_peer)
-        else {
-            if !std::mem::replace(&mut peer_at_cap, true) {
-                warn!(
-                    %peer,
-                    max = limits.max_connections_per_peer,
-                    "a peer holds as many API connections as one may; its new ones are closed \
-                     until some end"
-                );
+        let places = match caps.admit(peer.ip()) {
+            Ok(places) => places,
+            Err(refused) => {
+                match refused {
+                    Refused::Total {
+                        first_of_burst: true,
+                    } => warn!(
+                        max = limits.max_connections,
+                        "the API's connection cap is reached; new connections are closed until \
+                         some end"
+                    ),
+                    Refused::Peer {
+                        first_of_burst: true,
+                    } => warn!(
+                        %peer,
+                        max = limits.max_connections_per_peer,
+                        "a peer holds as many API connections as one may; its new ones are \
+                         closed until some end"
+                    ),
+                    _ => {}
+                }
+                drop(stream);
+                continue;
             }
-            drop(stream);
-            continue;
         };
-        peer_at_cap = false;
-        let Ok(permit) = permits.clone().try_acquire_owned() else {
-            if !at_cap.swap(true, Ordering::Relaxed) {
-                warn!(
-                    max = limits.max_connections,
-                    "the API's connection cap is reached; new connections are closed until some end"
-                );
-            }
-            drop(stream);
-            continue;
-        };
-        at_cap.store(false, Ordering::Relaxed);
         let service = TowerToHyperService::new(router.clone());
         let mut stop = stop.clone();
         connections.spawn(async move {
-            let _places = (permit, peer_place);
+            let _places = places;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(limits.header_timeout)
