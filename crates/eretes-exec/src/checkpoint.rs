@@ -288,8 +288,10 @@ fn may_change_any_files_mode() -> bool {
                 .find_map(|line| line.strip_prefix("CapEff:"))?;
             u64::from_str_radix(effective.trim(), 16).ok()
         })
-        // Unreadable: assume the power, and do not walk.
-        .is_none_or(|effective| effective & (1 << CAP_FOWNER) != 0)
+        .map(|effective| effective & (1 << CAP_FOWNER) != 0)
+        // Unreadable (no /proc): root is assumed to have it.
+        // SAFETY: geteuid(2) has no preconditions.
+        .unwrap_or_else(|| unsafe { libc::geteuid() } == 0)
 }
 
 /// Make directory `top` and every directory under it readable, writable

@@ -3,9 +3,10 @@
 //! run a node out of descriptors or shut the others out.
 //!
 //! Used by the agent's HTTP API and by the graph layer's data server. A
-//! peer is an IPv4 address, or an IPv6 /64 (one host usually holds a whole
-//! /64, so counting single IPv6 addresses would not bound it); an
-//! IPv4-mapped IPv6 address counts as its IPv4 address.
+//! peer is an IP address; an IPv4-mapped IPv6 address counts as its IPv4
+//! address. (Not an IPv6 /64: in a cloud subnet or a pod network many
+//! machines share one, and the graph server's peers are cluster nodes. A
+//! host that holds many IPv6 addresses can open a cap's worth from each.)
 //!
 //! ```
 //! use eretes_runtime::admission::{ConnectionCaps, Refused};
@@ -20,7 +21,7 @@
 //! ```
 
 use std::collections::HashMap;
-use std::net::{IpAddr, Ipv6Addr};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -30,13 +31,22 @@ pub struct ConnectionCaps {
     places: Arc<Semaphore>,
     peers: Arc<Mutex<Peers>>,
     max_per_peer: usize,
-    /// Whether the last connection offered was refused, per cap: a
-    /// refusal is worth a log line once per burst, not once per connection.
-    refusing: Mutex<(bool, bool)>,
+    /// Whether the last connection offered was refused by the total cap:
+    /// a refusal is worth a log line once per burst, not once per
+    /// connection.
+    refusing: Mutex<bool>,
 }
 
-/// Connections held, by peer.
-type Peers = HashMap<IpAddr, usize>;
+/// Connections held, by peer (a peer holding none has no entry).
+type Peers = HashMap<IpAddr, PeerEntry>;
+
+/// One peer's connections.
+#[derive(Default)]
+struct PeerEntry {
+    held: usize,
+    /// Whether its last connection offered was refused by its cap.
+    refusing: bool,
+}
 
 /// Why a connection was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,9 +78,9 @@ struct PeerPlace {
 impl Drop for PeerPlace {
     fn drop(&mut self) {
         let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(count) = peers.get_mut(&self.peer) {
-            *count -= 1;
-            if *count == 0 {
+        if let Some(entry) = peers.get_mut(&self.peer) {
+            entry.held -= 1;
+            if entry.held == 0 {
                 peers.remove(&self.peer);
             }
         }
@@ -85,37 +95,34 @@ impl ConnectionCaps {
             places: Arc::new(Semaphore::new(max_total.max(1))),
             peers: Arc::default(),
             max_per_peer: max_per_peer.max(1),
-            refusing: Mutex::new((false, false)),
+            refusing: Mutex::new(false),
         }
     }
 
     /// Take a connection from `peer`, or say which cap refuses it.
     pub fn admit(&self, peer: IpAddr) -> Result<Admitted, Refused> {
-        let peer = peer_of(peer);
+        let peer = peer.to_canonical();
         let peer_place = {
             let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-            let count = peers.entry(peer).or_insert(0);
-            if *count >= self.max_per_peer {
-                None
-            } else {
-                *count += 1;
-                Some(PeerPlace {
-                    peers: self.peers.clone(),
-                    peer,
-                })
+            let entry = peers.entry(peer).or_default();
+            if entry.held >= self.max_per_peer {
+                let first_of_burst = !std::mem::replace(&mut entry.refusing, true);
+                return Err(Refused::Peer { first_of_burst });
+            }
+            entry.held += 1;
+            entry.refusing = false;
+            PeerPlace {
+                peers: self.peers.clone(),
+                peer,
             }
         };
         let mut refusing = self.refusing.lock().unwrap_or_else(|e| e.into_inner());
-        let Some(peer_place) = peer_place else {
-            let first_of_burst = !std::mem::replace(&mut refusing.1, true);
-            return Err(Refused::Peer { first_of_burst });
-        };
         let Ok(place) = self.places.clone().try_acquire_owned() else {
-            // `peer_place` is given back as it drops.
-            let first_of_burst = !std::mem::replace(&mut refusing.0, true);
+            drop(peer_place);
+            let first_of_burst = !std::mem::replace(&mut *refusing, true);
             return Err(Refused::Total { first_of_burst });
         };
-        *refusing = (false, false);
+        *refusing = false;
         Ok(Admitted {
             _place: place,
             _peer: peer_place,
@@ -128,18 +135,8 @@ impl ConnectionCaps {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .values()
+            .map(|entry| entry.held)
             .sum()
-    }
-}
-
-/// The peer an address counts as.
-fn peer_of(address: IpAddr) -> IpAddr {
-    match address.to_canonical() {
-        IpAddr::V6(v6) => {
-            let prefix = u128::from(v6) & !((1u128 << 64) - 1);
-            IpAddr::V6(Ipv6Addr::from(prefix))
-        }
-        v4 => v4,
     }
 }
 
@@ -195,17 +192,39 @@ mod tests {
     }
 
     #[test]
-    fn a_peer_is_an_ipv4_address_or_an_ipv6_slash_64() {
-        assert_eq!(peer_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_of(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(peer_of(ip("2001:db8:1:2:aaaa::1")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            peer_of(ip("2001:db8:1:2:ffff:ffff:ffff:ffff")),
-            ip("2001:db8:1:2::")
-        );
+    fn each_peer_is_logged_once_per_burst_of_its_own() {
         let caps = ConnectionCaps::new(10, 1);
-        let _held = caps.admit(ip("2001:db8:1:2::1")).unwrap();
-        assert!(caps.admit(ip("2001:db8:1:2::2")).is_err(), "same /64");
-        assert!(caps.admit(ip("2001:db8:1:3::1")).is_ok(), "another /64");
+        let _a = caps.admit(ip("10.0.0.1")).unwrap();
+        let _b = caps.admit(ip("10.0.0.2")).unwrap();
+        let first = Some(Refused::Peer {
+            first_of_burst: true,
+        });
+        let again = Some(Refused::Peer {
+            first_of_burst: false,
+        });
+        assert_eq!(caps.admit(ip("10.0.0.1")).err(), first);
+        assert_eq!(caps.admit(ip("10.0.0.2")).err(), first, "another peer");
+        assert_eq!(caps.admit(ip("10.0.0.1")).err(), again);
+        let _c = caps.admit(ip("10.0.0.3")).unwrap();
+        assert_eq!(
+            caps.admit(ip("10.0.0.1")).err(),
+            again,
+            "another peer's connection ends no burst of this one"
+        );
+    }
+
+    #[test]
+    fn a_peer_is_an_address_and_a_mapped_one_is_its_ipv4() {
+        let caps = ConnectionCaps::new(10, 1);
+        let _v4 = caps.admit(ip("192.0.2.7")).unwrap();
+        assert!(caps.admit(ip("::ffff:192.0.2.7")).is_err(), "the same peer");
+        let _v6 = caps.admit(ip("2001:db8:1:2::1")).unwrap();
+        assert!(caps.admit(ip("2001:db8:1:2::1")).is_err());
+        let other = caps.admit(ip("2001:db8:1:2::2"));
+        assert!(
+            other.is_ok(),
+            "another address of the same /64 is another peer"
+        );
+        assert_eq!(caps.held(), 3);
     }
 }

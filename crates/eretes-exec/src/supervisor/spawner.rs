@@ -354,10 +354,25 @@ impl Drop for Forked {
     /// in the background (it exits once its control socket closes).
     fn drop(&mut self) {
         if let Some(pid) = self.pid.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = wait_for_exit(pid).await;
-                });
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    runtime.spawn(async move {
+                        let _ = wait_for_exit(pid).await;
+                    });
+                }
+                // No runtime to wait in (a pool dropped after it): a thread
+                // waits instead.
+                Err(_) => {
+                    std::thread::spawn(move || {
+                        let mut status = 0;
+                        // SAFETY: waitpid writes one int, which `status` is;
+                        // `pid` is this process's unreaped child.
+                        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+                            && std::io::Error::last_os_error().kind()
+                                == std::io::ErrorKind::Interrupted
+                        {}
+                    });
+                }
             }
         }
     }

@@ -89,8 +89,7 @@ pub struct AgentArgs {
     /// Most API connections served at once; more are closed.
     #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     pub(super) max_connections: u32,
-    /// Most API connections served at once from one peer, an IPv4 address
-    /// or an IPv6 /64 (capped by
+    /// Most API connections served at once from one IP address (capped by
     /// --max-connections); more from it are closed. Behind a proxy, where
     /// every client has the proxy's address, set it to --max-connections.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]

@@ -20,10 +20,10 @@
 //!   more is closed at once (logged once per burst), rather than the agent
 //!   running out of file descriptors and failing everything.
 //! * **Per-peer cap.** At most `max_connections_per_peer` of them from one
-//!   peer (an IPv4 address or an IPv6 /64, see
-//!   [`eretes_runtime::admission`]), so that one client (a token holder's runaway script, or
-//!   anyone who can reach the port and keeps sending requests within the
-//!   header timeout) cannot take every place.
+//!   IP address ([`eretes_runtime::admission`]), so that one client (a
+//!   token holder's runaway script, or anyone who can reach the port and
+//!   keeps sending requests within the header timeout) cannot take every
+//!   place.
 //! * **Open-file limit.** The soft limit is raised to the hard one at
 //!   start, so the cap, not the kernel, is what binds.
 //! * **Drain.** Once asked to stop, no connection is accepted and the open
