@@ -130,7 +130,8 @@ impl ConnectionCaps {
     }
 
     /// Connections held now.
-    pub fn held(&self) -> usize {
+    #[cfg(test)]
+    fn held(&self) -> usize {
         self.peers
             .lock()
             .unwrap_or_else(|e| e.into_inner())

@@ -253,11 +253,7 @@ pub(super) fn spawn(spec: LeaderSpec<'_>, stack: &mut ChildStack) -> std::io::Re
     if prepared.failed.load(Ordering::SeqCst) {
         let errno = prepared.failed_errno.load(Ordering::SeqCst);
         // It exited: reap it here, so that the run never sees it.
-        let mut status = 0;
-        // SAFETY: waitpid writes one int, which `status` is.
-        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-            && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
-        {}
+        super::spawner::reap_blocking(pid);
         return Err(std::io::Error::from_raw_os_error(errno));
     }
     Ok(pid)

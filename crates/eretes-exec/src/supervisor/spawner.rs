@@ -328,6 +328,15 @@ async fn wait_for_exit(pid: libc::pid_t) -> std::io::Result<ExitStatus> {
     }
 }
 
+/// Wait until child `pid` exits, and reap it, blocking the thread.
+pub(super) fn reap_blocking(pid: libc::pid_t) {
+    let mut status = 0;
+    // SAFETY: waitpid writes one int, which `status` is.
+    while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
+        && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted
+    {}
+}
+
 /// Reap child `pid` if it exited: its status, or `None` while it runs.
 fn reap(pid: libc::pid_t) -> std::io::Result<Option<ExitStatus>> {
     let mut status = 0;
@@ -363,15 +372,7 @@ impl Drop for Forked {
                 // No runtime to wait in (a pool dropped after it): a thread
                 // waits instead.
                 Err(_) => {
-                    std::thread::spawn(move || {
-                        let mut status = 0;
-                        // SAFETY: waitpid writes one int, which `status` is;
-                        // `pid` is this process's unreaped child.
-                        while unsafe { libc::waitpid(pid, &mut status, 0) } < 0
-                            && std::io::Error::last_os_error().kind()
-                                == std::io::ErrorKind::Interrupted
-                        {}
-                    });
+                    std::thread::spawn(move || reap_blocking(pid));
                 }
             }
         }
